@@ -1,0 +1,58 @@
+"""Shared pieces for benchmark scripts: environment report and robust timing.
+
+Every script in `benchmarks/` is run as `python -m benchmarks.<name>`, prints
+a Markdown section (what it measured, a table, the command) and keeps its
+work small enough for a 2-core CPU machine.
+"""
+
+import os
+import platform
+import statistics
+import time
+
+
+def environment():
+    """One Markdown line naming the machine and package versions."""
+    import keras
+    import numpy
+    import tensorflow as tf
+
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}, TensorFlow {tf.__version__}, Keras "
+        f"{keras.__version__}, NumPy {numpy.__version__}"
+    )
+
+
+def summarize(values):
+    """Median and spread (min..max) of a list of numbers, as a dict."""
+    values = list(values)
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def fmt(stat, digits=3, unit=""):
+    """`median (min..max)` text for a `summarize` result."""
+    return (
+        f"{stat['median']:.{digits}f}{unit} "
+        f"({stat['min']:.{digits}f}..{stat['max']:.{digits}f}, n={stat['n']})"
+    )
+
+
+def alternate(runners, repeats):
+    """Runs each zero-argument callable `repeats` times, interleaved.
+
+    Interleaving (A, B, A, B, ...) in one process keeps drift of the machine's
+    speed from favouring one side. Returns `{name: [seconds, ...]}`.
+    """
+    times = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, fn in runners.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times

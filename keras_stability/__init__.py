@@ -1,0 +1,18 @@
+"""keras_stability: stable training and smaller models for Keras 3.
+
+Parts you add to `model.fit`: gradient statistics and clipping inside the
+compiled step, detectors that skip or roll back bad steps, layers and
+regularizers for deep and transformer models, pruning and distillation.
+"""
+
+from keras_stability.cli import startup as _startup
+
+if _startup.launched_as_cli():
+    # `python -m keras_stability ...`: silence TensorFlow's start-up lines
+    # before anything below imports it. A plain `import` is left alone.
+    _startup.quiet_tensorflow_startup()
+
+from keras_stability import datasets  # noqa: E402
+from keras_stability.version import __version__  # noqa: E402
+
+__all__ = ["__version__", "datasets"]

@@ -1,0 +1,42 @@
+"""`python -m keras_stability`: the command line.
+
+Each subcommand lives in its own module with two functions:
+`add_arguments(parser)` and `run(args) -> int` (the exit code). Register new
+subcommands in `COMMANDS`, in the order `--help` lists them.
+"""
+
+import argparse
+import importlib
+
+# name -> (module, one-line help). `demo` comes first.
+COMMANDS = {
+    "demo": (
+        "keras_stability.cli.demo",
+        "Train the plain Keras example (fixed) and show the library on it.",
+    ),
+}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m keras_stability",
+        description=(
+            "keras-stability: stable training and smaller models for Keras 3."
+        ),
+    )
+    from keras_stability.version import __version__
+
+    parser.add_argument("--version", action="version", version=__version__)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name, (module, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(sub)
+        sub.set_defaults(_module=module)
+    return parser
+
+
+def main(argv=None):
+    """Parses `argv` (defaults to `sys.argv[1:]`) and runs the subcommand."""
+    args = build_parser().parse_args(argv)
+    return importlib.import_module(args._module).run(args)

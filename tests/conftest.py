@@ -1,0 +1,20 @@
+import functools
+
+import pytest
+
+from tests.helpers import run_in_subprocess
+
+
+@pytest.fixture
+def two_cpu_devices():
+    """Runs a module-level function in a subprocess that sees 2 logical CPU devices.
+
+    Usage: `result = two_cpu_devices(module_level_fn, *args, **kwargs)`.
+    """
+    return functools.partial(run_in_subprocess, n_cpu_devices=2)
+
+
+@pytest.fixture
+def fresh_process():
+    """Runs a module-level function in a fresh single-device subprocess."""
+    return functools.partial(run_in_subprocess, n_cpu_devices=1)

@@ -1,0 +1,191 @@
+"""Test helpers: a subprocess runner with several logical CPU devices, and a
+layer test that does what Keras' private `run_layer_test` does."""
+
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_in_subprocess(func, *args, n_cpu_devices=2, timeout=600, env=None, **kwargs):
+    """Runs `func(*args, **kwargs)` in a fresh Python and returns its result.
+
+    tf.distribute tests need the CPU split into logical devices before
+    TensorFlow initialises, which a running test process cannot undo; a fresh
+    process also proves that saved files load without the objects that wrote
+    them. `func` must be a module-level function of an importable module
+    (a test module is fine), and its arguments and result must pickle.
+
+    Args:
+        func: Module-level function to call in the child.
+        *args: Positional arguments for `func`.
+        n_cpu_devices: Logical CPU devices the child sees. Defaults to `2`.
+        timeout: Seconds before the child is killed. Defaults to `600`.
+        env: Extra environment variables for the child. Defaults to `None`.
+        **kwargs: Keyword arguments for `func`.
+
+    Returns:
+        What `func` returned.
+
+    Raises:
+        AssertionError: With the child's traceback if `func` raised or the
+            child died.
+    """
+    if func.__qualname__ != func.__name__ or func.__module__ == "__main__":
+        raise ValueError(
+            "Invalid value for argument `func`. Expected a module-level function "
+            f"of an importable module. Received: func={func.__qualname__!r} from "
+            f"{func.__module__!r}"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        payload_path = os.path.join(tmp, "payload.pkl")
+        result_path = os.path.join(tmp, "result.pkl")
+        payload = {
+            "module": func.__module__,
+            "name": func.__name__,
+            "args": args,
+            "kwargs": kwargs,
+            "n_cpu_devices": n_cpu_devices,
+            "env": dict(env or {}),
+        }
+        with open(payload_path, "wb") as f:
+            pickle.dump(payload, f)
+        child_env = dict(os.environ)
+        child_env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (REPO_ROOT, child_env.get("PYTHONPATH")) if p
+        )
+        child_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        proc = subprocess.run(
+            [sys.executable, "-m", "tests.subprocess_main", payload_path, result_path],
+            cwd=REPO_ROOT,
+            env=child_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if not os.path.exists(result_path):
+            raise AssertionError(
+                f"Subprocess running {func.__module__}.{func.__name__} died with "
+                f"exit code {proc.returncode}.\nstdout:\n{proc.stdout[-4000:]}\n"
+                f"stderr:\n{proc.stderr[-4000:]}"
+            )
+        with open(result_path, "rb") as f:
+            outcome = pickle.load(f)
+    if not outcome["ok"]:
+        raise AssertionError(
+            f"{func.__module__}.{func.__name__} raised in the subprocess:\n"
+            + outcome["traceback"]
+        )
+    return outcome["value"]
+
+
+def predict_saved_model(path, x):
+    """Loads a `.keras` file and predicts on `x`; meant for `run_in_subprocess`.
+
+    The child imports `keras_stability` (as a user would) so its registered
+    classes are known, and nothing else of the parent's state.
+    """
+    import keras
+
+    import keras_stability  # noqa: F401  (registers serializable classes)
+
+    model = keras.saving.load_model(path)
+    return np.asarray(model.predict(x, verbose=0))
+
+
+def run_layer_test(
+    layer_cls,
+    init_kwargs,
+    input_shape,
+    expected_output_shape=None,
+    expected_num_trainable_weights=None,
+    expected_num_non_trainable_weights=None,
+    expected_num_losses=None,
+    input_dtype="float32",
+    run_training=True,
+    fresh_process=False,
+    tmp_dir=None,
+    seed=0,
+):
+    """Checks a layer the way Keras' own `run_layer_test` does.
+
+    1. builds the layer on `input_shape` (batch included) and calls it;
+    2. checks the output shape and the trainable / non-trainable weight counts;
+    3. `get_config()` round trip: `from_config(config).get_config() == config`;
+    4. saves a model wrapping the layer to `.keras`, loads it (in a fresh
+       process if `fresh_process`) and checks equal predictions;
+    5. fits the model for one epoch on random targets; the loss must be finite.
+
+    Returns:
+        Dict with `"layer"`, `"model"`, `"output"` and `"history"` for further
+        assertions.
+    """
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    if np.dtype(input_dtype).kind in "iu":
+        x = rng.integers(0, 10, size=input_shape).astype(input_dtype)
+    else:
+        x = rng.normal(size=input_shape).astype(input_dtype)
+
+    layer = layer_cls(**init_kwargs)
+    inputs = keras.Input(shape=input_shape[1:], batch_size=None, dtype=input_dtype)
+    outputs = layer(inputs)
+    model = keras.Model(inputs, outputs)
+    y = np.asarray(model(x, training=False))
+
+    if expected_output_shape is not None:
+        assert tuple(y.shape) == tuple(expected_output_shape), (
+            f"output shape {tuple(y.shape)} != expected {tuple(expected_output_shape)}"
+        )
+    if expected_num_trainable_weights is not None:
+        assert len(layer.trainable_weights) == expected_num_trainable_weights, (
+            f"{len(layer.trainable_weights)} trainable weights, expected "
+            f"{expected_num_trainable_weights}"
+        )
+    if expected_num_non_trainable_weights is not None:
+        assert len(layer.non_trainable_weights) == expected_num_non_trainable_weights, (
+            f"{len(layer.non_trainable_weights)} non-trainable weights, expected "
+            f"{expected_num_non_trainable_weights}"
+        )
+    if expected_num_losses is not None:
+        assert len(layer.losses) == expected_num_losses, (
+            f"{len(layer.losses)} losses, expected {expected_num_losses}"
+        )
+
+    config = layer.get_config()
+    revived = layer_cls.from_config(config)
+    assert revived.get_config() == config, "get_config() does not round-trip"
+
+    own_tmp = None
+    if tmp_dir is None:
+        own_tmp = tempfile.TemporaryDirectory()
+        tmp_dir = own_tmp.name
+    try:
+        path = os.path.join(str(tmp_dir), f"{layer.name}.keras")
+        model.save(path)
+        if fresh_process:
+            y_loaded = run_in_subprocess(predict_saved_model, path, x, n_cpu_devices=1)
+        else:
+            y_loaded = np.asarray(keras.saving.load_model(path).predict(x, verbose=0))
+    finally:
+        if own_tmp is not None:
+            own_tmp.cleanup()
+    np.testing.assert_allclose(
+        y_loaded, y, rtol=1e-5, atol=1e-6, err_msg="predictions differ after .keras load"
+    )
+
+    history = None
+    if run_training:
+        model.compile(optimizer="adam", loss="mse")
+        target = rng.normal(size=y.shape).astype("float32")
+        history = model.fit(x, target, epochs=1, batch_size=len(x), verbose=0)
+        loss = history.history["loss"][-1]
+        assert np.isfinite(loss), f"loss after one epoch is not finite: {loss}"
+    return {"layer": layer, "model": model, "output": y, "history": history}

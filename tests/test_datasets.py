@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+
+from keras_stability import datasets
+
+
+def test_make_classification_shapes_and_balance():
+    x, y = datasets.make_classification(n_samples=500, seed=3)
+    assert x.shape == (500, 10) and x.dtype == np.float32
+    assert y.shape == (500,) and y.dtype == np.int32
+    assert sorted(np.unique(y).tolist()) == list(range(10))
+    assert np.bincount(y).tolist() == [50] * 10
+
+
+def test_make_classification_is_deterministic():
+    a = datasets.make_classification(seed=7)
+    b = datasets.make_classification(seed=7)
+    c = datasets.make_classification(seed=8)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_synthetic_is_learnable_but_not_linear():
+    # A nearest-centroid classifier (one centre per class) does far worse than
+    # a 1-nearest-neighbour classifier: the classes are mixtures, so a network
+    # has something to learn beyond a linear boundary, and well above chance.
+    (xt, yt), (xv, yv) = datasets.load_dataset("synthetic", seed=0)
+    centroids = np.stack([xt[yt == k].mean(0) for k in range(10)])
+    nc = np.argmin(((xv[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
+    nn = yt[np.argmin(((xv[:, None] - xt[None]) ** 2).sum(-1), axis=1)]
+    nc_acc, nn_acc = (nc == yv).mean(), (nn == yv).mean()
+    assert nn_acc > 0.6, nn_acc
+    assert nn_acc > nc_acc + 0.1, (nn_acc, nc_acc)
+
+
+def test_example_model_learns_synthetic_well_above_chance():
+    import keras
+
+    from keras_stability.cli.demo import build_example_model
+    from keras_stability.cli.demo import compile_example_model
+
+    (xt, yt), (xv, yv) = datasets.load_dataset("synthetic", seed=0)
+    keras.utils.set_random_seed(0)
+    model = compile_example_model(build_example_model())
+    model.fit(xt, yt, epochs=5, batch_size=32, verbose=0)
+    loss, accuracy = model.evaluate(xv, yv, verbose=0)
+    assert accuracy > 0.6, accuracy
+    assert loss < np.log(10), loss
+
+
+def test_digits_and_split():
+    (xt, yt), (xv, yv) = datasets.load_dataset("digits", seed=0)
+    assert xt.shape[1] == 64 and len(xt) + len(xv) == 1797
+    assert len(xv) == round(1797 * 0.2)
+    assert 0.0 <= xt.min() and xt.max() <= 1.0
+
+
+def test_bad_arguments_name_the_argument():
+    with pytest.raises(ValueError, match=r"argument `name`.*Received: name='nope'"):
+        datasets.load_dataset("nope")
+    with pytest.raises(ValueError, match=r"`n_classes`.*Received: n_classes=1"):
+        datasets.make_classification(n_classes=1)
+    with pytest.raises(ValueError, match=r"`class_sep`.*Received: class_sep=0"):
+        datasets.make_classification(class_sep=0)
+    with pytest.raises(ValueError, match=r"`test_fraction`.*Received: test_fraction=1.5"):
+        datasets.train_test_split(np.zeros((4, 1)), np.zeros(4), test_fraction=1.5)

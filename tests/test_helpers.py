@@ -1,0 +1,129 @@
+"""Tests of the test helpers themselves."""
+
+import keras
+import numpy as np
+import pytest
+
+from tests.helpers import run_in_subprocess
+from tests.helpers import run_layer_test
+
+
+def _count_devices():
+    import tensorflow as tf
+
+    return len(tf.config.list_logical_devices("CPU"))
+
+
+def _mirrored_sum():
+    import tensorflow as tf
+
+    strategy = tf.distribute.MirroredStrategy()
+    value = strategy.run(
+        lambda: tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.float32) + 1.0
+    )
+    return strategy.num_replicas_in_sync, float(
+        strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+    )
+
+
+def _raise():
+    raise RuntimeError("boom in child")
+
+
+def _echo(a, b=0):
+    return {"sum": a + b}
+
+
+@pytest.mark.distributed
+def test_two_cpu_devices_fixture(two_cpu_devices):
+    assert two_cpu_devices(_count_devices) == 2
+    assert two_cpu_devices(_mirrored_sum) == (2, 3.0)
+
+
+def test_subprocess_passes_arguments_and_reports_errors():
+    assert run_in_subprocess(_echo, 2, b=3, n_cpu_devices=1) == {"sum": 5}
+    assert run_in_subprocess(_count_devices, n_cpu_devices=1) == 1
+    with pytest.raises(AssertionError, match="boom in child"):
+        run_in_subprocess(_raise, n_cpu_devices=1)
+    with pytest.raises(ValueError, match="module-level function"):
+        run_in_subprocess(lambda: 1)
+
+
+def test_run_layer_test_passes_a_correct_layer(tmp_path):
+    out = run_layer_test(
+        keras.layers.Dense,
+        {"units": 3, "kernel_regularizer": "l2"},
+        input_shape=(4, 5),
+        expected_output_shape=(4, 3),
+        expected_num_trainable_weights=2,
+        expected_num_non_trainable_weights=0,
+        expected_num_losses=1,
+        fresh_process=True,
+        tmp_dir=tmp_path,
+    )
+    assert np.isfinite(out["history"].history["loss"][0])
+
+
+def test_run_layer_test_catches_wrong_counts_and_shapes():
+    with pytest.raises(AssertionError, match="trainable weights"):
+        run_layer_test(
+            keras.layers.Dense, {"units": 3}, (4, 5), expected_num_trainable_weights=1
+        )
+    with pytest.raises(AssertionError, match="output shape"):
+        run_layer_test(keras.layers.Dense, {"units": 3}, (4, 5), expected_output_shape=(4, 2))
+
+
+@keras.saving.register_keras_serializable(package="keras_stability_tests")
+class _ForgetfulScale(keras.layers.Layer):
+    """Its config omits `factor`: loading gives another layer."""
+
+    def __init__(self, factor=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = factor
+
+    def call(self, x):
+        return x * self.factor
+
+    def get_config(self):
+        return super().get_config()
+
+
+@keras.saving.register_keras_serializable(package="keras_stability_tests")
+class _DriftingScale(keras.layers.Layer):
+    """Each `from_config` doubles `factor`: the config does not round-trip."""
+
+    def __init__(self, factor=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = factor
+
+    def call(self, x):
+        return x * self.factor
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor * 2}
+
+
+class _UnregisteredScale(keras.layers.Layer):
+    """Round-trips its config but is not registered: loading must fail."""
+
+    def __init__(self, factor=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = factor
+
+    def call(self, x):
+        return x * self.factor
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor}
+
+
+def test_run_layer_test_catches_broken_config():
+    with pytest.raises(AssertionError, match="round-trip"):
+        run_layer_test(_DriftingScale, {"factor": 2.0}, (2, 3), run_training=False)
+    with pytest.raises(AssertionError, match="predictions differ"):
+        run_layer_test(_ForgetfulScale, {"factor": 2.0}, (2, 3), run_training=False)
+
+
+def test_run_layer_test_catches_unloadable_layer():
+    with pytest.raises(Exception, match="_UnregisteredScale"):
+        run_layer_test(_UnregisteredScale, {"factor": 2.0}, (2, 3), run_training=False)
