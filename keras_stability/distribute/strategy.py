@@ -37,7 +37,9 @@ def parse_tf_config(text=None):
     try:
         config = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"Invalid TF_CONFIG: not valid JSON ({e}). Received: {text!r}")
+        raise ValueError(
+            f"Invalid TF_CONFIG: not valid JSON ({e}). Received: {text!r}"
+        ) from None
     if not isinstance(config, dict):
         raise ValueError(f"Invalid TF_CONFIG: expected a JSON object. Received: {text!r}")
     cluster = config.get("cluster")

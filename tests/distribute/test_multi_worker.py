@@ -67,7 +67,6 @@ class _DieAtEpoch:
 
 
 def fit_worker(epochs=3, backup_dir=None, die_at_epoch=None, timeout_seconds=300):
-    import keras
     import tensorflow as tf
 
     import keras_stability.distribute as ksd
@@ -107,10 +106,10 @@ def test_two_workers_match_each_other_and_a_single_worker():
         assert w["strategy"] == "CollectiveAllReduceStrategy"  # tf.distribute.MultiWorkerMirroredStrategy
         assert w["replicas"] == 2 and w["fixes"] and w["tf_keras_is_keras3"]
     assert [w["chief"] for w in workers] == [True, False]
-    for a, b in zip(workers[0]["weights"], workers[1]["weights"]):
+    for a, b in zip(workers[0]["weights"], workers[1]["weights"], strict=True):
         np.testing.assert_array_equal(a, b)
     # Same global batches of 16: 8 per worker, gradients all-reduced.
-    for a, b in zip(workers[0]["weights"], single["weights"]):
+    for a, b in zip(workers[0]["weights"], single["weights"], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert not np.allclose(workers[0]["weights"][0], _initial_kernel())
     np.testing.assert_allclose(workers[0]["loss"], single["loss"], rtol=1e-5)
@@ -145,5 +144,5 @@ def test_dead_worker_fails_the_others_and_backup_resumes(tmp_path):
     # BackupAndRestore resumed after the 2 finished epochs: only epoch 3 ran.
     assert [w["epochs_run"] for w in resumed] == [1, 1]
     uninterrupted = run_in_subprocess(fit_worker, n_cpu_devices=1, epochs=3)
-    for a, b in zip(resumed[0]["weights"], uninterrupted["weights"]):
+    for a, b in zip(resumed[0]["weights"], uninterrupted["weights"], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
