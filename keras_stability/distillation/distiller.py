@@ -17,6 +17,7 @@ The loss of a batch is
 with `s`, `t` the student and teacher logits; the maths is in `losses.py`.
 """
 
+import copy
 import warnings
 
 import keras
@@ -186,12 +187,12 @@ class Distiller(keras.Model):
         self._helpers = _Untracked(
             terms=terms,
             teacher_extractor=(
-                keras.Model(teacher.inputs, teacher_outputs, name=f"{teacher.name}_hints")
+                keras.Model(teacher.input, teacher_outputs, name=f"{teacher.name}_hints")
                 if terms
                 else None
             ),
             student_extractor=(
-                keras.Model(student.inputs, student_outputs, name=f"{student.name}_hints")
+                keras.Model(student.input, student_outputs, name=f"{student.name}_hints")
                 if terms
                 else None
             ),
@@ -665,7 +666,8 @@ class Distiller(keras.Model):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
+        # Deserializing a functional model consumes its nested config dict.
+        config = copy.deepcopy(config)
         for key in ("student", "teacher"):
             config[key] = keras.saving.deserialize_keras_object(config[key])
         if config.get("feature_distillation"):
