@@ -18,6 +18,7 @@ with `s`, `t` the student and teacher logits; the maths is in `losses.py`.
 """
 
 import copy
+import numbers
 import warnings
 
 import keras
@@ -63,7 +64,7 @@ class _Untracked:
 def _check_number(arg, value, low, high, low_open):
     ok = (
         not isinstance(value, bool)
-        and isinstance(value, (int, float))
+        and isinstance(value, numbers.Real)
         and (value > low if low_open else value >= low)
         and (high is None or value <= high)
     )
@@ -500,6 +501,17 @@ class Distiller(keras.Model):
         teacher_logits = ops.stop_gradient(teacher_out[_LOGITS])
         if y_pred is None or (self._helpers.terms and student_features is None):
             y_pred, student_features = self._student_forward(inputs, training)
+        if tuple(teacher_logits.shape[1:]) != tuple(y_pred.shape[1:]) and None not in (
+            tuple(teacher_logits.shape[1:]) + tuple(y_pred.shape[1:])
+        ):
+            # Static shapes only (subclassed models are not checked in __init__).
+            raise ValueError(
+                "Invalid value for argument `student`. Expected outputs shaped like "
+                f"the teacher '{self.teacher.name}' logits {tuple(teacher_logits.shape)}: "
+                "give the student a final layer with as many logits as the teacher. "
+                f"Received: student='{self.student.name}' with outputs shaped "
+                f"{tuple(y_pred.shape)}"
+            )
 
         if y is not None:
             student_loss = self._student_loss_fn(y, y_pred, sample_weight=sample_weight)

@@ -8,6 +8,8 @@ the `Distiller` creates and trains with the student; it is not part of the
 student, so `distiller.student` saves without it.
 """
 
+import numbers
+
 import keras
 from keras import ops
 
@@ -69,7 +71,7 @@ class FeatureDistillation(keras.distillation.FeatureDistillation):
                 )
         if (
             isinstance(weight, bool)
-            or not isinstance(weight, (int, float))
+            or not isinstance(weight, numbers.Real)
             or not weight >= 0
         ):
             raise ValueError(

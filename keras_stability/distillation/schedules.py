@@ -8,6 +8,8 @@ retracing and a saved `.keras` file carries them. The `Distiller` reports
 both in its logs, so `History` records them per epoch.
 """
 
+import numbers
+
 import keras
 
 __all__ = ["DistillationScheduler", "LinearSchedule"]
@@ -31,7 +33,7 @@ class LinearSchedule:
 
     def __init__(self, start, end, epochs):
         for arg, value in (("start", start), ("end", end)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(
                     f"Invalid value for argument `{arg}`. Expected a number. "
                     f"Received: {arg}={value!r}"

@@ -350,3 +350,36 @@ def test_keras_round_trip_distiller_and_student_in_fresh_process(tmp_path, fresh
 def test_top_level_export():
     assert keras_stability.Distiller is Distiller
     assert "Distiller" in keras_stability.__all__
+
+
+class SubclassedStudent(keras.Model):
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(units)
+
+    def call(self, inputs):
+        return self.dense(inputs)
+
+
+def test_subclassed_student_wrong_width_fails_at_first_step_and_numpy_scalars_accepted():
+    x, y = make_data(16)
+    student = SubclassedStudent(3, name="sub")
+    student(x[:1])
+    distiller = Distiller(student, make_model(8, "teacher", 1))
+    distiller.compile(
+        student_loss_fn=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        alpha=np.float32(0.25),
+        temperature=np.int64(2),
+    )
+    assert distiller.alpha == pytest.approx(0.25) and distiller.temperature == 2.0
+    with pytest.raises(ValueError, match=r"Invalid value for argument `student`. Expected outputs shaped like the teacher 'teacher' logits \(16, 4\).*Received: student='sub' with outputs shaped \(16, 3\)"):
+        distiller.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    good = SubclassedStudent(N_CLASSES, name="sub_ok")
+    good(x[:1])
+    distiller = Distiller(good, make_model(8, "teacher", 1))
+    distiller.compile(student_loss_fn=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    np.testing.assert_allclose(
+        float(distiller.compute_loss(x, y, training=False)),
+        reference_loss(distiller, x, y, 0.1, 3.0),
+        rtol=1e-5,
+    )
