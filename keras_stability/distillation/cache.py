@@ -10,8 +10,14 @@ about what the student costs.
 import numpy as np
 from keras import tree
 
-__all__ = ["CACHED_INPUTS_KEY", "CACHED_TEACHER_KEY", "compute_teacher_outputs",
-           "is_cached_batch", "pack_cached", "split_cached"]
+__all__ = [
+    "CACHED_INPUTS_KEY",
+    "CACHED_TEACHER_KEY",
+    "compute_teacher_outputs",
+    "is_cached_batch",
+    "pack_cached",
+    "split_cached",
+]
 
 CACHED_INPUTS_KEY = "keras_stability_inputs"
 CACHED_TEACHER_KEY = "keras_stability_teacher_outputs"
@@ -20,7 +26,8 @@ CACHED_TEACHER_KEY = "keras_stability_teacher_outputs"
 def _is_in_memory(x):
     leaves = tree.flatten(x)
     return bool(leaves) and all(
-        isinstance(leaf, np.ndarray) or hasattr(leaf, "__array__") and hasattr(leaf, "shape")
+        isinstance(leaf, np.ndarray)
+        or (hasattr(leaf, "__array__") and hasattr(leaf, "shape"))
         for leaf in leaves
     )
 
