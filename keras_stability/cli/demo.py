@@ -71,9 +71,58 @@ def part_example(ctx):
     return {"loss": float(loss), "accuracy": float(accuracy)}
 
 
+def part_distillation(ctx):
+    """Distils the example model into a student with a 48-unit hidden layer."""
+    import keras
+
+    from keras_stability import Distiller
+
+    keras.utils.set_random_seed(ctx.args.seed)
+    teacher = compile_example_model(build_example_model(ctx.n_features, ctx.n_classes))
+    teacher.fit(ctx.x_train, ctx.y_train, epochs=ctx.args.epochs, verbose=0)
+    student = keras.Sequential(
+        [
+            keras.Input(shape=(ctx.n_features,)),
+            keras.layers.Dense(48, activation="relu"),
+            keras.layers.Dense(ctx.n_classes),
+        ],
+        name="student",
+    )
+    distiller = Distiller(student=student, teacher=teacher)
+    distiller.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        student_loss_fn=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        distillation_loss_fn=keras.losses.KLDivergence(),
+        alpha=0.1,
+        temperature=4,
+    )
+    distiller.fit(
+        ctx.x_train,
+        ctx.y_train,
+        epochs=ctx.args.epochs,
+        verbose=ctx.verbose,
+        cache_teacher_outputs=True,
+    )
+    logs = distiller.evaluate(ctx.x_test, ctx.y_test, verbose=0, return_dict=True)
+    _, teacher_accuracy = teacher.evaluate(ctx.x_test, ctx.y_test, verbose=0)
+    ctx.say(
+        f"Teacher ({teacher.count_params()} weights) test accuracy: "
+        f"{teacher_accuracy:.4f}; distilled student ({student.count_params()} "
+        f"weights): {logs['accuracy']:.4f}, top-1 agreement with the teacher "
+        f"{logs['teacher_agreement']:.4f}"
+    )
+    return {
+        "teacher_accuracy": float(teacher_accuracy),
+        "student_accuracy": float(logs["accuracy"]),
+        "teacher_agreement": float(logs["teacher_agreement"]),
+    }
+
+
 # name -> (function, title). Run in this order.
 PARTS = {
     "example": (part_example, "The Keras example, fixed"),
+    "distillation": (part_distillation, "Distillation into a 10x smaller student"),
 }
 
 
