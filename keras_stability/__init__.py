@@ -15,6 +15,7 @@ if _startup.launched_as_cli():
 from keras_stability import datasets  # noqa: E402
 from keras_stability import layers  # noqa: E402
 from keras_stability import regularizers  # noqa: E402
+from keras_stability import tuning  # noqa: E402
 from keras_stability.version import __version__  # noqa: E402
 
-__all__ = ["__version__", "datasets", "layers", "regularizers"]
+__all__ = ["__version__", "datasets", "layers", "regularizers", "tuning"]
