@@ -141,7 +141,7 @@ class GradualUnfreezing(keras.callbacks.Callback):
         for layer in self._scheduled:
             layer.trainable = True
         variables = list(self.model.trainable_variables)
-        for layer, state in zip(self._scheduled, states):
+        for layer, state in zip(self._scheduled, states, strict=True):
             layer.trainable = state
         return variables
 
