@@ -159,7 +159,8 @@ class GradualUnfreezing(keras.callbacks.Callback):
                     f"of the frozen layers ({missing[0].path}, ...). Compile with a "
                     "fresh optimizer before the `fit` that unfreezes layers."
                 )
-            optimizer = optimizer.__class__.from_config(optimizer.get_config())
+            with self.model.distribute_strategy.scope():
+                optimizer = optimizer.__class__.from_config(optimizer.get_config())
             self.model.optimizer = optimizer
         with self.model.distribute_strategy.scope():
             optimizer.build(variables)
