@@ -12,9 +12,22 @@ if _startup.launched_as_cli():
     # before anything below imports it. A plain `import` is left alone.
     _startup.quiet_tensorflow_startup()
 
+from keras_stability import callbacks  # noqa: E402
 from keras_stability import datasets  # noqa: E402
 from keras_stability import distillation  # noqa: E402
+from keras_stability import layers  # noqa: E402
+from keras_stability import regularizers  # noqa: E402
+from keras_stability import tuning  # noqa: E402
 from keras_stability.distillation import Distiller  # noqa: E402
 from keras_stability.version import __version__  # noqa: E402
 
-__all__ = ["__version__", "datasets", "distillation", "Distiller"]
+__all__ = [
+    "__version__",
+    "callbacks",
+    "datasets",
+    "distillation",
+    "layers",
+    "regularizers",
+    "tuning",
+    "Distiller",
+]

@@ -118,10 +118,33 @@ def part_distillation(ctx):
         "teacher_agreement": float(logs["teacher_agreement"]),
     }
 
+def part_stability_layers(ctx):
+    """The example made deep with ReZero residual blocks and a z-loss on its logits."""
+    import keras
+
+    from keras_stability.layers import Residual
+    from keras_stability.layers import ZLoss
+
+    keras.utils.set_random_seed(ctx.args.seed)
+    inputs = keras.Input(shape=(ctx.n_features,))
+    h = keras.layers.Dense(64, activation="relu")(inputs)
+    for _ in range(8):
+        h = Residual(keras.layers.Dense(64, activation="relu"), scale="rezero")(h)
+    logits = ZLoss(1e-4)(keras.layers.Dense(ctx.n_classes)(h))
+    model = compile_example_model(keras.Model(inputs, logits, name="deep_rezero"))
+    model.fit(ctx.x_train, ctx.y_train, epochs=ctx.args.epochs, verbose=ctx.verbose)
+    loss, accuracy = model.evaluate(ctx.x_test, ctx.y_test, verbose=0)
+    ctx.say(
+        f"10-layer MLP (8 ReZero residual blocks, z-loss 1e-4 on the logits): "
+        f"test loss {loss:.4f}, test accuracy {accuracy:.4f}"
+    )
+    return {"loss": float(loss), "accuracy": float(accuracy)}
+
 
 # name -> (function, title). Run in this order.
 PARTS = {
     "example": (part_example, "The Keras example, fixed"),
+    "stability_layers": (part_stability_layers, "Deep residual blocks (ReZero) and z-loss"),
     "distillation": (part_distillation, "Distillation into a 10x smaller student"),
 }
 
