@@ -1,0 +1,43 @@
+"""Magnitude and N:M pruning for Keras 3, with TF-MOT's schedules and mask rules.
+
+`prune_low_magnitude(model, schedule)` prunes Sequential, functional and
+subclassed models in place; `strip_pruning` removes the machinery;
+`sparsity_report` and `PruningSummaries` show the sparsity; `shrink` removes
+whole units and filters for a smaller, faster model.
+
+`PolynomialDecay` and `ConstantSparsity` are TF-MOT's own schedule classes,
+imported on first use so that `import keras_stability.pruning` does not load
+TF-MOT (and, when it is loaded, `tf.keras` stays Keras 3).
+"""
+
+from keras_stability.pruning import masks
+from keras_stability.pruning import schedules
+from keras_stability.pruning.prune import prunable_weights
+from keras_stability.pruning.prune import prune_low_magnitude
+from keras_stability.pruning.pruner import Pruner
+from keras_stability.pruning.pruner import find_pruner
+from keras_stability.pruning.strip import sparsity_report
+from keras_stability.pruning.strip import strip_pruning
+
+_TFMOT_SCHEDULES = ("ConstantSparsity", "PolynomialDecay")
+
+__all__ = [
+    "ConstantSparsity",
+    "PolynomialDecay",
+    "Pruner",
+    "find_pruner",
+    "masks",
+    "prunable_weights",
+    "prune_low_magnitude",
+    "schedules",
+    "sparsity_report",
+    "strip_pruning",
+]
+
+
+def __getattr__(name):
+    if name in _TFMOT_SCHEDULES:
+        from keras_stability.pruning._tfmot import tfmot_schedule_class
+
+        return tfmot_schedule_class(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
