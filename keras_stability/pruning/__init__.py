@@ -10,6 +10,7 @@ imported on first use so that `import keras_stability.pruning` does not load
 TF-MOT (and, when it is loaded, `tf.keras` stays Keras 3).
 """
 
+from keras_stability.pruning import _tfmot
 from keras_stability.pruning import masks
 from keras_stability.pruning import schedules
 from keras_stability.pruning.prune import prunable_weights
@@ -18,6 +19,11 @@ from keras_stability.pruning.pruner import Pruner
 from keras_stability.pruning.pruner import find_pruner
 from keras_stability.pruning.strip import sparsity_report
 from keras_stability.pruning.strip import strip_pruning
+
+# Fix `tf.keras` to Keras 3 now: a later `import tensorflow_model_optimization`
+# (ours or the user's) sets TF_USE_LEGACY_KERAS=1, which would otherwise make a
+# still-unresolved `tf.keras` load tf_keras for the rest of the process.
+_tfmot.pin_tf_keras()
 
 _TFMOT_SCHEDULES = ("ConstantSparsity", "PolynomialDecay")
 
