@@ -17,6 +17,8 @@ from keras_stability.pruning.prune import prunable_weights
 from keras_stability.pruning.prune import prune_low_magnitude
 from keras_stability.pruning.pruner import Pruner
 from keras_stability.pruning.pruner import find_pruner
+from keras_stability.pruning.shrink import shrink
+from keras_stability.pruning.shrink import shrink_plan
 from keras_stability.pruning.strip import sparsity_report
 from keras_stability.pruning.strip import strip_pruning
 
@@ -36,6 +38,8 @@ __all__ = [
     "prunable_weights",
     "prune_low_magnitude",
     "schedules",
+    "shrink",
+    "shrink_plan",
     "sparsity_report",
     "strip_pruning",
 ]
