@@ -21,6 +21,7 @@ from keras_stability.pruning.shrink import shrink
 from keras_stability.pruning.shrink import shrink_plan
 from keras_stability.pruning.strip import sparsity_report
 from keras_stability.pruning.strip import strip_pruning
+from keras_stability.pruning.summaries import PruningSummaries
 
 # Fix `tf.keras` to Keras 3 now: a later `import tensorflow_model_optimization`
 # (ours or the user's) sets TF_USE_LEGACY_KERAS=1, which would otherwise make a
@@ -33,6 +34,7 @@ __all__ = [
     "ConstantSparsity",
     "PolynomialDecay",
     "Pruner",
+    "PruningSummaries",
     "find_pruner",
     "masks",
     "prunable_weights",

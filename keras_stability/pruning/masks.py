@@ -62,7 +62,9 @@ def magnitude_mask(weights, sparsity):
     values, indices = ops.top_k(flat, k=size)
     threshold = ops.take(values, k - 1)
     position = ops.take(indices, k - 1)
-    at_threshold = ops.equal(ops.arange(size, dtype="int32"), ops.cast(position, "int32"))
+    at_threshold = ops.equal(
+        ops.arange(size, dtype="int32"), ops.cast(position, "int32")
+    )
     mask = ops.logical_or(ops.greater_equal(flat, threshold), at_threshold)
     return ops.cast(ops.reshape(mask, shape), weights.dtype)
 

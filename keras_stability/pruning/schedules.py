@@ -84,7 +84,9 @@ def validate_schedule(schedule):
             f"Received: pruning_schedule={schedule!r}"
         )
     for step in _probe_steps(schedule):
-        _, sparsity = call_schedule(schedule, ops.convert_to_tensor(step, dtype="int64"))
+        _, sparsity = call_schedule(
+            schedule, ops.convert_to_tensor(step, dtype="int64")
+        )
         value = float(ops.convert_to_numpy(sparsity))
         if not 0.0 <= value < 1.0:
             raise ValueError(

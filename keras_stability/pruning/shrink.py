@@ -26,7 +26,12 @@ from keras_stability.pruning.masks import unit_scores
 
 __all__ = ["shrink", "shrink_plan"]
 
-_PRODUCERS = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+_PRODUCERS = (
+    keras.layers.Dense,
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+)
 _CONV_TRANSPOSE = (
     keras.layers.Conv1DTranspose,
     keras.layers.Conv2DTranspose,
@@ -162,7 +167,11 @@ def _analyse(model):
                 continue
             in_groups = [group_of(t, layer) for t in ins]
             supported = _channels_last(layer) and len(outs) == 1
-            if isinstance(layer, _PRODUCERS) and supported and getattr(layer, "groups", 1) == 1:
+            if (
+                isinstance(layer, _PRODUCERS)
+                and supported
+                and getattr(layer, "groups", 1) == 1
+            ):
                 g, spatial = in_groups[0]
                 groups.get(g)["consumers"].append((layer, spatial))
                 new = groups.new(outs[0].shape[-1])
@@ -199,7 +208,10 @@ def _analyse(model):
                 info = groups.get(g)
                 info["unsupported"] = info["unsupported"] or layer.name
             for t in outs:
-                tensor_group[id(t)] = (groups.new(t.shape[-1], blocked="unsupported"), 1)
+                tensor_group[id(t)] = (
+                    groups.new(t.shape[-1], blocked="unsupported"),
+                    1,
+                )
 
     for t in graph.outputs:
         g, _ = tensor_group[id(t)]
@@ -210,8 +222,10 @@ def _analyse(model):
 
 
 def _check_fraction(fraction, criterion):
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
-        0.0 <= fraction < 1.0
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, (int, float))
+        or not (0.0 <= fraction < 1.0)
     ):
         raise ValueError(
             "Invalid value for argument `fraction`. Expected a number in [0, 1). "
@@ -342,7 +356,9 @@ def shrink(model, fraction, criterion="l1"):
                 kernel = np.take(kernel, in_keep[layer.name], axis=-2)
             if layer.name in out_keep:
                 kernel = np.take(kernel, out_keep[layer.name], axis=-1)
-                values[1:] = [np.take(v, out_keep[layer.name], axis=-1) for v in values[1:]]
+                values[1:] = [
+                    np.take(v, out_keep[layer.name], axis=-1) for v in values[1:]
+                ]
             values[0] = kernel
         elif layer.name in norm_keep:
             values = [np.take(v, norm_keep[layer.name], axis=-1) for v in values]

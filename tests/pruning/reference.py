@@ -15,7 +15,9 @@ def tfmot_mask(weights, sparsity, block_size=(1, 1), pooling="AVG", m_by_n=None)
     weight = tf.Variable(np.asarray(weights, "float32"))
     mask = tf.Variable(tf.ones_like(weight))
     threshold = tf.Variable(0.0)
-    schedule = tfmot.sparsity.keras.ConstantSparsity(sparsity, begin_step=0, frequency=1)
+    schedule = tfmot.sparsity.keras.ConstantSparsity(
+        sparsity, begin_step=0, frequency=1
+    )
     pruning = pruning_impl.Pruning(
         training_step_fn=lambda: tf.constant(1, tf.int64),
         pruning_vars=[(weight, mask, threshold)],

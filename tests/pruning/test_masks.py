@@ -12,9 +12,7 @@ def _weights(shape, seed=0):
     return np.random.default_rng(seed).normal(size=shape).astype("float32")
 
 
-@pytest.mark.parametrize(
-    "shape", [(10,), (8, 6), (3, 3, 4, 5), (7, 13), (1, 1)]
-)
+@pytest.mark.parametrize("shape", [(10,), (8, 6), (3, 3, 4, 5), (7, 13), (1, 1)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.5, 0.8, 0.9, 0.99])
 def test_magnitude_mask_equals_tfmot(shape, sparsity):
     w = _weights(shape)
@@ -92,16 +90,22 @@ def test_2_by_4_zeroes_exactly_two_of_every_four_inputs(shape):
     assert np.all(groups.sum(axis=1) == 2)
     # The two kept are the two largest magnitudes of the group.
     mags = np.moveaxis(np.abs(w), -2, -1).reshape(-1, 4)
-    assert np.all(mags[groups == 1].reshape(-1, 2).min(axis=1)
-                  > mags[groups == 0].reshape(-1, 2).max(axis=1))
+    assert np.all(
+        mags[groups == 1].reshape(-1, 2).min(axis=1)
+        > mags[groups == 0].reshape(-1, 2).max(axis=1)
+    )
 
 
 def test_m_by_n_errors():
-    with pytest.raises(ValueError, match=r"Expected a pair of integers `\(m, n\)` with 0 < m < n"):
+    with pytest.raises(
+        ValueError, match=r"Expected a pair of integers `\(m, n\)` with 0 < m < n"
+    ):
         masks.m_by_n_mask(_weights((8, 4)), (4, 4))
     with pytest.raises(ValueError, match="Received: sparsity_m_by_n=3"):
         masks.validate_m_by_n(3)
-    with pytest.raises(ValueError, match=r"Expected `n` to divide the input axis \(-2\)"):
+    with pytest.raises(
+        ValueError, match=r"Expected `n` to divide the input axis \(-2\)"
+    ):
         masks.m_by_n_mask(_weights((6, 4)), (2, 4))
 
 

@@ -143,7 +143,9 @@ def test_masks_change_only_on_scheduled_training_steps():
     model.predict(x, verbose=0)
     model.evaluate(x, y, verbose=0)
     assert int(pruner.step.numpy()) == 5
-    for mask, before, variable in zip(pruner.masks, at_step_2, pruner.variables, strict=True):
+    for mask, before, variable in zip(
+        pruner.masks, at_step_2, pruner.variables, strict=True
+    ):
         np.testing.assert_array_equal(mask.numpy(), before)
         # Weights are re-masked after every update though Adam moves them.
         assert np.all(variable.numpy()[before == 0] == 0)
@@ -201,7 +203,9 @@ def test_strip_pruning_keeps_zeros_and_predictions(tmp_path):
     stripped = pruning.strip_pruning(model)
     assert pruning.find_pruner(stripped) is None
     assert not any(isinstance(v.constraint, MaskConstraint) for v in stripped.weights)
-    assert [type(layer).__module__.split(".")[0] for layer in stripped.layers] == ["keras"] * 4
+    assert [type(layer).__module__.split(".")[0] for layer in stripped.layers] == [
+        "keras"
+    ] * 4
     np.testing.assert_allclose(stripped.predict(x, verbose=0), before, rtol=1e-6)
     assert pruning.sparsity_report(stripped) == report
     path = os.path.join(tmp_path, "stripped.keras")
@@ -235,8 +239,12 @@ def test_keras_file_of_a_pruned_model_holds_the_masked_weights(tmp_path):
 
 def test_errors_name_the_argument_and_value():
     schedule = pruning.ConstantSparsity(0.5, 0, frequency=1)
-    no_prunable = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization()])
-    with pytest.raises(ValueError, match="Expected a model or layer with prunable weights"):
+    no_prunable = keras.Sequential(
+        [keras.Input((4,)), keras.layers.BatchNormalization()]
+    )
+    with pytest.raises(
+        ValueError, match="Expected a model or layer with prunable weights"
+    ):
         pruning.prune_low_magnitude(no_prunable, schedule)
     with pytest.raises(ValueError, match="Expected a built model or layer"):
         pruning.prune_low_magnitude(keras.Sequential([keras.layers.Dense(2)]), schedule)
@@ -277,7 +285,11 @@ def _train_masks(strategy_devices, sparsity_m_by_n=None):
     with scope:
         keras.utils.set_random_seed(0)
         model = keras.Sequential(
-            [keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(4)]
+            [
+                keras.Input((8,)),
+                keras.layers.Dense(16, activation="relu"),
+                keras.layers.Dense(4),
+            ]
         )
         kp.prune_low_magnitude(
             model,

@@ -81,13 +81,18 @@ def test_plain_callables_are_schedules():
         (0.5, "Expected a callable `step -> \\(should_prune, sparsity\\)` such as"),
         (lambda step: 0.5, "returning a boolean scalar and a float scalar"),
         (lambda step: (True, 0.5, 1), "returning a boolean scalar and a float scalar"),
-        (lambda step: (True, [0.5, 0.5]), "returning a boolean scalar and a float scalar"),
+        (
+            lambda step: (True, [0.5, 0.5]),
+            "returning a boolean scalar and a float scalar",
+        ),
         (lambda step: (True, 1.0), "Expected a sparsity in \\[0, 1\\) at every step"),
         (lambda step: (True, -0.1), "giving sparsity=-0.1"),
     ],
 )
 def test_bad_schedules_raise_in_keras_form(schedule, message):
-    with pytest.raises(ValueError, match="Invalid value for argument `pruning_schedule`"):
+    with pytest.raises(
+        ValueError, match="Invalid value for argument `pruning_schedule`"
+    ):
         schedules.validate_schedule(schedule)
     with pytest.raises(ValueError, match=message):
         schedules.validate_schedule(schedule)

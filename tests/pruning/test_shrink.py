@@ -35,7 +35,14 @@ def _residual_cnn():
     model = keras.Model(inputs, outputs)
     bn = model.get_layer("bn")
     rng = np.random.default_rng(1)
-    bn.set_weights([rng.uniform(0.5, 2, 8), rng.normal(size=8), rng.normal(size=8), rng.uniform(0.5, 2, 8)])
+    bn.set_weights(
+        [
+            rng.uniform(0.5, 2, 8),
+            rng.normal(size=8),
+            rng.normal(size=8),
+            rng.uniform(0.5, 2, 8),
+        ]
+    )
     return model
 
 
@@ -47,7 +54,9 @@ def _unit_masked(model, plan):
         removed = np.setdiff1d(np.arange(group["channels"]), group["keep"])
         for name, spatial in group["consumers"]:
             layer = masked.get_layer(name)
-            rows = (np.arange(spatial)[:, None] * group["channels"] + removed).reshape(-1)
+            rows = (np.arange(spatial)[:, None] * group["channels"] + removed).reshape(
+                -1
+            )
             kernel = layer.kernel.numpy()
             index = [slice(None)] * kernel.ndim
             index[-2] = rows
@@ -62,15 +71,25 @@ def test_shrink_mlp_removes_units_and_matches_the_unit_masked_model():
     assert [g["producers"] for g in plan] == [["h1"], ["h2"]]
     small = shrink(model, 0.5)
     assert isinstance(small, keras.Sequential)
-    assert [layer.units for layer in small.layers if hasattr(layer, "units")] == [8, 6, 3]
-    assert small.count_params() == (8 * 8 + 8) + (8 * 6 + 6) + (6 * 3 + 3) < model.count_params()
+    assert [layer.units for layer in small.layers if hasattr(layer, "units")] == [
+        8,
+        6,
+        3,
+    ]
+    assert (
+        small.count_params()
+        == (8 * 8 + 8) + (8 * 6 + 6) + (6 * 3 + 3)
+        < model.count_params()
+    )
     # The kept units are those with the largest L1 norm of incoming weights.
     h1 = np.abs(model.get_layer("h1").kernel.numpy()).sum(axis=0)
     assert set(plan[0]["keep"]) == set(np.argsort(-h1)[:8])
     x = np.random.default_rng(0).normal(size=(32, 8)).astype("float32")
     np.testing.assert_allclose(
-        small.predict(x, verbose=0), _unit_masked(model, plan).predict(x, verbose=0),
-        rtol=1e-5, atol=1e-5,
+        small.predict(x, verbose=0),
+        _unit_masked(model, plan).predict(x, verbose=0),
+        rtol=1e-5,
+        atol=1e-5,
     )
     # And not equal to the original: something was removed.
     assert not np.allclose(small.predict(x, verbose=0), model.predict(x, verbose=0))
@@ -90,8 +109,10 @@ def test_shrink_conv_bn_residual_flatten():
     assert small.count_params() < model.count_params() / 2
     x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype("float32")
     np.testing.assert_allclose(
-        small.predict(x, verbose=0), _unit_masked(model, plan).predict(x, verbose=0),
-        rtol=1e-4, atol=1e-5,
+        small.predict(x, verbose=0),
+        _unit_masked(model, plan).predict(x, verbose=0),
+        rtol=1e-4,
+        atol=1e-5,
     )
 
 
@@ -100,7 +121,9 @@ def test_fraction_zero_is_a_copy_and_pruned_models_shrink():
     x = np.random.default_rng(0).normal(size=(8, 8)).astype("float32")
     same = shrink(model, 0.0)
     assert same.count_params() == model.count_params()
-    np.testing.assert_allclose(same.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
+    np.testing.assert_allclose(
+        same.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6
+    )
     pruning.prune_low_magnitude(model, pruning.ConstantSparsity(0.5, 0, frequency=1))
     small = shrink(model, 0.25)
     assert pruning.find_pruner(small) is None
@@ -116,7 +139,9 @@ def test_shrink_errors_name_the_problem():
     h = keras.layers.Dense(6, name="d")(inputs)
     h = keras.layers.LayerNormalization(name="ln")(h)
     model = keras.Model(inputs, keras.layers.Dense(2)(h))
-    with pytest.raises(ValueError, match="feeding them to layer 'ln', which `shrink` cannot slice"):
+    with pytest.raises(
+        ValueError, match="feeding them to layer 'ln', which `shrink` cannot slice"
+    ):
         shrink(model, 0.5)
 
     class Net(keras.Model):
@@ -129,5 +154,7 @@ def test_shrink_errors_name_the_problem():
 
     net = Net()
     net(np.zeros((1, 3), "float32"))
-    with pytest.raises(ValueError, match="Expected a Sequential or functional Keras model"):
+    with pytest.raises(
+        ValueError, match="Expected a Sequential or functional Keras model"
+    ):
         shrink(net, 0.5)
