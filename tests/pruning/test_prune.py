@@ -317,3 +317,27 @@ def test_mirrored_strategy_masks_equal_single_device():
         assert 1 - a.mean() == pytest.approx(0.7, abs=0.01)
     for a, b in zip(single["weights"], mirrored["weights"], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_pruned_student_inside_keras_distiller():
+    keras.utils.set_random_seed(0)
+    teacher = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    student = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(12, activation="relu"), keras.layers.Dense(4)]
+    )
+    pruning.prune_low_magnitude(student, pruning.ConstantSparsity(0.75, 0, frequency=1))
+    distiller = keras.distillation.Distiller(
+        teacher=teacher,
+        student=student,
+        distillation_losses=keras.distillation.LogitsDistillation(temperature=2.0),
+    )
+    distiller.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    x = np.random.default_rng(0).normal(size=(32, 8)).astype("float32")
+    y = np.random.default_rng(1).integers(0, 4, size=32)
+    teacher_before = teacher.get_weights()
+    distiller.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert int(pruning.find_pruner(student).step.numpy()) == 4
+    first, second, _ = pruning.sparsity_report(student).values()
+    assert first == 0.75 and second == 0.75
+    for a, b in zip(teacher_before, teacher.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
