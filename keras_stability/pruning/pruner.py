@@ -7,10 +7,11 @@ it holds a mask variable per pruned weight and the pruning step, and it puts a
 step (`tf.function`, XLA, every replica under tf.distribute). So:
 
 - the first pruned variable's constraint advances the step, asks the schedule
-  whether to prune, recomputes every mask if so (`ops.cond`, no host work) and
-  multiplies every pruned weight by its mask;
-- every other pruned variable's constraint multiplies it by its mask again, so
-  the order in which the optimizer visits variables does not matter.
+  whether to prune and, if so (`ops.cond`, no host work), recomputes every
+  mask and multiplies every pruned weight by its new mask;
+- every pruned variable's constraint returns the variable times its mask, so
+  weights are masked after every update whatever order the optimizer visits
+  the variables in.
 
 This works the same for Sequential, functional and subclassed models, single
 layers, the Distiller's student and any Keras optimizer. Masks never change
@@ -103,17 +104,46 @@ class Pruner:
             ]
         return [masks_lib.magnitude_mask(v, sparsity) for v in values]
 
-    def update_masks(self):
-        """Advances the step and recomputes the masks if the schedule says so."""
-        self.step.assign_add(1)
+    def update_masks(self, remask_others=True, skipped=False):
+        """Advances the step and recomputes the masks if the schedule says so.
+
+        Args:
+            remask_others: Also multiply the weights other than the first by
+                their new masks on a pruning step (the first one's constraint
+                returns its masked value itself). Defaults to `True`.
+            skipped: Bool or boolean scalar tensor; if true the update was
+                skipped, and neither the step nor the masks change. Defaults
+                to `False`.
+        """
+        advance = ops.logical_not(ops.convert_to_tensor(skipped, dtype="bool"))
+        self.step.assign_add(ops.cast(advance, "int64"))
         should_prune, sparsity = call_schedule(self.pruning_schedule, self.step.value)
-        new_masks = ops.cond(
-            should_prune,
-            lambda: self.compute_masks(sparsity),
-            lambda: [ops.convert_to_tensor(m) for m in self.masks],
-        )
-        for mask, new_mask in zip(self.masks, new_masks, strict=True):
-            mask.assign(new_mask)
+        should_prune = ops.logical_and(should_prune, advance)
+        if _in_strategy_replica_context():
+            # tf.distribute forbids writes inside control flow in a replica
+            # context: compute under `cond`, write unconditionally.
+            new_masks = ops.cond(
+                should_prune,
+                lambda: self.compute_masks(sparsity),
+                lambda: [ops.convert_to_tensor(m) for m in self.masks],
+            )
+            for mask, new_mask in zip(self.masks, new_masks, strict=True):
+                mask.assign(new_mask)
+            if remask_others:
+                self.apply_masks(skip_index=0)
+            return
+
+        def prune():
+            for mask, new_mask in zip(
+                self.masks, self.compute_masks(sparsity), strict=True
+            ):
+                mask.assign(new_mask)
+            if remask_others:
+                self.apply_masks(skip_index=0)
+            return ops.convert_to_tensor(True)
+
+        # Masks (and the weights they zero) are written on pruning steps only.
+        ops.cond(should_prune, prune, lambda: ops.convert_to_tensor(False))
 
     def apply_masks(self, skip_index=None):
         """Multiplies each pruned weight by its mask (in place)."""
@@ -129,12 +159,11 @@ class Pruner:
         Args:
             variables: The variables just updated (unused; the pruner knows
                 its own). Defaults to `None`.
-            skipped: Python bool; a skipped update does not advance the
-                pruning step. Defaults to `False`.
+            skipped: Bool or boolean scalar tensor; a skipped update does
+                not advance the pruning step. Defaults to `False`.
         """
         del variables
-        if not skipped:
-            self.update_masks()
+        self.update_masks(remask_others=False, skipped=skipped)
         self.apply_masks()
 
     def target_sparsity(self):
@@ -172,8 +201,7 @@ class MaskConstraint(keras.constraints.Constraint):
         if self.inner is not None:
             w = self.inner(w)
         if self.index == 0:
-            self.pruner.update_masks()
-            self.pruner.apply_masks(skip_index=0)
+            self.pruner.update_masks(remask_others=True)
         return w * self.pruner.masks[self.index]
 
     def get_config(self):
@@ -191,6 +219,13 @@ def find_pruner(model):
                 return constraint.pruner
             constraint = getattr(constraint, "inner", None)
     return None
+
+
+def _in_strategy_replica_context():
+    """True inside `strategy.run` of a tf.distribute strategy (TF backend only)."""
+    import tensorflow as tf
+
+    return tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context()
 
 
 def _strategy_scope(variable):

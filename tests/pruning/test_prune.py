@@ -323,7 +323,11 @@ def test_pruned_student_inside_keras_distiller():
     keras.utils.set_random_seed(0)
     teacher = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
     student = keras.Sequential(
-        [keras.Input((8,)), keras.layers.Dense(12, activation="relu"), keras.layers.Dense(4)]
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(12, activation="relu"),
+            keras.layers.Dense(4),
+        ]
     )
     pruning.prune_low_magnitude(student, pruning.ConstantSparsity(0.75, 0, frequency=1))
     distiller = keras.distillation.Distiller(
@@ -341,3 +345,17 @@ def test_pruned_student_inside_keras_distiller():
     assert first == 0.75 and second == 0.75
     for a, b in zip(teacher_before, teacher.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_after_apply_hook_for_optimizer_wrappers():
+    model = _sequential()
+    pruning.prune_low_magnitude(model, pruning.ConstantSparsity(0.5, 0, frequency=1))
+    pruner = pruning.find_pruner(model)
+    pruner.after_apply(
+        model.trainable_variables, skipped=keras.ops.convert_to_tensor(True)
+    )
+    assert int(pruner.step.numpy()) == 0
+    assert all(np.all(m.numpy() == 1) for m in pruner.masks)
+    pruner.after_apply(model.trainable_variables, skipped=False)
+    assert int(pruner.step.numpy()) == 1
+    _check_masks_are_magnitude_masks(model, 0.5)
