@@ -359,3 +359,60 @@ def test_after_apply_hook_for_optimizer_wrappers():
     pruner.after_apply(model.trainable_variables, skipped=False)
     assert int(pruner.step.numpy()) == 1
     _check_masks_are_magnitude_masks(model, 0.5)
+
+
+def test_prunes_the_weights_tfmot_prunes_in_every_supported_layer():
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input((6,), dtype="int32")
+    h = keras.layers.Embedding(20, 8, name="emb")(tokens)
+    h = keras.layers.MultiHeadAttention(2, 4, name="mha")(h, h)
+    h = keras.layers.LSTM(8, return_sequences=True, name="lstm")(h)
+    h = keras.layers.Conv1D(8, 3, name="conv1d")(h)
+    h = keras.layers.SeparableConv1D(8, 2, name="sep")(h)
+    h = keras.layers.LayerNormalization(name="ln")(h)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    model = keras.Model(tokens, keras.layers.Dense(2, name="head")(h))
+    names = [v.path for v in pruning.prunable_weights(model)]
+    assert names == [
+        "emb/embeddings",
+        "mha/query/kernel",
+        "mha/key/kernel",
+        "mha/value/kernel",
+        "mha/attention_output/kernel",
+        "lstm/lstm_cell/kernel",
+        "lstm/lstm_cell/recurrent_kernel",
+        "conv1d/kernel",
+        "sep/pointwise_kernel",
+        "head/kernel",
+    ]
+    pruning.prune_low_magnitude(model, pruning.ConstantSparsity(0.5, 0, frequency=1))
+    x = np.random.default_rng(0).integers(0, 20, size=(16, 6))
+    model.compile("adam", "mse")
+    model.fit(x, np.zeros((16, 2)), batch_size=8, verbose=0)
+    report = pruning.sparsity_report(model)
+    assert all(abs(report[n] - 0.5) < 0.02 for n in names)
+    # Biases and normalisation are left alone.
+    assert np.count_nonzero(model.get_layer("ln").gamma.numpy()) == 8
+
+
+def test_an_existing_constraint_is_kept_and_restored():
+    keras.utils.set_random_seed(0)
+    non_neg = keras.constraints.NonNeg()
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(6, kernel_constraint=non_neg),
+            keras.layers.Dense(4),
+        ]
+    )
+    pruning.prune_low_magnitude(model, pruning.ConstantSparsity(0.5, 0, frequency=1))
+    kernel = model.layers[0].kernel
+    assert (
+        isinstance(kernel.constraint, MaskConstraint)
+        and kernel.constraint.inner is non_neg
+    )
+    _fit(model, steps=2, optimizer="sgd")
+    w = kernel.numpy()
+    assert w.min() >= 0 and (w == 0).mean() >= 0.5
+    pruning.strip_pruning(model)
+    assert kernel.constraint is non_neg and model.layers[1].kernel.constraint is None
