@@ -150,6 +150,10 @@ def _analyse(model):
     graph = _graph(model)
     groups = _Groups()
     tensor_group = {}  # id(KerasTensor) -> (group, spatial)
+    uses = {}
+    for nodes in graph._nodes_by_depth.values():
+        for node in nodes:
+            uses[id(node.operation)] = uses.get(id(node.operation), 0) + 1
 
     def group_of(tensor, layer):
         key = id(tensor)
@@ -166,7 +170,10 @@ def _analyse(model):
                     tensor_group[id(t)] = (groups.new(t.shape[-1], blocked="input"), 1)
                 continue
             in_groups = [group_of(t, layer) for t in ins]
-            supported = _channels_last(layer) and len(outs) == 1
+            # A layer called more than once would need one slicing per call.
+            supported = (
+                _channels_last(layer) and len(outs) == 1 and uses[id(layer)] == 1
+            )
             if (
                 isinstance(layer, _PRODUCERS)
                 and supported

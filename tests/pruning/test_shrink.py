@@ -144,6 +144,14 @@ def test_shrink_errors_name_the_problem():
     ):
         shrink(model, 0.5)
 
+    inputs = keras.Input((8,))
+    shared = keras.layers.Dense(8, name="shared")
+    h = keras.layers.Dense(8, name="first")(inputs)
+    h = shared(shared(h))
+    model = keras.Model(inputs, keras.layers.Dense(2)(h))
+    with pytest.raises(ValueError, match="to layer 'shared'"):
+        shrink(model, 0.5)
+
     class Net(keras.Model):
         def __init__(self):
             super().__init__()
