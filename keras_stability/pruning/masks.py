@@ -103,7 +103,9 @@ def block_magnitude_mask(weights, sparsity, block_size, pooling_type="AVG"):
     Magnitudes are pooled (mean or max) over `block_size` blocks, the blocks
     are ranked with `magnitude_mask`, and each block's mask is spread over its
     weights. A shape that the block does not divide is padded at the end; an
-    average then counts only the real weights.
+    average then counts only the real weights. (Masks equal TF-MOT's when the
+    block divides the shape; otherwise TF-MOT's "SAME" pooling may pad at the
+    start too and its blocks no longer line up with the weights.)
 
     Args:
         weights: 2-D tensor.
