@@ -22,10 +22,12 @@ def strip_pruning(model):
     Returns:
         `model`, with masked weights and no pruning machinery.
     """
-    pruner = find_pruner(model)
-    while pruner is not None:
-        pruner.detach()
+    # Layers of a model may have been pruned separately: one pruner each.
+    for _ in range(len(model.weights)):
         pruner = find_pruner(model)
+        if pruner is None:
+            break
+        pruner.detach()
     return model
 
 

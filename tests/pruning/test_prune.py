@@ -416,3 +416,21 @@ def test_an_existing_constraint_is_kept_and_restored():
     assert w.min() >= 0 and (w == 0).mean() >= 0.5
     pruning.strip_pruning(model)
     assert kernel.constraint is non_neg and model.layers[1].kernel.constraint is None
+
+
+def test_per_layer_schedules_run_eagerly_and_strip_all():
+    model = _sequential()
+    pruning.prune_low_magnitude(
+        model.layers[0], pruning.ConstantSparsity(0.5, 0, frequency=1)
+    )
+    pruning.prune_low_magnitude(
+        model.layers[1], pruning.ConstantSparsity(0.75, 0, frequency=1)
+    )
+    x, y = _data(n=16)
+    model.compile("adam", "mse", run_eagerly=True)
+    model.fit(x, y, batch_size=8, verbose=0)
+    first, second, _ = pruning.sparsity_report(model).values()
+    assert (first, second) == (0.5, 0.75)
+    pruning.strip_pruning(model)
+    assert pruning.find_pruner(model) is None
+    assert all(v.constraint is None for v in model.weights)
