@@ -1,4 +1,5 @@
 import os
+import zipfile
 
 import keras
 import numpy as np
@@ -223,6 +224,9 @@ def test_keras_file_of_a_pruned_model_holds_the_masked_weights(tmp_path):
     _fit(model, steps=2)
     path = os.path.join(tmp_path, "pruned.keras")
     model.save(path)
+    with zipfile.ZipFile(path) as archive:
+        config = archive.read("config.json").decode()
+    assert "keras_stability" not in config and "MaskConstraint" not in config
     x, _ = _data(n=16, seed=4)
     loaded_pred = run_in_subprocess(predict_saved_model, path, x, n_cpu_devices=1)
     np.testing.assert_allclose(loaded_pred, model.predict(x, verbose=0), rtol=1e-6)
