@@ -20,7 +20,10 @@ left untouched (the constraint lives on the variable, not in the layer
 config), so a saved `.keras` file is a plain Keras model with the zeros in it.
 
 Hook for an optimizer wrapper: `Pruner.after_apply(variables, skipped)` does
-the same work, for wrappers that call observers after each update instead.
+the same work, for wrappers that call observers in-graph after each update
+instead (e.g. a guarded optimizer that may skip a step). Use one or the other:
+call `pruner.detach()` first (takes the constraints off, keeps masks and
+step), then register `pruner.after_apply`, or the step advances twice.
 """
 
 import keras
