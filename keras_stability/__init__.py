@@ -16,6 +16,7 @@ from keras_stability import callbacks  # noqa: E402
 from keras_stability import datasets  # noqa: E402
 from keras_stability import distillation  # noqa: E402
 from keras_stability import layers  # noqa: E402
+from keras_stability import pruning  # noqa: E402
 from keras_stability import regularizers  # noqa: E402
 from keras_stability import tuning  # noqa: E402
 from keras_stability.distillation import Distiller  # noqa: E402
@@ -27,6 +28,7 @@ __all__ = [
     "datasets",
     "distillation",
     "layers",
+    "pruning",
     "regularizers",
     "tuning",
     "Distiller",

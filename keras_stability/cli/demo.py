@@ -140,12 +140,34 @@ def part_stability_layers(ctx):
     )
     return {"loss": float(loss), "accuracy": float(accuracy)}
 
+def part_pruning(ctx):
+    """The example pruned to 80% with TF-MOT's PolynomialDecay, then stripped."""
+    import keras
+
+    from keras_stability import pruning
+
+    keras.utils.set_random_seed(ctx.args.seed)
+    model = build_example_model(ctx.n_features, ctx.n_classes)
+    steps = ctx.args.epochs * -(-len(ctx.x_train) // 32)
+    schedule = pruning.PolynomialDecay(
+        0.0, 0.8, begin_step=0, end_step=max(int(0.7 * steps), 1), frequency=10
+    )
+    pruning.prune_low_magnitude(model, schedule)
+    compile_example_model(model)
+    model.fit(ctx.x_train, ctx.y_train, epochs=ctx.args.epochs, verbose=ctx.verbose)
+    model = pruning.strip_pruning(model)
+    loss, accuracy = model.evaluate(ctx.x_test, ctx.y_test, verbose=0)
+    sparsity = pruning.sparsity_report(model)["total"]
+    ctx.say(f"Kernel sparsity: {sparsity:.1%}  Test accuracy: {accuracy:.4f}")
+    return {"loss": float(loss), "accuracy": float(accuracy), "sparsity": sparsity}
+
 
 # name -> (function, title). Run in this order.
 PARTS = {
     "example": (part_example, "The Keras example, fixed"),
     "stability_layers": (part_stability_layers, "Deep residual blocks (ReZero) and z-loss"),
     "distillation": (part_distillation, "Distillation into a 10x smaller student"),
+    "pruning": (part_pruning, "Pruned to 80% sparsity (keras_stability.pruning)"),
 }
 
 
