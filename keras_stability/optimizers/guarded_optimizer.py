@@ -10,6 +10,7 @@ import contextlib
 import warnings
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_stability import clipping as clipping_module
@@ -333,10 +334,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         for key in store.keys():
             if key.isdigit():
                 continue
-            value = store[key]
-            value = (
-                value[()] if hasattr(value, "shape") and value.shape == () else value
-            )
+            value = np.array(store[key])  # a copy: the file may close
             if key in by_key:
                 by_key[key].assign(value)
             else:

@@ -354,3 +354,22 @@ def test_keras_save_fresh_process_continue_equals_uninterrupted(tmp_path):
         np.testing.assert_allclose(a.numpy(), b, rtol=1e-6, atol=1e-7)
     assert stats == whole.optimizer.statistics()
     assert stats["step"] == 12
+
+
+def test_observer_state_saved_by_name_and_restored_when_added_later(tmp_path):
+    x = np.ones((8, 5), "float32")
+    y = np.ones((8, 1), "float32")
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(1)])
+    observer = RecordingObserver()
+    model.compile(
+        GuardedOptimizer(keras.optimizers.SGD(0.1), observers=[observer]), "mse"
+    )
+    model.fit(x, y, batch_size=4, verbose=0)
+    path = os.path.join(tmp_path, "observed.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)  # no observer attached: state kept aside
+    assert loaded.optimizer.statistics() == model.optimizer.statistics()
+    late = loaded.optimizer.add_observer(RecordingObserver())
+    np.testing.assert_allclose(late.norm.numpy(), observer.norm.numpy())
+    np.testing.assert_allclose(late.first.numpy(), observer.first.numpy())
+    assert float(late.after.numpy()) == 2.0
