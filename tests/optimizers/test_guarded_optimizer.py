@@ -373,3 +373,18 @@ def test_observer_state_saved_by_name_and_restored_when_added_later(tmp_path):
     np.testing.assert_allclose(late.norm.numpy(), observer.norm.numpy())
     np.testing.assert_allclose(late.first.numpy(), observer.first.numpy())
     assert float(late.after.numpy()) == 2.0
+
+
+def test_ensure_guarded_adds_missing_parts_in_any_order():
+    model = _fit(keras.optimizers.Adam(0.01), steps=2)
+    bare = ensure_guarded(model)  # e.g. a monitoring callback first
+    assert bare.clipping is None and bare.built
+    same = ensure_guarded(model, clipping=clipping.GlobalNorm(1e-3), skip_spikes=True)
+    assert same is bare and isinstance(bare.clipping, clipping.GlobalNorm)
+    assert isinstance(bare.skip_spikes, clipping.SpikeSkipping)
+    x = np.ones((8, 5), "float32")
+    model.fit(x, np.ones((8, 1), "float32"), batch_size=4, verbose=0)
+    assert bare.statistics()["steps_clipped"] == 2
+    assert int(bare.skip_spikes.count.numpy()) == 2
+    with pytest.raises(ValueError, match="skip_nonfinite=True; cannot also"):
+        ensure_guarded(model, skip_nonfinite=False)
