@@ -59,9 +59,13 @@ class GradientObserver:
     - `after_apply(variables, skipped)` is called in-graph after the update
       (or the skip).
 
-    Under a `tf.distribute` strategy that uses merge calls (MirroredStrategy)
-    both hooks run once, in cross-replica context, on replica 0's copy of the
-    all-reduced gradients; any `variable.assign` works there.
+    Under a `tf.distribute` strategy that uses merge calls (MirroredStrategy
+    on CPUs, or without XLA) both hooks run once, in cross-replica context, on
+    replica 0's copy of the all-reduced gradients; any `variable.assign` works
+    there. Strategies without merge calls (MirroredStrategy on GPUs under XLA)
+    run them in each replica with identical inputs: create observer state with
+    `aggregation="only_first_replica"` so replica-context assignments are
+    allowed (that path is not tested here: no GPU).
     """
 
     def build(self, optimizer, variables):
@@ -122,7 +126,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
     spike statistics only learn from applied, finite steps.
 
     With `gradient_accumulation_steps` on the inner optimizer, each micro-batch
-    gradient is measured, clipped and possibly skipped on its own.
+    gradient is measured, clipped and possibly skipped on its own; a skipped
+    micro-batch is not accumulated.
 
     Statistics (non-trainable scalar variables, readable after any step):
     `grad_norm` (pre-clip global norm), `clip_threshold` (`inf` without a
