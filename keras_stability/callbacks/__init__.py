@@ -1,0 +1,7 @@
+"""Callbacks you add to `model.fit`."""
+
+from keras_stability.callbacks.gradient_monitor import GradientMonitor
+from keras_stability.callbacks.layer_gradient_stats import LayerGradientStats
+from keras_stability.callbacks.lr_scaling import ScaledSchedule
+
+__all__ = ["GradientMonitor", "LayerGradientStats", "ScaledSchedule"]

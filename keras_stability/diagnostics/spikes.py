@@ -1,0 +1,82 @@
+"""Pure numeric core of spike detection: a rolling z-score.
+
+Used on the host by `GradientExplosionDetector` for the raw per-step loss
+and the global gradient norm. Values judged spikes are not added to the
+window, so a run of spikes does not drag the statistics up and hide itself.
+"""
+
+import collections
+import math
+
+import numpy as np
+
+__all__ = ["RollingZScore"]
+
+
+class RollingZScore:
+    """Rolling mean / standard deviation and the z-score of new values.
+
+    Args:
+        window: Number of accepted values kept. Defaults to `128`.
+        threshold: z-score above which a value is a spike. Defaults to `6.0`.
+        min_samples: Values needed before anything is called a spike.
+            Defaults to `20`.
+
+    Raises:
+        ValueError: If `window` or `min_samples` is not a positive integer,
+            `min_samples > window` or `threshold` is not positive.
+
+    Example:
+
+    >>> z = RollingZScore(window=8, threshold=3.0, min_samples=4)
+    >>> [z.update(v) for v in [1.0, 1.1, 0.9, 1.0, 10.0, 1.05]]
+    [False, False, False, False, True, False]
+    """
+
+    def __init__(self, window=128, threshold=6.0, min_samples=20):
+        for name, value in (("window", window), ("min_samples", min_samples)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"Invalid value for argument `{name}`. Expected a positive "
+                    f"integer. Received: {name}={value!r}"
+                )
+        if min_samples > window:
+            raise ValueError(
+                "Invalid value for argument `min_samples`. Expected at most "
+                f"`window`={window}. Received: min_samples={min_samples!r}"
+            )
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
+            raise ValueError(
+                "Invalid value for argument `threshold`. Expected a positive number. "
+                f"Received: threshold={threshold!r}"
+            )
+        self.window = window
+        self.threshold = float(threshold)
+        self.min_samples = min_samples
+        self.reset()
+
+    def reset(self):
+        self.values = collections.deque(maxlen=self.window)
+
+    def zscore(self, value):
+        """z-score of `value` against the window (0 before `min_samples`)."""
+        if len(self.values) < self.min_samples:
+            return 0.0
+        data = np.asarray(self.values, dtype=np.float64)
+        mean = data.mean()
+        # A floor on the spread keeps a flat history from flagging noise.
+        std = max(data.std(), 1e-3 * abs(mean), 1e-12)
+        return float((value - mean) / std)
+
+    def update(self, value):
+        """Returns whether `value` is a spike; non-spikes join the window.
+
+        Non-finite values are spikes and never join the window.
+        """
+        value = float(value)
+        if not math.isfinite(value):
+            return True
+        spike = self.zscore(value) > self.threshold
+        if not spike:
+            self.values.append(value)
+        return spike
