@@ -12,7 +12,9 @@ if _startup.launched_as_cli():
     # before anything below imports it. A plain `import` is left alone.
     _startup.quiet_tensorflow_startup()
 
+from keras_stability import callbacks  # noqa: E402
 from keras_stability import datasets  # noqa: E402
+from keras_stability import diagnostics  # noqa: E402
 from keras_stability.version import __version__  # noqa: E402
 
-__all__ = ["__version__", "datasets"]
+__all__ = ["__version__", "callbacks", "datasets", "diagnostics"]

@@ -1,7 +1,15 @@
 """Callbacks you add to `model.fit`."""
 
+from keras_stability.callbacks.activation_monitor import ActivationMonitor
+from keras_stability.callbacks.explosion_detector import GradientExplosionDetector
 from keras_stability.callbacks.gradient_monitor import GradientMonitor
 from keras_stability.callbacks.layer_gradient_stats import LayerGradientStats
 from keras_stability.callbacks.lr_scaling import ScaledSchedule
 
-__all__ = ["GradientMonitor", "LayerGradientStats", "ScaledSchedule"]
+__all__ = [
+    "ActivationMonitor",
+    "GradientExplosionDetector",
+    "GradientMonitor",
+    "LayerGradientStats",
+    "ScaledSchedule",
+]

@@ -19,8 +19,12 @@ class RollingZScore:
     Args:
         window: Number of accepted values kept. Defaults to `128`.
         threshold: z-score above which a value is a spike. Defaults to `6.0`.
-        min_samples: Values needed before anything is called a spike.
+        min_samples: Values needed before the z-score is judged.
             Defaults to `20`.
+        factor: If set, a value above `factor` times the (positive) median of
+            the window is a spike too, from the first accepted value on; this
+            catches a divergence before `min_samples` values exist.
+            Defaults to `None`.
 
     Raises:
         ValueError: If `window` or `min_samples` is not a positive integer,
@@ -33,7 +37,7 @@ class RollingZScore:
     [False, False, False, False, True, False]
     """
 
-    def __init__(self, window=128, threshold=6.0, min_samples=20):
+    def __init__(self, window=128, threshold=6.0, min_samples=20, factor=None):
         for name, value in (("window", window), ("min_samples", min_samples)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(
@@ -50,6 +54,14 @@ class RollingZScore:
                 "Invalid value for argument `threshold`. Expected a positive number. "
                 f"Received: threshold={threshold!r}"
             )
+        if factor is not None and (
+            isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1
+        ):
+            raise ValueError(
+                "Invalid value for argument `factor`. Expected None or a number > 1. "
+                f"Received: factor={factor!r}"
+            )
+        self.factor = factor
         self.window = window
         self.threshold = float(threshold)
         self.min_samples = min_samples
@@ -68,6 +80,10 @@ class RollingZScore:
         std = max(data.std(), 1e-3 * abs(mean), 1e-12)
         return float((value - mean) / std)
 
+    def median(self):
+        """Median of the window (NaN when empty)."""
+        return float(np.median(self.values)) if self.values else math.nan
+
     def update(self, value):
         """Returns whether `value` is a spike; non-spikes join the window.
 
@@ -77,6 +93,9 @@ class RollingZScore:
         if not math.isfinite(value):
             return True
         spike = self.zscore(value) > self.threshold
+        if self.factor is not None and self.values:
+            median = float(np.median(self.values))
+            spike = spike or (median > 0 and value > self.factor * median)
         if not spike:
             self.values.append(value)
         return spike
