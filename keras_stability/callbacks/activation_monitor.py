@@ -159,7 +159,7 @@ class ActivationMonitor(keras.callbacks.Callback):
         if not isinstance(outputs, (list, tuple)):
             outputs = [outputs]
         report = {}
-        for (layer, kind), out in zip(layers, outputs):
+        for (layer, kind), out in zip(layers, outputs, strict=True):
             out = np.asarray(keras.ops.convert_to_numpy(out))
             if kind == "relu":
                 fraction = dead_fraction(out)

@@ -393,7 +393,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             "per_layer_grad_norms": (
                 {
                     n: _json_float(v)
-                    for n, v in zip(self._layer_names, stats["grad_norms"])
+                    for n, v in zip(self._layer_names, stats["grad_norms"], strict=True)
                 }
                 if stats is not None
                 else {}

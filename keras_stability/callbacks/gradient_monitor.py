@@ -290,7 +290,7 @@ class GradientMonitor(keras.callbacks.Callback):
         """
         return diagnose_layers(
             self.history.get("grad_norm", {}),
-            exclude=[n for n, k in zip(self.layer_names, self.layer_kinds) if k == "embedding"],
+            exclude=[n for n, k in zip(self.layer_names, self.layer_kinds, strict=True) if k == "embedding"],
             vanish_floor=self.vanish_floor,
             vanish_ratio=self.vanish_ratio,
             explode_norm=self.explode_norm,
@@ -349,7 +349,7 @@ class GradientMonitor(keras.callbacks.Callback):
                 header,
                 "-" * len(header),
             ]
-            for name, kind in zip(self.layer_names, self.layer_kinds):
+            for name, kind in zip(self.layer_names, self.layer_kinds, strict=True):
                 norms = np.asarray(h["grad_norm"][name])
                 ratios = h["update_ratio"][name]
                 finding = status.get(name)

@@ -204,7 +204,7 @@ class LayerGradientStats(GradientObserver):
 
         def report():
             if self.track_updates:
-                for prev, v in zip(self._previous, variables):
+                for prev, v in zip(self._previous, variables, strict=True):
                     prev.assign(v)
             if self.histogram_bins:
                 self.histograms.assign(self._histograms(grads))
@@ -234,7 +234,7 @@ class LayerGradientStats(GradientObserver):
         def report():
             diffs = [
                 ops.sum(ops.square(ops.cast(v, "float32") - ops.cast(p, "float32")))
-                for v, p in zip(variables, self._previous)
+                for v, p in zip(variables, self._previous, strict=True)
             ]
             norms = [ops.sum(ops.square(ops.cast(p, "float32"))) for p in self._previous]
             ratio = ops.sqrt(self._group_sums(diffs)) / (

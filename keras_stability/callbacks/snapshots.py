@@ -48,9 +48,9 @@ class Snapshot:
 
     def restore(self, model):
         """Assigns the saved values back (bitwise)."""
-        for v, value in zip(model.weights, self.weights):
+        for v, value in zip(model.weights, self.weights, strict=True):
             v.assign(value)
-        by_path = dict(zip(self.optimizer_paths, self.optimizer_values))
+        by_path = dict(zip(self.optimizer_paths, self.optimizer_values, strict=True))
         for v in optimizer_state_variables(model.optimizer):
             if v.path in by_path:
                 v.assign(by_path[v.path])
