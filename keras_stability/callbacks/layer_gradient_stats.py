@@ -13,10 +13,7 @@ import keras
 import numpy as np
 from keras import ops
 
-try:  # The observer contract of GuardedOptimizer (issue 3).
-    from keras_stability.optimizers import GradientObserver
-except ImportError:  # pragma: no cover - only before GuardedOptimizer exists
-    GradientObserver = object
+from keras_stability.optimizers import GradientObserver
 
 __all__ = ["LayerGradientStats", "group_variables_by_layer"]
 
