@@ -359,9 +359,10 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self._pending = None
         # The next snapshot waits for `snapshot_every` healthy steps again.
         self._last_snapshot_at = self.step
-        self.events[-1]["action"] = "rollback"
-        self.events[-1]["restored_step"] = self.snapshot.step
-        self.events[-1]["learning_rate"] = new_lr
+        if self.events:
+            self.events[-1].update(
+                action="rollback", restored_step=self.snapshot.step, learning_rate=new_lr
+            )
         message = (
             f"GradientExplosionDetector at step {self.step}: {problem}. Rolled back "
             f"to step {self.snapshot.step} (rollback {self.rollbacks}/"

@@ -36,10 +36,10 @@ class Snapshot:
     def __init__(self, model, step=0, score=float("inf")):
         self.step = int(step)
         self.score = float(score)
-        self.weights = [np.array(v, copy=True) for v in model.weights]
+        self.weights = [np.array(v.numpy(), copy=True) for v in model.weights]
         opt_vars = optimizer_state_variables(model.optimizer) if model.optimizer else []
         self.optimizer_paths = [v.path for v in opt_vars]
-        self.optimizer_values = [np.array(v, copy=True) for v in opt_vars]
+        self.optimizer_values = [np.array(v.numpy(), copy=True) for v in opt_vars]
 
     def is_finite(self):
         return all(
