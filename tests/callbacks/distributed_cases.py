@@ -4,6 +4,8 @@ import warnings
 
 import numpy as np
 
+_STRATEGY = None
+
 
 def _replica_values(strategy, variable):
     import tensorflow as tf
@@ -29,7 +31,12 @@ def gradient_health_run(mirrored, case):
     from keras_stability.callbacks import GradientMonitor
     from keras_stability.datasets import make_classification
 
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]) if mirrored else None
+    global _STRATEGY
+    if mirrored and _STRATEGY is None:
+        # One strategy per process: several MirroredStrategy objects in one
+        # process can mix up their collective instances.
+        _STRATEGY = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = _STRATEGY if mirrored else None
     scope = strategy.scope() if strategy else contextlib.nullcontext()
     x, y = make_classification(n_samples=256, seed=0)
     keras.utils.set_random_seed(0)
