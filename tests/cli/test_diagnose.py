@@ -62,8 +62,11 @@ def test_deep_sigmoid_exit_1_names_layers_and_remedies(tmp_path, data_path):
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Vanishing gradients in" in proc.stdout
-    first = next(line for line in proc.stdout.splitlines() if line.startswith("dense "))
-    assert first.startswith("dense ") and first.rstrip().endswith("vanishing")
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("layer "))
+    first, last = lines[header + 2], lines[header + 2 + 12]
+    assert first.startswith("dense") and first.rstrip().endswith("vanishing")
+    assert last.rstrip().endswith("healthy")  # the output layer
     assert "He initialisation" in proc.stdout
     assert "NOT healthy" in proc.stdout
 
