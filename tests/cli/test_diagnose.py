@@ -84,3 +84,22 @@ def test_bad_inputs_exit_2(tmp_path, data_path, capsys):
     assert "not compiled" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["diagnose", model_path, "--data", data_path, "--steps", "0"])
+
+
+@pytest.mark.slow
+def test_demo_part_gradient_health(tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run(
+        [sys.executable, "-m", "keras_stability", "demo", "--parts", "gradient_health", "--quiet"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "layers flagged vanishing (dense," in proc.stdout
+    assert "plain fit: weights finite=False" in proc.stdout
+    assert "Same with GradientExplosionDetector:" in proc.stdout
+    assert "weights finite=True" in proc.stdout
