@@ -13,8 +13,25 @@ if _startup.launched_as_cli():
     _startup.quiet_tensorflow_startup()
 
 from keras_stability import callbacks  # noqa: E402
+from keras_stability import clipping  # noqa: E402
 from keras_stability import datasets  # noqa: E402
 from keras_stability import diagnostics  # noqa: E402
+from keras_stability import optimizers  # noqa: E402
+from keras_stability.callbacks import AdaptiveClipping  # noqa: E402
+from keras_stability.callbacks import GradientExplosionDetector  # noqa: E402
+from keras_stability.callbacks import GradientMonitor  # noqa: E402
+from keras_stability.optimizers import GuardedOptimizer  # noqa: E402
 from keras_stability.version import __version__  # noqa: E402
 
-__all__ = ["__version__", "callbacks", "datasets", "diagnostics"]
+__all__ = [
+    "AdaptiveClipping",
+    "GradientExplosionDetector",
+    "GradientMonitor",
+    "GuardedOptimizer",
+    "__version__",
+    "callbacks",
+    "clipping",
+    "datasets",
+    "diagnostics",
+    "optimizers",
+]

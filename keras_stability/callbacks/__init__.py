@@ -1,6 +1,7 @@
-"""Callbacks you add to `model.fit`."""
+"""Callbacks for `model.fit`."""
 
 from keras_stability.callbacks.activation_monitor import ActivationMonitor
+from keras_stability.callbacks.adaptive_clipping import AdaptiveClipping
 from keras_stability.callbacks.explosion_detector import GradientExplosionDetector
 from keras_stability.callbacks.gradient_monitor import GradientMonitor
 from keras_stability.callbacks.layer_gradient_stats import LayerGradientStats
@@ -8,6 +9,7 @@ from keras_stability.callbacks.lr_scaling import ScaledSchedule
 
 __all__ = [
     "ActivationMonitor",
+    "AdaptiveClipping",
     "GradientExplosionDetector",
     "GradientMonitor",
     "LayerGradientStats",

@@ -137,9 +137,42 @@ def part_gradient_health(ctx):
     }
 
 
+def part_clipping(ctx):
+    """The example with ZClip and non-finite skipping added by a callback."""
+    import keras
+    import numpy as np
+
+    from keras_stability.callbacks import AdaptiveClipping
+    from keras_stability.clipping import ZClip
+
+    keras.utils.set_random_seed(ctx.args.seed)
+    x_train = np.array(ctx.x_train, dtype="float32", copy=True)
+    x_train[5] = np.nan  # one poisoned sample: its batch is skipped every epoch
+    model = compile_example_model(build_example_model(ctx.n_features, ctx.n_classes))
+    callback = AdaptiveClipping(ZClip(), verbose=1)
+    history = model.fit(
+        x_train,
+        ctx.y_train,
+        epochs=min(ctx.args.epochs, 3),
+        verbose=ctx.verbose,
+        callbacks=[callback],
+    )
+    loss, accuracy = model.evaluate(ctx.x_test, ctx.y_test, verbose=0)
+    stats = callback.optimizer.statistics()
+    ctx.say(
+        f"Test loss: {loss:.4f}  Test accuracy: {accuracy:.4f}  "
+        f"steps: {stats['step']}, clipped: {stats['steps_clipped']}, "
+        f"skipped (non-finite): {stats['steps_skipped_nonfinite']}, "
+        f"last grad norm {history.history['grad_norm'][-1]:.3f} "
+        f"(threshold {history.history['clip_threshold'][-1]:.3f})"
+    )
+    return {"loss": float(loss), "accuracy": float(accuracy), **stats}
+
+
 # name -> (function, title). Run in this order.
 PARTS = {
     "example": (part_example, "The Keras example, fixed"),
+    "clipping": (part_clipping, "Adaptive clipping and step skipping (AdaptiveClipping)"),
     "gradient_health": (
         part_gradient_health,
         "Gradient health: vanishing diagnosed, explosion rescued",

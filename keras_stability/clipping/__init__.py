@@ -17,7 +17,7 @@ from keras_stability.clipping.base import clip_by_global_norm
 from keras_stability.clipping.base import global_norm
 from keras_stability.clipping.base import is_finite
 from keras_stability.clipping.base import scale_gradients
-from keras_stability.clipping.global_norm import GlobalNorm
+from keras_stability.clipping.global_clip import GlobalNorm
 from keras_stability.clipping.spike import SpikeSkipping
 from keras_stability.clipping.spike import spike_step
 from keras_stability.clipping.zclip import ZClip

@@ -425,7 +425,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
 
         requested_skip = ops.logical_and(requested, ops.logical_not(nonfinite_skip))
         spike_skip = ops.logical_and(spike, ops.logical_not(other_skip))
-        step = self.step.value
+        step = ops.add(self.step, 0)  # a snapshot, read before += 1
         self.grad_norm.assign(norm)
         self.clip_threshold.assign(ops.cast(threshold, "float32"))
         self.steps_clipped.assign_add(count(clipped))

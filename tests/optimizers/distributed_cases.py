@@ -124,3 +124,82 @@ def all_issue_scenarios():
 
 def fit_one_and_two_replicas():
     return fit_weights(1), fit_weights(2)
+
+
+def observer_and_callback_on_two_replicas():
+    """A pruning-like observer and the AdaptiveClipping callback under Mirrored."""
+    import keras
+    import tensorflow as tf
+
+    from keras_stability import clipping
+    from keras_stability.callbacks import AdaptiveClipping
+    from keras_stability.optimizers import GradientObserver
+    from keras_stability.optimizers import GuardedOptimizer
+
+    class MaskObserver(GradientObserver):
+        def build(self, optimizer, variables):
+            self.kernel = variables[0]
+            mask = np.ones(self.kernel.shape, "float32")
+            mask[0, :] = 0.0
+            self.mask = optimizer.add_variable(
+                self.kernel.shape,
+                initializer=keras.initializers.Constant(mask),
+                name="mask",
+            )
+            self.seen_norm = optimizer.add_variable((), name="seen_norm")
+
+        def observe(self, grads, variables, stats):
+            self.seen_norm.assign(stats["global_norm"])
+
+        def after_apply(self, variables, skipped):
+            self.kernel.assign(self.kernel * self.mask)
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 6)).astype("float32")
+    y = (10 * rng.normal(size=(32, 1))).astype("float32")
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [keras.Input((6,)), keras.layers.Dense(4), keras.layers.Dense(1)]
+        )
+        observer = MaskObserver()
+        optimizer = GuardedOptimizer(
+            keras.optimizers.Adam(0.1),
+            clipping=clipping.GlobalNorm(1.0),
+            observers=[observer],
+        )
+        model.compile(optimizer, "mse")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    kernel = model.layers[0].kernel
+    copies = [np.asarray(c) for c in strategy.experimental_local_results(kernel.value)]
+    result = {
+        "kernel_copies": copies,
+        "seen_norm": float(observer.seen_norm.numpy()),
+        "grad_norm": float(optimizer.grad_norm.numpy()),
+    }
+
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        plain = keras.Sequential(
+            [keras.Input((6,)), keras.layers.Dense(4), keras.layers.Dense(1)]
+        )
+        plain.compile(keras.optimizers.Adam(0.1), "mse")
+    history = plain.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=2,
+        verbose=0,
+        callbacks=[AdaptiveClipping(clipping.GlobalNorm(0.5), verbose=0)],
+    )
+    result["history"] = history.history
+    result["callback_stats"] = plain.optimizer.statistics()
+    return result
+
+
+def fit_cases():
+    return {
+        "one_two": fit_one_and_two_replicas(),
+        "observer_callback": observer_and_callback_on_two_replicas(),
+    }

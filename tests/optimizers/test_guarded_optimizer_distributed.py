@@ -41,13 +41,38 @@ def test_nan_in_either_replica_skips_everywhere(scenario_results):
         assert iterations == 0
 
 
+@pytest.fixture(scope="module")
+def fit_results():
+    return run_in_subprocess(distributed_cases.fit_cases, n_cpu_devices=2)
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_fit_same_weights_on_one_and_two_replicas():
-    (w1, s1), (w2, s2) = run_in_subprocess(
-        distributed_cases.fit_one_and_two_replicas, n_cpu_devices=2
-    )
+def test_fit_same_weights_on_one_and_two_replicas(fit_results):
+    (w1, s1), (w2, s2) = fit_results["one_two"]
     assert s1["steps_clipped"] == s2["steps_clipped"] == 6
     assert s1["grad_norm"] == pytest.approx(s2["grad_norm"], rel=1e-5)
     for a, b in zip(w1, w2, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_observer_after_apply_and_callback_under_mirrored(fit_results):
+    result = fit_results["observer_callback"]
+    first, second = result["kernel_copies"]
+    # after_apply re-applied the mask on every replica's copy.
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_array_equal(first[0], 0.0)
+    assert np.all(first[1:] != 0.0)
+    # observe saw the all-reduced, pre-clip norm (> the clip threshold of 1).
+    assert (
+        result["seen_norm"] == pytest.approx(result["grad_norm"])
+        and result["seen_norm"] > 1
+    )
+    history = result["history"]
+    assert history["clip_threshold"] == pytest.approx([0.5, 0.5])
+    assert history["grad_norm"][-1] == pytest.approx(
+        result["callback_stats"]["grad_norm"]
+    )
+    assert result["callback_stats"]["steps_clipped"] == 8
