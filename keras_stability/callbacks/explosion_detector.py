@@ -189,14 +189,15 @@ class GradientExplosionDetector(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         model = self.model
         with model.distribute_strategy.scope():
-            wrap_schedule(model.optimizer)
+            if wrap_schedule(model.optimizer):
+                model.make_train_function(force=True)
         if self._stats is None or self._model_id != id(model):
             groups = group_variables_by_layer(model)
             self._stats = LayerGradientStats(groups=groups, track_updates=False)
             self._layer_names = [name for name, _, _ in groups]
             self._model_id = id(model)
         self.optimizer = attach_observer(model, self._stats)
-        self._loss = RawLossTracker(model)
+        self._loss = RawLossTracker(model, (self.params or {}).get("steps"))
         self._loss_z = RollingZScore(
             self.window, self.loss_z_threshold, self.min_samples, self.loss_factor
         )
@@ -211,7 +212,6 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self.grad_norms = []
         self.stopped_reason = None
         self.diagnostic = None
-        self._nonfinite_seen = self._read_counter("steps_skipped_nonfinite")
         # `snapshot` is the last confirmed healthy one; `_pending` waits for
         # `confirm_steps` healthy steps after it (their mean raw loss is its
         # score) before it replaces `snapshot`.
@@ -225,19 +225,20 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self.epoch = epoch
         self._loss.reset()
 
-    def _read_counter(self, name):
-        value = getattr(self.optimizer, name, None)
-        return 0 if value is None else int(np.asarray(value))
-
     def on_train_batch_end(self, batch, logs=None):
         logs = logs if logs is not None else {}
         self.step += 1
         raw = self._loss.update(logs)
+        # One host read per step: the pre-clip global norm. A non-finite norm
+        # means the guarded optimizer skipped the step in-graph (if it skips
+        # non-finite steps, the default).
         norm_var = getattr(self.optimizer, "grad_norm", None)
-        norm = float(np.asarray(norm_var)) if norm_var is not None else math.nan
-        nonfinite_total = self._read_counter("steps_skipped_nonfinite")
-        skipped_nonfinite = nonfinite_total > self._nonfinite_seen
-        self._nonfinite_seen = nonfinite_total
+        norm = float(norm_var.numpy()) if norm_var is not None else math.nan
+        skipped_nonfinite = (
+            norm_var is not None
+            and not math.isfinite(norm)
+            and bool(getattr(self.optimizer, "skip_nonfinite", False))
+        )
         self.raw_losses.append(raw)
         self.grad_norms.append(norm)
         del self.raw_losses[:-HISTORY_KEPT], self.grad_norms[:-HISTORY_KEPT]

@@ -26,6 +26,9 @@ from keras_stability.diagnostics.gradient_health import format_findings
 
 __all__ = ["GradientMonitor", "attach_observer"]
 
+# Checks the diagnosis looks at (the exploding rule's baseline is their median).
+DIAGNOSIS_WINDOW = 64
+
 
 def attach_observer(model, observer):
     """Adds `observer` to the model's (guarded) optimizer before training.
@@ -43,7 +46,7 @@ def attach_observer(model, observer):
     if observer not in list(getattr(optimizer, "observers", None) or []):
         with model.distribute_strategy.scope():
             optimizer.add_observer(observer)
-    model.make_train_function(force=True)
+        model.make_train_function(force=True)
     return optimizer
 
 
@@ -201,7 +204,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._warned = set()
         self._step = 0
         self._last = {}
-        self._loss = RawLossTracker(self.model)
+        self._loss = RawLossTracker(self.model, (self.params or {}).get("steps"))
         self._writer = None
         if self.log_dir:
             import tensorflow as tf
@@ -283,13 +286,17 @@ class GradientMonitor(keras.callbacks.Callback):
         self._warned.update((f.layer, f.status) for f in new)
 
     def diagnose(self):
-        """Runs the diagnosis on the recorded history.
+        """Runs the diagnosis on the last `DIAGNOSIS_WINDOW` checks.
 
         Returns:
             List of `LayerFinding`, one per layer group.
         """
+        recent = {
+            name: values[-DIAGNOSIS_WINDOW:]
+            for name, values in self.history.get("grad_norm", {}).items()
+        }
         return diagnose_layers(
-            self.history.get("grad_norm", {}),
+            recent,
             exclude=[n for n, k in zip(self.layer_names, self.layer_kinds, strict=True) if k == "embedding"],
             vanish_floor=self.vanish_floor,
             vanish_ratio=self.vanish_ratio,

@@ -177,7 +177,22 @@ class LayerGradientStats(GradientObserver):
                 self.histograms = var(
                     "gradient_stats_histograms", (n, self.histogram_bins)
                 )
+            # Everything `read` needs in one variable: one host transfer.
+            self.packed = var(
+                "gradient_stats_packed", (2 + (3 if self.track_updates else 2) * n,)
+            )
         self.built = True
+
+    def _pack(self):
+        parts = [
+            ops.reshape(ops.cast(self.step, "float32"), (1,)),
+            ops.reshape(self.global_norm, (1,)),
+            self.grad_norms,
+            self.weight_norms,
+        ]
+        if self.track_updates:
+            parts.append(self.update_ratios)
+        self.packed.assign(ops.concatenate([ops.convert_to_tensor(p) for p in parts]))
 
     def _group_sums(self, squares):
         return ops.stack([ops.sum(ops.stack([squares[i] for i in m])) for m in self._members])
@@ -196,6 +211,7 @@ class LayerGradientStats(GradientObserver):
         self.weight_norms.assign(
             ops.sqrt(self._group_sums([ops.sum(ops.square(w)) for w in weights]))
         )
+        self._pack()
         if not (self.track_updates or self.histogram_bins):
             return
 
@@ -241,12 +257,14 @@ class LayerGradientStats(GradientObserver):
             return ops.zeros((), "int32")
 
         ops.cond(self._report_step(), report, lambda: ops.zeros((), "int32"))
+        self._pack()
 
     # -- host side ------------------------------------------------------
     def reset(self):
         """Sets the step counter to 0 (host call, e.g. at `on_train_begin`)."""
         if self.built:
             self.step.assign(0)
+            self.packed.assign(ops.zeros(self.packed.shape))
 
     def read(self):
         """Reads the statistics to numpy (one host transfer per variable).
@@ -256,14 +274,16 @@ class LayerGradientStats(GradientObserver):
             `"weight_norms"` and, when tracked, `"update_ratios"` and
             `"histograms"`; per-layer entries are arrays in `layer_names` order.
         """
+        packed = np.asarray(self.packed.numpy(), dtype=np.float64)
+        n = len(self.layer_names)
         out = {
-            "step": int(np.asarray(self.step)),
-            "global_norm": float(np.asarray(self.global_norm)),
-            "grad_norms": np.asarray(self.grad_norms, dtype=np.float64),
-            "weight_norms": np.asarray(self.weight_norms, dtype=np.float64),
+            "step": int(packed[0]),
+            "global_norm": float(packed[1]),
+            "grad_norms": packed[2 : 2 + n],
+            "weight_norms": packed[2 + n : 2 + 2 * n],
         }
         if self.track_updates:
-            out["update_ratios"] = np.asarray(self.update_ratios, dtype=np.float64)
+            out["update_ratios"] = packed[2 + 2 * n : 2 + 3 * n]
         if self.histogram_bins:
-            out["histograms"] = np.asarray(self.histograms, dtype=np.float64)
+            out["histograms"] = np.asarray(self.histograms.numpy(), dtype=np.float64)
         return out

@@ -3,9 +3,10 @@
 Keras' batch logs carry the running mean of the loss over the epoch so far,
 which hides a single bad batch. The model's loss tracker (a `Mean` metric)
 holds the running `total` (sum of batch loss times batch size) and `count`
-(samples); the raw loss of the last batch is the change of `total` divided by
-the change of `count`. Reading the two scalars is one small host transfer per
-batch, made where Keras already synchronises to hand out the logs.
+(samples); the raw loss of a batch is the change of `total` over the change
+of `count`. To avoid a host read per step, the tracker is read only at the
+first and last batch of an epoch (and after anything non-finite); in between
+`total` is rebuilt from the logged mean, as batches there have equal sizes.
 """
 
 import math
@@ -20,14 +21,18 @@ class RawLossTracker:
 
     With `steps_per_execution > 1` the value is the mean over the steps of
     one execution. Without a loss tracker (a custom `train_step`) it falls
-    back to the logged running mean, assuming equal batch sizes.
+    back to the logged mean alone, assuming equal batch sizes.
 
     Args:
         model: The compiled model being fit.
+        steps_per_epoch: Batches per epoch (`callback.params["steps"]`), or
+            `None` if unknown (the tracker is then read every batch).
+            Defaults to `None`.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, steps_per_epoch=None):
         self.model = model
+        self.steps_per_epoch = steps_per_epoch
         self.reset()
 
     def _tracker(self):
@@ -41,26 +46,36 @@ class RawLossTracker:
         self._total = 0.0
         self._count = 0.0
         self._before = (0.0, 0.0)
-        self._batches = 0
-        self._mean = 0.0
+        self._batch_size = None
+        self._index = 0
 
     def update(self, logs):
         """Returns the raw loss of the batch just trained (NaN if unknown)."""
+        self._index += 1
+        mean = float((logs or {}).get("loss", math.nan))
+        self._before = (self._total, self._count)
         tracker = self._tracker()
-        if tracker is not None:
-            total = float(np.asarray(tracker.total))
-            count = float(np.asarray(tracker.count))
+        exact = (
+            self._batch_size is None
+            or self.steps_per_epoch is None
+            or self._index >= self.steps_per_epoch
+            or not math.isfinite(mean)
+            or not math.isfinite(self._total)
+        )
+        if tracker is not None and exact:
+            total = float(np.asarray(tracker.total.numpy()))
+            count = float(np.asarray(tracker.count.numpy()))
             if count < self._count:  # metrics were reset behind our back
                 self._total, self._count = 0.0, 0.0
-            self._before = (self._total, self._count)
-            delta = count - self._count
-            raw = (total - self._total) / delta if delta > 0 else math.nan
-            self._total, self._count = total, count
-            return raw
-        mean = float((logs or {}).get("loss", math.nan))
-        self._batches += 1
-        raw = self._batches * mean - (self._batches - 1) * self._mean
-        self._mean = mean
+            if self._batch_size is None and count > self._count:
+                self._batch_size = count - self._count
+        else:
+            size = self._batch_size or 1.0
+            count = self._count + size
+            total = mean * count
+        delta = count - self._count
+        raw = (total - self._total) / delta if delta > 0 else math.nan
+        self._total, self._count = total, count
         return raw
 
     def rewind(self):
