@@ -6,7 +6,8 @@ whether the step was skipped for non-finite gradients). Three signals:
 
 - non-finite loss or gradients (a NaN/Inf step is never applied: the guarded
   optimizer skips it in-graph, on all replicas alike);
-- a loss spike: z-score of the raw loss over a rolling window of healthy steps;
+- a loss spike: z-score of the raw loss over a rolling window of healthy steps,
+  or a raw loss `loss_factor` times the window median or the best snapshot's;
 - a gradient-norm spike: the same on the global gradient norm.
 
 Then, by `action`, it warns, skips, rolls back (restore the last healthy
@@ -37,6 +38,7 @@ __all__ = ["GradientExplosionDetector"]
 
 ACTIONS = ("warn", "skip", "rollback", "stop")
 HISTORY_KEPT = 2000  # raw losses / norms kept for the diagnostic
+SNAPSHOT_TOLERANCE = 2.0  # a snapshot's loss may be at most this x the best
 
 
 def _check_int(name, value, minimum):
@@ -91,8 +93,9 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         grad_z_threshold: z-score of the gradient norm that is a spike.
             Defaults to `6.0`.
         loss_factor: A raw loss above this multiple of the median healthy
-            loss is a spike even before `min_samples` steps (an early
-            divergence); `None` to turn off. Defaults to `10.0`.
+            loss (a spike even before `min_samples` steps) or of the best
+            confirmed snapshot's loss (a slow divergence) is a problem;
+            `None` to turn both off. Defaults to `10.0`.
         window: Healthy steps in the rolling statistics. Defaults to `128`.
         min_samples: Steps before spikes are judged. Defaults to `20`.
         restore_best_weights: Restore the best (not the last) snapshot when
@@ -260,7 +263,18 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             loss_z = self._loss_z.zscore(raw)
             loss_median = self._loss_z.median()
             grad_z = self._grad_z.zscore(norm) if norm_var is not None else 0.0
-            if self._loss_z.update(raw):
+            best = self.best.score
+            if (
+                self.loss_factor is not None
+                and math.isfinite(best)
+                and best > 0
+                and raw > self.loss_factor * best
+            ):
+                problem = (
+                    f"loss diverging: raw loss {raw:.4g} is above {self.loss_factor:g}x "
+                    f"the best healthy snapshot's loss {best:.4g}"
+                )
+            elif self._loss_z.update(raw):
                 problem = (
                     f"loss spike: raw loss {raw:.4g} (z-score {loss_z:.1f}, "
                     f"median of healthy steps {loss_median:.4g})"
@@ -319,10 +333,16 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         if self._pending is not None:
             self._pending_losses.append(raw)
             if len(self._pending_losses) >= self.confirm_steps:
-                self._pending.score = float(np.mean(self._pending_losses))
-                self.snapshot = self._pending
-                if not self.best.score <= self.snapshot.score:
-                    self.best = self.snapshot
+                # The first loss after a snapshot is its weights' loss on one
+                # batch; a snapshot far above the best one is not kept (it may
+                # sit on a slow divergence).
+                score = float(self._pending_losses[0])
+                best = self.best.score
+                if not (math.isfinite(best) and best > 0 and score > SNAPSHOT_TOLERANCE * best):
+                    self._pending.score = score
+                    self.snapshot = self._pending
+                    if not best <= score:
+                        self.best = self.snapshot
                 self._pending = None
             return
         if self.step - self._last_snapshot_at < self.snapshot_every:

@@ -232,6 +232,8 @@ class GradientMonitor(keras.callbacks.Callback):
             logs.update(self._last)
 
     def on_train_end(self, logs=None):
+        if self.history.get("step"):
+            self._diagnose()
         if self._writer is not None:
             self._writer.flush()
             self._writer.close()
@@ -269,7 +271,10 @@ class GradientMonitor(keras.callbacks.Callback):
         self._last = last
         if self._writer is not None:
             self._write_tensorboard(stats, raw)
-        self._diagnose()
+        # A rule needs `patience` checks in a row: diagnosing every `patience`
+        # checks sees the same runs and keeps the host path short.
+        if len(h["step"]) % self.patience == 0:
+            self._diagnose()
 
     def _diagnose(self):
         self.findings = self.diagnose()

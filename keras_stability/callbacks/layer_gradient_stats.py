@@ -82,7 +82,8 @@ class LayerGradientStats(GradientObserver):
 
     - `grad_norms` `(G,)`: L2 norm of each group's pre-clip gradient;
     - `global_norm` `()`: L2 norm of the whole gradient;
-    - `weight_norms` `(G,)`: each group's weight norm before the update;
+    - `weight_norms` `(G,)`: each group's weight norm before the update
+      (every `every_n_steps`, only if `track_updates` or `histogram_bins`);
     - `update_ratios` `(G,)`: `||w_after - w_before|| / ||w_before||`
       (0 for a skipped step), only if `track_updates`;
     - `histograms` `(G, histogram_bins)`: counts of `log10|g|` over
@@ -207,15 +208,16 @@ class LayerGradientStats(GradientObserver):
         self.step.assign_add(1)
         self.grad_norms.assign(ops.sqrt(self._group_sums(squares)))
         self.global_norm.assign(ops.sqrt(ops.sum(ops.stack(squares))))
-        weights = [ops.cast(v, "float32") for v in variables]
-        self.weight_norms.assign(
-            ops.sqrt(self._group_sums([ops.sum(ops.square(w)) for w in weights]))
-        )
-        self._pack()
         if not (self.track_updates or self.histogram_bins):
+            self._pack()
             return
 
         def report():
+            # Weight norms, update ratios and histograms: report steps only.
+            weights = [ops.cast(v, "float32") for v in variables]
+            self.weight_norms.assign(
+                ops.sqrt(self._group_sums([ops.sum(ops.square(w)) for w in weights]))
+            )
             if self.track_updates:
                 for prev, v in zip(self._previous, variables, strict=True):
                     prev.assign(v)
@@ -224,6 +226,7 @@ class LayerGradientStats(GradientObserver):
             return ops.zeros((), "int32")
 
         ops.cond(self._report_step(), report, lambda: ops.zeros((), "int32"))
+        self._pack()
 
     def _histograms(self, grads):
         lo, hi = HISTOGRAM_RANGE

@@ -69,20 +69,39 @@ class RollingZScore:
 
     def reset(self):
         self.values = collections.deque(maxlen=self.window)
+        self._sum = 0.0
+        self._sumsq = 0.0
+        self._appends = 0
+        self._median = math.nan
 
     def zscore(self, value):
         """z-score of `value` against the window (0 before `min_samples`)."""
-        if len(self.values) < self.min_samples:
+        n = len(self.values)
+        if n < self.min_samples:
             return 0.0
-        data = np.asarray(self.values, dtype=np.float64)
-        mean = data.mean()
+        mean = self._sum / n
+        std = math.sqrt(max(self._sumsq / n - mean * mean, 0.0))
         # A floor on the spread keeps a flat history from flagging noise.
-        std = max(data.std(), 1e-3 * abs(mean), 1e-12)
+        std = max(std, 1e-3 * abs(mean), 1e-12)
         return float((value - mean) / std)
 
     def median(self):
-        """Median of the window (NaN when empty)."""
-        return float(np.median(self.values)) if self.values else math.nan
+        """Median of the window (NaN when empty); refreshed every 8 values."""
+        if self.values and math.isnan(self._median):
+            self._median = float(np.median(self.values))
+        return self._median
+
+    def _append(self, value):
+        if len(self.values) == self.window:
+            old = self.values[0]
+            self._sum -= old
+            self._sumsq -= old * old
+        self.values.append(value)
+        self._sum += value
+        self._sumsq += value * value
+        self._appends += 1
+        if self._appends % 8 == 0 or len(self.values) < 8:
+            self._median = math.nan
 
     def update(self, value):
         """Returns whether `value` is a spike; non-spikes join the window.
@@ -94,8 +113,8 @@ class RollingZScore:
             return True
         spike = self.zscore(value) > self.threshold
         if self.factor is not None and self.values:
-            median = float(np.median(self.values))
+            median = self.median()
             spike = spike or (median > 0 and value > self.factor * median)
         if not spike:
-            self.values.append(value)
+            self._append(value)
         return spike
