@@ -196,7 +196,14 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                 model.make_train_function(force=True)
         if self._stats is None or self._model_id != id(model):
             groups = group_variables_by_layer(model)
-            self._stats = LayerGradientStats(groups=groups, track_updates=False)
+            # Per-layer norms for the diagnostic: every `snapshot_every` steps
+            # and on anomalous steps (non-finite or 3x jump of the norm).
+            self._stats = LayerGradientStats(
+                groups=groups,
+                every_n_steps=self.snapshot_every,
+                track_updates=False,
+                anomaly_factor=3.0,
+            )
             self._layer_names = [name for name, _, _ in groups]
             self._model_id = id(model)
         self.optimizer = attach_observer(model, self._stats)

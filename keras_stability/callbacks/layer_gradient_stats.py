@@ -77,8 +77,9 @@ class LayerGradientStats(GradientObserver):
     """Per-layer gradient norm, weight norm and update-to-weight ratio.
 
     Register it on a `GuardedOptimizer` (`observers=[...]` or `add_observer`).
-    After every step (every `every_n_steps` for the update ratio and the
-    histogram) these variables hold:
+    `global_norm` and `step` are updated every step; the per-layer
+    statistics only every `every_n_steps` steps (the last computed values
+    stay in between), inside a `cond`, so other steps cost almost nothing:
 
     - `grad_norms` `(G,)`: L2 norm of each group's pre-clip gradient;
     - `global_norm` `()`: L2 norm of the whole gradient;
@@ -100,9 +101,20 @@ class LayerGradientStats(GradientObserver):
             weights). Defaults to `True`.
         histogram_bins: Bins of the per-group `log10|g|` histogram, 0 for
             none. Defaults to `0`.
+        anomaly_factor: If set, the per-layer statistics are also computed
+            on steps whose global norm is non-finite or above this multiple of
+            the previous step's (so a bad step's layers are always known).
+            Defaults to `None`.
     """
 
-    def __init__(self, groups=None, every_n_steps=1, track_updates=True, histogram_bins=0):
+    def __init__(
+        self,
+        groups=None,
+        every_n_steps=1,
+        track_updates=True,
+        histogram_bins=0,
+        anomaly_factor=None,
+    ):
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(
                 "Invalid value for argument `every_n_steps`. Expected a positive "
@@ -113,6 +125,14 @@ class LayerGradientStats(GradientObserver):
                 "Invalid value for argument `histogram_bins`. Expected a "
                 f"non-negative integer. Received: histogram_bins={histogram_bins!r}"
             )
+        if anomaly_factor is not None and not (
+            isinstance(anomaly_factor, (int, float)) and anomaly_factor > 1
+        ):
+            raise ValueError(
+                "Invalid value for argument `anomaly_factor`. Expected None or a "
+                f"number > 1. Received: anomaly_factor={anomaly_factor!r}"
+            )
+        self.anomaly_factor = anomaly_factor
         self.groups = groups
         self.every_n_steps = every_n_steps
         self.track_updates = bool(track_updates)
@@ -165,6 +185,7 @@ class LayerGradientStats(GradientObserver):
                 )
 
             self.step = var("gradient_stats_step", (), "int64")
+            self._reported = var("gradient_stats_reported", (), "int32")
             self.global_norm = var("gradient_stats_global_norm", ())
             self.grad_norms = var("gradient_stats_grad_norms", (n,))
             self.weight_norms = var("gradient_stats_weight_norms", (n,))
@@ -204,20 +225,36 @@ class LayerGradientStats(GradientObserver):
     def observe(self, grads, variables, stats):
         zero = ops.zeros((), "float32")
         grads = [None if g is None else ops.cast(g, "float32") for g in grads]
-        squares = [zero if g is None else ops.sum(ops.square(g)) for g in grads]
         self.step.assign_add(1)
-        self.grad_norms.assign(ops.sqrt(self._group_sums(squares)))
-        self.global_norm.assign(ops.sqrt(ops.sum(ops.stack(squares))))
-        if not (self.track_updates or self.histogram_bins):
-            self._pack()
-            return
-
-        def report():
-            # Weight norms, update ratios and histograms: report steps only.
-            weights = [ops.cast(v, "float32") for v in variables]
-            self.weight_norms.assign(
-                ops.sqrt(self._group_sums([ops.sum(ops.square(w)) for w in weights]))
+        norm = (stats or {}).get("global_norm")
+        if norm is None:
+            norm = ops.sqrt(
+                ops.sum(ops.stack([zero if g is None else ops.sum(ops.square(g)) for g in grads]))
             )
+        norm = ops.cast(norm, "float32")
+        report = self._report_step()
+        if self.anomaly_factor is not None:
+            previous = ops.convert_to_tensor(self.global_norm)
+            anomaly = ops.logical_or(
+                ops.logical_not(ops.isfinite(norm)),
+                ops.logical_and(
+                    ops.greater(previous, 0.0),
+                    ops.greater(norm, self.anomaly_factor * previous),
+                ),
+            )
+            report = ops.logical_or(report, anomaly)
+        self.global_norm.assign(norm)
+        self._reported.assign(ops.cast(report, "int32"))
+
+        def compute():
+            # Per-layer statistics: report steps (and anomalous steps) only.
+            squares = [zero if g is None else ops.sum(ops.square(g)) for g in grads]
+            self.grad_norms.assign(ops.sqrt(self._group_sums(squares)))
+            if self.track_updates or self.histogram_bins:
+                weights = [ops.cast(v, "float32") for v in variables]
+                self.weight_norms.assign(
+                    ops.sqrt(self._group_sums([ops.sum(ops.square(w)) for w in weights]))
+                )
             if self.track_updates:
                 for prev, v in zip(self._previous, variables, strict=True):
                     prev.assign(v)
@@ -225,7 +262,7 @@ class LayerGradientStats(GradientObserver):
                 self.histograms.assign(self._histograms(grads))
             return ops.zeros((), "int32")
 
-        ops.cond(self._report_step(), report, lambda: ops.zeros((), "int32"))
+        ops.cond(report, compute, lambda: ops.zeros((), "int32"))
         self._pack()
 
     def _histograms(self, grads):
@@ -259,7 +296,9 @@ class LayerGradientStats(GradientObserver):
             self.update_ratios.assign(ratio)
             return ops.zeros((), "int32")
 
-        ops.cond(self._report_step(), report, lambda: ops.zeros((), "int32"))
+        ops.cond(
+            ops.greater(self._reported, 0), report, lambda: ops.zeros((), "int32")
+        )
         self._pack()
 
     # -- host side ------------------------------------------------------

@@ -199,3 +199,20 @@ def test_snapshot_is_a_copy():
     assert np.any(snap.weights[0] != 0)
     snap.restore(model)
     np.testing.assert_array_equal(np.asarray(model.weights[0]), snap.weights[0])
+
+
+def test_scaled_schedule_survives_keras_save_and_load(tmp_path):
+    x, y = _data(256)
+    schedule = keras.optimizers.schedules.ExponentialDecay(10.0, decay_steps=100, decay_rate=0.9)
+    model = deep_mlp(keras.optimizers.SGD(schedule))
+    detector = GradientExplosionDetector(snapshot_every=5, lr_factor=0.1, skip_batches=1, verbose=0)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[detector])
+    assert detector.rollbacks >= 1
+    path = os.path.join(tmp_path, "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    inner = loaded.optimizer.inner_optimizer
+    assert isinstance(inner._learning_rate, ScaledSchedule)
+    factor = float(np.asarray(inner._learning_rate.factor))
+    assert factor == pytest.approx(0.1**detector.rollbacks)
+    np.testing.assert_allclose(loaded.predict(x[:8], verbose=0), model.predict(x[:8], verbose=0))

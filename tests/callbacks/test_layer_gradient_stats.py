@@ -130,3 +130,25 @@ def test_invalid_arguments(kwargs, message):
     with pytest.raises(ValueError) as info:
         LayerGradientStats(**kwargs)
     assert message in str(info.value)
+
+
+def test_per_layer_norms_only_on_report_or_anomalous_steps():
+    model = _model()
+    variables = model.trainable_variables
+    obs = LayerGradientStats(every_n_steps=10, track_updates=False, anomaly_factor=3.0)
+    obs.build(keras.optimizers.SGD(0.1), variables)
+    grads = _grads(model)
+    obs.observe(grads, variables, {})  # step 1: first norm, no report
+    assert np.all(obs.read()["grad_norms"] == 0)
+    assert obs.read()["global_norm"] > 0  # the global norm is kept every step
+    obs.observe(grads, variables, {})  # step 2: same norm, nothing computed
+    assert np.all(obs.read()["grad_norms"] == 0)
+    big = [10.0 * g for g in grads]
+    obs.observe(big, variables, {})  # step 3: norm x10 > 3x previous: computed
+    expected = np.sqrt(sum(float(np.sum(np.square(g.numpy()))) for g in big[:1]))
+    assert obs.read()["grad_norms"][0] == pytest.approx(expected, rel=1e-5)
+    nan = [g * np.nan for g in grads]
+    obs.observe(nan, variables, {"global_norm": tf.constant(np.nan)})  # non-finite
+    assert np.all(np.isnan(obs.read()["grad_norms"]))
+    with pytest.raises(ValueError, match="Received: anomaly_factor=1"):
+        LayerGradientStats(anomaly_factor=1)
