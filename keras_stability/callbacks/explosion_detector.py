@@ -207,7 +207,8 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             self._layer_names = [name for name, _, _ in groups]
             self._model_id = id(model)
         self.optimizer = attach_observer(model, self._stats)
-        self._loss = RawLossTracker(model, (self.params or {}).get("steps"))
+        self._loss = RawLossTracker.shared(model, (self.params or {}).get("steps"))
+        self._loss.start_fit()
         self._loss_z = RollingZScore(
             self.window, self.loss_z_threshold, self.min_samples, self.loss_factor
         )
@@ -223,8 +224,8 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self.stopped_reason = None
         self.diagnostic = None
         # `snapshot` is the last confirmed healthy one; `_pending` waits for
-        # `confirm_steps` healthy steps after it (their mean raw loss is its
-        # score) before it replaces `snapshot`.
+        # `confirm_steps` healthy steps after it (the first one's raw loss is
+        # its score) before it replaces `snapshot`.
         self.snapshot = Snapshot(model, step=0)
         self.best = self.snapshot
         self._pending = self.snapshot
@@ -233,12 +234,12 @@ class GradientExplosionDetector(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
-        self._loss.reset()
+        self._loss.start_epoch(epoch)
 
     def on_train_batch_end(self, batch, logs=None):
         logs = logs if logs is not None else {}
         self.step += 1
-        raw = self._loss.update(logs)
+        raw = self._loss.update_once(batch, logs)
         # One host read per step: the pre-clip global norm. A non-finite norm
         # means the guarded optimizer skipped the step in-graph (if it skips
         # non-finite steps, the default).

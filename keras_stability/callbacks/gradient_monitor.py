@@ -204,7 +204,8 @@ class GradientMonitor(keras.callbacks.Callback):
         self._warned = set()
         self._step = 0
         self._last = {}
-        self._loss = RawLossTracker(self.model, (self.params or {}).get("steps"))
+        self._loss = RawLossTracker.shared(self.model, (self.params or {}).get("steps"))
+        self._loss.start_fit()
         self._writer = None
         if self.log_dir:
             import tensorflow as tf
@@ -214,12 +215,12 @@ class GradientMonitor(keras.callbacks.Callback):
             )
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._loss.reset()
+        self._loss.start_epoch(epoch)
 
     def on_train_batch_end(self, batch, logs=None):
         logs = logs if logs is not None else {}
         self._step += 1
-        raw = self._loss.update(logs)
+        raw = self._loss.update_once(batch, logs)
         self.raw_losses.append(raw)
         logs["raw_loss"] = raw
         self._last["raw_loss"] = raw

@@ -33,7 +33,43 @@ class RawLossTracker:
     def __init__(self, model, steps_per_epoch=None):
         self.model = model
         self.steps_per_epoch = steps_per_epoch
+        self._epoch = None
+        self._key = None
+        self._raw = math.nan
         self.reset()
+
+    @classmethod
+    def shared(cls, model, steps_per_epoch=None):
+        """The tracker shared by all callbacks of `model` (one state, one rewind).
+
+        `GradientMonitor` and `GradientExplosionDetector` both need the raw
+        loss; sharing keeps them consistent after a rewind.
+        """
+        tracker = getattr(model, "_keras_stability_raw_loss", None)
+        if not isinstance(tracker, cls):
+            tracker = cls(model, steps_per_epoch)
+            object.__setattr__(model, "_keras_stability_raw_loss", tracker)
+        tracker.steps_per_epoch = steps_per_epoch
+        return tracker
+
+    def start_fit(self):
+        """Forgets the epoch / batch keys (a new `fit` restarts at epoch 0)."""
+        self._epoch = None
+        self._key = None
+
+    def start_epoch(self, epoch):
+        """`reset` once per epoch, however many callbacks call it."""
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self.reset()
+
+    def update_once(self, batch, logs):
+        """`update` once per batch, however many callbacks call it."""
+        key = (self._epoch, batch)
+        if key != self._key:
+            self._key = key
+            self._raw = self.update(logs)
+        return self._raw
 
     def _tracker(self):
         tracker = getattr(self.model, "_loss_tracker", None)

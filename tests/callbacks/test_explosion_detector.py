@@ -216,3 +216,37 @@ def test_scaled_schedule_survives_keras_save_and_load(tmp_path):
     factor = float(np.asarray(inner._learning_rate.factor))
     assert factor == pytest.approx(0.1**detector.rollbacks)
     np.testing.assert_allclose(loaded.predict(x[:8], verbose=0), model.predict(x[:8], verbose=0))
+
+
+def test_monitor_and_detector_share_raw_loss_across_a_skipped_nan_batch():
+    from keras_stability.callbacks import GradientMonitor
+
+    x, y = _data(160)
+    x = x.copy()
+    x[70] = np.nan  # batch 4 (0-based) of 10
+    model = deep_mlp(keras.optimizers.SGD(0.05), depth=2)
+
+    class TrueLoss(keras.callbacks.Callback):
+        losses = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            s = slice(batch * 16, (batch + 1) * 16)
+            self.losses.append(float(self.model.loss(y[s], self.model(x[s]))))
+
+    truth = TrueLoss()
+    detector = GradientExplosionDetector(verbose=0)
+    monitor = GradientMonitor(verbose=0)
+    _quiet(
+        model.fit, x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+        callbacks=[truth, detector, monitor],
+    )
+    # The NaN input gives NaN gradients (skipped); the detector removes that
+    # batch from the epoch mean, and the raw losses after it must stay exact.
+    # (Batch 4's own loss is NaN eagerly but may be finite in the compiled
+    # step, where the fused ReLU maps NaN to 0, so it is not compared.)
+    assert detector.skipped_batches == 1 and detector.events[0]["step"] == 5
+    others = [i for i in range(10) if i != 4]
+    np.testing.assert_allclose(
+        np.asarray(monitor.raw_losses)[others], np.asarray(truth.losses)[others], rtol=1e-4
+    )
+    np.testing.assert_allclose(detector.raw_losses, monitor.raw_losses)
