@@ -12,13 +12,15 @@ __all__ = ["ZClip", "zclip_step"]
 
 
 def zclip_step(
-    norm, mean, var, count, buffer, alpha, z_threshold, max_norm=None, eps=1e-6
+    norm, mean, var, count, warmup_steps, alpha, z_threshold, max_norm=None, eps=1e-6
 ):
     """One ZClip step on scalar statistics (pure; no assignment).
 
-    During warm-up (the first `len(buffer)` accepted steps) norms are collected
-    in `buffer` and only `max_norm` clips; when the buffer is full, `mean` and
-    `var` start as its mean and population variance. Afterwards, with
+    During warm-up (the first `warmup_steps` accepted steps) only `max_norm`
+    clips, and `mean`/`var` accumulate the norms' running mean and sum of
+    squared deviations (Welford); when warm-up completes `var` becomes their
+    population variance, as the reference implementation computes from its
+    buffer, without keeping a buffer. Afterwards, with
     `z = (norm - mean) / (sqrt(var) + eps)`, a norm with `z > z_threshold` is
     clipped to `mean + z_threshold**2 * std / z` (the paper's reciprocal
     "adaptive scaling"), otherwise the threshold reported is the z-score
@@ -29,35 +31,29 @@ def zclip_step(
 
     Args:
         norm: Float32 scalar, this step's pre-clip global norm.
-        mean: Float32 scalar, EMA mean.
-        var: Float32 scalar, EMA variance.
+        mean: Float32 scalar, EMA mean (running mean during warm-up).
+        var: Float32 scalar, EMA variance (sum of squared deviations during
+            warm-up).
         count: Int32 scalar, accepted steps so far.
-        buffer: 1-D float32 tensor of size `warmup_steps`.
+        warmup_steps: Int >= 1.
         alpha: Float in (0, 1), EMA factor.
         z_threshold: Positive float.
         max_norm: Optional positive float. Defaults to `None`.
         eps: Small float added to the std. Defaults to `1e-6`.
 
     Returns:
-        Tuple `(threshold, (mean, var, count, buffer))` with the new state.
+        Tuple `(threshold, (mean, var, count))` with the new state.
     """
     norm = ops.cast(norm, "float32")
-    warmup_steps = buffer.shape[0]
     count = ops.cast(count, "int32")
     in_warmup = ops.less(count, warmup_steps)
 
-    # Warm-up: record the norm; initialise the statistics once the buffer is full.
-    slot = ops.minimum(count, warmup_steps - 1)
-    new_buffer = ops.where(
-        ops.logical_and(
-            in_warmup, ops.equal(ops.arange(warmup_steps, dtype="int32"), slot)
-        ),
-        norm,
-        buffer,
-    )
-    buffer_mean = ops.mean(new_buffer)
-    buffer_var = ops.mean(ops.square(new_buffer - buffer_mean))
-    completes = ops.equal(count, warmup_steps - 1)
+    # Warm-up: Welford's running mean and sum of squared deviations.
+    n = ops.cast(count + 1, "float32")
+    delta = norm - mean
+    warm_mean = mean + delta / n
+    warm_m2 = var + delta * (norm - warm_mean)
+    warm_var = ops.where(ops.equal(count, warmup_steps - 1), warm_m2 / n, warm_m2)
 
     # After warm-up: z-score of this norm against the EMA statistics.
     std = ops.sqrt(ops.maximum(var, 0.0))
@@ -65,16 +61,17 @@ def zclip_step(
     spike = ops.greater(z, z_threshold)
     adaptive = mean + (z_threshold * z_threshold) * std / ops.where(spike, z, 1.0)
     boundary = mean + z_threshold * std
-    z_threshold_value = ops.where(spike, adaptive, boundary)
     effective = ops.where(spike, adaptive, norm)
     ema_mean = alpha * mean + (1.0 - alpha) * effective
     ema_var = alpha * var + (1.0 - alpha) * ops.square(effective - ema_mean)
 
     cap = float("inf") if max_norm is None else float(max_norm)
-    threshold = ops.where(in_warmup, cap, ops.minimum(z_threshold_value, cap))
-    new_mean = ops.where(in_warmup, ops.where(completes, buffer_mean, mean), ema_mean)
-    new_var = ops.where(in_warmup, ops.where(completes, buffer_var, var), ema_var)
-    return threshold, (new_mean, new_var, count + 1, new_buffer)
+    threshold = ops.where(
+        in_warmup, cap, ops.minimum(ops.where(spike, adaptive, boundary), cap)
+    )
+    new_mean = ops.where(in_warmup, warm_mean, ema_mean)
+    new_var = ops.where(in_warmup, warm_var, ema_var)
+    return threshold, (new_mean, new_var, count + 1)
 
 
 @keras.saving.register_keras_serializable(package="keras_stability")
@@ -82,9 +79,9 @@ class ZClip(ClippingPolicy):
     """Clips norms whose z-score against EMA statistics exceeds a threshold.
 
     Keeps exponential moving averages of the mean and variance of the global
-    gradient norm in variables (no host sync, no history buffer after the
-    warm-up). See `zclip_step` for the exact update. Non-finite and skipped
-    steps leave the statistics unchanged.
+    gradient norm in variables (three scalars, no host sync, no buffer). See
+    `zclip_step` for the exact update. Non-finite and skipped steps leave the
+    statistics unchanged.
 
     Args:
         alpha: Float in (0, 1), EMA factor. Defaults to `0.97`.
@@ -125,10 +122,7 @@ class ZClip(ClippingPolicy):
         self.mean = _scalar_variable(optimizer, "zclip_mean")
         self.var = _scalar_variable(optimizer, "zclip_var")
         self.count = _scalar_variable(optimizer, "zclip_count", 0, "int32")
-        self.buffer = _scalar_variable(
-            optimizer, "zclip_warmup", shape=(self.warmup_steps,)
-        )
-        self.state_variables = [self.mean, self.var, self.count, self.buffer]
+        self.state_variables = [self.mean, self.var, self.count]
 
     def threshold(self, norm):
         threshold, state = zclip_step(
@@ -136,7 +130,7 @@ class ZClip(ClippingPolicy):
             self.mean.value,
             self.var.value,
             self.count.value,
-            self.buffer.value,
+            self.warmup_steps,
             self.alpha,
             self.z_threshold,
             self.max_norm,

@@ -10,6 +10,7 @@ import contextlib
 import warnings
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_stability import clipping as clipping_module
@@ -58,9 +59,13 @@ class GradientObserver:
     - `after_apply(variables, skipped)` is called in-graph after the update
       (or the skip).
 
-    Under a `tf.distribute` strategy that uses merge calls (MirroredStrategy)
-    both hooks run once, in cross-replica context, on replica 0's copy of the
-    all-reduced gradients; any `variable.assign` works there.
+    Under a `tf.distribute` strategy that uses merge calls (MirroredStrategy
+    on CPUs, or without XLA) both hooks run once, in cross-replica context, on
+    replica 0's copy of the all-reduced gradients; any `variable.assign` works
+    there. Strategies without merge calls (MirroredStrategy on GPUs under XLA)
+    run them in each replica with identical inputs: create observer state with
+    `aggregation="only_first_replica"` so replica-context assignments are
+    allowed (that path is not tested here: no GPU).
     """
 
     def build(self, optimizer, variables):
@@ -121,7 +126,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
     spike statistics only learn from applied, finite steps.
 
     With `gradient_accumulation_steps` on the inner optimizer, each micro-batch
-    gradient is measured, clipped and possibly skipped on its own.
+    gradient is measured, clipped and possibly skipped on its own; a skipped
+    micro-batch is not accumulated.
 
     Statistics (non-trainable scalar variables, readable after any step):
     `grad_norm` (pre-clip global norm), `clip_threshold` (`inf` without a
@@ -333,10 +339,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         for key in store.keys():
             if key.isdigit():
                 continue
-            value = store[key]
-            value = (
-                value[()] if hasattr(value, "shape") and value.shape == () else value
-            )
+            value = np.array(store[key])  # a copy: the file may close
             if key in by_key:
                 by_key[key].assign(value)
             else:
@@ -602,6 +605,49 @@ def _get_spike_skipping(value):
     )
 
 
+def _reconfigure(guarded, kwargs):
+    """Adds what `kwargs` ask for to an existing guard; returns if it changed.
+
+    A policy or spike skipping the guard does not have yet is added (and built
+    at once if the guard is built), so several callbacks can each ask for
+    their part in any order. Asking for something different from what the
+    guard already does is an error.
+    """
+    if not kwargs:
+        return False
+    wanted = GuardedOptimizer(keras.optimizers.SGD(), **kwargs)
+    current = guarded.get_config()
+    target = wanted.get_config()
+    changed = False
+    for key in ("clipping", "skip_spikes"):
+        if target[key] is None or target[key] == current[key]:
+            continue
+        if current[key] is not None:
+            raise ValueError(
+                "The model's optimizer is already a GuardedOptimizer with "
+                f"{key}={getattr(guarded, key)!r}; cannot also apply "
+                f"{key}={getattr(wanted, key)!r}."
+            )
+        new = getattr(wanted, key)
+        setattr(guarded, key, new)
+        if guarded.built:
+            if key == "clipping":
+                new.build(guarded, guarded._trainable_variables)
+            else:
+                new.build(guarded)
+        changed = True
+    if (
+        "skip_nonfinite" in kwargs
+        and kwargs["skip_nonfinite"] != guarded.skip_nonfinite
+    ):
+        raise ValueError(
+            "The model's optimizer is already a GuardedOptimizer with "
+            f"skip_nonfinite={guarded.skip_nonfinite}; cannot also apply "
+            f"skip_nonfinite={kwargs['skip_nonfinite']}."
+        )
+    return changed
+
+
 def ensure_guarded(model, **kwargs):
     """Makes `model.optimizer` a `GuardedOptimizer` and returns it.
 
@@ -622,7 +668,9 @@ def ensure_guarded(model, **kwargs):
     Raises:
         ValueError: if the model has no optimizer, if the optimizer clips by
             itself, or if it is already guarded and `kwargs` ask for a
-            different configuration.
+            different configuration. A guard without a clipping policy (or
+            without spike skipping) gets the one asked for, so callbacks can
+            call this in any order.
     """
     optimizer = getattr(model, "optimizer", None)
     if optimizer is None:
@@ -634,19 +682,13 @@ def ensure_guarded(model, **kwargs):
     outer = optimizer
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         optimizer = optimizer.inner_optimizer
+    strategy = getattr(model, "distribute_strategy", None)
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     if isinstance(optimizer, GuardedOptimizer):
-        if kwargs:
-            wanted = GuardedOptimizer(
-                keras.optimizers.SGD(), name=optimizer.name, **kwargs
-            ).get_config()
-            current = optimizer.get_config()
-            for key in ("clipping", "skip_nonfinite", "skip_spikes"):
-                if wanted[key] != current[key]:
-                    raise ValueError(
-                        "The model's optimizer is already a GuardedOptimizer "
-                        f"with {key}={current[key]!r}; cannot also apply "
-                        f"{key}={wanted[key]!r}."
-                    )
+        with scope:
+            changed = _reconfigure(optimizer, kwargs)
+        if changed and getattr(model, "train_function", None) is not None:
+            model.make_train_function(force=True)
         return optimizer
     guarded = GuardedOptimizer(optimizer, **kwargs)
     if outer is not optimizer:
@@ -657,7 +699,8 @@ def ensure_guarded(model, **kwargs):
     if compile_config is not None and "optimizer" in compile_config.config:
         compile_config.config["optimizer"] = guarded
     if getattr(model, "built", False) and optimizer.built:
-        guarded.build(model.trainable_variables)
+        with scope:
+            guarded.build(model.trainable_variables)
     if getattr(model, "train_function", None) is not None:
         model.make_train_function(force=True)
     return guarded

@@ -198,8 +198,60 @@ def observer_and_callback_on_two_replicas():
     return result
 
 
-def fit_cases():
+def fit_cases(tmp_dir):
     return {
         "one_two": fit_one_and_two_replicas(),
         "observer_callback": observer_and_callback_on_two_replicas(),
+        "mixed": mixed_precision_two_replicas(tmp_dir),
     }
+
+
+def mixed_precision_two_replicas(tmp_dir):
+    """mixed_float16 + MirroredStrategy: LossScaleOptimizer(GuardedOptimizer).
+
+    A NaN in replica 1's shard only: LossScaleOptimizer looks at replica 0
+    and lets the step through; the guard sees the all-reduced NaN and skips.
+    Then saves and reloads the model (in this process).
+    """
+    import os
+
+    import keras
+    import tensorflow as tf
+
+    from keras_stability import clipping
+    from keras_stability.optimizers import GuardedOptimizer
+
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(16, 6)).astype("float32")
+        y = rng.normal(size=(16, 1)).astype("float32")
+        x[12] = np.nan  # batch 2 (rows 8..15), second replica's half
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        with strategy.scope():
+            keras.utils.set_random_seed(0)
+            model = keras.Sequential(
+                [keras.Input((6,)), keras.layers.Dense(4), keras.layers.Dense(1)]
+            )
+            guarded = GuardedOptimizer(
+                keras.optimizers.SGD(0.01), clipping=clipping.GlobalNorm(1.0)
+            )
+            model.compile(guarded, "mse")
+        model.fit(x[:8], y[:8], batch_size=8, epochs=1, shuffle=False, verbose=0)
+        before = [w.numpy() for w in model.weights]
+        model.fit(x[8:], y[8:], batch_size=8, epochs=1, shuffle=False, verbose=0)
+        after = [w.numpy() for w in model.weights]
+        path = os.path.join(tmp_dir, "mixed.keras")
+        model.save(path)
+        loaded = keras.saving.load_model(path)
+        return {
+            "outer": type(model.optimizer).__name__,
+            "stats": guarded.statistics(),
+            "unchanged": all(
+                np.array_equal(a, b) for a, b in zip(before, after, strict=True)
+            ),
+            "loaded_inner": type(loaded.optimizer.inner_optimizer).__name__,
+            "loaded_stats": loaded.optimizer.inner_optimizer.statistics(),
+        }
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")

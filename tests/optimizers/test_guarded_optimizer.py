@@ -354,3 +354,37 @@ def test_keras_save_fresh_process_continue_equals_uninterrupted(tmp_path):
         np.testing.assert_allclose(a.numpy(), b, rtol=1e-6, atol=1e-7)
     assert stats == whole.optimizer.statistics()
     assert stats["step"] == 12
+
+
+def test_observer_state_saved_by_name_and_restored_when_added_later(tmp_path):
+    x = np.ones((8, 5), "float32")
+    y = np.ones((8, 1), "float32")
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(1)])
+    observer = RecordingObserver()
+    model.compile(
+        GuardedOptimizer(keras.optimizers.SGD(0.1), observers=[observer]), "mse"
+    )
+    model.fit(x, y, batch_size=4, verbose=0)
+    path = os.path.join(tmp_path, "observed.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)  # no observer attached: state kept aside
+    assert loaded.optimizer.statistics() == model.optimizer.statistics()
+    late = loaded.optimizer.add_observer(RecordingObserver())
+    np.testing.assert_allclose(late.norm.numpy(), observer.norm.numpy())
+    np.testing.assert_allclose(late.first.numpy(), observer.first.numpy())
+    assert float(late.after.numpy()) == 2.0
+
+
+def test_ensure_guarded_adds_missing_parts_in_any_order():
+    model = _fit(keras.optimizers.Adam(0.01), steps=2)
+    bare = ensure_guarded(model)  # e.g. a monitoring callback first
+    assert bare.clipping is None and bare.built
+    same = ensure_guarded(model, clipping=clipping.GlobalNorm(1e-3), skip_spikes=True)
+    assert same is bare and isinstance(bare.clipping, clipping.GlobalNorm)
+    assert isinstance(bare.skip_spikes, clipping.SpikeSkipping)
+    x = np.ones((8, 5), "float32")
+    model.fit(x, np.ones((8, 1), "float32"), batch_size=4, verbose=0)
+    assert bare.statistics()["steps_clipped"] == 2
+    assert int(bare.skip_spikes.count.numpy()) == 2
+    with pytest.raises(ValueError, match="skip_nonfinite=True; cannot also"):
+        ensure_guarded(model, skip_nonfinite=False)

@@ -42,8 +42,9 @@ def test_nan_in_either_replica_skips_everywhere(scenario_results):
 
 
 @pytest.fixture(scope="module")
-def fit_results():
-    return run_in_subprocess(distributed_cases.fit_cases, n_cpu_devices=2)
+def fit_results(tmp_path_factory):
+    tmp_dir = str(tmp_path_factory.mktemp("distributed_fit"))
+    return run_in_subprocess(distributed_cases.fit_cases, tmp_dir, n_cpu_devices=2)
 
 
 @pytest.mark.distributed
@@ -76,3 +77,17 @@ def test_observer_after_apply_and_callback_under_mirrored(fit_results):
         result["callback_stats"]["grad_norm"]
     )
     assert result["callback_stats"]["steps_clipped"] == 8
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_mixed_precision_nan_in_second_replica_is_skipped_and_saved(fit_results):
+    result = fit_results["mixed"]
+    assert result["outer"] == "LossScaleOptimizer"
+    # LossScaleOptimizer checks replica 0 only and let the step through; the
+    # guard saw the all-reduced NaN and skipped it on both replicas.
+    assert result["unchanged"]
+    stats = result["stats"]
+    assert stats["step"] == 2 and stats["steps_skipped_nonfinite"] == 1
+    assert result["loaded_inner"] == "GuardedOptimizer"
+    assert result["loaded_stats"]["steps_skipped_nonfinite"] == 1
