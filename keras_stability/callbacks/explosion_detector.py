@@ -56,9 +56,11 @@ class GradientExplosionDetector(keras.callbacks.Callback):
     Actions, by escalation:
 
     - `"warn"`: warn and count; nothing else changes.
-    - `"skip"`: steps with non-finite gradients are skipped in-graph (not
-      applied, on every replica); spikes seen on the host are warned about.
-      After `max_consecutive_skips` non-finite steps in a row it stops.
+    - `"skip"`: steps with non-finite gradients, and (if the detector adds
+      the `GuardedOptimizer`) gradient-norm spikes, are skipped in-graph (not
+      applied, on every replica); loss spikes, seen on the host after the
+      step, are warned about. After `max_consecutive_skips` non-finite steps
+      in a row it stops.
     - `"rollback"`: like `"skip"`, and on a spike or repeated non-finite
       steps it restores the last healthy snapshot of the weights and the
       optimizer state (taken every `snapshot_every` healthy steps),
@@ -206,7 +208,10 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             )
             self._layer_names = [name for name, _, _ in groups]
             self._model_id = id(model)
-        self.optimizer = attach_observer(model, self._stats)
+        # With action="skip", a new guard also skips gradient-norm spikes
+        # in-graph (GuardedOptimizer's `skip_spikes`).
+        guard_kwargs = {"skip_spikes": True} if self.action == "skip" else {}
+        self.optimizer = attach_observer(model, self._stats, **guard_kwargs)
         self._loss = RawLossTracker.shared(model, (self.params or {}).get("steps"))
         self._loss.start_fit()
         self._loss_z = RollingZScore(

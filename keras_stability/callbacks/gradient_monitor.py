@@ -30,19 +30,27 @@ __all__ = ["GradientMonitor", "attach_observer"]
 DIAGNOSIS_WINDOW = 64
 
 
-def attach_observer(model, observer):
+def attach_observer(model, observer, **guard_kwargs):
     """Adds `observer` to the model's (guarded) optimizer before training.
 
-    Wraps the compiled optimizer in a `GuardedOptimizer` if needed and makes
-    the train function be traced again if it already was, so the observer is
-    part of the compiled step.
+    Wraps the compiled optimizer in a `GuardedOptimizer` if needed (with
+    `guard_kwargs`; an existing guard is used as it is) and makes the train
+    function be traced again if it already was, so the observer is part of
+    the compiled step.
 
     Returns:
         The `GuardedOptimizer`.
     """
+    from keras_stability.optimizers import GuardedOptimizer
     from keras_stability.optimizers import ensure_guarded
 
-    optimizer = ensure_guarded(model)
+    chain, opt = [], model.optimizer
+    while opt is not None and opt not in chain:
+        chain.append(opt)
+        opt = getattr(opt, "inner_optimizer", None)
+    if any(isinstance(o, GuardedOptimizer) for o in chain):
+        guard_kwargs = {}
+    optimizer = ensure_guarded(model, **guard_kwargs)
     if observer not in list(getattr(optimizer, "observers", None) or []):
         with model.distribute_strategy.scope():
             optimizer.add_observer(observer)

@@ -250,3 +250,17 @@ def test_monitor_and_detector_share_raw_loss_across_a_skipped_nan_batch():
         np.asarray(monitor.raw_losses)[others], np.asarray(truth.losses)[others], rtol=1e-4
     )
     np.testing.assert_allclose(detector.raw_losses, monitor.raw_losses)
+
+
+def test_skip_action_guards_with_spike_skipping_and_stops_on_repeated_nan():
+    x, y = _data(160)
+    model = deep_mlp(keras.optimizers.SGD(0.05), depth=2)
+    detector = GradientExplosionDetector(action="skip", max_consecutive_skips=2, verbose=0)
+    x_nan = np.full_like(x, np.nan)
+    initial = [w.copy() for w in model.get_weights()]
+    _, messages = _quiet(model.fit, x_nan, y, batch_size=16, epochs=1, verbose=0, callbacks=[detector])
+    assert model.optimizer.skip_spikes is not None  # in-graph spike skipping on
+    assert detector.step == 3 and detector.rollbacks == 0
+    assert detector.stopped_reason == "3 non-finite steps in a row"
+    for w, w0 in zip(model.get_weights(), initial, strict=True):
+        np.testing.assert_array_equal(w, w0)
