@@ -142,20 +142,40 @@ def get_strategy(tpu=None, timeout_seconds=300):
     return tf.distribute.get_strategy()
 
 
+def _task(strategy=None):
+    """`(task_type, task_id, has_chief)` of this process, or `None` if alone.
+
+    Read from the strategy's cluster resolver, else from `TF_CONFIG` (host
+    code outside a strategy scope, such as a plot after `fit`).
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is not None and resolver.cluster_spec().as_dict():
+        cluster = resolver.cluster_spec().as_dict()
+        return resolver.task_type, resolver.task_id, "chief" in cluster
+    config = parse_tf_config()
+    if _num_workers(config) <= 1:
+        return None
+    task = config["task"]
+    return task["type"], task["index"], "chief" in config["cluster"]
+
+
 def is_chief(strategy=None):
     """Whether this process should write checkpoints, logs and plots.
 
     True outside multi-worker training; under it, true for the `chief` task,
     or for worker 0 when the cluster has no chief.
+
+    Args:
+        strategy: The strategy in use. Defaults to the current one; outside
+            any scope, `TF_CONFIG` tells.
     """
-    strategy = strategy or tf.distribute.get_strategy()
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
+    task = _task(strategy)
+    if task is None:
         return True
-    task_type, task_id = resolver.task_type, resolver.task_id
+    task_type, task_id, has_chief = task
     if task_type == "chief":
         return True
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
     return task_type == "worker" and task_id == 0 and not has_chief
 
 
@@ -166,9 +186,18 @@ def chief_path(path, strategy=None):
     collectives), but only the chief's files should land in `path`; the
     others write to a temporary directory (TensorFlow's own pattern for
     `ModelCheckpoint`).
+
+    Args:
+        path: File or folder the chief writes.
+        strategy: The strategy in use. Defaults to the current one; outside
+            any scope, `TF_CONFIG` tells.
     """
-    if is_chief(strategy):
+    if path is None or is_chief(strategy):
         return path
-    strategy = strategy or tf.distribute.get_strategy()
-    task = f"{strategy.cluster_resolver.task_type}_{strategy.cluster_resolver.task_id}"
-    return os.path.join(tempfile.gettempdir(), "keras_stability_workers", task, os.path.basename(path))
+    task_type, task_id, _ = _task(strategy)
+    return os.path.join(
+        tempfile.gettempdir(),
+        "keras_stability_workers",
+        f"{task_type}_{task_id}",
+        os.path.basename(os.path.normpath(path)),
+    )

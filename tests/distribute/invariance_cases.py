@@ -75,6 +75,20 @@ def _build(case):
         pruning.prune_low_magnitude(
             model, pruning.PolynomialDecay(0.0, 0.75, begin_step=0, end_step=8, frequency=2)
         )
+    elif case == "detector":
+        # A learning rate that blows up: the detector rolls back and lowers it.
+        optimizer = keras.optimizers.SGD(5.0)
+        from keras_stability.callbacks import GradientExplosionDetector
+
+        detector = GradientExplosionDetector(
+            action="rollback", snapshot_every=2, lr_factor=0.1, skip_batches=1,
+            min_samples=3, window=8, verbose=0,
+        )
+        model.compile(optimizer=optimizer, loss=loss)
+        return model, {"callbacks": [detector]}, lambda: {
+            "rollbacks": detector.rollbacks,
+            "learning_rate": float(model.optimizer.learning_rate.numpy()),
+        }
     elif case == "distiller":
         keras.utils.set_random_seed(1)
         teacher = _example(width=(64, 64))
@@ -110,6 +124,7 @@ CASES = (
     "spike",
     "pruning",
     "pruning_guarded",
+    "detector",
     "distiller",
 )
 

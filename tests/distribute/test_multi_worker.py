@@ -66,14 +66,25 @@ class _DieAtEpoch:
         return Die()
 
 
-def fit_worker(epochs=3, backup_dir=None, die_at_epoch=None, timeout_seconds=300):
+def fit_worker(
+    epochs=3, backup_dir=None, die_at_epoch=None, timeout_seconds=300, log_dir=None
+):
     import tensorflow as tf
 
     import keras_stability.distribute as ksd
+    from keras_stability import callbacks as ks_callbacks
+    from keras_stability import clipping
 
     strategy = ksd.get_strategy(timeout_seconds=timeout_seconds)
     model = _build(strategy)
     callbacks = []
+    if log_dir:
+        monitor = ks_callbacks.GradientMonitor(every_n_steps=2, log_dir=log_dir, verbose=0)
+        callbacks += [
+            ks_callbacks.AdaptiveClipping(clipping.ZClip(warmup_steps=2), verbose=0),
+            monitor,
+            ks_callbacks.GradientExplosionDetector(action="rollback", snapshot_every=2, verbose=0),
+        ]
     if backup_dir:
         callbacks.append(ksd.BackupAndRestore(backup_dir))
     if die_at_epoch is not None and os.environ.get("KERAS_STABILITY_WORKER_INDEX") == "1":
@@ -83,7 +94,8 @@ def fit_worker(epochs=3, backup_dir=None, die_at_epoch=None, timeout_seconds=300
         history = model.fit(_dataset(), epochs=epochs, verbose=0, callbacks=callbacks)
     except Exception as e:  # reported to the test: the surviving worker's error
         return {"error": f"{type(e).__name__}: {e}"[:500], "seconds": time.time() - start}
-    x, y = _data()
+    if log_dir:
+        monitor.plot(os.path.join(log_dir, "heatmap.png"))
     return {
         "strategy": type(strategy).__name__,
         "replicas": strategy.num_replicas_in_sync,
@@ -97,9 +109,14 @@ def fit_worker(epochs=3, backup_dir=None, die_at_epoch=None, timeout_seconds=300
     }
 
 
-def test_two_workers_match_each_other_and_a_single_worker():
-    workers = run_workers(fit_worker, n_workers=2, timeout=300)
-    single = run_in_subprocess(fit_worker, n_cpu_devices=1, timeout=300)
+def test_two_workers_match_each_other_and_a_single_worker(tmp_path):
+    # With the library's callbacks: clipping, gradient monitor with TensorBoard
+    # logs and a plot, and the explosion detector.
+    log_dir = str(tmp_path / "logs")
+    workers = run_workers(fit_worker, n_workers=2, timeout=300, log_dir=log_dir)
+    single = run_in_subprocess(
+        fit_worker, n_cpu_devices=1, timeout=300, log_dir=str(tmp_path / "single")
+    )
     assert single["strategy"] != "CollectiveAllReduceStrategy"
     for w in workers:
         assert "error" not in w, w
@@ -114,6 +131,14 @@ def test_two_workers_match_each_other_and_a_single_worker():
     assert not np.allclose(workers[0]["weights"][0], _initial_kernel())
     np.testing.assert_allclose(workers[0]["loss"], single["loss"], rtol=1e-5)
     np.testing.assert_allclose(workers[0]["evaluate"], single["evaluate"], rtol=1e-5)
+    # Only the chief wrote into the shared folder: one event file, one plot.
+    written = sorted(
+        os.path.relpath(os.path.join(d, f), log_dir)
+        for d, _, files in os.walk(log_dir)
+        for f in files
+    )
+    assert "heatmap.png" in written
+    assert len([f for f in written if "tfevents" in f]) == 1, written
 
 
 def _initial_kernel():

@@ -39,7 +39,13 @@ def test_two_replicas_equal_one(runs, case):
     assert all(np.isfinite(w).all() for w in two["weights"])
     _assert_same_weights(one["weights"], two["weights"])
     np.testing.assert_allclose(one["loss"], two["loss"], rtol=1e-4)
-    for key in ("steps_clipped", "steps_skipped_nonfinite", "steps_skipped_spike"):
+    for key in (
+        "steps_clipped",
+        "steps_skipped_nonfinite",
+        "steps_skipped_spike",
+        "rollbacks",
+        "learning_rate",
+    ):
         if key in one["stats"]:
             assert one["stats"][key] == two["stats"][key], key
 
@@ -58,6 +64,8 @@ def test_the_cases_really_act(runs):
     assert one["nonfinite_replica0"]["stats"]["steps_skipped_nonfinite"] == 3  # once an epoch
     assert one["nonfinite_replica1"]["stats"]["steps_skipped_nonfinite"] == 3
     assert one["spike"]["stats"]["steps_skipped_spike"] > 0
+    assert one["detector"]["stats"]["rollbacks"] >= 1
+    assert one["detector"]["stats"]["learning_rate"] < 5.0
     for case in ("pruning", "pruning_guarded"):
         kernels = [w for w in one[case]["weights"] if w.ndim == 2]
         sparsity = np.mean([np.mean(k == 0) for k in kernels])

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import tensorflow as tf
@@ -59,3 +60,20 @@ def test_get_strategy_rejects_malformed_tf_config_and_timeout(monkeypatch):
         ksd.get_strategy()
     with pytest.raises(ValueError, match=r"`timeout_seconds`.*Received: timeout_seconds=0"):
         ksd.get_strategy(timeout_seconds=0)
+
+
+def test_chief_from_tf_config_outside_a_scope(monkeypatch, tmp_path):
+    # Host code after fit (a plot, a diagnostic) knows its role from TF_CONFIG.
+    monkeypatch.setenv("TF_CONFIG", _config())  # worker 1 of 2, no chief
+    assert not ksd.is_chief()
+    other = ksd.chief_path(str(tmp_path / "plot.png"))
+    assert other != str(tmp_path / "plot.png")
+    assert other.endswith(f"worker_1{os.sep}plot.png")
+    monkeypatch.setenv("TF_CONFIG", _config(task={"type": "worker", "index": 0}))
+    assert ksd.is_chief()
+    assert ksd.chief_path(str(tmp_path / "plot.png")) == str(tmp_path / "plot.png")
+    chief_cluster = {"chief": ["localhost:1"], "worker": ["localhost:2"]}
+    monkeypatch.setenv("TF_CONFIG", _config(cluster=chief_cluster, task={"type": "worker", "index": 0}))
+    assert not ksd.is_chief()
+    monkeypatch.setenv("TF_CONFIG", _config(cluster=chief_cluster, task={"type": "chief", "index": 0}))
+    assert ksd.is_chief()
