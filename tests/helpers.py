@@ -1,8 +1,10 @@
 """Test helpers: a subprocess runner with several logical CPU devices, and a
 layer test that does what Keras' private `run_layer_test` does."""
 
+import json
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,15 +38,71 @@ def run_in_subprocess(func, *args, n_cpu_devices=2, timeout=600, env=None, **kwa
         AssertionError: With the child's traceback if `func` raised or the
             child died.
     """
-    if func.__qualname__ != func.__name__ or func.__module__ == "__main__":
-        raise ValueError(
-            "Invalid value for argument `func`. Expected a module-level function "
-            f"of an importable module. Received: func={func.__qualname__!r} from "
-            f"{func.__module__!r}"
-        )
     with tempfile.TemporaryDirectory() as tmp:
+        child = _Child(func, args, kwargs, n_cpu_devices, env, tmp)
+        return child.result(timeout)
+
+
+def run_workers(func, *args, n_workers=2, timeout=600, env=None, **kwargs):
+    """Runs `func(*args, **kwargs)` in `n_workers` processes forming a cluster.
+
+    Each process gets a `TF_CONFIG` naming every worker on a loopback port
+    chosen free at run time and its own `task.index`, so
+    `tf.distribute.MultiWorkerMirroredStrategy()` inside `func` connects them.
+    The worker's index is also in the `KERAS_STABILITY_WORKER_INDEX`
+    environment variable.
+
+    Returns:
+        The list of the workers' results, by index.
+    """
+    ports = free_ports(n_workers)
+    cluster = {"worker": [f"localhost:{p}" for p in ports]}
+    with tempfile.TemporaryDirectory() as tmp:
+        children = []
+        for index in range(n_workers):
+            tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+            child_env = {
+                **(env or {}),
+                "TF_CONFIG": json.dumps(tf_config),
+                "KERAS_STABILITY_WORKER_INDEX": str(index),
+            }
+            work_dir = os.path.join(tmp, f"worker{index}")
+            os.makedirs(work_dir)
+            children.append(_Child(func, args, kwargs, 1, child_env, work_dir))
+        try:
+            return [child.result(timeout) for child in children]
+        finally:
+            for child in children:
+                child.kill()
+
+
+def free_ports(n):
+    """`n` distinct TCP ports on the loopback interface that are free now."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("localhost", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class _Child:
+    """One child Python running `tests.subprocess_main` on a pickled payload."""
+
+    def __init__(self, func, args, kwargs, n_cpu_devices, env, tmp):
+        if func.__qualname__ != func.__name__ or func.__module__ == "__main__":
+            raise ValueError(
+                "Invalid value for argument `func`. Expected a module-level function "
+                f"of an importable module. Received: func={func.__qualname__!r} from "
+                f"{func.__module__!r}"
+            )
+        self.name = f"{func.__module__}.{func.__name__}"
         payload_path = os.path.join(tmp, "payload.pkl")
-        result_path = os.path.join(tmp, "result.pkl")
+        self.result_path = os.path.join(tmp, "result.pkl")
         payload = {
             "module": func.__module__,
             "name": func.__name__,
@@ -56,32 +114,56 @@ def run_in_subprocess(func, *args, n_cpu_devices=2, timeout=600, env=None, **kwa
         with open(payload_path, "wb") as f:
             pickle.dump(payload, f)
         child_env = dict(os.environ)
+        child_env.update(payload["env"])
         child_env["PYTHONPATH"] = os.pathsep.join(
             p for p in (REPO_ROOT, child_env.get("PYTHONPATH")) if p
         )
         child_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        proc = subprocess.run(
-            [sys.executable, "-m", "tests.subprocess_main", payload_path, result_path],
+        self.log_path = os.path.join(tmp, "output.log")
+        self._log = open(self.log_path, "w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.subprocess_main", payload_path, self.result_path],
             cwd=REPO_ROOT,
             env=child_env,
-            capture_output=True,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             text=True,
-            timeout=timeout,
         )
-        if not os.path.exists(result_path):
+
+    def result(self, timeout):
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
             raise AssertionError(
-                f"Subprocess running {func.__module__}.{func.__name__} died with "
-                f"exit code {proc.returncode}.\nstdout:\n{proc.stdout[-4000:]}\n"
-                f"stderr:\n{proc.stderr[-4000:]}"
+                f"Subprocess running {self.name} did not finish in {timeout} s.\n"
+                f"output:\n{self.output()}"
+            ) from None
+        if not os.path.exists(self.result_path):
+            raise AssertionError(
+                f"Subprocess running {self.name} died with exit code "
+                f"{self.proc.returncode}.\noutput:\n{self.output()}"
             )
-        with open(result_path, "rb") as f:
+        with open(self.result_path, "rb") as f:
             outcome = pickle.load(f)
-    if not outcome["ok"]:
-        raise AssertionError(
-            f"{func.__module__}.{func.__name__} raised in the subprocess:\n"
-            + outcome["traceback"]
-        )
-    return outcome["value"]
+        self._log.close()
+        if not outcome["ok"]:
+            raise AssertionError(
+                f"{self.name} raised in the subprocess:\n" + outcome["traceback"]
+            )
+        return outcome["value"]
+
+    def output(self):
+        self._log.flush()
+        with open(self.log_path) as f:
+            return f.read()[-6000:]
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if not self._log.closed:
+            self._log.close()
 
 
 def predict_saved_model(path, x):

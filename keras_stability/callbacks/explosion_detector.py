@@ -19,6 +19,7 @@ non-finite weights.
 
 import json
 import math
+import os
 import warnings
 
 import keras
@@ -33,6 +34,7 @@ from keras_stability.callbacks.lr_scaling import wrap_schedule
 from keras_stability.callbacks.raw_loss import RawLossTracker
 from keras_stability.callbacks.snapshots import Snapshot
 from keras_stability.diagnostics.spikes import RollingZScore
+from keras_stability.distribute.strategy import chief_path
 
 __all__ = ["GradientExplosionDetector"]
 
@@ -436,7 +438,9 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         }
         where = ""
         if self.diagnostic_path:
-            with open(self.diagnostic_path, "w") as f:
+            path = chief_path(self.diagnostic_path, self.model.distribute_strategy)
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
                 json.dump(self.diagnostic, f, indent=2)
             where = f" Diagnostic written to {self.diagnostic_path}."
         warnings.warn(

@@ -23,6 +23,7 @@ from keras_stability.callbacks.raw_loss import RawLossTracker
 from keras_stability.diagnostics.gradient_health import HEALTHY
 from keras_stability.diagnostics.gradient_health import diagnose_layers
 from keras_stability.diagnostics.gradient_health import format_findings
+from keras_stability.distribute.strategy import chief_path
 
 __all__ = ["GradientMonitor", "attach_observer"]
 
@@ -219,7 +220,7 @@ class GradientMonitor(keras.callbacks.Callback):
             import tensorflow as tf
 
             self._writer = tf.summary.create_file_writer(
-                os.path.join(self.log_dir, "gradients")
+                os.path.join(chief_path(self.log_dir, self.model.distribute_strategy), "gradients")
             )
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -428,7 +429,7 @@ class GradientMonitor(keras.callbacks.Callback):
         ax.set_title(title or "log10 gradient norm per layer")
         fig.colorbar(image, ax=ax, label="log10 ||g||")
         fig.tight_layout()
-        fig.savefig(path)
+        fig.savefig(chief_path(path))
         plt.close(fig)
         return path
 

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_stability.distribute.strategy import chief_path
 from keras_stability.pruning.pruner import find_pruner
 
 __all__ = ["PruningSummaries"]
@@ -68,7 +69,9 @@ class PruningSummaries(keras.callbacks.Callback):
             )
         import tensorflow as tf
 
-        self._writer = tf.summary.create_file_writer(self.log_dir)
+        self._writer = tf.summary.create_file_writer(
+            chief_path(self.log_dir, self.model.distribute_strategy)
+        )
         self._batches = 0
 
     def on_train_batch_end(self, batch, logs=None):

@@ -1,0 +1,56 @@
+import keras
+import numpy as np
+from keras.src.backend.tensorflow import trainer as tf_trainer
+
+from keras_stability.distribute import keras_fixes
+
+# SHA-256 of the Keras functions the fixes replace, as in Keras 3.15.1. When
+# this test fails, Keras changed them: check whether keras-team/keras#20585
+# is fixed (then drop the fix) or re-derive the fix from the new code, and
+# update the digests.
+PINNED = {
+    "TensorFlowTrainer._maybe_symbolic_build": (
+        "92a504f5eba9b29f81f1bf26180bdd5bf5186b06b7bda426534b90d2d02bc1c2"
+    ),
+    "reduce_per_replica": "2e7d54b1e6edc29a8c6a7e6b66cd4c8be3ba7842412c93753ac3afe169fa7fb8",
+}
+
+
+def test_patched_keras_code_is_unchanged_upstream():
+    digests = {
+        name: keras_fixes.source_digest(fn)
+        for name, fn in keras_fixes.patched_targets().items()
+    }
+    assert digests == PINNED, (
+        "Keras changed code that keras_stability.distribute patches "
+        f"(Keras {keras.__version__}); see keras_stability/distribute/keras_fixes.py."
+    )
+
+
+def _fit_once():
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(keras.optimizers.SGD(0.1), "mse", metrics=["mae"])
+    x = np.arange(24, dtype="float32").reshape(8, 3) / 10
+    history = model.fit(x, np.ones((8, 2)), epochs=2, batch_size=4, verbose=0)
+    return model.get_weights(), history.history
+
+
+def test_fixes_are_idempotent_reversible_and_change_nothing_single_worker():
+    original_build = tf_trainer.TensorFlowTrainer._maybe_symbolic_build
+    original_reduce = tf_trainer.reduce_per_replica
+    weights_before, history_before = _fit_once()
+    try:
+        assert keras_fixes.enable_multi_worker_fixes() is True
+        assert keras_fixes.enable_multi_worker_fixes() is False
+        assert tf_trainer.reduce_per_replica is not original_reduce
+        assert keras_fixes.patched_targets()["reduce_per_replica"] is original_reduce
+        weights_after, history_after = _fit_once()
+    finally:
+        assert keras_fixes.disable_multi_worker_fixes() is True
+    assert tf_trainer.TensorFlowTrainer._maybe_symbolic_build is original_build
+    assert tf_trainer.reduce_per_replica is original_reduce
+    assert keras_fixes.disable_multi_worker_fixes() is False
+    for a, b in zip(weights_before, weights_after, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert history_before == history_after

@@ -1,0 +1,72 @@
+"""Replica invariance of every in-graph part, and the same parts under XLA.
+
+For the same global batches, each part (each clipping policy, non-finite and
+spike skip decisions, pruning masks, pruning with a guarded optimizer, the
+Distiller) must give the same weights on 1 device and under MirroredStrategy
+on 2 logical CPU devices. A third run compiles the train step with XLA
+(`jit_compile=True`, the TPU path) on one device.
+"""
+
+import numpy as np
+import pytest
+
+from tests.distribute.invariance_cases import CASES
+from tests.distribute.invariance_cases import train_cases
+from tests.helpers import run_in_subprocess
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return {
+        "one": run_in_subprocess(train_cases, n_cpu_devices=1, timeout=900),
+        "two": run_in_subprocess(train_cases, n_cpu_devices=2, timeout=900),
+        "xla": run_in_subprocess(train_cases, n_cpu_devices=1, timeout=900, jit_compile=True),
+    }
+
+
+def _assert_same_weights(a, b, rtol=1e-5, atol=1e-6):
+    assert len(a) == len(b)
+    for wa, wb in zip(a, b, strict=True):
+        np.testing.assert_allclose(wa, wb, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_two_replicas_equal_one(runs, case):
+    one, two = runs["one"][case], runs["two"][case]
+    assert one["replicas"] == 1 and two["replicas"] == 2
+    assert all(np.isfinite(w).all() for w in two["weights"])
+    _assert_same_weights(one["weights"], two["weights"])
+    np.testing.assert_allclose(one["loss"], two["loss"], rtol=1e-4)
+    for key in (
+        "steps_clipped",
+        "steps_skipped_nonfinite",
+        "steps_skipped_spike",
+        "rollbacks",
+        "learning_rate",
+    ):
+        if key in one["stats"]:
+            assert one["stats"][key] == two["stats"][key], key
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_xla_equals_graph(runs, case):
+    _assert_same_weights(runs["one"][case]["weights"], runs["xla"][case]["weights"], rtol=1e-4, atol=1e-5)
+
+
+def test_the_cases_really_act(runs):
+    one = runs["one"]
+    # Each guarded case took its action at least once, so equality above is not vacuous.
+    assert one["global_norm"]["stats"]["steps_clipped"] > 0
+    assert one["autoclip"]["stats"]["steps_clipped"] > 0
+    assert one["zclip"]["stats"]["steps_clipped"] > 0
+    assert one["nonfinite_replica0"]["stats"]["steps_skipped_nonfinite"] == 3  # once an epoch
+    assert one["nonfinite_replica1"]["stats"]["steps_skipped_nonfinite"] == 3
+    assert one["spike"]["stats"]["steps_skipped_spike"] > 0
+    assert one["detector"]["stats"]["rollbacks"] >= 1
+    assert one["detector"]["stats"]["learning_rate"] < 5.0
+    for case in ("pruning", "pruning_guarded"):
+        kernels = [w for w in one[case]["weights"] if w.ndim == 2]
+        sparsity = np.mean([np.mean(k == 0) for k in kernels])
+        assert sparsity >= 0.49, (case, sparsity)
