@@ -1,0 +1,146 @@
+"""A small character-level causal transformer, for stability studies on a CPU.
+
+`build_char_transformer(norm="post")` is the original Transformer's post-norm
+layout, which spikes or diverges at learning rates that the pre-norm layout
+with QK-normalization and LayerScale trains through
+(`norm="pre", qk_norm=True, layerscale_init=1e-2`).
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_stability.layers import StableTransformerBlock
+
+
+@keras.saving.register_keras_serializable(package="keras_stability")
+class TokenAndPositionEmbedding(keras.layers.Layer):
+    """Sum of a token embedding and a learned position embedding.
+
+    Args:
+        vocab_size: Number of tokens.
+        sequence_length: Longest sequence (number of positions).
+        hidden_dim: Embedding width.
+        **kwargs: Base `Layer` arguments.
+    """
+
+    def __init__(self, vocab_size, sequence_length, hidden_dim, **kwargs):
+        super().__init__(**kwargs)
+        for name, value in (
+            ("vocab_size", vocab_size),
+            ("sequence_length", sequence_length),
+            ("hidden_dim", hidden_dim),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"Invalid value for argument `{name}`. Expected a positive "
+                    f"integer. Received: {name}={value!r}"
+                )
+        self.vocab_size = vocab_size
+        self.sequence_length = sequence_length
+        self.hidden_dim = hidden_dim
+        self.token_embedding = keras.layers.Embedding(
+            vocab_size, hidden_dim, name="token_embedding"
+        )
+        self.position_embedding = keras.layers.Embedding(
+            sequence_length, hidden_dim, name="position_embedding"
+        )
+
+    def build(self, input_shape):
+        self.token_embedding.build(input_shape)
+        self.position_embedding.build((input_shape[-1],))
+
+    def call(self, ids):
+        positions = ops.arange(ops.shape(ids)[-1])
+        return self.token_embedding(ids) + self.position_embedding(positions)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape, self.hidden_dim)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "vocab_size": self.vocab_size,
+            "sequence_length": self.sequence_length,
+            "hidden_dim": self.hidden_dim,
+        }
+
+
+def build_char_transformer(
+    vocab_size,
+    sequence_length,
+    num_blocks=2,
+    hidden_dim=64,
+    num_heads=4,
+    norm="pre",
+    qk_norm=False,
+    layerscale_init=None,
+    name=None,
+):
+    """Builds a causal character language model (logits for the next character).
+
+    Args:
+        vocab_size: Number of characters.
+        sequence_length: Characters per input window.
+        num_blocks: Transformer blocks. Defaults to `2`.
+        hidden_dim: Width. Defaults to `64`.
+        num_heads: Attention heads. Defaults to `4`.
+        norm: `"pre"` (normalize each branch's input, plus a final norm) or
+            `"post"` (normalize after each residual sum, the original
+            Transformer). Defaults to `"pre"`.
+        qk_norm: Normalize queries and keys. Defaults to `False`.
+        layerscale_init: LayerScale initial value, or `None`. Defaults to `None`.
+        name: Model name. Defaults to `"char_transformer_<norm>"`.
+
+    Returns:
+        A functional `keras.Model` from int32 ids `(batch, sequence_length)`
+        to logits `(batch, sequence_length, vocab_size)`.
+    """
+    ids = keras.Input(shape=(sequence_length,), dtype="int32", name="ids")
+    x = TokenAndPositionEmbedding(vocab_size, sequence_length, hidden_dim, name="embedding")(ids)
+    for i in range(num_blocks):
+        x = StableTransformerBlock(
+            num_heads=num_heads,
+            norm=norm,
+            qk_norm=qk_norm,
+            layerscale_init=layerscale_init,
+            name=f"block_{i}",
+        )(x)
+    if norm == "pre":
+        x = keras.layers.LayerNormalization(epsilon=1e-6, name="final_norm")(x)
+    logits = keras.layers.Dense(vocab_size, name="logits")(x)
+    return keras.Model(ids, logits, name=name or f"char_transformer_{norm}")
+
+
+def generate(model, vocab, prompt, length=80, temperature=0.8, seed=0):
+    """Samples `length` characters after `prompt` from a character model.
+
+    Args:
+        model: A model from `build_char_transformer`.
+        vocab: The list of characters (index -> character).
+        prompt: Starting text; characters not in `vocab` are dropped.
+        length: Characters to generate. Defaults to `80`.
+        temperature: Softmax temperature, > 0. Defaults to `0.8`.
+        seed: Seed of the sampler. Defaults to `0`.
+
+    Returns:
+        `prompt` followed by the generated characters.
+    """
+    if not temperature > 0:
+        raise ValueError(
+            "Invalid value for argument `temperature`. Expected a positive number. "
+            f"Received: temperature={temperature!r}"
+        )
+    index = {c: i for i, c in enumerate(vocab)}
+    ids = [index[c] for c in prompt if c in index] or [0]
+    seq_len = model.input_shape[1]
+    rng = np.random.default_rng(seed)
+    out = list(ids)
+    for _ in range(length):
+        window = out[-seq_len:]
+        pad = seq_len - len(window)
+        x = np.array([window + [0] * pad], dtype="int32")
+        logits = np.asarray(model(x, training=False))[0, len(window) - 1] / temperature
+        p = np.exp(logits - logits.max())
+        out.append(int(rng.choice(len(vocab), p=p / p.sum())))
+    return prompt + "".join(vocab[i] for i in out[len(ids):])
