@@ -13,6 +13,9 @@ if _startup.launched_as_cli():
     _startup.quiet_tensorflow_startup()
 
 from keras_stability import datasets  # noqa: E402
+from keras_stability import layers  # noqa: E402
+from keras_stability import regularizers  # noqa: E402
+from keras_stability import tuning  # noqa: E402
 from keras_stability.version import __version__  # noqa: E402
 
-__all__ = ["__version__", "datasets"]
+__all__ = ["__version__", "datasets", "layers", "regularizers", "tuning"]

@@ -1,0 +1,85 @@
+"""`ZLoss`: PaLM's auxiliary loss that keeps the softmax normaliser near 1."""
+
+import keras
+from keras import ops
+
+from keras_stability.layers._checks import check_number
+
+__all__ = ["ZLoss", "z_loss"]
+
+
+def z_loss(logits, coefficient=1e-4, axis=-1):
+    """`coefficient * mean(log(Z) ** 2)` with `log Z = logsumexp(logits, axis)`.
+
+    Computed in float32 (or wider) whatever the dtype of `logits`, so it is
+    safe under mixed precision.
+
+    Args:
+        logits: Tensor of unnormalised log-probabilities.
+        coefficient: Weight of the loss, >= 0. Defaults to `1e-4`.
+        axis: Class axis. Defaults to `-1`.
+
+    Returns:
+        Scalar tensor.
+    """
+    if logits.dtype in ("float16", "bfloat16"):
+        logits = ops.cast(logits, "float32")
+    log_z = ops.logsumexp(logits, axis=axis)
+    return ops.cast(coefficient, log_z.dtype) * ops.mean(ops.square(log_z))
+
+
+@keras.saving.register_keras_serializable(package="keras_stability")
+class ZLoss(keras.layers.Layer):
+    """Passes logits through and adds `coefficient * mean(log(Z) ** 2)` as a loss.
+
+    PaLM adds this auxiliary loss to the output logits so that the log of the
+    softmax normaliser `Z` stays close to 0, which they found increases the
+    stability of training. Put the layer on the logits; the loss goes
+    through `add_loss`, so it is added to whatever `compile(loss=...)` is used
+    (for example `SparseCategoricalCrossentropy(from_logits=True)`) and shows
+    in the `loss` that `fit` and `evaluate` report.
+
+    Args:
+        coefficient: Weight of the loss, >= 0. Defaults to `1e-4`.
+        axis: Class axis of the logits. Defaults to `-1`.
+        **kwargs: Base `Layer` arguments (`name`, `dtype`, ...).
+
+    Raises:
+        ValueError: If `coefficient` is negative or not a number.
+
+    Example:
+
+    >>> inputs = keras.Input(shape=(16,))
+    >>> logits = ZLoss(1e-4)(keras.layers.Dense(10)(inputs))
+    >>> model = keras.Model(inputs, logits)
+    >>> model.compile("adam", keras.losses.SparseCategoricalCrossentropy(
+    ...     from_logits=True))
+
+    Reference:
+        Chowdhery et al., "PaLM: Scaling Language Modeling with Pathways",
+        2022, section 5.
+    """
+
+    def __init__(self, coefficient=1e-4, axis=-1, **kwargs):
+        super().__init__(**kwargs)
+        self.coefficient = check_number("coefficient", coefficient, low=0.0)
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise ValueError(
+                "Invalid value for argument `axis`. Expected an integer. "
+                f"Received: axis={axis!r}"
+            )
+        self.axis = axis
+        self.supports_masking = True
+        self.built = True
+
+    def call(self, inputs):
+        self.add_loss(z_loss(inputs, self.coefficient, self.axis))
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"coefficient": self.coefficient, "axis": self.axis})
+        return config

@@ -1,0 +1,170 @@
+"""`L2SP`: regularize fine-tuned weights toward their pretrained values."""
+
+import keras
+from keras import ops
+
+from keras_stability.layers._checks import check_number
+
+__all__ = ["L2SP", "l2sp_penalty"]
+
+
+def l2sp_penalty(weights, reference, alpha):
+    """`alpha * sum((weights - reference) ** 2)`: the L2-SP term of one tensor."""
+    weights = ops.convert_to_tensor(weights)
+    reference = ops.cast(reference, weights.dtype)
+    return ops.cast(alpha, weights.dtype) * ops.sum(ops.square(weights - reference))
+
+
+@keras.saving.register_keras_serializable(package="keras_stability")
+class L2SP(keras.regularizers.Regularizer):
+    """Penalizes the distance of backbone weights to their pretrained values.
+
+    Fine-tuning with plain L2 pulls pretrained weights toward zero, forgetting
+    what pretraining learned. L2-SP pulls them toward the starting point
+    instead and keeps plain L2 for the new layers (the head), which have no
+    starting point worth keeping:
+
+        alpha * sum((w - w0) ** 2)   for an anchored (backbone) weight,
+        beta * sum(w ** 2)           for any other weight.
+
+    `w0` is the value of each weight when it was anchored: when `attach`
+    ran ("at construction" of the fine-tuning model), or at the start of
+    every `fit` if the callback from `anchor_callback()` is passed to `fit`.
+    The anchors live in non-trainable variables held by this regularizer;
+    they are not part of `get_config` and are not saved with the model, so
+    after loading a model call `attach` again before resuming fine-tuning
+    (until then every weight gets the plain-L2 `beta` term). The plain-L2
+    term is Keras' own `keras.regularizers.L2`.
+
+    `alpha` and `beta` may come from a Keras Tuner `hp`
+    (`L2SP(alpha=hp.Float("alpha", 1e-5, 1e-1, sampling="log"))`) or be
+    plain floats.
+
+    Args:
+        alpha: Strength toward the anchors, >= 0. Defaults to `0.01`.
+        beta: Plain L2 strength for weights without an anchor, >= 0.
+            Defaults to `0.0001`.
+
+    Raises:
+        ValueError: If `alpha` or `beta` is negative or not a number.
+
+    Example:
+
+    >>> backbone = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16)])
+    >>> model = keras.Sequential([backbone, keras.layers.Dense(3)])
+    >>> reg = L2SP(alpha=0.01, beta=0.001)
+    >>> reg.attach(model, backbone=backbone)
+    >>> len(model.losses)
+    4
+
+    Reference:
+        Li, Grandvalet and Davoine, "Explicit Inductive Bias for Transfer
+        Learning with Convolutional Networks" (L2-SP), ICML 2018.
+    """
+
+    def __init__(self, alpha=0.01, beta=0.0001):
+        self.alpha = check_number("alpha", alpha, low=0.0)
+        self.beta = check_number("beta", beta, low=0.0)
+        self._plain = keras.regularizers.L2(self.beta)
+        self._anchors = {}
+
+    def __call__(self, x):
+        entry = self._anchors.get(id(x))
+        if entry is None or entry[0] is not x:
+            return self._plain(x)
+        return l2sp_penalty(x, entry[1], self.alpha)
+
+    def anchor(self, variables):
+        """Records the current values of `variables` as their reference `w0`.
+
+        Calling it again re-records (assigns) the values of variables already
+        anchored, so a traced training step keeps working.
+
+        Args:
+            variables: Iterable of Keras variables.
+        """
+        for variable in variables:
+            entry = self._anchors.get(id(variable))
+            if entry is not None and entry[0] is variable:
+                entry[1].assign(variable)
+                continue
+            reference = keras.Variable(
+                ops.convert_to_tensor(variable),
+                trainable=False,
+                dtype=variable.dtype,
+                name=f"{variable.name}_l2sp_anchor",
+            )
+            self._anchors[id(variable)] = (variable, reference)
+
+    def is_anchored(self, variable):
+        """Whether `variable` is pulled toward an anchor (else plain L2)."""
+        entry = self._anchors.get(id(variable))
+        return entry is not None and entry[0] is variable
+
+    def attach(self, model, backbone=None, include_biases=False):
+        """Sets this regularizer on the weights of `model` and anchors the backbone.
+
+        Every trainable kernel of `model` (weights with two or more
+        dimensions; biases too if `include_biases`) that has no regularizer
+        yet gets this one. The weights of `backbone` (all of `model` if
+        `None`) are anchored at their current values.
+
+        Args:
+            model: The fine-tuning model (built).
+            backbone: Layer or model whose weights are the pretrained ones, or
+                `None` for the whole `model`. Defaults to `None`.
+            include_biases: Also regularize 1-D weights (biases, norm scales).
+                Defaults to `False`.
+
+        Returns:
+            `model`, for chaining.
+        """
+        source = model if backbone is None else backbone
+        backbone_ids = {id(v) for v in source.weights}
+        selected = []
+        for variable in model.weights:
+            if not variable.trainable and id(variable) not in backbone_ids:
+                continue
+            if len(variable.shape) < 2 and not include_biases:
+                continue
+            if variable.regularizer is None:
+                variable.regularizer = self
+            if variable.regularizer is self and id(variable) in backbone_ids:
+                selected.append(variable)
+        self.anchor(selected)
+        return model
+
+    def anchor_callback(self, model=None, backbone=None, include_biases=False):
+        """A callback that re-anchors the backbone at the start of every `fit`.
+
+        Args:
+            model: Model to attach to; the model being fit if `None`.
+                Defaults to `None`.
+            backbone: As in `attach`. Defaults to `None`.
+            include_biases: As in `attach`. Defaults to `False`.
+
+        Returns:
+            A `keras.callbacks.Callback`.
+        """
+        return _L2SPAnchor(self, model, backbone, include_biases)
+
+    def get_config(self):
+        return {"alpha": self.alpha, "beta": self.beta}
+
+
+class _L2SPAnchor(keras.callbacks.Callback):
+    """Calls `L2SP.attach` in `on_train_begin` (the values at `fit` start)."""
+
+    def __init__(self, regularizer, model, backbone, include_biases):
+        super().__init__()
+        self._regularizer = regularizer
+        self._target = model
+        self._backbone = backbone
+        self._include_biases = include_biases
+
+    def on_train_begin(self, logs=None):
+        self._regularizer.attach(
+            self._target if self._target is not None else self.model,
+            backbone=self._backbone,
+            include_biases=self._include_biases,
+        )

@@ -1,0 +1,154 @@
+"""A Keras Tuner `HyperModel` whose diverging trials fail cleanly."""
+
+import math
+
+import keras
+import keras_tuner
+
+from keras_stability.layers._checks import check_number
+
+__all__ = ["DivergenceDetector", "StableHyperModel"]
+
+
+class DivergenceDetector(keras.callbacks.Callback):
+    """Stops training when a monitored loss becomes NaN, infinite or too large.
+
+    Like `keras.callbacks.TerminateOnNaN`, but it remembers why it stopped
+    (`reason`), watches validation metrics at epoch end too and can treat a
+    loss above `threshold` as divergence.
+
+    Args:
+        monitor: Names of logged values to watch. Defaults to
+            `("loss", "val_loss")`.
+        threshold: A finite value above which the loss counts as diverged,
+            or `None`. Defaults to `None`.
+
+    Attributes:
+        diverged: Whether training diverged in the last `fit`.
+        reason: Text naming the metric, its value, the epoch and batch.
+    """
+
+    def __init__(self, monitor=("loss", "val_loss"), threshold=None):
+        super().__init__()
+        self.monitor = (monitor,) if isinstance(monitor, str) else tuple(monitor)
+        self.threshold = None if threshold is None else check_number("threshold", threshold, low=-math.inf)
+        self.diverged = False
+        self.reason = None
+        self._epoch = 0
+
+    def on_train_begin(self, logs=None):
+        self.diverged = False
+        self.reason = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def _check(self, logs, where):
+        if self.diverged or not logs:
+            return
+        for name in self.monitor:
+            value = logs.get(name)
+            if value is None:
+                continue
+            value = float(value)
+            bad = not math.isfinite(value)
+            if not bad and self.threshold is not None and value > self.threshold:
+                bad = True
+            if bad:
+                self.diverged = True
+                self.reason = (
+                    f"Training diverged: {name}={value} at epoch {self._epoch + 1}, "
+                    f"{where}."
+                )
+                self.model.stop_training = True
+                return
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._check(logs, f"batch {batch + 1}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._check(logs, "epoch end")
+
+
+class StableHyperModel(keras_tuner.HyperModel):
+    """A `keras_tuner.HyperModel` that records diverging trials as failed.
+
+    A trial whose loss turns NaN (or infinite, or above `threshold`) stops at
+    once and raises `keras_tuner.errors.FailedTrialError` with the reason;
+    the tuner marks the trial `FAILED`, keeps its message, does not retry it
+    and goes on with the next trial. Without this a NaN objective is either
+    reported as a result or crashes the search. Keras Tuner still stops the
+    search after `max_consecutive_failed_trials` failures in a row (3 by
+    default, an argument of the tuner). Works with `RandomSearch`,
+    `BayesianOptimization`, `Hyperband` and `GridSearch`.
+
+    Either pass `build_fn(hp) -> compiled model` or subclass and override
+    `build(hp)`, as with `keras_tuner.HyperModel`.
+
+    Args:
+        build_fn: Function `hp -> compiled keras.Model`, or `None` when
+            subclassing. Defaults to `None`.
+        monitor: Logged values to watch. Defaults to `("loss", "val_loss")`.
+        threshold: Loss value above which a trial counts as diverged, or
+            `None`. Defaults to `None`.
+        name: Name of the hypermodel. Defaults to `None`.
+        tunable: As in `keras_tuner.HyperModel`. Defaults to `True`.
+
+    Example:
+
+    >>> import keras_tuner
+    >>> def build(hp):
+    ...     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    ...     model.compile(optimizer="sgd", loss="mse")
+    ...     return model
+    >>> tuner = keras_tuner.RandomSearch(
+    ...     StableHyperModel(build), objective="loss", max_trials=2,
+    ...     directory="/tmp/kt", overwrite=True)
+    """
+
+    def __init__(
+        self, build_fn=None, monitor=("loss", "val_loss"), threshold=None, name=None, tunable=True
+    ):
+        super().__init__(name=name, tunable=tunable)
+        if build_fn is not None and not callable(build_fn):
+            raise ValueError(
+                "Invalid value for argument `build_fn`. Expected a function "
+                f"`hp -> keras.Model` or None. Received: build_fn={build_fn!r}"
+            )
+        self.build_fn = build_fn
+        self.monitor = monitor
+        self.threshold = threshold
+        DivergenceDetector(monitor, threshold)  # validates the arguments
+
+    def build(self, hp):
+        if self.build_fn is None:
+            raise NotImplementedError(
+                "Pass `build_fn` to StableHyperModel or override `build(hp)`."
+            )
+        return self.build_fn(hp)
+
+    def fit(self, hp, model, *args, **kwargs):
+        """Fits `model` and raises `FailedTrialError` if training diverged.
+
+        Args:
+            hp: The trial's `keras_tuner.HyperParameters`.
+            model: The model returned by `build`.
+            *args: Arguments of `model.fit`.
+            **kwargs: Keyword arguments of `model.fit`.
+
+        Returns:
+            The `History` of `model.fit`.
+
+        Raises:
+            keras_tuner.errors.FailedTrialError: If a monitored value became
+                NaN, infinite or exceeded `threshold`.
+        """
+        detector = DivergenceDetector(self.monitor, self.threshold)
+        kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [detector]
+        history = model.fit(*args, **kwargs)
+        if detector.diverged:
+            raise keras_tuner.errors.FailedTrialError(
+                f"{detector.reason} Hyperparameters: {hp.values}"
+            )
+        return history

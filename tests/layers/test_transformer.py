@@ -1,0 +1,145 @@
+import keras
+import numpy as np
+import pytest
+
+from keras_stability.layers import QKNormMultiHeadAttention
+from keras_stability.layers import StableTransformerBlock
+from tests.helpers import run_layer_test
+
+
+def _x(shape=(2, 6, 8), seed=0):
+    return np.random.default_rng(seed).normal(size=shape).astype("float32")
+
+
+def test_layer_pre_norm_qk_norm_layerscale(tmp_path):
+    out = run_layer_test(
+        StableTransformerBlock,
+        {"num_heads": 2, "qk_norm": True, "layerscale_init": 1e-3, "intermediate_dim": 16},
+        input_shape=(2, 6, 8),
+        expected_output_shape=(2, 6, 8),
+        # 2 norms x 2 + attention (q, k, v, o) x 2 + q/k LayerNorm x 2
+        # + MLP 2 x 2 + 2 LayerScale vectors.
+        expected_num_trainable_weights=22,
+        expected_num_non_trainable_weights=0,
+        fresh_process=True,
+        tmp_dir=tmp_path,
+    )
+    assert isinstance(out["layer"].attention, QKNormMultiHeadAttention)
+
+
+def test_layer_post_norm_rms_plain_attention(tmp_path):
+    out = run_layer_test(
+        StableTransformerBlock,
+        {"num_heads": 4, "norm": "post", "norm_type": "rms", "dropout": 0.1},
+        input_shape=(2, 6, 8),
+        expected_output_shape=(2, 6, 8),
+        # 2 RMS scales + attention 8 + MLP 4.
+        expected_num_trainable_weights=14,
+        fresh_process=False,
+        tmp_dir=tmp_path,
+    )
+    assert type(out["layer"].attention) is keras.layers.MultiHeadAttention
+    assert out["layer"].mlp_in.units == 32
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_causal_mask_hides_the_future(qk_norm):
+    keras.utils.set_random_seed(0)
+    block = StableTransformerBlock(num_heads=2, qk_norm=qk_norm)
+    x = _x()
+    y = np.asarray(block(x))
+    x2 = x.copy()
+    x2[:, 3:] = _x(seed=1)[:, 3:]
+    y2 = np.asarray(block(x2))
+    np.testing.assert_allclose(y2[:, :3], y[:, :3], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(y2[:, 3:], y[:, 3:])
+
+
+def test_non_causal_block_sees_the_future():
+    keras.utils.set_random_seed(0)
+    block = StableTransformerBlock(num_heads=2, causal=False)
+    x = _x()
+    x2 = x.copy()
+    x2[:, 3:] = _x(seed=1)[:, 3:]
+    assert not np.allclose(np.asarray(block(x2))[:, :3], np.asarray(block(x))[:, :3])
+
+
+def _scale_query_key(block, factor):
+    for dense in (block.attention._query_dense, block.attention._key_dense):
+        for w in dense.weights:
+            w.assign(w * factor)
+
+
+def test_qk_norm_makes_attention_invariant_to_query_key_scale():
+    keras.utils.set_random_seed(0)
+    x = _x()
+    normed = StableTransformerBlock(num_heads=2, qk_norm=True, norm_type="rms")
+    plain = StableTransformerBlock(num_heads=2, qk_norm=False)
+    y_normed, y_plain = np.asarray(normed(x)), np.asarray(plain(x))
+    _scale_query_key(normed, 30.0)
+    _scale_query_key(plain, 30.0)
+    # Normalized queries and keys do not see the scale: same output.
+    np.testing.assert_allclose(np.asarray(normed(x)), y_normed, rtol=1e-4, atol=1e-4)
+    # Without QK-norm the logits grow 900x and the output changes.
+    assert np.abs(np.asarray(plain(x)) - y_plain).max() > 1e-2
+
+
+def test_layerscale_start_makes_block_near_identity():
+    keras.utils.set_random_seed(0)
+    x = _x()
+    block = StableTransformerBlock(num_heads=2, layerscale_init=1e-6)
+    y = np.asarray(block(x))
+    assert np.abs(y - x).max() < 1e-4
+    np.testing.assert_allclose(block.attention_scale.numpy(), np.full(8, 1e-6, "float32"))
+
+
+@pytest.mark.slow
+def test_block_trains_as_a_tiny_language_model():
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    # Next token = (token + 1) mod 11: a learnable causal task.
+    ids = rng.integers(0, 11, size=(64, 1)) + np.arange(9)[None, :]
+    ids = ids % 11
+    x, y = ids[:, :-1], ids[:, 1:]
+    inputs = keras.Input((8,), dtype="int32")
+    h = keras.layers.Embedding(11, 16)(inputs)
+    h = StableTransformerBlock(num_heads=2, qk_norm=True, layerscale_init=0.1)(h)
+    logits = keras.layers.Dense(11)(h)
+    model = keras.Model(inputs, logits)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    history = model.fit(x, y, epochs=15, batch_size=32, verbose=0)
+    losses = history.history["loss"]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_heads": 0}, "Invalid value for argument `num_heads`. Expected a positive integer. Received: num_heads=0"),
+        ({"num_heads": 2, "norm": None}, "Invalid value for argument `norm`. Expected one of 'pre', 'post'. Received: norm=None"),
+        ({"num_heads": 2, "dropout": 1.0}, "Invalid value for argument `dropout`. Expected a number in [0, 1). Received: dropout=1.0"),
+        ({"num_heads": 2, "layerscale_init": 0.0}, "Invalid value for argument `layerscale_init`. Expected a positive number. Received: layerscale_init=0.0"),
+        ({"num_heads": 2, "norm_type": "batch"}, "Invalid value for argument `norm_type`. Expected one of 'layer', 'rms'. Received: norm_type='batch'"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        StableTransformerBlock(**kwargs)
+    assert message in str(info.value)
+
+
+def test_heads_must_divide_hidden_size():
+    with pytest.raises(ValueError, match=r"Invalid value for argument `num_heads`\. Expected a divisor of the hidden size 8, or pass `key_dim`\. Received: num_heads=3"):
+        StableTransformerBlock(num_heads=3)(_x())
+    assert StableTransformerBlock(num_heads=3, key_dim=4)(_x()).shape == (2, 6, 8)
+
+
+def test_qk_norm_attention_config_round_trip():
+    layer = QKNormMultiHeadAttention(num_heads=2, key_dim=4, norm_type="layer", norm_epsilon=1e-5)
+    config = layer.get_config()
+    revived = QKNormMultiHeadAttention.from_config(config)
+    assert revived.get_config() == config
+    assert revived.norm_type == "layer" and revived.norm_epsilon == 1e-5
