@@ -12,10 +12,32 @@ if _startup.launched_as_cli():
     # before anything below imports it. A plain `import` is left alone.
     _startup.quiet_tensorflow_startup()
 
+from keras_stability import callbacks  # noqa: E402
+from keras_stability import clipping  # noqa: E402
 from keras_stability import datasets  # noqa: E402
+from keras_stability import distillation  # noqa: E402
 from keras_stability import layers  # noqa: E402
+from keras_stability import optimizers  # noqa: E402
+from keras_stability import pruning  # noqa: E402
 from keras_stability import regularizers  # noqa: E402
 from keras_stability import tuning  # noqa: E402
+from keras_stability.callbacks import AdaptiveClipping  # noqa: E402
+from keras_stability.distillation import Distiller  # noqa: E402
+from keras_stability.optimizers import GuardedOptimizer  # noqa: E402
 from keras_stability.version import __version__  # noqa: E402
 
-__all__ = ["__version__", "datasets", "layers", "regularizers", "tuning"]
+__all__ = [
+    "__version__",
+    "callbacks",
+    "clipping",
+    "datasets",
+    "distillation",
+    "layers",
+    "optimizers",
+    "pruning",
+    "regularizers",
+    "tuning",
+    "AdaptiveClipping",
+    "Distiller",
+    "GuardedOptimizer",
+]

@@ -71,9 +71,135 @@ def part_example(ctx):
     return {"loss": float(loss), "accuracy": float(accuracy)}
 
 
+def part_distillation(ctx):
+    """Distils the example model into a student with a 48-unit hidden layer."""
+    import keras
+
+    from keras_stability import Distiller
+
+    keras.utils.set_random_seed(ctx.args.seed)
+    teacher = compile_example_model(build_example_model(ctx.n_features, ctx.n_classes))
+    teacher.fit(ctx.x_train, ctx.y_train, epochs=ctx.args.epochs, verbose=0)
+    student = keras.Sequential(
+        [
+            keras.Input(shape=(ctx.n_features,)),
+            keras.layers.Dense(48, activation="relu"),
+            keras.layers.Dense(ctx.n_classes),
+        ],
+        name="student",
+    )
+    distiller = Distiller(student=student, teacher=teacher)
+    distiller.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        student_loss_fn=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        distillation_loss_fn=keras.losses.KLDivergence(),
+        alpha=0.1,
+        temperature=4,
+    )
+    distiller.fit(
+        ctx.x_train,
+        ctx.y_train,
+        epochs=ctx.args.epochs,
+        verbose=ctx.verbose,
+        cache_teacher_outputs=True,
+    )
+    logs = distiller.evaluate(ctx.x_test, ctx.y_test, verbose=0, return_dict=True)
+    _, teacher_accuracy = teacher.evaluate(ctx.x_test, ctx.y_test, verbose=0)
+    ctx.say(
+        f"Teacher ({teacher.count_params()} weights) test accuracy: "
+        f"{teacher_accuracy:.4f}; distilled student ({student.count_params()} "
+        f"weights): {logs['accuracy']:.4f}, top-1 agreement with the teacher "
+        f"{logs['teacher_agreement']:.4f}"
+    )
+    return {
+        "teacher_accuracy": float(teacher_accuracy),
+        "student_accuracy": float(logs["accuracy"]),
+        "teacher_agreement": float(logs["teacher_agreement"]),
+    }
+
+def part_stability_layers(ctx):
+    """The example made deep with ReZero residual blocks and a z-loss on its logits."""
+    import keras
+
+    from keras_stability.layers import Residual
+    from keras_stability.layers import ZLoss
+
+    keras.utils.set_random_seed(ctx.args.seed)
+    inputs = keras.Input(shape=(ctx.n_features,))
+    h = keras.layers.Dense(64, activation="relu")(inputs)
+    for _ in range(8):
+        h = Residual(keras.layers.Dense(64, activation="relu"), scale="rezero")(h)
+    logits = ZLoss(1e-4)(keras.layers.Dense(ctx.n_classes)(h))
+    model = compile_example_model(keras.Model(inputs, logits, name="deep_rezero"))
+    model.fit(ctx.x_train, ctx.y_train, epochs=ctx.args.epochs, verbose=ctx.verbose)
+    loss, accuracy = model.evaluate(ctx.x_test, ctx.y_test, verbose=0)
+    ctx.say(
+        f"10-layer MLP (8 ReZero residual blocks, z-loss 1e-4 on the logits): "
+        f"test loss {loss:.4f}, test accuracy {accuracy:.4f}"
+    )
+    return {"loss": float(loss), "accuracy": float(accuracy)}
+
+def part_pruning(ctx):
+    """The example pruned to 80% with TF-MOT's PolynomialDecay, then stripped."""
+    import keras
+
+    from keras_stability import pruning
+
+    keras.utils.set_random_seed(ctx.args.seed)
+    model = build_example_model(ctx.n_features, ctx.n_classes)
+    steps = ctx.args.epochs * -(-len(ctx.x_train) // 32)
+    schedule = pruning.PolynomialDecay(
+        0.0, 0.8, begin_step=0, end_step=max(int(0.7 * steps), 1), frequency=10
+    )
+    pruning.prune_low_magnitude(model, schedule)
+    compile_example_model(model)
+    model.fit(ctx.x_train, ctx.y_train, epochs=ctx.args.epochs, verbose=ctx.verbose)
+    model = pruning.strip_pruning(model)
+    loss, accuracy = model.evaluate(ctx.x_test, ctx.y_test, verbose=0)
+    sparsity = pruning.sparsity_report(model)["total"]
+    ctx.say(f"Kernel sparsity: {sparsity:.1%}  Test accuracy: {accuracy:.4f}")
+    return {"loss": float(loss), "accuracy": float(accuracy), "sparsity": sparsity}
+
+def part_clipping(ctx):
+    """The example with ZClip and non-finite skipping added by a callback."""
+    import keras
+    import numpy as np
+
+    from keras_stability.callbacks import AdaptiveClipping
+    from keras_stability.clipping import ZClip
+
+    keras.utils.set_random_seed(ctx.args.seed)
+    x_train = np.array(ctx.x_train, dtype="float32", copy=True)
+    x_train[5] = np.nan  # one poisoned sample: its batch is skipped every epoch
+    model = compile_example_model(build_example_model(ctx.n_features, ctx.n_classes))
+    callback = AdaptiveClipping(ZClip(), verbose=1)
+    history = model.fit(
+        x_train,
+        ctx.y_train,
+        epochs=min(ctx.args.epochs, 3),
+        verbose=ctx.verbose,
+        callbacks=[callback],
+    )
+    loss, accuracy = model.evaluate(ctx.x_test, ctx.y_test, verbose=0)
+    stats = callback.optimizer.statistics()
+    ctx.say(
+        f"Test loss: {loss:.4f}  Test accuracy: {accuracy:.4f}  "
+        f"steps: {stats['step']}, clipped: {stats['steps_clipped']}, "
+        f"skipped (non-finite): {stats['steps_skipped_nonfinite']}, "
+        f"last grad norm {history.history['grad_norm'][-1]:.3f} "
+        f"(threshold {history.history['clip_threshold'][-1]:.3f})"
+    )
+    return {"loss": float(loss), "accuracy": float(accuracy), **stats}
+
+
 # name -> (function, title). Run in this order.
 PARTS = {
     "example": (part_example, "The Keras example, fixed"),
+    "clipping": (part_clipping, "Adaptive clipping and step skipping (AdaptiveClipping)"),
+    "stability_layers": (part_stability_layers, "Deep residual blocks (ReZero) and z-loss"),
+    "distillation": (part_distillation, "Distillation into a 10x smaller student"),
+    "pruning": (part_pruning, "Pruned to 80% sparsity (keras_stability.pruning)"),
 }
 
 

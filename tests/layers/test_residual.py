@@ -141,3 +141,25 @@ def test_config_round_trip_keeps_block():
     assert revived.get_config() == config
     assert isinstance(revived.block, keras.Sequential)
     assert [type(sub) for sub in revived.block.layers] == [keras.layers.Dense] * 2
+
+
+def test_functional_sub_model_block_saves_and_loads(tmp_path):
+    keras.utils.set_random_seed(0)
+    i = keras.Input((8,))
+    sub = keras.Model(i, keras.layers.Dense(8)(keras.layers.Dense(16, activation="relu")(i)), name="sub")
+    inputs = keras.Input((8,))
+    model = keras.Model(inputs, Residual(sub, scale="layerscale", layerscale_init=0.5)(inputs))
+    x = _x()
+    path = str(tmp_path / "residual_sub_model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_custom_layer_without_compute_output_shape():
+    class Double(keras.layers.Layer):
+        def call(self, x):
+            return 2.0 * x
+
+    x = _x()
+    np.testing.assert_allclose(np.asarray(Residual(Double(), norm=None)(x)), 3.0 * x, rtol=1e-6)

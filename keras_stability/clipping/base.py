@@ -1,0 +1,198 @@
+"""Pure gradient-norm maths shared by the clipping policies, and their base class.
+
+The functions here know nothing of Keras training: they take lists of gradient
+tensors (entries may be `None`) and return tensors, so they run unchanged under
+`tf.function`, XLA and inside a `tf.distribute` replica or merge function.
+Norms are always computed in float32, whatever the gradient dtype.
+"""
+
+import math
+
+import keras
+from keras import ops
+
+__all__ = [
+    "ClippingPolicy",
+    "clip_by_global_norm",
+    "global_norm",
+    "is_finite",
+    "scale_gradients",
+]
+
+
+def _values(g):
+    # `tf.IndexedSlices` (embedding gradients) carry their entries in `.values`.
+    return g.values if hasattr(g, "indices") and hasattr(g, "values") else g
+
+
+def _scale(g, scale):
+    if g is None:
+        return None
+    if hasattr(g, "indices") and hasattr(g, "values"):
+        values = ops.multiply(g.values, ops.cast(scale, g.values.dtype))
+        return type(g)(values, g.indices, g.dense_shape)
+    return ops.multiply(g, ops.cast(scale, g.dtype))
+
+
+def global_norm(grads):
+    """Global L2 norm of a list of gradients, in float32.
+
+    Args:
+        grads: List of tensors; `None` entries are ignored.
+
+    Returns:
+        A float32 scalar. It is `inf` or `nan` when any entry is, and `0.0`
+        for an empty list.
+    """
+    squares = [
+        ops.sum(ops.square(ops.cast(_values(g), "float32")))
+        for g in grads
+        if g is not None
+    ]
+    if not squares:
+        return ops.convert_to_tensor(0.0, dtype="float32")
+    return ops.sqrt(ops.sum(ops.stack(squares)))
+
+
+def is_finite(grads):
+    """Whether every entry of every gradient is finite, as a bool scalar.
+
+    Args:
+        grads: List of tensors; `None` entries are ignored.
+
+    Returns:
+        A bool scalar tensor.
+    """
+    checks = [ops.all(ops.isfinite(_values(g))) for g in grads if g is not None]
+    if not checks:
+        return ops.convert_to_tensor(True)
+    return ops.all(ops.stack(checks))
+
+
+def scale_gradients(grads, scale):
+    """Multiplies every gradient by a scalar, keeping `None` entries.
+
+    Args:
+        grads: List of tensors (or `tf.IndexedSlices`) and `None`.
+        scale: Scalar tensor or number.
+
+    Returns:
+        The scaled list, each entry in its own dtype.
+    """
+    return [_scale(g, scale) for g in grads]
+
+
+def clip_by_global_norm(grads, max_norm, norm=None):
+    """Rescales `grads` so that their global norm is at most `max_norm`.
+
+    Gradients whose global norm is already at most `max_norm` are returned
+    unchanged (scale exactly 1). Unlike `keras.optimizers`' version, a
+    non-finite norm does not turn every gradient into NaN: the scale is
+    then 1 and the caller decides what to do (GuardedOptimizer skips the step).
+
+    Args:
+        grads: List of tensors; `None` entries are kept.
+        max_norm: Positive scalar.
+        norm: Optional precomputed `global_norm(grads)`. Defaults to `None`.
+
+    Returns:
+        Tuple `(clipped_grads, norm)` where `norm` is the float32 pre-clip norm.
+    """
+    if norm is None:
+        norm = global_norm(grads)
+    max_norm = ops.cast(max_norm, "float32")
+    clip = ops.logical_and(ops.isfinite(norm), ops.greater(norm, max_norm))
+    scale = ops.where(clip, max_norm / ops.where(clip, norm, 1.0), 1.0)
+    return scale_gradients(grads, scale), norm
+
+
+class ClippingPolicy:
+    """Base class of the clipping policies used by `GuardedOptimizer`.
+
+    A policy is a plain serializable object. `GuardedOptimizer.build` calls
+    `build(optimizer, variables)`, where the policy creates its state with
+    `optimizer.add_variable` (so the state is saved with the optimizer). Each
+    step the optimizer calls, in order:
+
+    1. `threshold(norm)` -> `(threshold, new_state)`: reads the state, returns
+       the float32 threshold for this step and the candidate new state values
+       (a list matching `state_variables`), without assigning anything;
+    2. `commit(new_state, accept)`: assigns the new state where `accept`
+       (a bool scalar: the step is finite and not skipped), the old one
+       otherwise;
+    3. `clip(grads, variables, norm, threshold)` -> `(grads, clipped)`.
+
+    Subclasses that clip by the global norm only implement `build` and
+    `threshold`.
+    """
+
+    def __init__(self):
+        self.state_variables = []
+
+    def build(self, optimizer, variables):
+        """Creates the policy's state variables on `optimizer`."""
+        del optimizer, variables
+        self.state_variables = []
+
+    def threshold(self, norm):
+        """Returns `(threshold, new_state)` for this step's pre-clip `norm`."""
+        raise NotImplementedError
+
+    def commit(self, new_state, accept):
+        """Assigns `new_state` to the state variables where `accept` is true."""
+        for variable, value in zip(self.state_variables, new_state, strict=True):
+            variable.assign(
+                ops.where(accept, ops.cast(value, variable.dtype), variable.value)
+            )
+
+    def clip(self, grads, variables, norm, threshold):
+        """Clips `grads` to `threshold`; returns `(grads, clipped_flag)`."""
+        del variables
+        clipped, _ = clip_by_global_norm(grads, threshold, norm=norm)
+        flag = ops.logical_and(ops.isfinite(norm), ops.greater(norm, threshold))
+        return clipped, flag
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{self.__class__.__name__}({args})"
+
+
+def _check_positive(name, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+    if not ok:
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected a positive number"
+            f"{' or None' if allow_none else ''}. Received: {name}={value!r}"
+        )
+
+
+def _check_int(name, value, minimum):
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected an integer >= "
+            f"{minimum}. Received: {name}={value!r}"
+        )
+
+
+def _scalar_variable(optimizer, name, value=0.0, dtype="float32", shape=()):
+    return optimizer.add_variable(
+        shape=shape,
+        initializer=keras.initializers.Constant(value),
+        dtype=dtype,
+        aggregation="only_first_replica",
+        name=name,
+    )

@@ -1,0 +1,135 @@
+"""Spike skipping: reject a step whose gradient norm is a z-score outlier."""
+
+import keras
+from keras import ops
+
+from keras_stability.clipping.base import _check_int
+from keras_stability.clipping.base import _check_positive
+from keras_stability.clipping.base import _scalar_variable
+
+__all__ = ["SpikeSkipping", "spike_step"]
+
+
+def spike_step(
+    norm, history, count, consecutive, threshold, min_samples, max_consecutive
+):
+    """One spike-detection step over a ring buffer of accepted norms (pure).
+
+    The mean and (unbiased) standard deviation are taken over the last
+    `min(count, window)` recorded norms, the current one excluded. The step is
+    a spike when at least `min_samples` norms are recorded and
+    `norm > mean + threshold * std`. Spikes are not recorded, so they cannot
+    drag the statistics up; after `max_consecutive` spikes in a row the next
+    one is accepted (and recorded) so a lasting change of scale is learnt
+    instead of skipping forever.
+
+    Args:
+        norm: Float32 scalar, this step's pre-clip global norm.
+        history: 1-D float32 ring buffer of size `window`.
+        count: Int32 scalar, norms recorded so far (may exceed the window).
+        consecutive: Int32 scalar, spikes skipped in a row so far.
+        threshold: Positive float, in standard deviations.
+        min_samples: Int, recorded norms needed before acting.
+        max_consecutive: Int, spikes in a row after which one is accepted.
+
+    Returns:
+        Tuple `(is_spike, (history, count, consecutive))` with the state to
+        commit when the step is finite and not skipped for another reason.
+    """
+    norm = ops.cast(norm, "float32")
+    window = history.shape[0]
+    count = ops.cast(count, "int32")
+    n = ops.minimum(count, window)
+    valid = ops.less(ops.arange(window, dtype="int32"), n)
+    n_f = ops.cast(ops.maximum(n, 1), "float32")
+    mean = ops.sum(ops.where(valid, history, 0.0)) / n_f
+    sq = ops.sum(ops.where(valid, ops.square(history - mean), 0.0))
+    std = ops.sqrt(sq / ops.maximum(n_f - 1.0, 1.0))
+    outlier = ops.logical_and(
+        ops.greater_equal(n, min_samples), ops.greater(norm, mean + threshold * std)
+    )
+    spike = ops.logical_and(outlier, ops.less(consecutive, max_consecutive))
+    slot = ops.mod(count, window)
+    record = ops.logical_not(spike)
+    new_history = ops.where(
+        ops.logical_and(record, ops.equal(ops.arange(window, dtype="int32"), slot)),
+        norm,
+        history,
+    )
+    new_count = ops.where(record, count + 1, count)
+    new_consecutive = ops.where(spike, consecutive + 1, 0)
+    return spike, (new_history, new_count, new_consecutive)
+
+
+@keras.saving.register_keras_serializable(package="keras_stability")
+class SpikeSkipping:
+    """Settings and state of `GuardedOptimizer(skip_spikes=...)`.
+
+    A step is skipped when its pre-clip global gradient norm exceeds the mean
+    of a rolling window of recent accepted norms by more than `threshold`
+    standard deviations (OLMo's defaults: 128 steps, 6 sigma, 20 samples).
+    See `spike_step`.
+
+    Args:
+        window: Integer >= 2, rolling window length. Defaults to `128`.
+        threshold: Positive float, in standard deviations. Defaults to `6.0`.
+        min_samples: Integer >= 2, recorded norms needed before acting.
+            Defaults to `20`.
+        max_consecutive: Integer >= 1, spikes skipped in a row after which
+            the next one is applied and recorded. Defaults to `10`.
+    """
+
+    def __init__(self, window=128, threshold=6.0, min_samples=20, max_consecutive=10):
+        _check_int("window", window, 2)
+        _check_positive("threshold", threshold)
+        _check_int("min_samples", min_samples, 2)
+        _check_int("max_consecutive", max_consecutive, 1)
+        if min_samples > window:
+            raise ValueError(
+                "Invalid value for argument `min_samples`. Expected an integer "
+                f"<= window={window}. Received: min_samples={min_samples}"
+            )
+        self.window = window
+        self.threshold = float(threshold)
+        self.min_samples = min_samples
+        self.max_consecutive = max_consecutive
+        self.state_variables = []
+
+    def build(self, optimizer):
+        self.history = _scalar_variable(
+            optimizer, "spike_history", shape=(self.window,)
+        )
+        self.count = _scalar_variable(optimizer, "spike_count", 0, "int32")
+        self.consecutive = _scalar_variable(optimizer, "spike_consecutive", 0, "int32")
+        self.state_variables = [self.history, self.count, self.consecutive]
+
+    def detect(self, norm):
+        """Returns `(is_spike, new_state)` without assigning anything."""
+        spike, state = spike_step(
+            norm,
+            self.history.value,
+            self.count.value,
+            self.consecutive.value,
+            self.threshold,
+            self.min_samples,
+            self.max_consecutive,
+        )
+        return spike, list(state)
+
+    def commit(self, new_state, accept):
+        for variable, value in zip(self.state_variables, new_state, strict=True):
+            variable.assign(
+                ops.where(accept, ops.cast(value, variable.dtype), variable.value)
+            )
+
+    def get_config(self):
+        return {
+            "window": self.window,
+            "threshold": self.threshold,
+            "min_samples": self.min_samples,
+            "max_consecutive": self.max_consecutive,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

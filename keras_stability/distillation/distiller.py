@@ -1,0 +1,690 @@
+"""`Distiller`: a `keras.Model` that trains a student against a frozen teacher.
+
+The keras.io example's API (`Distiller(student, teacher)` and
+`compile(optimizer, metrics, student_loss_fn, distillation_loss_fn, alpha,
+temperature)`) with what `keras.distillation.Distiller` lacks: `sample_weight`
+in every term, Hinton's `T**2` factor as a switch, temperature/alpha held in
+variables (schedulable, saved, logged per epoch), FitNets hints with learned
+projections, top-1 agreement with the teacher as a metric, and cached teacher
+outputs for in-memory data.
+
+The loss of a batch is
+
+    alpha * student_loss_fn(y, s)
+    + (1 - alpha) * T**2 * distillation_loss_fn(softmax(t / T), softmax(s / T))
+    + sum_i weight_i * hint_loss_i(teacher_feature_i, projection_i(student_feature_i))
+
+with `s`, `t` the student and teacher logits; the maths is in `losses.py`.
+"""
+
+import copy
+import numbers
+import warnings
+
+import keras
+from keras import ops
+
+from keras_stability.distillation import cache as cache_lib
+from keras_stability.distillation.features import FeatureDistillation
+from keras_stability.distillation.losses import as_loss
+from keras_stability.distillation.losses import combine_losses
+from keras_stability.distillation.losses import soft_target_loss
+from keras_stability.distillation.losses import top1_agreement
+from keras_stability.distillation.schedules import DistillationScheduler
+
+__all__ = ["Distiller"]
+
+_LOGITS = "logits"
+
+
+def _feature_key(layer_name):
+    return f"layer/{layer_name}"
+
+
+def _num_replicas():
+    """Replicas of the current tf.distribute strategy (1 outside one)."""
+    if keras.backend.backend() != "tensorflow":
+        return 1
+    import tensorflow as tf
+
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+class _Untracked:
+    """Holds helper models out of Keras' attribute tracking and saving.
+
+    The feature extractors share the teacher's and student's layers; tracking
+    them would list those weights twice in the saved file.
+    """
+
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+
+def _check_number(arg, value, low, high, low_open):
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, numbers.Real)
+        and (value > low if low_open else value >= low)
+        and (high is None or value <= high)
+    )
+    if not ok:
+        expected = (
+            "a positive number" if high is None else f"a number in [{low}, {high}]"
+        )
+        raise ValueError(
+            f"Invalid value for argument `{arg}`. Expected {expected}. "
+            f"Received: {arg}={value!r}"
+        )
+    return float(value)
+
+
+def _check_temperature(value, arg="temperature"):
+    return _check_number(arg, value, 0.0, None, low_open=True)
+
+
+def _check_alpha(value, arg="alpha"):
+    return _check_number(arg, value, 0.0, 1.0, low_open=False)
+
+
+def _check_model(arg, model):
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"Invalid value for argument `{arg}`. Expected a `keras.Model`. "
+            f"Received: {arg}={model!r} of type {type(model).__name__}"
+        )
+    if not model.built:
+        raise ValueError(
+            f"Invalid value for argument `{arg}`. Expected a built model: give "
+            f"'{model.name}' an `keras.Input` or call it once on a batch before "
+            f"passing it. Received: {arg}='{model.name}' (not built)"
+        )
+
+
+def _symbolic(model):
+    """The model's single symbolic output, or None for subclassed models."""
+    try:
+        outputs = model.outputs
+    except (AttributeError, ValueError):
+        return None
+    return outputs
+
+
+@keras.saving.register_keras_serializable(package="keras_stability")
+class Distiller(keras.Model):
+    """Knowledge distillation from a frozen teacher into a student.
+
+    Both models take the same inputs and output logits of the same shape. The
+    teacher is frozen (`trainable = False`) and always runs in inference mode;
+    only the student (and the projections of hint terms) train. `predict` and
+    `__call__` return the student's outputs; `distiller.student` can be saved
+    and used on its own. `fit`/`evaluate` log `loss`, the compiled metrics of
+    the student, `student_loss`, `distillation_loss` (the soft-target term,
+    with `T**2`), `feature_loss` (when hint terms are set),
+    `teacher_agreement` (top-1 agreement with the teacher), `temperature` and
+    `alpha`.
+
+    The training step is the standard one: gradients of the total loss with
+    respect to `trainable_variables`, then `optimizer.apply(grads, vars)`, so
+    optimizer wrappers (`LossScaleOptimizer`, gradient clipping wrappers) and
+    `tf.distribute` strategies compose with it.
+
+    Args:
+        student: A built `keras.Model` that outputs logits.
+        teacher: A built, trained `keras.Model` with the same output shape.
+        feature_distillation: Optional `FeatureDistillation` term or list of
+            them (hints between named layers of functional models); a
+            projection is learned where widths differ. Defaults to `None`.
+        name: Model name. Defaults to `"distiller"`.
+        **kwargs: Passed to `keras.Model` (e.g. `dtype`).
+
+    Raises:
+        ValueError: If a model is not a built `keras.Model`, the output shapes
+            differ, a hint names a layer that does not exist, or widths differ
+            for a term with `projection=False`.
+
+    Example:
+
+    ```python
+    distiller = Distiller(student=student, teacher=teacher)
+    distiller.compile(
+        optimizer=keras.optimizers.Adam(),
+        metrics=[keras.metrics.SparseCategoricalAccuracy()],
+        student_loss_fn=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        distillation_loss_fn=keras.losses.KLDivergence(),
+        alpha=0.1,
+        temperature=10,
+    )
+    distiller.fit(x_train, y_train, epochs=3, cache_teacher_outputs=True)
+    distiller.evaluate(x_test, y_test)
+    distiller.student.save("student.keras")
+    ```
+
+    Reference:
+        Hinton, Vinyals and Dean, 2015, "Distilling the Knowledge in a Neural
+        Network", https://arxiv.org/abs/1503.02531
+    """
+
+    def __init__(self, student, teacher, feature_distillation=None, name="distiller", **kwargs):
+        super().__init__(name=name, **kwargs)
+        _check_model("student", student)
+        _check_model("teacher", teacher)
+        self._check_outputs(student, teacher)
+        terms = self._check_terms(feature_distillation, student, teacher)
+
+        self.student = student
+        self.teacher = teacher
+        self.teacher.trainable = False
+
+        self.projections = []
+        teacher_outputs = {_LOGITS: _symbolic(teacher)[0]} if terms else None
+        student_outputs = {_LOGITS: _symbolic(student)[0]} if terms else None
+        for i, term in enumerate(terms):
+            t_feat = teacher.get_layer(term.teacher_layer_name).output
+            s_feat = student.get_layer(term.student_layer_name).output
+            teacher_outputs[_feature_key(term.teacher_layer_name)] = t_feat
+            student_outputs[_feature_key(term.student_layer_name)] = s_feat
+            self.projections.append(self._make_projection(i, term, t_feat, s_feat))
+        self._helpers = _Untracked(
+            terms=terms,
+            teacher_extractor=(
+                keras.Model(teacher.input, teacher_outputs, name=f"{teacher.name}_hints")
+                if terms
+                else None
+            ),
+            student_extractor=(
+                keras.Model(student.input, student_outputs, name=f"{student.name}_hints")
+                if terms
+                else None
+            ),
+            compile_args=None,
+            schedules={},
+        )
+
+        self._temperature = self.add_weight(
+            shape=(),
+            initializer=keras.initializers.Constant(3.0),
+            trainable=False,
+            name="temperature",
+        )
+        self._alpha = self.add_weight(
+            shape=(),
+            initializer=keras.initializers.Constant(0.1),
+            trainable=False,
+            name="alpha",
+        )
+        self.student_loss_tracker = keras.metrics.Mean(name="student_loss")
+        self.distillation_loss_tracker = keras.metrics.Mean(name="distillation_loss")
+        self.feature_loss_tracker = (
+            keras.metrics.Mean(name="feature_loss") if terms else None
+        )
+        self.agreement_tracker = keras.metrics.Mean(name="teacher_agreement")
+        self._student_loss_fn = None
+        self._distillation_loss_fn = None
+        self._scale_by_temperature_squared = True
+        self.built = True
+
+    # ----------------------------------------------------------- validation
+    @staticmethod
+    def _check_outputs(student, teacher):
+        shapes = {}
+        for arg, model in (("student", student), ("teacher", teacher)):
+            outputs = _symbolic(model)
+            if outputs is None:
+                continue
+            if len(outputs) != 1:
+                raise ValueError(
+                    f"Invalid value for argument `{arg}`. Expected a model with a "
+                    f"single logits output; give '{model.name}' one output head. "
+                    f"Received: {arg}='{model.name}' with {len(outputs)} outputs"
+                )
+            shapes[arg] = tuple(outputs[0].shape[1:])
+        if len(shapes) == 2 and shapes["student"] != shapes["teacher"]:
+            raise ValueError(
+                "Invalid value for argument `student`. Expected the output shape "
+                f"of the teacher '{teacher.name}', (None, "
+                f"{', '.join(map(str, shapes['teacher']))}): give the student a "
+                "final layer with as many logits as the teacher. Received: "
+                f"student='{student.name}' with output shape (None, "
+                f"{', '.join(map(str, shapes['student']))})"
+            )
+
+    @staticmethod
+    def _check_terms(feature_distillation, student, teacher):
+        if feature_distillation is None:
+            return []
+        terms = (
+            list(feature_distillation)
+            if isinstance(feature_distillation, (list, tuple))
+            else [feature_distillation]
+        )
+        for term in terms:
+            if not isinstance(term, FeatureDistillation):
+                raise ValueError(
+                    "Invalid value for argument `feature_distillation`. Expected "
+                    "`keras_stability.distillation.FeatureDistillation` terms. "
+                    f"Received: feature_distillation={feature_distillation!r}"
+                )
+            for role, model, layer_name in (
+                ("teacher", teacher, term.teacher_layer_name),
+                ("student", student, term.student_layer_name),
+            ):
+                if _symbolic(model) is None:
+                    raise ValueError(
+                        f"Invalid value for argument `{role}`. Expected a "
+                        "functional or Sequential model for feature distillation "
+                        f"between named layers. Received: {role}='{model.name}' "
+                        "(a subclassed model without symbolic outputs)"
+                    )
+                names = [layer.name for layer in model.layers]
+                if layer_name not in names:
+                    shown = ", ".join(repr(n) for n in names[:20])
+                    raise ValueError(
+                        f"Invalid value for argument `{role}_layer_name`. Expected "
+                        f"the name of a layer of the {role} '{model.name}' (one of "
+                        f"{shown}). Received: {role}_layer_name={layer_name!r}"
+                    )
+        return terms
+
+    def _make_projection(self, index, term, t_feat, s_feat):
+        t_width, s_width = t_feat.shape[-1], s_feat.shape[-1]
+        if t_feat.shape[1:-1] != s_feat.shape[1:-1]:
+            raise ValueError(
+                "Invalid value for argument `feature_distillation`. Expected the "
+                f"teacher layer '{term.teacher_layer_name}' and the student layer "
+                f"'{term.student_layer_name}' to have the same shape except the "
+                f"last axis (pool or reshape one of them). Received: shapes "
+                f"{tuple(t_feat.shape)} and {tuple(s_feat.shape)}"
+            )
+        name = f"projection_{index}_{term.student_layer_name}"
+        if t_width == s_width:
+            return keras.layers.Identity(name=name)
+        if not term.projection:
+            raise ValueError(
+                "Invalid value for argument `projection`. Expected True when the "
+                f"teacher layer '{term.teacher_layer_name}' (width {t_width}) and "
+                f"the student layer '{term.student_layer_name}' (width {s_width}) "
+                "differ. Received: projection=False"
+            )
+        projection = keras.layers.Dense(t_width, use_bias=False, name=name)
+        projection.build(tuple(s_feat.shape))
+        return projection
+
+    # ------------------------------------------------------------ properties
+    @property
+    def feature_distillation(self):
+        """The `FeatureDistillation` terms, as a list."""
+        return list(self._helpers.terms)
+
+    @property
+    def temperature(self):
+        """Current temperature (a Python float)."""
+        return float(keras.ops.convert_to_numpy(self._temperature.value))
+
+    @property
+    def alpha(self):
+        """Current weight of the hard-label loss (a Python float)."""
+        return float(keras.ops.convert_to_numpy(self._alpha.value))
+
+    def set_distillation_params(self, temperature=None, alpha=None):
+        """Assigns a new temperature and/or alpha (validated); `None` keeps it.
+
+        Args:
+            temperature: Positive number or `None`. Defaults to `None`.
+            alpha: Number in `[0, 1]` or `None`. Defaults to `None`.
+
+        Raises:
+            ValueError: If a value is out of range.
+        """
+        if temperature is not None:
+            self._temperature.assign(_check_temperature(temperature))
+        if alpha is not None:
+            self._alpha.assign(_check_alpha(alpha))
+
+    # --------------------------------------------------------------- compile
+    def compile(
+        self,
+        optimizer="adam",
+        metrics=None,
+        student_loss_fn=None,
+        distillation_loss_fn=None,
+        alpha=0.1,
+        temperature=3,
+        scale_by_temperature_squared=True,
+        **kwargs,
+    ):
+        """Configures the distiller, with the keras.io example's signature.
+
+        Args:
+            optimizer: Optimizer (instance or name) for the student.
+                Defaults to `"adam"`.
+            metrics: Metrics of the student's predictions against `y`.
+                Defaults to `None`.
+            student_loss_fn: Hard-label loss `(y, student_logits)`, e.g.
+                `SparseCategoricalCrossentropy(from_logits=True)`. Required.
+            distillation_loss_fn: Loss between softened distributions
+                `(softmax(t/T), softmax(s/T))`. Defaults to
+                `keras.losses.KLDivergence()`.
+            alpha: Weight of the hard-label loss in `[0, 1]`, or a schedule
+                `epoch -> alpha` (e.g. `LinearSchedule`). Defaults to `0.1`.
+            temperature: Positive softmax temperature, or a schedule
+                `epoch -> temperature`. Defaults to `3`.
+            scale_by_temperature_squared: Multiply the soft-target term by
+                `T**2` (Hinton et al.). Defaults to `True`.
+            **kwargs: Passed to `keras.Model.compile` (`steps_per_execution`,
+                `jit_compile`, `run_eagerly`, ...); `loss` is not accepted.
+
+        Raises:
+            ValueError: If `student_loss_fn` is missing, `alpha` is outside
+                `[0, 1]` or `temperature` is not positive.
+        """
+        if "loss" in kwargs:
+            raise ValueError(
+                "Invalid value for argument `loss`. Expected `student_loss_fn=` "
+                "(and optionally `distillation_loss_fn=`) instead of `loss=` for "
+                f"a Distiller. Received: loss={kwargs['loss']!r}"
+            )
+        if student_loss_fn is None:
+            raise ValueError(
+                "Invalid value for argument `student_loss_fn`. Expected a loss "
+                "of the student's logits against the labels, e.g. "
+                "`keras.losses.SparseCategoricalCrossentropy(from_logits=True)`. "
+                "Received: student_loss_fn=None"
+            )
+        schedules = {}
+        for arg, value, check in (
+            ("alpha", alpha, _check_alpha),
+            ("temperature", temperature, _check_temperature),
+        ):
+            if callable(value):
+                check(value(0), arg=f"{arg}(0)")
+                schedules[arg] = value
+            else:
+                check(value)
+        if not isinstance(scale_by_temperature_squared, bool):
+            raise ValueError(
+                "Invalid value for argument `scale_by_temperature_squared`. "
+                "Expected True or False. Received: "
+                f"scale_by_temperature_squared={scale_by_temperature_squared!r}"
+            )
+        self._student_loss_fn = as_loss(student_loss_fn, "student_loss_fn")
+        self._distillation_loss_fn = (
+            keras.losses.KLDivergence()
+            if distillation_loss_fn is None
+            else as_loss(distillation_loss_fn, "distillation_loss_fn")
+        )
+        self._scale_by_temperature_squared = scale_by_temperature_squared
+        self.set_distillation_params(
+            temperature=temperature(0) if callable(temperature) else temperature,
+            alpha=alpha(0) if callable(alpha) else alpha,
+        )
+        self._helpers.schedules = schedules
+        self._helpers.compile_args = dict(
+            metrics=metrics,
+            student_loss_fn=student_loss_fn,
+            distillation_loss_fn=distillation_loss_fn,
+            alpha=alpha,
+            temperature=temperature,
+            scale_by_temperature_squared=scale_by_temperature_squared,
+        )
+        super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
+
+    def get_compile_config(self):
+        if not self.compiled or self._helpers.compile_args is None:
+            return {}
+        config = {"optimizer": self.optimizer}
+        config.update(self._helpers.compile_args)
+        return {
+            key: keras.saving.serialize_keras_object(value)
+            for key, value in config.items()
+        }
+
+    def compile_from_config(self, config):
+        config = {
+            key: keras.saving.deserialize_keras_object(value)
+            for key, value in config.items()
+        }
+        self.compile(**config)
+        if self.optimizer is not None and self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    # --------------------------------------------------------------- forward
+    def call(self, inputs, training=None):
+        """Returns the student's outputs (inputs may carry cached outputs)."""
+        inputs, _ = cache_lib.split_cached(inputs)
+        return self.student(inputs, training=training)
+
+    def teacher_outputs(self, inputs):
+        """Teacher logits and hint features, `{"logits": ..., "layer/<name>": ...}`."""
+        if self._helpers.teacher_extractor is not None:
+            return self._helpers.teacher_extractor(inputs, training=False)
+        return {_LOGITS: self.teacher(inputs, training=False)}
+
+    def _student_forward(self, inputs, training):
+        if self._helpers.student_extractor is not None:
+            outputs = self._helpers.student_extractor(inputs, training=training)
+            return outputs[_LOGITS], outputs
+        return self.student(inputs, training=training), None
+
+    def compute_loss(
+        self,
+        x=None,
+        y=None,
+        y_pred=None,
+        sample_weight=None,
+        training=True,
+        student_features=None,
+    ):
+        """Total distillation loss of a batch; updates the loss trackers.
+
+        Args:
+            x: Inputs, possibly packed with cached teacher outputs.
+            y: Labels for `student_loss_fn`; with `y=None` only the
+                distillation terms count.
+            y_pred: Student logits (computed if `None`).
+            sample_weight: Optional per-sample weights, applied to every term.
+            training: Whether the student runs in training mode.
+            student_features: Student outputs of the hint extractor, if the
+                caller already ran it. Defaults to `None`.
+
+        Returns:
+            Scalar loss, scaled for `tf.distribute` like Keras' own losses.
+        """
+        if self._student_loss_fn is None:
+            raise ValueError(
+                f"Invalid value for `Distiller` '{self.name}'. Expected a compiled "
+                "distiller: call `compile(optimizer, metrics, student_loss_fn, "
+                "...)` before `fit`/`evaluate`. Received: not compiled"
+            )
+        inputs, cached = cache_lib.split_cached(x)
+        teacher_out = cached if cached is not None else self.teacher_outputs(inputs)
+        teacher_logits = ops.stop_gradient(teacher_out[_LOGITS])
+        if y_pred is None or (self._helpers.terms and student_features is None):
+            y_pred, student_features = self._student_forward(inputs, training)
+        if tuple(teacher_logits.shape[1:]) != tuple(y_pred.shape[1:]) and None not in (
+            tuple(teacher_logits.shape[1:]) + tuple(y_pred.shape[1:])
+        ):
+            # Static shapes only (subclassed models are not checked in __init__).
+            raise ValueError(
+                "Invalid value for argument `student`. Expected outputs shaped like "
+                f"the teacher '{self.teacher.name}' logits {tuple(teacher_logits.shape)}: "
+                "give the student a final layer with as many logits as the teacher. "
+                f"Received: student='{self.student.name}' with outputs shaped "
+                f"{tuple(y_pred.shape)}"
+            )
+
+        if y is not None:
+            student_loss = self._student_loss_fn(y, y_pred, sample_weight=sample_weight)
+        else:
+            student_loss = ops.zeros((), dtype=y_pred.dtype)
+        soft_loss = soft_target_loss(
+            teacher_logits,
+            y_pred,
+            self._temperature,
+            loss_fn=self._distillation_loss_fn,
+            scale_by_temperature_squared=self._scale_by_temperature_squared,
+            sample_weight=sample_weight,
+        )
+        total = combine_losses(student_loss, soft_loss, self._alpha)
+
+        replicas = float(_num_replicas())
+        if self._helpers.terms:
+            feature_loss = ops.zeros((), dtype=total.dtype)
+            for term, projection in zip(self._helpers.terms, self.projections, strict=True):
+                t_feat = ops.stop_gradient(teacher_out[_feature_key(term.teacher_layer_name)])
+                s_feat = projection(student_features[_feature_key(term.student_layer_name)])
+                value = term.compute_loss(t_feat, s_feat, sample_weight=sample_weight)
+                feature_loss = feature_loss + term.weight * ops.cast(value, total.dtype)
+            total = total + feature_loss
+            self.feature_loss_tracker.update_state(feature_loss * replicas)
+
+        regularization = self.student.losses + [
+            loss for projection in self.projections for loss in projection.losses
+        ]
+        if regularization:
+            total = total + ops.sum(ops.stack(regularization)) / replicas
+
+        self.student_loss_tracker.update_state(student_loss * replicas)
+        self.distillation_loss_tracker.update_state(soft_loss * replicas)
+        self.agreement_tracker.update_state(
+            top1_agreement(teacher_logits, y_pred), sample_weight=sample_weight
+        )
+        return total
+
+    # ----------------------------------------------------------------- steps
+    def _track_total(self, inputs, loss):
+        batch = ops.shape(keras.tree.flatten(inputs)[0])[0]
+        self._loss_tracker.update_state(loss * float(_num_replicas()), sample_weight=batch)
+
+    def train_step(self, data):
+        import tensorflow as tf
+
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        inputs, _ = cache_lib.split_cached(x)
+        with tf.GradientTape() as tape:
+            y_pred, student_features = self._student_forward(inputs, training=True)
+            loss = self.compute_loss(
+                x, y, y_pred, sample_weight, training=True,
+                student_features=student_features,
+            )
+            self._track_total(inputs, loss)
+            scaled_loss = self.optimizer.scale_loss(loss)
+        trainable_variables = self.trainable_variables
+        grads = tape.gradient(scaled_loss, trainable_variables)
+        self.optimizer.apply(grads, trainable_variables)
+        return self.compute_metrics(inputs, y, y_pred, sample_weight=sample_weight)
+
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        inputs, _ = cache_lib.split_cached(x)
+        y_pred, student_features = self._student_forward(inputs, training=False)
+        loss = self.compute_loss(
+            x, y, y_pred, sample_weight, training=False,
+            student_features=student_features,
+        )
+        self._track_total(inputs, loss)
+        return self.compute_metrics(inputs, y, y_pred, sample_weight=sample_weight)
+
+    def get_metrics_result(self):
+        results = super().get_metrics_result()
+        results["temperature"] = ops.convert_to_tensor(self._temperature.value)
+        results["alpha"] = ops.convert_to_tensor(self._alpha.value)
+        return results
+
+    # ------------------------------------------------------------------- fit
+    def cache_teacher_outputs(self, x, batch_size=256):
+        """Computes the teacher outputs for in-memory `x` once.
+
+        Args:
+            x: In-memory inputs (NumPy arrays), samples first.
+            batch_size: Batch size of the teacher pass. Defaults to `256`.
+
+        Returns:
+            `x` packed with the teacher's logits and hint features; pass it to
+            `fit`/`evaluate` in place of `x` (shuffling keeps rows together).
+        """
+        if cache_lib.is_cached_batch(x):
+            return x
+        if self._helpers.teacher_extractor is not None:
+            outputs = cache_lib.compute_teacher_outputs(
+                self._helpers.teacher_extractor, x, batch_size=batch_size
+            )
+        else:
+            logits = cache_lib.compute_teacher_outputs(self.teacher, x, batch_size=batch_size)
+            outputs = {_LOGITS: logits}
+        return cache_lib.pack_cached(x, outputs)
+
+    def fit(
+        self,
+        x=None,
+        y=None,
+        batch_size=None,
+        epochs=1,
+        verbose="auto",
+        callbacks=None,
+        *args,
+        cache_teacher_outputs=False,
+        **kwargs,
+    ):
+        """`keras.Model.fit` with cached teacher outputs and compiled schedules.
+
+        Args:
+            x, y, batch_size, epochs, verbose, callbacks, *args, **kwargs: As
+                for `keras.Model.fit`.
+            cache_teacher_outputs: Run the teacher once over in-memory `x`
+                and reuse its outputs every epoch. Defaults to `False`.
+
+        Returns:
+            The `History` of `keras.Model.fit`.
+        """
+        if not isinstance(cache_teacher_outputs, bool):
+            raise ValueError(
+                "Invalid value for argument `cache_teacher_outputs`. Expected "
+                "True or False. Received: "
+                f"cache_teacher_outputs={cache_teacher_outputs!r}"
+            )
+        if cache_teacher_outputs:
+            x = self.cache_teacher_outputs(x, batch_size=max(batch_size or 32, 256))
+        schedules = self._helpers.schedules
+        if schedules:
+            callbacks = list(callbacks or [])
+            if any(isinstance(c, DistillationScheduler) for c in callbacks):
+                warnings.warn(
+                    "Both compiled schedules and a DistillationScheduler "
+                    "callback were given; the callback runs after the compiled "
+                    "schedules and wins.",
+                    stacklevel=2,
+                )
+            callbacks.insert(0, DistillationScheduler(**schedules))
+        return super().fit(
+            x, y, batch_size, epochs, verbose, callbacks, *args, **kwargs
+        )
+
+    # --------------------------------------------------------- serialization
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "student": keras.saving.serialize_keras_object(self.student),
+                "teacher": keras.saving.serialize_keras_object(self.teacher),
+                "feature_distillation": [
+                    keras.saving.serialize_keras_object(term)
+                    for term in self._helpers.terms
+                ]
+                or None,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        # Deserializing a functional model consumes its nested config dict.
+        config = copy.deepcopy(config)
+        for key in ("student", "teacher"):
+            config[key] = keras.saving.deserialize_keras_object(config[key])
+        if config.get("feature_distillation"):
+            config["feature_distillation"] = [
+                keras.saving.deserialize_keras_object(term)
+                for term in config["feature_distillation"]
+            ]
+        return cls(**config)

@@ -1,0 +1,706 @@
+"""`GuardedOptimizer`: clipping, step skipping and gradient statistics in-graph.
+
+In Keras 3 the gradients only exist inside the compiled train step, and the one
+place that sees them is the optimizer. `GuardedOptimizer` wraps any Keras 3
+optimizer, as `keras.optimizers.LossScaleOptimizer` does, and acts on the
+all-reduced gradient, so every replica takes the same decision.
+"""
+
+import contextlib
+import warnings
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_stability import clipping as clipping_module
+from keras_stability.clipping.base import global_norm
+from keras_stability.clipping.spike import SpikeSkipping
+
+__all__ = ["GradientObserver", "GuardedOptimizer", "ensure_guarded"]
+
+_STAT_NAMES = (
+    "grad_norm",
+    "clip_threshold",
+    "steps_clipped",
+    "steps_skipped_nonfinite",
+    "steps_skipped_spike",
+    "steps_skipped_requested",
+    "last_step_skipped",
+    "skip_remaining",
+    "step",
+)
+_BASE_OPTIMIZER_DEFAULTS = {
+    "weight_decay": None,
+    "clipnorm": None,
+    "global_clipnorm": None,
+    "clipvalue": None,
+    "use_ema": False,
+    "ema_momentum": 0.99,
+    "ema_overwrite_frequency": None,
+    "loss_scale_factor": None,
+    "gradient_accumulation_steps": None,
+}
+
+
+class GradientObserver:
+    """Base class for code that reads the gradients inside the train step.
+
+    Register with `GuardedOptimizer(observers=[...])` or `add_observer`.
+
+    - `build(optimizer, variables)` is called once, when the optimizer builds
+      (or at once if added later). Create state with `optimizer.add_variable`
+      (saved with the optimizer) or `keras.Variable`.
+    - `observe(grads, variables, stats)` is called in-graph once per step with
+      the all-reduced, unscaled, pre-clip gradients (entries may be `None`)
+      and `stats`, a dict of scalar tensors: `"global_norm"` (float32),
+      `"clip_threshold"` (float32), `"skipped"` (bool) and `"step"` (int, the
+      0-based index of this call of `apply`, counting skipped steps).
+    - `after_apply(variables, skipped)` is called in-graph after the update
+      (or the skip).
+
+    Under a `tf.distribute` strategy that uses merge calls (MirroredStrategy
+    on CPUs, or without XLA) both hooks run once, in cross-replica context, on
+    replica 0's copy of the all-reduced gradients; any `variable.assign` works
+    there. Strategies without merge calls (MirroredStrategy on GPUs under XLA)
+    run them in each replica with identical inputs: create observer state with
+    `aggregation="only_first_replica"` so replica-context assignments are
+    allowed (that path is not tested here: no GPU).
+    """
+
+    def build(self, optimizer, variables):
+        del optimizer, variables
+
+    def observe(self, grads, variables, stats):
+        del grads, variables, stats
+
+    def after_apply(self, variables, skipped):
+        del variables, skipped
+
+
+def _identity_reduce(grads_and_vars):
+    return list(grads_and_vars)
+
+
+@contextlib.contextmanager
+def _gradients_already_reduced(optimizer):
+    """Makes `optimizer` (and optimizers it wraps) skip their own all-reduce.
+
+    Keras' TF optimizer sums the gradients across replicas in
+    `_all_reduce_sum_gradients`; GuardedOptimizer has already done it.
+    Only the trace is affected: the attribute is removed on exit.
+    """
+    chain = []
+    while optimizer is not None and optimizer not in chain:
+        chain.append(optimizer)
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    for opt in chain:
+        object.__setattr__(opt, "_all_reduce_sum_gradients", _identity_reduce)
+    try:
+        yield
+    finally:
+        for opt in chain:
+            object.__delattr__(opt, "_all_reduce_sum_gradients")
+
+
+@keras.saving.register_keras_serializable(package="keras_stability")
+class GuardedOptimizer(keras.optimizers.Optimizer):
+    """Wraps an optimizer with clipping, step skipping and gradient statistics.
+
+    Each step, on the all-reduced and unscaled gradient (identical on every
+    replica), the wrapper:
+
+    1. computes the global norm and records it in `grad_norm`;
+    2. decides to skip the step if the norm is non-finite (`skip_nonfinite`),
+       if the host asked for it (`skip_next`), or if the norm is a spike
+       (`skip_spikes`);
+    3. otherwise clips with the `clipping` policy and lets the inner optimizer
+       apply the update (with its own weight decay, EMA and gradient
+       accumulation).
+
+    A skipped step leaves the weights, the inner optimizer's moments and EMA,
+    and `iterations` unchanged, like `LossScaleOptimizer`: the optimizer
+    behaves as if the batch never came, so Adam's bias correction and learning
+    rate schedules (which read `iterations`) advance only on applied steps.
+    The `step` statistic counts every call, skipped or not. The clipping and
+    spike statistics only learn from applied, finite steps.
+
+    With `gradient_accumulation_steps` on the inner optimizer, each micro-batch
+    gradient is measured, clipped and possibly skipped on its own; a skipped
+    micro-batch is not accumulated.
+
+    Statistics (non-trainable scalar variables, readable after any step):
+    `grad_norm` (pre-clip global norm), `clip_threshold` (`inf` without a
+    policy; `clip_factor` for AGC), `steps_clipped`,
+    `steps_skipped_nonfinite`, `steps_skipped_spike`,
+    `steps_skipped_requested`, `last_step_skipped` (0/1), `skip_remaining`
+    and `step`. A skipped step counts in exactly one counter (non-finite
+    before requested before spike).
+
+    Under mixed precision let `compile` wrap this optimizer in a
+    `LossScaleOptimizer` (it does so for `mixed_float16`): the loss scale
+    optimizer unscales the gradients before this one measures them.
+
+    Args:
+        inner_optimizer: A Keras 3 `keras.optimizers.Optimizer` that does not
+            clip by itself (`clipnorm`, `clipvalue`, `global_clipnorm` unset).
+        clipping: A `keras_stability.clipping` policy, a positive number
+            (meaning `GlobalNorm(number)`) or `None`. Defaults to `None`.
+        skip_nonfinite: Whether to skip steps whose gradient contains NaN or
+            Inf (or whose norm overflows float32). Defaults to `True`.
+        skip_spikes: `None`/`False` (off), `True` (`SpikeSkipping()` with
+            OLMo's defaults) or a `SpikeSkipping`. Defaults to `None`.
+        observers: List of `GradientObserver`s. They are runtime attachments
+            and are not serialized. Defaults to `None`.
+        name: Optional name. Defaults to `None`.
+
+    Raises:
+        ValueError: for an inner optimizer that is not a Keras 3 optimizer,
+            already clips, is a `LossScaleOptimizer` or has a
+            `loss_scale_factor`; or for an invalid policy.
+
+    Example:
+
+    ```python
+    optimizer = GuardedOptimizer(keras.optimizers.Adam(1e-3),
+                                 clipping=keras_stability.clipping.ZClip())
+    model.compile(optimizer=optimizer, loss="mse")
+    model.fit(x, y)
+    float(optimizer.grad_norm), int(optimizer.steps_clipped)
+    ```
+    """
+
+    def __init__(
+        self,
+        inner_optimizer,
+        clipping=None,
+        skip_nonfinite=True,
+        skip_spikes=None,
+        observers=None,
+        name=None,
+        **kwargs,
+    ):
+        for arg_name, default in _BASE_OPTIMIZER_DEFAULTS.items():
+            if arg_name in kwargs and kwargs.pop(arg_name) != default:
+                raise ValueError(
+                    f"GuardedOptimizer does not support `{arg_name}`. Set it on "
+                    "the `inner_optimizer` instead."
+                )
+        if kwargs:
+            raise ValueError(
+                f"GuardedOptimizer got unexpected arguments: {sorted(kwargs)}"
+            )
+        _check_inner_optimizer(inner_optimizer)
+        clipping = clipping_module.get(clipping)
+        skip_spikes = _get_spike_skipping(skip_spikes)
+        if not isinstance(skip_nonfinite, bool):
+            raise ValueError(
+                "Invalid value for argument `skip_nonfinite`. Expected a bool. "
+                f"Received: skip_nonfinite={skip_nonfinite!r}"
+            )
+        super().__init__(learning_rate=0.0, name=name)
+        self.inner_optimizer = inner_optimizer
+        self.clipping = clipping
+        self.skip_nonfinite = skip_nonfinite
+        self.skip_spikes = skip_spikes
+        self._observers = []
+        self._observer_variables = []
+        self._pending_observer_values = {}
+        for observer in observers or []:
+            self.add_observer(observer)
+
+    # ------------------------------------------------------------------ state
+    def build(self, var_list):
+        def stat(name, dtype):
+            return self.add_variable(
+                shape=(),
+                dtype=dtype,
+                initializer="zeros",
+                aggregation="only_first_replica",
+                name=name,
+            )
+
+        self.grad_norm = stat("grad_norm", "float32")
+        self.clip_threshold = stat("clip_threshold", "float32")
+        self.steps_clipped = stat("steps_clipped", "int32")
+        self.steps_skipped_nonfinite = stat("steps_skipped_nonfinite", "int32")
+        self.steps_skipped_spike = stat("steps_skipped_spike", "int32")
+        self.steps_skipped_requested = stat("steps_skipped_requested", "int32")
+        self.last_step_skipped = stat("last_step_skipped", "int32")
+        self.skip_remaining = stat("skip_remaining", "int32")
+        self.step = stat("step", "int32")
+        if self.clipping is not None:
+            self.clipping.build(self, var_list)
+        if self.skip_spikes is not None:
+            self.skip_spikes.build(self)
+        if not self.inner_optimizer.built:
+            self.inner_optimizer.build(var_list)
+        super().build(var_list)
+        for observer in self._observers:
+            self._build_observer(observer)
+
+    def _build_observer(self, observer):
+        start = len(self._variables)
+        observer.build(self, self._trainable_variables)
+        new = self._variables[start:]
+        self._observer_variables.extend(new)
+        keys = self._observer_keys()
+        for variable in new:
+            key = keys[id(variable)]
+            if key in self._pending_observer_values:
+                variable.assign(self._pending_observer_values.pop(key))
+
+    def add_observer(self, observer):
+        """Registers a `GradientObserver`; builds it now if the optimizer is built.
+
+        Variables created after a train function was traced are only used
+        once it is traced again (`model.make_train_function(force=True)`).
+        """
+        if not isinstance(observer, GradientObserver):
+            raise ValueError(
+                "Invalid value for argument `observer`. Expected a "
+                "keras_stability.optimizers.GradientObserver. Received: "
+                f"observer={observer!r}"
+            )
+        self._observers.append(observer)
+        if self.built:
+            self._build_observer(observer)
+        return observer
+
+    @property
+    def observers(self):
+        return list(self._observers)
+
+    def skip_next(self, n=1):
+        """Skips the next `n` steps (host side; the decision runs in-graph).
+
+        Args:
+            n: Integer >= 0. Defaults to `1`.
+        """
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(
+                "Invalid value for argument `n`. Expected an integer >= 0. "
+                f"Received: n={n!r}"
+            )
+        if not self.built:
+            raise ValueError(
+                "`skip_next` needs a built optimizer: call it once training has "
+                "started, or `optimizer.build(model.trainable_variables)`."
+            )
+        self.skip_remaining.assign(n)
+
+    def statistics(self):
+        """Current statistics as a dict of Python numbers (host read)."""
+        if not self.built:
+            return {}
+        return {name: getattr(self, name).numpy().item() for name in _STAT_NAMES}
+
+    @property
+    def variables(self):
+        return self._variables[:] + self.inner_optimizer.variables
+
+    def _own_core_variables(self):
+        ids = {id(v) for v in self._observer_variables}
+        return [v for v in self._variables if id(v) not in ids]
+
+    def _observer_keys(self):
+        keys, seen = {}, {}
+        for variable in self._observer_variables:
+            base = f"observer:{variable.name}"
+            seen[base] = seen.get(base, -1) + 1
+            keys[id(variable)] = f"{base}:{seen[base]}"
+        return keys
+
+    def save_own_variables(self, store):
+        # Core state keyed by position, as Keras does; observer state by name,
+        # so a file saved with observers loads without them and vice versa.
+        core = self._own_core_variables() + self.inner_optimizer.variables
+        for i, variable in enumerate(core):
+            store[str(i)] = variable.numpy()
+        keys = self._observer_keys()
+        for variable in self._observer_variables:
+            store[keys[id(variable)]] = variable.numpy()
+
+    def load_own_variables(self, store):
+        core = self._own_core_variables() + self.inner_optimizer.variables
+        numeric = [k for k in store.keys() if k.isdigit()]
+        if len(numeric) != len(core):
+            warnings.warn(
+                f"Skipping variable loading for optimizer '{self.name}', because "
+                f"it has {len(core)} variables whereas the saved optimizer has "
+                f"{len(numeric)} variables.",
+                stacklevel=2,
+            )
+            return
+        for i, variable in enumerate(core):
+            variable.assign(store[str(i)])
+        keys = self._observer_keys()
+        by_key = {keys[id(v)]: v for v in self._observer_variables}
+        for key in store.keys():
+            if key.isdigit():
+                continue
+            value = np.array(store[key])  # a copy: the file may close
+            if key in by_key:
+                by_key[key].assign(value)
+            else:
+                self._pending_observer_values[key] = value
+
+    # ------------------------------------------------------------- delegation
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    def apply_gradients(self, grads_and_vars):
+        grads, trainable_variables = zip(*grads_and_vars, strict=True)
+        self.apply(grads, trainable_variables)
+        return self.iterations
+
+    # ------------------------------------------------------------------ step
+    def apply(self, grads, trainable_variables=None):
+        grads = list(grads)
+        if trainable_variables is None:
+            if not self.built:
+                raise ValueError(
+                    "When passing `grads` without `variables`, the optimizer must "
+                    "already be built. Call `optimizer.build(trainable_variables)`."
+                )
+            trainable_variables = self._trainable_variables
+        trainable_variables = list(trainable_variables)
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(trainable_variables)
+            self.built = True
+        if len(grads) == 0:
+            return
+        if keras.backend.backend() == "tensorflow":
+            self._tf_apply(grads, trainable_variables)
+        else:
+            self._guarded_apply(grads, trainable_variables)
+
+    def _decide(self, grads, variables):
+        """Measures `grads`, decides skip/clip, updates the statistics."""
+        norm = global_norm(grads)
+        finite = ops.isfinite(norm)
+        requested = ops.greater(self.skip_remaining.value, 0)
+        nonfinite_skip = ops.logical_and(
+            ops.logical_not(finite), ops.convert_to_tensor(self.skip_nonfinite)
+        )
+        if self.clipping is not None:
+            threshold, clip_state = self.clipping.threshold(norm)
+        else:
+            threshold, clip_state = ops.convert_to_tensor(float("inf")), []
+        if self.skip_spikes is not None:
+            spike, spike_state = self.skip_spikes.detect(norm)
+            spike = ops.logical_and(spike, finite)
+        else:
+            spike, spike_state = ops.convert_to_tensor(False), []
+        other_skip = ops.logical_or(nonfinite_skip, requested)
+        skip = ops.logical_or(other_skip, spike)
+        accept = ops.logical_and(ops.logical_not(skip), finite)
+        if self.clipping is not None:
+            self.clipping.commit(clip_state, accept)
+            _, clipped = self.clipping.clip(grads, variables, norm, threshold)
+            clipped = ops.logical_and(clipped, ops.logical_not(skip))
+        else:
+            clipped = ops.convert_to_tensor(False)
+        if self.skip_spikes is not None:
+            # Spikes are skipped without being recorded; other skips record nothing.
+            self.skip_spikes.commit(
+                spike_state, ops.logical_and(finite, ops.logical_not(other_skip))
+            )
+
+        def count(flag):
+            return ops.cast(flag, "int32")
+
+        requested_skip = ops.logical_and(requested, ops.logical_not(nonfinite_skip))
+        spike_skip = ops.logical_and(spike, ops.logical_not(other_skip))
+        step = ops.add(self.step, 0)  # a snapshot, read before += 1
+        self.grad_norm.assign(norm)
+        self.clip_threshold.assign(ops.cast(threshold, "float32"))
+        self.steps_clipped.assign_add(count(clipped))
+        self.steps_skipped_nonfinite.assign_add(count(nonfinite_skip))
+        self.steps_skipped_requested.assign_add(count(requested_skip))
+        self.steps_skipped_spike.assign_add(count(spike_skip))
+        self.last_step_skipped.assign(count(skip))
+        self.skip_remaining.assign(
+            ops.maximum(self.skip_remaining.value - count(requested), 0)
+        )
+        self.step.assign_add(1)
+        if self._observers:
+            stats = {
+                "global_norm": norm,
+                "clip_threshold": ops.cast(threshold, "float32"),
+                "skipped": skip,
+                "step": step,
+            }
+            for observer in self._observers:
+                observer.observe(grads, variables, stats)
+        return skip, norm, threshold
+
+    def _clip_and_apply(self, grads, variables, norm, threshold):
+        if self.clipping is not None:
+            grads, _ = self.clipping.clip(grads, variables, norm, threshold)
+        self.inner_optimizer.apply(grads, variables)
+
+    def _after_apply(self, variables, skip):
+        for observer in self._observers:
+            observer.after_apply(variables, skip)
+
+    def _guarded_apply(self, grads, variables):
+        """The whole step where every caller sees the same reduced gradients."""
+        skip, norm, threshold = self._decide(grads, variables)
+
+        def apply_fn():
+            with _gradients_already_reduced(self.inner_optimizer):
+                self._clip_and_apply(grads, variables, norm, threshold)
+
+        ops.cond(skip, lambda: None, apply_fn)
+        self._after_apply(variables, skip)
+
+    def _tf_apply(self, grads, variables):
+        """TensorFlow-specific logic: all-reduce first, then decide once.
+
+        Keras' own path clips each replica's gradient and all-reduces inside
+        the update. Here the gradients are summed across replicas first (the
+        same `ReduceOp.SUM` Keras uses), then, in a merge call, measured and
+        decided on replica 0's copy, which equals every other replica's; the
+        skip `cond` runs in cross-replica context (DistributionStrategy does
+        not allow a `cond` whose branch calls `merge_call` in replica context)
+        and the inner optimizer applies the already-reduced gradients on each
+        replica with its own all-reduce turned off.
+        """
+        import tensorflow as tf
+
+        if not tf.distribute.has_strategy():
+            self._guarded_apply(grads, variables)
+            return
+        if tf.distribute.in_cross_replica_context():
+            raise ValueError("apply() must be called in a replica context.")
+        context = tf.distribute.get_replica_context()
+        present = [g for g in grads if g is not None]
+        reduced = list(context.all_reduce(tf.distribute.ReduceOp.SUM, present))
+        reduced = [None if g is None else reduced.pop(0) for g in grads]
+
+        if tf.__internal__.distribute.strategy_supports_no_merge_call():
+            self._guarded_apply(reduced, variables)
+            return
+
+        def cross_replica(distribution, reduced, variables):
+            local = [
+                None if g is None else distribution.experimental_local_results(g)[0]
+                for g in reduced
+            ]
+            skip, norm, threshold = self._decide(local, variables)
+
+            def apply_fn():
+                with _gradients_already_reduced(self.inner_optimizer):
+                    distribution.extended.call_for_each_replica(
+                        self._clip_and_apply,
+                        args=(reduced, variables, norm, threshold),
+                    )
+
+            ops.cond(skip, lambda: None, apply_fn)
+            self._after_apply(variables, skip)
+
+        context.merge_call(cross_replica, args=(reduced, variables))
+
+    # ---------------------------------------------------------- serialization
+    def get_config(self):
+        return {
+            "name": self.name,
+            "inner_optimizer": keras.saving.serialize_keras_object(
+                self.inner_optimizer
+            ),
+            "clipping": None
+            if self.clipping is None
+            else keras.saving.serialize_keras_object(self.clipping),
+            "skip_nonfinite": self.skip_nonfinite,
+            "skip_spikes": None
+            if self.skip_spikes is None
+            else keras.saving.serialize_keras_object(self.skip_spikes),
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner = keras.saving.deserialize_keras_object(
+            config.pop("inner_optimizer"), custom_objects=custom_objects
+        )
+        for key in ("clipping", "skip_spikes"):
+            if isinstance(config.get(key), dict):
+                config[key] = keras.saving.deserialize_keras_object(
+                    config[key], custom_objects=custom_objects
+                )
+        return cls(inner, **config)
+
+
+def _check_inner_optimizer(inner):
+    if not isinstance(inner, keras.optimizers.Optimizer):
+        raise ValueError(
+            "Invalid value for argument `inner_optimizer`. Expected a Keras 3 "
+            "`keras.optimizers.Optimizer` instance. Received: "
+            f"inner_optimizer={inner!r}"
+        )
+    if isinstance(inner, GuardedOptimizer):
+        raise ValueError(
+            "Invalid value for argument `inner_optimizer`. Expected an optimizer "
+            "that is not already a GuardedOptimizer. Received: "
+            f"inner_optimizer={inner.name!r}"
+        )
+    if isinstance(inner, keras.optimizers.LossScaleOptimizer):
+        raise ValueError(
+            "Invalid value for argument `inner_optimizer`. Expected an optimizer "
+            "that is not a LossScaleOptimizer: wrap the other way round, "
+            "LossScaleOptimizer(GuardedOptimizer(...)), which `compile` does by "
+            "itself under the 'mixed_float16' policy. Received: "
+            f"inner_optimizer={inner.name!r}"
+        )
+    for arg in ("clipnorm", "global_clipnorm", "clipvalue"):
+        value = getattr(inner, arg, None)
+        if value is not None:
+            raise ValueError(
+                "Invalid value for argument `inner_optimizer`. Expected an "
+                f"optimizer that does not clip by itself ({arg}=None), since "
+                "GuardedOptimizer clips the all-reduced gradient: pass "
+                "`clipping=GlobalNorm(...)` instead. Received: inner_optimizer "
+                f"with {arg}={value!r}"
+            )
+    if inner.loss_scale_factor is not None:
+        raise ValueError(
+            "Invalid value for argument `inner_optimizer`. Expected an optimizer "
+            "without `loss_scale_factor` (the gradients must be measured "
+            "unscaled); use LossScaleOptimizer(GuardedOptimizer(...)). Received: "
+            f"loss_scale_factor={inner.loss_scale_factor!r}"
+        )
+
+
+def _get_spike_skipping(value):
+    if value is None or value is False:
+        return None
+    if value is True:
+        return SpikeSkipping()
+    if isinstance(value, SpikeSkipping):
+        return value
+    if isinstance(value, dict):
+        value = keras.saving.deserialize_keras_object(value)
+        if isinstance(value, SpikeSkipping):
+            return value
+    raise ValueError(
+        "Invalid value for argument `skip_spikes`. Expected None, a bool or a "
+        f"keras_stability.clipping.SpikeSkipping. Received: skip_spikes={value!r}"
+    )
+
+
+def _reconfigure(guarded, kwargs):
+    """Adds what `kwargs` ask for to an existing guard; returns if it changed.
+
+    A policy or spike skipping the guard does not have yet is added (and built
+    at once if the guard is built), so several callbacks can each ask for
+    their part in any order. Asking for something different from what the
+    guard already does is an error.
+    """
+    if not kwargs:
+        return False
+    wanted = GuardedOptimizer(keras.optimizers.SGD(), **kwargs)
+    current = guarded.get_config()
+    target = wanted.get_config()
+    changed = False
+    for key in ("clipping", "skip_spikes"):
+        if target[key] is None or target[key] == current[key]:
+            continue
+        if current[key] is not None:
+            raise ValueError(
+                "The model's optimizer is already a GuardedOptimizer with "
+                f"{key}={getattr(guarded, key)!r}; cannot also apply "
+                f"{key}={getattr(wanted, key)!r}."
+            )
+        new = getattr(wanted, key)
+        setattr(guarded, key, new)
+        if guarded.built:
+            if key == "clipping":
+                new.build(guarded, guarded._trainable_variables)
+            else:
+                new.build(guarded)
+        changed = True
+    if (
+        "skip_nonfinite" in kwargs
+        and kwargs["skip_nonfinite"] != guarded.skip_nonfinite
+    ):
+        raise ValueError(
+            "The model's optimizer is already a GuardedOptimizer with "
+            f"skip_nonfinite={guarded.skip_nonfinite}; cannot also apply "
+            f"skip_nonfinite={kwargs['skip_nonfinite']}."
+        )
+    return changed
+
+
+def ensure_guarded(model, **kwargs):
+    """Makes `model.optimizer` a `GuardedOptimizer` and returns it.
+
+    A plain optimizer is wrapped; under a `LossScaleOptimizer` (mixed
+    precision) its inner optimizer is wrapped, so gradients are measured
+    unscaled. The model's compile config is updated, so a saved `.keras` file
+    reloads with the wrapper and its state. Works before and after a first
+    `fit`: the optimizer is built at once if the model is, and the train
+    function is re-traced.
+
+    Args:
+        model: A compiled Keras model.
+        **kwargs: `GuardedOptimizer` arguments for a new wrapper.
+
+    Returns:
+        The `GuardedOptimizer`.
+
+    Raises:
+        ValueError: if the model has no optimizer, if the optimizer clips by
+            itself, or if it is already guarded and `kwargs` ask for a
+            different configuration. A guard without a clipping policy (or
+            without spike skipping) gets the one asked for, so callbacks can
+            call this in any order.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        raise ValueError(
+            "Invalid value for argument `model`. Expected a compiled model with "
+            f"an optimizer. Received: model={getattr(model, 'name', model)!r} "
+            "without optimizer"
+        )
+    outer = optimizer
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    strategy = getattr(model, "distribute_strategy", None)
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+    if isinstance(optimizer, GuardedOptimizer):
+        with scope:
+            changed = _reconfigure(optimizer, kwargs)
+        if changed and getattr(model, "train_function", None) is not None:
+            model.make_train_function(force=True)
+        return optimizer
+    guarded = GuardedOptimizer(optimizer, **kwargs)
+    if outer is not optimizer:
+        outer.inner_optimizer = guarded
+    else:
+        model.optimizer = guarded
+    compile_config = getattr(model, "_compile_config", None)
+    if compile_config is not None and "optimizer" in compile_config.config:
+        compile_config.config["optimizer"] = guarded
+    if getattr(model, "built", False) and optimizer.built:
+        with scope:
+            guarded.build(model.trainable_variables)
+    if getattr(model, "train_function", None) is not None:
+        model.make_train_function(force=True)
+    return guarded

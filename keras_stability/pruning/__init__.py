@@ -1,0 +1,55 @@
+"""Magnitude and N:M pruning for Keras 3, with TF-MOT's schedules and mask rules.
+
+`prune_low_magnitude(model, schedule)` prunes Sequential, functional and
+subclassed models in place; `strip_pruning` removes the machinery;
+`sparsity_report` and `PruningSummaries` show the sparsity; `shrink` removes
+whole units and filters for a smaller, faster model.
+
+`PolynomialDecay` and `ConstantSparsity` are TF-MOT's own schedule classes,
+imported on first use so that `import keras_stability.pruning` does not load
+TF-MOT (and, when it is loaded, `tf.keras` stays Keras 3).
+"""
+
+from keras_stability.pruning import _tfmot
+from keras_stability.pruning import masks
+from keras_stability.pruning import schedules
+from keras_stability.pruning.prune import prunable_weights
+from keras_stability.pruning.prune import prune_low_magnitude
+from keras_stability.pruning.pruner import Pruner
+from keras_stability.pruning.pruner import find_pruner
+from keras_stability.pruning.shrink import shrink
+from keras_stability.pruning.shrink import shrink_plan
+from keras_stability.pruning.strip import sparsity_report
+from keras_stability.pruning.strip import strip_pruning
+from keras_stability.pruning.summaries import PruningSummaries
+
+# Fix `tf.keras` to Keras 3 now: a later `import tensorflow_model_optimization`
+# (ours or the user's) sets TF_USE_LEGACY_KERAS=1, which would otherwise make a
+# still-unresolved `tf.keras` load tf_keras for the rest of the process.
+_tfmot.pin_tf_keras()
+
+_TFMOT_SCHEDULES = ("ConstantSparsity", "PolynomialDecay")
+
+__all__ = [
+    "ConstantSparsity",
+    "PolynomialDecay",
+    "Pruner",
+    "PruningSummaries",
+    "find_pruner",
+    "masks",
+    "prunable_weights",
+    "prune_low_magnitude",
+    "schedules",
+    "shrink",
+    "shrink_plan",
+    "sparsity_report",
+    "strip_pruning",
+]
+
+
+def __getattr__(name):
+    if name in _TFMOT_SCHEDULES:
+        from keras_stability.pruning._tfmot import tfmot_schedule_class
+
+        return tfmot_schedule_class(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

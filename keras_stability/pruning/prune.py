@@ -1,0 +1,218 @@
+"""`prune_low_magnitude`: magnitude pruning for Keras 3 models and layers."""
+
+import keras
+
+from keras_stability.pruning import masks as masks_lib
+from keras_stability.pruning.pruner import MaskConstraint
+from keras_stability.pruning.pruner import Pruner
+from keras_stability.pruning.pruner import find_pruner
+from keras_stability.pruning.schedules import validate_schedule
+
+__all__ = ["prunable_weights", "prune_low_magnitude"]
+
+# The weights TF-MOT prunes (its `prune_registry`), by Keras 3 class.
+_PRUNABLE = (
+    (keras.layers.Dense, ("kernel",)),
+    (keras.layers.EinsumDense, ("kernel",)),
+    (keras.layers.Embedding, ("embeddings",)),
+    (keras.layers.SeparableConv1D, ("pointwise_kernel",)),
+    (keras.layers.SeparableConv2D, ("pointwise_kernel",)),
+    (keras.layers.DepthwiseConv1D, ("kernel",)),
+    (keras.layers.DepthwiseConv2D, ("kernel",)),
+    (keras.layers.Conv1D, ("kernel",)),
+    (keras.layers.Conv2D, ("kernel",)),
+    (keras.layers.Conv3D, ("kernel",)),
+    (keras.layers.Conv1DTranspose, ("kernel",)),
+    (keras.layers.Conv2DTranspose, ("kernel",)),
+    (keras.layers.Conv3DTranspose, ("kernel",)),
+    (keras.layers.SimpleRNNCell, ("kernel", "recurrent_kernel")),
+    (keras.layers.GRUCell, ("kernel", "recurrent_kernel")),
+    (keras.layers.LSTMCell, ("kernel", "recurrent_kernel")),
+)
+
+
+def _all_layers(layer):
+    # `_flatten_layers` walks sublayers of every kind of model, including
+    # subclassed ones, RNN cells and MultiHeadAttention's EinsumDense.
+    return list(layer._flatten_layers(include_self=True, recursive=True))
+
+
+def prunable_weights(to_prune):
+    """The weights `prune_low_magnitude` would prune, in trainable-variable order.
+
+    Args:
+        to_prune: A built Keras layer or model.
+
+    Returns:
+        List of variables: kernels of Dense, EinsumDense (and so the
+        projections of MultiHeadAttention), Conv*, Embedding and recurrent
+        cells; other weights (biases, normalisation) are left alone.
+    """
+    found = []
+    seen = set()
+    for layer in _all_layers(to_prune):
+        for cls, names in _PRUNABLE:
+            if isinstance(layer, cls):
+                for name in names:
+                    variable = getattr(layer, name, None)
+                    if variable is not None and id(variable) not in seen:
+                        seen.add(id(variable))
+                        found.append(variable)
+                break
+    order = {id(v): i for i, v in enumerate(to_prune.trainable_variables)}
+    found = [v for v in found if id(v) in order]
+    return sorted(found, key=lambda v: order[id(v)])
+
+
+def _check_pair(name, value):
+    ok = (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    )
+    if not ok:
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected a pair of positive "
+            f"integers. Received: {name}={value!r}"
+        )
+    return tuple(value)
+
+
+def prune_low_magnitude(
+    to_prune,
+    pruning_schedule,
+    sparsity_m_by_n=None,
+    block_size=(1, 1),
+    block_pooling_type="AVG",
+    global_ranking=False,
+):
+    """Prunes a Keras 3 model or layer by weight magnitude during training.
+
+    The Keras 3 counterpart of `tfmot.sparsity.keras.prune_low_magnitude`,
+    with the same mask rule (keep the `round(size * (1 - sparsity))` largest
+    magnitudes), schedules and N:M option. It works on Sequential, functional
+    and subclassed models and on single layers, and needs no callback and no
+    wrapper layers: the model is pruned **in place** (and returned). Masks and
+    the pruning step are variables; they are updated inside the compiled
+    train step, right after each optimizer update, where every pruned weight
+    is multiplied by its mask (see `keras_stability.pruning.pruner`).
+
+    Call it after the model is built and before `fit` (inside the
+    `strategy.scope()` if the model was made in one). Compile as usual.
+
+    Args:
+        to_prune: A built Keras model or layer.
+        pruning_schedule: A TF-MOT schedule (`PolynomialDecay`,
+            `ConstantSparsity`) or any callable `step -> (should_prune,
+            sparsity)`. The step counts optimizer updates, from 1.
+        sparsity_m_by_n: `None`, or `(m, n)` to zero the `m` smallest of every
+            `n` consecutive weights along the input axis (2:4 for sparse
+            tensor cores), on the schedule's pruning steps. The schedule's
+            sparsity is then ignored. Defaults to `None`.
+        block_size: `(height, width)` blocks pruned together, for 2-D weights.
+            Defaults to `(1, 1)`.
+        block_pooling_type: `"AVG"` or `"MAX"` pooling of a block's
+            magnitudes. Defaults to `"AVG"`.
+        global_ranking: If `True`, rank all pruned weights of the model
+            together (one threshold) instead of layer by layer. Defaults to
+            `False`.
+
+    Returns:
+        `to_prune`, now pruned.
+
+    Raises:
+        ValueError: For an invalid argument, an unbuilt or already pruned
+            model, or a model with nothing to prune.
+
+    Example:
+
+    ```python
+    schedule = keras_stability.pruning.PolynomialDecay(
+        initial_sparsity=0.0, final_sparsity=0.8, begin_step=0, end_step=1000)
+    model = prune_low_magnitude(model, schedule)
+    model.compile(...)
+    model.fit(...)
+    model = strip_pruning(model)
+    ```
+    """
+    if not isinstance(to_prune, keras.layers.Layer):
+        raise ValueError(
+            "Invalid value for argument `to_prune`. Expected a Keras 3 layer or "
+            f"model. Received: to_prune={to_prune!r}"
+        )
+    validate_schedule(pruning_schedule)
+    if sparsity_m_by_n is not None:
+        sparsity_m_by_n = masks_lib.validate_m_by_n(sparsity_m_by_n)
+    block_size = _check_pair("block_size", block_size)
+    if block_pooling_type not in ("AVG", "MAX"):
+        raise ValueError(
+            "Invalid value for argument `block_pooling_type`. Expected one of "
+            f"'AVG', 'MAX'. Received: block_pooling_type={block_pooling_type!r}"
+        )
+    if not isinstance(global_ranking, bool):
+        raise ValueError(
+            "Invalid value for argument `global_ranking`. Expected a bool. "
+            f"Received: global_ranking={global_ranking!r}"
+        )
+    if global_ranking and (sparsity_m_by_n is not None or block_size != (1, 1)):
+        raise ValueError(
+            "Invalid value for argument `global_ranking`. Expected False when "
+            "`sparsity_m_by_n` or `block_size` is set. Received: "
+            f"global_ranking=True, sparsity_m_by_n={sparsity_m_by_n}, "
+            f"block_size={block_size}"
+        )
+    if sparsity_m_by_n is not None and block_size != (1, 1):
+        raise ValueError(
+            "Invalid value for argument `block_size`. Expected (1, 1) with "
+            f"`sparsity_m_by_n`. Received: block_size={block_size}"
+        )
+    if not to_prune.built:
+        raise ValueError(
+            "Invalid value for argument `to_prune`. Expected a built model or "
+            "layer (give it an `Input`, call it on data or call `build`). "
+            f"Received: to_prune={to_prune.name!r}, not built"
+        )
+    if find_pruner(to_prune) is not None:
+        raise ValueError(
+            "Invalid value for argument `to_prune`. Expected a model that is not "
+            f"pruned yet. Received: to_prune={to_prune.name!r}, already pruned "
+            "(call `strip_pruning` first)"
+        )
+    variables = prunable_weights(to_prune)
+    if not variables:
+        raise ValueError(
+            "Invalid value for argument `to_prune`. Expected a model or layer with "
+            "prunable weights (Dense, EinsumDense, Conv, Embedding or recurrent "
+            f"kernels). Received: to_prune={to_prune.name!r} with none"
+        )
+    for variable in variables:
+        shape = tuple(variable.shape)
+        if block_size != (1, 1) and len(shape) != 2:
+            raise ValueError(
+                "Invalid value for argument `block_size`. Expected (1, 1) for a "
+                f"model with weights that are not 2-D. Received: block_size={block_size} "
+                f"with weight {variable.path!r} of shape={shape}"
+            )
+        if sparsity_m_by_n is not None and (
+            len(shape) < 2 or shape[-2] % sparsity_m_by_n[1]
+        ):
+            raise ValueError(
+                "Invalid value for argument `sparsity_m_by_n`. Expected `n` to "
+                "divide the input axis (-2) of every pruned weight. Received: "
+                f"sparsity_m_by_n={sparsity_m_by_n} with weight {variable.path!r} "
+                f"of shape={shape}"
+            )
+        if isinstance(variable.constraint, MaskConstraint):
+            raise ValueError(
+                "Invalid value for argument `to_prune`. Expected weights not "
+                f"pruned by another model. Received: weight {variable.path!r}"
+            )
+    Pruner(
+        variables,
+        pruning_schedule,
+        sparsity_m_by_n=sparsity_m_by_n,
+        block_size=block_size,
+        block_pooling_type=block_pooling_type,
+        global_ranking=global_ranking,
+    )
+    return to_prune

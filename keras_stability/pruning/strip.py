@@ -1,0 +1,56 @@
+"""`strip_pruning` and `sparsity_report`: the pruned model, for export and inspection."""
+
+from keras import ops
+
+from keras_stability.pruning.prune import prunable_weights
+from keras_stability.pruning.pruner import find_pruner
+
+__all__ = ["sparsity_report", "strip_pruning"]
+
+
+def strip_pruning(model):
+    """Removes pruning from a model, keeping the zeros in its weights.
+
+    Applies the masks one last time and takes the mask constraints off the
+    variables; the model is a plain Keras model again (it never had wrapper
+    layers), changed in place and returned. A model that is not pruned is
+    returned as it is.
+
+    Args:
+        model: A model or layer pruned by `prune_low_magnitude`.
+
+    Returns:
+        `model`, with masked weights and no pruning machinery.
+    """
+    # Layers of a model may have been pruned separately: one pruner each.
+    for _ in range(len(model.weights)):
+        pruner = find_pruner(model)
+        if pruner is None:
+            break
+        pruner.detach()
+    return model
+
+
+def sparsity_report(model):
+    """Fraction of zero weights in each prunable weight of a model.
+
+    Works on pruned, stripped and plain models (zeros are counted in the
+    weights themselves).
+
+    Args:
+        model: A built Keras model or layer.
+
+    Returns:
+        Dict `{weight path: sparsity}` in trainable-variable order, plus
+        `"total"`: the zero fraction over all of them.
+    """
+    report = {}
+    zeros = size = 0
+    for variable in prunable_weights(model):
+        value = ops.convert_to_numpy(variable)
+        n_zero = int((value == 0).sum())
+        report[variable.path] = n_zero / value.size
+        zeros += n_zero
+        size += value.size
+    report["total"] = zeros / size if size else 0.0
+    return report

@@ -1,0 +1,120 @@
+"""`PruningSummaries`: sparsity of each pruned weight, written to TensorBoard."""
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_stability.pruning.pruner import find_pruner
+
+__all__ = ["PruningSummaries"]
+
+
+@keras.saving.register_keras_serializable(package="keras_stability")
+class PruningSummaries(keras.callbacks.Callback):
+    """Writes the sparsity of every pruned weight to TensorBoard.
+
+    The counterpart of TF-MOT's `PruningSummaries`, for models pruned with
+    `keras_stability.pruning.prune_low_magnitude`. Scalars, at the pruning
+    step: `pruning/target_sparsity` (the schedule's value),
+    `pruning/total_sparsity`, and `pruning/<weight path>/sparsity` for each
+    pruned weight (the zero fraction of its mask). Values are read on the host
+    once per epoch (or every `update_freq` batches), never inside the step.
+
+    Args:
+        log_dir: Directory for the TensorBoard event files.
+        update_freq: `"epoch"` or a positive number of batches between
+            writes. Defaults to `"epoch"`.
+
+    Raises:
+        ValueError: For a bad argument, or at `fit` start if the model is not
+            pruned.
+
+    Example:
+
+    ```python
+    model.fit(x, y, callbacks=[PruningSummaries("logs/pruning")])
+    ```
+    """
+
+    def __init__(self, log_dir, update_freq="epoch"):
+        super().__init__()
+        if not isinstance(log_dir, str) or not log_dir:
+            raise ValueError(
+                "Invalid value for argument `log_dir`. Expected a non-empty path "
+                f"string. Received: log_dir={log_dir!r}"
+            )
+        if update_freq != "epoch" and (
+            isinstance(update_freq, bool)
+            or not isinstance(update_freq, int)
+            or update_freq < 1
+        ):
+            raise ValueError(
+                "Invalid value for argument `update_freq`. Expected 'epoch' or a "
+                f"positive integer. Received: update_freq={update_freq!r}"
+            )
+        self.log_dir = log_dir
+        self.update_freq = update_freq
+        self._writer = None
+        self._pruner = None
+        self._batches = 0
+
+    def on_train_begin(self, logs=None):
+        self._pruner = find_pruner(self.model)
+        if self._pruner is None:
+            raise ValueError(
+                "Invalid value for argument `model`. Expected a model pruned with "
+                "`keras_stability.pruning.prune_low_magnitude` for "
+                f"PruningSummaries. Received: model={self.model.name!r}, not pruned"
+            )
+        import tensorflow as tf
+
+        self._writer = tf.summary.create_file_writer(self.log_dir)
+        self._batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches += 1
+        if self.update_freq != "epoch" and self._batches % self.update_freq == 0:
+            self._write()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.update_freq == "epoch":
+            self._write()
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None
+
+    def sparsities(self):
+        """`{name: value}` of everything this callback writes, read now."""
+        pruner = self._pruner or find_pruner(self.model)
+        values = {
+            "pruning/target_sparsity": float(
+                ops.convert_to_numpy(pruner.target_sparsity())
+            )
+        }
+        zeros = size = 0
+        for variable, mask in zip(pruner.variables, pruner.masks, strict=True):
+            m = ops.convert_to_numpy(mask)
+            values[f"pruning/{variable.path}/sparsity"] = float(1.0 - m.mean())
+            zeros += int(np.sum(m == 0))
+            size += m.size
+        values["pruning/total_sparsity"] = zeros / size
+        return values
+
+    def _write(self):
+        import tensorflow as tf
+
+        step = int(ops.convert_to_numpy(self._pruner.step))
+        with self._writer.as_default(step=step):
+            for name, value in self.sparsities().items():
+                tf.summary.scalar(name, value)
+        self._writer.flush()
+
+    def get_config(self):
+        return {"log_dir": self.log_dir, "update_freq": self.update_freq}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

@@ -1,0 +1,210 @@
+"""Property tests of the pure clipping cores."""
+
+import keras
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from keras_stability import clipping
+from keras_stability.clipping import clip_by_global_norm
+from keras_stability.clipping import global_norm
+from keras_stability.clipping import is_finite
+
+_floats = st.floats(-1e3, 1e3, allow_nan=False, allow_subnormal=False, width=32)
+_grad_lists = st.lists(
+    hnp.arrays(
+        "float32",
+        hnp.array_shapes(min_dims=1, max_dims=3, max_side=4),
+        elements=_floats,
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+def _norm(arrays):
+    return float(np.sqrt(sum(np.sum(a.astype("float64") ** 2) for a in arrays)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(grads=_grad_lists, max_norm=st.floats(1e-3, 1e3))
+def test_clip_by_global_norm_properties(grads, max_norm):
+    clipped, norm = clip_by_global_norm(
+        [keras.ops.convert_to_tensor(g) for g in grads], max_norm
+    )
+    clipped = [np.asarray(c) for c in clipped]
+    before = _norm(grads)
+    assert float(norm) == pytest.approx(before, rel=1e-4, abs=1e-5)
+    after = _norm(clipped)
+    assert after <= max_norm * (1 + 1e-5) + 1e-6
+    if before <= max_norm:
+        for g, c in zip(grads, clipped, strict=True):
+            np.testing.assert_array_equal(g, c)  # untouched
+    else:
+        assert after == pytest.approx(max_norm, rel=1e-4)
+        # Direction preserved: one positive factor for every entry.
+        flat_g = np.concatenate([g.ravel() for g in grads])
+        flat_c = np.concatenate([c.ravel() for c in clipped])
+        np.testing.assert_allclose(
+            flat_c, flat_g * (max_norm / before), rtol=1e-4, atol=1e-6
+        )
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    grads=_grad_lists, bad=st.sampled_from([np.nan, np.inf, -np.inf]), data=st.data()
+)
+def test_nonfinite_inputs_are_reported(grads, bad, data):
+    index = data.draw(st.integers(0, len(grads) - 1))
+    grads[index].ravel()[0] = bad
+    tensors = [keras.ops.convert_to_tensor(g) for g in grads]
+    assert not bool(is_finite(tensors))
+    assert not np.isfinite(float(global_norm(tensors)))
+    # The clip itself leaves the gradients alone (no NaN spreading); the
+    # optimizer is what skips the step.
+    clipped, _ = clip_by_global_norm(tensors, 1.0)
+    for g, c in zip(grads, clipped, strict=True):
+        np.testing.assert_array_equal(g, np.asarray(c))
+
+
+def test_none_entries_are_kept():
+    clipped, norm = clip_by_global_norm([None, keras.ops.ones((2,)) * 3.0], 1.0)
+    assert clipped[0] is None
+    assert float(norm) == pytest.approx(np.sqrt(18))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    values=hnp.arrays(
+        "float32", st.integers(1, 12), elements=st.floats(0, 100, width=32)
+    ),
+    percentile=st.floats(0.5, 100.0),
+)
+def test_masked_percentile_matches_numpy(values, percentile):
+    buffer = np.concatenate([values, np.full(5, 7e3, "float32")])
+    got = float(clipping.masked_percentile(buffer, len(values), percentile))
+    assert got == pytest.approx(
+        float(np.percentile(values, percentile)), rel=1e-5, abs=1e-5
+    )
+
+
+def _zclip_reference(norms, alpha, z_thr, warmup, max_norm=None, eps=1e-6):
+    buffer, mean, var, out = [], None, None, []
+    for g in norms:
+        cap = np.inf if max_norm is None else max_norm
+        if mean is None:
+            buffer.append(g)
+            if len(buffer) == warmup:
+                mean = sum(buffer) / warmup
+                var = sum((b - mean) ** 2 for b in buffer) / warmup
+            out.append(cap)
+            continue
+        std = var**0.5
+        z = (g - mean) / (std + eps)
+        if z > z_thr:
+            threshold = mean + z_thr**2 * std / z
+            effective = threshold
+        else:
+            threshold = mean + z_thr * std
+            effective = g
+        out.append(min(threshold, cap))
+        mean = alpha * mean + (1 - alpha) * effective
+        var = alpha * var + (1 - alpha) * (effective - mean) ** 2
+    return out, mean, var
+
+
+def test_zclip_step_matches_formula_on_recorded_norms():
+    rng = np.random.default_rng(0)
+    norms = list(1.0 + 0.1 * rng.normal(size=30))
+    norms[12], norms[20] = 5.0, 3.0  # spikes
+    expected, mean_ref, var_ref = _zclip_reference(norms, 0.9, 2.0, 5, max_norm=4.0)
+    mean = var = np.float32(0)
+    count = np.int32(0)
+    got = []
+    for g in norms:
+        threshold, (mean, var, count) = clipping.zclip_step(
+            np.float32(g), mean, var, count, 5, 0.9, 2.0, max_norm=4.0
+        )
+        got.append(float(threshold))
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    assert float(mean) == pytest.approx(mean_ref, rel=1e-4)
+    assert float(var) == pytest.approx(var_ref, rel=1e-3)
+    assert got[12] < norms[12] and got[20] < norms[20]  # spikes clipped
+
+
+def test_unitwise_norm_reduces_all_axes_but_last():
+    rng = np.random.default_rng(1)
+    dense = rng.normal(size=(3, 5)).astype("float32")
+    conv = rng.normal(size=(2, 2, 3, 4)).astype("float32")
+    bias = rng.normal(size=(4,)).astype("float32")
+    np.testing.assert_allclose(
+        np.asarray(clipping.unitwise_norm(dense)),
+        np.sqrt((dense**2).sum(axis=0, keepdims=True)),
+        rtol=1e-5,
+    )
+    np.testing.assert_allclose(
+        np.asarray(clipping.unitwise_norm(conv)),
+        np.sqrt((conv**2).sum(axis=(0, 1, 2), keepdims=True)),
+        rtol=1e-5,
+    )
+    assert np.asarray(clipping.unitwise_norm(conv)).shape == (1, 1, 1, 4)
+    np.testing.assert_allclose(
+        np.asarray(clipping.unitwise_norm(bias)), [np.linalg.norm(bias)], rtol=1e-5
+    )
+
+
+def test_adaptive_clip_limits_each_output_unit():
+    w = np.array([[3.0, 0.1], [4.0, 0.1]], "float32")  # unit norms 5, ~0.141
+    g = np.array([[1.0, 1.0], [0.0, 1.0]], "float32")  # unit norms 1, ~1.414
+    (out,), clipped = clipping.adaptive_clip([g], [w], clip_factor=0.5, eps=1e-3)
+    out = np.asarray(out)
+    np.testing.assert_array_equal(out[:, 0], g[:, 0])  # 1 <= 0.5 * 5: untouched
+    np.testing.assert_allclose(
+        np.linalg.norm(out[:, 1]), 0.5 * np.linalg.norm(w[:, 1]), rtol=1e-5
+    )
+    assert bool(clipped)
+
+
+def test_agc_skips_vectors_and_final_layer():
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(4),
+            keras.layers.LayerNormalization(),
+            keras.layers.Dense(2),
+        ]
+    )
+    agc = clipping.AGC(clip_factor=0.01)
+    agc.build(None, model.trainable_variables)
+    applies = {v.path: agc.applies_to(v) for v in model.trainable_variables}
+    assert [p for p, a in applies.items() if a] == [model.layers[0].kernel.path]
+    keep_all = clipping.AGC(exclude_vectors=False, exclude_final_layer=False)
+    keep_all.build(None, model.trainable_variables)
+    assert all(keep_all.applies_to(v) for v in model.trainable_variables)
+
+
+def test_spike_step_reference():
+    rng = np.random.default_rng(2)
+    window = 6
+    history = np.zeros(window, "float32")
+    count = np.int32(0)
+    consecutive = np.int32(0)
+    accepted = []
+    norms = list(1 + 0.05 * rng.normal(size=8)) + [9.0, 9.0, 9.0, 1.0]
+    flags = []
+    for n in norms:
+        spike, (history, count, consecutive) = clipping.spike_step(
+            np.float32(n), history, count, consecutive, 4.0, 4, 2
+        )
+        recent = np.array(accepted[-window:])
+        outlier = len(recent) >= 4 and n > recent.mean() + 4.0 * recent.std(ddof=1)
+        expected = outlier and flags[-2:] != [True, True]
+        assert bool(spike) == bool(expected), n
+        flags.append(bool(spike))
+        if not bool(spike):
+            accepted.append(n)
+    # Two spikes skipped, the third in a row accepted (max_consecutive=2).
+    assert flags[8:] == [True, True, False, False]

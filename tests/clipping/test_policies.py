@@ -1,0 +1,131 @@
+"""The serializable policies, driven through GuardedOptimizer."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_stability import clipping
+from keras_stability.optimizers import GuardedOptimizer
+
+
+def _run(policy, norms, shape=(4,)):
+    """Applies gradients with the given global norms; returns per-step stats."""
+    variable = keras.Variable(np.zeros(shape, "float32"))
+    optimizer = GuardedOptimizer(keras.optimizers.SGD(1.0), clipping=policy)
+    optimizer.build([variable])
+
+    @tf.function
+    def step(g):
+        optimizer.apply([g], [variable])
+
+    direction = np.ones(shape, "float32") / np.sqrt(np.prod(shape))
+    out = []
+    for n in norms:
+        before = variable.numpy().copy()
+        step(tf.constant(direction * np.float32(n)))
+        update = np.linalg.norm(before - variable.numpy())
+        out.append((float(optimizer.clip_threshold), float(update)))
+    return optimizer, out
+
+
+def test_autoclip_threshold_is_numpy_percentile_of_history():
+    rng = np.random.default_rng(0)
+    norms = np.abs(rng.normal(2.0, 1.0, size=14)).astype("float32")
+    norms[9] = np.nan  # not recorded, step skipped
+    policy = clipping.AutoClip(percentile=25.0, history_size=8)
+    optimizer, out = _run(policy, norms)
+    recorded = []
+    for i, n in enumerate(norms):
+        threshold, update = out[i]
+        if np.isnan(n):
+            assert update == 0.0 or np.isnan(update)
+            continue
+        recorded.append(n)
+        expected = np.percentile(recorded[-8:], 25.0)
+        assert threshold == pytest.approx(expected, rel=1e-5)
+        assert update == pytest.approx(min(n, expected), rel=1e-4)
+    np.testing.assert_allclose(
+        np.sort(policy.history.numpy()), np.sort(recorded[-8:]), rtol=1e-6
+    )
+    assert int(policy.count.numpy()) == len(recorded)
+
+
+def test_zclip_through_the_optimizer_clips_the_spike():
+    norms = [1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 8.0, 1.0]
+    policy = clipping.ZClip(alpha=0.9, z_threshold=2.0, warmup_steps=4)
+    optimizer, out = _run(policy, norms)
+    thresholds = [t for t, _ in out]
+    assert thresholds[:4] == [float("inf")] * 4
+    spike_threshold, spike_update = out[6]
+    assert (
+        spike_update == pytest.approx(spike_threshold, rel=1e-5) and spike_update < 2.0
+    )
+    assert optimizer.statistics()["steps_clipped"] == 1
+    # The statistics learnt the clipped value, not 8.
+    assert float(policy.mean.numpy()) < 1.5
+
+
+def test_global_norm_threshold_and_update():
+    _, out = _run(clipping.GlobalNorm(2.0), [1.0, 5.0])
+    assert out[0] == pytest.approx((2.0, 1.0), rel=1e-5)
+    assert out[1] == pytest.approx((2.0, 2.0), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        clipping.GlobalNorm(0.5),
+        clipping.AutoClip(percentile=90, history_size=10),
+        clipping.ZClip(alpha=0.8, z_threshold=3.0, warmup_steps=5, max_norm=10.0),
+        clipping.AGC(clip_factor=0.02, eps=1e-4, exclude_final_layer=False),
+        clipping.SpikeSkipping(window=16, threshold=4.0, min_samples=8),
+    ],
+)
+def test_config_round_trip(policy):
+    config = policy.get_config()
+    clone = type(policy).from_config(config)
+    assert clone.get_config() == config
+    restored = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(policy)
+    )
+    assert type(restored) is type(policy) and restored.get_config() == config
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda: clipping.AutoClip(percentile=150),
+            "argument `percentile`. Expected a number in (0, 100]. Received: percentile=150",
+        ),
+        (lambda: clipping.AutoClip(percentile=0), "Received: percentile=0"),
+        (lambda: clipping.AutoClip(history_size=0), "argument `history_size`"),
+        (
+            lambda: clipping.GlobalNorm(0),
+            "argument `max_norm`. Expected a positive number. Received: max_norm=0",
+        ),
+        (lambda: clipping.GlobalNorm(-1.0), "Received: max_norm=-1.0"),
+        (
+            lambda: clipping.ZClip(alpha=1.0),
+            "argument `alpha`. Expected a number in (0, 1). Received: alpha=1.0",
+        ),
+        (lambda: clipping.ZClip(alpha=0), "Received: alpha=0"),
+        (lambda: clipping.ZClip(max_norm=-2), "Received: max_norm=-2"),
+        (lambda: clipping.ZClip(warmup_steps=0), "argument `warmup_steps`"),
+        (
+            lambda: clipping.AGC(clip_factor=0),
+            "argument `clip_factor`. Expected a positive number. Received: clip_factor=0",
+        ),
+        (lambda: clipping.AGC(clip_factor=-0.1), "Received: clip_factor=-0.1"),
+        (
+            lambda: clipping.SpikeSkipping(window=8, min_samples=20),
+            "argument `min_samples`",
+        ),
+    ],
+)
+def test_bad_arguments(make, message):
+    with pytest.raises(ValueError) as info:
+        make()
+    assert message in str(info.value)
+    assert str(info.value).startswith("Invalid value for argument `")

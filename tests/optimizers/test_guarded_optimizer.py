@@ -1,0 +1,390 @@
+"""GuardedOptimizer on one device: skip semantics, statistics, observers, config."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_stability import clipping
+from keras_stability.optimizers import GradientObserver
+from keras_stability.optimizers import GuardedOptimizer
+from keras_stability.optimizers import ensure_guarded
+from tests.helpers import run_in_subprocess
+
+
+def _variables():
+    return [
+        keras.Variable(np.ones((3, 2), "float32"), name="kernel"),
+        keras.Variable(np.zeros((2,), "float32"), name="bias"),
+    ]
+
+
+def _grads(scale=1.0):
+    return [
+        tf.constant(np.full((3, 2), scale, "float32")),
+        tf.constant(np.full((2,), scale, "float32")),
+    ]
+
+
+def _values(variables):
+    return [np.array(v.numpy()) for v in variables]
+
+
+def test_global_norm_clips_to_threshold_and_records_statistics():
+    variables = _variables()
+    optimizer = GuardedOptimizer(
+        keras.optimizers.SGD(1.0), clipping=clipping.GlobalNorm(1.0)
+    )
+    before = _values(variables)
+    optimizer.apply(_grads(2.0), variables)  # norm = 2 * sqrt(8)
+    update = [b - a for a, b in zip(_values(variables), before, strict=True)]
+    update_norm = np.sqrt(sum(float(np.sum(u**2)) for u in update))
+    assert update_norm == pytest.approx(1.0, rel=1e-5)
+    stats = optimizer.statistics()
+    assert stats["grad_norm"] == pytest.approx(2 * np.sqrt(8), rel=1e-6)
+    assert stats["clip_threshold"] == 1.0
+    assert stats["steps_clipped"] == 1
+    # Below the threshold the gradient is untouched.
+    before = _values(variables)
+    optimizer.apply(_grads(0.01), variables)
+    np.testing.assert_allclose(before[0] - _values(variables)[0], 0.01, rtol=1e-5)
+    assert optimizer.statistics()["steps_clipped"] == 1
+
+
+def test_skipped_step_leaves_weights_moments_iterations_and_schedule():
+    variables = _variables()
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, 1, 0.5)
+    optimizer = GuardedOptimizer(keras.optimizers.Adam(schedule))
+    optimizer.apply(_grads(1.0), variables)
+    weights = _values(variables)
+    inner_state = _values(optimizer.inner_optimizer.variables)
+    lr = float(optimizer.learning_rate)
+    nan_grads = _grads(1.0)
+    nan_grads[1] = tf.constant([np.nan, 1.0])
+    optimizer.apply(nan_grads, variables)
+    for a, b in zip(weights, _values(variables), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(
+        inner_state, _values(optimizer.inner_optimizer.variables), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    assert int(optimizer.iterations) == 1
+    assert float(optimizer.learning_rate) == lr
+    stats = optimizer.statistics()
+    assert stats["steps_skipped_nonfinite"] == 1
+    assert stats["last_step_skipped"] == 1
+    assert stats["step"] == 2
+    # Inf is skipped too; a finite step afterwards applies and advances.
+    inf_grads = _grads(1.0)
+    inf_grads[0] = tf.constant(np.full((3, 2), np.inf, "float32"))
+    optimizer.apply(inf_grads, variables)
+    assert optimizer.statistics()["steps_skipped_nonfinite"] == 2
+    optimizer.apply(_grads(1.0), variables)
+    assert int(optimizer.iterations) == 2
+    assert optimizer.statistics()["last_step_skipped"] == 0
+    assert not np.array_equal(weights[0], _values(variables)[0])
+
+
+def test_skip_nonfinite_false_lets_nan_through():
+    variables = _variables()
+    optimizer = GuardedOptimizer(keras.optimizers.SGD(1.0), skip_nonfinite=False)
+    grads = _grads(1.0)
+    grads[1] = tf.constant([np.nan, 1.0])
+    optimizer.apply(grads, variables)
+    assert np.isnan(variables[1].numpy()[0])
+    assert optimizer.statistics()["steps_skipped_nonfinite"] == 0
+
+
+def test_skip_next_skips_requested_steps_in_graph():
+    variables = _variables()
+    optimizer = GuardedOptimizer(keras.optimizers.SGD(1.0))
+    optimizer.build(variables)
+
+    @tf.function
+    def step(grads):
+        optimizer.apply(grads, variables)
+
+    optimizer.skip_next(2)
+    before = _values(variables)
+    step(_grads(1.0))
+    step(_grads(1.0))
+    np.testing.assert_array_equal(before[0], _values(variables)[0])
+    stats = optimizer.statistics()
+    assert stats["steps_skipped_requested"] == 2
+    assert stats["skip_remaining"] == 0
+    step(_grads(1.0))
+    np.testing.assert_allclose(_values(variables)[0], before[0] - 1.0)
+    assert int(optimizer.iterations) == 1
+
+
+def test_spike_skipping_rejects_outlier_without_recording_it():
+    variables = [keras.Variable(np.zeros((1,), "float32"))]
+    spikes = clipping.SpikeSkipping(window=8, threshold=3.0, min_samples=4)
+    optimizer = GuardedOptimizer(keras.optimizers.SGD(0.0), skip_spikes=spikes)
+    rng = np.random.default_rng(0)
+    norms = 1.0 + 0.1 * rng.normal(size=6)
+    for n in norms:
+        optimizer.apply([tf.constant([n], "float32")], variables)
+    history = spikes.history.numpy().copy()
+    optimizer.apply([tf.constant([50.0])], variables)
+    stats = optimizer.statistics()
+    assert stats["steps_skipped_spike"] == 1
+    assert stats["last_step_skipped"] == 1
+    np.testing.assert_array_equal(spikes.history.numpy(), history)
+    assert int(spikes.count.numpy()) == 6
+    optimizer.apply([tf.constant([1.0])], variables)
+    assert optimizer.statistics()["last_step_skipped"] == 0
+    np.testing.assert_allclose(spikes.history.numpy()[:6], np.abs(norms), rtol=1e-6)
+
+
+class RecordingObserver(GradientObserver):
+    def build(self, optimizer, variables):
+        self.norm = optimizer.add_variable((), name="observed_norm")
+        self.first = optimizer.add_variable(variables[0].shape, name="observed_grad")
+        self.after = optimizer.add_variable((), name="after_calls")
+        self.skipped = optimizer.add_variable((), name="after_skipped")
+        self.step = optimizer.add_variable((), name="observed_step")
+
+    def observe(self, grads, variables, stats):
+        self.norm.assign(stats["global_norm"])
+        self.first.assign(grads[0])
+        self.step.assign(keras.ops.cast(stats["step"], "float32"))
+
+    def after_apply(self, variables, skipped):
+        self.after.assign_add(1.0)
+        self.skipped.assign_add(keras.ops.cast(skipped, "float32"))
+
+
+def test_observer_sees_preclip_grads_and_after_apply():
+    variables = _variables()
+    observer = RecordingObserver()
+    optimizer = GuardedOptimizer(
+        keras.optimizers.SGD(1.0),
+        clipping=clipping.GlobalNorm(0.1),
+        observers=[observer],
+    )
+    optimizer.apply(_grads(2.0), variables)
+    np.testing.assert_allclose(observer.first.numpy(), 2.0)  # pre-clip
+    assert float(observer.norm.numpy()) == pytest.approx(2 * np.sqrt(8), rel=1e-6)
+    nan_grads = _grads(1.0)
+    nan_grads[0] = tf.constant(np.full((3, 2), np.nan, "float32"))
+    optimizer.apply(nan_grads, variables)
+    assert float(observer.after.numpy()) == 2.0
+    assert float(observer.skipped.numpy()) == 1.0
+    assert float(observer.step.numpy()) == 1.0
+    # Added after build: built at once.
+    late = RecordingObserver()
+    optimizer.add_observer(late)
+    optimizer.apply(_grads(3.0), variables)
+    np.testing.assert_allclose(late.first.numpy(), 3.0)
+
+
+def test_fit_jit_compile_skips_nan_batch():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 4)).astype("float32")
+    y = rng.normal(size=(32, 1)).astype("float32")
+    x[8:16] = np.nan  # the second batch
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    optimizer = GuardedOptimizer(keras.optimizers.Adam(0.01), clipping=clipping.ZClip())
+    model.compile(optimizer, "mse", jit_compile=True)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    assert all(np.all(np.isfinite(w.numpy())) for w in model.weights)
+    stats = optimizer.statistics()
+    assert stats["steps_skipped_nonfinite"] == 1
+    assert stats["step"] == 4
+    assert int(optimizer.iterations) == 3
+
+
+def _adamw():
+    return keras.optimizers.AdamW(
+        0.01,
+        weight_decay=0.1,
+        use_ema=True,
+        ema_overwrite_frequency=3,
+        gradient_accumulation_steps=2,
+    )
+
+
+def _fit(optimizer, steps=8):
+    keras.utils.set_random_seed(1)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(steps * 4, 5)).astype("float32")
+    y = rng.normal(size=(steps * 4, 1)).astype("float32")
+    model = keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(3), keras.layers.Dense(1)]
+    )
+    model.compile(optimizer, "mse")
+    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    return model
+
+
+def test_inner_weight_decay_ema_accumulation_identical_when_not_clipping():
+    plain = _fit(_adamw())
+    guarded_opt = GuardedOptimizer(_adamw(), clipping=clipping.GlobalNorm(1e9))
+    guarded = _fit(guarded_opt)
+    for a, b in zip(plain.weights, guarded.weights, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
+    assert int(guarded_opt.iterations) == int(plain.optimizer.iterations) == 4
+
+
+def test_mixed_precision_measures_unscaled_gradients():
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        mixed_opt = GuardedOptimizer(keras.optimizers.SGD(0.01))
+        mixed = _fit(mixed_opt, steps=1)
+        assert isinstance(mixed.optimizer, keras.optimizers.LossScaleOptimizer)
+        assert mixed.optimizer.inner_optimizer is mixed_opt
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    full_opt = GuardedOptimizer(keras.optimizers.SGD(0.01))
+    _fit(full_opt, steps=1)
+    # The loss scale is 32768; the measured norm is the unscaled one.
+    assert float(mixed_opt.grad_norm) == pytest.approx(
+        float(full_opt.grad_norm), rel=2e-2
+    )
+
+
+def test_get_config_round_trip():
+    optimizer = GuardedOptimizer(
+        keras.optimizers.Adam(0.003),
+        clipping=clipping.ZClip(alpha=0.9, max_norm=2.0),
+        skip_nonfinite=True,
+        skip_spikes=clipping.SpikeSkipping(window=16, min_samples=4),
+        name="guard",
+    )
+    config = optimizer.get_config()
+    clone = GuardedOptimizer.from_config(config)
+    assert clone.get_config() == config
+    assert isinstance(clone.clipping, clipping.ZClip)
+    assert clone.clipping.max_norm == 2.0
+    assert clone.skip_spikes.window == 16
+    restored = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
+    assert isinstance(restored, GuardedOptimizer)
+    assert restored.get_config() == config
+
+
+def test_bad_arguments_raise_in_keras_form():
+    with pytest.raises(
+        ValueError,
+        match="Invalid value for argument `inner_optimizer`. Expected a Keras 3",
+    ):
+        GuardedOptimizer("adam")
+    with pytest.raises(ValueError, match="global_clipnorm=1.0"):
+        GuardedOptimizer(keras.optimizers.SGD(global_clipnorm=1.0))
+    with pytest.raises(ValueError, match="clipnorm=2.0"):
+        GuardedOptimizer(keras.optimizers.SGD(clipnorm=2.0))
+    with pytest.raises(ValueError, match="not a LossScaleOptimizer"):
+        GuardedOptimizer(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()))
+    with pytest.raises(ValueError, match="Invalid value for argument `clipping`"):
+        GuardedOptimizer(keras.optimizers.SGD(), clipping="zclip")
+    with pytest.raises(ValueError, match="Invalid value for argument `skip_spikes`"):
+        GuardedOptimizer(keras.optimizers.SGD(), skip_spikes=3)
+    with pytest.raises(ValueError, match="does not support `weight_decay`"):
+        GuardedOptimizer(keras.optimizers.SGD(), weight_decay=0.1)
+    with pytest.raises(ValueError, match="Invalid value for argument `n`"):
+        GuardedOptimizer(keras.optimizers.SGD()).skip_next(-1)
+
+
+def test_ensure_guarded_before_and_after_fit_and_refuses_clipping():
+    model = _fit(keras.optimizers.Adam(0.01), steps=2)
+    adam = model.optimizer
+    traced = model.train_function
+    guarded = ensure_guarded(model, clipping=clipping.GlobalNorm(0.001))
+    assert model.optimizer is guarded and guarded.inner_optimizer is adam
+    assert model.train_function is not traced
+    assert ensure_guarded(model) is guarded
+    x = np.ones((8, 5), "float32")
+    model.fit(x, np.ones((8, 1), "float32"), batch_size=4, verbose=0)
+    assert guarded.statistics()["steps_clipped"] == 2
+    assert int(adam.iterations) == 4
+    with pytest.raises(ValueError, match="already a GuardedOptimizer"):
+        ensure_guarded(model, clipping=clipping.ZClip())
+    clipped = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    clipped.compile(keras.optimizers.SGD(clipnorm=1.0), "mse")
+    with pytest.raises(ValueError, match="clipnorm=1.0"):
+        ensure_guarded(clipped)
+
+
+def _continue_from_file(path, x, y):
+    import keras
+
+    import keras_stability  # noqa: F401
+
+    model = keras.saving.load_model(path)
+    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    stats = model.optimizer.statistics()
+    return [w.numpy() for w in model.weights], stats
+
+
+def _guarded_model():
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(4, activation="relu"),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(
+        GuardedOptimizer(
+            keras.optimizers.Adam(0.01),
+            clipping=clipping.AutoClip(percentile=50, history_size=16),
+            skip_spikes=clipping.SpikeSkipping(window=8, min_samples=4),
+        ),
+        "mse",
+    )
+    return model
+
+
+@pytest.mark.slow
+def test_keras_save_fresh_process_continue_equals_uninterrupted(tmp_path):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(24, 5)).astype("float32")
+    y = rng.normal(size=(24, 1)).astype("float32")
+    whole = _guarded_model()
+    whole.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
+    half = _guarded_model()
+    half.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    path = os.path.join(tmp_path, "guarded.keras")
+    half.save(path)
+    weights, stats = run_in_subprocess(_continue_from_file, path, x, y, n_cpu_devices=1)
+    for a, b in zip(whole.weights, weights, strict=True):
+        np.testing.assert_allclose(a.numpy(), b, rtol=1e-6, atol=1e-7)
+    assert stats == whole.optimizer.statistics()
+    assert stats["step"] == 12
+
+
+def test_observer_state_saved_by_name_and_restored_when_added_later(tmp_path):
+    x = np.ones((8, 5), "float32")
+    y = np.ones((8, 1), "float32")
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(1)])
+    observer = RecordingObserver()
+    model.compile(
+        GuardedOptimizer(keras.optimizers.SGD(0.1), observers=[observer]), "mse"
+    )
+    model.fit(x, y, batch_size=4, verbose=0)
+    path = os.path.join(tmp_path, "observed.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)  # no observer attached: state kept aside
+    assert loaded.optimizer.statistics() == model.optimizer.statistics()
+    late = loaded.optimizer.add_observer(RecordingObserver())
+    np.testing.assert_allclose(late.norm.numpy(), observer.norm.numpy())
+    np.testing.assert_allclose(late.first.numpy(), observer.first.numpy())
+    assert float(late.after.numpy()) == 2.0
+
+
+def test_ensure_guarded_adds_missing_parts_in_any_order():
+    model = _fit(keras.optimizers.Adam(0.01), steps=2)
+    bare = ensure_guarded(model)  # e.g. a monitoring callback first
+    assert bare.clipping is None and bare.built
+    same = ensure_guarded(model, clipping=clipping.GlobalNorm(1e-3), skip_spikes=True)
+    assert same is bare and isinstance(bare.clipping, clipping.GlobalNorm)
+    assert isinstance(bare.skip_spikes, clipping.SpikeSkipping)
+    x = np.ones((8, 5), "float32")
+    model.fit(x, np.ones((8, 1), "float32"), batch_size=4, verbose=0)
+    assert bare.statistics()["steps_clipped"] == 2
+    assert int(bare.skip_spikes.count.numpy()) == 2
+    with pytest.raises(ValueError, match="skip_nonfinite=True; cannot also"):
+        ensure_guarded(model, skip_nonfinite=False)

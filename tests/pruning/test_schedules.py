@@ -1,0 +1,98 @@
+import os
+
+import numpy as np
+import pytest
+
+from keras_stability import pruning
+from keras_stability.pruning import schedules
+from tests.helpers import run_in_subprocess
+
+
+def _import_order_check():
+    """Child: the brief's import order; `tf.keras` must stay Keras 3."""
+    import tensorflow as tf
+
+    import keras_stability.pruning as kp
+
+    before = os.environ.get("TF_USE_LEGACY_KERAS")
+    schedule_cls = kp.PolynomialDecay  # lazy TF-MOT import through our guard
+    after_ours = os.environ.get("TF_USE_LEGACY_KERAS")
+    import keras
+    import tensorflow_model_optimization as tfmot  # the user's own import
+
+    return {
+        "same_dense": tf.keras.layers.Dense is keras.layers.Dense,
+        "keras_version": tf.keras.__version__,
+        "env_before": before,
+        "env_after_ours": after_ours,
+        "is_tfmot_class": schedule_cls is tfmot.sparsity.keras.PolynomialDecay,
+    }
+
+
+def _tfmot_first_check():
+    """Child: TF-MOT imported by us before anything touched `tf.keras`."""
+    from keras_stability.pruning import _tfmot
+
+    _tfmot.import_tfmot()
+    import keras
+    import tensorflow as tf
+
+    return {
+        "same_dense": tf.keras.layers.Dense is keras.layers.Dense,
+        "env": os.environ.get("TF_USE_LEGACY_KERAS"),
+    }
+
+
+def test_importing_pruning_and_tfmot_leaves_tf_keras_as_keras3():
+    result = run_in_subprocess(_import_order_check, n_cpu_devices=1)
+    assert result["same_dense"] is True
+    assert result["keras_version"].startswith("3.")
+    assert result["env_before"] is None
+    assert result["env_after_ours"] is None
+    assert result["is_tfmot_class"] is True
+
+
+def test_our_tfmot_import_restores_the_environment():
+    result = run_in_subprocess(_tfmot_first_check, n_cpu_devices=1)
+    assert result == {"same_dense": True, "env": None}
+
+
+def test_tfmot_schedules_are_accepted_and_validated():
+    schedule = pruning.PolynomialDecay(0.0, 0.8, begin_step=0, end_step=10, frequency=2)
+    assert schedules.validate_schedule(schedule) is schedule
+    should, sparsity = schedules.call_schedule(schedule, np.int64(10))
+    assert bool(should) and float(sparsity) == pytest.approx(0.8)
+    should, _ = schedules.call_schedule(schedule, np.int64(3))
+    assert not bool(should)
+    constant = pruning.ConstantSparsity(0.5, begin_step=0, frequency=1)
+    assert schedules.validate_schedule(constant) is constant
+
+
+def test_plain_callables_are_schedules():
+    fn = lambda step: (step % 2 == 0, 0.5)  # noqa: E731
+    assert schedules.validate_schedule(fn) is fn
+    should, sparsity = schedules.call_schedule(fn, np.int64(4))
+    assert bool(should) and float(sparsity) == 0.5
+
+
+@pytest.mark.parametrize(
+    "schedule, message",
+    [
+        (0.5, "Expected a callable `step -> \\(should_prune, sparsity\\)` such as"),
+        (lambda step: 0.5, "returning a boolean scalar and a float scalar"),
+        (lambda step: (True, 0.5, 1), "returning a boolean scalar and a float scalar"),
+        (
+            lambda step: (True, [0.5, 0.5]),
+            "returning a boolean scalar and a float scalar",
+        ),
+        (lambda step: (True, 1.0), "Expected a sparsity in \\[0, 1\\) at every step"),
+        (lambda step: (True, -0.1), "giving sparsity=-0.1"),
+    ],
+)
+def test_bad_schedules_raise_in_keras_form(schedule, message):
+    with pytest.raises(
+        ValueError, match="Invalid value for argument `pruning_schedule`"
+    ):
+        schedules.validate_schedule(schedule)
+    with pytest.raises(ValueError, match=message):
+        schedules.validate_schedule(schedule)

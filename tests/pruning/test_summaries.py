@@ -1,0 +1,82 @@
+import glob
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_stability import pruning
+from keras_stability.pruning import PruningSummaries
+
+
+def _read_scalars(log_dir):
+    found = {}
+    for path in glob.glob(f"{log_dir}/events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                found.setdefault(value.tag, []).append(
+                    (event.step, float(tf.make_ndarray(value.tensor)))
+                )
+    return found
+
+
+def _pruned_model():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(10, activation="relu"),
+            keras.layers.Dense(4),
+        ]
+    )
+    schedule = pruning.PolynomialDecay(0.0, 0.6, begin_step=0, end_step=4, frequency=2)
+    pruning.prune_low_magnitude(model, schedule)
+    model.compile("adam", "mse")
+    return model
+
+
+def test_writes_sparsity_per_weight_at_the_pruning_step(tmp_path):
+    model = _pruned_model()
+    x = np.random.default_rng(0).normal(size=(32, 8)).astype("float32")
+    y = np.zeros((32, 4), "float32")
+    log_dir = str(tmp_path / "logs")
+    callback = PruningSummaries(log_dir)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[callback])
+    scalars = _read_scalars(log_dir)
+    report = pruning.sparsity_report(model)
+    kernels = [k for k in report if k != "total"]
+    assert set(scalars) == {
+        "pruning/target_sparsity",
+        "pruning/total_sparsity",
+        *(f"pruning/{k}/sparsity" for k in kernels),
+    }
+    # Two epochs of 4 steps: written at steps 4 and 8.
+    assert [s for s, _ in scalars["pruning/total_sparsity"]] == [4, 8]
+    assert scalars["pruning/target_sparsity"][-1][1] == pytest.approx(0.6)
+    for k in kernels:
+        assert scalars[f"pruning/{k}/sparsity"][-1][1] == pytest.approx(report[k])
+    assert scalars["pruning/total_sparsity"][-1][1] == pytest.approx(report["total"])
+
+
+def test_batch_frequency_config_and_errors(tmp_path):
+    model = _pruned_model()
+    x = np.zeros((32, 8), "float32")
+    callback = PruningSummaries(str(tmp_path / "b"), update_freq=3)
+    model.fit(
+        x, np.zeros((32, 4)), batch_size=8, epochs=2, verbose=0, callbacks=[callback]
+    )
+    steps = [s for s, _ in _read_scalars(str(tmp_path / "b"))["pruning/total_sparsity"]]
+    assert steps == [3, 6]
+    config = callback.get_config()
+    assert config == {"log_dir": str(tmp_path / "b"), "update_freq": 3}
+    assert PruningSummaries.from_config(config).get_config() == config
+    with pytest.raises(ValueError, match="Received: update_freq=0"):
+        PruningSummaries("logs", update_freq=0)
+    with pytest.raises(ValueError, match="Received: log_dir=''"):
+        PruningSummaries("")
+    plain = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    plain.compile("adam", "mse")
+    with pytest.raises(ValueError, match="Expected a model pruned with"):
+        plain.fit(
+            x, np.zeros((32, 4)), verbose=0, callbacks=[PruningSummaries(str(tmp_path))]
+        )
