@@ -15,6 +15,7 @@ if _startup.launched_as_cli():
 from keras_stability import callbacks  # noqa: E402
 from keras_stability import clipping  # noqa: E402
 from keras_stability import datasets  # noqa: E402
+from keras_stability import diagnostics  # noqa: E402
 from keras_stability import distillation  # noqa: E402
 from keras_stability import layers  # noqa: E402
 from keras_stability import optimizers  # noqa: E402
@@ -22,6 +23,8 @@ from keras_stability import pruning  # noqa: E402
 from keras_stability import regularizers  # noqa: E402
 from keras_stability import tuning  # noqa: E402
 from keras_stability.callbacks import AdaptiveClipping  # noqa: E402
+from keras_stability.callbacks import GradientExplosionDetector  # noqa: E402
+from keras_stability.callbacks import GradientMonitor  # noqa: E402
 from keras_stability.distillation import Distiller  # noqa: E402
 from keras_stability.optimizers import GuardedOptimizer  # noqa: E402
 from keras_stability.version import __version__  # noqa: E402
@@ -31,6 +34,7 @@ __all__ = [
     "callbacks",
     "clipping",
     "datasets",
+    "diagnostics",
     "distillation",
     "layers",
     "optimizers",
@@ -39,5 +43,7 @@ __all__ = [
     "tuning",
     "AdaptiveClipping",
     "Distiller",
+    "GradientExplosionDetector",
+    "GradientMonitor",
     "GuardedOptimizer",
 ]

@@ -161,6 +161,72 @@ def part_pruning(ctx):
     ctx.say(f"Kernel sparsity: {sparsity:.1%}  Test accuracy: {accuracy:.4f}")
     return {"loss": float(loss), "accuracy": float(accuracy), "sparsity": sparsity}
 
+def part_gradient_health(ctx):
+    """Vanishing gradients diagnosed; a far too high learning rate rescued."""
+    import warnings
+
+    import keras
+    import numpy as np
+
+    from keras_stability.callbacks import GradientExplosionDetector
+    from keras_stability.callbacks import GradientMonitor
+
+    x, y = ctx.x_train[:640], ctx.y_train[:640]  # 20 steps of 32
+    keras.utils.set_random_seed(ctx.args.seed)
+    deep = keras.Sequential(
+        [keras.Input((ctx.n_features,))]
+        + [keras.layers.Dense(64, activation="sigmoid") for _ in range(12)]
+        + [keras.layers.Dense(ctx.n_classes)],
+        name="deep_sigmoid",
+    )
+    compile_example_model(deep)
+    monitor = GradientMonitor(verbose=0)
+    deep.fit(x, y, epochs=1, verbose=0, callbacks=[monitor])
+    vanishing = monitor.unhealthy_layers("vanishing")
+    ctx.say(
+        f"The example made deep (12 sigmoid layers): {len(vanishing)} of "
+        f"{len(monitor.layer_names)} layers flagged vanishing "
+        f"({', '.join(vanishing[:3])}{', ...' if len(vanishing) > 3 else ''})."
+    )
+    first = monitor.layer_names[0]
+    ctx.say(
+        f"  gradient norm of {first}: {monitor.history['grad_norm'][first][-1]:.2g}, "
+        f"of the output layer: {monitor.history['grad_norm'][monitor.layer_names[-1]][-1]:.2g}"
+    )
+    ctx.say("  remedy: " + monitor.findings[0].remedy if vanishing else "")
+
+    def too_fast(callbacks):
+        keras.utils.set_random_seed(ctx.args.seed)
+        model = build_example_model(ctx.n_features, ctx.n_classes)
+        compile_example_model(model, keras.optimizers.SGD(learning_rate=20.0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fit(x, y, epochs=3, verbose=0, callbacks=callbacks)
+        finite = all(np.all(np.isfinite(w)) for w in model.get_weights())
+        loss, accuracy = model.evaluate(ctx.x_test, ctx.y_test, verbose=0)
+        return finite, loss, accuracy, model
+
+    finite, loss, accuracy, _ = too_fast([])
+    ctx.say(
+        f"SGD(learning_rate=20), plain fit: weights finite={finite}, test loss {loss:.4g}."
+    )
+    detector = GradientExplosionDetector(snapshot_every=5, lr_factor=0.02, verbose=0)
+    finite2, loss2, accuracy2, model = too_fast([detector])
+    lr = float(np.asarray(model.optimizer.learning_rate))
+    ctx.say(
+        f"Same with GradientExplosionDetector: {detector.rollbacks} rollback(s), "
+        f"{detector.skipped_batches} NaN step(s) skipped, learning rate -> {lr:.3g}; "
+        f"weights finite={finite2}, test loss {loss2:.4f}, accuracy {accuracy2:.4f}."
+    )
+    return {
+        "vanishing_layers": vanishing,
+        "plain_finite": finite,
+        "rescued_finite": finite2,
+        "rescued_loss": float(loss2),
+        "rollbacks": detector.rollbacks,
+    }
+
+
 def part_clipping(ctx):
     """The example with ZClip and non-finite skipping added by a callback."""
     import keras
@@ -197,6 +263,10 @@ def part_clipping(ctx):
 PARTS = {
     "example": (part_example, "The Keras example, fixed"),
     "clipping": (part_clipping, "Adaptive clipping and step skipping (AdaptiveClipping)"),
+    "gradient_health": (
+        part_gradient_health,
+        "Gradient health: vanishing diagnosed, explosion rescued",
+    ),
     "stability_layers": (part_stability_layers, "Deep residual blocks (ReZero) and z-loss"),
     "distillation": (part_distillation, "Distillation into a 10x smaller student"),
     "pruning": (part_pruning, "Pruned to 80% sparsity (keras_stability.pruning)"),

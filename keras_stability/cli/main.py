@@ -14,6 +14,10 @@ COMMANDS = {
         "keras_stability.cli.demo",
         "Train the plain Keras example (fixed) and show the library on it.",
     ),
+    "diagnose": (
+        "keras_stability.cli.diagnose",
+        "Train a saved model a few steps and report per-layer gradient health.",
+    ),
 }
 
 

@@ -1,0 +1,452 @@
+"""`GradientExplosionDetector`: detect bad steps in `fit` and recover.
+
+The detector reads, after each batch, the raw per-step loss and the
+`GuardedOptimizer` statistics of that step (pre-clip global gradient norm,
+whether the step was skipped for non-finite gradients). Three signals:
+
+- non-finite loss or gradients (a NaN/Inf step is never applied: the guarded
+  optimizer skips it in-graph, on all replicas alike);
+- a loss spike: z-score of the raw loss over a rolling window of healthy steps,
+  or a raw loss `loss_factor` times the window median or the best snapshot's;
+- a gradient-norm spike: the same on the global gradient norm.
+
+Then, by `action`, it warns, skips, rolls back (restore the last healthy
+snapshot of weights and optimizer state, lower the learning rate, skip the
+next batches in-graph) or stops. After `max_rollbacks` it stops, restores
+the best healthy weights and writes a JSON diagnostic. A run never ends with
+non-finite weights.
+"""
+
+import json
+import math
+import warnings
+
+import keras
+import numpy as np
+from keras.src.utils import io_utils  # Keras' print_msg (no public alias)
+
+from keras_stability.callbacks.gradient_monitor import attach_observer
+from keras_stability.callbacks.layer_gradient_stats import LayerGradientStats
+from keras_stability.callbacks.layer_gradient_stats import group_variables_by_layer
+from keras_stability.callbacks.lr_scaling import scale_learning_rate
+from keras_stability.callbacks.lr_scaling import wrap_schedule
+from keras_stability.callbacks.raw_loss import RawLossTracker
+from keras_stability.callbacks.snapshots import Snapshot
+from keras_stability.diagnostics.spikes import RollingZScore
+
+__all__ = ["GradientExplosionDetector"]
+
+ACTIONS = ("warn", "skip", "rollback", "stop")
+HISTORY_KEPT = 2000  # raw losses / norms kept for the diagnostic
+SNAPSHOT_TOLERANCE = 2.0  # a snapshot's loss may be at most this x the best
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "positive integer" if minimum == 1 else f"integer >= {minimum}"
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected a {kind}. "
+            f"Received: {name}={value!r}"
+        )
+
+
+class GradientExplosionDetector(keras.callbacks.Callback):
+    """Detects exploding training and recovers from it automatically.
+
+    Actions, by escalation:
+
+    - `"warn"`: warn and count; nothing else changes.
+    - `"skip"`: steps with non-finite gradients, and (if the detector adds
+      the `GuardedOptimizer`) gradient-norm spikes, are skipped in-graph (not
+      applied, on every replica); loss spikes, seen on the host after the
+      step, are warned about. After `max_consecutive_skips` non-finite steps
+      in a row it stops.
+    - `"rollback"`: like `"skip"`, and on a spike or repeated non-finite
+      steps it restores the last healthy snapshot of the weights and the
+      optimizer state (taken every `snapshot_every` healthy steps),
+      multiplies the learning rate by `lr_factor` (a schedule is wrapped in
+      `ScaledSchedule`, so its shape is kept) and skips the next
+      `skip_batches` updates in-graph. After `max_rollbacks` it stops.
+    - `"stop"`: at the first problem it stops.
+
+    On stopping it restores the best healthy snapshot (lowest mean raw loss;
+    the last one if `restore_best_weights=False`), sets
+    `model.stop_training`, warns with the reason, and writes `diagnostic`
+    (step, reason, events, raw-loss and gradient-norm history, per-layer
+    gradient norms of the last step) to `diagnostic_path` as JSON if given.
+    At the end of training, non-finite weights (possible with `"warn"`) are
+    replaced by the last healthy snapshot.
+
+    The optimizer is wrapped in a `GuardedOptimizer` at the start of `fit`
+    if it is not one already.
+
+    Args:
+        action: One of `"warn"`, `"skip"`, `"rollback"`, `"stop"`.
+            Defaults to `"rollback"`.
+        snapshot_every: Healthy steps between snapshots. Defaults to `50`.
+        lr_factor: Learning-rate multiplier per rollback, in (0, 1).
+            Defaults to `0.5`.
+        skip_batches: Updates skipped after a rollback. Defaults to `5`.
+        max_rollbacks: Rollbacks before stopping. Defaults to `3`.
+        max_consecutive_skips: Non-finite steps in a row tolerated by
+            skipping alone. Defaults to `3`.
+        loss_z_threshold: z-score of the raw loss that is a spike.
+            Defaults to `6.0`.
+        grad_z_threshold: z-score of the gradient norm that is a spike.
+            Defaults to `6.0`.
+        loss_factor: A raw loss above this multiple of the median healthy
+            loss (a spike even before `min_samples` steps) or of the best
+            confirmed snapshot's loss (a slow divergence) is a problem;
+            `None` to turn both off. Defaults to `10.0`.
+        window: Healthy steps in the rolling statistics. Defaults to `128`.
+        min_samples: Steps before spikes are judged. Defaults to `20`.
+        restore_best_weights: Restore the best (not the last) snapshot when
+            stopping. Defaults to `True`.
+        diagnostic_path: JSON file written when the detector stops, or
+            `None`. Defaults to `None`.
+        verbose: 1 to print each rollback. Defaults to `1`.
+
+    Example:
+
+    ```python
+    detector = GradientExplosionDetector(action="rollback", snapshot_every=20)
+    model.fit(x, y, callbacks=[detector])
+    detector.rollbacks, detector.skipped_batches
+    ```
+    """
+
+    def __init__(
+        self,
+        action="rollback",
+        snapshot_every=50,
+        lr_factor=0.5,
+        skip_batches=5,
+        max_rollbacks=3,
+        max_consecutive_skips=3,
+        loss_z_threshold=6.0,
+        grad_z_threshold=6.0,
+        loss_factor=10.0,
+        window=128,
+        min_samples=20,
+        restore_best_weights=True,
+        diagnostic_path=None,
+        verbose=1,
+    ):
+        super().__init__()
+        if action not in ACTIONS:
+            raise ValueError(
+                f"Invalid value for argument `action`. Expected one of {ACTIONS}. "
+                f"Received: action={action!r}"
+            )
+        _check_int("snapshot_every", snapshot_every, 1)
+        _check_int("skip_batches", skip_batches, 0)
+        _check_int("max_rollbacks", max_rollbacks, 0)
+        _check_int("max_consecutive_skips", max_consecutive_skips, 0)
+        if isinstance(lr_factor, bool) or not isinstance(lr_factor, (int, float)) or not 0 < lr_factor < 1:
+            raise ValueError(
+                "Invalid value for argument `lr_factor`. Expected a number in (0, 1). "
+                f"Received: lr_factor={lr_factor!r}"
+            )
+        # Validates window / thresholds with the pure core's messages.
+        RollingZScore(window, loss_z_threshold, min_samples, loss_factor)
+        RollingZScore(window, grad_z_threshold, min_samples)
+        self.action = action
+        self.snapshot_every = snapshot_every
+        self.lr_factor = lr_factor
+        self.skip_batches = skip_batches
+        self.max_rollbacks = max_rollbacks
+        self.max_consecutive_skips = max_consecutive_skips
+        self.loss_z_threshold = loss_z_threshold
+        self.grad_z_threshold = grad_z_threshold
+        self.loss_factor = loss_factor
+        self.window = window
+        self.min_samples = min_samples
+        self.restore_best_weights = bool(restore_best_weights)
+        self.diagnostic_path = diagnostic_path
+        self.verbose = verbose
+        self.diagnostic = None
+        self._stats = None
+        self._model_id = None
+
+    def get_config(self):
+        return {
+            "action": self.action,
+            "snapshot_every": self.snapshot_every,
+            "lr_factor": self.lr_factor,
+            "skip_batches": self.skip_batches,
+            "max_rollbacks": self.max_rollbacks,
+            "max_consecutive_skips": self.max_consecutive_skips,
+            "loss_z_threshold": self.loss_z_threshold,
+            "grad_z_threshold": self.grad_z_threshold,
+            "loss_factor": self.loss_factor,
+            "window": self.window,
+            "min_samples": self.min_samples,
+            "restore_best_weights": self.restore_best_weights,
+            "diagnostic_path": self.diagnostic_path,
+            "verbose": self.verbose,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    # -- fit hooks --------------------------------------------------------
+    def on_train_begin(self, logs=None):
+        model = self.model
+        with model.distribute_strategy.scope():
+            if wrap_schedule(model.optimizer):
+                model.make_train_function(force=True)
+        if self._stats is None or self._model_id != id(model):
+            groups = group_variables_by_layer(model)
+            # Per-layer norms for the diagnostic: every `snapshot_every` steps
+            # and on anomalous steps (non-finite or 3x jump of the norm).
+            self._stats = LayerGradientStats(
+                groups=groups,
+                every_n_steps=self.snapshot_every,
+                track_updates=False,
+                anomaly_factor=3.0,
+            )
+            self._layer_names = [name for name, _, _ in groups]
+            self._model_id = id(model)
+        # With action="skip", a new guard also skips gradient-norm spikes
+        # in-graph (GuardedOptimizer's `skip_spikes`).
+        guard_kwargs = {"skip_spikes": True} if self.action == "skip" else {}
+        self.optimizer = attach_observer(model, self._stats, **guard_kwargs)
+        self._loss = RawLossTracker.shared(model, (self.params or {}).get("steps"))
+        self._loss.start_fit()
+        self._loss_z = RollingZScore(
+            self.window, self.loss_z_threshold, self.min_samples, self.loss_factor
+        )
+        self._grad_z = RollingZScore(self.window, self.grad_z_threshold, self.min_samples)
+        self.step = 0
+        self.epoch = 0
+        self.rollbacks = 0
+        self.skipped_batches = 0
+        self.consecutive_skips = 0
+        self.events = []
+        self.raw_losses = []
+        self.grad_norms = []
+        self.stopped_reason = None
+        self.diagnostic = None
+        # `snapshot` is the last confirmed healthy one; `_pending` waits for
+        # `confirm_steps` healthy steps after it (the first one's raw loss is
+        # its score) before it replaces `snapshot`.
+        self.snapshot = Snapshot(model, step=0)
+        self.best = self.snapshot
+        self._pending = self.snapshot
+        self._pending_losses = []
+        self._last_snapshot_at = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+        self._loss.start_epoch(epoch)
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs if logs is not None else {}
+        self.step += 1
+        raw = self._loss.update_once(batch, logs)
+        # One host read per step: the pre-clip global norm. A non-finite norm
+        # means the guarded optimizer skipped the step in-graph (if it skips
+        # non-finite steps, the default).
+        norm_var = getattr(self.optimizer, "grad_norm", None)
+        norm = float(norm_var.numpy()) if norm_var is not None else math.nan
+        skipped_nonfinite = (
+            norm_var is not None
+            and not math.isfinite(norm)
+            and bool(getattr(self.optimizer, "skip_nonfinite", False))
+        )
+        self.raw_losses.append(raw)
+        self.grad_norms.append(norm)
+        del self.raw_losses[:-HISTORY_KEPT], self.grad_norms[:-HISTORY_KEPT]
+
+        problem = None
+        if skipped_nonfinite:
+            # Not applied (in-graph). Count it and keep the epoch loss finite.
+            self.skipped_batches += 1
+            self.consecutive_skips += 1
+            self._loss.rewind()
+            self._fix_logged_loss(logs)
+            self._event("skipped_nonfinite", raw, norm)
+            if self.consecutive_skips > self.max_consecutive_skips:
+                problem = f"{self.consecutive_skips} non-finite steps in a row"
+        elif not (math.isfinite(raw) and (math.isfinite(norm) or norm_var is None)):
+            problem = f"non-finite loss ({raw}) or gradient norm ({norm})"
+        else:
+            self.consecutive_skips = 0
+            loss_z = self._loss_z.zscore(raw)
+            loss_median = self._loss_z.median()
+            grad_z = self._grad_z.zscore(norm) if norm_var is not None else 0.0
+            best = self.best.score
+            if (
+                self.loss_factor is not None
+                and math.isfinite(best)
+                and best > 0
+                and raw > self.loss_factor * best
+            ):
+                problem = (
+                    f"loss diverging: raw loss {raw:.4g} is above {self.loss_factor:g}x "
+                    f"the best healthy snapshot's loss {best:.4g}"
+                )
+            elif self._loss_z.update(raw):
+                problem = (
+                    f"loss spike: raw loss {raw:.4g} (z-score {loss_z:.1f}, "
+                    f"median of healthy steps {loss_median:.4g})"
+                )
+            elif norm_var is not None and self._grad_z.update(norm):
+                problem = f"gradient-norm spike: norm {norm:.4g}, z-score {grad_z:.1f}"
+        if problem is None:
+            self._healthy_step(raw)
+        else:
+            self._handle(problem, raw, norm)
+        logs["raw_loss"] = raw
+        logs["rollbacks"] = self.rollbacks
+        logs["skipped_batches"] = self.skipped_batches
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["rollbacks"] = self.rollbacks
+            logs["skipped_batches"] = self.skipped_batches
+
+    def on_train_end(self, logs=None):
+        if not Snapshot(self.model).is_finite():
+            target = self.best if self.restore_best_weights else self.snapshot
+            target.restore(self.model)
+            warnings.warn(
+                "GradientExplosionDetector: training ended with non-finite weights; "
+                f"restored the healthy snapshot of step {target.step}.",
+                stacklevel=2,
+            )
+
+    # -- decisions ----------------------------------------------------------
+    def _fix_logged_loss(self, logs):
+        tracker = getattr(self.model, "_loss_tracker", None)
+        if tracker is not None and "loss" in logs:
+            count = float(np.asarray(tracker.count))
+            if count > 0:
+                logs["loss"] = float(np.asarray(tracker.total)) / count
+
+    def _event(self, kind, raw, norm, detail=""):
+        self.events.append(
+            {
+                "step": self.step,
+                "epoch": self.epoch,
+                "kind": kind,
+                "raw_loss": _json_float(raw),
+                "grad_norm": _json_float(norm),
+                "detail": detail,
+            }
+        )
+
+    @property
+    def confirm_steps(self):
+        """Healthy steps that confirm a snapshot: `min(5, snapshot_every)`."""
+        return min(5, self.snapshot_every)
+
+    def _healthy_step(self, raw):
+        if self._pending is not None:
+            self._pending_losses.append(raw)
+            if len(self._pending_losses) >= self.confirm_steps:
+                # The first loss after a snapshot is its weights' loss on one
+                # batch; a snapshot far above the best one is not kept (it may
+                # sit on a slow divergence).
+                score = float(self._pending_losses[0])
+                best = self.best.score
+                if not (math.isfinite(best) and best > 0 and score > SNAPSHOT_TOLERANCE * best):
+                    self._pending.score = score
+                    self.snapshot = self._pending
+                    if not best <= score:
+                        self.best = self.snapshot
+                self._pending = None
+            return
+        if self.step - self._last_snapshot_at < self.snapshot_every:
+            return
+        snapshot = Snapshot(self.model, step=self.step)
+        self._last_snapshot_at = self.step
+        if snapshot.is_finite():
+            self._pending = snapshot
+            self._pending_losses = []
+
+    def _handle(self, problem, raw, norm):
+        self._event("problem", raw, norm, problem)
+        if self.action != "warn":
+            self._pending = None  # a snapshot followed by a problem is not healthy
+        if self.action == "warn" or (self.action == "skip" and "in a row" not in problem):
+            warnings.warn(
+                f"GradientExplosionDetector at step {self.step}: {problem}.", stacklevel=3
+            )
+            return
+        if self.action == "rollback" and self.rollbacks < self.max_rollbacks:
+            self._rollback(problem)
+            return
+        reason = problem
+        if self.action == "rollback":
+            reason = f"{problem} after {self.rollbacks} rollbacks (max_rollbacks={self.max_rollbacks})"
+        self._stop(reason, raw, norm)
+
+    def _rollback(self, problem):
+        self.snapshot.restore(self.model)
+        self.rollbacks += 1
+        new_lr = scale_learning_rate(self.optimizer, self.lr_factor)
+        if self.skip_batches and hasattr(self.optimizer, "skip_next"):
+            self.optimizer.skip_next(self.skip_batches)
+        self.consecutive_skips = 0
+        self._pending = None
+        # The next snapshot waits for `snapshot_every` healthy steps again.
+        self._last_snapshot_at = self.step
+        if self.events:
+            self.events[-1].update(
+                action="rollback", restored_step=self.snapshot.step, learning_rate=new_lr
+            )
+        message = (
+            f"GradientExplosionDetector at step {self.step}: {problem}. Rolled back "
+            f"to step {self.snapshot.step} (rollback {self.rollbacks}/"
+            f"{self.max_rollbacks}), learning rate x{self.lr_factor:g}"
+            + (f" -> {new_lr:.4g}" if new_lr is not None else "")
+            + f", skipping the next {self.skip_batches} updates."
+        )
+        if self.verbose:
+            io_utils.print_msg(message)
+
+    def _stop(self, reason, raw, norm):
+        target = self.best if self.restore_best_weights else self.snapshot
+        target.restore(self.model)
+        self.model.stop_training = True
+        self.stopped_reason = reason
+        stats = self._stats.read() if self._stats is not None and self._stats.built else None
+        self.diagnostic = {
+            "reason": reason,
+            "step": self.step,
+            "epoch": self.epoch,
+            "action": self.action,
+            "rollbacks": self.rollbacks,
+            "skipped_batches": self.skipped_batches,
+            "restored_step": target.step,
+            "restored_loss": _json_float(target.score),
+            "events": self.events,
+            "loss_history": [_json_float(v) for v in self.raw_losses],
+            "grad_norm_history": [_json_float(v) for v in self.grad_norms],
+            "per_layer_grad_norms": (
+                {
+                    n: _json_float(v)
+                    for n, v in zip(self._layer_names, stats["grad_norms"], strict=True)
+                }
+                if stats is not None
+                else {}
+            ),
+        }
+        where = ""
+        if self.diagnostic_path:
+            with open(self.diagnostic_path, "w") as f:
+                json.dump(self.diagnostic, f, indent=2)
+            where = f" Diagnostic written to {self.diagnostic_path}."
+        warnings.warn(
+            f"GradientExplosionDetector stopped training at step {self.step}: "
+            f"{reason}. Restored the {'best' if self.restore_best_weights else 'last'} "
+            f"healthy weights (step {target.step}).{where}",
+            stacklevel=3,
+        )
+
+
+def _json_float(value):
+    value = float(value)
+    return value if math.isfinite(value) else str(value)

@@ -1,0 +1,451 @@
+"""`GradientMonitor`: per-layer gradient health inside `fit`.
+
+The statistics are computed in the compiled step by a `LayerGradientStats`
+observer on the (automatically added) `GuardedOptimizer`, and read back on
+the host only every `every_n_steps`. They reach fit's logs (so `History`, the
+progress bar and `CSVLogger` see them), TensorBoard, an in-memory history,
+a text table (`summary`) and a heatmap (`plot`). The pure diagnosis lives in
+`keras_stability.diagnostics.gradient_health`.
+"""
+
+import math
+import os
+import warnings
+
+import keras
+import numpy as np
+from keras.src.utils import io_utils  # Keras' print_msg (no public alias)
+
+from keras_stability.callbacks.layer_gradient_stats import HISTOGRAM_RANGE
+from keras_stability.callbacks.layer_gradient_stats import LayerGradientStats
+from keras_stability.callbacks.layer_gradient_stats import group_variables_by_layer
+from keras_stability.callbacks.raw_loss import RawLossTracker
+from keras_stability.diagnostics.gradient_health import HEALTHY
+from keras_stability.diagnostics.gradient_health import diagnose_layers
+from keras_stability.diagnostics.gradient_health import format_findings
+
+__all__ = ["GradientMonitor", "attach_observer"]
+
+# Checks the diagnosis looks at (the exploding rule's baseline is their median).
+DIAGNOSIS_WINDOW = 64
+
+
+def attach_observer(model, observer, **guard_kwargs):
+    """Adds `observer` to the model's (guarded) optimizer before training.
+
+    Wraps the compiled optimizer in a `GuardedOptimizer` if needed (with
+    `guard_kwargs`; an existing guard is used as it is) and makes the train
+    function be traced again if it already was, so the observer is part of
+    the compiled step.
+
+    Returns:
+        The `GuardedOptimizer`.
+    """
+    from keras_stability.optimizers import GuardedOptimizer
+    from keras_stability.optimizers import ensure_guarded
+
+    chain, opt = [], model.optimizer
+    while opt is not None and opt not in chain:
+        chain.append(opt)
+        opt = getattr(opt, "inner_optimizer", None)
+    if any(isinstance(o, GuardedOptimizer) for o in chain):
+        guard_kwargs = {}
+    optimizer = ensure_guarded(model, **guard_kwargs)
+    if observer not in list(getattr(optimizer, "observers", None) or []):
+        with model.distribute_strategy.scope():
+            optimizer.add_observer(observer)
+        model.make_train_function(force=True)
+    return optimizer
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected a positive integer. "
+            f"Received: {name}={value!r}"
+        )
+
+
+class GradientMonitor(keras.callbacks.Callback):
+    """Monitors per-layer gradient norms and diagnoses vanishing / exploding.
+
+    Each layer's variables form a group (an `Embedding` is a group of its
+    own, reported but never called vanishing). Every `every_n_steps` the
+    monitor reads the group gradient norms, weight norms and
+    update-to-weight ratios computed in the compiled step, and the raw loss
+    of every step (Keras' logged `loss` is the running epoch mean), then:
+
+    - adds `raw_loss`, `grad_norm` (global, pre-clip), `min_layer_grad_ratio`
+      (smallest layer norm over the largest) and, if `logs_per_layer`,
+      `grad_norm/<layer>` and `update_ratio/<layer>` to the batch and epoch
+      logs, so `History`, the progress bar and `CSVLogger` show them;
+    - appends to `history` (a dict of lists);
+    - writes TensorBoard scalars and `log10|g|` histograms if `log_dir`;
+    - runs the diagnosis (`diagnose_layers`) and warns once per layer and
+      status, naming the layers and the standard remedies.
+
+    Args:
+        every_n_steps: Steps between host reads. Defaults to `1`.
+        per_layer: Whether to group by layer; otherwise only the global norm
+            is kept. Defaults to `True`.
+        log_dir: TensorBoard log directory, or `None`. Defaults to `None`.
+        logs_per_layer: Whether per-layer values go into fit's logs too
+            (one column per layer). Defaults to `False`.
+        track_updates: Whether to compute update-to-weight ratios.
+            Defaults to `True`.
+        histogram_bins: Bins of TensorBoard gradient histograms (used only
+            with `log_dir`). Defaults to `30`.
+        vanish_floor: See `diagnose_layers`. Defaults to `1e-8`.
+        vanish_ratio: See `diagnose_layers`. Defaults to `1e-3`.
+        explode_norm: See `diagnose_layers`. Defaults to `1e3`.
+        explode_factor: See `diagnose_layers`. Defaults to `100.0`.
+        patience: Consecutive checks before a layer is flagged.
+            Defaults to `3`.
+        verbose: 1 to warn about unhealthy layers. Defaults to `1`.
+
+    Example:
+
+    ```python
+    monitor = GradientMonitor(every_n_steps=10)
+    model.fit(x, y, callbacks=[monitor])
+    report = monitor.summary(print_to_stdout=False)
+    monitor.plot("gradients.png")
+    ```
+    """
+
+    def __init__(
+        self,
+        every_n_steps=1,
+        per_layer=True,
+        log_dir=None,
+        logs_per_layer=False,
+        track_updates=True,
+        histogram_bins=30,
+        vanish_floor=1e-8,
+        vanish_ratio=1e-3,
+        explode_norm=1e3,
+        explode_factor=100.0,
+        patience=3,
+        verbose=1,
+    ):
+        super().__init__()
+        _positive_int("every_n_steps", every_n_steps)
+        _positive_int("patience", patience)
+        if isinstance(histogram_bins, bool) or not isinstance(histogram_bins, int) or histogram_bins < 0:
+            raise ValueError(
+                "Invalid value for argument `histogram_bins`. Expected a "
+                f"non-negative integer. Received: histogram_bins={histogram_bins!r}"
+            )
+        # Validates the thresholds once, with the pure core's messages.
+        diagnose_layers(
+            {},
+            vanish_floor=vanish_floor,
+            vanish_ratio=vanish_ratio,
+            explode_norm=explode_norm,
+            explode_factor=explode_factor,
+            patience=patience,
+        )
+        self.every_n_steps = every_n_steps
+        self.per_layer = bool(per_layer)
+        self.log_dir = log_dir
+        self.logs_per_layer = bool(logs_per_layer)
+        self.track_updates = bool(track_updates)
+        self.histogram_bins = histogram_bins
+        self.vanish_floor = vanish_floor
+        self.vanish_ratio = vanish_ratio
+        self.explode_norm = explode_norm
+        self.explode_factor = explode_factor
+        self.patience = patience
+        self.verbose = verbose
+        self.observer = None
+        self._model_id = None
+        self.history = {}
+        self.findings = []
+
+    def get_config(self):
+        return {
+            "every_n_steps": self.every_n_steps,
+            "per_layer": self.per_layer,
+            "log_dir": self.log_dir,
+            "logs_per_layer": self.logs_per_layer,
+            "track_updates": self.track_updates,
+            "histogram_bins": self.histogram_bins,
+            "vanish_floor": self.vanish_floor,
+            "vanish_ratio": self.vanish_ratio,
+            "explode_norm": self.explode_norm,
+            "explode_factor": self.explode_factor,
+            "patience": self.patience,
+            "verbose": self.verbose,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    # -- fit hooks --------------------------------------------------------
+    def on_train_begin(self, logs=None):
+        if self.observer is None or self._model_id != id(self.model):
+            groups = group_variables_by_layer(self.model) if self.per_layer else [
+                ("model", "layer", [v.path for v in self.model.trainable_variables])
+            ]
+            self.observer = LayerGradientStats(
+                groups=groups,
+                every_n_steps=self.every_n_steps,
+                track_updates=self.track_updates,
+                histogram_bins=self.histogram_bins if self.log_dir else 0,
+            )
+            self._model_id = id(self.model)
+            self.layer_names = [name for name, _, _ in groups]
+            self.layer_kinds = [kind for _, kind, _ in groups]
+        attach_observer(self.model, self.observer)
+        self.observer.reset()
+        self.history = {
+            "step": [],
+            "raw_loss": [],
+            "global_norm": [],
+            "grad_norm": {n: [] for n in self.layer_names},
+            "weight_norm": {n: [] for n in self.layer_names},
+            "update_ratio": {n: [] for n in self.layer_names},
+        }
+        self.raw_losses = []
+        self.findings = []
+        self._warned = set()
+        self._step = 0
+        self._last = {}
+        self._loss = RawLossTracker.shared(self.model, (self.params or {}).get("steps"))
+        self._loss.start_fit()
+        self._writer = None
+        if self.log_dir:
+            import tensorflow as tf
+
+            self._writer = tf.summary.create_file_writer(
+                os.path.join(self.log_dir, "gradients")
+            )
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._loss.start_epoch(epoch)
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs if logs is not None else {}
+        self._step += 1
+        raw = self._loss.update_once(batch, logs)
+        self.raw_losses.append(raw)
+        logs["raw_loss"] = raw
+        self._last["raw_loss"] = raw
+        if self._step % self.every_n_steps == 0:
+            self._read(raw)
+        logs.update(self._last)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs.update(self._last)
+
+    def on_train_end(self, logs=None):
+        if self.history.get("step"):
+            self._diagnose()
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None
+
+    # -- reading and diagnosis ---------------------------------------------
+    def _read(self, raw):
+        stats = self.observer.read()
+        h = self.history
+        h["step"].append(self._step)
+        h["raw_loss"].append(raw)
+        h["global_norm"].append(stats["global_norm"])
+        for i, name in enumerate(self.layer_names):
+            h["grad_norm"][name].append(float(stats["grad_norms"][i]))
+            h["weight_norm"][name].append(float(stats["weight_norms"][i]))
+            if self.track_updates:
+                h["update_ratio"][name].append(float(stats["update_ratios"][i]))
+        norms = stats["grad_norms"]
+        dense = [i for i, k in enumerate(self.layer_kinds) if k != "embedding"] or list(
+            range(len(norms))
+        )
+        largest = float(np.max(norms[dense])) if len(dense) else 0.0
+        last = {
+            "raw_loss": raw,
+            "grad_norm": stats["global_norm"],
+            "min_layer_grad_ratio": float(np.min(norms[dense]) / largest)
+            if largest > 0
+            else math.nan,
+        }
+        if self.logs_per_layer:
+            for i, name in enumerate(self.layer_names):
+                last[f"grad_norm/{name}"] = float(norms[i])
+                if self.track_updates:
+                    last[f"update_ratio/{name}"] = float(stats["update_ratios"][i])
+        self._last = last
+        if self._writer is not None:
+            self._write_tensorboard(stats, raw)
+        # A rule needs `patience` checks in a row: diagnosing every `patience`
+        # checks sees the same runs and keeps the host path short.
+        if len(h["step"]) % self.patience == 0:
+            self._diagnose()
+
+    def _diagnose(self):
+        self.findings = self.diagnose()
+        new = [
+            f
+            for f in self.findings
+            if f.status != HEALTHY and (f.layer, f.status) not in self._warned
+        ]
+        if new and self.verbose:
+            warnings.warn(
+                f"GradientMonitor at step {self._step}: " + format_findings(new),
+                stacklevel=2,
+            )
+        self._warned.update((f.layer, f.status) for f in new)
+
+    def diagnose(self):
+        """Runs the diagnosis on the last `DIAGNOSIS_WINDOW` checks.
+
+        Returns:
+            List of `LayerFinding`, one per layer group.
+        """
+        recent = {
+            name: values[-DIAGNOSIS_WINDOW:]
+            for name, values in self.history.get("grad_norm", {}).items()
+        }
+        return diagnose_layers(
+            recent,
+            exclude=[n for n, k in zip(self.layer_names, self.layer_kinds, strict=True) if k == "embedding"],
+            vanish_floor=self.vanish_floor,
+            vanish_ratio=self.vanish_ratio,
+            explode_norm=self.explode_norm,
+            explode_factor=self.explode_factor,
+            patience=self.patience,
+        )
+
+    def unhealthy_layers(self, status=None):
+        """Names of the layers currently flagged (optionally of one status)."""
+        return [
+            f.layer
+            for f in self.findings
+            if f.status != HEALTHY and (status is None or f.status == status)
+        ]
+
+    def _write_tensorboard(self, stats, raw):
+        import tensorflow as tf
+
+        step = self._step
+        with self._writer.as_default(step=step):
+            tf.summary.scalar("raw_loss", raw)
+            tf.summary.scalar("grad_norm/global", stats["global_norm"])
+            for i, name in enumerate(self.layer_names):
+                tf.summary.scalar(f"grad_norm/{name}", stats["grad_norms"][i])
+                if self.track_updates:
+                    tf.summary.scalar(f"update_ratio/{name}", stats["update_ratios"][i])
+                if "histograms" in stats:
+                    _write_histogram(
+                        f"log10_abs_grad/{name}", stats["histograms"][i], step
+                    )
+
+    # -- reports -------------------------------------------------------------
+    def summary(self, print_to_stdout=True):
+        """A per-layer table: last / median / min gradient norm, update ratio, status.
+
+        Args:
+            print_to_stdout: Whether to also print it with Keras' `print_msg`.
+                Defaults to `True`.
+
+        Returns:
+            The table as a string.
+        """
+        h = self.history
+        if not h.get("step"):
+            text = "GradientMonitor: no statistics recorded yet."
+        else:
+            status = {f.layer: f for f in self.findings}
+            width = max(12, *(len(n) for n in self.layer_names))
+            header = (
+                f"{'layer':<{width}}  {'kind':<9} {'grad norm':>10} {'median':>10} "
+                f"{'min':>10} {'upd/weight':>10}  status"
+            )
+            lines = [
+                f"Gradient health after {h['step'][-1]} steps "
+                f"({len(h['step'])} checks)",
+                header,
+                "-" * len(header),
+            ]
+            for name, kind in zip(self.layer_names, self.layer_kinds, strict=True):
+                norms = np.asarray(h["grad_norm"][name])
+                ratios = h["update_ratio"][name]
+                finding = status.get(name)
+                lines.append(
+                    f"{name:<{width}}  {kind:<9} {norms[-1]:>10.3g} "
+                    f"{np.median(norms):>10.3g} {np.min(norms):>10.3g} "
+                    f"{(ratios[-1] if ratios else math.nan):>10.3g}  "
+                    f"{finding.status if finding else HEALTHY}"
+                )
+            advice = format_findings(self.findings)
+            if advice:
+                lines += ["", advice]
+            text = "\n".join(lines)
+        if print_to_stdout:
+            io_utils.print_msg(text)
+        return text
+
+    def plot(self, path, title=None):
+        """Saves a heatmap of log10 gradient norms (layers x checks).
+
+        Args:
+            path: Image file to write (format from the extension).
+            title: Figure title. Defaults to `None` (a generic title).
+
+        Returns:
+            `path`.
+        """
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        from matplotlib import pyplot as plt
+
+        h = self.history
+        if not h.get("step"):
+            raise ValueError(
+                "GradientMonitor.plot needs recorded statistics; call it after `fit`."
+            )
+        data = np.asarray([h["grad_norm"][n] for n in self.layer_names], dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logged = np.log10(np.where(data > 0, data, np.nan))
+        fig, ax = plt.subplots(
+            figsize=(8, max(2.5, 0.3 * len(self.layer_names) + 1.5))
+        )
+        steps = h["step"]
+        image = ax.imshow(
+            logged,
+            aspect="auto",
+            interpolation="nearest",
+            cmap="viridis",
+            extent=(steps[0] - 0.5, steps[-1] + 0.5, len(self.layer_names) - 0.5, -0.5),
+        )
+        ax.set_yticks(range(len(self.layer_names)))
+        ax.set_yticklabels(self.layer_names, fontsize=7)
+        ax.set_xlabel("step")
+        ax.set_title(title or "log10 gradient norm per layer")
+        fig.colorbar(image, ax=ax, label="log10 ||g||")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+
+def _write_histogram(tag, counts, step):
+    """Writes a precomputed histogram (bucket counts over HISTOGRAM_RANGE)."""
+    import tensorflow as tf
+    from tensorboard.plugins.histogram import metadata
+
+    lo, hi = HISTOGRAM_RANGE
+    edges = np.linspace(lo, hi, len(counts) + 1)
+    buckets = np.stack([edges[:-1], edges[1:], np.asarray(counts)], axis=1)
+    tf.summary.write(
+        tag=tag,
+        tensor=tf.constant(buckets, dtype=tf.float64),
+        step=step,
+        metadata=metadata.create_summary_metadata(
+            display_name=tag, description="log10 |gradient| per layer"
+        ),
+    )

@@ -1,0 +1,331 @@
+"""In-graph per-layer gradient statistics: a `GradientObserver`.
+
+`GuardedOptimizer` calls `observe` inside the compiled train step with the
+all-reduced, unscaled, pre-clip gradients. This observer reduces them to a few
+numbers per layer (group of variables) and writes them into variables, which
+the host reads only when it wants to (`GradientMonitor`: every
+`every_n_steps`). Nothing here syncs with the host.
+"""
+
+import contextlib
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_stability.optimizers import GradientObserver
+
+__all__ = ["LayerGradientStats", "group_variables_by_layer"]
+
+# log10|g| histogram range (TensorBoard histograms of gradients).
+HISTOGRAM_RANGE = (-12.0, 4.0)
+
+
+def group_variables_by_layer(model):
+    """Groups a model's trainable variables by top-level layer.
+
+    Variables of an `Embedding` (also inside a nested layer) form a group of
+    their own, of kind `"embedding"`, since their sparse gradients are not
+    comparable with dense layers'.
+
+    Args:
+        model: A built Keras model.
+
+    Returns:
+        List of `(name, kind, paths)`: group name, `"layer"` or `"embedding"`,
+        and the variable paths in it. Every trainable variable is in exactly
+        one group.
+    """
+    groups = []
+    seen = set()
+    for layer in model.layers:
+        sublayers = getattr(layer, "_flatten_layers", None)
+        sublayers = list(sublayers(include_self=True)) if sublayers else [layer]
+        for sub in sublayers:
+            if isinstance(sub, keras.layers.Embedding):
+                paths = [v.path for v in sub.trainable_variables if v.path not in seen]
+                if paths:
+                    name = sub.name if sub is layer else f"{layer.name}/{sub.name}"
+                    groups.append((name, "embedding", paths))
+                    seen.update(paths)
+        paths = [v.path for v in layer.trainable_variables if v.path not in seen]
+        if paths:
+            groups.append((layer.name, "layer", paths))
+            seen.update(paths)
+    rest = [v.path for v in model.trainable_variables if v.path not in seen]
+    for path in rest:  # model-level variables: one group per path prefix
+        prefix = path.rsplit("/", 1)[0]
+        for name, _, paths in groups:
+            if name == prefix:
+                paths.append(path)
+                break
+        else:
+            groups.append((prefix, "layer", [path]))
+    return groups
+
+
+def _strategy_scope(optimizer):
+    import tensorflow as tf
+
+    strategy = getattr(optimizer, "_distribution_strategy", None)
+    if strategy is None or tf.distribute.has_strategy():
+        return contextlib.nullcontext()
+    return strategy.scope()
+
+
+class LayerGradientStats(GradientObserver):
+    """Per-layer gradient norm, weight norm and update-to-weight ratio.
+
+    Register it on a `GuardedOptimizer` (`observers=[...]` or `add_observer`).
+    `global_norm` and `step` are updated every step; the per-layer
+    statistics only every `every_n_steps` steps (the last computed values
+    stay in between), inside a `cond`, so other steps cost almost nothing:
+
+    - `grad_norms` `(G,)`: L2 norm of each group's pre-clip gradient;
+    - `global_norm` `()`: L2 norm of the whole gradient;
+    - `weight_norms` `(G,)`: each group's weight norm before the update
+      (every `every_n_steps`, only if `track_updates` or `histogram_bins`);
+    - `update_ratios` `(G,)`: `||w_after - w_before|| / ||w_before||`
+      (0 for a skipped step), only if `track_updates`;
+    - `histograms` `(G, histogram_bins)`: counts of `log10|g|` over
+      `HISTOGRAM_RANGE`, only if `histogram_bins > 0`;
+    - `step` `()`: steps observed.
+
+    Args:
+        groups: `(name, kind, paths)` triples from `group_variables_by_layer`,
+            or `None` to group by each variable's path prefix (its layer).
+            Defaults to `None`.
+        every_n_steps: Steps between update-ratio / histogram computations
+            (counted by `step`). Defaults to `1`.
+        track_updates: Whether to compute update ratios (keeps a copy of the
+            weights). Defaults to `True`.
+        histogram_bins: Bins of the per-group `log10|g|` histogram, 0 for
+            none. Defaults to `0`.
+        anomaly_factor: If set, the per-layer statistics are also computed
+            on steps whose global norm is non-finite or above this multiple of
+            the previous step's (so a bad step's layers are always known).
+            Defaults to `None`.
+    """
+
+    def __init__(
+        self,
+        groups=None,
+        every_n_steps=1,
+        track_updates=True,
+        histogram_bins=0,
+        anomaly_factor=None,
+    ):
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(
+                "Invalid value for argument `every_n_steps`. Expected a positive "
+                f"integer. Received: every_n_steps={every_n_steps!r}"
+            )
+        if isinstance(histogram_bins, bool) or not isinstance(histogram_bins, int) or histogram_bins < 0:
+            raise ValueError(
+                "Invalid value for argument `histogram_bins`. Expected a "
+                f"non-negative integer. Received: histogram_bins={histogram_bins!r}"
+            )
+        if anomaly_factor is not None and not (
+            isinstance(anomaly_factor, (int, float)) and anomaly_factor > 1
+        ):
+            raise ValueError(
+                "Invalid value for argument `anomaly_factor`. Expected None or a "
+                f"number > 1. Received: anomaly_factor={anomaly_factor!r}"
+            )
+        self.anomaly_factor = anomaly_factor
+        self.groups = groups
+        self.every_n_steps = every_n_steps
+        self.track_updates = bool(track_updates)
+        self.histogram_bins = histogram_bins
+        self.built = False
+
+    # -- GradientObserver -------------------------------------------------
+    def build(self, optimizer, variables):
+        paths = [v.path for v in variables]
+        if self.groups is None:
+            groups = []
+            for path in paths:
+                prefix = path.rsplit("/", 1)[0]
+                for name, _, members in groups:
+                    if name == prefix:
+                        members.append(path)
+                        break
+                else:
+                    groups.append((prefix, "layer", [path]))
+        else:
+            groups = [(n, k, list(p)) for n, k, p in self.groups]
+        index = {p: i for i, p in enumerate(paths)}
+        members, names, kinds = [], [], []
+        for name, kind, group_paths in groups:
+            idx = [index[p] for p in group_paths if p in index]
+            if idx:
+                members.append(idx)
+                names.append(name)
+                kinds.append(kind)
+        covered = {i for m in members for i in m}
+        for i, path in enumerate(paths):  # variables the groups missed
+            if i not in covered:
+                members.append([i])
+                names.append(path)
+                kinds.append("layer")
+        self.layer_names = names
+        self.layer_kinds = kinds
+        self._members = members
+        n = len(names)
+        with _strategy_scope(optimizer):
+
+            def var(name, shape, dtype="float32"):
+                return keras.Variable(
+                    initializer="zeros",
+                    shape=shape,
+                    dtype=dtype,
+                    trainable=False,
+                    aggregation="only_first_replica",
+                    name=name,
+                )
+
+            self.step = var("gradient_stats_step", (), "int64")
+            self._reported = var("gradient_stats_reported", (), "int32")
+            self.global_norm = var("gradient_stats_global_norm", ())
+            self.grad_norms = var("gradient_stats_grad_norms", (n,))
+            self.weight_norms = var("gradient_stats_weight_norms", (n,))
+            if self.track_updates:
+                self.update_ratios = var("gradient_stats_update_ratios", (n,))
+                self._previous = [
+                    var(f"gradient_stats_previous_{i}", tuple(v.shape), v.dtype)
+                    for i, v in enumerate(variables)
+                ]
+            if self.histogram_bins:
+                self.histograms = var(
+                    "gradient_stats_histograms", (n, self.histogram_bins)
+                )
+            # Everything `read` needs in one variable: one host transfer.
+            self.packed = var(
+                "gradient_stats_packed", (2 + (3 if self.track_updates else 2) * n,)
+            )
+        self.built = True
+
+    def _pack(self):
+        parts = [
+            ops.reshape(ops.cast(self.step, "float32"), (1,)),
+            ops.reshape(self.global_norm, (1,)),
+            self.grad_norms,
+            self.weight_norms,
+        ]
+        if self.track_updates:
+            parts.append(self.update_ratios)
+        self.packed.assign(ops.concatenate([ops.convert_to_tensor(p) for p in parts]))
+
+    def _group_sums(self, squares):
+        return ops.stack([ops.sum(ops.stack([squares[i] for i in m])) for m in self._members])
+
+    def _report_step(self):
+        return ops.equal(ops.mod(self.step, self.every_n_steps), 0)
+
+    def observe(self, grads, variables, stats):
+        zero = ops.zeros((), "float32")
+        grads = [None if g is None else ops.cast(g, "float32") for g in grads]
+        self.step.assign_add(1)
+        norm = (stats or {}).get("global_norm")
+        if norm is None:
+            norm = ops.sqrt(
+                ops.sum(ops.stack([zero if g is None else ops.sum(ops.square(g)) for g in grads]))
+            )
+        norm = ops.cast(norm, "float32")
+        report = self._report_step()
+        if self.anomaly_factor is not None:
+            previous = ops.convert_to_tensor(self.global_norm)
+            anomaly = ops.logical_or(
+                ops.logical_not(ops.isfinite(norm)),
+                ops.logical_and(
+                    ops.greater(previous, 0.0),
+                    ops.greater(norm, self.anomaly_factor * previous),
+                ),
+            )
+            report = ops.logical_or(report, anomaly)
+        self.global_norm.assign(norm)
+        self._reported.assign(ops.cast(report, "int32"))
+
+        def compute():
+            # Per-layer statistics: report steps (and anomalous steps) only.
+            squares = [zero if g is None else ops.sum(ops.square(g)) for g in grads]
+            self.grad_norms.assign(ops.sqrt(self._group_sums(squares)))
+            if self.track_updates or self.histogram_bins:
+                weights = [ops.cast(v, "float32") for v in variables]
+                self.weight_norms.assign(
+                    ops.sqrt(self._group_sums([ops.sum(ops.square(w)) for w in weights]))
+                )
+            if self.track_updates:
+                for prev, v in zip(self._previous, variables, strict=True):
+                    prev.assign(v)
+            if self.histogram_bins:
+                self.histograms.assign(self._histograms(grads))
+            return ops.zeros((), "int32")
+
+        ops.cond(report, compute, lambda: ops.zeros((), "int32"))
+        self._pack()
+
+    def _histograms(self, grads):
+        lo, hi = HISTOGRAM_RANGE
+        bins = self.histogram_bins
+        rows = []
+        for m in self._members:
+            values = ops.concatenate(
+                [ops.reshape(grads[i], (-1,)) for i in m if grads[i] is not None]
+                or [ops.zeros((1,), "float32")]
+            )
+            logs = ops.log10(ops.abs(values) + 1e-30)
+            idx = ops.floor((logs - lo) / (hi - lo) * bins)
+            idx = ops.cast(ops.clip(idx, 0, bins - 1), "int32")
+            rows.append(ops.cast(ops.bincount(idx, minlength=bins), "float32")[:bins])
+        return ops.stack(rows)
+
+    def after_apply(self, variables, skipped=None):
+        if not self.track_updates:
+            return
+
+        def report():
+            diffs = [
+                ops.sum(ops.square(ops.cast(v, "float32") - ops.cast(p, "float32")))
+                for v, p in zip(variables, self._previous, strict=True)
+            ]
+            norms = [ops.sum(ops.square(ops.cast(p, "float32"))) for p in self._previous]
+            ratio = ops.sqrt(self._group_sums(diffs)) / (
+                ops.sqrt(self._group_sums(norms)) + 1e-12
+            )
+            self.update_ratios.assign(ratio)
+            return ops.zeros((), "int32")
+
+        ops.cond(
+            ops.greater(self._reported, 0), report, lambda: ops.zeros((), "int32")
+        )
+        self._pack()
+
+    # -- host side ------------------------------------------------------
+    def reset(self):
+        """Sets the step counter to 0 (host call, e.g. at `on_train_begin`)."""
+        if self.built:
+            self.step.assign(0)
+            self.packed.assign(ops.zeros(self.packed.shape))
+
+    def read(self):
+        """Reads the statistics to numpy (one host transfer per variable).
+
+        Returns:
+            Dict with `"step"`, `"global_norm"`, `"grad_norms"`,
+            `"weight_norms"` and, when tracked, `"update_ratios"` and
+            `"histograms"`; per-layer entries are arrays in `layer_names` order.
+        """
+        packed = np.asarray(self.packed.numpy(), dtype=np.float64)
+        n = len(self.layer_names)
+        out = {
+            "step": int(packed[0]),
+            "global_norm": float(packed[1]),
+            "grad_norms": packed[2 : 2 + n],
+            "weight_norms": packed[2 + n : 2 + 2 * n],
+        }
+        if self.track_updates:
+            out["update_ratios"] = packed[2 + 2 * n : 2 + 3 * n]
+        if self.histogram_bins:
+            out["histograms"] = np.asarray(self.histograms.numpy(), dtype=np.float64)
+        return out

@@ -1,0 +1,117 @@
+"""Scaling an optimizer's learning rate, also when it is a schedule.
+
+`GradientExplosionDetector` lowers the learning rate after a rollback. A
+constant learning rate is a variable and is simply assigned. A
+`LearningRateSchedule` is wrapped once in `ScaledSchedule`, whose factor is a
+variable, so later scalings reach the compiled step without retracing and the
+schedule's shape (warm-up, decay) is kept.
+"""
+
+import keras
+
+__all__ = ["ScaledSchedule", "innermost_optimizer", "scale_learning_rate", "wrap_schedule"]
+
+
+@keras.saving.register_keras_serializable(package="keras_stability")
+class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """A learning-rate schedule multiplied by a factor held in a variable.
+
+    Args:
+        schedule: The `LearningRateSchedule` to scale.
+        factor: The multiplier. Defaults to `1.0`.
+
+    Raises:
+        ValueError: If `schedule` is not a `LearningRateSchedule` or `factor`
+            is not positive.
+
+    Example:
+
+    >>> base = keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)
+    >>> scaled = ScaledSchedule(base, factor=0.5)
+    >>> round(float(scaled(0)), 6)
+    0.05
+    """
+
+    def __init__(self, schedule, factor=1.0):
+        if isinstance(schedule, dict):
+            schedule = keras.saving.deserialize_keras_object(schedule)
+        if not isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+            raise ValueError(
+                "Invalid value for argument `schedule`. Expected a "
+                f"`keras.optimizers.schedules.LearningRateSchedule`. Received: "
+                f"schedule={schedule!r}"
+            )
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise ValueError(
+                "Invalid value for argument `factor`. Expected a positive number. "
+                f"Received: factor={factor!r}"
+            )
+        self.schedule = schedule
+        self.factor = keras.Variable(
+            float(factor), dtype="float32", trainable=False, name="lr_scale_factor"
+        )
+
+    def __call__(self, step):
+        lr = self.schedule(step)
+        return lr * keras.ops.cast(self.factor, keras.ops.dtype(lr))
+
+    def get_config(self):
+        return {
+            "schedule": keras.saving.serialize_keras_object(self.schedule),
+            "factor": float(keras.ops.convert_to_numpy(self.factor)),
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["schedule"] = keras.saving.deserialize_keras_object(config["schedule"])
+        return cls(**config)
+
+
+def innermost_optimizer(optimizer):
+    """Follows `inner_optimizer` (GuardedOptimizer, LossScaleOptimizer) down."""
+    seen = set()
+    while getattr(optimizer, "inner_optimizer", None) is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
+def wrap_schedule(optimizer):
+    """Wraps a schedule learning rate in `ScaledSchedule` (once).
+
+    Call it before the train step is traced (or retrace after it).
+
+    Returns:
+        True if the optimizer's learning rate object was replaced.
+    """
+    opt = innermost_optimizer(optimizer)
+    lr = getattr(opt, "_learning_rate", None)
+    if isinstance(lr, ScaledSchedule) or not isinstance(
+        lr, keras.optimizers.schedules.LearningRateSchedule
+    ):
+        return False
+    opt._learning_rate = ScaledSchedule(lr)
+    return True
+
+
+def scale_learning_rate(optimizer, factor):
+    """Multiplies the learning rate by `factor`.
+
+    Args:
+        optimizer: A Keras optimizer (wrappers are followed to the inner one).
+        factor: Positive multiplier.
+
+    Returns:
+        The new learning rate at the current step, as a float, or `None` if
+        the learning rate is a plain callable that cannot be scaled.
+    """
+    opt = innermost_optimizer(optimizer)
+    lr = opt._learning_rate
+    if isinstance(lr, ScaledSchedule):
+        lr.factor.assign(float(keras.ops.convert_to_numpy(lr.factor)) * factor)
+    elif isinstance(lr, keras.Variable):
+        lr.assign(keras.ops.convert_to_numpy(lr) * factor)
+    else:
+        return None
+    return float(keras.ops.convert_to_numpy(opt.learning_rate))

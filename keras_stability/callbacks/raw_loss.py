@@ -1,0 +1,129 @@
+"""The raw per-step training loss, recovered from Keras' running mean.
+
+Keras' batch logs carry the running mean of the loss over the epoch so far,
+which hides a single bad batch. The model's loss tracker (a `Mean` metric)
+holds the running `total` (sum of batch loss times batch size) and `count`
+(samples); the raw loss of a batch is the change of `total` over the change
+of `count`. To avoid a host read per step, the tracker is read only at the
+first and last batch of an epoch (and after anything non-finite); in between
+`total` is rebuilt from the logged mean, as batches there have equal sizes.
+"""
+
+import math
+
+import numpy as np
+
+__all__ = ["RawLossTracker"]
+
+
+class RawLossTracker:
+    """Recovers the loss of each batch from the running epoch mean.
+
+    With `steps_per_execution > 1` the value is the mean over the steps of
+    one execution. Without a loss tracker (a custom `train_step`) it falls
+    back to the logged mean alone, assuming equal batch sizes.
+
+    Args:
+        model: The compiled model being fit.
+        steps_per_epoch: Batches per epoch (`callback.params["steps"]`), or
+            `None` if unknown (the tracker is then read every batch).
+            Defaults to `None`.
+    """
+
+    def __init__(self, model, steps_per_epoch=None):
+        self.model = model
+        self.steps_per_epoch = steps_per_epoch
+        self._epoch = None
+        self._key = None
+        self._raw = math.nan
+        self.reset()
+
+    @classmethod
+    def shared(cls, model, steps_per_epoch=None):
+        """The tracker shared by all callbacks of `model` (one state, one rewind).
+
+        `GradientMonitor` and `GradientExplosionDetector` both need the raw
+        loss; sharing keeps them consistent after a rewind.
+        """
+        tracker = getattr(model, "_keras_stability_raw_loss", None)
+        if not isinstance(tracker, cls):
+            tracker = cls(model, steps_per_epoch)
+            object.__setattr__(model, "_keras_stability_raw_loss", tracker)
+        tracker.steps_per_epoch = steps_per_epoch
+        return tracker
+
+    def start_fit(self):
+        """Forgets the epoch / batch keys (a new `fit` restarts at epoch 0)."""
+        self._epoch = None
+        self._key = None
+
+    def start_epoch(self, epoch):
+        """`reset` once per epoch, however many callbacks call it."""
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self.reset()
+
+    def update_once(self, batch, logs):
+        """`update` once per batch, however many callbacks call it."""
+        key = (self._epoch, batch)
+        if key != self._key:
+            self._key = key
+            self._raw = self.update(logs)
+        return self._raw
+
+    def _tracker(self):
+        tracker = getattr(self.model, "_loss_tracker", None)
+        if tracker is None or not hasattr(tracker, "total") or not hasattr(tracker, "count"):
+            return None
+        return tracker
+
+    def reset(self):
+        """Starts a new epoch (Keras resets its metrics at epoch begin)."""
+        self._total = 0.0
+        self._count = 0.0
+        self._before = (0.0, 0.0)
+        self._batch_size = None
+        self._index = 0
+
+    def update(self, logs):
+        """Returns the raw loss of the batch just trained (NaN if unknown)."""
+        self._index += 1
+        mean = float((logs or {}).get("loss", math.nan))
+        self._before = (self._total, self._count)
+        tracker = self._tracker()
+        exact = (
+            self._batch_size is None
+            or self.steps_per_epoch is None
+            or self._index >= self.steps_per_epoch
+            or not math.isfinite(mean)
+            or not math.isfinite(self._total)
+        )
+        if tracker is not None and exact:
+            total = float(np.asarray(tracker.total.numpy()))
+            count = float(np.asarray(tracker.count.numpy()))
+            if count < self._count:  # metrics were reset behind our back
+                self._total, self._count = 0.0, 0.0
+            if self._batch_size is None and count > self._count:
+                self._batch_size = count - self._count
+        else:
+            size = self._batch_size or 1.0
+            count = self._count + size
+            total = mean * count
+        delta = count - self._count
+        raw = (total - self._total) / delta if delta > 0 else math.nan
+        self._total, self._count = total, count
+        return raw
+
+    def rewind(self):
+        """Removes the last batch from the loss tracker's running mean.
+
+        Used after a step that was skipped for a non-finite loss, so the
+        epoch's reported loss is not NaN for the rest of the epoch.
+        """
+        tracker = self._tracker()
+        if tracker is None:
+            return
+        total, count = self._before
+        tracker.total.assign(total)
+        tracker.count.assign(count)
+        self._total, self._count = total, count

@@ -1,0 +1,100 @@
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from keras_stability.callbacks import ActivationMonitor
+from keras_stability.callbacks.activation_monitor import activation_kind
+from keras_stability.diagnostics import dead_fraction
+from keras_stability.diagnostics import saturated_fraction
+
+
+def _model():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation="relu", name="relu_dense"),
+            keras.layers.Dense(6, activation="sigmoid", name="sig_dense"),
+            keras.layers.Dense(5, name="linear"),
+            keras.layers.Activation("tanh", name="tanh_act"),
+            keras.layers.Dense(3, name="head"),
+        ]
+    )
+    model.compile("sgd", "mse")
+    return model
+
+
+def test_activation_kind():
+    layers = {layer.name: activation_kind(layer) for layer in _model().layers}
+    assert layers == {
+        "relu_dense": "relu",
+        "sig_dense": "sigmoid",
+        "linear": None,
+        "tanh_act": "tanh",
+        "head": None,
+    }
+    assert activation_kind(keras.layers.ReLU()) == "relu"
+
+
+def test_fractions_match_reference_and_reach_logs():
+    model = _model()
+    relu = model.get_layer("relu_dense")
+    kernel, bias = relu.get_weights()
+    bias[:3] = -100.0  # 3 of 8 units dead on any reasonable input
+    relu.set_weights([kernel, bias])
+    sig = model.get_layer("sig_dense")
+    k, b = sig.get_weights()
+    b[:2] = 50.0  # 2 of 6 sigmoid units saturated high
+    sig.set_weights([k, b])
+    probe = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    monitor = ActivationMonitor(probe, log_fractions=True, warn_fraction=0.3)
+    x = np.random.default_rng(1).normal(size=(32, 4)).astype("float32")
+    y = np.zeros((32, 3), "float32")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = model.fit(x, y, epochs=1, verbose=0, callbacks=[monitor])
+    # Reference: the same fractions computed from the layer outputs directly.
+    h1 = keras.ops.convert_to_numpy(relu(probe))
+    h2 = keras.ops.convert_to_numpy(sig(h1))
+    assert monitor.report["relu_dense"]["fraction"] == pytest.approx(dead_fraction(h1))
+    assert monitor.report["relu_dense"]["fraction"] >= 3 / 8
+    assert monitor.report["sig_dense"]["fraction"] == pytest.approx(
+        saturated_fraction(h2, "sigmoid")
+    )
+    assert monitor.report["sig_dense"]["fraction"] >= 2 / 6
+    assert set(monitor.report) == {"relu_dense", "sig_dense", "tanh_act"}
+    assert history.history["dead_fraction/relu_dense"] == [monitor.report["relu_dense"]["fraction"]]
+    assert "saturated_fraction/sig_dense" in history.history
+    message = " ".join(str(w.message) for w in caught)
+    assert "relu_dense (relu): " in message and "dead units" in message
+    text = monitor.summary(print_to_stdout=False)
+    assert "sig_dense (sigmoid)" in text and "Remedies" in text
+
+
+def test_every_n_epochs_and_config_round_trip():
+    model = _model()
+    probe = np.zeros((4, 4), "float32")
+    monitor = ActivationMonitor(probe, every_n_epochs=2, verbose=0)
+    x = np.ones((8, 4), "float32")
+    model.fit(x, np.zeros((8, 3)), epochs=4, verbose=0, callbacks=[monitor])
+    assert len(monitor.history["relu_dense"]) == 2
+    config = monitor.get_config()
+    again = ActivationMonitor.from_config(config).get_config()
+    assert again.keys() == config.keys() and again["every_n_epochs"] == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"every_n_epochs": 0}, "Invalid value for argument `every_n_epochs`. Expected a positive integer. Received: every_n_epochs=0"),
+        ({"saturation_eps": 0.7}, "Received: saturation_eps=0.7"),
+        ({"probe_data": None}, "Received: probe_data=None"),
+    ],
+)
+def test_invalid_arguments(kwargs, message):
+    kwargs = {"probe_data": np.zeros((2, 4)), **kwargs}
+    with pytest.raises(ValueError) as info:
+        ActivationMonitor(**kwargs)
+    assert message in str(info.value)

@@ -1,0 +1,266 @@
+import json
+import math
+import os
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from keras_stability.callbacks import GradientExplosionDetector
+from keras_stability.callbacks import ScaledSchedule
+from keras_stability.callbacks.snapshots import Snapshot
+from keras_stability.callbacks.snapshots import optimizer_state_variables
+from keras_stability.datasets import make_classification
+
+
+def _data(n=256):
+    return make_classification(n_samples=n, seed=0)
+
+
+def deep_mlp(optimizer, depth=6, seed=0):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [keras.Input((10,))]
+        + [keras.layers.Dense(32, activation="relu") for _ in range(depth)]
+        + [keras.layers.Dense(10)]
+    )
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def _finite(model):
+    return all(np.all(np.isfinite(w)) for w in model.get_weights())
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fn(*args, **kwargs)
+    return result, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"action": "explode"}, "Invalid value for argument `action`. Expected one of ('warn', 'skip', 'rollback', 'stop'). Received: action='explode'"),
+        ({"snapshot_every": 0}, "Invalid value for argument `snapshot_every`. Expected a positive integer. Received: snapshot_every=0"),
+        ({"lr_factor": 1.0}, "Invalid value for argument `lr_factor`. Expected a number in (0, 1). Received: lr_factor=1.0"),
+        ({"lr_factor": 0}, "Received: lr_factor=0"),
+        ({"max_rollbacks": -1}, "Received: max_rollbacks=-1"),
+        ({"window": 10, "min_samples": 20}, "Received: min_samples=20"),
+    ],
+)
+def test_invalid_arguments(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        GradientExplosionDetector(**kwargs)
+    assert message in str(info.value)
+
+
+def test_get_config_round_trip():
+    detector = GradientExplosionDetector(action="stop", snapshot_every=7, lr_factor=0.3)
+    config = detector.get_config()
+    assert GradientExplosionDetector.from_config(config).get_config() == config
+
+
+def test_rollback_restores_weights_and_optimizer_state_bitwise():
+    x, y = _data(128)
+    model = deep_mlp(keras.optimizers.Adam(1e-3), depth=2)
+    detector = GradientExplosionDetector(snapshot_every=2, skip_batches=3, lr_factor=0.5, verbose=0)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[detector])
+    snap = detector.snapshot
+    assert snap.step == 6  # taken at step 6, confirmed by 2 healthy steps
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # moves everything on
+    opt_vars = optimizer_state_variables(model.optimizer)
+    assert any(not np.array_equal(np.asarray(v), s) for v, s in zip(opt_vars, snap.optimizer_values, strict=True))
+    detector._rollback("test")
+    for v, saved in zip(model.weights, snap.weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(v), saved)
+    paths = [v.path for v in opt_vars]
+    assert any("momentum" in p for p in paths) and any("iteration" in p for p in paths)
+    for v, saved in zip(opt_vars, snap.optimizer_values, strict=True):
+        np.testing.assert_array_equal(np.asarray(v), saved)  # moments, iterations
+    assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(5e-4)
+    assert int(model.optimizer.skip_remaining.numpy()) == 3
+    assert detector.rollbacks == 1
+
+
+def test_high_learning_rate_diverges_plainly_but_is_rescued():
+    x, y = _data(512)
+    plain = deep_mlp(keras.optimizers.SGD(10.0))
+    plain.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    assert not _finite(plain)  # plain fit ends with NaN weights
+
+    model = deep_mlp(keras.optimizers.SGD(10.0))
+    initial = model.evaluate(x, y, verbose=0)
+    detector = GradientExplosionDetector(snapshot_every=5, lr_factor=0.05, skip_batches=2, verbose=0)
+    history = model.fit(x, y, batch_size=32, epochs=3, verbose=0, callbacks=[detector])
+    assert _finite(model)
+    assert detector.rollbacks >= 1 and detector.stopped_reason is None
+    final = model.evaluate(x, y, verbose=0)
+    assert math.isfinite(final) and final < initial - 0.05, (initial, final)
+    assert history.history["rollbacks"][-1] == detector.rollbacks
+    assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(
+        10.0 * 0.05**detector.rollbacks
+    )
+
+
+def test_nan_batch_is_skipped_counted_and_training_goes_on():
+    x, y = _data(160)
+    x = x.copy()
+    x[70] = np.nan  # batch 4 of 10 (batch size 16)
+    model = deep_mlp(keras.optimizers.SGD(0.05), depth=2)
+    detector = GradientExplosionDetector(verbose=0)
+    history, messages = _quiet(
+        model.fit, x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[detector]
+    )
+    assert detector.skipped_batches == 2  # once per epoch
+    assert int(model.optimizer.steps_skipped_nonfinite.numpy()) == 2
+    assert detector.rollbacks == 0 and detector.stopped_reason is None
+    assert _finite(model)
+    # The epoch loss excludes the skipped batch instead of turning NaN.
+    assert all(math.isfinite(v) for v in history.history["loss"])
+    assert history.history["skipped_batches"] == [1, 2]
+    assert [e["kind"] for e in detector.events] == ["skipped_nonfinite"] * 2
+    assert [e["step"] for e in detector.events] == [5, 15]
+
+
+def test_all_nan_data_stops_after_max_rollbacks_with_last_good_weights(tmp_path):
+    x, y = _data(160)
+    x = np.full_like(x, np.nan)
+    model = deep_mlp(keras.optimizers.SGD(0.05), depth=2)
+    initial = [w.copy() for w in model.get_weights()]
+    path = os.path.join(tmp_path, "diagnostic.json")
+    detector = GradientExplosionDetector(
+        max_rollbacks=2, max_consecutive_skips=2, diagnostic_path=path, verbose=0
+    )
+    _, messages = _quiet(
+        model.fit, x, y, batch_size=16, epochs=5, verbose=0, callbacks=[detector]
+    )
+    # 3 non-finite steps in a row -> rollback, twice; the third time it stops.
+    assert detector.rollbacks == 2
+    assert detector.step == 9 and model.stop_training
+    assert "3 non-finite steps in a row after 2 rollbacks (max_rollbacks=2)" in detector.stopped_reason
+    stop = [m for m in messages if "stopped training" in m]
+    assert stop and "Restored the best healthy weights (step 0)" in stop[0]
+    assert path in stop[0]
+    for w, w0 in zip(model.get_weights(), initial, strict=True):
+        np.testing.assert_array_equal(w, w0)
+    with open(path) as f:
+        diagnostic = json.load(f)
+    assert diagnostic["step"] == 9 and diagnostic["rollbacks"] == 2
+    assert diagnostic["restored_step"] == 0
+    assert len(diagnostic["loss_history"]) == 9
+    norms = diagnostic["per_layer_grad_norms"]
+    assert list(norms) == [layer.name for layer in model.layers]
+    # NaN inputs: the first layer's kernel gradient is NaN (ReLU maps NaN to 0
+    # in TensorFlow, so later layers can stay finite).
+    assert norms[model.layers[0].name] == "nan"
+
+
+def test_rollback_scales_a_schedule_instead_of_replacing_it():
+    x, y = _data(256)
+    schedule = keras.optimizers.schedules.ExponentialDecay(10.0, decay_steps=100, decay_rate=0.9)
+    model = deep_mlp(keras.optimizers.SGD(schedule))
+    detector = GradientExplosionDetector(snapshot_every=5, lr_factor=0.1, skip_batches=1, verbose=0)
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=[detector])
+    lr = model.optimizer.inner_optimizer._learning_rate
+    assert detector.rollbacks >= 1
+    assert isinstance(lr, ScaledSchedule) and lr.schedule is schedule
+    step = int(model.optimizer.iterations.numpy())
+    assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(
+        float(schedule(step)) * 0.1**detector.rollbacks, rel=1e-5
+    )
+    assert _finite(model)
+
+
+def test_stop_action_stops_at_first_problem_and_warn_only_warns():
+    x, y = _data(256)
+    model = deep_mlp(keras.optimizers.SGD(10.0))
+    detector = GradientExplosionDetector(action="stop", verbose=0)
+    _, messages = _quiet(model.fit, x, y, batch_size=32, epochs=2, verbose=0, callbacks=[detector])
+    assert detector.rollbacks == 0 and detector.stopped_reason
+    assert model.stop_training and _finite(model)
+    assert any("stopped training" in m for m in messages)
+
+    model = deep_mlp(keras.optimizers.SGD(10.0))
+    detector = GradientExplosionDetector(action="warn", verbose=0)
+    _, messages = _quiet(model.fit, x, y, batch_size=32, epochs=1, verbose=0, callbacks=[detector])
+    assert detector.rollbacks == 0 and detector.stopped_reason is None
+    assert any("GradientExplosionDetector at step" in m for m in messages)
+    assert _finite(model)  # never ends a run with NaN weights
+
+
+def test_snapshot_is_a_copy():
+    model = deep_mlp(keras.optimizers.SGD(0.1), depth=1)
+    model.optimizer.build(model.trainable_variables)
+    snap = Snapshot(model)
+    model.weights[0].assign(np.zeros(model.weights[0].shape))
+    assert np.any(snap.weights[0] != 0)
+    snap.restore(model)
+    np.testing.assert_array_equal(np.asarray(model.weights[0]), snap.weights[0])
+
+
+def test_scaled_schedule_survives_keras_save_and_load(tmp_path):
+    x, y = _data(256)
+    schedule = keras.optimizers.schedules.ExponentialDecay(10.0, decay_steps=100, decay_rate=0.9)
+    model = deep_mlp(keras.optimizers.SGD(schedule))
+    detector = GradientExplosionDetector(snapshot_every=5, lr_factor=0.1, skip_batches=1, verbose=0)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[detector])
+    assert detector.rollbacks >= 1
+    path = os.path.join(tmp_path, "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    inner = loaded.optimizer.inner_optimizer
+    assert isinstance(inner._learning_rate, ScaledSchedule)
+    factor = float(np.asarray(inner._learning_rate.factor))
+    assert factor == pytest.approx(0.1**detector.rollbacks)
+    np.testing.assert_allclose(loaded.predict(x[:8], verbose=0), model.predict(x[:8], verbose=0))
+
+
+def test_monitor_and_detector_share_raw_loss_across_a_skipped_nan_batch():
+    from keras_stability.callbacks import GradientMonitor
+
+    x, y = _data(160)
+    x = x.copy()
+    x[70] = np.nan  # batch 4 (0-based) of 10
+    model = deep_mlp(keras.optimizers.SGD(0.05), depth=2)
+
+    class TrueLoss(keras.callbacks.Callback):
+        losses = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            s = slice(batch * 16, (batch + 1) * 16)
+            self.losses.append(float(self.model.loss(y[s], self.model(x[s]))))
+
+    truth = TrueLoss()
+    detector = GradientExplosionDetector(verbose=0)
+    monitor = GradientMonitor(verbose=0)
+    _quiet(
+        model.fit, x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+        callbacks=[truth, detector, monitor],
+    )
+    # The NaN input gives NaN gradients (skipped); the detector removes that
+    # batch from the epoch mean, and the raw losses after it must stay exact.
+    # (Batch 4's own loss is NaN eagerly but may be finite in the compiled
+    # step, where the fused ReLU maps NaN to 0, so it is not compared.)
+    assert detector.skipped_batches == 1 and detector.events[0]["step"] == 5
+    others = [i for i in range(10) if i != 4]
+    np.testing.assert_allclose(
+        np.asarray(monitor.raw_losses)[others], np.asarray(truth.losses)[others], rtol=1e-4
+    )
+    np.testing.assert_allclose(detector.raw_losses, monitor.raw_losses)
+
+
+def test_skip_action_guards_with_spike_skipping_and_stops_on_repeated_nan():
+    x, y = _data(160)
+    model = deep_mlp(keras.optimizers.SGD(0.05), depth=2)
+    detector = GradientExplosionDetector(action="skip", max_consecutive_skips=2, verbose=0)
+    x_nan = np.full_like(x, np.nan)
+    initial = [w.copy() for w in model.get_weights()]
+    _, messages = _quiet(model.fit, x_nan, y, batch_size=16, epochs=1, verbose=0, callbacks=[detector])
+    assert model.optimizer.skip_spikes is not None  # in-graph spike skipping on
+    assert detector.step == 3 and detector.rollbacks == 0
+    assert detector.stopped_reason == "3 non-finite steps in a row"
+    for w, w0 in zip(model.get_weights(), initial, strict=True):
+        np.testing.assert_array_equal(w, w0)

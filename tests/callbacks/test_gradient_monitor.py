@@ -1,0 +1,184 @@
+import csv
+import os
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from keras_stability.callbacks import GradientMonitor
+from keras_stability.datasets import make_classification
+from keras_stability.optimizers import GuardedOptimizer
+
+
+def _data(n=100):
+    return make_classification(n_samples=n, seed=0)
+
+
+def _small_model(lr=0.1):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((10,)),
+            keras.layers.Dense(16, activation="relu", name="hidden"),
+            keras.layers.Dense(10, name="head"),
+        ]
+    )
+    model.compile(
+        keras.optimizers.SGD(lr),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def deep_mlp(activation, initializer, residual, depth=20, width=32):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((10,))
+    h = keras.layers.Dense(width, activation=activation, kernel_initializer=initializer)(inputs)
+    for _ in range(depth - 2):
+        y = keras.layers.Dense(width, activation=activation, kernel_initializer=initializer)(h)
+        h = keras.layers.Add()([h, keras.layers.Rescaling(0.25)(y)]) if residual else y
+    outputs = keras.layers.Dense(10)(h)
+    model = keras.Model(inputs, outputs)
+    model.compile(
+        keras.optimizers.SGD(0.01),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+class _TrueBatchLoss(keras.callbacks.Callback):
+    """Computes each batch's loss with the weights it is trained from."""
+
+    def __init__(self, x, y, batch_size):
+        super().__init__()
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.losses = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        s = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
+        pred = self.model(self.x[s], training=False)
+        self.losses.append(float(self.model.loss(self.y[s], pred)))
+
+
+def test_raw_loss_equals_true_per_batch_loss_and_reaches_logs(tmp_path):
+    x, y = _data(100)  # batch 16: 6 full batches and one of 4
+    model = _small_model(lr=0.5)
+    truth = _TrueBatchLoss(x, y, 16)
+    monitor = GradientMonitor(every_n_steps=1, logs_per_layer=True, verbose=0)
+    csv_path = os.path.join(tmp_path, "log.csv")
+    history = model.fit(
+        x,
+        y,
+        batch_size=16,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+        callbacks=[truth, monitor, keras.callbacks.CSVLogger(csv_path)],
+    )
+    assert isinstance(model.optimizer, GuardedOptimizer)
+    assert len(monitor.raw_losses) == 14
+    np.testing.assert_allclose(monitor.raw_losses, truth.losses, rtol=1e-4)
+    # The logged "loss" is the running mean, which is not the raw loss.
+    assert not np.allclose(history.history["loss"][0], truth.losses[6], rtol=1e-3)
+    # Values reach History and CSVLogger (they come after user callbacks).
+    for key in ("raw_loss", "grad_norm", "min_layer_grad_ratio", "grad_norm/hidden", "update_ratio/head"):
+        assert key in history.history and len(history.history[key]) == 2, key
+    assert history.history["raw_loss"][1] == pytest.approx(truth.losses[-1], rel=1e-4)
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and float(rows[1]["grad_norm"]) == pytest.approx(
+        history.history["grad_norm"][1], rel=1e-6
+    )
+    assert float(rows[0]["grad_norm/hidden"]) > 0
+    # The global norm equals the optimizer's own pre-clip statistic.
+    assert monitor.history["global_norm"][-1] == pytest.approx(
+        float(model.optimizer.grad_norm.numpy()), rel=1e-5
+    )
+
+
+def test_every_n_steps_history_summary_plot_and_tensorboard(tmp_path):
+    x, y = _data(96)
+    model = _small_model()
+    log_dir = os.path.join(tmp_path, "tb")
+    monitor = GradientMonitor(every_n_steps=2, log_dir=log_dir, histogram_bins=10, verbose=0)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    assert monitor.history["step"] == [2, 4, 6]
+    assert list(monitor.history["grad_norm"]) == ["hidden", "head"]
+    assert all(len(v) == 3 for v in monitor.history["grad_norm"].values())
+    assert all(r > 0 for r in monitor.history["update_ratio"]["hidden"])
+    text = monitor.summary(print_to_stdout=False)
+    assert "Gradient health after 6 steps (3 checks)" in text
+    assert "hidden" in text and "head" in text and "healthy" in text
+    png = monitor.plot(os.path.join(tmp_path, "heat.png"))
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(
+        os.path.join(log_dir, "gradients"), size_guidance={"tensors": 0}
+    )
+    acc.Reload()
+    tags = set(acc.Tags()["tensors"])
+    assert {"raw_loss", "grad_norm/global", "grad_norm/hidden", "update_ratio/head"} <= tags
+    assert {"log10_abs_grad/hidden", "log10_abs_grad/head"} <= tags
+    hist = acc.Tensors("log10_abs_grad/hidden")[-1]
+    import tensorflow as tf
+
+    buckets = tf.make_ndarray(hist.tensor_proto)
+    assert buckets.shape == (10, 3)
+    assert buckets[:, 2].sum() == 10 * 16 + 16  # every gradient entry of "hidden"
+    assert [e.step for e in acc.Tensors("grad_norm/hidden")] == [2, 4, 6]
+
+
+def test_summary_prints_with_print_msg(capsys):
+    monitor = GradientMonitor(verbose=0)
+    text = monitor.summary()
+    assert capsys.readouterr().out.strip() == text == "GradientMonitor: no statistics recorded yet."
+
+
+@pytest.mark.slow
+def test_deep_sigmoid_flagged_vanishing_but_relu_he_residual_not():
+    x, y = _data(256)
+    sigmoid = deep_mlp("sigmoid", "glorot_uniform", residual=False)
+    monitor = GradientMonitor(verbose=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sigmoid.fit(x, y, batch_size=64, epochs=2, verbose=0, callbacks=[monitor])
+    vanishing = monitor.unhealthy_layers("vanishing")
+    assert vanishing[:5] == monitor.layer_names[:5]  # the first layers
+    assert monitor.layer_names[-1] not in vanishing
+    assert not monitor.unhealthy_layers("exploding")
+    message = " ".join(str(w.message) for w in caught)
+    assert "Vanishing gradients" in message and monitor.layer_names[0] in message
+    assert "He initialisation" in message
+
+    relu = deep_mlp("relu", "he_normal", residual=True)
+    monitor = GradientMonitor(verbose=0)
+    relu.fit(x, y, batch_size=64, epochs=2, verbose=0, callbacks=[monitor])
+    assert len(monitor.layer_names) == 20
+    assert monitor.unhealthy_layers() == []
+
+
+def test_monitor_reused_across_fits_restarts_history():
+    x, y = _data(64)
+    model = _small_model()
+    monitor = GradientMonitor(verbose=0)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    assert monitor.history["step"] == [1, 2, 3, 4]
+    assert len(model.optimizer.observers) == 1
+
+
+def test_get_config_round_trip_and_invalid_arguments():
+    monitor = GradientMonitor(every_n_steps=5, log_dir="/tmp/x", patience=2)
+    config = monitor.get_config()
+    assert GradientMonitor.from_config(config).get_config() == config
+    with pytest.raises(ValueError) as info:
+        GradientMonitor(every_n_steps=0)
+    assert str(info.value) == (
+        "Invalid value for argument `every_n_steps`. Expected a positive integer. "
+        "Received: every_n_steps=0"
+    )
+    with pytest.raises(ValueError, match="Received: vanish_ratio=-1"):
+        GradientMonitor(vanish_ratio=-1)

@@ -1,0 +1,154 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_stability.callbacks import LayerGradientStats
+from keras_stability.callbacks.layer_gradient_stats import HISTOGRAM_RANGE
+from keras_stability.callbacks.layer_gradient_stats import group_variables_by_layer
+
+
+def _model():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5,), dtype="int32")
+    h = keras.layers.Embedding(20, 4, name="tok")(inputs)
+    h = keras.layers.Flatten()(h)
+    h = keras.layers.Dense(6, name="hidden")(h)
+    out = keras.layers.Dense(3, name="head")(h)
+    return keras.Model(inputs, out)
+
+
+def _grads(model, seed=1):
+    rng = np.random.default_rng(seed)
+    return [
+        tf.constant(rng.normal(size=v.shape).astype("float32")) for v in model.trainable_variables
+    ]
+
+
+def test_groups_by_layer_with_embedding_on_its_own():
+    model = _model()
+    groups = group_variables_by_layer(model)
+    assert [(n, k) for n, k, _ in groups] == [
+        ("tok", "embedding"),
+        ("hidden", "layer"),
+        ("head", "layer"),
+    ]
+    assert sorted(p for _, _, ps in groups for p in ps) == sorted(
+        v.path for v in model.trainable_variables
+    )
+
+
+def test_observe_per_layer_norms_and_update_ratio_match_numpy():
+    model = _model()
+    variables = model.trainable_variables
+    obs = LayerGradientStats(groups=group_variables_by_layer(model), histogram_bins=16)
+    obs.build(keras.optimizers.SGD(0.1), variables)
+    grads = _grads(model)
+    before = [v.numpy().copy() for v in variables]
+
+    @tf.function
+    def step():
+        obs.observe(grads, variables, {})
+        for g, v in zip(grads, variables, strict=True):
+            v.assign_sub(0.1 * g)
+        obs.after_apply(variables, False)
+
+    step()
+    stats = obs.read()
+    g = [x.numpy() for x in grads]
+    # tok: embeddings; hidden: kernel+bias; head: kernel+bias.
+    members = [[0], [1, 2], [3, 4]]
+
+    def norm(arrays, idx):
+        return np.sqrt(sum(np.sum(arrays[i].astype(np.float64) ** 2) for i in idx))
+
+    expected = [norm(g, m) for m in members]
+    np.testing.assert_allclose(stats["grad_norms"], expected, rtol=1e-5)
+    np.testing.assert_allclose(stats["global_norm"], norm(g, range(5)), rtol=1e-5)
+    np.testing.assert_allclose(stats["weight_norms"], [norm(before, m) for m in members], rtol=1e-5)
+    after = [v.numpy() for v in variables]
+    diff = [a - b for a, b in zip(after, before, strict=True)]
+    np.testing.assert_allclose(
+        stats["update_ratios"],
+        [norm(diff, m) / norm(before, m) for m in members],
+        rtol=1e-4,
+    )
+    assert stats["step"] == 1
+    # Histogram of log10|g|: every gradient entry counted once per group.
+    assert stats["histograms"].shape == (3, 16)
+    np.testing.assert_array_equal(
+        stats["histograms"].sum(axis=1), [sum(g[i].size for i in m) for m in members]
+    )
+    lo, hi = HISTOGRAM_RANGE
+    edges = np.linspace(lo, hi, 17)
+    ref = np.histogram(np.log10(np.abs(g[0].ravel())), bins=edges)[0]
+    np.testing.assert_array_equal(stats["histograms"][0], ref)
+
+
+def test_update_ratio_only_on_report_steps_and_zero_when_skipped():
+    model = _model()
+    variables = model.trainable_variables
+    obs = LayerGradientStats(every_n_steps=2)
+    obs.build(keras.optimizers.SGD(0.1), variables)
+    # Without groups each variable's layer (path prefix) is a group.
+    assert obs.layer_names == sorted(
+        {v.path.rsplit("/", 1)[0] for v in variables}, key=obs.layer_names.index
+    )
+    assert [n.rsplit("/", 1)[-1] for n in obs.layer_names] == ["tok", "hidden", "head"]
+    grads = _grads(model)
+    obs.observe(grads, variables, {})  # step 1: not a report step
+    obs.after_apply(variables, True)  # skipped: weights unchanged
+    assert np.all(obs.read()["update_ratios"] == 0)
+    obs.observe(grads, variables, {})  # step 2: report step, still skipped
+    obs.after_apply(variables, True)
+    assert obs.read()["step"] == 2
+    assert np.all(obs.read()["update_ratios"] == 0)
+    obs.reset()
+    assert obs.read()["step"] == 0
+
+
+def test_none_gradients_count_as_zero():
+    model = _model()
+    variables = model.trainable_variables
+    obs = LayerGradientStats(groups=group_variables_by_layer(model), track_updates=False)
+    obs.build(keras.optimizers.SGD(0.1), variables)
+    grads = _grads(model)
+    grads[0] = None
+    obs.observe(grads, variables, {})
+    stats = obs.read()
+    assert stats["grad_norms"][0] == 0.0 and "update_ratios" not in stats
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"every_n_steps": 0}, "Invalid value for argument `every_n_steps`. Expected a positive integer. Received: every_n_steps=0"),
+        ({"histogram_bins": -1}, "Received: histogram_bins=-1"),
+    ],
+)
+def test_invalid_arguments(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        LayerGradientStats(**kwargs)
+    assert message in str(info.value)
+
+
+def test_per_layer_norms_only_on_report_or_anomalous_steps():
+    model = _model()
+    variables = model.trainable_variables
+    obs = LayerGradientStats(every_n_steps=10, track_updates=False, anomaly_factor=3.0)
+    obs.build(keras.optimizers.SGD(0.1), variables)
+    grads = _grads(model)
+    obs.observe(grads, variables, {})  # step 1: first norm, no report
+    assert np.all(obs.read()["grad_norms"] == 0)
+    assert obs.read()["global_norm"] > 0  # the global norm is kept every step
+    obs.observe(grads, variables, {})  # step 2: same norm, nothing computed
+    assert np.all(obs.read()["grad_norms"] == 0)
+    big = [10.0 * g for g in grads]
+    obs.observe(big, variables, {})  # step 3: norm x10 > 3x previous: computed
+    expected = np.sqrt(sum(float(np.sum(np.square(g.numpy()))) for g in big[:1]))
+    assert obs.read()["grad_norms"][0] == pytest.approx(expected, rel=1e-5)
+    nan = [g * np.nan for g in grads]
+    obs.observe(nan, variables, {"global_norm": tf.constant(np.nan)})  # non-finite
+    assert np.all(np.isnan(obs.read()["grad_norms"]))
+    with pytest.raises(ValueError, match="Received: anomaly_factor=1"):
+        LayerGradientStats(anomaly_factor=1)
