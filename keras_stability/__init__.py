@@ -17,7 +17,9 @@ from keras_stability import clipping  # noqa: E402
 from keras_stability import datasets  # noqa: E402
 from keras_stability import diagnostics  # noqa: E402
 from keras_stability import distillation  # noqa: E402
+from keras_stability import distribute  # noqa: E402
 from keras_stability import layers  # noqa: E402
+from keras_stability import models  # noqa: E402
 from keras_stability import optimizers  # noqa: E402
 from keras_stability import pruning  # noqa: E402
 from keras_stability import regularizers  # noqa: E402
@@ -36,7 +38,9 @@ __all__ = [
     "datasets",
     "diagnostics",
     "distillation",
+    "distribute",
     "layers",
+    "models",
     "optimizers",
     "pruning",
     "regularizers",

@@ -65,3 +65,27 @@ def test_bad_arguments_name_the_argument():
         datasets.make_classification(class_sep=0)
     with pytest.raises(ValueError, match=r"`test_fraction`.*Received: test_fraction=1.5"):
         datasets.train_test_split(np.zeros((4, 1)), np.zeros(4), test_fraction=1.5)
+
+
+def test_stdlib_text_is_read_at_run_time_and_deterministic():
+    import json as json_module
+
+    text = datasets.load_stdlib_text()
+    assert len(text) > 100_000
+    assert datasets.load_stdlib_text() == text
+    assert json_module.__doc__.strip()[:40] in text
+    assert datasets.load_stdlib_text(max_chars=500) == text[:500]
+
+
+def test_char_lm_windows_are_shifted_by_one_and_split():
+    data = datasets.make_char_lm_data("abcdefghij" * 20, seq_len=8, held_out_fraction=0.2)
+    assert data["vocab"] == list("abcdefghij")
+    np.testing.assert_array_equal(data["x_train"][:, 1:], data["y_train"][:, :-1])
+    assert data["x_train"].shape[1] == 8 and data["x_test"].shape[1] == 8
+    assert len(data["x_train"]) == (160 - 1) // 8 and len(data["x_test"]) == (40 - 1) // 8
+    decoded = "".join(data["vocab"][i] for i in data["x_train"][0])
+    assert decoded == "abcdefgh"
+    with pytest.raises(ValueError, match=r"`seq_len`.*Received: seq_len=0"):
+        datasets.make_char_lm_data("abc", seq_len=0)
+    with pytest.raises(ValueError, match=r"Text too short"):
+        datasets.make_char_lm_data("abc", seq_len=8)

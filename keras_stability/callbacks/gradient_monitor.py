@@ -397,12 +397,12 @@ class GradientMonitor(keras.callbacks.Callback):
             title: Figure title. Defaults to `None` (a generic title).
 
         Returns:
-            `path`.
+            The matplotlib `Figure`, drawn without pyplot so the current
+            backend is left alone (a notebook shows it as a cell's value).
         """
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        from matplotlib import pyplot as plt
+        # The object-oriented API draws without pyplot, so the caller's
+        # backend (a notebook's inline one, say) is left alone.
+        from matplotlib.figure import Figure
 
         h = self.history
         if not h.get("step"):
@@ -412,9 +412,8 @@ class GradientMonitor(keras.callbacks.Callback):
         data = np.asarray([h["grad_norm"][n] for n in self.layer_names], dtype=np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
             logged = np.log10(np.where(data > 0, data, np.nan))
-        fig, ax = plt.subplots(
-            figsize=(8, max(2.5, 0.3 * len(self.layer_names) + 1.5))
-        )
+        fig = Figure(figsize=(8, max(2.5, 0.3 * len(self.layer_names) + 1.5)))
+        ax = fig.subplots()
         steps = h["step"]
         image = ax.imshow(
             logged,
@@ -430,8 +429,7 @@ class GradientMonitor(keras.callbacks.Callback):
         fig.colorbar(image, ax=ax, label="log10 ||g||")
         fig.tight_layout()
         fig.savefig(chief_path(path))
-        plt.close(fig)
-        return path
+        return fig
 
 
 def _write_histogram(tag, counts, step):

@@ -110,7 +110,13 @@ def test_every_n_steps_history_summary_plot_and_tensorboard(tmp_path):
     text = monitor.summary(print_to_stdout=False)
     assert "Gradient health after 6 steps (3 checks)" in text
     assert "hidden" in text and "head" in text and "healthy" in text
-    png = monitor.plot(os.path.join(tmp_path, "heat.png"))
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    png = os.path.join(tmp_path, "heat.png")
+    fig = monitor.plot(png)
+    assert fig.axes[0].get_ylabel() == "" and len(fig.axes[0].get_yticklabels()) == 2
+    assert matplotlib.get_backend() == backend  # the caller's backend is untouched
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     from tensorboard.backend.event_processing import event_accumulator

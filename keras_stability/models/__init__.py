@@ -1,0 +1,15 @@
+"""Small reference models used by the demo, notebooks and benchmarks."""
+
+from keras_stability.models.char_lm import VARIANTS
+from keras_stability.models.char_lm import TokenAndPositionEmbedding
+from keras_stability.models.char_lm import build_char_transformer
+from keras_stability.models.char_lm import generate
+from keras_stability.models.char_lm import train_char_lm
+
+__all__ = [
+    "VARIANTS",
+    "TokenAndPositionEmbedding",
+    "build_char_transformer",
+    "generate",
+    "train_char_lm",
+]

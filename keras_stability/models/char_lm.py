@@ -1,0 +1,279 @@
+"""A small character-level causal transformer, for stability studies on a CPU.
+
+`build_char_transformer(norm="post")` is the original Transformer's post-norm
+layout, which spikes or diverges at learning rates that the pre-norm layout
+with QK-normalization and LayerScale trains through
+(`norm="pre", qk_norm=True, layerscale_init=1e-2`).
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_stability.layers import StableTransformerBlock
+
+
+@keras.saving.register_keras_serializable(package="keras_stability")
+class TokenAndPositionEmbedding(keras.layers.Layer):
+    """Sum of a token embedding and a learned position embedding.
+
+    Args:
+        vocab_size: Number of tokens.
+        sequence_length: Longest sequence (number of positions).
+        hidden_dim: Embedding width.
+        **kwargs: Base `Layer` arguments.
+    """
+
+    def __init__(self, vocab_size, sequence_length, hidden_dim, **kwargs):
+        super().__init__(**kwargs)
+        for name, value in (
+            ("vocab_size", vocab_size),
+            ("sequence_length", sequence_length),
+            ("hidden_dim", hidden_dim),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"Invalid value for argument `{name}`. Expected a positive "
+                    f"integer. Received: {name}={value!r}"
+                )
+        self.vocab_size = vocab_size
+        self.sequence_length = sequence_length
+        self.hidden_dim = hidden_dim
+        self.token_embedding = keras.layers.Embedding(
+            vocab_size, hidden_dim, name="token_embedding"
+        )
+        self.position_embedding = keras.layers.Embedding(
+            sequence_length, hidden_dim, name="position_embedding"
+        )
+
+    def build(self, input_shape):
+        self.token_embedding.build(input_shape)
+        self.position_embedding.build((input_shape[-1],))
+
+    def call(self, ids):
+        positions = ops.arange(ops.shape(ids)[-1])
+        return self.token_embedding(ids) + self.position_embedding(positions)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape, self.hidden_dim)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "vocab_size": self.vocab_size,
+            "sequence_length": self.sequence_length,
+            "hidden_dim": self.hidden_dim,
+        }
+
+
+def build_char_transformer(
+    vocab_size,
+    sequence_length,
+    num_blocks=2,
+    hidden_dim=64,
+    num_heads=4,
+    norm="pre",
+    qk_norm=False,
+    layerscale_init=None,
+    name=None,
+):
+    """Builds a causal character language model (logits for the next character).
+
+    Args:
+        vocab_size: Number of characters.
+        sequence_length: Characters per input window.
+        num_blocks: Transformer blocks. Defaults to `2`.
+        hidden_dim: Width. Defaults to `64`.
+        num_heads: Attention heads. Defaults to `4`.
+        norm: `"pre"` (normalize each branch's input, plus a final norm) or
+            `"post"` (normalize after each residual sum, the original
+            Transformer). Defaults to `"pre"`.
+        qk_norm: Normalize queries and keys. Defaults to `False`.
+        layerscale_init: LayerScale initial value, or `None`. Defaults to `None`.
+        name: Model name. Defaults to `"char_transformer_<norm>"`.
+
+    Returns:
+        A functional `keras.Model` from int32 ids `(batch, sequence_length)`
+        to logits `(batch, sequence_length, vocab_size)`.
+    """
+    ids = keras.Input(shape=(sequence_length,), dtype="int32", name="ids")
+    x = TokenAndPositionEmbedding(vocab_size, sequence_length, hidden_dim, name="embedding")(ids)
+    for i in range(num_blocks):
+        x = StableTransformerBlock(
+            num_heads=num_heads,
+            norm=norm,
+            qk_norm=qk_norm,
+            layerscale_init=layerscale_init,
+            name=f"block_{i}",
+        )(x)
+    if norm == "pre":
+        x = keras.layers.LayerNormalization(epsilon=1e-6, name="final_norm")(x)
+    logits = keras.layers.Dense(vocab_size, name="logits")(x)
+    return keras.Model(ids, logits, name=name or f"char_transformer_{norm}")
+
+
+def generate(model, vocab, prompt, length=80, temperature=0.8, seed=0):
+    """Samples `length` characters after `prompt` from a character model.
+
+    Args:
+        model: A model from `build_char_transformer`.
+        vocab: The list of characters (index -> character).
+        prompt: Starting text; characters not in `vocab` are dropped.
+        length: Characters to generate. Defaults to `80`.
+        temperature: Softmax temperature, > 0. Defaults to `0.8`.
+        seed: Seed of the sampler. Defaults to `0`.
+
+    Returns:
+        `prompt` followed by the generated characters.
+    """
+    if not temperature > 0:
+        raise ValueError(
+            "Invalid value for argument `temperature`. Expected a positive number. "
+            f"Received: temperature={temperature!r}"
+        )
+    index = {c: i for i, c in enumerate(vocab)}
+    ids = [index[c] for c in prompt if c in index] or [0]
+    seq_len = model.input_shape[1]
+    rng = np.random.default_rng(seed)
+    out = list(ids)
+    for _ in range(length):
+        window = out[-seq_len:]
+        pad = seq_len - len(window)
+        x = np.array([window + [0] * pad], dtype="int32")
+        logits = np.asarray(model(x, training=False))[0, len(window) - 1] / temperature
+        p = np.exp(logits - logits.max())
+        out.append(int(rng.choice(len(vocab), p=p / p.sum())))
+    return prompt + "".join(vocab[i] for i in out[len(ids):])
+
+
+# The case study's model variants: what a plain model does, what users reach
+# for first (Keras' global_clipnorm), and this library's stabilized recipe.
+VARIANTS = ("post_norm", "post_norm_clipnorm", "stabilized")
+
+
+def train_char_lm(
+    variant,
+    data,
+    learning_rate=3e-2,
+    epochs=4,
+    batch_size=32,
+    seed=0,
+    num_blocks=2,
+    hidden_dim=64,
+    num_heads=4,
+    monitor_every=5,
+    verbose=0,
+):
+    """Trains one variant of the character model and measures it.
+
+    Variants (`VARIANTS`):
+    - `"post_norm"`: the original post-norm Transformer, Adam, nothing else;
+    - `"post_norm_clipnorm"`: the same with Keras' `global_clipnorm=1.0`;
+    - `"stabilized"`: pre-norm blocks with QK-normalization and LayerScale,
+      `GuardedOptimizer(Adam, clipping=ZClip())` and a
+      `GradientExplosionDetector(action="rollback")`.
+
+    Every variant but `"post_norm_clipnorm"` gets a `GradientMonitor`
+    (per-layer gradient norms every `monitor_every` steps); the monitor
+    needs the gradients in the train step, which an optimizer that clips by
+    its own `global_clipnorm` does not expose.
+
+    Args:
+        variant: One of `VARIANTS`.
+        data: Output of `keras_stability.datasets.make_char_lm_data`.
+        learning_rate: Adam's learning rate. Defaults to `3e-2`.
+        epochs: Epochs. Defaults to `4`.
+        batch_size: Windows per step. Defaults to `32`.
+        seed: Seed of initialisation and shuffling. Defaults to `0`.
+        num_blocks: Transformer blocks. Defaults to `2`.
+        hidden_dim: Width. Defaults to `64`.
+        num_heads: Attention heads. Defaults to `4`.
+        monitor_every: Steps between per-layer gradient reads.
+            Defaults to `5`.
+        verbose: Verbosity of `fit`. Defaults to `0`.
+
+    Returns:
+        Dict with `"model"`, `"monitor"` (the `GradientMonitor`, or `None`),
+        `"raw_loss"` (per step), `"test_loss"`, `"perplexity"` (held out,
+        `exp(test_loss)`), `"diverged"` (non-finite test loss or weights) and
+        `"events"` (detector events; empty for the other variants).
+    """
+    from keras_stability.callbacks import GradientExplosionDetector
+    from keras_stability.callbacks import GradientMonitor
+    from keras_stability.clipping import ZClip
+    from keras_stability.optimizers import GuardedOptimizer
+
+    if variant not in VARIANTS:
+        raise ValueError(
+            f"Invalid value for argument `variant`. Expected one of {VARIANTS}. "
+            f"Received: variant={variant!r}"
+        )
+    keras.utils.set_random_seed(seed)
+    vocab_size, seq_len = len(data["vocab"]), data["x_train"].shape[1]
+    stabilized = variant == "stabilized"
+    model = build_char_transformer(
+        vocab_size,
+        seq_len,
+        num_blocks=num_blocks,
+        hidden_dim=hidden_dim,
+        num_heads=num_heads,
+        norm="pre" if stabilized else "post",
+        qk_norm=stabilized,
+        layerscale_init=1e-2 if stabilized else None,
+        name=f"char_lm_{variant}",
+    )
+    if variant == "post_norm_clipnorm":
+        optimizer = keras.optimizers.Adam(learning_rate, global_clipnorm=1.0)
+    else:
+        optimizer = keras.optimizers.Adam(learning_rate)
+    raw = _RawLoss()
+    monitor = None
+    callbacks = [raw]
+    if variant != "post_norm_clipnorm":
+        monitor = GradientMonitor(every_n_steps=monitor_every, verbose=0)
+        callbacks.append(monitor)
+    detector = None
+    if stabilized:
+        optimizer = GuardedOptimizer(optimizer, clipping=ZClip())
+        detector = GradientExplosionDetector(action="rollback", snapshot_every=20, verbose=0)
+        callbacks.append(detector)
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(
+        data["x_train"],
+        data["y_train"],
+        batch_size=batch_size,
+        epochs=epochs,
+        verbose=verbose,
+        callbacks=callbacks,
+    )
+    test_loss = float(model.evaluate(data["x_test"], data["y_test"], batch_size=256, verbose=0))
+    finite = np.isfinite(test_loss) and all(
+        np.isfinite(np.asarray(w)).all() for w in model.get_weights()
+    )
+    return {
+        "model": model,
+        "monitor": monitor,
+        "raw_loss": raw.losses,
+        "test_loss": test_loss,
+        "perplexity": float(np.exp(test_loss)) if finite else float("inf"),
+        "diverged": not finite,
+        "events": list(detector.events) if detector is not None else [],
+    }
+
+
+class _RawLoss(keras.callbacks.Callback):
+    """Per-step loss recovered from the running epoch mean Keras logs."""
+
+    def on_train_begin(self, logs=None):
+        self.losses = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._previous_mean = 0.0
+
+    def on_train_batch_end(self, batch, logs=None):
+        mean = float(logs["loss"])
+        self.losses.append((batch + 1) * mean - batch * self._previous_mean)
+        self._previous_mean = mean
