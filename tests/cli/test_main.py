@@ -38,19 +38,26 @@ def test_demo_prints_loss_and_accuracy_well_above_chance_without_tf_noise():
     assert match, proc.stdout
     loss, accuracy = float(match.group(1)), float(match.group(2))
     assert accuracy > 0.6 and loss < 1.0, (loss, accuracy)
+    from keras_stability.cli.demo import PARTS
+
+    for _, title in PARTS.values():  # every part ran, in order
+        assert f"== {title} ==" in proc.stdout, proc.stdout
     # TensorFlow's C++ start-up lines are silenced by the CLI.
     for noise in ("oneDNN", "cuda", "cpu_feature_guard", "absl::InitializeLog"):
         assert noise not in proc.stderr, proc.stderr
 
 
 def test_demo_keeps_progress_bar_unless_quiet():
-    proc = _run("-m", "keras_stability", "demo", "--epochs", "2")
+    proc = _run("-m", "keras_stability", "demo", "--parts", "example", "--epochs", "2")
     assert proc.returncode == 0, proc.stderr
     assert "Epoch 2/2" in proc.stdout and "accuracy:" in proc.stdout
 
 
 def test_demo_digits():
-    proc = _run("-m", "keras_stability", "demo", "--dataset", "digits", "--epochs", "3", "--quiet")
+    proc = _run(
+        "-m", "keras_stability", "demo", "--parts", "example", "--dataset", "digits",
+        "--epochs", "3", "--quiet",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "64 features" in proc.stdout
     accuracy = float(re.search(r"Test accuracy: ([\d.]+)", proc.stdout).group(1))
