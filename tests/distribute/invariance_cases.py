@@ -89,6 +89,16 @@ def _build(case):
             "rollbacks": detector.rollbacks,
             "learning_rate": float(model.optimizer.learning_rate.numpy()),
         }
+    elif case == "monitor":
+        from keras_stability.callbacks import GradientMonitor
+
+        monitor = GradientMonitor(every_n_steps=2, verbose=0)
+        model.compile(optimizer=_guarded(), loss=loss)
+        return model, {"callbacks": [monitor]}, lambda: {
+            "layer_grad_norms": [v[-1] for v in monitor.history["grad_norm"].values()],
+            "update_ratios": [v[-1] for v in monitor.history["update_ratio"].values()],
+            "raw_loss": monitor.raw_losses[-1],
+        }
     elif case == "distiller":
         keras.utils.set_random_seed(1)
         teacher = _example(width=(64, 64))
@@ -125,6 +135,7 @@ CASES = (
     "pruning",
     "pruning_guarded",
     "detector",
+    "monitor",
     "distiller",
 )
 

@@ -48,11 +48,18 @@ def test_two_replicas_equal_one(runs, case):
     ):
         if key in one["stats"]:
             assert one["stats"][key] == two["stats"][key], key
+    for key in ("layer_grad_norms", "update_ratios", "raw_loss"):
+        if key in one["stats"]:
+            np.testing.assert_allclose(one["stats"][key], two["stats"][key], rtol=1e-4)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_xla_equals_graph(runs, case):
-    _assert_same_weights(runs["one"][case]["weights"], runs["xla"][case]["weights"], rtol=1e-4, atol=1e-5)
+    one, xla = runs["one"][case], runs["xla"][case]
+    _assert_same_weights(one["weights"], xla["weights"], rtol=1e-4, atol=1e-5)
+    for key in ("layer_grad_norms", "update_ratios"):
+        if key in one["stats"]:
+            np.testing.assert_allclose(one["stats"][key], xla["stats"][key], rtol=1e-3)
 
 
 def test_the_cases_really_act(runs):
@@ -64,6 +71,8 @@ def test_the_cases_really_act(runs):
     assert one["nonfinite_replica0"]["stats"]["steps_skipped_nonfinite"] == 3  # once an epoch
     assert one["nonfinite_replica1"]["stats"]["steps_skipped_nonfinite"] == 3
     assert one["spike"]["stats"]["steps_skipped_spike"] > 0
+    assert len(one["monitor"]["stats"]["layer_grad_norms"]) == 3
+    assert all(g > 0 for g in one["monitor"]["stats"]["layer_grad_norms"])
     assert one["detector"]["stats"]["rollbacks"] >= 1
     assert one["detector"]["stats"]["learning_rate"] < 5.0
     for case in ("pruning", "pruning_guarded"):
