@@ -14,6 +14,7 @@ shows itself on this example. A part is `fn(context) -> dict` of results.
 
 import time
 
+from keras_stability.cli.arguments import positive_int
 from keras_stability.datasets import DATASETS
 
 
@@ -282,7 +283,7 @@ def add_arguments(parser):
         "digits: scikit-learn's bundled 8x8 digits, 64 features.",
     )
     parser.add_argument(
-        "--epochs", type=_positive_int, default=10, help="Epochs per fit (default 10)."
+        "--epochs", type=positive_int, default=10, help="Epochs per fit (default 10)."
     )
     parser.add_argument("--seed", type=int, default=0, help="Random seed (default 0).")
     parser.add_argument(
@@ -315,17 +316,6 @@ def run(args):
     ctx.say(f"\nDemo finished in {time.perf_counter() - start:.1f} s.")
     return 0
 
-
-def _positive_int(text):
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _parts(text):

@@ -12,6 +12,8 @@ import math
 import os
 import sys
 
+from keras_stability.cli.arguments import positive_int
+
 EXIT_HEALTHY = 0
 EXIT_UNHEALTHY = 1
 EXIT_USAGE = 2
@@ -26,14 +28,14 @@ def add_arguments(parser):
         help="numpy .npz with arrays `x` and `y` (or `x_train` and `y_train`).",
     )
     parser.add_argument(
-        "--steps", type=_positive_int, default=20, help="Training steps (default 20)."
+        "--steps", type=positive_int, default=20, help="Training steps (default 20)."
     )
     parser.add_argument(
-        "--batch-size", type=_positive_int, default=32, help="Batch size (default 32)."
+        "--batch-size", type=positive_int, default=32, help="Batch size (default 32)."
     )
     parser.add_argument(
         "--patience",
-        type=_positive_int,
+        type=positive_int,
         default=3,
         help="Consecutive checks before a layer is flagged (default 3).",
     )
@@ -134,14 +136,3 @@ def run(args):
     print(text, flush=True)
     return EXIT_HEALTHY if healthy else EXIT_UNHEALTHY
 
-
-def _positive_int(text):
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
