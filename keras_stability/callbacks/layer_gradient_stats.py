@@ -52,16 +52,20 @@ def group_variables_by_layer(model):
         if paths:
             groups.append((layer.name, "layer", paths))
             seen.update(paths)
-    rest = [v.path for v in model.trainable_variables if v.path not in seen]
-    for path in rest:  # model-level variables: one group per path prefix
-        prefix = path.rsplit("/", 1)[0]
-        for name, _, paths in groups:
-            if name == prefix:
-                paths.append(path)
-                break
-        else:
-            groups.append((prefix, "layer", [path]))
+    for variable in model.trainable_variables:  # model-level variables
+        if variable.path not in seen:
+            _add_by_prefix(groups, variable.path)
     return groups
+
+
+def _add_by_prefix(groups, path):
+    """Adds `path` to the group named by its prefix, creating the group if new."""
+    prefix = path.rsplit("/", 1)[0]
+    for name, _, members in groups:
+        if name == prefix:
+            members.append(path)
+            return
+    groups.append((prefix, "layer", [path]))
 
 
 def _strategy_scope(optimizer):
@@ -145,13 +149,7 @@ class LayerGradientStats(GradientObserver):
         if self.groups is None:
             groups = []
             for path in paths:
-                prefix = path.rsplit("/", 1)[0]
-                for name, _, members in groups:
-                    if name == prefix:
-                        members.append(path)
-                        break
-                else:
-                    groups.append((prefix, "layer", [path]))
+                _add_by_prefix(groups, path)
         else:
             groups = [(n, k, list(p)) for n, k, p in self.groups]
         index = {p: i for i, p in enumerate(paths)}
