@@ -265,15 +265,17 @@ def train_char_lm(
 
 
 class _RawLoss(keras.callbacks.Callback):
-    """Per-step loss recovered from the running epoch mean Keras logs."""
+    """Keeps the per-step loss (the tracker the monitor and detector share)."""
 
     def on_train_begin(self, logs=None):
+        from keras_stability.callbacks.raw_loss import RawLossTracker
+
         self.losses = []
+        self._tracker = RawLossTracker.shared(self.model, (self.params or {}).get("steps"))
+        self._tracker.start_fit()
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._previous_mean = 0.0
+        self._tracker.start_epoch(epoch)
 
     def on_train_batch_end(self, batch, logs=None):
-        mean = float(logs["loss"])
-        self.losses.append((batch + 1) * mean - batch * self._previous_mean)
-        self._previous_mean = mean
+        self.losses.append(float(self._tracker.update_once(batch, logs)))
