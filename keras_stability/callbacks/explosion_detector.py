@@ -8,7 +8,10 @@ whether the step was skipped for non-finite gradients). Three signals:
   optimizer skips it in-graph, on all replicas alike);
 - a loss spike: z-score of the raw loss over a rolling window of healthy steps,
   or a raw loss `loss_factor` times the window median or the best snapshot's;
-- a gradient-norm spike: the same on the global gradient norm.
+- a gradient-norm spike: the same on the global gradient norm;
+- a regression: the mean raw loss of the last few steps `regress_factor`
+  times the loss the fit started from (a learning rate too high to explode
+  but high enough to wreck the model).
 
 Then, by `action`, it warns, skips, rolls back (restore the last healthy
 snapshot of weights and optimizer state, lower the learning rate, skip the
@@ -17,6 +20,7 @@ the best healthy weights and writes a JSON diagnostic. A run never ends with
 non-finite weights.
 """
 
+import collections
 import json
 import math
 import os
@@ -41,6 +45,10 @@ __all__ = ["GradientExplosionDetector"]
 ACTIONS = ("warn", "skip", "rollback", "stop")
 HISTORY_KEPT = 2000  # raw losses / norms kept for the diagnostic
 SNAPSHOT_TOLERANCE = 2.0  # a snapshot's loss may be at most this x the best
+# A recovery fails if the mean loss after a rollback exceeds the restored
+# weights' loss by more than 2 of their batch-to-batch standard deviations
+# plus this fraction of it.
+RECOVERY_TOLERANCE = 0.005
 
 
 def _check_int(name, value, minimum):
@@ -69,6 +77,13 @@ class GradientExplosionDetector(keras.callbacks.Callback):
       multiplies the learning rate by `lr_factor` (a schedule is wrapped in
       `ScaledSchedule`, so its shape is kept) and skips the next
       `skip_batches` updates in-graph. After `max_rollbacks` it stops.
+      With `check_recovery`, each rollback is then checked: the skipped
+      updates measure the restored weights' loss on fresh batches, and if
+      the mean raw loss over the next `confirm_steps` applied steps rises
+      above it (by more than two of its batch-to-batch standard deviations
+      plus 0.5%), the lowered learning rate is still too high: the
+      detector rolls back again and lowers it again. No snapshot is taken
+      until a rollback is confirmed this way.
     - `"stop"`: at the first problem it stops.
 
     On stopping it restores the best healthy snapshot (lowest mean raw loss;
@@ -100,10 +115,18 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             loss (a spike even before `min_samples` steps) or of the best
             confirmed snapshot's loss (a slow divergence) is a problem;
             `None` to turn both off. Defaults to `10.0`.
+        regress_factor: A mean raw loss over the last `confirm_steps` steps
+            above this multiple of the fit's first raw loss (the loss of the
+            weights it started from) is a problem: training is making the
+            model worse than it began. `None` to turn it off.
+            Defaults to `1.5`.
         window: Healthy steps in the rolling statistics. Defaults to `128`.
         min_samples: Steps before spikes are judged. Defaults to `20`.
         restore_best_weights: Restore the best (not the last) snapshot when
             stopping. Defaults to `True`.
+        check_recovery: Whether to check each rollback as described above
+            and escalate (roll back again with a lower learning rate) when
+            the loss rises after it. Defaults to `True`.
         diagnostic_path: JSON file written when the detector stops, or
             `None`. Defaults to `None`.
         verbose: 1 to print each rollback. Defaults to `1`.
@@ -128,9 +151,11 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         loss_z_threshold=6.0,
         grad_z_threshold=6.0,
         loss_factor=10.0,
+        regress_factor=1.5,
         window=128,
         min_samples=20,
         restore_best_weights=True,
+        check_recovery=True,
         diagnostic_path=None,
         verbose=1,
     ):
@@ -149,6 +174,15 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                 "Invalid value for argument `lr_factor`. Expected a number in (0, 1). "
                 f"Received: lr_factor={lr_factor!r}"
             )
+        if regress_factor is not None and (
+            isinstance(regress_factor, bool)
+            or not isinstance(regress_factor, (int, float))
+            or not regress_factor > 1
+        ):
+            raise ValueError(
+                "Invalid value for argument `regress_factor`. Expected None or a "
+                f"number > 1. Received: regress_factor={regress_factor!r}"
+            )
         # Validates window / thresholds with the pure core's messages.
         RollingZScore(window, loss_z_threshold, min_samples, loss_factor)
         RollingZScore(window, grad_z_threshold, min_samples)
@@ -161,9 +195,11 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self.loss_z_threshold = loss_z_threshold
         self.grad_z_threshold = grad_z_threshold
         self.loss_factor = loss_factor
+        self.regress_factor = regress_factor
         self.window = window
         self.min_samples = min_samples
         self.restore_best_weights = bool(restore_best_weights)
+        self.check_recovery = bool(check_recovery)
         self.diagnostic_path = diagnostic_path
         self.verbose = verbose
         self.diagnostic = None
@@ -181,9 +217,11 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             "loss_z_threshold": self.loss_z_threshold,
             "grad_z_threshold": self.grad_z_threshold,
             "loss_factor": self.loss_factor,
+            "regress_factor": self.regress_factor,
             "window": self.window,
             "min_samples": self.min_samples,
             "restore_best_weights": self.restore_best_weights,
+            "check_recovery": self.check_recovery,
             "diagnostic_path": self.diagnostic_path,
             "verbose": self.verbose,
         }
@@ -238,6 +276,12 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self._pending = self.snapshot
         self._pending_losses = []
         self._last_snapshot_at = 0
+        # After a rollback: the restored weights' losses (skipped updates) and
+        # the losses of the applied steps after them, until judged.
+        self._recovery = None
+        # The fit's first raw loss and the last `confirm_steps` healthy ones.
+        self._start_loss = math.nan
+        self._recent = collections.deque(maxlen=self.confirm_steps)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
@@ -275,6 +319,9 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             problem = f"non-finite loss ({raw}) or gradient norm ({norm})"
         else:
             self.consecutive_skips = 0
+            if math.isnan(self._start_loss):
+                self._start_loss = raw
+            self._recent.append(raw)
             loss_z = self._loss_z.zscore(raw)
             loss_median = self._loss_z.median()
             grad_z = self._grad_z.zscore(norm) if norm_var is not None else 0.0
@@ -296,6 +343,14 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                 )
             elif norm_var is not None and self._grad_z.update(norm):
                 problem = f"gradient-norm spike: norm {norm:.4g}, z-score {grad_z:.1f}"
+            elif self._regressing():
+                problem = (
+                    f"loss regressing: mean raw loss {np.mean(self._recent):.4g} over "
+                    f"the last {len(self._recent)} steps is above {self.regress_factor:g}x "
+                    f"the loss the fit started from ({self._start_loss:.4g})"
+                )
+            elif self._recovery is not None:
+                problem = self._check_recovery(raw)
         if problem is None:
             self._healthy_step(raw)
         else:
@@ -344,7 +399,47 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         """Healthy steps that confirm a snapshot: `min(5, snapshot_every)`."""
         return min(5, self.snapshot_every)
 
+    def _regressing(self):
+        return (
+            self.regress_factor is not None
+            and len(self._recent) == self._recent.maxlen
+            and self._start_loss > 0
+            and float(np.mean(self._recent)) > self.regress_factor * self._start_loss
+        )
+
+    def _check_recovery(self, raw):
+        """Feeds one healthy step to the check of the last rollback.
+
+        Returns:
+            A problem description if the recovery failed, else `None`.
+        """
+        rec = self._recovery
+        if rec["skip_left"] > 0:
+            rec["skip_left"] -= 1
+            rec["reference"].append(raw)
+            return None
+        rec["after"].append(raw)
+        if len(rec["after"]) < self.confirm_steps:
+            return None
+        self._recovery = None
+        reference = np.asarray(rec["reference"], dtype=np.float64)
+        if reference.size == 0:
+            return None
+        level = float(reference.mean())
+        spread = float(reference.std()) if reference.size > 1 else 0.0
+        after = float(np.mean(rec["after"]))
+        bound = level + 2.0 * spread + RECOVERY_TOLERANCE * abs(level)
+        if after <= bound:
+            return None
+        return (
+            f"recovery failed: after rollback {self.rollbacks} the mean raw loss of "
+            f"{len(rec['after'])} steps rose to {after:.4g}, above the restored weights' "
+            f"loss {level:.4g} (bound {bound:.4g}); the learning rate is still too high"
+        )
+
     def _healthy_step(self, raw):
+        if self._recovery is not None:
+            return  # no snapshot until the last rollback is confirmed
         if self._pending is not None:
             self._pending_losses.append(raw)
             if len(self._pending_losses) >= self.confirm_steps:
@@ -393,6 +488,13 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             self.optimizer.skip_next(self.skip_batches)
         self.consecutive_skips = 0
         self._pending = None
+        self._recent.clear()
+        if self.check_recovery:
+            skipped = self.skip_batches if hasattr(self.optimizer, "skip_next") else 0
+            reference = [] if skipped or not math.isfinite(self.snapshot.score) else [
+                self.snapshot.score
+            ]
+            self._recovery = {"skip_left": skipped, "reference": reference, "after": []}
         # The next snapshot waits for `snapshot_every` healthy steps again.
         self._last_snapshot_at = self.step
         if self.events:

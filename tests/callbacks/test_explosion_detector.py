@@ -49,6 +49,7 @@ def _quiet(fn, *args, **kwargs):
         ({"lr_factor": 0}, "Received: lr_factor=0"),
         ({"max_rollbacks": -1}, "Received: max_rollbacks=-1"),
         ({"window": 10, "min_samples": 20}, "Received: min_samples=20"),
+        ({"regress_factor": 1.0}, "Invalid value for argument `regress_factor`. Expected None or a number > 1. Received: regress_factor=1.0"),
     ],
 )
 def test_invalid_arguments(kwargs, message):
@@ -103,6 +104,85 @@ def test_high_learning_rate_diverges_plainly_but_is_rescued():
     assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(
         10.0 * 0.05**detector.rollbacks
     )
+
+
+def _quadratic_problem(n_batches=8, batch=8, dim=4, seed=0):
+    """Batches with `x_b^T x_b / batch == I`: every batch's MSE is `|w - w*|^2`.
+
+    With SGD at learning rate `lr` the error is multiplied by `1 - 2 lr` each
+    step, so the raw losses are known exactly: `L0 * (1 - 2 lr)^(2 t)`.
+    """
+    rng = np.random.default_rng(seed)
+    xs = [
+        np.sqrt(batch) * np.linalg.qr(rng.normal(size=(batch, dim)))[0]
+        for _ in range(n_batches)
+    ]
+    x = np.concatenate(xs).astype("float32")
+    w = rng.normal(size=(dim, 1)).astype("float32")
+    return x, x @ w, float(np.sum(w**2))
+
+
+def _linear(lr):
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")]
+    )
+    model.compile(keras.optimizers.SGD(lr), "mse")
+    return model
+
+
+def test_slow_regression_is_rolled_back_before_any_spike():
+    # lr 1.05: the loss grows 1.21x per step, never a 10x jump. Plain fit
+    # ends 2000x above where it started.
+    x, y, start = _quadratic_problem()
+    plain = _linear(1.05)
+    plain.fit(x, y, batch_size=8, epochs=5, shuffle=False, verbose=0)
+    assert plain.evaluate(x, y, verbose=0) > 1000 * start
+
+    model = _linear(1.05)
+    detector = GradientExplosionDetector(lr_factor=0.5, skip_batches=3, verbose=0)
+    model.fit(x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector])
+    np.testing.assert_allclose(
+        np.asarray(detector.raw_losses[:5]) / start, 1.21 ** np.arange(5), rtol=1e-4
+    )
+    # Mean of steps 1-5 is 1.52x the start: rolled back at step 5, to step 0.
+    assert [e["step"] for e in detector.events] == [5]
+    assert detector.events[0]["detail"].startswith("loss regressing: mean raw loss")
+    assert detector.events[0]["restored_step"] == 0
+    assert detector.rollbacks == 1
+    assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(0.525)
+    assert model.evaluate(x, y, verbose=0) < 1e-6 * start
+
+
+@pytest.mark.parametrize("check_recovery", [True, False])
+def test_failed_recovery_escalates_to_a_second_rollback(check_recovery):
+    # lr 1.5: x4 per step, a spike at step 4. x0.7 gives 1.05, still too high
+    # (x1.21 per step, no spike); the recovery check sees the 5 steps after the
+    # 3 skipped ones rise above the restored loss and lowers it again to 0.735.
+    x, y, start = _quadratic_problem()
+    model = _linear(1.5)
+    detector = GradientExplosionDetector(
+        lr_factor=0.7,
+        skip_batches=3,
+        regress_factor=None,
+        check_recovery=check_recovery,
+        verbose=0,
+    )
+    model.fit(x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector])
+    steps = [e["step"] for e in detector.events]
+    assert detector.events[0]["detail"].startswith("loss spike")
+    assert detector.rollbacks == 2
+    assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(1.5 * 0.7**2)
+    if check_recovery:
+        # Rollback at step 4, steps 5-7 skipped, steps 8-12 judged.
+        assert steps == [4, 12]
+        detail = detector.events[1]["detail"]
+        assert detail.startswith("recovery failed: after rollback 1")
+        assert f"restored weights' loss {start:.4g}" in detail
+        assert model.evaluate(x, y, verbose=0) < 1e-12 * start
+    else:
+        # Only a spike, 12 steps later, catches it.
+        assert steps == [4, 24]
+        assert model.evaluate(x, y, verbose=0) < 1e-6 * start
 
 
 def test_nan_batch_is_skipped_counted_and_training_goes_on():
