@@ -205,6 +205,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         self.skip_spikes = skip_spikes
         self._observers = []
         self._observer_variables = []
+        self._observer_owned = {}  # id(observer) -> the variables it created
         self._pending_observer_values = {}
         for observer in observers or []:
             self.add_observer(observer)
@@ -244,6 +245,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         observer.build(self, self._trainable_variables)
         new = self._variables[start:]
         self._observer_variables.extend(new)
+        self._observer_owned[id(observer)] = list(new)
         keys = self._observer_keys()
         for variable in new:
             key = keys[id(variable)]
@@ -266,6 +268,25 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         if self.built:
             self._build_observer(observer)
         return observer
+
+    def remove_observer(self, observer):
+        """Unregisters `observer` and drops the variables it created.
+
+        The observer keeps its variables (its last statistics stay readable)
+        but they are no longer the optimizer's: not saved with it, and not
+        computed once the train function is traced again
+        (`model.make_train_function(force=True)`).
+
+        Returns:
+            Whether `observer` was registered.
+        """
+        if observer not in self._observers:
+            return False
+        self._observers.remove(observer)
+        owned = {id(v) for v in self._observer_owned.pop(id(observer), [])}
+        self._observer_variables = [v for v in self._observer_variables if id(v) not in owned]
+        self._variables = [v for v in self._variables if id(v) not in owned]
+        return True
 
     @property
     def observers(self):

@@ -181,6 +181,27 @@ def test_observer_sees_preclip_grads_and_after_apply():
     np.testing.assert_allclose(late.first.numpy(), 3.0)
 
 
+def test_remove_observer_drops_its_variables_and_stops_observing():
+    variables = _variables()
+    kept, removed = RecordingObserver(), RecordingObserver()
+    optimizer = GuardedOptimizer(keras.optimizers.SGD(1.0), observers=[kept, removed])
+    optimizer.apply(_grads(2.0), variables)
+    before = len(optimizer.variables)
+    assert optimizer.remove_observer(removed) is True
+    assert optimizer.remove_observer(removed) is False  # not registered any more
+    assert optimizer.observers == [kept]
+    assert len(optimizer.variables) == before - 5  # its 5 variables
+    removed_ids = {id(v) for v in (removed.norm, removed.first, removed.step, removed.after, removed.skipped)}
+    assert not removed_ids & {id(v) for v in optimizer.variables}
+    optimizer.apply(_grads(3.0), variables)  # eager: no stale trace
+    np.testing.assert_allclose(kept.first.numpy(), 3.0)
+    np.testing.assert_allclose(removed.first.numpy(), 2.0)  # last value kept, not updated
+    # A save/load round trip no longer carries it.
+    store = {}
+    optimizer.save_own_variables(store)
+    assert len([k for k in store if k.startswith("observer:")]) == 5
+
+
 def test_fit_jit_compile_skips_nan_batch():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32, 4)).astype("float32")
