@@ -6,12 +6,15 @@ whether the step was skipped for non-finite gradients). Three signals:
 
 - non-finite loss or gradients (a NaN/Inf step is never applied: the guarded
   optimizer skips it in-graph, on all replicas alike);
-- a loss spike: z-score of the raw loss over a rolling window of healthy steps,
-  or a raw loss `loss_factor` times the window median or the best snapshot's;
+- a loss spike: z-score of the raw loss over a rolling window of healthy steps
+  (or, in the first steps, a raw loss `loss_factor` times their median);
+- a slow divergence: the mean raw loss of the last `min_samples` steps
+  `loss_factor` times the best snapshot's loss (the mean loss of the steps
+  after it);
 - a gradient-norm spike: the same on the global gradient norm;
 - a regression: the mean raw loss of the last few steps `regress_factor`
-  times the loss the fit started from (a learning rate too high to explode
-  but high enough to wreck the model).
+  times the loss the fit started from, and well outside their spread (a
+  learning rate too high to explode but high enough to wreck the model).
 
 Then, by `action`, it warns, skips, rolls back (restore the last healthy
 snapshot of weights and optimizer state, lower the learning rate, skip the
@@ -112,14 +115,16 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         grad_z_threshold: z-score of the gradient norm that is a spike.
             Defaults to `6.0`.
         loss_factor: A raw loss above this multiple of the median healthy
-            loss (a spike even before `min_samples` steps) or of the best
-            confirmed snapshot's loss (a slow divergence) is a problem;
-            `None` to turn both off. Defaults to `10.0`.
+            loss before `min_samples` steps (a spike the z-score cannot judge
+            yet), or a mean raw loss over the last `min_samples` steps above
+            this multiple of the best confirmed snapshot's loss (a slow
+            divergence), is a problem; `None` to turn both off.
+            Defaults to `10.0`.
         regress_factor: A mean raw loss over the last `confirm_steps` steps
             above this multiple of the fit's first raw loss (the loss of the
-            weights it started from) is a problem: training is making the
-            model worse than it began. `None` to turn it off.
-            Defaults to `1.5`.
+            weights it started from), and more than two of their standard
+            deviations above it, is a problem: training is making the model
+            worse than it began. `None` to turn it off. Defaults to `1.5`.
         window: Healthy steps in the rolling statistics. Defaults to `128`.
         min_samples: Steps before spikes are judged. Defaults to `20`.
         restore_best_weights: Restore the best (not the last) snapshot when
@@ -282,6 +287,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         # The fit's first raw loss and the last `confirm_steps` healthy ones.
         self._start_loss = math.nan
         self._recent = collections.deque(maxlen=self.confirm_steps)
+        self._sustained = collections.deque(maxlen=self.min_samples)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
@@ -325,15 +331,19 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             loss_z = self._loss_z.zscore(raw)
             loss_median = self._loss_z.median()
             grad_z = self._grad_z.zscore(norm) if norm_var is not None else 0.0
+            self._sustained.append(raw)
             best = self.best.score
+            sustained = float(np.mean(self._sustained))
             if (
                 self.loss_factor is not None
+                and len(self._sustained) == self._sustained.maxlen
                 and math.isfinite(best)
                 and best > 0
-                and raw > self.loss_factor * best
+                and sustained > self.loss_factor * best
             ):
                 problem = (
-                    f"loss diverging: raw loss {raw:.4g} is above {self.loss_factor:g}x "
+                    f"loss diverging: mean raw loss {sustained:.4g} over the last "
+                    f"{len(self._sustained)} steps is above {self.loss_factor:g}x "
                     f"the best healthy snapshot's loss {best:.4g}"
                 )
             elif self._loss_z.update(raw):
@@ -400,11 +410,20 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         return min(5, self.snapshot_every)
 
     def _regressing(self):
-        return (
-            self.regress_factor is not None
-            and len(self._recent) == self._recent.maxlen
-            and self._start_loss > 0
-            and float(np.mean(self._recent)) > self.regress_factor * self._start_loss
+        # The start loss is one batch: it must also be implausible as a draw
+        # from the recent losses (2 of their standard deviations below their
+        # mean), so a lucky first batch of a noisy run is not a regression.
+        if (
+            self.regress_factor is None
+            or len(self._recent) < self._recent.maxlen
+            or not self._start_loss > 0
+        ):
+            return False
+        recent = np.asarray(self._recent, dtype=np.float64)
+        mean = float(recent.mean())
+        spread = float(recent.std(ddof=1)) if recent.size > 1 else 0.0
+        return mean > self.regress_factor * self._start_loss and (
+            self._start_loss < mean - 2.0 * spread
         )
 
     def _check_recovery(self, raw):
@@ -443,10 +462,11 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         if self._pending is not None:
             self._pending_losses.append(raw)
             if len(self._pending_losses) >= self.confirm_steps:
-                # The first loss after a snapshot is its weights' loss on one
-                # batch; a snapshot far above the best one is not kept (it may
-                # sit on a slow divergence).
-                score = float(self._pending_losses[0])
+                # The mean loss of the steps after a snapshot scores it (one
+                # batch is too noisy once the loss is small); a snapshot far
+                # above the best one is not kept (it may sit on a slow
+                # divergence).
+                score = float(np.mean(self._pending_losses))
                 best = self.best.score
                 if not (math.isfinite(best) and best > 0 and score > SNAPSHOT_TOLERANCE * best):
                     self._pending.score = score
@@ -489,6 +509,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self.consecutive_skips = 0
         self._pending = None
         self._recent.clear()
+        self._sustained.clear()
         if self.check_recovery:
             skipped = self.skip_batches if hasattr(self.optimizer, "skip_next") else 0
             reference = [] if skipped or not math.isfinite(self.snapshot.score) else [

@@ -30,7 +30,7 @@ class Snapshot:
     Args:
         model: The model.
         step: The global step the snapshot was taken after.
-        score: Mean raw loss over the steps before it (lower is better).
+        score: Mean raw loss of the steps right after it (lower is better).
     """
 
     def __init__(self, model, step=0, score=float("inf")):

@@ -22,9 +22,11 @@ class RollingZScore:
         min_samples: Values needed before the z-score is judged.
             Defaults to `20`.
         factor: If set, a value above `factor` times the (positive) median of
-            the window is a spike too, from the first accepted value on; this
-            catches a divergence before `min_samples` values exist.
-            Defaults to `None`.
+            the window is a spike too while the window holds fewer than
+            `min_samples` values, when the z-score cannot judge yet; this
+            catches a divergence in the first steps. Later the z-score alone
+            judges, so a heavy-tailed series (a small loss with rare larger
+            batches) is not flagged for being 10x its median. Defaults to `None`.
 
     Raises:
         ValueError: If `window` or `min_samples` is not a positive integer,
@@ -112,7 +114,7 @@ class RollingZScore:
         if not math.isfinite(value):
             return True
         spike = self.zscore(value) > self.threshold
-        if self.factor is not None and self.values:
+        if self.factor is not None and 0 < len(self.values) < self.min_samples:
             median = self.median()
             spike = spike or (median > 0 and value > self.factor * median)
         if not spike:

@@ -144,8 +144,10 @@ def test_slow_regression_is_rolled_back_before_any_spike():
     np.testing.assert_allclose(
         np.asarray(detector.raw_losses[:5]) / start, 1.21 ** np.arange(5), rtol=1e-4
     )
-    # Mean of steps 1-5 is 1.52x the start: rolled back at step 5, to step 0.
-    assert [e["step"] for e in detector.events] == [5]
+    # Steps 1-5 average 1.52x the start but spread widely (std 0.45x); steps
+    # 4-8 average 2.67x, std 0.81x: the start is 2 std below, rolled back at
+    # step 8, to step 0.
+    assert [e["step"] for e in detector.events] == [8]
     assert detector.events[0]["detail"].startswith("loss regressing: mean raw loss")
     assert detector.events[0]["restored_step"] == 0
     assert detector.rollbacks == 1
@@ -155,9 +157,10 @@ def test_slow_regression_is_rolled_back_before_any_spike():
 
 @pytest.mark.parametrize("check_recovery", [True, False])
 def test_failed_recovery_escalates_to_a_second_rollback(check_recovery):
-    # lr 1.5: x4 per step, a spike at step 4. x0.7 gives 1.05, still too high
-    # (x1.21 per step, no spike); the recovery check sees the 5 steps after the
-    # 3 skipped ones rise above the restored loss and lowers it again to 0.735.
+    # lr 1.5: x4 per step, a spike at step 4 (10x the median of the first
+    # steps). x0.7 gives 1.05, still too high (x1.21 per step, no spike); the
+    # recovery check sees the 5 steps after the 3 skipped ones rise above the
+    # restored loss and lowers it again to 0.735.
     x, y, start = _quadratic_problem()
     model = _linear(1.5)
     detector = GradientExplosionDetector(
@@ -170,19 +173,21 @@ def test_failed_recovery_escalates_to_a_second_rollback(check_recovery):
     model.fit(x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector])
     steps = [e["step"] for e in detector.events]
     assert detector.events[0]["detail"].startswith("loss spike")
-    assert detector.rollbacks == 2
-    assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(1.5 * 0.7**2)
     if check_recovery:
         # Rollback at step 4, steps 5-7 skipped, steps 8-12 judged.
         assert steps == [4, 12]
         detail = detector.events[1]["detail"]
         assert detail.startswith("recovery failed: after rollback 1")
         assert f"restored weights' loss {start:.4g}" in detail
+        assert detector.rollbacks == 2
+        assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(1.5 * 0.7**2)
         assert model.evaluate(x, y, verbose=0) < 1e-12 * start
     else:
-        # Only a spike, 12 steps later, catches it.
-        assert steps == [4, 24]
-        assert model.evaluate(x, y, verbose=0) < 1e-6 * start
+        # Without the check (and the regression rule) the slow climb at lr
+        # 1.05 is not caught within 40 steps: 1.21x per step is no spike.
+        assert steps == [4]
+        assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(1.5 * 0.7)
+        assert model.evaluate(x, y, verbose=0) > 100 * start
 
 
 def test_nan_batch_is_skipped_counted_and_training_goes_on():

@@ -100,6 +100,17 @@ def test_rolling_zscore_factor_rule_before_min_samples():
     assert z.median() == pytest.approx(2.25)
 
 
+def test_rolling_zscore_factor_rule_stops_at_min_samples():
+    # A heavy-tailed series: 10x the median is not a spike once the z-score
+    # can judge (it is 2.5 standard deviations here).
+    z = RollingZScore(window=20, threshold=6.0, min_samples=10, factor=10.0)
+    history = [0.02, 0.02, 0.15, 0.02, 0.2, 0.02, 0.02, 0.18, 0.02, 0.02]
+    assert not any(z.update(v) for v in history)
+    assert 0.25 > 10 * z.median() and z.zscore(0.25) < 3.0
+    assert not z.update(0.25)
+    assert z.update(5.0)  # still a spike by z-score
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
