@@ -89,6 +89,14 @@ class GradientExplosionDetector(keras.callbacks.Callback):
       until a rollback is confirmed this way.
     - `"stop"`: at the first problem it stops.
 
+    What counts as a problem: a non-finite loss or gradient; a loss or
+    gradient-norm spike (z-score over the healthy steps, or in the first
+    `min_samples` steps `loss_factor` times their median loss); a slow
+    divergence (mean loss of the last `min_samples` steps `loss_factor`
+    times the best snapshot's); a regression (mean loss of the last
+    `confirm_steps` steps `regress_factor` times the loss `fit` started
+    from and well outside their spread); a failed recovery (above).
+
     On stopping it restores the best healthy snapshot (lowest mean raw loss;
     the last one if `restore_best_weights=False`), sets
     `model.stop_training`, warns with the reason, and writes `diagnostic`
@@ -274,8 +282,8 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self.stopped_reason = None
         self.diagnostic = None
         # `snapshot` is the last confirmed healthy one; `_pending` waits for
-        # `confirm_steps` healthy steps after it (the first one's raw loss is
-        # its score) before it replaces `snapshot`.
+        # `confirm_steps` healthy steps after it (their mean raw loss is its
+        # score) before it replaces `snapshot`.
         self.snapshot = Snapshot(model, step=0)
         self.best = self.snapshot
         self._pending = self.snapshot
