@@ -216,10 +216,9 @@ class LayerGradientStats(GradientObserver):
                     "gradient_stats_histograms", (n, self.histogram_bins)
                 )
             if self.buffer_size:
-                # Ring buffer: row `i % buffer_size` holds the i-th report.
+                # The last `buffer_size` reports, oldest first (step 0: empty).
                 self.rows = var("gradient_stats_rows", (self.buffer_size, self.row_width))
                 self.row_steps = var("gradient_stats_row_steps", (self.buffer_size,), "int64")
-                self._rows_written = var("gradient_stats_rows_written", (), "int64")
         self.built = True
 
     @property
@@ -229,22 +228,22 @@ class LayerGradientStats(GradientObserver):
         return 1 + (3 if self.track_updates else 2) * n + n * self.histogram_bins
 
     def _write_row(self):
-        """Writes the current statistics into the next ring-buffer row (in-graph)."""
+        """Appends the current statistics to the buffer, dropping its oldest row.
+
+        A shift (slice + concatenate) rather than an indexed update: a few
+        cheap ops, and the rows stay in step order.
+        """
         parts = [ops.reshape(self.global_norm, (1,)), self.grad_norms, self.weight_norms]
         if self.track_updates:
             parts.append(self.update_ratios)
         if self.histogram_bins:
             parts.append(ops.reshape(self.histograms, (-1,)))
         row = ops.concatenate([ops.convert_to_tensor(p) for p in parts])
-        written = ops.convert_to_tensor(self._rows_written)
-        index = ops.cast(ops.mod(written, self.buffer_size), "int32")
-        self.rows.assign(ops.slice_update(self.rows, (index, 0), ops.reshape(row, (1, -1))))
-        self.row_steps.assign(
-            ops.slice_update(
-                self.row_steps, (index,), ops.reshape(ops.cast(self.step, "int64"), (1,))
-            )
-        )
-        self._rows_written.assign(written + 1)
+        rows = ops.convert_to_tensor(self.rows)
+        self.rows.assign(ops.concatenate([rows[1:], ops.reshape(row, (1, -1))], axis=0))
+        steps = ops.convert_to_tensor(self.row_steps)
+        step = ops.reshape(ops.cast(self.step, "int64"), (1,))
+        self.row_steps.assign(ops.concatenate([steps[1:], step], axis=0))
 
     def _group_sums(self, squares):
         return ops.stack([ops.sum(ops.stack([squares[i] for i in m])) for m in self._members])
@@ -254,6 +253,12 @@ class LayerGradientStats(GradientObserver):
 
     def observe(self, grads, variables, stats):
         zero = ops.zeros((), "float32")
+        # The guard's squared norms, where they equal the dense gradient's.
+        shared = (stats or {}).get("squared_norms") or [None] * len(grads)
+        shared = [
+            s if g is not None and not hasattr(g, "indices") else None
+            for g, s in zip(grads, shared, strict=True)
+        ]
         grads = [None if g is None else ops.cast(g, "float32") for g in grads]
         self.step.assign_add(1)
         norm = (stats or {}).get("global_norm")
@@ -274,11 +279,15 @@ class LayerGradientStats(GradientObserver):
             )
             report = ops.logical_or(report, anomaly)
         self.global_norm.assign(norm)
-        self._reported.assign(ops.cast(report, "int32"))
+        if not self._every_step:
+            self._reported.assign(ops.cast(report, "int32"))
 
         def compute():
             # Per-layer statistics: report steps (and anomalous steps) only.
-            squares = [zero if g is None else ops.sum(ops.square(g)) for g in grads]
+            squares = [
+                zero if g is None else s if s is not None else ops.sum(ops.square(g))
+                for g, s in zip(grads, shared, strict=True)
+            ]
             self.grad_norms.assign(ops.sqrt(self._group_sums(squares)))
             if self.track_updates or self.histogram_bins:
                 weights = [ops.cast(v, "float32") for v in variables]
@@ -294,7 +303,15 @@ class LayerGradientStats(GradientObserver):
                 self._write_row()  # complete now (else after the update)
             return ops.zeros((), "int32")
 
-        ops.cond(report, compute, lambda: ops.zeros((), "int32"))
+        if self._every_step:
+            compute()  # no `cond` (and none of its per-input switches)
+        else:
+            ops.cond(report, compute, lambda: ops.zeros((), "int32"))
+
+    @property
+    def _every_step(self):
+        """Whether every step is a report step (known when tracing)."""
+        return self.every_n_steps == 1 and self.anomaly_factor is None
 
     def _histograms(self, grads):
         lo, hi = HISTOGRAM_RANGE
@@ -329,9 +346,12 @@ class LayerGradientStats(GradientObserver):
                 self._write_row()
             return ops.zeros((), "int32")
 
-        ops.cond(
-            ops.greater(self._reported, 0), report, lambda: ops.zeros((), "int32")
-        )
+        if self._every_step:
+            report()
+        else:
+            ops.cond(
+                ops.greater(self._reported, 0), report, lambda: ops.zeros((), "int32")
+            )
 
     # -- host side ------------------------------------------------------
     def reset(self):
@@ -341,7 +361,6 @@ class LayerGradientStats(GradientObserver):
             self.step.assign(0)
             if self.buffer_size:
                 self.row_steps.assign(ops.zeros(self.row_steps.shape, "int64"))
-                self._rows_written.assign(0)
 
     def read(self):
         """Reads the latest statistics to numpy (one host transfer per variable).
@@ -393,8 +412,7 @@ class LayerGradientStats(GradientObserver):
             )
         steps = np.asarray(self.row_steps.numpy(), dtype=np.int64)
         rows = np.asarray(self.rows.numpy(), dtype=np.float64)
-        keep = np.flatnonzero(steps > after_step)
-        keep = keep[np.argsort(steps[keep], kind="stable")]
+        keep = np.flatnonzero(steps > after_step)  # rows are in step order
         rows = rows[keep]
         n = len(self.layer_names)
         out = {
