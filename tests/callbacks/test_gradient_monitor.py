@@ -188,3 +188,87 @@ def test_get_config_round_trip_and_invalid_arguments():
     )
     with pytest.raises(ValueError, match="Received: vanish_ratio=-1"):
         GradientMonitor(vanish_ratio=-1)
+
+
+class _PerStepRead(keras.callbacks.Callback):
+    """Reads the guard's and the observer's latest values after every batch."""
+
+    def __init__(self, monitor):
+        super().__init__()
+        self.monitor = monitor
+        self.global_norms, self.layer_norms, self.batch_logs = [], [], []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.global_norms.append(float(self.model.optimizer.grad_norm.numpy()))
+        self.layer_norms.append(self.monitor.observer.read()["grad_norms"].tolist())
+        self.batch_logs.append(dict(logs))
+
+
+def test_buffered_history_equals_per_step_reads_with_a_partial_last_chunk():
+    x, y = _data(100)  # batch 16: 7 steps per epoch, 14 in all
+    histories = {}
+    for read_every in (1, 5):
+        model = _small_model(lr=0.5)
+        monitor = GradientMonitor(every_n_steps=1, read_every=read_every, verbose=0)
+        probe = _PerStepRead(monitor)
+        history = model.fit(
+            x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[monitor, probe]
+        )
+        h = monitor.history
+        assert h["step"] == list(range(1, 15))
+        # Every step's values, exactly as a read after that step gave them.
+        np.testing.assert_array_equal(h["global_norm"], probe.global_norms)
+        np.testing.assert_array_equal(
+            np.asarray([h["grad_norm"][n] for n in monitor.layer_names]).T, probe.layer_norms
+        )
+        np.testing.assert_array_equal(h["raw_loss"], monitor.raw_losses)
+        # Epoch logs (History) carry the last step of each epoch: the epoch
+        # end reads the partial chunk (steps 6-7 and 11-14 with read_every=5).
+        assert history.history["grad_norm"] == [h["global_norm"][6], h["global_norm"][13]]
+        logged = [b.get("grad_norm") for b in probe.batch_logs]
+        if read_every == 1:
+            assert logged == h["global_norm"]
+        else:  # batch logs carry the last read: after steps 5, 7 (epoch end), 10
+            assert logged[:4] == [None] * 4  # nothing read yet
+            assert logged[4:10] == [h["global_norm"][i] for i in (4, 4, 4, 6, 6, 9)]
+            assert [b["raw_loss"] for b in probe.batch_logs] == monitor.raw_losses
+        histories[read_every] = h
+    assert histories[1] == histories[5]  # bitwise, whatever the read cadence
+
+
+def test_flush_reads_up_to_the_current_step_and_steps_per_execution():
+    x, y = _data(96)
+    model = _small_model()
+    model.compile(
+        keras.optimizers.SGD(0.1),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        steps_per_execution=2,
+    )
+    monitor = GradientMonitor(every_n_steps=1, read_every=64, verbose=0)
+    seen = []
+
+    class Reader(keras.callbacks.Callback):
+        calls = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.calls += 1
+            if self.calls == 2:  # after optimizer steps 1-4 (two executions)
+                seen.append(monitor.flush())
+                seen.append(list(monitor.history["step"]))
+
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor, Reader()])
+    assert seen == [4, [1, 2, 3, 4]]
+    assert monitor.history["step"] == [1, 2, 3, 4, 5, 6]
+    # One raw loss per execution (the mean of its two steps), per check.
+    assert monitor.history["raw_loss"] == [monitor.raw_losses[i // 2] for i in range(6)]
+
+
+def test_read_every_validation_and_buffer_size():
+    assert GradientMonitor(every_n_steps=10, read_every=32).buffer_size == 4
+    assert GradientMonitor(every_n_steps=1, read_every=1).buffer_size == 1
+    with pytest.raises(ValueError) as info:
+        GradientMonitor(read_every=0)
+    assert str(info.value) == (
+        "Invalid value for argument `read_every`. Expected a positive integer. "
+        "Received: read_every=0"
+    )
