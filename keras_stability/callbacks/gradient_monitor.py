@@ -21,7 +21,9 @@ from keras_stability.callbacks.layer_gradient_stats import HISTOGRAM_RANGE
 from keras_stability.callbacks.layer_gradient_stats import LayerGradientStats
 from keras_stability.callbacks.layer_gradient_stats import group_variables_by_layer
 from keras_stability.callbacks.raw_loss import RawLossTracker
+from keras_stability.diagnostics.gradient_health import EXPLODING
 from keras_stability.diagnostics.gradient_health import HEALTHY
+from keras_stability.diagnostics.gradient_health import VANISHING
 from keras_stability.diagnostics.gradient_health import diagnose_layers
 from keras_stability.diagnostics.gradient_health import format_findings
 from keras_stability.distribute.strategy import chief_path
@@ -337,31 +339,88 @@ class GradientMonitor(keras.callbacks.Callback):
         self._last = last
         if self._writer is not None:
             self._write_tensorboard(rows, raw)
-        self._diagnose()
+        # A rule needs `patience` checks in a row. Checks inside the chunk
+        # where one might hold are diagnosed too, so a run that ended before
+        # the last check is still warned about; the last check always is.
+        for end in self._suspect_ends(len(steps)):
+            self._warn_new(self.diagnose(end=end), int(h["step"][end - 1]))
+        self.findings = self.diagnose()
+        self._warn_new(self.findings, int(steps[-1]))
         return len(steps)
 
-    def _diagnose(self):
-        self.findings = self.diagnose()
+    def _suspect_ends(self, new):
+        """History lengths (before the last) at which a new warning may come.
+
+        A vectorized superset of `diagnose_layers`' rules over the `new`
+        checks just read, for the layers not yet warned about: `patience`
+        checks in a row that are non-finite, above `explode_norm` or above
+        `explode_factor` times half the smallest positive norm (a positive
+        median is never below that); or, for non-embedding layers, below
+        `vanish_floor` or `vanish_ratio` times the largest norm. Usually
+        empty, so each read runs a single diagnosis.
+        """
+        p = self.patience
+        total = len(self.history["step"])
+        start = max(0, total - new - DIAGNOSIS_WINDOW)
+        table = np.asarray(
+            [self.history["grad_norm"][n][start:] for n in self.layer_names], dtype=np.float64
+        )
+        if table.shape[1] < p:
+            return []
+
+        def open_rows(status):
+            return np.asarray(
+                [[(n, status) not in self._warned] for n in self.layer_names], dtype=bool
+            )
+
+        dense = np.asarray([[k != "embedding"] for k in self.layer_kinds], dtype=bool)
+        with np.errstate(invalid="ignore"):
+            finite = np.isfinite(table)
+            smallest = np.min(np.where(finite & (table > 0), table, np.inf), axis=1, keepdims=True)
+            largest = np.max(np.where(finite, table, 0.0), axis=0, keepdims=True)
+            exploding = open_rows(EXPLODING) & (
+                ~finite
+                | (table > self.explode_norm)
+                | (table > self.explode_factor * 0.5 * smallest)
+            )
+            vanishing = (open_rows(VANISHING) & dense) & (
+                (table < self.vanish_floor) | (table < self.vanish_ratio * largest)
+            )
+
+        def runs(flags):
+            return np.lib.stride_tricks.sliding_window_view(flags, p, axis=1).all(axis=2)
+
+        hits = (runs(exploding) | runs(vanishing)).any(axis=0)
+        ends = start + p + np.flatnonzero(hits)  # history length at each run's end
+        return [int(e) for e in ends if total - new < e < total]
+
+    def _warn_new(self, findings, step):
         new = [
             f
-            for f in self.findings
+            for f in findings
             if f.status != HEALTHY and (f.layer, f.status) not in self._warned
         ]
         if new and self.verbose:
             warnings.warn(
-                f"GradientMonitor at step {self._step}: " + format_findings(new),
-                stacklevel=2,
+                f"GradientMonitor at step {step}: " + format_findings(new),
+                stacklevel=3,
             )
         self._warned.update((f.layer, f.status) for f in new)
 
-    def diagnose(self):
+    def diagnose(self, end=None):
         """Runs the diagnosis on the last `DIAGNOSIS_WINDOW` checks.
+
+        Args:
+            end: Diagnose as of this many checks (the window ends there), or
+                `None` for all recorded checks. Defaults to `None`.
 
         Returns:
             List of `LayerFinding`, one per layer group.
         """
+        checks = len(self.history.get("step", []))
+        end = checks if end is None else end
         recent = {
-            name: values[-DIAGNOSIS_WINDOW:]
+            name: values[max(0, end - DIAGNOSIS_WINDOW) : end]
             for name, values in self.history.get("grad_norm", {}).items()
         }
         return diagnose_layers(

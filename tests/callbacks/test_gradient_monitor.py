@@ -272,3 +272,46 @@ def test_read_every_validation_and_buffer_size():
         "Invalid value for argument `read_every`. Expected a positive integer. "
         "Received: read_every=0"
     )
+
+
+class _FixedRows:
+    """Stands in for the observer: returns given per-layer norms as checks."""
+
+    built = True
+
+    def __init__(self, first_step, norms):
+        self.norms = np.asarray(norms, dtype=np.float64)
+        self.steps = np.arange(first_step, first_step + len(self.norms))
+
+    def read_rows(self, after_step=0):
+        keep = self.steps > after_step
+        norms = self.norms[keep]
+        return {
+            "step": self.steps[keep],
+            "global_norm": np.sqrt(np.sum(norms**2, axis=1)),
+            "grad_norms": norms,
+            "weight_norms": np.ones_like(norms),
+            "update_ratios": np.zeros_like(norms),
+        }
+
+
+def test_a_run_inside_one_read_is_warned_about_at_its_step():
+    x, y = _data(32)
+    model = _small_model()
+    monitor = GradientMonitor(patience=3, read_every=32, verbose=1)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    assert monitor.history["step"] == [1, 2] and monitor.unhealthy_layers() == []
+    # 32 more checks (steps 3-34): "hidden" vanishes at steps 12-14 only.
+    norms = np.full((32, 2), 0.5)
+    norms[9:12, 0] = 1e-9
+    monitor.observer = _FixedRows(3, norms)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert monitor.flush() == 32
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and messages[0].startswith("GradientMonitor at step 14: ")
+    assert "Vanishing gradients" in messages[0] and "hidden" in messages[0]
+    # The last checks are healthy: so are the current findings.
+    assert monitor.unhealthy_layers() == [] and monitor.history["step"][-1] == 34
+    assert [f.status for f in monitor.diagnose(end=14)] == ["vanishing", "healthy"]
+    assert monitor._suspect_ends(0) == []  # nothing new: no extra diagnosis
