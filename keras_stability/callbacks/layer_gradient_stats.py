@@ -360,7 +360,7 @@ class LayerGradientStats(GradientObserver):
         if self.built:
             self.step.assign(0)
             if self.buffer_size:
-                self.row_steps.assign(ops.zeros(self.row_steps.shape, "int64"))
+                self.row_steps.assign(np.zeros(self.row_steps.shape, "int64"))
 
     def read(self):
         """Reads the latest statistics to numpy (one host transfer per variable).
