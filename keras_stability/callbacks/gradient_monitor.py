@@ -325,7 +325,8 @@ class GradientMonitor(keras.callbacks.Callback):
         )
         largest = float(np.max(norms[dense])) if len(dense) else 0.0
         last = {
-            "raw_loss": float(raw[-1]),
+            # The current step's raw loss (the last check's may be older).
+            "raw_loss": float(self.raw_losses[-1]) if self.raw_losses else float(raw[-1]),
             "grad_norm": float(rows["global_norm"][-1]),
             "min_layer_grad_ratio": float(np.min(norms[dense]) / largest)
             if largest > 0

@@ -315,3 +315,14 @@ def test_a_run_inside_one_read_is_warned_about_at_its_step():
     assert monitor.unhealthy_layers() == [] and monitor.history["step"][-1] == 34
     assert [f.status for f in monitor.diagnose(end=14)] == ["vanishing", "healthy"]
     assert monitor._suspect_ends(0) == []  # nothing new: no extra diagnosis
+
+
+def test_epoch_logs_carry_the_last_steps_raw_loss_between_checks():
+    x, y = _data(112)  # batch 16: 7 steps; checks at steps 3 and 6
+    model = _small_model()
+    monitor = GradientMonitor(every_n_steps=3, verbose=0)
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    assert monitor.history["step"] == [3, 6]
+    assert monitor.history["raw_loss"] == [monitor.raw_losses[2], monitor.raw_losses[5]]
+    assert history.history["raw_loss"] == [monitor.raw_losses[6]]
+    assert history.history["grad_norm"] == [monitor.history["global_norm"][-1]]
