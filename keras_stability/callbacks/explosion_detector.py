@@ -309,7 +309,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         # means the guarded optimizer skipped the step in-graph (if it skips
         # non-finite steps, the default).
         norm_var = getattr(self.optimizer, "grad_norm", None)
-        norm = float(norm_var.numpy()) if norm_var is not None else math.nan
+        norm = self._read_grad_norm()
         skipped_nonfinite = (
             norm_var is not None
             and not math.isfinite(norm)
@@ -376,6 +376,20 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         logs["raw_loss"] = raw
         logs["rollbacks"] = self.rollbacks
         logs["skipped_batches"] = self.skipped_batches
+
+    def _read_grad_norm(self):
+        """The guard's pre-clip global norm of the step just trained (NaN if none).
+
+        The one host read the detector makes per step, so it takes the
+        shortest path: the backend variable's own read (on TensorFlow
+        `tf.Variable.value()`, without the copy `Variable.numpy()` makes).
+        """
+        variable = getattr(self.optimizer, "grad_norm", None)
+        if variable is None:
+            return math.nan
+        value = variable.value
+        read = getattr(value, "value", None)
+        return float(read() if callable(read) else value)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:

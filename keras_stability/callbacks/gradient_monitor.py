@@ -1,8 +1,9 @@
 """`GradientMonitor`: per-layer gradient health inside `fit`.
 
 The statistics are computed in the compiled step by a `LayerGradientStats`
-observer on the (automatically added) `GuardedOptimizer`, and read back on
-the host only every `every_n_steps`. They reach fit's logs (so `History`, the
+observer on the (automatically added) `GuardedOptimizer`, every
+`every_n_steps`, into an in-graph ring buffer that the host reads only every
+`read_every` steps (and at the end of each epoch). They reach fit's logs (so `History`, the
 progress bar and `CSVLogger` see them), TensorBoard, an in-memory history,
 a text table (`summary`) and a heatmap (`plot`). The pure diagnosis lives in
 `keras_stability.diagnostics.gradient_health`.
@@ -20,7 +21,9 @@ from keras_stability.callbacks.layer_gradient_stats import HISTOGRAM_RANGE
 from keras_stability.callbacks.layer_gradient_stats import LayerGradientStats
 from keras_stability.callbacks.layer_gradient_stats import group_variables_by_layer
 from keras_stability.callbacks.raw_loss import RawLossTracker
+from keras_stability.diagnostics.gradient_health import EXPLODING
 from keras_stability.diagnostics.gradient_health import HEALTHY
+from keras_stability.diagnostics.gradient_health import VANISHING
 from keras_stability.diagnostics.gradient_health import diagnose_layers
 from keras_stability.diagnostics.gradient_health import format_findings
 from keras_stability.distribute.strategy import chief_path
@@ -71,22 +74,31 @@ class GradientMonitor(keras.callbacks.Callback):
     """Monitors per-layer gradient norms and diagnoses vanishing / exploding.
 
     Each layer's variables form a group (an `Embedding` is a group of its
-    own, reported but never called vanishing). Every `every_n_steps` the
-    monitor reads the group gradient norms, weight norms and
-    update-to-weight ratios computed in the compiled step, and the raw loss
-    of every step (Keras' logged `loss` is the running epoch mean), then:
+    own, reported but never called vanishing). Every `every_n_steps` (a
+    "check") the compiled step computes the group gradient norms, weight
+    norms and update-to-weight ratios and writes them into a ring buffer.
+    The host reads the buffer, all checks at once, every `read_every` steps
+    (rounded up to a multiple of `every_n_steps`), at the end of each epoch
+    and of training, and on `flush()`; the monitor also keeps the raw loss of
+    every step (Keras' logged `loss` is the running epoch mean). On each
+    read it:
 
     - adds `raw_loss`, `grad_norm` (global, pre-clip), `min_layer_grad_ratio`
       (smallest layer norm over the largest) and, if `logs_per_layer`,
       `grad_norm/<layer>` and `update_ratio/<layer>` to the batch and epoch
-      logs, so `History`, the progress bar and `CSVLogger` show them;
-    - appends to `history` (a dict of lists);
-    - writes TensorBoard scalars and `log10|g|` histograms if `log_dir`;
-    - runs the diagnosis (`diagnose_layers`) and warns once per layer and
-      status, naming the layers and the standard remedies.
+      logs, so `History`, the progress bar and `CSVLogger` show them (batch
+      logs carry the values of the last read, up to `read_every - 1` steps
+      old; `raw_loss` is always the current step's; epoch logs are exact);
+    - appends every check to `history` (a dict of lists);
+    - writes TensorBoard scalars and `log10|g|` histograms if `log_dir`
+      (one point per check);
+    - runs the diagnosis (`diagnose_layers`) on the last checks and warns
+      once per layer and status, naming the layers and the standard
+      remedies.
 
     Args:
-        every_n_steps: Steps between host reads. Defaults to `1`.
+        every_n_steps: Steps between checks (the resolution of the
+            statistics). Defaults to `1`.
         per_layer: Whether to group by layer; otherwise only the global norm
             is kept. Defaults to `True`.
         log_dir: TensorBoard log directory, or `None`. Defaults to `None`.
@@ -103,6 +115,10 @@ class GradientMonitor(keras.callbacks.Callback):
         patience: Consecutive checks before a layer is flagged.
             Defaults to `3`.
         verbose: 1 to warn about unhealthy layers. Defaults to `1`.
+        read_every: Steps between host reads of the buffered checks, rounded
+            up to a multiple of `every_n_steps`; each read is one host
+            transfer however many checks it holds. `1` reads after every
+            step (fresh batch logs, slower). Defaults to `32`.
 
     Example:
 
@@ -128,10 +144,12 @@ class GradientMonitor(keras.callbacks.Callback):
         explode_factor=100.0,
         patience=3,
         verbose=1,
+        read_every=32,
     ):
         super().__init__()
         _positive_int("every_n_steps", every_n_steps)
         _positive_int("patience", patience)
+        _positive_int("read_every", read_every)
         if isinstance(histogram_bins, bool) or not isinstance(histogram_bins, int) or histogram_bins < 0:
             raise ValueError(
                 "Invalid value for argument `histogram_bins`. Expected a "
@@ -158,6 +176,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self.explode_factor = explode_factor
         self.patience = patience
         self.verbose = verbose
+        self.read_every = read_every
         self.observer = None
         self._model_id = None
         self.history = {}
@@ -177,6 +196,7 @@ class GradientMonitor(keras.callbacks.Callback):
             "explode_factor": self.explode_factor,
             "patience": self.patience,
             "verbose": self.verbose,
+            "read_every": self.read_every,
         }
 
     @classmethod
@@ -194,6 +214,7 @@ class GradientMonitor(keras.callbacks.Callback):
                 every_n_steps=self.every_n_steps,
                 track_updates=self.track_updates,
                 histogram_bins=self.histogram_bins if self.log_dir else 0,
+                buffer_size=self.buffer_size,
             )
             self._model_id = id(self.model)
             self.layer_names = [name for name, _, _ in groups]
@@ -212,7 +233,12 @@ class GradientMonitor(keras.callbacks.Callback):
         self.findings = []
         self._warned = set()
         self._step = 0
+        self._read_step = 0  # observer step of the last row read
         self._last = {}
+        # Batches per read: the buffer (`buffer_size` checks) must not wrap
+        # around between two reads, whatever `steps_per_execution` is.
+        per_call = max(1, int(getattr(self.model, "steps_per_execution", 1) or 1))
+        self._read_calls = max(1, (self.buffer_size * self.every_n_steps) // per_call)
         self._loss = RawLossTracker.shared(self.model, (self.params or {}).get("steps"))
         self._loss.start_fit()
         self._writer = None
@@ -232,43 +258,76 @@ class GradientMonitor(keras.callbacks.Callback):
         raw = self._loss.update_once(batch, logs)
         self.raw_losses.append(raw)
         logs["raw_loss"] = raw
+        if self._step % self._read_calls == 0:
+            self.flush()
         self._last["raw_loss"] = raw
-        if self._step % self.every_n_steps == 0:
-            self._read(raw)
         logs.update(self._last)
 
     def on_epoch_end(self, epoch, logs=None):
+        self.flush()
         if logs is not None:
             logs.update(self._last)
 
     def on_train_end(self, logs=None):
-        if self.history.get("step"):
-            self._diagnose()
+        self.flush()
         if self._writer is not None:
             self._writer.flush()
             self._writer.close()
             self._writer = None
 
     # -- reading and diagnosis ---------------------------------------------
-    def _read(self, raw):
-        stats = self.observer.read()
+    @property
+    def buffer_size(self):
+        """Checks the ring buffer holds: `ceil(read_every / every_n_steps)`."""
+        return -(-self.read_every // self.every_n_steps)
+
+    def flush(self):
+        """Reads the checks buffered since the last read, now.
+
+        Called every `read_every` steps, at the end of each epoch and of
+        training; call it from another callback that needs `history` (or the
+        logged values) up to the current step. Appends the checks to
+        `history`, refreshes the logged values, writes TensorBoard and runs
+        the diagnosis.
+
+        Returns:
+            The number of checks read.
+        """
+        if self.observer is None or not self.observer.built:
+            return 0
+        rows = self.observer.read_rows(after_step=self._read_step)
+        steps = rows["step"]
+        if not len(steps):
+            return 0
+        self._read_step = int(steps[-1])
+        # The raw loss of each check's step (per batch: with
+        # steps_per_execution > 1, the mean over its execution).
+        per_call = max(1, int(getattr(self.model, "steps_per_execution", 1) or 1))
+        losses = self.raw_losses
+        raw = np.asarray(
+            [losses[i] if 0 <= i < len(losses) else math.nan for i in ((steps - 1) // per_call).tolist()],
+            dtype=np.float64,
+        )
+
         h = self.history
-        h["step"].append(self._step)
-        h["raw_loss"].append(raw)
-        h["global_norm"].append(stats["global_norm"])
+        h["step"].extend(steps.tolist())
+        h["raw_loss"].extend(raw.tolist())
+        h["global_norm"].extend(rows["global_norm"].tolist())
         for i, name in enumerate(self.layer_names):
-            h["grad_norm"][name].append(float(stats["grad_norms"][i]))
-            h["weight_norm"][name].append(float(stats["weight_norms"][i]))
+            h["grad_norm"][name].extend(rows["grad_norms"][:, i].tolist())
+            h["weight_norm"][name].extend(rows["weight_norms"][:, i].tolist())
             if self.track_updates:
-                h["update_ratio"][name].append(float(stats["update_ratios"][i]))
-        norms = stats["grad_norms"]
+                h["update_ratio"][name].extend(rows["update_ratios"][:, i].tolist())
+
+        norms = rows["grad_norms"][-1]
         dense = [i for i, k in enumerate(self.layer_kinds) if k != "embedding"] or list(
             range(len(norms))
         )
         largest = float(np.max(norms[dense])) if len(dense) else 0.0
         last = {
-            "raw_loss": raw,
-            "grad_norm": stats["global_norm"],
+            # The current step's raw loss (the last check's may be older).
+            "raw_loss": float(self.raw_losses[-1]) if self.raw_losses else float(raw[-1]),
+            "grad_norm": float(rows["global_norm"][-1]),
             "min_layer_grad_ratio": float(np.min(norms[dense]) / largest)
             if largest > 0
             else math.nan,
@@ -277,37 +336,92 @@ class GradientMonitor(keras.callbacks.Callback):
             for i, name in enumerate(self.layer_names):
                 last[f"grad_norm/{name}"] = float(norms[i])
                 if self.track_updates:
-                    last[f"update_ratio/{name}"] = float(stats["update_ratios"][i])
+                    last[f"update_ratio/{name}"] = float(rows["update_ratios"][-1, i])
         self._last = last
         if self._writer is not None:
-            self._write_tensorboard(stats, raw)
-        # A rule needs `patience` checks in a row: diagnosing every `patience`
-        # checks sees the same runs and keeps the host path short.
-        if len(h["step"]) % self.patience == 0:
-            self._diagnose()
-
-    def _diagnose(self):
+            self._write_tensorboard(rows, raw)
+        # A rule needs `patience` checks in a row. Checks inside the chunk
+        # where one might hold are diagnosed too, so a run that ended before
+        # the last check is still warned about; the last check always is.
+        for end in self._suspect_ends(len(steps)):
+            self._warn_new(self.diagnose(end=end), int(h["step"][end - 1]))
         self.findings = self.diagnose()
+        self._warn_new(self.findings, int(steps[-1]))
+        return len(steps)
+
+    def _suspect_ends(self, new):
+        """History lengths (before the last) at which a new warning may come.
+
+        A vectorized superset of `diagnose_layers`' rules over the `new`
+        checks just read, for the layers not yet warned about: `patience`
+        checks in a row that are non-finite, above `explode_norm` or above
+        `explode_factor` times half the smallest positive norm (a positive
+        median is never below that); or, for non-embedding layers, below
+        `vanish_floor` or `vanish_ratio` times the largest norm. Usually
+        empty, so each read runs a single diagnosis.
+        """
+        p = self.patience
+        total = len(self.history["step"])
+        start = max(0, total - new - DIAGNOSIS_WINDOW)
+        table = np.asarray(
+            [self.history["grad_norm"][n][start:] for n in self.layer_names], dtype=np.float64
+        )
+        if table.shape[1] < p:
+            return []
+
+        def open_rows(status):
+            return np.asarray(
+                [[(n, status) not in self._warned] for n in self.layer_names], dtype=bool
+            )
+
+        dense = np.asarray([[k != "embedding"] for k in self.layer_kinds], dtype=bool)
+        with np.errstate(invalid="ignore"):
+            finite = np.isfinite(table)
+            smallest = np.min(np.where(finite & (table > 0), table, np.inf), axis=1, keepdims=True)
+            largest = np.max(np.where(finite, table, 0.0), axis=0, keepdims=True)
+            exploding = open_rows(EXPLODING) & (
+                ~finite
+                | (table > self.explode_norm)
+                | (table > self.explode_factor * 0.5 * smallest)
+            )
+            vanishing = (open_rows(VANISHING) & dense) & (
+                (table < self.vanish_floor) | (table < self.vanish_ratio * largest)
+            )
+
+        def runs(flags):
+            return np.lib.stride_tricks.sliding_window_view(flags, p, axis=1).all(axis=2)
+
+        hits = (runs(exploding) | runs(vanishing)).any(axis=0)
+        ends = start + p + np.flatnonzero(hits)  # history length at each run's end
+        return [int(e) for e in ends if total - new < e < total]
+
+    def _warn_new(self, findings, step):
         new = [
             f
-            for f in self.findings
+            for f in findings
             if f.status != HEALTHY and (f.layer, f.status) not in self._warned
         ]
         if new and self.verbose:
             warnings.warn(
-                f"GradientMonitor at step {self._step}: " + format_findings(new),
-                stacklevel=2,
+                f"GradientMonitor at step {step}: " + format_findings(new),
+                stacklevel=3,
             )
         self._warned.update((f.layer, f.status) for f in new)
 
-    def diagnose(self):
+    def diagnose(self, end=None):
         """Runs the diagnosis on the last `DIAGNOSIS_WINDOW` checks.
+
+        Args:
+            end: Diagnose as of this many checks (the window ends there), or
+                `None` for all recorded checks. Defaults to `None`.
 
         Returns:
             List of `LayerFinding`, one per layer group.
         """
+        checks = len(self.history.get("step", []))
+        end = checks if end is None else end
         recent = {
-            name: values[-DIAGNOSIS_WINDOW:]
+            name: values[max(0, end - DIAGNOSIS_WINDOW) : end]
             for name, values in self.history.get("grad_norm", {}).items()
         }
         return diagnose_layers(
@@ -328,21 +442,23 @@ class GradientMonitor(keras.callbacks.Callback):
             if f.status != HEALTHY and (status is None or f.status == status)
         ]
 
-    def _write_tensorboard(self, stats, raw):
+    def _write_tensorboard(self, rows, raw):
         import tensorflow as tf
 
-        step = self._step
-        with self._writer.as_default(step=step):
-            tf.summary.scalar("raw_loss", raw)
-            tf.summary.scalar("grad_norm/global", stats["global_norm"])
-            for i, name in enumerate(self.layer_names):
-                tf.summary.scalar(f"grad_norm/{name}", stats["grad_norms"][i])
-                if self.track_updates:
-                    tf.summary.scalar(f"update_ratio/{name}", stats["update_ratios"][i])
-                if "histograms" in stats:
-                    _write_histogram(
-                        f"log10_abs_grad/{name}", stats["histograms"][i], step
-                    )
+        for r, step in enumerate(rows["step"].tolist()):
+            with self._writer.as_default(step=step):
+                tf.summary.scalar("raw_loss", raw[r])
+                tf.summary.scalar("grad_norm/global", rows["global_norm"][r])
+                for i, name in enumerate(self.layer_names):
+                    tf.summary.scalar(f"grad_norm/{name}", rows["grad_norms"][r, i])
+                    if self.track_updates:
+                        tf.summary.scalar(
+                            f"update_ratio/{name}", rows["update_ratios"][r, i]
+                        )
+                    if "histograms" in rows:
+                        _write_histogram(
+                            f"log10_abs_grad/{name}", rows["histograms"][r, i], step
+                        )
 
     # -- reports -------------------------------------------------------------
     def summary(self, print_to_stdout=True):

@@ -3,8 +3,10 @@
 `GuardedOptimizer` calls `observe` inside the compiled train step with the
 all-reduced, unscaled, pre-clip gradients. This observer reduces them to a few
 numbers per layer (group of variables) and writes them into variables, which
-the host reads only when it wants to (`GradientMonitor`: every
-`every_n_steps`). Nothing here syncs with the host.
+the host reads only when it wants to. With `buffer_size`, every report step
+also writes one row into an in-graph ring buffer, so the host can read many
+steps at once (`GradientMonitor`: every `read_every` steps). Nothing here
+syncs with the host.
 """
 
 import contextlib
@@ -95,6 +97,13 @@ class LayerGradientStats(GradientObserver):
       `HISTOGRAM_RANGE`, only if `histogram_bins > 0`;
     - `step` `()`: steps observed.
 
+    With `buffer_size > 0`, each report step (and anomalous step) also writes
+    a row `[global_norm, grad_norms, weight_norms, update_ratios,
+    histograms]` (the last two when tracked) and its `step` into a ring
+    buffer of `buffer_size` rows; `read_rows` returns the rows written after a
+    given step. The host then needs one read per `buffer_size` reports
+    instead of one per report.
+
     Args:
         groups: `(name, kind, paths)` triples from `group_variables_by_layer`,
             or `None` to group by each variable's path prefix (its layer).
@@ -109,6 +118,8 @@ class LayerGradientStats(GradientObserver):
             on steps whose global norm is non-finite or above this multiple of
             the previous step's (so a bad step's layers are always known).
             Defaults to `None`.
+        buffer_size: Rows of the ring buffer of per-step statistics, 0 for
+            none. Defaults to `0`.
     """
 
     def __init__(
@@ -118,6 +129,7 @@ class LayerGradientStats(GradientObserver):
         track_updates=True,
         histogram_bins=0,
         anomaly_factor=None,
+        buffer_size=0,
     ):
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(
@@ -136,7 +148,13 @@ class LayerGradientStats(GradientObserver):
                 "Invalid value for argument `anomaly_factor`. Expected None or a "
                 f"number > 1. Received: anomaly_factor={anomaly_factor!r}"
             )
+        if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 0:
+            raise ValueError(
+                "Invalid value for argument `buffer_size`. Expected a "
+                f"non-negative integer. Received: buffer_size={buffer_size!r}"
+            )
         self.anomaly_factor = anomaly_factor
+        self.buffer_size = buffer_size
         self.groups = groups
         self.every_n_steps = every_n_steps
         self.track_updates = bool(track_updates)
@@ -197,22 +215,35 @@ class LayerGradientStats(GradientObserver):
                 self.histograms = var(
                     "gradient_stats_histograms", (n, self.histogram_bins)
                 )
-            # Everything `read` needs in one variable: one host transfer.
-            self.packed = var(
-                "gradient_stats_packed", (2 + (3 if self.track_updates else 2) * n,)
-            )
+            if self.buffer_size:
+                # The last `buffer_size` reports, oldest first (step 0: empty).
+                self.rows = var("gradient_stats_rows", (self.buffer_size, self.row_width))
+                self.row_steps = var("gradient_stats_row_steps", (self.buffer_size,), "int64")
         self.built = True
 
-    def _pack(self):
-        parts = [
-            ops.reshape(ops.cast(self.step, "float32"), (1,)),
-            ops.reshape(self.global_norm, (1,)),
-            self.grad_norms,
-            self.weight_norms,
-        ]
+    @property
+    def row_width(self):
+        """Length of a ring-buffer row (see `read_rows`)."""
+        n = len(self.layer_names)
+        return 1 + (3 if self.track_updates else 2) * n + n * self.histogram_bins
+
+    def _write_row(self):
+        """Appends the current statistics to the buffer, dropping its oldest row.
+
+        A shift (slice + concatenate) rather than an indexed update: a few
+        cheap ops, and the rows stay in step order.
+        """
+        parts = [ops.reshape(self.global_norm, (1,)), self.grad_norms, self.weight_norms]
         if self.track_updates:
             parts.append(self.update_ratios)
-        self.packed.assign(ops.concatenate([ops.convert_to_tensor(p) for p in parts]))
+        if self.histogram_bins:
+            parts.append(ops.reshape(self.histograms, (-1,)))
+        row = ops.concatenate([ops.convert_to_tensor(p) for p in parts])
+        rows = ops.convert_to_tensor(self.rows)
+        self.rows.assign(ops.concatenate([rows[1:], ops.reshape(row, (1, -1))], axis=0))
+        steps = ops.convert_to_tensor(self.row_steps)
+        step = ops.reshape(ops.cast(self.step, "int64"), (1,))
+        self.row_steps.assign(ops.concatenate([steps[1:], step], axis=0))
 
     def _group_sums(self, squares):
         return ops.stack([ops.sum(ops.stack([squares[i] for i in m])) for m in self._members])
@@ -222,6 +253,12 @@ class LayerGradientStats(GradientObserver):
 
     def observe(self, grads, variables, stats):
         zero = ops.zeros((), "float32")
+        # The guard's squared norms, where they equal the dense gradient's.
+        shared = (stats or {}).get("squared_norms") or [None] * len(grads)
+        shared = [
+            s if g is not None and not hasattr(g, "indices") else None
+            for g, s in zip(grads, shared, strict=True)
+        ]
         grads = [None if g is None else ops.cast(g, "float32") for g in grads]
         self.step.assign_add(1)
         norm = (stats or {}).get("global_norm")
@@ -242,11 +279,15 @@ class LayerGradientStats(GradientObserver):
             )
             report = ops.logical_or(report, anomaly)
         self.global_norm.assign(norm)
-        self._reported.assign(ops.cast(report, "int32"))
+        if not self._every_step:
+            self._reported.assign(ops.cast(report, "int32"))
 
         def compute():
             # Per-layer statistics: report steps (and anomalous steps) only.
-            squares = [zero if g is None else ops.sum(ops.square(g)) for g in grads]
+            squares = [
+                zero if g is None else s if s is not None else ops.sum(ops.square(g))
+                for g, s in zip(grads, shared, strict=True)
+            ]
             self.grad_norms.assign(ops.sqrt(self._group_sums(squares)))
             if self.track_updates or self.histogram_bins:
                 weights = [ops.cast(v, "float32") for v in variables]
@@ -258,10 +299,19 @@ class LayerGradientStats(GradientObserver):
                     prev.assign(v)
             if self.histogram_bins:
                 self.histograms.assign(self._histograms(grads))
+            if self.buffer_size and not self.track_updates:
+                self._write_row()  # complete now (else after the update)
             return ops.zeros((), "int32")
 
-        ops.cond(report, compute, lambda: ops.zeros((), "int32"))
-        self._pack()
+        if self._every_step:
+            compute()  # no `cond` (and none of its per-input switches)
+        else:
+            ops.cond(report, compute, lambda: ops.zeros((), "int32"))
+
+    @property
+    def _every_step(self):
+        """Whether every step is a report step (known when tracing)."""
+        return self.every_n_steps == 1 and self.anomaly_factor is None
 
     def _histograms(self, grads):
         lo, hi = HISTOGRAM_RANGE
@@ -287,43 +337,94 @@ class LayerGradientStats(GradientObserver):
                 ops.sum(ops.square(ops.cast(v, "float32") - ops.cast(p, "float32")))
                 for v, p in zip(variables, self._previous, strict=True)
             ]
-            norms = [ops.sum(ops.square(ops.cast(p, "float32"))) for p in self._previous]
+            # `weight_norms` holds the norms of `_previous`, from this step.
             ratio = ops.sqrt(self._group_sums(diffs)) / (
-                ops.sqrt(self._group_sums(norms)) + 1e-12
+                ops.convert_to_tensor(self.weight_norms) + 1e-12
             )
             self.update_ratios.assign(ratio)
+            if self.buffer_size:
+                self._write_row()
             return ops.zeros((), "int32")
 
-        ops.cond(
-            ops.greater(self._reported, 0), report, lambda: ops.zeros((), "int32")
-        )
-        self._pack()
+        if self._every_step:
+            report()
+        else:
+            ops.cond(
+                ops.greater(self._reported, 0), report, lambda: ops.zeros((), "int32")
+            )
 
     # -- host side ------------------------------------------------------
     def reset(self):
-        """Sets the step counter to 0 (host call, e.g. at `on_train_begin`)."""
+        """Sets the step counter to 0 and empties the ring buffer (host call,
+        e.g. at `on_train_begin`)."""
         if self.built:
             self.step.assign(0)
-            self.packed.assign(ops.zeros(self.packed.shape))
+            if self.buffer_size:
+                self.row_steps.assign(np.zeros(self.row_steps.shape, "int64"))
 
     def read(self):
-        """Reads the statistics to numpy (one host transfer per variable).
+        """Reads the latest statistics to numpy (one host transfer per variable).
 
         Returns:
             Dict with `"step"`, `"global_norm"`, `"grad_norms"`,
             `"weight_norms"` and, when tracked, `"update_ratios"` and
             `"histograms"`; per-layer entries are arrays in `layer_names` order.
         """
-        packed = np.asarray(self.packed.numpy(), dtype=np.float64)
-        n = len(self.layer_names)
+
+        def host(variable):
+            return np.asarray(variable.numpy(), dtype=np.float64)
+
         out = {
-            "step": int(packed[0]),
-            "global_norm": float(packed[1]),
-            "grad_norms": packed[2 : 2 + n],
-            "weight_norms": packed[2 + n : 2 + 2 * n],
+            "step": int(self.step.numpy()),
+            "global_norm": float(host(self.global_norm)),
+            "grad_norms": host(self.grad_norms),
+            "weight_norms": host(self.weight_norms),
         }
         if self.track_updates:
-            out["update_ratios"] = packed[2 + 2 * n : 2 + 3 * n]
+            out["update_ratios"] = host(self.update_ratios)
         if self.histogram_bins:
-            out["histograms"] = np.asarray(self.histograms.numpy(), dtype=np.float64)
+            out["histograms"] = host(self.histograms)
+        return out
+
+    def read_rows(self, after_step=0):
+        """Reads the ring-buffer rows of the steps after `after_step`.
+
+        Two host transfers, whatever the number of rows. Rows older than the
+        last `buffer_size` reports are gone (the buffer wraps around).
+
+        Args:
+            after_step: Rows of this step and earlier are left out.
+                Defaults to `0`.
+
+        Returns:
+            Dict of numpy arrays, in step order: `"step"` `(R,)` and
+            `"global_norm"` `(R,)`, `"grad_norms"`, `"weight_norms"` and (when
+            tracked) `"update_ratios"` `(R, G)` and `"histograms"`
+            `(R, G, histogram_bins)`, in `layer_names` order.
+
+        Raises:
+            ValueError: If the observer has no ring buffer (`buffer_size=0`).
+        """
+        if not self.buffer_size:
+            raise ValueError(
+                "`read_rows` needs a ring buffer: create the LayerGradientStats "
+                "with `buffer_size > 0`."
+            )
+        steps = np.asarray(self.row_steps.numpy(), dtype=np.int64)
+        rows = np.asarray(self.rows.numpy(), dtype=np.float64)
+        keep = np.flatnonzero(steps > after_step)  # rows are in step order
+        rows = rows[keep]
+        n = len(self.layer_names)
+        out = {
+            "step": steps[keep],
+            "global_norm": rows[:, 0],
+            "grad_norms": rows[:, 1 : 1 + n],
+            "weight_norms": rows[:, 1 + n : 1 + 2 * n],
+        }
+        start = 1 + 2 * n
+        if self.track_updates:
+            out["update_ratios"] = rows[:, start : start + n]
+            start += n
+        if self.histogram_bins:
+            out["histograms"] = rows[:, start:].reshape(len(keep), n, self.histogram_bins)
         return out

@@ -16,6 +16,7 @@ __all__ = [
     "clip_by_global_norm",
     "global_norm",
     "is_finite",
+    "squared_norms",
     "scale_gradients",
 ]
 
@@ -34,21 +35,37 @@ def _scale(g, scale):
     return ops.multiply(g, ops.cast(scale, g.dtype))
 
 
-def global_norm(grads):
+def squared_norms(grads):
+    """Squared L2 norm of each gradient, in float32.
+
+    Args:
+        grads: List of tensors; `None` entries give `None`.
+
+    Returns:
+        List of float32 scalars (or `None`), one per entry of `grads`. For a
+        `tf.IndexedSlices` it is the sum of squares of its `values`.
+    """
+    return [
+        None if g is None else ops.sum(ops.square(ops.cast(_values(g), "float32")))
+        for g in grads
+    ]
+
+
+def global_norm(grads, squares=None):
     """Global L2 norm of a list of gradients, in float32.
 
     Args:
         grads: List of tensors; `None` entries are ignored.
+        squares: Their `squared_norms`, if already computed, or `None`.
+            Defaults to `None`.
 
     Returns:
         A float32 scalar. It is `inf` or `nan` when any entry is, and `0.0`
         for an empty list.
     """
-    squares = [
-        ops.sum(ops.square(ops.cast(_values(g), "float32")))
-        for g in grads
-        if g is not None
-    ]
+    if squares is None:
+        squares = squared_norms(grads)
+    squares = [s for s in squares if s is not None]
     if not squares:
         return ops.convert_to_tensor(0.0, dtype="float32")
     return ops.sqrt(ops.sum(ops.stack(squares)))

@@ -15,6 +15,7 @@ from keras import ops
 
 from keras_stability import clipping as clipping_module
 from keras_stability.clipping.base import global_norm
+from keras_stability.clipping.base import squared_norms
 from keras_stability.clipping.spike import SpikeSkipping
 
 __all__ = ["GradientObserver", "GuardedOptimizer", "ensure_guarded"]
@@ -55,7 +56,10 @@ class GradientObserver:
       the all-reduced, unscaled, pre-clip gradients (entries may be `None`)
       and `stats`, a dict of scalar tensors: `"global_norm"` (float32),
       `"clip_threshold"` (float32), `"skipped"` (bool) and `"step"` (int, the
-      0-based index of this call of `apply`, counting skipped steps).
+      0-based index of this call of `apply`, counting skipped steps), and
+      `"squared_norms"`, the list of each gradient's float32 squared norm
+      (`None` for a `None` gradient; for a `tf.IndexedSlices`, of its values),
+      so observers need not compute them again.
     - `after_apply(variables, skipped)` is called in-graph after the update
       (or the skip).
 
@@ -414,7 +418,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
 
     def _decide(self, grads, variables):
         """Measures `grads`, decides skip/clip, updates the statistics."""
-        norm = global_norm(grads)
+        squares = squared_norms(grads)
+        norm = global_norm(grads, squares)
         finite = ops.isfinite(norm)
         requested = ops.greater(self.skip_remaining.value, 0)
         nonfinite_skip = ops.logical_and(
@@ -467,6 +472,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 "clip_threshold": ops.cast(threshold, "float32"),
                 "skipped": skip,
                 "step": step,
+                "squared_norms": squares,
             }
             for observer in self._observers:
                 observer.observe(grads, variables, stats)

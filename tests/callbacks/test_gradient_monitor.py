@@ -188,3 +188,141 @@ def test_get_config_round_trip_and_invalid_arguments():
     )
     with pytest.raises(ValueError, match="Received: vanish_ratio=-1"):
         GradientMonitor(vanish_ratio=-1)
+
+
+class _PerStepRead(keras.callbacks.Callback):
+    """Reads the guard's and the observer's latest values after every batch."""
+
+    def __init__(self, monitor):
+        super().__init__()
+        self.monitor = monitor
+        self.global_norms, self.layer_norms, self.batch_logs = [], [], []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.global_norms.append(float(self.model.optimizer.grad_norm.numpy()))
+        self.layer_norms.append(self.monitor.observer.read()["grad_norms"].tolist())
+        self.batch_logs.append(dict(logs))
+
+
+def test_buffered_history_equals_per_step_reads_with_a_partial_last_chunk():
+    x, y = _data(100)  # batch 16: 7 steps per epoch, 14 in all
+    histories = {}
+    for read_every in (1, 5):
+        model = _small_model(lr=0.5)
+        monitor = GradientMonitor(every_n_steps=1, read_every=read_every, verbose=0)
+        probe = _PerStepRead(monitor)
+        history = model.fit(
+            x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[monitor, probe]
+        )
+        h = monitor.history
+        assert h["step"] == list(range(1, 15))
+        # Every step's values, exactly as a read after that step gave them.
+        np.testing.assert_array_equal(h["global_norm"], probe.global_norms)
+        np.testing.assert_array_equal(
+            np.asarray([h["grad_norm"][n] for n in monitor.layer_names]).T, probe.layer_norms
+        )
+        np.testing.assert_array_equal(h["raw_loss"], monitor.raw_losses)
+        # Epoch logs (History) carry the last step of each epoch: the epoch
+        # end reads the partial chunk (steps 6-7 and 11-14 with read_every=5).
+        assert history.history["grad_norm"] == [h["global_norm"][6], h["global_norm"][13]]
+        logged = [b.get("grad_norm") for b in probe.batch_logs]
+        if read_every == 1:
+            assert logged == h["global_norm"]
+        else:  # batch logs carry the last read: after steps 5, 7 (epoch end), 10
+            assert logged[:4] == [None] * 4  # nothing read yet
+            assert logged[4:10] == [h["global_norm"][i] for i in (4, 4, 4, 6, 6, 9)]
+            assert [b["raw_loss"] for b in probe.batch_logs] == monitor.raw_losses
+        histories[read_every] = h
+    assert histories[1] == histories[5]  # bitwise, whatever the read cadence
+
+
+def test_flush_reads_up_to_the_current_step_and_steps_per_execution():
+    x, y = _data(96)
+    model = _small_model()
+    model.compile(
+        keras.optimizers.SGD(0.1),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        steps_per_execution=2,
+    )
+    monitor = GradientMonitor(every_n_steps=1, read_every=64, verbose=0)
+    seen = []
+
+    class Reader(keras.callbacks.Callback):
+        calls = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.calls += 1
+            if self.calls == 2:  # after optimizer steps 1-4 (two executions)
+                seen.append(monitor.flush())
+                seen.append(list(monitor.history["step"]))
+
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor, Reader()])
+    assert seen == [4, [1, 2, 3, 4]]
+    assert monitor.history["step"] == [1, 2, 3, 4, 5, 6]
+    # One raw loss per execution (the mean of its two steps), per check.
+    assert monitor.history["raw_loss"] == [monitor.raw_losses[i // 2] for i in range(6)]
+
+
+def test_read_every_validation_and_buffer_size():
+    assert GradientMonitor(every_n_steps=10, read_every=32).buffer_size == 4
+    assert GradientMonitor(every_n_steps=1, read_every=1).buffer_size == 1
+    with pytest.raises(ValueError) as info:
+        GradientMonitor(read_every=0)
+    assert str(info.value) == (
+        "Invalid value for argument `read_every`. Expected a positive integer. "
+        "Received: read_every=0"
+    )
+
+
+class _FixedRows:
+    """Stands in for the observer: returns given per-layer norms as checks."""
+
+    built = True
+
+    def __init__(self, first_step, norms):
+        self.norms = np.asarray(norms, dtype=np.float64)
+        self.steps = np.arange(first_step, first_step + len(self.norms))
+
+    def read_rows(self, after_step=0):
+        keep = self.steps > after_step
+        norms = self.norms[keep]
+        return {
+            "step": self.steps[keep],
+            "global_norm": np.sqrt(np.sum(norms**2, axis=1)),
+            "grad_norms": norms,
+            "weight_norms": np.ones_like(norms),
+            "update_ratios": np.zeros_like(norms),
+        }
+
+
+def test_a_run_inside_one_read_is_warned_about_at_its_step():
+    x, y = _data(32)
+    model = _small_model()
+    monitor = GradientMonitor(patience=3, read_every=32, verbose=1)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    assert monitor.history["step"] == [1, 2] and monitor.unhealthy_layers() == []
+    # 32 more checks (steps 3-34): "hidden" vanishes at steps 12-14 only.
+    norms = np.full((32, 2), 0.5)
+    norms[9:12, 0] = 1e-9
+    monitor.observer = _FixedRows(3, norms)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert monitor.flush() == 32
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and messages[0].startswith("GradientMonitor at step 14: ")
+    assert "Vanishing gradients" in messages[0] and "hidden" in messages[0]
+    # The last checks are healthy: so are the current findings.
+    assert monitor.unhealthy_layers() == [] and monitor.history["step"][-1] == 34
+    assert [f.status for f in monitor.diagnose(end=14)] == ["vanishing", "healthy"]
+    assert monitor._suspect_ends(0) == []  # nothing new: no extra diagnosis
+
+
+def test_epoch_logs_carry_the_last_steps_raw_loss_between_checks():
+    x, y = _data(112)  # batch 16: 7 steps; checks at steps 3 and 6
+    model = _small_model()
+    monitor = GradientMonitor(every_n_steps=3, verbose=0)
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    assert monitor.history["step"] == [3, 6]
+    assert monitor.history["raw_loss"] == [monitor.raw_losses[2], monitor.raw_losses[5]]
+    assert history.history["raw_loss"] == [monitor.raw_losses[6]]
+    assert history.history["grad_norm"] == [monitor.history["global_norm"][-1]]

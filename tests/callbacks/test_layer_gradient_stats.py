@@ -152,3 +152,65 @@ def test_per_layer_norms_only_on_report_or_anomalous_steps():
     assert np.all(np.isnan(obs.read()["grad_norms"]))
     with pytest.raises(ValueError, match="Received: anomaly_factor=1"):
         LayerGradientStats(anomaly_factor=1)
+
+
+def test_ring_buffer_keeps_the_last_rows_in_step_order():
+    model = _model()
+    variables = model.trainable_variables
+    obs = LayerGradientStats(
+        groups=group_variables_by_layer(model), every_n_steps=2, histogram_bins=4, buffer_size=3
+    )
+    obs.build(keras.optimizers.SGD(0.1), variables)
+    assert obs.row_width == 1 + 3 * 3 + 3 * 4
+    assert len(obs.read_rows()["step"]) == 0  # empty before any step
+    latest = {}
+    for i in range(10):
+        obs.observe(_grads(model, seed=i), variables, {})
+        for v in variables:
+            v.assign_sub(0.01 * v)
+        obs.after_apply(variables, False)
+        if (i + 1) % 2 == 0:
+            latest[i + 1] = obs.read()
+    rows = obs.read_rows()
+    assert rows["step"].tolist() == [6, 8, 10]  # 5 reports, 3 rows kept
+    for r, step in enumerate(rows["step"].tolist()):
+        expected = latest[step]
+        for key in ("grad_norms", "weight_norms", "update_ratios", "histograms"):
+            np.testing.assert_array_equal(rows[key][r], expected[key].astype(np.float32))
+        assert rows["global_norm"][r] == np.float32(expected["global_norm"])
+    assert rows["update_ratios"].shape == (3, 3) and rows["histograms"].shape == (3, 3, 4)
+    assert obs.read_rows(after_step=8)["step"].tolist() == [10]
+    obs.reset()
+    assert len(obs.read_rows()["step"]) == 0
+
+
+def test_read_rows_needs_a_buffer_and_buffer_size_is_validated():
+    model = _model()
+    obs = LayerGradientStats()
+    obs.build(keras.optimizers.SGD(0.1), model.trainable_variables)
+    with pytest.raises(ValueError, match="`read_rows` needs a ring buffer"):
+        obs.read_rows()
+    with pytest.raises(ValueError) as info:
+        LayerGradientStats(buffer_size=-1)
+    assert str(info.value) == (
+        "Invalid value for argument `buffer_size`. Expected a non-negative integer. "
+        "Received: buffer_size=-1"
+    )
+
+
+def test_shared_squared_norms_give_the_same_statistics():
+    model = _model()
+    variables = model.trainable_variables
+    grads = _grads(model)
+    from keras_stability.clipping.base import global_norm
+    from keras_stability.clipping.base import squared_norms
+
+    squares = squared_norms(grads)
+    assert float(global_norm(grads, squares)) == float(global_norm(grads))
+    results = []
+    for stats in ({}, {"squared_norms": squares}):
+        obs = LayerGradientStats(groups=group_variables_by_layer(model), track_updates=False)
+        obs.build(keras.optimizers.SGD(0.1), variables)
+        obs.observe(grads, variables, stats)
+        results.append(obs.read()["grad_norms"])
+    np.testing.assert_array_equal(results[0], results[1])
