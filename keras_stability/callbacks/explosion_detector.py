@@ -34,6 +34,7 @@ import numpy as np
 from keras.src.utils import io_utils  # Keras' print_msg (no public alias)
 
 from keras_stability.callbacks.gradient_monitor import attach_observer
+from keras_stability.callbacks.gradient_monitor import detach_observer
 from keras_stability.callbacks.layer_gradient_stats import LayerGradientStats
 from keras_stability.callbacks.layer_gradient_stats import group_variables_by_layer
 from keras_stability.callbacks.lr_scaling import scale_learning_rate
@@ -341,7 +342,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             grad_z = self._grad_z.zscore(norm) if norm_var is not None else 0.0
             self._sustained.append(raw)
             best = self.best.score
-            sustained = float(np.mean(self._sustained))
+            sustained = sum(self._sustained) / len(self._sustained)
             if (
                 self.loss_factor is not None
                 and len(self._sustained) == self._sustained.maxlen
@@ -406,6 +407,17 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                 stacklevel=2,
             )
 
+    def detach(self):
+        """Removes the detector's per-layer statistics from the optimizer.
+
+        They stay after `fit` (so a loop of short `fit` calls does not
+        retrace); `detach` removes them and retraces the train function.
+        The `GuardedOptimizer` stays. Returns whether they were attached.
+        """
+        if self._stats is None or self.model is None:
+            return False
+        return detach_observer(self.model, self._stats)
+
     # -- decisions ----------------------------------------------------------
     def _fix_logged_loss(self, logs):
         tracker = getattr(self.model, "_loss_tracker", None)
@@ -441,12 +453,12 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             or not self._start_loss > 0
         ):
             return False
-        recent = np.asarray(self._recent, dtype=np.float64)
-        mean = float(recent.mean())
-        spread = float(recent.std(ddof=1)) if recent.size > 1 else 0.0
-        return mean > self.regress_factor * self._start_loss and (
-            self._start_loss < mean - 2.0 * spread
-        )
+        n = len(self._recent)
+        mean = sum(self._recent) / n
+        if not mean > self.regress_factor * self._start_loss:
+            return False  # the usual case: no spread needed
+        spread = math.sqrt(sum((v - mean) ** 2 for v in self._recent) / (n - 1)) if n > 1 else 0.0
+        return self._start_loss < mean - 2.0 * spread
 
     def _check_recovery(self, raw):
         """Feeds one healthy step to the check of the last rollback.

@@ -28,7 +28,7 @@ from keras_stability.diagnostics.gradient_health import diagnose_layers
 from keras_stability.diagnostics.gradient_health import format_findings
 from keras_stability.distribute.strategy import chief_path
 
-__all__ = ["GradientMonitor", "attach_observer"]
+__all__ = ["GradientMonitor", "attach_observer", "detach_observer"]
 
 # Checks the diagnosis looks at (the exploding rule's baseline is their median).
 DIAGNOSIS_WINDOW = 64
@@ -60,6 +60,27 @@ def attach_observer(model, observer, **guard_kwargs):
             optimizer.add_observer(observer)
         model.make_train_function(force=True)
     return optimizer
+
+
+def detach_observer(model, observer):
+    """Removes `observer` from the model's guarded optimizer, if it is there.
+
+    The train function is traced again, so the observer's statistics are no
+    longer computed. The `GuardedOptimizer` itself stays.
+
+    Returns:
+        Whether the observer was attached.
+    """
+    chain, opt = [], getattr(model, "optimizer", None)
+    while opt is not None and opt not in chain:
+        chain.append(opt)
+        opt = getattr(opt, "inner_optimizer", None)
+    for opt in chain:
+        remove = getattr(opt, "remove_observer", None)
+        if remove is not None and remove(observer):
+            model.make_train_function(force=True)
+            return True
+    return False
 
 
 def _positive_int(name, value):
@@ -274,6 +295,22 @@ class GradientMonitor(keras.callbacks.Callback):
             self._writer.flush()
             self._writer.close()
             self._writer = None
+
+    def detach(self):
+        """Stops computing the statistics in later `fit` calls without this callback.
+
+        The monitor's observer stays on the optimizer after `fit` (so a loop
+        of short `fit` calls does not retrace each time); `detach` removes it
+        and retraces the train function. `history` is kept, and the next
+        `fit` with this monitor attaches it again.
+
+        Returns:
+            Whether it was attached.
+        """
+        if self.observer is None or self.model is None:
+            return False
+        self.flush()
+        return detach_observer(self.model, self.observer)
 
     # -- reading and diagnosis ---------------------------------------------
     @property

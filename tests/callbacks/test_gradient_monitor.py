@@ -176,6 +176,28 @@ def test_monitor_reused_across_fits_restarts_history():
     assert len(model.optimizer.observers) == 1
 
 
+def test_detach_stops_the_statistics_and_a_later_fit_attaches_again():
+    from keras_stability.callbacks import GradientExplosionDetector
+
+    x, y = _data(64)
+    model = _small_model()
+    monitor = GradientMonitor(verbose=0)
+    detector = GradientExplosionDetector(verbose=0)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor, detector])
+    assert len(model.optimizer.observers) == 2
+    steps = int(monitor.observer.step.numpy())
+    assert monitor.detach() and detector.detach()
+    assert not monitor.detach()  # already detached
+    assert model.optimizer.observers == []
+    before = [v.path for v in model.optimizer.variables]
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert int(monitor.observer.step.numpy()) == steps  # no longer computed
+    assert [v.path for v in model.optimizer.variables] == before
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    assert model.optimizer.observers == [monitor.observer]
+    assert monitor.history["step"] == [1, 2, 3, 4]
+
+
 def test_get_config_round_trip_and_invalid_arguments():
     monitor = GradientMonitor(every_n_steps=5, log_dir="/tmp/x", patience=2)
     config = monitor.get_config()
