@@ -228,7 +228,7 @@ def false_alarms(seeds, runs=(("digits", 100), ("synthetic", 40))):
 
 def main(argv=None):
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--lr", type=float, nargs="+", default=[0.3, 1.0])
     parser.add_argument("--skip-rescue", action="store_true")
