@@ -14,6 +14,7 @@ from keras.src.utils import io_utils  # Keras' print_msg (no public alias)
 
 from keras_stability.diagnostics.activations import dead_fraction
 from keras_stability.diagnostics.activations import saturated_fraction
+from keras_stability.layers._checks import check_positive_int
 
 __all__ = ["ActivationMonitor", "activation_kind"]
 
@@ -77,11 +78,7 @@ class ActivationMonitor(keras.callbacks.Callback):
         verbose=1,
     ):
         super().__init__()
-        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-            raise ValueError(
-                "Invalid value for argument `every_n_epochs`. Expected a positive "
-                f"integer. Received: every_n_epochs={every_n_epochs!r}"
-            )
+        every_n_epochs = check_positive_int("every_n_epochs", every_n_epochs)
         if not 0 < saturation_eps < 0.5:
             raise ValueError(
                 "Invalid value for argument `saturation_eps`. Expected a number in "

@@ -43,6 +43,8 @@ from keras_stability.callbacks.raw_loss import RawLossTracker
 from keras_stability.callbacks.snapshots import Snapshot
 from keras_stability.diagnostics.spikes import RollingZScore
 from keras_stability.distribute.strategy import chief_path
+from keras_stability.layers._checks import check_nonnegative_int
+from keras_stability.layers._checks import check_positive_int
 
 __all__ = ["GradientExplosionDetector"]
 
@@ -53,15 +55,6 @@ SNAPSHOT_TOLERANCE = 2.0  # a snapshot's loss may be at most this x the best
 # weights' loss by more than 2 of their batch-to-batch standard deviations
 # plus this fraction of it.
 RECOVERY_TOLERANCE = 0.005
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "positive integer" if minimum == 1 else f"integer >= {minimum}"
-        raise ValueError(
-            f"Invalid value for argument `{name}`. Expected a {kind}. "
-            f"Received: {name}={value!r}"
-        )
 
 
 class GradientExplosionDetector(keras.callbacks.Callback):
@@ -179,10 +172,12 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                 f"Invalid value for argument `action`. Expected one of {ACTIONS}. "
                 f"Received: action={action!r}"
             )
-        _check_int("snapshot_every", snapshot_every, 1)
-        _check_int("skip_batches", skip_batches, 0)
-        _check_int("max_rollbacks", max_rollbacks, 0)
-        _check_int("max_consecutive_skips", max_consecutive_skips, 0)
+        snapshot_every = check_positive_int("snapshot_every", snapshot_every)
+        skip_batches = check_nonnegative_int("skip_batches", skip_batches)
+        max_rollbacks = check_nonnegative_int("max_rollbacks", max_rollbacks)
+        max_consecutive_skips = check_nonnegative_int(
+            "max_consecutive_skips", max_consecutive_skips
+        )
         if isinstance(lr_factor, bool) or not isinstance(lr_factor, (int, float)) or not 0 < lr_factor < 1:
             raise ValueError(
                 "Invalid value for argument `lr_factor`. Expected a number in (0, 1). "

@@ -27,6 +27,8 @@ from keras_stability.diagnostics.gradient_health import VANISHING
 from keras_stability.diagnostics.gradient_health import diagnose_layers
 from keras_stability.diagnostics.gradient_health import format_findings
 from keras_stability.distribute.strategy import chief_path
+from keras_stability.layers._checks import check_nonnegative_int
+from keras_stability.layers._checks import check_positive_int
 
 __all__ = ["GradientMonitor", "attach_observer", "detach_observer"]
 
@@ -81,14 +83,6 @@ def detach_observer(model, observer):
             model.make_train_function(force=True)
             return True
     return False
-
-
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"Invalid value for argument `{name}`. Expected a positive integer. "
-            f"Received: {name}={value!r}"
-        )
 
 
 class GradientMonitor(keras.callbacks.Callback):
@@ -168,14 +162,10 @@ class GradientMonitor(keras.callbacks.Callback):
         read_every=32,
     ):
         super().__init__()
-        _positive_int("every_n_steps", every_n_steps)
-        _positive_int("patience", patience)
-        _positive_int("read_every", read_every)
-        if isinstance(histogram_bins, bool) or not isinstance(histogram_bins, int) or histogram_bins < 0:
-            raise ValueError(
-                "Invalid value for argument `histogram_bins`. Expected a "
-                f"non-negative integer. Received: histogram_bins={histogram_bins!r}"
-            )
+        every_n_steps = check_positive_int("every_n_steps", every_n_steps)
+        patience = check_positive_int("patience", patience)
+        read_every = check_positive_int("read_every", read_every)
+        histogram_bins = check_nonnegative_int("histogram_bins", histogram_bins)
         # Validates the thresholds once, with the pure core's messages.
         diagnose_layers(
             {},

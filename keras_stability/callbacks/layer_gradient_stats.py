@@ -15,6 +15,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_stability.layers._checks import check_nonnegative_int
+from keras_stability.layers._checks import check_positive_int
 from keras_stability.optimizers import GradientObserver
 
 __all__ = ["LayerGradientStats", "group_variables_by_layer"]
@@ -131,27 +133,15 @@ class LayerGradientStats(GradientObserver):
         anomaly_factor=None,
         buffer_size=0,
     ):
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(
-                "Invalid value for argument `every_n_steps`. Expected a positive "
-                f"integer. Received: every_n_steps={every_n_steps!r}"
-            )
-        if isinstance(histogram_bins, bool) or not isinstance(histogram_bins, int) or histogram_bins < 0:
-            raise ValueError(
-                "Invalid value for argument `histogram_bins`. Expected a "
-                f"non-negative integer. Received: histogram_bins={histogram_bins!r}"
-            )
+        every_n_steps = check_positive_int("every_n_steps", every_n_steps)
+        histogram_bins = check_nonnegative_int("histogram_bins", histogram_bins)
+        buffer_size = check_nonnegative_int("buffer_size", buffer_size)
         if anomaly_factor is not None and not (
             isinstance(anomaly_factor, (int, float)) and anomaly_factor > 1
         ):
             raise ValueError(
                 "Invalid value for argument `anomaly_factor`. Expected None or a "
                 f"number > 1. Received: anomaly_factor={anomaly_factor!r}"
-            )
-        if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 0:
-            raise ValueError(
-                "Invalid value for argument `buffer_size`. Expected a "
-                f"non-negative integer. Received: buffer_size={buffer_size!r}"
             )
         self.anomaly_factor = anomaly_factor
         self.buffer_size = buffer_size

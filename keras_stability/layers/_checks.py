@@ -58,9 +58,18 @@ def check_choice(name, value, choices):
 
 def check_positive_int(name, value):
     """Returns `value` as an int if it is a positive integer."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    return _check_int(name, value, 1, "a positive integer")
+
+
+def check_nonnegative_int(name, value):
+    """Returns `value` as an int if it is an integer >= 0."""
+    return _check_int(name, value, 0, "a non-negative integer")
+
+
+def _check_int(name, value, minimum, what):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(
-            f"Invalid value for argument `{name}`. Expected a positive integer. "
+            f"Invalid value for argument `{name}`. Expected {what}. "
             f"Received: {name}={value!r}"
         )
     return int(value)
