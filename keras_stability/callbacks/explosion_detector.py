@@ -305,7 +305,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         # means the guarded optimizer skipped the step in-graph (if it skips
         # non-finite steps, the default).
         norm_var = getattr(self.optimizer, "grad_norm", None)
-        norm = self._read_grad_norm()
+        norm = _read_scalar(norm_var) if norm_var is not None else math.nan
         skipped_nonfinite = (
             norm_var is not None
             and not math.isfinite(norm)
@@ -372,20 +372,6 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         logs["raw_loss"] = raw
         logs["rollbacks"] = self.rollbacks
         logs["skipped_batches"] = self.skipped_batches
-
-    def _read_grad_norm(self):
-        """The guard's pre-clip global norm of the step just trained (NaN if none).
-
-        The one host read the detector makes per step, so it takes the
-        shortest path: the backend variable's own read (on TensorFlow
-        `tf.Variable.value()`, without the copy `Variable.numpy()` makes).
-        """
-        variable = getattr(self.optimizer, "grad_norm", None)
-        if variable is None:
-            return math.nan
-        value = variable.value
-        read = getattr(value, "value", None)
-        return float(read() if callable(read) else value)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
@@ -601,6 +587,17 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             f"healthy weights (step {target.step}).{where}",
             stacklevel=3,
         )
+
+
+def _read_scalar(variable):
+    """A scalar variable's value on the host, by the shortest path.
+
+    The detector reads the guard's global norm every step: on TensorFlow
+    `tf.Variable.value()` avoids the copy `Variable.numpy()` makes.
+    """
+    value = variable.value
+    read = getattr(value, "value", None)
+    return float(read() if callable(read) else value)
 
 
 def _json_float(value):

@@ -29,6 +29,7 @@ from keras_stability.diagnostics.gradient_health import format_findings
 from keras_stability.distribute.strategy import chief_path
 from keras_stability.layers._checks import check_nonnegative_int
 from keras_stability.layers._checks import check_positive_int
+from keras_stability.optimizers.guarded_optimizer import optimizer_chain
 
 __all__ = ["GradientMonitor", "attach_observer", "detach_observer"]
 
@@ -50,11 +51,7 @@ def attach_observer(model, observer, **guard_kwargs):
     from keras_stability.optimizers import GuardedOptimizer
     from keras_stability.optimizers import ensure_guarded
 
-    chain, opt = [], model.optimizer
-    while opt is not None and opt not in chain:
-        chain.append(opt)
-        opt = getattr(opt, "inner_optimizer", None)
-    if any(isinstance(o, GuardedOptimizer) for o in chain):
+    if any(isinstance(o, GuardedOptimizer) for o in optimizer_chain(model.optimizer)):
         guard_kwargs = {}
     optimizer = ensure_guarded(model, **guard_kwargs)
     if observer not in list(getattr(optimizer, "observers", None) or []):
@@ -73,11 +70,7 @@ def detach_observer(model, observer):
     Returns:
         Whether the observer was attached.
     """
-    chain, opt = [], getattr(model, "optimizer", None)
-    while opt is not None and opt not in chain:
-        chain.append(opt)
-        opt = getattr(opt, "inner_optimizer", None)
-    for opt in chain:
+    for opt in optimizer_chain(getattr(model, "optimizer", None)):
         remove = getattr(opt, "remove_observer", None)
         if remove is not None and remove(observer):
             model.make_train_function(force=True)

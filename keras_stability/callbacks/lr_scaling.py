@@ -9,6 +9,8 @@ schedule's shape (warm-up, decay) is kept.
 
 import keras
 
+from keras_stability.optimizers.guarded_optimizer import optimizer_chain
+
 __all__ = ["ScaledSchedule", "innermost_optimizer", "scale_learning_rate", "wrap_schedule"]
 
 
@@ -70,11 +72,8 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
 def innermost_optimizer(optimizer):
     """Follows `inner_optimizer` (GuardedOptimizer, LossScaleOptimizer) down."""
-    seen = set()
-    while getattr(optimizer, "inner_optimizer", None) is not None and id(optimizer) not in seen:
-        seen.add(id(optimizer))
-        optimizer = optimizer.inner_optimizer
-    return optimizer
+    chain = optimizer_chain(optimizer)
+    return chain[-1] if chain else optimizer
 
 
 def wrap_schedule(optimizer):

@@ -82,6 +82,19 @@ class GradientObserver:
         del variables, skipped
 
 
+def optimizer_chain(optimizer):
+    """`optimizer` and those it wraps (`inner_optimizer`), outermost first.
+
+    Follows GuardedOptimizer, LossScaleOptimizer and any wrapper with an
+    `inner_optimizer`; stops at a cycle. Empty for `None`.
+    """
+    chain = []
+    while optimizer is not None and all(o is not optimizer for o in chain):
+        chain.append(optimizer)
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    return chain
+
+
 def _identity_reduce(grads_and_vars):
     return list(grads_and_vars)
 
@@ -94,10 +107,7 @@ def _gradients_already_reduced(optimizer):
     `_all_reduce_sum_gradients`; GuardedOptimizer has already done it.
     Only the trace is affected: the attribute is removed on exit.
     """
-    chain = []
-    while optimizer is not None and optimizer not in chain:
-        chain.append(optimizer)
-        optimizer = getattr(optimizer, "inner_optimizer", None)
+    chain = optimizer_chain(optimizer)
     for opt in chain:
         object.__setattr__(opt, "_all_reduce_sum_gradients", _identity_reduce)
     try:
