@@ -15,6 +15,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_stability.clipping.base import squared_norms
 from keras_stability.layers._checks import check_nonnegative_int
 from keras_stability.layers._checks import check_positive_int
 from keras_stability.optimizers import GradientObserver
@@ -72,6 +73,24 @@ def _add_by_prefix(groups, path):
     groups.append((prefix, "layer", [path]))
 
 
+def _read(variable):
+    """The variable's value now, as a tensor (not a deferred read).
+
+    Inside `tf.function`, `convert_to_tensor` of a Keras variable may read
+    when its consumer runs; `read_value` reads here, ordered before later
+    updates of the variable (which then copy on write).
+    """
+    inner = variable.value if isinstance(variable, keras.Variable) else variable
+    read = getattr(inner, "read_value", None)
+    return read() if read is not None else ops.convert_to_tensor(inner)
+
+
+def _dense(g):
+    if g is not None and hasattr(g, "indices"):
+        return ops.convert_to_tensor(g)
+    return g
+
+
 def _strategy_scope(optimizer):
     import tensorflow as tf
 
@@ -112,8 +131,10 @@ class LayerGradientStats(GradientObserver):
             Defaults to `None`.
         every_n_steps: Steps between update-ratio / histogram computations
             (counted by `step`). Defaults to `1`.
-        track_updates: Whether to compute update ratios (keeps a copy of the
-            weights). Defaults to `True`.
+        track_updates: Whether to compute update ratios. When every step
+            reports, they come from the weights read before the update (no
+            copy is kept); otherwise report steps copy the weights into
+            variables. Defaults to `True`.
         histogram_bins: Bins of the per-group `log10|g|` histogram, 0 for
             none. Defaults to `0`.
         anomaly_factor: If set, the per-layer statistics are also computed
@@ -177,6 +198,9 @@ class LayerGradientStats(GradientObserver):
         self.layer_names = names
         self.layer_kinds = kinds
         self._members = members
+        self._segment_ids = np.zeros(len(variables), "int32")
+        for g, group in enumerate(members):
+            self._segment_ids[group] = g
         n = len(names)
         with _strategy_scope(optimizer):
 
@@ -197,7 +221,11 @@ class LayerGradientStats(GradientObserver):
             self.weight_norms = var("gradient_stats_weight_norms", (n,))
             if self.track_updates:
                 self.update_ratios = var("gradient_stats_update_ratios", (n,))
-                self._previous = [
+                # Every step reports: the weights before the update are the
+                # values read in `observe` (TensorFlow orders the read before
+                # the update and copies on write), so no copy is kept.
+                # Otherwise they are copied here on report steps.
+                self._previous = [] if self._every_step else [
                     var(f"gradient_stats_previous_{i}", tuple(v.shape), v.dtype)
                     for i, v in enumerate(variables)
                 ]
@@ -236,7 +264,10 @@ class LayerGradientStats(GradientObserver):
         self.row_steps.assign(ops.concatenate([steps[1:], step], axis=0))
 
     def _group_sums(self, squares):
-        return ops.stack([ops.sum(ops.stack([squares[i] for i in m])) for m in self._members])
+        """Sums per-variable scalars by group: one stack and one segment sum."""
+        return ops.segment_sum(
+            ops.stack(squares), self._segment_ids, num_segments=len(self._members)
+        )
 
     def _report_step(self):
         return ops.equal(ops.mod(self.step, self.every_n_steps), 0)
@@ -274,17 +305,22 @@ class LayerGradientStats(GradientObserver):
 
         def compute():
             # Per-layer statistics: report steps (and anomalous steps) only.
+            # Sparse gradients (embeddings) are measured dense: repeated
+            # indices add up before squaring.
+            own = squared_norms(
+                [_dense(g) if s is None else None for g, s in zip(grads, shared, strict=True)]
+            )
             squares = [
-                zero if g is None else s if s is not None else ops.sum(ops.square(g))
-                for g, s in zip(grads, shared, strict=True)
+                zero if g is None else s if s is not None else o
+                for g, s, o in zip(grads, shared, own, strict=True)
             ]
             self.grad_norms.assign(ops.sqrt(self._group_sums(squares)))
             if self.track_updates or self.histogram_bins:
-                weights = [ops.cast(v, "float32") for v in variables]
-                self.weight_norms.assign(
-                    ops.sqrt(self._group_sums([ops.sum(ops.square(w)) for w in weights]))
-                )
-            if self.track_updates:
+                weights = [_read(v) for v in variables]
+                self.weight_norms.assign(ops.sqrt(self._group_sums(squared_norms(weights))))
+                if self.track_updates and self._every_step:
+                    self._before = weights  # read before the update; used in after_apply
+            if self.track_updates and not self._every_step:
                 for prev, v in zip(self._previous, variables, strict=True):
                     prev.assign(v)
             if self.histogram_bins:
@@ -323,10 +359,15 @@ class LayerGradientStats(GradientObserver):
             return
 
         def report():
-            diffs = [
-                ops.sum(ops.square(ops.cast(v, "float32") - ops.cast(p, "float32")))
-                for v, p in zip(variables, self._previous, strict=True)
-            ]
+            before = self._previous
+            if self._every_step:
+                before, self._before = self._before, None  # no graph tensor kept
+            diffs = squared_norms(
+                [
+                    ops.subtract(_read(v), ops.convert_to_tensor(p))
+                    for v, p in zip(variables, before, strict=True)
+                ]
+            )
             # `weight_norms` holds the norms of `_previous`, from this step.
             ratio = ops.sqrt(self._group_sums(diffs)) / (
                 ops.convert_to_tensor(self.weight_norms) + 1e-12

@@ -214,3 +214,57 @@ def test_shared_squared_norms_give_the_same_statistics():
         obs.observe(grads, variables, stats)
         results.append(obs.read()["grad_norms"])
     np.testing.assert_array_equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("every_n_steps", [1, 2])
+def test_update_ratio_in_a_compiled_step_matches_numpy(every_n_steps):
+    # Every step: the ratio uses the weights read before the update (no
+    # copy); every other step: a copy taken on report steps. Both exact.
+    model = _model()
+    variables = model.trainable_variables
+    obs = LayerGradientStats(groups=group_variables_by_layer(model), every_n_steps=every_n_steps)
+    obs.build(keras.optimizers.SGD(0.1), variables)
+    grads = _grads(model)
+
+    @tf.function
+    def step():
+        obs.observe(grads, variables, {})
+        for g, v in zip(grads, variables, strict=True):
+            v.assign_sub(0.1 * g)
+        obs.after_apply(variables, False)
+
+    for _ in range(every_n_steps - 1):
+        step()  # not a report step
+    before = [v.numpy().copy() for v in variables]
+    step()
+    after = [v.numpy() for v in variables]
+    members = [[0], [1, 2], [3, 4]]
+
+    def norm(arrays, idx):
+        return np.sqrt(sum(np.sum(arrays[i].astype(np.float64) ** 2) for i in idx))
+
+    diff = [a - b for a, b in zip(after, before, strict=True)]
+    np.testing.assert_allclose(
+        obs.read()["update_ratios"],
+        [norm(diff, m) / norm(before, m) for m in members],
+        rtol=1e-4,
+    )
+
+
+def test_every_step_update_ratios_keep_no_copy_of_the_weights():
+    model = _model()
+    variables = model.trainable_variables
+    n_params = sum(int(np.prod(v.shape)) for v in variables)
+
+    def state_size(every_n_steps):
+        # Every number the observer keeps in variables.
+        obs = LayerGradientStats(every_n_steps=every_n_steps)
+        obs.build(keras.optimizers.SGD(0.1), variables)
+        held = []
+        for value in vars(obs).values():
+            held += value if isinstance(value, list) else [value]
+        return sum(int(np.prod(v.shape)) for v in held if isinstance(v, keras.Variable))
+
+    # Every step: a few numbers per layer. Every 2 steps: plus a weight copy.
+    assert state_size(1) < 20
+    assert state_size(2) == state_size(1) + n_params
