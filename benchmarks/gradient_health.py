@@ -1,11 +1,12 @@
 """Gradient health: overhead of the monitor + detector, rescue rate, false alarms.
 
-`python -m benchmarks.gradient_health [--repeats N] [--seeds N]`
+`python -m benchmarks.gradient_health [--rounds N] [--seeds N]`
 
 1. Overhead: time per step of the Keras example and of a small transformer
-   with plain `fit`, with `GradientMonitor(every_n_steps=1)` +
-   `GradientExplosionDetector`, with the monitor every 10 steps + detector,
-   and with the detector alone (one-epoch fits in turn, paired ratios).
+   with plain `fit`, with the `GuardedOptimizer` alone, with
+   `GradientMonitor(every_n_steps=1)` + `GradientExplosionDetector`, with the
+   monitor every 10 steps + detector, and with the detector alone (fit's
+   inner loop in interleaved bursts, paired per-round ratios).
 2. Rescue rate: a small transformer language model at learning rates where
    plain `fit` diverges, several seeds: diverged runs and final held-out loss
    with plain fit, with Keras `global_clipnorm=1.0`, and with the detector,
@@ -22,46 +23,52 @@ import warnings
 import numpy as np
 
 from benchmarks.common import environment
-from benchmarks.common import fmt
 from benchmarks.common import summarize
 
 
-def overhead(repeats, workload):
+def overhead(rounds, workload, burst=25):
     """Per-step time of plain fit and of fit with the monitor + detector.
 
-    Each repeat fits every variant for one epoch, in turn, in one process
-    (after a warm-up fit that traces); the slowdown is the median over
-    repeats of the per-repeat ratio to plain fit, for wall time and for the
-    process's CPU time (all threads; less sensitive to other load).
+    Each variant gets its own model, fitted once for one epoch (this traces
+    the step and attaches the callbacks). Then fit's inner loop, the same
+    calls `fit` makes per batch (`on_train_batch_begin`, the compiled train
+    function, `on_train_batch_end` on a Keras `CallbackList` of the
+    variant's callbacks), runs in interleaved bursts of `burst` steps: every
+    round runs one burst of each variant (in alternating order). Short,
+    interleaved bursts keep the machine's drift out of the comparison; the
+    slowdown is the median over rounds of the per-round ratio to plain fit,
+    for wall time and for the process's CPU time (all threads).
     """
     import keras
+    import tensorflow as tf
+    from keras.src.callbacks.callback_list import CallbackList
 
     from keras_stability.callbacks import GradientExplosionDetector
     from keras_stability.callbacks import GradientMonitor
     from keras_stability.cli.demo import build_example_model
     from keras_stability.cli.demo import compile_example_model
     from keras_stability.datasets import load_dataset
+    from keras_stability.optimizers import GuardedOptimizer
 
     if workload == "example":
         (x, y), _ = load_dataset("synthetic", seed=0)
-        x, y = np.concatenate([x] * 4), np.concatenate([y] * 4)  # 200 steps
 
-        def build():
-            return compile_example_model(build_example_model())
+        def build(optimizer):
+            return compile_example_model(build_example_model(), optimizer)
 
     else:
-        x, y = _lm_data(0, n=2048)  # 64 steps
+        x, y = _lm_data(0, n=2048)
 
-        def build():
+        def build(optimizer):
             model = _transformer()
             model.compile(
-                keras.optimizers.Adam(1e-3),
-                keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True)
             )
             return model
 
     variants = {
         "plain fit": lambda: [],
+        "GuardedOptimizer alone (no callback)": lambda: [],
         "monitor(every step) + detector": lambda: [
             GradientMonitor(every_n_steps=1, verbose=0),
             GradientExplosionDetector(verbose=0),
@@ -72,42 +79,62 @@ def overhead(repeats, workload):
         ],
         "detector only": lambda: [GradientExplosionDetector(verbose=0)],
     }
-    models, callbacks = {}, {}
+    loops = {}
     for name, make in variants.items():
         keras.utils.set_random_seed(0)
-        models[name] = build()
-        callbacks[name] = make()
+        optimizer = keras.optimizers.Adam(1e-3)
+        if name.startswith("GuardedOptimizer"):
+            optimizer = GuardedOptimizer(optimizer)
+        model = build(optimizer)
+        callbacks = make()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            models[name].fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=callbacks[name])
-    wall = {name: [] for name in variants}
-    cpu = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name in variants:
+            model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=callbacks)
+        callback_list = CallbackList(
+            callbacks, add_history=True, model=model, verbose=0, epochs=1, steps=10**9
+        )
+        data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=0)
+        iterator = iter(data.batch(32, drop_remainder=True).repeat())
+        callback_list.on_train_begin()
+        callback_list.on_epoch_begin(0)
+        loops[name] = (model, callback_list, iterator, [0])
+
+    def run(name, steps):
+        model, callback_list, iterator, step = loops[name]
+        for _ in range(steps):
+            callback_list.on_train_batch_begin(step[0])
+            logs = model.train_function(iterator)
+            callback_list.on_train_batch_end(step[0], logs)
+            step[0] += 1
+
+    names = list(variants)
+    for name in names:
+        run(name, 2 * burst)  # warm up
+    wall = {name: [] for name in names}
+    cpu = {name: [] for name in names}
+    for i in range(rounds):
+        for name in names if i % 2 == 0 else names[::-1]:
             w0, c0 = time.perf_counter(), time.process_time()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                models[name].fit(
-                    x, y, batch_size=32, epochs=1, verbose=0, callbacks=callbacks[name]
-                )
+            run(name, burst)
             wall[name].append(time.perf_counter() - w0)
             cpu[name].append(time.process_time() - c0)
-    steps = math.ceil(len(x) / 32)
+    for _, callback_list, _, _ in loops.values():
+        callback_list.on_train_end()
     rows = []
-    for name in variants:
-        stat = summarize([t / steps * 1e3 for t in wall[name]])
-        wall_ratio = summarize(
-            [(a / b - 1) * 100 for a, b in zip(wall[name], wall["plain fit"], strict=True)]
-        )
-        cpu_ratio = summarize(
-            [(a / b - 1) * 100 for a, b in zip(cpu[name], cpu["plain fit"], strict=True)]
-        )
+    for name in names:
+        stat = summarize([t / burst * 1e3 for t in wall[name]])
+        ratios = {}
+        for kind, times in (("wall", wall), ("cpu", cpu)):
+            per_round = [
+                (a / b - 1) * 100 for a, b in zip(times[name], times["plain fit"], strict=True)
+            ]
+            q1, q2, q3 = np.percentile(per_round, [25, 50, 75])
+            ratios[kind] = f"{q2:+.1f}% ({q1:+.1f}..{q3:+.1f})"
         rows.append(
-            f"| {workload} | {name} | {fmt(stat, 2, ' ms')} | "
-            f"{wall_ratio['median']:+.1f}% ({wall_ratio['min']:+.0f}..{wall_ratio['max']:+.0f}) | "
-            f"{cpu_ratio['median']:+.1f}% ({cpu_ratio['min']:+.0f}..{cpu_ratio['max']:+.0f}) |"
+            f"| {workload} | {name} | {stat['median']:.3f} ms | {ratios['wall']} | "
+            f"{ratios['cpu']} |"
         )
-    return steps, rows
+    return rows
 
 
 def _lm_data(seed, n=512, seq=32, vocab=64):
@@ -228,7 +255,7 @@ def false_alarms(seeds, runs=(("digits", 100), ("synthetic", 40))):
 
 def main(argv=None):
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--lr", type=float, nargs="+", default=[0.3, 1.0])
     parser.add_argument("--skip-rescue", action="store_true")
@@ -238,15 +265,15 @@ def main(argv=None):
     print(f"Machine: {environment()}\n")
     rows = []
     for workload in ("example", "transformer"):
-        _, workload_rows = overhead(args.repeats, workload)
-        rows += workload_rows
+        rows += overhead(args.rounds, workload)
     print(
-        "Overhead: `example` is the Keras example on `synthetic` x4 (batch 32, 200 "
-        "steps per epoch); `transformer` the 2-block LM below (batch 32, 64 steps per "
-        f"epoch). One-epoch fits of each variant in turn after a warm-up fit, "
-        f"{args.repeats} repeats. Wall time per step, median (min..max); slowdown = "
-        "median (min..max) of the per-repeat ratio to plain fit, in wall time and in "
-        "process CPU time.\n"
+        "Overhead: `example` is the Keras example on `synthetic` (batch 32); "
+        "`transformer` the 2-block LM below (batch 32). Fit's inner loop (the "
+        "per-batch callback hooks and the compiled train function, as `fit` calls "
+        f"them) in interleaved bursts of 25 steps, {args.rounds} rounds, after a "
+        "one-epoch fit that traces and attaches. Time per step: median burst. "
+        "Slowdown: median (quartiles) of the per-round ratio to plain fit, in "
+        "wall time and in process CPU time.\n"
     )
     print(
         "| model | variant | time per step | slowdown (wall) | slowdown (CPU) |\n"
@@ -305,7 +332,7 @@ def main(argv=None):
         )
         print("\n".join(false_alarms(args.seeds)))
     print(
-        f"\nCommand: `python -m benchmarks.gradient_health --repeats {args.repeats} "
+        f"\nCommand: `python -m benchmarks.gradient_health --rounds {args.rounds} "
         f"--seeds {args.seeds} --lr {' '.join(f'{lr:g}' for lr in args.lr)}`"
     )
 
