@@ -1,6 +1,7 @@
 """Gradient health: overhead of the monitor + detector, rescue rate, false alarms.
 
-`python -m benchmarks.gradient_health [--repeats N] [--seeds N]`
+`python -m benchmarks.gradient_health [--repeats N] [--seeds N] [--lr LR ...]
+[--skip-overhead] [--skip-rescue] [--skip-false-alarms]`
 
 1. Overhead: time per step of the Keras example and of a small transformer
    with plain `fit`, with `GradientMonitor(every_n_steps=1)` +
@@ -231,28 +232,30 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--lr", type=float, nargs="+", default=[0.3, 1.0])
+    parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--skip-rescue", action="store_true")
     parser.add_argument("--skip-false-alarms", action="store_true")
     args = parser.parse_args(argv)
     print("## Gradient health: overhead, rescue rate, false alarms\n")
     print(f"Machine: {environment()}\n")
-    rows = []
-    for workload in ("example", "transformer"):
-        _, workload_rows = overhead(args.repeats, workload)
-        rows += workload_rows
-    print(
-        "Overhead: `example` is the Keras example on `synthetic` x4 (batch 32, 200 "
-        "steps per epoch); `transformer` the 2-block LM below (batch 32, 64 steps per "
-        f"epoch). One-epoch fits of each variant in turn after a warm-up fit, "
-        f"{args.repeats} repeats. Wall time per step, median (min..max); slowdown = "
-        "median (min..max) of the per-repeat ratio to plain fit, in wall time and in "
-        "process CPU time.\n"
-    )
-    print(
-        "| model | variant | time per step | slowdown (wall) | slowdown (CPU) |\n"
-        "| --- | --- | --- | --- | --- |"
-    )
-    print("\n".join(rows))
+    if not args.skip_overhead:
+        rows = []
+        for workload in ("example", "transformer"):
+            _, workload_rows = overhead(args.repeats, workload)
+            rows += workload_rows
+        print(
+            "Overhead: `example` is the Keras example on `synthetic` x4 (batch 32, 200 "
+            "steps per epoch); `transformer` the 2-block LM below (batch 32, 64 steps per "
+            f"epoch). One-epoch fits of each variant in turn after a warm-up fit, "
+            f"{args.repeats} repeats. Wall time per step, median (min..max); slowdown = "
+            "median (min..max) of the per-repeat ratio to plain fit, in wall time and in "
+            "process CPU time.\n"
+        )
+        print(
+            "| model | variant | time per step | slowdown (wall) | slowdown (CPU) |\n"
+            "| --- | --- | --- | --- | --- |"
+        )
+        print("\n".join(rows))
     if not args.skip_rescue:
         stable, best_lr, results = rescue(args.seeds, args.lr)
         best = stable[best_lr]
@@ -262,7 +265,8 @@ def main(argv=None):
             "other sequences. Diverged: non-finite weights or held-out loss above "
             "log(vocab) = 4.16 (chance). The detector is "
             "`GradientExplosionDetector(snapshot_every=10, lr_factor=0.1)` (other "
-            "arguments default: max_rollbacks=3, skip_batches=5, check_recovery). "
+            "arguments default: max_rollbacks=3, skip_batches=5, check_recovery, "
+            "probe_lower_lr). "
             "Gap: held-out loss over the best stable run's, same seed.\n"
         )
         print("Stable reference (plain fit), held-out loss per seed:\n")
@@ -306,7 +310,13 @@ def main(argv=None):
         print("\n".join(false_alarms(args.seeds)))
     print(
         f"\nCommand: `python -m benchmarks.gradient_health --repeats {args.repeats} "
-        f"--seeds {args.seeds} --lr {' '.join(f'{lr:g}' for lr in args.lr)}`"
+        f"--seeds {args.seeds} --lr {' '.join(f'{lr:g}' for lr in args.lr)}"
+        + "".join(
+            f" --{flag}"
+            for flag in ("skip-overhead", "skip-rescue", "skip-false-alarms")
+            if getattr(args, flag.replace("-", "_"))
+        )
+        + "`"
     )
 
 
