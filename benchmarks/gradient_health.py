@@ -1,6 +1,7 @@
 """Gradient health: overhead of the monitor + detector, rescue rate, false alarms.
 
-`python -m benchmarks.gradient_health [--rounds N] [--seeds N]`
+`python -m benchmarks.gradient_health [--rounds N] [--seeds N] [--lr LR ...]
+[--skip-overhead] [--skip-rescue] [--skip-false-alarms]`
 
 1. Overhead: time per step of the Keras example and of a small transformer
    with plain `fit`, with the `GuardedOptimizer` alone, with
@@ -258,28 +259,30 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--lr", type=float, nargs="+", default=[0.3, 1.0])
+    parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--skip-rescue", action="store_true")
     parser.add_argument("--skip-false-alarms", action="store_true")
     args = parser.parse_args(argv)
     print("## Gradient health: overhead, rescue rate, false alarms\n")
     print(f"Machine: {environment()}\n")
-    rows = []
-    for workload in ("example", "transformer"):
-        rows += overhead(args.rounds, workload)
-    print(
-        "Overhead: `example` is the Keras example on `synthetic` (batch 32); "
-        "`transformer` the 2-block LM below (batch 32). Fit's inner loop (the "
-        "per-batch callback hooks and the compiled train function, as `fit` calls "
-        f"them) in interleaved bursts of 25 steps, {args.rounds} rounds, after a "
-        "one-epoch fit that traces and attaches. Time per step: median burst. "
-        "Slowdown: median (quartiles) of the per-round ratio to plain fit, in "
-        "wall time and in process CPU time.\n"
-    )
-    print(
-        "| model | variant | time per step | slowdown (wall) | slowdown (CPU) |\n"
-        "| --- | --- | --- | --- | --- |"
-    )
-    print("\n".join(rows))
+    if not args.skip_overhead:
+        rows = []
+        for workload in ("example", "transformer"):
+            rows += overhead(args.rounds, workload)
+        print(
+            "Overhead: `example` is the Keras example on `synthetic` (batch 32); "
+            "`transformer` the 2-block LM below (batch 32). Fit's inner loop (the "
+            "per-batch callback hooks and the compiled train function, as `fit` calls "
+            f"them) in interleaved bursts of 25 steps, {args.rounds} rounds, after a "
+            "one-epoch fit that traces and attaches. Time per step: median burst. "
+            "Slowdown: median (quartiles) of the per-round ratio to plain fit, in "
+            "wall time and in process CPU time.\n"
+        )
+        print(
+            "| model | variant | time per step | slowdown (wall) | slowdown (CPU) |\n"
+            "| --- | --- | --- | --- | --- |"
+        )
+        print("\n".join(rows))
     if not args.skip_rescue:
         stable, best_lr, results = rescue(args.seeds, args.lr)
         best = stable[best_lr]
@@ -289,7 +292,8 @@ def main(argv=None):
             "other sequences. Diverged: non-finite weights or held-out loss above "
             "log(vocab) = 4.16 (chance). The detector is "
             "`GradientExplosionDetector(snapshot_every=10, lr_factor=0.1)` (other "
-            "arguments default: max_rollbacks=3, skip_batches=5, check_recovery). "
+            "arguments default: max_rollbacks=3, skip_batches=5, check_recovery, "
+            "probe_lower_lr). "
             "Gap: held-out loss over the best stable run's, same seed.\n"
         )
         print("Stable reference (plain fit), held-out loss per seed:\n")
@@ -333,7 +337,13 @@ def main(argv=None):
         print("\n".join(false_alarms(args.seeds)))
     print(
         f"\nCommand: `python -m benchmarks.gradient_health --rounds {args.rounds} "
-        f"--seeds {args.seeds} --lr {' '.join(f'{lr:g}' for lr in args.lr)}`"
+        f"--seeds {args.seeds} --lr {' '.join(f'{lr:g}' for lr in args.lr)}"
+        + "".join(
+            f" --{flag}"
+            for flag in ("skip-overhead", "skip-rescue", "skip-false-alarms")
+            if getattr(args, flag.replace("-", "_"))
+        )
+        + "`"
     )
 
 

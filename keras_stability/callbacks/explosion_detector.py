@@ -21,6 +21,14 @@ snapshot of weights and optimizer state, lower the learning rate, skip the
 next batches in-graph) or stops. After `max_rollbacks` it stops, restores
 the best healthy weights and writes a JSON diagnostic. A run never ends with
 non-finite weights.
+
+A rollback is then checked: a few steps at the lowered learning rate from
+the restored weights must not raise the loss (else it rolls back again,
+lower), and must train at least as fast as a learning rate `lr_factor` lower
+run from the same weights for as many steps (else that lower one is kept,
+and probed in turn). A learning rate can be low enough not to explode and
+still far too high to train well; the loss alone, without a comparison,
+cannot tell it from a slow but healthy run.
 """
 
 import collections
@@ -37,6 +45,7 @@ from keras_stability.callbacks.gradient_monitor import attach_observer
 from keras_stability.callbacks.gradient_monitor import detach_observer
 from keras_stability.callbacks.layer_gradient_stats import LayerGradientStats
 from keras_stability.callbacks.layer_gradient_stats import group_variables_by_layer
+from keras_stability.callbacks.lr_scaling import learning_rate_variable
 from keras_stability.callbacks.lr_scaling import scale_learning_rate
 from keras_stability.callbacks.lr_scaling import wrap_schedule
 from keras_stability.callbacks.raw_loss import RawLossTracker
@@ -79,8 +88,19 @@ class GradientExplosionDetector(keras.callbacks.Callback):
       the mean raw loss over the next `confirm_steps` applied steps rises
       above it (by more than two of its batch-to-batch standard deviations
       plus 0.5%), the lowered learning rate is still too high: the
-      detector rolls back again and lowers it again. No snapshot is taken
-      until a rollback is confirmed this way.
+      detector rolls back again and lowers it again. If the loss does not
+      rise and `probe_lower_lr` is set, the detector also tries a learning
+      rate `lr_factor` lower: it keeps the state reached, restores the
+      snapshot again and runs `confirm_steps` steps at the lower rate. If
+      their mean raw loss is lower by more than the same tolerance, the
+      lower rate trains faster: it is kept (this counts as a rollback, with
+      its event) and probed in turn while rollbacks remain; otherwise the
+      kept state and learning rate are restored. This is a two-point line
+      search on the learning rate from the restored weights; it costs
+      `confirm_steps` steps per rollback, and runs only after a rollback, so
+      healthy training is never probed. A probe still running when `fit`
+      ends is undone. No snapshot is taken until a rollback is confirmed
+      this way.
     - `"stop"`: at the first problem it stops.
 
     What counts as a problem: a non-finite loss or gradient; a loss or
@@ -90,6 +110,9 @@ class GradientExplosionDetector(keras.callbacks.Callback):
     times the best snapshot's); a regression (mean loss of the last
     `confirm_steps` steps `regress_factor` times the loss `fit` started
     from and well outside their spread); a failed recovery (above).
+
+    Each probe of a lower learning rate is an event of kind `"lr_probe"`
+    (the others are `"problem"` and `"skipped_nonfinite"`).
 
     On stopping it restores the best healthy snapshot (lowest mean raw loss;
     the last one if `restore_best_weights=False`), sets
@@ -134,6 +157,10 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         check_recovery: Whether to check each rollback as described above
             and escalate (roll back again with a lower learning rate) when
             the loss rises after it. Defaults to `True`.
+        probe_lower_lr: With `check_recovery`, whether a rollback whose
+            loss does not rise is compared with a learning rate `lr_factor`
+            lower, run from the same restored weights, as described above.
+            Defaults to `True`.
         diagnostic_path: JSON file written when the detector stops, or
             `None`. Defaults to `None`.
         verbose: 1 to print each rollback. Defaults to `1`.
@@ -163,6 +190,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         min_samples=20,
         restore_best_weights=True,
         check_recovery=True,
+        probe_lower_lr=True,
         diagnostic_path=None,
         verbose=1,
     ):
@@ -192,6 +220,11 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                 "Invalid value for argument `regress_factor`. Expected None or a "
                 f"number > 1. Received: regress_factor={regress_factor!r}"
             )
+        if not isinstance(probe_lower_lr, (bool, np.bool_)):
+            raise ValueError(
+                "Invalid value for argument `probe_lower_lr`. Expected a boolean. "
+                f"Received: probe_lower_lr={probe_lower_lr!r}"
+            )
         # Validates window / thresholds with the pure core's messages.
         RollingZScore(window, loss_z_threshold, min_samples, loss_factor)
         RollingZScore(window, grad_z_threshold, min_samples)
@@ -209,6 +242,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self.min_samples = min_samples
         self.restore_best_weights = bool(restore_best_weights)
         self.check_recovery = bool(check_recovery)
+        self.probe_lower_lr = bool(probe_lower_lr)
         self.diagnostic_path = diagnostic_path
         self.verbose = verbose
         self.diagnostic = None
@@ -231,6 +265,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             "min_samples": self.min_samples,
             "restore_best_weights": self.restore_best_weights,
             "check_recovery": self.check_recovery,
+            "probe_lower_lr": self.probe_lower_lr,
             "diagnostic_path": self.diagnostic_path,
             "verbose": self.verbose,
         }
@@ -375,6 +410,17 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             logs["skipped_batches"] = self.skipped_batches
 
     def on_train_end(self, logs=None):
+        incumbent = self._recovery["incumbent"] if self._recovery is not None else None
+        if incumbent is not None and self.stopped_reason is None:
+            # `fit` ended (or another callback stopped it) during a probe: it
+            # is not judged; the confirmed learning rate and its state are kept.
+            self._revert_probe(
+                incumbent,
+                f"probe unfinished at the end of training: learning rate "
+                f"{incumbent['lr']:.4g} kept; restored the state of step "
+                f"{incumbent['snapshot'].step}",
+            )
+        self._recovery = None
         if not Snapshot(self.model).is_finite():
             target = self.best if self.restore_best_weights else self.snapshot
             target.restore(self.model)
@@ -440,6 +486,13 @@ class GradientExplosionDetector(keras.callbacks.Callback):
     def _check_recovery(self, raw):
         """Feeds one healthy step to the check of the last rollback.
 
+        The skipped updates measure the restored weights' loss (the
+        reference); then each trial runs `confirm_steps` applied steps from
+        the restored weights. The first trial, at the lowered learning rate,
+        fails if its mean loss rises above the reference. If it passes (and
+        `probe_lower_lr`), the next trial runs from the restored weights
+        again at a learning rate `lr_factor` lower; see `_judge_probe`.
+
         Returns:
             A problem description if the recovery failed, else `None`.
         """
@@ -451,21 +504,104 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         rec["after"].append(raw)
         if len(rec["after"]) < self.confirm_steps:
             return None
-        self._recovery = None
+        after = float(np.mean(rec["after"]))
+        rec["after"] = []
         reference = np.asarray(rec["reference"], dtype=np.float64)
         if reference.size == 0:
+            self._recovery = None
             return None
         level = float(reference.mean())
         spread = float(reference.std()) if reference.size > 1 else 0.0
-        after = float(np.mean(rec["after"]))
-        bound = level + 2.0 * spread + RECOVERY_TOLERANCE * abs(level)
-        if after <= bound:
+        # Batch-to-batch noise at fixed weights: a difference of mean losses
+        # within it is no evidence.
+        tolerance = 2.0 * spread + RECOVERY_TOLERANCE * abs(level)
+        if rec["incumbent"] is not None:
+            self._judge_probe(after, tolerance)
             return None
+        if after > level + tolerance:
+            self._recovery = None
+            return (
+                f"recovery failed: after rollback {self.rollbacks} the mean raw loss of "
+                f"{self.confirm_steps} steps rose to {after:.4g}, above the restored "
+                f"weights' loss {level:.4g} (bound {level + tolerance:.4g}); the learning "
+                "rate is still too high"
+            )
+        if not self._start_probe(after):
+            self._recovery = None
+        return None
+
+    def _can_probe(self):
         return (
-            f"recovery failed: after rollback {self.rollbacks} the mean raw loss of "
-            f"{len(rec['after'])} steps rose to {after:.4g}, above the restored weights' "
-            f"loss {level:.4g} (bound {bound:.4g}); the learning rate is still too high"
+            self.probe_lower_lr
+            and self.action == "rollback"
+            and self.rollbacks < self.max_rollbacks
+            and learning_rate_variable(self.optimizer) is not None
         )
+
+    def _start_probe(self, after):
+        """Keeps the current trial's end state and starts one a factor lower.
+
+        Returns:
+            Whether a probe was started.
+        """
+        if not self._can_probe():
+            return False
+        lr_var = learning_rate_variable(self.optimizer)
+        self._recovery["incumbent"] = {
+            "loss": after,
+            "lr": float(np.asarray(self.optimizer.learning_rate)),
+            "lr_value": np.array(keras.ops.convert_to_numpy(lr_var), copy=True),
+            "snapshot": Snapshot(self.model, step=self.step),
+        }
+        self.snapshot.restore(self.model)
+        scale_learning_rate(self.optimizer, self.lr_factor)
+        return True
+
+    def _judge_probe(self, after, tolerance):
+        """Ends a probe: keeps the lower learning rate only if it trains faster.
+
+        The lower one wins if its mean loss over the trial is below the
+        incumbent's by more than the batch noise (`tolerance`); it then
+        counts as a rollback (the snapshot was restored and the learning
+        rate lowered) and, if rollbacks remain, is probed in turn. Otherwise
+        the incumbent's end state and learning rate are restored.
+        """
+        rec = self._recovery
+        incumbent = rec["incumbent"]
+        lr = float(np.asarray(self.optimizer.learning_rate))
+        if after < incumbent["loss"] - tolerance:
+            self.rollbacks += 1
+            detail = (
+                f"lower learning rate kept: from the weights of step {self.snapshot.step}, "
+                f"{self.confirm_steps} steps at {lr:.4g} reached a mean raw loss of "
+                f"{after:.4g}, below {incumbent['loss']:.4g} at {incumbent['lr']:.4g} "
+                f"(tolerance {tolerance:.3g})"
+            )
+            self._event("lr_probe", self.raw_losses[-1], self.grad_norms[-1], detail)
+            self.events[-1].update(
+                action="rollback", restored_step=self.snapshot.step, learning_rate=lr
+            )
+            if self.verbose:
+                io_utils.print_msg(
+                    f"GradientExplosionDetector at step {self.step}: {detail} "
+                    f"(rollback {self.rollbacks}/{self.max_rollbacks})."
+                )
+            if not self._start_probe(after):
+                self._recovery = None
+            return
+        self._revert_probe(
+            incumbent,
+            f"learning rate {incumbent['lr']:.4g} kept: {self.confirm_steps} steps at "
+            f"{lr:.4g} reached a mean raw loss of {after:.4g}, not below "
+            f"{incumbent['loss']:.4g} by more than {tolerance:.3g}; restored the state "
+            f"of step {incumbent['snapshot'].step}",
+        )
+
+    def _revert_probe(self, incumbent, detail):
+        incumbent["snapshot"].restore(self.model)
+        learning_rate_variable(self.optimizer).assign(incumbent["lr_value"])
+        self._event("lr_probe", self.raw_losses[-1], self.grad_norms[-1], detail)
+        self._recovery = None
 
     def _healthy_step(self, raw):
         if self._recovery is not None:
@@ -526,7 +662,12 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             reference = [] if skipped or not math.isfinite(self.snapshot.score) else [
                 self.snapshot.score
             ]
-            self._recovery = {"skip_left": skipped, "reference": reference, "after": []}
+            self._recovery = {
+                "skip_left": skipped,
+                "reference": reference,
+                "after": [],
+                "incumbent": None,  # the trial a probe is compared with
+            }
         # The next snapshot waits for `snapshot_every` healthy steps again.
         self._last_snapshot_at = self.step
         if self.events:

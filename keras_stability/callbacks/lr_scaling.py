@@ -11,7 +11,13 @@ import keras
 
 from keras_stability.optimizers.guarded_optimizer import optimizer_chain
 
-__all__ = ["ScaledSchedule", "innermost_optimizer", "scale_learning_rate", "wrap_schedule"]
+__all__ = [
+    "ScaledSchedule",
+    "innermost_optimizer",
+    "learning_rate_variable",
+    "scale_learning_rate",
+    "wrap_schedule",
+]
 
 
 @keras.saving.register_keras_serializable(package="keras_stability")
@@ -105,12 +111,29 @@ def scale_learning_rate(optimizer, factor):
         The new learning rate at the current step, as a float, or `None` if
         the learning rate is a plain callable that cannot be scaled.
     """
-    opt = innermost_optimizer(optimizer)
-    lr = opt._learning_rate
-    if isinstance(lr, ScaledSchedule):
-        lr.factor.assign(float(keras.ops.convert_to_numpy(lr.factor)) * factor)
-    elif isinstance(lr, keras.Variable):
-        lr.assign(keras.ops.convert_to_numpy(lr) * factor)
-    else:
+    variable = learning_rate_variable(optimizer)
+    if variable is None:
         return None
-    return float(keras.ops.convert_to_numpy(opt.learning_rate))
+    variable.assign(keras.ops.convert_to_numpy(variable) * factor)
+    return float(keras.ops.convert_to_numpy(innermost_optimizer(optimizer).learning_rate))
+
+
+def learning_rate_variable(optimizer):
+    """The variable `scale_learning_rate` scales.
+
+    Saving its value and assigning it back undoes scalings exactly.
+
+    Args:
+        optimizer: A Keras optimizer (wrappers are followed to the inner one).
+
+    Returns:
+        The learning-rate variable of a constant learning rate, the factor
+        variable of a `ScaledSchedule`, or `None` (a plain callable or an
+        unwrapped schedule, which cannot be scaled).
+    """
+    lr = getattr(innermost_optimizer(optimizer), "_learning_rate", None)
+    if isinstance(lr, ScaledSchedule):
+        return lr.factor
+    if isinstance(lr, keras.Variable):
+        return lr
+    return None

@@ -50,6 +50,7 @@ def _quiet(fn, *args, **kwargs):
         ({"max_rollbacks": -1}, "Received: max_rollbacks=-1"),
         ({"window": 10, "min_samples": 20}, "Received: min_samples=20"),
         ({"regress_factor": 1.0}, "Invalid value for argument `regress_factor`. Expected None or a number > 1. Received: regress_factor=1.0"),
+        ({"probe_lower_lr": 1}, "Invalid value for argument `probe_lower_lr`. Expected a boolean. Received: probe_lower_lr=1"),
     ],
 )
 def test_invalid_arguments(kwargs, message):
@@ -59,8 +60,11 @@ def test_invalid_arguments(kwargs, message):
 
 
 def test_get_config_round_trip():
-    detector = GradientExplosionDetector(action="stop", snapshot_every=7, lr_factor=0.3)
+    detector = GradientExplosionDetector(
+        action="stop", snapshot_every=7, lr_factor=0.3, probe_lower_lr=False
+    )
     config = detector.get_config()
+    assert config["probe_lower_lr"] is False
     assert GradientExplosionDetector.from_config(config).get_config() == config
 
 
@@ -146,10 +150,14 @@ def test_slow_regression_is_rolled_back_before_any_spike():
     )
     # Steps 1-5 average 1.52x the start but spread widely (std 0.45x); steps
     # 4-8 average 2.67x, std 0.81x: the start is 2 std below, rolled back at
-    # step 8, to step 0.
-    assert [e["step"] for e in detector.events] == [8]
+    # step 8, to step 0. Steps 9-11 skipped; steps 12-16 at 0.525 (x0.0025
+    # per step) pass the recovery check; the probe at 0.2625 (x0.226 per step,
+    # steps 17-21, from step 0 again) is slower, so the state of step 16 and
+    # lr 0.525 are restored.
+    assert [(e["step"], e["kind"]) for e in detector.events] == [(8, "problem"), (21, "lr_probe")]
     assert detector.events[0]["detail"].startswith("loss regressing: mean raw loss")
     assert detector.events[0]["restored_step"] == 0
+    assert detector.events[1]["detail"].startswith("learning rate 0.525 kept: 5 steps at 0.2625")
     assert detector.rollbacks == 1
     assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(0.525)
     assert model.evaluate(x, y, verbose=0) < 1e-6 * start
@@ -160,7 +168,8 @@ def test_failed_recovery_escalates_to_a_second_rollback(check_recovery):
     # lr 1.5: x4 per step, a spike at step 4 (10x the median of the first
     # steps). x0.7 gives 1.05, still too high (x1.21 per step, no spike); the
     # recovery check sees the 5 steps after the 3 skipped ones rise above the
-    # restored loss and lowers it again to 0.735.
+    # restored loss and lowers it again to 0.735. (The probe of a lower
+    # learning rate after a passed check is tested below.)
     x, y, start = _quadratic_problem()
     model = _linear(1.5)
     detector = GradientExplosionDetector(
@@ -168,6 +177,7 @@ def test_failed_recovery_escalates_to_a_second_rollback(check_recovery):
         skip_batches=3,
         regress_factor=None,
         check_recovery=check_recovery,
+        probe_lower_lr=False,
         verbose=0,
     )
     model.fit(x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector])
@@ -188,6 +198,79 @@ def test_failed_recovery_escalates_to_a_second_rollback(check_recovery):
         assert steps == [4]
         assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(1.5 * 0.7)
         assert model.evaluate(x, y, verbose=0) > 100 * start
+
+
+@pytest.mark.parametrize("probe_lower_lr", [True, False])
+def test_stable_but_too_high_learning_rate_after_a_rollback_is_probed_lower(probe_lower_lr):
+    # lr 1.95: x8.41 per step, a spike at step 3. x0.5 gives 0.975: stable
+    # (x0.9025 per step, the recovery check passes) but 160x slower than
+    # 0.4875 (x0.000625 per step). The probe runs 5 steps from the restored
+    # weights at each learning rate and keeps the lower one only if its loss
+    # falls further.
+    x, y, start = _quadratic_problem()
+    model = _linear(1.95)
+    detector = GradientExplosionDetector(
+        lr_factor=0.5, skip_batches=3, probe_lower_lr=probe_lower_lr, verbose=0
+    )
+    model.fit(x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector])
+    lr = float(np.asarray(model.optimizer.learning_rate))
+    final = model.evaluate(x, y, verbose=0)
+    steps = [(e["step"], e["kind"]) for e in detector.events]
+    assert detector.events[0]["detail"].startswith("loss spike")
+    raw = np.asarray(detector.raw_losses) / start
+    # Rollback at step 3; steps 4-6 skipped (the restored loss); 7-11 at 0.975.
+    np.testing.assert_allclose(raw[3:11], [1, 1, 1, 1, 0.9025, 0.9025**2, 0.9025**3, 0.9025**4], rtol=1e-3)
+    if probe_lower_lr:
+        # Steps 12-16 at 0.4875 from step 0: mean 0.2x the start, below the
+        # 0.82x of 0.975; kept (a second rollback). Steps 17-21 at 0.24375
+        # (x0.263 per step, mean 0.27x): slower, so step 16's state is restored.
+        assert steps == [(3, "problem"), (16, "lr_probe"), (21, "lr_probe")]
+        assert detector.events[1]["detail"].startswith("lower learning rate kept")
+        assert detector.events[1]["learning_rate"] == pytest.approx(0.4875)
+        assert detector.events[2]["detail"].startswith("learning rate 0.4875 kept")
+        np.testing.assert_allclose(raw[11:13], [1, 0.000625], rtol=1e-2)
+        np.testing.assert_allclose(raw[16:18], [1, 0.2627], rtol=1e-3)
+        assert raw[21] < 1e-8  # step 22 goes on from step 16's state
+        assert detector.rollbacks == 2 and lr == pytest.approx(0.4875)
+        assert final < 1e-10 * start
+    else:
+        # Without the probe, 0.975 stays: 34 steps at x0.9025.
+        assert steps == [(3, "problem")]
+        assert detector.rollbacks == 1 and lr == pytest.approx(0.975)
+        assert final > 0.02 * start
+
+
+def test_probe_unfinished_when_fit_ends_is_undone():
+    # As above, but fit ends at step 16, as the probe of 0.24375 starts: the
+    # state of step 16 and its learning rate 0.4875 are restored.
+    x, y, start = _quadratic_problem()
+    model = _linear(1.95)
+    detector = GradientExplosionDetector(lr_factor=0.5, skip_batches=3, verbose=0)
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[detector])
+    assert [(e["step"], e["kind"]) for e in detector.events] == [
+        (3, "problem"), (16, "lr_probe"), (16, "lr_probe")
+    ]
+    assert detector.events[2]["detail"].startswith(
+        "probe unfinished at the end of training: learning rate 0.4875 kept; "
+        "restored the state of step 16"
+    )
+    assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(0.4875)
+    assert detector.rollbacks == 2
+    # Step 16's state: 0.975 -> probed 0.4875 for 5 steps, x0.000625 each.
+    assert model.evaluate(x, y, verbose=0) < 1e-10 * start
+
+
+def test_no_probe_without_a_rollback():
+    # The probe only chooses the learning rate after a rollback: healthy
+    # training, even slow (lr 0.975, x0.9025 per step), is left alone.
+    x, y, start = _quadratic_problem()
+    for lr in (0.975, 0.05):
+        model = _linear(lr)
+        detector = GradientExplosionDetector(lr_factor=0.5, snapshot_every=5, verbose=0)
+        model.fit(x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector])
+        assert detector.events == [] and detector.rollbacks == 0
+        assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(lr)
+        assert model.evaluate(x, y, verbose=0) < 0.04 * start
 
 
 def test_nan_batch_is_skipped_counted_and_training_goes_on():
@@ -293,6 +376,7 @@ def test_scaled_schedule_survives_keras_save_and_load(tmp_path):
     detector = GradientExplosionDetector(snapshot_every=5, lr_factor=0.1, skip_batches=1, verbose=0)
     model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[detector])
     assert detector.rollbacks >= 1
+    assert detector._recovery is None  # a probe unfinished at the end is undone
     path = os.path.join(tmp_path, "model.keras")
     model.save(path)
     loaded = keras.saving.load_model(path)

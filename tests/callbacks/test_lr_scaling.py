@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from keras_stability.callbacks import ScaledSchedule
+from keras_stability.callbacks.lr_scaling import learning_rate_variable
 from keras_stability.callbacks.lr_scaling import scale_learning_rate
 from keras_stability.callbacks.lr_scaling import wrap_schedule
 
@@ -47,3 +48,22 @@ def test_invalid_arguments():
         ScaledSchedule(_schedule(), factor=0)
     with pytest.raises(ValueError, match="Invalid value for argument `schedule`"):
         ScaledSchedule(0.1)
+
+
+@pytest.mark.parametrize("schedule", [False, True])
+def test_learning_rate_variable_undoes_scalings_exactly(schedule):
+    optimizer = keras.optimizers.SGD(_schedule() if schedule else 0.1)
+    wrap_schedule(optimizer)
+    variable = learning_rate_variable(optimizer)
+    assert variable is (optimizer._learning_rate.factor if schedule else optimizer._learning_rate)
+    saved = np.array(variable.numpy(), copy=True)
+    before = float(np.asarray(optimizer.learning_rate))
+    assert scale_learning_rate(optimizer, 0.3) == pytest.approx(0.3 * before)
+    variable.assign(saved)
+    assert float(np.asarray(optimizer.learning_rate)) == before
+
+
+def test_learning_rate_variable_of_a_callable_is_none():
+    optimizer = keras.optimizers.SGD(lambda: 0.1)
+    assert learning_rate_variable(optimizer) is None
+    assert scale_learning_rate(optimizer, 0.5) is None
