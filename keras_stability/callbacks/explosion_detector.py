@@ -8,9 +8,9 @@ whether the step was skipped for non-finite gradients). Three signals:
   optimizer skips it in-graph, on all replicas alike);
 - a loss spike: z-score of the raw loss over a rolling window of healthy steps
   (or, in the first steps, a raw loss `loss_factor` times their median);
-- a slow divergence: the mean raw loss of the last `min_samples` steps
-  `loss_factor` times the best snapshot's loss (the mean loss of the steps
-  after it);
+- a slow divergence: the mean raw loss of the last `min_samples` steps,
+  all after the best snapshot, `loss_factor` times that snapshot's loss (the
+  mean loss of the steps right after it);
 - a gradient-norm spike: the same on the global gradient norm;
 - a regression: the mean raw loss of the last few steps `regress_factor`
   times the loss the fit started from, and well outside their spread (a
@@ -106,8 +106,8 @@ class GradientExplosionDetector(keras.callbacks.Callback):
     What counts as a problem: a non-finite loss or gradient; a loss or
     gradient-norm spike (z-score over the healthy steps, or in the first
     `min_samples` steps `loss_factor` times their median loss); a slow
-    divergence (mean loss of the last `min_samples` steps `loss_factor`
-    times the best snapshot's); a regression (mean loss of the last
+    divergence (mean loss of the last `min_samples` steps, all after the
+    best snapshot, `loss_factor` times the best snapshot's); a regression (mean loss of the last
     `confirm_steps` steps `regress_factor` times the loss `fit` started
     from and well outside their spread); a failed recovery (above).
 
@@ -141,8 +141,9 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             Defaults to `6.0`.
         loss_factor: A raw loss above this multiple of the median healthy
             loss before `min_samples` steps (a spike the z-score cannot judge
-            yet), or a mean raw loss over the last `min_samples` steps above
-            this multiple of the best confirmed snapshot's loss (a slow
+            yet), or a mean raw loss over the last `min_samples` steps (all
+            after the best confirmed snapshot) above this multiple of that
+            snapshot's loss (a slow
             divergence), is a problem; `None` to turn both off.
             Defaults to `10.0`.
         regress_factor: A mean raw loss over the last `confirm_steps` steps
@@ -620,6 +621,10 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                     self.snapshot = self._pending
                     if not best <= score:
                         self.best = self.snapshot
+                        # A slow divergence is judged on losses after the
+                        # best snapshot only: a window reaching back before it
+                        # holds the higher losses of a falling run.
+                        self._sustained.clear()
                 self._pending = None
             return
         if self.step - self._last_snapshot_at < self.snapshot_every:

@@ -273,6 +273,49 @@ def test_no_probe_without_a_rollback():
         assert model.evaluate(x, y, verbose=0) < 0.04 * start
 
 
+def test_fast_healthy_convergence_is_not_a_slow_divergence():
+    # lr 0.1: the loss falls 0.64x per step, 10x in about 5 steps. The mean
+    # of the last `min_samples` losses is then far above the loss of a
+    # snapshot taken inside that window, but the loss is falling: only
+    # losses after the best snapshot may judge a divergence from it.
+    x, y, start = _quadratic_problem()
+    model = _linear(0.1)
+    detector = GradientExplosionDetector(snapshot_every=5, verbose=0)
+    model.fit(x, y, batch_size=8, epochs=6, shuffle=False, verbose=0, callbacks=[detector])
+    np.testing.assert_allclose(
+        np.asarray(detector.raw_losses[:10]) / start, 0.64 ** np.arange(10), rtol=1e-3
+    )
+    assert detector.events == [] and detector.rollbacks == 0
+    assert model.evaluate(x, y, verbose=0) < 1e-6 * start
+
+
+def test_slow_divergence_after_the_best_snapshot_is_caught():
+    # Two epochs at lr 0.1 (loss x0.64 per step) reach 1e-3 of the start;
+    # then lr 1.02 makes it grow 1.0816x per step: no jump the z-score
+    # would call a spike (turned off here anyway), and far below the start,
+    # so no regression either. Only the slow-divergence rule can see it.
+    x, y, start = _quadratic_problem()
+    model = _linear(0.1)
+    schedule = keras.callbacks.LearningRateScheduler(lambda epoch: 0.1 if epoch < 2 else 1.02)
+    detector = GradientExplosionDetector(
+        action="stop", snapshot_every=5, loss_z_threshold=1e9, grad_z_threshold=1e9, verbose=0
+    )
+    with pytest.warns(UserWarning, match="loss diverging"):
+        model.fit(
+            x, y, batch_size=8, epochs=12, shuffle=False, verbose=0, callbacks=[schedule, detector]
+        )
+    best = detector.best
+    assert 10 <= best.step <= 20 and best.score < 2e-3 * start
+    (event,) = detector.events
+    assert event["detail"].startswith("loss diverging")
+    # 20 losses after the best snapshot's, averaging 10x its loss.
+    window = np.asarray(detector.raw_losses[-20:])
+    assert window.mean() > 10 * best.score > window[:10].mean()
+    assert 40 < detector.step < 70
+    # Stopped with the best snapshot's weights, not the last ones.
+    assert model.evaluate(x, y, verbose=0) < best.score < 0.1 * window[-1]
+
+
 def test_nan_batch_is_skipped_counted_and_training_goes_on():
     x, y = _data(160)
     x = x.copy()
