@@ -4,7 +4,8 @@
 [--skip-overhead] [--skip-rescue] [--skip-false-alarms]`
 
 1. Overhead: time per step of the Keras example and of a small transformer
-   with plain `fit`, with the `GuardedOptimizer` alone, with
+   with plain `fit`, with the `GuardedOptimizer` alone (and, for reference,
+   Keras' `LossScaleOptimizer`, which skips non-finite steps the same way), with
    `GradientMonitor(every_n_steps=1)` + `GradientExplosionDetector`, with the
    monitor every 10 steps + detector, and with the detector alone (fit's
    inner loop in interleaved bursts, paired per-round ratios).
@@ -70,6 +71,7 @@ def overhead(rounds, workload, burst=25):
     variants = {
         "plain fit": lambda: [],
         "GuardedOptimizer alone (no callback)": lambda: [],
+        "Keras LossScaleOptimizer (for reference)": lambda: [],
         "monitor(every step) + detector": lambda: [
             GradientMonitor(every_n_steps=1, verbose=0),
             GradientExplosionDetector(verbose=0),
@@ -86,6 +88,10 @@ def overhead(rounds, workload, burst=25):
         optimizer = keras.optimizers.Adam(1e-3)
         if name.startswith("GuardedOptimizer"):
             optimizer = GuardedOptimizer(optimizer)
+        elif name.startswith("Keras LossScale"):
+            # Keras' own optimizer that skips non-finite steps in-graph (a
+            # `cond` around the update, as the guard's).
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         model = build(optimizer)
         callbacks = make()
         with warnings.catch_warnings():
