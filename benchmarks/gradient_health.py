@@ -5,7 +5,8 @@
 
 1. Overhead: time per step of the Keras example and of a small transformer
    with plain `fit`, with the `GuardedOptimizer` alone (and, for reference,
-   Keras' `LossScaleOptimizer`, which skips non-finite steps the same way), with
+   Keras' `LossScaleOptimizer`, which skips non-finite steps the same way,
+   and Keras' `global_clipnorm`, which waits for the global norm too), with
    `GradientMonitor(every_n_steps=1)` + `GradientExplosionDetector`, with the
    monitor every 10 steps + detector, and with the detector alone (fit's
    inner loop in interleaved bursts, paired per-round ratios).
@@ -72,6 +73,7 @@ def overhead(rounds, workload, burst=25):
         "plain fit": lambda: [],
         "GuardedOptimizer alone (no callback)": lambda: [],
         "Keras LossScaleOptimizer (for reference)": lambda: [],
+        "Keras global_clipnorm=1.0 (for reference)": lambda: [],
         "monitor(every step) + detector": lambda: [
             GradientMonitor(every_n_steps=1, verbose=0),
             GradientExplosionDetector(verbose=0),
@@ -86,7 +88,11 @@ def overhead(rounds, workload, burst=25):
     for name, make in variants.items():
         keras.utils.set_random_seed(0)
         optimizer = keras.optimizers.Adam(1e-3)
-        if name.startswith("GuardedOptimizer"):
+        if name.startswith("Keras global_clipnorm"):
+            # Keras' own global-norm clipping: the update waits for the norm
+            # of the whole gradient, as the guard's decision does.
+            optimizer = keras.optimizers.Adam(1e-3, global_clipnorm=1.0)
+        elif name.startswith("GuardedOptimizer"):
             optimizer = GuardedOptimizer(optimizer)
         elif name.startswith("Keras LossScale"):
             # Keras' own optimizer that skips non-finite steps in-graph (a
