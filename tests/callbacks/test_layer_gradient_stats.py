@@ -25,6 +25,24 @@ def _grads(model, seed=1):
     ]
 
 
+def _compiled_sgd_step(obs, grads, variables, lr=0.1):
+    """A compiled step: observe, plain SGD update, after_apply."""
+
+    @tf.function
+    def step():
+        obs.observe(grads, variables, {})
+        for g, v in zip(grads, variables, strict=True):
+            v.assign_sub(lr * g)
+        obs.after_apply(variables, False)
+
+    return step
+
+
+def _norm(arrays, idx):
+    """L2 norm of the arrays at `idx` together, in float64."""
+    return np.sqrt(sum(np.sum(arrays[i].astype(np.float64) ** 2) for i in idx))
+
+
 def test_groups_by_layer_with_embedding_on_its_own():
     model = _model()
     groups = group_variables_by_layer(model)
@@ -46,12 +64,7 @@ def test_observe_per_layer_norms_and_update_ratio_match_numpy():
     grads = _grads(model)
     before = [v.numpy().copy() for v in variables]
 
-    @tf.function
-    def step():
-        obs.observe(grads, variables, {})
-        for g, v in zip(grads, variables, strict=True):
-            v.assign_sub(0.1 * g)
-        obs.after_apply(variables, False)
+    step = _compiled_sgd_step(obs, grads, variables)
 
     step()
     stats = obs.read()
@@ -59,18 +72,15 @@ def test_observe_per_layer_norms_and_update_ratio_match_numpy():
     # tok: embeddings; hidden: kernel+bias; head: kernel+bias.
     members = [[0], [1, 2], [3, 4]]
 
-    def norm(arrays, idx):
-        return np.sqrt(sum(np.sum(arrays[i].astype(np.float64) ** 2) for i in idx))
-
-    expected = [norm(g, m) for m in members]
+    expected = [_norm(g, m) for m in members]
     np.testing.assert_allclose(stats["grad_norms"], expected, rtol=1e-5)
-    np.testing.assert_allclose(stats["global_norm"], norm(g, range(5)), rtol=1e-5)
-    np.testing.assert_allclose(stats["weight_norms"], [norm(before, m) for m in members], rtol=1e-5)
+    np.testing.assert_allclose(stats["global_norm"], _norm(g, range(5)), rtol=1e-5)
+    np.testing.assert_allclose(stats["weight_norms"], [_norm(before, m) for m in members], rtol=1e-5)
     after = [v.numpy() for v in variables]
     diff = [a - b for a, b in zip(after, before, strict=True)]
     np.testing.assert_allclose(
         stats["update_ratios"],
-        [norm(diff, m) / norm(before, m) for m in members],
+        [_norm(diff, m) / _norm(before, m) for m in members],
         rtol=1e-4,
     )
     assert stats["step"] == 1
@@ -226,12 +236,7 @@ def test_update_ratio_in_a_compiled_step_matches_numpy(every_n_steps):
     obs.build(keras.optimizers.SGD(0.1), variables)
     grads = _grads(model)
 
-    @tf.function
-    def step():
-        obs.observe(grads, variables, {})
-        for g, v in zip(grads, variables, strict=True):
-            v.assign_sub(0.1 * g)
-        obs.after_apply(variables, False)
+    step = _compiled_sgd_step(obs, grads, variables)
 
     for _ in range(every_n_steps - 1):
         step()  # not a report step
@@ -240,13 +245,10 @@ def test_update_ratio_in_a_compiled_step_matches_numpy(every_n_steps):
     after = [v.numpy() for v in variables]
     members = [[0], [1, 2], [3, 4]]
 
-    def norm(arrays, idx):
-        return np.sqrt(sum(np.sum(arrays[i].astype(np.float64) ** 2) for i in idx))
-
     diff = [a - b for a, b in zip(after, before, strict=True)]
     np.testing.assert_allclose(
         obs.read()["update_ratios"],
-        [norm(diff, m) / norm(before, m) for m in members],
+        [_norm(diff, m) / _norm(before, m) for m in members],
         rtol=1e-4,
     )
 
