@@ -229,7 +229,10 @@ def rescue(seeds, lrs, epochs=6):
                         snapshot_every=10, lr_factor=0.1, verbose=0
                     )
                     runs.append(_fit_lm(seed, lr, [detector], epochs=epochs))
-                    runs[-1] += (detector.rollbacks, detector.optimizer.learning_rate)
+                    runs[-1] += (
+                        f"{detector.rollbacks} + {detector.lr_probes}",
+                        detector.optimizer.learning_rate,
+                    )
                 else:
                     runs.append(_fit_lm(seed, lr, epochs=epochs))
             results[(lr, name)] = runs
@@ -318,7 +321,7 @@ def main(argv=None):
             )
         print(
             "\n| learning rate | variant | diverged | held-out loss per seed | "
-            "gap to best stable (per seed) | rollbacks -> final lr |"
+            "gap to best stable (per seed) | rollbacks + lower rates kept by probes -> final lr |"
         )
         print("| --- | --- | --- | --- | --- | --- |")
         for (lr, name), runs in results.items():

@@ -93,9 +93,10 @@ class GradientExplosionDetector(keras.callbacks.Callback):
       rate `lr_factor` lower: it keeps the state reached, restores the
       snapshot again and runs `confirm_steps` steps at the lower rate. If
       their mean raw loss is lower by more than the same tolerance, the
-      lower rate trains faster: it is kept (this counts as a rollback, with
-      its event) and probed in turn while rollbacks remain; otherwise the
-      kept state and learning rate are restored. This is a two-point line
+      lower rate trains faster: it is kept (counted in `lr_probes`, with its
+      event; not a rollback, so it does not use up `max_rollbacks`) and
+      probed in turn, up to `max_rollbacks` lower rates per rollback;
+      otherwise the kept state and learning rate are restored. This is a two-point line
       search on the learning rate from the restored weights; it costs
       `confirm_steps` steps per rollback, and runs only after a rollback, so
       healthy training is never probed. A probe still running when `fit`
@@ -302,6 +303,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self.step = 0
         self.epoch = 0
         self.rollbacks = 0
+        self.lr_probes = 0  # lower learning rates kept by probes after rollbacks
         self.skipped_batches = 0
         self.consecutive_skips = 0
         self.events = []
@@ -535,7 +537,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         return (
             self.probe_lower_lr
             and self.action == "rollback"
-            and self.rollbacks < self.max_rollbacks
+            and self._recovery["probes_kept"] < self.max_rollbacks
             and learning_rate_variable(self.optimizer) is not None
         )
 
@@ -562,16 +564,17 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         """Ends a probe: keeps the lower learning rate only if it trains faster.
 
         The lower one wins if its mean loss over the trial is below the
-        incumbent's by more than the batch noise (`tolerance`); it then
-        counts as a rollback (the snapshot was restored and the learning
-        rate lowered) and, if rollbacks remain, is probed in turn. Otherwise
-        the incumbent's end state and learning rate are restored.
+        incumbent's by more than the batch noise (`tolerance`); it is then
+        kept (counted in `lr_probes`) and probed in turn, up to
+        `max_rollbacks` kept per rollback. Otherwise the incumbent's end
+        state and learning rate are restored.
         """
         rec = self._recovery
         incumbent = rec["incumbent"]
         lr = float(np.asarray(self.optimizer.learning_rate))
         if after < incumbent["loss"] - tolerance:
-            self.rollbacks += 1
+            self.lr_probes += 1
+            rec["probes_kept"] += 1
             detail = (
                 f"lower learning rate kept: from the weights of step {self.snapshot.step}, "
                 f"{self.confirm_steps} steps at {lr:.4g} reached a mean raw loss of "
@@ -580,12 +583,12 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             )
             self._event("lr_probe", self.raw_losses[-1], self.grad_norms[-1], detail)
             self.events[-1].update(
-                action="rollback", restored_step=self.snapshot.step, learning_rate=lr
+                action="lower_lr", restored_step=self.snapshot.step, learning_rate=lr
             )
             if self.verbose:
                 io_utils.print_msg(
                     f"GradientExplosionDetector at step {self.step}: {detail} "
-                    f"(rollback {self.rollbacks}/{self.max_rollbacks})."
+                    f"(lower rate {rec['probes_kept']} kept after rollback {self.rollbacks})."
                 )
             if not self._start_probe(after):
                 self._recovery = None
@@ -672,6 +675,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                 "reference": reference,
                 "after": [],
                 "incumbent": None,  # the trial a probe is compared with
+                "probes_kept": 0,
             }
         # The next snapshot waits for `snapshot_every` healthy steps again.
         self._last_snapshot_at = self.step
@@ -701,6 +705,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             "epoch": self.epoch,
             "action": self.action,
             "rollbacks": self.rollbacks,
+            "lr_probes": self.lr_probes,
             "skipped_batches": self.skipped_batches,
             "restored_step": target.step,
             "restored_loss": _json_float(target.score),

@@ -106,7 +106,7 @@ def test_high_learning_rate_diverges_plainly_but_is_rescued():
     assert math.isfinite(final) and final < initial - 0.05, (initial, final)
     assert history.history["rollbacks"][-1] == detector.rollbacks
     assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(
-        10.0 * 0.05**detector.rollbacks
+        10.0 * 0.05 ** (detector.rollbacks + detector.lr_probes)
     )
 
 
@@ -222,22 +222,45 @@ def test_stable_but_too_high_learning_rate_after_a_rollback_is_probed_lower(prob
     np.testing.assert_allclose(raw[3:11], [1, 1, 1, 1, 0.9025, 0.9025**2, 0.9025**3, 0.9025**4], rtol=1e-3)
     if probe_lower_lr:
         # Steps 12-16 at 0.4875 from step 0: mean 0.2x the start, below the
-        # 0.82x of 0.975; kept (a second rollback). Steps 17-21 at 0.24375
+        # 0.82x of 0.975; kept (a lower rate, not a second rollback). Steps 17-21 at 0.24375
         # (x0.263 per step, mean 0.27x): slower, so step 16's state is restored.
         assert steps == [(3, "problem"), (16, "lr_probe"), (21, "lr_probe")]
         assert detector.events[1]["detail"].startswith("lower learning rate kept")
         assert detector.events[1]["learning_rate"] == pytest.approx(0.4875)
+        assert detector.events[1]["action"] == "lower_lr"
         assert detector.events[2]["detail"].startswith("learning rate 0.4875 kept")
         np.testing.assert_allclose(raw[11:13], [1, 0.000625], rtol=1e-2)
         np.testing.assert_allclose(raw[16:18], [1, 0.2627], rtol=1e-3)
         assert raw[21] < 1e-8  # step 22 goes on from step 16's state
-        assert detector.rollbacks == 2 and lr == pytest.approx(0.4875)
+        assert detector.rollbacks == 1 and detector.lr_probes == 1
+        assert lr == pytest.approx(0.4875)
         assert final < 1e-10 * start
     else:
         # Without the probe, 0.975 stays: 34 steps at x0.9025.
         assert steps == [(3, "problem")]
-        assert detector.rollbacks == 1 and lr == pytest.approx(0.975)
+        assert detector.rollbacks == 1 and detector.lr_probes == 0
+        assert lr == pytest.approx(0.975)
         assert final > 0.02 * start
+
+
+def test_lower_rates_kept_by_probes_do_not_use_up_max_rollbacks():
+    # As above with max_rollbacks=1: the probe's lower rate is kept although
+    # the one rollback allowed is used, and the run goes on (the probe is
+    # bounded by max_rollbacks per rollback, not by the rollbacks left).
+    x, y, start = _quadratic_problem()
+    model = _linear(1.95)
+    detector = GradientExplosionDetector(
+        lr_factor=0.5, skip_batches=3, max_rollbacks=1, verbose=0
+    )
+    model.fit(x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector])
+    assert [(e["step"], e["kind"]) for e in detector.events] == [
+        (3, "problem"), (16, "lr_probe")
+    ]
+    assert detector.rollbacks == 1 and detector.lr_probes == 1
+    assert detector.stopped_reason is None
+    # One lower rate per rollback at most: 0.24375 is not probed.
+    assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(0.4875)
+    assert model.evaluate(x, y, verbose=0) < 1e-10 * start
 
 
 def test_probe_unfinished_when_fit_ends_is_undone():
@@ -255,7 +278,7 @@ def test_probe_unfinished_when_fit_ends_is_undone():
         "restored the state of step 16"
     )
     assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(0.4875)
-    assert detector.rollbacks == 2
+    assert detector.rollbacks == 1 and detector.lr_probes == 1
     # Step 16's state: 0.975 -> probed 0.4875 for 5 steps, x0.000625 each.
     assert model.evaluate(x, y, verbose=0) < 1e-10 * start
 
@@ -380,7 +403,7 @@ def test_rollback_scales_a_schedule_instead_of_replacing_it():
     assert isinstance(lr, ScaledSchedule) and lr.schedule is schedule
     step = int(model.optimizer.iterations.numpy())
     assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(
-        float(schedule(step)) * 0.1**detector.rollbacks, rel=1e-5
+        float(schedule(step)) * 0.1 ** (detector.rollbacks + detector.lr_probes), rel=1e-5
     )
     assert _finite(model)
 
@@ -426,7 +449,7 @@ def test_scaled_schedule_survives_keras_save_and_load(tmp_path):
     inner = loaded.optimizer.inner_optimizer
     assert isinstance(inner._learning_rate, ScaledSchedule)
     factor = float(np.asarray(inner._learning_rate.factor))
-    assert factor == pytest.approx(0.1**detector.rollbacks)
+    assert factor == pytest.approx(0.1 ** (detector.rollbacks + detector.lr_probes))
     np.testing.assert_allclose(loaded.predict(x[:8], verbose=0), model.predict(x[:8], verbose=0))
 
 
