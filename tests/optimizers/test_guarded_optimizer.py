@@ -250,6 +250,57 @@ def test_inner_weight_decay_ema_accumulation_identical_when_not_clipping():
     assert int(guarded_opt.iterations) == int(plain.optimizer.iterations) == 4
 
 
+def _embedding_model(optimizer):
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential(
+        [
+            keras.Input((6,), dtype="int32"),
+            keras.layers.Embedding(5, 3),
+            keras.layers.Flatten(),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(optimizer, "mse")
+    return model
+
+
+# Token 1 four times and token 2 twice in every row: the embedding's
+# gradient is a tf.IndexedSlices whose indices repeat.
+_TOKENS = np.array([[1, 1, 1, 1, 2, 2]] * 4, "int32")
+_TARGETS = np.ones((4, 1), "float32")
+
+
+def test_embedding_gradient_norm_is_measured_on_its_values_as_keras_does():
+    # Keras' own `global_clipnorm` squares an IndexedSlices' values (repeated
+    # rows are not added up first); the guard measures it the same way, and
+    # hands the optimizer the IndexedSlices untouched (see the next test).
+    optimizer = GuardedOptimizer(keras.optimizers.SGD(0.0))
+    model = _embedding_model(optimizer)
+    with tf.GradientTape() as tape:
+        loss = keras.ops.mean(keras.losses.mean_squared_error(_TARGETS, model(_TOKENS)))
+    grads = tape.gradient(loss, model.trainable_variables)
+    assert isinstance(grads[0], tf.IndexedSlices)
+    of_values = np.sqrt(
+        sum(np.sum(np.square(getattr(g, "values", g).numpy())) for g in grads)
+    )
+    model.train_on_batch(_TOKENS, _TARGETS)
+    np.testing.assert_allclose(float(optimizer.grad_norm), of_values, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make", [keras.optimizers.Adam, keras.optimizers.SGD])
+def test_embedding_updates_equal_the_unguarded_optimizer(make):
+    # Keras' Adam updates only the rows an IndexedSlices gradient touches; a
+    # guard that made the gradient dense would change that (all rows' moments
+    # would decay).
+    plain = _embedding_model(make(0.05))
+    guarded = _embedding_model(GuardedOptimizer(make(0.05)))
+    for _ in range(3):
+        plain.train_on_batch(_TOKENS, _TARGETS)
+        guarded.train_on_batch(_TOKENS, _TARGETS)
+    for a, b in zip(plain.weights, guarded.weights, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
+
+
 def test_mixed_precision_measures_unscaled_gradients():
     keras.mixed_precision.set_dtype_policy("mixed_float16")
     try:
