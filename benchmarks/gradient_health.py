@@ -1,10 +1,10 @@
 """Gradient health: overhead of the monitor + detector, rescue rate, false alarms.
 
 `python -m benchmarks.gradient_health [--rounds N] [--seeds N] [--lr LR ...]
-[--skip-overhead] [--skip-rescue] [--skip-false-alarms]`
+[--workloads NAME ...] [--skip-overhead] [--skip-rescue] [--skip-false-alarms]`
 
 1. Overhead: time per step of the Keras example and of a small transformer
-   with plain `fit`, with the `GuardedOptimizer` alone (and, for reference,
+   (also under XLA, and 8x larger) with plain `fit`, with the `GuardedOptimizer` alone (and, for reference,
    Keras' `LossScaleOptimizer`, which skips non-finite steps the same way,
    and Keras' `global_clipnorm`, which waits for the global norm too), with
    `GradientMonitor(every_n_steps=1)` + `GradientExplosionDetector`, with the
@@ -28,8 +28,30 @@ import numpy as np
 from benchmarks.common import environment
 from benchmarks.common import summarize
 
+# name -> (model, Keras `jit_compile`, steps per burst, variants measured)
+WORKLOADS = {
+    "example": ("example", False, 25, None),
+    "transformer": ("transformer", False, 25, None),
+    "transformer (XLA)": ("transformer", True, 25, None),
+    "transformer-4x": (
+        "transformer-4x",
+        False,
+        8,
+        (
+            "plain fit",
+            "GuardedOptimizer alone (no callback)",
+            "Keras LossScaleOptimizer (for reference)",
+            "monitor(every step) + detector",
+            "detector only",
+        ),
+    ),
+}
+# The larger LM: 4 blocks of dim 128, vocab 256, seq 64 (0.86M parameters,
+# 69 variables, against 0.11M and 37 for the 2-block one).
+LARGE_LM = {"vocab": 256, "seq": 64, "dim": 128, "blocks": 4}
 
-def overhead(rounds, workload, burst=25):
+
+def overhead(rounds, workload, burst=None):
     """Per-step time of plain fit and of fit with the monitor + detector.
 
     Each variant gets its own model, fitted once for one epoch (this traces
@@ -53,19 +75,24 @@ def overhead(rounds, workload, burst=25):
     from keras_stability.datasets import load_dataset
     from keras_stability.optimizers import GuardedOptimizer
 
-    if workload == "example":
+    model_name, jit_compile, default_burst, measured = WORKLOADS[workload]
+    burst = burst or default_burst
+    if model_name == "example":
         (x, y), _ = load_dataset("synthetic", seed=0)
 
         def build(optimizer):
             return compile_example_model(build_example_model(), optimizer)
 
     else:
-        x, y = _lm_data(0, n=2048)
+        size = LARGE_LM if model_name == "transformer-4x" else {}
+        x, y = _lm_data(0, n=2048 if not size else 512, **_data_size(size))
 
         def build(optimizer):
-            model = _transformer()
+            model = _transformer(**size)
             model.compile(
-                optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+                optimizer,
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                jit_compile=jit_compile,
             )
             return model
 
@@ -84,6 +111,8 @@ def overhead(rounds, workload, burst=25):
         ],
         "detector only": lambda: [GradientExplosionDetector(verbose=0)],
     }
+    if measured is not None:
+        variants = {name: variants[name] for name in measured}
     loops = {}
     for name, make in variants.items():
         keras.utils.set_random_seed(0)
@@ -139,7 +168,8 @@ def overhead(rounds, workload, burst=25):
         ratios = {}
         for kind, times in (("wall", wall), ("cpu", cpu)):
             per_round = [
-                (a / b - 1) * 100 for a, b in zip(times[name], times["plain fit"], strict=True)
+                (a / b - 1) * 100
+                for a, b in zip(times[name], times["plain fit"], strict=True)
             ]
             q1, q2, q3 = np.percentile(per_round, [25, 50, 75])
             ratios[kind] = f"{q2:+.1f}% ({q1:+.1f}..{q3:+.1f})"
@@ -163,16 +193,22 @@ def _lm_data(seed, n=512, seq=32, vocab=64):
     return x[:, :-1], x[:, 1:]
 
 
-def _transformer(vocab=64, seq=32, dim=64, heads=4):
+def _data_size(size):
+    return {key: size[key] for key in ("seq", "vocab") if key in size}
+
+
+def _transformer(vocab=64, seq=32, dim=64, heads=4, blocks=2):
     import keras
 
     inputs = keras.Input((seq,), dtype="int32")
     tok = keras.layers.Embedding(vocab, dim)(inputs)
     pos = keras.layers.Embedding(seq, dim)(keras.ops.arange(seq)[None, :])
     h = tok + pos
-    for _ in range(2):
+    for _ in range(blocks):
         a = keras.layers.LayerNormalization()(h)
-        a = keras.layers.MultiHeadAttention(heads, dim // heads)(a, a, use_causal_mask=True)
+        a = keras.layers.MultiHeadAttention(heads, dim // heads)(
+            a, a, use_causal_mask=True
+        )
         h = h + a
         f = keras.layers.LayerNormalization()(h)
         f = keras.layers.Dense(4 * dim, activation="gelu")(f)
@@ -198,7 +234,9 @@ def _fit_lm(seed, lr, callbacks=(), epochs=6, **adam_kwargs):
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model.fit(x, y, batch_size=32, epochs=epochs, verbose=0, callbacks=list(callbacks))
+        model.fit(
+            x, y, batch_size=32, epochs=epochs, verbose=0, callbacks=list(callbacks)
+        )
         loss = float(model.evaluate(xv, yv, verbose=0))
     finite = all(np.all(np.isfinite(w)) for w in model.get_weights())
     diverged = not (finite and math.isfinite(loss)) or loss > math.log(64)
@@ -214,7 +252,8 @@ def rescue(seeds, lrs, epochs=6):
     from keras_stability.callbacks import GradientExplosionDetector
 
     stable = {
-        lr: [_fit_lm(seed, lr, epochs=epochs)[1] for seed in range(seeds)] for lr in STABLE_LRS
+        lr: [_fit_lm(seed, lr, epochs=epochs)[1] for seed in range(seeds)]
+        for lr in STABLE_LRS
     }
     best_lr = min(stable, key=lambda lr: float(np.mean(stable[lr])))
     results = {}
@@ -277,18 +316,27 @@ def main(argv=None):
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--skip-rescue", action="store_true")
     parser.add_argument("--skip-false-alarms", action="store_true")
+    parser.add_argument(
+        "--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS)
+    )
     args = parser.parse_args(argv)
     print("## Gradient health: overhead, rescue rate, false alarms\n")
     print(f"Machine: {environment()}\n")
     if not args.skip_overhead:
         rows = []
-        for workload in ("example", "transformer"):
-            rows += overhead(args.rounds, workload)
+        for workload in args.workloads:
+            # The larger model's steps are ~7x longer: half the rounds.
+            rounds = args.rounds // 2 if workload == "transformer-4x" else args.rounds
+            rows += overhead(rounds, workload)
         print(
             "Overhead: `example` is the Keras example on `synthetic` (batch 32); "
-            "`transformer` the 2-block LM below (batch 32). Fit's inner loop (the "
+            "`transformer` the 2-block LM below (batch 32), also compiled with "
+            "`jit_compile=True` (XLA, Keras' default on GPU and TPU); "
+            "`transformer-4x` the same LM with 4 blocks of dim 128, vocab 256, seq "
+            "64 (0.86M parameters, 8x the 2-block one; batch 32). Fit's inner loop (the "
             "per-batch callback hooks and the compiled train function, as `fit` calls "
-            f"them) in interleaved bursts of 25 steps, {args.rounds} rounds, after a "
+            "them) in interleaved bursts of 25 steps (8 for `transformer-4x`), "
+            f"{args.rounds} rounds ({args.rounds // 2} for `transformer-4x`), after a "
             "one-epoch fit that traces and attaches. Time per step: median burst. "
             "Slowdown: median (quartiles) of the per-round ratio to plain fit, in "
             "wall time and in process CPU time.\n"
@@ -353,6 +401,11 @@ def main(argv=None):
     print(
         f"\nCommand: `python -m benchmarks.gradient_health --rounds {args.rounds} "
         f"--seeds {args.seeds} --lr {' '.join(f'{lr:g}' for lr in args.lr)}"
+        + (
+            " --workloads " + " ".join(f"'{w}'" for w in args.workloads)
+            if args.workloads != list(WORKLOADS)
+            else ""
+        )
         + "".join(
             f" --{flag}"
             for flag in ("skip-overhead", "skip-rescue", "skip-false-alarms")
