@@ -9,6 +9,7 @@ import pytest
 
 from keras_stability.callbacks import GradientExplosionDetector
 from keras_stability.callbacks import ScaledSchedule
+from keras_stability.callbacks import snapshots
 from keras_stability.callbacks.snapshots import Snapshot
 from keras_stability.callbacks.snapshots import optimizer_state_variables
 from keras_stability.datasets import make_classification
@@ -433,6 +434,23 @@ def test_snapshot_is_a_copy():
     assert np.any(snap.weights[0] != 0)
     snap.restore(model)
     np.testing.assert_array_equal(np.asarray(model.weights[0]), snap.weights[0])
+
+
+def test_snapshot_reads_every_value_bitwise_in_one_traced_call():
+    model = deep_mlp(keras.optimizers.Adam(0.01), depth=2)
+    x, y = _data(64)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    variables = list(model.weights) + optimizer_state_variables(model.optimizer)
+    first = Snapshot(model)
+    for got, v in zip(first.weights + first.optimizer_values, variables, strict=True):
+        np.testing.assert_array_equal(got, v.numpy())
+        assert got.dtype == v.numpy().dtype
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    second = Snapshot(model)  # the reader sees the new values
+    assert not np.array_equal(second.weights[0], first.weights[0])
+    np.testing.assert_array_equal(second.weights[0], model.weights[0].numpy())
+    reader = snapshots._READERS[model][1]
+    assert reader.experimental_get_tracing_count() == 1
 
 
 def test_scaled_schedule_survives_keras_save_and_load(tmp_path):
