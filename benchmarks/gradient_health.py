@@ -4,9 +4,10 @@
 [--workloads NAME ...] [--skip-overhead] [--skip-rescue] [--skip-false-alarms]`
 
 1. Overhead: time per step of the Keras example and of a small transformer
-   (also under XLA, and 8x larger) with plain `fit`, with the `GuardedOptimizer` alone (and, for reference,
-   Keras' `LossScaleOptimizer`, which skips non-finite steps the same way,
-   and Keras' `global_clipnorm`, which waits for the global norm too), with
+   (also under XLA, and 8x larger) with plain `fit`, with the
+   `GuardedOptimizer` alone (and, for reference, Keras' `LossScaleOptimizer`,
+   which skips non-finite steps the same way, and Keras' `global_clipnorm`,
+   which waits for the global norm too), with
    `GradientMonitor(every_n_steps=1)` + `GradientExplosionDetector`, with the
    monitor every 10 steps + detector, and with the detector alone (fit's
    inner loop in interleaved bursts, paired per-round ratios).
