@@ -5,9 +5,9 @@
 
 1. Overhead: time per step of the Keras example and of a small transformer
    (also under XLA, and 8x larger) with plain `fit`, with the
-   `GuardedOptimizer` alone (and, for reference, Keras' `LossScaleOptimizer`,
-   which skips non-finite steps the same way, and Keras' `global_clipnorm`,
-   which waits for the global norm too), with
+   `GuardedOptimizer` alone (and, for reference, the guard without its skip
+   `cond`, Keras' `LossScaleOptimizer`, which skips non-finite steps the same
+   way, and Keras' `global_clipnorm`, which waits for the global norm too), with
    `GradientMonitor(every_n_steps=1)` + `GradientExplosionDetector`, with the
    monitor every 10 steps + detector, and with the detector alone (fit's
    inner loop in interleaved bursts, paired per-round ratios).
@@ -29,6 +29,10 @@ import numpy as np
 from benchmarks.common import environment
 from benchmarks.common import summarize
 
+# A reference, not a mode of the library: the guard's measurements and
+# statistics with the update always applied (no skip `cond`), so the table
+# shows what the exact skip itself costs.
+NO_COND = "GuardedOptimizer without its skip cond (not exact; reference)"
 # name -> (model, Keras `jit_compile`, steps per burst, variants measured)
 WORKLOADS = {
     "example": ("example", False, 25, None),
@@ -41,6 +45,7 @@ WORKLOADS = {
         (
             "plain fit",
             "GuardedOptimizer alone (no callback)",
+            NO_COND,
             "Keras LossScaleOptimizer (for reference)",
             "monitor(every step) + detector",
             "detector only",
@@ -100,6 +105,7 @@ def overhead(rounds, workload, burst=None):
     variants = {
         "plain fit": lambda: [],
         "GuardedOptimizer alone (no callback)": lambda: [],
+        NO_COND: lambda: [],
         "Keras LossScaleOptimizer (for reference)": lambda: [],
         "Keras global_clipnorm=1.0 (for reference)": lambda: [],
         "monitor(every step) + detector": lambda: [
@@ -122,6 +128,8 @@ def overhead(rounds, workload, burst=None):
             # Keras' own global-norm clipping: the update waits for the norm
             # of the whole gradient, as the guard's decision does.
             optimizer = keras.optimizers.Adam(1e-3, global_clipnorm=1.0)
+        elif name == NO_COND:
+            optimizer = _guard_without_cond(optimizer)
         elif name.startswith("GuardedOptimizer"):
             optimizer = GuardedOptimizer(optimizer)
         elif name.startswith("Keras LossScale"):
@@ -174,11 +182,48 @@ def overhead(rounds, workload, burst=None):
             ]
             q1, q2, q3 = np.percentile(per_round, [25, 50, 75])
             ratios[kind] = f"{q2:+.1f}% ({q1:+.1f}..{q3:+.1f})"
+            if kind == "wall":
+                low, high = _median_interval(per_round)
+                ratios["interval"] = f"{low:+.1f}..{high:+.1f}%"
+        fastest = (min(wall[name]) / min(wall["plain fit"]) - 1) * 100
         rows.append(
             f"| {workload} | {name} | {stat['median']:.3f} ms | {ratios['wall']} | "
-            f"{ratios['cpu']} |"
+            f"{ratios['interval']} | {fastest:+.1f}% | {ratios['cpu']} |"
         )
     return rows
+
+
+def _guard_without_cond(inner):
+    """A `GuardedOptimizer` whose update is always applied (reference only).
+
+    It measures and records exactly what the guard does, but applies the
+    update with no `cond` around it, so a non-finite step is not skipped.
+    Its cost against the real guard's is the cost of the exact skip.
+    """
+    from keras_stability.optimizers import GuardedOptimizer
+    from keras_stability.optimizers.guarded_optimizer import _gradients_already_reduced
+
+    class AlwaysApplied(GuardedOptimizer):
+        def _guarded_apply(self, grads, variables):
+            skip, norm, threshold = self._decide(grads, variables)
+            with _gradients_already_reduced(self.inner_optimizer):
+                self._clip_and_apply(grads, variables, norm, threshold)
+            self._after_apply(variables, skip)
+
+    return AlwaysApplied(inner)
+
+
+def _median_interval(values, level=0.95, resamples=2000, seed=0):
+    """Bootstrap percentile interval of the median of `values`.
+
+    The rounds are resampled with replacement; the interval says how far the
+    median of this many noisy rounds can be trusted.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    medians = np.median(rng.choice(values, size=(resamples, len(values))), axis=1)
+    tail = (1 - level) / 2 * 100
+    return tuple(np.percentile(medians, [tail, 100 - tail]))
 
 
 def _lm_data(seed, n=512, seq=32, vocab=64):
@@ -338,13 +383,18 @@ def main(argv=None):
             "per-batch callback hooks and the compiled train function, as `fit` calls "
             "them) in interleaved bursts of 25 steps (8 for `transformer-4x`), "
             f"{args.rounds} rounds ({args.rounds // 2} for `transformer-4x`), after a "
-            "one-epoch fit that traces and attaches. Time per step: median burst. "
+            "one-epoch fit that traces and attaches. The guard without its skip "
+            "`cond` is a reference only (same measurements, the update always "
+            "applied): its difference to the guard is the cost of the exact skip. "
+            "Time per step: median burst. "
             "Slowdown: median (quartiles) of the per-round ratio to plain fit, in "
-            "wall time and in process CPU time.\n"
+            "wall time and in process CPU time; 95% interval of that median "
+            "(bootstrap over rounds); fastest: the fastest burst's time over plain "
+            "fit's fastest (the least disturbed rounds).\n"
         )
         print(
-            "| model | variant | time per step | slowdown (wall) | slowdown (CPU) |\n"
-            "| --- | --- | --- | --- | --- |"
+            "| model | variant | time per step | slowdown (wall) | 95% interval | "
+            "fastest | slowdown (CPU) |\n| --- | --- | --- | --- | --- | --- | --- |"
         )
         print("\n".join(rows))
     if not args.skip_rescue:
