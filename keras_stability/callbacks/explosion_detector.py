@@ -126,6 +126,13 @@ class GradientExplosionDetector(keras.callbacks.Callback):
     The optimizer is wrapped in a `GuardedOptimizer` at the start of `fit`
     if it is not one already.
 
+    With `steps_per_execution > 1` the detector runs once per execution:
+    steps (`step`, `snapshot_every`, `skip_batches`) are still counted in
+    batches, non-finite steps are still skipped in-graph one by one and
+    counted from the guard's counter, but the loss rules see the mean raw
+    loss of each execution, and an execution with a skipped step is left out
+    of them (and of the epoch's reported loss if its loss was non-finite).
+
     Args:
         action: One of `"warn"`, `"skip"`, `"rollback"`, `"stop"`.
             Defaults to `"rollback"`.
@@ -302,6 +309,12 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self._grad_z = RollingZScore(self.window, self.grad_z_threshold, self.min_samples)
         self.step = 0
         self.epoch = 0
+        # Batches per call of the train function; above 1 the skipped steps
+        # are counted from the guard's counter (they may be any of the call's).
+        self._per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
+        self._last_batch = -1
+        self._steps_seen = _read_count(self.optimizer, "step")
+        self._skips_seen = _read_count(self.optimizer, "steps_skipped_nonfinite")
         self.rollbacks = 0
         self.lr_probes = 0  # lower learning rates kept by probes after rollbacks
         self.skipped_batches = 0
@@ -329,34 +342,51 @@ class GradientExplosionDetector(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
+        self._last_batch = -1
         self._loss.start_epoch(epoch)
 
     def on_train_batch_end(self, batch, logs=None):
         logs = logs if logs is not None else {}
-        self.step += 1
+        steps = 1 if self._per_call == 1 else self._steps_in_call(batch)
+        self.step += steps
         raw = self._loss.update_once(batch, logs)
         # One host read per step: the pre-clip global norm. A non-finite norm
         # means the guarded optimizer skipped the step in-graph (if it skips
         # non-finite steps, the default).
         norm_var = getattr(self.optimizer, "grad_norm", None)
         norm = _read_scalar(norm_var) if norm_var is not None else math.nan
-        skipped_nonfinite = (
-            norm_var is not None
-            and not math.isfinite(norm)
-            and bool(getattr(self.optimizer, "skip_nonfinite", False))
+        skips_nonfinite = norm_var is not None and bool(
+            getattr(self.optimizer, "skip_nonfinite", False)
         )
+        if self._per_call > 1 and skips_nonfinite:
+            # The norm is the call's last step's; any step may have been
+            # skipped, so read the guard's count (once per call).
+            count = _read_count(self.optimizer, "steps_skipped_nonfinite")
+            skipped, self._skips_seen = max(0, count - self._skips_seen), count
+        else:
+            skipped = int(skips_nonfinite and not math.isfinite(norm))
         self.raw_losses.append(raw)
         self.grad_norms.append(norm)
         del self.raw_losses[:-HISTORY_KEPT], self.grad_norms[:-HISTORY_KEPT]
 
         problem = None
-        if skipped_nonfinite:
-            # Not applied (in-graph). Count it and keep the epoch loss finite.
-            self.skipped_batches += 1
-            self.consecutive_skips += 1
-            self._loss.rewind()
-            self._fix_logged_loss(logs)
-            self._event("skipped_nonfinite", raw, norm)
+        if skipped:
+            # Not applied (in-graph). Count it and keep the epoch loss finite
+            # (with several steps per call, a non-finite loss removes the
+            # whole call from the epoch's mean: its other losses are lost in it).
+            self.skipped_batches += skipped
+            self.consecutive_skips = (
+                self.consecutive_skips + skipped if skipped == steps else skipped
+            )
+            if steps == 1 or not math.isfinite(raw):
+                self._loss.rewind()
+                self._fix_logged_loss(logs)
+            self._event(
+                "skipped_nonfinite",
+                raw,
+                norm,
+                f"{skipped} of the {steps} steps of this call" if steps > 1 else "",
+            )
             if self.consecutive_skips > self.max_consecutive_skips:
                 problem = f"{self.consecutive_skips} non-finite steps in a row"
         elif not (math.isfinite(raw) and (math.isfinite(norm) or norm_var is None)):
@@ -398,11 +428,11 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                     f"the loss the fit started from ({self._start_loss:.4g})"
                 )
             elif self._recovery is not None:
-                problem = self._check_recovery(raw)
-        if problem is None:
-            self._healthy_step(raw)
-        else:
+                problem = self._check_recovery(raw, steps)
+        if problem is not None:
             self._handle(problem, raw, norm)
+        elif not skipped:  # a skipped step neither confirms nor takes a snapshot
+            self._healthy_step(raw)
         logs["raw_loss"] = raw
         logs["rollbacks"] = self.rollbacks
         logs["skipped_batches"] = self.skipped_batches
@@ -443,6 +473,19 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         if self._stats is None or self.model is None:
             return False
         return detach_observer(self.model, self._stats)
+
+    def _steps_in_call(self, batch):
+        """Batches the train function ran in this call (`steps_per_execution > 1`).
+
+        From the guard's step counter; Keras' `batch` (the call's last batch)
+        overshoots on an epoch's last, shorter call.
+        """
+        if getattr(self.optimizer, "step", None) is not None:
+            count = _read_count(self.optimizer, "step")
+            steps, self._steps_seen = count - self._steps_seen, count
+        else:
+            steps, self._last_batch = batch - self._last_batch, batch
+        return max(1, steps)
 
     # -- decisions ----------------------------------------------------------
     def _fix_logged_loss(self, logs):
@@ -486,8 +529,8 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         spread = math.sqrt(sum((v - mean) ** 2 for v in self._recent) / (n - 1)) if n > 1 else 0.0
         return self._start_loss < mean - 2.0 * spread
 
-    def _check_recovery(self, raw):
-        """Feeds one healthy step to the check of the last rollback.
+    def _check_recovery(self, raw, steps=1):
+        """Feeds one healthy call (`steps` batches) to the check of the last rollback.
 
         The skipped updates measure the restored weights' loss (the
         reference); then each trial runs `confirm_steps` applied steps from
@@ -501,7 +544,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         """
         rec = self._recovery
         if rec["skip_left"] > 0:
-            rec["skip_left"] -= 1
+            rec["skip_left"] -= steps
             rec["reference"].append(raw)
             return None
         rec["after"].append(raw)
@@ -745,6 +788,12 @@ def _read_scalar(variable):
     value = variable.value
     read = getattr(value, "value", None)
     return float(read() if callable(read) else value)
+
+
+def _read_count(optimizer, name):
+    """An integer statistic of the guard (0 before it is built)."""
+    variable = getattr(optimizer, name, None)
+    return int(_read_scalar(variable)) if variable is not None else 0
 
 
 def _json_float(value):

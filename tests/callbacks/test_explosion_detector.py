@@ -19,14 +19,18 @@ def _data(n=256):
     return make_classification(n_samples=n, seed=0)
 
 
-def deep_mlp(optimizer, depth=6, seed=0):
+def deep_mlp(optimizer, depth=6, seed=0, steps_per_execution=1):
     keras.utils.set_random_seed(seed)
     model = keras.Sequential(
         [keras.Input((10,))]
         + [keras.layers.Dense(32, activation="relu") for _ in range(depth)]
         + [keras.layers.Dense(10)]
     )
-    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer,
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        steps_per_execution=steps_per_execution,
+    )
     return model
 
 
@@ -358,6 +362,52 @@ def test_nan_batch_is_skipped_counted_and_training_goes_on():
     assert history.history["skipped_batches"] == [1, 2]
     assert [e["kind"] for e in detector.events] == ["skipped_nonfinite"] * 2
     assert [e["step"] for e in detector.events] == [5, 15]
+
+
+def test_inf_batch_inside_a_multi_step_execution_is_skipped_counted_and_training_goes_on():
+    # steps_per_execution=4: the detector runs once per 4 batches. An Inf
+    # input gives a NaN loss, which Keras' running loss mean holds for the
+    # rest of the epoch; the skip must still be seen (from the guard's
+    # counter), counted, and kept out of the rules and of the epoch loss.
+    x, y = _data(160)
+    x = x.copy()
+    x[70] = np.inf  # batch 4 of 10 (batch size 16): the second call
+    model = deep_mlp(keras.optimizers.SGD(0.05), depth=2, steps_per_execution=4)
+    detector = GradientExplosionDetector(verbose=0)
+    history, _ = _quiet(
+        model.fit, x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[detector]
+    )
+    assert int(model.optimizer.steps_skipped_nonfinite.numpy()) == 2
+    assert detector.skipped_batches == 2
+    assert detector.rollbacks == 0 and detector.stopped_reason is None
+    assert _finite(model)
+    assert all(math.isfinite(v) for v in history.history["loss"])
+    assert history.history["skipped_batches"] == [1, 2]
+    # Steps count batches (calls of 4, 4 and 2), not calls, and not Keras'
+    # batch index of the short last call (11).
+    assert detector.step == 20
+    assert [(e["kind"], e["step"]) for e in detector.events] == [
+        ("skipped_nonfinite", 8),
+        ("skipped_nonfinite", 18),
+    ]
+    assert detector.events[0]["detail"] == "1 of the 4 steps of this call"
+
+
+def test_all_nan_data_with_several_steps_per_execution_stops_with_last_good_weights():
+    x, y = _data(160)
+    x = np.full_like(x, np.nan)
+    model = deep_mlp(keras.optimizers.SGD(0.05), depth=2, steps_per_execution=4)
+    initial = [w.copy() for w in model.get_weights()]
+    detector = GradientExplosionDetector(max_rollbacks=2, max_consecutive_skips=2, verbose=0)
+    _quiet(model.fit, x, y, batch_size=16, epochs=5, verbose=0, callbacks=[detector])
+    # Calls of 4, 4, 2 batches an epoch, every step skipped. The first two
+    # calls: 4 in a row (more than 2) -> rollback, twice; the epoch's last
+    # call makes 2 in a row, tolerated; the next epoch's first makes 6: stop.
+    assert detector.rollbacks == 2 and model.stop_training
+    assert detector.step == 14 and detector.skipped_batches == 14
+    assert "6 non-finite steps in a row after 2 rollbacks" in detector.stopped_reason
+    for w, w0 in zip(model.get_weights(), initial, strict=True):
+        np.testing.assert_array_equal(w, w0)
 
 
 def test_all_nan_data_stops_after_max_rollbacks_with_last_good_weights(tmp_path):
