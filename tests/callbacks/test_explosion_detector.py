@@ -364,6 +364,25 @@ def test_nan_batch_is_skipped_counted_and_training_goes_on():
     assert [e["step"] for e in detector.events] == [5, 15]
 
 
+def test_skipped_step_does_not_score_the_pending_snapshot():
+    # Snapshot of step 0: scored by steps 1-5. Snapshot of step 6: scored by
+    # the next 5 healthy steps. An Inf input (NaN loss) at step 8 is skipped
+    # and is not one of them (it used to give the snapshot a NaN score).
+    x, y = _data(192)  # 12 batches of 16
+    x = x.copy()
+    x[7 * 16 + 3] = np.inf
+    # No hidden ReLU (which maps NaN to 0): the logits, and so the loss, are NaN.
+    model = deep_mlp(keras.optimizers.SGD(0.05), depth=0)
+    detector = GradientExplosionDetector(snapshot_every=5, verbose=0)
+    _quiet(model.fit, x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[detector])
+    assert detector.skipped_batches == 1 and detector.rollbacks == 0
+    assert math.isnan(detector.raw_losses[7])
+    assert detector.snapshot.step == 6
+    scoring = [detector.raw_losses[i] for i in (6, 8, 9, 10, 11)]  # steps 7, 9-12
+    assert detector.snapshot.score == pytest.approx(np.mean(scoring), rel=1e-6)
+    assert math.isfinite(detector.best.score)
+
+
 def test_inf_batch_inside_a_multi_step_execution_is_skipped_counted_and_training_goes_on():
     # steps_per_execution=4: the detector runs once per 4 batches. An Inf
     # input gives a NaN loss, which Keras' running loss mean holds for the
