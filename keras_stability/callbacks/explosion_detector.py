@@ -430,7 +430,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             elif self._recovery is not None:
                 problem = self._check_recovery(raw, steps)
         if problem is not None:
-            self._handle(problem, raw, norm)
+            self._handle(problem, raw, norm, logs)
         elif not skipped:  # a skipped step neither confirms nor takes a snapshot
             self._healthy_step(raw)
         logs["raw_loss"] = raw
@@ -681,7 +681,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             self._pending = snapshot
             self._pending_losses = []
 
-    def _handle(self, problem, raw, norm):
+    def _handle(self, problem, raw, norm, logs=None):
         self._event("problem", raw, norm, problem)
         if self.action != "warn":
             self._pending = None  # a snapshot followed by a problem is not healthy
@@ -691,15 +691,21 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             )
             return
         if self.action == "rollback" and self.rollbacks < self.max_rollbacks:
-            self._rollback(problem)
+            self._rollback(problem, logs)
             return
         reason = problem
         if self.action == "rollback":
             reason = f"{problem} after {self.rollbacks} rollbacks (max_rollbacks={self.max_rollbacks})"
         self._stop(reason, raw, norm)
 
-    def _rollback(self, problem):
+    def _rollback(self, problem, logs=None):
         self.snapshot.restore(self.model)
+        # The loss that triggered it leaves the epoch's mean: a huge finite
+        # one left in Keras' float32 running total would make the raw losses
+        # recovered from it later (differences of totals) meaningless.
+        self._loss.rewind()
+        if logs is not None:
+            self._fix_logged_loss(logs)
         self.rollbacks += 1
         new_lr = scale_learning_rate(self.optimizer, self.lr_factor)
         if self.skip_batches and hasattr(self.optimizer, "skip_next"):

@@ -95,13 +95,14 @@ def test_rollback_restores_weights_and_optimizer_state_bitwise():
     assert detector.rollbacks == 1
 
 
-def test_high_learning_rate_diverges_plainly_but_is_rescued():
+@pytest.mark.parametrize("steps_per_execution", [1, 2])
+def test_high_learning_rate_diverges_plainly_but_is_rescued(steps_per_execution):
     x, y = _data(512)
-    plain = deep_mlp(keras.optimizers.SGD(10.0))
+    plain = deep_mlp(keras.optimizers.SGD(10.0), steps_per_execution=steps_per_execution)
     plain.fit(x, y, batch_size=32, epochs=2, verbose=0)
     assert not _finite(plain)  # plain fit ends with NaN weights
 
-    model = deep_mlp(keras.optimizers.SGD(10.0))
+    model = deep_mlp(keras.optimizers.SGD(10.0), steps_per_execution=steps_per_execution)
     initial = model.evaluate(x, y, verbose=0)
     detector = GradientExplosionDetector(snapshot_every=5, lr_factor=0.05, skip_batches=2, verbose=0)
     history = model.fit(x, y, batch_size=32, epochs=3, verbose=0, callbacks=[detector])
@@ -109,6 +110,12 @@ def test_high_learning_rate_diverges_plainly_but_is_rescued():
     assert detector.rollbacks >= 1 and detector.stopped_reason is None
     final = model.evaluate(x, y, verbose=0)
     assert math.isfinite(final) and final < initial - 0.05, (initial, final)
+    # The spike's loss left the epoch's running mean at the rollback, so the
+    # raw losses recovered from it afterwards are plain batch losses (a huge
+    # loss left in Keras' float32 total turned them into multiples of 2^13).
+    last_rollback = max(e["step"] for e in detector.events if e.get("action") == "rollback")
+    calls_after = (detector.step - last_rollback) // steps_per_execution  # full calls
+    assert 0 < max(detector.raw_losses[-calls_after:]) < 5.0
     assert history.history["rollbacks"][-1] == detector.rollbacks
     assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(
         10.0 * 0.05 ** (detector.rollbacks + detector.lr_probes)
