@@ -312,7 +312,6 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         # Batches per call of the train function; above 1 the skipped steps
         # are counted from the guard's counter (they may be any of the call's).
         self._per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
-        self._last_batch = -1
         self._steps_seen = _read_count(self.optimizer, "step")
         self._skips_seen = _read_count(self.optimizer, "steps_skipped_nonfinite")
         self.rollbacks = 0
@@ -342,12 +341,11 @@ class GradientExplosionDetector(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
-        self._last_batch = -1
         self._loss.start_epoch(epoch)
 
     def on_train_batch_end(self, batch, logs=None):
         logs = logs if logs is not None else {}
-        steps = 1 if self._per_call == 1 else self._steps_in_call(batch)
+        steps = 1 if self._per_call == 1 else self._steps_in_call()
         self.step += steps
         raw = self._loss.update_once(batch, logs)
         # One host read per step: the pre-clip global norm. A non-finite norm
@@ -474,17 +472,14 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             return False
         return detach_observer(self.model, self._stats)
 
-    def _steps_in_call(self, batch):
+    def _steps_in_call(self):
         """Batches the train function ran in this call (`steps_per_execution > 1`).
 
-        From the guard's step counter; Keras' `batch` (the call's last batch)
+        From the guard's step counter: Keras' `batch` (the call's last batch)
         overshoots on an epoch's last, shorter call.
         """
-        if getattr(self.optimizer, "step", None) is not None:
-            count = _read_count(self.optimizer, "step")
-            steps, self._steps_seen = count - self._steps_seen, count
-        else:
-            steps, self._last_batch = batch - self._last_batch, batch
+        count = _read_count(self.optimizer, "step")
+        steps, self._steps_seen = count - self._steps_seen, count
         return max(1, steps)
 
     # -- decisions ----------------------------------------------------------
