@@ -12,9 +12,9 @@ import keras
 import numpy as np
 from keras.src.utils import io_utils  # Keras' print_msg (no public alias)
 
+from keras_stability._checks import check_positive_int
 from keras_stability.diagnostics.activations import dead_fraction
 from keras_stability.diagnostics.activations import saturated_fraction
-from keras_stability.layers._checks import check_positive_int
 
 __all__ = ["ActivationMonitor", "activation_kind"]
 

@@ -41,6 +41,8 @@ import keras
 import numpy as np
 from keras.src.utils import io_utils  # Keras' print_msg (no public alias)
 
+from keras_stability._checks import check_nonnegative_int
+from keras_stability._checks import check_positive_int
 from keras_stability.callbacks.gradient_monitor import attach_observer
 from keras_stability.callbacks.gradient_monitor import detach_observer
 from keras_stability.callbacks.layer_gradient_stats import LayerGradientStats
@@ -52,8 +54,6 @@ from keras_stability.callbacks.raw_loss import RawLossTracker
 from keras_stability.callbacks.snapshots import Snapshot
 from keras_stability.diagnostics.spikes import RollingZScore
 from keras_stability.distribute.strategy import chief_path
-from keras_stability.layers._checks import check_nonnegative_int
-from keras_stability.layers._checks import check_positive_int
 
 __all__ = ["GradientExplosionDetector"]
 

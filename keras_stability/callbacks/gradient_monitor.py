@@ -17,6 +17,8 @@ import keras
 import numpy as np
 from keras.src.utils import io_utils  # Keras' print_msg (no public alias)
 
+from keras_stability._checks import check_nonnegative_int
+from keras_stability._checks import check_positive_int
 from keras_stability.callbacks.layer_gradient_stats import HISTOGRAM_RANGE
 from keras_stability.callbacks.layer_gradient_stats import LayerGradientStats
 from keras_stability.callbacks.layer_gradient_stats import group_variables_by_layer
@@ -27,8 +29,6 @@ from keras_stability.diagnostics.gradient_health import VANISHING
 from keras_stability.diagnostics.gradient_health import diagnose_layers
 from keras_stability.diagnostics.gradient_health import format_findings
 from keras_stability.distribute.strategy import chief_path
-from keras_stability.layers._checks import check_nonnegative_int
-from keras_stability.layers._checks import check_positive_int
 from keras_stability.optimizers.guarded_optimizer import optimizer_chain
 
 __all__ = ["GradientMonitor", "attach_observer", "detach_observer"]

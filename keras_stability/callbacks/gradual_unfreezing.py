@@ -3,7 +3,7 @@
 import keras
 from keras.src.utils import io_utils  # Keras' print_msg (no public alias)
 
-from keras_stability.layers._checks import check_positive_int
+from keras_stability._checks import check_positive_int
 
 __all__ = ["GradualUnfreezing", "unfrozen_count"]
 

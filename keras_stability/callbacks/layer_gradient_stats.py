@@ -15,9 +15,9 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_stability._checks import check_nonnegative_int
+from keras_stability._checks import check_positive_int
 from keras_stability.clipping.base import squared_norms
-from keras_stability.layers._checks import check_nonnegative_int
-from keras_stability.layers._checks import check_positive_int
 from keras_stability.optimizers import GradientObserver
 
 __all__ = ["LayerGradientStats", "group_variables_by_layer"]

@@ -3,9 +3,9 @@
 import keras
 from keras import ops
 
-from keras_stability.layers._checks import check_choice
-from keras_stability.layers._checks import check_number
-from keras_stability.layers._checks import check_positive_int
+from keras_stability._checks import check_choice
+from keras_stability._checks import check_number
+from keras_stability._checks import check_positive_int
 
 __all__ = ["Residual", "deepnorm_constants", "make_norm"]
 

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_stability.layers._checks import check_number
+from keras_stability._checks import check_number
 
 __all__ = ["L2SP", "l2sp_penalty"]
 

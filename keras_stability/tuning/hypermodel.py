@@ -5,7 +5,7 @@ import math
 import keras
 import keras_tuner
 
-from keras_stability.layers._checks import check_number
+from keras_stability._checks import check_number
 
 __all__ = ["DivergenceDetector", "StableHyperModel"]
 

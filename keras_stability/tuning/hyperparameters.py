@@ -5,7 +5,7 @@ import functools
 
 import keras
 
-from keras_stability.layers._checks import check_number
+from keras_stability._checks import check_number
 
 __all__ = [
     "CLIPPING_POLICIES",
