@@ -1,0 +1,4 @@
+"""Argument cases for callbacks, clipping and optimizers (see `tests/api/arguments.py`)."""
+
+CASES = []
+EXEMPT = {}

@@ -1,0 +1,4 @@
+"""Argument cases for distribute (see `tests/api/arguments.py`)."""
+
+CASES = []
+EXEMPT = {}
