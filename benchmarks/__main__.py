@@ -7,6 +7,12 @@ reproduces it) to stdout, and progress to stderr. This runner runs them one
 after another in fresh processes, shows progress, and writes
 `benchmarks/RESULTS.md` from this run only.
 
+Per-step overhead of the library (the `GuardedOptimizer`, with and without
+ZClip, the monitor and the detector) is measured in one place by one method:
+the overhead part of `benchmarks.gradient_health` (interleaved bursts of
+fit's inner loop, paired per-round ratios in wall and process CPU time, a
+bootstrap interval of the median).
+
 Usage: python -m benchmarks [--only NAME[,NAME...]] [--output PATH]
 """
 

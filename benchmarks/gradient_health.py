@@ -1,13 +1,18 @@
-"""Gradient health: overhead of the monitor + detector, rescue rate, false alarms.
+"""Gradient health: overhead of the guard and callbacks, rescue rate, false alarms.
+
+The one overhead benchmark of the repository: every per-step cost claim
+(`GuardedOptimizer` with or without ZClip, the monitor, the detector) comes
+from `overhead()` below.
 
 `python -m benchmarks.gradient_health [--rounds N] [--seeds N] [--lr LR ...]
 [--workloads NAME ...] [--skip-overhead] [--skip-rescue] [--skip-false-alarms]`
 
 1. Overhead: time per step of the Keras example and of a small transformer
    (also under XLA, and 8x larger) with plain `fit`, with the
-   `GuardedOptimizer` alone (and, for reference, the guard without its skip
-   `cond`, Keras' `LossScaleOptimizer`, which skips non-finite steps the same
-   way, and Keras' `global_clipnorm`, which waits for the global norm too), with
+   `GuardedOptimizer` alone (without a clipping policy, and with `ZClip()`)
+   and, for reference, the guard without its skip `cond`, Keras'
+   `LossScaleOptimizer`, which skips non-finite steps the same way, and
+   Keras' `global_clipnorm`, which waits for the global norm too; with
    `GradientMonitor(every_n_steps=1)` + `GradientExplosionDetector`, with the
    monitor every 10 steps + detector, and with the detector alone (fit's
    inner loop in interleaved bursts, paired per-round ratios).
@@ -29,6 +34,7 @@ import numpy as np
 from benchmarks.common import environment
 from benchmarks.common import summarize
 
+GUARD_ZCLIP = "GuardedOptimizer(ZClip()) alone (no callback)"
 # A reference, not a mode of the library: the guard's measurements and
 # statistics with the update always applied (no skip `cond`), so the table
 # shows what the exact skip itself costs.
@@ -45,6 +51,7 @@ WORKLOADS = {
         (
             "plain fit",
             "GuardedOptimizer alone (no callback)",
+            GUARD_ZCLIP,
             NO_COND,
             "Keras LossScaleOptimizer (for reference)",
             "monitor(every step) + detector",
@@ -76,9 +83,10 @@ def overhead(rounds, workload, burst=None):
 
     from keras_stability.callbacks import GradientExplosionDetector
     from keras_stability.callbacks import GradientMonitor
-    from keras_stability.cli.demo import build_example_model
-    from keras_stability.cli.demo import compile_example_model
+    from keras_stability.clipping import ZClip
     from keras_stability.datasets import load_dataset
+    from keras_stability.models import build_example_model
+    from keras_stability.models import compile_example_model
     from keras_stability.optimizers import GuardedOptimizer
 
     model_name, jit_compile, default_burst, measured = WORKLOADS[workload]
@@ -105,6 +113,7 @@ def overhead(rounds, workload, burst=None):
     variants = {
         "plain fit": lambda: [],
         "GuardedOptimizer alone (no callback)": lambda: [],
+        GUARD_ZCLIP: lambda: [],
         NO_COND: lambda: [],
         "Keras LossScaleOptimizer (for reference)": lambda: [],
         "Keras global_clipnorm=1.0 (for reference)": lambda: [],
@@ -130,6 +139,8 @@ def overhead(rounds, workload, burst=None):
             optimizer = keras.optimizers.Adam(1e-3, global_clipnorm=1.0)
         elif name == NO_COND:
             optimizer = _guard_without_cond(optimizer)
+        elif name == GUARD_ZCLIP:
+            optimizer = GuardedOptimizer(optimizer, clipping=ZClip())
         elif name.startswith("GuardedOptimizer"):
             optimizer = GuardedOptimizer(optimizer)
         elif name.startswith("Keras LossScale"):
@@ -329,9 +340,9 @@ def false_alarms(seeds, runs=(("digits", 100), ("synthetic", 40))):
     import keras
 
     from keras_stability.callbacks import GradientExplosionDetector
-    from keras_stability.cli.demo import build_example_model
-    from keras_stability.cli.demo import compile_example_model
     from keras_stability.datasets import load_dataset
+    from keras_stability.models import build_example_model
+    from keras_stability.models import compile_example_model
 
     rows = []
     for dataset, epochs in runs:
@@ -383,7 +394,10 @@ def main(argv=None):
             "per-batch callback hooks and the compiled train function, as `fit` calls "
             "them) in interleaved bursts of 25 steps (8 for `transformer-4x`), "
             f"{args.rounds} rounds ({args.rounds // 2} for `transformer-4x`), after a "
-            "one-epoch fit that traces and attaches. The guard without its skip "
+            "one-epoch fit that traces and attaches. `GuardedOptimizer alone` has no "
+            "clipping policy (the finite check and the statistics); "
+            "`GuardedOptimizer(ZClip())` adds the README's adaptive clipping. "
+            "The guard without its skip "
             "`cond` is a reference only (same measurements, the update always "
             "applied): its difference to the guard is the cost of the exact skip. "
             "Time per step: median burst. "

@@ -51,10 +51,10 @@ def worker(model_name, callbacks_on, steps, out_path):
     from keras_stability.callbacks import AdaptiveClipping
     from keras_stability.callbacks import GradientExplosionDetector
     from keras_stability.callbacks import GradientMonitor
-    from keras_stability.cli.demo import build_example_model
-    from keras_stability.cli.demo import compile_example_model
     from keras_stability.clipping import ZClip
     from keras_stability.models import build_char_transformer
+    from keras_stability.models import build_example_model
+    from keras_stability.models import compile_example_model
 
     strategy = ksd.get_strategy(timeout_seconds=120)
     rng = np.random.default_rng(0)

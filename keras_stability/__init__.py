@@ -5,11 +5,12 @@ compiled step, detectors that skip or roll back bad steps, layers and
 regularizers for deep and transformer models, pruning and distillation.
 """
 
-from keras_stability.cli import startup as _startup
+from keras_stability import _startup
 
 if _startup.launched_as_cli():
-    # `python -m keras_stability ...`: silence TensorFlow's start-up lines
-    # before anything below imports it. A plain `import` is left alone.
+    # `python -m keras_stability ...` or the `keras-stability` script: silence
+    # TensorFlow's start-up lines before anything below imports it. A plain
+    # `import keras_stability` is left alone.
     _startup.quiet_tensorflow_startup()
 
 from keras_stability import callbacks  # noqa: E402

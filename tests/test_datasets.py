@@ -37,8 +37,8 @@ def test_synthetic_is_learnable_but_not_linear():
 def test_example_model_learns_synthetic_well_above_chance():
     import keras
 
-    from keras_stability.cli.demo import build_example_model
-    from keras_stability.cli.demo import compile_example_model
+    from keras_stability.models import build_example_model
+    from keras_stability.models import compile_example_model
 
     (xt, yt), (xv, yv) = datasets.load_dataset("synthetic", seed=0)
     keras.utils.set_random_seed(0)

@@ -3,7 +3,7 @@
 The example users know trains a `Sequential` of Dense(128, relu),
 Dense(64, relu), Dense(10) with `SparseCategoricalCrossentropy` and
 Adam(1e-3), then calls `loss, accuracy = model.evaluate(...)`. As usually
-written it has two defects, fixed here:
+written it has two defects, fixed in `keras_stability.models.example`:
 
 1. the last layer outputs logits, so the loss needs `from_logits=True`;
 2. `evaluate` returns accuracy only if `metrics=["accuracy"]` is compiled.
@@ -12,37 +12,16 @@ The demo is a list of parts (`PARTS`); each later capability adds a part that
 shows itself on this example. A part is `fn(context) -> dict` of results.
 """
 
+import sys
 import time
 
+from keras_stability._startup import program_name
 from keras_stability.cli.arguments import positive_int
 from keras_stability.datasets import DATASETS
+from keras_stability.models import build_example_model
+from keras_stability.models import compile_example_model
 
-
-def build_example_model(n_features=10, n_classes=10):
-    """The Keras example's model: Dense(128, relu), Dense(64, relu), Dense(10) logits."""
-    import keras
-
-    return keras.Sequential(
-        [
-            keras.Input(shape=(n_features,)),
-            keras.layers.Dense(128, activation="relu"),
-            keras.layers.Dense(64, activation="relu"),
-            keras.layers.Dense(n_classes),
-        ],
-        name="keras_example",
-    )
-
-
-def compile_example_model(model, optimizer=None):
-    """Compiles with both defects fixed: `from_logits=True` and an accuracy metric."""
-    import keras
-
-    model.compile(
-        optimizer=optimizer or keras.optimizers.Adam(learning_rate=1e-3),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-    return model
+EXIT_USAGE = 2
 
 
 class DemoContext:
@@ -302,6 +281,10 @@ def run(args):
     from keras_stability.datasets import load_dataset
 
     start = time.perf_counter()
+    missing = _missing_requirement(args.dataset)
+    if missing:
+        print(f"{program_name()} demo: error: {missing}", file=sys.stderr)
+        return EXIT_USAGE
     train, test = load_dataset(args.dataset, seed=args.seed)
     ctx = DemoContext(args, train, test)
     ctx.say(
@@ -316,6 +299,20 @@ def run(args):
     ctx.say(f"\nDemo finished in {time.perf_counter() - start:.1f} s.")
     return 0
 
+
+
+def _missing_requirement(dataset):
+    """One line saying how to install what `dataset` needs, or `None`."""
+    if dataset != "digits":
+        return None
+    try:
+        import sklearn.datasets  # noqa: F401
+    except ImportError as e:
+        return (
+            f"--dataset digits needs scikit-learn, which cannot be imported ({e}); "
+            "install it with: pip install scikit-learn"
+        )
+    return None
 
 
 def _parts(text):

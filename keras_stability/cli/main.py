@@ -1,4 +1,4 @@
-"""`python -m keras_stability`: the command line.
+"""`python -m keras_stability` (or `keras-stability`): the command line.
 
 Each subcommand lives in its own module with two functions:
 `add_arguments(parser)` and `run(args) -> int` (the exit code). Register new
@@ -7,6 +7,8 @@ subcommands in `COMMANDS`, in the order `--help` lists them.
 
 import argparse
 import importlib
+
+from keras_stability._startup import program_name
 
 # name -> (module, one-line help). `demo` comes first.
 COMMANDS = {
@@ -21,9 +23,10 @@ COMMANDS = {
 }
 
 
-def build_parser():
+def build_parser(prog=None):
+    """The argument parser; `prog` defaults to the name the user called."""
     parser = argparse.ArgumentParser(
-        prog="python -m keras_stability",
+        prog=prog or program_name(),
         description=(
             "keras-stability: stable training and smaller models for Keras 3."
         ),
