@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.keras-stability-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench dist install clean
 
 demo: $(STAMP)
 	$(PY) -m keras_stability demo
@@ -18,9 +18,16 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check keras_stability tests benchmarks
+	$(PY) -m ruff format --check keras_stability tests benchmarks
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
+
+# A wheel and an sdist of the package in dist/ (pip install dist/*.whl, or
+# upload the wheel to Colab next to a notebook).
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --outdir dist .
 
 install: $(STAMP)
 
@@ -41,4 +48,4 @@ $(STAMP): $(PY) setup.cfg pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
