@@ -66,15 +66,15 @@ def compile_example_model(model, optimizer=None):
     Args:
         model: The `keras.Model` to compile, e.g. from `build_example_model`.
         optimizer: A `keras.optimizers.Optimizer` instance (such as a
-            `GuardedOptimizer`), or `None` for `Adam(learning_rate=1e-3)`.
-            Defaults to `None`.
+            `GuardedOptimizer`), an optimizer name Keras knows (`"sgd"`), or
+            `None` for `Adam(learning_rate=1e-3)`. Defaults to `None`.
 
     Returns:
         `model`, compiled.
 
     Raises:
         ValueError: If `model` is not a `keras.Model` or `optimizer` is not an
-            optimizer instance or `None`.
+            optimizer, an optimizer's name or `None`.
 
     Example:
 
@@ -84,10 +84,16 @@ def compile_example_model(model, optimizer=None):
     """
     if not isinstance(model, keras.Model):
         raise invalid("model", model, "a keras.Model")
+    what = "a keras.optimizers.Optimizer, an optimizer name or None"
     if optimizer is None:
         optimizer = keras.optimizers.Adam(learning_rate=1e-3)
+    elif isinstance(optimizer, str):
+        try:
+            optimizer = keras.optimizers.get(optimizer)
+        except ValueError:
+            raise invalid("optimizer", optimizer, what) from None
     elif not isinstance(optimizer, keras.optimizers.Optimizer):
-        raise invalid("optimizer", optimizer, "a keras.optimizers.Optimizer or None")
+        raise invalid("optimizer", optimizer, what)
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
