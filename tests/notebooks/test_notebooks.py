@@ -37,6 +37,9 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_STABILITY_NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    # The kernel imports this checkout's package (the install cell then does nothing).
+    python_path = [p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(python_path))
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
