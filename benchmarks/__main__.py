@@ -31,35 +31,50 @@ SKIP = {"common", "__main__"}
 
 def discover():
     return sorted(
-        m.name for m in pkgutil.iter_modules([HERE]) if m.name not in SKIP and not m.ispkg
+        m.name
+        for m in pkgutil.iter_modules([HERE])
+        if m.name not in SKIP and not m.ispkg
     )
 
 
 def main(argv=None):
     names = discover()
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--only", default=",".join(names), help="comma-separated names")
     parser.add_argument("--output", default=os.path.join(HERE, "RESULTS.md"))
     args = parser.parse_args(argv)
     chosen = [n for n in args.only.split(",") if n]
     unknown = sorted(set(chosen) - set(names))
     if unknown:
-        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(names)}")
+        parser.error(
+            f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(names)}"
+        )
 
     from benchmarks.common import environment
 
     sections, failures = [], []
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"))
+    env = dict(
+        os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3")
+    )
     for i, name in enumerate(chosen, 1):
         print(f"[{i}/{len(chosen)}] benchmarks.{name} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         proc = subprocess.run(
             [sys.executable, "-m", f"benchmarks.{name}"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         seconds = time.perf_counter() - start
         status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
-        print(f"[{i}/{len(chosen)}] benchmarks.{name}: {status} in {seconds:.0f} s", file=sys.stderr, flush=True)
+        print(
+            f"[{i}/{len(chosen)}] benchmarks.{name}: {status} in {seconds:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
         if proc.returncode != 0:
             failures.append(name)
             continue
@@ -74,7 +89,10 @@ def main(argv=None):
         "memory claims of the README come from here, nowhere else.\n"
     )
     if args.only != ",".join(names):
-        print("--only given: RESULTS.md not rewritten; sections follow.\n", file=sys.stderr)
+        print(
+            "--only given: RESULTS.md not rewritten; sections follow.\n",
+            file=sys.stderr,
+        )
         print("\n\n".join(sections))
     else:
         with open(args.output, "w") as f:

@@ -32,11 +32,15 @@ def mlp(units, n_features, n_classes, name):
     h = inputs
     for i, u in enumerate(units):
         h = keras.layers.Dense(u, activation="relu", name=f"{name}_dense_{i}")(h)
-    return keras.Model(inputs, keras.layers.Dense(n_classes, name=f"{name}_logits")(h), name=name)
+    return keras.Model(
+        inputs, keras.layers.Dense(n_classes, name=f"{name}_logits")(h), name=name
+    )
 
 
 def accuracy(model, x, y):
-    return float(np.mean(np.argmax(model.predict(x, verbose=0, batch_size=512), -1) == y))
+    return float(
+        np.mean(np.argmax(model.predict(x, verbose=0, batch_size=512), -1) == y)
+    )
 
 
 def run_seed(seed, data, epochs, alpha, temperature):
@@ -70,7 +74,9 @@ def run_seed(seed, data, epochs, alpha, temperature):
         temperature=temperature,
     )
     keras.utils.set_random_seed(seed + 2000)
-    distiller.fit(x, y, epochs=epochs, batch_size=64, verbose=0, cache_teacher_outputs=True)
+    distiller.fit(
+        x, y, epochs=epochs, batch_size=64, verbose=0, cache_teacher_outputs=True
+    )
     return {
         "teacher": accuracy(teacher, xt, yt),
         "scratch": accuracy(scratch, xt, yt),
@@ -124,7 +130,9 @@ def timing(data, epochs, rounds):
     for _ in range(rounds):
         for name, data_x in inputs.items():
             timer = EpochTimer()
-            distiller.fit(data_x, y, epochs=epochs, batch_size=64, verbose=0, callbacks=[timer])
+            distiller.fit(
+                data_x, y, epochs=epochs, batch_size=64, verbose=0, callbacks=[timer]
+            )
             times[name].extend(timer.times[1:])  # first epoch holds tracing
     return {
         "teacher_params": n_params(teacher),

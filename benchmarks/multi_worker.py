@@ -78,7 +78,9 @@ def worker(model_name, callbacks_on, steps, out_path):
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.DATA
     )
-    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch).with_options(options)
+    dataset = (
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(batch).with_options(options)
+    )
     callbacks = []
     if callbacks_on:
         callbacks = [
@@ -114,8 +116,14 @@ def run_config(model_name, n_workers, callbacks_on, steps):
             procs.append(
                 subprocess.Popen(
                     [
-                        sys.executable, "-m", "benchmarks.multi_worker", "--worker",
-                        model_name, str(int(callbacks_on)), str(steps), out_path,
+                        sys.executable,
+                        "-m",
+                        "benchmarks.multi_worker",
+                        "--worker",
+                        model_name,
+                        str(int(callbacks_on)),
+                        str(steps),
+                        out_path,
                     ],
                     env=env,
                     stdout=subprocess.DEVNULL,
@@ -149,7 +157,9 @@ def main(argv=None):
             for n_workers in (1, 2):
                 values = []
                 for r in range(args.repeats):
-                    values.append(run_config(model_name, n_workers, callbacks_on, args.steps))
+                    values.append(
+                        run_config(model_name, n_workers, callbacks_on, args.steps)
+                    )
                     print(
                         f"  {model_name} callbacks={callbacks_on} workers={n_workers} "
                         f"repeat {r}: {values[-1]:.0f} samples/s",

@@ -46,7 +46,9 @@ def main(argv=None):
     for seed in range(args.seeds):
         for variant in VARIANTS:
             start = time.perf_counter()
-            run = train_char_lm(variant, data, learning_rate=args.lr, epochs=args.epochs, seed=seed)
+            run = train_char_lm(
+                variant, data, learning_rate=args.lr, epochs=args.epochs, seed=seed
+            )
             run["seconds"] = time.perf_counter() - start
             print(
                 f"  seed {seed} {variant}: held-out loss {run['test_loss']:.3f} "
@@ -74,7 +76,9 @@ def main(argv=None):
             os.path.join(FIGURES, f"slm_grad_heatmap_{variant}.png"),
             title=f"log10 gradient norm per layer: {variant}",
         )
-    sample = generate(first["stabilized"]["model"], data["vocab"], "Return the ", length=120)
+    sample = generate(
+        first["stabilized"]["model"], data["vocab"], "Return the ", length=120
+    )
 
     lines = [
         "## Small language model: post-norm vs the stabilized recipe",

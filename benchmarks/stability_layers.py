@@ -31,7 +31,10 @@ def _split_digits(seed, per_class):
     low_tr, low_te = y_tr < 5, y_te < 5
     rng = np.random.default_rng(seed)
     few = np.concatenate(
-        [rng.choice(np.flatnonzero(y_tr == c), per_class, replace=False) for c in range(5, 10)]
+        [
+            rng.choice(np.flatnonzero(y_tr == c), per_class, replace=False)
+            for c in range(5, 10)
+        ]
     )
     return {
         "pre": (x_tr[low_tr], y_tr[low_tr]),
@@ -114,7 +117,9 @@ def fine_tuning(seeds, per_class, pre_epochs, ft_epochs, strength):
         data = _split_digits(seed, per_class)
         pretrained = _pretrain(data, seed, pre_epochs)
         for method in FT_METHODS:
-            results[method].append(_fine_tune(method, data, pretrained, seed, ft_epochs, strength))
+            results[method].append(
+                _fine_tune(method, data, pretrained, seed, ft_epochs, strength)
+            )
         import keras
 
         keras.utils.set_random_seed(seed)
@@ -144,7 +149,9 @@ def _deep_model(kind, depth, width):
         elif kind == "residual_prenorm":
             h = Residual(keras.layers.Dense(width, activation="relu"), norm="pre")(h)
         else:
-            h = Residual(keras.layers.Dense(width, activation="relu"), norm=None, scale="rezero")(h)
+            h = Residual(
+                keras.layers.Dense(width, activation="relu"), norm=None, scale="rezero"
+            )(h)
     return keras.Model(inputs, keras.layers.Dense(10)(h))
 
 
@@ -187,7 +194,10 @@ def main(argv=None):
     kinds, sweep = depth_sweep(depths, seeds[:2], 6, 32)
     elapsed = time.perf_counter() - start
 
-    lines = ["## Stability layers: fine-tuning regularizers and residual depth sweep", ""]
+    lines = [
+        "## Stability layers: fine-tuning regularizers and residual depth sweep",
+        "",
+    ]
     lines.append(f"Machine: {environment()}.")
     lines.append("")
     lines.append(
@@ -200,7 +210,9 @@ def main(argv=None):
         f"{np.mean(pretrained_low):.3f} on 0-4 before fine-tuning."
     )
     lines.append("")
-    lines.append("| method | accuracy 5-9 (new task) | accuracy 0-4 (old head, forgetting) |")
+    lines.append(
+        "| method | accuracy 5-9 (new task) | accuracy 0-4 (old head, forgetting) |"
+    )
     lines.append("|---|---|---|")
     for method in FT_METHODS:
         new = np.array([r[0] for r in ft[method]])

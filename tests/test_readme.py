@@ -40,8 +40,11 @@ def _blocks():
     return blocks
 
 
-PYTHON_BLOCKS = [(code, line, heading) for language, code, line, heading in _blocks()
-                 if language == "python"]
+PYTHON_BLOCKS = [
+    (code, line, heading)
+    for language, code, line, heading in _blocks()
+    if language == "python"
+]
 
 
 def _id(block):
@@ -56,7 +59,9 @@ def _env(**extra):
         TF_CPP_MIN_LOG_LEVEL="3",
         MPLBACKEND="Agg",
         # The blocks import this checkout's package from an empty folder.
-        PYTHONPATH=os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p),
+        PYTHONPATH=os.pathsep.join(
+            p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p
+        ),
         **extra,
     )
     return env
@@ -82,7 +87,9 @@ def _finish(proc, timeout=300):
     except subprocess.TimeoutExpired:
         proc.kill()
         output, _ = proc.communicate()
-        raise AssertionError(f"timed out after {timeout} s:\n{output[-5000:]}") from None
+        raise AssertionError(
+            f"timed out after {timeout} s:\n{output[-5000:]}"
+        ) from None
     return proc.returncode, output
 
 
@@ -102,7 +109,9 @@ def test_readme_block_has_no_placeholder(block):
         for node in ast.walk(tree)
         if isinstance(node, ast.Constant) and node.value is Ellipsis
     ]
-    assert placeholders == [], f"`...` on line(s) {placeholders} of the block at README.md:{line}"
+    assert placeholders == [], (
+        f"`...` on line(s) {placeholders} of the block at README.md:{line}"
+    )
 
 
 # Runs every block of the JSON file argv[1] in a fresh namespace and its own
@@ -143,9 +152,18 @@ def block_results(tmp_path_factory):
     with open(root / "runner.py", "w") as f:
         f.write(RUNNER)
     proc = subprocess.run(
-        [sys.executable, str(root / "runner.py"), str(root / "blocks.json"), str(root),
-         str(root / "results.json")],
-        cwd=root, env=_env(), capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            str(root / "runner.py"),
+            str(root / "blocks.json"),
+            str(root),
+            str(root / "results.json"),
+        ],
+        cwd=root,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-5000:]
     with open(root / "results.json") as f:
@@ -177,7 +195,9 @@ def test_readme_multi_worker_block_runs_on_two_workers(block, tmp_path):
             code,
             str(tmp_path),
             name=f"worker{index}.py",
-            TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+            TF_CONFIG=json.dumps(
+                {"cluster": cluster, "task": {"type": "worker", "index": index}}
+            ),
         )
         for index in range(2)
     ]
@@ -192,8 +212,13 @@ def test_readme_multi_worker_block_runs_on_two_workers(block, tmp_path):
 def test_readme_states_the_multi_worker_order():
     with open(README) as f:
         text = " ".join(f.read().split())
-    assert "call `get_strategy()` first, before any dataset, model, layer or tensor is made" in text
+    assert (
+        "call `get_strategy()` first, before any dataset, model, layer or tensor is made"
+        in text
+    )
     (block,) = MULTI_WORKER
     code = block[0]
-    first_tensor = min(code.index(w) for w in ("load_dataset(", "tf.data", "build_example_model("))
+    first_tensor = min(
+        code.index(w) for w in ("load_dataset(", "tf.data", "build_example_model(")
+    )
     assert code.index("get_strategy(") < first_tensor

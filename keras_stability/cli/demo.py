@@ -98,6 +98,7 @@ def part_distillation(ctx):
         "teacher_agreement": float(logs["teacher_agreement"]),
     }
 
+
 def part_stability_layers(ctx):
     """The example made deep with ReZero residual blocks and a z-loss on its logits."""
     import keras
@@ -120,6 +121,7 @@ def part_stability_layers(ctx):
     )
     return {"loss": float(loss), "accuracy": float(accuracy)}
 
+
 def part_pruning(ctx):
     """The example pruned to 80% with TF-MOT's PolynomialDecay, then stripped."""
     import keras
@@ -140,6 +142,7 @@ def part_pruning(ctx):
     sparsity = pruning.sparsity_report(model)["total"]
     ctx.say(f"Kernel sparsity: {sparsity:.1%}  Test accuracy: {accuracy:.4f}")
     return {"loss": float(loss), "accuracy": float(accuracy), "sparsity": sparsity}
+
 
 def part_gradient_health(ctx):
     """Vanishing gradients diagnosed; a far too high learning rate rescued."""
@@ -242,12 +245,18 @@ def part_clipping(ctx):
 # name -> (function, title). Run in this order.
 PARTS = {
     "example": (part_example, "The Keras example, fixed"),
-    "clipping": (part_clipping, "Adaptive clipping and step skipping (AdaptiveClipping)"),
+    "clipping": (
+        part_clipping,
+        "Adaptive clipping and step skipping (AdaptiveClipping)",
+    ),
     "gradient_health": (
         part_gradient_health,
         "Gradient health: vanishing diagnosed, explosion rescued",
     ),
-    "stability_layers": (part_stability_layers, "Deep residual blocks (ReZero) and z-loss"),
+    "stability_layers": (
+        part_stability_layers,
+        "Deep residual blocks (ReZero) and z-loss",
+    ),
     "distillation": (part_distillation, "Distillation into a 10x smaller student"),
     "pruning": (part_pruning, "Pruned to 80% sparsity (keras_stability.pruning)"),
 }
@@ -298,7 +307,6 @@ def run(args):
         fn(ctx)
     ctx.say(f"\nDemo finished in {time.perf_counter() - start:.1f} s.")
     return 0
-
 
 
 def _missing_requirement(dataset):

@@ -73,8 +73,16 @@ def test_demo_keeps_progress_bar_unless_quiet():
 
 def test_demo_digits():
     proc = _run(
-        "-m", "keras_stability", "demo", "--parts", "example", "--dataset", "digits",
-        "--epochs", "3", "--quiet",
+        "-m",
+        "keras_stability",
+        "demo",
+        "--parts",
+        "example",
+        "--dataset",
+        "digits",
+        "--epochs",
+        "3",
+        "--quiet",
     )
     assert proc.returncode == 0, proc.stderr
     assert "64 features" in proc.stdout
@@ -163,14 +171,18 @@ def test_console_script_is_quiet_and_names_itself(tmp_path):
     script = _console_script(tmp_path)
     proc = _run_script(script, "--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("usage: keras-stability [-h] [--version] COMMAND"), proc.stdout
+    assert proc.stdout.startswith("usage: keras-stability [-h] [--version] COMMAND"), (
+        proc.stdout
+    )
     assert "python -m" not in proc.stdout
     assert proc.stderr == "", proc.stderr  # TensorFlow was imported, silently
 
     proc = _run_script(script, "demo", "--dataset", "nope", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.startswith("usage: keras-stability demo "), proc.stderr
-    assert "keras-stability demo: error: argument --dataset: invalid choice" in proc.stderr
+    assert (
+        "keras-stability demo: error: argument --dataset: invalid choice" in proc.stderr
+    )
     for noise in TF_NOISE:
         assert noise not in proc.stderr, proc.stderr
 
@@ -190,19 +202,55 @@ def test_installed_console_script_is_quiet(tmp_path):
 @pytest.mark.parametrize(
     ("orig_argv", "argv0", "module", "script", "prog"),
     [
-        (["python", "-m", "keras_stability", "demo"], "-m", True, False,
-         "python -m keras_stability"),
-        (["python", "-X", "dev", "-m", "keras_stability"], "/x/keras_stability/__main__.py",
-         True, False, "python -m keras_stability"),
-        (["python", "-mkeras_stability"], "-m", True, False, "python -m keras_stability"),
-        (["python", "-m", "pytest", "-m", "keras_stability"], "-m", False, False,
-         "python -m keras_stability"),
-        (["python", "-c", "pass", "-m", "keras_stability"], "-c", False, False,
-         "python -m keras_stability"),
-        (["python", "/venv/bin/keras-stability", "demo"], "/venv/bin/keras-stability",
-         False, True, "keras-stability"),
-        (["python", "C:/venv/Scripts/keras-stability-script.py"],
-         "C:/venv/Scripts/keras-stability-script.py", False, True, "keras-stability"),
+        (
+            ["python", "-m", "keras_stability", "demo"],
+            "-m",
+            True,
+            False,
+            "python -m keras_stability",
+        ),
+        (
+            ["python", "-X", "dev", "-m", "keras_stability"],
+            "/x/keras_stability/__main__.py",
+            True,
+            False,
+            "python -m keras_stability",
+        ),
+        (
+            ["python", "-mkeras_stability"],
+            "-m",
+            True,
+            False,
+            "python -m keras_stability",
+        ),
+        (
+            ["python", "-m", "pytest", "-m", "keras_stability"],
+            "-m",
+            False,
+            False,
+            "python -m keras_stability",
+        ),
+        (
+            ["python", "-c", "pass", "-m", "keras_stability"],
+            "-c",
+            False,
+            False,
+            "python -m keras_stability",
+        ),
+        (
+            ["python", "/venv/bin/keras-stability", "demo"],
+            "/venv/bin/keras-stability",
+            False,
+            True,
+            "keras-stability",
+        ),
+        (
+            ["python", "C:/venv/Scripts/keras-stability-script.py"],
+            "C:/venv/Scripts/keras-stability-script.py",
+            False,
+            True,
+            "keras-stability",
+        ),
         (["python", "train.py"], "train.py", False, False, "python -m keras_stability"),
         (["python"], "", False, False, "python -m keras_stability"),
     ],
@@ -268,9 +316,13 @@ def test_nothing_outside_cli_imports_cli():
     # benchmarks and the tests of everything else never import it.
     offenders = []
     for folder in ("keras_stability", "benchmarks", "tests"):
-        for path in glob.glob(os.path.join(REPO_ROOT, folder, "**", "*.py"), recursive=True):
+        for path in glob.glob(
+            os.path.join(REPO_ROOT, folder, "**", "*.py"), recursive=True
+        ):
             rel = os.path.relpath(path, REPO_ROOT)
-            if rel.startswith((os.path.join("keras_stability", "cli"), os.path.join("tests", "cli"))):
+            if rel.startswith(
+                (os.path.join("keras_stability", "cli"), os.path.join("tests", "cli"))
+            ):
                 continue
             if rel == os.path.join("keras_stability", "__main__.py"):
                 continue  # `python -m keras_stability` is the CLI's door
@@ -290,7 +342,10 @@ def test_make_dist_builds_a_wheel_and_an_sdist(tmp_path):
     # build leaves this one clean; `STAMP=` skips the .venv set-up.
     files = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     copy = tmp_path / "repo"
     for rel in files:
@@ -299,7 +354,10 @@ def test_make_dist_builds_a_wheel_and_an_sdist(tmp_path):
             shutil.copy2(os.path.join(REPO_ROOT, rel), copy / rel)
     proc = subprocess.run(
         ["make", "dist", "STAMP=", f"PY={sys.executable}"],
-        cwd=copy, capture_output=True, text=True, timeout=600,
+        cwd=copy,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     from keras_stability.version import __version__
@@ -315,18 +373,29 @@ def test_make_dist_builds_a_wheel_and_an_sdist(tmp_path):
         license_text = z.read(f"{info}/licenses/LICENSE").decode()
     packages = {n.split("/")[0] for n in names}
     assert packages == {"keras_stability", info}, packages
-    for module in ("keras_stability/__init__.py", "keras_stability/_startup.py",
-                   "keras_stability/cli/main.py", "keras_stability/models/example.py",
-                   "keras_stability/pruning/masks.py"):
+    for module in (
+        "keras_stability/__init__.py",
+        "keras_stability/_startup.py",
+        "keras_stability/cli/main.py",
+        "keras_stability/models/example.py",
+        "keras_stability/pruning/masks.py",
+    ):
         assert module in names, module
     assert not [n for n in names if "tests/" in n or "benchmarks/" in n]
     assert "Author: The keras-stability authors" in metadata
     assert "License: Apache-2.0" in metadata
     assert "keras-stability = keras_stability.cli.main:main" in entry_points
-    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert (
+        "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    )
     with tarfile.open(sdist) as t:
         members = t.getnames()
     root = f"keras_stability-{__version__}"
-    for rel in ("LICENSE", "README.md", "setup.cfg", "pyproject.toml",
-                "keras_stability/__init__.py"):
+    for rel in (
+        "LICENSE",
+        "README.md",
+        "setup.cfg",
+        "pyproject.toml",
+        "keras_stability/__init__.py",
+    ):
         assert f"{root}/{rel}" in members, rel

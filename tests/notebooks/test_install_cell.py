@@ -62,12 +62,22 @@ def _run_cell(tmp_path, cwd, hide=True):
     if hide:
         env["HIDE_KERAS_STABILITY"] = "1"
     proc = subprocess.run(
-        [sys.executable, "-c", CELL], cwd=cwd, env=env, capture_output=True, text=True,
+        [sys.executable, "-c", CELL],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    calls = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("PIP ")]
-    messages = [line for line in proc.stdout.splitlines() if not line.startswith("PIP ")]
+    calls = [
+        json.loads(line[4:])
+        for line in proc.stdout.splitlines()
+        if line.startswith("PIP ")
+    ]
+    messages = [
+        line for line in proc.stdout.splitlines() if not line.startswith("PIP ")
+    ]
     return calls, messages
 
 
@@ -117,10 +127,14 @@ def test_installs_a_clone_next_to_the_notebook(tmp_path):
     (work / "sample_data").mkdir()  # Colab's own folder, not a copy of the package
     clone = _fake_repo(work / "keras-stability")
     calls, _ = _run_cell(tmp_path, work)
-    assert calls == [[sys.executable, "-m", "pip", "install", "-q", os.path.join(str(clone), "")]]
+    assert calls == [
+        [sys.executable, "-m", "pip", "install", "-q", os.path.join(str(clone), "")]
+    ]
 
 
-@pytest.mark.skipif(os.path.exists("/content"), reason="/content exists on this machine")
+@pytest.mark.skipif(
+    os.path.exists("/content"), reason="/content exists on this machine"
+)
 def test_says_how_to_get_it_when_nothing_is_found(tmp_path):
     work = tmp_path / "a" / "b"
     work.mkdir(parents=True)

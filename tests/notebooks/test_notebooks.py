@@ -29,10 +29,14 @@ def test_every_notebook_has_the_install_cell_and_the_quick_switch():
         assert "pip" in code[0] and "keras_stability" in code[0], path
         assert any("KERAS_STABILITY_NOTEBOOK_QUICK" in c for c in code[:3]), path
         # Committed without outputs: Colab shows the user's own run.
-        assert all(not c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"), path
+        assert all(
+            not c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"
+        ), path
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[os.path.basename(p) for p in NOTEBOOKS])
+@pytest.mark.parametrize(
+    "path", NOTEBOOKS, ids=[os.path.basename(p) for p in NOTEBOOKS]
+)
 def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_STABILITY_NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -42,7 +46,10 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(python_path))
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        nb,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
     )
     client.execute()
     errors = [
