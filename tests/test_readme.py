@@ -206,7 +206,7 @@ def test_readme_multi_worker_block_runs_on_two_workers(block, tmp_path):
         assert returncode == 0, f"worker {index} of README.md:{line}:\n{output[-5000:]}"
         # One replica per worker, all-reduced; worker 0 is the chief.
         assert f"2 replica(s), chief: {index == 0}" in output, output[-5000:]
-    assert os.path.isdir(tmp_path / "logs")  # the chief's, and only the chief wrote
+    assert os.path.isdir(tmp_path / "logs")  # written by the chief
 
 
 def test_readme_states_the_multi_worker_order():
