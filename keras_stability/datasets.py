@@ -96,8 +96,7 @@ def load_digits():
         from sklearn.datasets import load_digits as sk_load_digits
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "The digits data set needs scikit-learn: "
-            "`pip install keras-stability[notebooks]` or `pip install scikit-learn`."
+            "The digits data set needs scikit-learn: `pip install scikit-learn`."
         ) from e
     digits = sk_load_digits()
     return (digits.data / 16.0).astype("float32"), digits.target.astype("int32")
