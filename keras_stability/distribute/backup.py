@@ -4,8 +4,8 @@ import json
 import os
 
 import keras
-from keras.src.utils import file_utils
 
+from keras_stability._keras_internals import file_utils
 from keras_stability.distribute.strategy import chief_path
 
 
