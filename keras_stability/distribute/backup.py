@@ -1,36 +1,93 @@
-"""`BackupAndRestore` that is safe with several workers and with a killed process."""
+"""`BackupAndRestore` that is safe with several workers, a killed process and a
+shared folder."""
 
 import json
 import os
+import re
+import warnings
 
 import keras
+import tensorflow as tf
 
+from keras_stability import _checks
+from keras_stability import _keras_internals
 from keras_stability._keras_internals import file_utils
 from keras_stability.distribute.strategy import chief_path
+
+METADATA = "training_metadata.json"
+PREVIOUS_METADATA = METADATA + ".bkp"
+_METADATA_FILES = (METADATA, PREVIOUS_METADATA, METADATA + ".tmp", PREVIOUS_METADATA + ".tmp")
+_FORMAT = "keras_stability.BackupAndRestore"
+_WEIGHTS = re.compile(r"^backup-(\d{8})(\.partial)?\.weights\.h5$")
+# What earlier versions of this callback (and Keras' own) wrote.
+_LEGACY_FILES = (
+    "latest.weights.h5",
+    "latest.weights.h5.bkp",
+    "partial.weights.h5",
+    METADATA + ".partial",
+)
+
+
+class CorruptBackupError(RuntimeError):
+    """A backup folder holds a backup that cannot be resumed from."""
 
 
 @keras.saving.register_keras_serializable(package="keras_stability")
 class BackupAndRestore(keras.callbacks.BackupAndRestore):
-    """`keras.callbacks.BackupAndRestore` for multi-worker runs and crashes.
+    """`keras.callbacks.BackupAndRestore` for multi-worker runs, kills and shared folders.
 
-    Same arguments and behaviour as Keras' callback, with two differences:
+    Same arguments and purpose as Keras' callback: after an interruption,
+    `fit` with this callback restores the last backup (weights, optimizer
+    state, position in training) and goes on. The differences:
 
+    - Exact resume inside an epoch: with `save_freq=N`, training resumes at
+      the batch after the last backup, not at the start of its epoch, so the
+      resumed run makes the same optimizer steps on the same batches as an
+      uninterrupted one (with data that is not shuffled, or shuffled the
+      same way; not with `steps_per_epoch` over a dataset that carries on
+      across epochs). The skipped batches are drawn from the data without
+      training; other callbacks see them with empty logs, and the resumed
+      epoch's logged loss averages its remaining batches only.
+    - Deletes only what it wrote: at the end of training (with
+      `delete_checkpoint=True`) it removes its own files, and the folder only
+      if that leaves it empty and this callback created it. Keras' callback
+      removes the whole folder, whatever else it holds.
+    - Atomic backups: the weights go to a new file, then the metadata that
+      names them is written to a temporary file and renamed over the old
+      one, so a process killed at any moment of a save leaves the previous
+      backup intact and usable.
+    - A corrupt or partial backup (unreadable or truncated files, metadata
+      missing while weights remain) raises one `CorruptBackupError` naming
+      the folder and the problem, or, with `on_corrupt="restart"`, warns and
+      starts afresh. It never retrains from scratch silently.
     - Chief-only writing: under `MultiWorkerMirroredStrategy` every worker
       restores from `backup_dir`, but only the chief writes there; the other
       workers write to a throw-away folder (`chief_path`). Keras 3's own
       callback makes every worker write the same file, which fails
       (`BlockingIOError: unable to lock file`) or races.
-    - Atomic files: weights and metadata are written next to their final
-      name and moved into place, so a process killed while saving leaves the
-      previous backup intact.
+
+    Files in `backup_dir`: `training_metadata.json` (and
+    `training_metadata.json.bkp` with `double_checkpoint`) and
+    `backup-NNNNNNNN.weights.h5`, plus temporary `.partial` and `.tmp` files
+    while a save is under way.
 
     Args:
         backup_dir: Folder of the backup, shared by all workers (a network
-            file system or a bucket on several machines).
-        save_freq: `"epoch"` or a number of batches. Defaults to `"epoch"`.
-        double_checkpoint: Keep the previous backup too. Defaults to `False`.
+            file system or a bucket on several machines). It may hold other
+            files; they are left alone.
+        save_freq: `"epoch"`, or a positive integer: back up every that many
+            batches. Defaults to `"epoch"`.
+        double_checkpoint: Keep the previous backup too, and fall back to it
+            if the latest cannot be read. Defaults to `False`.
         delete_checkpoint: Delete the backup when training ends normally.
             Defaults to `True`.
+        on_corrupt: What to do when the backup in `backup_dir` cannot be
+            resumed from: `"raise"` a `CorruptBackupError`, or `"restart"`:
+            warn, delete the unusable backup files and train from the start.
+            Defaults to `"raise"`.
+
+    Raises:
+        ValueError: If an argument is invalid.
 
     Example:
 
@@ -49,50 +106,328 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         save_freq="epoch",
         double_checkpoint=False,
         delete_checkpoint=True,
+        on_corrupt="raise",
     ):
+        backup_dir = _checks.check_path("backup_dir", backup_dir)
+        if not (isinstance(save_freq, str) and save_freq == "epoch"):
+            save_freq = _checks.check_int(
+                "save_freq", save_freq, low=1, what='"epoch" or a positive integer'
+            )
         super().__init__(
             backup_dir,
             save_freq=save_freq,
-            double_checkpoint=double_checkpoint,
-            delete_checkpoint=delete_checkpoint,
+            double_checkpoint=_checks.check_bool("double_checkpoint", double_checkpoint),
+            delete_checkpoint=_checks.check_bool("delete_checkpoint", delete_checkpoint),
+        )
+        self.on_corrupt = _checks.check_choice(
+            "on_corrupt", on_corrupt, ("raise", "restart")
         )
         self._shared_backup_dir = backup_dir
+        self._reset_state()
 
-    def _use_dir(self, backup_dir):
-        self.backup_dir = backup_dir
-        self._weights_path = file_utils.join(backup_dir, "latest.weights.h5")
-        self._training_metadata_path = file_utils.join(
-            backup_dir, "training_metadata.json"
-        )
-        self._prev_weights_path = f"{self._weights_path}.bkp"
-        self._prev_training_metadata_path = f"{self._training_metadata_path}.bkp"
+    def _reset_state(self):
+        self._epoch = 0
+        self._batches_done = 0
+        self._batches_since_save = 0
+        self._resume = None  # (epoch, batches done) restored, until that epoch begins
+        self._save_index = 0
+        self._weights_file = None  # of the latest backup this run knows of
+        self._weights_bytes = None
+        self._last_saved = None  # (epoch, batches done) of the latest backup
+        self._previous_weights_file = None
+        self._created_dir = None  # unknown until the first save or restore
+
+    # -- restoring ---------------------------------------------------------
 
     def on_train_begin(self, logs=None):
-        # Every worker restores the chief's backup, then writes to its own place.
-        self._use_dir(self._shared_backup_dir)
-        super().on_train_begin(logs)
-        self._use_dir(chief_path(self._shared_backup_dir, self.model.distribute_strategy))
+        self._reset_state()
+        _keras_internals.cancel_skip_train_batches(self.model)
+        if not self.model.built:
+            raise ValueError(
+                "To use the BackupAndRestore callback, the model must be built "
+                f"before `fit()`. Model {self.model.name!r} is unbuilt: build it by "
+                "calling it on a batch of data or with an `Input`."
+            )
+        write_dir = chief_path(self._shared_backup_dir, self.model.distribute_strategy)
+        writes_shared = write_dir == self._shared_backup_dir
+        restored = self._restore(writes_shared)
+        self.backup_dir = write_dir
+        if restored is None:
+            _keras_internals.set_initial_epoch(self.model, None)
+        else:
+            epoch, batches_done = restored
+            steps = (self.params or {}).get("steps")
+            if steps and batches_done >= steps:
+                epoch, batches_done = epoch + 1, 0  # saved after the epoch's last batch
+            _keras_internals.set_initial_epoch(self.model, epoch)
+            if batches_done:
+                self._resume = (epoch, batches_done)
+                _keras_internals.skip_train_batches(self.model, batches_done)
+        if writes_shared:
+            self._remove_unreferenced()
+        else:
+            # A worker's throw-away folder: its own files only, never the chief's.
+            self._created_dir = None
+            self._weights_file = self._previous_weights_file = None
+
+    def _restore(self, writes_shared):
+        """Loads the newest usable backup; returns `(epoch, batches_done)` or `None`."""
+        directory = self._shared_backup_dir
+        if not file_utils.exists(directory):
+            return None
+        problems = []
+        for name in (METADATA, PREVIOUS_METADATA):
+            path = file_utils.join(directory, name)
+            if not file_utils.exists(path):
+                continue
+            try:
+                metadata = self._read_metadata(name)
+                self._load_weights(metadata)
+            except CorruptBackupError as e:
+                problems.append(str(e))
+                continue
+            if problems:
+                warnings.warn(
+                    f"BackupAndRestore: the latest backup in {directory!r} cannot be "
+                    f"used ({problems[0]}); resumed from the previous one "
+                    f"({PREVIOUS_METADATA}) instead.",
+                    stacklevel=2,
+                )
+            self._adopt(metadata)
+            return metadata["epoch"], metadata["batches_done"]
+        if not problems:
+            left = [f for f in self._own_files() if _WEIGHTS.match(f) and ".partial" not in f]
+            left += [f for f in self._own_files() if f in _LEGACY_FILES[:2]]
+            if not left:
+                return None  # nothing committed yet: a fresh start
+            problems.append(
+                f"{METADATA} is missing but the weights file {left[-1]} remains "
+                "(a partial backup: without the metadata the position in "
+                "training is unknown)"
+            )
+        problem = "; the previous backup too: ".join(problems)
+        if self.on_corrupt == "raise":
+            raise CorruptBackupError(
+                f"BackupAndRestore cannot resume from the backup in {directory!r}: "
+                f"{problem}. Delete the backup files ({METADATA}*, "
+                "backup-*.weights.h5) to start afresh, or pass "
+                'on_corrupt="restart" to do so automatically.'
+            )
+        warnings.warn(
+            f"BackupAndRestore: the backup in {directory!r} cannot be resumed from "
+            f"({problem}); training starts afresh"
+            + (" and its backup files are deleted." if writes_shared else "."),
+            stacklevel=2,
+        )
+        if writes_shared:
+            for name in self._own_files():
+                file_utils.remove(file_utils.join(directory, name))
+        return None
+
+    def _read_metadata(self, name):
+        path = file_utils.join(self._shared_backup_dir, name)
+        try:
+            with file_utils.File(path, "r") as f:
+                metadata = json.loads(f.read())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CorruptBackupError(f"{name} is not valid JSON ({e})") from None
+        if not isinstance(metadata, dict):
+            raise CorruptBackupError(f"{name} does not hold a JSON object")
+        if "format" not in metadata and "weights" not in metadata:
+            # Written by Keras' callback or an earlier version of this one:
+            # resume at the start of the epoch, as they did.
+            metadata = {
+                "epoch": metadata.get("epoch"),
+                "batches_done": 0,
+                "weights": "latest.weights.h5",
+            }
+        for key in ("epoch", "batches_done"):
+            if not _checks.is_integer(metadata.get(key)) or metadata[key] < 0:
+                raise CorruptBackupError(
+                    f"{name} has no valid `{key}` (a non-negative integer). "
+                    f"Received: {key}={metadata.get(key)!r}"
+                )
+        save_index = metadata.get("save_index", 0)
+        if not _checks.is_integer(save_index) or save_index < 0:
+            raise CorruptBackupError(
+                f"{name} has no valid `save_index`. Received: save_index={save_index!r}"
+            )
+        if not isinstance(metadata.get("created_backup_dir", False), bool):
+            raise CorruptBackupError(f"{name} has no valid `created_backup_dir`")
+        weights = metadata.get("weights")
+        if not isinstance(weights, str) or not (
+            _WEIGHTS.match(weights) or weights == "latest.weights.h5"
+        ):
+            raise CorruptBackupError(
+                f"{name} has no valid `weights` file name. Received: weights={weights!r}"
+            )
+        return metadata
+
+    def _load_weights(self, metadata):
+        weights = metadata["weights"]
+        path = file_utils.join(self._shared_backup_dir, weights)
+        if not file_utils.exists(path):
+            # Killed between committing the metadata and renaming the weights
+            # into place: they are complete under their temporary name.
+            path = _partial(path)
+            if not file_utils.exists(path):
+                raise CorruptBackupError(f"the weights file {weights} it names is missing")
+        expected = metadata.get("weights_bytes")
+        if expected is not None and _size(path) != expected:
+            raise CorruptBackupError(
+                f"the weights file {weights} is truncated or altered "
+                f"({_size(path)} bytes, {expected} written)"
+            )
+        optimizer = self.model.optimizer
+        if optimizer is not None and not optimizer.built:
+            # Make sure optimizer variables exist before loading.
+            optimizer.build(self.model.trainable_variables)
+        variables = list(self.model.variables)
+        if optimizer is not None:
+            variables += list(optimizer.variables)
+        before = [v.numpy() for v in variables]
+        try:
+            self.model.load_weights(path)
+        except Exception as e:  # any failure to read our file means an unusable backup
+            for v, value in zip(variables, before, strict=True):
+                v.assign(value)
+            first_line = (str(e).strip().splitlines() or [""])[0][:200]
+            raise CorruptBackupError(
+                f"the weights file {weights} cannot be loaded into this model "
+                f"({type(e).__name__}: {first_line})"
+            ) from None
+
+    def _adopt(self, metadata):
+        self._created_dir = metadata.get("created_backup_dir", False)
+        self._save_index = metadata.get("save_index", 0) + 1
+        self._weights_file = metadata["weights"]
+        self._weights_bytes = metadata.get("weights_bytes")
+        if self.double_checkpoint and file_utils.exists(
+            file_utils.join(self._shared_backup_dir, PREVIOUS_METADATA)
+        ):
+            try:
+                self._previous_weights_file = self._read_metadata(PREVIOUS_METADATA)[
+                    "weights"
+                ]
+            except CorruptBackupError:
+                self._previous_weights_file = None
+
+    # -- saving ------------------------------------------------------------
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._batches_done = 0
+        if self._resume is not None and self._resume[0] == epoch:
+            self._batches_done = self._resume[1]
+        self._resume = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        done = batch + 1
+        if done <= self._batches_done:
+            return  # a batch done before the interruption, skipped on resume
+        self._batches_since_save += done - self._batches_done
+        self._batches_done = done
+        if self.save_freq != "epoch" and self._batches_since_save >= self.save_freq:
+            self._batches_since_save = 0
+            self._save(self._epoch, done)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.save_freq == "epoch":
+            self._save(epoch + 1, 0)
+        elif self._last_saved == (epoch, self._batches_done):
+            # Saved after the epoch's last batch: say the epoch is done, so a
+            # resume starts the next one rather than an epoch with nothing left.
+            self._commit(epoch + 1, 0, copy_previous=False)
+        self._batches_done = 0
 
     def _save_model(self):
-        if not file_utils.exists(self.backup_dir):
-            file_utils.makedirs(self.backup_dir)
-        if self.double_checkpoint and file_utils.exists(self._weights_path):
-            file_utils.copy(self._weights_path, self._prev_weights_path)
-        if self.double_checkpoint and file_utils.exists(self._training_metadata_path):
-            file_utils.copy(
-                self._training_metadata_path, self._prev_training_metadata_path
-            )
-        partial_weights = file_utils.join(self.backup_dir, "partial.weights.h5")
-        partial_metadata = f"{self._training_metadata_path}.partial"
-        self.model.save_weights(filepath=partial_weights, overwrite=True)
-        with file_utils.File(partial_metadata, "w") as f:
-            f.write(
-                json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen})
-            )
-        # Weights first: a crash between the two moves leaves new weights
-        # with the previous epoch count, which only repeats work.
-        _replace(partial_weights, self._weights_path)
-        _replace(partial_metadata, self._training_metadata_path)
+        """Keras' hook (e.g. preemption); saves the current position."""
+        self._save(self._epoch, self._batches_done)
+
+    def _save(self, epoch, batches_done):
+        """One backup: a new weights file, then the metadata naming it, atomically."""
+        directory = self.backup_dir
+        if not file_utils.exists(directory):
+            file_utils.makedirs(directory)
+            if self._created_dir is None:
+                self._created_dir = True
+        elif self._created_dir is None:
+            self._created_dir = False
+        weights = f"backup-{self._save_index:08d}.weights.h5"
+        final = file_utils.join(directory, weights)
+        self.model.save_weights(filepath=_partial(final), overwrite=True)
+        stale = self._previous_weights_file if self.double_checkpoint else self._weights_file
+        if self.double_checkpoint:
+            self._previous_weights_file = self._weights_file
+        self._weights_file = weights
+        self._weights_bytes = _size(_partial(final))
+        self._commit(epoch, batches_done, copy_previous=self.double_checkpoint)
+        _replace(_partial(final), final)
+        if stale and stale not in (weights, self._previous_weights_file):
+            _remove_if_exists(file_utils.join(directory, stale))
+        self._save_index += 1
+
+    def _commit(self, epoch, batches_done, copy_previous):
+        """Writes the metadata naming the latest weights; the rename is the commit."""
+        metadata = {
+            "format": _FORMAT,
+            "epoch": epoch,
+            "batches_done": batches_done,
+            "weights": self._weights_file,
+            "weights_bytes": self._weights_bytes,
+            "save_index": int(_WEIGHTS.match(self._weights_file).group(1)),
+            "created_backup_dir": self._created_dir,
+        }
+        path = file_utils.join(self.backup_dir, METADATA)
+        if copy_previous and file_utils.exists(path):
+            _atomic_copy(path, file_utils.join(self.backup_dir, PREVIOUS_METADATA))
+        with file_utils.File(path + ".tmp", "w") as f:
+            f.write(json.dumps(metadata))
+        _replace(path + ".tmp", path)
+        self._last_saved = (epoch, batches_done)
+
+    # -- cleaning up -------------------------------------------------------
+
+    def _own_files(self, directory=None):
+        directory = directory or self._shared_backup_dir
+        if not file_utils.isdir(directory):
+            return []
+        return sorted(
+            name
+            for name in file_utils.listdir(directory)
+            if name in _METADATA_FILES
+            or name in _LEGACY_FILES
+            or _WEIGHTS.match(name)
+        )
+
+    def _remove_unreferenced(self):
+        """Finishes or removes what a killed save left (never a file a backup names)."""
+        keep = {self._weights_file, self._previous_weights_file}
+        for name in keep - {None}:
+            # Killed between committing the metadata and renaming the weights.
+            final = file_utils.join(self.backup_dir, name)
+            if not file_utils.exists(final) and file_utils.exists(_partial(final)):
+                _replace(_partial(final), final)
+        keep |= {_partial(name) for name in keep if name}
+        for name in self._own_files(self.backup_dir):
+            if name in (METADATA, PREVIOUS_METADATA) or name in keep:
+                continue
+            if name in _LEGACY_FILES and self._weights_file == "latest.weights.h5":
+                continue
+            _remove_if_exists(file_utils.join(self.backup_dir, name))
+
+    def on_train_end(self, logs=None):
+        _keras_internals.cancel_skip_train_batches(self.model)
+        _keras_internals.set_initial_epoch(self.model, None)
+        if not self.delete_checkpoint or not file_utils.exists(self.backup_dir):
+            return
+        for name in self._own_files(self.backup_dir):
+            _remove_if_exists(file_utils.join(self.backup_dir, name))
+        if self._created_dir and not file_utils.listdir(self.backup_dir):
+            if file_utils.is_remote_path(self.backup_dir):
+                file_utils.rmtree(self.backup_dir)
+            else:
+                os.rmdir(self.backup_dir)  # refuses, rather than deletes, a file added since
 
     def get_config(self):
         return {
@@ -100,7 +435,18 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             "save_freq": self.save_freq,
             "double_checkpoint": self.double_checkpoint,
             "delete_checkpoint": self.delete_checkpoint,
+            "on_corrupt": self.on_corrupt,
         }
+
+
+def _partial(path):
+    return path[: -len(".weights.h5")] + ".partial.weights.h5"
+
+
+def _size(path):
+    if file_utils.is_remote_path(path):
+        return tf.io.gfile.stat(path).length
+    return os.path.getsize(path)
 
 
 def _replace(src, dst):
@@ -110,3 +456,14 @@ def _replace(src, dst):
         file_utils.remove(src)
     else:
         os.replace(src, dst)
+
+
+def _atomic_copy(src, dst):
+    tmp = dst + ".tmp"
+    file_utils.copy(src, tmp)
+    _replace(tmp, dst)
+
+
+def _remove_if_exists(path):
+    if file_utils.exists(path):
+        file_utils.remove(path)
