@@ -438,6 +438,10 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             "on_corrupt": self.on_corrupt,
         }
 
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
 
 def _partial(path):
     return path[: -len(".weights.h5")] + ".partial.weights.h5"
