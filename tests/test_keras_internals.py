@@ -101,3 +101,13 @@ def test_collective_ops_configurable_reads_tensorflows_own_test():
     assert _keras_internals.collective_ops_configurable() is (
         ctx._collective_leader is not None
     )
+
+
+def test_file_utils_has_what_backup_files_use():
+    for name in (
+        "exists", "isdir", "listdir", "makedirs", "remove", "rmtree", "copy",
+        "join", "File", "is_remote_path",
+    ):
+        assert callable(getattr(_keras_internals.file_utils, name)), name
+    assert _keras_internals.file_utils.is_remote_path("gs://bucket/backup")
+    assert not _keras_internals.file_utils.is_remote_path("/tmp/backup")

@@ -1,35 +1,18 @@
 """`BackupAndRestore` that is safe with several workers, a killed process and a
-shared folder."""
+shared folder. The folder's files and their atomic commit: `backup_files`."""
 
-import json
-import os
-import re
 import warnings
 
 import keras
-import tensorflow as tf
 
 from keras_stability import _checks
 from keras_stability import _keras_internals
 from keras_stability._keras_internals import file_utils
+from keras_stability.distribute import backup_files as files
+from keras_stability.distribute.backup_files import METADATA
+from keras_stability.distribute.backup_files import PREVIOUS_METADATA
+from keras_stability.distribute.backup_files import CorruptBackupError
 from keras_stability.distribute.strategy import chief_path
-
-METADATA = "training_metadata.json"
-PREVIOUS_METADATA = METADATA + ".bkp"
-_METADATA_FILES = (METADATA, PREVIOUS_METADATA, METADATA + ".tmp", PREVIOUS_METADATA + ".tmp")
-_FORMAT = "keras_stability.BackupAndRestore"
-_WEIGHTS = re.compile(r"^backup-(\d{8})(\.partial)?\.weights\.h5$")
-# What earlier versions of this callback (and Keras' own) wrote.
-_LEGACY_FILES = (
-    "latest.weights.h5",
-    "latest.weights.h5.bkp",
-    "partial.weights.h5",
-    METADATA + ".partial",
-)
-
-
-class CorruptBackupError(RuntimeError):
-    """A backup folder holds a backup that cannot be resumed from."""
 
 
 @keras.saving.register_keras_serializable(package="keras_stability")
@@ -177,12 +160,11 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             return None
         problems = []
         for name in (METADATA, PREVIOUS_METADATA):
-            path = file_utils.join(directory, name)
-            if not file_utils.exists(path):
+            if not file_utils.exists(file_utils.join(directory, name)):
                 continue
             try:
-                metadata = self._read_metadata(name)
-                self._load_weights(metadata)
+                metadata = files.read_metadata(directory, name)
+                self._load_weights(files.weights_path(directory, metadata), metadata)
             except CorruptBackupError as e:
                 problems.append(str(e))
                 continue
@@ -191,13 +173,12 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                     f"BackupAndRestore: the latest backup in {directory!r} cannot be "
                     f"used ({problems[0]}); resumed from the previous one "
                     f"({PREVIOUS_METADATA}) instead.",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
             self._adopt(metadata)
             return metadata["epoch"], metadata["batches_done"]
         if not problems:
-            left = [f for f in self._own_files() if _WEIGHTS.match(f) and ".partial" not in f]
-            left += [f for f in self._own_files() if f in _LEGACY_FILES[:2]]
+            left = files.committed_weights(directory)
             if not left:
                 return None  # nothing committed yet: a fresh start
             problems.append(
@@ -217,67 +198,15 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             f"BackupAndRestore: the backup in {directory!r} cannot be resumed from "
             f"({problem}); training starts afresh"
             + (" and its backup files are deleted." if writes_shared else "."),
-            stacklevel=2,
+            stacklevel=3,
         )
         if writes_shared:
-            for name in self._own_files():
-                file_utils.remove(file_utils.join(directory, name))
+            for name in files.own_files(directory):
+                files.remove(directory, name)
         return None
 
-    def _read_metadata(self, name):
-        path = file_utils.join(self._shared_backup_dir, name)
-        try:
-            with file_utils.File(path, "r") as f:
-                metadata = json.loads(f.read())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CorruptBackupError(f"{name} is not valid JSON ({e})") from None
-        if not isinstance(metadata, dict):
-            raise CorruptBackupError(f"{name} does not hold a JSON object")
-        if "format" not in metadata and "weights" not in metadata:
-            # Written by Keras' callback or an earlier version of this one:
-            # resume at the start of the epoch, as they did.
-            metadata = {
-                "epoch": metadata.get("epoch"),
-                "batches_done": 0,
-                "weights": "latest.weights.h5",
-            }
-        for key in ("epoch", "batches_done"):
-            if not _checks.is_integer(metadata.get(key)) or metadata[key] < 0:
-                raise CorruptBackupError(
-                    f"{name} has no valid `{key}` (a non-negative integer). "
-                    f"Received: {key}={metadata.get(key)!r}"
-                )
-        save_index = metadata.get("save_index", 0)
-        if not _checks.is_integer(save_index) or save_index < 0:
-            raise CorruptBackupError(
-                f"{name} has no valid `save_index`. Received: save_index={save_index!r}"
-            )
-        if not isinstance(metadata.get("created_backup_dir", False), bool):
-            raise CorruptBackupError(f"{name} has no valid `created_backup_dir`")
-        weights = metadata.get("weights")
-        if not isinstance(weights, str) or not (
-            _WEIGHTS.match(weights) or weights == "latest.weights.h5"
-        ):
-            raise CorruptBackupError(
-                f"{name} has no valid `weights` file name. Received: weights={weights!r}"
-            )
-        return metadata
-
-    def _load_weights(self, metadata):
-        weights = metadata["weights"]
-        path = file_utils.join(self._shared_backup_dir, weights)
-        if not file_utils.exists(path):
-            # Killed between committing the metadata and renaming the weights
-            # into place: they are complete under their temporary name.
-            path = _partial(path)
-            if not file_utils.exists(path):
-                raise CorruptBackupError(f"the weights file {weights} it names is missing")
-        expected = metadata.get("weights_bytes")
-        if expected is not None and _size(path) != expected:
-            raise CorruptBackupError(
-                f"the weights file {weights} is truncated or altered "
-                f"({_size(path)} bytes, {expected} written)"
-            )
+    def _load_weights(self, path, metadata):
+        """Loads weights and optimizer state; on failure leaves the model as it was."""
         optimizer = self.model.optimizer
         if optimizer is not None and not optimizer.built:
             # Make sure optimizer variables exist before loading.
@@ -293,24 +222,25 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                 v.assign(value)
             first_line = (str(e).strip().splitlines() or [""])[0][:200]
             raise CorruptBackupError(
-                f"the weights file {weights} cannot be loaded into this model "
-                f"({type(e).__name__}: {first_line})"
+                f"the weights file {metadata['weights']} cannot be loaded into this "
+                f"model ({type(e).__name__}: {first_line})"
             ) from None
 
     def _adopt(self, metadata):
+        """Carries on the numbering and file bookkeeping of the restored backup."""
         self._created_dir = metadata.get("created_backup_dir", False)
         self._save_index = metadata.get("save_index", 0) + 1
         self._weights_file = metadata["weights"]
         self._weights_bytes = metadata.get("weights_bytes")
+        self._previous_weights_file = None
         if self.double_checkpoint and file_utils.exists(
             file_utils.join(self._shared_backup_dir, PREVIOUS_METADATA)
         ):
             try:
-                self._previous_weights_file = self._read_metadata(PREVIOUS_METADATA)[
-                    "weights"
-                ]
+                previous = files.read_metadata(self._shared_backup_dir, PREVIOUS_METADATA)
+                self._previous_weights_file = previous["weights"]
             except CorruptBackupError:
-                self._previous_weights_file = None
+                pass
 
     # -- saving ------------------------------------------------------------
 
@@ -337,7 +267,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         elif self._last_saved == (epoch, self._batches_done):
             # Saved after the epoch's last batch: say the epoch is done, so a
             # resume starts the next one rather than an epoch with nothing left.
-            self._commit(epoch + 1, 0, copy_previous=False)
+            self._commit(epoch + 1, 0, keep_previous=False)
         self._batches_done = 0
 
     def _save_model(self):
@@ -353,81 +283,57 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                 self._created_dir = True
         elif self._created_dir is None:
             self._created_dir = False
-        weights = f"backup-{self._save_index:08d}.weights.h5"
-        final = file_utils.join(directory, weights)
-        self.model.save_weights(filepath=_partial(final), overwrite=True)
+        weights = files.weights_name(self._save_index)
+        temporary = files.partial(file_utils.join(directory, weights))
+        self.model.save_weights(filepath=temporary, overwrite=True)
         stale = self._previous_weights_file if self.double_checkpoint else self._weights_file
         if self.double_checkpoint:
             self._previous_weights_file = self._weights_file
         self._weights_file = weights
-        self._weights_bytes = _size(_partial(final))
-        self._commit(epoch, batches_done, copy_previous=self.double_checkpoint)
-        _replace(_partial(final), final)
+        self._weights_bytes = files.size(temporary)
+        self._commit(epoch, batches_done, keep_previous=self.double_checkpoint)
+        files.finish_weights(directory, weights)
         if stale and stale not in (weights, self._previous_weights_file):
-            _remove_if_exists(file_utils.join(directory, stale))
+            files.remove(directory, stale)
         self._save_index += 1
 
-    def _commit(self, epoch, batches_done, copy_previous):
-        """Writes the metadata naming the latest weights; the rename is the commit."""
-        metadata = {
-            "format": _FORMAT,
-            "epoch": epoch,
-            "batches_done": batches_done,
-            "weights": self._weights_file,
-            "weights_bytes": self._weights_bytes,
-            "save_index": int(_WEIGHTS.match(self._weights_file).group(1)),
-            "created_backup_dir": self._created_dir,
-        }
-        path = file_utils.join(self.backup_dir, METADATA)
-        if copy_previous and file_utils.exists(path):
-            _atomic_copy(path, file_utils.join(self.backup_dir, PREVIOUS_METADATA))
-        with file_utils.File(path + ".tmp", "w") as f:
-            f.write(json.dumps(metadata))
-        _replace(path + ".tmp", path)
+    def _commit(self, epoch, batches_done, keep_previous):
+        files.commit(
+            self.backup_dir,
+            {
+                "epoch": epoch,
+                "batches_done": batches_done,
+                "weights": self._weights_file,
+                "weights_bytes": self._weights_bytes,
+                "save_index": files.weights_index(self._weights_file),
+                "created_backup_dir": self._created_dir,
+            },
+            keep_previous=keep_previous,
+        )
         self._last_saved = (epoch, batches_done)
 
     # -- cleaning up -------------------------------------------------------
 
-    def _own_files(self, directory=None):
-        directory = directory or self._shared_backup_dir
-        if not file_utils.isdir(directory):
-            return []
-        return sorted(
-            name
-            for name in file_utils.listdir(directory)
-            if name in _METADATA_FILES
-            or name in _LEGACY_FILES
-            or _WEIGHTS.match(name)
-        )
-
     def _remove_unreferenced(self):
         """Finishes or removes what a killed save left (never a file a backup names)."""
-        keep = {self._weights_file, self._previous_weights_file}
-        for name in keep - {None}:
-            # Killed between committing the metadata and renaming the weights.
-            final = file_utils.join(self.backup_dir, name)
-            if not file_utils.exists(final) and file_utils.exists(_partial(final)):
-                _replace(_partial(final), final)
-        keep |= {_partial(name) for name in keep if name}
-        for name in self._own_files(self.backup_dir):
+        keep = {self._weights_file, self._previous_weights_file} - {None}
+        for name in keep:
+            if name != files.LEGACY_WEIGHTS:
+                files.finish_weights(self.backup_dir, name)
+        for name in files.own_files(self.backup_dir):
             if name in (METADATA, PREVIOUS_METADATA) or name in keep:
                 continue
-            if name in _LEGACY_FILES and self._weights_file == "latest.weights.h5":
-                continue
-            _remove_if_exists(file_utils.join(self.backup_dir, name))
+            files.remove(self.backup_dir, name)
 
     def on_train_end(self, logs=None):
         _keras_internals.cancel_skip_train_batches(self.model)
         _keras_internals.set_initial_epoch(self.model, None)
         if not self.delete_checkpoint or not file_utils.exists(self.backup_dir):
             return
-        for name in self._own_files(self.backup_dir):
-            _remove_if_exists(file_utils.join(self.backup_dir, name))
-        if self._created_dir and not file_utils.listdir(self.backup_dir):
-            if file_utils.is_remote_path(self.backup_dir):
-                file_utils.rmtree(self.backup_dir)
-            else:
-                os.rmdir(self.backup_dir)  # refuses, rather than deletes, a file added since
+        for name in files.own_files(self.backup_dir):
+            files.remove(self.backup_dir, name)
+        if self._created_dir:
+            files.remove_dir_if_empty(self.backup_dir)
 
     def get_config(self):
         return {
@@ -442,32 +348,3 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     def from_config(cls, config):
         return cls(**config)
 
-
-def _partial(path):
-    return path[: -len(".weights.h5")] + ".partial.weights.h5"
-
-
-def _size(path):
-    if file_utils.is_remote_path(path):
-        return tf.io.gfile.stat(path).length
-    return os.path.getsize(path)
-
-
-def _replace(src, dst):
-    if file_utils.is_remote_path(dst):
-        # Buckets have no atomic rename; a copy is the best they offer.
-        file_utils.copy(src, dst)
-        file_utils.remove(src)
-    else:
-        os.replace(src, dst)
-
-
-def _atomic_copy(src, dst):
-    tmp = dst + ".tmp"
-    file_utils.copy(src, tmp)
-    _replace(tmp, dst)
-
-
-def _remove_if_exists(path):
-    if file_utils.exists(path):
-        file_utils.remove(path)

@@ -32,8 +32,8 @@ def parse_tf_config(text=None):
     `cluster`.
 
     Args:
-        text: The JSON text. Defaults to `None`: the `TF_CONFIG` environment
-            variable.
+        text: The JSON text, or `None` to read the `TF_CONFIG` environment
+            variable. Defaults to `None`.
 
     Returns:
         The decoded dict, or `None` when `TF_CONFIG` is unset or empty.
@@ -139,8 +139,8 @@ def get_strategy(tpu=None, timeout_seconds=300):
 
     Args:
         tpu: TPU name or address for `TPUClusterResolver`; `"local"` for a
-            TPU VM. Defaults to `None`: the `TPU_NAME` environment variable,
-            else no TPU.
+            TPU VM; `None` to read the `TPU_NAME` environment variable (no
+            TPU if unset). Defaults to `None`.
         timeout_seconds: Bound on each collective operation of a multi-worker
             strategy, so a dead worker makes the others fail with an error
             instead of waiting forever. Defaults to `300`.
@@ -218,8 +218,8 @@ def is_chief(strategy=None):
     or for worker 0 when the cluster has no chief.
 
     Args:
-        strategy: The strategy in use. Defaults to `None`: the current one;
-            outside any scope, `TF_CONFIG` tells.
+        strategy: The strategy in use, or `None` for the current one
+            (outside any scope, `TF_CONFIG` tells). Defaults to `None`.
 
     Returns:
         A `bool`.
@@ -248,8 +248,8 @@ def chief_path(path, strategy=None):
     Args:
         path: File or folder the chief writes (a `str` or `os.PathLike`), or
             `None`, returned as is.
-        strategy: The strategy in use. Defaults to `None`: the current one;
-            outside any scope, `TF_CONFIG` tells.
+        strategy: The strategy in use, or `None` for the current one
+            (outside any scope, `TF_CONFIG` tells). Defaults to `None`.
 
     Returns:
         The path as a `str` (or `None`).

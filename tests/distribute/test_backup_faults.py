@@ -30,7 +30,7 @@ import pytest
 
 from keras_stability.distribute import BackupAndRestore
 from keras_stability.distribute import CorruptBackupError
-from keras_stability.distribute import backup as backup_module
+from keras_stability.distribute import backup_files
 from tests.helpers import run_in_subprocess
 
 EPOCHS = 3
@@ -151,7 +151,7 @@ def test_a_folder_the_callback_created_is_removed_when_empty(tmp_path):
 def test_resume_after_a_crash_at_any_step_equals_uninterrupted(shared, reference, step):
     # Before: the partial epoch was replayed (more optimizer steps, other weights).
     _crash_then_backup(shared, step=step, save_freq=1)
-    with open(os.path.join(shared, backup_module.METADATA)) as f:
+    with open(os.path.join(shared, backup_files.METADATA)) as f:
         metadata = json.load(f)
     epoch, batches_done = divmod(step, STEPS_PER_EPOCH)
     if batches_done == 0:  # crashed after an epoch's last batch, before its end
@@ -186,7 +186,7 @@ class _CrashAtEpochBegin(keras.callbacks.Callback):
 def test_resume_at_an_epoch_boundary(shared, reference, save_freq, position):
     with pytest.raises(RuntimeError, match="simulated crash"):
         _fit(_model(), [BackupAndRestore(shared, save_freq=save_freq), _CrashAtEpochBegin(1)])
-    with open(os.path.join(shared, backup_module.METADATA)) as f:
+    with open(os.path.join(shared, backup_files.METADATA)) as f:
         metadata = json.load(f)
     # Saved after the epoch's last batch: the epoch is recorded as done.
     assert (metadata["epoch"], metadata["batches_done"]) == position
@@ -229,17 +229,17 @@ def fit_killed_during_a_save(folder, kill_point):
             die()
 
     model.save_weights = save_weights
-    real_replace = backup_module._replace
+    real_replace = backup_files._replace
 
     def replace(src, dst):
         if saves[0] == KILL_AT_SAVE:
-            if kill_point == "before commit" and dst.endswith(backup_module.METADATA):
+            if kill_point == "before commit" and dst.endswith(backup_files.METADATA):
                 die()
             if kill_point == "after commit" and dst.endswith(".weights.h5"):
                 die()
         real_replace(src, dst)
 
-    backup_module._replace = replace
+    backup_files._replace = replace
     _fit(model, [BackupAndRestore(folder, save_freq=1)])
 
 
@@ -249,7 +249,7 @@ def test_sigkill_during_a_per_batch_save_then_resume(shared, reference, kill_poi
         run_in_subprocess(
             fit_killed_during_a_save, shared, kill_point, n_cpu_devices=1, timeout=300
         )
-    with open(os.path.join(shared, backup_module.METADATA)) as f:
+    with open(os.path.join(shared, backup_files.METADATA)) as f:
         metadata = json.load(f)
     # The save under way is lost (or, once committed, kept); never half of it.
     done = KILL_AT_SAVE if kill_point == "after commit" else KILL_AT_SAVE - 1
@@ -265,12 +265,12 @@ def test_sigkill_during_a_per_batch_save_then_resume(shared, reference, kill_poi
 
 
 def _corrupt_metadata(folder):
-    with open(os.path.join(folder, backup_module.METADATA), "w") as f:
+    with open(os.path.join(folder, backup_files.METADATA), "w") as f:
         f.write('{"epoch": 1, "batches_')
 
 
 def _delete_metadata(folder):
-    os.remove(os.path.join(folder, backup_module.METADATA))
+    os.remove(os.path.join(folder, backup_files.METADATA))
 
 
 def _weights_file(folder):
