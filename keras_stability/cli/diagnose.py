@@ -34,7 +34,9 @@ class BadInput(Exception):
 
 
 def add_arguments(parser):
-    parser.add_argument("model", metavar="MODEL.keras", help="A saved, compiled Keras model.")
+    parser.add_argument(
+        "model", metavar="MODEL.keras", help="A saved, compiled Keras model."
+    )
     parser.add_argument(
         "--data",
         required=True,
@@ -106,7 +108,9 @@ def _load_data(path):
                     f"`y_train`); found {', '.join(data.files) or 'none'}"
                 )
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
-        raise BadInput(f"{path}: not a readable .npz file ({_first_line(error)})") from None
+        raise BadInput(
+            f"{path}: not a readable .npz file ({_first_line(error)})"
+        ) from None
     _check_arrays(path, x, y)
     return x, y
 
@@ -116,9 +120,13 @@ def _check_arrays(path, x, y):
 
     for name, array in (("x", x), ("y", y)):
         if array.dtype.kind not in "biuf":
-            raise BadInput(f"{path}: `{name}` has dtype {array.dtype}; expected numbers")
+            raise BadInput(
+                f"{path}: `{name}` has dtype {array.dtype}; expected numbers"
+            )
         if array.ndim == 0:
-            raise BadInput(f"{path}: `{name}` is a single number; expected one row per sample")
+            raise BadInput(
+                f"{path}: `{name}` is a single number; expected one row per sample"
+            )
     if len(x) == 0:
         raise BadInput(f"{path}: `x` is empty (0 samples)")
     if len(x) != len(y):
@@ -139,8 +147,13 @@ def _load_model(path):
     try:
         model = keras.saving.load_model(path)
     except Exception as error:  # any failure to read the file: a bad model file
-        raise BadInput(f"{path}: cannot load the model ({_first_line(error)})") from None
-    if getattr(model, "optimizer", None) is None or getattr(model, "loss", None) is None:
+        raise BadInput(
+            f"{path}: cannot load the model ({_first_line(error)})"
+        ) from None
+    if (
+        getattr(model, "optimizer", None) is None
+        or getattr(model, "loss", None) is None
+    ):
         raise BadInput(
             f"{path}: the model is not compiled (no optimizer or loss); compile it "
             "before saving"

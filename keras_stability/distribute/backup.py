@@ -99,8 +99,12 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         super().__init__(
             backup_dir,
             save_freq=save_freq,
-            double_checkpoint=_checks.check_bool("double_checkpoint", double_checkpoint),
-            delete_checkpoint=_checks.check_bool("delete_checkpoint", delete_checkpoint),
+            double_checkpoint=_checks.check_bool(
+                "double_checkpoint", double_checkpoint
+            ),
+            delete_checkpoint=_checks.check_bool(
+                "delete_checkpoint", delete_checkpoint
+            ),
         )
         self.on_corrupt = _checks.check_choice(
             "on_corrupt", on_corrupt, ("raise", "restart")
@@ -237,7 +241,9 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             file_utils.join(self._shared_backup_dir, PREVIOUS_METADATA)
         ):
             try:
-                previous = files.read_metadata(self._shared_backup_dir, PREVIOUS_METADATA)
+                previous = files.read_metadata(
+                    self._shared_backup_dir, PREVIOUS_METADATA
+                )
                 self._previous_weights_file = previous["weights"]
             except CorruptBackupError:
                 pass
@@ -286,7 +292,11 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         weights = files.weights_name(self._save_index)
         temporary = files.partial(file_utils.join(directory, weights))
         self.model.save_weights(filepath=temporary, overwrite=True)
-        stale = self._previous_weights_file if self.double_checkpoint else self._weights_file
+        stale = (
+            self._previous_weights_file
+            if self.double_checkpoint
+            else self._weights_file
+        )
         if self.double_checkpoint:
             self._previous_weights_file = self._weights_file
         self._weights_file = weights
@@ -347,4 +357,3 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
-

@@ -72,7 +72,9 @@ def parse_tf_config(text=None):
     for task_type, addresses in cluster.items():
         field = f"cluster.{task_type}"
         if task_type not in _TASK_TYPES:
-            raise bad(field, f"unknown task type. Expected one of {', '.join(_TASK_TYPES)}")
+            raise bad(
+                field, f"unknown task type. Expected one of {', '.join(_TASK_TYPES)}"
+            )
         if not isinstance(addresses, list) or not addresses:
             raise bad(
                 field,
@@ -115,7 +117,9 @@ def parse_tf_config(text=None):
 
 
 def _check_address(bad, field, address):
-    host, sep, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+    host, sep, port = (
+        address.rpartition(":") if isinstance(address, str) else ("", "", "")
+    )
     if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise bad(
             field,

@@ -13,12 +13,16 @@ from keras_stability.datasets import make_classification
 from tests.helpers import REPO_ROOT
 
 
-def _save(tmp_path, activation, depth, initializer="glorot_uniform", compile_model=True):
+def _save(
+    tmp_path, activation, depth, initializer="glorot_uniform", compile_model=True
+):
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
         [keras.Input((10,))]
         + [
-            keras.layers.Dense(32, activation=activation, kernel_initializer=initializer)
+            keras.layers.Dense(
+                32, activation=activation, kernel_initializer=initializer
+            )
             for _ in range(depth)
         ]
         + [keras.layers.Dense(10)]
@@ -53,9 +57,21 @@ def test_healthy_model_exit_0(tmp_path, data_path, capsys):
 def test_deep_sigmoid_exit_1_names_layers_and_remedies(tmp_path, data_path):
     model_path = _save(tmp_path, "sigmoid", 12)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "keras_stability", "diagnose", model_path, "--data", data_path, "--steps", "8"],
+        [
+            sys.executable,
+            "-m",
+            "keras_stability",
+            "diagnose",
+            model_path,
+            "--data",
+            data_path,
+            "--steps",
+            "8",
+        ],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -76,9 +92,19 @@ def test_deep_sigmoid_exit_1_names_layers_and_remedies(tmp_path, data_path):
 @pytest.mark.slow
 def test_demo_part_gradient_health(tmp_path):
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "keras_stability", "demo", "--parts", "gradient_health", "--quiet"],
+        [
+            sys.executable,
+            "-m",
+            "keras_stability",
+            "demo",
+            "--parts",
+            "gradient_health",
+            "--quiet",
+        ],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -146,7 +172,11 @@ def _rewrite_keras_config(path, tmp_path, name, edit):
 
 def _lambda_model(tmp_path):
     model = keras.Sequential(
-        [keras.Input((10,)), keras.layers.Lambda(lambda t: t * 2), keras.layers.Dense(10)]
+        [
+            keras.Input((10,)),
+            keras.layers.Lambda(lambda t: t * 2),
+            keras.layers.Dense(10),
+        ]
     )
     model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     path = os.path.join(tmp_path, "lambda.keras")
@@ -200,7 +230,11 @@ BAD_INPUTS = {
     ),
     "unknown layer class": (
         _case(
-            lambda t, m, d: [_rewrite_keras_config(m, t, "unknown.keras", _unknown_layer), "--data", d]
+            lambda t, m, d: [
+                _rewrite_keras_config(m, t, "unknown.keras", _unknown_layer),
+                "--data",
+                d,
+            ]
         ),
         r"unknown.keras: cannot load the model \(",
     ),
@@ -255,20 +289,34 @@ BAD_INPUTS = {
     ),
     "empty arrays": (
         _case(
-            lambda t, m, d: [m, "--data", _data(t, x=np.zeros((0, 10), "float32"), y=np.zeros(0, "int32"))]
+            lambda t, m, d: [
+                m,
+                "--data",
+                _data(t, x=np.zeros((0, 10), "float32"), y=np.zeros(0, "int32")),
+            ]
         ),
         r"bad.npz: `x` is empty \(0 samples\)",
     ),
     "NaN in x": (
-        _case(lambda t, m, d: [m, "--data", _data(t, x=_with_nan(_xy()[0]), y=_xy()[1])]),
+        _case(
+            lambda t, m, d: [m, "--data", _data(t, x=_with_nan(_xy()[0]), y=_xy()[1])]
+        ),
         r"bad.npz: `x` has 3 NaN or infinite values",
     ),
     "string features": (
-        _case(lambda t, m, d: [m, "--data", _data(t, x=_xy()[0].astype(str), y=_xy()[1])]),
+        _case(
+            lambda t, m, d: [m, "--data", _data(t, x=_xy()[0].astype(str), y=_xy()[1])]
+        ),
         r"bad.npz: `x` has dtype <U\d+; expected numbers",
     ),
     "non-numeric labels": (
-        _case(lambda t, m, d: [m, "--data", _data(t, x=_xy()[0], y=np.array(["cat", "dog"] * 64))]),
+        _case(
+            lambda t, m, d: [
+                m,
+                "--data",
+                _data(t, x=_xy()[0], y=np.array(["cat", "dog"] * 64)),
+            ]
+        ),
         r"bad.npz: `y` has dtype <U3; expected numbers",
     ),
     "labels out of range": (
@@ -286,7 +334,9 @@ def _rewrite_name(path, tmp_path, name):
 
 def _two_inputs(tmp_path):
     a, b = keras.Input((10,)), keras.Input((10,))
-    model = keras.Model([a, b], keras.layers.Dense(10)(keras.layers.Concatenate()([a, b])))
+    model = keras.Model(
+        [a, b], keras.layers.Dense(10)(keras.layers.Concatenate()([a, b]))
+    )
     model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     path = os.path.join(tmp_path, "two.keras")
     model.save(path)
@@ -329,7 +379,9 @@ BAD_OPTIONS = {
 
 
 @pytest.mark.parametrize("case", BAD_OPTIONS)
-def test_bad_option_exits_2_with_argparse_usage_and_one_error_line(tmp_path, capsys, case):
+def test_bad_option_exits_2_with_argparse_usage_and_one_error_line(
+    tmp_path, capsys, case
+):
     model, data = _good(tmp_path)
     argv = [model] + (["--data", data] + BAD_OPTIONS[case] if BAD_OPTIONS[case] else [])
     with pytest.raises(SystemExit) as info:
@@ -346,7 +398,9 @@ def test_bad_inputs_in_a_real_process_print_no_traceback(tmp_path):
     truncated = _truncated(model, tmp_path, "half.keras")
     lambda_model = _lambda_model(tmp_path)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p
+    )
     script = (
         "import sys\n"
         "from keras_stability.cli.main import main\n"
@@ -355,15 +409,33 @@ def test_bad_inputs_in_a_real_process_print_no_traceback(tmp_path):
         "print(codes)\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "keras_stability", "diagnose", truncated, "--data", data],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "keras_stability",
+            "diagnose",
+            truncated,
+            "--data",
+            data,
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, (
+        proc.stderr
+    )
     assert "Traceback" not in proc.stderr
     proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True,
-        text=True, timeout=300,
+        [sys.executable, "-c", script],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.stdout.strip() == "[2, 2, 2]", proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr

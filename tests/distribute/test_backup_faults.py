@@ -44,7 +44,11 @@ USER_TEXT = "epoch,accuracy\n0,0.5\n"
 def _model():
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
-        [keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(1)]
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(4, activation="tanh"),
+            keras.layers.Dense(1),
+        ]
     )
     model.compile(keras.optimizers.Adam(0.05), "mse")
     return model
@@ -58,7 +62,12 @@ def _data():
 def _fit(model, callbacks=()):
     x, y = _data()
     return model.fit(
-        x, y, epochs=EPOCHS, batch_size=BATCH, shuffle=False, verbose=0,
+        x,
+        y,
+        epochs=EPOCHS,
+        batch_size=BATCH,
+        shuffle=False,
+        verbose=0,
         callbacks=list(callbacks),
     )
 
@@ -165,7 +174,9 @@ def test_resume_after_a_crash_at_any_step_equals_uninterrupted(shared, reference
 
 
 @pytest.mark.parametrize("step", [2, 4, 7])
-def test_resume_between_saves_redoes_the_steps_since_the_last_one(shared, reference, step):
+def test_resume_between_saves_redoes_the_steps_since_the_last_one(
+    shared, reference, step
+):
     _crash_then_backup(shared, step=step, save_freq=3)
     model = _model()
     _fit(model, [BackupAndRestore(shared, save_freq=3)])
@@ -185,7 +196,10 @@ class _CrashAtEpochBegin(keras.callbacks.Callback):
 @pytest.mark.parametrize(("save_freq", "position"), [(2, (1, 0)), (3, (0, 3))])
 def test_resume_at_an_epoch_boundary(shared, reference, save_freq, position):
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _fit(_model(), [BackupAndRestore(shared, save_freq=save_freq), _CrashAtEpochBegin(1)])
+        _fit(
+            _model(),
+            [BackupAndRestore(shared, save_freq=save_freq), _CrashAtEpochBegin(1)],
+        )
     with open(os.path.join(shared, backup_files.METADATA)) as f:
         metadata = json.load(f)
     # Saved after the epoch's last batch: the epoch is recorded as done.
@@ -243,7 +257,9 @@ def fit_killed_during_a_save(folder, kill_point):
     _fit(model, [BackupAndRestore(folder, save_freq=1)])
 
 
-@pytest.mark.parametrize("kill_point", ["writing weights", "before commit", "after commit"])
+@pytest.mark.parametrize(
+    "kill_point", ["writing weights", "before commit", "after commit"]
+)
 def test_sigkill_during_a_per_batch_save_then_resume(shared, reference, kill_point):
     with pytest.raises(AssertionError, match="died with exit code -9"):
         run_in_subprocess(
@@ -253,7 +269,9 @@ def test_sigkill_during_a_per_batch_save_then_resume(shared, reference, kill_poi
         metadata = json.load(f)
     # The save under way is lost (or, once committed, kept); never half of it.
     done = KILL_AT_SAVE if kill_point == "after commit" else KILL_AT_SAVE - 1
-    assert (metadata["epoch"], metadata["batches_done"]) == divmod(done, STEPS_PER_EPOCH)
+    assert (metadata["epoch"], metadata["batches_done"]) == divmod(
+        done, STEPS_PER_EPOCH
+    )
     model = _model()
     _fit(model, [BackupAndRestore(shared, save_freq=1)])
     _assert_uninterrupted(model, reference)
@@ -333,7 +351,9 @@ def test_a_corrupt_backup_gets_one_clear_error(shared, fault):
     assert __import__("re").search(problem, message), message
     assert 'on_corrupt="restart"' in message
     # Nothing was touched: not the folder, not the model.
-    assert {f: os.path.getsize(os.path.join(shared, f)) for f in os.listdir(shared)} == before
+    assert {
+        f: os.path.getsize(os.path.join(shared, f)) for f in os.listdir(shared)
+    } == before
     assert _user_file_intact(shared)
     for a, b in zip(model.get_weights(), initial, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -341,7 +361,9 @@ def test_a_corrupt_backup_gets_one_clear_error(shared, fault):
 
 
 @pytest.mark.parametrize("fault", FAULTS)
-def test_a_corrupt_backup_with_restart_warns_and_trains_afresh(shared, reference, fault):
+def test_a_corrupt_backup_with_restart_warns_and_trains_afresh(
+    shared, reference, fault
+):
     damage, problem = FAULTS[fault]
     _crash_then_backup(shared, step=6, save_freq=1)
     damage(shared)
@@ -366,5 +388,7 @@ def test_double_checkpoint_falls_back_to_the_previous_backup(shared, reference):
 
 
 def test_on_corrupt_is_validated():
-    with pytest.raises(ValueError, match=r"`on_corrupt`. Expected one of 'raise', 'restart'"):
+    with pytest.raises(
+        ValueError, match=r"`on_corrupt`. Expected one of 'raise', 'restart'"
+    ):
         BackupAndRestore("/tmp/b", on_corrupt="ignore")

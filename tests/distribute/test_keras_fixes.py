@@ -26,7 +26,10 @@ def test_fixes_are_idempotent_reversible_and_change_nothing_single_worker():
         assert keras_fixes.enable_multi_worker_fixes() is True
         assert keras_fixes.enable_multi_worker_fixes() is False
         assert tf_trainer.reduce_per_replica is not original_reduce
-        assert _keras_internals.multi_worker_patch_targets()["reduce_per_replica"] is original_reduce
+        assert (
+            _keras_internals.multi_worker_patch_targets()["reduce_per_replica"]
+            is original_reduce
+        )
         weights_after, history_after = _fit_once()
     finally:
         assert keras_fixes.disable_multi_worker_fixes() is True

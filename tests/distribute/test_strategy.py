@@ -33,11 +33,20 @@ def test_parse_tf_config_accepts_valid_and_unset(monkeypatch):
         ("[1]", r"expected a JSON object"),
         (_config(cluster={}), r"field `cluster`"),
         (_config(cluster={"boss": ["a:1"]}), r"`cluster.boss`: unknown task type"),
-        (_config(cluster={"worker": "a:1"}), r"`cluster.worker`: expected a non-empty list"),
-        (_config(cluster={"worker": ["localhost"]}), r"'localhost' is\s+not a 'host:port'"),
+        (
+            _config(cluster={"worker": "a:1"}),
+            r"`cluster.worker`: expected a non-empty list",
+        ),
+        (
+            _config(cluster={"worker": ["localhost"]}),
+            r"'localhost' is\s+not a 'host:port'",
+        ),
         (_config(task=None), r"field `task`"),
         (_config(task={"type": "chief", "index": 0}), r"`task.type`: 'chief'"),
-        (_config(task={"type": "worker", "index": 2}), r"`task.index`.*\[0, 2\).*index=2"),
+        (
+            _config(task={"type": "worker", "index": 2}),
+            r"`task.index`.*\[0, 2\).*index=2",
+        ),
         (_config(task={"type": "worker", "index": "0"}), r"`task.index`.*index='0'"),
         (_config(task={"type": "worker", "index": True}), r"`task.index`.*index=True"),
         # Found by the audit: two chiefs and port 99999999 were accepted.
@@ -65,9 +74,13 @@ def test_parse_tf_config_says_where_the_text_came_from(monkeypatch):
     with pytest.raises(ValueError, match=r"\(read from the argument `text`\)\.$"):
         ksd.parse_tf_config("{nope")
     monkeypatch.setenv("TF_CONFIG", "{nope")
-    with pytest.raises(ValueError, match=r"\(read from the TF_CONFIG environment variable\)"):
+    with pytest.raises(
+        ValueError, match=r"\(read from the TF_CONFIG environment variable\)"
+    ):
         ksd.parse_tf_config()
-    with pytest.raises(ValueError, match=r"`text`\. Expected a string or None\. Received: text=123"):
+    with pytest.raises(
+        ValueError, match=r"`text`\. Expected a string or None\. Received: text=123"
+    ):
         ksd.parse_tf_config(123)
 
 
@@ -94,7 +107,9 @@ def test_get_strategy_rejects_malformed_tf_config_and_timeout(monkeypatch):
     with pytest.raises(ValueError, match=r"`task.index`"):
         ksd.get_strategy()
     monkeypatch.delenv("TF_CONFIG")
-    with pytest.raises(ValueError, match=r"`timeout_seconds`.*Received: timeout_seconds=0"):
+    with pytest.raises(
+        ValueError, match=r"`timeout_seconds`.*Received: timeout_seconds=0"
+    ):
         ksd.get_strategy(timeout_seconds=0)
     with pytest.raises(ValueError, match=r"`tpu`.*Received: tpu=''"):
         ksd.get_strategy(tpu="")
@@ -149,7 +164,11 @@ def test_chief_from_tf_config_outside_a_scope(monkeypatch, tmp_path):
     assert ksd.is_chief()
     assert ksd.chief_path(str(tmp_path / "plot.png")) == str(tmp_path / "plot.png")
     chief_cluster = {"chief": ["localhost:1"], "worker": ["localhost:2"]}
-    monkeypatch.setenv("TF_CONFIG", _config(cluster=chief_cluster, task={"type": "worker", "index": 0}))
+    monkeypatch.setenv(
+        "TF_CONFIG", _config(cluster=chief_cluster, task={"type": "worker", "index": 0})
+    )
     assert not ksd.is_chief()
-    monkeypatch.setenv("TF_CONFIG", _config(cluster=chief_cluster, task={"type": "chief", "index": 0}))
+    monkeypatch.setenv(
+        "TF_CONFIG", _config(cluster=chief_cluster, task={"type": "chief", "index": 0})
+    )
     assert ksd.is_chief()
