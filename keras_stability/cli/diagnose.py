@@ -57,8 +57,15 @@ def add_arguments(parser):
     )
 
 
-def _first_line(error):
-    """`TypeName: first line of the message`, at most 200 characters."""
+def _first_line(error, root_cause=False):
+    """`TypeName: first line of the message`, cut to about 200 characters.
+
+    With `root_cause`, reports the innermost exception of the chain (Keras
+    wraps "Could not locate class 'X'" in a generic deserialization error).
+    """
+    if root_cause:
+        while (error.__cause__ or error.__context__) is not None:
+            error = error.__cause__ or error.__context__
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     line = lines[0] if lines else ""
     if line == "Graph execution error:":
@@ -68,7 +75,8 @@ def _first_line(error):
         said = [s for s in lines if not s.startswith(skip)]
         line = said[-1] if said else line
     if len(line) > 200:
-        line = line[:197] + "..."
+        end = line.rfind(". ", 0, 200)
+        line = line[: end + 1] if end > 40 else line[:197] + "..."
     return f"{type(error).__name__}: {line}" if line else type(error).__name__
 
 
@@ -144,11 +152,19 @@ def _load_model(path):
     import keras_stability  # noqa: F401  (registers serializable classes)
 
     _check_file(path, ".keras")
+    if path.endswith(".keras") and not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            damaged = f.read(4) == b"PK\x03\x04"
+        raise BadInput(
+            f"{path}: a truncated or damaged .keras file (no zip directory)"
+            if damaged
+            else f"{path}: not a .keras file (a zip archive written by model.save)"
+        )
     try:
         model = keras.saving.load_model(path)
     except Exception as error:  # any failure to read the file: a bad model file
         raise BadInput(
-            f"{path}: cannot load the model ({_first_line(error)})"
+            f"{path}: cannot load the model ({_first_line(error, root_cause=True)})"
         ) from None
     if (
         getattr(model, "optimizer", None) is None

@@ -214,19 +214,20 @@ BAD_INPUTS = {
     ),
     "truncated model": (
         _case(lambda t, m, d: [_truncated(m, t, "half.keras"), "--data", d]),
-        r"half.keras: cannot load the model \(",
+        r"half.keras: a truncated or damaged \.keras file \(no zip directory\)",
     ),
     "model not a zip": (
         _case(lambda t, m, d: [_write(t, "text.keras", b"not a model\n"), "--data", d]),
-        r"text.keras: cannot load the model \(",
+        r"text.keras: not a \.keras file \(a zip archive written by model.save\)",
     ),
     "npz given as the model": (
         _case(lambda t, m, d: [_rewrite_name(d, t, "data.keras"), "--data", d]),
-        r"data.keras: cannot load the model \(",
+        r"data.keras: cannot load the model \(KeyError: .*config.json",
     ),
     "Lambda layer (safe mode)": (
         _case(lambda t, m, d: [_lambda_model(t), "--data", d]),
-        r"lambda.keras: cannot load the model \(.*Lambda",
+        r"lambda.keras: cannot load the model \(ValueError: Requested the "
+        r"deserialization of a `Lambda` layer .*disallowed by default\.\)$",
     ),
     "unknown layer class": (
         _case(
@@ -236,7 +237,8 @@ BAD_INPUTS = {
                 d,
             ]
         ),
-        r"unknown.keras: cannot load the model \(",
+        r"unknown.keras: cannot load the model \(TypeError: Could not locate class "
+        r"'NoSuchLayer'\.",
     ),
     "uncompiled model": (
         _case(lambda t, m, d: [_save(t, "tanh", 1, compile_model=False), "--data", d]),
