@@ -2,6 +2,7 @@
 and the Keras 3 fixes that multi-worker `fit` needs."""
 
 from keras_stability.distribute.backup import BackupAndRestore
+from keras_stability.distribute.backup import CorruptBackupError
 from keras_stability.distribute.keras_fixes import disable_multi_worker_fixes
 from keras_stability.distribute.keras_fixes import enable_multi_worker_fixes
 from keras_stability.distribute.keras_fixes import multi_worker_fixes_enabled
@@ -12,6 +13,7 @@ from keras_stability.distribute.strategy import parse_tf_config
 
 __all__ = [
     "BackupAndRestore",
+    "CorruptBackupError",
     "chief_path",
     "disable_multi_worker_fixes",
     "enable_multi_worker_fixes",

@@ -1,36 +1,76 @@
-"""`BackupAndRestore` that is safe with several workers and with a killed process."""
+"""`BackupAndRestore` that is safe with several workers, a killed process and a
+shared folder. The folder's files and their atomic commit: `backup_files`."""
 
-import json
-import os
+import warnings
 
 import keras
-from keras.src.utils import file_utils
 
+from keras_stability import _checks
+from keras_stability import _keras_internals
+from keras_stability._keras_internals import file_utils
+from keras_stability.distribute import backup_files as files
+from keras_stability.distribute.backup_files import METADATA
+from keras_stability.distribute.backup_files import PREVIOUS_METADATA
+from keras_stability.distribute.backup_files import CorruptBackupError
 from keras_stability.distribute.strategy import chief_path
 
 
 @keras.saving.register_keras_serializable(package="keras_stability")
 class BackupAndRestore(keras.callbacks.BackupAndRestore):
-    """`keras.callbacks.BackupAndRestore` for multi-worker runs and crashes.
+    """`keras.callbacks.BackupAndRestore` for multi-worker runs, kills and shared folders.
 
-    Same arguments and behaviour as Keras' callback, with two differences:
+    Same arguments and purpose as Keras' callback: after an interruption,
+    `fit` with this callback restores the last backup (weights, optimizer
+    state, position in training) and goes on. The differences:
 
+    - Exact resume inside an epoch: with `save_freq=N`, training resumes at
+      the batch after the last backup, not at the start of its epoch, so the
+      resumed run makes the same optimizer steps on the same batches as an
+      uninterrupted one (with data that is not shuffled, or shuffled the
+      same way; not with `steps_per_epoch` over a dataset that carries on
+      across epochs). The skipped batches are drawn from the data without
+      training; other callbacks see them with empty logs, and the resumed
+      epoch's logged loss averages its remaining batches only.
+    - Deletes only what it wrote: at the end of training (with
+      `delete_checkpoint=True`) it removes its own files, and the folder only
+      if that leaves it empty and this callback created it. Keras' callback
+      removes the whole folder, whatever else it holds.
+    - Atomic backups: the weights go to a new file, then the metadata that
+      names them is written to a temporary file and renamed over the old
+      one, so a process killed at any moment of a save leaves the previous
+      backup intact and usable.
+    - A corrupt or partial backup (unreadable or truncated files, metadata
+      missing while weights remain) raises one `CorruptBackupError` naming
+      the folder and the problem, or, with `on_corrupt="restart"`, warns and
+      starts afresh. It never retrains from scratch silently.
     - Chief-only writing: under `MultiWorkerMirroredStrategy` every worker
       restores from `backup_dir`, but only the chief writes there; the other
       workers write to a throw-away folder (`chief_path`). Keras 3's own
       callback makes every worker write the same file, which fails
       (`BlockingIOError: unable to lock file`) or races.
-    - Atomic files: weights and metadata are written next to their final
-      name and moved into place, so a process killed while saving leaves the
-      previous backup intact.
+
+    Files in `backup_dir`: `training_metadata.json` (and
+    `training_metadata.json.bkp` with `double_checkpoint`) and
+    `backup-NNNNNNNN.weights.h5`, plus temporary `.partial` and `.tmp` files
+    while a save is under way.
 
     Args:
         backup_dir: Folder of the backup, shared by all workers (a network
-            file system or a bucket on several machines).
-        save_freq: `"epoch"` or a number of batches. Defaults to `"epoch"`.
-        double_checkpoint: Keep the previous backup too. Defaults to `False`.
+            file system or a bucket on several machines). It may hold other
+            files; they are left alone.
+        save_freq: `"epoch"`, or a positive integer: back up every that many
+            batches. Defaults to `"epoch"`.
+        double_checkpoint: Keep the previous backup too, and fall back to it
+            if the latest cannot be read. Defaults to `False`.
         delete_checkpoint: Delete the backup when training ends normally.
             Defaults to `True`.
+        on_corrupt: What to do when the backup in `backup_dir` cannot be
+            resumed from: `"raise"` a `CorruptBackupError`, or `"restart"`:
+            warn, delete the unusable backup files and train from the start.
+            Defaults to `"raise"`.
+
+    Raises:
+        ValueError: If an argument is invalid.
 
     Example:
 
@@ -49,50 +89,261 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         save_freq="epoch",
         double_checkpoint=False,
         delete_checkpoint=True,
+        on_corrupt="raise",
     ):
+        backup_dir = _checks.check_path("backup_dir", backup_dir)
+        if not (isinstance(save_freq, str) and save_freq == "epoch"):
+            save_freq = _checks.check_int(
+                "save_freq", save_freq, low=1, what='"epoch" or a positive integer'
+            )
         super().__init__(
             backup_dir,
             save_freq=save_freq,
-            double_checkpoint=double_checkpoint,
-            delete_checkpoint=delete_checkpoint,
+            double_checkpoint=_checks.check_bool(
+                "double_checkpoint", double_checkpoint
+            ),
+            delete_checkpoint=_checks.check_bool(
+                "delete_checkpoint", delete_checkpoint
+            ),
+        )
+        self.on_corrupt = _checks.check_choice(
+            "on_corrupt", on_corrupt, ("raise", "restart")
         )
         self._shared_backup_dir = backup_dir
+        self._reset_state()
 
-    def _use_dir(self, backup_dir):
-        self.backup_dir = backup_dir
-        self._weights_path = file_utils.join(backup_dir, "latest.weights.h5")
-        self._training_metadata_path = file_utils.join(
-            backup_dir, "training_metadata.json"
-        )
-        self._prev_weights_path = f"{self._weights_path}.bkp"
-        self._prev_training_metadata_path = f"{self._training_metadata_path}.bkp"
+    def _reset_state(self):
+        self._epoch = 0
+        self._batches_done = 0
+        self._batches_since_save = 0
+        self._resume = None  # (epoch, batches done) restored, until that epoch begins
+        self._save_index = 0
+        self._weights_file = None  # of the latest backup this run knows of
+        self._weights_bytes = None
+        self._last_saved = None  # (epoch, batches done) of the latest backup
+        self._previous_weights_file = None
+        self._created_dir = None  # unknown until the first save or restore
+
+    # -- restoring ---------------------------------------------------------
 
     def on_train_begin(self, logs=None):
-        # Every worker restores the chief's backup, then writes to its own place.
-        self._use_dir(self._shared_backup_dir)
-        super().on_train_begin(logs)
-        self._use_dir(chief_path(self._shared_backup_dir, self.model.distribute_strategy))
+        self._reset_state()
+        _keras_internals.cancel_skip_train_batches(self.model)
+        if not self.model.built:
+            raise ValueError(
+                "To use the BackupAndRestore callback, the model must be built "
+                f"before `fit()`. Model {self.model.name!r} is unbuilt: build it by "
+                "calling it on a batch of data or with an `Input`."
+            )
+        write_dir = chief_path(self._shared_backup_dir, self.model.distribute_strategy)
+        writes_shared = write_dir == self._shared_backup_dir
+        restored = self._restore(writes_shared)
+        self.backup_dir = write_dir
+        if restored is None:
+            _keras_internals.set_initial_epoch(self.model, None)
+        else:
+            epoch, batches_done = restored
+            steps = (self.params or {}).get("steps")
+            if steps and batches_done >= steps:
+                epoch, batches_done = epoch + 1, 0  # saved after the epoch's last batch
+            _keras_internals.set_initial_epoch(self.model, epoch)
+            if batches_done:
+                self._resume = (epoch, batches_done)
+                _keras_internals.skip_train_batches(self.model, batches_done)
+        if writes_shared:
+            self._remove_unreferenced()
+        else:
+            # A worker's throw-away folder: its own files only, never the chief's.
+            self._created_dir = None
+            self._weights_file = self._previous_weights_file = None
+
+    def _restore(self, writes_shared):
+        """Loads the newest usable backup; returns `(epoch, batches_done)` or `None`."""
+        directory = self._shared_backup_dir
+        if not file_utils.exists(directory):
+            return None
+        problems = []
+        for name in (METADATA, PREVIOUS_METADATA):
+            if not file_utils.exists(file_utils.join(directory, name)):
+                continue
+            try:
+                metadata = files.read_metadata(directory, name)
+                self._load_weights(files.weights_path(directory, metadata), metadata)
+            except CorruptBackupError as e:
+                problems.append(str(e))
+                continue
+            if problems:
+                warnings.warn(
+                    f"BackupAndRestore: the latest backup in {directory!r} cannot be "
+                    f"used ({problems[0]}); resumed from the previous one "
+                    f"({PREVIOUS_METADATA}) instead.",
+                    stacklevel=3,
+                )
+            self._adopt(metadata)
+            return metadata["epoch"], metadata["batches_done"]
+        if not problems:
+            left = files.committed_weights(directory)
+            if not left:
+                return None  # nothing committed yet: a fresh start
+            problems.append(
+                f"{METADATA} is missing but the weights file {left[-1]} remains "
+                "(a partial backup: without the metadata the position in "
+                "training is unknown)"
+            )
+        problem = "; the previous backup too: ".join(problems)
+        if self.on_corrupt == "raise":
+            raise CorruptBackupError(
+                f"BackupAndRestore cannot resume from the backup in {directory!r}: "
+                f"{problem}. Delete the backup files ({METADATA}*, "
+                "backup-*.weights.h5) to start afresh, or pass "
+                'on_corrupt="restart" to do so automatically.'
+            )
+        warnings.warn(
+            f"BackupAndRestore: the backup in {directory!r} cannot be resumed from "
+            f"({problem}); training starts afresh"
+            + (" and its backup files are deleted." if writes_shared else "."),
+            stacklevel=3,
+        )
+        if writes_shared:
+            for name in files.own_files(directory):
+                files.remove(directory, name)
+        return None
+
+    def _load_weights(self, path, metadata):
+        """Loads weights and optimizer state; on failure leaves the model as it was."""
+        optimizer = self.model.optimizer
+        if optimizer is not None and not optimizer.built:
+            # Make sure optimizer variables exist before loading.
+            optimizer.build(self.model.trainable_variables)
+        variables = list(self.model.variables)
+        if optimizer is not None:
+            variables += list(optimizer.variables)
+        before = [v.numpy() for v in variables]
+        try:
+            self.model.load_weights(path)
+        except Exception as e:  # any failure to read our file means an unusable backup
+            for v, value in zip(variables, before, strict=True):
+                v.assign(value)
+            first_line = (str(e).strip().splitlines() or [""])[0][:200]
+            raise CorruptBackupError(
+                f"the weights file {metadata['weights']} cannot be loaded into this "
+                f"model ({type(e).__name__}: {first_line})"
+            ) from None
+
+    def _adopt(self, metadata):
+        """Carries on the numbering and file bookkeeping of the restored backup."""
+        self._created_dir = metadata.get("created_backup_dir", False)
+        self._save_index = metadata.get("save_index", 0) + 1
+        self._weights_file = metadata["weights"]
+        self._weights_bytes = metadata.get("weights_bytes")
+        self._previous_weights_file = None
+        if self.double_checkpoint and file_utils.exists(
+            file_utils.join(self._shared_backup_dir, PREVIOUS_METADATA)
+        ):
+            try:
+                previous = files.read_metadata(
+                    self._shared_backup_dir, PREVIOUS_METADATA
+                )
+                self._previous_weights_file = previous["weights"]
+            except CorruptBackupError:
+                pass
+
+    # -- saving ------------------------------------------------------------
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._batches_done = 0
+        if self._resume is not None and self._resume[0] == epoch:
+            self._batches_done = self._resume[1]
+        self._resume = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        done = batch + 1
+        if done <= self._batches_done:
+            return  # a batch done before the interruption, skipped on resume
+        self._batches_since_save += done - self._batches_done
+        self._batches_done = done
+        if self.save_freq != "epoch" and self._batches_since_save >= self.save_freq:
+            self._batches_since_save = 0
+            self._save(self._epoch, done)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.save_freq == "epoch":
+            self._save(epoch + 1, 0)
+        elif self._last_saved == (epoch, self._batches_done):
+            # Saved after the epoch's last batch: say the epoch is done, so a
+            # resume starts the next one rather than an epoch with nothing left.
+            self._commit(epoch + 1, 0, keep_previous=False)
+        self._batches_done = 0
 
     def _save_model(self):
-        if not file_utils.exists(self.backup_dir):
-            file_utils.makedirs(self.backup_dir)
-        if self.double_checkpoint and file_utils.exists(self._weights_path):
-            file_utils.copy(self._weights_path, self._prev_weights_path)
-        if self.double_checkpoint and file_utils.exists(self._training_metadata_path):
-            file_utils.copy(
-                self._training_metadata_path, self._prev_training_metadata_path
-            )
-        partial_weights = file_utils.join(self.backup_dir, "partial.weights.h5")
-        partial_metadata = f"{self._training_metadata_path}.partial"
-        self.model.save_weights(filepath=partial_weights, overwrite=True)
-        with file_utils.File(partial_metadata, "w") as f:
-            f.write(
-                json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen})
-            )
-        # Weights first: a crash between the two moves leaves new weights
-        # with the previous epoch count, which only repeats work.
-        _replace(partial_weights, self._weights_path)
-        _replace(partial_metadata, self._training_metadata_path)
+        """Keras' hook (e.g. preemption); saves the current position."""
+        self._save(self._epoch, self._batches_done)
+
+    def _save(self, epoch, batches_done):
+        """One backup: a new weights file, then the metadata naming it, atomically."""
+        directory = self.backup_dir
+        if not file_utils.exists(directory):
+            file_utils.makedirs(directory)
+            if self._created_dir is None:
+                self._created_dir = True
+        elif self._created_dir is None:
+            self._created_dir = False
+        weights = files.weights_name(self._save_index)
+        temporary = files.partial(file_utils.join(directory, weights))
+        self.model.save_weights(filepath=temporary, overwrite=True)
+        stale = (
+            self._previous_weights_file
+            if self.double_checkpoint
+            else self._weights_file
+        )
+        if self.double_checkpoint:
+            self._previous_weights_file = self._weights_file
+        self._weights_file = weights
+        self._weights_bytes = files.size(temporary)
+        self._commit(epoch, batches_done, keep_previous=self.double_checkpoint)
+        files.finish_weights(directory, weights)
+        if stale and stale not in (weights, self._previous_weights_file):
+            files.remove(directory, stale)
+        self._save_index += 1
+
+    def _commit(self, epoch, batches_done, keep_previous):
+        files.commit(
+            self.backup_dir,
+            {
+                "epoch": epoch,
+                "batches_done": batches_done,
+                "weights": self._weights_file,
+                "weights_bytes": self._weights_bytes,
+                "save_index": files.weights_index(self._weights_file),
+                "created_backup_dir": self._created_dir,
+            },
+            keep_previous=keep_previous,
+        )
+        self._last_saved = (epoch, batches_done)
+
+    # -- cleaning up -------------------------------------------------------
+
+    def _remove_unreferenced(self):
+        """Finishes or removes what a killed save left (never a file a backup names)."""
+        keep = {self._weights_file, self._previous_weights_file} - {None}
+        for name in keep:
+            if name != files.LEGACY_WEIGHTS:
+                files.finish_weights(self.backup_dir, name)
+        for name in files.own_files(self.backup_dir):
+            if name in (METADATA, PREVIOUS_METADATA) or name in keep:
+                continue
+            files.remove(self.backup_dir, name)
+
+    def on_train_end(self, logs=None):
+        _keras_internals.cancel_skip_train_batches(self.model)
+        _keras_internals.set_initial_epoch(self.model, None)
+        if not self.delete_checkpoint or not file_utils.exists(self.backup_dir):
+            return
+        for name in files.own_files(self.backup_dir):
+            files.remove(self.backup_dir, name)
+        if self._created_dir:
+            files.remove_dir_if_empty(self.backup_dir)
 
     def get_config(self):
         return {
@@ -100,13 +351,9 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             "save_freq": self.save_freq,
             "double_checkpoint": self.double_checkpoint,
             "delete_checkpoint": self.delete_checkpoint,
+            "on_corrupt": self.on_corrupt,
         }
 
-
-def _replace(src, dst):
-    if file_utils.is_remote_path(dst):
-        # Buckets have no atomic rename; a copy is the best they offer.
-        file_utils.copy(src, dst)
-        file_utils.remove(src)
-    else:
-        os.replace(src, dst)
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

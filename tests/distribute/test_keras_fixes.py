@@ -1,30 +1,12 @@
+"""The public switch of the multi-worker fixes (the patches are pinned in
+`tests/test_keras_internals.py`)."""
+
 import keras
 import numpy as np
 from keras.src.backend.tensorflow import trainer as tf_trainer
 
+from keras_stability import _keras_internals
 from keras_stability.distribute import keras_fixes
-
-# SHA-256 of the Keras functions the fixes replace, as in Keras 3.15.1. When
-# this test fails, Keras changed them: check whether keras-team/keras#20585
-# is fixed (then drop the fix) or re-derive the fix from the new code, and
-# update the digests.
-PINNED = {
-    "TensorFlowTrainer._maybe_symbolic_build": (
-        "92a504f5eba9b29f81f1bf26180bdd5bf5186b06b7bda426534b90d2d02bc1c2"
-    ),
-    "reduce_per_replica": "2e7d54b1e6edc29a8c6a7e6b66cd4c8be3ba7842412c93753ac3afe169fa7fb8",
-}
-
-
-def test_patched_keras_code_is_unchanged_upstream():
-    digests = {
-        name: keras_fixes.source_digest(fn)
-        for name, fn in keras_fixes.patched_targets().items()
-    }
-    assert digests == PINNED, (
-        "Keras changed code that keras_stability.distribute patches "
-        f"(Keras {keras.__version__}); see keras_stability/distribute/keras_fixes.py."
-    )
 
 
 def _fit_once():
@@ -44,7 +26,10 @@ def test_fixes_are_idempotent_reversible_and_change_nothing_single_worker():
         assert keras_fixes.enable_multi_worker_fixes() is True
         assert keras_fixes.enable_multi_worker_fixes() is False
         assert tf_trainer.reduce_per_replica is not original_reduce
-        assert keras_fixes.patched_targets()["reduce_per_replica"] is original_reduce
+        assert (
+            _keras_internals.multi_worker_patch_targets()["reduce_per_replica"]
+            is original_reduce
+        )
         weights_after, history_after = _fit_once()
     finally:
         assert keras_fixes.disable_multi_worker_fixes() is True
