@@ -86,7 +86,7 @@ class AdaptiveClipping(keras.callbacks.Callback):
         verbose=1,
     ):
         super().__init__()
-        self.policy = clipping_module.get(policy)
+        self.policy = clipping_module.get_policy("clipping", policy)
         self.skip_nonfinite = skip_nonfinite
         self.skip_spikes = skip_spikes
         self.log_statistics = bool(log_statistics)

@@ -205,7 +205,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 f"GuardedOptimizer got unexpected arguments: {sorted(kwargs)}"
             )
         _check_inner_optimizer(inner_optimizer)
-        clipping = clipping_module.get(clipping)
+        clipping = clipping_module.get_policy("clipping", clipping)
         skip_spikes = _get_spike_skipping(skip_spikes)
         if not isinstance(skip_nonfinite, bool):
             raise ValueError(

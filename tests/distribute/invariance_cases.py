@@ -65,7 +65,7 @@ def _build(case):
         optimizer = _guarded()
     elif case == "spike":
         optimizer = _guarded(
-            skip_spikes=clipping.SpikeSkipping(window=8, threshold=3.0, min_samples=3)
+            skip_spikes=clipping.SpikeSkipping(window=8, z_threshold=3.0, min_samples=3)
         )
     elif case == "pruning":
         optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
