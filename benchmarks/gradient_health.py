@@ -13,7 +13,7 @@ from `overhead()` below.
    and, for reference, the guard without its skip `cond`, Keras'
    `LossScaleOptimizer`, which skips non-finite steps the same way, and
    Keras' `global_clipnorm`, which waits for the global norm too; with
-   `GradientMonitor(every_n_steps=1)` + `GradientExplosionDetector`, with the
+   `GradientMonitor(check_freq=1)` + `GradientExplosionDetector`, with the
    monitor every 10 steps + detector, and with the detector alone (fit's
    inner loop in interleaved bursts, paired per-round ratios).
 2. Rescue rate: a small transformer language model at learning rates where
@@ -118,11 +118,11 @@ def overhead(rounds, workload, burst=None):
         "Keras LossScaleOptimizer (for reference)": lambda: [],
         "Keras global_clipnorm=1.0 (for reference)": lambda: [],
         "monitor(every step) + detector": lambda: [
-            GradientMonitor(every_n_steps=1, verbose=0),
+            GradientMonitor(check_freq=1, verbose=0),
             GradientExplosionDetector(verbose=0),
         ],
         "monitor(every 10) + detector": lambda: [
-            GradientMonitor(every_n_steps=10, verbose=0),
+            GradientMonitor(check_freq=10, verbose=0),
             GradientExplosionDetector(verbose=0),
         ],
         "detector only": lambda: [GradientExplosionDetector(verbose=0)],
@@ -322,7 +322,7 @@ def rescue(seeds, lrs, epochs=6):
                     runs.append(_fit_lm(seed, lr, epochs=epochs, global_clipnorm=1.0))
                 elif name.startswith("detector"):
                     detector = GradientExplosionDetector(
-                        snapshot_every=10, lr_factor=0.1, verbose=0
+                        snapshot_freq=10, lr_factor=0.1, verbose=0
                     )
                     runs.append(_fit_lm(seed, lr, [detector], epochs=epochs))
                     runs[-1] += (
@@ -419,7 +419,7 @@ def main(argv=None):
             f"Adam, 6 epochs of 16 steps, {args.seeds} seeds; held-out loss on 256 "
             "other sequences. Diverged: non-finite weights or held-out loss above "
             "log(vocab) = 4.16 (chance). The detector is "
-            "`GradientExplosionDetector(snapshot_every=10, lr_factor=0.1)` (other "
+            "`GradientExplosionDetector(snapshot_freq=10, lr_factor=0.1)` (other "
             "arguments default: max_rollbacks=3, skip_batches=5, check_recovery, "
             "probe_lower_lr). "
             "Gap: held-out loss over the best stable run's, same seed.\n"

@@ -6,7 +6,7 @@ character transformer (global batch 32) for a fixed number of steps under
 with worker processes on this machine talking over loopback gRPC. Throughput
 is global samples per second over the timed steps (after one warm-up epoch),
 measured on the chief. "with callbacks" adds `AdaptiveClipping(ZClip())`,
-`GradientMonitor(every_n_steps=10)` and `GradientExplosionDetector()`.
+`GradientMonitor(check_freq=10)` and `GradientExplosionDetector()`.
 
 Both workers share the same 2 cores here, so this measures the cost of the
 collectives and of our callbacks under multi-worker training, not a speed-up.
@@ -85,7 +85,7 @@ def worker(model_name, callbacks_on, steps, out_path):
     if callbacks_on:
         callbacks = [
             AdaptiveClipping(ZClip(), verbose=0),
-            GradientMonitor(every_n_steps=10, verbose=0),
+            GradientMonitor(check_freq=10, verbose=0),
             GradientExplosionDetector(verbose=0),
         ]
     model.fit(dataset, epochs=1, verbose=0, callbacks=callbacks)  # warm-up: tracing

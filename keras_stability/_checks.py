@@ -272,3 +272,26 @@ def check_writable_dir(name, path):
     if not os.access(path, os.W_OK | os.X_OK):
         raise invalid(name, path, "a writable directory")
     return path
+
+
+def check_writable_file(name, path):
+    """Raises `ValueError` unless a file could be written at `path`; creates nothing.
+
+    `path` must not be a directory, and its nearest existing ancestor must be
+    a writable directory (the missing ones below it can then be created when
+    the file is written). A path under a regular file (`"notes.txt/out.json"`)
+    or in a read-only directory is reported when the user's object is built
+    or training starts, not when the file is due.
+    """
+    path = check_path(name, path)
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        raise invalid(name, path, "a file path (this is a directory)")
+    parent = os.path.dirname(full)
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise invalid(name, path, f"a path under a directory ({parent} is a file)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise invalid(name, path, f"a writable location ({parent} is not writable)")
+    return path

@@ -2,6 +2,8 @@
 
 import inspect
 
+import pytest
+
 from keras_stability import _keras_internals
 
 
@@ -111,3 +113,184 @@ def test_file_utils_has_what_backup_files_use():
         assert callable(getattr(_keras_internals.file_utils, name)), name
     assert _keras_internals.file_utils.is_remote_path("gs://bucket/backup")
     assert not _keras_internals.file_utils.is_remote_path("/tmp/backup")
+
+# -- Callbacks, clipping and optimizers ---------------------------------------
+
+
+def _tiny_model(optimizer="sgd"):
+    import keras
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer, "mse")
+    return model
+
+
+def _xy():
+    import numpy as np
+
+    return np.ones((8, 3), "float32"), np.ones((8, 1), "float32")
+
+
+def test_loss_tracker_is_a_mean_with_total_and_count():
+    import keras
+    import numpy as np
+
+    model = _tiny_model()
+    x, y = _xy()
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    tracker = _keras_internals.loss_tracker(model)
+    assert isinstance(tracker, keras.metrics.Mean)
+    count = float(np.asarray(tracker.count))
+    assert count == 8.0  # samples of the epoch
+    loss = model.evaluate(x, y, verbose=0)  # resets and reuses the tracker
+    assert float(np.asarray(tracker.total)) / float(np.asarray(tracker.count)) == loss
+    assert _keras_internals.loss_tracker(object()) is None
+
+
+def test_learning_rate_object_is_what_the_optimizer_reads():
+    import keras
+
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)
+    opt = keras.optimizers.SGD(schedule)
+    assert _keras_internals.learning_rate_object(opt) is schedule
+    halved = keras.optimizers.schedules.ExponentialDecay(0.05, 10, 0.5)
+    _keras_internals.set_learning_rate_object(opt, halved)
+    opt.build([keras.Variable(1.0)])
+    assert float(opt.learning_rate) == pytest.approx(0.05)  # read through `_learning_rate`
+    constant = keras.optimizers.SGD(0.3)
+    assert isinstance(_keras_internals.learning_rate_object(constant), keras.Variable)
+
+
+def test_flatten_layers_and_optimizer_has_variable():
+    import keras
+
+    inner = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="inner_dense")])
+    model = keras.Sequential([inner, keras.layers.Dense(1, name="head")])
+    names = [layer.name for layer in _keras_internals.flatten_layers(model, include_self=False)]
+    assert "inner_dense" in names and "head" in names and model.name not in names
+    opt = keras.optimizers.SGD()
+    opt.build(model.layers[-1].trainable_variables)
+    assert _keras_internals.optimizer_has_variable(opt, model.layers[-1].kernel)
+    assert not _keras_internals.optimizer_has_variable(opt, inner.layers[0].kernel)
+
+
+def test_all_reduce_sum_gradients_is_the_method_keras_calls():
+    import keras
+    from keras.src.backend.tensorflow import optimizer as tf_optimizer
+
+    source = inspect.getsource(tf_optimizer.TFOptimizer._backend_update_step)
+    assert "self._all_reduce_sum_gradients(" in source
+    opt = keras.optimizers.SGD()
+    with _keras_internals.gradients_already_reduced([opt]):
+        pairs = [(1, "a"), (2, "b")]
+        assert opt._all_reduce_sum_gradients(pairs) == pairs
+    assert "_all_reduce_sum_gradients" not in vars(opt)  # undone
+
+
+def test_fit_calls_train_function_then_callbacks_with_its_logs():
+    """The loop our log routes rely on (Keras' TensorFlow `fit`)."""
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+    from keras.src.callbacks import callback_list
+    from keras.src.utils import python_utils
+
+    fit = inspect.getsource(tf_trainer.TensorFlowTrainer.fit)
+    assert "logs = self.train_function(iterator)" in fit
+    assert "callbacks.on_train_batch_end(end_step, logs)" in fit
+    assert "epoch_logs = dict(self._get_metrics_result_or_logs(logs))" in fit
+    batch_end = inspect.getsource(callback_list.CallbackList._on_train_batch_end)
+    assert "pythonify_logs(logs)" in batch_end
+    assert python_utils.pythonify_logs({"n": 3}) == {"n": 3.0}  # every value a float
+
+
+def test_wrap_train_step_adds_values_to_the_logs_and_is_replaced_by_key():
+    import keras
+
+    model = _tiny_model()
+    x, y = _xy()
+    assert _keras_internals.wrap_train_step(
+        model, "one", lambda: {"extra": keras.ops.convert_to_tensor(7.0)}
+    )
+    assert not _keras_internals.wrap_train_step(model, "one", lambda: {})  # same key
+    history = model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    assert history.history["extra"] == [7.0]
+    assert _keras_internals.wrap_train_step(
+        model, "two", lambda: {"other": keras.ops.convert_to_tensor(1.0)}
+    )
+    model.make_train_function(force=True)
+    history = model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    assert "extra" not in history.history and history.history["other"] == [1.0]
+
+
+def test_train_function_hook_reaches_callbacks_before_it_and_survives_a_retrace():
+    import keras
+
+    model = _tiny_model()
+    x, y = _xy()
+    seen = []
+
+    class First(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(("batch", logs["hooked"]))
+
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append(("epoch", logs["hooked"]))
+
+        def on_train_begin(self, logs=None):
+            self.model.make_train_function(force=True)  # a retrace keeps the hook
+
+    calls = []
+
+    def hook(logs):
+        calls.append(len(calls))
+        logs["hooked"] = len(calls)
+
+    model.make_train_function()
+    _keras_internals.add_train_function_hook(model, hook)
+    _keras_internals.add_train_function_hook(model, hook)  # once only
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[First()])
+    assert seen == [("batch", 1.0), ("batch", 2.0), ("epoch", 2.0)]
+    assert _keras_internals.remove_train_function_hook(model, hook)
+    assert not _keras_internals.remove_train_function_hook(model, hook)
+    assert "make_train_function" not in vars(model)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    assert len(calls) == 2  # no longer called
+
+
+def _progress_line(value, verbose=1):
+    import io
+    from contextlib import redirect_stdout
+
+    from keras.src.utils.progbar import Progbar
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        bar = Progbar(target=1, verbose=verbose, stateless_metrics=set())
+        bar.update(1, [("count", value)], finalize=True)
+    return out.getvalue()
+
+
+def test_progress_bar_prints_floats_so_counts_need_logged_int():
+    # What ProgbarLogger does (`stateless_metrics=set()`): every value is
+    # printed with {:.4f} / {:.4e}, an int too.
+    assert "count: 0.0000e+00" in _progress_line(0)
+    assert "count: 3.0000" in _progress_line(3)
+    from keras.src.callbacks.progbar_logger import ProgbarLogger
+
+    assert "stateless_metrics=set()" in inspect.getsource(ProgbarLogger._maybe_init_progbar)
+    LoggedInt = _keras_internals.LoggedInt
+    for verbose in (1, 2):
+        assert "count: 0\n" in _progress_line(LoggedInt(0), verbose) + "\n"
+        line = _progress_line(LoggedInt(3), verbose)
+        assert "count: 3" in line and "3.0" not in line
+    assert "count: 2.5000" in _progress_line(LoggedInt(2.5))  # not whole: as a float
+
+
+def test_logged_int_is_a_float_elsewhere():
+    import json
+    import pickle
+
+    value = _keras_internals.LoggedInt(4)
+    assert isinstance(value, float) and value == 4 and str(value) == "4.0"
+    assert json.dumps({"n": value}) == '{"n": 4.0}'
+    assert pickle.loads(pickle.dumps(value)) == 4.0
+    assert f"{value}" == "4" and f"{value:.2f}" == "4" and f"{value / 2}" == "2"

@@ -1,6 +1,6 @@
 """`ActivationMonitor`: dead ReLU units and saturated sigmoid / tanh units.
 
-Every `every_n_epochs` the monitor runs the model on a fixed probe batch,
+Every `check_freq` epochs the monitor runs the model on a fixed probe batch,
 collects the outputs of the layers whose activation is ReLU, sigmoid or
 tanh, and reports per layer the fraction of dead / saturated units (the pure
 maths is in `keras_stability.diagnostics.activations`).
@@ -10,9 +10,14 @@ import warnings
 
 import keras
 import numpy as np
-from keras.src.utils import io_utils  # Keras' print_msg (no public alias)
 
+from keras_stability import _keras_internals
+from keras_stability._checks import check_bool
+from keras_stability._checks import check_number
 from keras_stability._checks import check_positive_int
+from keras_stability._checks import check_verbose
+from keras_stability._checks import invalid
+from keras_stability.callbacks.step_logs import StepLogs
 from keras_stability.diagnostics.activations import dead_fraction
 from keras_stability.diagnostics.activations import saturated_fraction
 
@@ -34,35 +39,65 @@ def activation_kind(layer):
     return _KINDS.get(name)
 
 
+def _check_probe_data(probe_data):
+    """A batch of inputs: an array or tensor, or a list / dict of them."""
+
+    def is_array(x):
+        return isinstance(x, np.ndarray) or (
+            hasattr(x, "shape") and hasattr(x, "dtype") and len(getattr(x, "shape", ())) > 0
+        )
+
+    if isinstance(probe_data, dict):
+        ok = bool(probe_data) and all(is_array(v) for v in probe_data.values())
+    elif isinstance(probe_data, (list, tuple)):
+        ok = bool(probe_data) and all(is_array(v) for v in probe_data)
+    else:
+        ok = is_array(probe_data) and len(probe_data.shape) > 0
+    if not ok:
+        raise invalid(
+            "probe_data",
+            probe_data,
+            "a batch of model inputs (an array, or a list or dict of arrays)",
+        )
+    return probe_data
+
+
+@keras.saving.register_keras_serializable(package="keras_stability")
 class ActivationMonitor(keras.callbacks.Callback):
     """Reports dead ReLU units and saturated sigmoid / tanh units per layer.
 
     A ReLU unit (an index of the last axis: a neuron or a channel) is dead
     when it outputs 0 for every probe sample and position. A sigmoid / tanh
-    unit is saturated when its output is within `saturation_eps` of an
+    unit is saturated when its output is within `saturation_epsilon` of an
     asymptote for every probe sample and position.
 
     Results go to `history` (`{layer: [fraction per check]}`), `report` (the
     last check), the epoch logs as `dead_fraction/<layer>` or
     `saturated_fraction/<layer>` when `log_fractions`, and a warning when a
-    layer passes `warn_fraction`. Needs a model with symbolic inputs
-    (Sequential or functional).
+    layer passes `warn_fraction` (with `verbose`). Needs a model with
+    symbolic inputs (Sequential or functional). The check runs after the
+    last step of an epoch, before the callbacks' `on_epoch_end`, so the
+    fractions reach every callback's epoch logs whatever the order (when the
+    steps per epoch are unknown, at `on_epoch_end`, for the callbacks after
+    this one).
 
     Args:
         probe_data: A batch of inputs (array, or list / dict of arrays for
             multi-input models).
-        every_n_epochs: Epochs between checks. Defaults to `1`.
-        saturation_eps: Distance to the asymptote. Defaults to `0.01`.
-        warn_fraction: Fraction above which a layer is warned about.
-            Defaults to `0.5`.
+        check_freq: Epochs between checks. Defaults to `1`.
+        saturation_epsilon: Distance to the asymptote, in (0, 0.5).
+            Defaults to `0.01`.
+        warn_fraction: Fraction above which a layer is warned about, in
+            (0, 1]. Defaults to `0.5`.
         log_fractions: Whether to add the fractions to fit's epoch logs.
             Defaults to `False`.
-        verbose: 1 to warn. Defaults to `1`.
+        verbose: 0 (silent) or 1 (warn about layers above `warn_fraction`).
+            Defaults to `0`.
 
     Example:
 
     ```python
-    monitor = ActivationMonitor(x_train[:256])
+    monitor = ActivationMonitor(x_train[:256], verbose=1)
     model.fit(x_train, y_train, callbacks=[monitor])
     monitor.report  # {"dense": {"kind": "relu", "fraction": 0.03}, ...}
     ```
@@ -71,43 +106,40 @@ class ActivationMonitor(keras.callbacks.Callback):
     def __init__(
         self,
         probe_data,
-        every_n_epochs=1,
-        saturation_eps=0.01,
+        check_freq=1,
+        saturation_epsilon=0.01,
         warn_fraction=0.5,
         log_fractions=False,
-        verbose=1,
+        verbose=0,
     ):
         super().__init__()
-        every_n_epochs = check_positive_int("every_n_epochs", every_n_epochs)
-        if not 0 < saturation_eps < 0.5:
-            raise ValueError(
-                "Invalid value for argument `saturation_eps`. Expected a number in "
-                f"(0, 0.5). Received: saturation_eps={saturation_eps!r}"
-            )
-        if not 0 < warn_fraction <= 1:
-            raise ValueError(
-                "Invalid value for argument `warn_fraction`. Expected a number in "
-                f"(0, 1]. Received: warn_fraction={warn_fraction!r}"
-            )
-        if probe_data is None:
-            raise ValueError(
-                "Invalid value for argument `probe_data`. Expected a batch of "
-                "model inputs. Received: probe_data=None"
-            )
-        self.probe_data = probe_data
-        self.every_n_epochs = every_n_epochs
-        self.saturation_eps = saturation_eps
-        self.warn_fraction = warn_fraction
-        self.log_fractions = bool(log_fractions)
-        self.verbose = verbose
+        self.probe_data = _check_probe_data(probe_data)
+        self.check_freq = check_positive_int("check_freq", check_freq)
+        self.saturation_epsilon = check_number(
+            "saturation_epsilon",
+            saturation_epsilon,
+            low=0.0,
+            high=0.5,
+            low_open=True,
+            high_open=True,
+        )
+        self.warn_fraction = check_number(
+            "warn_fraction", warn_fraction, low=0.0, high=1.0, low_open=True
+        )
+        self.log_fractions = check_bool("log_fractions", log_fractions)
+        self.verbose = check_verbose("verbose", verbose)
         self.history = {}
         self.report = {}
+        self._checked_epoch = None
 
     def get_config(self):
+        probe = keras.tree.map_structure(
+            lambda t: np.asarray(keras.ops.convert_to_numpy(t)), self.probe_data
+        )
         return {
-            "probe_data": self.probe_data,
-            "every_n_epochs": self.every_n_epochs,
-            "saturation_eps": self.saturation_eps,
+            "probe_data": keras.saving.serialize_keras_object(probe),
+            "check_freq": self.check_freq,
+            "saturation_epsilon": self.saturation_epsilon,
             "warn_fraction": self.warn_fraction,
             "log_fractions": self.log_fractions,
             "verbose": self.verbose,
@@ -115,12 +147,29 @@ class ActivationMonitor(keras.callbacks.Callback):
 
     @classmethod
     def from_config(cls, config):
+        config = dict(config)
+        config["probe_data"] = keras.saving.deserialize_keras_object(config["probe_data"])
         return cls(**config)
 
     def on_train_begin(self, logs=None):
         self.history = {}
         self.report = {}
-        self._probe_model = None
+        self._checked_epoch = None
+        self._step_logs = StepLogs.of(self.model)
+        self._step_logs.attach(self, self._after_step, self.params)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._step_logs.start_epoch(epoch)
+
+    def _after_step(self, logs):
+        if self._step_logs.epoch_end:
+            self._check_epoch(self._step_logs.epoch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._check_epoch(epoch, logs)  # if the last step did not
+
+    def on_train_end(self, logs=None):
+        self._step_logs.detach(self)
 
     def _layers(self, model):
         return [
@@ -161,13 +210,15 @@ class ActivationMonitor(keras.callbacks.Callback):
             if kind == "relu":
                 fraction = dead_fraction(out)
             else:
-                fraction = saturated_fraction(out, kind, self.saturation_eps)
+                fraction = saturated_fraction(out, kind, self.saturation_epsilon)
             report[layer.name] = {"kind": kind, "fraction": fraction}
         return report
 
-    def on_epoch_end(self, epoch, logs=None):
-        if (epoch + 1) % self.every_n_epochs:
+    def _check_epoch(self, epoch, logs):
+        """Checks after epoch `epoch` if due and not done yet; fills `logs`."""
+        if (epoch + 1) % self.check_freq or self._checked_epoch == epoch:
             return
+        self._checked_epoch = epoch
         self.report = self.check()
         bad = []
         for name, entry in self.report.items():
@@ -200,5 +251,5 @@ class ActivationMonitor(keras.callbacks.Callback):
             )
         text = "\n".join(lines) if lines else "ActivationMonitor: no checks yet."
         if print_to_stdout:
-            io_utils.print_msg(text)
+            _keras_internals.print_msg(text)
         return text

@@ -2,40 +2,38 @@
 
 import keras
 from keras import ops
-from keras.src.utils import io_utils  # Keras' print_msg (no public alias)
 
+from keras_stability import _keras_internals
 from keras_stability import clipping as clipping_module
-from keras_stability.optimizers.guarded_optimizer import GuardedOptimizer
-from keras_stability.optimizers.guarded_optimizer import ensure_guarded
+from keras_stability._checks import check_bool
+from keras_stability._checks import check_verbose
+from keras_stability.callbacks.step_logs import StepLogs
+from keras_stability.optimizers.attach import ensure_guarded
+from keras_stability.optimizers.attach import find_guard
+from keras_stability.optimizers.guarded_optimizer import _get_spike_skipping
 
 __all__ = ["AdaptiveClipping"]
 
-_LOGGED = ("grad_norm", "clip_threshold")
+# Counters, printed as integers by the progress bar.
+_COUNTS = ("steps_clipped", "steps_skipped")
+_SKIP_COUNTERS = ("steps_skipped_nonfinite", "steps_skipped_spike", "steps_skipped_requested")
 
 
-def _add_statistics_to_logs(model, optimizer, names):
-    """Makes `train_step` return `optimizer.<name>` for each name in its logs.
+def _statistics(optimizer):
+    """The guard's statistics as logged, read in the compiled step."""
 
-    The values are read in-graph right after the update, so they reach
-    `History`, the progress bar, `CSVLogger` and `TensorBoard` like metrics.
-    Returns whether `train_step` was changed (the train function must then be
-    traced again).
-    """
-    current = model.train_step
-    if getattr(current, "_keras_stability_logged", None) == (id(optimizer), names):
-        return False
-    original = getattr(current, "_keras_stability_original", current)
+    def values():
+        def read(name):
+            return ops.cast(getattr(optimizer, name), "float32")
 
-    def train_step(data):
-        logs = dict(original(data))
-        for name in names:
-            logs[name] = ops.cast(getattr(optimizer, name), "float32")
-        return logs
+        return {
+            "grad_norm": read("grad_norm"),
+            "clip_threshold": read("clip_threshold"),
+            "steps_clipped": read("steps_clipped"),
+            "steps_skipped": sum(read(name) for name in _SKIP_COUNTERS),
+        }
 
-    train_step._keras_stability_logged = (id(optimizer), names)
-    train_step._keras_stability_original = original
-    model.train_step = train_step
-    return True
+    return values
 
 
 @keras.saving.register_keras_serializable(package="keras_stability")
@@ -45,25 +43,30 @@ class AdaptiveClipping(keras.callbacks.Callback):
     At the start of training the callback wraps the compiled optimizer in a
     `keras_stability.optimizers.GuardedOptimizer` (inside the
     `LossScaleOptimizer` under mixed precision), so clipping and step skipping
-    run in the compiled step on the all-reduced gradient, and adds the
-    per-step `grad_norm` and `clip_threshold` to the training logs. The model
-    keeps the wrapper afterwards (a saved model reloads with it and its
-    state); the same callback can be passed to several `fit` calls. With
-    `verbose=1` it says what it did.
+    run in the compiled step on the all-reduced gradient. With
+    `log_statistics`, the compiled step also returns the guard's per-step
+    `grad_norm` (pre-clip) and `clip_threshold` and its running counts
+    `steps_clipped` and `steps_skipped` (all reasons), so they reach every
+    callback's logs (`History`, `CSVLogger`, `TensorBoard`, the progress bar,
+    which prints the counts as integers), whatever the order of the
+    callbacks. The model keeps the wrapper afterwards (a saved model reloads
+    with it and its state); the same callback can be passed to several `fit`
+    calls.
 
     Args:
-        policy: A `keras_stability.clipping` policy (`GlobalNorm`, `AutoClip`,
-            `ZClip`, `AGC`), a positive number (`GlobalNorm`) or `None` (no
-            clipping, only skipping and statistics).
+        clipping: A `keras_stability.clipping` policy (`GlobalNorm`,
+            `AutoClip`, `ZClip`, `AGC`), a positive number (`GlobalNorm`) or
+            `None` (no clipping, only skipping and statistics), as
+            `GuardedOptimizer(clipping=...)`.
         skip_nonfinite: Skip steps with NaN/Inf gradients. Defaults to `True`.
         skip_spikes: `None`, `True` or a `SpikeSkipping`. Defaults to `None`.
-        log_statistics: Add `grad_norm` and `clip_threshold` to the logs.
+        log_statistics: Add the statistics above to the logs.
             Defaults to `True`.
         verbose: 0 (silent) or 1 (one line when the optimizer is wrapped).
-            Defaults to `1`.
+            Defaults to `0`.
 
     Raises:
-        ValueError: at construction for an invalid policy; at the start of
+        ValueError: at construction for an invalid argument; at the start of
             training if the optimizer already clips (`clipnorm`,
             `global_clipnorm`, `clipvalue`) or is a GuardedOptimizer with a
             different configuration.
@@ -79,23 +82,19 @@ class AdaptiveClipping(keras.callbacks.Callback):
 
     def __init__(
         self,
-        policy,
+        clipping,
         skip_nonfinite=True,
         skip_spikes=None,
         log_statistics=True,
-        verbose=1,
+        verbose=0,
     ):
         super().__init__()
-        self.policy = clipping_module.get(policy)
-        self.skip_nonfinite = skip_nonfinite
-        self.skip_spikes = skip_spikes
-        self.log_statistics = bool(log_statistics)
-        if verbose not in (0, 1, True, False):
-            raise ValueError(
-                "Invalid value for argument `verbose`. Expected 0 or 1. "
-                f"Received: verbose={verbose!r}"
-            )
-        self.verbose = int(verbose)
+        self.clipping = clipping_module.get_policy("clipping", clipping)
+        self.skip_nonfinite = check_bool("skip_nonfinite", skip_nonfinite)
+        spikes = _get_spike_skipping(skip_spikes)  # validates
+        self.skip_spikes = skip_spikes if skip_spikes in (None, True, False) else spikes
+        self.log_statistics = check_bool("log_statistics", log_statistics)
+        self.verbose = check_verbose("verbose", verbose)
         self.optimizer = None
 
     def on_train_begin(self, logs=None):
@@ -103,36 +102,47 @@ class AdaptiveClipping(keras.callbacks.Callback):
         current = model.optimizer
         if isinstance(current, keras.optimizers.LossScaleOptimizer):
             current = current.inner_optimizer
-        was_guarded = isinstance(current, GuardedOptimizer)
+        was_guarded = find_guard(current) is not None
         self.optimizer = ensure_guarded(
             model,
-            clipping=self.policy,
+            clipping=self.clipping,
             skip_nonfinite=self.skip_nonfinite,
             skip_spikes=self.skip_spikes,
         )
-        if self.log_statistics and _add_statistics_to_logs(
-            model, self.optimizer, _LOGGED
+        if self.log_statistics and StepLogs.of(model).set_graph_values(
+            ("AdaptiveClipping", id(self.optimizer)), _statistics(self.optimizer)
         ):
             model.make_train_function(force=True)
         if self.verbose and not was_guarded:
-            io_utils.print_msg(
+            _keras_internals.print_msg(
                 f"AdaptiveClipping: wrapped optimizer '{current.name}' in "
-                f"GuardedOptimizer(clipping={self.policy!r}, "
+                f"GuardedOptimizer(clipping={self.clipping!r}, "
                 f"skip_nonfinite={self.skip_nonfinite}, "
                 f"skip_spikes={self.optimizer.skip_spikes!r}); it acts on the "
                 "all-reduced gradient inside the train step"
                 + (
-                    " and logs grad_norm and clip_threshold."
+                    " and logs grad_norm, clip_threshold, steps_clipped and "
+                    "steps_skipped."
                     if self.log_statistics
                     else "."
                 )
             )
 
+    def _show_counts(self, logs):
+        if logs is not None:
+            logs.update({k: _keras_internals.LoggedInt(logs[k]) for k in _COUNTS if k in logs})
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._show_counts(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._show_counts(logs)
+
     def get_config(self):
         return {
-            "policy": None
-            if self.policy is None
-            else keras.saving.serialize_keras_object(self.policy),
+            "clipping": None
+            if self.clipping is None
+            else keras.saving.serialize_keras_object(self.clipping),
             "skip_nonfinite": self.skip_nonfinite,
             "skip_spikes": self.skip_spikes
             if self.skip_spikes in (None, True, False)
@@ -144,8 +154,8 @@ class AdaptiveClipping(keras.callbacks.Callback):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        if isinstance(config.get("policy"), dict):
-            config["policy"] = keras.saving.deserialize_keras_object(config["policy"])
+        if isinstance(config.get("clipping"), dict):
+            config["clipping"] = keras.saving.deserialize_keras_object(config["clipping"])
         if isinstance(config.get("skip_spikes"), dict):
             config["skip_spikes"] = keras.saving.deserialize_keras_object(
                 config["skip_spikes"]

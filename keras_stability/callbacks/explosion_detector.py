@@ -39,21 +39,30 @@ import warnings
 
 import keras
 import numpy as np
-from keras.src.utils import io_utils  # Keras' print_msg (no public alias)
 
+from keras_stability import _keras_internals
+from keras_stability._checks import check_bool
+from keras_stability._checks import check_choice
 from keras_stability._checks import check_nonnegative_int
+from keras_stability._checks import check_number
+from keras_stability._checks import check_path
+from keras_stability._checks import check_positive
 from keras_stability._checks import check_positive_int
-from keras_stability.callbacks.gradient_monitor import attach_observer
-from keras_stability.callbacks.gradient_monitor import detach_observer
+from keras_stability._checks import check_verbose
+from keras_stability._checks import check_writable_file
+from keras_stability._checks import invalid
 from keras_stability.callbacks.layer_gradient_stats import LayerGradientStats
 from keras_stability.callbacks.layer_gradient_stats import group_variables_by_layer
 from keras_stability.callbacks.lr_scaling import learning_rate_variable
 from keras_stability.callbacks.lr_scaling import scale_learning_rate
 from keras_stability.callbacks.lr_scaling import wrap_schedule
-from keras_stability.callbacks.raw_loss import RawLossTracker
 from keras_stability.callbacks.snapshots import Snapshot
+from keras_stability.callbacks.step_logs import StepLogs
+from keras_stability.callbacks.step_logs import counts
 from keras_stability.diagnostics.spikes import RollingZScore
 from keras_stability.distribute.strategy import chief_path
+from keras_stability.optimizers.attach import ModelObservers
+from keras_stability.optimizers.attach import find_guard
 
 __all__ = ["GradientExplosionDetector"]
 
@@ -66,6 +75,7 @@ SNAPSHOT_TOLERANCE = 2.0  # a snapshot's loss may be at most this x the best
 RECOVERY_TOLERANCE = 0.005
 
 
+@keras.saving.register_keras_serializable(package="keras_stability")
 class GradientExplosionDetector(keras.callbacks.Callback):
     """Detects exploding training and recovers from it automatically.
 
@@ -79,7 +89,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
       in a row it stops.
     - `"rollback"`: like `"skip"`, and on a spike or repeated non-finite
       steps it restores the last healthy snapshot of the weights and the
-      optimizer state (taken every `snapshot_every` healthy steps),
+      optimizer state (taken every `snapshot_freq` healthy steps),
       multiplies the learning rate by `lr_factor` (a schedule is wrapped in
       `ScaledSchedule`, so its shape is kept) and skips the next
       `skip_batches` updates in-graph. After `max_rollbacks` it stops.
@@ -119,15 +129,24 @@ class GradientExplosionDetector(keras.callbacks.Callback):
     the last one if `restore_best_weights=False`), sets
     `model.stop_training`, warns with the reason, and writes `diagnostic`
     (step, reason, events, raw-loss and gradient-norm history, per-layer
-    gradient norms of the last step) to `diagnostic_path` as JSON if given.
+    gradient norms of the last step) to `diagnostic_path` as JSON if given
+    (a path that cannot be written is an error at the start of training;
+    if writing still fails when stopping, it warns, so `fit` returns its
+    `History`).
     At the end of training, non-finite weights (possible with `"warn"`) are
     replaced by the last healthy snapshot.
 
     The optimizer is wrapped in a `GuardedOptimizer` at the start of `fit`
     if it is not one already.
 
+    The detector's per-step work runs right after each call of the train
+    function, before any callback, so `raw_loss`, `rollbacks` and
+    `skipped_batches` reach every callback's batch and epoch logs (the
+    progress bar prints the counts as integers), whatever the order of the
+    callbacks.
+
     With `steps_per_execution > 1` the detector runs once per execution:
-    steps (`step`, `snapshot_every`, `skip_batches`) are still counted in
+    steps (`step`, `snapshot_freq`, `skip_batches`) are still counted in
     batches, non-finite steps are still skipped in-graph one by one and
     counted from the guard's counter, but the loss rules see the mean raw
     loss of each execution, and an execution with a skipped step is left out
@@ -136,7 +155,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
     Args:
         action: One of `"warn"`, `"skip"`, `"rollback"`, `"stop"`.
             Defaults to `"rollback"`.
-        snapshot_every: Healthy steps between snapshots. Defaults to `50`.
+        snapshot_freq: Healthy steps between snapshots. Defaults to `50`.
         lr_factor: Learning-rate multiplier per rollback, in (0, 1).
             Defaults to `0.5`.
         skip_batches: Updates skipped after a rollback. Defaults to `5`.
@@ -160,7 +179,8 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             deviations above it, is a problem: training is making the model
             worse than it began. `None` to turn it off. Defaults to `1.5`.
         window: Healthy steps in the rolling statistics. Defaults to `128`.
-        min_samples: Steps before spikes are judged. Defaults to `20`.
+        min_samples: Steps before spikes are judged, at most `window`.
+            Defaults to `20`.
         restore_best_weights: Restore the best (not the last) snapshot when
             stopping. Defaults to `True`.
         check_recovery: Whether to check each rollback as described above
@@ -172,12 +192,14 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             Defaults to `True`.
         diagnostic_path: JSON file written when the detector stops, or
             `None`. Defaults to `None`.
-        verbose: 1 to print each rollback. Defaults to `1`.
+        verbose: 0 (silent) or 1 (print each rollback and lower learning
+            rate kept; problems and stops are warned about either way).
+            Defaults to `0`.
 
     Example:
 
     ```python
-    detector = GradientExplosionDetector(action="rollback", snapshot_every=20)
+    detector = GradientExplosionDetector(action="rollback", snapshot_freq=20)
     model.fit(x, y, callbacks=[detector])
     detector.rollbacks, detector.skipped_batches
     ```
@@ -186,7 +208,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
     def __init__(
         self,
         action="rollback",
-        snapshot_every=50,
+        snapshot_freq=50,
         lr_factor=0.5,
         skip_batches=5,
         max_rollbacks=3,
@@ -201,67 +223,46 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         check_recovery=True,
         probe_lower_lr=True,
         diagnostic_path=None,
-        verbose=1,
+        verbose=0,
     ):
         super().__init__()
-        if action not in ACTIONS:
-            raise ValueError(
-                f"Invalid value for argument `action`. Expected one of {ACTIONS}. "
-                f"Received: action={action!r}"
-            )
-        snapshot_every = check_positive_int("snapshot_every", snapshot_every)
-        skip_batches = check_nonnegative_int("skip_batches", skip_batches)
-        max_rollbacks = check_nonnegative_int("max_rollbacks", max_rollbacks)
-        max_consecutive_skips = check_nonnegative_int(
+        self.action = check_choice("action", action, ACTIONS)
+        self.snapshot_freq = check_positive_int("snapshot_freq", snapshot_freq)
+        self.lr_factor = check_number(
+            "lr_factor", lr_factor, low=0.0, high=1.0, low_open=True, high_open=True
+        )
+        self.skip_batches = check_nonnegative_int("skip_batches", skip_batches)
+        self.max_rollbacks = check_nonnegative_int("max_rollbacks", max_rollbacks)
+        self.max_consecutive_skips = check_nonnegative_int(
             "max_consecutive_skips", max_consecutive_skips
         )
-        if isinstance(lr_factor, bool) or not isinstance(lr_factor, (int, float)) or not 0 < lr_factor < 1:
-            raise ValueError(
-                "Invalid value for argument `lr_factor`. Expected a number in (0, 1). "
-                f"Received: lr_factor={lr_factor!r}"
+        self.loss_z_threshold = check_positive("loss_z_threshold", loss_z_threshold)
+        self.grad_z_threshold = check_positive("grad_z_threshold", grad_z_threshold)
+        self.loss_factor = check_number(
+            "loss_factor", loss_factor, low=1.0, low_open=True, allow_none=True
+        )
+        self.regress_factor = check_number(
+            "regress_factor", regress_factor, low=1.0, low_open=True, allow_none=True
+        )
+        self.window = check_positive_int("window", window)
+        self.min_samples = check_positive_int("min_samples", min_samples)
+        if self.min_samples > self.window:
+            raise invalid(
+                "min_samples", min_samples, f"an integer <= window={self.window}"
             )
-        if regress_factor is not None and (
-            isinstance(regress_factor, bool)
-            or not isinstance(regress_factor, (int, float))
-            or not regress_factor > 1
-        ):
-            raise ValueError(
-                "Invalid value for argument `regress_factor`. Expected None or a "
-                f"number > 1. Received: regress_factor={regress_factor!r}"
-            )
-        if not isinstance(probe_lower_lr, (bool, np.bool_)):
-            raise ValueError(
-                "Invalid value for argument `probe_lower_lr`. Expected a boolean. "
-                f"Received: probe_lower_lr={probe_lower_lr!r}"
-            )
-        # Validates window / thresholds with the pure core's messages.
-        RollingZScore(window, loss_z_threshold, min_samples, loss_factor)
-        RollingZScore(window, grad_z_threshold, min_samples)
-        self.action = action
-        self.snapshot_every = snapshot_every
-        self.lr_factor = lr_factor
-        self.skip_batches = skip_batches
-        self.max_rollbacks = max_rollbacks
-        self.max_consecutive_skips = max_consecutive_skips
-        self.loss_z_threshold = loss_z_threshold
-        self.grad_z_threshold = grad_z_threshold
-        self.loss_factor = loss_factor
-        self.regress_factor = regress_factor
-        self.window = window
-        self.min_samples = min_samples
-        self.restore_best_weights = bool(restore_best_weights)
-        self.check_recovery = bool(check_recovery)
-        self.probe_lower_lr = bool(probe_lower_lr)
-        self.diagnostic_path = diagnostic_path
-        self.verbose = verbose
+        self.restore_best_weights = check_bool("restore_best_weights", restore_best_weights)
+        self.check_recovery = check_bool("check_recovery", check_recovery)
+        self.probe_lower_lr = check_bool("probe_lower_lr", probe_lower_lr)
+        self.diagnostic_path = check_path("diagnostic_path", diagnostic_path, allow_none=True)
+        self.verbose = check_verbose("verbose", verbose)
         self.diagnostic = None
         self._stats = None
-        self._model_id = None
+        self._observers = ModelObservers()
 
     def get_config(self):
         return {
             "action": self.action,
-            "snapshot_every": self.snapshot_every,
+            "snapshot_freq": self.snapshot_freq,
             "lr_factor": self.lr_factor,
             "skip_batches": self.skip_batches,
             "max_rollbacks": self.max_rollbacks,
@@ -289,20 +290,30 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         with model.distribute_strategy.scope():
             if wrap_schedule(model.optimizer):
                 model.make_train_function(force=True)
-        if self._stats is None or self._model_id != id(model):
-            groups = group_variables_by_layer(model)
+        if self.diagnostic_path:
+            check_writable_file(
+                "diagnostic_path", chief_path(self.diagnostic_path, model.distribute_strategy)
+            )
+
+        def per_layer_norms():
             # Per-layer gradient norms of the last step, for the diagnostic
             # (the detector stops on the step that went wrong). Every step,
             # from the guard's squared norms: a few ops and no `cond`.
-            self._stats = LayerGradientStats(groups=groups, track_updates=False)
-            self._layer_names = [name for name, _, _ in groups]
-            self._model_id = id(model)
+            return LayerGradientStats(groups=group_variables_by_layer(model), track_updates=False)
+
         # With action="skip", a new guard also skips gradient-norm spikes
-        # in-graph (GuardedOptimizer's `skip_spikes`).
-        guard_kwargs = {"skip_spikes": True} if self.action == "skip" else {}
-        self.optimizer = attach_observer(model, self._stats, **guard_kwargs)
-        self._loss = RawLossTracker.shared(model, (self.params or {}).get("steps"))
-        self._loss.start_fit()
+        # in-graph (GuardedOptimizer's `skip_spikes`); an existing one is
+        # used as it is.
+        guard_kwargs = {}
+        if self.action == "skip" and find_guard(model.optimizer) is None:
+            guard_kwargs = {"skip_spikes": True}
+        self.optimizer, self._stats = self._observers.attach(
+            model, per_layer_norms, **guard_kwargs
+        )
+        self._layer_names = [name for name, _, _ in self._stats.groups]
+        self._step_logs = StepLogs.of(model)
+        self._step_logs.attach(self, self._after_step, self.params)
+        self._loss = self._step_logs.loss
         self._loss_z = RollingZScore(
             self.window, self.loss_z_threshold, self.min_samples, self.loss_factor
         )
@@ -341,13 +352,29 @@ class GradientExplosionDetector(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
-        self._loss.start_epoch(epoch)
+        self._step_logs.start_epoch(epoch)
+
+    def _log_values(self):
+        return {
+            "raw_loss": self.raw_losses[-1] if self.raw_losses else math.nan,
+            **counts({"rollbacks": self.rollbacks, "skipped_batches": self.skipped_batches}),
+        }
 
     def on_train_batch_end(self, batch, logs=None):
-        logs = logs if logs is not None else {}
+        # The values are in `logs` already (written by `_after_step`); the
+        # counts again as `LoggedInt`, for the progress bar.
+        if logs is not None:
+            logs.update(self._log_values())
+
+    def _after_step(self, logs):
+        """The per-step work, right after each call of the train function.
+
+        `logs` is the dict the compiled step returned, before any callback
+        sees it: the values written there reach them all.
+        """
         steps = 1 if self._per_call == 1 else self._steps_in_call()
         self.step += steps
-        raw = self._loss.update_once(batch, logs)
+        raw = self._step_logs.raw_loss
         # One host read per step: the pre-clip global norm. A non-finite norm
         # means the guarded optimizer skipped the step in-graph (if it skips
         # non-finite steps, the default).
@@ -437,10 +464,10 @@ class GradientExplosionDetector(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
-            logs["rollbacks"] = self.rollbacks
-            logs["skipped_batches"] = self.skipped_batches
+            logs.update(counts({"rollbacks": self.rollbacks, "skipped_batches": self.skipped_batches}))
 
     def on_train_end(self, logs=None):
+        self._step_logs.detach(self)
         incumbent = self._recovery["incumbent"] if self._recovery is not None else None
         if incumbent is not None and self.stopped_reason is None:
             # `fit` ended (or another callback stopped it) during a probe: it
@@ -466,11 +493,10 @@ class GradientExplosionDetector(keras.callbacks.Callback):
 
         They stay after `fit` (so a loop of short `fit` calls does not
         retrace); `detach` removes them and retraces the train function.
-        The `GuardedOptimizer` stays. Returns whether they were attached.
+        The `GuardedOptimizer` stays. Returns whether they were attached
+        (to any model the detector was used with).
         """
-        if self._stats is None or self.model is None:
-            return False
-        return detach_observer(self.model, self._stats)
+        return self._observers.detach()
 
     def _steps_in_call(self):
         """Batches the train function ran in this call (`steps_per_execution > 1`).
@@ -484,7 +510,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
 
     # -- decisions ----------------------------------------------------------
     def _fix_logged_loss(self, logs):
-        tracker = getattr(self.model, "_loss_tracker", None)
+        tracker = _keras_internals.loss_tracker(self.model)
         if tracker is not None and "loss" in logs:
             count = float(np.asarray(tracker.count))
             if count > 0:
@@ -504,8 +530,8 @@ class GradientExplosionDetector(keras.callbacks.Callback):
 
     @property
     def confirm_steps(self):
-        """Healthy steps that confirm a snapshot: `min(5, snapshot_every)`."""
-        return min(5, self.snapshot_every)
+        """Healthy steps that confirm a snapshot: `min(5, snapshot_freq)`."""
+        return min(5, self.snapshot_freq)
 
     def _regressing(self):
         # The start loss is one batch: it must also be implausible as a draw
@@ -624,7 +650,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                 action="lower_lr", restored_step=self.snapshot.step, learning_rate=lr
             )
             if self.verbose:
-                io_utils.print_msg(
+                _keras_internals.print_msg(
                     f"GradientExplosionDetector at step {self.step}: {detail} "
                     f"(lower rate {rec['probes_kept']} kept after rollback {self.rollbacks})."
                 )
@@ -668,7 +694,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                         self._sustained.clear()
                 self._pending = None
             return
-        if self.step - self._last_snapshot_at < self.snapshot_every:
+        if self.step - self._last_snapshot_at < self.snapshot_freq:
             return
         snapshot = Snapshot(self.model, step=self.step)
         self._last_snapshot_at = self.step
@@ -721,7 +747,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                 "incumbent": None,  # the trial a probe is compared with
                 "probes_kept": 0,
             }
-        # The next snapshot waits for `snapshot_every` healthy steps again.
+        # The next snapshot waits for `snapshot_freq` healthy steps again.
         self._last_snapshot_at = self.step
         if self.events:
             self.events[-1].update(
@@ -735,7 +761,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             + f", skipping the next {self.skip_batches} updates."
         )
         if self.verbose:
-            io_utils.print_msg(message)
+            _keras_internals.print_msg(message)
 
     def _stop(self, reason, raw, norm):
         target = self.best if self.restore_best_weights else self.snapshot
@@ -767,17 +793,37 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         }
         where = ""
         if self.diagnostic_path:
-            path = chief_path(self.diagnostic_path, self.model.distribute_strategy)
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w") as f:
-                json.dump(self.diagnostic, f, indent=2)
-            where = f" Diagnostic written to {self.diagnostic_path}."
+            where = self._write_diagnostic()
         warnings.warn(
             f"GradientExplosionDetector stopped training at step {self.step}: "
             f"{reason}. Restored the {'best' if self.restore_best_weights else 'last'} "
             f"healthy weights (step {target.step}).{where}",
             stacklevel=3,
         )
+
+
+    def _write_diagnostic(self):
+        """Writes `diagnostic` as JSON; returns the sentence for the warning.
+
+        The weights are restored by then: a path that cannot be written
+        (checked at the start of training, but the disk may have changed)
+        is warned about rather than raised, so `fit` still returns its
+        `History`.
+        """
+        path = chief_path(self.diagnostic_path, self.model.distribute_strategy)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(self.diagnostic, f, indent=2)
+        except OSError as e:
+            warnings.warn(
+                f"GradientExplosionDetector could not write the diagnostic to "
+                f"diagnostic_path={self.diagnostic_path!r} ({e}); it is in "
+                "`detector.diagnostic`.",
+                stacklevel=4,
+            )
+            return " The diagnostic could not be written (see the previous warning)."
+        return f" Diagnostic written to {self.diagnostic_path}."
 
 
 def _read_scalar(variable):

@@ -1,12 +1,13 @@
 """`GradientMonitor`: per-layer gradient health inside `fit`.
 
 The statistics are computed in the compiled step by a `LayerGradientStats`
-observer on the (automatically added) `GuardedOptimizer`, every
-`every_n_steps`, into an in-graph ring buffer that the host reads only every
-`read_every` steps (and at the end of each epoch). They reach fit's logs (so `History`, the
-progress bar and `CSVLogger` see them), TensorBoard, an in-memory history,
-a text table (`summary`) and a heatmap (`plot`). The pure diagnosis lives in
-`keras_stability.diagnostics.gradient_health`.
+observer on the (automatically added) `GuardedOptimizer`, every `check_freq`
+steps, into an in-graph ring buffer that the host reads only every
+`read_freq` steps (and at the end of each epoch). They reach fit's logs (so
+`History`, the progress bar, `CSVLogger` and `TensorBoard` see them, in any
+order of the callbacks), TensorBoard, a bounded in-memory history with
+running summaries, a text table (`summary`) and a heatmap (`plot`). The pure
+diagnosis lives in `keras_stability.diagnostics.gradient_health`.
 """
 
 import math
@@ -15,101 +16,97 @@ import warnings
 
 import keras
 import numpy as np
-from keras.src.utils import io_utils  # Keras' print_msg (no public alias)
 
+from keras_stability import _keras_internals
+from keras_stability._checks import check_bool
+from keras_stability._checks import check_int
 from keras_stability._checks import check_nonnegative_int
+from keras_stability._checks import check_path
+from keras_stability._checks import check_positive
 from keras_stability._checks import check_positive_int
+from keras_stability._checks import check_verbose
+from keras_stability._checks import check_writable_dir
 from keras_stability.callbacks.layer_gradient_stats import HISTOGRAM_RANGE
 from keras_stability.callbacks.layer_gradient_stats import LayerGradientStats
 from keras_stability.callbacks.layer_gradient_stats import group_variables_by_layer
-from keras_stability.callbacks.raw_loss import RawLossTracker
+from keras_stability.callbacks.step_logs import StepLogs
 from keras_stability.diagnostics.gradient_health import EXPLODING
 from keras_stability.diagnostics.gradient_health import HEALTHY
 from keras_stability.diagnostics.gradient_health import VANISHING
 from keras_stability.diagnostics.gradient_health import diagnose_layers
 from keras_stability.diagnostics.gradient_health import format_findings
 from keras_stability.distribute.strategy import chief_path
-from keras_stability.optimizers.guarded_optimizer import optimizer_chain
+from keras_stability.optimizers.attach import ModelObservers
 
-__all__ = ["GradientMonitor", "attach_observer", "detach_observer"]
+__all__ = ["GradientMonitor"]
 
 # Checks the diagnosis looks at (the exploding rule's baseline is their median).
 DIAGNOSIS_WINDOW = 64
 
 
-def attach_observer(model, observer, **guard_kwargs):
-    """Adds `observer` to the model's (guarded) optimizer before training.
-
-    Wraps the compiled optimizer in a `GuardedOptimizer` if needed (with
-    `guard_kwargs`; an existing guard is used as it is) and makes the train
-    function be traced again if it already was, so the observer is part of
-    the compiled step.
-
-    Returns:
-        The `GuardedOptimizer`.
-    """
-    from keras_stability.optimizers import GuardedOptimizer
-    from keras_stability.optimizers import ensure_guarded
-
-    if any(isinstance(o, GuardedOptimizer) for o in optimizer_chain(model.optimizer)):
-        guard_kwargs = {}
-    optimizer = ensure_guarded(model, **guard_kwargs)
-    if observer not in list(getattr(optimizer, "observers", None) or []):
-        with model.distribute_strategy.scope():
-            optimizer.add_observer(observer)
-        model.make_train_function(force=True)
-    return optimizer
+def _empty_summary():
+    return {"min": math.inf, "max": -math.inf, "mean": math.nan, "count": 0, "nonfinite": 0}
 
 
-def detach_observer(model, observer):
-    """Removes `observer` from the model's guarded optimizer, if it is there.
-
-    The train function is traced again, so the observer's statistics are no
-    longer computed. The `GuardedOptimizer` itself stays.
-
-    Returns:
-        Whether the observer was attached.
-    """
-    for opt in optimizer_chain(getattr(model, "optimizer", None)):
-        remove = getattr(opt, "remove_observer", None)
-        if remove is not None and remove(observer):
-            model.make_train_function(force=True)
-            return True
-    return False
+def _update_summary(summary, values):
+    """Folds a 1-D array of new values into a running min / max / mean."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    summary["nonfinite"] += int(values.size - finite.size)
+    if finite.size:
+        n = summary["count"] + finite.size
+        previous = summary["mean"] if summary["count"] else 0.0
+        summary["mean"] = previous + (float(finite.sum()) - previous * finite.size) / n
+        summary["min"] = min(summary["min"], float(finite.min()))
+        summary["max"] = max(summary["max"], float(finite.max()))
+        summary["count"] = n
 
 
+@keras.saving.register_keras_serializable(package="keras_stability")
 class GradientMonitor(keras.callbacks.Callback):
     """Monitors per-layer gradient norms and diagnoses vanishing / exploding.
 
     Each layer's variables form a group (an `Embedding` is a group of its
-    own, reported but never called vanishing). Every `every_n_steps` (a
+    own, reported but never called vanishing). Every `check_freq` steps (a
     "check") the compiled step computes the group gradient norms, weight
     norms and update-to-weight ratios and writes them into a ring buffer.
-    The host reads the buffer, all checks at once, every `read_every` steps
-    (rounded up to a multiple of `every_n_steps`), at the end of each epoch
-    and of training, and on `flush()`; the monitor also keeps the raw loss of
-    every step (Keras' logged `loss` is the running epoch mean). On each
-    read it:
+    The host reads the buffer, all checks at once, every `read_freq` steps
+    (rounded up to a multiple of `check_freq`), after the last step of each
+    epoch and at the end of training, and on `flush()`; the monitor also
+    keeps the raw loss of each step (Keras' logged `loss` is the running
+    epoch mean). On each read it:
 
     - adds `raw_loss`, `grad_norm` (global, pre-clip), `min_layer_grad_ratio`
       (smallest layer norm over the largest) and, if `logs_per_layer`,
       `grad_norm/<layer>` and `update_ratio/<layer>` to the batch and epoch
-      logs, so `History`, the progress bar and `CSVLogger` show them (batch
-      logs carry the values of the last read, up to `read_every - 1` steps
-      old; `raw_loss` is always the current step's; epoch logs are exact);
-    - appends every check to `history` (a dict of lists);
+      logs of every callback (`History`, the progress bar, `CSVLogger`,
+      `TensorBoard`), in any order of the callbacks (batch logs carry the
+      values of the last read, up to `read_freq - 1` steps old; `raw_loss`
+      is always the current step's; epoch logs are exact);
+    - appends every check to `history`;
     - writes TensorBoard scalars and `log10|g|` histograms if `log_dir`
       (one point per check);
-    - runs the diagnosis (`diagnose_layers`) on the last checks and warns
-      once per layer and status, naming the layers and the standard
-      remedies.
+    - runs the diagnosis (`diagnose_layers`) on the last checks and, with
+      `verbose`, warns once per layer and status, naming the layers and the
+      standard remedies.
+
+    Memory is bounded: `history` (a dict of lists: `"step"`, `"raw_loss"`,
+    `"global_norm"`, and per layer `"grad_norm"`, `"weight_norm"`,
+    `"update_ratio"`) holds the last `history_size` checks, oldest first,
+    and `raw_losses` the raw losses of the last `history_size` steps. Over
+    every check of the `fit`, `totals` keeps running summaries:
+    `totals["checks"]`, and for `"global_norm"`, `"raw_loss"` and each layer
+    in `totals["grad_norm"]` a dict of `min`, `max`, `mean` (of the finite
+    values), `count` (finite values) and `nonfinite`. `summary()` shows the
+    median of the kept checks and the minimum over all of them.
 
     Args:
-        every_n_steps: Steps between checks (the resolution of the
+        check_freq: Steps between checks (the resolution of the
             statistics). Defaults to `1`.
         per_layer: Whether to group by layer; otherwise only the global norm
             is kept. Defaults to `True`.
-        log_dir: TensorBoard log directory, or `None`. Defaults to `None`.
+        log_dir: TensorBoard log directory, or `None`. Checked (created and
+            writable) at the start of training. Defaults to `None`.
         logs_per_layer: Whether per-layer values go into fit's logs too
             (one column per layer). Defaults to `False`.
         track_updates: Whether to compute update-to-weight ratios.
@@ -122,16 +119,21 @@ class GradientMonitor(keras.callbacks.Callback):
         explode_factor: See `diagnose_layers`. Defaults to `100.0`.
         patience: Consecutive checks before a layer is flagged.
             Defaults to `3`.
-        verbose: 1 to warn about unhealthy layers. Defaults to `1`.
-        read_every: Steps between host reads of the buffered checks, rounded
-            up to a multiple of `every_n_steps`; each read is one host
-            transfer however many checks it holds. `1` reads after every
-            step (fresh batch logs, slower). Defaults to `32`.
+        verbose: 0 (silent) or 1 (warn about unhealthy layers).
+            Defaults to `0`.
+        read_freq: Steps between host reads of the buffered checks, rounded
+            up to a multiple of `check_freq`; each read is one host transfer
+            however many checks it holds. `1` reads after every step (fresh
+            batch logs, slower). Defaults to `32`.
+        history_size: Checks kept in `history` (at least
+            `DIAGNOSIS_WINDOW`, 64, which the diagnosis reads), or `None` to
+            keep every check (memory then grows with the run).
+            Defaults to `2000`.
 
     Example:
 
     ```python
-    monitor = GradientMonitor(every_n_steps=10)
+    monitor = GradientMonitor(check_freq=10, verbose=1)
     model.fit(x, y, callbacks=[monitor])
     report = monitor.summary(print_to_stdout=False)
     monitor.plot("gradients.png")
@@ -140,7 +142,7 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def __init__(
         self,
-        every_n_steps=1,
+        check_freq=1,
         per_layer=True,
         log_dir=None,
         logs_per_layer=False,
@@ -151,44 +153,37 @@ class GradientMonitor(keras.callbacks.Callback):
         explode_norm=1e3,
         explode_factor=100.0,
         patience=3,
-        verbose=1,
-        read_every=32,
+        verbose=0,
+        read_freq=32,
+        history_size=2000,
     ):
         super().__init__()
-        every_n_steps = check_positive_int("every_n_steps", every_n_steps)
-        patience = check_positive_int("patience", patience)
-        read_every = check_positive_int("read_every", read_every)
-        histogram_bins = check_nonnegative_int("histogram_bins", histogram_bins)
-        # Validates the thresholds once, with the pure core's messages.
-        diagnose_layers(
-            {},
-            vanish_floor=vanish_floor,
-            vanish_ratio=vanish_ratio,
-            explode_norm=explode_norm,
-            explode_factor=explode_factor,
-            patience=patience,
+        self.check_freq = check_positive_int("check_freq", check_freq)
+        self.per_layer = check_bool("per_layer", per_layer)
+        self.log_dir = check_path("log_dir", log_dir, allow_none=True)
+        self.logs_per_layer = check_bool("logs_per_layer", logs_per_layer)
+        self.track_updates = check_bool("track_updates", track_updates)
+        self.histogram_bins = check_nonnegative_int("histogram_bins", histogram_bins)
+        self.vanish_floor = check_positive("vanish_floor", vanish_floor)
+        self.vanish_ratio = check_positive("vanish_ratio", vanish_ratio)
+        self.explode_norm = check_positive("explode_norm", explode_norm)
+        self.explode_factor = check_positive("explode_factor", explode_factor)
+        self.patience = check_positive_int("patience", patience)
+        self.verbose = check_verbose("verbose", verbose)
+        self.read_freq = check_positive_int("read_freq", read_freq)
+        self.history_size = check_int(
+            "history_size", history_size, low=DIAGNOSIS_WINDOW, allow_none=True
         )
-        self.every_n_steps = every_n_steps
-        self.per_layer = bool(per_layer)
-        self.log_dir = log_dir
-        self.logs_per_layer = bool(logs_per_layer)
-        self.track_updates = bool(track_updates)
-        self.histogram_bins = histogram_bins
-        self.vanish_floor = vanish_floor
-        self.vanish_ratio = vanish_ratio
-        self.explode_norm = explode_norm
-        self.explode_factor = explode_factor
-        self.patience = patience
-        self.verbose = verbose
-        self.read_every = read_every
         self.observer = None
-        self._model_id = None
+        self._observers = ModelObservers()
         self.history = {}
+        self.raw_losses = []
+        self.totals = {}
         self.findings = []
 
     def get_config(self):
         return {
-            "every_n_steps": self.every_n_steps,
+            "check_freq": self.check_freq,
             "per_layer": self.per_layer,
             "log_dir": self.log_dir,
             "logs_per_layer": self.logs_per_layer,
@@ -200,7 +195,8 @@ class GradientMonitor(keras.callbacks.Callback):
             "explode_factor": self.explode_factor,
             "patience": self.patience,
             "verbose": self.verbose,
-            "read_every": self.read_every,
+            "read_freq": self.read_freq,
+            "history_size": self.history_size,
         }
 
     @classmethod
@@ -208,23 +204,28 @@ class GradientMonitor(keras.callbacks.Callback):
         return cls(**config)
 
     # -- fit hooks --------------------------------------------------------
+    def _make_observer(self):
+        model = self.model
+        groups = group_variables_by_layer(model) if self.per_layer else [
+            ("model", "layer", [v.path for v in model.trainable_variables])
+        ]
+        return LayerGradientStats(
+            groups=groups,
+            check_freq=self.check_freq,
+            track_updates=self.track_updates,
+            histogram_bins=self.histogram_bins if self.log_dir else 0,
+            buffer_size=self.buffer_size,
+        )
+
     def on_train_begin(self, logs=None):
-        if self.observer is None or self._model_id != id(self.model):
-            groups = group_variables_by_layer(self.model) if self.per_layer else [
-                ("model", "layer", [v.path for v in self.model.trainable_variables])
-            ]
-            self.observer = LayerGradientStats(
-                groups=groups,
-                every_n_steps=self.every_n_steps,
-                track_updates=self.track_updates,
-                histogram_bins=self.histogram_bins if self.log_dir else 0,
-                buffer_size=self.buffer_size,
-            )
-            self._model_id = id(self.model)
-            self.layer_names = [name for name, _, _ in groups]
-            self.layer_kinds = [kind for _, kind, _ in groups]
-        attach_observer(self.model, self.observer)
+        log_dir = None
+        if self.log_dir:
+            log_dir = chief_path(self.log_dir, self.model.distribute_strategy)
+            check_writable_dir("log_dir", log_dir)
+        _, self.observer = self._observers.attach(self.model, self._make_observer)
         self.observer.reset()
+        self.layer_names = [name for name, _, _ in self.observer.groups]
+        self.layer_kinds = [kind for _, kind, _ in self.observer.groups]
         self.history = {
             "step": [],
             "raw_loss": [],
@@ -233,7 +234,14 @@ class GradientMonitor(keras.callbacks.Callback):
             "weight_norm": {n: [] for n in self.layer_names},
             "update_ratio": {n: [] for n in self.layer_names},
         }
+        self.totals = {
+            "checks": 0,
+            "global_norm": _empty_summary(),
+            "raw_loss": _empty_summary(),
+            "grad_norm": {n: _empty_summary() for n in self.layer_names},
+        }
         self.raw_losses = []
+        self._raw_offset = 0  # steps dropped from the front of `raw_losses`
         self.findings = []
         self._warned = set()
         self._step = 0
@@ -242,37 +250,35 @@ class GradientMonitor(keras.callbacks.Callback):
         # Batches per read: the buffer (`buffer_size` checks) must not wrap
         # around between two reads, whatever `steps_per_execution` is.
         per_call = max(1, int(getattr(self.model, "steps_per_execution", 1) or 1))
-        self._read_calls = max(1, (self.buffer_size * self.every_n_steps) // per_call)
-        self._loss = RawLossTracker.shared(self.model, (self.params or {}).get("steps"))
-        self._loss.start_fit()
+        self._read_calls = max(1, (self.buffer_size * self.check_freq) // per_call)
+        self._step_logs = StepLogs.of(self.model)
+        self._step_logs.attach(self, self._after_step, self.params)
         self._writer = None
-        if self.log_dir:
+        if log_dir:
             import tensorflow as tf
 
-            self._writer = tf.summary.create_file_writer(
-                os.path.join(chief_path(self.log_dir, self.model.distribute_strategy), "gradients")
-            )
+            self._writer = tf.summary.create_file_writer(os.path.join(log_dir, "gradients"))
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._loss.start_epoch(epoch)
+        self._step_logs.start_epoch(epoch)
 
-    def on_train_batch_end(self, batch, logs=None):
-        logs = logs if logs is not None else {}
+    def _after_step(self, logs):
+        """After each call of the train function, before any callback."""
         self._step += 1
-        raw = self._loss.update_once(batch, logs)
+        raw = self._step_logs.raw_loss
         self.raw_losses.append(raw)
-        logs["raw_loss"] = raw
-        if self._step % self._read_calls == 0:
+        if self._step % self._read_calls == 0 or self._step_logs.epoch_end:
             self.flush()
         self._last["raw_loss"] = raw
         logs.update(self._last)
 
     def on_epoch_end(self, epoch, logs=None):
-        self.flush()
+        self.flush()  # when the steps per epoch are unknown
         if logs is not None:
             logs.update(self._last)
 
     def on_train_end(self, logs=None):
+        self._step_logs.detach(self)
         self.flush()
         if self._writer is not None:
             self._writer.flush()
@@ -284,28 +290,30 @@ class GradientMonitor(keras.callbacks.Callback):
 
         The monitor's observer stays on the optimizer after `fit` (so a loop
         of short `fit` calls does not retrace each time); `detach` removes it
-        and retraces the train function. `history` is kept, and the next
-        `fit` with this monitor attaches it again.
+        from every model the monitor was used with, and retraces their train
+        functions. `history` is kept, and the next `fit` with this monitor
+        attaches it again.
 
         Returns:
             Whether it was attached.
         """
-        if self.observer is None or self.model is None:
+        if self.observer is None:
             return False
-        self.flush()
-        return detach_observer(self.model, self.observer)
+        if self.model is not None:
+            self.flush()
+        return self._observers.detach()
 
     # -- reading and diagnosis ---------------------------------------------
     @property
     def buffer_size(self):
-        """Checks the ring buffer holds: `ceil(read_every / every_n_steps)`."""
-        return -(-self.read_every // self.every_n_steps)
+        """Checks the ring buffer holds: `ceil(read_freq / check_freq)`."""
+        return -(-self.read_freq // self.check_freq)
 
     def flush(self):
         """Reads the checks buffered since the last read, now.
 
-        Called every `read_every` steps, at the end of each epoch and of
-        training; call it from another callback that needs `history` (or the
+        Called every `read_freq` steps, after the last step of each epoch
+        and at the end of training; call it from another callback that needs `history` (or the
         logged values) up to the current step. Appends the checks to
         `history`, refreshes the logged values, writes TensorBoard and runs
         the diagnosis.
@@ -323,9 +331,12 @@ class GradientMonitor(keras.callbacks.Callback):
         # The raw loss of each check's step (per batch: with
         # steps_per_execution > 1, the mean over its execution).
         per_call = max(1, int(getattr(self.model, "steps_per_execution", 1) or 1))
-        losses = self.raw_losses
+        losses, offset = self.raw_losses, getattr(self, "_raw_offset", 0)
         raw = np.asarray(
-            [losses[i] if 0 <= i < len(losses) else math.nan for i in ((steps - 1) // per_call).tolist()],
+            [
+                losses[i - offset] if 0 <= i - offset < len(losses) else math.nan
+                for i in ((steps - 1) // per_call).tolist()
+            ],
             dtype=np.float64,
         )
 
@@ -367,7 +378,40 @@ class GradientMonitor(keras.callbacks.Callback):
             self._warn_new(self.diagnose(end=end), int(h["step"][end - 1]))
         self.findings = self.diagnose()
         self._warn_new(self.findings, int(steps[-1]))
+        self._summarize(rows, raw)
+        self._trim()
         return len(steps)
+
+    def _summarize(self, rows, raw):
+        """Folds the checks just read into the running summaries (`totals`)."""
+        totals = self.totals
+        if not totals:
+            return
+        totals["checks"] += len(rows["step"])
+        _update_summary(totals["global_norm"], rows["global_norm"])
+        _update_summary(totals["raw_loss"], raw)
+        for i, name in enumerate(self.layer_names):
+            _update_summary(totals["grad_norm"][name], rows["grad_norms"][:, i])
+
+    def _trim(self):
+        """Keeps the last `history_size` checks and raw losses (after a read:
+        the diagnosis of the chunk read needs the checks before it)."""
+        size = self.history_size
+        if size is None:
+            return
+        h = self.history
+        if len(h["step"]) > size:
+            for key in ("step", "raw_loss", "global_norm"):
+                del h[key][:-size]
+            for key in ("grad_norm", "weight_norm", "update_ratio"):
+                for values in h[key].values():
+                    del values[:-size]
+        # Raw losses: the unread checks' steps must stay (`_read_calls` calls).
+        keep = max(size, self._read_calls)
+        extra = len(self.raw_losses) - keep
+        if extra > 0:
+            del self.raw_losses[:extra]
+            self._raw_offset += extra
 
     def _suspect_ends(self, new):
         """History lengths (before the last) at which a new warning may come.
@@ -484,6 +528,10 @@ class GradientMonitor(keras.callbacks.Callback):
     def summary(self, print_to_stdout=True):
         """A per-layer table: last / median / min gradient norm, update ratio, status.
 
+        The median is over the checks kept in `history` (the last
+        `history_size`), the minimum over every check of the `fit`
+        (`totals`).
+
         Args:
             print_to_stdout: Whether to also print it with Keras' `print_msg`.
                 Defaults to `True`.
@@ -501,9 +549,10 @@ class GradientMonitor(keras.callbacks.Callback):
                 f"{'layer':<{width}}  {'kind':<9} {'grad norm':>10} {'median':>10} "
                 f"{'min':>10} {'upd/weight':>10}  status"
             )
+            totals = self.totals or {}
             lines = [
                 f"Gradient health after {h['step'][-1]} steps "
-                f"({len(h['step'])} checks)",
+                f"({totals.get('checks') or len(h['step'])} checks)",
                 header,
                 "-" * len(header),
             ]
@@ -511,9 +560,11 @@ class GradientMonitor(keras.callbacks.Callback):
                 norms = np.asarray(h["grad_norm"][name])
                 ratios = h["update_ratio"][name]
                 finding = status.get(name)
+                running = totals.get("grad_norm", {}).get(name)
+                low = running["min"] if running and running["count"] else np.min(norms)
                 lines.append(
                     f"{name:<{width}}  {kind:<9} {norms[-1]:>10.3g} "
-                    f"{np.median(norms):>10.3g} {np.min(norms):>10.3g} "
+                    f"{np.median(norms):>10.3g} {low:>10.3g} "
                     f"{(ratios[-1] if ratios else math.nan):>10.3g}  "
                     f"{finding.status if finding else HEALTHY}"
                 )
@@ -522,7 +573,7 @@ class GradientMonitor(keras.callbacks.Callback):
                 lines += ["", advice]
             text = "\n".join(lines)
         if print_to_stdout:
-            io_utils.print_msg(text)
+            _keras_internals.print_msg(text)
         return text
 
     def plot(self, path, title=None):

@@ -1,9 +1,14 @@
 """`GradualUnfreezing`: unfreeze a fine-tuned model's layers from the top down."""
 
 import keras
-from keras.src.utils import io_utils  # Keras' print_msg (no public alias)
 
+from keras_stability import _keras_internals
 from keras_stability._checks import check_positive_int
+from keras_stability._checks import check_verbose
+from keras_stability._checks import invalid
+from keras_stability._checks import is_integer
+from keras_stability.callbacks.step_logs import StepLogs
+from keras_stability.callbacks.step_logs import counts
 
 __all__ = ["GradualUnfreezing", "unfrozen_count"]
 
@@ -32,8 +37,7 @@ def unfrozen_count(schedule, epoch):
 def _check_schedule(schedule):
     if isinstance(schedule, dict):
         good = schedule and all(
-            isinstance(k, int) and not isinstance(k, bool) and k >= 0
-            and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            is_integer(k) and k >= 0 and is_integer(v) and v >= 0
             for k, v in schedule.items()
         )
         if not good:
@@ -42,7 +46,7 @@ def _check_schedule(schedule):
                 "{epoch: number of layers unfrozen} of non-negative integers. "
                 f"Received: schedule={schedule!r}"
             )
-        return dict(schedule)
+        return {int(k): int(v) for k, v in schedule.items()}
     if callable(schedule):
         return schedule
     try:
@@ -83,6 +87,10 @@ class GradualUnfreezing(keras.callbacks.Callback):
         verbose: `0` quiet, `1` prints a line per unfrozen layer.
             Defaults to `0`.
 
+    The number of layers unfrozen is in the epoch logs as `unfrozen_layers`
+    (for every callback, whatever the order, when the steps per epoch are
+    known).
+
     Raises:
         ValueError: On a bad `schedule`, an unknown layer name, or an
             optimizer that already took steps without the frozen weights.
@@ -105,15 +113,18 @@ class GradualUnfreezing(keras.callbacks.Callback):
         super().__init__()
         self.schedule = _check_schedule(schedule)
         if layers is not None:
+            ok = (
+                isinstance(layers, (list, tuple))
+                and len(layers) > 0
+                and all(isinstance(layer, (str, keras.layers.Layer)) for layer in layers)
+            )
+            if not ok:
+                raise invalid(
+                    "layers", layers, "None or a non-empty list of Keras layers or layer names"
+                )
             layers = list(layers)
-            for layer in layers:
-                if not isinstance(layer, (str, keras.layers.Layer)):
-                    raise ValueError(
-                        "Invalid value for argument `layers`. Expected Keras layers "
-                        f"or layer names. Received: layers={layers!r}"
-                    )
         self.layers = layers
-        self.verbose = verbose
+        self.verbose = check_verbose("verbose", verbose)
         self._scheduled = []
         self._count = 0
 
@@ -124,7 +135,8 @@ class GradualUnfreezing(keras.callbacks.Callback):
         for layer in self.layers:
             if isinstance(layer, str):
                 found = [
-                    sub for sub in self.model._flatten_layers(include_self=False)
+                    sub
+                    for sub in _keras_internals.flatten_layers(self.model, include_self=False)
                     if sub.name == layer
                 ]
                 if not found:
@@ -148,8 +160,9 @@ class GradualUnfreezing(keras.callbacks.Callback):
     def _ensure_optimizer_knows(self, variables):
         optimizer = self.model.optimizer
         if optimizer.built:
-            known = optimizer._trainable_variables_indices
-            missing = [v for v in variables if optimizer._var_key(v) not in known]
+            missing = [
+                v for v in variables if not _keras_internals.optimizer_has_variable(optimizer, v)
+            ]
             if not missing:
                 return
             if int(optimizer.iterations.numpy()) > 0:
@@ -173,7 +186,7 @@ class GradualUnfreezing(keras.callbacks.Callback):
         for layer in reversed(newly):
             layer.trainable = True
             if self.verbose:
-                io_utils.print_msg(
+                _keras_internals.print_msg(
                     f"\nEpoch {epoch + 1}: GradualUnfreezing unfroze layer {layer.name!r}."
                 )
         self._count = count
@@ -186,10 +199,20 @@ class GradualUnfreezing(keras.callbacks.Callback):
             layer.trainable = False
         self._ensure_optimizer_knows(self._all_variables())
         self.model.make_train_function(force=True)
+        self._step_logs = StepLogs.of(self.model)
+        self._step_logs.attach(self, self._after_step, self.params)
 
     def on_epoch_begin(self, epoch, logs=None):
+        self._step_logs.start_epoch(epoch)
         self._apply(unfrozen_count(self.schedule, epoch), epoch)
+
+    def _after_step(self, logs):
+        if self._step_logs.epoch_end:
+            logs["unfrozen_layers"] = self._count
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
-            logs["unfrozen_layers"] = self._count
+            logs.update(counts({"unfrozen_layers": self._count}))
+
+    def on_train_end(self, logs=None):
+        self._step_logs.detach(self)

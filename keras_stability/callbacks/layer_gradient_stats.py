@@ -5,7 +5,7 @@ all-reduced, unscaled, pre-clip gradients. This observer reduces them to a few
 numbers per layer (group of variables) and writes them into variables, which
 the host reads only when it wants to. With `buffer_size`, every report step
 also writes one row into an in-graph ring buffer, so the host can read many
-steps at once (`GradientMonitor`: every `read_every` steps). Nothing here
+steps at once (`GradientMonitor`: every `read_freq` steps). Nothing here
 syncs with the host.
 """
 
@@ -15,8 +15,12 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_stability import _keras_internals
+from keras_stability._checks import check_bool
 from keras_stability._checks import check_nonnegative_int
+from keras_stability._checks import check_number
 from keras_stability._checks import check_positive_int
+from keras_stability._checks import invalid
 from keras_stability.clipping.base import squared_norms
 from keras_stability.optimizers import GradientObserver
 
@@ -44,8 +48,7 @@ def group_variables_by_layer(model):
     groups = []
     seen = set()
     for layer in model.layers:
-        sublayers = getattr(layer, "_flatten_layers", None)
-        sublayers = list(sublayers(include_self=True)) if sublayers else [layer]
+        sublayers = _keras_internals.flatten_layers(layer, include_self=True)
         for sub in sublayers:
             if isinstance(sub, keras.layers.Embedding):
                 paths = [v.path for v in sub.trainable_variables if v.path not in seen]
@@ -61,6 +64,29 @@ def group_variables_by_layer(model):
         if variable.path not in seen:
             _add_by_prefix(groups, variable.path)
     return groups
+
+
+def _check_groups(groups):
+    """`None`, or a list of `(name, kind, paths)` as `group_variables_by_layer` gives."""
+    if groups is None:
+        return None
+    ok = isinstance(groups, (list, tuple)) and all(
+        isinstance(g, (list, tuple))
+        and len(g) == 3
+        and isinstance(g[0], str)
+        and g[1] in ("layer", "embedding")
+        and isinstance(g[2], (list, tuple))
+        and all(isinstance(p, str) for p in g[2])
+        for g in groups
+    )
+    if not ok:
+        raise invalid(
+            "groups",
+            groups,
+            "None or a list of (name, kind, paths) triples, kind 'layer' or "
+            "'embedding' (see group_variables_by_layer)",
+        )
+    return [(name, kind, list(paths)) for name, kind, paths in groups]
 
 
 def _add_by_prefix(groups, path):
@@ -105,13 +131,13 @@ class LayerGradientStats(GradientObserver):
 
     Register it on a `GuardedOptimizer` (`observers=[...]` or `add_observer`).
     `global_norm` and `step` are updated every step; the per-layer
-    statistics only every `every_n_steps` steps (the last computed values
+    statistics only every `check_freq` steps (the last computed values
     stay in between), inside a `cond`, so other steps cost almost nothing:
 
     - `grad_norms` `(G,)`: L2 norm of each group's pre-clip gradient;
     - `global_norm` `()`: L2 norm of the whole gradient;
     - `weight_norms` `(G,)`: each group's weight norm before the update
-      (every `every_n_steps`, only if `track_updates` or `histogram_bins`);
+      (every `check_freq` steps, only if `track_updates` or `histogram_bins`);
     - `update_ratios` `(G,)`: `||w_after - w_before|| / ||w_before||`
       (0 for a skipped step), only if `track_updates`;
     - `histograms` `(G, histogram_bins)`: counts of `log10|g|` over
@@ -129,7 +155,7 @@ class LayerGradientStats(GradientObserver):
         groups: `(name, kind, paths)` triples from `group_variables_by_layer`,
             or `None` to group by each variable's path prefix (its layer).
             Defaults to `None`.
-        every_n_steps: Steps between update-ratio / histogram computations
+        check_freq: Steps between computations of the per-layer statistics
             (counted by `step`). Defaults to `1`.
         track_updates: Whether to compute update ratios. When every step
             reports, they come from the weights read before the update (no
@@ -148,27 +174,23 @@ class LayerGradientStats(GradientObserver):
     def __init__(
         self,
         groups=None,
-        every_n_steps=1,
+        check_freq=1,
         track_updates=True,
         histogram_bins=0,
         anomaly_factor=None,
         buffer_size=0,
     ):
-        every_n_steps = check_positive_int("every_n_steps", every_n_steps)
+        check_freq = check_positive_int("check_freq", check_freq)
         histogram_bins = check_nonnegative_int("histogram_bins", histogram_bins)
         buffer_size = check_nonnegative_int("buffer_size", buffer_size)
-        if anomaly_factor is not None and not (
-            isinstance(anomaly_factor, (int, float)) and anomaly_factor > 1
-        ):
-            raise ValueError(
-                "Invalid value for argument `anomaly_factor`. Expected None or a "
-                f"number > 1. Received: anomaly_factor={anomaly_factor!r}"
-            )
+        anomaly_factor = check_number(
+            "anomaly_factor", anomaly_factor, low=1.0, low_open=True, allow_none=True
+        )
         self.anomaly_factor = anomaly_factor
         self.buffer_size = buffer_size
-        self.groups = groups
-        self.every_n_steps = every_n_steps
-        self.track_updates = bool(track_updates)
+        self.groups = _check_groups(groups)
+        self.check_freq = check_freq
+        self.track_updates = check_bool("track_updates", track_updates)
         self.histogram_bins = histogram_bins
         self.built = False
 
@@ -270,7 +292,7 @@ class LayerGradientStats(GradientObserver):
         )
 
     def _report_step(self):
-        return ops.equal(ops.mod(self.step, self.every_n_steps), 0)
+        return ops.equal(ops.mod(self.step, self.check_freq), 0)
 
     def observe(self, grads, variables, stats):
         zero = ops.zeros((), "float32")
@@ -337,7 +359,7 @@ class LayerGradientStats(GradientObserver):
     @property
     def _every_step(self):
         """Whether every step is a report step (known when tracing)."""
-        return self.every_n_steps == 1 and self.anomaly_factor is None
+        return self.check_freq == 1 and self.anomaly_factor is None
 
     def _histograms(self, grads):
         lo, hi = HISTOGRAM_RANGE

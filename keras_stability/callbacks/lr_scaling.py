@@ -9,6 +9,9 @@ schedule's shape (warm-up, decay) is kept.
 
 import keras
 
+from keras_stability import _keras_internals
+from keras_stability._checks import check_positive
+from keras_stability._checks import invalid
 from keras_stability.optimizers.guarded_optimizer import optimizer_chain
 
 __all__ = [
@@ -41,22 +44,20 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """
 
     def __init__(self, schedule, factor=1.0):
+        given = schedule
         if isinstance(schedule, dict):
-            schedule = keras.saving.deserialize_keras_object(schedule)
+            try:
+                schedule = keras.saving.deserialize_keras_object(schedule)
+            except (TypeError, ValueError, KeyError):
+                schedule = None
         if not isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
-            raise ValueError(
-                "Invalid value for argument `schedule`. Expected a "
-                f"`keras.optimizers.schedules.LearningRateSchedule`. Received: "
-                f"schedule={schedule!r}"
+            raise invalid(
+                "schedule", given, "a `keras.optimizers.schedules.LearningRateSchedule`"
             )
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
-            raise ValueError(
-                "Invalid value for argument `factor`. Expected a positive number. "
-                f"Received: factor={factor!r}"
-            )
+        factor = check_positive("factor", factor)
         self.schedule = schedule
         self.factor = keras.Variable(
-            float(factor), dtype="float32", trainable=False, name="lr_scale_factor"
+            factor, dtype="float32", trainable=False, name="lr_scale_factor"
         )
 
     def __call__(self, step):
@@ -91,12 +92,12 @@ def wrap_schedule(optimizer):
         True if the optimizer's learning rate object was replaced.
     """
     opt = innermost_optimizer(optimizer)
-    lr = getattr(opt, "_learning_rate", None)
+    lr = _keras_internals.learning_rate_object(opt)
     if isinstance(lr, ScaledSchedule) or not isinstance(
         lr, keras.optimizers.schedules.LearningRateSchedule
     ):
         return False
-    opt._learning_rate = ScaledSchedule(lr)
+    _keras_internals.set_learning_rate_object(opt, ScaledSchedule(lr))
     return True
 
 
@@ -131,7 +132,7 @@ def learning_rate_variable(optimizer):
         variable of a `ScaledSchedule`, or `None` (a plain callable or an
         unwrapped schedule, which cannot be scaled).
     """
-    lr = getattr(innermost_optimizer(optimizer), "_learning_rate", None)
+    lr = _keras_internals.learning_rate_object(innermost_optimizer(optimizer))
     if isinstance(lr, ScaledSchedule):
         return lr.factor
     if isinstance(lr, keras.Variable):

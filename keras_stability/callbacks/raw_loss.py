@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from keras_stability import _keras_internals
+
 __all__ = ["RawLossTracker"]
 
 
@@ -43,7 +45,10 @@ class RawLossTracker:
         """The tracker shared by all callbacks of `model` (one state, one rewind).
 
         `GradientMonitor` and `GradientExplosionDetector` both need the raw
-        loss; sharing keeps them consistent after a rewind.
+        loss; sharing keeps them consistent after a rewind. Their `StepLogs`
+        updates it once per call of the train function, with the `batch`
+        Keras gives callbacks, so another callback's `update_once(batch,
+        logs)` returns the same value.
         """
         tracker = getattr(model, "_keras_stability_raw_loss", None)
         if not isinstance(tracker, cls):
@@ -72,10 +77,7 @@ class RawLossTracker:
         return self._raw
 
     def _tracker(self):
-        tracker = getattr(self.model, "_loss_tracker", None)
-        if tracker is None or not hasattr(tracker, "total") or not hasattr(tracker, "count"):
-            return None
-        return tracker
+        return _keras_internals.loss_tracker(self.model)
 
     def reset(self):
         """Starts a new epoch (Keras resets its metrics at epoch begin)."""

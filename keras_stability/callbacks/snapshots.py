@@ -1,6 +1,6 @@
 """Host copies of a model's weights and its optimizer's state.
 
-`GradientExplosionDetector` takes one every `snapshot_every` healthy steps
+`GradientExplosionDetector` takes one every `snapshot_freq` healthy steps
 (not inside the train step) and restores it exactly on a rollback.
 """
 
@@ -8,6 +8,7 @@ import weakref
 
 import numpy as np
 
+from keras_stability import _keras_internals
 from keras_stability.callbacks.lr_scaling import innermost_optimizer
 
 __all__ = ["Snapshot", "optimizer_state_variables"]
@@ -50,7 +51,7 @@ def optimizer_state_variables(optimizer):
     Wrapper statistics (skip counters) are not state and are left alone.
     """
     opt = innermost_optimizer(optimizer)
-    lr = getattr(opt, "_learning_rate", None)
+    lr = _keras_internals.learning_rate_object(opt)
     lr_path = getattr(lr, "path", None)
     return [v for v in opt.variables if v is not lr and v.path != lr_path]
 

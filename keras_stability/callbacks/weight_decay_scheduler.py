@@ -3,7 +3,11 @@
 import math
 
 import keras
-from keras.src.utils import io_utils  # Keras' print_msg (no public alias)
+
+from keras_stability import _keras_internals
+from keras_stability._checks import check_verbose
+from keras_stability._checks import invalid
+from keras_stability.callbacks.step_logs import StepLogs
 
 __all__ = ["WeightDecayScheduler"]
 
@@ -18,7 +22,8 @@ class WeightDecayScheduler(keras.callbacks.Callback):
     epochs, so no retracing) and puts the last value back as a float in
     `on_train_end`. While it is swapped, the optimizer's `get_config` still
     reports a float, so checkpoints written during `fit` stay loadable. The
-    value is added to the epoch logs as `weight_decay`.
+    value is added to the epoch logs as `weight_decay` (for every callback,
+    whatever the order, when the steps per epoch are known).
 
     Keras applies decoupled decay as `w -= learning_rate * weight_decay * w`,
     so the decay already follows the learning-rate schedule; a schedule here
@@ -52,13 +57,14 @@ class WeightDecayScheduler(keras.callbacks.Callback):
     def __init__(self, schedule, verbose=0):
         super().__init__()
         if not callable(schedule):
-            raise ValueError(
-                "Invalid value for argument `schedule`. Expected a function "
-                "`(epoch, weight_decay) -> weight_decay` or a "
-                f"`LearningRateSchedule`. Received: schedule={schedule!r}"
+            raise invalid(
+                "schedule",
+                schedule,
+                "a function `(epoch, weight_decay) -> weight_decay` or a "
+                "`LearningRateSchedule`",
             )
         self.schedule = schedule
-        self.verbose = verbose
+        self.verbose = check_verbose("verbose", verbose)
         self._variable = None
         self._optimizer = None
 
@@ -108,21 +114,29 @@ class WeightDecayScheduler(keras.callbacks.Callback):
             return config
 
         object.__setattr__(optimizer, "get_config", get_config)
+        self._step_logs = StepLogs.of(self.model)
+        self._step_logs.attach(self, self._after_step, self.params)
 
     def on_epoch_begin(self, epoch, logs=None):
+        self._step_logs.start_epoch(epoch)
         old = float(self._variable.numpy())
         new = self._value(epoch, old)
         self._variable.assign(new)
         if self.verbose and new != old:
-            io_utils.print_msg(
+            _keras_internals.print_msg(
                 f"\nEpoch {epoch + 1}: WeightDecayScheduler setting weight decay to {new:g}."
             )
+
+    def _after_step(self, logs):
+        if self._step_logs.epoch_end:
+            logs["weight_decay"] = float(self._variable.numpy())
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["weight_decay"] = float(self._variable.numpy())
 
     def on_train_end(self, logs=None):
+        self._step_logs.detach(self)
         optimizer = self._optimizer
         object.__setattr__(optimizer, "weight_decay", float(self._variable.numpy()))
         if "get_config" in vars(optimizer):

@@ -4,8 +4,12 @@ Use them through `keras_stability.optimizers.GuardedOptimizer(clipping=...)`
 or the `keras_stability.callbacks.AdaptiveClipping` callback.
 """
 
+import math
+
 import keras
 
+from keras_stability._checks import invalid
+from keras_stability._checks import is_number
 from keras_stability.clipping.agc import AGC
 from keras_stability.clipping.agc import adaptive_clip
 from keras_stability.clipping.agc import unitwise_norm
@@ -47,21 +51,37 @@ __all__ = [
 def get(identifier):
     """Returns a `ClippingPolicy` from a policy, its serialized dict or `None`.
 
-    A positive number means `GlobalNorm(number)`.
+    A positive number (also a NumPy one) means `GlobalNorm(number)`.
+
+    Args:
+        identifier: A `ClippingPolicy`, a positive number, the dict of
+            `keras.saving.serialize_keras_object(policy)`, or `None`.
+
+    Returns:
+        The `ClippingPolicy`, or `None`.
 
     Raises:
         ValueError: For anything else.
     """
-    if identifier is None or isinstance(identifier, ClippingPolicy):
-        return identifier
-    if isinstance(identifier, (int, float)) and not isinstance(identifier, bool):
-        return GlobalNorm(identifier)
-    if isinstance(identifier, dict):
-        policy = keras.saving.deserialize_keras_object(identifier)
+    return get_policy("identifier", identifier)
+
+
+def get_policy(name, value):
+    """`get`, naming the argument `name` in its error (e.g. `clipping`)."""
+    if value is None or isinstance(value, ClippingPolicy):
+        return value
+    if is_number(value) and math.isfinite(value) and value > 0:
+        return GlobalNorm(float(value))
+    if isinstance(value, dict):
+        try:
+            policy = keras.saving.deserialize_keras_object(value)
+        except (TypeError, ValueError, KeyError):
+            policy = None
         if isinstance(policy, ClippingPolicy):
             return policy
-    raise ValueError(
-        "Invalid value for argument `clipping`. Expected a "
-        "keras_stability.clipping policy (GlobalNorm, AutoClip, ZClip, AGC), "
-        f"a positive number or None. Received: clipping={identifier!r}"
+    raise invalid(
+        name,
+        value,
+        "a keras_stability.clipping policy (GlobalNorm, AutoClip, ZClip, AGC), "
+        "a positive number or None",
     )

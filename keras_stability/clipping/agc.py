@@ -1,10 +1,15 @@
 """AGC: unit-wise adaptive gradient clipping for Keras' (..., in, out) layout."""
 
 import keras
+import numpy as np
 from keras import ops
 
+from keras_stability._checks import check_bool
+from keras_stability._checks import check_positive
+from keras_stability._checks import invalid
 from keras_stability.clipping.base import ClippingPolicy
-from keras_stability.clipping.base import _check_positive
+from keras_stability.clipping.base import check_gradients
+from keras_stability.clipping.base import check_tensor
 
 __all__ = ["AGC", "adaptive_clip", "unitwise_norm"]
 
@@ -22,7 +27,11 @@ def unitwise_norm(x):
 
     Returns:
         Float32 tensor of rank `x.ndim` (size 1 on the reduced axes).
+
+    Raises:
+        ValueError: If `x` is not a tensor.
     """
+    x = check_tensor("x", x)
     x = ops.cast(x, "float32")
     ndim = len(x.shape)
     if ndim <= 1:
@@ -30,26 +39,45 @@ def unitwise_norm(x):
     return ops.sqrt(ops.sum(ops.square(x), axis=tuple(range(ndim - 1)), keepdims=True))
 
 
-def adaptive_clip(grads, params, clip_factor, eps=1e-3, apply_to=None):
+def adaptive_clip(grads, params, clip_factor, epsilon=1e-3, apply_to=None):
     """Unit-wise adaptive gradient clipping (pure).
 
     For each unit, the gradient's norm is limited to
-    `clip_factor * max(unitwise_norm(param), eps)`.
+    `clip_factor * max(unitwise_norm(param), epsilon)`.
 
     Args:
         grads: List of gradient tensors (or `None`).
         params: List of the matching parameter tensors.
         clip_factor: Positive float.
-        eps: Positive float, floor of the parameter norm. Defaults to `1e-3`.
+        epsilon: Positive float, floor of the parameter norm.
+            Defaults to `1e-3`.
         apply_to: Optional list of bools, which entries to clip (others pass
             through). Defaults to `None` (all).
 
     Returns:
         Tuple `(clipped_grads, clipped)` where `clipped` is a bool scalar,
         true if any unit was clipped.
+
+    Raises:
+        ValueError: If an argument is of the wrong kind or out of range, or
+            the lists differ in length.
     """
+    grads = check_gradients("grads", grads)
+    params = check_gradients("params", params, length=len(grads))
+    if any(p is None for p in params):
+        raise invalid("params", params, "a list of tensors (no None)")
+    clip_factor = check_positive("clip_factor", clip_factor)
+    epsilon = check_positive("epsilon", epsilon)
     if apply_to is None:
         apply_to = [True] * len(grads)
+    elif not (
+        isinstance(apply_to, (list, tuple))
+        and len(apply_to) == len(grads)
+        and all(isinstance(a, (bool, np.bool_)) for a in apply_to)
+    ):
+        raise invalid(
+            "apply_to", apply_to, f"None or a list of {len(grads)} bools (one per gradient)"
+        )
     out = []
     flags = []
     for g, p, use in zip(grads, params, apply_to, strict=True):
@@ -57,7 +85,7 @@ def adaptive_clip(grads, params, clip_factor, eps=1e-3, apply_to=None):
             out.append(g)
             continue
         g = ops.convert_to_tensor(g)
-        max_norm = ops.maximum(unitwise_norm(p), eps) * clip_factor
+        max_norm = ops.maximum(unitwise_norm(p), epsilon) * clip_factor
         g_norm = unitwise_norm(g)
         clip = ops.greater(g_norm, max_norm)
         scale = ops.where(clip, max_norm / ops.maximum(g_norm, 1e-6), 1.0)
@@ -77,14 +105,14 @@ class AGC(ClippingPolicy):
     """Adaptive gradient clipping, unit by unit, relative to the weight norm.
 
     Each output unit's gradient norm is limited to `clip_factor` times the
-    unit's weight norm (floored at `eps`). By default biases and normalization
+    unit's weight norm (floored at `epsilon`). By default biases and normalization
     parameters (variables of rank <= 1) and the final layer's kernel (the last
     variable of rank >= 2 the optimizer is built with) are not clipped, as the
     paper recommends. The `clip_threshold` statistic reports `clip_factor`.
 
     Args:
         clip_factor: Positive float. Defaults to `0.01`.
-        eps: Positive float, floor of the weight norm. Defaults to `1e-3`.
+        epsilon: Positive float, floor of the weight norm. Defaults to `1e-3`.
         exclude_vectors: Whether to leave variables of rank <= 1 unclipped.
             Defaults to `True`.
         exclude_final_layer: Whether to leave the final kernel unclipped.
@@ -96,15 +124,17 @@ class AGC(ClippingPolicy):
     """
 
     def __init__(
-        self, clip_factor=0.01, eps=1e-3, exclude_vectors=True, exclude_final_layer=True
+        self,
+        clip_factor=0.01,
+        epsilon=1e-3,
+        exclude_vectors=True,
+        exclude_final_layer=True,
     ):
         super().__init__()
-        _check_positive("clip_factor", clip_factor)
-        _check_positive("eps", eps)
-        self.clip_factor = float(clip_factor)
-        self.eps = float(eps)
-        self.exclude_vectors = bool(exclude_vectors)
-        self.exclude_final_layer = bool(exclude_final_layer)
+        self.clip_factor = check_positive("clip_factor", clip_factor)
+        self.epsilon = check_positive("epsilon", epsilon)
+        self.exclude_vectors = check_bool("exclude_vectors", exclude_vectors)
+        self.exclude_final_layer = check_bool("exclude_final_layer", exclude_final_layer)
         self._excluded = set()
 
     def build(self, optimizer, variables):
@@ -133,14 +163,14 @@ class AGC(ClippingPolicy):
             grads,
             params,
             self.clip_factor,
-            self.eps,
+            self.epsilon,
             [self.applies_to(v) for v in variables],
         )
 
     def get_config(self):
         return {
             "clip_factor": self.clip_factor,
-            "eps": self.eps,
+            "epsilon": self.epsilon,
             "exclude_vectors": self.exclude_vectors,
             "exclude_final_layer": self.exclude_final_layer,
         }

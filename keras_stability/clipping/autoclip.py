@@ -3,9 +3,17 @@
 import keras
 from keras import ops
 
+from keras_stability._checks import check_number
+from keras_stability._checks import check_positive_int
 from keras_stability.clipping.base import ClippingPolicy
-from keras_stability.clipping.base import _check_int
 from keras_stability.clipping.base import _scalar_variable
+from keras_stability.clipping.base import check_buffer
+from keras_stability.clipping.base import check_count
+from keras_stability.clipping.base import check_tensor
+
+
+def _check_percentile(value):
+    return check_number("percentile", value, low=0.0, low_open=True, high=100.0)
 
 __all__ = ["AutoClip", "autoclip_threshold", "masked_percentile"]
 
@@ -21,7 +29,13 @@ def masked_percentile(values, count, percentile):
 
     Returns:
         A float32 scalar.
+
+    Raises:
+        ValueError: If an argument is of the wrong kind or out of range.
     """
+    values = check_buffer("values", values)
+    count = check_count("count", count)
+    percentile = _check_percentile(percentile)
     values = ops.cast(values, "float32")
     size = values.shape[0]
     count = ops.cast(count, "int32")
@@ -47,7 +61,14 @@ def autoclip_threshold(history, count, norm, percentile):
 
     Returns:
         Tuple `(threshold, new_history, new_count)`.
+
+    Raises:
+        ValueError: If an argument is of the wrong kind or out of range.
     """
+    history = check_buffer("history", history)
+    count = check_count("count", count)
+    norm = check_tensor("norm", norm)
+    percentile = _check_percentile(percentile)
     size = history.shape[0]
     count = ops.cast(count, "int32")
     slot = ops.mod(count, size)
@@ -78,19 +99,8 @@ class AutoClip(ClippingPolicy):
 
     def __init__(self, percentile=10.0, history_size=1000):
         super().__init__()
-        ok = (
-            isinstance(percentile, (int, float))
-            and not isinstance(percentile, bool)
-            and 0 < percentile <= 100
-        )
-        if not ok:
-            raise ValueError(
-                "Invalid value for argument `percentile`. Expected a number in "
-                f"(0, 100]. Received: percentile={percentile!r}"
-            )
-        _check_int("history_size", history_size, 1)
-        self.percentile = float(percentile)
-        self.history_size = history_size
+        self.percentile = _check_percentile(percentile)
+        self.history_size = check_positive_int("history_size", history_size)
 
     def build(self, optimizer, variables):
         del variables

@@ -6,10 +6,15 @@ tensors (entries may be `None`) and return tensors, so they run unchanged under
 Norms are always computed in float32, whatever the gradient dtype.
 """
 
-import math
-
 import keras
+import numpy as np
 from keras import ops
+
+from keras_stability._checks import check_int
+from keras_stability._checks import check_number
+from keras_stability._checks import invalid
+from keras_stability._checks import is_integer
+from keras_stability._checks import is_number
 
 __all__ = [
     "ClippingPolicy",
@@ -75,7 +80,14 @@ def global_norm(grads, squares=None):
     Returns:
         A float32 scalar. It is `inf` or `nan` when any entry is, and `0.0`
         for an empty list.
+
+    Raises:
+        ValueError: If `grads` is not a list of tensors, or `squares` not
+            `None` or a list as long.
     """
+    grads = check_gradients("grads", grads)
+    if squares is not None:
+        squares = check_gradients("squares", squares, length=len(grads))
     if squares is None:
         squares = squared_norms(grads)
     squares = [s for s in squares if s is not None]
@@ -92,7 +104,11 @@ def is_finite(grads):
 
     Returns:
         A bool scalar tensor.
+
+    Raises:
+        ValueError: If `grads` is not a list of tensors.
     """
+    grads = check_gradients("grads", grads)
     checks = [ops.all(ops.isfinite(_values(g))) for g in grads if g is not None]
     if not checks:
         return ops.convert_to_tensor(True)
@@ -108,7 +124,13 @@ def scale_gradients(grads, scale):
 
     Returns:
         The scaled list, each entry in its own dtype.
+
+    Raises:
+        ValueError: If `grads` is not a list of tensors, or `scale` is not a
+            tensor or a finite number.
     """
+    grads = check_gradients("grads", grads)
+    scale = check_scalar("scale", scale)
     return [_scale(g, scale) for g in grads]
 
 
@@ -122,12 +144,19 @@ def clip_by_global_norm(grads, max_norm, norm=None):
 
     Args:
         grads: List of tensors; `None` entries are kept.
-        max_norm: Positive scalar.
+        max_norm: Positive number, or a scalar tensor.
         norm: Optional precomputed `global_norm(grads)`. Defaults to `None`.
 
     Returns:
         Tuple `(clipped_grads, norm)` where `norm` is the float32 pre-clip norm.
+
+    Raises:
+        ValueError: If `grads` is not a list of tensors, `max_norm` is not a
+            positive number or a tensor, or `norm` is not a tensor or `None`.
     """
+    grads = check_gradients("grads", grads)
+    max_norm = check_scalar("max_norm", max_norm, low=0.0, low_open=True)
+    norm = check_tensor("norm", norm, allow_none=True)
     if norm is None:
         norm = global_norm(grads)
     max_norm = ops.cast(max_norm, "float32")
@@ -194,28 +223,66 @@ class ClippingPolicy:
         return f"{self.__class__.__name__}({args})"
 
 
-def _check_positive(name, value, allow_none=False):
+def is_tensor_like(value):
+    """Whether `value` can stand for a tensor argument: a tensor, a variable,
+    a NumPy array or scalar, or a number (never a `bool` or a string)."""
+    if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
+        return False
+    if is_number(value) or isinstance(value, (np.ndarray, np.generic, keras.Variable)):
+        return True
+    if ops.is_tensor(value):
+        return True
+    # `tf.IndexedSlices` (embedding gradients) and other tensor types.
+    return hasattr(value, "dtype") and hasattr(value, "shape")
+
+
+def check_tensor(name, value, allow_none=False):
+    """Returns `value` if it is tensor-like (see `is_tensor_like`)."""
     if value is None and allow_none:
-        return
-    ok = (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
+        return None
+    if not is_tensor_like(value):
+        raise invalid(
+            name, value, "a tensor or a number" + (" or None" if allow_none else "")
+        )
+    return value
+
+
+def check_scalar(name, value, low=None, low_open=False, high=None, high_open=False):
+    """A tensor passes as it is; a Python/NumPy number must be in range."""
+    if is_number(value):
+        return check_number(
+            name, value, low=low, low_open=low_open, high=high, high_open=high_open
+        )
+    return check_tensor(name, value)
+
+
+def check_count(name, value):
+    """An integer (>= 0) or an integer tensor (its value is only known in-graph)."""
+    if is_integer(value):
+        return check_int(name, value, low=0)
+    if is_tensor_like(value) and not is_number(value):
+        return value
+    raise invalid(name, value, "a non-negative integer or an integer tensor")
+
+
+def check_gradients(name, grads, length=None):
+    """Returns `grads` as a list if it is a list or tuple of tensors / `None`s."""
+    ok = isinstance(grads, (list, tuple)) and all(
+        g is None or is_tensor_like(g) for g in grads
     )
+    if ok and length is not None and len(grads) != length:
+        raise invalid(name, grads, f"a list of {length} entries (one per gradient)")
     if not ok:
-        raise ValueError(
-            f"Invalid value for argument `{name}`. Expected a positive number"
-            f"{' or None' if allow_none else ''}. Received: {name}={value!r}"
-        )
+        raise invalid(name, grads, "a list of tensors (entries may be None)")
+    return list(grads)
 
 
-def _check_int(name, value, minimum):
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(
-            f"Invalid value for argument `{name}`. Expected an integer >= "
-            f"{minimum}. Received: {name}={value!r}"
-        )
+def check_buffer(name, value):
+    """A 1-D tensor of static size >= 1 (a ring buffer)."""
+    shape = getattr(value, "shape", None) if is_tensor_like(value) else None
+    if shape is None or len(shape) != 1 or not shape[0]:
+        raise invalid(name, value, "a 1-D tensor of static size >= 1")
+    return value
 
 
 def _scalar_variable(optimizer, name, value=0.0, dtype="float32", shape=()):

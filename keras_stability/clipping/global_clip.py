@@ -3,8 +3,8 @@
 import keras
 from keras import ops
 
+from keras_stability._checks import check_positive
 from keras_stability.clipping.base import ClippingPolicy
-from keras_stability.clipping.base import _check_positive
 
 __all__ = ["GlobalNorm"]
 
@@ -30,8 +30,7 @@ class GlobalNorm(ClippingPolicy):
 
     def __init__(self, max_norm):
         super().__init__()
-        _check_positive("max_norm", max_norm)
-        self.max_norm = float(max_norm)
+        self.max_norm = check_positive("max_norm", max_norm)
 
     def threshold(self, norm):
         del norm

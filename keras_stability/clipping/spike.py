@@ -3,22 +3,27 @@
 import keras
 from keras import ops
 
-from keras_stability.clipping.base import _check_int
-from keras_stability.clipping.base import _check_positive
+from keras_stability._checks import check_int
+from keras_stability._checks import check_positive
+from keras_stability._checks import check_positive_int
+from keras_stability._checks import invalid
 from keras_stability.clipping.base import _scalar_variable
+from keras_stability.clipping.base import check_buffer
+from keras_stability.clipping.base import check_count
+from keras_stability.clipping.base import check_tensor
 
 __all__ = ["SpikeSkipping", "spike_step"]
 
 
 def spike_step(
-    norm, history, count, consecutive, threshold, min_samples, max_consecutive
+    norm, history, count, consecutive, z_threshold, min_samples, max_consecutive
 ):
     """One spike-detection step over a ring buffer of accepted norms (pure).
 
     The mean and (unbiased) standard deviation are taken over the last
     `min(count, window)` recorded norms, the current one excluded. The step is
     a spike when at least `min_samples` norms are recorded and
-    `norm > mean + threshold * std`. Spikes are not recorded, so they cannot
+    `norm > mean + z_threshold * std`. Spikes are not recorded, so they cannot
     drag the statistics up; after `max_consecutive` spikes in a row the next
     one is accepted (and recorded) so a lasting change of scale is learnt
     instead of skipping forever.
@@ -28,14 +33,25 @@ def spike_step(
         history: 1-D float32 ring buffer of size `window`.
         count: Int32 scalar, norms recorded so far (may exceed the window).
         consecutive: Int32 scalar, spikes skipped in a row so far.
-        threshold: Positive float, in standard deviations.
-        min_samples: Int, recorded norms needed before acting.
-        max_consecutive: Int, spikes in a row after which one is accepted.
+        z_threshold: Positive float, in standard deviations.
+        min_samples: Int >= 1, recorded norms needed before acting.
+        max_consecutive: Int >= 1, spikes in a row after which one is
+            accepted.
 
     Returns:
         Tuple `(is_spike, (history, count, consecutive))` with the state to
         commit when the step is finite and not skipped for another reason.
+
+    Raises:
+        ValueError: If an argument is of the wrong kind or out of range.
     """
+    norm = check_tensor("norm", norm)
+    history = check_buffer("history", history)
+    count = check_count("count", count)
+    consecutive = check_count("consecutive", consecutive)
+    z_threshold = check_positive("z_threshold", z_threshold)
+    min_samples = check_positive_int("min_samples", min_samples)
+    max_consecutive = check_positive_int("max_consecutive", max_consecutive)
     norm = ops.cast(norm, "float32")
     window = history.shape[0]
     count = ops.cast(count, "int32")
@@ -46,7 +62,7 @@ def spike_step(
     sq = ops.sum(ops.where(valid, ops.square(history - mean), 0.0))
     std = ops.sqrt(sq / ops.maximum(n_f - 1.0, 1.0))
     outlier = ops.logical_and(
-        ops.greater_equal(n, min_samples), ops.greater(norm, mean + threshold * std)
+        ops.greater_equal(n, min_samples), ops.greater(norm, mean + z_threshold * std)
     )
     spike = ops.logical_and(outlier, ops.less(consecutive, max_consecutive))
     slot = ops.mod(count, window)
@@ -66,31 +82,30 @@ class SpikeSkipping:
     """Settings and state of `GuardedOptimizer(skip_spikes=...)`.
 
     A step is skipped when its pre-clip global gradient norm exceeds the mean
-    of a rolling window of recent accepted norms by more than `threshold`
+    of a rolling window of recent accepted norms by more than `z_threshold`
     standard deviations (OLMo's defaults: 128 steps, 6 sigma, 20 samples).
     See `spike_step`.
 
     Args:
         window: Integer >= 2, rolling window length. Defaults to `128`.
-        threshold: Positive float, in standard deviations. Defaults to `6.0`.
+        z_threshold: Positive float, in standard deviations. Defaults to `6.0`.
         min_samples: Integer >= 2, recorded norms needed before acting.
             Defaults to `20`.
         max_consecutive: Integer >= 1, spikes skipped in a row after which
             the next one is applied and recorded. Defaults to `10`.
     """
 
-    def __init__(self, window=128, threshold=6.0, min_samples=20, max_consecutive=10):
-        _check_int("window", window, 2)
-        _check_positive("threshold", threshold)
-        _check_int("min_samples", min_samples, 2)
-        _check_int("max_consecutive", max_consecutive, 1)
+    def __init__(self, window=128, z_threshold=6.0, min_samples=20, max_consecutive=10):
+        window = check_int("window", window, low=2)
+        z_threshold = check_positive("z_threshold", z_threshold)
+        min_samples = check_int("min_samples", min_samples, low=2)
+        max_consecutive = check_positive_int("max_consecutive", max_consecutive)
         if min_samples > window:
-            raise ValueError(
-                "Invalid value for argument `min_samples`. Expected an integer "
-                f"<= window={window}. Received: min_samples={min_samples}"
+            raise invalid(
+                "min_samples", min_samples, f"an integer <= window={window}"
             )
         self.window = window
-        self.threshold = float(threshold)
+        self.z_threshold = z_threshold
         self.min_samples = min_samples
         self.max_consecutive = max_consecutive
         self.state_variables = []
@@ -110,7 +125,7 @@ class SpikeSkipping:
             self.history.value,
             self.count.value,
             self.consecutive.value,
-            self.threshold,
+            self.z_threshold,
             self.min_samples,
             self.max_consecutive,
         )
@@ -125,7 +140,7 @@ class SpikeSkipping:
     def get_config(self):
         return {
             "window": self.window,
-            "threshold": self.threshold,
+            "z_threshold": self.z_threshold,
             "min_samples": self.min_samples,
             "max_consecutive": self.max_consecutive,
         }

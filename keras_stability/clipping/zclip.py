@@ -3,16 +3,31 @@
 import keras
 from keras import ops
 
+from keras_stability._checks import check_number
+from keras_stability._checks import check_positive
+from keras_stability._checks import check_positive_int
 from keras_stability.clipping.base import ClippingPolicy
-from keras_stability.clipping.base import _check_int
-from keras_stability.clipping.base import _check_positive
 from keras_stability.clipping.base import _scalar_variable
+from keras_stability.clipping.base import check_count
+from keras_stability.clipping.base import check_tensor
+
+
+def _check_alpha(value):
+    return check_number("alpha", value, low=0.0, high=1.0, low_open=True, high_open=True)
 
 __all__ = ["ZClip", "zclip_step"]
 
 
 def zclip_step(
-    norm, mean, var, count, warmup_steps, alpha, z_threshold, max_norm=None, eps=1e-6
+    norm,
+    mean,
+    var,
+    count,
+    warmup_steps,
+    alpha,
+    z_threshold,
+    max_norm=None,
+    epsilon=1e-6,
 ):
     """One ZClip step on scalar statistics (pure; no assignment).
 
@@ -21,7 +36,7 @@ def zclip_step(
     squared deviations (Welford); when warm-up completes `var` becomes their
     population variance, as the reference implementation computes from its
     buffer, without keeping a buffer. Afterwards, with
-    `z = (norm - mean) / (sqrt(var) + eps)`, a norm with `z > z_threshold` is
+    `z = (norm - mean) / (sqrt(var) + epsilon)`, a norm with `z > z_threshold` is
     clipped to `mean + z_threshold**2 * std / z` (the paper's reciprocal
     "adaptive scaling"), otherwise the threshold reported is the z-score
     boundary `mean + z_threshold * std`. The EMA is then updated with the
@@ -39,11 +54,23 @@ def zclip_step(
         alpha: Float in (0, 1), EMA factor.
         z_threshold: Positive float.
         max_norm: Optional positive float. Defaults to `None`.
-        eps: Small float added to the std. Defaults to `1e-6`.
+        epsilon: Small positive float added to the std. Defaults to `1e-6`.
 
     Returns:
         Tuple `(threshold, (mean, var, count))` with the new state.
+
+    Raises:
+        ValueError: If an argument is of the wrong kind or out of range.
     """
+    norm = check_tensor("norm", norm)
+    mean = check_tensor("mean", mean)
+    var = check_tensor("var", var)
+    count = check_count("count", count)
+    warmup_steps = check_positive_int("warmup_steps", warmup_steps)
+    alpha = _check_alpha(alpha)
+    z_threshold = check_positive("z_threshold", z_threshold)
+    max_norm = check_positive("max_norm", max_norm, allow_none=True)
+    epsilon = check_positive("epsilon", epsilon)
     norm = ops.cast(norm, "float32")
     count = ops.cast(count, "int32")
     in_warmup = ops.less(count, warmup_steps)
@@ -57,7 +84,7 @@ def zclip_step(
 
     # After warm-up: z-score of this norm against the EMA statistics.
     std = ops.sqrt(ops.maximum(var, 0.0))
-    z = (norm - mean) / (std + eps)
+    z = (norm - mean) / (std + epsilon)
     spike = ops.greater(z, z_threshold)
     adaptive = mean + (z_threshold * z_threshold) * std / ops.where(spike, z, 1.0)
     boundary = mean + z_threshold * std
@@ -99,23 +126,10 @@ class ZClip(ClippingPolicy):
 
     def __init__(self, alpha=0.97, z_threshold=2.5, warmup_steps=25, max_norm=None):
         super().__init__()
-        ok = (
-            isinstance(alpha, (int, float))
-            and not isinstance(alpha, bool)
-            and 0 < alpha < 1
-        )
-        if not ok:
-            raise ValueError(
-                "Invalid value for argument `alpha`. Expected a number in (0, 1). "
-                f"Received: alpha={alpha!r}"
-            )
-        _check_positive("z_threshold", z_threshold)
-        _check_int("warmup_steps", warmup_steps, 1)
-        _check_positive("max_norm", max_norm, allow_none=True)
-        self.alpha = float(alpha)
-        self.z_threshold = float(z_threshold)
-        self.warmup_steps = warmup_steps
-        self.max_norm = None if max_norm is None else float(max_norm)
+        self.alpha = _check_alpha(alpha)
+        self.z_threshold = check_positive("z_threshold", z_threshold)
+        self.warmup_steps = check_positive_int("warmup_steps", warmup_steps)
+        self.max_norm = check_positive("max_norm", max_norm, allow_none=True)
 
     def build(self, optimizer, variables):
         del variables

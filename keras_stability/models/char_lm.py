@@ -230,12 +230,12 @@ def train_char_lm(
     monitor = None
     callbacks = [raw]
     if variant != "post_norm_clipnorm":
-        monitor = GradientMonitor(every_n_steps=monitor_every, verbose=0)
+        monitor = GradientMonitor(check_freq=monitor_every, verbose=0)
         callbacks.append(monitor)
     detector = None
     if stabilized:
         optimizer = GuardedOptimizer(optimizer, clipping=ZClip())
-        detector = GradientExplosionDetector(action="rollback", snapshot_every=20, verbose=0)
+        detector = GradientExplosionDetector(action="rollback", snapshot_freq=20, verbose=0)
         callbacks.append(detector)
     model.compile(
         optimizer=optimizer,

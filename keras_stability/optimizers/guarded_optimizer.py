@@ -6,19 +6,23 @@ optimizer, as `keras.optimizers.LossScaleOptimizer` does, and acts on the
 all-reduced gradient, so every replica takes the same decision.
 """
 
-import contextlib
 import warnings
 
 import keras
 import numpy as np
 from keras import ops
 
+from keras_stability import _keras_internals
 from keras_stability import clipping as clipping_module
+from keras_stability._checks import check_bool
+from keras_stability._checks import check_nonnegative_int
+from keras_stability._checks import check_str
+from keras_stability._checks import invalid
 from keras_stability.clipping.base import global_norm
 from keras_stability.clipping.base import squared_norms
 from keras_stability.clipping.spike import SpikeSkipping
 
-__all__ = ["GradientObserver", "GuardedOptimizer", "ensure_guarded"]
+__all__ = ["GradientObserver", "GuardedOptimizer", "optimizer_chain"]
 
 _STAT_NAMES = (
     "grad_norm",
@@ -95,26 +99,9 @@ def optimizer_chain(optimizer):
     return chain
 
 
-def _identity_reduce(grads_and_vars):
-    return list(grads_and_vars)
-
-
-@contextlib.contextmanager
 def _gradients_already_reduced(optimizer):
-    """Makes `optimizer` (and optimizers it wraps) skip their own all-reduce.
-
-    Keras' TF optimizer sums the gradients across replicas in
-    `_all_reduce_sum_gradients`; GuardedOptimizer has already done it.
-    Only the trace is affected: the attribute is removed on exit.
-    """
-    chain = optimizer_chain(optimizer)
-    for opt in chain:
-        object.__setattr__(opt, "_all_reduce_sum_gradients", _identity_reduce)
-    try:
-        yield
-    finally:
-        for opt in chain:
-            object.__delattr__(opt, "_all_reduce_sum_gradients")
+    """Makes `optimizer` (and those it wraps) skip their own all-reduce."""
+    return _keras_internals.gradients_already_reduced(optimizer_chain(optimizer))
 
 
 @keras.saving.register_keras_serializable(package="keras_stability")
@@ -165,13 +152,18 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         skip_spikes: `None`/`False` (off), `True` (`SpikeSkipping()` with
             OLMo's defaults) or a `SpikeSkipping`. Defaults to `None`.
         observers: List of `GradientObserver`s. They are runtime attachments
-            and are not serialized. Defaults to `None`.
+            and are not serialized (`get_config` has `observers=None`).
+            Defaults to `None`.
         name: Optional name. Defaults to `None`.
+        **kwargs: The base optimizer's arguments (`weight_decay`,
+            `clipnorm`, `use_ema`, ...) are refused unless left at their
+            defaults: set them on `inner_optimizer`.
 
     Raises:
         ValueError: for an inner optimizer that is not a Keras 3 optimizer,
             already clips, is a `LossScaleOptimizer` or has a
-            `loss_scale_factor`; or for an invalid policy.
+            `loss_scale_factor`; for an invalid policy; for any argument of
+            the wrong kind.
 
     Example:
 
@@ -195,22 +187,33 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         **kwargs,
     ):
         for arg_name, default in _BASE_OPTIMIZER_DEFAULTS.items():
-            if arg_name in kwargs and kwargs.pop(arg_name) != default:
-                raise ValueError(
-                    f"GuardedOptimizer does not support `{arg_name}`. Set it on "
-                    "the `inner_optimizer` instead."
-                )
+            if arg_name in kwargs:
+                value = kwargs.pop(arg_name)
+                if value != default:
+                    raise invalid(
+                        arg_name,
+                        value,
+                        f"{default!r}: GuardedOptimizer does not support "
+                        f"`{arg_name}`; set it on the `inner_optimizer`",
+                    )
         if kwargs:
-            raise ValueError(
-                f"GuardedOptimizer got unexpected arguments: {sorted(kwargs)}"
+            raise TypeError(
+                "GuardedOptimizer.__init__() got unexpected keyword arguments: "
+                f"{sorted(kwargs)}"
             )
         _check_inner_optimizer(inner_optimizer)
-        clipping = clipping_module.get(clipping)
+        clipping = clipping_module.get_policy("clipping", clipping)
         skip_spikes = _get_spike_skipping(skip_spikes)
-        if not isinstance(skip_nonfinite, bool):
-            raise ValueError(
-                "Invalid value for argument `skip_nonfinite`. Expected a bool. "
-                f"Received: skip_nonfinite={skip_nonfinite!r}"
+        skip_nonfinite = check_bool("skip_nonfinite", skip_nonfinite)
+        name = check_str("name", name, allow_none=True)
+        if observers is not None and not (
+            isinstance(observers, (list, tuple))
+            and all(isinstance(o, GradientObserver) for o in observers)
+        ):
+            raise invalid(
+                "observers",
+                observers,
+                "None or a list of keras_stability.optimizers.GradientObserver",
             )
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = inner_optimizer
@@ -273,11 +276,11 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         once it is traced again (`model.make_train_function(force=True)`).
         """
         if not isinstance(observer, GradientObserver):
-            raise ValueError(
-                "Invalid value for argument `observer`. Expected a "
-                "keras_stability.optimizers.GradientObserver. Received: "
-                f"observer={observer!r}"
+            raise invalid(
+                "observer", observer, "a keras_stability.optimizers.GradientObserver"
             )
+        if observer in self._observers:
+            return observer
         self._observers.append(observer)
         if self.built:
             self._build_observer(observer)
@@ -312,17 +315,86 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         Args:
             n: Integer >= 0. Defaults to `1`.
         """
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(
-                "Invalid value for argument `n`. Expected an integer >= 0. "
-                f"Received: n={n!r}"
-            )
+        n = check_nonnegative_int("n", n)
         if not self.built:
             raise ValueError(
                 "`skip_next` needs a built optimizer: call it once training has "
                 "started, or `optimizer.build(model.trainable_variables)`."
             )
         self.skip_remaining.assign(n)
+
+    def set_clipping(self, clipping):
+        """Gives a guard without a clipping policy the one asked for.
+
+        Lets several callbacks each ask for their part of one guard, in any
+        order (`keras_stability.optimizers.ensure_guarded`). The policy is
+        built at once if the guard is built; trace the train function again
+        (`model.make_train_function(force=True)`) for it to act.
+
+        Args:
+            clipping: A `keras_stability.clipping` policy, a positive number
+                (`GlobalNorm`) or its serialized dict.
+
+        Returns:
+            Whether the guard changed (`False` if it already had this policy).
+
+        Raises:
+            ValueError: For an invalid policy, or if the guard already clips
+                with a different one (a policy's state cannot be swapped
+                mid-training).
+        """
+        policy = clipping_module.get_policy("clipping", clipping)
+        if policy is None:
+            raise invalid(
+                "clipping", clipping, "a keras_stability.clipping policy or a positive number"
+            )
+        if self.clipping is not None:
+            if _same_config(self.clipping, policy):
+                return False
+            raise ValueError(
+                "Invalid value for argument `clipping`. The optimizer is already a "
+                f"GuardedOptimizer with clipping={self.clipping!r}; cannot also "
+                f"apply clipping={policy!r}. Received: clipping={clipping!r}"
+            )
+        self.clipping = policy
+        if self.built:
+            policy.build(self, self._trainable_variables)
+        return True
+
+    def set_skip_spikes(self, skip_spikes):
+        """Gives a guard without spike skipping the one asked for.
+
+        The counterpart of `set_clipping` for `skip_spikes`.
+
+        Args:
+            skip_spikes: `True` (`SpikeSkipping()`), a `SpikeSkipping` or its
+                serialized dict.
+
+        Returns:
+            Whether the guard changed.
+
+        Raises:
+            ValueError: For an invalid value, or if the guard already skips
+                spikes with different settings.
+        """
+        spikes = _get_spike_skipping(skip_spikes)
+        if spikes is None:
+            raise invalid(
+                "skip_spikes", skip_spikes, "True or a keras_stability.clipping.SpikeSkipping"
+            )
+        if self.skip_spikes is not None:
+            if _same_config(self.skip_spikes, spikes):
+                return False
+            raise ValueError(
+                "Invalid value for argument `skip_spikes`. The optimizer is already "
+                f"a GuardedOptimizer with skip_spikes={self.skip_spikes.get_config()}; "
+                f"cannot also apply skip_spikes={spikes.get_config()}. Received: "
+                f"skip_spikes={skip_spikes!r}"
+            )
+        self.skip_spikes = spikes
+        if self.built:
+            spikes.build(self)
+        return True
 
     def statistics(self):
         """Current statistics as a dict of Python numbers (host read)."""
@@ -569,6 +641,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             "skip_spikes": None
             if self.skip_spikes is None
             else keras.saving.serialize_keras_object(self.skip_spikes),
+            "observers": None,  # runtime attachments, not serialized
         }
 
     @classmethod
@@ -633,111 +706,16 @@ def _get_spike_skipping(value):
     if isinstance(value, SpikeSkipping):
         return value
     if isinstance(value, dict):
-        value = keras.saving.deserialize_keras_object(value)
-        if isinstance(value, SpikeSkipping):
-            return value
-    raise ValueError(
-        "Invalid value for argument `skip_spikes`. Expected None, a bool or a "
-        f"keras_stability.clipping.SpikeSkipping. Received: skip_spikes={value!r}"
+        try:
+            spikes = keras.saving.deserialize_keras_object(value)
+        except (TypeError, ValueError, KeyError):
+            spikes = None
+        if isinstance(spikes, SpikeSkipping):
+            return spikes
+    raise invalid(
+        "skip_spikes", value, "None, a bool or a keras_stability.clipping.SpikeSkipping"
     )
 
 
-def _reconfigure(guarded, kwargs):
-    """Adds what `kwargs` ask for to an existing guard; returns if it changed.
-
-    A policy or spike skipping the guard does not have yet is added (and built
-    at once if the guard is built), so several callbacks can each ask for
-    their part in any order. Asking for something different from what the
-    guard already does is an error.
-    """
-    if not kwargs:
-        return False
-    wanted = GuardedOptimizer(keras.optimizers.SGD(), **kwargs)
-    current = guarded.get_config()
-    target = wanted.get_config()
-    changed = False
-    for key in ("clipping", "skip_spikes"):
-        if target[key] is None or target[key] == current[key]:
-            continue
-        if current[key] is not None:
-            raise ValueError(
-                "The model's optimizer is already a GuardedOptimizer with "
-                f"{key}={getattr(guarded, key)!r}; cannot also apply "
-                f"{key}={getattr(wanted, key)!r}."
-            )
-        new = getattr(wanted, key)
-        setattr(guarded, key, new)
-        if guarded.built:
-            if key == "clipping":
-                new.build(guarded, guarded._trainable_variables)
-            else:
-                new.build(guarded)
-        changed = True
-    if (
-        "skip_nonfinite" in kwargs
-        and kwargs["skip_nonfinite"] != guarded.skip_nonfinite
-    ):
-        raise ValueError(
-            "The model's optimizer is already a GuardedOptimizer with "
-            f"skip_nonfinite={guarded.skip_nonfinite}; cannot also apply "
-            f"skip_nonfinite={kwargs['skip_nonfinite']}."
-        )
-    return changed
-
-
-def ensure_guarded(model, **kwargs):
-    """Makes `model.optimizer` a `GuardedOptimizer` and returns it.
-
-    A plain optimizer is wrapped; under a `LossScaleOptimizer` (mixed
-    precision) its inner optimizer is wrapped, so gradients are measured
-    unscaled. The model's compile config is updated, so a saved `.keras` file
-    reloads with the wrapper and its state. Works before and after a first
-    `fit`: the optimizer is built at once if the model is, and the train
-    function is re-traced.
-
-    Args:
-        model: A compiled Keras model.
-        **kwargs: `GuardedOptimizer` arguments for a new wrapper.
-
-    Returns:
-        The `GuardedOptimizer`.
-
-    Raises:
-        ValueError: if the model has no optimizer, if the optimizer clips by
-            itself, or if it is already guarded and `kwargs` ask for a
-            different configuration. A guard without a clipping policy (or
-            without spike skipping) gets the one asked for, so callbacks can
-            call this in any order.
-    """
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is None:
-        raise ValueError(
-            "Invalid value for argument `model`. Expected a compiled model with "
-            f"an optimizer. Received: model={getattr(model, 'name', model)!r} "
-            "without optimizer"
-        )
-    outer = optimizer
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        optimizer = optimizer.inner_optimizer
-    strategy = getattr(model, "distribute_strategy", None)
-    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
-    if isinstance(optimizer, GuardedOptimizer):
-        with scope:
-            changed = _reconfigure(optimizer, kwargs)
-        if changed and getattr(model, "train_function", None) is not None:
-            model.make_train_function(force=True)
-        return optimizer
-    guarded = GuardedOptimizer(optimizer, **kwargs)
-    if outer is not optimizer:
-        outer.inner_optimizer = guarded
-    else:
-        model.optimizer = guarded
-    compile_config = getattr(model, "_compile_config", None)
-    if compile_config is not None and "optimizer" in compile_config.config:
-        compile_config.config["optimizer"] = guarded
-    if getattr(model, "built", False) and optimizer.built:
-        with scope:
-            guarded.build(model.trainable_variables)
-    if getattr(model, "train_function", None) is not None:
-        model.make_train_function(force=True)
-    return guarded
+def _same_config(a, b):
+    return type(a) is type(b) and a.get_config() == b.get_config()

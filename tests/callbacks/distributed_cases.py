@@ -74,7 +74,7 @@ def gradient_health_run(mirrored, case):
             result["norms"] = [monitor.history["grad_norm"][n][-1] for n in monitor.layer_names]
         else:
             detector = GradientExplosionDetector(
-                snapshot_every=5, lr_factor=0.05, skip_batches=2, verbose=0
+                snapshot_freq=5, lr_factor=0.05, skip_batches=2, verbose=0
             )
             model.fit(
                 x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[detector]

@@ -49,7 +49,7 @@ def test_fractions_match_reference_and_reach_logs():
     b[:2] = 50.0  # 2 of 6 sigmoid units saturated high
     sig.set_weights([k, b])
     probe = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
-    monitor = ActivationMonitor(probe, log_fractions=True, warn_fraction=0.3)
+    monitor = ActivationMonitor(probe, log_fractions=True, warn_fraction=0.3, verbose=1)
     x = np.random.default_rng(1).normal(size=(32, 4)).astype("float32")
     y = np.zeros((32, 3), "float32")
     with warnings.catch_warnings(record=True) as caught:
@@ -73,23 +73,23 @@ def test_fractions_match_reference_and_reach_logs():
     assert "sig_dense (sigmoid)" in text and "Remedies" in text
 
 
-def test_every_n_epochs_and_config_round_trip():
+def test_check_freq_and_config_round_trip():
     model = _model()
     probe = np.zeros((4, 4), "float32")
-    monitor = ActivationMonitor(probe, every_n_epochs=2, verbose=0)
+    monitor = ActivationMonitor(probe, check_freq=2, verbose=0)
     x = np.ones((8, 4), "float32")
     model.fit(x, np.zeros((8, 3)), epochs=4, verbose=0, callbacks=[monitor])
     assert len(monitor.history["relu_dense"]) == 2
     config = monitor.get_config()
     again = ActivationMonitor.from_config(config).get_config()
-    assert again.keys() == config.keys() and again["every_n_epochs"] == 2
+    assert again.keys() == config.keys() and again["check_freq"] == 2
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"every_n_epochs": 0}, "Invalid value for argument `every_n_epochs`. Expected a positive integer. Received: every_n_epochs=0"),
-        ({"saturation_eps": 0.7}, "Received: saturation_eps=0.7"),
+        ({"check_freq": 0}, "Invalid value for argument `check_freq`. Expected a positive integer. Received: check_freq=0"),
+        ({"saturation_epsilon": 0.7}, "Received: saturation_epsilon=0.7"),
         ({"probe_data": None}, "Received: probe_data=None"),
     ],
 )

@@ -47,7 +47,7 @@ def test_wraps_logs_and_reports(tmp_path, capsys):
         epochs=2,
         verbose=0,
         callbacks=[
-            AdaptiveClipping(GlobalNorm(0.05)),
+            AdaptiveClipping(GlobalNorm(0.05), verbose=1),
             keras.callbacks.CSVLogger(csv_path),
         ],
     )
@@ -152,8 +152,13 @@ def test_config_round_trip_and_bad_arguments():
     config = callback.get_config()
     clone = AdaptiveClipping.from_config(config)
     assert clone.get_config() == config
-    assert clone.policy.alpha == 0.9 and clone.skip_spikes.window == 32
+    assert clone.clipping.alpha == 0.9 and clone.skip_spikes.window == 32
     with pytest.raises(ValueError, match="Invalid value for argument `clipping`"):
         AdaptiveClipping("zclip")
     with pytest.raises(ValueError, match="Invalid value for argument `verbose`"):
-        AdaptiveClipping(GlobalNorm(1.0), verbose=2)
+        AdaptiveClipping(GlobalNorm(1.0), verbose=3)
+    with pytest.raises(ValueError, match="Invalid value for argument `log_statistics`"):
+        AdaptiveClipping(GlobalNorm(1.0), log_statistics="False")
+    with pytest.raises(ValueError, match="Invalid value for argument `clipping`"):
+        AdaptiveClipping(clipping=-1.0)
+    assert "policy" not in AdaptiveClipping(1.0).get_config()

@@ -48,14 +48,21 @@ def _quiet(fn, *args, **kwargs):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"action": "explode"}, "Invalid value for argument `action`. Expected one of ('warn', 'skip', 'rollback', 'stop'). Received: action='explode'"),
-        ({"snapshot_every": 0}, "Invalid value for argument `snapshot_every`. Expected a positive integer. Received: snapshot_every=0"),
+        ({"action": "explode"}, "Invalid value for argument `action`. Expected one of 'warn', 'skip', 'rollback', 'stop'. Received: action='explode'"),
+        ({"snapshot_freq": 0}, "Invalid value for argument `snapshot_freq`. Expected a positive integer. Received: snapshot_freq=0"),
         ({"lr_factor": 1.0}, "Invalid value for argument `lr_factor`. Expected a number in (0, 1). Received: lr_factor=1.0"),
         ({"lr_factor": 0}, "Received: lr_factor=0"),
         ({"max_rollbacks": -1}, "Received: max_rollbacks=-1"),
         ({"window": 10, "min_samples": 20}, "Received: min_samples=20"),
-        ({"regress_factor": 1.0}, "Invalid value for argument `regress_factor`. Expected None or a number > 1. Received: regress_factor=1.0"),
-        ({"probe_lower_lr": 1}, "Invalid value for argument `probe_lower_lr`. Expected a boolean. Received: probe_lower_lr=1"),
+        ({"regress_factor": 1.0}, "Invalid value for argument `regress_factor`. Expected a number > 1 or None. Received: regress_factor=1.0"),
+        ({"probe_lower_lr": 1}, "Invalid value for argument `probe_lower_lr`. Expected a bool (True or False). Received: probe_lower_lr=1"),
+        # Audit findings: "False" read as True; the argument named `threshold`.
+        ({"restore_best_weights": "False"}, "Invalid value for argument `restore_best_weights`. Expected a bool (True or False). Received: restore_best_weights='False'"),
+        ({"loss_z_threshold": 0}, "Invalid value for argument `loss_z_threshold`. Expected a positive number. Received: loss_z_threshold=0"),
+        ({"grad_z_threshold": -1.0}, "Invalid value for argument `grad_z_threshold`."),
+        ({"loss_factor": 1.0}, "Invalid value for argument `loss_factor`. Expected a number > 1 or None."),
+        ({"verbose": 3}, "Invalid value for argument `verbose`."),
+        ({"diagnostic_path": 3}, "Invalid value for argument `diagnostic_path`."),
     ],
 )
 def test_invalid_arguments(kwargs, message):
@@ -66,7 +73,7 @@ def test_invalid_arguments(kwargs, message):
 
 def test_get_config_round_trip():
     detector = GradientExplosionDetector(
-        action="stop", snapshot_every=7, lr_factor=0.3, probe_lower_lr=False
+        action="stop", snapshot_freq=7, lr_factor=0.3, probe_lower_lr=False
     )
     config = detector.get_config()
     assert config["probe_lower_lr"] is False
@@ -76,7 +83,7 @@ def test_get_config_round_trip():
 def test_rollback_restores_weights_and_optimizer_state_bitwise():
     x, y = _data(128)
     model = deep_mlp(keras.optimizers.Adam(1e-3), depth=2)
-    detector = GradientExplosionDetector(snapshot_every=2, skip_batches=3, lr_factor=0.5, verbose=0)
+    detector = GradientExplosionDetector(snapshot_freq=2, skip_batches=3, lr_factor=0.5, verbose=0)
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[detector])
     snap = detector.snapshot
     assert snap.step == 6  # taken at step 6, confirmed by 2 healthy steps
@@ -104,7 +111,7 @@ def test_high_learning_rate_diverges_plainly_but_is_rescued(steps_per_execution)
 
     model = deep_mlp(keras.optimizers.SGD(10.0), steps_per_execution=steps_per_execution)
     initial = model.evaluate(x, y, verbose=0)
-    detector = GradientExplosionDetector(snapshot_every=5, lr_factor=0.05, skip_batches=2, verbose=0)
+    detector = GradientExplosionDetector(snapshot_freq=5, lr_factor=0.05, skip_batches=2, verbose=0)
     history = model.fit(x, y, batch_size=32, epochs=3, verbose=0, callbacks=[detector])
     assert _finite(model)
     assert detector.rollbacks >= 1 and detector.stopped_reason is None
@@ -301,7 +308,7 @@ def test_no_probe_without_a_rollback():
     x, y, start = _quadratic_problem()
     for lr in (0.975, 0.05):
         model = _linear(lr)
-        detector = GradientExplosionDetector(lr_factor=0.5, snapshot_every=5, verbose=0)
+        detector = GradientExplosionDetector(lr_factor=0.5, snapshot_freq=5, verbose=0)
         model.fit(x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector])
         assert detector.events == [] and detector.rollbacks == 0
         assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(lr)
@@ -315,7 +322,7 @@ def test_fast_healthy_convergence_is_not_a_slow_divergence():
     # losses after the best snapshot may judge a divergence from it.
     x, y, start = _quadratic_problem()
     model = _linear(0.1)
-    detector = GradientExplosionDetector(snapshot_every=5, verbose=0)
+    detector = GradientExplosionDetector(snapshot_freq=5, verbose=0)
     model.fit(x, y, batch_size=8, epochs=6, shuffle=False, verbose=0, callbacks=[detector])
     np.testing.assert_allclose(
         np.asarray(detector.raw_losses[:10]) / start, 0.64 ** np.arange(10), rtol=1e-3
@@ -333,7 +340,7 @@ def test_slow_divergence_after_the_best_snapshot_is_caught():
     model = _linear(0.1)
     schedule = keras.callbacks.LearningRateScheduler(lambda epoch: 0.1 if epoch < 2 else 1.02)
     detector = GradientExplosionDetector(
-        action="stop", snapshot_every=5, loss_z_threshold=1e9, grad_z_threshold=1e9, verbose=0
+        action="stop", snapshot_freq=5, loss_z_threshold=1e9, grad_z_threshold=1e9, verbose=0
     )
     with pytest.warns(UserWarning, match="loss diverging"):
         model.fit(
@@ -380,7 +387,7 @@ def test_skipped_step_does_not_score_the_pending_snapshot():
     x[7 * 16 + 3] = np.inf
     # No hidden ReLU (which maps NaN to 0): the logits, and so the loss, are NaN.
     model = deep_mlp(keras.optimizers.SGD(0.05), depth=0)
-    detector = GradientExplosionDetector(snapshot_every=5, verbose=0)
+    detector = GradientExplosionDetector(snapshot_freq=5, verbose=0)
     _quiet(model.fit, x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[detector])
     assert detector.skipped_batches == 1 and detector.rollbacks == 0
     assert math.isnan(detector.raw_losses[7])
@@ -473,7 +480,7 @@ def test_rollback_scales_a_schedule_instead_of_replacing_it():
     x, y = _data(256)
     schedule = keras.optimizers.schedules.ExponentialDecay(10.0, decay_steps=100, decay_rate=0.9)
     model = deep_mlp(keras.optimizers.SGD(schedule))
-    detector = GradientExplosionDetector(snapshot_every=5, lr_factor=0.1, skip_batches=1, verbose=0)
+    detector = GradientExplosionDetector(snapshot_freq=5, lr_factor=0.1, skip_batches=1, verbose=0)
     model.fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=[detector])
     lr = model.optimizer.inner_optimizer._learning_rate
     assert detector.rollbacks >= 1
@@ -533,7 +540,7 @@ def test_scaled_schedule_survives_keras_save_and_load(tmp_path):
     x, y = _data(256)
     schedule = keras.optimizers.schedules.ExponentialDecay(10.0, decay_steps=100, decay_rate=0.9)
     model = deep_mlp(keras.optimizers.SGD(schedule))
-    detector = GradientExplosionDetector(snapshot_every=5, lr_factor=0.1, skip_batches=1, verbose=0)
+    detector = GradientExplosionDetector(snapshot_freq=5, lr_factor=0.1, skip_batches=1, verbose=0)
     model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[detector])
     assert detector.rollbacks >= 1
     assert detector._recovery is None  # a probe unfinished at the end is undone
@@ -626,3 +633,53 @@ def test_healthy_training_to_a_tiny_heavy_tailed_loss_is_left_alone():
     assert detector.events == [] and detector.rollbacks == 0
     assert detector.stopped_reason is None
     assert detector.step == 30 * math.ceil(len(x) / 32)
+
+
+def test_unwritable_diagnostic_path_is_a_value_error_when_training_starts(tmp_path):
+    x, y = _data(32)
+    blocker = os.path.join(tmp_path, "a_file")
+    with open(blocker, "w") as f:
+        f.write("not a directory")
+    model = deep_mlp(keras.optimizers.SGD(0.05), depth=1)
+    detector = GradientExplosionDetector(diagnostic_path=os.path.join(blocker, "sub", "d.json"))
+    with pytest.raises(ValueError) as info:
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[detector])
+    assert str(info.value).startswith(
+        "Invalid value for argument `diagnostic_path`. Expected a path under a directory ("
+    )
+    assert model.optimizer.iterations.numpy() == 0  # refused before any step
+    with pytest.raises(ValueError, match="a file path"):
+        model.fit(
+            x, y, epochs=1, verbose=0,
+            callbacks=[GradientExplosionDetector(diagnostic_path=str(tmp_path))],
+        )
+
+
+def test_a_diagnostic_that_cannot_be_written_when_stopping_warns_and_fit_returns(tmp_path):
+    x, y = _data(64)
+    x = x.copy()
+    x[40:] = np.nan  # batches 3 and 4: the detector stops at the first
+    model = deep_mlp(keras.optimizers.SGD(0.05), depth=1)
+    out = os.path.join(tmp_path, "out")
+    os.makedirs(out)
+    path = os.path.join(out, "diagnostic.json")
+
+    class BreakTheFolder(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if os.path.isdir(out):  # writable at the start, gone when the detector stops
+                os.rmdir(out)
+                with open(out, "w") as f:
+                    f.write("now a file")
+
+    detector = GradientExplosionDetector(
+        action="stop", max_consecutive_skips=0, diagnostic_path=path
+    )
+    history, messages = _quiet(
+        model.fit, x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
+        callbacks=[BreakTheFolder(), detector],
+    )
+    assert isinstance(history, keras.callbacks.History) and history.history["loss"]
+    assert detector.stopped_reason is not None and detector.diagnostic["step"] == 3
+    assert any("could not write the diagnostic" in m and "diagnostic_path=" in m for m in messages)
+    assert any("stopped training" in m and "could not be written" in m for m in messages)
+    assert _finite(model)

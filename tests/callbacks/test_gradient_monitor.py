@@ -65,7 +65,7 @@ def test_raw_loss_equals_true_per_batch_loss_and_reaches_logs(tmp_path):
     x, y = _data(100)  # batch 16: 6 full batches and one of 4
     model = _small_model(lr=0.5)
     truth = _TrueBatchLoss(x, y, 16)
-    monitor = GradientMonitor(every_n_steps=1, logs_per_layer=True, verbose=0)
+    monitor = GradientMonitor(check_freq=1, logs_per_layer=True, verbose=0)
     csv_path = os.path.join(tmp_path, "log.csv")
     history = model.fit(
         x,
@@ -97,11 +97,11 @@ def test_raw_loss_equals_true_per_batch_loss_and_reaches_logs(tmp_path):
     )
 
 
-def test_every_n_steps_history_summary_plot_and_tensorboard(tmp_path):
+def test_check_freq_history_summary_plot_and_tensorboard(tmp_path):
     x, y = _data(96)
     model = _small_model()
     log_dir = os.path.join(tmp_path, "tb")
-    monitor = GradientMonitor(every_n_steps=2, log_dir=log_dir, histogram_bins=10, verbose=0)
+    monitor = GradientMonitor(check_freq=2, log_dir=log_dir, histogram_bins=10, verbose=0)
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
     assert monitor.history["step"] == [2, 4, 6]
     assert list(monitor.history["grad_norm"]) == ["hidden", "head"]
@@ -199,14 +199,14 @@ def test_detach_stops_the_statistics_and_a_later_fit_attaches_again():
 
 
 def test_get_config_round_trip_and_invalid_arguments():
-    monitor = GradientMonitor(every_n_steps=5, log_dir="/tmp/x", patience=2)
+    monitor = GradientMonitor(check_freq=5, log_dir="/tmp/x", patience=2)
     config = monitor.get_config()
     assert GradientMonitor.from_config(config).get_config() == config
     with pytest.raises(ValueError) as info:
-        GradientMonitor(every_n_steps=0)
+        GradientMonitor(check_freq=0)
     assert str(info.value) == (
-        "Invalid value for argument `every_n_steps`. Expected a positive integer. "
-        "Received: every_n_steps=0"
+        "Invalid value for argument `check_freq`. Expected a positive integer. "
+        "Received: check_freq=0"
     )
     with pytest.raises(ValueError, match="Received: vanish_ratio=-1"):
         GradientMonitor(vanish_ratio=-1)
@@ -229,9 +229,9 @@ class _PerStepRead(keras.callbacks.Callback):
 def test_buffered_history_equals_per_step_reads_with_a_partial_last_chunk():
     x, y = _data(100)  # batch 16: 7 steps per epoch, 14 in all
     histories = {}
-    for read_every in (1, 5):
+    for read_freq in (1, 5):
         model = _small_model(lr=0.5)
-        monitor = GradientMonitor(every_n_steps=1, read_every=read_every, verbose=0)
+        monitor = GradientMonitor(check_freq=1, read_freq=read_freq, verbose=0)
         probe = _PerStepRead(monitor)
         history = model.fit(
             x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[monitor, probe]
@@ -245,16 +245,17 @@ def test_buffered_history_equals_per_step_reads_with_a_partial_last_chunk():
         )
         np.testing.assert_array_equal(h["raw_loss"], monitor.raw_losses)
         # Epoch logs (History) carry the last step of each epoch: the epoch
-        # end reads the partial chunk (steps 6-7 and 11-14 with read_every=5).
+        # end reads the partial chunk (steps 6-7 and 11-14 with read_freq=5).
         assert history.history["grad_norm"] == [h["global_norm"][6], h["global_norm"][13]]
         logged = [b.get("grad_norm") for b in probe.batch_logs]
-        if read_every == 1:
+        if read_freq == 1:
             assert logged == h["global_norm"]
         else:  # batch logs carry the last read: after steps 5, 7 (epoch end), 10
             assert logged[:4] == [None] * 4  # nothing read yet
-            assert logged[4:10] == [h["global_norm"][i] for i in (4, 4, 4, 6, 6, 9)]
+            # The epoch's last step is read before any callback sees its logs.
+            assert logged[4:10] == [h["global_norm"][i] for i in (4, 4, 6, 6, 6, 9)]
             assert [b["raw_loss"] for b in probe.batch_logs] == monitor.raw_losses
-        histories[read_every] = h
+        histories[read_freq] = h
     assert histories[1] == histories[5]  # bitwise, whatever the read cadence
 
 
@@ -266,7 +267,7 @@ def test_flush_reads_up_to_the_current_step_and_steps_per_execution():
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         steps_per_execution=2,
     )
-    monitor = GradientMonitor(every_n_steps=1, read_every=64, verbose=0)
+    monitor = GradientMonitor(check_freq=1, read_freq=64, verbose=0)
     seen = []
 
     class Reader(keras.callbacks.Callback):
@@ -285,14 +286,14 @@ def test_flush_reads_up_to_the_current_step_and_steps_per_execution():
     assert monitor.history["raw_loss"] == [monitor.raw_losses[i // 2] for i in range(6)]
 
 
-def test_read_every_validation_and_buffer_size():
-    assert GradientMonitor(every_n_steps=10, read_every=32).buffer_size == 4
-    assert GradientMonitor(every_n_steps=1, read_every=1).buffer_size == 1
+def test_read_freq_validation_and_buffer_size():
+    assert GradientMonitor(check_freq=10, read_freq=32).buffer_size == 4
+    assert GradientMonitor(check_freq=1, read_freq=1).buffer_size == 1
     with pytest.raises(ValueError) as info:
-        GradientMonitor(read_every=0)
+        GradientMonitor(read_freq=0)
     assert str(info.value) == (
-        "Invalid value for argument `read_every`. Expected a positive integer. "
-        "Received: read_every=0"
+        "Invalid value for argument `read_freq`. Expected a positive integer. "
+        "Received: read_freq=0"
     )
 
 
@@ -320,7 +321,7 @@ class _FixedRows:
 def test_a_run_inside_one_read_is_warned_about_at_its_step():
     x, y = _data(32)
     model = _small_model()
-    monitor = GradientMonitor(patience=3, read_every=32, verbose=1)
+    monitor = GradientMonitor(patience=3, read_freq=32, verbose=1)
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
     assert monitor.history["step"] == [1, 2] and monitor.unhealthy_layers() == []
     # 32 more checks (steps 3-34): "hidden" vanishes at steps 12-14 only.
@@ -342,9 +343,131 @@ def test_a_run_inside_one_read_is_warned_about_at_its_step():
 def test_epoch_logs_carry_the_last_steps_raw_loss_between_checks():
     x, y = _data(112)  # batch 16: 7 steps; checks at steps 3 and 6
     model = _small_model()
-    monitor = GradientMonitor(every_n_steps=3, verbose=0)
+    monitor = GradientMonitor(check_freq=3, verbose=0)
     history = model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
     assert monitor.history["step"] == [3, 6]
     assert monitor.history["raw_loss"] == [monitor.raw_losses[2], monitor.raw_losses[5]]
     assert history.history["raw_loss"] == [monitor.raw_losses[6]]
     assert history.history["grad_norm"] == [monitor.history["global_norm"][-1]]
+
+
+def test_a_monitor_and_detector_shared_by_two_models_keep_one_observer_each():
+    """Audit finding: reused on two models they added observers every fit
+    (2 -> 4 -> 6 -> 8 per optimizer). Each is now bound to its model."""
+    from keras_stability.callbacks import GradientExplosionDetector
+
+    x, y = _data(32)
+    a, b = _small_model(), _small_model()
+    monitor, detector = GradientMonitor(), GradientExplosionDetector()
+    counts = []
+    for _ in range(4):
+        for model in (a, b):
+            model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor, detector])
+        counts.append((len(a.optimizer.observers), len(b.optimizer.observers)))
+    assert counts == [(2, 2)] * 4
+    variables = len(a.optimizer.variables)
+    a.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor, detector])
+    assert len(a.optimizer.variables) == variables  # nothing new built
+    assert monitor.history["step"] == [1, 2]  # the last fit's checks, on `a`
+    assert monitor.detach() and detector.detach()
+    assert a.optimizer.observers == [] and b.optimizer.observers == []
+
+
+class _Chunks:
+    """Stands in for the observer: each read returns the next `size` checks."""
+
+    built = True
+
+    def __init__(self, layers, size):
+        self.layers, self.size, self.step = layers, size, 0
+        self.rng = np.random.default_rng(0)
+
+    def read_rows(self, after_step=0):
+        steps = np.arange(self.step + 1, self.step + self.size + 1)
+        self.step += self.size
+        norms = self.rng.uniform(0.1, 1.0, size=(self.size, self.layers))
+        return {
+            "step": steps,
+            "global_norm": np.sqrt(np.sum(norms**2, axis=1)),
+            "grad_norms": norms,
+            "weight_norms": np.ones_like(norms),
+            "update_ratios": np.full_like(norms, 1e-3),
+        }
+
+
+def test_history_memory_is_bounded_and_totals_cover_every_check():
+    import gc
+    import tracemalloc
+
+    x, y = _data(32)
+    model = _small_model()
+    monitor = GradientMonitor(history_size=100, read_freq=32)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    chunks = _Chunks(layers=2, size=32)
+    monitor.observer = chunks
+    seen = {"min": np.inf, "max": -np.inf, "count": 0}  # scalars: no growth here
+
+    def read(n):
+        for _ in range(n):
+            monitor.raw_losses.append(0.5)  # the step's raw loss, as fit adds it
+            monitor.flush()
+            new = np.asarray(monitor.history["grad_norm"]["hidden"][-32:])
+            seen["min"] = min(seen["min"], new.min())
+            seen["max"] = max(seen["max"], new.max())
+            seen["count"] += 32
+
+    read(10)  # 320 checks: the ring is full
+    tracemalloc.start()
+    read(30)  # the ring's contents are now all allocated while traced
+    gc.collect()  # NumPy's strided views leave reference cycles behind
+    first, _ = tracemalloc.get_traced_memory()
+    read(160)  # 5,120 more checks (unbounded, they would hold ~1.5 MB)
+    gc.collect()
+    second, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert abs(second - first) < 64 * 1024, (first, second)  # unbounded: +1.5 MB
+    h = monitor.history
+    assert len(h["step"]) == 100 and h["step"][-1] == chunks.step
+    assert all(
+        len(v) == 100
+        for key in ("grad_norm", "weight_norm", "update_ratio")
+        for v in h[key].values()
+    )
+    assert len(monitor.raw_losses) <= 100
+    totals = monitor.totals["grad_norm"]["hidden"]
+    assert monitor.totals["checks"] == 2 + 200 * 32
+    assert totals["count"] == 2 + seen["count"]
+    assert totals["max"] >= seen["max"] and totals["min"] <= seen["min"]
+    assert "(6402 checks)" in monitor.summary(print_to_stdout=False)
+
+
+def test_bounded_history_matches_an_unbounded_one_on_its_last_checks():
+    x, y = _data(256)  # 16 steps per epoch, 48 in all
+    model = _small_model()
+    bounded = GradientMonitor(history_size=64, read_freq=8)
+    full = GradientMonitor(history_size=None, read_freq=8)
+    model.fit(x, y, batch_size=16, epochs=3, verbose=0, callbacks=[bounded, full])
+    assert full.history["step"] == list(range(1, 49))
+    assert bounded.history == full.history  # 48 < 64: nothing dropped yet
+    for name in ("hidden", "head"):
+        norms = np.asarray(full.history["grad_norm"][name])
+        running = bounded.totals["grad_norm"][name]
+        assert running["min"] == norms.min() and running["max"] == norms.max()
+        assert running["mean"] == pytest.approx(norms.mean(), rel=1e-12)
+    with pytest.raises(ValueError, match="Invalid value for argument `history_size`"):
+        GradientMonitor(history_size=10)
+
+
+def test_unwritable_log_dir_is_a_value_error_naming_it(tmp_path):
+    x, y = _data(32)
+    blocker = os.path.join(tmp_path, "a_file")
+    with open(blocker, "w") as f:
+        f.write("not a directory")
+    model = _small_model()
+    monitor = GradientMonitor(log_dir=os.path.join(blocker, "tb"))
+    with pytest.raises(ValueError) as info:
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    assert str(info.value).startswith("Invalid value for argument `log_dir`.")
+    assert "Received: log_dir=" in str(info.value)
+    with pytest.raises(ValueError, match="Invalid value for argument `log_dir`"):
+        GradientMonitor(log_dir=3)

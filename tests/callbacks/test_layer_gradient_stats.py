@@ -98,7 +98,7 @@ def test_observe_per_layer_norms_and_update_ratio_match_numpy():
 def test_update_ratio_only_on_report_steps_and_zero_when_skipped():
     model = _model()
     variables = model.trainable_variables
-    obs = LayerGradientStats(every_n_steps=2)
+    obs = LayerGradientStats(check_freq=2)
     obs.build(keras.optimizers.SGD(0.1), variables)
     # Without groups each variable's layer (path prefix) is a group.
     assert obs.layer_names == sorted(
@@ -132,7 +132,7 @@ def test_none_gradients_count_as_zero():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"every_n_steps": 0}, "Invalid value for argument `every_n_steps`. Expected a positive integer. Received: every_n_steps=0"),
+        ({"check_freq": 0}, "Invalid value for argument `check_freq`. Expected a positive integer. Received: check_freq=0"),
         ({"histogram_bins": -1}, "Received: histogram_bins=-1"),
     ],
 )
@@ -145,7 +145,7 @@ def test_invalid_arguments(kwargs, message):
 def test_per_layer_norms_only_on_report_or_anomalous_steps():
     model = _model()
     variables = model.trainable_variables
-    obs = LayerGradientStats(every_n_steps=10, track_updates=False, anomaly_factor=3.0)
+    obs = LayerGradientStats(check_freq=10, track_updates=False, anomaly_factor=3.0)
     obs.build(keras.optimizers.SGD(0.1), variables)
     grads = _grads(model)
     obs.observe(grads, variables, {})  # step 1: first norm, no report
@@ -168,7 +168,7 @@ def test_ring_buffer_keeps_the_last_rows_in_step_order():
     model = _model()
     variables = model.trainable_variables
     obs = LayerGradientStats(
-        groups=group_variables_by_layer(model), every_n_steps=2, histogram_bins=4, buffer_size=3
+        groups=group_variables_by_layer(model), check_freq=2, histogram_bins=4, buffer_size=3
     )
     obs.build(keras.optimizers.SGD(0.1), variables)
     assert obs.row_width == 1 + 3 * 3 + 3 * 4
@@ -226,19 +226,19 @@ def test_shared_squared_norms_give_the_same_statistics():
     np.testing.assert_array_equal(results[0], results[1])
 
 
-@pytest.mark.parametrize("every_n_steps", [1, 2])
-def test_update_ratio_in_a_compiled_step_matches_numpy(every_n_steps):
+@pytest.mark.parametrize("check_freq", [1, 2])
+def test_update_ratio_in_a_compiled_step_matches_numpy(check_freq):
     # Every step: the ratio uses the weights read before the update (no
     # copy); every other step: a copy taken on report steps. Both exact.
     model = _model()
     variables = model.trainable_variables
-    obs = LayerGradientStats(groups=group_variables_by_layer(model), every_n_steps=every_n_steps)
+    obs = LayerGradientStats(groups=group_variables_by_layer(model), check_freq=check_freq)
     obs.build(keras.optimizers.SGD(0.1), variables)
     grads = _grads(model)
 
     step = _compiled_sgd_step(obs, grads, variables)
 
-    for _ in range(every_n_steps - 1):
+    for _ in range(check_freq - 1):
         step()  # not a report step
     before = [v.numpy().copy() for v in variables]
     step()
@@ -258,9 +258,9 @@ def test_every_step_update_ratios_keep_no_copy_of_the_weights():
     variables = model.trainable_variables
     n_params = sum(int(np.prod(v.shape)) for v in variables)
 
-    def state_size(every_n_steps):
+    def state_size(check_freq):
         # Every number the observer keeps in variables.
-        obs = LayerGradientStats(every_n_steps=every_n_steps)
+        obs = LayerGradientStats(check_freq=check_freq)
         obs.build(keras.optimizers.SGD(0.1), variables)
         held = []
         for value in vars(obs).values():

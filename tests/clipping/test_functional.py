@@ -159,7 +159,7 @@ def test_unitwise_norm_reduces_all_axes_but_last():
 def test_adaptive_clip_limits_each_output_unit():
     w = np.array([[3.0, 0.1], [4.0, 0.1]], "float32")  # unit norms 5, ~0.141
     g = np.array([[1.0, 1.0], [0.0, 1.0]], "float32")  # unit norms 1, ~1.414
-    (out,), clipped = clipping.adaptive_clip([g], [w], clip_factor=0.5, eps=1e-3)
+    (out,), clipped = clipping.adaptive_clip([g], [w], clip_factor=0.5, epsilon=1e-3)
     out = np.asarray(out)
     np.testing.assert_array_equal(out[:, 0], g[:, 0])  # 1 <= 0.5 * 5: untouched
     np.testing.assert_allclose(

@@ -78,8 +78,8 @@ def test_global_norm_threshold_and_update():
         clipping.GlobalNorm(0.5),
         clipping.AutoClip(percentile=90, history_size=10),
         clipping.ZClip(alpha=0.8, z_threshold=3.0, warmup_steps=5, max_norm=10.0),
-        clipping.AGC(clip_factor=0.02, eps=1e-4, exclude_final_layer=False),
-        clipping.SpikeSkipping(window=16, threshold=4.0, min_samples=8),
+        clipping.AGC(clip_factor=0.02, epsilon=1e-4, exclude_final_layer=False),
+        clipping.SpikeSkipping(window=16, z_threshold=4.0, min_samples=8),
     ],
 )
 def test_config_round_trip(policy):
@@ -129,3 +129,28 @@ def test_bad_arguments(make, message):
         make()
     assert message in str(info.value)
     assert str(info.value).startswith("Invalid value for argument `")
+
+
+def test_numpy_numbers_are_numbers_and_bools_are_not():
+    """NumPy scalars are accepted (as the layers accept them) and stored as
+    Python numbers, so the configs stay JSON; a bool is never a number."""
+    import json
+
+    policies = [
+        clipping.GlobalNorm(np.float32(0.5)),
+        clipping.AutoClip(percentile=np.float64(90.0), history_size=np.int64(8)),
+        clipping.ZClip(alpha=np.float32(0.5), warmup_steps=np.int32(3), max_norm=np.float16(2)),
+        clipping.AGC(clip_factor=np.float32(0.02), exclude_vectors=np.bool_(False)),
+        clipping.SpikeSkipping(window=np.int32(8), min_samples=np.int64(4)),
+    ]
+    for policy in policies:
+        config = policy.get_config()
+        assert json.loads(json.dumps(config)) == config
+        assert all(type(v) in (int, float, bool, type(None)) for v in config.values())
+    assert clipping.get(np.float32(2.0)).get_config() == {"max_norm": 2.0}
+    with pytest.raises(ValueError, match="Invalid value for argument `max_norm`"):
+        clipping.GlobalNorm(True)
+    with pytest.raises(ValueError, match="Invalid value for argument `exclude_vectors`"):
+        clipping.AGC(exclude_vectors="False")
+    with pytest.raises(ValueError, match="Invalid value for argument `identifier`"):
+        clipping.get(-1.0)  # not reported as GlobalNorm's `max_norm`

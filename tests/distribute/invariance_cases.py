@@ -65,7 +65,7 @@ def _build(case):
         optimizer = _guarded()
     elif case == "spike":
         optimizer = _guarded(
-            skip_spikes=clipping.SpikeSkipping(window=8, threshold=3.0, min_samples=3)
+            skip_spikes=clipping.SpikeSkipping(window=8, z_threshold=3.0, min_samples=3)
         )
     elif case == "pruning":
         optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
@@ -81,7 +81,7 @@ def _build(case):
         from keras_stability.callbacks import GradientExplosionDetector
 
         detector = GradientExplosionDetector(
-            action="rollback", snapshot_every=2, lr_factor=0.1, skip_batches=1,
+            action="rollback", snapshot_freq=2, lr_factor=0.1, skip_batches=1,
             min_samples=3, window=8, verbose=0,
         )
         model.compile(optimizer=optimizer, loss=loss)
@@ -92,7 +92,7 @@ def _build(case):
     elif case == "monitor":
         from keras_stability.callbacks import GradientMonitor
 
-        monitor = GradientMonitor(every_n_steps=2, verbose=0)
+        monitor = GradientMonitor(check_freq=2, verbose=0)
         model.compile(optimizer=_guarded(), loss=loss)
         return model, {"callbacks": [monitor]}, lambda: {
             "layer_grad_norms": [v[-1] for v in monitor.history["grad_norm"].values()],

@@ -79,11 +79,11 @@ def fit_worker(
     model = _build(strategy)
     callbacks = []
     if log_dir:
-        monitor = ks_callbacks.GradientMonitor(every_n_steps=2, log_dir=log_dir, verbose=0)
+        monitor = ks_callbacks.GradientMonitor(check_freq=2, log_dir=log_dir, verbose=0)
         callbacks += [
             ks_callbacks.AdaptiveClipping(clipping.ZClip(warmup_steps=2), verbose=0),
             monitor,
-            ks_callbacks.GradientExplosionDetector(action="rollback", snapshot_every=2, verbose=0),
+            ks_callbacks.GradientExplosionDetector(action="rollback", snapshot_freq=2, verbose=0),
         ]
     if backup_dir:
         callbacks.append(ksd.BackupAndRestore(backup_dir))

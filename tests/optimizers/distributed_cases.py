@@ -19,7 +19,7 @@ def make_optimizer(kind, keras_global_clipnorm=False):
         "zclip": clipping.ZClip(warmup_steps=25, max_norm=1.0),
         "agc": clipping.AGC(
             clip_factor=1000.0,
-            eps=1e-3,
+            epsilon=1e-3,
             exclude_vectors=False,
             exclude_final_layer=False,
         ),

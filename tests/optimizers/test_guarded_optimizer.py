@@ -121,7 +121,7 @@ def test_skip_next_skips_requested_steps_in_graph():
 
 def test_spike_skipping_rejects_outlier_without_recording_it():
     variables = [keras.Variable(np.zeros((1,), "float32"))]
-    spikes = clipping.SpikeSkipping(window=8, threshold=3.0, min_samples=4)
+    spikes = clipping.SpikeSkipping(window=8, z_threshold=3.0, min_samples=4)
     optimizer = GuardedOptimizer(keras.optimizers.SGD(0.0), skip_spikes=spikes)
     rng = np.random.default_rng(0)
     norms = 1.0 + 0.1 * rng.normal(size=6)

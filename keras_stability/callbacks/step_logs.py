@@ -1,0 +1,141 @@
+"""Our values in `fit`'s logs, whatever the order of the callbacks.
+
+Keras hands one converted copy of each step's logs to the callbacks in list
+order, so a value a callback writes into its `logs` reaches only the
+callbacks after it: with `keras.callbacks.CSVLogger` or `TensorBoard` first
+(the usual order) they would never see `raw_loss`, `rollbacks`, ... Keras
+builds both the batch logs and the epoch logs from the dict the train
+function returns (see `keras_stability._keras_internals`), so values go in
+there instead, by one of two routes:
+
+- in-graph values (a `GuardedOptimizer`'s statistics) are returned by the
+  compiled step itself (`StepLogs.set_graph_values`), with no host read of
+  their own;
+- host values (the raw loss, the detector's counters, the monitor's buffered
+  statistics) are written by a hook that runs on the host right after each
+  call of the train function, before any callback (`StepLogs.attach`). The
+  callbacks' per-step work runs in that hook.
+
+`StepLogs.of(model)` is the one instance per model, shared by all our
+callbacks on it, with the step and epoch bookkeeping they need and the raw
+loss of the last call, computed once.
+"""
+
+import math
+
+from keras_stability import _keras_internals
+from keras_stability._keras_internals import LoggedInt
+from keras_stability.callbacks.raw_loss import RawLossTracker
+
+__all__ = ["LoggedInt", "StepLogs", "counts"]
+
+
+def counts(values):
+    """`values` with each number as a `LoggedInt` (printed as an integer by
+    Keras' progress bar; a float everywhere else)."""
+    return {k: LoggedInt(v) for k, v in values.items()}
+
+
+class StepLogs:
+    """Per-model hooks that write our values where Keras builds the logs.
+
+    Attributes:
+        loss: The model's `RawLossTracker`.
+        raw_loss: The raw loss of the last call of the train function
+            (its mean over the call's batches with `steps_per_execution > 1`).
+        epoch: The current epoch.
+        batch: Keras' index of the last batch of the last call (the
+            `batch` its callbacks receive).
+        epoch_end: Whether the last call ended its epoch (`None` when the
+            number of steps per epoch is unknown).
+    """
+
+    _ATTRIBUTE = "_keras_stability_step_logs"
+
+    @classmethod
+    def of(cls, model):
+        """The model's instance (created on first use)."""
+        step_logs = model.__dict__.get(cls._ATTRIBUTE)
+        if step_logs is None:
+            step_logs = cls(model)
+            object.__setattr__(model, cls._ATTRIBUTE, step_logs)
+        return step_logs
+
+    def __init__(self, model):
+        self.model = model
+        self.loss = RawLossTracker.shared(model)
+        self._hooks = {}  # id(owner) -> hook, in attach order
+        self._params = None
+        self._calls = 0
+        self.epoch = None
+        self.batch = -1
+        self.epoch_end = None
+        self.raw_loss = math.nan
+
+    # -- host hooks -------------------------------------------------------
+    def attach(self, owner, hook, params):
+        """Runs `hook(logs)` after each call of the train function in this `fit`.
+
+        Call it from `on_train_begin`. `logs` is the dict the compiled step
+        returned (tensors), before any callback sees it: what the hook writes
+        there reaches every callback and the epoch logs. Hooks run in the
+        order they were attached, after the raw loss is computed.
+
+        Args:
+            owner: The callback (one hook each).
+            hook: Function `logs -> None`.
+            params: The callback's `params` (one dict per `fit`: a new one
+                starts a new `fit`, dropping hooks a failed `fit` left).
+        """
+        if params is not self._params:
+            self._params = params
+            self._hooks = {}
+            self.loss.steps_per_epoch = (params or {}).get("steps")
+            self.loss.start_fit()
+            self.epoch = None
+            self.batch = -1
+        self._hooks[id(owner)] = hook
+        _keras_internals.add_train_function_hook(self.model, self._after_call)
+
+    def detach(self, owner):
+        """Removes `owner`'s hook (from `on_train_end`); the model's train
+        function is unwrapped when no hook is left."""
+        self._hooks.pop(id(owner), None)
+        if not self._hooks:
+            _keras_internals.remove_train_function_hook(self.model, self._after_call)
+
+    def start_epoch(self, epoch):
+        """Call from `on_epoch_begin` (once per epoch, however many callbacks call it)."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._calls = 0
+            self.epoch_end = None
+            self.loss.start_epoch(epoch)
+
+    def _after_call(self, logs):
+        self._calls += 1
+        per_call = max(1, int(getattr(self.model, "steps_per_execution", 1) or 1))
+        self.batch = self._calls * per_call - 1  # Keras' `end_step`
+        steps = (self._params or {}).get("steps")
+        self.epoch_end = None if not steps else self.batch + 1 >= steps
+        self.raw_loss = self.loss.update_once(self.batch, logs)
+        for hook in list(self._hooks.values()):
+            hook(logs)
+
+    # -- in-graph values --------------------------------------------------
+    def set_graph_values(self, key, values):
+        """Makes the compiled step also return `values()` (a dict of scalar tensors).
+
+        `values` is called in the step after the optimizer update. One set of
+        values per model; it stays after `fit` (a later `fit` logs them too,
+        without retracing).
+
+        Args:
+            key: Identifies `values`; the same key again changes nothing.
+            values: Function `() -> {name: tensor}`, traced into the step.
+
+        Returns:
+            Whether the train step changed; the train function must then be
+            traced again (`model.make_train_function(force=True)`).
+        """
+        return _keras_internals.wrap_train_step(self.model, key, values)

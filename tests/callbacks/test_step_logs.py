@@ -1,0 +1,192 @@
+"""Our values reach every callback's logs, whatever the order, and counts print as integers."""
+
+import csv
+import os
+import re
+
+import keras
+import numpy as np
+import pytest
+
+from keras_stability.callbacks import ActivationMonitor
+from keras_stability.callbacks import AdaptiveClipping
+from keras_stability.callbacks import GradientExplosionDetector
+from keras_stability.callbacks import GradientMonitor
+from keras_stability.callbacks import GradualUnfreezing
+from keras_stability.callbacks import WeightDecayScheduler
+from keras_stability.clipping import ZClip
+from keras_stability.datasets import make_classification
+
+
+def _model(optimizer=None):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((10,)),
+            keras.layers.Dense(16, activation="relu", name="hidden"),
+            keras.layers.Dense(10, name="head"),
+        ]
+    )
+    model.compile(
+        optimizer or keras.optimizers.SGD(0.05),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+class _BatchLogs(keras.callbacks.Callback):
+    """Placed first: records the batch logs it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.logs = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.logs.append(dict(logs))
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_csv_logger_placed_first_has_our_columns_with_their_values(tmp_path):
+    x, y = make_classification(n_samples=96, seed=0)  # 6 batches of 16
+    x = x.copy()
+    x[40] = np.nan  # batch 3 of each epoch: skipped
+    model = _model()
+    path = os.path.join(tmp_path, "log.csv")
+    first = _BatchLogs()
+    monitor = GradientMonitor(read_freq=4)
+    detector = GradientExplosionDetector()
+    history = model.fit(
+        x,
+        y,
+        batch_size=16,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+        callbacks=[
+            first,
+            keras.callbacks.CSVLogger(path),
+            AdaptiveClipping(ZClip(warmup_steps=2)),
+            monitor,
+            detector,
+        ],
+    )
+    rows = _rows(path)
+    ours = (
+        "raw_loss",
+        "rollbacks",
+        "skipped_batches",
+        "grad_norm",
+        "clip_threshold",
+        "steps_clipped",
+        "steps_skipped",
+        "min_layer_grad_ratio",
+    )
+    for key in ours:
+        assert [float(r[key]) for r in rows] == pytest.approx(history.history[key]), key
+    assert [float(r["skipped_batches"]) for r in rows] == [1.0, 2.0]
+    assert [float(r["steps_skipped"]) for r in rows] == [1.0, 2.0]
+    assert [float(r["rollbacks"]) for r in rows] == [0.0, 0.0]
+    assert float(rows[1]["raw_loss"]) == pytest.approx(detector.raw_losses[-1])
+    assert float(rows[1]["grad_norm"]) == pytest.approx(float(model.optimizer.grad_norm))
+    assert float(rows[1]["min_layer_grad_ratio"]) > 0
+    # The epoch loss leaves the skipped batch out, for the CSV too.
+    assert [float(r["loss"]) for r in rows] == pytest.approx(history.history["loss"])
+    assert all(np.isfinite(float(r["loss"])) for r in rows)
+    # Batch logs, seen first: every step's own values.
+    assert len(first.logs) == 12
+    np.testing.assert_array_equal([b["raw_loss"] for b in first.logs], detector.raw_losses)
+    np.testing.assert_array_equal(monitor.raw_losses, detector.raw_losses)
+    assert [b["skipped_batches"] for b in first.logs] == [0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2]
+    assert [b["steps_clipped"] for b in first.logs][-1] == float(model.optimizer.steps_clipped)
+
+
+def _wd_schedule(epoch, weight_decay):
+    return 0.01 * (epoch + 1)
+
+
+def test_epoch_values_reach_a_csv_logger_placed_first(tmp_path):
+    x, y = make_classification(n_samples=64, seed=1)
+    backbone = keras.Sequential([keras.Input((10,)), keras.layers.Dense(8, activation="relu")])
+    backbone.layers[0].trainable = False
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([backbone, keras.layers.Dense(10)])
+    model.compile(
+        keras.optimizers.AdamW(1e-3, weight_decay=0.0),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    path = os.path.join(tmp_path, "log.csv")
+    history = model.fit(
+        x,
+        y,
+        batch_size=16,
+        epochs=2,
+        verbose=0,
+        callbacks=[
+            keras.callbacks.CSVLogger(path),
+            GradualUnfreezing(1, layers=backbone.layers),
+            WeightDecayScheduler(_wd_schedule),
+        ],
+    )
+    rows = _rows(path)
+    assert [float(r["unfrozen_layers"]) for r in rows] == [0.0, 1.0]
+    assert [float(r["weight_decay"]) for r in rows] == pytest.approx([0.01, 0.02])
+    assert history.history["unfrozen_layers"] == [0, 1]
+
+    functional = keras.Sequential(
+        [keras.Input((10,)), keras.layers.Dense(8, activation="relu", name="relu_dense")]
+    )
+    functional.compile("sgd", "mse")
+    path = os.path.join(tmp_path, "activations.csv")
+    monitor = ActivationMonitor(x[:16], log_fractions=True)
+    functional.fit(
+        x,
+        np.zeros((64, 8)),
+        batch_size=16,
+        epochs=1,
+        verbose=0,
+        callbacks=[keras.callbacks.CSVLogger(path), monitor],
+    )
+    (row,) = _rows(path)
+    assert float(row["dead_fraction/relu_dense"]) == monitor.report["relu_dense"]["fraction"]
+
+
+def test_progress_bar_prints_counts_as_integers(capsys):
+    x, y = make_classification(n_samples=48, seed=0)
+    x = x.copy()
+    x[20] = np.nan  # one skipped step
+    model = _model()
+    model.fit(
+        x,
+        y,
+        batch_size=16,
+        epochs=1,
+        shuffle=False,
+        verbose=1,
+        callbacks=[
+            AdaptiveClipping(ZClip(warmup_steps=1)),
+            GradientExplosionDetector(),
+        ],
+    )
+    out = capsys.readouterr().out
+    final = out.replace("\r", "\n").splitlines()[-1]
+    assert re.search(r" - rollbacks: 0( |$)", final), final
+    assert re.search(r" - skipped_batches: 1( |$)", final), final
+    assert re.search(r" - steps_skipped: 1( |$)", final), final
+    assert re.search(r" - steps_clipped: \d+( |$)", final), final
+    assert re.search(r" - raw_loss: \d+\.\d{4}", final), final  # a float stays a float
+    assert "e+00" not in final
+
+
+def test_hooks_are_removed_after_fit():
+    x, y = make_classification(n_samples=32, seed=0)
+    model = _model()
+    monitor = GradientMonitor()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    assert "make_train_function" not in vars(model)  # unwrapped
+    steps = len(monitor.raw_losses)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert len(monitor.raw_losses) == steps  # the monitor's hook no longer runs
