@@ -187,55 +187,32 @@ def set_initial_epoch(model, epoch):
 def skip_train_batches(model, n_batches):
     """Makes `model`'s next `n_batches` training steps consume data without training.
 
-    Replaces `model.train_function` (which `fit` looks up at every step) by a
-    function that draws the step's batches from the iterator `fit` passes and
-    returns empty logs; once `n_batches` batches are drawn it puts the
-    original back. `fit`'s loop, its callbacks and the end-of-data handling
-    are unchanged. Any earlier skip still pending is cancelled first.
+    The model's train function (which `fit` looks up at every step) is
+    wrapped (see `_TrainFunctionWrapper`): while batches are left to skip, a
+    call draws the step's batches from the iterator `fit` passes and returns
+    empty logs, without training and without running the hooks of
+    `add_train_function_hook`. `fit`'s loop, its callbacks and the
+    end-of-data handling are unchanged, and a retrace
+    (`make_train_function(force=True)`, which our callbacks do when they wrap
+    the optimizer) keeps the skip. Any earlier skip still pending is replaced.
     """
-    cancel_skip_train_batches(model)
-    original = model.train_function
-    left = [int(n_batches)]
-    if left[0] <= 0 or original is None:
-        return
-
-    def put_back():
-        # Only if nothing wrapped us since (a hook wrapper of our callbacks
-        # may have): then we stay in place and pass every call through.
-        if model.train_function is skipping_train_function:
-            model.train_function = original
-
-    def skipping_train_function(iterator):
-        if left[0] <= 0:
-            put_back()
-            return original(iterator)
-        n = min(int(model.steps_per_execution), left[0])
-        for _ in range(n):
-            if isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)):
-                iterator.get_next()  # OutOfRangeError at the end: fit ends the epoch
-            else:
-                next(iterator)
-            left[0] -= 1
-        if left[0] <= 0:
-            put_back()
-        return {}
-
-    skipping_train_function._keras_stability_original = original
-    model.train_function = skipping_train_function
+    wrapper = _TrainFunctionWrapper.of(model)
+    wrapper.skip_left = max(0, int(n_batches))
+    wrapper.release_if_idle()
 
 
 def skipping_train_batches(model):
-    """Whether `model.train_function` is still skipping batches."""
-    return hasattr(getattr(model, "train_function", None), "_keras_stability_original")
+    """Whether `model`'s train function still has batches to skip."""
+    wrapper = model.__dict__.get(_TrainFunctionWrapper.ATTRIBUTE)
+    return wrapper is not None and wrapper.skip_left > 0
 
 
 def cancel_skip_train_batches(model):
-    """Puts back the `train_function` that `skip_train_batches` replaced, if any."""
-    fn = getattr(model, "train_function", None)
-    while hasattr(fn, "_keras_stability_original"):
-        fn = fn._keras_stability_original
-    if fn is not getattr(model, "train_function", None):
-        model.train_function = fn
+    """Cancels a skip set by `skip_train_batches`, if any."""
+    wrapper = model.__dict__.get(_TrainFunctionWrapper.ATTRIBUTE)
+    if wrapper is not None:
+        wrapper.skip_left = 0
+        wrapper.release_if_idle()
 
 # -- Callbacks, clipping and optimizers ---------------------------------------
 #
@@ -350,73 +327,102 @@ def wrap_train_step(model, key, values):
     return True
 
 
-_TRAIN_HOOKS = "_keras_stability_train_hooks"
-
-
 def add_train_function_hook(model, hook):
     """Calls `hook(logs)` on the host right after each call of the train function.
 
     `logs` is the dict the compiled step returned (tensors), before `fit`
     gives it to any callback: what `hook` writes there reaches every
-    callback and the epoch logs. The model's `train_function` is wrapped, and
+    callback and the epoch logs. A call that `skip_train_batches` made skip
+    its batches (no training) passes empty logs. The model's `train_function` is wrapped, and
     so is every one `make_train_function` makes later (a retrace keeps the
     hooks). `remove_train_function_hook` undoes both once no hook is left.
     """
-    hooks = model.__dict__.get(_TRAIN_HOOKS)
-    if hooks is None:
-        hooks = []
-        object.__setattr__(model, _TRAIN_HOOKS, hooks)
-        make = model.make_train_function  # the class's bound method
-
-        def make_train_function(force=False):
-            make(force=force)
-            _wrap_train_function(model, hooks)
-            return model.train_function
-
-        make_train_function._keras_stability_make = make
-        object.__setattr__(model, "make_train_function", make_train_function)
-    if not any(h == hook for h in hooks):
-        hooks.append(hook)
-    _wrap_train_function(model, hooks)
+    wrapper = _TrainFunctionWrapper.of(model)
+    if not any(h == hook for h in wrapper.hooks):
+        wrapper.hooks.append(hook)
 
 
 def remove_train_function_hook(model, hook):
     """Removes a hook added by `add_train_function_hook`; returns if it was there."""
-    hooks = model.__dict__.get(_TRAIN_HOOKS)
-    if hooks is None or not any(h == hook for h in hooks):
+    wrapper = model.__dict__.get(_TrainFunctionWrapper.ATTRIBUTE)
+    if wrapper is None or not any(h == hook for h in wrapper.hooks):
         return False
-    hooks[:] = [h for h in hooks if h != hook]
-    if not hooks:
-        object.__delattr__(model, _TRAIN_HOOKS)
-        object.__delattr__(model, "make_train_function")
-        function = model.train_function
-        original = getattr(function, "_keras_stability_wrapped", None)
-        if original is not None:
-            model.train_function = original
+    wrapper.hooks[:] = [h for h in wrapper.hooks if h != hook]
+    wrapper.release_if_idle()
     return True
 
 
-def _wrap_train_function(model, hooks):
-    function = model.train_function
-    inner = function
-    while inner is not None:  # wrapped already, maybe under a batch skipper
-        if getattr(inner, "_keras_stability_wrapped", None):
+class _TrainFunctionWrapper:
+    """One wrapper of a model's train function for hooks and batch skipping.
+
+    Installed on the model instance: `model.train_function` becomes a Python
+    function that skips batches (`skip_train_batches`) or calls the compiled
+    function and then the hooks (`add_train_function_hook`), and
+    `model.make_train_function` re-wraps every function it makes, so a
+    retrace keeps both. Removed (both attributes back to Keras' own) once no
+    hook and no skip is left.
+    """
+
+    ATTRIBUTE = "_keras_stability_train_wrapper"
+
+    @classmethod
+    def of(cls, model):
+        wrapper = model.__dict__.get(cls.ATTRIBUTE)
+        if wrapper is None:
+            wrapper = cls(model)
+        return wrapper
+
+    def __init__(self, model):
+        self.model = model
+        self.hooks = []
+        self.skip_left = 0
+        object.__setattr__(model, self.ATTRIBUTE, self)
+        make = model.make_train_function  # the class's bound method
+
+        def make_train_function(force=False):
+            make(force=force)
+            self.wrap()
+            return model.train_function
+
+        object.__setattr__(model, "make_train_function", make_train_function)
+        self.wrap()
+
+    def wrap(self):
+        model = self.model
+        function = model.train_function
+        if function is None or getattr(function, "_keras_stability_wrapped", None):
             return
-        inner = getattr(inner, "_keras_stability_original", None)
-    if function is None:
-        return
 
-    def train_function(iterator):
-        logs = function(iterator)
-        # `skip_train_batches` returns `{}` for a batch drawn without training:
-        # there is no step for the hooks to read.
-        if isinstance(logs, dict) and logs:
-            for hook in list(hooks):
-                hook(logs)
-        return logs
+        def train_function(iterator):
+            logs = self._skip(iterator) if self.skip_left > 0 else function(iterator)
+            if isinstance(logs, dict):
+                for hook in list(self.hooks):
+                    hook(logs)
+            return logs
 
-    train_function._keras_stability_wrapped = function
-    model.train_function = train_function
+        train_function._keras_stability_wrapped = function
+        model.train_function = train_function
+
+    def _skip(self, iterator):
+        n = min(max(1, int(self.model.steps_per_execution or 1)), self.skip_left)
+        for _ in range(n):
+            if isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)):
+                iterator.get_next()  # OutOfRangeError at the end: fit ends the epoch
+            else:
+                next(iterator)
+            self.skip_left -= 1
+        self.release_if_idle()
+        return {}
+
+    def release_if_idle(self):
+        if self.hooks or self.skip_left > 0:
+            return
+        model = self.model
+        object.__delattr__(model, self.ATTRIBUTE)
+        object.__delattr__(model, "make_train_function")
+        original = getattr(model.train_function, "_keras_stability_wrapped", None)
+        if original is not None:
+            model.train_function = original
 
 
 class LoggedInt(float):

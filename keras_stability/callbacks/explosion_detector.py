@@ -362,8 +362,9 @@ class GradientExplosionDetector(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         # The values are in `logs` already (written by `_after_step`); the
-        # counts again as `LoggedInt`, for the progress bar.
-        if logs is not None:
+        # counts again as `LoggedInt`, for the progress bar. Empty logs: a
+        # batch drawn without training (a resumed backup), nothing to add.
+        if logs:
             logs.update(self._log_values())
 
     def _after_step(self, logs):

@@ -118,6 +118,8 @@ class StepLogs:
         self.batch = self._calls * per_call - 1  # Keras' `end_step`
         steps = (self._params or {}).get("steps")
         self.epoch_end = None if not steps else self.batch + 1 >= steps
+        if not logs:
+            return  # batches skipped without training (a resumed backup)
         self.raw_loss = self.loss.update_once(self.batch, logs)
         for hook in list(self._hooks.values()):
             hook(logs)

@@ -123,6 +123,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         self._last_saved = None  # (epoch, batches done) of the latest backup
         self._previous_weights_file = None
         self._created_dir = None  # unknown until the first save or restore
+        self._restored = None  # (weights path, metadata, optimizer layout) loaded
 
     # -- restoring ---------------------------------------------------------
 
@@ -180,6 +181,11 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                     stacklevel=3,
                 )
             self._adopt(metadata)
+            self._restored = (
+                files.weights_path(directory, metadata),
+                metadata,
+                self._optimizer_layout(),
+            )
             return metadata["epoch"], metadata["batches_done"]
         if not problems:
             left = files.committed_weights(directory)
@@ -230,6 +236,25 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                 f"model ({type(e).__name__}: {first_line})"
             ) from None
 
+    def _optimizer_layout(self):
+        optimizer = self.model.optimizer
+        if optimizer is None:
+            return None
+        return id(optimizer), len(optimizer.variables)
+
+    def _reload_if_optimizer_changed(self):
+        """Loads the restored backup again if the optimizer changed since.
+
+        A callback after this one in the list may wrap the optimizer in its
+        `on_train_begin` (e.g. a `GuardedOptimizer` for the detector or the
+        monitor), after our restore: Keras then finds another number of
+        optimizer variables in the file and skips the optimizer state with a
+        warning. The weights file was read once already, so it is known good.
+        """
+        restored, self._restored = self._restored, None
+        if restored is not None and self._optimizer_layout() != restored[2]:
+            self._load_weights(restored[0], restored[1])
+
     def _adopt(self, metadata):
         """Carries on the numbering and file bookkeeping of the restored backup."""
         self._created_dir = metadata.get("created_backup_dir", False)
@@ -251,6 +276,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     # -- saving ------------------------------------------------------------
 
     def on_epoch_begin(self, epoch, logs=None):
+        self._reload_if_optimizer_changed()
         self._epoch = epoch
         self._batches_done = 0
         if self._resume is not None and self._resume[0] == epoch:
