@@ -218,7 +218,7 @@ def diagnose(model, x, y, steps=20, batch_size=32, patience=3):
     n = len(x)
     repeats = max(1, math.ceil(steps * batch_size / max(n, 1)))
     idx = np.tile(np.arange(n), repeats)[: steps * batch_size]
-    monitor = GradientMonitor(every_n_steps=1, patience=min(patience, steps), verbose=0)
+    monitor = GradientMonitor(check_freq=1, patience=min(patience, steps), verbose=0)
     activations = ActivationMonitor(x[: min(n, 256)], verbose=0)
     history = model.fit(
         x[idx],
