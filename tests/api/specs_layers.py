@@ -1,10 +1,87 @@
 """Argument cases for layers, regularizers, diagnostics, tuning, datasets, models,
 distillation and pruning (see `tests/api/arguments.py`)."""
 
+import math
+
+import keras
+import numpy as np
+
 from keras_stability import layers
 from tests.api.arguments import Case
 
-CASES = [
-    Case(layers.ZLoss, bad={"coefficient": [-1e-4]}, config=True),
+TENSOR = "a tensor input of a function traced in the train step; keras.ops checks it"
+NOT_NUMBERS = ["1", None, True, math.nan, math.inf]
+NOT_POSITIVE_INTS = [0, -1, 2.5, "2", True, None]
+
+
+def _dense():
+    return {"block": keras.layers.Dense(4)}
+
+
+LAYER_CASES = [
+    Case(
+        layers.ZLoss,
+        bad={"coefficient": [-1e-4]},
+        good={"coefficient": [np.float32(1e-3)]},
+        config=True,
+    ),
+    Case(
+        layers.z_loss,
+        kwargs={"logits": np.zeros((2, 3), "float32")},
+        bad={"coefficient": [-1.0]},
+        skip={"logits": TENSOR},
+    ),
+    Case(layers.EmbeddingGradientShrink, bad={"alpha": [-0.1, 1.5]}, config=True),
+    Case(
+        layers.shrink_gradient,
+        kwargs={"x": np.zeros((2, 3), "float32"), "alpha": 0.5},
+        bad={"alpha": [-0.1, 1.5, *NOT_NUMBERS]},
+        skip={"x": TENSOR},
+    ),
+    Case(
+        layers.Residual,
+        kwargs=_dense,
+        bad={
+            "block": ["dense", None, 3, keras.layers.Dense],
+            "norm": ["middle"],
+            "scale": ["fixup", 1],
+            "norm_type": ["batch"],
+            "layerscale_init": [0.0, -1.0],
+            "depth": NOT_POSITIVE_INTS[:-1],
+            "epsilon": [0.0, -1e-6],
+        },
+        config=True,
+    ),
+    Case(layers.deepnorm_constants, kwargs={"depth": 8}, bad={"depth": NOT_POSITIVE_INTS}),
+    Case(
+        layers.QKNormMultiHeadAttention,
+        kwargs={"num_heads": 2, "key_dim": 4},
+        bad={
+            "num_heads": NOT_POSITIVE_INTS,
+            "key_dim": NOT_POSITIVE_INTS,
+            "norm_type": ["batch"],
+            "epsilon": [0.0, -1e-6],
+        },
+        config=True,
+    ),
+    Case(
+        layers.StableTransformerBlock,
+        kwargs={"num_heads": 2},
+        bad={
+            "num_heads": NOT_POSITIVE_INTS,
+            "key_dim": NOT_POSITIVE_INTS[:-1],
+            "intermediate_dim": NOT_POSITIVE_INTS[:-1],
+            "dropout": [-0.1, 1.0],
+            "norm": [None, "middle"],
+            "norm_type": ["batch"],
+            "layerscale_init": [0.0, -1.0, "1", True, math.nan, math.inf],
+            "activation": ["nope", 3],
+            "epsilon": [0.0, -1e-6],
+        },
+        good={"activation": []},
+        config=True,
+    ),
 ]
+
+CASES = [*LAYER_CASES]
 EXEMPT = {}
