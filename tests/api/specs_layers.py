@@ -7,6 +7,7 @@ import keras
 import numpy as np
 
 from keras_stability import layers
+from keras_stability import regularizers
 from tests.api.arguments import Case
 
 TENSOR = "a tensor input of a function traced in the train step; keras.ops checks it"
@@ -83,5 +84,44 @@ LAYER_CASES = [
     ),
 ]
 
-CASES = [*LAYER_CASES]
+def _built_model():
+    return keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+
+
+def _attach_kwargs():
+    return {"model": _built_model()}
+
+
+REGULARIZER_CASES = [
+    Case(
+        regularizers.L2SP,
+        bad={"alpha": [-0.1], "beta": [-1e-3]},
+        good={"alpha": [np.float64(0.5)]},
+        config=True,
+    ),
+    Case(
+        regularizers.l2sp_penalty,
+        kwargs={"weights": np.ones((2, 2)), "reference": np.zeros((2, 2)), "alpha": 0.1},
+        bad={"alpha": [-0.1, *NOT_NUMBERS]},
+        skip={"weights": TENSOR, "reference": TENSOR},
+    ),
+    Case(
+        regularizers.L2SP.attach,
+        call=lambda **kw: regularizers.L2SP().attach(**kw),
+        kwargs=_attach_kwargs,
+        bad={
+            "model": [keras.Sequential([keras.layers.Dense(2)]), "model", None],
+            "backbone": [keras.layers.Dense(2), _built_model(), "backbone"],
+        },
+        id="L2SP.attach",
+    ),
+    Case(
+        regularizers.L2SP.anchor_callback,
+        call=lambda **kw: regularizers.L2SP().anchor_callback(**kw),
+        bad={"model": ["model", 1], "backbone": ["backbone", 1]},
+        id="L2SP.anchor_callback",
+    ),
+]
+
+CASES = [*LAYER_CASES, *REGULARIZER_CASES]
 EXEMPT = {}
