@@ -6,6 +6,7 @@ import math
 import keras
 import numpy as np
 
+from keras_stability import diagnostics
 from keras_stability import layers
 from keras_stability import regularizers
 from tests.api.arguments import Case
@@ -123,5 +124,59 @@ REGULARIZER_CASES = [
     ),
 ]
 
-CASES = [*LAYER_CASES, *REGULARIZER_CASES]
+NOT_ARRAYS = ["abc", None, [1.0, 2.0], [[]]]
+
+DIAGNOSTICS_CASES = [
+    Case(
+        diagnostics.LayerFinding,
+        kwargs={"layer": "dense", "status": "healthy", "norm": 0.5, "ratio": 1.0},
+        bad={
+            "layer": ["", None, 3],
+            "status": ["ill", None],
+            "norm": ["1", None, True],
+            "ratio": ["1", None, True],
+        },
+    ),
+    Case(
+        diagnostics.diagnose_layers,
+        kwargs={"norms": {"a": [1.0, 1.0, 1.0]}},
+        bad={
+            "norms": ["a", None, {"a": "x"}, {"a": [1.0], "b": [1.0, 2.0]}, {1: [1.0]}],
+            "exclude": ["embedding", None, [1]],
+            "vanish_floor": [0.0, -1.0],
+            "vanish_ratio": [0.0, 1.0],
+            "explode_norm": [0.0],
+            "explode_factor": [1.0, 0.5],
+            "patience": [0, -1],
+        },
+        good={"vanish_floor": [np.float32(1e-7)], "patience": [np.int64(2)]},
+    ),
+    Case(
+        diagnostics.format_findings,
+        kwargs={"findings": []},
+        bad={"findings": ["x", None, [1]]},
+    ),
+    Case(
+        diagnostics.RollingZScore,
+        bad={
+            "window": [0, -1],
+            "z_threshold": [0.0, -1.0],
+            "min_samples": [0, 200],
+            "factor": [1.0, 0.5, "2", True, math.nan, math.inf],
+        },
+        good={"window": [np.int32(64)]},
+    ),
+    Case(
+        diagnostics.dead_fraction,
+        kwargs={"activations": np.zeros((2, 3))},
+        bad={"activations": NOT_ARRAYS},
+    ),
+    Case(
+        diagnostics.saturated_fraction,
+        kwargs={"activations": np.zeros((2, 3)), "kind": "tanh"},
+        bad={"activations": NOT_ARRAYS, "kind": ["relu", None], "epsilon": [0.0, 0.5]},
+    ),
+]
+
+CASES = [*LAYER_CASES, *REGULARIZER_CASES, *DIAGNOSTICS_CASES]
 EXEMPT = {}
