@@ -4,11 +4,13 @@ distillation and pruning (see `tests/api/arguments.py`)."""
 import math
 
 import keras
+import keras_tuner
 import numpy as np
 
 from keras_stability import diagnostics
 from keras_stability import layers
 from keras_stability import regularizers
+from keras_stability import tuning
 from tests.api.arguments import Case
 
 TENSOR = "a tensor input of a function traced in the train step; keras.ops checks it"
@@ -178,5 +180,61 @@ DIAGNOSTICS_CASES = [
     ),
 ]
 
-CASES = [*LAYER_CASES, *REGULARIZER_CASES, *DIAGNOSTICS_CASES]
+def _build(hp):
+    return _built_model()
+
+
+BAD_RANGES = [-1.0, (0.0, 1.0), (1.0, 0.1), (0.1, 1.0, 10.0), "1", True, math.nan, [math.inf, 1.0]]
+BAD_MONITORS = ["", (), [1], None, 3]
+
+TUNING_CASES = [
+    Case(
+        tuning.RegularizationSettings,
+        kwargs={"clipping": "clipnorm", "clip_threshold": 1.0},
+        bad={
+            "l1": [-1.0, *NOT_NUMBERS],
+            "l2": [-1.0, *NOT_NUMBERS],
+            "dropout": [-0.1, 1.0, *NOT_NUMBERS],
+            "weight_decay": [-1.0, *NOT_NUMBERS],
+            "clipping": ["zclip", None, 1],
+            "clip_threshold": [0.0, -1.0, None, *NOT_NUMBERS],
+        },
+    ),
+    Case(
+        tuning.regularization_hyperparameters,
+        kwargs=lambda: {"hp": keras_tuner.HyperParameters()},
+        bad={
+            "hp": [None, {}, "hp"],
+            "l1": BAD_RANGES,
+            "l2": BAD_RANGES,
+            "dropout": [*BAD_RANGES, 1.0, (0.0, 1.0)],
+            "weight_decay": BAD_RANGES,
+            "clipping": [(), ("none", "zclip"), "zclip", 3],
+            "clip_threshold": [*BAD_RANGES, 0.0, None],
+        },
+        good={"l1": [], "prefix": []},
+    ),
+    Case(
+        tuning.with_regularization,
+        kwargs={"build_fn": lambda hp, settings: None},
+        bad={"build_fn": [3, "build"]},
+    ),
+    Case(
+        tuning.DivergenceDetector,
+        bad={"monitor": BAD_MONITORS, "threshold": ["1", True, math.nan, math.inf]},
+        good={"threshold": [np.float32(10.0)]},
+    ),
+    Case(
+        tuning.StableHyperModel,
+        kwargs={"build_fn": _build},
+        bad={
+            "build_fn": [3, "build"],
+            "monitor": BAD_MONITORS,
+            "threshold": ["1", True, math.nan, math.inf],
+            "name": [3, ""],
+        },
+    ),
+]
+
+CASES = [*LAYER_CASES, *REGULARIZER_CASES, *DIAGNOSTICS_CASES, *TUNING_CASES]
 EXEMPT = {}
