@@ -7,6 +7,7 @@ import keras
 import keras_tuner
 import numpy as np
 
+from keras_stability import datasets
 from keras_stability import diagnostics
 from keras_stability import layers
 from keras_stability import regularizers
@@ -236,5 +237,62 @@ TUNING_CASES = [
     ),
 ]
 
-CASES = [*LAYER_CASES, *REGULARIZER_CASES, *DIAGNOSTICS_CASES, *TUNING_CASES]
-EXEMPT = {}
+BAD_SEEDS = [-1]
+
+DATASET_CASES = [
+    Case(
+        datasets.make_classification,
+        kwargs={"n_samples": 20},
+        bad={
+            "n_samples": [0, -1],
+            "n_features": [0],
+            "n_classes": [1, 0],
+            "clusters_per_class": [0],
+            "class_sep": [0.0, -1.0],
+            "seed": BAD_SEEDS,
+        },
+        good={"n_samples": [np.int64(20)]},
+    ),
+    Case(
+        datasets.train_test_split,
+        kwargs={"x": np.zeros((10, 2)), "y": np.zeros(10)},
+        bad={
+            "x": ["abc", 3, [[1.0]]],
+            "y": [np.zeros(9).tolist(), "abc"],
+            "test_fraction": [0.0, 1.0, 1.5],
+            "seed": BAD_SEEDS,
+        },
+    ),
+    Case(
+        datasets.load_dataset,
+        bad={"name": ["nope", None], "test_fraction": [0.0, 1.0], "seed": BAD_SEEDS},
+    ),
+    Case(
+        datasets.load_stdlib_text,
+        kwargs={"modules": ["json"], "max_chars": 100},
+        bad={
+            "modules": ["json", [], [3], ["no_such_module_xyz"], None],
+            "max_chars": [0, -1, 2.5, "10", True],
+        },
+    ),
+    Case(
+        datasets.make_char_lm_data,
+        kwargs={"text": "abcdefgh" * 40, "seq_len": 8},
+        bad={
+            "text": ["", None, 3, "ab"],
+            "seq_len": [0, -1, 10**6],
+            "held_out_fraction": [0.0, 1.0],
+        },
+    ),
+]
+
+CASES = [
+    *LAYER_CASES,
+    *REGULARIZER_CASES,
+    *DIAGNOSTICS_CASES,
+    *TUNING_CASES,
+    *DATASET_CASES,
+]
+EXEMPT = {
+    "datasets.load_digits": "takes no argument",
+}
