@@ -10,6 +10,7 @@ import numpy as np
 from keras_stability import datasets
 from keras_stability import diagnostics
 from keras_stability import layers
+from keras_stability import models
 from keras_stability import regularizers
 from keras_stability import tuning
 from tests.api.arguments import Case
@@ -286,12 +287,102 @@ DATASET_CASES = [
     ),
 ]
 
+_CHAR_DATA = {}
+
+
+def _char_data():
+    if not _CHAR_DATA:
+        _CHAR_DATA.update(datasets.make_char_lm_data("the quick brown fox. " * 30, seq_len=8))
+    return _CHAR_DATA
+
+
+_CHAR_MODEL = {}
+
+
+def _char_model():
+    if not _CHAR_MODEL:
+        _CHAR_MODEL["model"] = models.build_char_transformer(
+            5, 8, num_blocks=1, hidden_dim=8, num_heads=2
+        )
+    return _CHAR_MODEL["model"]
+
+
+def _train_kwargs():
+    return {
+        "variant": "post_norm",
+        "data": _char_data(),
+        "epochs": 1,
+        "num_blocks": 1,
+        "hidden_dim": 8,
+        "num_heads": 2,
+    }
+
+
+MODEL_CASES = [
+    Case(
+        models.TokenAndPositionEmbedding,
+        kwargs={"vocab_size": 10, "sequence_length": 8, "hidden_dim": 4},
+        bad={
+            "vocab_size": NOT_POSITIVE_INTS,
+            "sequence_length": NOT_POSITIVE_INTS,
+            "hidden_dim": NOT_POSITIVE_INTS,
+        },
+        good={"vocab_size": [np.int64(10)]},
+        config=True,
+    ),
+    Case(
+        models.build_char_transformer,
+        kwargs={"vocab_size": 5, "sequence_length": 8, "num_blocks": 1, "hidden_dim": 8, "num_heads": 2},
+        bad={
+            "vocab_size": NOT_POSITIVE_INTS,
+            "sequence_length": NOT_POSITIVE_INTS,
+            "num_blocks": [0, -1],
+            "hidden_dim": [0, -1],
+            "num_heads": [0, 3],
+            "norm": [None, "middle"],
+            "layerscale_init": [0.0, -1.0, "1", True, math.nan, math.inf],
+            "name": [3, ""],
+        },
+    ),
+    Case(
+        models.generate,
+        kwargs=lambda: {"model": _char_model(), "vocab": list("abcde"), "prompt": "ab", "length": 2},
+        bad={
+            "model": [None, "model", keras.layers.Dense(2)],
+            "vocab": ["abcde", [], list("abc"), ["ab", "c", "d", "e", "f"], None],
+            "prompt": [None, 3],
+            "length": [-1],
+            "temperature": [0.0, -1.0],
+            "seed": [-1],
+        },
+    ),
+    Case(
+        models.train_char_lm,
+        kwargs=_train_kwargs,
+        bad={
+            "variant": ["plain", None],
+            "data": [None, {"vocab": []}, "data"],
+            "learning_rate": [0.0, -1.0],
+            "epochs": [0],
+            "batch_size": [0],
+            "seed": [-1],
+            "num_blocks": [0],
+            "hidden_dim": [0],
+            "num_heads": [0, 3],
+            "monitor_every": [0],
+            "verbose": [3, -1, "auto", None],
+        },
+        good={"verbose": [True]},  # Keras' fit takes verbose=True as 1
+    ),
+]
+
 CASES = [
     *LAYER_CASES,
     *REGULARIZER_CASES,
     *DIAGNOSTICS_CASES,
     *TUNING_CASES,
     *DATASET_CASES,
+    *MODEL_CASES,
 ]
 EXEMPT = {
     "datasets.load_digits": "takes no argument",
