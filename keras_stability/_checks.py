@@ -59,12 +59,16 @@ def _range_text(kind, low, high, low_open, high_open):
     if high is None:
         if low == 0 and low_open:
             return f"a positive {kind}"
-        return f"a {kind} {'>' if low_open else '>='} {low:g}"
+        return f"{_article(kind)} {kind} {'>' if low_open else '>='} {low:g}"
     if low is None:
-        return f"a {kind} {'<' if high_open else '<='} {high:g}"
+        return f"{_article(kind)} {kind} {'<' if high_open else '<='} {high:g}"
     left = "(" if low_open else "["
     right = ")" if high_open else "]"
-    return f"a {kind} in {left}{low:g}, {high:g}{right}"
+    return f"{_article(kind)} {kind} in {left}{low:g}, {high:g}{right}"
+
+
+def _article(kind):
+    return "an" if kind[0] in "aeiou" else "a"
 
 
 def check_number(
