@@ -9,6 +9,7 @@ import numpy as np
 
 from keras_stability import datasets
 from keras_stability import diagnostics
+from keras_stability import distillation
 from keras_stability import layers
 from keras_stability import models
 from keras_stability import regularizers
@@ -376,6 +377,124 @@ MODEL_CASES = [
     ),
 ]
 
+def _pair():
+    keras.utils.set_random_seed(0)
+
+    def model(width, name):
+        inputs = keras.Input((4,), name=f"{name}_input")
+        hidden = keras.layers.Dense(width, name=f"{name}_hidden")(inputs)
+        return keras.Model(inputs, keras.layers.Dense(3, name=f"{name}_logits")(hidden), name=name)
+
+    return model(2, "student"), model(6, "teacher")
+
+
+def _distiller_kwargs():
+    student, teacher = _pair()
+    return {"student": student, "teacher": teacher}
+
+
+def _compile(**kwargs):
+    distiller = distillation.Distiller(*_pair())
+    distiller.compile(**kwargs)
+    return distiller
+
+
+SPARSE_CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+LOGITS = np.zeros((2, 3), "float32")
+BAD_TEMPERATURES = [0.0, -1.0, math.inf, lambda epoch: -1.0, distillation.LinearSchedule(2.0, 0.0, 2)]
+BAD_ALPHAS = [-0.1, 1.5, lambda epoch: 2.0, distillation.LinearSchedule(0.0, 2.0, 3)]
+
+DISTILLATION_CASES = [
+    Case(
+        distillation.Distiller,
+        kwargs=_distiller_kwargs,
+        bad={
+            "student": [None, "student", keras.layers.Dense(3), keras.Sequential([keras.layers.Dense(3)])],
+            "teacher": [None, "teacher", keras.layers.Dense(3)],
+            "feature_distillation": ["hint", [3]],
+            "name": [""],
+        },
+        config=True,
+    ),
+    Case(
+        distillation.Distiller.compile,
+        call=_compile,
+        kwargs={"student_loss_fn": SPARSE_CE},
+        bad={
+            "optimizer": ["nope", 3, None],
+            "metrics": ["accuracy", 3, [3]],
+            "student_loss_fn": [None, "nope", 3],
+            "distillation_loss_fn": ["nope", 3],
+            "alpha": BAD_ALPHAS,
+            "temperature": BAD_TEMPERATURES,
+        },
+        good={"temperature": [np.float32(2.0)]},
+        id="Distiller.compile",
+    ),
+    Case(
+        distillation.FeatureDistillation,
+        kwargs={"teacher_layer_name": "teacher_hidden", "student_layer_name": "student_hidden"},
+        bad={
+            "teacher_layer_name": ["", None, 3],
+            "student_layer_name": ["", None, 3],
+            "loss": ["nope", 3, None],
+            "weight": [-1.0],
+        },
+        config=True,
+    ),
+    Case(
+        distillation.LinearSchedule,
+        kwargs={"start": 8.0, "end": 2.0, "epochs": 5},
+        bad={
+            "start": NOT_NUMBERS,
+            "end": NOT_NUMBERS,
+            "epochs": [1, 0, 2.5, "5", True, None],
+        },
+        good={"epochs": [np.int64(3)]},
+        config=True,
+    ),
+    Case(
+        distillation.DistillationScheduler,
+        kwargs={"alpha": distillation.LinearSchedule(0.0, 1.0, 3)},
+        bad={
+            "temperature": [3.0, "t", lambda epoch: 0.0],
+            "alpha": [0.5, "a", lambda epoch: 2.0],
+        },
+    ),
+    Case(
+        distillation.combine_losses,
+        kwargs={"student_loss": 1.0, "soft_loss": 2.0, "alpha": 0.5},
+        bad={"alpha": [-0.1, 1.5, *NOT_NUMBERS]},
+        skip={"student_loss": TENSOR, "soft_loss": TENSOR},
+    ),
+    Case(
+        distillation.soften,
+        kwargs={"logits": LOGITS, "temperature": 2.0},
+        bad={"temperature": [0.0, -1.0, *NOT_NUMBERS]},
+        skip={"logits": TENSOR},
+    ),
+    Case(
+        distillation.soft_target_loss,
+        kwargs={"teacher_logits": LOGITS, "student_logits": LOGITS, "temperature": 2.0},
+        bad={"temperature": [0.0, -1.0, *NOT_NUMBERS], "loss_fn": ["kl", 3]},
+        skip={"teacher_logits": TENSOR, "student_logits": TENSOR, "sample_weight": TENSOR},
+    ),
+    Case(
+        distillation.top1_agreement,
+        kwargs={"teacher_logits": LOGITS, "student_logits": LOGITS},
+        skip={"teacher_logits": TENSOR, "student_logits": TENSOR},
+    ),
+    Case(
+        distillation.compute_teacher_outputs,
+        kwargs=lambda: {"teacher_fn": _pair()[1], "x": np.zeros((4, 4), "float32")},
+        bad={
+            "teacher_fn": [None, "teacher", lambda x: x],
+            "x": ["abc", None],
+            "batch_size": [0, -1],
+        },
+    ),
+]
+
 CASES = [
     *LAYER_CASES,
     *REGULARIZER_CASES,
@@ -383,6 +502,7 @@ CASES = [
     *TUNING_CASES,
     *DATASET_CASES,
     *MODEL_CASES,
+    *DISTILLATION_CASES,
 ]
 EXEMPT = {
     "datasets.load_digits": "takes no argument",
