@@ -2,6 +2,7 @@
 distillation and pruning (see `tests/api/arguments.py`)."""
 
 import math
+import tempfile
 
 import keras
 import keras_tuner
@@ -12,6 +13,7 @@ from keras_stability import diagnostics
 from keras_stability import distillation
 from keras_stability import layers
 from keras_stability import models
+from keras_stability import pruning
 from keras_stability import regularizers
 from keras_stability import tuning
 from tests.api.arguments import Case
@@ -495,6 +497,114 @@ DISTILLATION_CASES = [
     ),
 ]
 
+def _prunable():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8,))
+    hidden = keras.layers.Dense(8, activation="relu")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(4)(hidden))
+
+
+def _constant():
+    return pruning.ConstantSparsity(0.5, begin_step=0, frequency=1)
+
+
+def _unbuilt():
+    return keras.Sequential([keras.layers.Dense(2)])
+
+
+NOT_MODELS = [None, "model", 3]
+BAD_SCHEDULES = [
+    None,
+    0.5,
+    lambda step: 0.5,
+    lambda step: (True, 1.0),
+    lambda step: (True, -0.1),
+    lambda step: (True, keras.ops.where(step > 1, 1.0, 0.5)),
+]
+BAD_PRUNING_OPTIONS = {
+    "pruning_schedule": BAD_SCHEDULES,
+    "sparsity_m_by_n": [(4, 2), (0, 4), (2.0, 4), "2:4", (2, 4, 8), 2],
+    "block_size": [(0, 2), (1,), "1x1", (1.5, 1), None],
+    "block_pooling_type": ["SUM", "avg", None],
+}
+BAD_SPARSITIES = [-0.1, 1.0, *NOT_NUMBERS]
+BAD_STEPS = [-1, 2.5, "0", True, None]
+
+PRUNING_CASES = [
+    Case(
+        pruning.prune_low_magnitude,
+        kwargs=lambda: {"to_prune": _prunable(), "pruning_schedule": _constant()},
+        bad={
+            "to_prune": [*NOT_MODELS, _unbuilt()],
+            **BAD_PRUNING_OPTIONS,
+            "sparsity_m_by_n": [*BAD_PRUNING_OPTIONS["sparsity_m_by_n"], (2, 3)],
+        },
+        good={"sparsity_m_by_n": [(np.int64(2), np.int64(4))]},
+    ),
+    Case(
+        pruning.Pruner,
+        kwargs=lambda: {
+            "variables": [keras.Variable(np.ones((4, 4), "float32"))],
+            "pruning_schedule": _constant(),
+        },
+        bad={"variables": [[], None, [np.ones(2)], "w"], **BAD_PRUNING_OPTIONS},
+    ),
+    Case(pruning.find_pruner, kwargs=lambda: {"model": _prunable()}, bad={"model": NOT_MODELS}),
+    Case(
+        pruning.prunable_weights,
+        kwargs=lambda: {"to_prune": _prunable()},
+        bad={"to_prune": [*NOT_MODELS, _unbuilt()]},
+    ),
+    Case(
+        pruning.sparsity_report,
+        kwargs=lambda: {"model": _prunable()},
+        bad={"model": [*NOT_MODELS, _unbuilt()]},
+    ),
+    Case(pruning.strip_pruning, kwargs=lambda: {"model": _prunable()}, bad={"model": NOT_MODELS}),
+    Case(
+        pruning.shrink,
+        kwargs=lambda: {"model": _prunable(), "fraction": 0.5},
+        bad={"model": NOT_MODELS, "fraction": [-0.1, 1.0, *NOT_NUMBERS], "criterion": ["l3", None]},
+    ),
+    Case(
+        pruning.shrink_plan,
+        kwargs=lambda: {"model": _prunable(), "fraction": 0.5},
+        bad={"model": NOT_MODELS, "fraction": [-0.1, 1.0, *NOT_NUMBERS], "criterion": ["l3", None]},
+    ),
+    Case(
+        pruning.PruningSummaries,
+        kwargs=lambda: {"log_dir": tempfile.mkdtemp()},
+        bad={"log_dir": ["", None, 3], "update_freq": [0, -1, 2.5, "batch", None, True]},
+        good={"update_freq": [123, np.int64(3)]},  # a number of batches
+        config=True,
+    ),
+    Case(pruning.UpdatePruningStep, config=True),
+    Case(
+        pruning.PolynomialDecay,
+        kwargs={"initial_sparsity": 0.0, "final_sparsity": 0.8, "begin_step": 0, "end_step": 100},
+        bad={
+            "initial_sparsity": BAD_SPARSITIES,
+            "final_sparsity": BAD_SPARSITIES,
+            "begin_step": BAD_STEPS,
+            "end_step": [0, *BAD_STEPS],
+            "power": [0, -1, math.inf],
+            "frequency": [0, -1],
+        },
+        good={"power": [2.5], "end_step": [np.int32(226)]},
+        # TF-MOT's own get_config ({"class_name", "config"}), kept for TF-MOT.
+    ),
+    Case(
+        pruning.ConstantSparsity,
+        kwargs={"target_sparsity": 0.5, "begin_step": 0},
+        bad={
+            "target_sparsity": BAD_SPARSITIES,
+            "begin_step": BAD_STEPS,
+            "end_step": [-2],
+            "frequency": [0, -1],
+        },
+    ),
+]
+
 CASES = [
     *LAYER_CASES,
     *REGULARIZER_CASES,
@@ -503,6 +613,7 @@ CASES = [
     *DATASET_CASES,
     *MODEL_CASES,
     *DISTILLATION_CASES,
+    *PRUNING_CASES,
 ]
 EXEMPT = {
     "datasets.load_digits": "takes no argument",

@@ -25,7 +25,7 @@ def _import_order_check():
         "keras_version": tf.keras.__version__,
         "env_before": before,
         "env_after_ours": after_ours,
-        "is_tfmot_class": schedule_cls is tfmot.sparsity.keras.PolynomialDecay,
+        "is_tfmot_class": issubclass(schedule_cls, tfmot.sparsity.keras.PolynomialDecay),
     }
 
 
