@@ -108,8 +108,8 @@ def validate_schedule(schedule):
         The schedule, unchanged.
 
     Raises:
-        ValueError: If `schedule` is not callable, returns the wrong structure
-            or a sparsity outside [0, 1).
+        ValueError: If `schedule` is not callable, fails, returns the wrong
+            structure or a sparsity outside [0, 1).
     """
     if not callable(schedule):
         raise ValueError(
@@ -119,9 +119,19 @@ def validate_schedule(schedule):
             f"Received: pruning_schedule={schedule!r}"
         )
     for step in probe_steps(schedule):
-        _, sparsity = call_schedule(
-            schedule, ops.convert_to_tensor(step, dtype="int64")
-        )
+        try:
+            _, sparsity = call_schedule(
+                schedule, ops.convert_to_tensor(step, dtype="int64")
+            )
+        except ValueError:
+            raise
+        except Exception as e:  # the user's callable failed: say where
+            raise ValueError(
+                "Invalid value for argument `pruning_schedule`. Expected a "
+                "callable that works at every step. Received: "
+                f"pruning_schedule={schedule!r} raising {type(e).__name__}: {e} "
+                f"at step={step}"
+            ) from e
         value = float(ops.convert_to_numpy(sparsity))
         if not 0.0 <= value < 1.0:
             raise ValueError(
