@@ -276,3 +276,34 @@ def check_writable_dir(name, path):
     if not os.access(path, os.W_OK | os.X_OK):
         raise invalid(name, path, "a writable directory")
     return path
+
+
+def check_layer(name, value, built=False, allow_none=False):
+    """Returns `value` if it is a Keras layer or model (built, if `built`).
+
+    Args:
+        name: Argument name, used in the message.
+        value: The value received.
+        built: Also require `value.built` (weights exist). Defaults to `False`.
+        allow_none: If `True`, `None` is accepted and returned.
+            Defaults to `False`.
+
+    Raises:
+        ValueError: If `value` is not a Keras layer or model, or not built
+            when `built`.
+    """
+    import keras
+
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, keras.layers.Layer):
+        raise invalid(
+            name, value, "a Keras layer or model" + (" or None" if allow_none else "")
+        )
+    if built and not value.built:
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected a built Keras layer or "
+            "model (give it a `keras.Input`, call it on data or call `build`). "
+            f"Received: {name}={value.name!r}, not built"
+        )
+    return value
