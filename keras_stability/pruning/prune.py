@@ -2,7 +2,7 @@
 
 import keras
 
-from keras_stability._checks import invalid
+from keras_stability._checks import check_layer
 from keras_stability.pruning.pruner import MaskConstraint
 from keras_stability.pruning.pruner import Pruner
 from keras_stability.pruning.pruner import check_pruning_arguments
@@ -51,7 +51,7 @@ def prunable_weights(to_prune):
     Raises:
         ValueError: If `to_prune` is not a built Keras layer or model.
     """
-    check_built("to_prune", to_prune)
+    check_layer("to_prune", to_prune, built=True)
     found = []
     seen = set()
     for layer in _all_layers(to_prune):
@@ -66,18 +66,6 @@ def prunable_weights(to_prune):
     order = {id(v): i for i, v in enumerate(to_prune.trainable_variables)}
     found = [v for v in found if id(v) in order]
     return sorted(found, key=lambda v: order[id(v)])
-
-
-def check_built(name, layer):
-    """Raises unless `layer` is a built Keras layer or model."""
-    if not isinstance(layer, keras.layers.Layer):
-        raise invalid(name, layer, "a Keras 3 layer or model")
-    if not layer.built:
-        raise ValueError(
-            f"Invalid value for argument `{name}`. Expected a built model or "
-            "layer (give it an `Input`, call it on data or call `build`). "
-            f"Received: {name}={layer.name!r}, not built"
-        )
 
 
 def prune_low_magnitude(
@@ -142,8 +130,7 @@ def prune_low_magnitude(
     model = strip_pruning(model)
     ```
     """
-    if not isinstance(to_prune, keras.layers.Layer):
-        raise invalid("to_prune", to_prune, "a Keras 3 layer or model")
+    check_layer("to_prune", to_prune)
     (
         sparsity_m_by_n,
         block_size,
@@ -152,7 +139,7 @@ def prune_low_magnitude(
     ) = check_pruning_arguments(
         pruning_schedule, sparsity_m_by_n, block_size, block_pooling_type, global_ranking
     )
-    check_built("to_prune", to_prune)
+    check_layer("to_prune", to_prune, built=True)
     if find_pruner(to_prune) is not None:
         raise ValueError(
             "Invalid value for argument `to_prune`. Expected a model that is not "

@@ -33,6 +33,7 @@ from keras import ops
 
 from keras_stability._checks import check_bool
 from keras_stability._checks import check_choice
+from keras_stability._checks import check_layer
 from keras_stability._checks import invalid
 from keras_stability._checks import is_integer
 from keras_stability.pruning import masks as masks_lib
@@ -459,8 +460,7 @@ def find_pruner(model):
     Raises:
         ValueError: If `model` is not a Keras layer or model.
     """
-    if not isinstance(model, keras.layers.Layer):
-        raise invalid("model", model, "a Keras 3 layer or model")
+    check_layer("model", model)
     for variable in model.weights:
         constraint = getattr(variable, "constraint", None)
         while constraint is not None:

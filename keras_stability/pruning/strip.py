@@ -1,10 +1,8 @@
 """`strip_pruning` and `sparsity_report`: the pruned model, for export and inspection."""
 
-import keras
 from keras import ops
 
-from keras_stability._checks import invalid
-from keras_stability.pruning.prune import check_built
+from keras_stability._checks import check_layer
 from keras_stability.pruning.prune import prunable_weights
 from keras_stability.pruning.pruner import find_pruner
 
@@ -32,8 +30,7 @@ def strip_pruning(model):
         ValueError: If `model` is not a Keras layer or model, or if the
             schedule returned a sparsity outside [0, 1) during training.
     """
-    if not isinstance(model, keras.layers.Layer):
-        raise invalid("model", model, "a Keras 3 layer or model")
+    check_layer("model", model)
     # Layers of a model may have been pruned separately: one pruner each.
     for _ in range(len(model.weights)):
         pruner = find_pruner(model)
@@ -62,7 +59,7 @@ def sparsity_report(model):
     Raises:
         ValueError: If `model` is not a built Keras layer or model.
     """
-    check_built("model", model)
+    check_layer("model", model, built=True)
     report = {}
     zeros = size = 0
     for variable in prunable_weights(model):

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_stability._checks import check_bool
+from keras_stability._checks import check_layer
 from keras_stability._checks import check_number
 from keras_stability._checks import invalid
 
@@ -183,9 +184,8 @@ class L2SP(keras.regularizers.Regularizer):
             ValueError: If `model` or `backbone` is not a Keras layer or
                 model (or `None`), or `include_biases` is not a bool.
         """
-        for name, value in (("model", model), ("backbone", backbone)):
-            if value is not None and not isinstance(value, keras.layers.Layer):
-                raise invalid(name, value, "a Keras layer or model, or None")
+        check_layer("model", model, allow_none=True)
+        check_layer("backbone", backbone, allow_none=True)
         include_biases = check_bool("include_biases", include_biases)
         return _L2SPAnchor(self, model, backbone, include_biases)
 
@@ -194,15 +194,9 @@ class L2SP(keras.regularizers.Regularizer):
 
 
 def _check_built(name, layer):
-    if not isinstance(layer, keras.layers.Layer):
-        raise invalid(name, layer, "a built Keras layer or model")
-    if not layer.built or not layer.weights:
-        raise invalid(
-            name,
-            layer.name,
-            "a built model with weights (give it a `keras.Input` or call it on "
-            "a batch first); an unbuilt model has no weights to regularize",
-        )
+    check_layer(name, layer, built=True)
+    if not layer.weights:
+        raise invalid(name, layer.name, "a layer or model with weights to regularize")
 
 
 class _L2SPAnchor(keras.callbacks.Callback):
