@@ -59,12 +59,16 @@ def _range_text(kind, low, high, low_open, high_open):
     if high is None:
         if low == 0 and low_open:
             return f"a positive {kind}"
-        return f"a {kind} {'>' if low_open else '>='} {low:g}"
+        return f"{_article(kind)} {kind} {'>' if low_open else '>='} {low:g}"
     if low is None:
-        return f"a {kind} {'<' if high_open else '<='} {high:g}"
+        return f"{_article(kind)} {kind} {'<' if high_open else '<='} {high:g}"
     left = "(" if low_open else "["
     right = ")" if high_open else "]"
-    return f"a {kind} in {left}{low:g}, {high:g}{right}"
+    return f"{_article(kind)} {kind} in {left}{low:g}, {high:g}{right}"
+
+
+def _article(kind):
+    return "an" if kind[0] in "aeiou" else "a"
 
 
 def check_number(
@@ -295,3 +299,34 @@ def check_writable_file(name, path):
     if not os.access(parent, os.W_OK | os.X_OK):
         raise invalid(name, path, f"a writable location ({parent} is not writable)")
     return path
+
+
+def check_layer(name, value, built=False, allow_none=False):
+    """Returns `value` if it is a Keras layer or model (built, if `built`).
+
+    Args:
+        name: Argument name, used in the message.
+        value: The value received.
+        built: Also require `value.built` (weights exist). Defaults to `False`.
+        allow_none: If `True`, `None` is accepted and returned.
+            Defaults to `False`.
+
+    Raises:
+        ValueError: If `value` is not a Keras layer or model, or not built
+            when `built`.
+    """
+    import keras
+
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, keras.layers.Layer):
+        raise invalid(
+            name, value, "a Keras layer or model" + (" or None" if allow_none else "")
+        )
+    if built and not value.built:
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected a built Keras layer or "
+            "model (give it a `keras.Input`, call it on data or call `build`). "
+            f"Received: {name}={value.name!r}, not built"
+        )
+    return value

@@ -7,7 +7,30 @@ inside scikit-learn.
 
 import numpy as np
 
+from keras_stability._checks import check_choice
+from keras_stability._checks import check_int
+from keras_stability._checks import check_nonnegative_int
+from keras_stability._checks import check_number
+from keras_stability._checks import check_positive_int
+from keras_stability._checks import check_str
+from keras_stability._checks import invalid
+
+__all__ = [
+    "DATASETS",
+    "STDLIB_TEXT_MODULES",
+    "load_dataset",
+    "load_digits",
+    "load_stdlib_text",
+    "make_char_lm_data",
+    "make_classification",
+    "train_test_split",
+]
+
 DATASETS = ("synthetic", "digits")
+
+
+def _check_seed(seed):
+    return check_nonnegative_int("seed", seed, allow_none=True)
 
 
 def make_classification(
@@ -33,16 +56,17 @@ def make_classification(
         clusters_per_class: Gaussian blobs per class. Defaults to `2`.
         class_sep: Standard deviation of the blob centres; larger is easier.
             Defaults to `1.2`.
-        seed: Seed of the generator; the same seed gives the same data.
-            Defaults to `0`.
+        seed: Seed of the generator (a non-negative integer); the same seed
+            gives the same data; `None` for fresh randomness. Defaults to `0`.
 
     Returns:
         Tuple `(x, y)`: `x` float32 of shape `(n_samples, n_features)`,
         `y` int32 labels of shape `(n_samples,)`, classes balanced.
 
     Raises:
-        ValueError: If a count is not a positive integer or `class_sep` is
-            not positive.
+        ValueError: If a count is not a positive integer, `n_classes` is
+            below 2, `class_sep` is not positive or `seed` is not a
+            non-negative integer or `None`.
 
     Example:
 
@@ -50,27 +74,12 @@ def make_classification(
     >>> x.shape, y.shape
     ((100, 10), (100,))
     """
-    for name, value in (
-        ("n_samples", n_samples),
-        ("n_features", n_features),
-        ("n_classes", n_classes),
-        ("clusters_per_class", clusters_per_class),
-    ):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(
-                f"Invalid value for argument `{name}`. Expected a positive "
-                f"integer. Received: {name}={value!r}"
-            )
-    if n_classes < 2:
-        raise ValueError(
-            "Invalid value for argument `n_classes`. Expected an integer >= 2. "
-            f"Received: n_classes={n_classes!r}"
-        )
-    if not class_sep > 0:
-        raise ValueError(
-            "Invalid value for argument `class_sep`. Expected a positive number. "
-            f"Received: class_sep={class_sep!r}"
-        )
+    n_samples = check_positive_int("n_samples", n_samples)
+    n_features = check_positive_int("n_features", n_features)
+    n_classes = check_int("n_classes", n_classes, low=2)
+    clusters_per_class = check_positive_int("clusters_per_class", clusters_per_class)
+    class_sep = check_number("class_sep", class_sep, low=0.0, low_open=True)
+    seed = _check_seed(seed)
     rng = np.random.default_rng(seed)
     n_clusters = n_classes * clusters_per_class
     centers = rng.normal(0.0, class_sep, size=(n_clusters, n_features))
@@ -106,21 +115,35 @@ def train_test_split(x, y, test_fraction=0.2, seed=0):
     """Splits arrays into a shuffled train and test part, deterministically.
 
     Args:
-        x: Features, first axis is the sample axis.
+        x: Features, first axis is the sample axis (at least 2 samples).
         y: Labels with the same first dimension.
         test_fraction: Fraction of samples held out, in (0, 1).
             Defaults to `0.2`.
-        seed: Seed of the shuffle. Defaults to `0`.
+        seed: Seed of the shuffle, a non-negative integer or `None`.
+            Defaults to `0`.
 
     Returns:
         `((x_train, y_train), (x_test, y_test))`.
+
+    Raises:
+        ValueError: If `x` or `y` is not an array of at least 2 samples,
+            their lengths differ, or `test_fraction` or `seed` is invalid.
     """
-    if not 0 < test_fraction < 1:
-        raise ValueError(
-            "Invalid value for argument `test_fraction`. Expected a number in "
-            f"(0, 1). Received: test_fraction={test_fraction!r}"
-        )
+    test_fraction = check_number(
+        "test_fraction", test_fraction, low=0.0, high=1.0, low_open=True, high_open=True
+    )
+    seed = _check_seed(seed)
     x, y = np.asarray(x), np.asarray(y)
+    for name, value in (("x", x), ("y", y)):
+        if value.ndim < 1 or len(value) < 2 or value.dtype == object:
+            raise invalid(
+                name, value if value.ndim < 1 else f"array of shape {value.shape}",
+                "an array of at least 2 samples (samples first)",
+            )
+    if len(x) != len(y):
+        raise invalid(
+            "y", f"array of shape {y.shape}", f"as many samples as `x` ({len(x)})"
+        )
     order = np.random.default_rng(seed).permutation(len(x))
     n_test = max(1, int(round(len(x) * test_fraction)))
     test, train = order[:n_test], order[n_test:]
@@ -135,23 +158,24 @@ def load_dataset(name="synthetic", seed=0, test_fraction=0.2):
             `"digits"` (scikit-learn's digits, 64 features, 10 classes).
             Defaults to `"synthetic"`.
         seed: Seed of the generator and of the split. Defaults to `0`.
-        test_fraction: Held-out fraction. Defaults to `0.2`.
+        test_fraction: Held-out fraction, in (0, 1). Defaults to `0.2`.
 
     Returns:
         `((x_train, y_train), (x_test, y_test))`.
 
     Raises:
-        ValueError: If `name` is not one of `DATASETS`.
+        ValueError: If `name` is not one of `DATASETS`, or `seed` or
+            `test_fraction` is invalid.
     """
+    name = check_choice("name", name, DATASETS)
+    seed = _check_seed(seed)
+    test_fraction = check_number(
+        "test_fraction", test_fraction, low=0.0, high=1.0, low_open=True, high_open=True
+    )
     if name == "synthetic":
         x, y = make_classification(seed=seed)
-    elif name == "digits":
-        x, y = load_digits()
     else:
-        raise ValueError(
-            "Invalid value for argument `name`. Expected one of "
-            f"{', '.join(repr(d) for d in DATASETS)}. Received: name={name!r}"
-        )
+        x, y = load_digits()
     return train_test_split(x, y, test_fraction=test_fraction, seed=seed)
 
 
@@ -182,13 +206,32 @@ def load_stdlib_text(modules=STDLIB_TEXT_MODULES, max_chars=None):
 
     Returns:
         The text, a `str`.
+
+    Raises:
+        ValueError: If `modules` is not a non-empty list of importable module
+            names, or `max_chars` is not a positive integer or `None`.
     """
     import importlib
     import inspect
 
-    docs = []
+    if (
+        isinstance(modules, str)
+        or not isinstance(modules, (list, tuple))
+        or not modules
+        or not all(isinstance(m, str) and m for m in modules)
+    ):
+        raise invalid("modules", modules, "a non-empty list or tuple of module names")
+    max_chars = check_positive_int("max_chars", max_chars, allow_none=True)
+    loaded = []
     for module_name in modules:
-        module = importlib.import_module(module_name)
+        try:
+            loaded.append(importlib.import_module(module_name))
+        except ImportError:
+            raise invalid(
+                "modules", modules, f"importable module names ({module_name!r} is not)"
+            ) from None
+    docs = []
+    for module in loaded:
         docs.append(inspect.getdoc(module) or "")
         for name, obj in sorted(vars(module).items()):
             if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
@@ -216,17 +259,21 @@ def make_char_lm_data(text, seq_len=64, held_out_fraction=0.1):
         Dict with `"vocab"` (sorted list of characters), `"x_train"`,
         `"y_train"`, `"x_test"`, `"y_test"` (int32 arrays of shape
         `(n, seq_len)`; `y` is `x` shifted by one character).
+
+    Raises:
+        ValueError: If `text` is not a string long enough for one window in
+            each part, or `seq_len` or `held_out_fraction` is invalid.
     """
-    if not 0 < held_out_fraction < 1:
-        raise ValueError(
-            "Invalid value for argument `held_out_fraction`. Expected a number in "
-            f"(0, 1). Received: held_out_fraction={held_out_fraction!r}"
-        )
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(
-            "Invalid value for argument `seq_len`. Expected a positive integer. "
-            f"Received: seq_len={seq_len!r}"
-        )
+    text = check_str("text", text)
+    seq_len = check_positive_int("seq_len", seq_len)
+    held_out_fraction = check_number(
+        "held_out_fraction",
+        held_out_fraction,
+        low=0.0,
+        high=1.0,
+        low_open=True,
+        high_open=True,
+    )
     vocab = sorted(set(text))
     index = {c: i for i, c in enumerate(vocab)}
     ids = np.array([index[c] for c in text], dtype="int32")
@@ -235,9 +282,12 @@ def make_char_lm_data(text, seq_len=64, held_out_fraction=0.1):
     def windows(part):
         n = (len(part) - 1) // seq_len
         if n < 1:
-            raise ValueError(
-                f"Text too short for `seq_len={seq_len}`: a part has {len(part)} "
-                "characters. Use more text or a shorter `seq_len`."
+            raise invalid(
+                "text",
+                f"a text of {len(text)} characters",
+                f"a text long enough for one window of seq_len={seq_len} in "
+                f"both parts (a part has {len(part)} characters; use more text "
+                "or a shorter `seq_len`)",
             )
         x = part[: n * seq_len].reshape(n, seq_len)
         y = part[1 : n * seq_len + 1].reshape(n, seq_len)

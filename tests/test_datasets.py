@@ -87,5 +87,5 @@ def test_char_lm_windows_are_shifted_by_one_and_split():
     assert decoded == "abcdefgh"
     with pytest.raises(ValueError, match=r"`seq_len`.*Received: seq_len=0"):
         datasets.make_char_lm_data("abc", seq_len=0)
-    with pytest.raises(ValueError, match=r"Text too short"):
+    with pytest.raises(ValueError, match=r"Invalid value for argument `text`. Expected a text long enough for one window of seq_len="):
         datasets.make_char_lm_data("abc", seq_len=8)

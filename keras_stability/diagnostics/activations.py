@@ -6,15 +6,24 @@ axis (a channel for convolutions), as Keras lays out its outputs.
 
 import numpy as np
 
+from keras_stability._checks import check_choice
+from keras_stability._checks import check_number
+from keras_stability._checks import invalid
+
 __all__ = ["dead_fraction", "saturated_fraction"]
 
 
 def _per_unit(activations):
-    a = np.asarray(activations, dtype=np.float64)
-    if a.ndim < 2:
+    try:
+        a = np.asarray(activations, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise invalid(
+            "activations", activations, "a numeric array (batch, ..., units)"
+        ) from None
+    if a.ndim < 2 or a.size == 0:
         raise ValueError(
-            "Invalid value for argument `activations`. Expected an array of rank "
-            f">= 2 (batch, ..., units). Received: shape={a.shape}"
+            "Invalid value for argument `activations`. Expected a non-empty array "
+            f"of rank >= 2 (batch, ..., units). Received: shape={a.shape}"
         )
     return a.reshape(-1, a.shape[-1])
 
@@ -28,6 +37,10 @@ def dead_fraction(activations):
     Returns:
         Float in [0, 1].
 
+    Raises:
+        ValueError: If `activations` is not a non-empty numeric array of
+            rank >= 2.
+
     Example:
 
     >>> dead_fraction([[0.0, 1.0], [0.0, 0.0]])
@@ -37,37 +50,31 @@ def dead_fraction(activations):
     return float(np.mean(np.all(a <= 0.0, axis=0)))
 
 
-def saturated_fraction(activations, kind, eps=0.01):
+def saturated_fraction(activations, kind, epsilon=0.01):
     """Fraction of sigmoid / tanh units saturated for every sample.
 
-    A sigmoid output is saturated below `eps` or above `1 - eps`; a tanh output
-    when its magnitude is above `1 - eps`. There the derivative is about `eps`
-    and almost no gradient flows back.
+    A sigmoid output is saturated below `epsilon` or above `1 - epsilon`; a
+    tanh output when its magnitude is above `1 - epsilon`. There the
+    derivative is about `epsilon` and almost no gradient flows back.
 
     Args:
         activations: Outputs, shape `(batch, ..., units)`.
         kind: `"sigmoid"` or `"tanh"`.
-        eps: Distance to the asymptote. Defaults to `0.01`.
+        epsilon: Distance to the asymptote, in (0, 0.5). Defaults to `0.01`.
 
     Returns:
         Float in [0, 1].
 
     Raises:
-        ValueError: If `kind` or `eps` is invalid.
+        ValueError: If `activations`, `kind` or `epsilon` is invalid.
     """
-    if kind not in ("sigmoid", "tanh"):
-        raise ValueError(
-            "Invalid value for argument `kind`. Expected one of ('sigmoid', 'tanh'). "
-            f"Received: kind={kind!r}"
-        )
-    if not 0 < eps < 0.5:
-        raise ValueError(
-            "Invalid value for argument `eps`. Expected a number in (0, 0.5). "
-            f"Received: eps={eps!r}"
-        )
+    kind = check_choice("kind", kind, ("sigmoid", "tanh"))
+    epsilon = check_number(
+        "epsilon", epsilon, low=0.0, high=0.5, low_open=True, high_open=True
+    )
     a = _per_unit(activations)
     if kind == "sigmoid":
-        sat = (a < eps) | (a > 1.0 - eps)
+        sat = (a < epsilon) | (a > 1.0 - epsilon)
     else:
-        sat = np.abs(a) > 1.0 - eps
+        sat = np.abs(a) > 1.0 - epsilon
     return float(np.mean(np.all(sat, axis=0)))

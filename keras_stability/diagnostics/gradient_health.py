@@ -6,8 +6,16 @@ which layers vanish or explode, with the standard remedies.
 """
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
+
+from keras_stability._checks import check_choice
+from keras_stability._checks import check_number
+from keras_stability._checks import check_positive_int
+from keras_stability._checks import check_str
+from keras_stability._checks import invalid
+from keras_stability._checks import is_number
 
 __all__ = [
     "EXPLODING",
@@ -40,21 +48,31 @@ REMEDIES = {
 class LayerFinding:
     """What the diagnosis says about one layer.
 
-    Attributes:
-        layer: Layer (group) name.
+    Args:
+        layer: Layer (group) name, a non-empty string.
         status: `"healthy"`, `"vanishing"` or `"exploding"`.
-        norm: The layer's last gradient norm.
-        ratio: The last norm divided by the largest layer's norm at that check.
-        reason: One sentence saying which rule fired.
+        norm: The layer's last gradient norm (a number; NaN or infinity for
+            a non-finite gradient).
+        ratio: The last norm divided by the largest layer's norm at that
+            check (a number; NaN when there is no reference).
+        reason: One sentence saying which rule fired. Defaults to `""`.
+
+    Attributes:
         remedy: The standard remedies for `status` (empty when healthy).
+
+    Raises:
+        ValueError: On a bad argument.
     """
 
     def __init__(self, layer, status, norm, ratio, reason=""):
-        self.layer = layer
-        self.status = status
+        self.layer = check_str("layer", layer)
+        self.status = check_choice("status", status, (HEALTHY, VANISHING, EXPLODING))
+        for name, value in (("norm", norm), ("ratio", ratio)):
+            if not is_number(value):
+                raise invalid(name, value, "a number (NaN or infinity allowed)")
         self.norm = float(norm)
         self.ratio = float(ratio)
-        self.reason = reason
+        self.reason = check_str("reason", reason, allow_empty=True)
         self.remedy = REMEDIES.get(status, "")
 
     def to_dict(self):
@@ -74,12 +92,36 @@ class LayerFinding:
         )
 
 
-def _check_positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(
-            f"Invalid value for argument `{name}`. Expected a positive number. "
-            f"Received: {name}={value!r}"
+def _check_norms(norms):
+    if not isinstance(norms, Mapping) or not all(isinstance(n, str) for n in norms):
+        raise invalid(
+            "norms", norms, "a mapping of layer name (str) -> sequence of gradient norms"
         )
+    table = []
+    for name, values in norms.items():
+        try:
+            row = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError):
+            row = None
+        if row is None or row.ndim != 1:
+            raise invalid(
+                "norms", norms, f"a sequence of numbers for every layer (layer {name!r})"
+            )
+        table.append(row)
+    if len({len(row) for row in table}) > 1:
+        raise ValueError(
+            "Invalid value for argument `norms`. Expected sequences of equal "
+            f"length. Received lengths: { {n: len(norms[n]) for n in norms} }"
+        )
+    return table
+
+
+def _check_exclude(exclude):
+    if isinstance(exclude, (str, bytes)) or not isinstance(
+        exclude, (list, tuple, set, frozenset)
+    ) or not all(isinstance(n, str) for n in exclude):
+        raise invalid("exclude", exclude, "a list or tuple of layer names")
+    return set(exclude)
 
 
 def diagnose_layers(
@@ -107,9 +149,10 @@ def diagnose_layers(
             as the reference norm (embeddings, whose gradients are sparse).
             Defaults to `()`.
         vanish_floor: Absolute norm floor. Defaults to `1e-8`.
-        vanish_ratio: Fraction of the largest layer's norm. Defaults to `1e-3`.
+        vanish_ratio: Fraction of the largest layer's norm, in (0, 1).
+            Defaults to `1e-3`.
         explode_norm: Absolute norm bound. Defaults to `1e3`.
-        explode_factor: Growth over the layer's own earlier median.
+        explode_factor: Growth over the layer's own earlier median, > 1.
             Defaults to `100.0`.
         patience: Consecutive checks a rule must hold. Defaults to `3`.
 
@@ -117,8 +160,11 @@ def diagnose_layers(
         List of `LayerFinding`, one per layer, in the order of `norms`.
 
     Raises:
-        ValueError: If a threshold is not positive, `patience` is not a
-            positive integer or the sequences differ in length.
+        ValueError: If `norms` is not a mapping of names to equally long
+            sequences of numbers, `exclude` is not a list of names,
+            `vanish_floor` or `explode_norm` is not positive, `vanish_ratio`
+            is not in (0, 1), `explode_factor` is not > 1 or `patience` is
+            not a positive integer.
 
     Example:
 
@@ -127,29 +173,23 @@ def diagnose_layers(
     >>> [f.status for f in findings]
     ['vanishing', 'healthy']
     """
-    for name, value in (
-        ("vanish_floor", vanish_floor),
-        ("vanish_ratio", vanish_ratio),
-        ("explode_norm", explode_norm),
-        ("explode_factor", explode_factor),
-    ):
-        _check_positive(name, value)
-    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-        raise ValueError(
-            "Invalid value for argument `patience`. Expected a positive integer. "
-            f"Received: patience={patience!r}"
-        )
+    rows = _check_norms(norms)
+    excluded_names = _check_exclude(exclude)
+    vanish_floor = check_number("vanish_floor", vanish_floor, low=0.0, low_open=True)
+    vanish_ratio = check_number(
+        "vanish_ratio", vanish_ratio, low=0.0, high=1.0, low_open=True, high_open=True
+    )
+    explode_norm = check_number("explode_norm", explode_norm, low=0.0, low_open=True)
+    explode_factor = check_number(
+        "explode_factor", explode_factor, low=1.0, low_open=True
+    )
+    patience = check_positive_int("patience", patience)
     names = list(norms)
     if not names:
         return []
-    table = np.asarray([np.asarray(norms[n], dtype=np.float64) for n in names])
-    if table.ndim != 2:
-        raise ValueError(
-            "Invalid value for argument `norms`. Expected sequences of equal "
-            f"length. Received lengths: { {n: len(norms[n]) for n in names} }"
-        )
+    table = np.asarray(rows)
     n_checks = table.shape[1]
-    excluded = np.asarray([n in set(exclude) for n in names])
+    excluded = np.asarray([n in excluded_names for n in names])
     reference_rows = table[~excluded] if (~excluded).any() else table
     with np.errstate(invalid="ignore"):
         finite_ref = np.where(np.isfinite(reference_rows), reference_rows, 0.0)
@@ -209,7 +249,14 @@ def format_findings(findings):
     Returns:
         A string: one paragraph per unhealthy status naming its layers, the
         rule that fired and the remedies; empty when all layers are healthy.
+
+    Raises:
+        ValueError: If `findings` is not a list of `LayerFinding`.
     """
+    if not isinstance(findings, (list, tuple)) or not all(
+        isinstance(f, LayerFinding) for f in findings
+    ):
+        raise invalid("findings", findings, "a list of `LayerFinding`")
     lines = []
     for status in (VANISHING, EXPLODING):
         bad = [f for f in findings if f.status == status]

@@ -10,6 +10,10 @@ import math
 
 import numpy as np
 
+from keras_stability._checks import check_number
+from keras_stability._checks import check_positive_int
+from keras_stability._checks import invalid
+
 __all__ = ["RollingZScore"]
 
 
@@ -18,7 +22,8 @@ class RollingZScore:
 
     Args:
         window: Number of accepted values kept. Defaults to `128`.
-        threshold: z-score above which a value is a spike. Defaults to `6.0`.
+        z_threshold: z-score above which a value is a spike (the name
+            `ZClip` uses). Defaults to `6.0`.
         min_samples: Values needed before the z-score is judged.
             Defaults to `20`.
         factor: If set, a value above `factor` times the (positive) median of
@@ -30,42 +35,31 @@ class RollingZScore:
 
     Raises:
         ValueError: If `window` or `min_samples` is not a positive integer,
-            `min_samples > window` or `threshold` is not positive.
+            `min_samples > window`, `z_threshold` is not positive or `factor`
+            is neither `None` nor a number > 1.
 
     Example:
 
-    >>> z = RollingZScore(window=8, threshold=3.0, min_samples=4)
+    >>> z = RollingZScore(window=8, z_threshold=3.0, min_samples=4)
     >>> [z.update(v) for v in [1.0, 1.1, 0.9, 1.0, 10.0, 1.05]]
     [False, False, False, False, True, False]
     """
 
-    def __init__(self, window=128, threshold=6.0, min_samples=20, factor=None):
-        for name, value in (("window", window), ("min_samples", min_samples)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"Invalid value for argument `{name}`. Expected a positive "
-                    f"integer. Received: {name}={value!r}"
-                )
+    def __init__(self, window=128, z_threshold=6.0, min_samples=20, factor=None):
+        window = check_positive_int("window", window)
+        min_samples = check_positive_int("min_samples", min_samples)
         if min_samples > window:
-            raise ValueError(
-                "Invalid value for argument `min_samples`. Expected at most "
-                f"`window`={window}. Received: min_samples={min_samples!r}"
+            raise invalid(
+                "min_samples", min_samples, f"at most `window`={window}"
             )
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
-            raise ValueError(
-                "Invalid value for argument `threshold`. Expected a positive number. "
-                f"Received: threshold={threshold!r}"
-            )
-        if factor is not None and (
-            isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1
-        ):
-            raise ValueError(
-                "Invalid value for argument `factor`. Expected None or a number > 1. "
-                f"Received: factor={factor!r}"
-            )
-        self.factor = factor
+        self.z_threshold = check_number(
+            "z_threshold", z_threshold, low=0.0, low_open=True
+        )
+        self.factor = check_number(
+            "factor", factor, low=1.0, low_open=True, allow_none=True,
+            what="None or a number > 1",
+        )
         self.window = window
-        self.threshold = float(threshold)
         self.min_samples = min_samples
         self.reset()
 
@@ -113,7 +107,7 @@ class RollingZScore:
         value = float(value)
         if not math.isfinite(value):
             return True
-        spike = self.zscore(value) > self.threshold
+        spike = self.zscore(value) > self.z_threshold
         if self.factor is not None and 0 < len(self.values) < self.min_samples:
             median = self.median()
             spike = spike or (median > 0 and value > self.factor * median)

@@ -7,8 +7,12 @@ batch still sees the teacher outputs of its own samples and an epoch costs
 about what the student costs.
 """
 
+import keras
 import numpy as np
 from keras import tree
+
+from keras_stability._checks import check_positive_int
+from keras_stability._checks import invalid
 
 __all__ = [
     "CACHED_INPUTS_KEY",
@@ -46,8 +50,12 @@ def compute_teacher_outputs(teacher_fn, x, batch_size=256):
         returns, one row per sample of `x`.
 
     Raises:
-        ValueError: If `x` is not in-memory array data.
+        ValueError: If `teacher_fn` is not a Keras model, `x` is not
+            in-memory array data or `batch_size` is not a positive integer.
     """
+    if not isinstance(teacher_fn, keras.Model):
+        raise invalid("teacher_fn", teacher_fn, "a `keras.Model` (the teacher)")
+    batch_size = check_positive_int("batch_size", batch_size)
     if not _is_in_memory(x):
         raise ValueError(
             "Invalid value for argument `x`. Expected in-memory arrays (NumPy "

@@ -18,12 +18,15 @@ with `s`, `t` the student and teacher logits; the maths is in `losses.py`.
 """
 
 import copy
-import numbers
 import warnings
 
 import keras
 from keras import ops
 
+from keras_stability._checks import check_bool
+from keras_stability._checks import check_positive_int
+from keras_stability._checks import check_str
+from keras_stability._checks import invalid
 from keras_stability.distillation import cache as cache_lib
 from keras_stability.distillation.features import FeatureDistillation
 from keras_stability.distillation.losses import as_loss
@@ -31,6 +34,9 @@ from keras_stability.distillation.losses import combine_losses
 from keras_stability.distillation.losses import soft_target_loss
 from keras_stability.distillation.losses import top1_agreement
 from keras_stability.distillation.schedules import DistillationScheduler
+from keras_stability.distillation.schedules import check_alpha
+from keras_stability.distillation.schedules import check_schedule_values
+from keras_stability.distillation.schedules import check_temperature
 
 __all__ = ["Distiller"]
 
@@ -61,30 +67,31 @@ class _Untracked:
         self.__dict__.update(kwargs)
 
 
-def _check_number(arg, value, low, high, low_open):
-    ok = (
-        not isinstance(value, bool)
-        and isinstance(value, numbers.Real)
-        and (value > low if low_open else value >= low)
-        and (high is None or value <= high)
+def _check_optimizer(optimizer):
+    """Resolves `optimizer` as `compile` would, naming it if it cannot be."""
+    what = "an optimizer instance or name such as 'adam'"
+    if optimizer is None:
+        raise invalid("optimizer", optimizer, what)
+    try:
+        return keras.optimizers.get(optimizer)
+    except (ValueError, TypeError):
+        raise invalid("optimizer", optimizer, what) from None
+
+
+def _check_metrics(metrics):
+    """`None`, or a list/tuple/dict of metric names, `Metric`s or functions."""
+    values = metrics
+    if isinstance(metrics, dict):
+        values = list(metrics.values())
+    if values is None:
+        return
+    if isinstance(values, (list, tuple)) and all(
+        (isinstance(m, str) and m) or callable(m) for m in values
+    ):
+        return
+    raise invalid(
+        "metrics", metrics, "None or a list of metric names, `keras.metrics.Metric`s or functions"
     )
-    if not ok:
-        expected = (
-            "a positive number" if high is None else f"a number in [{low}, {high}]"
-        )
-        raise ValueError(
-            f"Invalid value for argument `{arg}`. Expected {expected}. "
-            f"Received: {arg}={value!r}"
-        )
-    return float(value)
-
-
-def _check_temperature(value, arg="temperature"):
-    return _check_number(arg, value, 0.0, None, low_open=True)
-
-
-def _check_alpha(value, arg="alpha"):
-    return _check_number(arg, value, 0.0, 1.0, low_open=False)
 
 
 def _check_model(arg, model):
@@ -166,6 +173,7 @@ class Distiller(keras.Model):
     """
 
     def __init__(self, student, teacher, feature_distillation=None, name="distiller", **kwargs):
+        name = check_str("name", name)
         super().__init__(name=name, **kwargs)
         _check_model("student", student)
         _check_model("teacher", teacher)
@@ -330,16 +338,16 @@ class Distiller(keras.Model):
         """Assigns a new temperature and/or alpha (validated); `None` keeps it.
 
         Args:
-            temperature: Positive number or `None`. Defaults to `None`.
+            temperature: Finite positive number or `None`. Defaults to `None`.
             alpha: Number in `[0, 1]` or `None`. Defaults to `None`.
 
         Raises:
             ValueError: If a value is out of range.
         """
         if temperature is not None:
-            self._temperature.assign(_check_temperature(temperature))
+            self._temperature.assign(check_temperature(temperature))
         if alpha is not None:
-            self._alpha.assign(_check_alpha(alpha))
+            self._alpha.assign(check_alpha(alpha))
 
     # --------------------------------------------------------------- compile
     def compile(
@@ -349,7 +357,7 @@ class Distiller(keras.Model):
         student_loss_fn=None,
         distillation_loss_fn=None,
         alpha=0.1,
-        temperature=3,
+        temperature=3.0,
         scale_by_temperature_squared=True,
         **kwargs,
     ):
@@ -367,16 +375,19 @@ class Distiller(keras.Model):
                 `keras.losses.KLDivergence()`.
             alpha: Weight of the hard-label loss in `[0, 1]`, or a schedule
                 `epoch -> alpha` (e.g. `LinearSchedule`). Defaults to `0.1`.
-            temperature: Positive softmax temperature, or a schedule
-                `epoch -> temperature`. Defaults to `3`.
+            temperature: Positive (finite) softmax temperature, or a
+                schedule `epoch -> temperature`. Defaults to `3.0`.
             scale_by_temperature_squared: Multiply the soft-target term by
                 `T**2` (Hinton et al.). Defaults to `True`.
             **kwargs: Passed to `keras.Model.compile` (`steps_per_execution`,
                 `jit_compile`, `run_eagerly`, ...); `loss` is not accepted.
 
         Raises:
-            ValueError: If `student_loss_fn` is missing, `alpha` is outside
-                `[0, 1]` or `temperature` is not positive.
+            ValueError: If `optimizer` or `metrics` cannot be interpreted,
+                `student_loss_fn` is missing or not a loss, `alpha` is outside
+                `[0, 1]`, `temperature` is not a finite positive number (nor a
+                schedule of them) or `scale_by_temperature_squared` is not a
+                bool.
         """
         if "loss" in kwargs:
             raise ValueError(
@@ -391,22 +402,21 @@ class Distiller(keras.Model):
                 "`keras.losses.SparseCategoricalCrossentropy(from_logits=True)`. "
                 "Received: student_loss_fn=None"
             )
+        resolved_optimizer = _check_optimizer(optimizer)
+        _check_metrics(metrics)
         schedules = {}
         for arg, value, check in (
-            ("alpha", alpha, _check_alpha),
-            ("temperature", temperature, _check_temperature),
+            ("alpha", alpha, check_alpha),
+            ("temperature", temperature, check_temperature),
         ):
             if callable(value):
-                check(value(0), arg=f"{arg}(0)")
+                check_schedule_values(arg, value, check)
                 schedules[arg] = value
             else:
                 check(value)
-        if not isinstance(scale_by_temperature_squared, bool):
-            raise ValueError(
-                "Invalid value for argument `scale_by_temperature_squared`. "
-                "Expected True or False. Received: "
-                f"scale_by_temperature_squared={scale_by_temperature_squared!r}"
-            )
+        scale_by_temperature_squared = check_bool(
+            "scale_by_temperature_squared", scale_by_temperature_squared
+        )
         self._student_loss_fn = as_loss(student_loss_fn, "student_loss_fn")
         self._distillation_loss_fn = (
             keras.losses.KLDivergence()
@@ -427,7 +437,7 @@ class Distiller(keras.Model):
             temperature=temperature,
             scale_by_temperature_squared=scale_by_temperature_squared,
         )
-        super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
+        super().compile(optimizer=resolved_optimizer, metrics=metrics, **kwargs)
 
     def get_compile_config(self):
         if not self.compiled or self._helpers.compile_args is None:
@@ -602,7 +612,12 @@ class Distiller(keras.Model):
         Returns:
             `x` packed with the teacher's logits and hint features; pass it to
             `fit`/`evaluate` in place of `x` (shuffling keeps rows together).
+
+        Raises:
+            ValueError: If `x` is not in-memory array data or `batch_size` is
+                not a positive integer.
         """
+        batch_size = check_positive_int("batch_size", batch_size)
         if cache_lib.is_cached_batch(x):
             return x
         if self._helpers.teacher_extractor is not None:
@@ -637,12 +652,7 @@ class Distiller(keras.Model):
         Returns:
             The `History` of `keras.Model.fit`.
         """
-        if not isinstance(cache_teacher_outputs, bool):
-            raise ValueError(
-                "Invalid value for argument `cache_teacher_outputs`. Expected "
-                "True or False. Received: "
-                f"cache_teacher_outputs={cache_teacher_outputs!r}"
-            )
+        cache_teacher_outputs = check_bool("cache_teacher_outputs", cache_teacher_outputs)
         if cache_teacher_outputs:
             x = self.cache_teacher_outputs(x, batch_size=max(batch_size or 32, 256))
         schedules = self._helpers.schedules

@@ -8,11 +8,12 @@ the `Distiller` creates and trains with the student; it is not part of the
 student, so `distiller.student` saves without it.
 """
 
-import numbers
-
 import keras
 from keras import ops
 
+from keras_stability._checks import check_bool
+from keras_stability._checks import check_number
+from keras_stability._checks import invalid
 from keras_stability.distillation.losses import as_loss
 
 __all__ = ["FeatureDistillation"]
@@ -40,6 +41,11 @@ class FeatureDistillation(keras.distillation.FeatureDistillation):
         projection: Learn a projection when widths differ. With `False`,
             different widths are an error. Defaults to `True`.
 
+    Raises:
+        ValueError: If a layer name is not a non-empty string, `loss` is not
+            a loss, `weight` is not a finite number >= 0 or `projection` is
+            not a bool.
+
     Example:
 
     ```python
@@ -65,24 +71,9 @@ class FeatureDistillation(keras.distillation.FeatureDistillation):
             ("student_layer_name", student_layer_name),
         ):
             if not isinstance(value, str) or not value:
-                raise ValueError(
-                    f"Invalid value for argument `{arg}`. Expected the name of a "
-                    f"layer (a non-empty string). Received: {arg}={value!r}"
-                )
-        if (
-            isinstance(weight, bool)
-            or not isinstance(weight, numbers.Real)
-            or not weight >= 0
-        ):
-            raise ValueError(
-                "Invalid value for argument `weight`. Expected a non-negative "
-                f"number. Received: weight={weight!r}"
-            )
-        if not isinstance(projection, bool):
-            raise ValueError(
-                "Invalid value for argument `projection`. Expected True or "
-                f"False. Received: projection={projection!r}"
-            )
+                raise invalid(arg, value, "the name of a layer (a non-empty string)")
+        weight = check_number("weight", weight, low=0.0, what="a non-negative number")
+        projection = check_bool("projection", projection)
         loss_fn = as_loss(loss)
         super().__init__(
             loss=loss_fn,
@@ -90,7 +81,7 @@ class FeatureDistillation(keras.distillation.FeatureDistillation):
             student_layer_name=student_layer_name,
         )
         self._loss_arg = loss
-        self.weight = float(weight)
+        self.weight = weight
         self.projection = projection
 
     def compute_loss(self, teacher_outputs, student_outputs, sample_weight=None):

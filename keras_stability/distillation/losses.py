@@ -13,6 +13,10 @@ undoes so that the mix with the hard-label term does not depend on `T`.
 import keras
 from keras import ops
 
+from keras_stability._checks import check_bool
+from keras_stability._checks import check_callable
+from keras_stability._checks import check_number
+
 __all__ = [
     "as_loss",
     "combine_losses",
@@ -72,6 +76,17 @@ def as_loss(loss, argument="loss"):
     return _FunctionLoss(fn)
 
 
+def _is_tensor(value):
+    return isinstance(value, keras.Variable) or ops.is_tensor(value)
+
+
+def _check_temperature(temperature):
+    """A Python temperature is checked; a tensor or variable (traced) is not."""
+    if _is_tensor(temperature):
+        return temperature
+    return check_number("temperature", temperature, low=0.0, low_open=True)
+
+
 def soften(logits, temperature):
     """Softmax of `logits / temperature` over the last axis.
 
@@ -81,7 +96,12 @@ def soften(logits, temperature):
 
     Returns:
         Probabilities with the shape of `logits`.
+
+    Raises:
+        ValueError: If `temperature` is a number that is not finite and
+            positive.
     """
+    temperature = _check_temperature(temperature)
     logits = ops.convert_to_tensor(logits)
     temperature = ops.cast(temperature, logits.dtype)
     return ops.softmax(ops.divide(logits, temperature), axis=-1)
@@ -113,7 +133,17 @@ def soft_target_loss(
 
     Returns:
         Scalar loss tensor.
+
+    Raises:
+        ValueError: If `temperature` is a number that is not finite and
+            positive, `loss_fn` is not callable or
+            `scale_by_temperature_squared` is not a bool.
     """
+    temperature = _check_temperature(temperature)
+    loss_fn = check_callable("loss_fn", loss_fn, allow_none=True)
+    scale_by_temperature_squared = check_bool(
+        "scale_by_temperature_squared", scale_by_temperature_squared
+    )
     if loss_fn is None:
         loss_fn = keras.losses.KLDivergence()
     teacher_probs = soften(teacher_logits, temperature)
@@ -135,7 +165,12 @@ def combine_losses(student_loss, soft_loss, alpha):
 
     Returns:
         Scalar tensor.
+
+    Raises:
+        ValueError: If `alpha` is a number outside `[0, 1]`.
     """
+    if not _is_tensor(alpha):
+        alpha = check_number("alpha", alpha, low=0.0, high=1.0)
     student_loss = ops.convert_to_tensor(student_loss)
     alpha = ops.cast(alpha, student_loss.dtype)
     return ops.add(

@@ -17,11 +17,15 @@ def shrink_gradient(x, alpha):
 
     Args:
         x: Tensor.
-        alpha: Python float in [0, 1].
+        alpha: Gradient multiplier, a number in [0, 1].
 
     Returns:
         Tensor equal to `x`.
+
+    Raises:
+        ValueError: If `alpha` is not a number in [0, 1].
     """
+    alpha = check_number("alpha", alpha, low=0.0, high=1.0)
     frozen = ops.stop_gradient(x)
     return frozen + ops.cast(alpha, x.dtype) * (x - frozen)
 

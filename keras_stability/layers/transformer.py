@@ -3,13 +3,26 @@
 import keras
 from keras import ops
 
+from keras_stability._checks import check_bool
 from keras_stability._checks import check_choice
 from keras_stability._checks import check_number
 from keras_stability._checks import check_positive_int
+from keras_stability._checks import invalid
 from keras_stability.layers.residual import NORM_TYPES
 from keras_stability.layers.residual import make_norm
 
 __all__ = ["QKNormMultiHeadAttention", "StableTransformerBlock"]
+
+
+def _check_activation(activation):
+    """Returns the serialized activation, or raises naming `activation`."""
+    try:
+        function = keras.activations.get(activation)
+    except (ValueError, TypeError):
+        raise invalid(
+            "activation", activation, "an activation name such as 'gelu' or a callable"
+        ) from None
+    return keras.activations.serialize(function)
 
 
 @keras.saving.register_keras_serializable(package="keras_stability")
@@ -23,15 +36,18 @@ class QKNormMultiHeadAttention(keras.layers.MultiHeadAttention):
     documented extension point `_compute_attention` is overridden.
 
     Args:
-        num_heads: Number of attention heads.
-        key_dim: Size of each head for query and key.
+        num_heads: Number of attention heads, a positive integer.
+        key_dim: Size of each head for query and key, a positive integer.
         norm_type: `"rms"` (`keras.layers.RMSNormalization`) or `"layer"`
             (`keras.layers.LayerNormalization`). Defaults to `"rms"`.
-        norm_epsilon: Epsilon of the normalization. Defaults to `1e-6`.
+        epsilon: Epsilon of the query and key normalizations (Keras'
+            `epsilon` of `LayerNormalization` / `RMSNormalization`).
+            Defaults to `1e-6`.
         **kwargs: Arguments of `keras.layers.MultiHeadAttention`.
 
     Raises:
-        ValueError: On an unknown `norm_type` or a non-positive `norm_epsilon`.
+        ValueError: On a non-positive `num_heads` or `key_dim`, an unknown
+            `norm_type` or a non-positive `epsilon`.
 
     Reference:
         Dehghani et al., "Scaling Vision Transformers to 22 Billion
@@ -39,14 +55,16 @@ class QKNormMultiHeadAttention(keras.layers.MultiHeadAttention):
         Transformers", 2020.
     """
 
-    def __init__(self, num_heads, key_dim, norm_type="rms", norm_epsilon=1e-6, **kwargs):
+    def __init__(self, num_heads, key_dim, norm_type="rms", epsilon=1e-6, **kwargs):
+        num_heads = check_positive_int("num_heads", num_heads)
+        key_dim = check_positive_int("key_dim", key_dim)
+        norm_type = check_choice("norm_type", norm_type, NORM_TYPES)
+        epsilon = check_number("epsilon", epsilon, low=0.0, low_open=True)
         super().__init__(num_heads=num_heads, key_dim=key_dim, **kwargs)
-        self.norm_type = check_choice("norm_type", norm_type, NORM_TYPES)
-        self.norm_epsilon = check_number(
-            "norm_epsilon", norm_epsilon, low=0.0, low_open=True
-        )
-        self._query_norm = make_norm(norm_type, self.norm_epsilon, name="query_norm")
-        self._key_norm = make_norm(norm_type, self.norm_epsilon, name="key_norm")
+        self.norm_type = norm_type
+        self.epsilon = epsilon
+        self._query_norm = make_norm(norm_type, epsilon, name="query_norm")
+        self._key_norm = make_norm(norm_type, epsilon, name="key_norm")
 
     def build(self, query_shape, value_shape, key_shape=None):
         super().build(query_shape, value_shape, key_shape)
@@ -78,8 +96,15 @@ class QKNormMultiHeadAttention(keras.layers.MultiHeadAttention):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"norm_type": self.norm_type, "norm_epsilon": self.norm_epsilon})
+        config.update({"norm_type": self.norm_type, "epsilon": self.epsilon})
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if "norm_epsilon" in config:  # files saved before the rename to `epsilon`
+            config["epsilon"] = config.pop("norm_epsilon")
+        return super().from_config(config)
 
 
 @keras.saving.register_keras_serializable(package="keras_stability")
@@ -97,7 +122,7 @@ class StableTransformerBlock(keras.layers.Layer):
     Input and output: `(batch, sequence, hidden)`.
 
     Args:
-        num_heads: Number of attention heads.
+        num_heads: Number of attention heads, a positive integer.
         key_dim: Size of each head; `hidden // num_heads` if `None`.
             Defaults to `None`.
         intermediate_dim: Width of the MLP; `4 * hidden` if `None`.
@@ -156,24 +181,17 @@ class StableTransformerBlock(keras.layers.Layer):
             if intermediate_dim is None
             else check_positive_int("intermediate_dim", intermediate_dim)
         )
-        self.dropout = check_number(
-            "dropout", dropout, low=0.0, high=1.0, what="a number in [0, 1)"
-        )
-        if self.dropout >= 1.0:
-            raise ValueError(
-                "Invalid value for argument `dropout`. Expected a number in "
-                f"[0, 1). Received: dropout={dropout!r}"
-            )
+        self.dropout = check_number("dropout", dropout, low=0.0, high=1.0, high_open=True)
         self.norm = check_choice("norm", norm, ("pre", "post"))
         self.norm_type = check_choice("norm_type", norm_type, NORM_TYPES)
-        self.qk_norm = bool(qk_norm)
+        self.qk_norm = check_bool("qk_norm", qk_norm)
         self.layerscale_init = (
             None
             if layerscale_init is None
             else check_number("layerscale_init", layerscale_init, low=0.0, low_open=True)
         )
-        self.causal = bool(causal)
-        self.activation = keras.activations.serialize(keras.activations.get(activation))
+        self.causal = check_bool("causal", causal)
+        self.activation = _check_activation(activation)
         self.epsilon = check_number("epsilon", epsilon, low=0.0, low_open=True)
 
     def build(self, input_shape):
@@ -198,7 +216,7 @@ class StableTransformerBlock(keras.layers.Layer):
         )
         if self.qk_norm:
             self.attention = QKNormMultiHeadAttention(
-                norm_type=self.norm_type, norm_epsilon=self.epsilon, **attention_kwargs
+                norm_type=self.norm_type, epsilon=self.epsilon, **attention_kwargs
             )
         else:
             self.attention = keras.layers.MultiHeadAttention(**attention_kwargs)

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_stability._checks import check_int
 from keras_stability._checks import check_number
 
 __all__ = ["ZLoss", "z_loss"]
@@ -21,7 +22,14 @@ def z_loss(logits, coefficient=1e-4, axis=-1):
 
     Returns:
         Scalar tensor.
+
+    Raises:
+        ValueError: If `coefficient` is not a number >= 0 or `axis` is not
+            an integer.
     """
+    coefficient = check_number("coefficient", coefficient, low=0.0)
+    axis = check_int("axis", axis)
+    logits = ops.convert_to_tensor(logits)
     if logits.dtype in ("float16", "bfloat16"):
         logits = ops.cast(logits, "float32")
     log_z = ops.logsumexp(logits, axis=axis)
@@ -45,7 +53,8 @@ class ZLoss(keras.layers.Layer):
         **kwargs: Base `Layer` arguments (`name`, `dtype`, ...).
 
     Raises:
-        ValueError: If `coefficient` is negative or not a number.
+        ValueError: If `coefficient` is negative or not a number, or `axis`
+            is not an integer.
 
     Example:
 
@@ -63,12 +72,7 @@ class ZLoss(keras.layers.Layer):
     def __init__(self, coefficient=1e-4, axis=-1, **kwargs):
         super().__init__(**kwargs)
         self.coefficient = check_number("coefficient", coefficient, low=0.0)
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise ValueError(
-                "Invalid value for argument `axis`. Expected an integer. "
-                f"Received: axis={axis!r}"
-            )
-        self.axis = axis
+        self.axis = check_int("axis", axis)
         self.supports_masking = True
         self.built = True
 

@@ -10,6 +10,14 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_stability._checks import check_bool
+from keras_stability._checks import check_choice
+from keras_stability._checks import check_nonnegative_int
+from keras_stability._checks import check_number
+from keras_stability._checks import check_positive_int
+from keras_stability._checks import check_str
+from keras_stability._checks import check_verbose
+from keras_stability._checks import invalid
 from keras_stability.layers import StableTransformerBlock
 
 
@@ -18,24 +26,21 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
     """Sum of a token embedding and a learned position embedding.
 
     Args:
-        vocab_size: Number of tokens.
-        sequence_length: Longest sequence (number of positions).
-        hidden_dim: Embedding width.
+        vocab_size: Number of tokens, a positive integer.
+        sequence_length: Longest sequence (number of positions), a positive
+            integer.
+        hidden_dim: Embedding width, a positive integer.
         **kwargs: Base `Layer` arguments.
+
+    Raises:
+        ValueError: If an argument is not a positive integer.
     """
 
     def __init__(self, vocab_size, sequence_length, hidden_dim, **kwargs):
         super().__init__(**kwargs)
-        for name, value in (
-            ("vocab_size", vocab_size),
-            ("sequence_length", sequence_length),
-            ("hidden_dim", hidden_dim),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"Invalid value for argument `{name}`. Expected a positive "
-                    f"integer. Received: {name}={value!r}"
-                )
+        vocab_size = check_positive_int("vocab_size", vocab_size)
+        sequence_length = check_positive_int("sequence_length", sequence_length)
+        hidden_dim = check_positive_int("hidden_dim", hidden_dim)
         self.vocab_size = vocab_size
         self.sequence_length = sequence_length
         self.hidden_dim = hidden_dim
@@ -83,7 +88,7 @@ def build_char_transformer(
         vocab_size: Number of characters.
         sequence_length: Characters per input window.
         num_blocks: Transformer blocks. Defaults to `2`.
-        hidden_dim: Width. Defaults to `64`.
+        hidden_dim: Width, a multiple of `num_heads`. Defaults to `64`.
         num_heads: Attention heads. Defaults to `4`.
         norm: `"pre"` (normalize each branch's input, plus a final norm) or
             `"post"` (normalize after each residual sum, the original
@@ -95,7 +100,26 @@ def build_char_transformer(
     Returns:
         A functional `keras.Model` from int32 ids `(batch, sequence_length)`
         to logits `(batch, sequence_length, vocab_size)`.
+
+    Raises:
+        ValueError: On a bad argument, e.g. a `hidden_dim` that `num_heads`
+            does not divide.
     """
+    vocab_size = check_positive_int("vocab_size", vocab_size)
+    sequence_length = check_positive_int("sequence_length", sequence_length)
+    num_blocks = check_positive_int("num_blocks", num_blocks)
+    hidden_dim = check_positive_int("hidden_dim", hidden_dim)
+    num_heads = check_positive_int("num_heads", num_heads)
+    if hidden_dim % num_heads:
+        raise invalid(
+            "num_heads", num_heads, f"a divisor of hidden_dim={hidden_dim}"
+        )
+    norm = check_choice("norm", norm, ("pre", "post"))
+    qk_norm = check_bool("qk_norm", qk_norm)
+    layerscale_init = check_number(
+        "layerscale_init", layerscale_init, low=0.0, low_open=True, allow_none=True
+    )
+    name = check_str("name", name, allow_none=True)
     ids = keras.Input(shape=(sequence_length,), dtype="int32", name="ids")
     x = TokenAndPositionEmbedding(vocab_size, sequence_length, hidden_dim, name="embedding")(ids)
     for i in range(num_blocks):
@@ -125,12 +149,29 @@ def generate(model, vocab, prompt, length=80, temperature=0.8, seed=0):
 
     Returns:
         `prompt` followed by the generated characters.
+
+    Raises:
+        ValueError: On a bad argument, e.g. a `vocab` whose size is not the
+            model's number of logits.
     """
-    if not temperature > 0:
-        raise ValueError(
-            "Invalid value for argument `temperature`. Expected a positive number. "
-            f"Received: temperature={temperature!r}"
+    if not isinstance(model, keras.Model) or len(model.input_shape) != 2:
+        raise invalid("model", model, "a model from `build_char_transformer`")
+    if (
+        not isinstance(vocab, (list, tuple))
+        or not vocab
+        or not all(isinstance(c, str) and len(c) == 1 for c in vocab)
+    ):
+        raise invalid("vocab", vocab, "a non-empty list of characters")
+    if model.output_shape[-1] != len(vocab):
+        raise invalid(
+            "vocab",
+            f"{len(vocab)} characters",
+            f"as many characters as the model has logits ({model.output_shape[-1]})",
         )
+    prompt = check_str("prompt", prompt, allow_empty=True)
+    length = check_nonnegative_int("length", length)
+    temperature = check_number("temperature", temperature, low=0.0, low_open=True)
+    seed = check_nonnegative_int("seed", seed)
     index = {c: i for i, c in enumerate(vocab)}
     ids = [index[c] for c in prompt if c in index] or [0]
     seq_len = model.input_shape[1]
@@ -197,17 +238,30 @@ def train_char_lm(
         `"raw_loss"` (per step), `"test_loss"`, `"perplexity"` (held out,
         `exp(test_loss)`), `"diverged"` (non-finite test loss or weights) and
         `"events"` (detector events; empty for the other variants).
+
+    Raises:
+        ValueError: On a bad argument, before anything is built or trained.
     """
     from keras_stability.callbacks import GradientExplosionDetector
     from keras_stability.callbacks import GradientMonitor
     from keras_stability.clipping import ZClip
     from keras_stability.optimizers import GuardedOptimizer
 
-    if variant not in VARIANTS:
-        raise ValueError(
-            f"Invalid value for argument `variant`. Expected one of {VARIANTS}. "
-            f"Received: variant={variant!r}"
+    variant = check_choice("variant", variant, VARIANTS)
+    keys = ("vocab", "x_train", "y_train", "x_test", "y_test")
+    if not isinstance(data, dict) or not all(k in data for k in keys):
+        raise invalid(
+            "data", data, f"the dict of `make_char_lm_data` (keys {', '.join(keys)})"
         )
+    learning_rate = check_number("learning_rate", learning_rate, low=0.0, low_open=True)
+    epochs = check_positive_int("epochs", epochs)
+    batch_size = check_positive_int("batch_size", batch_size)
+    seed = check_nonnegative_int("seed", seed)
+    num_blocks = check_positive_int("num_blocks", num_blocks)
+    hidden_dim = check_positive_int("hidden_dim", hidden_dim)
+    num_heads = check_positive_int("num_heads", num_heads)
+    monitor_every = check_positive_int("monitor_every", monitor_every)
+    verbose = check_verbose("verbose", verbose)
     keras.utils.set_random_seed(seed)
     vocab_size, seq_len = len(data["vocab"]), data["x_train"].shape[1]
     stabilized = variant == "stabilized"

@@ -3,16 +3,19 @@
 `prune_low_magnitude(model, schedule)` prunes Sequential, functional and
 subclassed models in place; `strip_pruning` removes the machinery;
 `sparsity_report` and `PruningSummaries` show the sparsity; `shrink` removes
-whole units and filters for a smaller, faster model.
+whole units and filters for a smaller, faster model. `UpdatePruningStep` is
+accepted as a no-op so that TF-MOT code runs with only its import changed.
 
-`PolynomialDecay` and `ConstantSparsity` are TF-MOT's own schedule classes,
-imported on first use so that `import keras_stability.pruning` does not load
-TF-MOT (and, when it is loaded, `tf.keras` stays Keras 3).
+`PolynomialDecay` and `ConstantSparsity` are TF-MOT's own schedule classes
+(subclassed only to check their arguments in Keras' form), imported on first
+use so that `import keras_stability.pruning` does not load TF-MOT (and, when
+it is loaded, `tf.keras` stays Keras 3).
 """
 
 from keras_stability.pruning import _tfmot
 from keras_stability.pruning import masks
 from keras_stability.pruning import schedules
+from keras_stability.pruning.callbacks import UpdatePruningStep
 from keras_stability.pruning.prune import prunable_weights
 from keras_stability.pruning.prune import prune_low_magnitude
 from keras_stability.pruning.pruner import Pruner
@@ -35,6 +38,7 @@ __all__ = [
     "PolynomialDecay",
     "Pruner",
     "PruningSummaries",
+    "UpdatePruningStep",
     "find_pruner",
     "masks",
     "prunable_weights",

@@ -19,6 +19,9 @@ import math
 
 from keras import ops
 
+from keras_stability._checks import check_choice
+from keras_stability._checks import is_integer
+
 __all__ = [
     "block_magnitude_mask",
     "global_magnitude_masks",
@@ -183,7 +186,7 @@ def validate_m_by_n(m_by_n):
     ok = (
         isinstance(m_by_n, (tuple, list))
         and len(m_by_n) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in m_by_n)
+        and all(is_integer(v) for v in m_by_n)
         and 0 < m_by_n[0] < m_by_n[1]
     )
     if not ok:
@@ -205,7 +208,11 @@ def unit_scores(kernel, criterion="l1"):
 
     Returns:
         1-D tensor of length `out`.
+
+    Raises:
+        ValueError: If `criterion` is not `"l1"` or `"l2"`.
     """
+    criterion = check_choice("criterion", criterion, ("l1", "l2"))
     kernel = ops.convert_to_tensor(kernel)
     axes = tuple(range(len(kernel.shape) - 1))
     if criterion == "l2":

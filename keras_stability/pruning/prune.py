@@ -2,11 +2,11 @@
 
 import keras
 
-from keras_stability.pruning import masks as masks_lib
+from keras_stability._checks import check_layer
 from keras_stability.pruning.pruner import MaskConstraint
 from keras_stability.pruning.pruner import Pruner
+from keras_stability.pruning.pruner import check_pruning_arguments
 from keras_stability.pruning.pruner import find_pruner
-from keras_stability.pruning.schedules import validate_schedule
 
 __all__ = ["prunable_weights", "prune_low_magnitude"]
 
@@ -47,7 +47,11 @@ def prunable_weights(to_prune):
         List of variables: kernels of Dense, EinsumDense (and so the
         projections of MultiHeadAttention), Conv*, Embedding and recurrent
         cells; other weights (biases, normalisation) are left alone.
+
+    Raises:
+        ValueError: If `to_prune` is not a built Keras layer or model.
     """
+    check_layer("to_prune", to_prune, built=True)
     found = []
     seen = set()
     for layer in _all_layers(to_prune):
@@ -62,20 +66,6 @@ def prunable_weights(to_prune):
     order = {id(v): i for i, v in enumerate(to_prune.trainable_variables)}
     found = [v for v in found if id(v) in order]
     return sorted(found, key=lambda v: order[id(v)])
-
-
-def _check_pair(name, value):
-    ok = (
-        isinstance(value, (tuple, list))
-        and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
-    )
-    if not ok:
-        raise ValueError(
-            f"Invalid value for argument `{name}`. Expected a pair of positive "
-            f"integers. Received: {name}={value!r}"
-        )
-    return tuple(value)
 
 
 def prune_low_magnitude(
@@ -98,7 +88,12 @@ def prune_low_magnitude(
     is multiplied by its mask (see `keras_stability.pruning.pruner`).
 
     Call it after the model is built and before `fit` (inside the
-    `strategy.scope()` if the model was made in one). Compile as usual.
+    `strategy.scope()` if the model was made in one). Compile as usual. No
+    callback is needed; `UpdatePruningStep` is accepted (a no-op, for code
+    ported from TF-MOT). With it or `PruningSummaries` in `fit`, a warning
+    says when the `fit` is too short for the schedule to reach its target
+    sparsity (e.g. `end_step=1000` in a 50-step `fit`); `strip_pruning`
+    warns likewise if the target was not reached.
 
     Args:
         to_prune: A built Keras model or layer.
@@ -135,43 +130,16 @@ def prune_low_magnitude(
     model = strip_pruning(model)
     ```
     """
-    if not isinstance(to_prune, keras.layers.Layer):
-        raise ValueError(
-            "Invalid value for argument `to_prune`. Expected a Keras 3 layer or "
-            f"model. Received: to_prune={to_prune!r}"
-        )
-    validate_schedule(pruning_schedule)
-    if sparsity_m_by_n is not None:
-        sparsity_m_by_n = masks_lib.validate_m_by_n(sparsity_m_by_n)
-    block_size = _check_pair("block_size", block_size)
-    if block_pooling_type not in ("AVG", "MAX"):
-        raise ValueError(
-            "Invalid value for argument `block_pooling_type`. Expected one of "
-            f"'AVG', 'MAX'. Received: block_pooling_type={block_pooling_type!r}"
-        )
-    if not isinstance(global_ranking, bool):
-        raise ValueError(
-            "Invalid value for argument `global_ranking`. Expected a bool. "
-            f"Received: global_ranking={global_ranking!r}"
-        )
-    if global_ranking and (sparsity_m_by_n is not None or block_size != (1, 1)):
-        raise ValueError(
-            "Invalid value for argument `global_ranking`. Expected False when "
-            "`sparsity_m_by_n` or `block_size` is set. Received: "
-            f"global_ranking=True, sparsity_m_by_n={sparsity_m_by_n}, "
-            f"block_size={block_size}"
-        )
-    if sparsity_m_by_n is not None and block_size != (1, 1):
-        raise ValueError(
-            "Invalid value for argument `block_size`. Expected (1, 1) with "
-            f"`sparsity_m_by_n`. Received: block_size={block_size}"
-        )
-    if not to_prune.built:
-        raise ValueError(
-            "Invalid value for argument `to_prune`. Expected a built model or "
-            "layer (give it an `Input`, call it on data or call `build`). "
-            f"Received: to_prune={to_prune.name!r}, not built"
-        )
+    check_layer("to_prune", to_prune)
+    (
+        sparsity_m_by_n,
+        block_size,
+        block_pooling_type,
+        global_ranking,
+    ) = check_pruning_arguments(
+        pruning_schedule, sparsity_m_by_n, block_size, block_pooling_type, global_ranking
+    )
+    check_layer("to_prune", to_prune, built=True)
     if find_pruner(to_prune) is not None:
         raise ValueError(
             "Invalid value for argument `to_prune`. Expected a model that is not "

@@ -26,13 +26,74 @@ call `pruner.detach()` first (takes the constraints off, keeps masks and
 step), then register `pruner.after_apply`, or the step advances twice.
 """
 
+import warnings
+
 import keras
 from keras import ops
 
+from keras_stability._checks import check_bool
+from keras_stability._checks import check_choice
+from keras_stability._checks import check_layer
+from keras_stability._checks import invalid
+from keras_stability._checks import is_integer
 from keras_stability.pruning import masks as masks_lib
 from keras_stability.pruning.schedules import call_schedule
+from keras_stability.pruning.schedules import sparsity_at
+from keras_stability.pruning.schedules import steps_to_target
+from keras_stability.pruning.schedules import valid_sparsity
+from keras_stability.pruning.schedules import validate_schedule
 
-__all__ = ["MaskConstraint", "Pruner", "find_pruner"]
+__all__ = ["MaskConstraint", "Pruner", "check_pruning_arguments", "find_pruner"]
+
+# A final sparsity this far below the target counts as "not reached" (TF-MOT's
+# schedules may end between two pruning steps, a hair below their target).
+_SHORTFALL_TOLERANCE = 5e-3
+
+
+def _check_pair(name, value):
+    """A pair of positive integers (NumPy integers too), as a tuple of ints."""
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or not all(is_integer(v) and v > 0 for v in value)
+    ):
+        raise invalid(name, value, "a pair of positive integers")
+    return int(value[0]), int(value[1])
+
+
+def check_pruning_arguments(
+    pruning_schedule, sparsity_m_by_n, block_size, block_pooling_type, global_ranking
+):
+    """Checks the pruning options shared by `prune_low_magnitude` and `Pruner`.
+
+    Returns:
+        `(sparsity_m_by_n, block_size, block_pooling_type, global_ranking)`,
+        normalised (tuples of ints, a bool).
+
+    Raises:
+        ValueError: Naming the argument, on a bad value or combination.
+    """
+    validate_schedule(pruning_schedule)
+    if sparsity_m_by_n is not None:
+        sparsity_m_by_n = masks_lib.validate_m_by_n(sparsity_m_by_n)
+    block_size = _check_pair("block_size", block_size)
+    block_pooling_type = check_choice(
+        "block_pooling_type", block_pooling_type, ("AVG", "MAX")
+    )
+    global_ranking = check_bool("global_ranking", global_ranking)
+    if global_ranking and (sparsity_m_by_n is not None or block_size != (1, 1)):
+        raise ValueError(
+            "Invalid value for argument `global_ranking`. Expected False when "
+            "`sparsity_m_by_n` or `block_size` is set. Received: "
+            f"global_ranking=True, sparsity_m_by_n={sparsity_m_by_n}, "
+            f"block_size={block_size}"
+        )
+    if sparsity_m_by_n is not None and block_size != (1, 1):
+        raise ValueError(
+            "Invalid value for argument `block_size`. Expected (1, 1) with "
+            f"`sparsity_m_by_n`. Received: block_size={block_size}"
+        )
+    return sparsity_m_by_n, block_size, block_pooling_type, global_ranking
 
 
 class Pruner:
@@ -40,15 +101,27 @@ class Pruner:
 
     Built by `prune_low_magnitude`; users read it with `find_pruner(model)`.
 
+    Besides the masks and the step it keeps, in variables updated in the
+    train step: `last_sparsity`, the sparsity of the last mask update (-1
+    before the first), and `refused_step` / `refused_sparsity`, the first
+    step where the schedule returned a sparsity outside [0, 1) (0 if never).
+    Such a value is refused: the masks stay as they were.
+
     Args:
-        variables: List of weight variables to prune, in the order the model
-            lists its trainable variables.
+        variables: Non-empty list of weight variables to prune, in the order
+            the model lists its trainable variables.
         pruning_schedule: Callable `step -> (should_prune, sparsity)`.
         sparsity_m_by_n: `None` or a pair `(m, n)` for N:M masks.
+            Defaults to `None`.
         block_size: Pair `(height, width)`; `(1, 1)` for element-wise masks.
+            Defaults to `(1, 1)`.
         block_pooling_type: `"AVG"` or `"MAX"` pooling of blocks.
+            Defaults to `"AVG"`.
         global_ranking: Rank all weights together (one threshold) instead
-            of layer by layer.
+            of layer by layer. Defaults to `False`.
+
+    Raises:
+        ValueError: On a bad argument (as `prune_low_magnitude`).
     """
 
     def __init__(
@@ -60,12 +133,27 @@ class Pruner:
         block_pooling_type="AVG",
         global_ranking=False,
     ):
+        if (
+            not isinstance(variables, (list, tuple))
+            or not variables
+            or not all(isinstance(v, keras.Variable) for v in variables)
+        ):
+            raise invalid("variables", variables, "a non-empty list of Keras variables")
+        (
+            sparsity_m_by_n,
+            block_size,
+            block_pooling_type,
+            global_ranking,
+        ) = check_pruning_arguments(
+            pruning_schedule, sparsity_m_by_n, block_size, block_pooling_type, global_ranking
+        )
         self.variables = list(variables)
         self.pruning_schedule = pruning_schedule
         self.sparsity_m_by_n = sparsity_m_by_n
-        self.block_size = tuple(block_size)
+        self.block_size = block_size
         self.block_pooling_type = block_pooling_type
         self.global_ranking = global_ranking
+        self._warned = {}
         with _strategy_scope(self.variables[0]):
             # `only_first_replica`: every replica computes the same values
             # from the same (synchronised) weights; the first one is written.
@@ -75,6 +163,16 @@ class Pruner:
                 trainable=False,
                 aggregation="only_first_replica",
                 name="pruning_step",
+            )
+            scalar = dict(trainable=False, aggregation="only_first_replica")
+            self.last_sparsity = keras.Variable(
+                -1.0, dtype="float32", name="pruning_last_sparsity", **scalar
+            )
+            self.refused_step = keras.Variable(
+                0, dtype="int64", name="pruning_refused_step", **scalar
+            )
+            self.refused_sparsity = keras.Variable(
+                0.0, dtype="float32", name="pruning_refused_sparsity", **scalar
             )
             # Start from the weights' own zeros: a fresh model keeps
             # everything, a reloaded pruned model keeps its sparsity.
@@ -122,6 +220,28 @@ class Pruner:
         self.step.assign_add(ops.cast(advance, "int64"))
         should_prune, sparsity = call_schedule(self.pruning_schedule, self.step.value)
         should_prune = ops.logical_and(should_prune, advance)
+        if self.sparsity_m_by_n is None:
+            # Refuse a sparsity outside [0, 1) (1.0 would keep one weight per
+            # layer); record the first such step for the host to report.
+            valid = valid_sparsity(sparsity)
+            first_refusal = ops.logical_and(
+                ops.logical_and(should_prune, ops.logical_not(valid)),
+                ops.equal(self.refused_step.value, 0),
+            )
+            self.refused_step.assign(
+                ops.where(first_refusal, self.step.value, self.refused_step.value)
+            )
+            self.refused_sparsity.assign(
+                ops.where(first_refusal, sparsity, self.refused_sparsity.value)
+            )
+            should_prune = ops.logical_and(should_prune, valid)
+            applied = sparsity
+        else:
+            m, n = self.sparsity_m_by_n
+            applied = ops.convert_to_tensor(m / n, dtype="float32")
+        self.last_sparsity.assign(
+            ops.where(should_prune, applied, self.last_sparsity.value)
+        )
         if _in_strategy_replica_context():
             # tf.distribute forbids writes inside control flow in a replica
             # context: compute under `cond`, write unconditionally.
@@ -173,6 +293,121 @@ class Pruner:
         """The schedule's sparsity at the current step, as a float tensor."""
         return call_schedule(self.pruning_schedule, self.step.value)[1]
 
+    # ------------------------------------------------------ host-side checks
+    def check_schedule_output(self):
+        """Raises if the schedule returned a sparsity outside [0, 1) in training.
+
+        Such a value was refused in the train step (the masks stayed as they
+        were); this reports it on the host, where an error can be raised.
+
+        Raises:
+            ValueError: Naming `pruning_schedule`, the value and the step.
+        """
+        step = int(ops.convert_to_numpy(self.refused_step))
+        if step:
+            value = float(ops.convert_to_numpy(self.refused_sparsity))
+            raise ValueError(
+                "Invalid value for argument `pruning_schedule`. Expected a "
+                "sparsity in [0, 1) at every step. Received: "
+                f"pruning_schedule={self.pruning_schedule!r} giving "
+                f"sparsity={value} at step={step} (refused: the masks were "
+                "left unchanged at that step)"
+            )
+
+    def target(self):
+        """`(step, sparsity, what)` where the schedule reaches its target, or `None`.
+
+        See `schedules.steps_to_target`; with N:M masks the sparsity is
+        `m / n`.
+        """
+        found = steps_to_target(self.pruning_schedule)
+        if found is not None and self.sparsity_m_by_n is not None:
+            m, n = self.sparsity_m_by_n
+            found = (found[0], m / n, found[2])
+        return found
+
+    def warn_if_fit_too_short(self, fit_steps, key=None):
+        """Warns if a `fit` of `fit_steps` steps ends before the schedule's target.
+
+        Args:
+            fit_steps: Optimizer steps of the coming `fit` (epochs x steps
+                per epoch), or `None` if unknown (then nothing is checked).
+            key: An object identifying the `fit` (its callbacks' `params`)
+                so that several callbacks warn once. Defaults to `None`.
+
+        Returns:
+            The warning text, or `None` if the schedule can reach its target.
+        """
+        found = self.target()
+        step = int(ops.convert_to_numpy(self.step))
+        if fit_steps is None or found is None or self._already_warned(key, step):
+            return None
+        last = step + int(fit_steps)
+        end, target, what = found
+        if last >= end:
+            return None
+        reached = sparsity_at(self.pruning_schedule, last)
+        message = (
+            f"The pruning schedule reaches its target sparsity {target:.4g} at "
+            f"step {end} ({what}), but this `fit` runs {fit_steps} steps, to "
+            f"step {last}, where the schedule's sparsity is only {reached:.4g}. "
+            f"Make the schedule reach its target by step {last} or train for "
+            "more steps."
+        )
+        self._warn(message, key, step)
+        return message
+
+    def warn_if_target_missed(self, key=None):
+        """Warns if the masks are below the schedule's target sparsity now.
+
+        Compares the sparsity of the last mask update with the target (the
+        schedule's final sparsity, or for a plain callable its sparsity at
+        the current step).
+
+        Args:
+            key: As in `warn_if_fit_too_short`. Defaults to `None`.
+
+        Returns:
+            The warning text, or `None` if the target is reached.
+        """
+        step = int(ops.convert_to_numpy(self.step))
+        if self._already_warned(key, step):
+            # Warned at the start of this fit: the end is covered too (and a
+            # `strip_pruning` right after it need not repeat it).
+            self._warned["step"] = step
+            return None
+        last = float(ops.convert_to_numpy(self.last_sparsity))
+        found = self.target()
+        if found is None:
+            target = sparsity_at(self.pruning_schedule, step)
+            where = f"asks for sparsity {target:.4g} at step {step}"
+        else:
+            end, target, what = found
+            where = f"reaches its target sparsity {target:.4g} at step {end} ({what})"
+        if last >= target - _SHORTFALL_TOLERANCE:
+            return None
+        state = (
+            "no mask was computed yet"
+            if last < 0
+            else f"the masks were last computed at sparsity {last:.4g}"
+        )
+        message = (
+            f"The pruning schedule {where}, but after {step} training steps "
+            f"{state}. Make the schedule reach its target within the training "
+            "steps or train for more steps."
+        )
+        self._warn(message, key, step)
+        return message
+
+    def _already_warned(self, key, step):
+        """Once per `fit` (same `key`) and once per step (e.g. strip after fit)."""
+        same_fit = key is not None and self._warned.get("key") is key
+        return same_fit or self._warned.get("step") == step
+
+    def _warn(self, message, key, step):
+        self._warned = {"key": key, "step": step}
+        warnings.warn(message, stacklevel=3)
+
     def detach(self):
         """Applies the masks one last time and restores the original constraints."""
         self.apply_masks()
@@ -214,7 +449,18 @@ class MaskConstraint(keras.constraints.Constraint):
 
 
 def find_pruner(model):
-    """Returns the `Pruner` of a model pruned by `prune_low_magnitude`, or `None`."""
+    """Returns the `Pruner` of a model pruned by `prune_low_magnitude`, or `None`.
+
+    Args:
+        model: A Keras layer or model.
+
+    Returns:
+        The `Pruner`, or `None` if `model` is not pruned.
+
+    Raises:
+        ValueError: If `model` is not a Keras layer or model.
+    """
+    check_layer("model", model)
     for variable in model.weights:
         constraint = getattr(variable, "constraint", None)
         while constraint is not None:

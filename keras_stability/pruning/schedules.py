@@ -2,14 +2,28 @@
 
 A schedule is any callable `step -> (should_prune, sparsity)`, the protocol of
 TF-MOT's `PruningSchedule`. TF-MOT's `PolynomialDecay` and `ConstantSparsity`
-are plain TensorFlow and are accepted as they are (they are re-exported by
-`keras_stability.pruning`, imported lazily). Nothing here imports TF-MOT: a
-schedule is recognised by what it returns, not by its class.
+are plain TensorFlow and are accepted as they are (`keras_stability.pruning`
+re-exports them, with Keras-style argument checks, imported lazily). Nothing
+here imports TF-MOT: a schedule is recognised by what it returns, not by its
+class.
+
+What a schedule returns is checked twice: eagerly when the model is pruned
+(`validate_schedule`, at a spread of steps), and in the train step, where a
+sparsity outside [0, 1) is refused (the masks stay as they are) and recorded
+for the host to report (`Pruner.check_schedule_output`).
 """
 
 from keras import ops
 
-__all__ = ["call_schedule", "validate_schedule"]
+from keras_stability._checks import is_integer
+
+__all__ = [
+    "call_schedule",
+    "probe_steps",
+    "steps_to_target",
+    "valid_sparsity",
+    "validate_schedule",
+]
 
 
 def _structure_error(schedule, result):
@@ -51,20 +65,41 @@ def call_schedule(schedule, step):
     return should_prune, sparsity
 
 
-def _probe_steps(schedule):
-    steps = {0, 1}
+def valid_sparsity(sparsity):
+    """In-graph: whether `sparsity` is in [0, 1) (NaN is not)."""
+    return ops.logical_and(
+        ops.greater_equal(sparsity, 0.0), ops.less(sparsity, 1.0)
+    )
+
+
+def _int_attribute(schedule, name):
+    value = getattr(schedule, name, None)
+    return int(value) if is_integer(value) else None
+
+
+def probe_steps(schedule):
+    """The steps at which `validate_schedule` calls a schedule.
+
+    Every step from 0 to 16, powers of two and of ten up to 10**7, and
+    around `begin_step` and `end_step` when the schedule has them (TF-MOT's
+    schedules do).
+    """
+    steps = set(range(17))
+    steps |= {2**k for k in range(5, 24)} | {10**k for k in range(2, 8)}
     for name in ("begin_step", "end_step"):
-        value = getattr(schedule, name, None)
-        if isinstance(value, int) and value >= 0:
-            steps.add(value)
+        value = _int_attribute(schedule, name)
+        if value is not None and value >= 0:
+            steps |= {max(value - 1, 0), value, value + 1}
     return sorted(steps)
 
 
 def validate_schedule(schedule):
     """Checks a schedule eagerly, at construction time.
 
-    Calls it at a few steps (0, 1 and, if it has them, `begin_step` and
-    `end_step`) and checks the structure and that the sparsity is in [0, 1).
+    Calls it at the steps of `probe_steps` (about 50 eager calls) and checks
+    the structure and that the sparsity is in [0, 1) at each. A schedule
+    that leaves the range at a step not probed is still caught in the train
+    step, where its value is refused (see the module doc).
 
     Args:
         schedule: Callable `step -> (should_prune, sparsity)`.
@@ -73,8 +108,8 @@ def validate_schedule(schedule):
         The schedule, unchanged.
 
     Raises:
-        ValueError: If `schedule` is not callable, returns the wrong structure
-            or a sparsity outside [0, 1).
+        ValueError: If `schedule` is not callable, fails, returns the wrong
+            structure or a sparsity outside [0, 1).
     """
     if not callable(schedule):
         raise ValueError(
@@ -83,10 +118,20 @@ def validate_schedule(schedule):
             "`keras_stability.pruning.PolynomialDecay(...)`. "
             f"Received: pruning_schedule={schedule!r}"
         )
-    for step in _probe_steps(schedule):
-        _, sparsity = call_schedule(
-            schedule, ops.convert_to_tensor(step, dtype="int64")
-        )
+    for step in probe_steps(schedule):
+        try:
+            _, sparsity = call_schedule(
+                schedule, ops.convert_to_tensor(step, dtype="int64")
+            )
+        except ValueError:
+            raise
+        except Exception as e:  # the user's callable failed: say where
+            raise ValueError(
+                "Invalid value for argument `pruning_schedule`. Expected a "
+                "callable that works at every step. Received: "
+                f"pruning_schedule={schedule!r} raising {type(e).__name__}: {e} "
+                f"at step={step}"
+            ) from e
         value = float(ops.convert_to_numpy(sparsity))
         if not 0.0 <= value < 1.0:
             raise ValueError(
@@ -95,3 +140,38 @@ def validate_schedule(schedule):
                 f"pruning_schedule={schedule!r} giving sparsity={value} at step={step}"
             )
     return schedule
+
+
+def sparsity_at(schedule, step):
+    """The schedule's sparsity at `step`, as a Python float (host)."""
+    _, sparsity = call_schedule(schedule, ops.convert_to_tensor(step, dtype="int64"))
+    return float(ops.convert_to_numpy(sparsity))
+
+
+def steps_to_target(schedule):
+    """Where a TF-MOT-style schedule reaches its target sparsity.
+
+    For a schedule with `end_step >= 0` (`PolynomialDecay`, a bounded
+    `ConstantSparsity`) that is `end_step`; for `end_step == -1`
+    (`ConstantSparsity` forever) the first pruning step, `begin_step`, or
+    `frequency` when `begin_step` is 0 (pruning steps count from 1).
+
+    Args:
+        schedule: A pruning schedule.
+
+    Returns:
+        `(step, target_sparsity, what)` with `what` naming the step and the
+        arguments that set it (for messages), or `None` for a schedule
+        without `begin_step` / `end_step` attributes (a plain callable).
+    """
+    begin = _int_attribute(schedule, "begin_step")
+    end = _int_attribute(schedule, "end_step")
+    if begin is None or end is None:
+        return None
+    if end >= 0:
+        step, what = end, "its `end_step`"
+    else:
+        frequency = _int_attribute(schedule, "frequency") or 1
+        step = begin if begin >= 1 else frequency
+        what = "its first pruning step, from `begin_step` and `frequency`"
+    return step, sparsity_at(schedule, step), what

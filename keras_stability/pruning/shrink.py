@@ -22,6 +22,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_stability._checks import check_choice
+from keras_stability._checks import check_number
 from keras_stability.pruning.masks import unit_scores
 
 __all__ = ["shrink", "shrink_plan"]
@@ -229,20 +231,9 @@ def _analyse(model):
 
 
 def _check_fraction(fraction, criterion):
-    if (
-        isinstance(fraction, bool)
-        or not isinstance(fraction, (int, float))
-        or not (0.0 <= fraction < 1.0)
-    ):
-        raise ValueError(
-            "Invalid value for argument `fraction`. Expected a number in [0, 1). "
-            f"Received: fraction={fraction!r}"
-        )
-    if criterion not in ("l1", "l2"):
-        raise ValueError(
-            "Invalid value for argument `criterion`. Expected one of 'l1', 'l2'. "
-            f"Received: criterion={criterion!r}"
-        )
+    fraction = check_number("fraction", fraction, low=0.0, high=1.0, high_open=True)
+    criterion = check_choice("criterion", criterion, ("l1", "l2"))
+    return fraction, criterion
 
 
 def shrink_plan(model, fraction, criterion="l1"):
@@ -265,7 +256,7 @@ def shrink_plan(model, fraction, criterion="l1"):
             functional, or a group of channels that reaches a layer that
             cannot be sliced (the error names it).
     """
-    _check_fraction(fraction, criterion)
+    fraction, criterion = _check_fraction(fraction, criterion)
     plan = []
     for info in _analyse(model):
         if not info["producers"] or info["blocked"]:

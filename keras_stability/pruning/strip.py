@@ -2,6 +2,7 @@
 
 from keras import ops
 
+from keras_stability._checks import check_layer
 from keras_stability.pruning.prune import prunable_weights
 from keras_stability.pruning.pruner import find_pruner
 
@@ -16,17 +17,28 @@ def strip_pruning(model):
     layers), changed in place and returned. A model that is not pruned is
     returned as it is.
 
+    Warns if the schedule did not reach its target sparsity (a `fit` shorter
+    than its `end_step`), unless a pruning callback already said so.
+
     Args:
         model: A model or layer pruned by `prune_low_magnitude`.
 
     Returns:
         `model`, with masked weights and no pruning machinery.
+
+    Raises:
+        ValueError: If `model` is not a Keras layer or model, or if the
+            schedule returned a sparsity outside [0, 1) during training.
     """
+    check_layer("model", model)
     # Layers of a model may have been pruned separately: one pruner each.
     for _ in range(len(model.weights)):
         pruner = find_pruner(model)
         if pruner is None:
             break
+        pruner.check_schedule_output()
+        if int(ops.convert_to_numpy(pruner.step)):
+            pruner.warn_if_target_missed()
         pruner.detach()
     return model
 
@@ -43,7 +55,11 @@ def sparsity_report(model):
     Returns:
         Dict `{weight path: sparsity}` in trainable-variable order, plus
         `"total"`: the zero fraction over all of them.
+
+    Raises:
+        ValueError: If `model` is not a built Keras layer or model.
     """
+    check_layer("model", model, built=True)
     report = {}
     zeros = size = 0
     for variable in prunable_weights(model):

@@ -4,7 +4,12 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_stability._checks import check_int
+from keras_stability._checks import check_path
+from keras_stability._checks import check_writable_dir
 from keras_stability.distribute.strategy import chief_path
+from keras_stability.pruning.callbacks import check_fit_begin
+from keras_stability.pruning.callbacks import check_fit_end
 from keras_stability.pruning.pruner import find_pruner
 
 __all__ = ["PruningSummaries"]
@@ -21,14 +26,19 @@ class PruningSummaries(keras.callbacks.Callback):
     pruned weight (the zero fraction of its mask). Values are read on the host
     once per epoch (or every `update_freq` batches), never inside the step.
 
+    Like `UpdatePruningStep` it also warns at the start of `fit` if the
+    `fit` is too short for the schedule to reach its target sparsity, and
+    reports a schedule that returned a sparsity outside [0, 1).
+
     Args:
-        log_dir: Directory for the TensorBoard event files.
+        log_dir: Directory for the TensorBoard event files (a path; created
+            at the start of `fit`).
         update_freq: `"epoch"` or a positive number of batches between
             writes. Defaults to `"epoch"`.
 
     Raises:
-        ValueError: For a bad argument, or at `fit` start if the model is not
-            pruned.
+        ValueError: For a bad argument; at `fit` start if the model is not
+            pruned or `log_dir` cannot be created or written.
 
     Example:
 
@@ -39,19 +49,10 @@ class PruningSummaries(keras.callbacks.Callback):
 
     def __init__(self, log_dir, update_freq="epoch"):
         super().__init__()
-        if not isinstance(log_dir, str) or not log_dir:
-            raise ValueError(
-                "Invalid value for argument `log_dir`. Expected a non-empty path "
-                f"string. Received: log_dir={log_dir!r}"
-            )
-        if update_freq != "epoch" and (
-            isinstance(update_freq, bool)
-            or not isinstance(update_freq, int)
-            or update_freq < 1
-        ):
-            raise ValueError(
-                "Invalid value for argument `update_freq`. Expected 'epoch' or a "
-                f"positive integer. Received: update_freq={update_freq!r}"
+        log_dir = check_path("log_dir", log_dir)
+        if update_freq != "epoch":
+            update_freq = check_int(
+                "update_freq", update_freq, low=1, what="'epoch' or a positive integer"
             )
         self.log_dir = log_dir
         self.update_freq = update_freq
@@ -69,10 +70,12 @@ class PruningSummaries(keras.callbacks.Callback):
             )
         import tensorflow as tf
 
-        self._writer = tf.summary.create_file_writer(
-            chief_path(self.log_dir, self.model.distribute_strategy)
+        log_dir = check_writable_dir(
+            "log_dir", chief_path(self.log_dir, self.model.distribute_strategy)
         )
+        self._writer = tf.summary.create_file_writer(log_dir)
         self._batches = 0
+        check_fit_begin(self, self._pruner)
 
     def on_train_batch_end(self, batch, logs=None):
         self._batches += 1
@@ -82,12 +85,15 @@ class PruningSummaries(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.update_freq == "epoch":
             self._write()
+        self._pruner.check_schedule_output()
 
     def on_train_end(self, logs=None):
         if self._writer is not None:
             self._writer.flush()
             self._writer.close()
             self._writer = None
+        if self._pruner is not None:
+            check_fit_end(self, self._pruner)
 
     def sparsities(self):
         """`{name: value}` of everything this callback writes, read now."""

@@ -3,13 +3,29 @@
 import keras
 from keras import ops
 
+from keras_stability._checks import check_bool
+from keras_stability._checks import check_layer
 from keras_stability._checks import check_number
+from keras_stability._checks import invalid
 
 __all__ = ["L2SP", "l2sp_penalty"]
 
 
 def l2sp_penalty(weights, reference, alpha):
-    """`alpha * sum((weights - reference) ** 2)`: the L2-SP term of one tensor."""
+    """`alpha * sum((weights - reference) ** 2)`: the L2-SP term of one tensor.
+
+    Args:
+        weights: Tensor, the current weights.
+        reference: Tensor of the same shape, the anchor `w0`.
+        alpha: Strength, a number >= 0.
+
+    Returns:
+        Scalar tensor.
+
+    Raises:
+        ValueError: If `alpha` is not a number >= 0.
+    """
+    alpha = check_number("alpha", alpha, low=0.0)
     weights = ops.convert_to_tensor(weights)
     reference = ops.cast(reference, weights.dtype)
     return ops.cast(alpha, weights.dtype) * ops.sum(ops.square(weights - reference))
@@ -120,9 +136,25 @@ class L2SP(keras.regularizers.Regularizer):
 
         Returns:
             `model`, for chaining.
+
+        Raises:
+            ValueError: If `model` is not a built Keras layer or model (an
+                unbuilt model has no weights to regularize or anchor), or
+                `backbone` is not a built part of `model`.
         """
+        _check_built("model", model)
+        include_biases = check_bool("include_biases", include_biases)
+        if backbone is not None:
+            _check_built("backbone", backbone)
         source = model if backbone is None else backbone
         backbone_ids = {id(v) for v in source.weights}
+        if backbone is not None and not backbone_ids & {id(v) for v in model.weights}:
+            raise invalid(
+                "backbone",
+                backbone.name,
+                f"a layer or model inside `model` ({model.name!r}) whose "
+                "weights are the pretrained ones; it shares no weight with it",
+            )
         selected = []
         for variable in model.weights:
             if not variable.trainable and id(variable) not in backbone_ids:
@@ -147,11 +179,24 @@ class L2SP(keras.regularizers.Regularizer):
 
         Returns:
             A `keras.callbacks.Callback`.
+
+        Raises:
+            ValueError: If `model` or `backbone` is not a Keras layer or
+                model (or `None`), or `include_biases` is not a bool.
         """
+        check_layer("model", model, allow_none=True)
+        check_layer("backbone", backbone, allow_none=True)
+        include_biases = check_bool("include_biases", include_biases)
         return _L2SPAnchor(self, model, backbone, include_biases)
 
     def get_config(self):
         return {"alpha": self.alpha, "beta": self.beta}
+
+
+def _check_built(name, layer):
+    check_layer(name, layer, built=True)
+    if not layer.weights:
+        raise invalid(name, layer.name, "a layer or model with weights to regularize")
 
 
 class _L2SPAnchor(keras.callbacks.Callback):

@@ -5,9 +5,25 @@ import math
 import keras
 import keras_tuner
 
+from keras_stability._checks import check_bool
 from keras_stability._checks import check_number
+from keras_stability._checks import check_str
+from keras_stability._checks import invalid
 
 __all__ = ["DivergenceDetector", "StableHyperModel"]
+
+
+def _check_monitor(monitor):
+    names = (monitor,) if isinstance(monitor, str) else monitor
+    if (
+        not isinstance(names, (list, tuple))
+        or not names
+        or not all(isinstance(n, str) and n for n in names)
+    ):
+        raise invalid(
+            "monitor", monitor, "a metric name or a non-empty list or tuple of names"
+        )
+    return tuple(names)
 
 
 class DivergenceDetector(keras.callbacks.Callback):
@@ -18,10 +34,14 @@ class DivergenceDetector(keras.callbacks.Callback):
     loss above `threshold` as divergence.
 
     Args:
-        monitor: Names of logged values to watch. Defaults to
-            `("loss", "val_loss")`.
+        monitor: Name, or list or tuple of names, of logged values to watch.
+            Defaults to `("loss", "val_loss")`.
         threshold: A finite value above which the loss counts as diverged,
             or `None`. Defaults to `None`.
+
+    Raises:
+        ValueError: If `monitor` is not a name or a non-empty list of names,
+            or `threshold` is neither `None` nor a finite number.
 
     Attributes:
         diverged: Whether training diverged in the last `fit`.
@@ -30,8 +50,8 @@ class DivergenceDetector(keras.callbacks.Callback):
 
     def __init__(self, monitor=("loss", "val_loss"), threshold=None):
         super().__init__()
-        self.monitor = (monitor,) if isinstance(monitor, str) else tuple(monitor)
-        self.threshold = None if threshold is None else check_number("threshold", threshold, low=-math.inf)
+        self.monitor = _check_monitor(monitor)
+        self.threshold = check_number("threshold", threshold, allow_none=True)
         self.diverged = False
         self.reason = None
         self._epoch = 0
@@ -95,6 +115,11 @@ class StableHyperModel(keras_tuner.HyperModel):
         name: Name of the hypermodel. Defaults to `None`.
         tunable: As in `keras_tuner.HyperModel`. Defaults to `True`.
 
+    Raises:
+        ValueError: If `build_fn` is neither callable nor `None`, on a bad
+            `monitor` or `threshold` (as in `DivergenceDetector`), a `name`
+            that is not a string or a `tunable` that is not a bool.
+
     Example:
 
     >>> import keras_tuner
@@ -110,16 +135,16 @@ class StableHyperModel(keras_tuner.HyperModel):
     def __init__(
         self, build_fn=None, monitor=("loss", "val_loss"), threshold=None, name=None, tunable=True
     ):
-        super().__init__(name=name, tunable=tunable)
         if build_fn is not None and not callable(build_fn):
-            raise ValueError(
-                "Invalid value for argument `build_fn`. Expected a function "
-                f"`hp -> keras.Model` or None. Received: build_fn={build_fn!r}"
-            )
+            raise invalid("build_fn", build_fn, "a function `hp -> keras.Model` or None")
+        monitor = _check_monitor(monitor)
+        threshold = check_number("threshold", threshold, allow_none=True)
+        name = check_str("name", name, allow_none=True)
+        tunable = check_bool("tunable", tunable)
+        super().__init__(name=name, tunable=tunable)
         self.build_fn = build_fn
         self.monitor = monitor
         self.threshold = threshold
-        DivergenceDetector(monitor, threshold)  # validates the arguments
 
     def build(self, hp):
         if self.build_fn is None:

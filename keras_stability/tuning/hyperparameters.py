@@ -2,10 +2,17 @@
 
 import dataclasses
 import functools
+import inspect
 
 import keras
+import keras_tuner
 
+from keras_stability._checks import check_callable
+from keras_stability._checks import check_choice
 from keras_stability._checks import check_number
+from keras_stability._checks import check_str
+from keras_stability._checks import invalid
+from keras_stability._checks import is_number
 
 __all__ = [
     "CLIPPING_POLICIES",
@@ -22,13 +29,20 @@ CLIPPING_POLICIES = ("none", "clipnorm", "global_clipnorm", "clipvalue")
 class RegularizationSettings:
     """The regularization values of one trial, and Keras objects built from them.
 
-    Attributes:
-        l1: L1 strength of kernels.
-        l2: L2 strength of kernels.
-        dropout: Dropout rate.
-        weight_decay: Decoupled weight decay of `AdamW`.
-        clipping: One of `CLIPPING_POLICIES`.
-        clip_threshold: Threshold of the clipping policy, `None` for `"none"`.
+    Args:
+        l1: L1 strength of kernels, >= 0. Defaults to `0.0`.
+        l2: L2 strength of kernels, >= 0. Defaults to `0.0`.
+        dropout: Dropout rate, in [0, 1). Defaults to `0.0`.
+        weight_decay: Decoupled weight decay of `AdamW`, >= 0.
+            Defaults to `0.0`.
+        clipping: One of `CLIPPING_POLICIES`. Defaults to `"none"`.
+        clip_threshold: Threshold of the clipping policy (> 0), required
+            unless `clipping` is `"none"`, when it must be `None`.
+            Defaults to `None`.
+
+    Raises:
+        ValueError: On a bad value, a clipping policy without threshold or
+            a threshold without clipping policy.
     """
 
     l1: float = 0.0
@@ -37,6 +51,36 @@ class RegularizationSettings:
     weight_decay: float = 0.0
     clipping: str = "none"
     clip_threshold: float | None = None
+
+    def __post_init__(self):
+        values = {
+            "l1": check_number("l1", self.l1, low=0.0),
+            "l2": check_number("l2", self.l2, low=0.0),
+            "dropout": check_number(
+                "dropout", self.dropout, low=0.0, high=1.0, high_open=True
+            ),
+            "weight_decay": check_number("weight_decay", self.weight_decay, low=0.0),
+            "clipping": check_choice("clipping", self.clipping, CLIPPING_POLICIES),
+            "clip_threshold": check_number(
+                "clip_threshold",
+                self.clip_threshold,
+                low=0.0,
+                low_open=True,
+                allow_none=True,
+            ),
+        }
+        if values["clipping"] == "none" and values["clip_threshold"] is not None:
+            raise invalid(
+                "clip_threshold", self.clip_threshold, "None when clipping='none'"
+            )
+        if values["clipping"] != "none" and values["clip_threshold"] is None:
+            raise invalid(
+                "clip_threshold",
+                None,
+                f"a positive number when clipping={values['clipping']!r}",
+            )
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
 
     def kernel_regularizer(self):
         """`keras.regularizers.L1L2(l1, l2)`, or `None` if both are zero."""
@@ -68,20 +112,42 @@ class RegularizationSettings:
         )
 
 
-def _float_hp(hp, name, spec, sampling, low_open):
-    """A fixed value, a `(min, max)` range, or `None` (0) as a hyperparameter."""
+def _check_spec(arg, spec, low_open, high=None):
+    """`None`, a number or a `(min, max)` pair, checked; returns it normalised.
+
+    `low_open` says whether 0 itself is refused as a range's minimum (log
+    sampling needs a positive minimum); `high` is an exclusive upper bound.
+    """
+    bounds = ">= 0" if high is None else f"in [0, {high:g})"
+    what = (
+        f"None, a number {bounds} or a (min, max) pair with "
+        f"{'0 <' if low_open else '0 <='} min <= max"
+        + ("" if high is None else f" < {high:g}")
+    )
+    if spec is None:
+        return None
+    if is_number(spec):
+        try:
+            return check_number(arg, spec, low=0.0, high=high, high_open=True)
+        except ValueError:
+            raise invalid(arg, spec, what) from None
+    if isinstance(spec, (tuple, list)) and len(spec) == 2 and all(map(is_number, spec)):
+        try:
+            low = check_number(arg, spec[0], low=0.0, low_open=low_open)
+            top = check_number(arg, spec[1], low=low, high=high, high_open=True)
+        except ValueError:
+            raise invalid(arg, spec, what) from None
+        return (low, top)
+    raise invalid(arg, spec, what)
+
+
+def _float_hp(hp, name, spec, sampling):
+    """A checked spec as a hyperparameter: fixed, a range, or 0 when `None`."""
     if spec is None:
         return 0.0
-    if isinstance(spec, (tuple, list)):
-        if len(spec) != 2:
-            raise ValueError(
-                f"Invalid value for argument `{name}`. Expected `None`, a number or "
-                f"a `(min, max)` pair. Received: {name}={spec!r}"
-            )
-        low = check_number(name, spec[0], low=0.0, low_open=low_open)
-        high = check_number(name, spec[1], low=low)
-        return hp.Float(name, low, high, sampling=sampling)
-    return hp.Fixed(name, check_number(name, spec, low=0.0))
+    if isinstance(spec, tuple):
+        return hp.Float(name, spec[0], spec[1], sampling=sampling)
+    return hp.Fixed(name, spec)
 
 
 def regularization_hyperparameters(
@@ -111,7 +177,8 @@ def regularization_hyperparameters(
         weight_decay: AdamW decoupled weight decay range.
             Defaults to `(1e-6, 1e-2)`.
         clipping: Clipping policies to choose from, a subset of
-            `CLIPPING_POLICIES`, or `None` for no clipping.
+            `CLIPPING_POLICIES` (or one policy name), or `None` for no
+            clipping.
             Defaults to `("none", "clipnorm", "global_clipnorm")`.
         clip_threshold: Threshold range of the clipping policy.
             Defaults to `(0.1, 10.0)`.
@@ -122,8 +189,10 @@ def regularization_hyperparameters(
         A `RegularizationSettings`.
 
     Raises:
-        ValueError: On a negative bound, a range whose minimum is above its
-            maximum, a dropout of 1 or more, or an unknown clipping policy.
+        ValueError: If `hp` is not a `keras_tuner.HyperParameters`, on a
+            negative bound (or a zero minimum of a log-scale range), a range
+            whose minimum is above its maximum, a dropout of 1 or more, an
+            unknown clipping policy or a `prefix` that is not a string.
 
     Example:
 
@@ -133,41 +202,55 @@ def regularization_hyperparameters(
     >>> settings.kernel_regularizer()  # doctest: +ELLIPSIS
     <keras.src.regularizers.regularizers.L1L2 object at ...>
     """
-    names = {k: f"{prefix}{k}" for k in ("l1", "l2", "dropout", "weight_decay", "clipping", "clip_threshold")}
-    for key, spec in (("dropout", dropout),):
-        bounds = spec if isinstance(spec, (tuple, list)) else (spec,)
-        for value in bounds:
-            if value is not None and (check_number(key, value, low=0.0) >= 1.0):
-                raise ValueError(
-                    f"Invalid value for argument `{key}`. Expected rates in [0, 1). "
-                    f"Received: {key}={spec!r}"
-                )
-    values = {
-        "l1": _float_hp(hp, names["l1"], l1, "log", True),
-        "l2": _float_hp(hp, names["l2"], l2, "log", True),
-        "dropout": _float_hp(hp, names["dropout"], dropout, "linear", False),
-        "weight_decay": _float_hp(hp, names["weight_decay"], weight_decay, "log", True),
+    if not isinstance(hp, keras_tuner.HyperParameters):
+        raise invalid("hp", hp, "a `keras_tuner.HyperParameters`")
+    prefix = check_str("prefix", prefix, allow_empty=True)
+    specs = {
+        "l1": _check_spec("l1", l1, low_open=True),
+        "l2": _check_spec("l2", l2, low_open=True),
+        "dropout": _check_spec("dropout", dropout, low_open=False, high=1.0),
+        "weight_decay": _check_spec("weight_decay", weight_decay, low_open=True),
     }
-    policies = ("none",) if clipping is None else tuple(clipping)
-    unknown = [p for p in policies if p not in CLIPPING_POLICIES]
-    if not policies or unknown:
-        raise ValueError(
-            "Invalid value for argument `clipping`. Expected a non-empty subset of "
-            f"{CLIPPING_POLICIES} or None. Received: clipping={clipping!r}"
+    clip_spec = _check_spec("clip_threshold", clip_threshold, low_open=True)
+    if clip_spec == 0.0:
+        raise invalid("clip_threshold", clip_threshold, "a positive number, a range or None")
+    policies = (clipping,) if isinstance(clipping, str) else clipping
+    if policies is None:
+        policies = ("none",)
+    if (
+        not isinstance(policies, (tuple, list))
+        or not policies
+        or not all(isinstance(p, str) and p in CLIPPING_POLICIES for p in policies)
+    ):
+        raise invalid(
+            "clipping",
+            clipping,
+            f"a non-empty subset of {CLIPPING_POLICIES} or None",
         )
-    policy = policies[0] if len(policies) == 1 else hp.Choice(names["clipping"], list(policies))
+    policies = tuple(policies)
+    sampling = {"dropout": "linear"}
+    values = {
+        key: _float_hp(hp, prefix + key, spec, sampling.get(key, "log"))
+        for key, spec in specs.items()
+    }
+    name = prefix + "clipping"
+    policy = policies[0] if len(policies) == 1 else hp.Choice(name, list(policies))
     threshold = None
     active = [p for p in policies if p != "none"]
-    if active and clip_threshold is not None:
-        if isinstance(clip_threshold, (tuple, list)):
-            low = check_number("clip_threshold", clip_threshold[0], low=0.0, low_open=True)
-            high = check_number("clip_threshold", clip_threshold[-1], low=low)
+    if active and clip_spec is None:
+        raise invalid(
+            "clip_threshold",
+            None,
+            f"a positive number or a (min, max) range with clipping={clipping!r}",
+        )
+    if active:
+        if isinstance(clip_spec, tuple):
             kwargs = dict(sampling="log")
             if len(policies) > 1:
-                kwargs.update(parent_name=names["clipping"], parent_values=active)
-            threshold = hp.Float(names["clip_threshold"], low, high, **kwargs)
+                kwargs.update(parent_name=name, parent_values=active)
+            threshold = hp.Float(prefix + "clip_threshold", *clip_spec, **kwargs)
         else:
-            threshold = check_number("clip_threshold", clip_threshold, low=0.0, low_open=True)
+            threshold = clip_spec
     if policy == "none":
         threshold = None
     return RegularizationSettings(clipping=policy, clip_threshold=threshold, **values)
@@ -187,6 +270,11 @@ def with_regularization(build_fn=None, **ranges):
     Returns:
         A function `hp -> model`, or a decorator if `build_fn` is `None`.
 
+    Raises:
+        ValueError: If `build_fn` is not callable, a name in `ranges` is not
+            an argument of `regularization_hyperparameters`, or a range is
+            invalid (checked when decorating, not at the first trial).
+
     Example:
 
     >>> @with_regularization(l2=(1e-5, 1e-2), clipping=None)
@@ -199,6 +287,16 @@ def with_regularization(build_fn=None, **ranges):
     ...     model.compile(optimizer=settings.optimizer(1e-3), loss="mse")
     ...     return model
     """
+    build_fn = check_callable("build_fn", build_fn, allow_none=True)
+    known = [
+        name
+        for name in inspect.signature(regularization_hyperparameters).parameters
+        if name != "hp"
+    ]
+    for name, value in ranges.items():
+        if name not in known:
+            raise invalid(name, value, f"an argument of one of {', '.join(known)}")
+    regularization_hyperparameters(keras_tuner.HyperParameters(), **ranges)
     if build_fn is None:
         return functools.partial(with_regularization, **ranges)
 

@@ -68,7 +68,10 @@ def test_finding_ratio_and_remedy_text():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"vanish_ratio": 0}, "Invalid value for argument `vanish_ratio`. Expected a positive number. Received: vanish_ratio=0"),
+        ({"vanish_ratio": 0}, "Invalid value for argument `vanish_ratio`. Expected a number in (0, 1). Received: vanish_ratio=0"),
+        ({"vanish_floor": np.float32(0.0)}, "Invalid value for argument `vanish_floor`. Expected a positive number."),
+        ({"explode_factor": 1.0}, "Invalid value for argument `explode_factor`. Expected a number > 1. Received: explode_factor=1.0"),
+        ({"exclude": "embedding"}, "Invalid value for argument `exclude`. Expected a list or tuple of layer names. Received: exclude='embedding'"),
         ({"patience": 0}, "Invalid value for argument `patience`. Expected a positive integer. Received: patience=0"),
         ({"explode_factor": -1.0}, "Received: explode_factor=-1.0"),
     ],
@@ -79,8 +82,27 @@ def test_invalid_arguments(kwargs, message):
     assert message in str(info.value)
 
 
+def test_numpy_numbers_are_numbers():
+    findings = diagnose_layers(
+        {"a": np.array([1e-9] * 3), "b": [0.5] * 3},
+        vanish_floor=np.float32(1e-8),
+        explode_norm=np.float64(1e3),
+        patience=np.int64(3),
+    )
+    assert _status(findings) == {"a": VANISHING, "b": HEALTHY}
+    z = RollingZScore(window=np.int32(8), z_threshold=np.float32(3.0), min_samples=np.int64(4))
+    assert [z.update(v) for v in [1.0, 1.1, 0.9, 1.0, 10.0]] == [False] * 4 + [True]
+    assert saturated_fraction(np.full((2, 3), 0.999), "sigmoid", epsilon=np.float32(0.01)) == 1.0
+
+
+def test_bad_norms_name_the_argument():
+    for norms in ("a", {"a": "x"}, {"a": [1.0], "b": [1.0, 2.0]}, {1: [1.0]}):
+        with pytest.raises(ValueError, match="Invalid value for argument `norms`"):
+            diagnose_layers(norms)
+
+
 def test_rolling_zscore_spikes_do_not_join_window():
-    z = RollingZScore(window=50, threshold=4.0, min_samples=10)
+    z = RollingZScore(window=50, z_threshold=4.0, min_samples=10)
     rng = np.random.default_rng(0)
     for v in 1.0 + 0.01 * rng.normal(size=30):
         assert not z.update(v)
@@ -93,7 +115,7 @@ def test_rolling_zscore_spikes_do_not_join_window():
 
 
 def test_rolling_zscore_factor_rule_before_min_samples():
-    z = RollingZScore(window=10, threshold=6.0, min_samples=10, factor=10.0)
+    z = RollingZScore(window=10, z_threshold=6.0, min_samples=10, factor=10.0)
     assert not z.update(2.3)
     assert not z.update(2.2)
     assert z.update(50.0)  # > 10 x median, long before min_samples
@@ -103,7 +125,7 @@ def test_rolling_zscore_factor_rule_before_min_samples():
 def test_rolling_zscore_factor_rule_stops_at_min_samples():
     # A heavy-tailed series: 10x the median is not a spike once the z-score
     # can judge (it is 2.5 standard deviations here).
-    z = RollingZScore(window=20, threshold=6.0, min_samples=10, factor=10.0)
+    z = RollingZScore(window=20, z_threshold=6.0, min_samples=10, factor=10.0)
     history = [0.02, 0.02, 0.15, 0.02, 0.2, 0.02, 0.02, 0.18, 0.02, 0.02]
     assert not any(z.update(v) for v in history)
     assert 0.25 > 10 * z.median() and z.zscore(0.25) < 3.0
@@ -116,7 +138,7 @@ def test_rolling_zscore_factor_rule_stops_at_min_samples():
     [
         ({"window": 0}, "Invalid value for argument `window`. Expected a positive integer. Received: window=0"),
         ({"window": 5, "min_samples": 6}, "Expected at most `window`=5. Received: min_samples=6"),
-        ({"threshold": 0}, "Received: threshold=0"),
+        ({"z_threshold": 0}, "Invalid value for argument `z_threshold`. Expected a positive number. Received: z_threshold=0"),
         ({"factor": 1.0}, "Expected None or a number > 1. Received: factor=1.0"),
     ],
 )

@@ -289,7 +289,7 @@ def test_bad_input_errors():
         Distiller(student, teacher, feature_distillation=FeatureDistillation("teacher_hidden", "gone"))
     distiller = Distiller(student, teacher)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    with pytest.raises(ValueError, match=r"Invalid value for argument `alpha`. Expected a number in \[0.0, 1.0\]. Received: alpha=1.5"):
+    with pytest.raises(ValueError, match=r"Invalid value for argument `alpha`. Expected a number in \[0, 1\]. Received: alpha=1.5"):
         distiller.compile(student_loss_fn=loss, alpha=1.5)
     with pytest.raises(ValueError, match=r"Invalid value for argument `temperature`. Expected a positive number. Received: temperature=0"):
         distiller.compile(student_loss_fn=loss, temperature=0)
@@ -301,6 +301,38 @@ def test_bad_input_errors():
         FeatureDistillation("a", "b", weight=-1)
     with pytest.raises(ValueError, match=r"Invalid value for argument `temperature`. Expected a positive number. Received: temperature=-2"):
         distiller.set_distillation_params(temperature=-2)
+
+
+@pytest.mark.parametrize("temperature", [float("inf"), float("nan"), True, "3"])
+def test_non_finite_or_non_number_temperature_is_rejected(temperature):
+    # Before: temperature=inf was accepted and training went to NaN.
+    student, teacher = make_model(8, "student"), make_model(32, "teacher")
+    distiller = Distiller(student, teacher)
+    with pytest.raises(ValueError) as info:
+        distiller.compile(
+            student_loss_fn=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            temperature=temperature,
+        )
+    assert str(info.value) == (
+        "Invalid value for argument `temperature`. Expected a positive number. "
+        f"Received: temperature={temperature!r}"
+    )
+    with pytest.raises(ValueError, match="`temperature`"):
+        distiller.set_distillation_params(temperature=temperature)
+
+
+def test_numpy_numbers_and_bad_compile_arguments():
+    distiller = make_distiller(alpha=np.float32(0.25), temperature=np.int64(2))
+    assert distiller.alpha == 0.25 and distiller.temperature == 2.0
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    for kwargs, name in (
+        ({"optimizer": "nope"}, "optimizer"),
+        ({"metrics": "accuracy"}, "metrics"),
+        ({"scale_by_temperature_squared": "no"}, "scale_by_temperature_squared"),
+        ({"distillation_loss_fn": 3}, "distillation_loss_fn"),
+    ):
+        with pytest.raises(ValueError, match=f"Invalid value for argument `{name}`"):
+            distiller.compile(student_loss_fn=loss, **kwargs)
 
 
 # ------------------------------------------------------------------- saving

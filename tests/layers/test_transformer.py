@@ -138,8 +138,25 @@ def test_heads_must_divide_hidden_size():
 
 
 def test_qk_norm_attention_config_round_trip():
-    layer = QKNormMultiHeadAttention(num_heads=2, key_dim=4, norm_type="layer", norm_epsilon=1e-5)
+    layer = QKNormMultiHeadAttention(num_heads=2, key_dim=4, norm_type="layer", epsilon=1e-5)
     config = layer.get_config()
     revived = QKNormMultiHeadAttention.from_config(config)
     assert revived.get_config() == config
-    assert revived.norm_type == "layer" and revived.norm_epsilon == 1e-5
+    assert revived.norm_type == "layer" and revived.epsilon == 1e-5
+
+
+def test_qk_norm_attention_reads_configs_saved_with_norm_epsilon():
+    config = QKNormMultiHeadAttention(num_heads=2, key_dim=4).get_config()
+    config["norm_epsilon"] = config.pop("epsilon")
+    config["norm_epsilon"] = 1e-3
+    assert QKNormMultiHeadAttention.from_config(config).epsilon == 1e-3
+
+
+@pytest.mark.parametrize("argument", ["qk_norm", "causal"])
+def test_booleans_are_not_coerced(argument):
+    with pytest.raises(ValueError) as info:
+        StableTransformerBlock(num_heads=2, **{argument: "False"})
+    assert str(info.value) == (
+        f"Invalid value for argument `{argument}`. Expected a bool (True or False). "
+        f"Received: {argument}='False'"
+    )

@@ -250,9 +250,9 @@ def test_errors_name_the_argument_and_value():
         ValueError, match="Expected a model or layer with prunable weights"
     ):
         pruning.prune_low_magnitude(no_prunable, schedule)
-    with pytest.raises(ValueError, match="Expected a built model or layer"):
+    with pytest.raises(ValueError, match="Expected a built Keras layer or model"):
         pruning.prune_low_magnitude(keras.Sequential([keras.layers.Dense(2)]), schedule)
-    with pytest.raises(ValueError, match="Expected a Keras 3 layer or model"):
+    with pytest.raises(ValueError, match="Expected a Keras layer or model"):
         pruning.prune_low_magnitude("model", schedule)
     with pytest.raises(ValueError, match="Received: sparsity_m_by_n=\\(4, 2\\)"):
         pruning.prune_low_magnitude(_sequential(), schedule, sparsity_m_by_n=(4, 2))

@@ -129,3 +129,23 @@ def test_negative_strength_is_rejected(name, value):
     assert str(info.value) == (
         f"Invalid value for argument `{name}`. Expected a number >= 0. Received: {name}={value!r}"
     )
+
+
+def test_attach_to_an_unbuilt_model_raises_instead_of_doing_nothing():
+    # Before: attach() found no weights, anchored nothing and returned silently.
+    model = keras.Sequential([keras.layers.Dense(8), keras.layers.Dense(3)])
+    with pytest.raises(ValueError) as info:
+        L2SP().attach(model)
+    assert str(info.value).startswith(
+        "Invalid value for argument `model`. Expected a built Keras layer or model"
+    )
+    assert str(info.value).endswith("not built")
+
+
+def test_attach_with_a_backbone_outside_the_model_raises():
+    model, _, _ = _fine_tune_model()
+    other = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8)], name="other")
+    with pytest.raises(ValueError, match=r"Invalid value for argument `backbone`.*shares no weight.*Received: backbone='other'"):
+        L2SP().attach(model, backbone=other)
+    with pytest.raises(ValueError, match=r"Invalid value for argument `include_biases`"):
+        L2SP().attach(model, include_biases="yes")

@@ -182,16 +182,53 @@ def test_with_regularization_decorator_passes_settings():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"l2": (-1.0, 1.0)}, "Invalid value for argument `l2`. Expected a positive number. Received: l2=-1.0"),
-        ({"dropout": (0.0, 1.0)}, "Invalid value for argument `dropout`. Expected rates in [0, 1). Received: dropout=(0.0, 1.0)"),
+        ({"l2": (-1.0, 1.0)}, "Invalid value for argument `l2`. Expected None, a number >= 0 or a (min, max) pair with 0 < min <= max. Received: l2=(-1.0, 1.0)"),
+        ({"l2": (0.0, 1.0)}, "Invalid value for argument `l2`. Expected None, a number >= 0 or a (min, max) pair with 0 < min <= max. Received: l2=(0.0, 1.0)"),
+        ({"dropout": (0.0, 1.0)}, "Invalid value for argument `dropout`. Expected None, a number in [0, 1) or a (min, max) pair with 0 <= min <= max < 1. Received: dropout=(0.0, 1.0)"),
         ({"clipping": ("none", "zclip")}, "Invalid value for argument `clipping`. Expected a non-empty subset of ('none', 'clipnorm', 'global_clipnorm', 'clipvalue') or None. Received: clipping=('none', 'zclip')"),
-        ({"weight_decay": (1e-2, 1e-4)}, "Invalid value for argument `weight_decay`. Expected a number >= 0.01. Received: weight_decay=0.0001"),
+        ({"weight_decay": (1e-2, 1e-4)}, "Invalid value for argument `weight_decay`. Expected None, a number >= 0 or a (min, max) pair with 0 < min <= max. Received: weight_decay=(0.01, 0.0001)"),
+        ({"clip_threshold": (0.1, 1.0, 10.0)}, "Invalid value for argument `clip_threshold`. Expected None, a number >= 0 or a (min, max) pair with 0 < min <= max. Received: clip_threshold=(0.1, 1.0, 10.0)"),
+        ({"clip_threshold": None}, "Invalid value for argument `clip_threshold`. Expected a positive number or a (min, max) range with clipping=('none', 'clipnorm', 'global_clipnorm'). Received: clip_threshold=None"),
+        ({"prefix": 3}, "Invalid value for argument `prefix`. Expected a string. Received: prefix=3"),
     ],
 )
 def test_bad_ranges(kwargs, message):
     with pytest.raises(ValueError) as info:
         regularization_hyperparameters(keras_tuner.HyperParameters(), **kwargs)
     assert str(info.value) == message
+
+
+def test_prefix_names_hyperparameters_and_errors_name_the_argument():
+    hp = keras_tuner.HyperParameters()
+    regularization_hyperparameters(hp, prefix="head_", clipping="clipnorm", clip_threshold=1.0)
+    assert {p.name for p in hp.space} == {"head_l2", "head_dropout", "head_weight_decay"}
+    with pytest.raises(ValueError, match=r"Invalid value for argument `l2`\. .*Received: l2=-1"):
+        regularization_hyperparameters(keras_tuner.HyperParameters(), l2=-1, prefix="head_")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"l2": -1e-3}, "Invalid value for argument `l2`. Expected a number >= 0. Received: l2=-0.001"),
+        ({"dropout": 1.0}, "Invalid value for argument `dropout`. Expected a number in [0, 1). Received: dropout=1.0"),
+        ({"clipping": "zclip"}, "Invalid value for argument `clipping`. Expected one of 'none', 'clipnorm', 'global_clipnorm', 'clipvalue'. Received: clipping='zclip'"),
+        ({"clipping": "clipnorm"}, "Invalid value for argument `clip_threshold`. Expected a positive number when clipping='clipnorm'. Received: clip_threshold=None"),
+        ({"clip_threshold": 1.0}, "Invalid value for argument `clip_threshold`. Expected None when clipping='none'. Received: clip_threshold=1.0"),
+    ],
+)
+def test_regularization_settings_are_validated(kwargs, message):
+    # Before: RegularizationSettings accepted anything (dropout=1.0, l2=-1e-3, ...).
+    with pytest.raises(ValueError) as info:
+        RegularizationSettings(**kwargs)
+    assert str(info.value) == message
+    assert RegularizationSettings(l2=np.float32(0.5)).l2 == 0.5
+
+
+def test_with_regularization_checks_ranges_when_decorating():
+    with pytest.raises(ValueError, match="Invalid value for argument `l2`"):
+        with_regularization(l2=(1.0, 0.1))
+    with pytest.raises(ValueError, match="Invalid value for argument `l3`"):
+        with_regularization(l3=0.1)
 
 
 def test_hypermodel_bad_arguments():

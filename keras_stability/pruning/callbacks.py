@@ -1,0 +1,95 @@
+"""`UpdatePruningStep`: TF-MOT's callback, accepted as a no-op, and the fit checks.
+
+Our pruning advances its step inside the compiled train step (see
+`keras_stability.pruning.pruner`), so TF-MOT's mandatory callback has nothing
+to do here. It exists so that code written for TF-MOT runs with only its
+import changed, and it (like `PruningSummaries`) reports what can only be
+seen around a `fit`: a `fit` too short for the schedule to reach its target,
+and a schedule that returned a sparsity outside [0, 1) in training.
+"""
+
+import keras
+
+from keras_stability._checks import is_integer
+from keras_stability.pruning.pruner import find_pruner
+
+__all__ = ["UpdatePruningStep", "fit_steps"]
+
+
+def fit_steps(params):
+    """Optimizer steps of a `fit` from its callbacks' `params`, or `None`.
+
+    `epochs * steps` when both are known (`steps` is unknown for a dataset
+    of unknown length without `steps_per_epoch`).
+    """
+    params = params or {}
+    epochs, steps = params.get("epochs"), params.get("steps")
+    if is_integer(epochs) and is_integer(steps):
+        return int(epochs) * int(steps)
+    return None
+
+
+def check_fit_begin(callback, pruner):
+    """Warns if the coming `fit` ends before the schedule reaches its target."""
+    pruner.warn_if_fit_too_short(fit_steps(callback.params), key=callback.params)
+
+
+def check_fit_end(callback, pruner):
+    """Raises on a refused schedule value; warns if the target was missed."""
+    pruner.check_schedule_output()
+    pruner.warn_if_target_missed(key=callback.params)
+
+
+@keras.saving.register_keras_serializable(package="keras_stability")
+class UpdatePruningStep(keras.callbacks.Callback):
+    """TF-MOT's `UpdatePruningStep`, accepted for ported code; the step needs no callback.
+
+    `keras_stability.pruning` updates the pruning step and the masks inside
+    the compiled train step, so `fit` works the same with or without this
+    callback. Keeping it (as the TF-MOT pruning guide does) costs nothing
+    and adds two checks:
+
+    - at the start of `fit`, a warning if the `fit` (epochs x steps per
+      epoch, when known) ends before the schedule's `end_step`, e.g.
+      `end_step=1000` in a 50-step `fit`, which would end far below the
+      target sparsity;
+    - at the end of each epoch and of `fit`, an error if the schedule
+      returned a sparsity outside [0, 1) (refused in the train step), and at
+      the end of `fit` a warning if the masks are below the target sparsity.
+
+    On a model that is not pruned it does nothing, like TF-MOT's.
+
+    Example:
+
+    ```python
+    from keras_stability import pruning
+
+    model = pruning.prune_low_magnitude(model, pruning.PolynomialDecay(
+        initial_sparsity=0.5, final_sparsity=0.8, begin_step=0, end_step=end_step))
+    model.fit(x, y, epochs=2, callbacks=[pruning.UpdatePruningStep()])
+    ```
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._pruner = None
+
+    def on_train_begin(self, logs=None):
+        self._pruner = find_pruner(self.model)
+        if self._pruner is not None:
+            check_fit_begin(self, self._pruner)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._pruner is not None:
+            self._pruner.check_schedule_output()
+
+    def on_train_end(self, logs=None):
+        if self._pruner is not None:
+            check_fit_end(self, self._pruner)
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

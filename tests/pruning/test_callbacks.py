@@ -1,0 +1,192 @@
+"""UpdatePruningStep (TF-MOT's callback, a no-op here), fit-length warnings,
+and schedules whose sparsity leaves [0, 1) during training."""
+
+import tempfile
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import ops
+
+from keras_stability import pruning
+
+
+def _model(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(10, activation="relu"), keras.layers.Dense(4)]
+    )
+
+
+def _fit(model, steps, callbacks=(), batch_size=4):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(steps * batch_size, 8)).astype("float32")
+    y = rng.normal(size=(steps * batch_size, 4)).astype("float32")
+    model.compile(optimizer="adam", loss="mse")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0, callbacks=list(callbacks))
+    return [str(w.message) for w in caught if "pruning schedule" in str(w.message)]
+
+
+@pytest.mark.parametrize("make_callback", [pruning.UpdatePruningStep, lambda: pruning.PruningSummaries(tempfile.mkdtemp())])
+def test_warns_when_the_fit_ends_before_end_step(make_callback):
+    # The issue's case: end_step=1000 in a 50-step fit ended at 0% sparsity, silently.
+    model = pruning.prune_low_magnitude(
+        _model(), pruning.PolynomialDecay(0.0, 0.8, begin_step=0, end_step=1000)
+    )
+    messages = _fit(model, steps=50, callbacks=[make_callback()])
+    assert len(messages) == 1, messages
+    assert messages[0].startswith(
+        "The pruning schedule reaches its target sparsity 0.8 at step 1000 (its "
+        "`end_step`), but this `fit` runs 50 steps, to step 50, where the "
+        "schedule's sparsity is only"
+    )
+    assert messages[0].endswith("Make the schedule reach its target by step 50 or train for more steps.")
+    assert pruning.sparsity_report(model)["total"] == 0.0  # frequency 100: never pruned
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruning.strip_pruning(model)  # already said once for this fit
+    assert not [w for w in caught if "pruning schedule" in str(w.message)]
+
+
+@pytest.mark.parametrize("make_callback", [pruning.UpdatePruningStep, lambda: pruning.PruningSummaries(tempfile.mkdtemp())])
+def test_no_warning_when_the_schedule_ends_within_the_fit(make_callback):
+    model = pruning.prune_low_magnitude(
+        _model(), pruning.PolynomialDecay(0.0, 0.8, begin_step=0, end_step=40, frequency=10)
+    )
+    assert _fit(model, steps=50, callbacks=[make_callback()]) == []
+    assert pruning.find_pruner(model).step.numpy() == 50
+    assert pruning.sparsity_report(model)["total"] == pytest.approx(0.8, abs=0.01)
+
+
+def test_both_callbacks_warn_once_and_strip_warns_without_callbacks():
+    model = pruning.prune_low_magnitude(
+        _model(), pruning.PolynomialDecay(0.0, 0.8, begin_step=0, end_step=1000)
+    )
+    callbacks = [pruning.UpdatePruningStep(), pruning.PruningSummaries(tempfile.mkdtemp())]
+    assert len(_fit(model, steps=20, callbacks=callbacks)) == 1
+    # Without any callback, strip_pruning says it.
+    model = pruning.prune_low_magnitude(
+        _model(), pruning.ConstantSparsity(0.5, begin_step=0, frequency=100)
+    )
+    assert _fit(model, steps=20) == []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruning.strip_pruning(model)
+    messages = [str(w.message) for w in caught if "pruning schedule" in str(w.message)]
+    assert messages == [
+        "The pruning schedule reaches its target sparsity 0.5 at step 100 (its first "
+        "pruning step, from `begin_step` and `frequency`), but after 20 training "
+        "steps no mask was computed yet. Make the schedule reach its target within "
+        "the training steps or train for more steps."
+    ]
+
+
+def test_update_pruning_step_is_a_no_op_for_the_step_and_masks():
+    results = []
+    for callbacks in ([], [pruning.UpdatePruningStep()]):
+        model = pruning.prune_low_magnitude(
+            _model(), pruning.ConstantSparsity(0.5, begin_step=0, frequency=5)
+        )
+        _fit(model, steps=12, callbacks=callbacks)
+        pruner = pruning.find_pruner(model)
+        results.append((int(pruner.step.numpy()), [m.numpy() for m in pruner.masks]))
+    assert results[0][0] == results[1][0] == 12
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        np.testing.assert_array_equal(a, b)
+    # On a model that is not pruned it does nothing, like TF-MOT's.
+    assert _fit(_model(), steps=2, callbacks=[pruning.UpdatePruningStep()]) == []
+    assert pruning.UpdatePruningStep.from_config(pruning.UpdatePruningStep().get_config())
+
+
+def test_tfmot_pruning_guide_runs_with_only_its_import_changed():
+    """The TF-MOT guide ("Pruning in Keras example"), small; `tfmot.sparsity.keras` -> `pruning`."""
+    rng = np.random.default_rng(0)
+    train_images = rng.uniform(size=(1000, 8, 8)).astype("float32")
+    train_labels = (train_images.mean(axis=(1, 2)) * 10).astype("int32") % 10
+    keras.utils.set_random_seed(0)
+    model = tf.keras.Sequential([
+        tf.keras.layers.InputLayer(input_shape=(8, 8)),
+        tf.keras.layers.Reshape(target_shape=(8, 8, 1)),
+        tf.keras.layers.Conv2D(filters=4, kernel_size=(3, 3), activation="relu"),
+        tf.keras.layers.MaxPooling2D(pool_size=(2, 2)),
+        tf.keras.layers.Flatten(),
+        tf.keras.layers.Dense(10),
+    ])
+    # --- the guide, from "Fine-tune pre-trained model with pruning" ---
+    prune_low_magnitude = pruning.prune_low_magnitude
+    batch_size = 8  # the guide: 128 on 60,000 MNIST images
+    epochs = 2
+    validation_split = 0.1
+    num_images = train_images.shape[0] * (1 - validation_split)
+    end_step = np.ceil(num_images / batch_size).astype(np.int32) * epochs
+    pruning_params = {
+        "pruning_schedule": pruning.PolynomialDecay(
+            initial_sparsity=0.50, final_sparsity=0.80, begin_step=0, end_step=end_step
+        )
+    }
+    model_for_pruning = prune_low_magnitude(model, **pruning_params)
+    model_for_pruning.compile(
+        optimizer="adam",
+        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    logdir = tempfile.mkdtemp()
+    callbacks = [
+        pruning.UpdatePruningStep(),
+        pruning.PruningSummaries(log_dir=logdir),
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model_for_pruning.fit(
+            train_images, train_labels, batch_size=batch_size, epochs=epochs,
+            validation_split=validation_split, callbacks=callbacks, verbose=0,
+        )
+        model_for_export = pruning.strip_pruning(model_for_pruning)
+    # --- end of the guide ---
+    assert end_step == 226
+    assert not [w for w in caught if "pruning schedule" in str(w.message)]
+    # Pruned at steps 100 and 200 (frequency 100); the last at the schedule's 200.
+    expected = 0.8 + (0.5 - 0.8) * (1 - 200 / 226) ** 3
+    pruner_free = pruning.find_pruner(model_for_export)
+    assert pruner_free is None
+    report = pruning.sparsity_report(model_for_export)
+    kernels = pruning.prunable_weights(model_for_export)
+    assert len(kernels) == 2  # the Conv2D and Dense kernels
+    for kernel in kernels:
+        size = int(np.prod(kernel.shape))
+        kept = max(round(size * (1 - expected)), 1)
+        assert report[kernel.path] == pytest.approx(1 - kept / size)
+    assert report["total"] == pytest.approx(0.8, abs=0.01)
+
+
+def test_schedule_at_one_after_step_one_is_rejected_when_pruning():
+    # The audit's schedule: 1.0 after step 1 passed the old probe (steps 0, 1)
+    # and pruned 96% of the model. Now a spread of steps is probed.
+    schedule = lambda step: (True, ops.where(step > 1, 1.0, 0.5))  # noqa: E731
+    with pytest.raises(ValueError) as info:
+        pruning.prune_low_magnitude(_model(), schedule)
+    assert str(info.value).startswith(
+        "Invalid value for argument `pruning_schedule`. Expected a sparsity in "
+        "[0, 1) at every step."
+    )
+    assert str(info.value).endswith("giving sparsity=1.0 at step=2")
+
+
+def test_sparsity_out_of_range_in_training_is_refused_and_reported():
+    # Bad only at step 21, which the eager probe does not visit.
+    schedule = lambda step: (True, ops.where(ops.equal(step, 21), 1.0, 0.5))  # noqa: E731
+    model = pruning.prune_low_magnitude(_model(), schedule)
+    _fit(model, steps=25)
+    assert pruning.sparsity_report(model)["total"] == pytest.approx(0.5, abs=0.02)
+    pruner = pruning.find_pruner(model)
+    with pytest.raises(ValueError, match=r"giving sparsity=1.0 at step=21 \(refused: the masks were left unchanged"):
+        pruner.check_schedule_output()
+    model2 = pruning.prune_low_magnitude(_model(), schedule)
+    with pytest.raises(ValueError, match=r"Invalid value for argument `pruning_schedule`.*at step=21"):
+        _fit(model2, steps=25, callbacks=[pruning.UpdatePruningStep()])
+    with pytest.raises(ValueError, match=r"at step=21"):
+        pruning.strip_pruning(model)
