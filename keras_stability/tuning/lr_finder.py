@@ -313,9 +313,9 @@ def find_learning_rate(
     finally:
         if swapped:
             inner.learning_rate = original_rate
-        for variable, value in zip(model.variables, weights):
+        for variable, value in zip(model.variables, weights, strict=True):
             variable.assign(value)
-        for variable, value in zip(optimizer.variables, slots):
+        for variable, value in zip(optimizer.variables, slots, strict=True):
             variable.assign(value)
         if swapped:
             model.make_train_function(force=True)

@@ -54,12 +54,12 @@ def test_weights_and_optimizer_state_are_restored_and_later_fit_is_unchanged():
     before = _state(tested)
     result = find_learning_rate(tested, x, y, num_steps=30)
     assert len(result.losses) >= 10
-    for a, b in zip(before, _state(tested)):
+    for a, b in zip(before, _state(tested), strict=True):
         np.testing.assert_array_equal(a, b)
     # Training afterwards is exactly what it would have been.
     plain.fit(x, y, epochs=1, batch_size=32, shuffle=False, verbose=0)
     tested.fit(x, y, epochs=1, batch_size=32, shuffle=False, verbose=0)
-    for a, b in zip(plain.get_weights(), tested.get_weights()):
+    for a, b in zip(plain.get_weights(), tested.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -106,12 +106,12 @@ def test_guarded_optimizer_and_dataset_input():
     x, y = _data(256)
     model = _example(GuardedOptimizer(keras.optimizers.Adam(1e-3)))
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
-    before = _state(model) if model.optimizer.built else None
+    model.fit(data, epochs=1, verbose=0)
+    before = _state(model)
     result = find_learning_rate(model, data, end_lr=1e-2, num_steps=20)
     assert len(result.losses) == 20  # the 8-batch dataset was repeated
-    assert before is None or all(
-        np.array_equal(a, b) for a, b in zip(before, _state(model))
-    )
+    for a, b in zip(before, _state(model), strict=True):
+        np.testing.assert_array_equal(a, b)
     assert float(model.optimizer.learning_rate) == pytest.approx(1e-3)
 
 
