@@ -1,4 +1,5 @@
-"""Keras Tuner helpers: regularization hyperparameters and divergence-safe trials."""
+"""Choosing hyperparameters: Keras Tuner helpers (regularization, divergence-safe
+trials) and the learning-rate range test."""
 
 from keras_stability.tuning.hypermodel import DivergenceDetector
 from keras_stability.tuning.hypermodel import StableHyperModel
@@ -6,12 +7,18 @@ from keras_stability.tuning.hyperparameters import CLIPPING_POLICIES
 from keras_stability.tuning.hyperparameters import RegularizationSettings
 from keras_stability.tuning.hyperparameters import regularization_hyperparameters
 from keras_stability.tuning.hyperparameters import with_regularization
+from keras_stability.tuning.lr_finder import LearningRateRange
+from keras_stability.tuning.lr_finder import find_learning_rate
+from keras_stability.tuning.lr_finder import suggest_learning_rate
 
 __all__ = [
     "CLIPPING_POLICIES",
     "DivergenceDetector",
+    "LearningRateRange",
     "RegularizationSettings",
     "StableHyperModel",
+    "find_learning_rate",
     "regularization_hyperparameters",
+    "suggest_learning_rate",
     "with_regularization",
 ]

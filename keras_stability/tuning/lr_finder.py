@@ -1,0 +1,350 @@
+"""`find_learning_rate`: the learning-rate range test (fastai `lr_find`, Lightning `lr_find`).
+
+Trains for a few steps while the learning rate grows exponentially from
+`start_lr` to `end_lr`, records the loss of every step, stops once the loss
+has clearly diverged, then puts the model's weights, the optimizer's state and
+its learning rate back exactly as they were. The curve of loss against rate
+says which rates learn and which blow up; `suggestion` reads one rate off it.
+
+Reference: Leslie N. Smith, "Cyclical Learning Rates for Training Neural
+Networks", WACV 2017 (arXiv 1506.01186), section 3.3.
+"""
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_stability import _checks
+from keras_stability import _keras_internals
+
+__all__ = ["LearningRateRange", "find_learning_rate", "suggest_learning_rate"]
+
+SUGGESTIONS = ("valley", "steepest", "minimum")
+
+
+@dataclasses.dataclass
+class LearningRateRange:
+    """What `find_learning_rate` measured.
+
+    Attributes:
+        learning_rates: The rate of each recorded step (increasing).
+        losses: The training loss of each step.
+        smoothed_losses: `losses` after bias-corrected exponential smoothing.
+        suggestion: The suggested learning rate (`nan` if too few steps).
+        method: How `suggestion` was read off the curve.
+        stopped_early: Whether the test stopped because the loss diverged.
+    """
+
+    learning_rates: np.ndarray
+    losses: np.ndarray
+    smoothed_losses: np.ndarray
+    suggestion: float
+    method: str
+    stopped_early: bool
+
+    def plot(self, ax=None):
+        """Plots smoothed loss against learning rate (log axis) and marks the suggestion.
+
+        Args:
+            ax: A matplotlib `Axes` to draw on; a new figure if `None`.
+                Defaults to `None`.
+
+        Returns:
+            The matplotlib `Axes`.
+        """
+        if ax is None:
+            import matplotlib.pyplot as plt
+
+            _, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(self.learning_rates, self.losses, alpha=0.3, label="loss")
+        ax.plot(self.learning_rates, self.smoothed_losses, label="smoothed loss")
+        if math.isfinite(self.suggestion):
+            ax.axvline(
+                self.suggestion,
+                color="tab:red",
+                linestyle="--",
+                label=f"suggestion ({self.method}): {self.suggestion:.2g}",
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("training loss")
+        finite = self.smoothed_losses[np.isfinite(self.smoothed_losses)]
+        if finite.size:
+            low, start = float(finite.min()), float(finite[0])
+            ax.set_ylim(
+                low - 0.1 * abs(start - low), start + 0.5 * abs(start - low) + 1e-12
+            )
+        ax.legend()
+        return ax
+
+
+def suggest_learning_rate(learning_rates, smoothed_losses, method="valley"):
+    """Reads a learning rate off a range-test curve.
+
+    Args:
+        learning_rates: Increasing learning rates, one per step.
+        smoothed_losses: The smoothed loss at each rate.
+        method: `"valley"` (fastai's default: the middle of the longest
+            stretch over which the loss keeps falling, a little past its
+            start), `"steepest"` (where the loss falls fastest per decade of
+            rate, as Lightning suggests) or `"minimum"` (a tenth of the rate
+            at the lowest loss). Defaults to `"valley"`.
+
+    Returns:
+        The suggested rate as a float, `nan` with fewer than 5 finite points.
+    """
+    _checks.check_choice("method", method, SUGGESTIONS)
+    lrs = np.asarray(learning_rates, dtype="float64")
+    losses = np.asarray(smoothed_losses, dtype="float64")
+    keep = np.isfinite(losses)
+    lrs, losses = lrs[keep], losses[keep]
+    if lrs.size < 5:
+        return math.nan
+    if method == "minimum":
+        return float(lrs[int(np.argmin(losses))] / 10.0)
+    if method == "steepest":
+        end = int(np.argmin(losses)) + 1
+        if end < 3:
+            return float(lrs[0])
+        slope = np.gradient(losses[:end], np.log(lrs[:end]))
+        return float(lrs[int(np.argmin(slope))])
+    # fastai's `valley`: the longest decreasing subsequence of the loss; the
+    # suggestion sits at about half of its first two thirds.
+    n = losses.size
+    lds = np.ones(n, dtype=int)
+    max_start, max_end = 0, 0
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and lds[i] < lds[j] + 1:
+                lds[i] = lds[j] + 1
+            if lds[max_end] < lds[i]:
+                max_end = i
+                max_start = max_end - lds[max_end]
+    sections = (max_end - max_start) / 3
+    index = max_start + int(sections) + int(sections / 2)
+    return float(lrs[min(index, n - 1)])
+
+
+class _ConstantRate(keras.optimizers.schedules.LearningRateSchedule):
+    """A schedule returning a variable, so the test can set any rate each step."""
+
+    def __init__(self, variable):
+        self.variable = variable
+
+    def __call__(self, step):
+        return self.variable
+
+    def get_config(self):
+        return {}
+
+
+class _RangeTest(keras.callbacks.Callback):
+    def __init__(self, rates, set_rate, smoothing, divergence_factor):
+        super().__init__()
+        self.rates = rates
+        self.set_rate = set_rate
+        self.smoothing = smoothing
+        self.divergence_factor = divergence_factor
+        self.losses = []
+        self.smoothed = []
+        self.stopped_early = False
+        self.missing_loss = False
+        self._average = 0.0
+        self._best = math.inf
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.set_rate(self.rates[epoch])
+
+    def on_epoch_end(self, epoch, logs=None):
+        # One step per epoch: the epoch's loss is that step's loss.
+        if "loss" not in (logs or {}):
+            self.missing_loss = True
+            self.model.stop_training = True
+            return
+        loss = float(logs["loss"])
+        self.losses.append(loss)
+        beta = self.smoothing
+        self._average = beta * self._average + (1 - beta) * loss
+        smooth = self._average / (1 - beta ** (epoch + 1))
+        self.smoothed.append(smooth)
+        if not math.isfinite(smooth) or (
+            epoch > 0 and smooth > self.divergence_factor * self._best
+        ):
+            self.stopped_early = True
+            self.model.stop_training = True
+        self._best = min(self._best, smooth)
+
+
+def find_learning_rate(
+    model,
+    x,
+    y=None,
+    batch_size=None,
+    start_lr=1e-7,
+    end_lr=10.0,
+    num_steps=100,
+    smoothing=0.98,
+    divergence_factor=4.0,
+    method="valley",
+    verbose=0,
+):
+    """Runs a learning-rate range test and suggests a learning rate.
+
+    The model trains for at most `num_steps` steps on `x` (and `y`) with the
+    learning rate growing exponentially from `start_lr` to `end_lr`, one
+    rate per step, and the loss of each step is recorded. The test stops once
+    the smoothed loss is non-finite or above `divergence_factor` times its
+    best value. Then the model's weights, the optimizer's variables
+    (iterations, moments, ...) and learning rate (a constant or a
+    `LearningRateSchedule`) are restored exactly, so the model trains
+    afterwards as if the test had never run.
+
+    Too high a rate often makes the loss plateau rather than explode, which
+    no detector can tell from slow learning; this test answers "which rate?"
+    before the run.
+
+    Args:
+        model: A compiled, built `keras.Model` (a wrapped optimizer such as
+            `GuardedOptimizer` or `LossScaleOptimizer` is fine).
+        x: Training inputs, as `model.fit` takes them (arrays, a
+            `tf.data.Dataset` of `(x, y)` batches, ...). A dataset is repeated.
+        y: Training targets, if `x` holds only the inputs. Defaults to `None`.
+        batch_size: Batch size for array inputs; Keras' default (32) if
+            `None`. Defaults to `None`.
+        start_lr: First learning rate. Defaults to `1e-7`.
+        end_lr: Last learning rate. Defaults to `10.0`.
+        num_steps: Steps of the test (one rate each). Defaults to `100`.
+        smoothing: Exponential smoothing factor of the loss, in [0, 1).
+            Defaults to `0.98`.
+        divergence_factor: Stop once the smoothed loss exceeds this multiple
+            of its best. Defaults to `4.0`.
+        method: How to read the suggestion off the curve: `"valley"`,
+            `"steepest"` or `"minimum"` (see `suggest_learning_rate`).
+            Defaults to `"valley"`.
+        verbose: 0 silent, 1 prints the suggestion. Defaults to `0`.
+
+    Returns:
+        A `LearningRateRange`: rates, losses, the suggestion; `.plot()` draws
+        the curve.
+
+    Raises:
+        ValueError: For bad arguments, an uncompiled or unbuilt model, or a
+            train step that logs no `loss`.
+
+    Example:
+
+    ```python
+    result = keras_stability.tuning.find_learning_rate(model, x_train, y_train)
+    result.plot()
+    model.optimizer.learning_rate = result.suggestion
+    model.fit(x_train, y_train, epochs=10)
+    ```
+    """
+    if not isinstance(model, keras.Model):
+        raise _checks.invalid("model", model, "a compiled `keras.Model`")
+    if getattr(model, "optimizer", None) is None:
+        raise _checks.invalid(
+            "model", model.name, "a compiled model (call `model.compile` first)"
+        )
+    if not model.built:
+        raise _checks.invalid(
+            "model",
+            model.name,
+            "a built model (give it a `keras.Input` or call it once on a batch)",
+        )
+    start_lr = _checks.check_positive("start_lr", start_lr)
+    end_lr = _checks.check_positive("end_lr", end_lr)
+    if end_lr <= start_lr:
+        raise _checks.invalid("end_lr", end_lr, f"a number > start_lr={start_lr:g}")
+    num_steps = _checks.check_int("num_steps", num_steps, low=5)
+    batch_size = _checks.check_positive_int("batch_size", batch_size, allow_none=True)
+    smoothing = _checks.check_number(
+        "smoothing", smoothing, low=0.0, high=1.0, high_open=True
+    )
+    divergence_factor = _checks.check_number(
+        "divergence_factor", divergence_factor, low=1.0, low_open=True
+    )
+    _checks.check_choice("method", method, SUGGESTIONS)
+    verbose = _checks.check_verbose("verbose", verbose)
+
+    optimizer = model.optimizer
+    if not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    weights = [v.numpy() for v in model.variables]
+    slots = [v.numpy() for v in optimizer.variables]
+    history = getattr(model, "history", None)
+
+    # The innermost optimizer owns the rate (wrappers delegate to it). A
+    # constant rate is a variable: assign it each step, restore its value. A
+    # schedule is swapped for one that returns a variable, then put back.
+    inner = optimizer
+    while hasattr(inner, "inner_optimizer"):
+        inner = inner.inner_optimizer
+    original_rate = inner._learning_rate
+    swapped = not isinstance(original_rate, keras.Variable)
+    if swapped:
+        rate = keras.Variable(
+            start_lr, dtype="float32", trainable=False, name="range_lr"
+        )
+        inner.learning_rate = _ConstantRate(rate)
+        model.make_train_function(force=True)
+    else:
+        rate = original_rate
+
+    rates = np.geomspace(start_lr, end_lr, num_steps)
+    test = _RangeTest(rates, rate.assign, smoothing, divergence_factor)
+    is_dataset = isinstance(x, tf.data.Dataset)
+    if is_dataset:
+        x = x.repeat()
+    try:
+        model.fit(
+            x,
+            y,
+            batch_size=batch_size,
+            epochs=num_steps,
+            steps_per_epoch=1,
+            shuffle=not is_dataset,
+            callbacks=[test],
+            verbose=0,
+        )
+    finally:
+        if swapped:
+            inner.learning_rate = original_rate
+        for variable, value in zip(model.variables, weights, strict=True):
+            variable.assign(value)
+        for variable, value in zip(optimizer.variables, slots, strict=True):
+            variable.assign(value)
+        if swapped:
+            model.make_train_function(force=True)
+        model.reset_metrics()
+        if history is not None:
+            model.history = history
+    if test.missing_loss:
+        raise _checks.invalid(
+            "model", model.name, "a train step whose logs include `loss`"
+        )
+
+    n = len(test.losses)
+    smoothed = np.asarray(test.smoothed, dtype="float64")
+    result = LearningRateRange(
+        learning_rates=rates[:n],
+        losses=np.asarray(test.losses, dtype="float64"),
+        smoothed_losses=smoothed,
+        # As fastai, the first tenth of the steps (where the smoothed loss
+        # is still mostly its starting value) is left out of the suggestion.
+        suggestion=suggest_learning_rate(
+            rates[num_steps // 10 : n], smoothed[num_steps // 10 :], method
+        ),
+        method=method,
+        stopped_early=test.stopped_early,
+    )
+    if verbose:
+        _keras_internals.print_msg(
+            f"find_learning_rate: {n} steps from {start_lr:g} to {rates[n - 1]:.3g}"
+            f"{' (stopped: loss diverged)' if test.stopped_early else ''}; "
+            f"suggested learning rate ({method}): {result.suggestion:.3g}"
+        )
+    return result

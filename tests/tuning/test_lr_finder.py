@@ -1,0 +1,161 @@
+"""find_learning_rate: the range test restores the model and reads a sensible rate."""
+
+import keras
+import matplotlib
+
+matplotlib.use("Agg")
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_stability.optimizers import GuardedOptimizer
+from keras_stability.tuning.lr_finder import find_learning_rate
+from keras_stability.tuning.lr_finder import suggest_learning_rate
+
+
+def _data(n=1600, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 10)).astype("float32")
+    w = np.random.default_rng(0).normal(size=(10, 10))
+    y = np.argmax(x @ w + 0.5 * rng.normal(size=(n, 10)), axis=1)
+    return x, y
+
+
+def _example(optimizer=None):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((10,)),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
+    model.compile(
+        optimizer or keras.optimizers.Adam(1e-3),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def _state(model):
+    return [v.numpy().copy() for v in model.variables] + [
+        v.numpy().copy() for v in model.optimizer.variables
+    ]
+
+
+def test_weights_and_optimizer_state_are_restored_and_later_fit_is_unchanged():
+    x, y = _data(256)
+    plain = _example()
+    plain.fit(x, y, epochs=1, batch_size=32, shuffle=False, verbose=0)  # builds slots
+    tested = _example()
+    tested.fit(x, y, epochs=1, batch_size=32, shuffle=False, verbose=0)
+    before = _state(tested)
+    result = find_learning_rate(tested, x, y, num_steps=30)
+    assert len(result.losses) >= 10
+    for a, b in zip(before, _state(tested), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Training afterwards is exactly what it would have been.
+    plain.fit(x, y, epochs=1, batch_size=32, shuffle=False, verbose=0)
+    tested.fit(x, y, epochs=1, batch_size=32, shuffle=False, verbose=0)
+    for a, b in zip(plain.get_weights(), tested.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_schedule_learning_rate_is_put_back():
+    schedule = keras.optimizers.schedules.ExponentialDecay(1e-3, 100, 0.5)
+    model = _example(keras.optimizers.Adam(schedule))
+    x, y = _data(256)
+    result = find_learning_rate(model, x, y, num_steps=20)
+    assert model.optimizer._learning_rate is schedule
+    assert result.learning_rates[0] == pytest.approx(1e-7)
+    model.fit(x, y, epochs=1, verbose=0)
+    assert float(model.optimizer.learning_rate) == pytest.approx(
+        float(schedule(model.optimizer.iterations)), rel=1e-6
+    )
+
+
+def test_suggestion_on_the_keras_example_is_within_3x_of_the_grid_best():
+    # benchmarks: Adam on this example, 10 epochs, held-out loss by rate:
+    # 3e-4 0.696, 1e-3 0.480 (best), 3e-3 0.602, 1e-2 0.988.
+    x, y = _data()
+    result = find_learning_rate(_example(), x, y)
+    assert 1e-3 / 3 <= result.suggestion <= 1e-3 * 3, result.suggestion
+    assert result.losses.shape == result.learning_rates.shape
+    assert np.all(np.diff(result.learning_rates) > 0)
+
+
+def test_divergence_stops_the_test_early():
+    # Least squares with SGD diverges once lr > 2 / (largest Hessian eigenvalue).
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(512, 4)).astype("float32") * 3.0
+    y = x @ np.ones((4, 1), "float32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    result = find_learning_rate(model, x, y, start_lr=1e-4, end_lr=10.0, num_steps=60)
+    assert result.stopped_early
+    assert len(result.losses) < 60
+    stable_limit = 2.0 / np.linalg.eigvalsh(2 * x.T @ x / len(x)).max()
+    assert result.suggestion < stable_limit
+    assert np.isfinite(model.get_weights()[0]).all()
+
+
+def test_guarded_optimizer_and_dataset_input():
+    x, y = _data(256)
+    model = _example(GuardedOptimizer(keras.optimizers.Adam(1e-3)))
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    model.fit(data, epochs=1, verbose=0)
+    before = _state(model)
+    result = find_learning_rate(model, data, end_lr=1e-2, num_steps=20)
+    assert len(result.losses) == 20  # the 8-batch dataset was repeated
+    for a, b in zip(before, _state(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-3)
+
+
+def test_train_step_without_loss_is_a_clear_error():
+    class NoLoss(keras.Model):
+        def train_step(self, data):
+            return {"something": 1.0}
+
+    inputs = keras.Input((10,))
+    model = NoLoss(inputs, keras.layers.Dense(10)(inputs))
+    model.compile("adam", "mse")
+    x, y = _data(64)
+    with pytest.raises(ValueError, match="logs include `loss`"):
+        find_learning_rate(model, x, np.eye(10)[y], num_steps=10)
+
+
+def test_unbuilt_or_uncompiled_model_is_a_clear_error():
+    x, y = _data(64)
+    with pytest.raises(ValueError, match="Invalid value for argument `model`"):
+        find_learning_rate(keras.Sequential([keras.layers.Dense(1)]), x, y)
+    with pytest.raises(ValueError, match="Invalid value for argument `end_lr`"):
+        find_learning_rate(_example(), x, y, start_lr=1.0, end_lr=0.1)
+
+
+def test_suggestion_methods_on_a_known_curve():
+    lrs = np.geomspace(1e-5, 1.0, 50)
+    # Flat, then falling fastest near 1e-2, lowest at 1e-1, then rising.
+    log = np.log10(lrs)
+    losses = (
+        2.0 - 1.5 / (1 + np.exp(-(log + 2) * 4)) + np.where(log > -1, (log + 1) * 5, 0)
+    )
+    assert suggest_learning_rate(lrs, losses, "steepest") == pytest.approx(
+        1e-2, rel=0.3
+    )
+    minimum = lrs[np.argmin(losses)]
+    assert suggest_learning_rate(lrs, losses, "minimum") == pytest.approx(minimum / 10)
+    valley = suggest_learning_rate(lrs, losses, "valley")
+    assert 1e-5 < valley < minimum
+    assert np.isnan(suggest_learning_rate(lrs[:3], losses[:3]))
+
+
+def test_plot_draws_the_curve_on_a_log_axis():
+    x, y = _data(256)
+    result = find_learning_rate(_example(), x, y, num_steps=20)
+    ax = result.plot()
+    assert ax.get_xscale() == "log"
+    assert len(ax.lines) == 3  # loss, smoothed loss, suggestion
