@@ -241,6 +241,46 @@ TUNING_CASES = [
     ),
 ]
 
+def _range_test_kwargs():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile("sgd", "mse")
+    x = np.zeros((8, 3), "float32")
+    return {"model": model, "x": x, "y": np.zeros((8, 2), "float32"), "num_steps": 5}
+
+
+TUNING_CASES += [
+    Case(
+        tuning.find_learning_rate,
+        kwargs=_range_test_kwargs,
+        bad={
+            "model": [None, "model", keras.Sequential([keras.layers.Dense(1)])],
+            "start_lr": [0.0, -1.0],
+            "end_lr": [0.0, 1e-9],
+            "num_steps": [4, 0],
+            "batch_size": [0, 2.5, "8"],
+            "smoothing": [1.0, -0.1],
+            "divergence_factor": [1.0, 0.5],
+            "method": ["best", None],
+            "verbose": [3, -1, "1"],
+        },
+        good={"verbose": [True]},  # as Keras' own `verbose`
+        skip={
+            "x": "any input `fit` takes; `fit` itself reports bad data",
+            "y": "any target `fit` takes; `fit` itself reports bad data",
+        },
+    ),
+    Case(
+        tuning.suggest_learning_rate,
+        kwargs={"learning_rates": [1e-3, 1e-2], "smoothed_losses": [1.0, 0.5]},
+        bad={"method": ["best", None, 1]},
+        skip={
+            "learning_rates": "array-like data, read with numpy",
+            "smoothed_losses": "array-like data, read with numpy",
+        },
+    ),
+]
+
 BAD_SEEDS = [-1]
 
 DATASET_CASES = [
@@ -616,5 +656,6 @@ CASES = [
     *PRUNING_CASES,
 ]
 EXEMPT = {
+    "tuning.LearningRateRange": "a result record that find_learning_rate builds",
     "datasets.load_digits": "takes no argument",
 }
