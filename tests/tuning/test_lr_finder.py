@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_stability.datasets import load_dataset
 from keras_stability.optimizers import GuardedOptimizer
 from keras_stability.tuning.lr_finder import find_learning_rate
 from keras_stability.tuning.lr_finder import suggest_learning_rate
@@ -77,9 +78,9 @@ def test_schedule_learning_rate_is_put_back():
 
 
 def test_suggestion_on_the_keras_example_is_within_3x_of_the_grid_best():
-    # benchmarks: Adam on this example, 10 epochs, held-out loss by rate:
-    # 3e-4 0.696, 1e-3 0.480 (best), 3e-3 0.602, 1e-2 0.988.
-    x, y = _data()
+    # Adam on the demo's data, 10 epochs, mean held-out loss of 2 seeds by rate:
+    # 3e-4 0.708, 1e-3 0.468 (best), 3e-3 0.548, 1e-2 0.859, 3e-2 0.975.
+    (x, y), _ = load_dataset("synthetic")
     result = find_learning_rate(_example(), x, y)
     assert 1e-3 / 3 <= result.suggestion <= 1e-3 * 3, result.suggestion
     assert result.losses.shape == result.learning_rates.shape
