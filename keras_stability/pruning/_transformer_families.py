@@ -251,6 +251,9 @@ class FunctionalFamily(Family):
         hidden = sizes["hidden_dim"]
 
         def clone(layer):
+            if not layer.weights:
+                # Stateless: share it (a Lambda cannot be re-created safely).
+                return layer
             config = layer.get_config()
             if isinstance(layer, StableTransformerBlock):
                 config["num_heads"] = sizes["num_heads"]

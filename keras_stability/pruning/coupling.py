@@ -859,7 +859,9 @@ def trace_model(model, inputs):
     specs = _flat_specs(inputs)
     function = tf.compat.v1.wrap_function(lambda x: model(x, training=False), [specs])
     graph = function.graph
-    feeds = [t for t in graph.inputs if t.dtype != tf.resource]
+    # The call's arguments come first in the graph's inputs, then captures
+    # (variables and constants the model closes over).
+    feeds = list(graph.inputs[: len(tf.nest.flatten(specs))])
     handles = {}
     for v in model.weights:
         handles.setdefault(id(v.value.handle), v)
@@ -876,6 +878,10 @@ def trace_model(model, inputs):
 
 
 def layer_of_op(op_name):
-    """The Keras layer path in a graph op name (for messages)."""
-    parts = [re.sub(r"_\d+$", "", p) for p in op_name.split("/")[:-1]]
+    """The Keras layer path in a graph op name, for messages.
+
+    `"model_1/block_0_1/attention_1/einsum/Einsum"` -> `"model/block_0/attention/einsum"`
+    (the `_1` suffixes are the graph's, not the layers').
+    """
+    parts = [re.sub(r"_1$", "", p) for p in op_name.split("/")[:-1]]
     return "/".join(parts)

@@ -42,6 +42,7 @@ Reference:
 """
 
 import math
+import re
 
 import keras
 import numpy as np
@@ -52,6 +53,7 @@ from keras_stability._checks import check_int
 from keras_stability._checks import check_positive_int
 from keras_stability._checks import invalid
 from keras_stability.pruning import _transformer_families as families
+from keras_stability.pruning import _transformer_importance as importance
 from keras_stability.pruning.coupling import layer_of_op
 from keras_stability.pruning.coupling import trace_model
 
@@ -267,14 +269,10 @@ def _is_norm(layer):
     return "Normalization" in name or name.endswith("LayerNorm")
 
 
-def _cross_entropy(logits, y, sw):
-    logits = np.asarray(logits, "float64")
-    logits = logits - logits.max(-1, keepdims=True)
-    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    nll = -np.take_along_axis(logp, y[..., None].astype("int64"), -1)[..., 0]
-    if sw is None:
-        return float(nll.mean())
-    return float((nll * sw).sum() / max(sw.sum(), 1e-12))
+def _layer_hint(reason):
+    """`" (in layer a/b)"` for a reason that names a graph op, else `""`."""
+    match = re.match(r"op (\S+)", reason)
+    return f" (in layer {layer_of_op(match.group(1))})" if match else ""
 
 
 def _top(scores, n_keep):
@@ -305,6 +303,7 @@ class _Analysis:
         self.batches = [] if x is None else _batches(x, y, sw, self.batch_size)
         sample = self.batches[0][0] if self.batches else self.family.sample_inputs()
         self.trace = trace_model(model, sample)
+        self._index = {id(v): i for i, v in enumerate(self.trace.variables)}
         self._find_groups()
 
     # -- groups ---------------------------------------------------------------
@@ -328,14 +327,19 @@ class _Analysis:
             for r, owners in roots.items()
             if set(range(len(blocks))) <= owners and None in owners
         ]
-        if not spanning:
-            raise invalid(
-                "model",
-                self.model.name,
-                "a model whose hidden size runs through the embeddings and every "
-                "block (no such group of weight axes was found)",
+        self.hidden, self.hidden_problem = None, None
+        if spanning:
+            self.hidden = max(spanning, key=lambda r: len(tr.members(r)))
+        else:
+            # An op cut the stream in pieces; name it through the piece that
+            # holds the embeddings and the most blocks.
+            pieces = [
+                r for r, owners in roots.items() if None in owners and len(owners) > 1
+            ]
+            best = max(pieces, key=lambda r: len(roots[r]), default=None)
+            self.hidden_problem = (best is not None and tr.opaque_reason(best)) or (
+                "no group of weight axes runs through the embeddings and every block"
             )
-        self.hidden = max(spanning, key=lambda r: len(tr.members(r)))
         attention_roots = set()
         head_candidates = set()
         for record in tr.attention:
@@ -363,23 +367,24 @@ class _Analysis:
             self.ffn.setdefault(next(iter(owners)), []).append(r)
         sizes = dict(self.family.sizes)
         if sizes["hidden_dim"] is None:
-            sizes["hidden_dim"] = g.sizes[self.hidden]
+            sizes["hidden_dim"] = int(self.family.block_io(blocks[0])[0].shape[-1])
         self.sizes = sizes
 
-    def _unit(self, table, k, what, argument):
+    def _unit(self, table, k, what, argument, value):
+        """The one group of heads (or FFN units) of block `k`."""
         units = table.get(k, [])
         if len(units) != 1:
             name = self.family.blocks[k].name
             raise invalid(
                 argument,
-                getattr(self, "_requested", {}).get(argument),
+                value,
                 f"a model whose block {name!r} has one group of {what} "
                 f"(found {len(units)})",
             )
         return units[0]
 
     def target_sizes(self, requested):
-        self._requested = requested
+        """The new sizes: `requested`, with `None` meaning unchanged, checked."""
         out = {}
         for name, value in requested.items():
             current = self.sizes[name]
@@ -404,13 +409,27 @@ class _Analysis:
         tr = self.trace
         checks = []
         if sizes["hidden_dim"] < self.sizes["hidden_dim"]:
+            if self.hidden is None:
+                raise invalid(
+                    "hidden_dim",
+                    sizes["hidden_dim"],
+                    f"the current size ({self.sizes['hidden_dim']}): the hidden size "
+                    f"cannot shrink because {self.hidden_problem}"
+                    f"{_layer_hint(self.hidden_problem)}",
+                )
             checks.append(("hidden_dim", self.hidden, "hidden size"))
         for k in range(len(self.family.blocks)):
             if sizes["num_heads"] < self.sizes["num_heads"]:
                 checks.append(
                     (
                         "num_heads",
-                        self._unit(self.heads, k, "attention heads", "num_heads"),
+                        self._unit(
+                            self.heads,
+                            k,
+                            "attention heads",
+                            "num_heads",
+                            sizes["num_heads"],
+                        ),
                         "heads",
                     )
                 )
@@ -418,22 +437,26 @@ class _Analysis:
                 checks.append(
                     (
                         "intermediate_dim",
-                        self._unit(self.ffn, k, "FFN units", "intermediate_dim"),
+                        self._unit(
+                            self.ffn,
+                            k,
+                            "FFN units",
+                            "intermediate_dim",
+                            sizes["intermediate_dim"],
+                        ),
                         "FFN units",
                     )
                 )
         for name, root, what in checks:
-            reason = tr.opaque_reason(root) or (
-                "it reaches the model's inputs or outputs"
-                if tr.flags(root) - {"output"}
-                else None
-            )
+            reason = tr.opaque_reason(root)
+            if reason is None and "input" in tr.flags(root):
+                reason = "it reaches the model's inputs"
             if reason:
                 raise invalid(
                     name,
                     sizes[name],
-                    f"the current size: the {what} cannot shrink because {reason} "
-                    f"(layer {layer_of_op(reason.split(' ')[1]) if reason.startswith('op ') else '?'})",
+                    f"the current size ({self.sizes[name]}): the {what} cannot "
+                    f"shrink because {reason}{_layer_hint(reason)}",
                 )
         heads = (
             self.family.head_units(self.sizes["num_heads"])
@@ -464,115 +487,25 @@ class _Analysis:
 
     # -- scores ---------------------------------------------------------------
 
-    def _magnitude(self, root):
-        tr = self.trace
-        total = np.zeros(tr.groups.sizes[root])
-        for vi, axis, (pre, size, post) in tr.members(root):
-            w = np.asarray(tr.variables[vi].numpy(), "float64")
-            w = np.moveaxis(w, axis, -1).reshape(-1, pre, size, post)
-            total += (w**2).sum(axis=(0, 1, 3))
-        return np.sqrt(total)
-
-    def _consumers(self, root):
-        """Activations that projections read along `root`: `(tensor, axis)`."""
-        tr, g = self.trace, self.trace.groups
-        found = {}
-        for record in tr.contractions:
-            t = record["activation"]
-            for axis in record["contracted"]:
-                e = tr.axes(t)[axis]
-                if e is None or not g.contains(e, root):
-                    continue
-                src, src_axis = t, axis
-                while src.op.type in (
-                    "Reshape",
-                    "Identity",
-                    "Cast",
-                    "ExpandDims",
-                    "Squeeze",
-                ):
-                    inp = src.op.inputs[0]
-                    axes = [
-                        i
-                        for i, x in enumerate(tr.axes(inp) or [])
-                        if x is not None and g.contains(x, root)
-                    ]
-                    if not axes or not tr.is_dependent(inp):
-                        break
-                    src, src_axis = inp, axes[0]
-                found[src.name] = (src, src_axis)
-        return list(found.values())
-
-    def _activation_scores(self, roots):
-        tr, g = self.trace, self.trace.groups
-        wanted = {r: self._consumers(r) for r in roots}
-        tensors = {}
-        for items in wanted.values():
-            for t, _ in items:
-                tensors[t.name] = t
-        names = list(tensors)
-        fetch = tr.fetcher([tensors[n] for n in names])
-        totals = {r: np.zeros(g.sizes[r]) for r in roots}
-        for x, _, _ in self.batches:
-            feeds = [
-                tf.constant(a, dtype=f.dtype)
-                for a, f in zip(tf.nest.flatten(x), tr.feeds, strict=False)
-            ]
-            values = dict(
-                zip(
-                    names,
-                    (np.asarray(v, "float64") for v in fetch(*feeds)),
-                    strict=False,
-                )
-            )
-            for r, items in wanted.items():
-                for t, axis in items:
-                    pre, size, post = g.locate(tr.axes(t)[axis], r)
-                    a = np.moveaxis(values[t.name], axis, -1).reshape(
-                        -1, pre, size, post
-                    )
-                    totals[r] += np.sqrt((a**2).sum(-1)).mean(axis=(0, 1))
-        return {r: totals[r] / max(len(self.batches), 1) for r in roots}
-
     def _block_scores(self):
         blocks = self.family.blocks
         if not self.batches:
-            tr, g = self.trace, self.trace.groups
-            scores = np.zeros(len(blocks))
-            for record in tr.contractions:
-                if not any(g.contains(e, self.hidden) for e in record["free"]):
-                    continue
-                for vi in record["variables"]:
-                    k = self.var_block[vi]
-                    if k is not None:
-                        w = tr.variables[vi].numpy()
-                        scores[k] += float((np.asarray(w, "float64") ** 2).sum())
-            return np.sqrt(scores)
+            return importance.writer_norms(
+                self.trace, self.hidden, self.var_block, len(blocks)
+            )
         if self.block_importance == "loss":
             return self._loss_block_scores()
-        root = self.family.root
-        outputs = []
-        for block in blocks:
-            outputs.extend(self.family.block_io(block))
-        probe = keras.Model(root.input, outputs)
-        distance = np.zeros(len(blocks))
-        for x, _, _ in self.batches:
-            values = [np.asarray(v, "float64") for v in probe(x, training=False)]
-            for k in range(len(blocks)):
-                a, b = values[2 * k], values[2 * k + 1]
-                a = a.reshape(-1, a.shape[-1])
-                b = b.reshape(-1, b.shape[-1])
-                cos = (a * b).sum(-1) / (
-                    np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12
-                )
-                distance[k] += float((1.0 - cos).mean())
-        return distance / len(self.batches)
+        return importance.cosine_distances(
+            self.family.root,
+            [self.family.block_io(b) for b in blocks],
+            [x for x, _, _ in self.batches],
+        )
 
     def _loss(self, model):
         total = 0.0
         for x, y, sw in self.batches:
             logits = keras.ops.convert_to_numpy(model(x, training=False))
-            total += _cross_entropy(logits, y, sw)
+            total += importance.cross_entropy(logits, y, sw)
         return total / len(self.batches)
 
     def _loss_block_scores(self):
@@ -611,9 +544,10 @@ class _Analysis:
         if shrink_hidden:
             roots.append(self.hidden)
         if by_data and roots:
-            scores = self._activation_scores(roots)
+            inputs = [x for x, _, _ in self.batches]
+            scores = importance.activation_scores(self.trace, roots, inputs)
         else:
-            scores = {r: self._magnitude(r) for r in roots}
+            scores = {r: importance.magnitude_scores(self.trace, r) for r in roots}
         plan = {
             "importance": "activation" if by_data else "magnitude",
             "sizes": dict(sizes),
@@ -653,7 +587,7 @@ class _Analysis:
     # -- the smaller model ----------------------------------------------------
 
     def apply(self, plan):
-        tr, g = self.trace, self.trace.groups
+        """Builds the smaller model of `plan` and copies the kept weights in."""
         blocks = self.family.blocks
         sizes = plan["sizes"]
         keep_blocks = [int(k) for k in plan["blocks"]["keep"]]
@@ -668,7 +602,6 @@ class _Analysis:
         if isinstance(self.family, families.FunctionalFamily):
             self.family.resized_outputs = self._resized_outputs(keep)
         new_model = self.family.build(sizes, keep_blocks)
-        index = {id(v): i for i, v in enumerate(tr.variables)}
         norms = {}
         for layer in _sublayers(self.family.root):
             if _is_norm(layer):
@@ -685,26 +618,8 @@ class _Analysis:
                     f"layer {old_layer.name!r} rebuilt with the same weights "
                     f"({len(old_weights)} before, {len(new_weights)} after)",
                 )
-            for old, new in zip(old_weights, new_weights, strict=False):
-                value = np.asarray(old.numpy())
-                vi = index.get(id(old))
-                if vi is not None:
-                    for axis, e in enumerate(tr.var_axes(vi)):
-                        kept = None if e is None else g.expand(e, keep)
-                        if kept is not None:
-                            value = np.take(value, kept, axis=axis)
-                    if (
-                        id(old) in norms
-                        and ratio != 1.0
-                        and value.ndim == 1
-                        and tr.variable_groups(vi)[0] == self.hidden
-                        and old.path.rsplit("/", 1)[-1]
-                        not in ("beta", "bias", "center")
-                    ):
-                        if _one_plus_scale(norms[id(old)]):
-                            value = (1.0 + value) * ratio - 1.0
-                        else:
-                            value = value * ratio
+            for old, new in zip(old_weights, new_weights, strict=True):
+                value = self._sliced(old, keep, norms.get(id(old)), ratio)
                 if tuple(value.shape) != tuple(new.shape):
                     raise invalid(
                         "model",
@@ -725,16 +640,44 @@ class _Analysis:
         self.family.correct(new_model, ratio)
         return new_model
 
+    def _sliced(self, variable, keep, norm, ratio):
+        """The kept part of `variable`; a norm's scale on the hidden axis rescaled.
+
+        RMS over `new_hidden` channels of a stream whose removed channels
+        are zero is `sqrt(hidden / new_hidden)` times the RMS over all of
+        them: the scale is multiplied by that ratio to compensate.
+        """
+        tr = self.trace
+        value = np.asarray(variable.numpy())
+        vi = self._index.get(id(variable))
+        if vi is None:  # not read by the call: unchanged
+            return value
+        for axis, e in enumerate(tr.var_axes(vi)):
+            kept = None if e is None else tr.groups.expand(e, keep)
+            if kept is not None:
+                value = np.take(value, kept, axis=axis)
+        name = variable.path.rsplit("/", 1)[-1]
+        if (
+            norm is not None
+            and ratio != 1.0
+            and value.ndim == 1
+            and tr.variable_groups(vi)[0] == self.hidden
+            and name not in ("beta", "bias", "center")
+        ):
+            if _one_plus_scale(norm):
+                return (1.0 + value) * ratio - 1.0
+            return value * ratio
+        return value
+
     def _resized_outputs(self, keep):
         """Names of top-level Embedding/Dense layers whose output axis shrinks."""
         tr, g = self.trace, self.trace.groups
         names = set()
-        index = {id(v): i for i, v in enumerate(tr.variables)}
         for layer in self.family.root.layers:
             if not isinstance(layer, (keras.layers.Embedding, keras.layers.Dense)):
                 continue
             v = layer.weights[0] if layer.weights else None
-            vi = None if v is None else index.get(id(v))
+            vi = None if v is None else self._index.get(id(v))
             if vi is None:
                 continue
             last = tr.var_axes(vi)[-1]

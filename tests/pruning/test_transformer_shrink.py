@@ -482,3 +482,25 @@ def test_unsupported_model_raises():
     mlp = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     with pytest.raises(ValueError, match="Invalid value for argument `model`"):
         shrink_transformer_plan(mlp, num_heads=1)
+
+
+def test_an_opaque_op_on_the_hidden_axis_is_named_and_other_sizes_still_shrink():
+    # A layer the analysis cannot see through (here a flip of the channels)
+    # between two blocks: the hidden size cannot shrink, heads still can.
+    keras.utils.set_random_seed(0)
+    ids = keras.Input(shape=(SEQ,), dtype="int32")
+    x = TokenAndPositionEmbedding(VOCAB, SEQ, HIDDEN, name="embedding")(ids)
+    x = StableTransformerBlock(num_heads=HEADS, name="block_0")(x)
+    x = keras.layers.Lambda(lambda t: keras.ops.flip(t, axis=-1), name="flip")(x)
+    x = StableTransformerBlock(num_heads=HEADS, name="block_1")(x)
+    model = keras.Model(ids, keras.layers.Dense(VOCAB, name="logits")(x))
+    with pytest.raises(ValueError) as info:
+        shrink_transformer(model, hidden_dim=16)
+    message = str(info.value)
+    assert message.startswith(
+        "Invalid value for argument `hidden_dim`. Expected the current size (32): "
+        "the hidden size cannot shrink because op "
+    )
+    assert "ReverseV2 has no coupling rule (in layer " in message and "/flip" in message
+    small = shrink_transformer(model, num_heads=2, data=_ids())
+    assert small.get_layer("block_1").num_heads == 2

@@ -292,3 +292,26 @@ def test_keras_round_trip_in_a_fresh_process_and_short_fit(
     )
     losses = history.history["loss"]
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_a_bare_backbone_shrinks_to_a_backbone():
+    model = _gpt2().backbone
+    x = _inputs()
+    small = shrink_transformer(model, intermediate_dim=16, num_heads=2, hidden_dim=16)
+    assert isinstance(small, keras_hub.models.GPT2Backbone)
+    assert _predict(small, x).shape == (16, SEQ, 16)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma"])
+def test_generation_runs_on_the_shrunk_causal_lm(family):
+    model = _gpt2() if family == "gpt2" else _gemma()
+    sizes = {"gpt2": dict(num_heads=2, hidden_dim=16), "gemma": dict(num_heads=2)}
+    small = shrink_transformer(model, num_layers=1, **sizes[family])
+    prompt = {
+        "token_ids": np.array([[5, 6, 7, 0, 0, 0, 0, 0]], "int32"),
+        "padding_mask": np.array([[1, 1, 1, 0, 0, 0, 0, 0]], "int32"),
+    }
+    out = small.generate(prompt, max_length=SEQ, stop_token_ids=None)
+    assert out["token_ids"].shape == (1, SEQ)
+    np.testing.assert_array_equal(out["token_ids"][0, :3], [5, 6, 7])
+    assert out["padding_mask"].all()
