@@ -211,7 +211,7 @@ def _split_data(data):
     if not leaves or any(a.ndim != 2 for a in leaves):
         raise invalid(
             "data",
-            [a.shape for a in leaves],
+            f"arrays of shapes {[a.shape for a in leaves]}",
             "inputs of shape (batch, sequence) (an array or a dict of arrays)",
         )
     n = leaves[0].shape[0]
@@ -302,7 +302,16 @@ class _Analysis:
             )
         self.batches = [] if x is None else _batches(x, y, sw, self.batch_size)
         sample = self.batches[0][0] if self.batches else self.family.sample_inputs()
-        self.trace = trace_model(model, sample)
+        try:
+            self.trace = trace_model(model, sample)
+        except (ValueError, TypeError) as e:
+            if not self.batches:
+                raise
+            raise invalid(
+                "data",
+                f"inputs of type {type(x).__name__}",
+                f"inputs the model accepts (calling it on them raised: {e})",
+            ) from e
         self._index = {id(v): i for i, v in enumerate(self.trace.variables)}
         self._find_groups()
 

@@ -457,7 +457,16 @@ def test_original_model_is_unchanged():
             {"batch_size": 0},
             "Invalid value for argument `batch_size`. Expected a positive integer. Received: batch_size=0",
         ),
-        ({"data": np.zeros((4,), "int32")}, "Invalid value for argument `data`"),
+        (
+            {"data": np.zeros((4,), "int32")},
+            "Invalid value for argument `data`. Expected inputs of shape (batch, "
+            "sequence) (an array or a dict of arrays). Received: data='arrays of "
+            "shapes [(4,)]'",
+        ),
+        (
+            {"data": {"tokens": np.zeros((4, 8), "int32")}},
+            "Invalid value for argument `data`. Expected inputs the model accepts",
+        ),
         (
             {"data": (np.zeros((4, 8), "int32"), np.zeros((3, 8), "int32"))},
             "Invalid value for argument `data`",
