@@ -254,8 +254,8 @@ class Trace:
         contractions: One dict per matmul/einsum between an activation and
             weights: `"op"`, `"activation"` (tensor), `"contracted"` (its
             contracted axes), `"variables"` (indices into `variables` of the
-            weights it multiplies), `"free"` (groups of the weights' other
-            axes).
+            weights it multiplies), `"free"` (elements of the weights' axes
+            that reach the output).
         attention: One dict per matmul/einsum between two activations:
             `"op"`, `"batch"`, `"contracted"`, `"free"` (group roots).
         function: The traced `tf.compat.v1.wrap_function`.
@@ -726,7 +726,7 @@ class _Walker:
 
     def strided_slice(self, op):
         inp, out = op.inputs[0], op.outputs[0]
-        begin, end, strides = (_static(op.inputs[k]) for k in (1, 2, 3))
+        strides = _static(op.inputs[3])
         if strides is None:
             return self.opaque_all(op)
         masks = {
@@ -772,7 +772,6 @@ class _Walker:
                 for e in (a[i], b[j]):
                     if e is not None:
                         self.g.mark_opaque(e, reason)
-        del begin, end
 
     def concat(self, op):
         values, axis_t = op.inputs[:-1], op.inputs[-1]
