@@ -44,7 +44,7 @@ $(PY):
 
 $(STAMP): $(PY) setup.cfg pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,notebooks]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,notebooks,hub]"
 	@touch $(STAMP)
 
 clean:

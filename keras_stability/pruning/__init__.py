@@ -3,7 +3,9 @@
 `prune_low_magnitude(model, schedule)` prunes Sequential, functional and
 subclassed models in place; `strip_pruning` removes the machinery;
 `sparsity_report` and `PruningSummaries` show the sparsity; `shrink` removes
-whole units and filters for a smaller, faster model. `UpdatePruningStep` is
+whole units and filters for a smaller, faster model; `shrink_transformer`
+removes attention heads, FFN units, hidden channels and blocks of a
+transformer language model (ours or keras-hub's). `UpdatePruningStep` is
 accepted as a no-op so that TF-MOT code runs with only its import changed.
 
 `PolynomialDecay` and `ConstantSparsity` are TF-MOT's own schedule classes
@@ -25,6 +27,8 @@ from keras_stability.pruning.shrink import shrink_plan
 from keras_stability.pruning.strip import sparsity_report
 from keras_stability.pruning.strip import strip_pruning
 from keras_stability.pruning.summaries import PruningSummaries
+from keras_stability.pruning.transformer_shrink import shrink_transformer
+from keras_stability.pruning.transformer_shrink import shrink_transformer_plan
 
 # Fix `tf.keras` to Keras 3 now: a later `import tensorflow_model_optimization`
 # (ours or the user's) sets TF_USE_LEGACY_KERAS=1, which would otherwise make a
@@ -46,6 +50,8 @@ __all__ = [
     "schedules",
     "shrink",
     "shrink_plan",
+    "shrink_transformer",
+    "shrink_transformer_plan",
     "sparsity_report",
     "strip_pruning",
 ]
