@@ -645,6 +645,36 @@ PRUNING_CASES = [
     ),
 ]
 
+def _char_lm_kwargs():
+    model = models.build_char_transformer(
+        vocab_size=11, sequence_length=8, num_blocks=2, hidden_dim=16, num_heads=4
+    )
+    return {"model": model, "num_heads": 2}
+
+
+def _transformer_shrink_case(target):
+    return Case(
+        target,
+        kwargs=_char_lm_kwargs,
+        bad={
+            "model": [None, "lm", keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])],
+            "num_heads": [0, 5, 2.0, "2", True],
+            "intermediate_dim": [0, 10**6, 2.5, "8", True],
+            "hidden_dim": [0, 10**6, 2.5, "8", True],
+            "num_layers": [0, 3, 1.5, "1", True],
+            "data": ["text", np.zeros((2, 8, 3), "int32")],
+            "block_importance": ["angle", None],
+            "batch_size": [0, -1],
+        },
+    )
+
+
+PRUNING_CASES += [
+    _transformer_shrink_case(pruning.shrink_transformer),
+    _transformer_shrink_case(pruning.shrink_transformer_plan),
+]
+
+
 CASES = [
     *LAYER_CASES,
     *REGULARIZER_CASES,
