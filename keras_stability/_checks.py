@@ -245,7 +245,9 @@ def check_path(name, value, allow_none=False):
         value = os.fspath(value)
     if not isinstance(value, str) or not value:
         raise invalid(
-            name, value, "a path (str or os.PathLike)" + (" or None" if allow_none else "")
+            name,
+            value,
+            "a path (str or os.PathLike)" + (" or None" if allow_none else ""),
         )
     return value
 
@@ -272,7 +274,9 @@ def check_writable_dir(name, path):
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        raise invalid(name, path, f"a directory that can be created ({e.strerror})") from None
+        raise invalid(
+            name, path, f"a directory that can be created ({e.strerror})"
+        ) from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise invalid(name, path, "a writable directory")
     return path

@@ -120,9 +120,10 @@ def _reduce_per_replica(values, strategy, reduction):
 
 
 def _is_multi_worker(strategy):
-    return isinstance(
-        strategy, tf.distribute.MultiWorkerMirroredStrategy
-    ) and strategy.extended._in_multi_worker_mode()
+    return (
+        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        and strategy.extended._in_multi_worker_mode()
+    )
 
 
 def enable_multi_worker_patches():
@@ -214,6 +215,7 @@ def cancel_skip_train_batches(model):
         wrapper.skip_left = 0
         wrapper.release_if_idle()
 
+
 # -- Callbacks, clipping and optimizers ---------------------------------------
 #
 # `fit`'s logs. Keras' TensorFlow `fit` loop is, per call of the compiled step:
@@ -239,7 +241,11 @@ def loss_tracker(model):
     and `count`; `None` when the model has none (a custom `train_step`).
     """
     tracker = getattr(model, "_loss_tracker", None)
-    if tracker is None or not hasattr(tracker, "total") or not hasattr(tracker, "count"):
+    if (
+        tracker is None
+        or not hasattr(tracker, "total")
+        or not hasattr(tracker, "count")
+    ):
         return None
     return tracker
 
@@ -406,7 +412,9 @@ class _TrainFunctionWrapper:
     def _skip(self, iterator):
         n = min(max(1, int(self.model.steps_per_execution or 1)), self.skip_left)
         for _ in range(n):
-            if isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)):
+            if isinstance(
+                iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)
+            ):
                 iterator.get_next()  # OutOfRangeError at the end: fit ends the epoch
             else:
                 next(iterator)

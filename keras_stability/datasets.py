@@ -137,7 +137,8 @@ def train_test_split(x, y, test_fraction=0.2, seed=0):
     for name, value in (("x", x), ("y", y)):
         if value.ndim < 1 or len(value) < 2 or value.dtype == object:
             raise invalid(
-                name, value if value.ndim < 1 else f"array of shape {value.shape}",
+                name,
+                value if value.ndim < 1 else f"array of shape {value.shape}",
                 "an array of at least 2 samples (samples first)",
             )
     if len(x) != len(y):
@@ -182,11 +183,34 @@ def load_dataset(name="synthetic", seed=0, test_fraction=0.2):
 # Standard-library modules whose docstrings make the text corpus. The text is
 # read at run time from the running Python, so nothing is downloaded.
 STDLIB_TEXT_MODULES = (
-    "argparse", "bisect", "calendar", "collections", "contextlib", "csv",
-    "dataclasses", "datetime", "decimal", "difflib", "enum", "fractions",
-    "functools", "heapq", "itertools", "json", "logging", "os", "pathlib",
-    "random", "re", "shutil", "statistics", "string", "tempfile", "textwrap",
-    "typing", "unittest",
+    "argparse",
+    "bisect",
+    "calendar",
+    "collections",
+    "contextlib",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "enum",
+    "fractions",
+    "functools",
+    "heapq",
+    "itertools",
+    "json",
+    "logging",
+    "os",
+    "pathlib",
+    "random",
+    "re",
+    "shutil",
+    "statistics",
+    "string",
+    "tempfile",
+    "textwrap",
+    "typing",
+    "unittest",
 )
 
 
@@ -234,7 +258,10 @@ def load_stdlib_text(modules=STDLIB_TEXT_MODULES, max_chars=None):
     for module in loaded:
         docs.append(inspect.getdoc(module) or "")
         for name, obj in sorted(vars(module).items()):
-            if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+            if (
+                name.startswith("_")
+                or getattr(obj, "__module__", None) != module.__name__
+            ):
                 continue
             doc = inspect.getdoc(obj)
             if doc:

@@ -122,7 +122,13 @@ class _Child:
         self.log_path = os.path.join(tmp, "output.log")
         self._log = open(self.log_path, "w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.subprocess_main", payload_path, self.result_path],
+            [
+                sys.executable,
+                "-m",
+                "tests.subprocess_main",
+                payload_path,
+                self.result_path,
+            ],
             cwd=REPO_ROOT,
             env=child_env,
             stdout=self._log,
@@ -260,7 +266,11 @@ def run_layer_test(
         if own_tmp is not None:
             own_tmp.cleanup()
     np.testing.assert_allclose(
-        y_loaded, y, rtol=1e-5, atol=1e-6, err_msg="predictions differ after .keras load"
+        y_loaded,
+        y,
+        rtol=1e-5,
+        atol=1e-6,
+        err_msg="predictions differ after .keras load",
     )
 
     history = None

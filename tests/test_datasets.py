@@ -63,7 +63,9 @@ def test_bad_arguments_name_the_argument():
         datasets.make_classification(n_classes=1)
     with pytest.raises(ValueError, match=r"`class_sep`.*Received: class_sep=0"):
         datasets.make_classification(class_sep=0)
-    with pytest.raises(ValueError, match=r"`test_fraction`.*Received: test_fraction=1.5"):
+    with pytest.raises(
+        ValueError, match=r"`test_fraction`.*Received: test_fraction=1.5"
+    ):
         datasets.train_test_split(np.zeros((4, 1)), np.zeros(4), test_fraction=1.5)
 
 
@@ -78,14 +80,21 @@ def test_stdlib_text_is_read_at_run_time_and_deterministic():
 
 
 def test_char_lm_windows_are_shifted_by_one_and_split():
-    data = datasets.make_char_lm_data("abcdefghij" * 20, seq_len=8, held_out_fraction=0.2)
+    data = datasets.make_char_lm_data(
+        "abcdefghij" * 20, seq_len=8, held_out_fraction=0.2
+    )
     assert data["vocab"] == list("abcdefghij")
     np.testing.assert_array_equal(data["x_train"][:, 1:], data["y_train"][:, :-1])
     assert data["x_train"].shape[1] == 8 and data["x_test"].shape[1] == 8
-    assert len(data["x_train"]) == (160 - 1) // 8 and len(data["x_test"]) == (40 - 1) // 8
+    assert (
+        len(data["x_train"]) == (160 - 1) // 8 and len(data["x_test"]) == (40 - 1) // 8
+    )
     decoded = "".join(data["vocab"][i] for i in data["x_train"][0])
     assert decoded == "abcdefgh"
     with pytest.raises(ValueError, match=r"`seq_len`.*Received: seq_len=0"):
         datasets.make_char_lm_data("abc", seq_len=0)
-    with pytest.raises(ValueError, match=r"Invalid value for argument `text`. Expected a text long enough for one window of seq_len="):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid value for argument `text`. Expected a text long enough for one window of seq_len=",
+    ):
         datasets.make_char_lm_data("abc", seq_len=8)

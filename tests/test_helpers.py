@@ -19,7 +19,12 @@ def _mirrored_sum():
 
     strategy = tf.distribute.MirroredStrategy()
     value = strategy.run(
-        lambda: tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.float32) + 1.0
+        lambda: (
+            tf.cast(
+                tf.distribute.get_replica_context().replica_id_in_sync_group, tf.float32
+            )
+            + 1.0
+        )
     )
     return strategy.num_replicas_in_sync, float(
         strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
@@ -70,7 +75,9 @@ def test_run_layer_test_catches_wrong_counts_and_shapes():
             keras.layers.Dense, {"units": 3}, (4, 5), expected_num_trainable_weights=1
         )
     with pytest.raises(AssertionError, match="output shape"):
-        run_layer_test(keras.layers.Dense, {"units": 3}, (4, 5), expected_output_shape=(4, 2))
+        run_layer_test(
+            keras.layers.Dense, {"units": 3}, (4, 5), expected_output_shape=(4, 2)
+        )
 
 
 @keras.saving.register_keras_serializable(package="keras_stability_tests")

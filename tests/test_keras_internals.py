@@ -107,12 +107,21 @@ def test_collective_ops_configurable_reads_tensorflows_own_test():
 
 def test_file_utils_has_what_backup_files_use():
     for name in (
-        "exists", "isdir", "listdir", "makedirs", "remove", "rmtree", "copy",
-        "join", "File", "is_remote_path",
+        "exists",
+        "isdir",
+        "listdir",
+        "makedirs",
+        "remove",
+        "rmtree",
+        "copy",
+        "join",
+        "File",
+        "is_remote_path",
     ):
         assert callable(getattr(_keras_internals.file_utils, name)), name
     assert _keras_internals.file_utils.is_remote_path("gs://bucket/backup")
     assert not _keras_internals.file_utils.is_remote_path("/tmp/backup")
+
 
 # -- Callbacks, clipping and optimizers ---------------------------------------
 
@@ -156,7 +165,9 @@ def test_learning_rate_object_is_what_the_optimizer_reads():
     halved = keras.optimizers.schedules.ExponentialDecay(0.05, 10, 0.5)
     _keras_internals.set_learning_rate_object(opt, halved)
     opt.build([keras.Variable(1.0)])
-    assert float(opt.learning_rate) == pytest.approx(0.05)  # read through `_learning_rate`
+    assert float(opt.learning_rate) == pytest.approx(
+        0.05
+    )  # read through `_learning_rate`
     constant = keras.optimizers.SGD(0.3)
     assert isinstance(_keras_internals.learning_rate_object(constant), keras.Variable)
 
@@ -164,9 +175,14 @@ def test_learning_rate_object_is_what_the_optimizer_reads():
 def test_flatten_layers_and_optimizer_has_variable():
     import keras
 
-    inner = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="inner_dense")])
+    inner = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(2, name="inner_dense")]
+    )
     model = keras.Sequential([inner, keras.layers.Dense(1, name="head")])
-    names = [layer.name for layer in _keras_internals.flatten_layers(model, include_self=False)]
+    names = [
+        layer.name
+        for layer in _keras_internals.flatten_layers(model, include_self=False)
+    ]
     assert "inner_dense" in names and "head" in names and model.name not in names
     opt = keras.optimizers.SGD()
     opt.build(model.layers[-1].trainable_variables)
@@ -276,7 +292,9 @@ def test_progress_bar_prints_floats_so_counts_need_logged_int():
     assert "count: 3.0000" in _progress_line(3)
     from keras.src.callbacks.progbar_logger import ProgbarLogger
 
-    assert "stateless_metrics=set()" in inspect.getsource(ProgbarLogger._maybe_init_progbar)
+    assert "stateless_metrics=set()" in inspect.getsource(
+        ProgbarLogger._maybe_init_progbar
+    )
     LoggedInt = _keras_internals.LoggedInt
     for verbose in (1, 2):
         assert "count: 0\n" in _progress_line(LoggedInt(0), verbose) + "\n"

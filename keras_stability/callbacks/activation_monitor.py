@@ -44,7 +44,9 @@ def _check_probe_data(probe_data):
 
     def is_array(x):
         return isinstance(x, np.ndarray) or (
-            hasattr(x, "shape") and hasattr(x, "dtype") and len(getattr(x, "shape", ())) > 0
+            hasattr(x, "shape")
+            and hasattr(x, "dtype")
+            and len(getattr(x, "shape", ())) > 0
         )
 
     if isinstance(probe_data, dict):
@@ -148,7 +150,9 @@ class ActivationMonitor(keras.callbacks.Callback):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        config["probe_data"] = keras.saving.deserialize_keras_object(config["probe_data"])
+        config["probe_data"] = keras.saving.deserialize_keras_object(
+            config["probe_data"]
+        )
         return cls(**config)
 
     def on_train_begin(self, logs=None):
@@ -224,7 +228,9 @@ class ActivationMonitor(keras.callbacks.Callback):
         for name, entry in self.report.items():
             self.history.setdefault(name, []).append(entry["fraction"])
             if self.log_fractions and logs is not None:
-                key = "dead_fraction" if entry["kind"] == "relu" else "saturated_fraction"
+                key = (
+                    "dead_fraction" if entry["kind"] == "relu" else "saturated_fraction"
+                )
                 logs[f"{key}/{name}"] = entry["fraction"]
             if entry["fraction"] >= self.warn_fraction:
                 bad.append(name)

@@ -16,7 +16,11 @@ __all__ = ["AdaptiveClipping"]
 
 # Counters, printed as integers by the progress bar.
 _COUNTS = ("steps_clipped", "steps_skipped")
-_SKIP_COUNTERS = ("steps_skipped_nonfinite", "steps_skipped_spike", "steps_skipped_requested")
+_SKIP_COUNTERS = (
+    "steps_skipped_nonfinite",
+    "steps_skipped_spike",
+    "steps_skipped_requested",
+)
 
 
 def _statistics(optimizer):
@@ -130,7 +134,9 @@ class AdaptiveClipping(keras.callbacks.Callback):
 
     def _show_counts(self, logs):
         if logs is not None:
-            logs.update({k: _keras_internals.LoggedInt(logs[k]) for k in _COUNTS if k in logs})
+            logs.update(
+                {k: _keras_internals.LoggedInt(logs[k]) for k in _COUNTS if k in logs}
+            )
 
     def on_train_batch_end(self, batch, logs=None):
         self._show_counts(logs)
@@ -155,7 +161,9 @@ class AdaptiveClipping(keras.callbacks.Callback):
     def from_config(cls, config):
         config = dict(config)
         if isinstance(config.get("clipping"), dict):
-            config["clipping"] = keras.saving.deserialize_keras_object(config["clipping"])
+            config["clipping"] = keras.saving.deserialize_keras_object(
+                config["clipping"]
+            )
         if isinstance(config.get("skip_spikes"), dict):
             config["skip_spikes"] = keras.saving.deserialize_keras_object(
                 config["skip_spikes"]

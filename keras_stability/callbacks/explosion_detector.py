@@ -250,10 +250,14 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             raise invalid(
                 "min_samples", min_samples, f"an integer <= window={self.window}"
             )
-        self.restore_best_weights = check_bool("restore_best_weights", restore_best_weights)
+        self.restore_best_weights = check_bool(
+            "restore_best_weights", restore_best_weights
+        )
         self.check_recovery = check_bool("check_recovery", check_recovery)
         self.probe_lower_lr = check_bool("probe_lower_lr", probe_lower_lr)
-        self.diagnostic_path = check_path("diagnostic_path", diagnostic_path, allow_none=True)
+        self.diagnostic_path = check_path(
+            "diagnostic_path", diagnostic_path, allow_none=True
+        )
         self.verbose = check_verbose("verbose", verbose)
         self.diagnostic = None
         self._stats = None
@@ -292,14 +296,17 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                 model.make_train_function(force=True)
         if self.diagnostic_path:
             check_writable_file(
-                "diagnostic_path", chief_path(self.diagnostic_path, model.distribute_strategy)
+                "diagnostic_path",
+                chief_path(self.diagnostic_path, model.distribute_strategy),
             )
 
         def per_layer_norms():
             # Per-layer gradient norms of the last step, for the diagnostic
             # (the detector stops on the step that went wrong). Every step,
             # from the guard's squared norms: a few ops and no `cond`.
-            return LayerGradientStats(groups=group_variables_by_layer(model), track_updates=False)
+            return LayerGradientStats(
+                groups=group_variables_by_layer(model), track_updates=False
+            )
 
         # With action="skip", a new guard also skips gradient-norm spikes
         # in-graph (GuardedOptimizer's `skip_spikes`); an existing one is
@@ -317,7 +324,9 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self._loss_z = RollingZScore(
             self.window, self.loss_z_threshold, self.min_samples, self.loss_factor
         )
-        self._grad_z = RollingZScore(self.window, self.grad_z_threshold, self.min_samples)
+        self._grad_z = RollingZScore(
+            self.window, self.grad_z_threshold, self.min_samples
+        )
         self.step = 0
         self.epoch = 0
         # Batches per call of the train function; above 1 the skipped steps
@@ -357,7 +366,9 @@ class GradientExplosionDetector(keras.callbacks.Callback):
     def _log_values(self):
         return {
             "raw_loss": self.raw_losses[-1] if self.raw_losses else math.nan,
-            **counts({"rollbacks": self.rollbacks, "skipped_batches": self.skipped_batches}),
+            **counts(
+                {"rollbacks": self.rollbacks, "skipped_batches": self.skipped_batches}
+            ),
         }
 
     def on_train_batch_end(self, batch, logs=None):
@@ -465,7 +476,14 @@ class GradientExplosionDetector(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
-            logs.update(counts({"rollbacks": self.rollbacks, "skipped_batches": self.skipped_batches}))
+            logs.update(
+                counts(
+                    {
+                        "rollbacks": self.rollbacks,
+                        "skipped_batches": self.skipped_batches,
+                    }
+                )
+            )
 
     def on_train_end(self, logs=None):
         self._step_logs.detach(self)
@@ -548,7 +566,11 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         mean = sum(self._recent) / n
         if not mean > self.regress_factor * self._start_loss:
             return False  # the usual case: no spread needed
-        spread = math.sqrt(sum((v - mean) ** 2 for v in self._recent) / (n - 1)) if n > 1 else 0.0
+        spread = (
+            math.sqrt(sum((v - mean) ** 2 for v in self._recent) / (n - 1))
+            if n > 1
+            else 0.0
+        )
         return self._start_loss < mean - 2.0 * spread
 
     def _check_recovery(self, raw, steps=1):
@@ -684,7 +706,11 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                 # divergence).
                 score = float(np.mean(self._pending_losses))
                 best = self.best.score
-                if not (math.isfinite(best) and best > 0 and score > SNAPSHOT_TOLERANCE * best):
+                if not (
+                    math.isfinite(best)
+                    and best > 0
+                    and score > SNAPSHOT_TOLERANCE * best
+                ):
                     self._pending.score = score
                     self.snapshot = self._pending
                     if not best <= score:
@@ -707,9 +733,12 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self._event("problem", raw, norm, problem)
         if self.action != "warn":
             self._pending = None  # a snapshot followed by a problem is not healthy
-        if self.action == "warn" or (self.action == "skip" and "in a row" not in problem):
+        if self.action == "warn" or (
+            self.action == "skip" and "in a row" not in problem
+        ):
             warnings.warn(
-                f"GradientExplosionDetector at step {self.step}: {problem}.", stacklevel=3
+                f"GradientExplosionDetector at step {self.step}: {problem}.",
+                stacklevel=3,
             )
             return
         if self.action == "rollback" and self.rollbacks < self.max_rollbacks:
@@ -738,9 +767,11 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self._sustained.clear()
         if self.check_recovery:
             skipped = self.skip_batches if hasattr(self.optimizer, "skip_next") else 0
-            reference = [] if skipped or not math.isfinite(self.snapshot.score) else [
-                self.snapshot.score
-            ]
+            reference = (
+                []
+                if skipped or not math.isfinite(self.snapshot.score)
+                else [self.snapshot.score]
+            )
             self._recovery = {
                 "skip_left": skipped,
                 "reference": reference,
@@ -752,7 +783,9 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self._last_snapshot_at = self.step
         if self.events:
             self.events[-1].update(
-                action="rollback", restored_step=self.snapshot.step, learning_rate=new_lr
+                action="rollback",
+                restored_step=self.snapshot.step,
+                learning_rate=new_lr,
             )
         message = (
             f"GradientExplosionDetector at step {self.step}: {problem}. Rolled back "
@@ -769,7 +802,11 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         target.restore(self.model)
         self.model.stop_training = True
         self.stopped_reason = reason
-        stats = self._stats.read() if self._stats is not None and self._stats.built else None
+        stats = (
+            self._stats.read()
+            if self._stats is not None and self._stats.built
+            else None
+        )
         self.diagnostic = {
             "reason": reason,
             "step": self.step,
@@ -801,7 +838,6 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             f"healthy weights (step {target.step}).{where}",
             stacklevel=3,
         )
-
 
     def _write_diagnostic(self):
         """Writes `diagnostic` as JSON; returns the sentence for the warning.

@@ -45,7 +45,13 @@ DIAGNOSIS_WINDOW = 64
 
 
 def _empty_summary():
-    return {"min": math.inf, "max": -math.inf, "mean": math.nan, "count": 0, "nonfinite": 0}
+    return {
+        "min": math.inf,
+        "max": -math.inf,
+        "mean": math.nan,
+        "count": 0,
+        "nonfinite": 0,
+    }
 
 
 def _update_summary(summary, values):
@@ -206,9 +212,11 @@ class GradientMonitor(keras.callbacks.Callback):
     # -- fit hooks --------------------------------------------------------
     def _make_observer(self):
         model = self.model
-        groups = group_variables_by_layer(model) if self.per_layer else [
-            ("model", "layer", [v.path for v in model.trainable_variables])
-        ]
+        groups = (
+            group_variables_by_layer(model)
+            if self.per_layer
+            else [("model", "layer", [v.path for v in model.trainable_variables])]
+        )
         return LayerGradientStats(
             groups=groups,
             check_freq=self.check_freq,
@@ -257,7 +265,9 @@ class GradientMonitor(keras.callbacks.Callback):
         if log_dir:
             import tensorflow as tf
 
-            self._writer = tf.summary.create_file_writer(os.path.join(log_dir, "gradients"))
+            self._writer = tf.summary.create_file_writer(
+                os.path.join(log_dir, "gradients")
+            )
 
     def on_epoch_begin(self, epoch, logs=None):
         self._step_logs.start_epoch(epoch)
@@ -357,7 +367,9 @@ class GradientMonitor(keras.callbacks.Callback):
         largest = float(np.max(norms[dense])) if len(dense) else 0.0
         last = {
             # The current step's raw loss (the last check's may be older).
-            "raw_loss": float(self.raw_losses[-1]) if self.raw_losses else float(raw[-1]),
+            "raw_loss": float(self.raw_losses[-1])
+            if self.raw_losses
+            else float(raw[-1]),
             "grad_norm": float(rows["global_norm"][-1]),
             "min_layer_grad_ratio": float(np.min(norms[dense]) / largest)
             if largest > 0
@@ -428,20 +440,24 @@ class GradientMonitor(keras.callbacks.Callback):
         total = len(self.history["step"])
         start = max(0, total - new - DIAGNOSIS_WINDOW)
         table = np.asarray(
-            [self.history["grad_norm"][n][start:] for n in self.layer_names], dtype=np.float64
+            [self.history["grad_norm"][n][start:] for n in self.layer_names],
+            dtype=np.float64,
         )
         if table.shape[1] < p:
             return []
 
         def open_rows(status):
             return np.asarray(
-                [[(n, status) not in self._warned] for n in self.layer_names], dtype=bool
+                [[(n, status) not in self._warned] for n in self.layer_names],
+                dtype=bool,
             )
 
         dense = np.asarray([[k != "embedding"] for k in self.layer_kinds], dtype=bool)
         with np.errstate(invalid="ignore"):
             finite = np.isfinite(table)
-            smallest = np.min(np.where(finite & (table > 0), table, np.inf), axis=1, keepdims=True)
+            smallest = np.min(
+                np.where(finite & (table > 0), table, np.inf), axis=1, keepdims=True
+            )
             largest = np.max(np.where(finite, table, 0.0), axis=0, keepdims=True)
             exploding = open_rows(EXPLODING) & (
                 ~finite
@@ -453,7 +469,9 @@ class GradientMonitor(keras.callbacks.Callback):
             )
 
         def runs(flags):
-            return np.lib.stride_tricks.sliding_window_view(flags, p, axis=1).all(axis=2)
+            return np.lib.stride_tricks.sliding_window_view(flags, p, axis=1).all(
+                axis=2
+            )
 
         hits = (runs(exploding) | runs(vanishing)).any(axis=0)
         ends = start + p + np.flatnonzero(hits)  # history length at each run's end
@@ -490,7 +508,11 @@ class GradientMonitor(keras.callbacks.Callback):
         }
         return diagnose_layers(
             recent,
-            exclude=[n for n, k in zip(self.layer_names, self.layer_kinds, strict=True) if k == "embedding"],
+            exclude=[
+                n
+                for n, k in zip(self.layer_names, self.layer_kinds, strict=True)
+                if k == "embedding"
+            ],
             vanish_floor=self.vanish_floor,
             vanish_ratio=self.vanish_ratio,
             explode_norm=self.explode_norm,
@@ -596,7 +618,9 @@ class GradientMonitor(keras.callbacks.Callback):
             raise ValueError(
                 "GradientMonitor.plot needs recorded statistics; call it after `fit`."
             )
-        data = np.asarray([h["grad_norm"][n] for n in self.layer_names], dtype=np.float64)
+        data = np.asarray(
+            [h["grad_norm"][n] for n in self.layer_names], dtype=np.float64
+        )
         with np.errstate(divide="ignore", invalid="ignore"):
             logged = np.log10(np.where(data > 0, data, np.nan))
         fig = Figure(figsize=(8, max(2.5, 0.3 * len(self.layer_names) + 1.5)))

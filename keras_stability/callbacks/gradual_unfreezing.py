@@ -116,11 +116,15 @@ class GradualUnfreezing(keras.callbacks.Callback):
             ok = (
                 isinstance(layers, (list, tuple))
                 and len(layers) > 0
-                and all(isinstance(layer, (str, keras.layers.Layer)) for layer in layers)
+                and all(
+                    isinstance(layer, (str, keras.layers.Layer)) for layer in layers
+                )
             )
             if not ok:
                 raise invalid(
-                    "layers", layers, "None or a non-empty list of Keras layers or layer names"
+                    "layers",
+                    layers,
+                    "None or a non-empty list of Keras layers or layer names",
                 )
             layers = list(layers)
         self.layers = layers
@@ -130,13 +134,19 @@ class GradualUnfreezing(keras.callbacks.Callback):
 
     def _resolve_layers(self):
         if self.layers is None:
-            return [layer for layer in self.model.layers if layer.weights and not layer.trainable]
+            return [
+                layer
+                for layer in self.model.layers
+                if layer.weights and not layer.trainable
+            ]
         resolved = []
         for layer in self.layers:
             if isinstance(layer, str):
                 found = [
                     sub
-                    for sub in _keras_internals.flatten_layers(self.model, include_self=False)
+                    for sub in _keras_internals.flatten_layers(
+                        self.model, include_self=False
+                    )
                     if sub.name == layer
                 ]
                 if not found:
@@ -161,7 +171,9 @@ class GradualUnfreezing(keras.callbacks.Callback):
         optimizer = self.model.optimizer
         if optimizer.built:
             missing = [
-                v for v in variables if not _keras_internals.optimizer_has_variable(optimizer, v)
+                v
+                for v in variables
+                if not _keras_internals.optimizer_has_variable(optimizer, v)
             ]
             if not missing:
                 return
@@ -182,7 +194,9 @@ class GradualUnfreezing(keras.callbacks.Callback):
         count = min(count, len(self._scheduled))
         if count <= self._count:
             return
-        newly = self._scheduled[len(self._scheduled) - count : len(self._scheduled) - self._count]
+        newly = self._scheduled[
+            len(self._scheduled) - count : len(self._scheduled) - self._count
+        ]
         for layer in reversed(newly):
             layer.trainable = True
             if self.verbose:

@@ -247,18 +247,26 @@ class LayerGradientStats(GradientObserver):
                 # values read in `observe` (TensorFlow orders the read before
                 # the update and copies on write), so no copy is kept.
                 # Otherwise they are copied here on report steps.
-                self._previous = [] if self._every_step else [
-                    var(f"gradient_stats_previous_{i}", tuple(v.shape), v.dtype)
-                    for i, v in enumerate(variables)
-                ]
+                self._previous = (
+                    []
+                    if self._every_step
+                    else [
+                        var(f"gradient_stats_previous_{i}", tuple(v.shape), v.dtype)
+                        for i, v in enumerate(variables)
+                    ]
+                )
             if self.histogram_bins:
                 self.histograms = var(
                     "gradient_stats_histograms", (n, self.histogram_bins)
                 )
             if self.buffer_size:
                 # The last `buffer_size` reports, oldest first (step 0: empty).
-                self.rows = var("gradient_stats_rows", (self.buffer_size, self.row_width))
-                self.row_steps = var("gradient_stats_row_steps", (self.buffer_size,), "int64")
+                self.rows = var(
+                    "gradient_stats_rows", (self.buffer_size, self.row_width)
+                )
+                self.row_steps = var(
+                    "gradient_stats_row_steps", (self.buffer_size,), "int64"
+                )
         self.built = True
 
     @property
@@ -273,7 +281,11 @@ class LayerGradientStats(GradientObserver):
         A shift (slice + concatenate) rather than an indexed update: a few
         cheap ops, and the rows stay in step order.
         """
-        parts = [ops.reshape(self.global_norm, (1,)), self.grad_norms, self.weight_norms]
+        parts = [
+            ops.reshape(self.global_norm, (1,)),
+            self.grad_norms,
+            self.weight_norms,
+        ]
         if self.track_updates:
             parts.append(self.update_ratios)
         if self.histogram_bins:
@@ -307,7 +319,11 @@ class LayerGradientStats(GradientObserver):
         norm = (stats or {}).get("global_norm")
         if norm is None:
             norm = ops.sqrt(
-                ops.sum(ops.stack([zero if g is None else ops.sum(ops.square(g)) for g in grads]))
+                ops.sum(
+                    ops.stack(
+                        [zero if g is None else ops.sum(ops.square(g)) for g in grads]
+                    )
+                )
             )
         norm = ops.cast(norm, "float32")
         report = self._report_step()
@@ -330,7 +346,10 @@ class LayerGradientStats(GradientObserver):
             # Sparse gradients (embeddings) are measured dense: repeated
             # indices add up before squaring.
             own = squared_norms(
-                [_dense(g) if s is None else None for g, s in zip(grads, shared, strict=True)]
+                [
+                    _dense(g) if s is None else None
+                    for g, s in zip(grads, shared, strict=True)
+                ]
             )
             squares = [
                 zero if g is None else s if s is not None else o
@@ -339,9 +358,13 @@ class LayerGradientStats(GradientObserver):
             self.grad_norms.assign(ops.sqrt(self._group_sums(squares)))
             if self.track_updates or self.histogram_bins:
                 weights = [_read(v) for v in variables]
-                self.weight_norms.assign(ops.sqrt(self._group_sums(squared_norms(weights))))
+                self.weight_norms.assign(
+                    ops.sqrt(self._group_sums(squared_norms(weights)))
+                )
                 if self.track_updates and self._every_step:
-                    self._before = weights  # read before the update; used in after_apply
+                    self._before = (
+                        weights  # read before the update; used in after_apply
+                    )
             if self.track_updates and not self._every_step:
                 for prev, v in zip(self._previous, variables, strict=True):
                     prev.assign(v)
@@ -479,5 +502,7 @@ class LayerGradientStats(GradientObserver):
             out["update_ratios"] = rows[:, start : start + n]
             start += n
         if self.histogram_bins:
-            out["histograms"] = rows[:, start:].reshape(len(keep), n, self.histogram_bins)
+            out["histograms"] = rows[:, start:].reshape(
+                len(keep), n, self.histogram_bins
+            )
         return out

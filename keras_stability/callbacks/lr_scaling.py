@@ -116,7 +116,9 @@ def scale_learning_rate(optimizer, factor):
     if variable is None:
         return None
     variable.assign(keras.ops.convert_to_numpy(variable) * factor)
-    return float(keras.ops.convert_to_numpy(innermost_optimizer(optimizer).learning_rate))
+    return float(
+        keras.ops.convert_to_numpy(innermost_optimizer(optimizer).learning_rate)
+    )
 
 
 def learning_rate_variable(optimizer):

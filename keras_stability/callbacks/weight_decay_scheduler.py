@@ -82,7 +82,9 @@ class WeightDecayScheduler(keras.callbacks.Callback):
         return value
 
     def on_train_begin(self, logs=None):
-        optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
+        optimizer = getattr(
+            self.model.optimizer, "inner_optimizer", self.model.optimizer
+        )
         current = getattr(optimizer, "weight_decay", None)
         if optimizer is not self._optimizer:
             if current is None:
@@ -96,7 +98,10 @@ class WeightDecayScheduler(keras.callbacks.Callback):
             self._optimizer = optimizer
             with self.model.distribute_strategy.scope():
                 self._variable = keras.Variable(
-                    float(current), trainable=False, dtype="float32", name="weight_decay"
+                    float(current),
+                    trainable=False,
+                    dtype="float32",
+                    name="weight_decay",
                 )
             # A step traced before (e.g. by `train_on_batch`) holds the float.
             self.model.make_train_function(force=True)

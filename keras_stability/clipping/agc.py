@@ -76,7 +76,9 @@ def adaptive_clip(grads, params, clip_factor, epsilon=1e-3, apply_to=None):
         and all(isinstance(a, (bool, np.bool_)) for a in apply_to)
     ):
         raise invalid(
-            "apply_to", apply_to, f"None or a list of {len(grads)} bools (one per gradient)"
+            "apply_to",
+            apply_to,
+            f"None or a list of {len(grads)} bools (one per gradient)",
         )
     out = []
     flags = []
@@ -134,7 +136,9 @@ class AGC(ClippingPolicy):
         self.clip_factor = check_positive("clip_factor", clip_factor)
         self.epsilon = check_positive("epsilon", epsilon)
         self.exclude_vectors = check_bool("exclude_vectors", exclude_vectors)
-        self.exclude_final_layer = check_bool("exclude_final_layer", exclude_final_layer)
+        self.exclude_final_layer = check_bool(
+            "exclude_final_layer", exclude_final_layer
+        )
         self._excluded = set()
 
     def build(self, optimizer, variables):

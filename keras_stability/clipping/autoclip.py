@@ -15,6 +15,7 @@ from keras_stability.clipping.base import check_tensor
 def _check_percentile(value):
     return check_number("percentile", value, low=0.0, low_open=True, high=100.0)
 
+
 __all__ = ["AutoClip", "autoclip_threshold", "masked_percentile"]
 
 

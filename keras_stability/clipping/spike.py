@@ -101,9 +101,7 @@ class SpikeSkipping:
         min_samples = check_int("min_samples", min_samples, low=2)
         max_consecutive = check_positive_int("max_consecutive", max_consecutive)
         if min_samples > window:
-            raise invalid(
-                "min_samples", min_samples, f"an integer <= window={window}"
-            )
+            raise invalid("min_samples", min_samples, f"an integer <= window={window}")
         self.window = window
         self.z_threshold = z_threshold
         self.min_samples = min_samples

@@ -13,7 +13,10 @@ from keras_stability.clipping.base import check_tensor
 
 
 def _check_alpha(value):
-    return check_number("alpha", value, low=0.0, high=1.0, low_open=True, high_open=True)
+    return check_number(
+        "alpha", value, low=0.0, high=1.0, low_open=True, high_open=True
+    )
+
 
 __all__ = ["ZClip", "zclip_step"]
 

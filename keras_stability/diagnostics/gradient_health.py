@@ -95,7 +95,9 @@ class LayerFinding:
 def _check_norms(norms):
     if not isinstance(norms, Mapping) or not all(isinstance(n, str) for n in norms):
         raise invalid(
-            "norms", norms, "a mapping of layer name (str) -> sequence of gradient norms"
+            "norms",
+            norms,
+            "a mapping of layer name (str) -> sequence of gradient norms",
         )
     table = []
     for name, values in norms.items():
@@ -105,7 +107,9 @@ def _check_norms(norms):
             row = None
         if row is None or row.ndim != 1:
             raise invalid(
-                "norms", norms, f"a sequence of numbers for every layer (layer {name!r})"
+                "norms",
+                norms,
+                f"a sequence of numbers for every layer (layer {name!r})",
             )
         table.append(row)
     if len({len(row) for row in table}) > 1:
@@ -117,9 +121,11 @@ def _check_norms(norms):
 
 
 def _check_exclude(exclude):
-    if isinstance(exclude, (str, bytes)) or not isinstance(
-        exclude, (list, tuple, set, frozenset)
-    ) or not all(isinstance(n, str) for n in exclude):
+    if (
+        isinstance(exclude, (str, bytes))
+        or not isinstance(exclude, (list, tuple, set, frozenset))
+        or not all(isinstance(n, str) for n in exclude)
+    ):
         raise invalid("exclude", exclude, "a list or tuple of layer names")
     return set(exclude)
 
@@ -227,7 +233,9 @@ def diagnose_layers(
             continue
         if not excluded[i]:
             with np.errstate(invalid="ignore"):
-                too_small = (recent < vanish_floor) | (recent < vanish_ratio * ref_recent)
+                too_small = (recent < vanish_floor) | (
+                    recent < vanish_ratio * ref_recent
+                )
             if too_small.all():
                 reason = (
                     f"gradient norm {last:.3g} for {patience} checks in a row is "

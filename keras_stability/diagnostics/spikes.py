@@ -49,14 +49,16 @@ class RollingZScore:
         window = check_positive_int("window", window)
         min_samples = check_positive_int("min_samples", min_samples)
         if min_samples > window:
-            raise invalid(
-                "min_samples", min_samples, f"at most `window`={window}"
-            )
+            raise invalid("min_samples", min_samples, f"at most `window`={window}")
         self.z_threshold = check_number(
             "z_threshold", z_threshold, low=0.0, low_open=True
         )
         self.factor = check_number(
-            "factor", factor, low=1.0, low_open=True, allow_none=True,
+            "factor",
+            factor,
+            low=1.0,
+            low_open=True,
+            allow_none=True,
             what="None or a number > 1",
         )
         self.window = window

@@ -90,7 +90,9 @@ def _check_metrics(metrics):
     ):
         return
     raise invalid(
-        "metrics", metrics, "None or a list of metric names, `keras.metrics.Metric`s or functions"
+        "metrics",
+        metrics,
+        "None or a list of metric names, `keras.metrics.Metric`s or functions",
     )
 
 
@@ -172,7 +174,9 @@ class Distiller(keras.Model):
         Network", https://arxiv.org/abs/1503.02531
     """
 
-    def __init__(self, student, teacher, feature_distillation=None, name="distiller", **kwargs):
+    def __init__(
+        self, student, teacher, feature_distillation=None, name="distiller", **kwargs
+    ):
         name = check_str("name", name)
         super().__init__(name=name, **kwargs)
         _check_model("student", student)
@@ -196,12 +200,16 @@ class Distiller(keras.Model):
         self._helpers = _Untracked(
             terms=terms,
             teacher_extractor=(
-                keras.Model(teacher.input, teacher_outputs, name=f"{teacher.name}_hints")
+                keras.Model(
+                    teacher.input, teacher_outputs, name=f"{teacher.name}_hints"
+                )
                 if terms
                 else None
             ),
             student_extractor=(
-                keras.Model(student.input, student_outputs, name=f"{student.name}_hints")
+                keras.Model(
+                    student.input, student_outputs, name=f"{student.name}_hints"
+                )
                 if terms
                 else None
             ),
@@ -540,9 +548,15 @@ class Distiller(keras.Model):
         replicas = float(_num_replicas())
         if self._helpers.terms:
             feature_loss = ops.zeros((), dtype=total.dtype)
-            for term, projection in zip(self._helpers.terms, self.projections, strict=True):
-                t_feat = ops.stop_gradient(teacher_out[_feature_key(term.teacher_layer_name)])
-                s_feat = projection(student_features[_feature_key(term.student_layer_name)])
+            for term, projection in zip(
+                self._helpers.terms, self.projections, strict=True
+            ):
+                t_feat = ops.stop_gradient(
+                    teacher_out[_feature_key(term.teacher_layer_name)]
+                )
+                s_feat = projection(
+                    student_features[_feature_key(term.student_layer_name)]
+                )
                 value = term.compute_loss(t_feat, s_feat, sample_weight=sample_weight)
                 feature_loss = feature_loss + term.weight * ops.cast(value, total.dtype)
             total = total + feature_loss
@@ -564,7 +578,9 @@ class Distiller(keras.Model):
     # ----------------------------------------------------------------- steps
     def _track_total(self, inputs, loss):
         batch = ops.shape(keras.tree.flatten(inputs)[0])[0]
-        self._loss_tracker.update_state(loss * float(_num_replicas()), sample_weight=batch)
+        self._loss_tracker.update_state(
+            loss * float(_num_replicas()), sample_weight=batch
+        )
 
     def train_step(self, data):
         import tensorflow as tf
@@ -574,7 +590,11 @@ class Distiller(keras.Model):
         with tf.GradientTape() as tape:
             y_pred, student_features = self._student_forward(inputs, training=True)
             loss = self.compute_loss(
-                x, y, y_pred, sample_weight, training=True,
+                x,
+                y,
+                y_pred,
+                sample_weight,
+                training=True,
                 student_features=student_features,
             )
             self._track_total(inputs, loss)
@@ -589,7 +609,11 @@ class Distiller(keras.Model):
         inputs, _ = cache_lib.split_cached(x)
         y_pred, student_features = self._student_forward(inputs, training=False)
         loss = self.compute_loss(
-            x, y, y_pred, sample_weight, training=False,
+            x,
+            y,
+            y_pred,
+            sample_weight,
+            training=False,
             student_features=student_features,
         )
         self._track_total(inputs, loss)
@@ -625,7 +649,9 @@ class Distiller(keras.Model):
                 self._helpers.teacher_extractor, x, batch_size=batch_size
             )
         else:
-            logits = cache_lib.compute_teacher_outputs(self.teacher, x, batch_size=batch_size)
+            logits = cache_lib.compute_teacher_outputs(
+                self.teacher, x, batch_size=batch_size
+            )
             outputs = {_LOGITS: logits}
         return cache_lib.pack_cached(x, outputs)
 
@@ -652,7 +678,9 @@ class Distiller(keras.Model):
         Returns:
             The `History` of `keras.Model.fit`.
         """
-        cache_teacher_outputs = check_bool("cache_teacher_outputs", cache_teacher_outputs)
+        cache_teacher_outputs = check_bool(
+            "cache_teacher_outputs", cache_teacher_outputs
+        )
         if cache_teacher_outputs:
             x = self.cache_teacher_outputs(x, batch_size=max(batch_size or 32, 256))
         schedules = self._helpers.schedules

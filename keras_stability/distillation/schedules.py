@@ -46,7 +46,9 @@ def check_schedule_values(arg, schedule, check):
             check(value)
         except ValueError:
             what = (
-                "a positive number" if check is check_temperature else "a number in [0, 1]"
+                "a positive number"
+                if check is check_temperature
+                else "a number in [0, 1]"
             )
             raise invalid(
                 arg,

@@ -175,20 +175,26 @@ class StableTransformerBlock(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         self.num_heads = check_positive_int("num_heads", num_heads)
-        self.key_dim = None if key_dim is None else check_positive_int("key_dim", key_dim)
+        self.key_dim = (
+            None if key_dim is None else check_positive_int("key_dim", key_dim)
+        )
         self.intermediate_dim = (
             None
             if intermediate_dim is None
             else check_positive_int("intermediate_dim", intermediate_dim)
         )
-        self.dropout = check_number("dropout", dropout, low=0.0, high=1.0, high_open=True)
+        self.dropout = check_number(
+            "dropout", dropout, low=0.0, high=1.0, high_open=True
+        )
         self.norm = check_choice("norm", norm, ("pre", "post"))
         self.norm_type = check_choice("norm_type", norm_type, NORM_TYPES)
         self.qk_norm = check_bool("qk_norm", qk_norm)
         self.layerscale_init = (
             None
             if layerscale_init is None
-            else check_number("layerscale_init", layerscale_init, low=0.0, low_open=True)
+            else check_number(
+                "layerscale_init", layerscale_init, low=0.0, low_open=True
+            )
         )
         self.causal = check_bool("causal", causal)
         self.activation = _check_activation(activation)
@@ -212,7 +218,10 @@ class StableTransformerBlock(keras.layers.Layer):
                 )
             key_dim = hidden // self.num_heads
         attention_kwargs = dict(
-            num_heads=self.num_heads, key_dim=key_dim, dropout=self.dropout, name="attention"
+            num_heads=self.num_heads,
+            key_dim=key_dim,
+            dropout=self.dropout,
+            name="attention",
         )
         if self.qk_norm:
             self.attention = QKNormMultiHeadAttention(
@@ -221,12 +230,16 @@ class StableTransformerBlock(keras.layers.Layer):
         else:
             self.attention = keras.layers.MultiHeadAttention(**attention_kwargs)
         self.attention.build(input_shape, input_shape)
-        self.attention_norm = make_norm(self.norm_type, self.epsilon, name="attention_norm")
+        self.attention_norm = make_norm(
+            self.norm_type, self.epsilon, name="attention_norm"
+        )
         self.attention_norm.build(input_shape)
         self.mlp_norm = make_norm(self.norm_type, self.epsilon, name="mlp_norm")
         self.mlp_norm.build(input_shape)
         self.mlp_in = keras.layers.Dense(
-            self.intermediate_dim or 4 * hidden, activation=self.activation, name="mlp_in"
+            self.intermediate_dim or 4 * hidden,
+            activation=self.activation,
+            name="mlp_in",
         )
         self.mlp_in.build(input_shape)
         self.mlp_out = keras.layers.Dense(hidden, name="mlp_out")

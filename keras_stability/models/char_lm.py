@@ -111,9 +111,7 @@ def build_char_transformer(
     hidden_dim = check_positive_int("hidden_dim", hidden_dim)
     num_heads = check_positive_int("num_heads", num_heads)
     if hidden_dim % num_heads:
-        raise invalid(
-            "num_heads", num_heads, f"a divisor of hidden_dim={hidden_dim}"
-        )
+        raise invalid("num_heads", num_heads, f"a divisor of hidden_dim={hidden_dim}")
     norm = check_choice("norm", norm, ("pre", "post"))
     qk_norm = check_bool("qk_norm", qk_norm)
     layerscale_init = check_number(
@@ -121,7 +119,9 @@ def build_char_transformer(
     )
     name = check_str("name", name, allow_none=True)
     ids = keras.Input(shape=(sequence_length,), dtype="int32", name="ids")
-    x = TokenAndPositionEmbedding(vocab_size, sequence_length, hidden_dim, name="embedding")(ids)
+    x = TokenAndPositionEmbedding(
+        vocab_size, sequence_length, hidden_dim, name="embedding"
+    )(ids)
     for i in range(num_blocks):
         x = StableTransformerBlock(
             num_heads=num_heads,
@@ -184,7 +184,7 @@ def generate(model, vocab, prompt, length=80, temperature=0.8, seed=0):
         logits = np.asarray(model(x, training=False))[0, len(window) - 1] / temperature
         p = np.exp(logits - logits.max())
         out.append(int(rng.choice(len(vocab), p=p / p.sum())))
-    return prompt + "".join(vocab[i] for i in out[len(ids):])
+    return prompt + "".join(vocab[i] for i in out[len(ids) :])
 
 
 # The case study's model variants: what a plain model does, what users reach
@@ -289,7 +289,9 @@ def train_char_lm(
     detector = None
     if stabilized:
         optimizer = GuardedOptimizer(optimizer, clipping=ZClip())
-        detector = GradientExplosionDetector(action="rollback", snapshot_freq=20, verbose=0)
+        detector = GradientExplosionDetector(
+            action="rollback", snapshot_freq=20, verbose=0
+        )
         callbacks.append(detector)
     model.compile(
         optimizer=optimizer,
@@ -303,7 +305,9 @@ def train_char_lm(
         verbose=verbose,
         callbacks=callbacks,
     )
-    test_loss = float(model.evaluate(data["x_test"], data["y_test"], batch_size=256, verbose=0))
+    test_loss = float(
+        model.evaluate(data["x_test"], data["y_test"], batch_size=256, verbose=0)
+    )
     finite = np.isfinite(test_loss) and all(
         np.isfinite(np.asarray(w)).all() for w in model.get_weights()
     )
@@ -325,7 +329,9 @@ class _RawLoss(keras.callbacks.Callback):
         from keras_stability.callbacks.raw_loss import RawLossTracker
 
         self.losses = []
-        self._tracker = RawLossTracker.shared(self.model, (self.params or {}).get("steps"))
+        self._tracker = RawLossTracker.shared(
+            self.model, (self.params or {}).get("steps")
+        )
         self._tracker.start_fit()
 
     def on_epoch_begin(self, epoch, logs=None):

@@ -145,7 +145,9 @@ def _check_observer(observer):
     return observer
 
 
-def attach_observer(model, observer, clipping=None, skip_nonfinite=None, skip_spikes=None):
+def attach_observer(
+    model, observer, clipping=None, skip_nonfinite=None, skip_spikes=None
+):
     """Adds `observer` to the model's (guarded) optimizer before training.
 
     Wraps the compiled optimizer in a `GuardedOptimizer` if needed (with the

@@ -301,7 +301,9 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             return False
         self._observers.remove(observer)
         owned = {id(v) for v in self._observer_owned.pop(id(observer), [])}
-        self._observer_variables = [v for v in self._observer_variables if id(v) not in owned]
+        self._observer_variables = [
+            v for v in self._observer_variables if id(v) not in owned
+        ]
         self._variables = [v for v in self._variables if id(v) not in owned]
         return True
 
@@ -346,7 +348,9 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         policy = clipping_module.get_policy("clipping", clipping)
         if policy is None:
             raise invalid(
-                "clipping", clipping, "a keras_stability.clipping policy or a positive number"
+                "clipping",
+                clipping,
+                "a keras_stability.clipping policy or a positive number",
             )
         if self.clipping is not None:
             if _same_config(self.clipping, policy):
@@ -380,7 +384,9 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         spikes = _get_spike_skipping(skip_spikes)
         if spikes is None:
             raise invalid(
-                "skip_spikes", skip_spikes, "True or a keras_stability.clipping.SpikeSkipping"
+                "skip_spikes",
+                skip_spikes,
+                "True or a keras_stability.clipping.SpikeSkipping",
             )
         if self.skip_spikes is not None:
             if _same_config(self.skip_spikes, spikes):

@@ -58,7 +58,9 @@ def tfmot_schedule_class(name):
         The class.
     """
     if not _SCHEDULE_CLASSES:
-        _SCHEDULE_CLASSES.update(_checked_schedule_classes(import_tfmot().sparsity.keras))
+        _SCHEDULE_CLASSES.update(
+            _checked_schedule_classes(import_tfmot().sparsity.keras)
+        )
     return _SCHEDULE_CLASSES[name]
 
 

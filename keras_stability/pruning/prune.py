@@ -137,7 +137,11 @@ def prune_low_magnitude(
         block_pooling_type,
         global_ranking,
     ) = check_pruning_arguments(
-        pruning_schedule, sparsity_m_by_n, block_size, block_pooling_type, global_ranking
+        pruning_schedule,
+        sparsity_m_by_n,
+        block_size,
+        block_pooling_type,
+        global_ranking,
     )
     check_layer("to_prune", to_prune, built=True)
     if find_pruner(to_prune) is not None:

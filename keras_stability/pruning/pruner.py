@@ -145,7 +145,11 @@ class Pruner:
             block_pooling_type,
             global_ranking,
         ) = check_pruning_arguments(
-            pruning_schedule, sparsity_m_by_n, block_size, block_pooling_type, global_ranking
+            pruning_schedule,
+            sparsity_m_by_n,
+            block_size,
+            block_pooling_type,
+            global_ranking,
         )
         self.variables = list(variables)
         self.pruning_schedule = pruning_schedule

@@ -67,9 +67,7 @@ def call_schedule(schedule, step):
 
 def valid_sparsity(sparsity):
     """In-graph: whether `sparsity` is in [0, 1) (NaN is not)."""
-    return ops.logical_and(
-        ops.greater_equal(sparsity, 0.0), ops.less(sparsity, 1.0)
-    )
+    return ops.logical_and(ops.greater_equal(sparsity, 0.0), ops.less(sparsity, 1.0))
 
 
 def _int_attribute(schedule, name):

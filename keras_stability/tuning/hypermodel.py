@@ -133,10 +133,17 @@ class StableHyperModel(keras_tuner.HyperModel):
     """
 
     def __init__(
-        self, build_fn=None, monitor=("loss", "val_loss"), threshold=None, name=None, tunable=True
+        self,
+        build_fn=None,
+        monitor=("loss", "val_loss"),
+        threshold=None,
+        name=None,
+        tunable=True,
     ):
         if build_fn is not None and not callable(build_fn):
-            raise invalid("build_fn", build_fn, "a function `hp -> keras.Model` or None")
+            raise invalid(
+                "build_fn", build_fn, "a function `hp -> keras.Model` or None"
+            )
         monitor = _check_monitor(monitor)
         threshold = check_number("threshold", threshold, allow_none=True)
         name = check_str("name", name, allow_none=True)

@@ -213,7 +213,9 @@ def regularization_hyperparameters(
     }
     clip_spec = _check_spec("clip_threshold", clip_threshold, low_open=True)
     if clip_spec == 0.0:
-        raise invalid("clip_threshold", clip_threshold, "a positive number, a range or None")
+        raise invalid(
+            "clip_threshold", clip_threshold, "a positive number, a range or None"
+        )
     policies = (clipping,) if isinstance(clipping, str) else clipping
     if policies is None:
         policies = ("none",)

@@ -13,7 +13,16 @@ from tests.api.arguments import Case
 # -- shared values ---------------------------------------------------------
 
 NAN, INF = math.nan, math.inf
-BAD_POLICY = ["zclip", -1.0, 0, NAN, INF, True, [1.0], {"class_name": "Nope", "config": {}}]
+BAD_POLICY = [
+    "zclip",
+    -1.0,
+    0,
+    NAN,
+    INF,
+    True,
+    [1.0],
+    {"class_name": "Nope", "config": {}},
+]
 BAD_SPIKES = ["yes", 1, 0, 2.5, {"class_name": "Nope", "config": {}}]
 BAD_GRADS = ["x", None, 3, ["x"], [True]]
 BAD_TENSOR = ["x", None, True]
@@ -131,7 +140,13 @@ CASES = [
     Case(
         callbacks.LayerGradientStats,
         bad={
-            "groups": ["x", [1], [("a", "layer")], [("a", "bogus", ["p"])], [("a", "layer", "p")]],
+            "groups": [
+                "x",
+                [1],
+                [("a", "layer")],
+                [("a", "bogus", ["p"])],
+                [("a", "layer", "p")],
+            ],
             "check_freq": [0],
             "histogram_bins": [-1],
             "anomaly_factor": [1.0, 0.5, "2", True, NAN, INF],
@@ -164,7 +179,12 @@ CASES = [
         bad={"percentile": [0, 150, -1], "history_size": [0, -1]},
         config=True,
     ),
-    Case(clipping.GlobalNorm, kwargs={"max_norm": 1.0}, bad={"max_norm": BAD_POSITIVE}, config=True),
+    Case(
+        clipping.GlobalNorm,
+        kwargs={"max_norm": 1.0},
+        bad={"max_norm": BAD_POSITIVE},
+        config=True,
+    ),
     Case(
         clipping.SpikeSkipping,
         bad={
@@ -193,7 +213,11 @@ CASES = [
     # -- clipping's pure functions ---------------------------------------------
     Case(
         clipping.adaptive_clip,
-        kwargs=lambda: {"grads": [_ones(2, 3)], "params": [_ones(2, 3)], "clip_factor": 0.1},
+        kwargs=lambda: {
+            "grads": [_ones(2, 3)],
+            "params": [_ones(2, 3)],
+            "clip_factor": 0.1,
+        },
         bad={
             "grads": BAD_GRADS,
             "params": ["x", None, [], [None]],
@@ -227,7 +251,11 @@ CASES = [
         kwargs=lambda: {"grads": [_ones(3)]},
         bad={"grads": BAD_GRADS, "squares": ["x", 3, [1.0, 2.0], ["x"]]},
     ),
-    Case(clipping.is_finite, kwargs=lambda: {"grads": [_ones(3)]}, bad={"grads": BAD_GRADS}),
+    Case(
+        clipping.is_finite,
+        kwargs=lambda: {"grads": [_ones(3)]},
+        bad={"grads": BAD_GRADS},
+    ),
     Case(
         clipping.masked_percentile,
         kwargs=lambda: {"values": keras.ops.ones((4,)), "count": 2, "percentile": 50.0},
@@ -263,7 +291,9 @@ CASES = [
             "max_consecutive": [0, "1", 2.5, True, None],
         },
     ),
-    Case(clipping.unitwise_norm, kwargs=lambda: {"x": _ones(2, 3)}, bad={"x": BAD_TENSOR}),
+    Case(
+        clipping.unitwise_norm, kwargs=lambda: {"x": _ones(2, 3)}, bad={"x": BAD_TENSOR}
+    ),
     Case(
         clipping.zclip_step,
         kwargs=lambda: {
@@ -338,7 +368,10 @@ CASES = [
     ),
     Case(
         optimizers.attach_observer,
-        kwargs=lambda: {"model": _compiled_model(), "observer": optimizers.GradientObserver()},
+        kwargs=lambda: {
+            "model": _compiled_model(),
+            "observer": optimizers.GradientObserver(),
+        },
         bad={
             "model": ["model", None, 3, _uncompiled_model()],
             "observer": ["x", None, 3],
@@ -349,7 +382,10 @@ CASES = [
     ),
     Case(
         optimizers.detach_observer,
-        kwargs=lambda: {"model": _compiled_model(), "observer": optimizers.GradientObserver()},
+        kwargs=lambda: {
+            "model": _compiled_model(),
+            "observer": optimizers.GradientObserver(),
+        },
         bad={"model": ["model", None, 3], "observer": ["x", None, 3]},
     ),
 ]

@@ -61,7 +61,9 @@ LAYER_CASES = [
         },
         config=True,
     ),
-    Case(layers.deepnorm_constants, kwargs={"depth": 8}, bad={"depth": NOT_POSITIVE_INTS}),
+    Case(
+        layers.deepnorm_constants, kwargs={"depth": 8}, bad={"depth": NOT_POSITIVE_INTS}
+    ),
     Case(
         layers.QKNormMultiHeadAttention,
         kwargs={"num_heads": 2, "key_dim": 4},
@@ -92,6 +94,7 @@ LAYER_CASES = [
     ),
 ]
 
+
 def _built_model():
     return keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
 
@@ -109,7 +112,11 @@ REGULARIZER_CASES = [
     ),
     Case(
         regularizers.l2sp_penalty,
-        kwargs={"weights": np.ones((2, 2)), "reference": np.zeros((2, 2)), "alpha": 0.1},
+        kwargs={
+            "weights": np.ones((2, 2)),
+            "reference": np.zeros((2, 2)),
+            "alpha": 0.1,
+        },
         bad={"alpha": [-0.1, *NOT_NUMBERS]},
         skip={"weights": TENSOR, "reference": TENSOR},
     ),
@@ -185,11 +192,21 @@ DIAGNOSTICS_CASES = [
     ),
 ]
 
+
 def _build(hp):
     return _built_model()
 
 
-BAD_RANGES = [-1.0, (0.0, 1.0), (1.0, 0.1), (0.1, 1.0, 10.0), "1", True, math.nan, [math.inf, 1.0]]
+BAD_RANGES = [
+    -1.0,
+    (0.0, 1.0),
+    (1.0, 0.1),
+    (0.1, 1.0, 10.0),
+    "1",
+    True,
+    math.nan,
+    [math.inf, 1.0],
+]
 BAD_MONITORS = ["", (), [1], None, 3]
 
 TUNING_CASES = [
@@ -240,6 +257,7 @@ TUNING_CASES = [
         },
     ),
 ]
+
 
 def _range_test_kwargs():
     keras.utils.set_random_seed(0)
@@ -335,7 +353,9 @@ _CHAR_DATA = {}
 
 def _char_data():
     if not _CHAR_DATA:
-        _CHAR_DATA.update(datasets.make_char_lm_data("the quick brown fox. " * 30, seq_len=8))
+        _CHAR_DATA.update(
+            datasets.make_char_lm_data("the quick brown fox. " * 30, seq_len=8)
+        )
     return _CHAR_DATA
 
 
@@ -375,7 +395,13 @@ MODEL_CASES = [
     ),
     Case(
         models.build_char_transformer,
-        kwargs={"vocab_size": 5, "sequence_length": 8, "num_blocks": 1, "hidden_dim": 8, "num_heads": 2},
+        kwargs={
+            "vocab_size": 5,
+            "sequence_length": 8,
+            "num_blocks": 1,
+            "hidden_dim": 8,
+            "num_heads": 2,
+        },
         bad={
             "vocab_size": NOT_POSITIVE_INTS,
             "sequence_length": NOT_POSITIVE_INTS,
@@ -389,7 +415,12 @@ MODEL_CASES = [
     ),
     Case(
         models.generate,
-        kwargs=lambda: {"model": _char_model(), "vocab": list("abcde"), "prompt": "ab", "length": 2},
+        kwargs=lambda: {
+            "model": _char_model(),
+            "vocab": list("abcde"),
+            "prompt": "ab",
+            "length": 2,
+        },
         bad={
             "model": [None, "model", keras.layers.Dense(2)],
             "vocab": ["abcde", [], list("abc"), ["ab", "c", "d", "e", "f"], None],
@@ -419,13 +450,16 @@ MODEL_CASES = [
     ),
 ]
 
+
 def _pair():
     keras.utils.set_random_seed(0)
 
     def model(width, name):
         inputs = keras.Input((4,), name=f"{name}_input")
         hidden = keras.layers.Dense(width, name=f"{name}_hidden")(inputs)
-        return keras.Model(inputs, keras.layers.Dense(3, name=f"{name}_logits")(hidden), name=name)
+        return keras.Model(
+            inputs, keras.layers.Dense(3, name=f"{name}_logits")(hidden), name=name
+        )
 
     return model(2, "student"), model(6, "teacher")
 
@@ -443,7 +477,13 @@ def _compile(**kwargs):
 
 SPARSE_CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 LOGITS = np.zeros((2, 3), "float32")
-BAD_TEMPERATURES = [0.0, -1.0, math.inf, lambda epoch: -1.0, distillation.LinearSchedule(2.0, 0.0, 2)]
+BAD_TEMPERATURES = [
+    0.0,
+    -1.0,
+    math.inf,
+    lambda epoch: -1.0,
+    distillation.LinearSchedule(2.0, 0.0, 2),
+]
 BAD_ALPHAS = [-0.1, 1.5, lambda epoch: 2.0, distillation.LinearSchedule(0.0, 2.0, 3)]
 
 DISTILLATION_CASES = [
@@ -451,7 +491,12 @@ DISTILLATION_CASES = [
         distillation.Distiller,
         kwargs=_distiller_kwargs,
         bad={
-            "student": [None, "student", keras.layers.Dense(3), keras.Sequential([keras.layers.Dense(3)])],
+            "student": [
+                None,
+                "student",
+                keras.layers.Dense(3),
+                keras.Sequential([keras.layers.Dense(3)]),
+            ],
             "teacher": [None, "teacher", keras.layers.Dense(3)],
             "feature_distillation": ["hint", [3]],
             "name": [""],
@@ -475,7 +520,10 @@ DISTILLATION_CASES = [
     ),
     Case(
         distillation.FeatureDistillation,
-        kwargs={"teacher_layer_name": "teacher_hidden", "student_layer_name": "student_hidden"},
+        kwargs={
+            "teacher_layer_name": "teacher_hidden",
+            "student_layer_name": "student_hidden",
+        },
         bad={
             "teacher_layer_name": ["", None, 3],
             "student_layer_name": ["", None, 3],
@@ -519,7 +567,11 @@ DISTILLATION_CASES = [
         distillation.soft_target_loss,
         kwargs={"teacher_logits": LOGITS, "student_logits": LOGITS, "temperature": 2.0},
         bad={"temperature": [0.0, -1.0, *NOT_NUMBERS], "loss_fn": ["kl", 3]},
-        skip={"teacher_logits": TENSOR, "student_logits": TENSOR, "sample_weight": TENSOR},
+        skip={
+            "teacher_logits": TENSOR,
+            "student_logits": TENSOR,
+            "sample_weight": TENSOR,
+        },
     ),
     Case(
         distillation.top1_agreement,
@@ -536,6 +588,7 @@ DISTILLATION_CASES = [
         },
     ),
 ]
+
 
 def _prunable():
     keras.utils.set_random_seed(0)
@@ -589,7 +642,11 @@ PRUNING_CASES = [
         },
         bad={"variables": [[], None, [np.ones(2)], "w"], **BAD_PRUNING_OPTIONS},
     ),
-    Case(pruning.find_pruner, kwargs=lambda: {"model": _prunable()}, bad={"model": NOT_MODELS}),
+    Case(
+        pruning.find_pruner,
+        kwargs=lambda: {"model": _prunable()},
+        bad={"model": NOT_MODELS},
+    ),
     Case(
         pruning.prunable_weights,
         kwargs=lambda: {"to_prune": _prunable()},
@@ -600,28 +657,48 @@ PRUNING_CASES = [
         kwargs=lambda: {"model": _prunable()},
         bad={"model": [*NOT_MODELS, _unbuilt()]},
     ),
-    Case(pruning.strip_pruning, kwargs=lambda: {"model": _prunable()}, bad={"model": NOT_MODELS}),
+    Case(
+        pruning.strip_pruning,
+        kwargs=lambda: {"model": _prunable()},
+        bad={"model": NOT_MODELS},
+    ),
     Case(
         pruning.shrink,
         kwargs=lambda: {"model": _prunable(), "fraction": 0.5},
-        bad={"model": NOT_MODELS, "fraction": [-0.1, 1.0, *NOT_NUMBERS], "criterion": ["l3", None]},
+        bad={
+            "model": NOT_MODELS,
+            "fraction": [-0.1, 1.0, *NOT_NUMBERS],
+            "criterion": ["l3", None],
+        },
     ),
     Case(
         pruning.shrink_plan,
         kwargs=lambda: {"model": _prunable(), "fraction": 0.5},
-        bad={"model": NOT_MODELS, "fraction": [-0.1, 1.0, *NOT_NUMBERS], "criterion": ["l3", None]},
+        bad={
+            "model": NOT_MODELS,
+            "fraction": [-0.1, 1.0, *NOT_NUMBERS],
+            "criterion": ["l3", None],
+        },
     ),
     Case(
         pruning.PruningSummaries,
         kwargs=lambda: {"log_dir": tempfile.mkdtemp()},
-        bad={"log_dir": ["", None, 3], "update_freq": [0, -1, 2.5, "batch", None, True]},
+        bad={
+            "log_dir": ["", None, 3],
+            "update_freq": [0, -1, 2.5, "batch", None, True],
+        },
         good={"update_freq": [123, np.int64(3)]},  # a number of batches
         config=True,
     ),
     Case(pruning.UpdatePruningStep, config=True),
     Case(
         pruning.PolynomialDecay,
-        kwargs={"initial_sparsity": 0.0, "final_sparsity": 0.8, "begin_step": 0, "end_step": 100},
+        kwargs={
+            "initial_sparsity": 0.0,
+            "final_sparsity": 0.8,
+            "begin_step": 0,
+            "end_step": 100,
+        },
         bad={
             "initial_sparsity": BAD_SPARSITIES,
             "final_sparsity": BAD_SPARSITIES,
@@ -645,6 +722,7 @@ PRUNING_CASES = [
     ),
 ]
 
+
 def _char_lm_kwargs():
     model = models.build_char_transformer(
         vocab_size=11, sequence_length=8, num_blocks=2, hidden_dim=16, num_heads=4
@@ -657,7 +735,11 @@ def _transformer_shrink_case(target):
         target,
         kwargs=_char_lm_kwargs,
         bad={
-            "model": [None, "lm", keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])],
+            "model": [
+                None,
+                "lm",
+                keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]),
+            ],
             "num_heads": [0, 5, 2.0, "2", True],
             "intermediate_dim": [0, 10**6, 2.5, "8", True],
             "hidden_dim": [0, 10**6, 2.5, "8", True],

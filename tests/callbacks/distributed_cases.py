@@ -69,15 +69,24 @@ def gradient_health_run(mirrored, case):
             monitor = GradientMonitor(verbose=0)
             model.fit(x, y, batch_size=64, epochs=2, verbose=0, callbacks=[monitor])
             result["vanishing"] = [
-                monitor.layer_names.index(n) for n in monitor.unhealthy_layers("vanishing")
+                monitor.layer_names.index(n)
+                for n in monitor.unhealthy_layers("vanishing")
             ]
-            result["norms"] = [monitor.history["grad_norm"][n][-1] for n in monitor.layer_names]
+            result["norms"] = [
+                monitor.history["grad_norm"][n][-1] for n in monitor.layer_names
+            ]
         else:
             detector = GradientExplosionDetector(
                 snapshot_freq=5, lr_factor=0.05, skip_batches=2, verbose=0
             )
             model.fit(
-                x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[detector]
+                x,
+                y,
+                batch_size=16,
+                epochs=1,
+                shuffle=False,
+                verbose=0,
+                callbacks=[detector],
             )
             result["rollbacks"] = detector.rollbacks
             result["skipped"] = detector.skipped_batches
@@ -85,7 +94,8 @@ def gradient_health_run(mirrored, case):
     result["weights"] = [np.asarray(w) for w in model.get_weights()]
     per_replica = [_replica_values(strategy, v) for v in model.weights]
     result["replicas_identical"] = all(
-        all(np.array_equal(vals[0], other) for other in vals[1:]) for vals in per_replica
+        all(np.array_equal(vals[0], other) for other in vals[1:])
+        for vals in per_replica
     )
     result["n_replicas"] = max(len(v) for v in per_replica)
     result["finite"] = all(np.all(np.isfinite(w)) for w in result["weights"])

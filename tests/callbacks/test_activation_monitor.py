@@ -65,7 +65,9 @@ def test_fractions_match_reference_and_reach_logs():
     )
     assert monitor.report["sig_dense"]["fraction"] >= 2 / 6
     assert set(monitor.report) == {"relu_dense", "sig_dense", "tanh_act"}
-    assert history.history["dead_fraction/relu_dense"] == [monitor.report["relu_dense"]["fraction"]]
+    assert history.history["dead_fraction/relu_dense"] == [
+        monitor.report["relu_dense"]["fraction"]
+    ]
     assert "saturated_fraction/sig_dense" in history.history
     message = " ".join(str(w.message) for w in caught)
     assert "relu_dense (relu): " in message and "dead units" in message
@@ -88,7 +90,10 @@ def test_check_freq_and_config_round_trip():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"check_freq": 0}, "Invalid value for argument `check_freq`. Expected a positive integer. Received: check_freq=0"),
+        (
+            {"check_freq": 0},
+            "Invalid value for argument `check_freq`. Expected a positive integer. Received: check_freq=0",
+        ),
         ({"saturation_epsilon": 0.7}, "Received: saturation_epsilon=0.7"),
         ({"probe_data": None}, "Received: probe_data=None"),
     ],

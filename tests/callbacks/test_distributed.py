@@ -15,14 +15,22 @@ def _train_under_mirrored_strategy():
     y = np.zeros((8, 2), "float32")
     with strategy.scope():
         keras.utils.set_random_seed(0)
-        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, use_bias=False)])
+        model = keras.Sequential(
+            [keras.Input((3,)), keras.layers.Dense(2, use_bias=False)]
+        )
         model.compile(
             optimizer=keras.optimizers.SGD(0.1, weight_decay=0.1),
             loss=lambda t, p: 0.0 * keras.ops.sum(p),
         )
     w0 = model.layers[0].kernel.numpy().copy()
-    model.fit(x, y, epochs=2, batch_size=4, verbose=0,
-              callbacks=[WeightDecayScheduler(lambda e, wd: [0.1, 0.5][e])])
+    model.fit(
+        x,
+        y,
+        epochs=2,
+        batch_size=4,
+        verbose=0,
+        callbacks=[WeightDecayScheduler(lambda e, wd: [0.1, 0.5][e])],
+    )
     decayed = (model.layers[0].kernel.numpy() / w0).tolist()
 
     with strategy.scope():
@@ -33,10 +41,18 @@ def _train_under_mirrored_strategy():
             layer.trainable = False
         model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
     before = [layer.kernel.numpy().copy() for layer in layers]
-    history = model.fit(np.random.default_rng(0).normal(size=(8, 3)).astype("float32"),
-                        np.ones((8, 2), "float32"), epochs=3, batch_size=4, verbose=0,
-                        callbacks=[GradualUnfreezing(2)])
-    moved = [bool(not np.array_equal(b, layer.kernel.numpy())) for b, layer in zip(before, layers, strict=True)]
+    history = model.fit(
+        np.random.default_rng(0).normal(size=(8, 3)).astype("float32"),
+        np.ones((8, 2), "float32"),
+        epochs=3,
+        batch_size=4,
+        verbose=0,
+        callbacks=[GradualUnfreezing(2)],
+    )
+    moved = [
+        bool(not np.array_equal(b, layer.kernel.numpy()))
+        for b, layer in zip(before, layers, strict=True)
+    ]
     return {
         "replicas": strategy.num_replicas_in_sync,
         "decayed": decayed,

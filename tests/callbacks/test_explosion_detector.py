@@ -48,19 +48,43 @@ def _quiet(fn, *args, **kwargs):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"action": "explode"}, "Invalid value for argument `action`. Expected one of 'warn', 'skip', 'rollback', 'stop'. Received: action='explode'"),
-        ({"snapshot_freq": 0}, "Invalid value for argument `snapshot_freq`. Expected a positive integer. Received: snapshot_freq=0"),
-        ({"lr_factor": 1.0}, "Invalid value for argument `lr_factor`. Expected a number in (0, 1). Received: lr_factor=1.0"),
+        (
+            {"action": "explode"},
+            "Invalid value for argument `action`. Expected one of 'warn', 'skip', 'rollback', 'stop'. Received: action='explode'",
+        ),
+        (
+            {"snapshot_freq": 0},
+            "Invalid value for argument `snapshot_freq`. Expected a positive integer. Received: snapshot_freq=0",
+        ),
+        (
+            {"lr_factor": 1.0},
+            "Invalid value for argument `lr_factor`. Expected a number in (0, 1). Received: lr_factor=1.0",
+        ),
         ({"lr_factor": 0}, "Received: lr_factor=0"),
         ({"max_rollbacks": -1}, "Received: max_rollbacks=-1"),
         ({"window": 10, "min_samples": 20}, "Received: min_samples=20"),
-        ({"regress_factor": 1.0}, "Invalid value for argument `regress_factor`. Expected a number > 1 or None. Received: regress_factor=1.0"),
-        ({"probe_lower_lr": 1}, "Invalid value for argument `probe_lower_lr`. Expected a bool (True or False). Received: probe_lower_lr=1"),
+        (
+            {"regress_factor": 1.0},
+            "Invalid value for argument `regress_factor`. Expected a number > 1 or None. Received: regress_factor=1.0",
+        ),
+        (
+            {"probe_lower_lr": 1},
+            "Invalid value for argument `probe_lower_lr`. Expected a bool (True or False). Received: probe_lower_lr=1",
+        ),
         # Audit findings: "False" read as True; the argument named `threshold`.
-        ({"restore_best_weights": "False"}, "Invalid value for argument `restore_best_weights`. Expected a bool (True or False). Received: restore_best_weights='False'"),
-        ({"loss_z_threshold": 0}, "Invalid value for argument `loss_z_threshold`. Expected a positive number. Received: loss_z_threshold=0"),
+        (
+            {"restore_best_weights": "False"},
+            "Invalid value for argument `restore_best_weights`. Expected a bool (True or False). Received: restore_best_weights='False'",
+        ),
+        (
+            {"loss_z_threshold": 0},
+            "Invalid value for argument `loss_z_threshold`. Expected a positive number. Received: loss_z_threshold=0",
+        ),
         ({"grad_z_threshold": -1.0}, "Invalid value for argument `grad_z_threshold`."),
-        ({"loss_factor": 1.0}, "Invalid value for argument `loss_factor`. Expected a number > 1 or None."),
+        (
+            {"loss_factor": 1.0},
+            "Invalid value for argument `loss_factor`. Expected a number > 1 or None.",
+        ),
         ({"verbose": 3}, "Invalid value for argument `verbose`."),
         ({"diagnostic_path": 3}, "Invalid value for argument `diagnostic_path`."),
     ],
@@ -83,13 +107,18 @@ def test_get_config_round_trip():
 def test_rollback_restores_weights_and_optimizer_state_bitwise():
     x, y = _data(128)
     model = deep_mlp(keras.optimizers.Adam(1e-3), depth=2)
-    detector = GradientExplosionDetector(snapshot_freq=2, skip_batches=3, lr_factor=0.5, verbose=0)
+    detector = GradientExplosionDetector(
+        snapshot_freq=2, skip_batches=3, lr_factor=0.5, verbose=0
+    )
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[detector])
     snap = detector.snapshot
     assert snap.step == 6  # taken at step 6, confirmed by 2 healthy steps
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # moves everything on
     opt_vars = optimizer_state_variables(model.optimizer)
-    assert any(not np.array_equal(np.asarray(v), s) for v, s in zip(opt_vars, snap.optimizer_values, strict=True))
+    assert any(
+        not np.array_equal(np.asarray(v), s)
+        for v, s in zip(opt_vars, snap.optimizer_values, strict=True)
+    )
     detector._rollback("test")
     for v, saved in zip(model.weights, snap.weights, strict=True):
         np.testing.assert_array_equal(np.asarray(v), saved)
@@ -105,13 +134,19 @@ def test_rollback_restores_weights_and_optimizer_state_bitwise():
 @pytest.mark.parametrize("steps_per_execution", [1, 2])
 def test_high_learning_rate_diverges_plainly_but_is_rescued(steps_per_execution):
     x, y = _data(512)
-    plain = deep_mlp(keras.optimizers.SGD(10.0), steps_per_execution=steps_per_execution)
+    plain = deep_mlp(
+        keras.optimizers.SGD(10.0), steps_per_execution=steps_per_execution
+    )
     plain.fit(x, y, batch_size=32, epochs=2, verbose=0)
     assert not _finite(plain)  # plain fit ends with NaN weights
 
-    model = deep_mlp(keras.optimizers.SGD(10.0), steps_per_execution=steps_per_execution)
+    model = deep_mlp(
+        keras.optimizers.SGD(10.0), steps_per_execution=steps_per_execution
+    )
     initial = model.evaluate(x, y, verbose=0)
-    detector = GradientExplosionDetector(snapshot_freq=5, lr_factor=0.05, skip_batches=2, verbose=0)
+    detector = GradientExplosionDetector(
+        snapshot_freq=5, lr_factor=0.05, skip_batches=2, verbose=0
+    )
     history = model.fit(x, y, batch_size=32, epochs=3, verbose=0, callbacks=[detector])
     assert _finite(model)
     assert detector.rollbacks >= 1 and detector.stopped_reason is None
@@ -120,7 +155,9 @@ def test_high_learning_rate_diverges_plainly_but_is_rescued(steps_per_execution)
     # The spike's loss left the epoch's running mean at the rollback, so the
     # raw losses recovered from it afterwards are plain batch losses (a huge
     # loss left in Keras' float32 total turned them into multiples of 2^13).
-    last_rollback = max(e["step"] for e in detector.events if e.get("action") == "rollback")
+    last_rollback = max(
+        e["step"] for e in detector.events if e.get("action") == "rollback"
+    )
     calls_after = (detector.step - last_rollback) // steps_per_execution  # full calls
     assert 0 < max(detector.raw_losses[-calls_after:]) < 5.0
     assert history.history["rollbacks"][-1] == detector.rollbacks
@@ -147,7 +184,10 @@ def _quadratic_problem(n_batches=8, batch=8, dim=4, seed=0):
 
 def _linear(lr):
     model = keras.Sequential(
-        [keras.Input((4,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")]
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros"),
+        ]
     )
     model.compile(keras.optimizers.SGD(lr), "mse")
     return model
@@ -163,7 +203,9 @@ def test_slow_regression_is_rolled_back_before_any_spike():
 
     model = _linear(1.05)
     detector = GradientExplosionDetector(lr_factor=0.5, skip_batches=3, verbose=0)
-    model.fit(x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector])
+    model.fit(
+        x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector]
+    )
     np.testing.assert_allclose(
         np.asarray(detector.raw_losses[:5]) / start, 1.21 ** np.arange(5), rtol=1e-4
     )
@@ -173,10 +215,15 @@ def test_slow_regression_is_rolled_back_before_any_spike():
     # per step) pass the recovery check; the probe at 0.2625 (x0.226 per step,
     # steps 17-21, from step 0 again) is slower, so the state of step 16 and
     # lr 0.525 are restored.
-    assert [(e["step"], e["kind"]) for e in detector.events] == [(8, "problem"), (21, "lr_probe")]
+    assert [(e["step"], e["kind"]) for e in detector.events] == [
+        (8, "problem"),
+        (21, "lr_probe"),
+    ]
     assert detector.events[0]["detail"].startswith("loss regressing: mean raw loss")
     assert detector.events[0]["restored_step"] == 0
-    assert detector.events[1]["detail"].startswith("learning rate 0.525 kept: 5 steps at 0.2625")
+    assert detector.events[1]["detail"].startswith(
+        "learning rate 0.525 kept: 5 steps at 0.2625"
+    )
     assert detector.rollbacks == 1
     assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(0.525)
     assert model.evaluate(x, y, verbose=0) < 1e-6 * start
@@ -199,7 +246,9 @@ def test_failed_recovery_escalates_to_a_second_rollback(check_recovery):
         probe_lower_lr=False,
         verbose=0,
     )
-    model.fit(x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector])
+    model.fit(
+        x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector]
+    )
     steps = [e["step"] for e in detector.events]
     assert detector.events[0]["detail"].startswith("loss spike")
     if check_recovery:
@@ -209,18 +258,24 @@ def test_failed_recovery_escalates_to_a_second_rollback(check_recovery):
         assert detail.startswith("recovery failed: after rollback 1")
         assert f"restored weights' loss {start:.4g}" in detail
         assert detector.rollbacks == 2
-        assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(1.5 * 0.7**2)
+        assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(
+            1.5 * 0.7**2
+        )
         assert model.evaluate(x, y, verbose=0) < 1e-12 * start
     else:
         # Without the check (and the regression rule) the slow climb at lr
         # 1.05 is not caught within 40 steps: 1.21x per step is no spike.
         assert steps == [4]
-        assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(1.5 * 0.7)
+        assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(
+            1.5 * 0.7
+        )
         assert model.evaluate(x, y, verbose=0) > 100 * start
 
 
 @pytest.mark.parametrize("probe_lower_lr", [True, False])
-def test_stable_but_too_high_learning_rate_after_a_rollback_is_probed_lower(probe_lower_lr):
+def test_stable_but_too_high_learning_rate_after_a_rollback_is_probed_lower(
+    probe_lower_lr,
+):
     # lr 1.95: x8.41 per step, a spike at step 3. x0.5 gives 0.975: stable
     # (x0.9025 per step, the recovery check passes) but 160x slower than
     # 0.4875 (x0.000625 per step). The probe runs 5 steps from the restored
@@ -231,14 +286,18 @@ def test_stable_but_too_high_learning_rate_after_a_rollback_is_probed_lower(prob
     detector = GradientExplosionDetector(
         lr_factor=0.5, skip_batches=3, probe_lower_lr=probe_lower_lr, verbose=0
     )
-    model.fit(x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector])
+    model.fit(
+        x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector]
+    )
     lr = float(np.asarray(model.optimizer.learning_rate))
     final = model.evaluate(x, y, verbose=0)
     steps = [(e["step"], e["kind"]) for e in detector.events]
     assert detector.events[0]["detail"].startswith("loss spike")
     raw = np.asarray(detector.raw_losses) / start
     # Rollback at step 3; steps 4-6 skipped (the restored loss); 7-11 at 0.975.
-    np.testing.assert_allclose(raw[3:11], [1, 1, 1, 1, 0.9025, 0.9025**2, 0.9025**3, 0.9025**4], rtol=1e-3)
+    np.testing.assert_allclose(
+        raw[3:11], [1, 1, 1, 1, 0.9025, 0.9025**2, 0.9025**3, 0.9025**4], rtol=1e-3
+    )
     if probe_lower_lr:
         # Steps 12-16 at 0.4875 from step 0: mean 0.2x the start, below the
         # 0.82x of 0.975; kept (a lower rate, not a second rollback). Steps 17-21 at 0.24375
@@ -271,9 +330,12 @@ def test_lower_rates_kept_by_probes_do_not_use_up_max_rollbacks():
     detector = GradientExplosionDetector(
         lr_factor=0.5, skip_batches=3, max_rollbacks=1, verbose=0
     )
-    model.fit(x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector])
+    model.fit(
+        x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector]
+    )
     assert [(e["step"], e["kind"]) for e in detector.events] == [
-        (3, "problem"), (16, "lr_probe")
+        (3, "problem"),
+        (16, "lr_probe"),
     ]
     assert detector.rollbacks == 1 and detector.lr_probes == 1
     assert detector.stopped_reason is None
@@ -288,9 +350,13 @@ def test_probe_unfinished_when_fit_ends_is_undone():
     x, y, start = _quadratic_problem()
     model = _linear(1.95)
     detector = GradientExplosionDetector(lr_factor=0.5, skip_batches=3, verbose=0)
-    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[detector])
+    model.fit(
+        x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[detector]
+    )
     assert [(e["step"], e["kind"]) for e in detector.events] == [
-        (3, "problem"), (16, "lr_probe"), (16, "lr_probe")
+        (3, "problem"),
+        (16, "lr_probe"),
+        (16, "lr_probe"),
     ]
     assert detector.events[2]["detail"].startswith(
         "probe unfinished at the end of training: learning rate 0.4875 kept; "
@@ -309,7 +375,9 @@ def test_no_probe_without_a_rollback():
     for lr in (0.975, 0.05):
         model = _linear(lr)
         detector = GradientExplosionDetector(lr_factor=0.5, snapshot_freq=5, verbose=0)
-        model.fit(x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector])
+        model.fit(
+            x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector]
+        )
         assert detector.events == [] and detector.rollbacks == 0
         assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(lr)
         assert model.evaluate(x, y, verbose=0) < 0.04 * start
@@ -323,7 +391,9 @@ def test_fast_healthy_convergence_is_not_a_slow_divergence():
     x, y, start = _quadratic_problem()
     model = _linear(0.1)
     detector = GradientExplosionDetector(snapshot_freq=5, verbose=0)
-    model.fit(x, y, batch_size=8, epochs=6, shuffle=False, verbose=0, callbacks=[detector])
+    model.fit(
+        x, y, batch_size=8, epochs=6, shuffle=False, verbose=0, callbacks=[detector]
+    )
     np.testing.assert_allclose(
         np.asarray(detector.raw_losses[:10]) / start, 0.64 ** np.arange(10), rtol=1e-3
     )
@@ -338,13 +408,25 @@ def test_slow_divergence_after_the_best_snapshot_is_caught():
     # so no regression either. Only the slow-divergence rule can see it.
     x, y, start = _quadratic_problem()
     model = _linear(0.1)
-    schedule = keras.callbacks.LearningRateScheduler(lambda epoch: 0.1 if epoch < 2 else 1.02)
+    schedule = keras.callbacks.LearningRateScheduler(
+        lambda epoch: 0.1 if epoch < 2 else 1.02
+    )
     detector = GradientExplosionDetector(
-        action="stop", snapshot_freq=5, loss_z_threshold=1e9, grad_z_threshold=1e9, verbose=0
+        action="stop",
+        snapshot_freq=5,
+        loss_z_threshold=1e9,
+        grad_z_threshold=1e9,
+        verbose=0,
     )
     with pytest.warns(UserWarning, match="loss diverging"):
         model.fit(
-            x, y, batch_size=8, epochs=12, shuffle=False, verbose=0, callbacks=[schedule, detector]
+            x,
+            y,
+            batch_size=8,
+            epochs=12,
+            shuffle=False,
+            verbose=0,
+            callbacks=[schedule, detector],
         )
     best = detector.best
     assert 10 <= best.step <= 20 and best.score < 2e-3 * start
@@ -365,7 +447,14 @@ def test_nan_batch_is_skipped_counted_and_training_goes_on():
     model = deep_mlp(keras.optimizers.SGD(0.05), depth=2)
     detector = GradientExplosionDetector(verbose=0)
     history, messages = _quiet(
-        model.fit, x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[detector]
+        model.fit,
+        x,
+        y,
+        batch_size=16,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+        callbacks=[detector],
     )
     assert detector.skipped_batches == 2  # once per epoch
     assert int(model.optimizer.steps_skipped_nonfinite.numpy()) == 2
@@ -388,7 +477,16 @@ def test_skipped_step_does_not_score_the_pending_snapshot():
     # No hidden ReLU (which maps NaN to 0): the logits, and so the loss, are NaN.
     model = deep_mlp(keras.optimizers.SGD(0.05), depth=0)
     detector = GradientExplosionDetector(snapshot_freq=5, verbose=0)
-    _quiet(model.fit, x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[detector])
+    _quiet(
+        model.fit,
+        x,
+        y,
+        batch_size=16,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[detector],
+    )
     assert detector.skipped_batches == 1 and detector.rollbacks == 0
     assert math.isnan(detector.raw_losses[7])
     assert detector.snapshot.step == 6
@@ -408,7 +506,14 @@ def test_inf_batch_inside_a_multi_step_execution_is_skipped_counted_and_training
     model = deep_mlp(keras.optimizers.SGD(0.05), depth=2, steps_per_execution=4)
     detector = GradientExplosionDetector(verbose=0)
     history, _ = _quiet(
-        model.fit, x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[detector]
+        model.fit,
+        x,
+        y,
+        batch_size=16,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+        callbacks=[detector],
     )
     assert int(model.optimizer.steps_skipped_nonfinite.numpy()) == 2
     assert detector.skipped_batches == 2
@@ -431,7 +536,9 @@ def test_all_nan_data_with_several_steps_per_execution_stops_with_last_good_weig
     x = np.full_like(x, np.nan)
     model = deep_mlp(keras.optimizers.SGD(0.05), depth=2, steps_per_execution=4)
     initial = [w.copy() for w in model.get_weights()]
-    detector = GradientExplosionDetector(max_rollbacks=2, max_consecutive_skips=2, verbose=0)
+    detector = GradientExplosionDetector(
+        max_rollbacks=2, max_consecutive_skips=2, verbose=0
+    )
     _quiet(model.fit, x, y, batch_size=16, epochs=5, verbose=0, callbacks=[detector])
     # Calls of 4, 4, 2 batches an epoch, every step skipped. The first two
     # calls: 4 in a row (more than 2) -> rollback, twice; the epoch's last
@@ -458,7 +565,10 @@ def test_all_nan_data_stops_after_max_rollbacks_with_last_good_weights(tmp_path)
     # 3 non-finite steps in a row -> rollback, twice; the third time it stops.
     assert detector.rollbacks == 2
     assert detector.step == 9 and model.stop_training
-    assert "3 non-finite steps in a row after 2 rollbacks (max_rollbacks=2)" in detector.stopped_reason
+    assert (
+        "3 non-finite steps in a row after 2 rollbacks (max_rollbacks=2)"
+        in detector.stopped_reason
+    )
     stop = [m for m in messages if "stopped training" in m]
     assert stop and "Restored the best healthy weights (step 0)" in stop[0]
     assert path in stop[0]
@@ -478,16 +588,21 @@ def test_all_nan_data_stops_after_max_rollbacks_with_last_good_weights(tmp_path)
 
 def test_rollback_scales_a_schedule_instead_of_replacing_it():
     x, y = _data(256)
-    schedule = keras.optimizers.schedules.ExponentialDecay(10.0, decay_steps=100, decay_rate=0.9)
+    schedule = keras.optimizers.schedules.ExponentialDecay(
+        10.0, decay_steps=100, decay_rate=0.9
+    )
     model = deep_mlp(keras.optimizers.SGD(schedule))
-    detector = GradientExplosionDetector(snapshot_freq=5, lr_factor=0.1, skip_batches=1, verbose=0)
+    detector = GradientExplosionDetector(
+        snapshot_freq=5, lr_factor=0.1, skip_batches=1, verbose=0
+    )
     model.fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=[detector])
     lr = model.optimizer.inner_optimizer._learning_rate
     assert detector.rollbacks >= 1
     assert isinstance(lr, ScaledSchedule) and lr.schedule is schedule
     step = int(model.optimizer.iterations.numpy())
     assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(
-        float(schedule(step)) * 0.1 ** (detector.rollbacks + detector.lr_probes), rel=1e-5
+        float(schedule(step)) * 0.1 ** (detector.rollbacks + detector.lr_probes),
+        rel=1e-5,
     )
     assert _finite(model)
 
@@ -496,14 +611,18 @@ def test_stop_action_stops_at_first_problem_and_warn_only_warns():
     x, y = _data(256)
     model = deep_mlp(keras.optimizers.SGD(10.0))
     detector = GradientExplosionDetector(action="stop", verbose=0)
-    _, messages = _quiet(model.fit, x, y, batch_size=32, epochs=2, verbose=0, callbacks=[detector])
+    _, messages = _quiet(
+        model.fit, x, y, batch_size=32, epochs=2, verbose=0, callbacks=[detector]
+    )
     assert detector.rollbacks == 0 and detector.stopped_reason
     assert model.stop_training and _finite(model)
     assert any("stopped training" in m for m in messages)
 
     model = deep_mlp(keras.optimizers.SGD(10.0))
     detector = GradientExplosionDetector(action="warn", verbose=0)
-    _, messages = _quiet(model.fit, x, y, batch_size=32, epochs=1, verbose=0, callbacks=[detector])
+    _, messages = _quiet(
+        model.fit, x, y, batch_size=32, epochs=1, verbose=0, callbacks=[detector]
+    )
     assert detector.rollbacks == 0 and detector.stopped_reason is None
     assert any("GradientExplosionDetector at step" in m for m in messages)
     assert _finite(model)  # never ends a run with NaN weights
@@ -538,9 +657,13 @@ def test_snapshot_reads_every_value_bitwise_in_one_traced_call():
 
 def test_scaled_schedule_survives_keras_save_and_load(tmp_path):
     x, y = _data(256)
-    schedule = keras.optimizers.schedules.ExponentialDecay(10.0, decay_steps=100, decay_rate=0.9)
+    schedule = keras.optimizers.schedules.ExponentialDecay(
+        10.0, decay_steps=100, decay_rate=0.9
+    )
     model = deep_mlp(keras.optimizers.SGD(schedule))
-    detector = GradientExplosionDetector(snapshot_freq=5, lr_factor=0.1, skip_batches=1, verbose=0)
+    detector = GradientExplosionDetector(
+        snapshot_freq=5, lr_factor=0.1, skip_batches=1, verbose=0
+    )
     model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[detector])
     assert detector.rollbacks >= 1
     assert detector._recovery is None  # a probe unfinished at the end is undone
@@ -551,7 +674,9 @@ def test_scaled_schedule_survives_keras_save_and_load(tmp_path):
     assert isinstance(inner._learning_rate, ScaledSchedule)
     factor = float(np.asarray(inner._learning_rate.factor))
     assert factor == pytest.approx(0.1 ** (detector.rollbacks + detector.lr_probes))
-    np.testing.assert_allclose(loaded.predict(x[:8], verbose=0), model.predict(x[:8], verbose=0))
+    np.testing.assert_allclose(
+        loaded.predict(x[:8], verbose=0), model.predict(x[:8], verbose=0)
+    )
 
 
 def test_monitor_and_detector_share_raw_loss_across_a_skipped_nan_batch():
@@ -573,7 +698,13 @@ def test_monitor_and_detector_share_raw_loss_across_a_skipped_nan_batch():
     detector = GradientExplosionDetector(verbose=0)
     monitor = GradientMonitor(verbose=0)
     _quiet(
-        model.fit, x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+        model.fit,
+        x,
+        y,
+        batch_size=16,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
         callbacks=[truth, detector, monitor],
     )
     # The NaN input gives NaN gradients (skipped); the detector removes that
@@ -583,7 +714,9 @@ def test_monitor_and_detector_share_raw_loss_across_a_skipped_nan_batch():
     assert detector.skipped_batches == 1 and detector.events[0]["step"] == 5
     others = [i for i in range(10) if i != 4]
     np.testing.assert_allclose(
-        np.asarray(monitor.raw_losses)[others], np.asarray(truth.losses)[others], rtol=1e-4
+        np.asarray(monitor.raw_losses)[others],
+        np.asarray(truth.losses)[others],
+        rtol=1e-4,
     )
     np.testing.assert_allclose(detector.raw_losses, monitor.raw_losses)
 
@@ -591,10 +724,14 @@ def test_monitor_and_detector_share_raw_loss_across_a_skipped_nan_batch():
 def test_skip_action_guards_with_spike_skipping_and_stops_on_repeated_nan():
     x, y = _data(160)
     model = deep_mlp(keras.optimizers.SGD(0.05), depth=2)
-    detector = GradientExplosionDetector(action="skip", max_consecutive_skips=2, verbose=0)
+    detector = GradientExplosionDetector(
+        action="skip", max_consecutive_skips=2, verbose=0
+    )
     x_nan = np.full_like(x, np.nan)
     initial = [w.copy() for w in model.get_weights()]
-    _, messages = _quiet(model.fit, x_nan, y, batch_size=16, epochs=1, verbose=0, callbacks=[detector])
+    _, messages = _quiet(
+        model.fit, x_nan, y, batch_size=16, epochs=1, verbose=0, callbacks=[detector]
+    )
     assert model.optimizer.skip_spikes is not None  # in-graph spike skipping on
     assert detector.step == 3 and detector.rollbacks == 0
     assert detector.stopped_reason == "3 non-finite steps in a row"
@@ -641,7 +778,9 @@ def test_unwritable_diagnostic_path_is_a_value_error_when_training_starts(tmp_pa
     with open(blocker, "w") as f:
         f.write("not a directory")
     model = deep_mlp(keras.optimizers.SGD(0.05), depth=1)
-    detector = GradientExplosionDetector(diagnostic_path=os.path.join(blocker, "sub", "d.json"))
+    detector = GradientExplosionDetector(
+        diagnostic_path=os.path.join(blocker, "sub", "d.json")
+    )
     with pytest.raises(ValueError) as info:
         model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[detector])
     assert str(info.value).startswith(
@@ -650,12 +789,17 @@ def test_unwritable_diagnostic_path_is_a_value_error_when_training_starts(tmp_pa
     assert model.optimizer.iterations.numpy() == 0  # refused before any step
     with pytest.raises(ValueError, match="a file path"):
         model.fit(
-            x, y, epochs=1, verbose=0,
+            x,
+            y,
+            epochs=1,
+            verbose=0,
             callbacks=[GradientExplosionDetector(diagnostic_path=str(tmp_path))],
         )
 
 
-def test_a_diagnostic_that_cannot_be_written_when_stopping_warns_and_fit_returns(tmp_path):
+def test_a_diagnostic_that_cannot_be_written_when_stopping_warns_and_fit_returns(
+    tmp_path,
+):
     x, y = _data(64)
     x = x.copy()
     x[40:] = np.nan  # batches 3 and 4: the detector stops at the first
@@ -666,7 +810,9 @@ def test_a_diagnostic_that_cannot_be_written_when_stopping_warns_and_fit_returns
 
     class BreakTheFolder(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
-            if os.path.isdir(out):  # writable at the start, gone when the detector stops
+            if os.path.isdir(
+                out
+            ):  # writable at the start, gone when the detector stops
                 os.rmdir(out)
                 with open(out, "w") as f:
                     f.write("now a file")
@@ -675,11 +821,22 @@ def test_a_diagnostic_that_cannot_be_written_when_stopping_warns_and_fit_returns
         action="stop", max_consecutive_skips=0, diagnostic_path=path
     )
     history, messages = _quiet(
-        model.fit, x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
+        model.fit,
+        x,
+        y,
+        batch_size=16,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
         callbacks=[BreakTheFolder(), detector],
     )
     assert isinstance(history, keras.callbacks.History) and history.history["loss"]
     assert detector.stopped_reason is not None and detector.diagnostic["step"] == 3
-    assert any("could not write the diagnostic" in m and "diagnostic_path=" in m for m in messages)
-    assert any("stopped training" in m and "could not be written" in m for m in messages)
+    assert any(
+        "could not write the diagnostic" in m and "diagnostic_path=" in m
+        for m in messages
+    )
+    assert any(
+        "stopped training" in m and "could not be written" in m for m in messages
+    )
     assert _finite(model)

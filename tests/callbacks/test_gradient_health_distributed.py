@@ -32,5 +32,11 @@ def test_detector_takes_the_same_decision_on_every_replica(results, case):
 def test_vanishing_diagnosis_same_on_two_replicas(results):
     one, two = results["vanishing"]
     assert two["n_replicas"] == 2 and two["replicas_identical"]
-    assert one["vanishing"] == two["vanishing"] and one["vanishing"][:5] == [0, 1, 2, 3, 4]
+    assert one["vanishing"] == two["vanishing"] and one["vanishing"][:5] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
     np.testing.assert_allclose(one["norms"], two["norms"], rtol=1e-3)

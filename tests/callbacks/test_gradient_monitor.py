@@ -34,9 +34,13 @@ def _small_model(lr=0.1):
 def deep_mlp(activation, initializer, residual, depth=20, width=32):
     keras.utils.set_random_seed(0)
     inputs = keras.Input((10,))
-    h = keras.layers.Dense(width, activation=activation, kernel_initializer=initializer)(inputs)
+    h = keras.layers.Dense(
+        width, activation=activation, kernel_initializer=initializer
+    )(inputs)
     for _ in range(depth - 2):
-        y = keras.layers.Dense(width, activation=activation, kernel_initializer=initializer)(h)
+        y = keras.layers.Dense(
+            width, activation=activation, kernel_initializer=initializer
+        )(h)
         h = keras.layers.Add()([h, keras.layers.Rescaling(0.25)(y)]) if residual else y
     outputs = keras.layers.Dense(10)(h)
     model = keras.Model(inputs, outputs)
@@ -82,7 +86,13 @@ def test_raw_loss_equals_true_per_batch_loss_and_reaches_logs(tmp_path):
     # The logged "loss" is the running mean, which is not the raw loss.
     assert not np.allclose(history.history["loss"][0], truth.losses[6], rtol=1e-3)
     # Values reach History and CSVLogger (they come after user callbacks).
-    for key in ("raw_loss", "grad_norm", "min_layer_grad_ratio", "grad_norm/hidden", "update_ratio/head"):
+    for key in (
+        "raw_loss",
+        "grad_norm",
+        "min_layer_grad_ratio",
+        "grad_norm/hidden",
+        "update_ratio/head",
+    ):
         assert key in history.history and len(history.history[key]) == 2, key
     assert history.history["raw_loss"][1] == pytest.approx(truth.losses[-1], rel=1e-4)
     with open(csv_path) as f:
@@ -101,7 +111,9 @@ def test_check_freq_history_summary_plot_and_tensorboard(tmp_path):
     x, y = _data(96)
     model = _small_model()
     log_dir = os.path.join(tmp_path, "tb")
-    monitor = GradientMonitor(check_freq=2, log_dir=log_dir, histogram_bins=10, verbose=0)
+    monitor = GradientMonitor(
+        check_freq=2, log_dir=log_dir, histogram_bins=10, verbose=0
+    )
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
     assert monitor.history["step"] == [2, 4, 6]
     assert list(monitor.history["grad_norm"]) == ["hidden", "head"]
@@ -126,7 +138,12 @@ def test_check_freq_history_summary_plot_and_tensorboard(tmp_path):
     )
     acc.Reload()
     tags = set(acc.Tags()["tensors"])
-    assert {"raw_loss", "grad_norm/global", "grad_norm/hidden", "update_ratio/head"} <= tags
+    assert {
+        "raw_loss",
+        "grad_norm/global",
+        "grad_norm/hidden",
+        "update_ratio/head",
+    } <= tags
     assert {"log10_abs_grad/hidden", "log10_abs_grad/head"} <= tags
     hist = acc.Tensors("log10_abs_grad/hidden")[-1]
     import tensorflow as tf
@@ -140,7 +157,11 @@ def test_check_freq_history_summary_plot_and_tensorboard(tmp_path):
 def test_summary_prints_with_print_msg(capsys):
     monitor = GradientMonitor(verbose=0)
     text = monitor.summary()
-    assert capsys.readouterr().out.strip() == text == "GradientMonitor: no statistics recorded yet."
+    assert (
+        capsys.readouterr().out.strip()
+        == text
+        == "GradientMonitor: no statistics recorded yet."
+    )
 
 
 @pytest.mark.slow
@@ -234,19 +255,29 @@ def test_buffered_history_equals_per_step_reads_with_a_partial_last_chunk():
         monitor = GradientMonitor(check_freq=1, read_freq=read_freq, verbose=0)
         probe = _PerStepRead(monitor)
         history = model.fit(
-            x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[monitor, probe]
+            x,
+            y,
+            batch_size=16,
+            epochs=2,
+            shuffle=False,
+            verbose=0,
+            callbacks=[monitor, probe],
         )
         h = monitor.history
         assert h["step"] == list(range(1, 15))
         # Every step's values, exactly as a read after that step gave them.
         np.testing.assert_array_equal(h["global_norm"], probe.global_norms)
         np.testing.assert_array_equal(
-            np.asarray([h["grad_norm"][n] for n in monitor.layer_names]).T, probe.layer_norms
+            np.asarray([h["grad_norm"][n] for n in monitor.layer_names]).T,
+            probe.layer_norms,
         )
         np.testing.assert_array_equal(h["raw_loss"], monitor.raw_losses)
         # Epoch logs (History) carry the last step of each epoch: the epoch
         # end reads the partial chunk (steps 6-7 and 11-14 with read_freq=5).
-        assert history.history["grad_norm"] == [h["global_norm"][6], h["global_norm"][13]]
+        assert history.history["grad_norm"] == [
+            h["global_norm"][6],
+            h["global_norm"][13],
+        ]
         logged = [b.get("grad_norm") for b in probe.batch_logs]
         if read_freq == 1:
             assert logged == h["global_norm"]
@@ -362,7 +393,9 @@ def test_a_monitor_and_detector_shared_by_two_models_keep_one_observer_each():
     counts = []
     for _ in range(4):
         for model in (a, b):
-            model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor, detector])
+            model.fit(
+                x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor, detector]
+            )
         counts.append((len(a.optimizer.observers), len(b.optimizer.observers)))
     assert counts == [(2, 2)] * 4
     variables = len(a.optimizer.variables)

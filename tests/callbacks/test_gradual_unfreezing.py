@@ -8,8 +8,12 @@ from keras_stability.callbacks.gradual_unfreezing import unfrozen_count
 
 def _model(seed=0):
     keras.utils.set_random_seed(seed)
-    backbone = [keras.layers.Dense(8, activation="tanh", name=f"b{i}") for i in range(3)]
-    model = keras.Sequential([keras.Input((4,)), *backbone, keras.layers.Dense(2, name="head")])
+    backbone = [
+        keras.layers.Dense(8, activation="tanh", name=f"b{i}") for i in range(3)
+    ]
+    model = keras.Sequential(
+        [keras.Input((4,)), *backbone, keras.layers.Dense(2, name="head")]
+    )
     for layer in backbone:
         layer.trainable = False
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
@@ -18,7 +22,9 @@ def _model(seed=0):
 
 def _data():
     rng = np.random.default_rng(0)
-    return rng.normal(size=(32, 4)).astype("float32"), rng.normal(size=(32, 2)).astype("float32")
+    return rng.normal(size=(32, 4)).astype("float32"), rng.normal(size=(32, 2)).astype(
+        "float32"
+    )
 
 
 class _Recorder(keras.callbacks.Callback):
@@ -45,7 +51,9 @@ class _Recorder(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         after = self._kernels()
-        self.changed.append([n for n in self.names if not np.array_equal(after[n], self._before[n])])
+        self.changed.append(
+            [n for n in self.names if not np.array_equal(after[n], self._before[n])]
+        )
         self.head_moment_end.append(self._head_moment())
 
 
@@ -54,7 +62,11 @@ def test_unfreezes_top_down_one_layer_per_epoch():
     x, y = _data()
     recorder = _Recorder(["b0", "b1", "b2", "head"])
     history = model.fit(
-        x, y, epochs=4, batch_size=16, verbose=0,
+        x,
+        y,
+        epochs=4,
+        batch_size=16,
+        verbose=0,
         callbacks=[GradualUnfreezing(1), recorder],
     )
     assert recorder.changed == [
@@ -71,14 +83,23 @@ def test_optimizer_state_is_kept_for_layers_already_training():
     model, _ = _model()
     x, y = _data()
     recorder = _Recorder(["head"])
-    model.fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=[GradualUnfreezing(1), recorder])
+    model.fit(
+        x,
+        y,
+        epochs=3,
+        batch_size=16,
+        verbose=0,
+        callbacks=[GradualUnfreezing(1), recorder],
+    )
     optimizer = model.optimizer
     # One optimizer for the whole fit, never rebuilt or reset ...
     assert all(opt is optimizer for opt in recorder.optimizers)
     assert int(optimizer.iterations.numpy()) == 3 * 2
     # ... so the head's Adam moment carries over each unfreezing.
     for epoch in (1, 2):
-        np.testing.assert_array_equal(recorder.head_moment_begin[epoch], recorder.head_moment_end[epoch - 1])
+        np.testing.assert_array_equal(
+            recorder.head_moment_begin[epoch], recorder.head_moment_end[epoch - 1]
+        )
         assert np.abs(recorder.head_moment_begin[epoch]).sum() > 0
 
 
@@ -100,7 +121,10 @@ def test_optimizer_with_steps_but_without_frozen_weights_is_rejected():
     model, _ = _model()
     x, y = _data()
     model.fit(x, y, epochs=1, batch_size=32, verbose=0)
-    with pytest.raises(ValueError, match=r"Invalid optimizer for `GradualUnfreezing`: it has taken 1 steps without the weights of the frozen layers"):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid optimizer for `GradualUnfreezing`: it has taken 1 steps without the weights of the frozen layers",
+    ):
         model.fit(x, y, epochs=1, verbose=0, callbacks=[GradualUnfreezing(1)])
 
 
@@ -113,8 +137,14 @@ def test_unfrozen_count():
 @pytest.mark.parametrize(
     "schedule, message",
     [
-        (0, "Invalid value for argument `schedule`. Expected a positive integer (epochs per unfrozen layer), a dict {epoch: number of layers unfrozen} or a function. Received: schedule=0"),
-        ({1: -1}, "Invalid value for argument `schedule`. Expected a non-empty dict {epoch: number of layers unfrozen} of non-negative integers. Received: schedule={1: -1}"),
+        (
+            0,
+            "Invalid value for argument `schedule`. Expected a positive integer (epochs per unfrozen layer), a dict {epoch: number of layers unfrozen} or a function. Received: schedule=0",
+        ),
+        (
+            {1: -1},
+            "Invalid value for argument `schedule`. Expected a non-empty dict {epoch: number of layers unfrozen} of non-negative integers. Received: schedule={1: -1}",
+        ),
         ("fast", "Received: schedule='fast'"),
     ],
 )
@@ -128,4 +158,6 @@ def test_unknown_layer_name():
     model, _ = _model()
     x, y = _data()
     with pytest.raises(ValueError, match="Received: unknown layer 'nope'"):
-        model.fit(x, y, epochs=1, verbose=0, callbacks=[GradualUnfreezing(1, layers=["nope"])])
+        model.fit(
+            x, y, epochs=1, verbose=0, callbacks=[GradualUnfreezing(1, layers=["nope"])]
+        )

@@ -21,7 +21,8 @@ def _model():
 def _grads(model, seed=1):
     rng = np.random.default_rng(seed)
     return [
-        tf.constant(rng.normal(size=v.shape).astype("float32")) for v in model.trainable_variables
+        tf.constant(rng.normal(size=v.shape).astype("float32"))
+        for v in model.trainable_variables
     ]
 
 
@@ -75,7 +76,9 @@ def test_observe_per_layer_norms_and_update_ratio_match_numpy():
     expected = [_norm(g, m) for m in members]
     np.testing.assert_allclose(stats["grad_norms"], expected, rtol=1e-5)
     np.testing.assert_allclose(stats["global_norm"], _norm(g, range(5)), rtol=1e-5)
-    np.testing.assert_allclose(stats["weight_norms"], [_norm(before, m) for m in members], rtol=1e-5)
+    np.testing.assert_allclose(
+        stats["weight_norms"], [_norm(before, m) for m in members], rtol=1e-5
+    )
     after = [v.numpy() for v in variables]
     diff = [a - b for a, b in zip(after, before, strict=True)]
     np.testing.assert_allclose(
@@ -120,7 +123,9 @@ def test_update_ratio_only_on_report_steps_and_zero_when_skipped():
 def test_none_gradients_count_as_zero():
     model = _model()
     variables = model.trainable_variables
-    obs = LayerGradientStats(groups=group_variables_by_layer(model), track_updates=False)
+    obs = LayerGradientStats(
+        groups=group_variables_by_layer(model), track_updates=False
+    )
     obs.build(keras.optimizers.SGD(0.1), variables)
     grads = _grads(model)
     grads[0] = None
@@ -132,7 +137,10 @@ def test_none_gradients_count_as_zero():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"check_freq": 0}, "Invalid value for argument `check_freq`. Expected a positive integer. Received: check_freq=0"),
+        (
+            {"check_freq": 0},
+            "Invalid value for argument `check_freq`. Expected a positive integer. Received: check_freq=0",
+        ),
         ({"histogram_bins": -1}, "Received: histogram_bins=-1"),
     ],
 )
@@ -168,7 +176,10 @@ def test_ring_buffer_keeps_the_last_rows_in_step_order():
     model = _model()
     variables = model.trainable_variables
     obs = LayerGradientStats(
-        groups=group_variables_by_layer(model), check_freq=2, histogram_bins=4, buffer_size=3
+        groups=group_variables_by_layer(model),
+        check_freq=2,
+        histogram_bins=4,
+        buffer_size=3,
     )
     obs.build(keras.optimizers.SGD(0.1), variables)
     assert obs.row_width == 1 + 3 * 3 + 3 * 4
@@ -186,9 +197,15 @@ def test_ring_buffer_keeps_the_last_rows_in_step_order():
     for r, step in enumerate(rows["step"].tolist()):
         expected = latest[step]
         for key in ("grad_norms", "weight_norms", "update_ratios", "histograms"):
-            np.testing.assert_array_equal(rows[key][r], expected[key].astype(np.float32))
+            np.testing.assert_array_equal(
+                rows[key][r], expected[key].astype(np.float32)
+            )
         assert rows["global_norm"][r] == np.float32(expected["global_norm"])
-    assert rows["update_ratios"].shape == (3, 3) and rows["histograms"].shape == (3, 3, 4)
+    assert rows["update_ratios"].shape == (3, 3) and rows["histograms"].shape == (
+        3,
+        3,
+        4,
+    )
     assert obs.read_rows(after_step=8)["step"].tolist() == [10]
     obs.reset()
     assert len(obs.read_rows()["step"]) == 0
@@ -219,7 +236,9 @@ def test_shared_squared_norms_give_the_same_statistics():
     assert float(global_norm(grads, squares)) == float(global_norm(grads))
     results = []
     for stats in ({}, {"squared_norms": squares}):
-        obs = LayerGradientStats(groups=group_variables_by_layer(model), track_updates=False)
+        obs = LayerGradientStats(
+            groups=group_variables_by_layer(model), track_updates=False
+        )
         obs.build(keras.optimizers.SGD(0.1), variables)
         obs.observe(grads, variables, stats)
         results.append(obs.read()["grad_norms"])
@@ -232,7 +251,9 @@ def test_update_ratio_in_a_compiled_step_matches_numpy(check_freq):
     # copy); every other step: a copy taken on report steps. Both exact.
     model = _model()
     variables = model.trainable_variables
-    obs = LayerGradientStats(groups=group_variables_by_layer(model), check_freq=check_freq)
+    obs = LayerGradientStats(
+        groups=group_variables_by_layer(model), check_freq=check_freq
+    )
     obs.build(keras.optimizers.SGD(0.1), variables)
     grads = _grads(model)
 

@@ -9,7 +9,9 @@ from keras_stability.callbacks.lr_scaling import wrap_schedule
 
 
 def _schedule():
-    return keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=10, decay_rate=0.5)
+    return keras.optimizers.schedules.ExponentialDecay(
+        0.1, decay_steps=10, decay_rate=0.5
+    )
 
 
 def test_scaled_schedule_keeps_shape():
@@ -24,7 +26,9 @@ def test_scaled_schedule_config_round_trip_and_serialization():
     config = scaled.get_config()
     again = ScaledSchedule.from_config(config)
     assert again.get_config() == config
-    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(scaled))
+    restored = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(scaled)
+    )
     assert isinstance(restored, ScaledSchedule)
     assert float(restored(7)) == pytest.approx(float(scaled(7)))
 
@@ -40,11 +44,16 @@ def test_scale_constant_and_schedule_learning_rates():
     assert scale_learning_rate(opt, 0.5) == pytest.approx(0.025)
     assert scale_learning_rate(opt, 0.5) == pytest.approx(0.0125)
     assert isinstance(opt._learning_rate, ScaledSchedule)
-    assert isinstance(opt._learning_rate.schedule, keras.optimizers.schedules.ExponentialDecay)
+    assert isinstance(
+        opt._learning_rate.schedule, keras.optimizers.schedules.ExponentialDecay
+    )
 
 
 def test_invalid_arguments():
-    with pytest.raises(ValueError, match="Invalid value for argument `factor`. Expected a positive number. Received: factor=0"):
+    with pytest.raises(
+        ValueError,
+        match="Invalid value for argument `factor`. Expected a positive number. Received: factor=0",
+    ):
         ScaledSchedule(_schedule(), factor=0)
     with pytest.raises(ValueError, match="Invalid value for argument `schedule`"):
         ScaledSchedule(0.1)
@@ -55,7 +64,9 @@ def test_learning_rate_variable_undoes_scalings_exactly(schedule):
     optimizer = keras.optimizers.SGD(_schedule() if schedule else 0.1)
     wrap_schedule(optimizer)
     variable = learning_rate_variable(optimizer)
-    assert variable is (optimizer._learning_rate.factor if schedule else optimizer._learning_rate)
+    assert variable is (
+        optimizer._learning_rate.factor if schedule else optimizer._learning_rate
+    )
     saved = np.array(variable.numpy(), copy=True)
     before = float(np.asarray(optimizer.learning_rate))
     assert scale_learning_rate(optimizer, 0.3) == pytest.approx(0.3 * before)

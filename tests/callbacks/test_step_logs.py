@@ -91,17 +91,36 @@ def test_csv_logger_placed_first_has_our_columns_with_their_values(tmp_path):
     assert [float(r["steps_skipped"]) for r in rows] == [1.0, 2.0]
     assert [float(r["rollbacks"]) for r in rows] == [0.0, 0.0]
     assert float(rows[1]["raw_loss"]) == pytest.approx(detector.raw_losses[-1])
-    assert float(rows[1]["grad_norm"]) == pytest.approx(float(model.optimizer.grad_norm))
+    assert float(rows[1]["grad_norm"]) == pytest.approx(
+        float(model.optimizer.grad_norm)
+    )
     assert float(rows[1]["min_layer_grad_ratio"]) > 0
     # The epoch loss leaves the skipped batch out, for the CSV too.
     assert [float(r["loss"]) for r in rows] == pytest.approx(history.history["loss"])
     assert all(np.isfinite(float(r["loss"])) for r in rows)
     # Batch logs, seen first: every step's own values.
     assert len(first.logs) == 12
-    np.testing.assert_array_equal([b["raw_loss"] for b in first.logs], detector.raw_losses)
+    np.testing.assert_array_equal(
+        [b["raw_loss"] for b in first.logs], detector.raw_losses
+    )
     np.testing.assert_array_equal(monitor.raw_losses, detector.raw_losses)
-    assert [b["skipped_batches"] for b in first.logs] == [0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2]
-    assert [b["steps_clipped"] for b in first.logs][-1] == float(model.optimizer.steps_clipped)
+    assert [b["skipped_batches"] for b in first.logs] == [
+        0,
+        0,
+        1,
+        1,
+        1,
+        1,
+        1,
+        1,
+        2,
+        2,
+        2,
+        2,
+    ]
+    assert [b["steps_clipped"] for b in first.logs][-1] == float(
+        model.optimizer.steps_clipped
+    )
 
 
 def _wd_schedule(epoch, weight_decay):
@@ -110,7 +129,9 @@ def _wd_schedule(epoch, weight_decay):
 
 def test_epoch_values_reach_a_csv_logger_placed_first(tmp_path):
     x, y = make_classification(n_samples=64, seed=1)
-    backbone = keras.Sequential([keras.Input((10,)), keras.layers.Dense(8, activation="relu")])
+    backbone = keras.Sequential(
+        [keras.Input((10,)), keras.layers.Dense(8, activation="relu")]
+    )
     backbone.layers[0].trainable = False
     keras.utils.set_random_seed(0)
     model = keras.Sequential([backbone, keras.layers.Dense(10)])
@@ -137,7 +158,10 @@ def test_epoch_values_reach_a_csv_logger_placed_first(tmp_path):
     assert history.history["unfrozen_layers"] == [0, 1]
 
     functional = keras.Sequential(
-        [keras.Input((10,)), keras.layers.Dense(8, activation="relu", name="relu_dense")]
+        [
+            keras.Input((10,)),
+            keras.layers.Dense(8, activation="relu", name="relu_dense"),
+        ]
     )
     functional.compile("sgd", "mse")
     path = os.path.join(tmp_path, "activations.csv")
@@ -151,7 +175,10 @@ def test_epoch_values_reach_a_csv_logger_placed_first(tmp_path):
         callbacks=[keras.callbacks.CSVLogger(path), monitor],
     )
     (row,) = _rows(path)
-    assert float(row["dead_fraction/relu_dense"]) == monitor.report["relu_dense"]["fraction"]
+    assert (
+        float(row["dead_fraction/relu_dense"])
+        == monitor.report["relu_dense"]["fraction"]
+    )
 
 
 def test_progress_bar_prints_counts_as_integers(capsys):

@@ -52,7 +52,14 @@ def test_receives_current_value_and_reuses_across_fits():
 def test_learning_rate_schedule_object_is_evaluated_at_the_step():
     model = _model(weight_decay=1.0)
     cosine = keras.optimizers.schedules.CosineDecay(0.4, decay_steps=4)
-    history = model.fit(X, Y, epochs=3, batch_size=4, verbose=0, callbacks=[WeightDecayScheduler(cosine)])
+    history = model.fit(
+        X,
+        Y,
+        epochs=3,
+        batch_size=4,
+        verbose=0,
+        callbacks=[WeightDecayScheduler(cosine)],
+    )
     expected = [float(cosine(step)) for step in (0, 2, 4)]
     np.testing.assert_allclose(history.history["weight_decay"], expected, rtol=1e-6)
 
@@ -60,8 +67,18 @@ def test_learning_rate_schedule_object_is_evaluated_at_the_step():
 def test_config_stays_a_float_during_fit_and_model_saves(tmp_path):
     model = _model()
     configs = []
-    probe = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: configs.append(model.optimizer.get_config()["weight_decay"]))
-    model.fit(X, Y, epochs=2, verbose=0, callbacks=[WeightDecayScheduler(lambda e, wd: 0.3 + e), probe])
+    probe = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda e, logs: configs.append(
+            model.optimizer.get_config()["weight_decay"]
+        )
+    )
+    model.fit(
+        X,
+        Y,
+        epochs=2,
+        verbose=0,
+        callbacks=[WeightDecayScheduler(lambda e, wd: 0.3 + e), probe],
+    )
     assert configs == [pytest.approx(0.3), pytest.approx(1.3)]
     assert all(type(c) is float for c in configs)
     path = str(tmp_path / "m.keras")
@@ -72,13 +89,33 @@ def test_config_stays_a_float_during_fit_and_model_saves(tmp_path):
 
 def test_optimizer_without_weight_decay_is_rejected():
     model = _model(weight_decay=None)
-    with pytest.raises(ValueError, match=r"Invalid optimizer for `WeightDecayScheduler`\. Expected an optimizer with decoupled weight decay .* Received: SGD with weight_decay=None"):
-        model.fit(X, Y, epochs=1, verbose=0, callbacks=[WeightDecayScheduler(lambda e, wd: 0.1)])
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid optimizer for `WeightDecayScheduler`\. Expected an optimizer with decoupled weight decay .* Received: SGD with weight_decay=None",
+    ):
+        model.fit(
+            X,
+            Y,
+            epochs=1,
+            verbose=0,
+            callbacks=[WeightDecayScheduler(lambda e, wd: 0.1)],
+        )
 
 
 def test_bad_schedule_and_bad_values():
-    with pytest.raises(ValueError, match="Invalid value for argument `schedule`. Expected a function"):
+    with pytest.raises(
+        ValueError, match="Invalid value for argument `schedule`. Expected a function"
+    ):
         WeightDecayScheduler(0.1)
     model = _model()
-    with pytest.raises(ValueError, match=r"Invalid value returned by `schedule`\. Expected a finite number >= 0\. Received: weight_decay=-1\.0 at epoch 0"):
-        model.fit(X, Y, epochs=1, verbose=0, callbacks=[WeightDecayScheduler(lambda e, wd: -1.0)])
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid value returned by `schedule`\. Expected a finite number >= 0\. Received: weight_decay=-1\.0 at epoch 0",
+    ):
+        model.fit(
+            X,
+            Y,
+            epochs=1,
+            verbose=0,
+            callbacks=[WeightDecayScheduler(lambda e, wd: -1.0)],
+        )

@@ -139,7 +139,9 @@ def test_numpy_numbers_are_numbers_and_bools_are_not():
     policies = [
         clipping.GlobalNorm(np.float32(0.5)),
         clipping.AutoClip(percentile=np.float64(90.0), history_size=np.int64(8)),
-        clipping.ZClip(alpha=np.float32(0.5), warmup_steps=np.int32(3), max_norm=np.float16(2)),
+        clipping.ZClip(
+            alpha=np.float32(0.5), warmup_steps=np.int32(3), max_norm=np.float16(2)
+        ),
         clipping.AGC(clip_factor=np.float32(0.02), exclude_vectors=np.bool_(False)),
         clipping.SpikeSkipping(window=np.int32(8), min_samples=np.int64(4)),
     ]
@@ -150,7 +152,9 @@ def test_numpy_numbers_are_numbers_and_bools_are_not():
     assert clipping.get(np.float32(2.0)).get_config() == {"max_norm": 2.0}
     with pytest.raises(ValueError, match="Invalid value for argument `max_norm`"):
         clipping.GlobalNorm(True)
-    with pytest.raises(ValueError, match="Invalid value for argument `exclude_vectors`"):
+    with pytest.raises(
+        ValueError, match="Invalid value for argument `exclude_vectors`"
+    ):
         clipping.AGC(exclude_vectors="False")
     with pytest.raises(ValueError, match="Invalid value for argument `identifier`"):
         clipping.get(-1.0)  # not reported as GlobalNorm's `max_norm`

@@ -42,7 +42,12 @@ def test_exploding_by_bound_factor_and_nonfinite():
         "ok": [1.0, 2.0, 3.0, 4.0],
     }
     status = _status(diagnose_layers(norms, patience=2))
-    assert status == {"bound": EXPLODING, "factor": EXPLODING, "nan": EXPLODING, "ok": HEALTHY}
+    assert status == {
+        "bound": EXPLODING,
+        "factor": EXPLODING,
+        "nan": EXPLODING,
+        "ok": HEALTHY,
+    }
 
 
 def test_embedding_excluded_from_vanishing_and_reference():
@@ -68,11 +73,26 @@ def test_finding_ratio_and_remedy_text():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"vanish_ratio": 0}, "Invalid value for argument `vanish_ratio`. Expected a number in (0, 1). Received: vanish_ratio=0"),
-        ({"vanish_floor": np.float32(0.0)}, "Invalid value for argument `vanish_floor`. Expected a positive number."),
-        ({"explode_factor": 1.0}, "Invalid value for argument `explode_factor`. Expected a number > 1. Received: explode_factor=1.0"),
-        ({"exclude": "embedding"}, "Invalid value for argument `exclude`. Expected a list or tuple of layer names. Received: exclude='embedding'"),
-        ({"patience": 0}, "Invalid value for argument `patience`. Expected a positive integer. Received: patience=0"),
+        (
+            {"vanish_ratio": 0},
+            "Invalid value for argument `vanish_ratio`. Expected a number in (0, 1). Received: vanish_ratio=0",
+        ),
+        (
+            {"vanish_floor": np.float32(0.0)},
+            "Invalid value for argument `vanish_floor`. Expected a positive number.",
+        ),
+        (
+            {"explode_factor": 1.0},
+            "Invalid value for argument `explode_factor`. Expected a number > 1. Received: explode_factor=1.0",
+        ),
+        (
+            {"exclude": "embedding"},
+            "Invalid value for argument `exclude`. Expected a list or tuple of layer names. Received: exclude='embedding'",
+        ),
+        (
+            {"patience": 0},
+            "Invalid value for argument `patience`. Expected a positive integer. Received: patience=0",
+        ),
         ({"explode_factor": -1.0}, "Received: explode_factor=-1.0"),
     ],
 )
@@ -90,9 +110,14 @@ def test_numpy_numbers_are_numbers():
         patience=np.int64(3),
     )
     assert _status(findings) == {"a": VANISHING, "b": HEALTHY}
-    z = RollingZScore(window=np.int32(8), z_threshold=np.float32(3.0), min_samples=np.int64(4))
+    z = RollingZScore(
+        window=np.int32(8), z_threshold=np.float32(3.0), min_samples=np.int64(4)
+    )
     assert [z.update(v) for v in [1.0, 1.1, 0.9, 1.0, 10.0]] == [False] * 4 + [True]
-    assert saturated_fraction(np.full((2, 3), 0.999), "sigmoid", epsilon=np.float32(0.01)) == 1.0
+    assert (
+        saturated_fraction(np.full((2, 3), 0.999), "sigmoid", epsilon=np.float32(0.01))
+        == 1.0
+    )
 
 
 def test_bad_norms_name_the_argument():
@@ -136,9 +161,18 @@ def test_rolling_zscore_factor_rule_stops_at_min_samples():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"window": 0}, "Invalid value for argument `window`. Expected a positive integer. Received: window=0"),
-        ({"window": 5, "min_samples": 6}, "Expected at most `window`=5. Received: min_samples=6"),
-        ({"z_threshold": 0}, "Invalid value for argument `z_threshold`. Expected a positive number. Received: z_threshold=0"),
+        (
+            {"window": 0},
+            "Invalid value for argument `window`. Expected a positive integer. Received: window=0",
+        ),
+        (
+            {"window": 5, "min_samples": 6},
+            "Expected at most `window`=5. Received: min_samples=6",
+        ),
+        (
+            {"z_threshold": 0},
+            "Invalid value for argument `z_threshold`. Expected a positive number. Received: z_threshold=0",
+        ),
         ({"factor": 1.0}, "Expected None or a number > 1. Received: factor=1.0"),
     ],
 )

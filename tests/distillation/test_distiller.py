@@ -34,7 +34,9 @@ def make_model(width, name, seed=0, batchnorm=False, dropout=0.0):
     return keras.Model(inputs, outputs, name=name)
 
 
-def make_distiller(feature_distillation=None, teacher_width=32, student_width=8, **compile_kwargs):
+def make_distiller(
+    feature_distillation=None, teacher_width=32, student_width=8, **compile_kwargs
+):
     teacher = make_model(teacher_width, "teacher", seed=1)
     student = make_model(student_width, "student", seed=2)
     distiller = Distiller(student, teacher, feature_distillation=feature_distillation)
@@ -67,7 +69,9 @@ def reference_loss(distiller, x, y, alpha, temperature, sample_weight=None, t2=T
 
 
 # ------------------------------------------------------------------- the loss
-@pytest.mark.parametrize("alpha,temperature", [(0.1, 3.0), (0.5, 1.0), (0.0, 10.0), (1.0, 2.0)])
+@pytest.mark.parametrize(
+    "alpha,temperature", [(0.1, 3.0), (0.5, 1.0), (0.0, 10.0), (1.0, 2.0)]
+)
 def test_loss_equals_hinton_formula(alpha, temperature):
     x, y = make_data(32)
     distiller = make_distiller(alpha=alpha, temperature=temperature)
@@ -83,7 +87,9 @@ def test_temperature_squared_scaling_can_be_turned_off():
     got_on = float(on.compute_loss(x, y, training=False))
     got_off = float(off.compute_loss(x, y, training=False))
     np.testing.assert_allclose(got_on, reference_loss(on, x, y, 0.1, 4.0), rtol=1e-5)
-    np.testing.assert_allclose(got_off, reference_loss(off, x, y, 0.1, 4.0, t2=False), rtol=1e-5)
+    np.testing.assert_allclose(
+        got_off, reference_loss(off, x, y, 0.1, 4.0, t2=False), rtol=1e-5
+    )
     assert got_on > got_off
 
 
@@ -92,7 +98,9 @@ def test_sample_weight_enters_every_term():
     w = np.linspace(0.0, 2.0, 32).astype("float32")
     distiller = make_distiller()
     got = float(distiller.compute_loss(x, y, sample_weight=w, training=False))
-    np.testing.assert_allclose(got, reference_loss(distiller, x, y, 0.1, 3.0, w), rtol=1e-5)
+    np.testing.assert_allclose(
+        got, reference_loss(distiller, x, y, 0.1, 3.0, w), rtol=1e-5
+    )
     unweighted = float(distiller.compute_loss(x, y, training=False))
     assert abs(got - unweighted) > 1e-3
 
@@ -101,10 +109,14 @@ def test_zero_sample_weight_leaves_student_unchanged_in_fit():
     x, y = make_data(32)
     distiller = make_distiller()
     before = [v.numpy().copy() for v in distiller.student.weights]
-    distiller.fit(x, y, sample_weight=np.zeros(32, "float32"), batch_size=16, epochs=1, verbose=0)
+    distiller.fit(
+        x, y, sample_weight=np.zeros(32, "float32"), batch_size=16, epochs=1, verbose=0
+    )
     for a, b in zip(before, distiller.student.weights, strict=True):
         np.testing.assert_array_equal(a, b.numpy())
-    distiller.fit(x, y, sample_weight=np.ones(32, "float32"), batch_size=16, epochs=1, verbose=0)
+    distiller.fit(
+        x, y, sample_weight=np.ones(32, "float32"), batch_size=16, epochs=1, verbose=0
+    )
     assert any(
         not np.array_equal(a, b.numpy())
         for a, b in zip(before, distiller.student.weights, strict=True)
@@ -142,13 +154,16 @@ def test_teacher_weights_never_change_in_fit():
     teacher_before = [v.numpy().copy() for v in teacher.weights]
     student_before = [v.numpy().copy() for v in student.weights]
     assert not teacher.trainable
-    assert {v.path for v in distiller.trainable_variables} == {v.path for v in student.trainable_variables}
+    assert {v.path for v in distiller.trainable_variables} == {
+        v.path for v in student.trainable_variables
+    }
     distiller.fit(x, y, epochs=2, batch_size=16, verbose=0)
     # All teacher variables, BatchNorm moving statistics included, are untouched.
     for a, b in zip(teacher_before, teacher.weights, strict=True):
         np.testing.assert_array_equal(a, b.numpy())
     assert any(
-        not np.array_equal(a, b.numpy()) for a, b in zip(student_before, student.weights, strict=True)
+        not np.array_equal(a, b.numpy())
+        for a, b in zip(student_before, student.weights, strict=True)
     )
 
 
@@ -159,11 +174,19 @@ def test_evaluate_reports_agreement_and_predict_returns_student_outputs():
     logs = distiller.evaluate(x, y, batch_size=64, verbose=0, return_dict=True)
     s = np.asarray(distiller.student.predict(x, verbose=0))
     t = np.asarray(distiller.teacher.predict(x, verbose=0))
-    assert logs["teacher_agreement"] == pytest.approx(np.mean(s.argmax(-1) == t.argmax(-1)))
-    assert logs["sparse_categorical_accuracy"] == pytest.approx(np.mean(s.argmax(-1) == y))
+    assert logs["teacher_agreement"] == pytest.approx(
+        np.mean(s.argmax(-1) == t.argmax(-1))
+    )
+    assert logs["sparse_categorical_accuracy"] == pytest.approx(
+        np.mean(s.argmax(-1) == y)
+    )
     assert logs["student_loss"] == pytest.approx(np.mean(np_sparse_ce(s, y)), rel=1e-4)
-    assert logs["loss"] == pytest.approx(reference_loss(distiller, x, y, 0.1, 3.0), rel=1e-4)
-    assert logs["temperature"] == pytest.approx(3.0) and logs["alpha"] == pytest.approx(0.1)
+    assert logs["loss"] == pytest.approx(
+        reference_loss(distiller, x, y, 0.1, 3.0), rel=1e-4
+    )
+    assert logs["temperature"] == pytest.approx(3.0) and logs["alpha"] == pytest.approx(
+        0.1
+    )
     np.testing.assert_allclose(distiller.predict(x, verbose=0), s, rtol=1e-6)
 
 
@@ -187,10 +210,17 @@ def test_cached_and_uncached_give_same_losses(shuffle):
         distiller = make_distiller()
         keras.utils.set_random_seed(7)
         history = distiller.fit(
-            x, y, epochs=3, batch_size=16, shuffle=shuffle, verbose=0,
+            x,
+            y,
+            epochs=3,
+            batch_size=16,
+            shuffle=shuffle,
+            verbose=0,
             cache_teacher_outputs=cache,
         )
-        histories.append((history.history, [v.numpy() for v in distiller.student.weights]))
+        histories.append(
+            (history.history, [v.numpy() for v in distiller.student.weights])
+        )
     (uncached, w_uncached), (cached, w_cached) = histories
     for key in ("loss", "student_loss", "distillation_loss", "teacher_agreement"):
         np.testing.assert_allclose(cached[key], uncached[key], rtol=1e-5, err_msg=key)
@@ -203,7 +233,9 @@ def test_cache_holds_teacher_logits_aligned_with_rows():
     distiller = make_distiller()
     packed = distiller.cache_teacher_outputs(x)
     logits = packed["keras_stability_teacher_outputs"]["logits"]
-    np.testing.assert_allclose(logits, keras.ops.convert_to_numpy(distiller.teacher(x)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        logits, keras.ops.convert_to_numpy(distiller.teacher(x)), rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_array_equal(packed["keras_stability_inputs"], x)
 
 
@@ -224,7 +256,9 @@ def test_cache_rejects_datasets():
     x, y = make_data(16)
     distiller = make_distiller()
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
-    with pytest.raises(ValueError, match=r"Invalid value for argument `x`. Expected in-memory arrays"):
+    with pytest.raises(
+        ValueError, match=r"Invalid value for argument `x`. Expected in-memory arrays"
+    ):
         distiller.fit(ds, epochs=1, verbose=0, cache_teacher_outputs=True)
 
 
@@ -236,13 +270,27 @@ def test_feature_distillation_with_projection_matches_reference():
     (projection,) = distiller.projections
     assert isinstance(projection, keras.layers.Dense)
     assert tuple(projection.kernel.shape) == (8, 32)
-    assert "projection_0_student_hidden/kernel" in {v.path for v in distiller.trainable_variables}
+    assert "projection_0_student_hidden/kernel" in {
+        v.path for v in distiller.trainable_variables
+    }
 
-    t_feat = keras.ops.convert_to_numpy(keras.Model(distiller.teacher.input, distiller.teacher.get_layer("teacher_hidden").output)(x))
-    s_feat = keras.ops.convert_to_numpy(keras.Model(distiller.student.input, distiller.student.get_layer("student_hidden").output)(x))
+    t_feat = keras.ops.convert_to_numpy(
+        keras.Model(
+            distiller.teacher.input,
+            distiller.teacher.get_layer("teacher_hidden").output,
+        )(x)
+    )
+    s_feat = keras.ops.convert_to_numpy(
+        keras.Model(
+            distiller.student.input,
+            distiller.student.get_layer("student_hidden").output,
+        )(x)
+    )
     hint = np.mean((t_feat - s_feat @ projection.kernel.numpy()) ** 2)
     got = float(distiller.compute_loss(x, y, training=False))
-    np.testing.assert_allclose(got, reference_loss(distiller, x, y, 0.1, 3.0) + 0.5 * hint, rtol=1e-5)
+    np.testing.assert_allclose(
+        got, reference_loss(distiller, x, y, 0.1, 3.0) + 0.5 * hint, rtol=1e-5
+    )
 
 
 def test_several_weighted_terms_and_identity_when_widths_match():
@@ -262,44 +310,91 @@ def test_several_weighted_terms_and_identity_when_widths_match():
         float(one.compute_loss(x, y, training=False)) + extra,
         rtol=1e-5,
     )
-    history = distiller.fit(x, y, epochs=2, batch_size=16, verbose=0, cache_teacher_outputs=True)
+    history = distiller.fit(
+        x, y, epochs=2, batch_size=16, verbose=0, cache_teacher_outputs=True
+    )
     assert history.history["feature_loss"][1] < history.history["feature_loss"][0]
 
 
 def test_projection_false_with_different_widths_raises():
     term = FeatureDistillation("teacher_hidden", "student_hidden", projection=False)
-    with pytest.raises(ValueError, match=r"Invalid value for argument `projection`.*width 32.*width 8.*Received: projection=False"):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid value for argument `projection`.*width 32.*width 8.*Received: projection=False",
+    ):
         make_distiller(feature_distillation=[term])
 
 
 # ---------------------------------------------------------------- bad input
 def test_bad_input_errors():
     teacher, student = make_model(16, "teacher", 1), make_model(8, "student", 2)
-    with pytest.raises(ValueError, match=r"Invalid value for argument `student`. Expected the output shape of the teacher 'teacher', \(None, 4\).*Received: student='small' with output shape \(None, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid value for argument `student`. Expected the output shape of the teacher 'teacher', \(None, 4\).*Received: student='small' with output shape \(None, 3\)",
+    ):
         inputs = keras.Input((N_FEATURES,))
-        Distiller(keras.Model(inputs, keras.layers.Dense(3)(inputs), name="small"), teacher)
+        Distiller(
+            keras.Model(inputs, keras.layers.Dense(3)(inputs), name="small"), teacher
+        )
     unbuilt = keras.Sequential([keras.layers.Dense(4)], name="lazy")
-    with pytest.raises(ValueError, match=r"Invalid value for argument `teacher`. Expected a built model.*Received: teacher='lazy' \(not built\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid value for argument `teacher`. Expected a built model.*Received: teacher='lazy' \(not built\)",
+    ):
         Distiller(student, unbuilt)
-    with pytest.raises(ValueError, match=r"Invalid value for argument `teacher`. Expected a `keras.Model`"):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid value for argument `teacher`. Expected a `keras.Model`",
+    ):
         Distiller(student, "teacher")
-    with pytest.raises(ValueError, match=r"Invalid value for argument `teacher_layer_name`. Expected the name of a layer of the teacher 'teacher'.*Received: teacher_layer_name='nope'"):
-        Distiller(student, teacher, feature_distillation=FeatureDistillation("nope", "student_hidden"))
-    with pytest.raises(ValueError, match=r"`student_layer_name`.*of the student 'student'.*Received: student_layer_name='gone'"):
-        Distiller(student, teacher, feature_distillation=FeatureDistillation("teacher_hidden", "gone"))
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid value for argument `teacher_layer_name`. Expected the name of a layer of the teacher 'teacher'.*Received: teacher_layer_name='nope'",
+    ):
+        Distiller(
+            student,
+            teacher,
+            feature_distillation=FeatureDistillation("nope", "student_hidden"),
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"`student_layer_name`.*of the student 'student'.*Received: student_layer_name='gone'",
+    ):
+        Distiller(
+            student,
+            teacher,
+            feature_distillation=FeatureDistillation("teacher_hidden", "gone"),
+        )
     distiller = Distiller(student, teacher)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    with pytest.raises(ValueError, match=r"Invalid value for argument `alpha`. Expected a number in \[0, 1\]. Received: alpha=1.5"):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid value for argument `alpha`. Expected a number in \[0, 1\]. Received: alpha=1.5",
+    ):
         distiller.compile(student_loss_fn=loss, alpha=1.5)
-    with pytest.raises(ValueError, match=r"Invalid value for argument `temperature`. Expected a positive number. Received: temperature=0"):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid value for argument `temperature`. Expected a positive number. Received: temperature=0",
+    ):
         distiller.compile(student_loss_fn=loss, temperature=0)
-    with pytest.raises(ValueError, match=r"Invalid value for argument `student_loss_fn`.*Received: student_loss_fn=None"):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid value for argument `student_loss_fn`.*Received: student_loss_fn=None",
+    ):
         distiller.compile()
-    with pytest.raises(ValueError, match=r"Invalid value for argument `loss`. Expected `student_loss_fn=`"):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid value for argument `loss`. Expected `student_loss_fn=`",
+    ):
         distiller.compile(loss="mse", student_loss_fn=loss)
-    with pytest.raises(ValueError, match=r"Invalid value for argument `weight`.*Received: weight=-1"):
+    with pytest.raises(
+        ValueError, match=r"Invalid value for argument `weight`.*Received: weight=-1"
+    ):
         FeatureDistillation("a", "b", weight=-1)
-    with pytest.raises(ValueError, match=r"Invalid value for argument `temperature`. Expected a positive number. Received: temperature=-2"):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid value for argument `temperature`. Expected a positive number. Received: temperature=-2",
+    ):
         distiller.set_distillation_params(temperature=-2)
 
 
@@ -310,7 +405,9 @@ def test_non_finite_or_non_number_temperature_is_rejected(temperature):
     distiller = Distiller(student, teacher)
     with pytest.raises(ValueError) as info:
         distiller.compile(
-            student_loss_fn=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            student_loss_fn=keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True
+            ),
             temperature=temperature,
         )
     assert str(info.value) == (
@@ -337,8 +434,13 @@ def test_numpy_numbers_and_bad_compile_arguments():
 
 # ------------------------------------------------------------------- saving
 def test_get_config_round_trip():
-    term = FeatureDistillation("teacher_hidden", "student_hidden", loss="cosine_similarity", weight=0.25)
-    assert FeatureDistillation.from_config(term.get_config()).get_config() == term.get_config()
+    term = FeatureDistillation(
+        "teacher_hidden", "student_hidden", loss="cosine_similarity", weight=0.25
+    )
+    assert (
+        FeatureDistillation.from_config(term.get_config()).get_config()
+        == term.get_config()
+    )
     distiller = make_distiller(feature_distillation=[term])
     config = distiller.get_config()
     revived = Distiller.from_config(config)
@@ -353,18 +455,25 @@ def load_and_predict(path, x):
     import keras_stability  # noqa: F401
 
     model = keras.saving.load_model(path)
-    out = {"pred": np.asarray(model.predict(x, verbose=0)), "class": type(model).__name__}
+    out = {
+        "pred": np.asarray(model.predict(x, verbose=0)),
+        "class": type(model).__name__,
+    }
     if isinstance(model, keras_stability.Distiller):
         out["temperature"] = model.temperature
         out["alpha"] = model.alpha
         out["n_projections"] = len(model.projections)
         out["teacher_pred"] = np.asarray(model.teacher.predict(x, verbose=0))
         out["compiled"] = model.compiled
-        out["eval"] = model.evaluate(x, np.zeros(len(x), "int32"), verbose=0, return_dict=True)
+        out["eval"] = model.evaluate(
+            x, np.zeros(len(x), "int32"), verbose=0, return_dict=True
+        )
     return out
 
 
-def test_keras_round_trip_distiller_and_student_in_fresh_process(tmp_path, fresh_process):
+def test_keras_round_trip_distiller_and_student_in_fresh_process(
+    tmp_path, fresh_process
+):
     x, y = make_data(48)
     term = FeatureDistillation("teacher_hidden", "student_hidden", weight=0.5)
     distiller = make_distiller(feature_distillation=[term])
@@ -379,8 +488,15 @@ def test_keras_round_trip_distiller_and_student_in_fresh_process(tmp_path, fresh
     loaded = fresh_process(load_and_predict, d_path, x)
     assert loaded["class"] == "Distiller"
     np.testing.assert_allclose(loaded["pred"], expected, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(loaded["teacher_pred"], distiller.teacher.predict(x, verbose=0), rtol=1e-6, atol=1e-6)
-    assert loaded["temperature"] == pytest.approx(5.0) and loaded["alpha"] == pytest.approx(0.3)
+    np.testing.assert_allclose(
+        loaded["teacher_pred"],
+        distiller.teacher.predict(x, verbose=0),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    assert loaded["temperature"] == pytest.approx(5.0) and loaded[
+        "alpha"
+    ] == pytest.approx(0.3)
     assert loaded["n_projections"] == 1 and loaded["compiled"]
     ref = distiller.evaluate(x, np.zeros(len(x), "int32"), verbose=0, return_dict=True)
     assert loaded["eval"]["loss"] == pytest.approx(ref["loss"], rel=1e-5)
@@ -415,12 +531,17 @@ def test_subclassed_student_wrong_width_fails_at_first_step_and_numpy_scalars_ac
         temperature=np.int64(2),
     )
     assert distiller.alpha == pytest.approx(0.25) and distiller.temperature == 2.0
-    with pytest.raises(ValueError, match=r"Invalid value for argument `student`. Expected outputs shaped like the teacher 'teacher' logits \(16, 4\).*Received: student='sub' with outputs shaped \(16, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid value for argument `student`. Expected outputs shaped like the teacher 'teacher' logits \(16, 4\).*Received: student='sub' with outputs shaped \(16, 3\)",
+    ):
         distiller.fit(x, y, batch_size=16, epochs=1, verbose=0)
     good = SubclassedStudent(N_CLASSES, name="sub_ok")
     good(x[:1])
     distiller = Distiller(good, make_model(8, "teacher", 1))
-    distiller.compile(student_loss_fn=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    distiller.compile(
+        student_loss_fn=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     np.testing.assert_allclose(
         float(distiller.compute_loss(x, y, training=False)),
         reference_loss(distiller, x, y, 0.1, 3.0),

@@ -23,10 +23,18 @@ def one_epoch_weights(cache_teacher_outputs):
     ):
         with strategy.scope():
             distiller = make_distiller(
-                feature_distillation=[FeatureDistillation("teacher_hidden", "student_hidden", weight=0.5)]
+                feature_distillation=[
+                    FeatureDistillation("teacher_hidden", "student_hidden", weight=0.5)
+                ]
             )
         history = distiller.fit(
-            x, y, sample_weight=w, epochs=1, batch_size=32, shuffle=False, verbose=0,
+            x,
+            y,
+            sample_weight=w,
+            epochs=1,
+            batch_size=32,
+            shuffle=False,
+            verbose=0,
             cache_teacher_outputs=cache_teacher_outputs,
         )
         out[name] = {
@@ -44,8 +52,12 @@ def test_mirrored_strategy_matches_single_device(two_cpu_devices, cache):
     out = two_cpu_devices(one_epoch_weights, cache)
     single, mirrored = out["single"], out["mirrored"]
     assert mirrored["replicas"] == 2 and single["replicas"] == 1
-    assert len(single["weights"]) == len(mirrored["weights"]) == 5  # student 4 + projection
+    assert (
+        len(single["weights"]) == len(mirrored["weights"]) == 5
+    )  # student 4 + projection
     for a, b in zip(single["weights"], mirrored["weights"], strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
     for key in ("loss", "student_loss", "distillation_loss", "feature_loss"):
-        np.testing.assert_allclose(mirrored["history"][key], single["history"][key], rtol=1e-5, err_msg=key)
+        np.testing.assert_allclose(
+            mirrored["history"][key], single["history"][key], rtol=1e-5, err_msg=key
+        )

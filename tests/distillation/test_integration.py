@@ -16,7 +16,9 @@ def test_jit_compile_gives_the_same_losses():
     for jit in (False, True):
         distiller = make_distiller(jit_compile=jit)
         histories.append(
-            distiller.fit(x, y, epochs=2, batch_size=32, shuffle=False, verbose=0).history
+            distiller.fit(
+                x, y, epochs=2, batch_size=32, shuffle=False, verbose=0
+            ).history
         )
     np.testing.assert_allclose(histories[1]["loss"], histories[0]["loss"], rtol=1e-4)
 
@@ -33,7 +35,9 @@ def test_keras_tuner_search_over_alpha_and_temperature(tmp_path):
         distiller.compile(
             optimizer=keras.optimizers.SGD(0.1),
             metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-            student_loss_fn=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            student_loss_fn=keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True
+            ),
             alpha=hp.Float("alpha", 0.0, 1.0),
             temperature=hp.Choice("temperature", [1.0, 4.0]),
         )

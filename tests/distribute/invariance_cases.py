@@ -69,11 +69,14 @@ def _build(case):
         )
     elif case == "pruning":
         optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
-        pruning.prune_low_magnitude(model, pruning.ConstantSparsity(0.5, begin_step=0, frequency=2))
+        pruning.prune_low_magnitude(
+            model, pruning.ConstantSparsity(0.5, begin_step=0, frequency=2)
+        )
     elif case == "pruning_guarded":
         optimizer = _guarded(clipping=clipping.ZClip(warmup_steps=3))
         pruning.prune_low_magnitude(
-            model, pruning.PolynomialDecay(0.0, 0.75, begin_step=0, end_step=8, frequency=2)
+            model,
+            pruning.PolynomialDecay(0.0, 0.75, begin_step=0, end_step=8, frequency=2),
         )
     elif case == "detector":
         # A learning rate that blows up: the detector rolls back and lowers it.
@@ -81,24 +84,41 @@ def _build(case):
         from keras_stability.callbacks import GradientExplosionDetector
 
         detector = GradientExplosionDetector(
-            action="rollback", snapshot_freq=2, lr_factor=0.1, skip_batches=1,
-            min_samples=3, window=8, verbose=0,
+            action="rollback",
+            snapshot_freq=2,
+            lr_factor=0.1,
+            skip_batches=1,
+            min_samples=3,
+            window=8,
+            verbose=0,
         )
         model.compile(optimizer=optimizer, loss=loss)
-        return model, {"callbacks": [detector]}, lambda: {
-            "rollbacks": detector.rollbacks,
-            "learning_rate": float(model.optimizer.learning_rate.numpy()),
-        }
+        return (
+            model,
+            {"callbacks": [detector]},
+            lambda: {
+                "rollbacks": detector.rollbacks,
+                "learning_rate": float(model.optimizer.learning_rate.numpy()),
+            },
+        )
     elif case == "monitor":
         from keras_stability.callbacks import GradientMonitor
 
         monitor = GradientMonitor(check_freq=2, verbose=0)
         model.compile(optimizer=_guarded(), loss=loss)
-        return model, {"callbacks": [monitor]}, lambda: {
-            "layer_grad_norms": [v[-1] for v in monitor.history["grad_norm"].values()],
-            "update_ratios": [v[-1] for v in monitor.history["update_ratio"].values()],
-            "raw_loss": monitor.raw_losses[-1],
-        }
+        return (
+            model,
+            {"callbacks": [monitor]},
+            lambda: {
+                "layer_grad_norms": [
+                    v[-1] for v in monitor.history["grad_norm"].values()
+                ],
+                "update_ratios": [
+                    v[-1] for v in monitor.history["update_ratio"].values()
+                ],
+                "raw_loss": monitor.raw_losses[-1],
+            },
+        )
     elif case == "distiller":
         keras.utils.set_random_seed(1)
         teacher = _example(width=(64, 64))
@@ -145,7 +165,11 @@ def train_cases(names=CASES, jit_compile=False):
     import tensorflow as tf
 
     devices = tf.config.list_logical_devices("CPU")
-    strategy = tf.distribute.MirroredStrategy() if len(devices) > 1 else tf.distribute.get_strategy()
+    strategy = (
+        tf.distribute.MirroredStrategy()
+        if len(devices) > 1
+        else tf.distribute.get_strategy()
+    )
     results = {}
     for case in names:
         keras.utils.set_random_seed(0)
@@ -156,7 +180,13 @@ def train_cases(names=CASES, jit_compile=False):
             model.make_train_function(force=True)
         x, y = _data(case)
         history = model.fit(
-            x, y, batch_size=GLOBAL_BATCH, epochs=EPOCHS, shuffle=False, verbose=0, **fit_kwargs
+            x,
+            y,
+            batch_size=GLOBAL_BATCH,
+            epochs=EPOCHS,
+            shuffle=False,
+            verbose=0,
+            **fit_kwargs,
         )
         target = model.student if case == "distiller" else model
         results[case] = {

@@ -49,7 +49,11 @@ def _dataset():
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.DATA
     )
-    return tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH).with_options(options)
+    return (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .batch(GLOBAL_BATCH)
+        .with_options(options)
+    )
 
 
 class _DieAtEpoch:
@@ -83,17 +87,25 @@ def fit_worker(
         callbacks += [
             ks_callbacks.AdaptiveClipping(clipping.ZClip(warmup_steps=2), verbose=0),
             monitor,
-            ks_callbacks.GradientExplosionDetector(action="rollback", snapshot_freq=2, verbose=0),
+            ks_callbacks.GradientExplosionDetector(
+                action="rollback", snapshot_freq=2, verbose=0
+            ),
         ]
     if backup_dir:
         callbacks.append(ksd.BackupAndRestore(backup_dir))
-    if die_at_epoch is not None and os.environ.get("KERAS_STABILITY_WORKER_INDEX") == "1":
+    if (
+        die_at_epoch is not None
+        and os.environ.get("KERAS_STABILITY_WORKER_INDEX") == "1"
+    ):
         callbacks.append(_DieAtEpoch(die_at_epoch))
     start = time.time()
     try:
         history = model.fit(_dataset(), epochs=epochs, verbose=0, callbacks=callbacks)
     except Exception as e:  # reported to the test: the surviving worker's error
-        return {"error": f"{type(e).__name__}: {e}"[:500], "seconds": time.time() - start}
+        return {
+            "error": f"{type(e).__name__}: {e}"[:500],
+            "seconds": time.time() - start,
+        }
     if log_dir:
         monitor.plot(os.path.join(log_dir, "heatmap.png"))
     return {
@@ -120,7 +132,9 @@ def test_two_workers_match_each_other_and_a_single_worker(tmp_path):
     assert single["strategy"] != "CollectiveAllReduceStrategy"
     for w in workers:
         assert "error" not in w, w
-        assert w["strategy"] == "CollectiveAllReduceStrategy"  # tf.distribute.MultiWorkerMirroredStrategy
+        assert (
+            w["strategy"] == "CollectiveAllReduceStrategy"
+        )  # tf.distribute.MultiWorkerMirroredStrategy
         assert w["replicas"] == 2 and w["fixes"] and w["tf_keras_is_keras3"]
     assert [w["chief"] for w in workers] == [True, False]
     for a, b in zip(workers[0]["weights"], workers[1]["weights"], strict=True):
@@ -163,7 +177,9 @@ def test_dead_worker_fails_the_others_and_backup_resumes(tmp_path):
         )
     assert time.time() - start < 200, "the surviving worker hung"
     assert os.path.isdir(backup)
-    resumed = run_workers(fit_worker, n_workers=2, timeout=300, epochs=3, backup_dir=backup)
+    resumed = run_workers(
+        fit_worker, n_workers=2, timeout=300, epochs=3, backup_dir=backup
+    )
     for w in resumed:
         assert "error" not in w, w
     # BackupAndRestore resumed after the 2 finished epochs: only epoch 3 ran.

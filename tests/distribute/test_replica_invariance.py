@@ -22,7 +22,9 @@ def runs():
     return {
         "one": run_in_subprocess(train_cases, n_cpu_devices=1, timeout=900),
         "two": run_in_subprocess(train_cases, n_cpu_devices=2, timeout=900),
-        "xla": run_in_subprocess(train_cases, n_cpu_devices=1, timeout=900, jit_compile=True),
+        "xla": run_in_subprocess(
+            train_cases, n_cpu_devices=1, timeout=900, jit_compile=True
+        ),
     }
 
 
@@ -68,7 +70,9 @@ def test_the_cases_really_act(runs):
     assert one["global_norm"]["stats"]["steps_clipped"] > 0
     assert one["autoclip"]["stats"]["steps_clipped"] > 0
     assert one["zclip"]["stats"]["steps_clipped"] > 0
-    assert one["nonfinite_replica0"]["stats"]["steps_skipped_nonfinite"] == 3  # once an epoch
+    assert (
+        one["nonfinite_replica0"]["stats"]["steps_skipped_nonfinite"] == 3
+    )  # once an epoch
     assert one["nonfinite_replica1"]["stats"]["steps_skipped_nonfinite"] == 3
     assert one["spike"]["stats"]["steps_skipped_spike"] > 0
     assert len(one["monitor"]["stats"]["layer_grad_norms"]) == 3

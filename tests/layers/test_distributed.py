@@ -31,7 +31,9 @@ def _fit_stable_lm_under_mirrored_strategy():
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
     anchored = [v for v in model.trainable_weights if reg.is_anchored(v)]
-    penalty_at_anchor = float(sum(float(reg(v)) for v in anchored)) if anchored else None
+    penalty_at_anchor = (
+        float(sum(float(reg(v)) for v in anchored)) if anchored else None
+    )
     history = model.fit(ids[:, :-1], ids[:, 1:], epochs=4, batch_size=16, verbose=0)
     return {
         "replicas": strategy.num_replicas_in_sync,

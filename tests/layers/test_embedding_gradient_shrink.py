@@ -25,7 +25,9 @@ def _embedding_grads(alpha, ids, upstream):
     keras.utils.set_random_seed(0)
     embedding = keras.layers.Embedding(20, 8)
     embedding.build((None, None))
-    layers = [embedding] if alpha is None else [embedding, EmbeddingGradientShrink(alpha)]
+    layers = (
+        [embedding] if alpha is None else [embedding, EmbeddingGradientShrink(alpha)]
+    )
     with tf.GradientTape() as tape:
         h = ids
         for layer in layers:

@@ -94,10 +94,12 @@ def test_deepnorm_upweights_the_skip_before_post_norm():
     layer = Residual(block, norm="post", scale="deepnorm", depth=8)
     y = np.asarray(layer(x))
     alpha, beta = deepnorm_constants(8)
-    assert alpha == pytest.approx(2.0) and beta == pytest.approx(8 ** -0.5)
+    assert alpha == pytest.approx(2.0) and beta == pytest.approx(8**-0.5)
     z = alpha * x + np.asarray(block(x))
     mean, var = z.mean(-1, keepdims=True), z.var(-1, keepdims=True)
-    np.testing.assert_allclose(y, (z - mean) / np.sqrt(var + 1e-6), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        y, (z - mean) / np.sqrt(var + 1e-6), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_no_scale_no_norm_is_plain_sum():
@@ -108,19 +110,40 @@ def test_no_scale_no_norm_is_plain_sum():
 
 
 def test_block_changing_feature_shape_is_rejected():
-    with pytest.raises(ValueError, match=r"Invalid value for argument `block`\. Expected a layer that keeps the feature shape \(8,\).*projection to 8 features.*output shape \(4, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid value for argument `block`\. Expected a layer that keeps the feature shape \(8,\).*projection to 8 features.*output shape \(4, 4\)",
+    ):
         Residual(keras.layers.Dense(4))(_x())
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"norm": "middle"}, "Invalid value for argument `norm`. Expected one of 'pre', 'post', None. Received: norm='middle'"),
-        ({"scale": "fixup"}, "Invalid value for argument `scale`. Expected one of None, 'rezero', 'layerscale', 'deepnorm'. Received: scale='fixup'"),
-        ({"norm_type": "batch"}, "Invalid value for argument `norm_type`. Expected one of 'layer', 'rms'. Received: norm_type='batch'"),
-        ({"scale": "layerscale", "layerscale_init": -1e-4}, "Invalid value for argument `layerscale_init`. Expected a positive number. Received: layerscale_init=-0.0001"),
-        ({"scale": "deepnorm"}, "Invalid value for argument `depth`. Expected the number of residual layers"),
-        ({"scale": "deepnorm", "depth": 0}, "Invalid value for argument `depth`. Expected a positive integer. Received: depth=0"),
+        (
+            {"norm": "middle"},
+            "Invalid value for argument `norm`. Expected one of 'pre', 'post', None. Received: norm='middle'",
+        ),
+        (
+            {"scale": "fixup"},
+            "Invalid value for argument `scale`. Expected one of None, 'rezero', 'layerscale', 'deepnorm'. Received: scale='fixup'",
+        ),
+        (
+            {"norm_type": "batch"},
+            "Invalid value for argument `norm_type`. Expected one of 'layer', 'rms'. Received: norm_type='batch'",
+        ),
+        (
+            {"scale": "layerscale", "layerscale_init": -1e-4},
+            "Invalid value for argument `layerscale_init`. Expected a positive number. Received: layerscale_init=-0.0001",
+        ),
+        (
+            {"scale": "deepnorm"},
+            "Invalid value for argument `depth`. Expected the number of residual layers",
+        ),
+        (
+            {"scale": "deepnorm", "depth": 0},
+            "Invalid value for argument `depth`. Expected a positive integer. Received: depth=0",
+        ),
     ],
 )
 def test_bad_arguments(kwargs, message):
@@ -130,12 +153,17 @@ def test_bad_arguments(kwargs, message):
 
 
 def test_block_must_be_a_layer():
-    with pytest.raises(ValueError, match="Invalid value for argument `block`. Expected a Keras layer or model"):
+    with pytest.raises(
+        ValueError,
+        match="Invalid value for argument `block`. Expected a Keras layer or model",
+    ):
         Residual(lambda x: x)
 
 
 def test_config_round_trip_keeps_block():
-    layer = Residual(_mlp_block(), norm="post", scale="deepnorm", depth=4, norm_type="rms")
+    layer = Residual(
+        _mlp_block(), norm="post", scale="deepnorm", depth=4, norm_type="rms"
+    )
     config = layer.get_config()
     revived = Residual.from_config(config)
     assert revived.get_config() == config
@@ -146,14 +174,22 @@ def test_config_round_trip_keeps_block():
 def test_functional_sub_model_block_saves_and_loads(tmp_path):
     keras.utils.set_random_seed(0)
     i = keras.Input((8,))
-    sub = keras.Model(i, keras.layers.Dense(8)(keras.layers.Dense(16, activation="relu")(i)), name="sub")
+    sub = keras.Model(
+        i,
+        keras.layers.Dense(8)(keras.layers.Dense(16, activation="relu")(i)),
+        name="sub",
+    )
     inputs = keras.Input((8,))
-    model = keras.Model(inputs, Residual(sub, scale="layerscale", layerscale_init=0.5)(inputs))
+    model = keras.Model(
+        inputs, Residual(sub, scale="layerscale", layerscale_init=0.5)(inputs)
+    )
     x = _x()
     path = str(tmp_path / "residual_sub_model.keras")
     model.save(path)
     loaded = keras.saving.load_model(path)
-    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    np.testing.assert_array_equal(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0)
+    )
 
 
 def test_custom_layer_without_compute_output_shape():
@@ -162,4 +198,6 @@ def test_custom_layer_without_compute_output_shape():
             return 2.0 * x
 
     x = _x()
-    np.testing.assert_allclose(np.asarray(Residual(Double(), norm=None)(x)), 3.0 * x, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(Residual(Double(), norm=None)(x)), 3.0 * x, rtol=1e-6
+    )

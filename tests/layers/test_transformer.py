@@ -14,7 +14,12 @@ def _x(shape=(2, 6, 8), seed=0):
 def test_layer_pre_norm_qk_norm_layerscale(tmp_path):
     out = run_layer_test(
         StableTransformerBlock,
-        {"num_heads": 2, "qk_norm": True, "layerscale_init": 1e-3, "intermediate_dim": 16},
+        {
+            "num_heads": 2,
+            "qk_norm": True,
+            "layerscale_init": 1e-3,
+            "intermediate_dim": 16,
+        },
         input_shape=(2, 6, 8),
         expected_output_shape=(2, 6, 8),
         # 2 norms x 2 + attention (q, k, v, o) x 2 + q/k LayerNorm x 2
@@ -90,7 +95,9 @@ def test_layerscale_start_makes_block_near_identity():
     block = StableTransformerBlock(num_heads=2, layerscale_init=1e-6)
     y = np.asarray(block(x))
     assert np.abs(y - x).max() < 1e-4
-    np.testing.assert_allclose(block.attention_scale.numpy(), np.full(8, 1e-6, "float32"))
+    np.testing.assert_allclose(
+        block.attention_scale.numpy(), np.full(8, 1e-6, "float32")
+    )
 
 
 @pytest.mark.slow
@@ -118,11 +125,26 @@ def test_block_trains_as_a_tiny_language_model():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"num_heads": 0}, "Invalid value for argument `num_heads`. Expected a positive integer. Received: num_heads=0"),
-        ({"num_heads": 2, "norm": None}, "Invalid value for argument `norm`. Expected one of 'pre', 'post'. Received: norm=None"),
-        ({"num_heads": 2, "dropout": 1.0}, "Invalid value for argument `dropout`. Expected a number in [0, 1). Received: dropout=1.0"),
-        ({"num_heads": 2, "layerscale_init": 0.0}, "Invalid value for argument `layerscale_init`. Expected a positive number. Received: layerscale_init=0.0"),
-        ({"num_heads": 2, "norm_type": "batch"}, "Invalid value for argument `norm_type`. Expected one of 'layer', 'rms'. Received: norm_type='batch'"),
+        (
+            {"num_heads": 0},
+            "Invalid value for argument `num_heads`. Expected a positive integer. Received: num_heads=0",
+        ),
+        (
+            {"num_heads": 2, "norm": None},
+            "Invalid value for argument `norm`. Expected one of 'pre', 'post'. Received: norm=None",
+        ),
+        (
+            {"num_heads": 2, "dropout": 1.0},
+            "Invalid value for argument `dropout`. Expected a number in [0, 1). Received: dropout=1.0",
+        ),
+        (
+            {"num_heads": 2, "layerscale_init": 0.0},
+            "Invalid value for argument `layerscale_init`. Expected a positive number. Received: layerscale_init=0.0",
+        ),
+        (
+            {"num_heads": 2, "norm_type": "batch"},
+            "Invalid value for argument `norm_type`. Expected one of 'layer', 'rms'. Received: norm_type='batch'",
+        ),
     ],
 )
 def test_bad_arguments(kwargs, message):
@@ -132,13 +154,18 @@ def test_bad_arguments(kwargs, message):
 
 
 def test_heads_must_divide_hidden_size():
-    with pytest.raises(ValueError, match=r"Invalid value for argument `num_heads`\. Expected a divisor of the hidden size 8, or pass `key_dim`\. Received: num_heads=3"):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid value for argument `num_heads`\. Expected a divisor of the hidden size 8, or pass `key_dim`\. Received: num_heads=3",
+    ):
         StableTransformerBlock(num_heads=3)(_x())
     assert StableTransformerBlock(num_heads=3, key_dim=4)(_x()).shape == (2, 6, 8)
 
 
 def test_qk_norm_attention_config_round_trip():
-    layer = QKNormMultiHeadAttention(num_heads=2, key_dim=4, norm_type="layer", epsilon=1e-5)
+    layer = QKNormMultiHeadAttention(
+        num_heads=2, key_dim=4, norm_type="layer", epsilon=1e-5
+    )
     config = layer.get_config()
     revived = QKNormMultiHeadAttention.from_config(config)
     assert revived.get_config() == config

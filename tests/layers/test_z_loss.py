@@ -42,14 +42,18 @@ def test_z_loss_equals_formula(shape):
 
 def test_z_loss_is_zero_when_normaliser_is_one():
     probs = np.random.default_rng(0).dirichlet(np.ones(6), size=5)
-    assert float(z_loss(np.log(probs).astype("float32"))) == pytest.approx(0.0, abs=1e-10)
+    assert float(z_loss(np.log(probs).astype("float32"))) == pytest.approx(
+        0.0, abs=1e-10
+    )
 
 
 def test_z_loss_in_float16_is_computed_in_float32():
     logits = np.random.default_rng(0).normal(scale=3.0, size=(4, 10))
     value = z_loss(logits.astype("float16"), 1e-4)
     assert value.dtype == "float32"
-    np.testing.assert_allclose(float(value), _reference(logits.astype("float16"), 1e-4), rtol=1e-4)
+    np.testing.assert_allclose(
+        float(value), _reference(logits.astype("float16"), 1e-4), rtol=1e-4
+    )
 
 
 def test_composes_with_compile_loss():
@@ -58,7 +62,9 @@ def test_composes_with_compile_loss():
     x = rng.normal(size=(32, 6)).astype("float32")
     y = rng.integers(0, 5, size=32).astype("int32")
     inputs = keras.Input((6,))
-    dense = keras.layers.Dense(5, kernel_initializer=keras.initializers.RandomNormal(stddev=2.0))
+    dense = keras.layers.Dense(
+        5, kernel_initializer=keras.initializers.RandomNormal(stddev=2.0)
+    )
     logits = ZLoss(coefficient=0.01)(dense(inputs))
     model = keras.Model(inputs, logits)
     ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -75,10 +81,15 @@ def test_z_loss_gradient_pulls_log_z_to_zero():
     keras.utils.set_random_seed(0)
     x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
     inputs = keras.Input((4,))
-    logits = ZLoss(coefficient=1.0)(keras.layers.Dense(8, bias_initializer=keras.initializers.Constant(3.0))(inputs))
+    logits = ZLoss(coefficient=1.0)(
+        keras.layers.Dense(8, bias_initializer=keras.initializers.Constant(3.0))(inputs)
+    )
     model = keras.Model(inputs, logits)
     # Zero data loss: only the z-loss trains.
-    model.compile(optimizer=keras.optimizers.SGD(1.0), loss=lambda y_true, y_pred: 0.0 * keras.ops.sum(y_pred))
+    model.compile(
+        optimizer=keras.optimizers.SGD(1.0),
+        loss=lambda y_true, y_pred: 0.0 * keras.ops.sum(y_pred),
+    )
     before = _reference(model.predict(x, verbose=0), 1.0)
     model.fit(x, np.zeros((64, 8), "float32"), epochs=10, batch_size=64, verbose=0)
     after = _reference(model.predict(x, verbose=0), 1.0)

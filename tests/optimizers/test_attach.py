@@ -15,7 +15,9 @@ from keras_stability.optimizers.attach import ModelObservers
 
 def _model(optimizer="sgd"):
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2), keras.layers.Dense(1)])
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(2), keras.layers.Dense(1)]
+    )
     model.compile(optimizer, "mse")
     return model
 
@@ -40,17 +42,29 @@ def test_set_clipping_adds_a_policy_once_and_refuses_another():
     assert guard.set_clipping(clipping.ZClip(warmup_steps=2)) is True
     assert guard.clipping.mean in guard.variables  # built at once
     assert guard.set_clipping(clipping.ZClip(warmup_steps=2)) is False  # same config
-    with pytest.raises(ValueError, match="already a GuardedOptimizer with clipping=ZClip"):
+    with pytest.raises(
+        ValueError, match="already a GuardedOptimizer with clipping=ZClip"
+    ):
         guard.set_clipping(clipping.GlobalNorm(1.0))
     with pytest.raises(ValueError, match="Invalid value for argument `clipping`"):
         guard.set_clipping(None)
     assert guard.set_skip_spikes(True) is True
-    assert guard.set_skip_spikes({"module": None, **keras.saving.serialize_keras_object(
-        clipping.SpikeSkipping())}) is False
+    assert (
+        guard.set_skip_spikes(
+            {
+                "module": None,
+                **keras.saving.serialize_keras_object(clipping.SpikeSkipping()),
+            }
+        )
+        is False
+    )
     with pytest.raises(ValueError, match="Invalid value for argument `skip_spikes`"):
         guard.set_skip_spikes(clipping.SpikeSkipping(window=16, min_samples=4))
     guard.apply([keras.ops.ones(3)], [variable])
-    assert int(guard.clipping.count.numpy()) == 1 and int(guard.skip_spikes.count.numpy()) == 1
+    assert (
+        int(guard.clipping.count.numpy()) == 1
+        and int(guard.skip_spikes.count.numpy()) == 1
+    )
 
 
 def test_ensure_guarded_reconfigures_without_a_throwaway_optimizer(monkeypatch):
@@ -125,4 +139,8 @@ def test_model_observers_one_per_model_however_many_fits():
     a.compile("sgd", "mse")
     _, observer = registry.attach(a, make)
     assert old_guard.observers == [] and a.optimizer.observers == [observer]
-    assert registry.detach() and a.optimizer.observers == [] and b.optimizer.observers == []
+    assert (
+        registry.detach()
+        and a.optimizer.observers == []
+        and b.optimizer.observers == []
+    )

@@ -191,11 +191,22 @@ def test_remove_observer_drops_its_variables_and_stops_observing():
     assert optimizer.remove_observer(removed) is False  # not registered any more
     assert optimizer.observers == [kept]
     assert len(optimizer.variables) == before - 5  # its 5 variables
-    removed_ids = {id(v) for v in (removed.norm, removed.first, removed.step, removed.after, removed.skipped)}
+    removed_ids = {
+        id(v)
+        for v in (
+            removed.norm,
+            removed.first,
+            removed.step,
+            removed.after,
+            removed.skipped,
+        )
+    }
     assert not removed_ids & {id(v) for v in optimizer.variables}
     optimizer.apply(_grads(3.0), variables)  # eager: no stale trace
     np.testing.assert_allclose(kept.first.numpy(), 3.0)
-    np.testing.assert_allclose(removed.first.numpy(), 2.0)  # last value kept, not updated
+    np.testing.assert_allclose(
+        removed.first.numpy(), 2.0
+    )  # last value kept, not updated
     # A save/load round trip no longer carries it.
     store = {}
     optimizer.save_own_variables(store)

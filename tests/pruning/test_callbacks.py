@@ -16,7 +16,11 @@ from keras_stability import pruning
 def _model(seed=0):
     keras.utils.set_random_seed(seed)
     return keras.Sequential(
-        [keras.Input((8,)), keras.layers.Dense(10, activation="relu"), keras.layers.Dense(4)]
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(10, activation="relu"),
+            keras.layers.Dense(4),
+        ]
     )
 
 
@@ -27,11 +31,16 @@ def _fit(model, steps, callbacks=(), batch_size=4):
     model.compile(optimizer="adam", loss="mse")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0, callbacks=list(callbacks))
+        model.fit(
+            x, y, batch_size=batch_size, epochs=1, verbose=0, callbacks=list(callbacks)
+        )
     return [str(w.message) for w in caught if "pruning schedule" in str(w.message)]
 
 
-@pytest.mark.parametrize("make_callback", [pruning.UpdatePruningStep, lambda: pruning.PruningSummaries(tempfile.mkdtemp())])
+@pytest.mark.parametrize(
+    "make_callback",
+    [pruning.UpdatePruningStep, lambda: pruning.PruningSummaries(tempfile.mkdtemp())],
+)
 def test_warns_when_the_fit_ends_before_end_step(make_callback):
     # The case: end_step=1000 in a 50-step fit ended at 0% sparsity, silently.
     model = pruning.prune_low_magnitude(
@@ -44,7 +53,9 @@ def test_warns_when_the_fit_ends_before_end_step(make_callback):
         "`end_step`), but this `fit` runs 50 steps, to step 50, where the "
         "schedule's sparsity is only"
     )
-    assert messages[0].endswith("Make the schedule reach its target by step 50 or train for more steps.")
+    assert messages[0].endswith(
+        "Make the schedule reach its target by step 50 or train for more steps."
+    )
     assert pruning.sparsity_report(model)["total"] == 0.0  # frequency 100: never pruned
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -52,10 +63,14 @@ def test_warns_when_the_fit_ends_before_end_step(make_callback):
     assert not [w for w in caught if "pruning schedule" in str(w.message)]
 
 
-@pytest.mark.parametrize("make_callback", [pruning.UpdatePruningStep, lambda: pruning.PruningSummaries(tempfile.mkdtemp())])
+@pytest.mark.parametrize(
+    "make_callback",
+    [pruning.UpdatePruningStep, lambda: pruning.PruningSummaries(tempfile.mkdtemp())],
+)
 def test_no_warning_when_the_schedule_ends_within_the_fit(make_callback):
     model = pruning.prune_low_magnitude(
-        _model(), pruning.PolynomialDecay(0.0, 0.8, begin_step=0, end_step=40, frequency=10)
+        _model(),
+        pruning.PolynomialDecay(0.0, 0.8, begin_step=0, end_step=40, frequency=10),
     )
     assert _fit(model, steps=50, callbacks=[make_callback()]) == []
     assert pruning.find_pruner(model).step.numpy() == 50
@@ -66,7 +81,10 @@ def test_both_callbacks_warn_once_and_strip_warns_without_callbacks():
     model = pruning.prune_low_magnitude(
         _model(), pruning.PolynomialDecay(0.0, 0.8, begin_step=0, end_step=1000)
     )
-    callbacks = [pruning.UpdatePruningStep(), pruning.PruningSummaries(tempfile.mkdtemp())]
+    callbacks = [
+        pruning.UpdatePruningStep(),
+        pruning.PruningSummaries(tempfile.mkdtemp()),
+    ]
     assert len(_fit(model, steps=20, callbacks=callbacks)) == 1
     # Without any callback, strip_pruning says it.
     model = pruning.prune_low_magnitude(
@@ -99,7 +117,9 @@ def test_update_pruning_step_is_a_no_op_for_the_step_and_masks():
         np.testing.assert_array_equal(a, b)
     # On a model that is not pruned it does nothing, like TF-MOT's.
     assert _fit(_model(), steps=2, callbacks=[pruning.UpdatePruningStep()]) == []
-    assert pruning.UpdatePruningStep.from_config(pruning.UpdatePruningStep().get_config())
+    assert pruning.UpdatePruningStep.from_config(
+        pruning.UpdatePruningStep().get_config()
+    )
 
 
 def test_tfmot_pruning_guide_runs_with_only_its_import_changed():
@@ -108,14 +128,16 @@ def test_tfmot_pruning_guide_runs_with_only_its_import_changed():
     train_images = rng.uniform(size=(1000, 8, 8)).astype("float32")
     train_labels = (train_images.mean(axis=(1, 2)) * 10).astype("int32") % 10
     keras.utils.set_random_seed(0)
-    model = tf.keras.Sequential([
-        tf.keras.layers.InputLayer(input_shape=(8, 8)),
-        tf.keras.layers.Reshape(target_shape=(8, 8, 1)),
-        tf.keras.layers.Conv2D(filters=4, kernel_size=(3, 3), activation="relu"),
-        tf.keras.layers.MaxPooling2D(pool_size=(2, 2)),
-        tf.keras.layers.Flatten(),
-        tf.keras.layers.Dense(10),
-    ])
+    model = tf.keras.Sequential(
+        [
+            tf.keras.layers.InputLayer(input_shape=(8, 8)),
+            tf.keras.layers.Reshape(target_shape=(8, 8, 1)),
+            tf.keras.layers.Conv2D(filters=4, kernel_size=(3, 3), activation="relu"),
+            tf.keras.layers.MaxPooling2D(pool_size=(2, 2)),
+            tf.keras.layers.Flatten(),
+            tf.keras.layers.Dense(10),
+        ]
+    )
     # --- the guide, from "Fine-tune pre-trained model with pruning" ---
     prune_low_magnitude = pruning.prune_low_magnitude
     batch_size = 8  # the guide: 128 on 60,000 MNIST images
@@ -142,8 +164,13 @@ def test_tfmot_pruning_guide_runs_with_only_its_import_changed():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model_for_pruning.fit(
-            train_images, train_labels, batch_size=batch_size, epochs=epochs,
-            validation_split=validation_split, callbacks=callbacks, verbose=0,
+            train_images,
+            train_labels,
+            batch_size=batch_size,
+            epochs=epochs,
+            validation_split=validation_split,
+            callbacks=callbacks,
+            verbose=0,
         )
         model_for_export = pruning.strip_pruning(model_for_pruning)
     # --- end of the guide ---
@@ -183,10 +210,15 @@ def test_sparsity_out_of_range_in_training_is_refused_and_reported():
     _fit(model, steps=25)
     assert pruning.sparsity_report(model)["total"] == pytest.approx(0.5, abs=0.02)
     pruner = pruning.find_pruner(model)
-    with pytest.raises(ValueError, match=r"giving sparsity=1.0 at step=21 \(refused: the masks were left unchanged"):
+    with pytest.raises(
+        ValueError,
+        match=r"giving sparsity=1.0 at step=21 \(refused: the masks were left unchanged",
+    ):
         pruner.check_schedule_output()
     model2 = pruning.prune_low_magnitude(_model(), schedule)
-    with pytest.raises(ValueError, match=r"Invalid value for argument `pruning_schedule`.*at step=21"):
+    with pytest.raises(
+        ValueError, match=r"Invalid value for argument `pruning_schedule`.*at step=21"
+    ):
         _fit(model2, steps=25, callbacks=[pruning.UpdatePruningStep()])
     with pytest.raises(ValueError, match=r"at step=21"):
         pruning.strip_pruning(model)

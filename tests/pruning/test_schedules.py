@@ -25,7 +25,9 @@ def _import_order_check():
         "keras_version": tf.keras.__version__,
         "env_before": before,
         "env_after_ours": after_ours,
-        "is_tfmot_class": issubclass(schedule_cls, tfmot.sparsity.keras.PolynomialDecay),
+        "is_tfmot_class": issubclass(
+            schedule_cls, tfmot.sparsity.keras.PolynomialDecay
+        ),
     }
 
 
@@ -87,7 +89,10 @@ def test_plain_callables_are_schedules():
         ),
         (lambda step: (True, 1.0), "Expected a sparsity in \\[0, 1\\) at every step"),
         (lambda step: (True, -0.1), "giving sparsity=-0.1"),
-        (lambda step: (True, [0.5, 0.9][int(step)]), "raising IndexError: list index out of range at step=2"),
+        (
+            lambda step: (True, [0.5, 0.9][int(step)]),
+            "raising IndexError: list index out of range at step=2",
+        ),
     ],
 )
 def test_bad_schedules_raise_in_keras_form(schedule, message):

@@ -86,9 +86,16 @@ def test_a_log_dir_that_cannot_be_created_is_named_at_fit_start(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     model = _pruned_model()
-    with pytest.raises(ValueError, match=r"Invalid value for argument `log_dir`. Expected a directory that can be created"):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid value for argument `log_dir`. Expected a directory that can be created",
+    ):
         model.fit(
-            np.zeros((8, 8), "float32"), np.zeros((8, 4)), verbose=0,
+            np.zeros((8, 8), "float32"),
+            np.zeros((8, 4)),
+            verbose=0,
             callbacks=[PruningSummaries(str(blocker / "logs"))],
         )
-    assert PruningSummaries(tmp_path / "logs").log_dir == str(tmp_path / "logs")  # PathLike
+    assert PruningSummaries(tmp_path / "logs").log_dir == str(
+        tmp_path / "logs"
+    )  # PathLike

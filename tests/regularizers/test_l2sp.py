@@ -11,7 +11,11 @@ from tests.helpers import run_layer_test
 def _fine_tune_model(seed=0):
     keras.utils.set_random_seed(seed)
     backbone = keras.Sequential(
-        [keras.Input((6,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(8)],
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(8),
+        ],
         name="backbone",
     )
     head = keras.layers.Dense(3, name="head")
@@ -32,7 +36,9 @@ def test_layer_with_l2sp_kernel_regularizer(tmp_path):
     )
     # Without an anchor the kernel gets plain L2 with strength beta.
     kernel = out["layer"].kernel.numpy()
-    np.testing.assert_allclose(float(out["layer"].losses[0]), 0.01 * np.sum(kernel**2), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(out["layer"].losses[0]), 0.01 * np.sum(kernel**2), rtol=1e-5
+    )
 
 
 def test_zero_at_reference_weights():
@@ -68,7 +74,9 @@ def test_matches_formula_away_from_reference():
     )
     np.testing.assert_allclose(float(sum(model.losses)), expected, rtol=1e-5)
     np.testing.assert_allclose(
-        float(l2sp_penalty(w0 + d0, w0, alpha)), alpha * np.sum(d0.astype("float64") ** 2), rtol=1e-5
+        float(l2sp_penalty(w0 + d0, w0, alpha)),
+        alpha * np.sum(d0.astype("float64") ** 2),
+        rtol=1e-5,
     )
 
 
@@ -81,7 +89,9 @@ def test_fit_pulls_backbone_toward_reference_not_zero():
     kernel.assign(w0 + 0.5)
     x = np.zeros((8, 6), "float32")
     # Data loss is zero on these inputs/targets, so only the penalty trains.
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=lambda y, p: 0.0 * keras.ops.sum(p))
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1), loss=lambda y, p: 0.0 * keras.ops.sum(p)
+    )
     model.fit(x, np.zeros((8, 3), "float32"), epochs=3, batch_size=8, verbose=0)
     # Each SGD step: d <- d - 0.1 * 2 * d = 0.8 d; three steps: 0.512 * 0.5.
     np.testing.assert_allclose(kernel.numpy() - w0, np.full(w0.shape, 0.256), rtol=1e-4)
@@ -122,7 +132,10 @@ def test_config_round_trip():
     assert isinstance(revived, L2SP) and revived.get_config() == config
 
 
-@pytest.mark.parametrize("name, value", [("alpha", -0.1), ("beta", -1e-3), ("alpha", float("nan")), ("beta", "big")])
+@pytest.mark.parametrize(
+    "name, value",
+    [("alpha", -0.1), ("beta", -1e-3), ("alpha", float("nan")), ("beta", "big")],
+)
 def test_negative_strength_is_rejected(name, value):
     with pytest.raises(ValueError) as info:
         L2SP(**{name: value})
@@ -145,7 +158,12 @@ def test_attach_to_an_unbuilt_model_raises_instead_of_doing_nothing():
 def test_attach_with_a_backbone_outside_the_model_raises():
     model, _, _ = _fine_tune_model()
     other = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8)], name="other")
-    with pytest.raises(ValueError, match=r"Invalid value for argument `backbone`.*shares no weight.*Received: backbone='other'"):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid value for argument `backbone`.*shares no weight.*Received: backbone='other'",
+    ):
         L2SP().attach(model, backbone=other)
-    with pytest.raises(ValueError, match=r"Invalid value for argument `include_biases`"):
+    with pytest.raises(
+        ValueError, match=r"Invalid value for argument `include_biases`"
+    ):
         L2SP().attach(model, include_biases="yes")

@@ -26,7 +26,9 @@ def _build(hp):
     model = keras.Sequential(
         [
             keras.Input((6,)),
-            keras.layers.Dense(8, activation="relu", kernel_regularizer=keras.regularizers.L2(l2)),
+            keras.layers.Dense(
+                8, activation="relu", kernel_regularizer=keras.regularizers.L2(l2)
+            ),
             keras.layers.Dense(2),
         ]
     )
@@ -39,9 +41,7 @@ def _build(hp):
 
 
 def _statuses(tuner):
-    return {
-        t.hyperparameters.get("l2"): t.status for t in tuner.oracle.trials.values()
-    }
+    return {t.hyperparameters.get("l2"): t.status for t in tuner.oracle.trials.values()}
 
 
 def _search(tuner_cls, tmp_path, **kwargs):
@@ -56,7 +56,14 @@ def _search(tuner_cls, tmp_path, **kwargs):
         seed=0,
         **kwargs,
     )
-    tuner.search(x, y, validation_split=0.25, batch_size=32, verbose=0, **({} if tuner_cls is keras_tuner.Hyperband else {"epochs": 2}))
+    tuner.search(
+        x,
+        y,
+        validation_split=0.25,
+        batch_size=32,
+        verbose=0,
+        **({} if tuner_cls is keras_tuner.Hyperband else {"epochs": 2}),
+    )
     return tuner
 
 
@@ -78,7 +85,11 @@ def test_random_search_with_a_diverging_trial_completes(tmp_path):
 @pytest.mark.parametrize("tuner_name", ["BayesianOptimization", "Hyperband"])
 def test_other_tuners_survive_divergence(tmp_path, tuner_name):
     tuner_cls = getattr(keras_tuner, tuner_name)
-    kwargs = {"max_trials": 3, "num_initial_points": 3} if tuner_name == "BayesianOptimization" else {"max_epochs": 2, "factor": 2, "hyperband_iterations": 1}
+    kwargs = (
+        {"max_trials": 3, "num_initial_points": 3}
+        if tuner_name == "BayesianOptimization"
+        else {"max_epochs": 2, "factor": 2, "hyperband_iterations": 1}
+    )
     tuner = _search(tuner_cls, tmp_path, **kwargs)
     statuses = [t.status for t in tuner.oracle.trials.values()]
     assert "FAILED" in statuses and "COMPLETED" in statuses
@@ -117,15 +128,26 @@ def test_detector_threshold_and_val_loss():
 
 def test_regularization_hyperparameters_declares_log_scale_space():
     hp = keras_tuner.HyperParameters()
-    settings = regularization_hyperparameters(hp, l1=(1e-6, 1e-3), clipping=("none", "clipnorm"))
+    settings = regularization_hyperparameters(
+        hp, l1=(1e-6, 1e-3), clipping=("none", "clipnorm")
+    )
     space = {p.name: p for p in hp.space}
-    assert set(space) == {"l1", "l2", "dropout", "weight_decay", "clipping", "clip_threshold"}
+    assert set(space) == {
+        "l1",
+        "l2",
+        "dropout",
+        "weight_decay",
+        "clipping",
+        "clip_threshold",
+    }
     for name in ("l1", "l2", "weight_decay", "clip_threshold"):
         assert space[name].sampling == "log"
     assert space["dropout"].sampling == "linear"
     assert (space["l2"].min_value, space["l2"].max_value) == (1e-6, 1e-1)
     # Defaults: the smallest values and the first policy ("none").
-    assert settings == RegularizationSettings(l1=1e-6, l2=1e-6, dropout=0.0, weight_decay=1e-6)
+    assert settings == RegularizationSettings(
+        l1=1e-6, l2=1e-6, dropout=0.0, weight_decay=1e-6
+    )
     assert settings.clipping_kwargs() == {}
 
 
@@ -141,15 +163,28 @@ def test_clip_threshold_is_conditional_on_policy():
     assert optimizer.global_clipnorm == 2.5
     assert optimizer.weight_decay == settings.weight_decay
     hp.values["clipping"] = "none"
-    assert regularization_hyperparameters(hp, clipping=("none", "global_clipnorm")).clip_threshold is None
+    assert (
+        regularization_hyperparameters(
+            hp, clipping=("none", "global_clipnorm")
+        ).clip_threshold
+        is None
+    )
 
 
 def test_fixed_and_disabled_knobs():
     hp = keras_tuner.HyperParameters()
     settings = regularization_hyperparameters(
-        hp, l1=None, l2=1e-3, dropout=None, weight_decay=None, clipping=("clipvalue",), clip_threshold=0.5
+        hp,
+        l1=None,
+        l2=1e-3,
+        dropout=None,
+        weight_decay=None,
+        clipping=("clipvalue",),
+        clip_threshold=0.5,
     )
-    assert settings == RegularizationSettings(l2=1e-3, clipping="clipvalue", clip_threshold=0.5)
+    assert settings == RegularizationSettings(
+        l2=1e-3, clipping="clipvalue", clip_threshold=0.5
+    )
     assert settings.clipping_kwargs() == {"clipvalue": 0.5}
     reg = settings.kernel_regularizer()
     assert isinstance(reg, keras.regularizers.L1L2) and reg.l2 == 1e-3 and reg.l1 == 0.0
@@ -182,14 +217,38 @@ def test_with_regularization_decorator_passes_settings():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"l2": (-1.0, 1.0)}, "Invalid value for argument `l2`. Expected None, a number >= 0 or a (min, max) pair with 0 < min <= max. Received: l2=(-1.0, 1.0)"),
-        ({"l2": (0.0, 1.0)}, "Invalid value for argument `l2`. Expected None, a number >= 0 or a (min, max) pair with 0 < min <= max. Received: l2=(0.0, 1.0)"),
-        ({"dropout": (0.0, 1.0)}, "Invalid value for argument `dropout`. Expected None, a number in [0, 1) or a (min, max) pair with 0 <= min <= max < 1. Received: dropout=(0.0, 1.0)"),
-        ({"clipping": ("none", "zclip")}, "Invalid value for argument `clipping`. Expected a non-empty subset of ('none', 'clipnorm', 'global_clipnorm', 'clipvalue') or None. Received: clipping=('none', 'zclip')"),
-        ({"weight_decay": (1e-2, 1e-4)}, "Invalid value for argument `weight_decay`. Expected None, a number >= 0 or a (min, max) pair with 0 < min <= max. Received: weight_decay=(0.01, 0.0001)"),
-        ({"clip_threshold": (0.1, 1.0, 10.0)}, "Invalid value for argument `clip_threshold`. Expected None, a number >= 0 or a (min, max) pair with 0 < min <= max. Received: clip_threshold=(0.1, 1.0, 10.0)"),
-        ({"clip_threshold": None}, "Invalid value for argument `clip_threshold`. Expected a positive number or a (min, max) range with clipping=('none', 'clipnorm', 'global_clipnorm'). Received: clip_threshold=None"),
-        ({"prefix": 3}, "Invalid value for argument `prefix`. Expected a string. Received: prefix=3"),
+        (
+            {"l2": (-1.0, 1.0)},
+            "Invalid value for argument `l2`. Expected None, a number >= 0 or a (min, max) pair with 0 < min <= max. Received: l2=(-1.0, 1.0)",
+        ),
+        (
+            {"l2": (0.0, 1.0)},
+            "Invalid value for argument `l2`. Expected None, a number >= 0 or a (min, max) pair with 0 < min <= max. Received: l2=(0.0, 1.0)",
+        ),
+        (
+            {"dropout": (0.0, 1.0)},
+            "Invalid value for argument `dropout`. Expected None, a number in [0, 1) or a (min, max) pair with 0 <= min <= max < 1. Received: dropout=(0.0, 1.0)",
+        ),
+        (
+            {"clipping": ("none", "zclip")},
+            "Invalid value for argument `clipping`. Expected a non-empty subset of ('none', 'clipnorm', 'global_clipnorm', 'clipvalue') or None. Received: clipping=('none', 'zclip')",
+        ),
+        (
+            {"weight_decay": (1e-2, 1e-4)},
+            "Invalid value for argument `weight_decay`. Expected None, a number >= 0 or a (min, max) pair with 0 < min <= max. Received: weight_decay=(0.01, 0.0001)",
+        ),
+        (
+            {"clip_threshold": (0.1, 1.0, 10.0)},
+            "Invalid value for argument `clip_threshold`. Expected None, a number >= 0 or a (min, max) pair with 0 < min <= max. Received: clip_threshold=(0.1, 1.0, 10.0)",
+        ),
+        (
+            {"clip_threshold": None},
+            "Invalid value for argument `clip_threshold`. Expected a positive number or a (min, max) range with clipping=('none', 'clipnorm', 'global_clipnorm'). Received: clip_threshold=None",
+        ),
+        (
+            {"prefix": 3},
+            "Invalid value for argument `prefix`. Expected a string. Received: prefix=3",
+        ),
     ],
 )
 def test_bad_ranges(kwargs, message):
@@ -200,20 +259,45 @@ def test_bad_ranges(kwargs, message):
 
 def test_prefix_names_hyperparameters_and_errors_name_the_argument():
     hp = keras_tuner.HyperParameters()
-    regularization_hyperparameters(hp, prefix="head_", clipping="clipnorm", clip_threshold=1.0)
-    assert {p.name for p in hp.space} == {"head_l2", "head_dropout", "head_weight_decay"}
-    with pytest.raises(ValueError, match=r"Invalid value for argument `l2`\. .*Received: l2=-1"):
-        regularization_hyperparameters(keras_tuner.HyperParameters(), l2=-1, prefix="head_")
+    regularization_hyperparameters(
+        hp, prefix="head_", clipping="clipnorm", clip_threshold=1.0
+    )
+    assert {p.name for p in hp.space} == {
+        "head_l2",
+        "head_dropout",
+        "head_weight_decay",
+    }
+    with pytest.raises(
+        ValueError, match=r"Invalid value for argument `l2`\. .*Received: l2=-1"
+    ):
+        regularization_hyperparameters(
+            keras_tuner.HyperParameters(), l2=-1, prefix="head_"
+        )
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"l2": -1e-3}, "Invalid value for argument `l2`. Expected a number >= 0. Received: l2=-0.001"),
-        ({"dropout": 1.0}, "Invalid value for argument `dropout`. Expected a number in [0, 1). Received: dropout=1.0"),
-        ({"clipping": "zclip"}, "Invalid value for argument `clipping`. Expected one of 'none', 'clipnorm', 'global_clipnorm', 'clipvalue'. Received: clipping='zclip'"),
-        ({"clipping": "clipnorm"}, "Invalid value for argument `clip_threshold`. Expected a positive number when clipping='clipnorm'. Received: clip_threshold=None"),
-        ({"clip_threshold": 1.0}, "Invalid value for argument `clip_threshold`. Expected None when clipping='none'. Received: clip_threshold=1.0"),
+        (
+            {"l2": -1e-3},
+            "Invalid value for argument `l2`. Expected a number >= 0. Received: l2=-0.001",
+        ),
+        (
+            {"dropout": 1.0},
+            "Invalid value for argument `dropout`. Expected a number in [0, 1). Received: dropout=1.0",
+        ),
+        (
+            {"clipping": "zclip"},
+            "Invalid value for argument `clipping`. Expected one of 'none', 'clipnorm', 'global_clipnorm', 'clipvalue'. Received: clipping='zclip'",
+        ),
+        (
+            {"clipping": "clipnorm"},
+            "Invalid value for argument `clip_threshold`. Expected a positive number when clipping='clipnorm'. Received: clip_threshold=None",
+        ),
+        (
+            {"clip_threshold": 1.0},
+            "Invalid value for argument `clip_threshold`. Expected None when clipping='none'. Received: clip_threshold=1.0",
+        ),
     ],
 )
 def test_regularization_settings_are_validated(kwargs, message):
@@ -232,7 +316,9 @@ def test_with_regularization_checks_ranges_when_decorating():
 
 
 def test_hypermodel_bad_arguments():
-    with pytest.raises(ValueError, match="Invalid value for argument `build_fn`. Expected a function"):
+    with pytest.raises(
+        ValueError, match="Invalid value for argument `build_fn`. Expected a function"
+    ):
         StableHyperModel(build_fn=3)
     with pytest.raises(ValueError, match="Invalid value for argument `threshold`"):
         StableHyperModel(_build, threshold=float("nan"))
