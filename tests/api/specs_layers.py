@@ -469,8 +469,9 @@ DISTILLATION_CASES = [
             "distillation_loss_fn": ["nope", 3],
             "alpha": BAD_ALPHAS,
             "temperature": BAD_TEMPERATURES,
+            "ignore_class": [0.5, "-1", True],
         },
-        good={"temperature": [np.float32(2.0)]},
+        good={"temperature": [np.float32(2.0)], "ignore_class": [-1, np.int64(0), None]},
         id="Distiller.compile",
     ),
     Case(
