@@ -76,3 +76,26 @@ def test_labels_and_argument_errors(teacher):
         prune_and_distill(teacher, x, num_heads=0)
     with pytest.raises(ValueError, match=r"Invalid value for argument `x`"):
         prune_and_distill(teacher, "text", num_layers=1)
+
+
+def test_gpt2_causal_lm_with_padding_mask():
+    keras_hub = pytest.importorskip("keras_hub")  # the `hub` extra
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=VOCAB, num_layers=2, num_heads=2, hidden_dim=32,
+        intermediate_dim=64, max_sequence_length=32,
+    )
+    teacher = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    ids, _ = sequences(64, seed=1)
+    mask = np.ones_like(ids)
+    mask[::2, -2:] = 0
+    x = {"token_ids": ids, "padding_mask": mask}
+    student, history = prune_and_distill(
+        teacher, x, intermediate_dim=32, num_layers=1, calibration_samples=32,
+        sample_weight=mask.astype("float32"), epochs=3, batch_size=16,
+        optimizer=keras.optimizers.Adam(1e-2), verbose=0,
+    )
+    assert type(student).__name__ == "GPT2CausalLM"
+    assert student.backbone.num_layers == 1 and student.backbone.intermediate_dim == 32
+    losses = history.history["distillation_loss"]
+    assert losses[-1] < 0.5 * losses[0], losses
