@@ -264,3 +264,27 @@ def test_ignore_class_is_validated_and_saved():
         distiller.compile(student_loss_fn=SPARSE_CE, ignore_class=0.5)
     distiller.compile(student_loss_fn=SPARSE_CE, ignore_class=-1)
     assert distiller.get_compile_config()["ignore_class"] == -1
+
+
+def test_gemma_padding_mask_as_sample_weight_matches_unpadded_tokens():
+    keras_hub = pytest.importorskip("keras_hub")
+
+    def gemma(num_layers, seed):
+        keras.utils.set_random_seed(seed)
+        backbone = keras_hub.models.GemmaBackbone(
+            vocabulary_size=VOCAB, num_layers=num_layers, num_query_heads=4,
+            num_key_value_heads=2, hidden_dim=32, intermediate_dim=64, head_dim=8,
+        )
+        return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+
+    x, y, mask = gpt2_data()
+    distiller = make_distiller(gemma(1, seed=2), gemma(2, seed=1))
+    got = float(distiller.compute_loss(x, y, sample_weight=mask, training=False))
+    s = np.asarray(distiller.student.predict(x, verbose=0))
+    t = np.asarray(distiller.teacher.predict(x, verbose=0))
+    keep = mask.astype(bool)
+    np.testing.assert_allclose(
+        got, by_hand(s[keep], t[keep], y[keep], 1.0, 0.3, 2.0, mask.size), rtol=1e-5
+    )
+    history = distiller.fit(x, y, sample_weight=mask, batch_size=8, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
