@@ -15,6 +15,8 @@ The loss of a batch is
     + sum_i weight_i * hint_loss_i(teacher_feature_i, projection_i(student_feature_i))
 
 with `s`, `t` the student and teacher logits; the maths is in `losses.py`.
+Unlabeled data (`y=None`, or labels equal to `compile(ignore_class=...)`)
+trains on the soft-target term alone: alpha is 0 for those samples.
 """
 
 import copy
@@ -24,6 +26,7 @@ import keras
 from keras import ops
 
 from keras_stability._checks import check_bool
+from keras_stability._checks import check_int
 from keras_stability._checks import check_positive_int
 from keras_stability._checks import check_str
 from keras_stability._checks import invalid
@@ -119,6 +122,20 @@ def _symbolic(model):
     return outputs
 
 
+def _expand_to(weight, target):
+    """Appends axes to `weight` (e.g. per-sequence weights for per-token labels)."""
+    for _ in range(len(target.shape) - len(weight.shape)):
+        weight = ops.expand_dims(weight, -1)
+    return weight
+
+
+def _full_weight(sample_weight, like):
+    """`sample_weight` broadcast to the shape of `like` (ones if `None`)."""
+    if sample_weight is None:
+        return ops.ones_like(like)
+    return ops.ones_like(like) * _expand_to(ops.cast(sample_weight, like.dtype), like)
+
+
 @keras.saving.register_keras_serializable(package="keras_stability")
 class Distiller(keras.Model):
     """Knowledge distillation from a frozen teacher into a student.
@@ -132,6 +149,26 @@ class Distiller(keras.Model):
     with `T**2`), `feature_loss` (when hint terms are set),
     `teacher_agreement` (top-1 agreement with the teacher), `temperature` and
     `alpha`.
+
+    Language models: logits of shape `(batch, sequence, vocab)` work as
+    they are (the char LM of `keras_stability.models`, keras-hub's
+    `CausalLM`s with `preprocessor=None`). Pass the padding mask as
+    `sample_weight` (as keras-hub's preprocessors do), shape
+    `(batch, sequence)`: a padded token then counts in neither the hard-label
+    nor the soft term. The losses keep their own reduction: with Keras'
+    default `"sum_over_batch_size"` the sum over tokens is divided by
+    `batch * sequence` (as for keras-hub's own `CausalLM.fit`); give both
+    losses `reduction="mean_with_sample_weight"` for the mean over unpadded
+    tokens.
+
+    Unlabeled data: `fit(x)` (or a dataset of inputs only, or `y=None`)
+    trains on the distillation term alone, with alpha taken as 0 (not
+    `(1 - alpha)` times the soft term). For a mix, pass every input with its
+    label where known and `ignore_class` (e.g. `-1`, scikit-learn's
+    convention) where not, and compile with `ignore_class=-1`: a labeled
+    sample (or token) adds `alpha * hard + (1 - alpha) * soft`, an unlabeled
+    one `soft` alone, and the compiled metrics count labeled ones only.
+    Labels must be integers (sparse) for `ignore_class`.
 
     The training step is the standard one: gradients of the total loss with
     respect to `trainable_variables`, then `optimizer.apply(grads, vars)`, so
@@ -167,6 +204,15 @@ class Distiller(keras.Model):
     distiller.fit(x_train, y_train, epochs=3, cache_teacher_outputs=True)
     distiller.evaluate(x_test, y_test)
     distiller.student.save("student.keras")
+
+    # Semi-supervised: every input, labels only where known (-1 elsewhere).
+    distiller.compile(
+        optimizer="adam",
+        student_loss_fn=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        alpha=0.5,
+        ignore_class=-1,
+    )
+    distiller.fit(x_all, y_partial, epochs=3)
     ```
 
     Reference:
@@ -238,6 +284,7 @@ class Distiller(keras.Model):
         self._student_loss_fn = None
         self._distillation_loss_fn = None
         self._scale_by_temperature_squared = True
+        self._ignore_class = None
         self.built = True
 
     # ----------------------------------------------------------- validation
@@ -367,6 +414,7 @@ class Distiller(keras.Model):
         alpha=0.1,
         temperature=3.0,
         scale_by_temperature_squared=True,
+        ignore_class=None,
         **kwargs,
     ):
         """Configures the distiller, with the keras.io example's signature.
@@ -387,6 +435,13 @@ class Distiller(keras.Model):
                 schedule `epoch -> temperature`. Defaults to `3.0`.
             scale_by_temperature_squared: Multiply the soft-target term by
                 `T**2` (Hinton et al.). Defaults to `True`.
+            ignore_class: An integer label that means "unknown", as in
+                `keras.losses.SparseCategoricalCrossentropy(ignore_class=...)`
+                (scikit-learn's semi-supervised estimators use `-1`), or
+                `None`. Samples (or tokens) with this label train on the
+                distillation term alone and count in no compiled metric;
+                the others on the mix set by `alpha`. Needs integer
+                (sparse) labels. Defaults to `None`.
             **kwargs: Passed to `keras.Model.compile` (`steps_per_execution`,
                 `jit_compile`, `run_eagerly`, ...); `loss` is not accepted.
 
@@ -394,8 +449,8 @@ class Distiller(keras.Model):
             ValueError: If `optimizer` or `metrics` cannot be interpreted,
                 `student_loss_fn` is missing or not a loss, `alpha` is outside
                 `[0, 1]`, `temperature` is not a finite positive number (nor a
-                schedule of them) or `scale_by_temperature_squared` is not a
-                bool.
+                schedule of them), `scale_by_temperature_squared` is not a
+                bool or `ignore_class` is not an integer or `None`.
         """
         if "loss" in kwargs:
             raise ValueError(
@@ -425,6 +480,7 @@ class Distiller(keras.Model):
         scale_by_temperature_squared = check_bool(
             "scale_by_temperature_squared", scale_by_temperature_squared
         )
+        ignore_class = check_int("ignore_class", ignore_class, allow_none=True)
         self._student_loss_fn = as_loss(student_loss_fn, "student_loss_fn")
         self._distillation_loss_fn = (
             keras.losses.KLDivergence()
@@ -432,6 +488,7 @@ class Distiller(keras.Model):
             else as_loss(distillation_loss_fn, "distillation_loss_fn")
         )
         self._scale_by_temperature_squared = scale_by_temperature_squared
+        self._ignore_class = ignore_class
         self.set_distillation_params(
             temperature=temperature(0) if callable(temperature) else temperature,
             alpha=alpha(0) if callable(alpha) else alpha,
@@ -444,6 +501,7 @@ class Distiller(keras.Model):
             alpha=alpha,
             temperature=temperature,
             scale_by_temperature_squared=scale_by_temperature_squared,
+            ignore_class=ignore_class,
         )
         super().compile(optimizer=resolved_optimizer, metrics=metrics, **kwargs)
 
@@ -531,19 +589,35 @@ class Distiller(keras.Model):
                 f"{tuple(y_pred.shape)}"
             )
 
-        if y is not None:
-            student_loss = self._student_loss_fn(y, y_pred, sample_weight=sample_weight)
-        else:
+        def soft(weight):
+            return soft_target_loss(
+                teacher_logits,
+                y_pred,
+                self._temperature,
+                loss_fn=self._distillation_loss_fn,
+                scale_by_temperature_squared=self._scale_by_temperature_squared,
+                sample_weight=weight,
+            )
+
+        soft_loss = soft(sample_weight)
+        if y is None:
+            # Unlabeled batch: the distillation term alone (alpha is 0 here).
             student_loss = ops.zeros((), dtype=y_pred.dtype)
-        soft_loss = soft_target_loss(
-            teacher_logits,
-            y_pred,
-            self._temperature,
-            loss_fn=self._distillation_loss_fn,
-            scale_by_temperature_squared=self._scale_by_temperature_squared,
-            sample_weight=sample_weight,
-        )
-        total = combine_losses(student_loss, soft_loss, self._alpha)
+            total = ops.cast(soft_loss, y_pred.dtype)
+        elif self._ignore_class is None:
+            student_loss = self._student_loss_fn(y, y_pred, sample_weight=sample_weight)
+            total = combine_losses(student_loss, soft_loss, self._alpha)
+        else:
+            # Per-sample alpha: alpha where the label is known, 0 where not.
+            # With the losses' own (linear) reduction this is
+            # sum_i w_i * (a_i * hard_i + (1 - a_i) * soft_i) / n.
+            y, labeled = self._known_labels(y, sample_weight, y_pred.dtype)
+            student_loss = self._student_loss_fn(y, y_pred, sample_weight=labeled)
+            alpha = ops.cast(self._alpha, y_pred.dtype)
+            soft_weight = _full_weight(sample_weight, labeled) - alpha * labeled
+            total = alpha * ops.cast(student_loss, y_pred.dtype) + ops.cast(
+                soft(soft_weight), y_pred.dtype
+            )
 
         replicas = float(_num_replicas())
         if self._helpers.terms:
@@ -574,6 +648,33 @@ class Distiller(keras.Model):
             top1_agreement(teacher_logits, y_pred), sample_weight=sample_weight
         )
         return total
+
+    def _known_labels(self, y, sample_weight, dtype):
+        """`(y, weight)` with unknown labels (`ignore_class`) set to 0 and
+        weighted 0; `weight` is `sample_weight` (or ones) on known labels."""
+        known = ops.not_equal(y, ops.cast(self._ignore_class, y.dtype))
+        y = ops.where(known, y, ops.zeros_like(y))
+        known = ops.cast(known, dtype)
+        if sample_weight is not None:
+            known = known * _expand_to(ops.cast(sample_weight, dtype), known)
+        return y, known
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        """Compiled metrics on known labels only; none for unlabeled batches."""
+        if y is None:
+            return self.get_metrics_result()
+        if self._ignore_class is not None:
+            import tensorflow as tf
+
+            # Keep the known rows (tokens) only: unweighted metrics ignore
+            # sample weights, so a zero weight would not hide a row from them.
+            known = ops.not_equal(y, ops.cast(self._ignore_class, y.dtype))
+            y = tf.boolean_mask(y, known)
+            y_pred = tf.boolean_mask(y_pred, known)
+            if sample_weight is not None:
+                weight = _full_weight(sample_weight, ops.cast(known, y_pred.dtype))
+                sample_weight = tf.boolean_mask(weight, known)
+        return super().compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     # ----------------------------------------------------------------- steps
     def _track_total(self, inputs, loss):
@@ -620,7 +721,16 @@ class Distiller(keras.Model):
         return self.compute_metrics(inputs, y, y_pred, sample_weight=sample_weight)
 
     def get_metrics_result(self):
-        results = super().get_metrics_result()
+        results = {}
+        for metric in self.metrics:
+            if not getattr(metric, "built", True):
+                # Compiled metrics that never saw a label (unlabeled data).
+                continue
+            result = metric.result()
+            if isinstance(result, dict):
+                results.update(result)
+            else:
+                results[metric.name] = result
         results["temperature"] = ops.convert_to_tensor(self._temperature.value)
         results["alpha"] = ops.convert_to_tensor(self._alpha.value)
         return results

@@ -514,8 +514,9 @@ DISTILLATION_CASES = [
             "distillation_loss_fn": ["nope", 3],
             "alpha": BAD_ALPHAS,
             "temperature": BAD_TEMPERATURES,
+            "ignore_class": [0.5, "-1", True],
         },
-        good={"temperature": [np.float32(2.0)]},
+        good={"temperature": [np.float32(2.0)], "ignore_class": [-1, np.int64(0), None]},
         id="Distiller.compile",
     ),
     Case(
@@ -750,6 +751,36 @@ def _transformer_shrink_case(target):
         },
     )
 
+
+DISTILLATION_CASES.append(
+    Case(
+        distillation.prune_and_distill,
+        kwargs=lambda: {
+            "teacher": _char_lm_kwargs()["model"],
+            "x": np.zeros((4, 8), "int32"),
+            "num_layers": 1,
+            "epochs": 1,
+            "batch_size": 4,
+            "verbose": 0,
+        },
+        bad={
+            "teacher": [None, "lm"],
+            "x": ["text", None],
+            "num_heads": [0, 5, 2.0, "2", True],
+            "intermediate_dim": [0, 10**6, 2.5, True],
+            "hidden_dim": [0, 10**6, 2.5, True],
+            "num_layers": [0, 3, 1.5, "1", True],
+            "calibration_samples": [0, -1],
+            "block_importance": ["angle", None],
+            "epochs": [0, -1],
+            "batch_size": [0, -1],
+            "optimizer": ["nope", None],
+            "alpha": [-0.1, 1.5],
+            "temperature": [0.0, -1.0],
+        },
+        skip={"y": "labels, checked by `fit`", "sample_weight": TENSOR},
+    )
+)
 
 PRUNING_CASES += [
     _transformer_shrink_case(pruning.shrink_transformer),

@@ -1,0 +1,101 @@
+"""`prune_and_distill` (Minitron: shrink, then distill from the unpruned teacher)."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_stability.distillation import prune_and_distill
+from keras_stability.models import build_char_transformer
+
+VOCAB, SEQ = 16, 8
+CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def sequences(n, seed):
+    """Each next token is a fixed function of the current one: learnable per token."""
+    rng = np.random.default_rng(seed)
+    ids = np.empty((n, SEQ + 1), "int32")
+    ids[:, 0] = rng.integers(0, VOCAB, n)
+    for t in range(SEQ):
+        ids[:, t + 1] = (3 * ids[:, t] + 1) % VOCAB
+    return ids[:, :-1], ids[:, 1:]
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    keras.utils.set_random_seed(0)
+    model = build_char_transformer(VOCAB, SEQ, num_blocks=2, hidden_dim=32, num_heads=4)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=CE)
+    x, y = sequences(256, seed=0)
+    model.fit(x, y, batch_size=32, epochs=4, verbose=0)
+    return model
+
+
+def held_out_loss(model, x, y):
+    return float(CE(y, model.predict(x, verbose=0)))
+
+
+def test_distilled_student_beats_the_shrunk_model(teacher):
+    from keras_stability.pruning import shrink_transformer
+
+    x, y = sequences(256, seed=1)
+    x_val, y_val = sequences(64, seed=2)
+    trainable = teacher.trainable
+    weights = [w.numpy().copy() for w in teacher.weights]
+    sizes = dict(num_heads=2, intermediate_dim=32, num_layers=1)
+    shrunk = shrink_transformer(teacher, data=x[:128], **sizes)
+    student, history = prune_and_distill(
+        teacher, x, calibration_samples=128, epochs=3, batch_size=32,
+        optimizer=keras.optimizers.Adam(1e-2), verbose=0, **sizes,
+    )
+    # The same shrunk model (same calibration rows), before and after distillation.
+    assert student.count_params() == shrunk.count_params() < teacher.count_params()
+    before, after = held_out_loss(shrunk, x_val, y_val), held_out_loss(student, x_val, y_val)
+    assert after < 0.8 * before, (before, after)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    # Pure distillation (alpha 0), and the teacher is left as it was.
+    assert history.history["student_loss"] == [0.0] * 3
+    assert teacher.trainable == trainable
+    for a, b in zip(weights, teacher.weights, strict=True):
+        np.testing.assert_array_equal(a, b.numpy())
+
+
+def test_labels_and_argument_errors(teacher):
+    x, y = sequences(32, seed=1)
+    student, history = prune_and_distill(
+        teacher, x, y, num_layers=1, alpha=0.5, calibration_samples=16,
+        block_importance="loss", epochs=1, batch_size=16, verbose=0,
+    )
+    assert history.history["student_loss"][0] > 0
+    assert len([layer for layer in student.layers if "block" in layer.name]) == 1
+    with pytest.raises(ValueError, match=r"Invalid value for argument `alpha`. Expected 0 when no labels"):
+        prune_and_distill(teacher, x, num_layers=1, alpha=0.5)
+    with pytest.raises(ValueError, match=r"Invalid value for argument `calibration_samples`"):
+        prune_and_distill(teacher, x, num_layers=1, calibration_samples=0)
+    with pytest.raises(ValueError, match=r"Invalid value for argument `num_heads`"):
+        prune_and_distill(teacher, x, num_heads=0)
+    with pytest.raises(ValueError, match=r"Invalid value for argument `x`"):
+        prune_and_distill(teacher, "text", num_layers=1)
+
+
+def test_gpt2_causal_lm_with_padding_mask():
+    keras_hub = pytest.importorskip("keras_hub")  # the `hub` extra
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=VOCAB, num_layers=2, num_heads=2, hidden_dim=32,
+        intermediate_dim=64, max_sequence_length=32,
+    )
+    teacher = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    ids, _ = sequences(64, seed=1)
+    mask = np.ones_like(ids)
+    mask[::2, -2:] = 0
+    x = {"token_ids": ids, "padding_mask": mask}
+    student, history = prune_and_distill(
+        teacher, x, intermediate_dim=32, num_layers=1, calibration_samples=32,
+        sample_weight=mask.astype("float32"), epochs=3, batch_size=16,
+        optimizer=keras.optimizers.Adam(1e-2), verbose=0,
+    )
+    assert type(student).__name__ == "GPT2CausalLM"
+    assert student.backbone.num_layers == 1 and student.backbone.intermediate_dim == 32
+    losses = history.history["distillation_loss"]
+    assert losses[-1] < 0.5 * losses[0], losses
