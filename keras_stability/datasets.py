@@ -373,7 +373,7 @@ def load_stdlib_code(modules=STDLIB_CODE_MODULES, max_chars=None):
 
     Example:
 
-    >>> code = load_stdlib_code(["copy"], max_chars=200)
+    >>> code = load_stdlib_code(["copy"], max_chars=2000)
     >>> "def " in code
     True
     """
