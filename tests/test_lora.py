@@ -204,3 +204,58 @@ def test_prune_low_magnitude_skips_lora_layers_with_a_warning_and_strips():
     after = values(model)
     frozen = [p for p in lora_before if "lora_" not in p]
     assert all(np.array_equal(lora_before[p], after[p]) for p in frozen)
+
+
+def tiny_gpt2(rank=4):
+    keras_hub = pytest.importorskip("keras_hub")  # the `hub` extra; `make test` installs it
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=64,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=32,
+        intermediate_dim=64,
+        max_sequence_length=32,
+    )
+    model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    backbone.enable_lora(rank)  # keras-hub: query and value, everything else frozen
+    return model
+
+
+def gpt2_data(n=32, seq=16):
+    ids = np.random.default_rng(0).integers(0, 64, (n, seq)).astype("int32")
+    return {"token_ids": ids, "padding_mask": np.ones_like(ids, dtype=bool)}, np.roll(ids, -1, 1)
+
+
+def test_gpt2_causal_lm_lora_with_guard_detector_l2sp_and_fresh_reload(tmp_path, fresh_process):
+    model = tiny_gpt2()
+    total = sum(int(np.prod(v.shape)) for v in model.weights)
+    lora = sum(int(np.prod(v.shape)) for v in model.trainable_weights if "lora_" in v.name)
+    others = {v.name for v in model.trainable_weights if "lora_" not in v.name}
+    # 2 layers x (query, value: 32*2*4 + 4*16) = 1,280 LoRA weights of 21,504
+    # (6.0%: at hidden_dim=32 rank 4 is not small; the share falls as 1/hidden);
+    # keras-hub leaves the query/value biases (128) trainable too.
+    assert (lora, total, others) == (1280, 21504, {"bias"})
+    reg = L2SP(alpha=0.1)
+    reg.attach(model)
+    query = model.backbone.get_layer("transformer_layer_0")._self_attention_layer._query_dense
+    assert reg.is_anchored(query.lora_kernel_b) and query.lora_kernel_a.regularizer is None
+    x, y = gpt2_data()
+    before = values(model)
+    compile_guarded(model)
+    monitor = GradientMonitor(check_freq=1, verbose=0)
+    detector = GradientExplosionDetector(action="rollback", snapshot_freq=2, verbose=0)
+    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[monitor, detector])
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert len(monitor.history["step"]) == 8 and detector.events == []
+    after = values(model)
+    changed = {p for p in before if not np.array_equal(before[p], after[p])}
+    trainable = {v.path for v in model.trainable_weights}
+    assert changed == trainable, sorted(changed ^ trainable)
+    assert sum(float(v) for v in model.losses) > 0  # the deltas moved, L2SP sees them
+
+    path = os.path.join(tmp_path, "gpt2_lora.keras")
+    model.save(path)
+    loaded = fresh_process(load_and_predict, path, x)
+    np.testing.assert_allclose(loaded["pred"], model.predict(x, verbose=0), rtol=1e-6, atol=1e-6)
+    assert loaded["lora_rank"] == [0]  # saved merged, as the char LM
