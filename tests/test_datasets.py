@@ -98,3 +98,82 @@ def test_char_lm_windows_are_shifted_by_one_and_split():
         match=r"Invalid value for argument `text`. Expected a text long enough for one window of seq_len=",
     ):
         datasets.make_char_lm_data("abc", seq_len=8)
+
+
+def _char_frequencies(ids, vocab_size):
+    counts = np.bincount(np.asarray(ids).ravel(), minlength=vocab_size)
+    return counts / counts.sum()
+
+
+def test_stdlib_code_is_code_without_docstrings():
+    import copy as copy_module
+
+    code = datasets.load_stdlib_code(["copy"])
+    assert code == datasets.load_stdlib_code(["copy"])
+    assert "def deepcopy(" in code
+    assert copy_module.__doc__.strip()[:40] not in code
+    assert copy_module.deepcopy.__doc__.strip()[:30] not in code
+    compile(code, "<copy>", "exec")  # still valid Python
+    assert datasets.load_stdlib_code(["copy"], max_chars=300) == code[:300]
+    with pytest.raises(ValueError, match=r"`modules`.*modules with Python source \('sys' has none\)"):
+        datasets.load_stdlib_code(["sys"])
+    assert not set(datasets.STDLIB_CODE_MODULES) & set(datasets.STDLIB_TEXT_MODULES)
+
+
+def test_fine_tuning_corpora_share_a_vocab_and_differ(monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the corpora must not touch the network")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    corpora = datasets.load_fine_tuning_corpora(seq_len=32)
+    again = datasets.load_fine_tuning_corpora(seq_len=32)
+    vocab = corpora["vocab"]
+    assert vocab == sorted(set(corpora["texts"]["pretrain"]) | set(corpora["texts"]["finetune"]))
+    assert again["vocab"] == vocab
+    for name in ("pretrain", "finetune"):
+        part = corpora[name]
+        assert part["vocab"] == vocab
+        np.testing.assert_array_equal(part["x_train"], again[name]["x_train"])
+        assert part["x_train"].shape[1] == 32 and len(part["x_train"]) > 4000
+        assert len(part["x_test"]) > 400
+        assert part["x_train"].max() < len(vocab)
+        # Decoding with the shared vocab gives back the corpus text.
+        decoded = "".join(vocab[i] for i in part["x_train"][0])
+        assert corpora["texts"][name].startswith(decoded)
+    # Total-variation distance of the character distributions: the two
+    # corpora differ far more than two halves of one corpus do.
+    pre = _char_frequencies(corpora["pretrain"]["x_train"], len(vocab))
+    pre_test = _char_frequencies(corpora["pretrain"]["x_test"], len(vocab))
+    fine = _char_frequencies(corpora["finetune"]["x_train"], len(vocab))
+    between = 0.5 * np.abs(pre - fine).sum()
+    within = 0.5 * np.abs(pre - pre_test).sum()
+    assert between > 0.15, between
+    assert between > 2.5 * within, (between, within)
+    index = {c: i for i, c in enumerate(vocab)}
+    assert fine[index["_"]] > 3 * pre[index["_"]]
+    assert fine[index["("]] > 1.5 * pre[index["("]]
+
+
+def test_fine_tuning_corpora_bad_arguments():
+    with pytest.raises(ValueError, match=r"`max_chars`.*enough characters for one window of seq_len=64.*Received: max_chars=50"):
+        datasets.load_fine_tuning_corpora(max_chars=50)
+    with pytest.raises(ValueError, match=r"`seq_len`.*Received: seq_len=0"):
+        datasets.load_fine_tuning_corpora(seq_len=0)
+
+
+def test_char_lm_data_with_a_shared_vocab():
+    data = datasets.make_char_lm_data("abab" * 20, seq_len=4, vocab=["x", "b", "a"])
+    assert data["vocab"] == ["x", "b", "a"]
+    assert data["x_train"][0].tolist() == [2, 1, 2, 1]
+    with pytest.raises(ValueError, match=r"`vocab`.*every character of `text` \(1 missing, e.g. 'b'\)"):
+        datasets.make_char_lm_data("abab" * 20, seq_len=4, vocab=["a"])
+    with pytest.raises(ValueError, match=r"`vocab`.*distinct characters"):
+        datasets.make_char_lm_data("abab" * 20, seq_len=4, vocab=["a", "a", "b"])
+
+
+def test_fine_tuning_corpora_too_long_a_window_names_seq_len():
+    with pytest.raises(ValueError, match=r"`seq_len`.*Received: seq_len=1000000"):
+        datasets.load_fine_tuning_corpora(seq_len=10**6)

@@ -1,5 +1,7 @@
 """`prune_low_magnitude`: magnitude pruning for Keras 3 models and layers."""
 
+import warnings
+
 import keras
 
 from keras_stability._checks import check_layer
@@ -151,6 +153,7 @@ def prune_low_magnitude(
             "(call `strip_pruning` first)"
         )
     variables = prunable_weights(to_prune)
+    _warn_lora_layers(to_prune)
     if not variables:
         raise ValueError(
             "Invalid value for argument `to_prune`. Expected a model or layer with "
@@ -188,3 +191,23 @@ def prune_low_magnitude(
         global_ranking=global_ranking,
     )
     return to_prune
+
+
+def _warn_lora_layers(to_prune):
+    # With Keras' `enable_lora` the layer's `kernel` is a computed tensor
+    # (frozen weight + low-rank delta), not a variable, so `prunable_weights`
+    # finds nothing to mask there; say so instead of pruning silently less.
+    lora = [
+        layer.path
+        for layer in _all_layers(to_prune)
+        if getattr(layer, "lora_enabled", False)
+    ]
+    if lora:
+        shown = ", ".join(lora[:3]) + (f" and {len(lora) - 3} more" if len(lora) > 3 else "")
+        warnings.warn(
+            f"`prune_low_magnitude` does not prune the {len(lora)} LoRA layers "
+            f"({shown}): their kernel is the frozen pretrained weight plus a "
+            "dense low-rank delta (`enable_lora`), which masking the frozen "
+            "weight would not make sparse. Prune before `enable_lora`.",
+            stacklevel=3,
+        )

@@ -31,6 +31,36 @@ def l2sp_penalty(weights, reference, alpha):
     return ops.cast(alpha, weights.dtype) * ops.sum(ops.square(weights - reference))
 
 
+def _lora_delta(lora_a, lora_b, scale):
+    """`scale * lora_a @ lora_b`: what LoRA adds to a frozen kernel.
+
+    Keras' `enable_lora(rank)` on `Dense`, `EinsumDense` and `Embedding`
+    computes the effective kernel as `kernel + (lora_alpha / rank) *
+    matmul(lora_a, lora_b)`; this is the second term.
+
+    Args:
+        lora_a: Tensor `(..., rank)`.
+        lora_b: Tensor `(rank, out)`.
+        scale: `lora_alpha / rank`, a number.
+
+    Returns:
+        Tensor of the kernel's shape.
+    """
+    lora_a = ops.convert_to_tensor(lora_a)
+    return ops.cast(scale, lora_a.dtype) * ops.matmul(lora_a, ops.cast(lora_b, lora_a.dtype))
+
+
+def _lora_parts(layer):
+    """`(frozen kernel, lora_a, lora_b, scale)` of a LoRA-enabled layer, else `None`."""
+    if not getattr(layer, "lora_enabled", False):
+        return None
+    if isinstance(layer, keras.layers.Embedding):
+        base, a, b = layer._embeddings, layer.lora_embeddings_a, layer.lora_embeddings_b
+    else:
+        base, a, b = layer._kernel, layer.lora_kernel_a, layer.lora_kernel_b
+    return base, a, b, layer.lora_alpha / layer.lora_rank
+
+
 @keras.saving.register_keras_serializable(package="keras_stability")
 class L2SP(keras.regularizers.Regularizer):
     """Penalizes the distance of backbone weights to their pretrained values.
@@ -51,6 +81,19 @@ class L2SP(keras.regularizers.Regularizer):
     after loading a model call `attach` again before resuming fine-tuning
     (until then every weight gets the plain-L2 `beta` term). The plain-L2
     term is Keras' own `keras.regularizers.L2`.
+
+    **LoRA.** On a layer where Keras' `enable_lora(rank)` ran (`Dense`,
+    `EinsumDense`, `Embedding`) the kernel is frozen at its pretrained value
+    `w0` and the effective weight is `w0 + delta` with
+    `delta = (lora_alpha / rank) * lora_a @ lora_b`. L2-SP's
+    `||w - w0||^2` is then exactly `||delta||^2`, so `attach` pulls the
+    merged delta toward zero (`alpha`, or `beta` outside the backbone): the
+    term is set on `lora_b` and computed from both factors; `lora_a` gets
+    no term of its own, and the frozen kernel none (it cannot move). This
+    anchor is the frozen kernel, so re-anchoring (`anchor_callback`) does
+    not move it. Keras saves a LoRA layer with the delta merged into the
+    kernel (and the factors zeroed), so after a reload the anchor is the
+    fine-tuned weight.
 
     `alpha` and `beta` may come from a Keras Tuner `hp`
     (`L2SP(alpha=hp.Float("alpha", 1e-5, 1e-1, sampling="log"))`) or be
@@ -85,8 +128,14 @@ class L2SP(keras.regularizers.Regularizer):
         self.beta = check_number("beta", beta, low=0.0)
         self._plain = keras.regularizers.L2(self.beta)
         self._anchors = {}
+        self._lora = {}
 
     def __call__(self, x):
+        lora = self._lora.get(id(x))
+        if lora is not None and lora[0] is x:
+            _, lora_a, scale, strength = lora
+            delta = _lora_delta(lora_a, x, scale)
+            return ops.cast(strength, delta.dtype) * ops.sum(ops.square(delta))
         entry = self._anchors.get(id(x))
         if entry is None or entry[0] is not x:
             return self._plain(x)
@@ -115,7 +164,13 @@ class L2SP(keras.regularizers.Regularizer):
             self._anchors[id(variable)] = (variable, reference)
 
     def is_anchored(self, variable):
-        """Whether `variable` is pulled toward an anchor (else plain L2)."""
+        """Whether `variable` is pulled toward an anchor (else plain L2).
+
+        For a LoRA `lora_b` factor: whether its delta is pulled toward zero.
+        """
+        lora = self._lora.get(id(variable))
+        if lora is not None and lora[0] is variable:
+            return True
         entry = self._anchors.get(id(variable))
         return entry is not None and entry[0] is variable
 
@@ -155,8 +210,23 @@ class L2SP(keras.regularizers.Regularizer):
                 f"a layer or model inside `model` ({model.name!r}) whose "
                 "weights are the pretrained ones; it shares no weight with it",
             )
+        # LoRA layers: the delta of the factors is the distance to `w0`.
+        skip = set()
+        for layer in model._flatten_layers(include_self=True, recursive=True):
+            parts = _lora_parts(layer)
+            if parts is None:
+                continue
+            base, lora_a, lora_b, scale = parts
+            skip.update((id(base), id(lora_a), id(lora_b)))
+            if lora_b.regularizer is None:
+                lora_b.regularizer = self
+            if lora_b.regularizer is self:
+                strength = self.alpha if id(base) in backbone_ids else self.beta
+                self._lora[id(lora_b)] = (lora_b, lora_a, scale, strength)
         selected = []
         for variable in model.weights:
+            if id(variable) in skip:
+                continue
             if not variable.trainable and id(variable) not in backbone_ids:
                 continue
             if len(variable.shape) < 2 and not include_biases:

@@ -344,6 +344,25 @@ DATASET_CASES = [
             "text": ["", None, 3, "ab"],
             "seq_len": [0, -1, 10**6],
             "held_out_fraction": [0.0, 1.0],
+            "vocab": ["abc", [], ["ab"], ["a", "a"], ["a", "b"], [3]],
+        },
+        good={"vocab": [list("abcdefgh"), tuple("hgfedcbaz")]},
+    ),
+    Case(
+        datasets.load_stdlib_code,
+        kwargs={"modules": ["copy"], "max_chars": 100},
+        bad={
+            "modules": ["copy", [], [3], ["no_such_module_xyz"], ["sys"], None],
+            "max_chars": [0, -1, 2.5, "10", True],
+        },
+    ),
+    Case(
+        datasets.load_fine_tuning_corpora,
+        kwargs={"seq_len": 16, "max_chars": 2000},
+        bad={
+            "seq_len": [0, -1, 2.5, True],
+            "held_out_fraction": [0.0, 1.0, "0.1"],
+            "max_chars": [0, -1, 2.5, True, 20],
         },
     ),
 ]

@@ -167,3 +167,38 @@ def test_attach_with_a_backbone_outside_the_model_raises():
         ValueError, match=r"Invalid value for argument `include_biases`"
     ):
         L2SP().attach(model, include_biases="yes")
+
+
+@pytest.mark.parametrize("kind", ["dense", "embedding"])
+@pytest.mark.parametrize("in_backbone", [True, False])
+def test_l2sp_on_keras_lora_layers_is_the_merged_delta(kind, in_backbone):
+    # Keras' enable_lora: W_eff = W0 + (lora_alpha / rank) * a @ b with W0
+    # frozen; L2-SP's ||W_eff - W0||^2 is the delta's squared norm (alpha in
+    # the backbone, beta outside it). Fails before the fix: lora_a was
+    # anchored at its random init and lora_b at zero, each on its own.
+    if kind == "dense":
+        layer = keras.layers.Dense(6)
+        layer.build((None, 5))
+        layer.enable_lora(2, lora_alpha=6)  # scale 3
+        a, b, base = layer.lora_kernel_a, layer.lora_kernel_b, layer._kernel
+        inputs = keras.Input((5,))
+    else:
+        layer = keras.layers.Embedding(7, 4)
+        layer.build((None,))
+        layer.enable_lora(2, lora_alpha=6)
+        a, b, base = layer.lora_embeddings_a, layer.lora_embeddings_b, layer._embeddings
+        inputs = keras.Input((3,), dtype="int32")
+    head = keras.layers.Dense(3, name="head")
+    model = keras.Sequential([inputs, layer, head])
+    reg = L2SP(alpha=0.5, beta=0.25)
+    reg.attach(model, backbone=None if in_backbone else head)
+    assert b.regularizer is reg and a.regularizer is None and base.regularizer is None
+    b.assign(np.random.default_rng(0).normal(size=b.shape).astype("float32"))
+    merged = layer.kernel if kind == "dense" else layer.embeddings
+    delta = np.asarray(merged) - np.asarray(base)
+    np.testing.assert_allclose(3.0 * np.asarray(a) @ np.asarray(b), delta, rtol=1e-5, atol=1e-6)
+    strength = 0.5 if in_backbone else 0.25
+    losses = [float(v) for v in model.losses]
+    assert len(losses) == 2  # the LoRA delta and the head kernel
+    expected = strength * np.sum(delta**2)
+    assert any(abs(v - expected) <= 1e-5 * expected for v in losses), (losses, expected)
