@@ -39,11 +39,15 @@ def mlp(units, name, dropout=0.0):
         h = keras.layers.Dense(u, activation="relu", name=f"{name}_dense_{i}")(h)
         if dropout:
             h = keras.layers.Dropout(dropout, name=f"{name}_dropout_{i}")(h)
-    return keras.Model(inputs, keras.layers.Dense(10, name=f"{name}_logits")(h), name=name)
+    return keras.Model(
+        inputs, keras.layers.Dense(10, name=f"{name}_logits")(h), name=name
+    )
 
 
 def accuracy(model, x, y):
-    return float(np.mean(np.argmax(model.predict(x, verbose=0, batch_size=512), -1) == y))
+    return float(
+        np.mean(np.argmax(model.predict(x, verbose=0, batch_size=512), -1) == y)
+    )
 
 
 def digits_few_labels(seed, data, fraction, epochs, alpha, temperature):
@@ -84,7 +88,9 @@ def digits_few_labels(seed, data, fraction, epochs, alpha, temperature):
             ignore_class=-1,
         )
         keras.utils.set_random_seed(seed + 2000)
-        distiller.fit(xs, ys, epochs=epochs, batch_size=64, verbose=0, cache_teacher_outputs=True)
+        distiller.fit(
+            xs, ys, epochs=epochs, batch_size=64, verbose=0, cache_teacher_outputs=True
+        )
         return accuracy(distiller.student, xt, yt)
 
     teacher = train_teacher(x_few, y_few)
@@ -118,7 +124,9 @@ def main(argv=None):
     (x, _), (xt, _) = data
     start = time.perf_counter()
     results = [
-        digits_few_labels(seed, data, args.fraction, args.epochs, args.alpha, args.temperature)
+        digits_few_labels(
+            seed, data, args.fraction, args.epochs, args.alpha, args.temperature
+        )
         for seed in range(args.seeds)
     ]
     total = time.perf_counter() - start
@@ -129,7 +137,9 @@ def main(argv=None):
         return f"{statistics.mean(values):.2f}% ± {sd:.2f} (min {min(values):.2f}, max {max(values):.2f})"
 
     gains = [100 * (r["distilled_all"] - r["scratch"]) for r in results]
-    gains_full = [100 * (r["distilled_all_full_teacher"] - r["scratch"]) for r in results]
+    gains_full = [
+        100 * (r["distilled_all_full_teacher"] - r["scratch"]) for r in results
+    ]
     n_labeled = int(round(args.fraction * len(x)))
     lines = [
         f"## Distillation with {100 * args.fraction:g}% of the labels (digits; `Distiller(ignore_class=-1)`)",

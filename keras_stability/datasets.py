@@ -369,9 +369,24 @@ def make_char_lm_data(text, seq_len=64, held_out_fraction=0.1, vocab=None):
 # Standard-library modules whose code (docstrings removed) makes the
 # fine-tuning corpus; none is in `STDLIB_TEXT_MODULES`.
 STDLIB_CODE_MODULES = (
-    "ast", "base64", "copy", "fnmatch", "getopt", "glob", "graphlib", "gzip",
-    "numbers", "operator", "pprint", "queue", "sched", "selectors", "shlex",
-    "tokenize", "types", "uuid",
+    "ast",
+    "base64",
+    "copy",
+    "fnmatch",
+    "getopt",
+    "glob",
+    "graphlib",
+    "gzip",
+    "numbers",
+    "operator",
+    "pprint",
+    "queue",
+    "sched",
+    "selectors",
+    "shlex",
+    "tokenize",
+    "types",
+    "uuid",
 )
 
 
@@ -496,7 +511,9 @@ def load_fine_tuning_corpora(seq_len=64, held_out_fraction=0.1, max_chars=None):
             )
         except ValueError:
             # The culprit is the cut if there is one, else the window length.
-            name_, value = ("max_chars", max_chars) if max_chars else ("seq_len", seq_len)
+            name_, value = (
+                ("max_chars", max_chars) if max_chars else ("seq_len", seq_len)
+            )
             raise invalid(
                 name_,
                 value,

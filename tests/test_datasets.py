@@ -115,7 +115,9 @@ def test_stdlib_code_is_code_without_docstrings():
     assert copy_module.deepcopy.__doc__.strip()[:30] not in code
     compile(code, "<copy>", "exec")  # still valid Python
     assert datasets.load_stdlib_code(["copy"], max_chars=300) == code[:300]
-    with pytest.raises(ValueError, match=r"`modules`.*modules with Python source \('sys' has none\)"):
+    with pytest.raises(
+        ValueError, match=r"`modules`.*modules with Python source \('sys' has none\)"
+    ):
         datasets.load_stdlib_code(["sys"])
     assert not set(datasets.STDLIB_CODE_MODULES) & set(datasets.STDLIB_TEXT_MODULES)
 
@@ -131,7 +133,9 @@ def test_fine_tuning_corpora_share_a_vocab_and_differ(monkeypatch):
     corpora = datasets.load_fine_tuning_corpora(seq_len=32)
     again = datasets.load_fine_tuning_corpora(seq_len=32)
     vocab = corpora["vocab"]
-    assert vocab == sorted(set(corpora["texts"]["pretrain"]) | set(corpora["texts"]["finetune"]))
+    assert vocab == sorted(
+        set(corpora["texts"]["pretrain"]) | set(corpora["texts"]["finetune"])
+    )
     assert again["vocab"] == vocab
     for name in ("pretrain", "finetune"):
         part = corpora[name]
@@ -158,7 +162,10 @@ def test_fine_tuning_corpora_share_a_vocab_and_differ(monkeypatch):
 
 
 def test_fine_tuning_corpora_bad_arguments():
-    with pytest.raises(ValueError, match=r"`max_chars`.*enough characters for one window of seq_len=64.*Received: max_chars=50"):
+    with pytest.raises(
+        ValueError,
+        match=r"`max_chars`.*enough characters for one window of seq_len=64.*Received: max_chars=50",
+    ):
         datasets.load_fine_tuning_corpora(max_chars=50)
     with pytest.raises(ValueError, match=r"`seq_len`.*Received: seq_len=0"):
         datasets.load_fine_tuning_corpora(seq_len=0)
@@ -168,7 +175,9 @@ def test_char_lm_data_with_a_shared_vocab():
     data = datasets.make_char_lm_data("abab" * 20, seq_len=4, vocab=["x", "b", "a"])
     assert data["vocab"] == ["x", "b", "a"]
     assert data["x_train"][0].tolist() == [2, 1, 2, 1]
-    with pytest.raises(ValueError, match=r"`vocab`.*every character of `text` \(1 missing, e.g. 'b'\)"):
+    with pytest.raises(
+        ValueError, match=r"`vocab`.*every character of `text` \(1 missing, e.g. 'b'\)"
+    ):
         datasets.make_char_lm_data("abab" * 20, seq_len=4, vocab=["a"])
     with pytest.raises(ValueError, match=r"`vocab`.*distinct characters"):
         datasets.make_char_lm_data("abab" * 20, seq_len=4, vocab=["a", "a", "b"])

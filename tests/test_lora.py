@@ -34,7 +34,9 @@ def lora_char_lm(seed=0, hidden_dim=128, rank=4):
     attention projections plus the FFN trains 5.8% of this model.
     """
     keras.utils.set_random_seed(seed)
-    model = build_char_transformer(VOCAB, SEQ, num_blocks=2, hidden_dim=hidden_dim, num_heads=4)
+    model = build_char_transformer(
+        VOCAB, SEQ, num_blocks=2, hidden_dim=hidden_dim, num_heads=4
+    )
     for layer in model._flatten_layers():
         if layer.name in LORA_TARGETS and layer.path.startswith("block_"):
             layer.enable_lora(rank)
@@ -69,7 +71,10 @@ def test_lora_trains_at_most_five_percent_of_the_char_lm():
     # = 18,944 of 428,072 (4.4%).
     assert (trainable, total) == (18944, 428072), (trainable, total)
     assert trainable / total <= 0.05, trainable / total
-    assert {v.name for v in model.trainable_weights} == {"lora_kernel_a", "lora_kernel_b"}
+    assert {v.name for v in model.trainable_weights} == {
+        "lora_kernel_a",
+        "lora_kernel_b",
+    }
 
 
 def test_fit_with_guard_monitor_and_detector_changes_only_lora_weights():
@@ -78,7 +83,9 @@ def test_fit_with_guard_monitor_and_detector_changes_only_lora_weights():
     before = values(model)
     monitor = GradientMonitor(check_freq=1, verbose=0)
     detector = GradientExplosionDetector(action="rollback", snapshot_freq=2, verbose=0)
-    history = model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[monitor, detector])
+    history = model.fit(
+        x, y, batch_size=16, epochs=2, verbose=0, callbacks=[monitor, detector]
+    )
     after = values(model)
     assert np.all(np.isfinite(history.history["loss"]))
     assert history.history["loss"][-1] < history.history["loss"][0]
@@ -123,7 +130,9 @@ def test_l2sp_pulls_the_merged_lora_delta_toward_zero():
     # lora_a has no term of its own; lora_b carries the delta's term.
     assert not reg.is_anchored(layer._kernel)
     assert layer.lora_kernel_a.regularizer is None
-    assert layer.lora_kernel_b.regularizer is reg and reg.is_anchored(layer.lora_kernel_b)
+    assert layer.lora_kernel_b.regularizer is reg and reg.is_anchored(
+        layer.lora_kernel_b
+    )
     assert sum(float(v) for v in model.losses) == 0.0  # lora_b starts at zero
     rng = np.random.default_rng(0)
     b = rng.normal(size=layer.lora_kernel_b.shape).astype("float32")
@@ -146,7 +155,9 @@ def test_l2sp_pulls_the_merged_lora_delta_toward_zero():
         x, y = data()
         m.fit(x, y, batch_size=16, epochs=2, verbose=0)
         inner = m.get_layer("block_0").mlp_in
-        return float(np.linalg.norm(np.asarray(inner.kernel) - np.asarray(inner._kernel)))
+        return float(
+            np.linalg.norm(np.asarray(inner.kernel) - np.asarray(inner._kernel))
+        )
 
     assert delta_norm(10.0) < 0.5 * delta_norm(0.0)
 
@@ -160,7 +171,12 @@ def load_and_predict(path, x):
     return {
         "pred": np.asarray(model.predict(x, verbose=0)),
         "optimizer": type(model.optimizer).__name__,
-        "lora_rank": sorted({getattr(layer, "lora_rank", None) or 0 for layer in model._flatten_layers()}),
+        "lora_rank": sorted(
+            {
+                getattr(layer, "lora_rank", None) or 0
+                for layer in model._flatten_layers()
+            }
+        ),
     }
 
 
@@ -172,7 +188,9 @@ def test_lora_char_lm_keras_round_trip_in_fresh_process(tmp_path, fresh_process)
     model.save(path)
     loaded = fresh_process(load_and_predict, path, x[:8])
     # Keras saves the delta merged into the kernel: the same function.
-    np.testing.assert_allclose(loaded["pred"], model.predict(x[:8], verbose=0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        loaded["pred"], model.predict(x[:8], verbose=0), rtol=1e-6, atol=1e-6
+    )
     assert loaded["optimizer"] == "GuardedOptimizer"
     # The blocks rebuild their sublayers from their own config, which does
     # not carry `lora_rank`: the reloaded char LM is the plain merged model
@@ -207,7 +225,9 @@ def test_prune_low_magnitude_skips_lora_layers_with_a_warning_and_strips():
 
 
 def tiny_gpt2(rank=4):
-    keras_hub = pytest.importorskip("keras_hub")  # the `hub` extra; `make test` installs it
+    keras_hub = pytest.importorskip(
+        "keras_hub"
+    )  # the `hub` extra; `make test` installs it
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.GPT2Backbone(
         vocabulary_size=64,
@@ -224,13 +244,19 @@ def tiny_gpt2(rank=4):
 
 def gpt2_data(n=32, seq=16):
     ids = np.random.default_rng(0).integers(0, 64, (n, seq)).astype("int32")
-    return {"token_ids": ids, "padding_mask": np.ones_like(ids, dtype=bool)}, np.roll(ids, -1, 1)
+    return {"token_ids": ids, "padding_mask": np.ones_like(ids, dtype=bool)}, np.roll(
+        ids, -1, 1
+    )
 
 
-def test_gpt2_causal_lm_lora_with_guard_detector_l2sp_and_fresh_reload(tmp_path, fresh_process):
+def test_gpt2_causal_lm_lora_with_guard_detector_l2sp_and_fresh_reload(
+    tmp_path, fresh_process
+):
     model = tiny_gpt2()
     total = sum(int(np.prod(v.shape)) for v in model.weights)
-    lora = sum(int(np.prod(v.shape)) for v in model.trainable_weights if "lora_" in v.name)
+    lora = sum(
+        int(np.prod(v.shape)) for v in model.trainable_weights if "lora_" in v.name
+    )
     others = {v.name for v in model.trainable_weights if "lora_" not in v.name}
     # 2 layers x (query, value: 32*2*4 + 4*16) = 1,280 LoRA weights of 21,504
     # (6.0%: at hidden_dim=32 rank 4 is not small; the share falls as 1/hidden);
@@ -238,14 +264,20 @@ def test_gpt2_causal_lm_lora_with_guard_detector_l2sp_and_fresh_reload(tmp_path,
     assert (lora, total, others) == (1280, 21504, {"bias"})
     reg = L2SP(alpha=0.1)
     reg.attach(model)
-    query = model.backbone.get_layer("transformer_layer_0")._self_attention_layer._query_dense
-    assert reg.is_anchored(query.lora_kernel_b) and query.lora_kernel_a.regularizer is None
+    query = model.backbone.get_layer(
+        "transformer_layer_0"
+    )._self_attention_layer._query_dense
+    assert (
+        reg.is_anchored(query.lora_kernel_b) and query.lora_kernel_a.regularizer is None
+    )
     x, y = gpt2_data()
     before = values(model)
     compile_guarded(model)
     monitor = GradientMonitor(check_freq=1, verbose=0)
     detector = GradientExplosionDetector(action="rollback", snapshot_freq=2, verbose=0)
-    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[monitor, detector])
+    history = model.fit(
+        x, y, batch_size=8, epochs=2, verbose=0, callbacks=[monitor, detector]
+    )
     assert np.all(np.isfinite(history.history["loss"]))
     assert len(monitor.history["step"]) == 8 and detector.events == []
     after = values(model)
@@ -257,5 +289,7 @@ def test_gpt2_causal_lm_lora_with_guard_detector_l2sp_and_fresh_reload(tmp_path,
     path = os.path.join(tmp_path, "gpt2_lora.keras")
     model.save(path)
     loaded = fresh_process(load_and_predict, path, x)
-    np.testing.assert_allclose(loaded["pred"], model.predict(x, verbose=0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        loaded["pred"], model.predict(x, verbose=0), rtol=1e-6, atol=1e-6
+    )
     assert loaded["lora_rank"] == [0]  # saved merged, as the char LM

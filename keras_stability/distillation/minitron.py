@@ -150,12 +150,18 @@ def prune_and_distill(
         distiller = Distiller(student, teacher)
         distiller.compile(
             optimizer=optimizer,
-            student_loss_fn=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            student_loss_fn=keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True
+            ),
             alpha=alpha,
             temperature=temperature,
         )
         history = distiller.fit(
-            x, y, batch_size=batch_size, epochs=epochs, sample_weight=sample_weight,
+            x,
+            y,
+            batch_size=batch_size,
+            epochs=epochs,
+            sample_weight=sample_weight,
             **fit_kwargs,
         )
     finally:

@@ -203,7 +203,9 @@ def _warn_lora_layers(to_prune):
         if getattr(layer, "lora_enabled", False)
     ]
     if lora:
-        shown = ", ".join(lora[:3]) + (f" and {len(lora) - 3} more" if len(lora) > 3 else "")
+        shown = ", ".join(lora[:3]) + (
+            f" and {len(lora) - 3} more" if len(lora) > 3 else ""
+        )
         warnings.warn(
             f"`prune_low_magnitude` does not prune the {len(lora)} LoRA layers "
             f"({shown}): their kernel is the frozen pretrained weight plus a "

@@ -47,7 +47,9 @@ def _lora_delta(lora_a, lora_b, scale):
         Tensor of the kernel's shape.
     """
     lora_a = ops.convert_to_tensor(lora_a)
-    return ops.cast(scale, lora_a.dtype) * ops.matmul(lora_a, ops.cast(lora_b, lora_a.dtype))
+    return ops.cast(scale, lora_a.dtype) * ops.matmul(
+        lora_a, ops.cast(lora_b, lora_a.dtype)
+    )
 
 
 def _lora_parts(layer):

@@ -535,7 +535,10 @@ DISTILLATION_CASES = [
             "temperature": BAD_TEMPERATURES,
             "ignore_class": [0.5, "-1", True],
         },
-        good={"temperature": [np.float32(2.0)], "ignore_class": [-1, np.int64(0), None]},
+        good={
+            "temperature": [np.float32(2.0)],
+            "ignore_class": [-1, np.int64(0), None],
+        },
         id="Distiller.compile",
     ),
     Case(

@@ -56,7 +56,9 @@ def make_distiller(student, teacher, **compile_kwargs):
 
 
 # ----------------------------------------------------------- padding masks
-@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "mean_with_sample_weight"])
+@pytest.mark.parametrize(
+    "reduction", ["sum_over_batch_size", "mean_with_sample_weight"]
+)
 def test_char_lm_padding_mask_counts_in_neither_term(reduction):
     ids, y, mask = lm_data()
     distiller = make_distiller(
@@ -76,7 +78,9 @@ def test_char_lm_padding_mask_counts_in_neither_term(reduction):
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     # Labels at padded positions do not matter.
     y_other = np.where(keep, y, (y + 7) % VOCAB)
-    got_other = float(distiller.compute_loss(ids, y_other, sample_weight=mask, training=False))
+    got_other = float(
+        distiller.compute_loss(ids, y_other, sample_weight=mask, training=False)
+    )
     np.testing.assert_allclose(got_other, got, rtol=1e-6)
     unmasked = float(distiller.compute_loss(ids, y, training=False))
     assert abs(unmasked - got) > 1e-3
@@ -85,10 +89,15 @@ def test_char_lm_padding_mask_counts_in_neither_term(reduction):
 def test_char_lm_short_fit_with_padding_mask_lowers_the_loss():
     ids, y, mask = lm_data(64)
     distiller = make_distiller(char_lm(1, 16, seed=2), char_lm(2, 32, seed=1))
-    history = distiller.fit(ids, y, sample_weight=mask, batch_size=16, epochs=3, verbose=0)
+    history = distiller.fit(
+        ids, y, sample_weight=mask, batch_size=16, epochs=3, verbose=0
+    )
     losses = history.history["loss"]
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
-    assert history.history["distillation_loss"][-1] < history.history["distillation_loss"][0]
+    assert (
+        history.history["distillation_loss"][-1]
+        < history.history["distillation_loss"][0]
+    )
 
 
 # ------------------------------------------------------------ keras-hub GPT-2
@@ -136,7 +145,9 @@ def load_and_predict(path, x):
 def test_gpt2_short_fit_and_save_reload_in_fresh_process(tmp_path, fresh_process):
     x, y, mask = gpt2_data(32)
     distiller = make_distiller(gpt2(1, seed=2), gpt2(2, seed=1))
-    history = distiller.fit(x, y, sample_weight=mask, batch_size=16, epochs=3, verbose=0)
+    history = distiller.fit(
+        x, y, sample_weight=mask, batch_size=16, epochs=3, verbose=0
+    )
     losses = history.history["loss"]
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
     d_path = os.path.join(tmp_path, "distiller.keras")
@@ -153,7 +164,9 @@ def test_gpt2_short_fit_and_save_reload_in_fresh_process(tmp_path, fresh_process
 # -------------------------------------------------------------- unlabeled data
 def test_unlabeled_batch_is_the_distillation_term_alone():
     ids, _, mask = lm_data()
-    distiller = make_distiller(char_lm(1, 16, seed=2), char_lm(2, 32, seed=1), alpha=0.5)
+    distiller = make_distiller(
+        char_lm(1, 16, seed=2), char_lm(2, 32, seed=1), alpha=0.5
+    )
     got = float(distiller.compute_loss(ids, None, sample_weight=mask, training=False))
     s = distiller.student.predict(ids, verbose=0)
     t = distiller.teacher.predict(ids, verbose=0)
@@ -166,12 +179,15 @@ def test_unlabeled_batch_is_the_distillation_term_alone():
 def test_fit_without_labels_trains_on_distillation(as_dataset):
     ids, _, _ = lm_data(64)
     distiller = make_distiller(
-        char_lm(1, 16, seed=2), char_lm(2, 32, seed=1),
+        char_lm(1, 16, seed=2),
+        char_lm(2, 32, seed=1),
         metrics=[keras.metrics.SparseCategoricalAccuracy()],
     )
     before = [w.numpy().copy() for w in distiller.student.weights]
     data = tf.data.Dataset.from_tensor_slices(ids).batch(16) if as_dataset else ids
-    history = distiller.fit(data, batch_size=None if as_dataset else 16, epochs=3, verbose=0)
+    history = distiller.fit(
+        data, batch_size=None if as_dataset else 16, epochs=3, verbose=0
+    )
     logs = history.history
     np.testing.assert_allclose(logs["loss"], logs["distillation_loss"], rtol=1e-5)
     assert logs["student_loss"] == [0.0, 0.0, 0.0]
@@ -185,7 +201,9 @@ def test_fit_without_labels_trains_on_distillation(as_dataset):
 
 def tabular(n=32, seed=0):
     rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, 6)).astype("float32"), rng.integers(0, 4, n).astype("int32")
+    return rng.normal(size=(n, 6)).astype("float32"), rng.integers(0, 4, n).astype(
+        "int32"
+    )
 
 
 def mlp(width, seed):
@@ -201,25 +219,33 @@ def test_ignore_class_mixes_labeled_and_unlabeled_rows():
     y_partial = np.where(known, y, -1).astype("int32")
     w = np.linspace(0.5, 1.5, len(y)).astype("float32")
     distiller = make_distiller(
-        mlp(8, 2), mlp(32, 1), ignore_class=-1, alpha=0.4,
+        mlp(8, 2),
+        mlp(32, 1),
+        ignore_class=-1,
+        alpha=0.4,
         metrics=[keras.metrics.SparseCategoricalAccuracy()],
         weighted_metrics=[
-            keras.metrics.SparseCategoricalAccuracy(name="weighted_sparse_categorical_accuracy")
+            keras.metrics.SparseCategoricalAccuracy(
+                name="weighted_sparse_categorical_accuracy"
+            )
         ],
     )
     got = float(distiller.compute_loss(x, y_partial, sample_weight=w, training=False))
     s = distiller.student.predict(x, verbose=0)
     t = distiller.teacher.predict(x, verbose=0)
     # alpha on labeled rows, 0 on the others; the mean over all rows.
-    expected = (
-        by_hand(s[known], t[known], y[known], w[known], 0.4, 2.0, len(y))
-        + by_hand(s[~known], t[~known], y[~known], w[~known], 0.0, 2.0, len(y))
-    )
+    expected = by_hand(
+        s[known], t[known], y[known], w[known], 0.4, 2.0, len(y)
+    ) + by_hand(s[~known], t[~known], y[~known], w[~known], 0.0, 2.0, len(y))
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     # Metrics count known labels only.
-    logs = distiller.evaluate(x, y_partial, batch_size=len(y), verbose=0, return_dict=True)
+    logs = distiller.evaluate(
+        x, y_partial, batch_size=len(y), verbose=0, return_dict=True
+    )
     np.testing.assert_allclose(
-        logs["sparse_categorical_accuracy"], np.mean(s[known].argmax(-1) == y[known]), rtol=1e-5
+        logs["sparse_categorical_accuracy"],
+        np.mean(s[known].argmax(-1) == y[known]),
+        rtol=1e-5,
     )
     logs = distiller.evaluate(
         x, y_partial, sample_weight=w, batch_size=8, verbose=0, return_dict=True
@@ -235,7 +261,9 @@ def test_all_unknown_labels_train_like_no_labels():
     x, y = tabular(32)
     runs = []
     for labels, kwargs in ((np.full_like(y, -1), {"ignore_class": -1}), (None, {})):
-        distiller = make_distiller(mlp(8, 2), mlp(32, 1), optimizer=keras.optimizers.SGD(0.1), **kwargs)
+        distiller = make_distiller(
+            mlp(8, 2), mlp(32, 1), optimizer=keras.optimizers.SGD(0.1), **kwargs
+        )
         distiller.fit(x, labels, batch_size=16, epochs=2, shuffle=False, verbose=0)
         runs.append([w.numpy() for w in distiller.student.weights])
     for a, b in zip(*runs, strict=True):
@@ -260,7 +288,10 @@ def test_ignore_class_per_token_on_lm_labels():
 
 def test_ignore_class_is_validated_and_saved():
     distiller = Distiller(mlp(8, 2), mlp(32, 1))
-    with pytest.raises(ValueError, match=r"Invalid value for argument `ignore_class`.*Received: ignore_class=0.5"):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid value for argument `ignore_class`.*Received: ignore_class=0.5",
+    ):
         distiller.compile(student_loss_fn=SPARSE_CE, ignore_class=0.5)
     distiller.compile(student_loss_fn=SPARSE_CE, ignore_class=-1)
     assert distiller.get_compile_config()["ignore_class"] == -1
@@ -272,8 +303,13 @@ def test_gemma_padding_mask_as_sample_weight_matches_unpadded_tokens():
     def gemma(num_layers, seed):
         keras.utils.set_random_seed(seed)
         backbone = keras_hub.models.GemmaBackbone(
-            vocabulary_size=VOCAB, num_layers=num_layers, num_query_heads=4,
-            num_key_value_heads=2, hidden_dim=32, intermediate_dim=64, head_dim=8,
+            vocabulary_size=VOCAB,
+            num_layers=num_layers,
+            num_query_heads=4,
+            num_key_value_heads=2,
+            hidden_dim=32,
+            intermediate_dim=64,
+            head_dim=8,
         )
         return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
 

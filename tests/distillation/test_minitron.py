@@ -45,12 +45,21 @@ def test_distilled_student_beats_the_shrunk_model(teacher):
     sizes = dict(num_heads=2, intermediate_dim=32, num_layers=1)
     shrunk = shrink_transformer(teacher, data=x[:128], **sizes)
     student, history = prune_and_distill(
-        teacher, x, calibration_samples=128, epochs=3, batch_size=32,
-        optimizer=keras.optimizers.Adam(1e-2), verbose=0, **sizes,
+        teacher,
+        x,
+        calibration_samples=128,
+        epochs=3,
+        batch_size=32,
+        optimizer=keras.optimizers.Adam(1e-2),
+        verbose=0,
+        **sizes,
     )
     # The same shrunk model (same calibration rows), before and after distillation.
     assert student.count_params() == shrunk.count_params() < teacher.count_params()
-    before, after = held_out_loss(shrunk, x_val, y_val), held_out_loss(student, x_val, y_val)
+    before, after = (
+        held_out_loss(shrunk, x_val, y_val),
+        held_out_loss(student, x_val, y_val),
+    )
     assert after < 0.8 * before, (before, after)
     assert history.history["loss"][-1] < history.history["loss"][0]
     # Pure distillation (alpha 0), and the teacher is left as it was.
@@ -63,14 +72,27 @@ def test_distilled_student_beats_the_shrunk_model(teacher):
 def test_labels_and_argument_errors(teacher):
     x, y = sequences(32, seed=1)
     student, history = prune_and_distill(
-        teacher, x, y, num_layers=1, alpha=0.5, calibration_samples=16,
-        block_importance="loss", epochs=1, batch_size=16, verbose=0,
+        teacher,
+        x,
+        y,
+        num_layers=1,
+        alpha=0.5,
+        calibration_samples=16,
+        block_importance="loss",
+        epochs=1,
+        batch_size=16,
+        verbose=0,
     )
     assert history.history["student_loss"][0] > 0
     assert len([layer for layer in student.layers if "block" in layer.name]) == 1
-    with pytest.raises(ValueError, match=r"Invalid value for argument `alpha`. Expected 0 when no labels"):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid value for argument `alpha`. Expected 0 when no labels",
+    ):
         prune_and_distill(teacher, x, num_layers=1, alpha=0.5)
-    with pytest.raises(ValueError, match=r"Invalid value for argument `calibration_samples`"):
+    with pytest.raises(
+        ValueError, match=r"Invalid value for argument `calibration_samples`"
+    ):
         prune_and_distill(teacher, x, num_layers=1, calibration_samples=0)
     with pytest.raises(ValueError, match=r"Invalid value for argument `num_heads`"):
         prune_and_distill(teacher, x, num_heads=0)
@@ -82,8 +104,12 @@ def test_gpt2_causal_lm_with_padding_mask():
     keras_hub = pytest.importorskip("keras_hub")  # the `hub` extra
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=VOCAB, num_layers=2, num_heads=2, hidden_dim=32,
-        intermediate_dim=64, max_sequence_length=32,
+        vocabulary_size=VOCAB,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=32,
+        intermediate_dim=64,
+        max_sequence_length=32,
     )
     teacher = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
     ids, _ = sequences(64, seed=1)
@@ -91,9 +117,16 @@ def test_gpt2_causal_lm_with_padding_mask():
     mask[::2, -2:] = 0
     x = {"token_ids": ids, "padding_mask": mask}
     student, history = prune_and_distill(
-        teacher, x, intermediate_dim=32, num_layers=1, calibration_samples=32,
-        sample_weight=mask.astype("float32"), epochs=3, batch_size=16,
-        optimizer=keras.optimizers.Adam(1e-2), verbose=0,
+        teacher,
+        x,
+        intermediate_dim=32,
+        num_layers=1,
+        calibration_samples=32,
+        sample_weight=mask.astype("float32"),
+        epochs=3,
+        batch_size=16,
+        optimizer=keras.optimizers.Adam(1e-2),
+        verbose=0,
     )
     assert type(student).__name__ == "GPT2CausalLM"
     assert student.backbone.num_layers == 1 and student.backbone.intermediate_dim == 32

@@ -196,7 +196,9 @@ def test_l2sp_on_keras_lora_layers_is_the_merged_delta(kind, in_backbone):
     b.assign(np.random.default_rng(0).normal(size=b.shape).astype("float32"))
     merged = layer.kernel if kind == "dense" else layer.embeddings
     delta = np.asarray(merged) - np.asarray(base)
-    np.testing.assert_allclose(3.0 * np.asarray(a) @ np.asarray(b), delta, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        3.0 * np.asarray(a) @ np.asarray(b), delta, rtol=1e-5, atol=1e-6
+    )
     strength = 0.5 if in_backbone else 0.25
     losses = [float(v) for v in model.losses]
     assert len(losses) == 2  # the LoRA delta and the head kernel
