@@ -151,7 +151,14 @@ class AGC(ClippingPolicy):
                 self._excluded.add(_key(kernels[-1]))
 
     def applies_to(self, variable):
-        """Whether AGC clips this variable."""
+        """Whether AGC clips this variable.
+
+        Keras' LoRA factors (`enable_lora`: `lora_kernel_a`, `lora_kernel_b`,
+        ...) are never clipped: `lora_kernel_b` starts at zero, where the
+        unit-wise limit `clip_factor * epsilon` would keep it from moving.
+        """
+        if variable.name.startswith("lora_"):
+            return False
         if self.exclude_vectors and len(variable.shape) <= 1:
             return False
         return _key(variable) not in self._excluded

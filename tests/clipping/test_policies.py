@@ -158,3 +158,27 @@ def test_numpy_numbers_are_numbers_and_bools_are_not():
         clipping.AGC(exclude_vectors="False")
     with pytest.raises(ValueError, match="Invalid value for argument `identifier`"):
         clipping.get(-1.0)  # not reported as GlobalNorm's `max_norm`
+
+
+def test_agc_leaves_keras_lora_factors_unclipped():
+    # lora_kernel_b starts at zero: AGC's unit-wise limit there is
+    # clip_factor * epsilon (1e-5), so a clipped LoRA layer would never learn.
+    import keras
+
+    from keras_stability.optimizers import GuardedOptimizer
+
+    keras.utils.set_random_seed(0)
+    dense = keras.layers.Dense(4)
+    model = keras.Sequential([keras.Input((8,)), dense])
+    dense.enable_lora(2)
+    optimizer = GuardedOptimizer(keras.optimizers.SGD(0.5), clipping=clipping.AGC())
+    model.compile(optimizer, "mse")
+    x = np.random.default_rng(0).normal(size=(32, 8)).astype("float32")
+    model.fit(x, x[:, :4] * 3.0, epochs=3, verbose=0)
+    policy = optimizer.clipping
+    lora = [v for v in model.trainable_variables if v.name.startswith("lora_")]
+    assert len(lora) == 2
+    assert not any(policy.applies_to(v) for v in lora)
+    # It learned: the merged change is far above AGC's 1e-5-per-step limit.
+    b = [v for v in lora if v.name == "lora_kernel_b"][0]
+    assert float(np.abs(b.numpy()).max()) > 0.05
