@@ -160,3 +160,28 @@ def test_plot_draws_the_curve_on_a_log_axis():
     ax = result.plot()
     assert ax.get_xscale() == "log"
     assert len(ax.lines) == 3  # loss, smoothed loss, suggestion
+
+
+def test_one_optimizer_step_per_rate_with_steps_per_execution():
+    counter = tf.Variable(0)  # outside the model, so the restore leaves it
+
+    class Counting(keras.Sequential):
+        def train_step(self, data):
+            counter.assign_add(1)
+            return super().train_step(data)
+
+    keras.utils.set_random_seed(0)
+    model = Counting([keras.Input((10,)), keras.layers.Dense(10)])
+    model.compile(
+        keras.optimizers.Adam(1e-3),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        steps_per_execution=4,
+    )
+    x, y = _data(256)
+    result = find_learning_rate(model, x, y, num_steps=12, end_lr=1e-2)
+    assert len(result.losses) == 12
+    assert int(counter.numpy()) == 12  # one step per rate, not 4
+    assert model.steps_per_execution == 4
+    assert int(model.optimizer.iterations) == 0  # restored
+    model.fit(x, y, epochs=1, batch_size=32, verbose=0)
+    assert int(counter.numpy()) == 12 + 8
