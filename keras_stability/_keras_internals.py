@@ -386,6 +386,16 @@ class _TrainFunctionWrapper:
         make = model.make_train_function  # the class's bound method
 
         def make_train_function(force=False):
+            if not force:
+                # `fit` (and `train_on_batch`) call this, unforced, before any
+                # callback's `on_train_begin`; our callbacks attach again after
+                # it. A hook or skip still here was left by a `fit` that raised
+                # (Keras runs no `on_train_end` then): drop it, so it cannot act
+                # on a later `fit` that does not ask for it.
+                self.hooks.clear()
+                self.skip_left = 0
+                self.release_if_idle()  # puts Keras' own functions back
+                return make(force=False)
             make(force=force)
             self.wrap()
             return model.train_function
@@ -412,12 +422,19 @@ class _TrainFunctionWrapper:
     def _skip(self, iterator):
         n = min(max(1, int(self.model.steps_per_execution or 1)), self.skip_left)
         for _ in range(n):
-            if isinstance(
-                iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)
-            ):
-                iterator.get_next()  # OutOfRangeError at the end: fit ends the epoch
-            else:
-                next(iterator)
+            try:
+                if isinstance(
+                    iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)
+                ):
+                    iterator.get_next()
+                else:
+                    next(iterator)
+            except (StopIteration, tf.errors.OutOfRangeError):
+                # The data ended before the skip did (a shorter data set than
+                # the backup's run): fit ends the epoch; nothing more to skip.
+                self.skip_left = 0
+                self.release_if_idle()
+                raise
             self.skip_left -= 1
         self.release_if_idle()
         return {}

@@ -252,6 +252,10 @@ def test_train_function_hook_reaches_callbacks_before_it_and_survives_a_retrace(
             seen.append(("epoch", logs["hooked"]))
 
         def on_train_begin(self, logs=None):
+            # As our callbacks do: attach in on_train_begin (an unforced
+            # make_train_function, which fit calls before, drops stale hooks).
+            _keras_internals.add_train_function_hook(self.model, hook)
+            _keras_internals.add_train_function_hook(self.model, hook)  # once only
             self.model.make_train_function(force=True)  # a retrace keeps the hook
 
     calls = []
@@ -260,9 +264,6 @@ def test_train_function_hook_reaches_callbacks_before_it_and_survives_a_retrace(
         calls.append(len(calls))
         logs["hooked"] = len(calls)
 
-    model.make_train_function()
-    _keras_internals.add_train_function_hook(model, hook)
-    _keras_internals.add_train_function_hook(model, hook)  # once only
     model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[First()])
     assert seen == [("batch", 1.0), ("batch", 2.0), ("epoch", 2.0)]
     assert _keras_internals.remove_train_function_hook(model, hook)
@@ -270,6 +271,30 @@ def test_train_function_hook_reaches_callbacks_before_it_and_survives_a_retrace(
     assert "make_train_function" not in vars(model)
     model.fit(x, y, batch_size=4, epochs=1, verbose=0)
     assert len(calls) == 2  # no longer called
+
+
+def test_a_hook_left_by_a_fit_that_raised_is_dropped_by_the_next_fit():
+    import keras
+
+    model = _tiny_model()
+    x, y = _xy()
+    calls = []
+
+    class AttachThenCrash(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            _keras_internals.add_train_function_hook(self.model, calls.append)
+
+        def on_train_batch_end(self, batch, logs=None):
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        model.fit(
+            x, y, batch_size=4, epochs=1, verbose=0, callbacks=[AttachThenCrash()]
+        )
+    assert len(calls) == 1
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)  # Keras runs no on_train_end
+    assert len(calls) == 1
+    assert "make_train_function" not in vars(model)
 
 
 def _progress_line(value, verbose=1):

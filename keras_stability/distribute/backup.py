@@ -277,6 +277,10 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._reload_if_optimizer_changed()
+        # `fit` has read the resume epoch by now (once, before its first
+        # epoch); clear it so a later `fit` of this model without the
+        # callback, or after this one raised, starts where it is asked to.
+        _keras_internals.set_initial_epoch(self.model, None)
         self._epoch = epoch
         self._batches_done = 0
         if self._resume is not None and self._resume[0] == epoch:

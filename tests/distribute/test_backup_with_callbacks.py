@@ -64,3 +64,28 @@ def test_resume_mid_epoch_with_monitor_and_detector(tmp_path, backup_first):
     trained = [v for v in logs.raw if v is not None]
     assert len(trained) == TOTAL_STEPS - 5
     assert all(math.isfinite(v) for v in trained)
+
+
+def test_a_fit_that_raised_leaves_no_hook_or_skip_for_the_next_fit(tmp_path):
+    # Keras runs no on_train_end when fit raises: our train-function hooks
+    # and a pending batch skip must not act on a later fit without them.
+    folder = str(tmp_path / "backup")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(_model(), [BackupAndRestore(folder, save_freq=1), _CrashAfterStep(6)])
+
+    model = _model()
+    detector = GradientExplosionDetector()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        # Resumes at step 6 (two batches of epoch 1 to skip) and crashes at
+        # the end of the first skipped batch (the restored step count is 6),
+        # with one batch still to skip and the detector attached.
+        _fit(
+            model, [BackupAndRestore(folder, save_freq=1), detector, _CrashAfterStep(6)]
+        )
+    steps_seen = detector.step
+    logs = _Logs()
+    start = int(model.optimizer.iterations)
+    _fit(model, [logs])  # plain fit: every batch trains, nothing of ours runs
+    assert int(model.optimizer.iterations) == start + TOTAL_STEPS
+    assert detector.step == steps_seen
+    assert logs.raw == [None] * TOTAL_STEPS
