@@ -668,6 +668,8 @@ class Distiller(keras.Model):
 
             # Keep the known rows (tokens) only: unweighted metrics ignore
             # sample weights, so a zero weight would not hide a row from them.
+            if len(y.shape) == len(y_pred.shape) and y.shape[-1] == 1:
+                y = ops.squeeze(y, axis=-1)  # sparse labels as a column, (batch, 1)
             known = ops.not_equal(y, ops.cast(self._ignore_class, y.dtype))
             y = tf.boolean_mask(y, known)
             y_pred = tf.boolean_mask(y_pred, known)

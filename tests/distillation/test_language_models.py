@@ -324,3 +324,24 @@ def test_gemma_padding_mask_as_sample_weight_matches_unpadded_tokens():
     )
     history = distiller.fit(x, y, sample_weight=mask, batch_size=8, epochs=2, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
+
+
+def test_ignore_class_with_column_labels_as_keras_datasets_give_them():
+    # keras.datasets' labels are (N, 1); the metrics' mask must not break on them.
+    x, y = tabular()
+    known = np.arange(len(y)) % 4 == 0
+    column = np.where(known, y, -1).astype("int32")[:, None]
+    distiller = make_distiller(
+        mlp(8, 2),
+        mlp(32, 1),
+        ignore_class=-1,
+        metrics=[keras.metrics.SparseCategoricalAccuracy()],
+    )
+    distiller.fit(x, column, batch_size=8, epochs=1, verbose=0)
+    s = distiller.student.predict(x, verbose=0)
+    logs = distiller.evaluate(x, column, batch_size=len(y), verbose=0, return_dict=True)
+    np.testing.assert_allclose(
+        logs["sparse_categorical_accuracy"],
+        np.mean(s[known].argmax(-1) == y[known]),
+        rtol=1e-5,
+    )
