@@ -23,10 +23,18 @@ _SKIP_COUNTERS = (
 )
 
 
-def _statistics(optimizer):
-    """The guard's statistics as logged, read in the compiled step."""
+def _statistics(model, optimizer):
+    """The guard's statistics as logged, read in the compiled step.
+
+    Nothing once `model` was compiled again with another optimizer: the
+    wrapped `train_step` stays on the model, and is traced again then.
+    """
 
     def values():
+        optimizer_now = getattr(model, "optimizer", None)
+        if optimizer_now is None or find_guard(optimizer_now) is not optimizer:
+            return {}
+
         def read(name):
             return ops.cast(getattr(optimizer, name), "float32")
 
@@ -114,7 +122,7 @@ class AdaptiveClipping(keras.callbacks.Callback):
             skip_spikes=self.skip_spikes,
         )
         if self.log_statistics and StepLogs.of(model).set_graph_values(
-            ("AdaptiveClipping", id(self.optimizer)), _statistics(self.optimizer)
+            ("AdaptiveClipping", id(self.optimizer)), _statistics(model, self.optimizer)
         ):
             model.make_train_function(force=True)
         if self.verbose and not was_guarded:

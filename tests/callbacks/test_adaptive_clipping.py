@@ -162,3 +162,18 @@ def test_config_round_trip_and_bad_arguments():
     with pytest.raises(ValueError, match="Invalid value for argument `clipping`"):
         AdaptiveClipping(clipping=-1.0)
     assert "policy" not in AdaptiveClipping(1.0).get_config()
+
+
+def test_recompiled_with_a_plain_optimizer_logs_no_stale_statistics():
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    y = x.sum(1, keepdims=True)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    history = model.fit(
+        x, y, epochs=1, verbose=0, callbacks=[AdaptiveClipping(ZClip())]
+    )
+    assert "grad_norm" in history.history
+    model.compile(keras.optimizers.Adam(1e-2), "mse")  # no guard any more
+    history = model.fit(x, y, epochs=1, verbose=0)
+    assert set(history.history) == {"loss"}
