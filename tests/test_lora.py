@@ -20,6 +20,7 @@ from keras_stability.clipping import ZClip
 from keras_stability.models import build_char_transformer
 from keras_stability.optimizers import GuardedOptimizer
 from keras_stability.regularizers import L2SP
+from tests.hub_models import tiny_gpt2
 
 VOCAB, SEQ = 40, 16
 LORA_TARGETS = ("query", "value", "mlp_in", "mlp_out")
@@ -224,21 +225,11 @@ def test_prune_low_magnitude_skips_lora_layers_with_a_warning_and_strips():
     assert all(np.array_equal(lora_before[p], after[p]) for p in frozen)
 
 
-def tiny_gpt2(rank=4):
-    keras_hub = pytest.importorskip(
-        "keras_hub"
-    )  # the `hub` extra; `make test` installs it
-    keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=64,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=32,
-        intermediate_dim=64,
-        max_sequence_length=32,
-    )
-    model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
-    backbone.enable_lora(rank)  # keras-hub: query and value, everything else frozen
+def lora_gpt2(rank=4):
+    pytest.importorskip("keras_hub")  # the `hub` extra; `make test` installs it
+    model = tiny_gpt2()
+    # keras-hub: query and value, everything else frozen
+    model.backbone.enable_lora(rank)
     return model
 
 
@@ -252,7 +243,7 @@ def gpt2_data(n=32, seq=16):
 def test_gpt2_causal_lm_lora_with_guard_detector_l2sp_and_fresh_reload(
     tmp_path, fresh_process
 ):
-    model = tiny_gpt2()
+    model = lora_gpt2()
     total = sum(int(np.prod(v.shape)) for v in model.weights)
     lora = sum(
         int(np.prod(v.shape)) for v in model.trainable_weights if "lora_" in v.name

@@ -11,6 +11,8 @@ from keras_stability.distillation import Distiller
 from keras_stability.models import build_char_transformer
 from tests.distillation.test_losses import np_kl
 from tests.distillation.test_losses import np_softmax
+from tests.hub_models import tiny_gemma
+from tests.hub_models import tiny_gpt2
 
 VOCAB, SEQ, BATCH = 64, 8, 16
 SPARSE_CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -102,17 +104,8 @@ def test_char_lm_short_fit_with_padding_mask_lowers_the_loss():
 
 # ------------------------------------------------------------ keras-hub GPT-2
 def gpt2(num_layers, seed):
-    keras_hub = pytest.importorskip("keras_hub")  # the `hub` extra
-    keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=VOCAB,
-        num_layers=num_layers,
-        num_heads=2,
-        hidden_dim=32,
-        intermediate_dim=64,
-        max_sequence_length=32,
-    )
-    return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    pytest.importorskip("keras_hub")  # the `hub` extra
+    return tiny_gpt2(VOCAB, num_layers=num_layers, seed=seed)
 
 
 def gpt2_data(n=BATCH, seed=0):
@@ -298,20 +291,10 @@ def test_ignore_class_is_validated_and_saved():
 
 
 def test_gemma_padding_mask_as_sample_weight_matches_unpadded_tokens():
-    keras_hub = pytest.importorskip("keras_hub")
+    pytest.importorskip("keras_hub")
 
     def gemma(num_layers, seed):
-        keras.utils.set_random_seed(seed)
-        backbone = keras_hub.models.GemmaBackbone(
-            vocabulary_size=VOCAB,
-            num_layers=num_layers,
-            num_query_heads=4,
-            num_key_value_heads=2,
-            hidden_dim=32,
-            intermediate_dim=64,
-            head_dim=8,
-        )
-        return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+        return tiny_gemma(VOCAB, num_layers=num_layers, seed=seed)
 
     x, y, mask = gpt2_data()
     distiller = make_distiller(gemma(1, seed=2), gemma(2, seed=1))

@@ -6,6 +6,7 @@ import pytest
 
 from keras_stability.distillation import prune_and_distill
 from keras_stability.models import build_char_transformer
+from tests.hub_models import tiny_gpt2
 
 VOCAB, SEQ = 16, 8
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -101,17 +102,8 @@ def test_labels_and_argument_errors(teacher):
 
 
 def test_gpt2_causal_lm_with_padding_mask():
-    keras_hub = pytest.importorskip("keras_hub")  # the `hub` extra
-    keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=VOCAB,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=32,
-        intermediate_dim=64,
-        max_sequence_length=32,
-    )
-    teacher = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    pytest.importorskip("keras_hub")  # the `hub` extra
+    teacher = tiny_gpt2(VOCAB)
     ids, _ = sequences(64, seed=1)
     mask = np.ones_like(ids)
     mask[::2, -2:] = 0

@@ -6,6 +6,8 @@ import pytest
 
 from keras_stability.pruning import shrink_transformer
 from keras_stability.pruning import shrink_transformer_plan
+from tests.hub_models import tiny_gemma
+from tests.hub_models import tiny_gpt2
 
 keras_hub = pytest.importorskip("keras_hub")  # the `hub` extra; `make test` installs it
 
@@ -23,30 +25,13 @@ def _inputs(n=16, seed=1):
 
 
 def _gpt2(num_layers=2, seed=0):
-    keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=VOCAB,
-        num_layers=num_layers,
-        num_heads=4,
-        hidden_dim=32,
-        intermediate_dim=64,
-        max_sequence_length=16,
+    return tiny_gpt2(
+        VOCAB, num_layers=num_layers, num_heads=4, sequence_length=16, seed=seed
     )
-    return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
 
 
 def _gemma(num_layers=2, seed=0):
-    keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.GemmaBackbone(
-        vocabulary_size=VOCAB,
-        num_layers=num_layers,
-        num_query_heads=4,
-        num_key_value_heads=2,
-        hidden_dim=32,
-        intermediate_dim=64,
-        head_dim=8,
-    )
-    model = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+    model = tiny_gemma(VOCAB, num_layers=num_layers, seed=seed)
     # Random RMS-norm scales, so that rescaling them is visible.
     rng = np.random.default_rng(seed)
     for w in model.weights:
