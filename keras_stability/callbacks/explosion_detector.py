@@ -59,7 +59,7 @@ from keras_stability.callbacks.lr_scaling import wrap_schedule
 from keras_stability.callbacks.snapshots import Snapshot
 from keras_stability.callbacks.step_logs import StepLogs
 from keras_stability.callbacks.step_logs import counts
-from keras_stability.diagnostics.spikes import RollingZScore
+from keras_stability.diagnostics.spikes import RobustZScore
 from keras_stability.distribute.strategy import chief_path
 from keras_stability.optimizers.attach import ModelObservers
 from keras_stability.optimizers.attach import find_guard
@@ -73,6 +73,9 @@ SNAPSHOT_TOLERANCE = 2.0  # a snapshot's loss may be at most this x the best
 # weights' loss by more than 2 of their batch-to-batch standard deviations
 # plus this fraction of it.
 RECOVERY_TOLERANCE = 0.005
+# A slow divergence is judged against the best snapshot's loss, but at least
+# this fraction of the loss the fit started from.
+DIVERGENCE_FLOOR = 0.1
 
 
 @keras.saving.register_keras_serializable(package="keras_stability")
@@ -209,7 +212,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self,
         action="rollback",
         snapshot_freq=50,
-        lr_factor=0.5,
+        lr_factor=0.1,
         skip_batches=5,
         max_rollbacks=3,
         max_consecutive_skips=3,
@@ -321,12 +324,8 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self._step_logs = StepLogs.of(model)
         self._step_logs.attach(self, self._after_step, self.params)
         self._loss = self._step_logs.loss
-        self._loss_z = RollingZScore(
-            self.window, self.loss_z_threshold, self.min_samples, self.loss_factor
-        )
-        self._grad_z = RollingZScore(
-            self.window, self.grad_z_threshold, self.min_samples
-        )
+        self._loss_z = RobustZScore(self.window, self.loss_z_threshold, self.min_samples)
+        self._grad_z = RobustZScore(self.window, self.grad_z_threshold, self.min_samples)
         self.step = 0
         self.epoch = 0
         # Batches per call of the train function; above 1 the skipped steps
@@ -338,6 +337,9 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self.lr_probes = 0  # lower learning rates kept by probes after rollbacks
         self.skipped_batches = 0
         self.consecutive_skips = 0
+        self._bad_streak = 0  # loss spikes and skipped steps in a row
+        self._streak_mark = None  # the epoch's loss total before the streak
+        self.spikes = 0  # single spikes seen (events, no action)
         self.events = []
         self.raw_losses = []
         self.grad_norms = []
@@ -348,6 +350,13 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         # score) before it replaces `snapshot`.
         self.snapshot = Snapshot(model, step=0)
         self.best = self.snapshot
+        if not self.snapshot.finite:
+            warnings.warn(
+                "GradientExplosionDetector: the model's weights are non-finite "
+                "before training starts; there is no healthy state to roll back "
+                "to (a rollback will stop training instead).",
+                stacklevel=2,
+            )
         self._pending = self.snapshot
         self._pending_losses = []
         self._last_snapshot_at = 0
@@ -356,12 +365,15 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self._recovery = None
         # The fit's first raw loss and the last `confirm_steps` healthy ones.
         self._start_loss = math.nan
-        self._recent = collections.deque(maxlen=self.confirm_steps)
+        self._recent = collections.deque(maxlen=self.min_samples)
+        self._start_losses = []
         self._sustained = collections.deque(maxlen=self.min_samples)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
         self._step_logs.start_epoch(epoch)
+        if self._bad_streak:
+            self._streak_mark = (0.0, 0.0)  # Keras restarts the epoch's mean
 
     def _log_values(self):
         return {
@@ -415,6 +427,11 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             self.consecutive_skips = (
                 self.consecutive_skips + skipped if skipped == steps else skipped
             )
+            if self._bad_streak == 0 or skipped < steps:
+                self._streak_mark = self._loss.mark()
+            self._bad_streak = (
+                self._bad_streak + skipped if skipped == steps else skipped
+            )
             if steps == 1 or not math.isfinite(raw):
                 self._loss.rewind()
                 self._fix_logged_loss(logs)
@@ -426,46 +443,16 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             )
             if self.consecutive_skips > self.max_consecutive_skips:
                 problem = f"{self.consecutive_skips} non-finite steps in a row"
+            elif self._bad_streak > self.max_consecutive_skips:
+                problem = (
+                    f"{self._bad_streak} bad steps in a row (non-finite steps "
+                    "skipped and loss spikes)"
+                )
         elif not (math.isfinite(raw) and (math.isfinite(norm) or norm_var is None)):
             problem = f"non-finite loss ({raw}) or gradient norm ({norm})"
         else:
             self.consecutive_skips = 0
-            if math.isnan(self._start_loss):
-                self._start_loss = raw
-            self._recent.append(raw)
-            loss_z = self._loss_z.zscore(raw)
-            loss_median = self._loss_z.median()
-            grad_z = self._grad_z.zscore(norm) if norm_var is not None else 0.0
-            self._sustained.append(raw)
-            best = self.best.score
-            sustained = sum(self._sustained) / len(self._sustained)
-            if (
-                self.loss_factor is not None
-                and len(self._sustained) == self._sustained.maxlen
-                and math.isfinite(best)
-                and best > 0
-                and sustained > self.loss_factor * best
-            ):
-                problem = (
-                    f"loss diverging: mean raw loss {sustained:.4g} over the last "
-                    f"{len(self._sustained)} steps is above {self.loss_factor:g}x "
-                    f"the best healthy snapshot's loss {best:.4g}"
-                )
-            elif self._loss_z.update(raw):
-                problem = (
-                    f"loss spike: raw loss {raw:.4g} (z-score {loss_z:.1f}, "
-                    f"median of healthy steps {loss_median:.4g})"
-                )
-            elif norm_var is not None and self._grad_z.update(norm):
-                problem = f"gradient-norm spike: norm {norm:.4g}, z-score {grad_z:.1f}"
-            elif self._regressing():
-                problem = (
-                    f"loss regressing: mean raw loss {np.mean(self._recent):.4g} over "
-                    f"the last {len(self._recent)} steps is above {self.regress_factor:g}x "
-                    f"the loss the fit started from ({self._start_loss:.4g})"
-                )
-            elif self._recovery is not None:
-                problem = self._check_recovery(raw, steps)
+            problem = self._judge(raw, norm if norm_var is not None else None, steps)
         if problem is not None:
             self._handle(problem, raw, norm, logs)
         elif not skipped:  # a skipped step neither confirms nor takes a snapshot
@@ -473,6 +460,122 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         logs["raw_loss"] = raw
         logs["rollbacks"] = self.rollbacks
         logs["skipped_batches"] = self.skipped_batches
+
+    def _judge(self, raw, norm, steps):
+        """The rules on one finite step: a problem (rollback-level) or `None`.
+
+        A single loss or gradient-norm spike is only an event (`"spike"`):
+        it is noise far more often than a failure, and rolling back for it
+        costs a healthy run its progress. Rollback needs a persistent rise:
+        `max_consecutive_skips + 1` bad steps in a row (loss spikes or
+        skipped non-finite steps), a slow divergence or a regression.
+        """
+        if len(self._start_losses) < self.confirm_steps:
+            self._start_losses.append(raw)
+        if math.isnan(self._start_loss):
+            self._start_loss = raw
+            if self.snapshot.step == 0:
+                # The first step's loss is the initial weights' loss.
+                self.snapshot.loss = raw
+        self._recent.append(raw)
+        self._sustained.append(raw)
+        spike = self._loss_spike(raw)
+        if spike is not None:
+            if self._bad_streak == 0:
+                self._streak_mark = self._loss.mark()
+            self._bad_streak += steps
+            self._spike_event(spike, raw, norm)
+        else:
+            self._bad_streak = 0
+        if norm is not None:
+            grad_z = self._grad_z.zscore(norm)
+            if self._grad_z.update(norm):
+                self._spike_event(
+                    f"gradient-norm spike: norm {norm:.4g} is {norm / self._grad_z.median():.3g}x "
+                    f"the median {self._grad_z.median():.4g} of the last "
+                    f"{len(self._grad_z.values)} healthy steps (robust z-score {grad_z:.1f})",
+                    raw,
+                    norm,
+                )
+        if self._bad_streak > self.max_consecutive_skips:
+            return (
+                f"loss rising: {self._bad_streak} bad steps in a row (loss spikes or "
+                f"non-finite steps), the last: {spike}"
+            )
+        divergence = self._diverging()
+        if divergence is not None:
+            return divergence
+        if self._regressing():
+            return (
+                f"loss regressing: median raw loss {np.median(self._recent):.4g} over "
+                f"the last {len(self._recent)} steps is above {self.regress_factor:g}x "
+                f"the loss the fit started from ({self._start_level():.4g}, the median "
+                f"of its first {len(self._start_losses)} steps)"
+            )
+        if spike is None and self._recovery is not None:
+            return self._check_recovery(raw, steps)
+        return None
+
+    def _loss_spike(self, raw):
+        """Describes `raw` if it is a loss spike (else `None`); updates the window."""
+        z = self._loss_z
+        if not z.ready():
+            median = z.median()
+            if (
+                self.loss_factor is not None
+                and median > 0
+                and raw > self.loss_factor * median
+            ):
+                return (
+                    f"loss spike: raw loss {raw:.4g} is {raw / median:.3g}x the median "
+                    f"{median:.4g} of the first {len(z.values)} steps"
+                )
+            z.update(raw)
+            return None
+        score = z.zscore(raw)
+        median = z.median()
+        if not z.update(raw):
+            return None
+        return (
+            f"loss spike: raw loss {raw:.4g} is {raw / median:.3g}x the median "
+            f"{median:.4g} of the last {len(z.values)} healthy steps (robust z-score "
+            f"{score:.1f})"
+        )
+
+    def _spike_event(self, detail, raw, norm):
+        self.spikes += 1
+        self._event("spike", raw, math.nan if norm is None else norm, detail)
+        if self.action in ("warn", "skip"):
+            warnings.warn(
+                f"GradientExplosionDetector at step {self.step}: {detail}.",
+                stacklevel=4,
+            )
+
+    def _diverging(self):
+        """A slow divergence: the mean of the last `min_samples` losses, all
+        after the best snapshot, `loss_factor` times its loss, and that times
+        an absolute floor (a tenth of the loss the fit started from), so a loss
+        near zero is not "10x" anything by noise alone."""
+        if self.loss_factor is None or len(self._sustained) < self._sustained.maxlen:
+            return None
+        best = self.best.score
+        if not (math.isfinite(best) and best > 0):
+            return None
+        floor = DIVERGENCE_FLOOR * self._start_loss
+        reference = max(best, floor) if math.isfinite(floor) else best
+        sustained = sum(self._sustained) / len(self._sustained)
+        if not sustained > self.loss_factor * reference:
+            return None
+        return (
+            f"loss diverging: mean raw loss {sustained:.4g} over the last "
+            f"{len(self._sustained)} steps is above {self.loss_factor:g}x "
+            f"the best healthy snapshot's loss {best:.4g}"
+            + (
+                f" (floored at {DIVERGENCE_FLOOR:g}x the starting loss: {reference:.4g})"
+                if reference > best
+                else ""
+            )
+        )
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
@@ -499,13 +602,28 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             )
         self._recovery = None
         if not Snapshot(self.model).is_finite():
-            target = self.best if self.restore_best_weights else self.snapshot
+            target = self._restore_target()
+            if target is None:
+                warnings.warn(
+                    "GradientExplosionDetector: training ended with non-finite "
+                    "weights, and no finite snapshot was ever taken (the weights "
+                    "were non-finite when `fit` started): they are left as they are.",
+                    stacklevel=2,
+                )
+                return
             target.restore(self.model)
             warnings.warn(
                 "GradientExplosionDetector: training ended with non-finite weights; "
                 f"restored the healthy snapshot of step {target.step}.",
                 stacklevel=2,
             )
+
+    def _restore_target(self):
+        """The snapshot a stop restores: the best (or last) finite one, or `None`."""
+        target = self.best if self.restore_best_weights else self.snapshot
+        if target.finite:
+            return target
+        return self.snapshot if self.snapshot.finite else None
 
     def detach(self):
         """Removes the detector's per-layer statistics from the optimizer.
@@ -535,6 +653,14 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             if count > 0:
                 logs["loss"] = float(np.asarray(tracker.total)) / count
 
+    def _say(self, message):
+        """Prints `message` (`verbose=1`) on a line of its own: with Keras'
+        progress bar running (`fit(verbose=1)`), its current line is ended
+        first, so the message is not written onto the end of the bar."""
+        if (self.params or {}).get("verbose") in (1, "auto"):
+            message = "\n" + message
+        _keras_internals.print_msg(message)
+
     def _event(self, kind, raw, norm, detail=""):
         self.events.append(
             {
@@ -552,26 +678,23 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         """Healthy steps that confirm a snapshot: `min(5, snapshot_freq)`."""
         return min(5, self.snapshot_freq)
 
+    def _start_level(self):
+        """The loss the fit started from: the median of its first
+        `confirm_steps` finite losses (one batch alone may be a lucky one)."""
+        if not self._start_losses:
+            return math.nan
+        return float(np.median(self._start_losses))
+
     def _regressing(self):
-        # The start loss is one batch: it must also be implausible as a draw
-        # from the recent losses (2 of their standard deviations below their
-        # mean), so a lucky first batch of a noisy run is not a regression.
-        if (
-            self.regress_factor is None
-            or len(self._recent) < self._recent.maxlen
-            or not self._start_loss > 0
-        ):
+        """Whether the median of the last `min_samples` losses is above
+        `regress_factor` times the loss the fit started from (a median: a
+        few bad batches in a row, common at batch size 1, are not a trend)."""
+        if self.regress_factor is None or len(self._recent) < self._recent.maxlen:
             return False
-        n = len(self._recent)
-        mean = sum(self._recent) / n
-        if not mean > self.regress_factor * self._start_loss:
-            return False  # the usual case: no spread needed
-        spread = (
-            math.sqrt(sum((v - mean) ** 2 for v in self._recent) / (n - 1))
-            if n > 1
-            else 0.0
-        )
-        return self._start_loss < mean - 2.0 * spread
+        start = self._start_level()
+        if not start > 0:
+            return False
+        return float(np.median(self._recent)) > self.regress_factor * start
 
     def _check_recovery(self, raw, steps=1):
         """Feeds one healthy call (`steps` batches) to the check of the last rollback.
@@ -601,6 +724,8 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             self._recovery = None
             return None
         level = float(reference.mean())
+        if not math.isfinite(self.snapshot.loss):
+            self.snapshot.loss = level
         spread = float(reference.std()) if reference.size > 1 else 0.0
         # Batch-to-batch noise at fixed weights: a difference of mean losses
         # within it is no evidence.
@@ -673,7 +798,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                 action="lower_lr", restored_step=self.snapshot.step, learning_rate=lr
             )
             if self.verbose:
-                _keras_internals.print_msg(
+                self._say(
                     f"GradientExplosionDetector at step {self.step}: {detail} "
                     f"(lower rate {rec['probes_kept']} kept after rollback {self.rollbacks})."
                 )
@@ -741,6 +866,14 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                 stacklevel=3,
             )
             return
+        if not self.snapshot.finite and self.action in ("rollback", "stop"):
+            self._stop(
+                f"{problem}; no finite snapshot to roll back to (the weights were "
+                "non-finite when `fit` started)",
+                raw,
+                norm,
+            )
+            return
         if self.action == "rollback" and self.rollbacks < self.max_rollbacks:
             self._rollback(problem, logs)
             return
@@ -751,10 +884,15 @@ class GradientExplosionDetector(keras.callbacks.Callback):
 
     def _rollback(self, problem, logs=None):
         self.snapshot.restore(self.model)
-        # The loss that triggered it leaves the epoch's mean: a huge finite
-        # one left in Keras' float32 running total would make the raw losses
-        # recovered from it later (differences of totals) meaningless.
-        self._loss.rewind()
+        # The losses that triggered it (the whole streak of bad steps) leave
+        # the epoch's mean: a huge finite one left in Keras' float32 running
+        # total would make the raw losses recovered from it later
+        # (differences of totals) meaningless.
+        streak = self._streak_mark if self._bad_streak else None
+        if streak is not None and streak[1] <= self._loss.mark()[1]:
+            self._loss.rewind(streak)
+        else:
+            self._loss.rewind()
         if logs is not None:
             self._fix_logged_loss(logs)
         self.rollbacks += 1
@@ -762,6 +900,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         if self.skip_batches and hasattr(self.optimizer, "skip_next"):
             self.optimizer.skip_next(self.skip_batches)
         self.consecutive_skips = 0
+        self._bad_streak = 0
         self._pending = None
         self._recent.clear()
         self._sustained.clear()
@@ -795,11 +934,12 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             + f", skipping the next {self.skip_batches} updates."
         )
         if self.verbose:
-            _keras_internals.print_msg(message)
+            self._say(message)
 
     def _stop(self, reason, raw, norm):
-        target = self.best if self.restore_best_weights else self.snapshot
-        target.restore(self.model)
+        target = self._restore_target()
+        if target is not None:
+            target.restore(self.model)
         self.model.stop_training = True
         self.stopped_reason = reason
         stats = (
@@ -815,8 +955,8 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             "rollbacks": self.rollbacks,
             "lr_probes": self.lr_probes,
             "skipped_batches": self.skipped_batches,
-            "restored_step": target.step,
-            "restored_loss": _json_float(target.score),
+            "restored_step": None if target is None else target.step,
+            "restored_loss": None if target is None else _json_float(target.known_loss()),
             "events": self.events,
             "loss_history": [_json_float(v) for v in self.raw_losses],
             "grad_norm_history": [_json_float(v) for v in self.grad_norms],
@@ -834,8 +974,14 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             where = self._write_diagnostic()
         warnings.warn(
             f"GradientExplosionDetector stopped training at step {self.step}: "
-            f"{reason}. Restored the {'best' if self.restore_best_weights else 'last'} "
-            f"healthy weights (step {target.step}).{where}",
+            f"{reason}. "
+            + (
+                "No finite snapshot to restore: the weights are left as they are."
+                if target is None
+                else f"Restored the {'best' if target is self.best else 'last'} "
+                f"healthy weights (step {target.step})."
+            )
+            + where,
             stacklevel=3,
         )
 

@@ -116,16 +116,24 @@ class RawLossTracker:
         self._total, self._count = total, count
         return raw
 
-    def rewind(self):
+    def mark(self):
+        """The running total and count before the last batch, for `rewind`."""
+        return self._before
+
+    def rewind(self, before=None):
         """Removes the last batch from the loss tracker's running mean.
 
         Used after a step that was skipped for a non-finite loss, so the
         epoch's reported loss is not NaN for the rest of the epoch.
+
+        Args:
+            before: A `mark()` taken earlier in the epoch: removes every
+                batch since, not only the last. Defaults to `None`.
         """
         tracker = self._tracker()
         if tracker is None:
             return
-        total, count = self._before
+        total, count = self._before if before is None else before
         tracker.total.assign(total)
         tracker.count.assign(count)
         self._total, self._count = total, count

@@ -63,6 +63,12 @@ class Snapshot:
         model: The model.
         step: The global step the snapshot was taken after.
         score: Mean raw loss of the steps right after it (lower is better).
+
+    Attributes:
+        loss: A raw loss measured at exactly these weights (the first step's
+            loss for the weights `fit` started from), or NaN.
+        finite: Whether every floating-point weight is finite (a snapshot
+            that is not can be restored, but never heals a run).
     """
 
     def __init__(self, model, step=0, score=float("inf")):
@@ -74,6 +80,12 @@ class Snapshot:
         self.weights = values[: len(weights)]
         self.optimizer_paths = [v.path for v in opt_vars]
         self.optimizer_values = values[len(weights) :]
+        self.loss = float("nan")
+        self.finite = self.is_finite()
+
+    def known_loss(self):
+        """`score` if the snapshot was scored, else `loss` (NaN if neither)."""
+        return self.score if np.isfinite(self.score) else self.loss
 
     def is_finite(self):
         return all(

@@ -14,7 +14,7 @@ from keras_stability._checks import check_number
 from keras_stability._checks import check_positive_int
 from keras_stability._checks import invalid
 
-__all__ = ["RollingZScore"]
+__all__ = ["RobustZScore", "RollingZScore"]
 
 
 class RollingZScore:
@@ -113,6 +113,115 @@ class RollingZScore:
         if self.factor is not None and 0 < len(self.values) < self.min_samples:
             median = self.median()
             spike = spike or (median > 0 and value > self.factor * median)
+        if not spike:
+            self._append(value)
+        return spike
+
+
+# Scale of the median absolute deviation of a normal sample: MAD * 1.4826
+# estimates its standard deviation.
+MAD_SCALE = 1.4826
+
+
+class RobustZScore:
+    """Robust z-score of new values in log space: median / MAD over a window.
+
+    A value's score is `(log(value) - median) / (1.4826 * MAD)` over the
+    logs of the last `window` accepted values: a multiplicative scale,
+    robust to heavy-tailed small-batch noise (one batch 10x the median of a
+    loss near zero scores low when such batches are common) and meaningful
+    near zero (no value is "10x" anything by noise alone). The spread has a
+    floor of `min_spread` (in log units), so a flat series does not flag
+    every wobble. Values judged spikes are not added, so a run of spikes does
+    not hide itself.
+
+    Args:
+        window: Number of accepted values kept. Defaults to `128`.
+        z_threshold: Score above which a value is a spike. Defaults to `6.0`.
+        min_samples: Values needed before the score is judged.
+            Defaults to `20`.
+        min_spread: Floor of the spread, in log units (0.05: 5%).
+            Defaults to `0.05`.
+
+    Raises:
+        ValueError: If `window` or `min_samples` is not a positive integer,
+            `min_samples > window`, or `z_threshold` or `min_spread` is not
+            positive.
+
+    Example:
+
+    >>> z = RobustZScore(window=8, z_threshold=6.0, min_samples=4)
+    >>> [z.update(v) for v in [1.0, 1.3, 0.8, 1.1, 10.0, 1.05]]
+    [False, False, False, False, True, False]
+    """
+
+    def __init__(self, window=128, z_threshold=6.0, min_samples=20, min_spread=0.05):
+        window = check_positive_int("window", window)
+        min_samples = check_positive_int("min_samples", min_samples)
+        if min_samples > window:
+            raise invalid("min_samples", min_samples, f"at most `window`={window}")
+        self.z_threshold = check_number(
+            "z_threshold", z_threshold, low=0.0, low_open=True
+        )
+        self.min_spread = check_number("min_spread", min_spread, low=0.0, low_open=True)
+        self.window = window
+        self.min_samples = min_samples
+        self.reset()
+
+    def reset(self):
+        self.values = collections.deque(maxlen=self.window)
+        self._logs = collections.deque(maxlen=self.window)
+        self._appends = 0
+        self._stats = None
+
+    def ready(self):
+        """Whether enough values are in the window to judge."""
+        return len(self._logs) >= self.min_samples
+
+    def _center_spread(self):
+        if self._stats is None:
+            logs = np.asarray(self._logs, dtype=np.float64)
+            center = float(np.median(logs))
+            mad = float(np.median(np.abs(logs - center)))
+            self._stats = (center, max(MAD_SCALE * mad, self.min_spread))
+        return self._stats
+
+    def median(self):
+        """Median of the window's values (NaN when empty)."""
+        if not self._logs:
+            return math.nan
+        return math.exp(self._center_spread()[0])
+
+    def zscore(self, value):
+        """Robust score of `value` (NaN before `min_samples`; inf if not positive)."""
+        if not self.ready():
+            return math.nan
+        value = float(value)
+        if not value > 0:
+            return -math.inf if value == 0 else math.nan
+        center, spread = self._center_spread()
+        return (math.log(value) - center) / spread
+
+    def _append(self, value):
+        self.values.append(value)
+        self._logs.append(math.log(value))
+        self._appends += 1
+        if self._appends % 8 == 0 or len(self._logs) <= self.min_samples:
+            self._stats = None
+
+    def update(self, value):
+        """Returns whether `value` is a spike; non-spikes join the window.
+
+        Non-finite values are spikes and never join the window; values
+        before `min_samples`, and values <= 0 (which have no log), are never
+        spikes, and the latter never join the window either.
+        """
+        value = float(value)
+        if not math.isfinite(value):
+            return True
+        if not value > 0:
+            return False  # no log: neither judged nor kept
+        spike = self.ready() and self.zscore(value) > self.z_threshold
         if not spike:
             self._append(value)
         return spike

@@ -38,6 +38,11 @@ def _finite(model):
     return all(np.all(np.isfinite(w)) for w in model.get_weights())
 
 
+def _actions(detector):
+    """(step, kind) of the events that are not single spikes (no action)."""
+    return [(e["step"], e["kind"]) for e in detector.events if e["kind"] != "spike"]
+
+
 def _quiet(fn, *args, **kwargs):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -209,17 +214,17 @@ def test_slow_regression_is_rolled_back_before_any_spike():
     np.testing.assert_allclose(
         np.asarray(detector.raw_losses[:5]) / start, 1.21 ** np.arange(5), rtol=1e-4
     )
-    # Steps 1-5 average 1.52x the start but spread widely (std 0.45x); steps
-    # 4-8 average 2.67x, std 0.81x: the start is 2 std below, rolled back at
-    # step 8, to step 0. Steps 9-11 skipped; steps 12-16 at 0.525 (x0.0025
-    # per step) pass the recovery check; the probe at 0.2625 (x0.226 per step,
-    # steps 17-21, from step 0 again) is slower, so the state of step 16 and
-    # lr 0.525 are restored.
+    # The fit started from the median of steps 1-5 (1.46x the first loss);
+    # the median of the first 20 steps (5.6x) is above 1.5x that: rolled back
+    # at step 20, to step 0. Steps 21-23 skipped; steps 24-28 at 0.525
+    # (x0.0025 per step) pass the recovery check; the probe at 0.2625 (x0.226
+    # per step, steps 29-33, from step 0 again) is slower, so the state of
+    # step 28 and lr 0.525 are restored.
     assert [(e["step"], e["kind"]) for e in detector.events] == [
-        (8, "problem"),
-        (21, "lr_probe"),
+        (20, "problem"),
+        (33, "lr_probe"),
     ]
-    assert detector.events[0]["detail"].startswith("loss regressing: mean raw loss")
+    assert detector.events[0]["detail"].startswith("loss regressing: median raw loss")
     assert detector.events[0]["restored_step"] == 0
     assert detector.events[1]["detail"].startswith(
         "learning rate 0.525 kept: 5 steps at 0.2625"
@@ -231,10 +236,11 @@ def test_slow_regression_is_rolled_back_before_any_spike():
 
 @pytest.mark.parametrize("check_recovery", [True, False])
 def test_failed_recovery_escalates_to_a_second_rollback(check_recovery):
-    # lr 1.5: x4 per step, a spike at step 4 (10x the median of the first
-    # steps). x0.7 gives 1.05, still too high (x1.21 per step, no spike); the
-    # recovery check sees the 5 steps after the 3 skipped ones rise above the
-    # restored loss and lowers it again to 0.735. (The probe of a lower
+    # lr 1.5: x4 per step, spikes from step 4 (10x the median of the first
+    # steps); a single spike is only an event, the fourth in a row (step 7)
+    # is a rollback. x0.7 gives 1.05, still too high (x1.21 per step, no
+    # spike); the recovery check sees the 5 steps after the 3 skipped ones
+    # rise above the restored loss and lowers it again to 0.735. (The probe of a lower
     # learning rate after a passed check is tested below.)
     x, y, start = _quadratic_problem()
     model = _linear(1.5)
@@ -249,12 +255,15 @@ def test_failed_recovery_escalates_to_a_second_rollback(check_recovery):
     model.fit(
         x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector]
     )
-    steps = [e["step"] for e in detector.events]
+    steps = [step for step, _ in _actions(detector)]
+    assert [e["step"] for e in detector.events if e["kind"] == "spike"] == [4, 5, 6, 7]
     assert detector.events[0]["detail"].startswith("loss spike")
+    problems = [e for e in detector.events if e["kind"] == "problem"]
+    assert problems[0]["detail"].startswith("loss rising: 4 bad steps in a row")
     if check_recovery:
-        # Rollback at step 4, steps 5-7 skipped, steps 8-12 judged.
-        assert steps == [4, 12]
-        detail = detector.events[1]["detail"]
+        # Rollback at step 7, steps 8-10 skipped, steps 11-15 judged.
+        assert steps == [7, 15]
+        detail = problems[1]["detail"]
         assert detail.startswith("recovery failed: after rollback 1")
         assert f"restored weights' loss {start:.4g}" in detail
         assert detector.rollbacks == 2
@@ -265,7 +274,7 @@ def test_failed_recovery_escalates_to_a_second_rollback(check_recovery):
     else:
         # Without the check (and the regression rule) the slow climb at lr
         # 1.05 is not caught within 40 steps: 1.21x per step is no spike.
-        assert steps == [4]
+        assert steps == [7]
         assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(
             1.5 * 0.7
         )
@@ -276,7 +285,8 @@ def test_failed_recovery_escalates_to_a_second_rollback(check_recovery):
 def test_stable_but_too_high_learning_rate_after_a_rollback_is_probed_lower(
     probe_lower_lr,
 ):
-    # lr 1.95: x8.41 per step, a spike at step 3. x0.5 gives 0.975: stable
+    # lr 1.95: x8.41 per step, spikes from step 3, the fourth in a row (step
+    # 6) rolls back. x0.5 gives 0.975: stable
     # (x0.9025 per step, the recovery check passes) but 160x slower than
     # 0.4875 (x0.000625 per step). The probe runs 5 steps from the restored
     # weights at each learning rate and keeps the lower one only if its loss
@@ -291,31 +301,32 @@ def test_stable_but_too_high_learning_rate_after_a_rollback_is_probed_lower(
     )
     lr = float(np.asarray(model.optimizer.learning_rate))
     final = model.evaluate(x, y, verbose=0)
-    steps = [(e["step"], e["kind"]) for e in detector.events]
+    steps = _actions(detector)
+    events = [e for e in detector.events if e["kind"] != "spike"]
     assert detector.events[0]["detail"].startswith("loss spike")
     raw = np.asarray(detector.raw_losses) / start
-    # Rollback at step 3; steps 4-6 skipped (the restored loss); 7-11 at 0.975.
+    # Rollback at step 6; steps 7-9 skipped (the restored loss); 10-14 at 0.975.
     np.testing.assert_allclose(
-        raw[3:11], [1, 1, 1, 1, 0.9025, 0.9025**2, 0.9025**3, 0.9025**4], rtol=1e-3
+        raw[6:14], [1, 1, 1, 1, 0.9025, 0.9025**2, 0.9025**3, 0.9025**4], rtol=1e-3
     )
     if probe_lower_lr:
-        # Steps 12-16 at 0.4875 from step 0: mean 0.2x the start, below the
-        # 0.82x of 0.975; kept (a lower rate, not a second rollback). Steps 17-21 at 0.24375
-        # (x0.263 per step, mean 0.27x): slower, so step 16's state is restored.
-        assert steps == [(3, "problem"), (16, "lr_probe"), (21, "lr_probe")]
-        assert detector.events[1]["detail"].startswith("lower learning rate kept")
-        assert detector.events[1]["learning_rate"] == pytest.approx(0.4875)
-        assert detector.events[1]["action"] == "lower_lr"
-        assert detector.events[2]["detail"].startswith("learning rate 0.4875 kept")
-        np.testing.assert_allclose(raw[11:13], [1, 0.000625], rtol=1e-2)
-        np.testing.assert_allclose(raw[16:18], [1, 0.2627], rtol=1e-3)
-        assert raw[21] < 1e-8  # step 22 goes on from step 16's state
+        # Steps 15-19 at 0.4875 from step 0: mean 0.2x the start, below the
+        # 0.82x of 0.975; kept (a lower rate, not a second rollback). Steps 20-24 at 0.24375
+        # (x0.263 per step, mean 0.27x): slower, so step 19's state is restored.
+        assert steps == [(6, "problem"), (19, "lr_probe"), (24, "lr_probe")]
+        assert events[1]["detail"].startswith("lower learning rate kept")
+        assert events[1]["learning_rate"] == pytest.approx(0.4875)
+        assert events[1]["action"] == "lower_lr"
+        assert events[2]["detail"].startswith("learning rate 0.4875 kept")
+        np.testing.assert_allclose(raw[14:16], [1, 0.000625], rtol=1e-2)
+        np.testing.assert_allclose(raw[19:21], [1, 0.2627], rtol=1e-3)
+        assert raw[24] < 1e-8  # step 25 goes on from step 19's state
         assert detector.rollbacks == 1 and detector.lr_probes == 1
         assert lr == pytest.approx(0.4875)
         assert final < 1e-10 * start
     else:
-        # Without the probe, 0.975 stays: 34 steps at x0.9025.
-        assert steps == [(3, "problem")]
+        # Without the probe, 0.975 stays: 31 steps at x0.9025.
+        assert steps == [(6, "problem")]
         assert detector.rollbacks == 1 and detector.lr_probes == 0
         assert lr == pytest.approx(0.975)
         assert final > 0.02 * start
@@ -333,10 +344,7 @@ def test_lower_rates_kept_by_probes_do_not_use_up_max_rollbacks():
     model.fit(
         x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector]
     )
-    assert [(e["step"], e["kind"]) for e in detector.events] == [
-        (3, "problem"),
-        (16, "lr_probe"),
-    ]
+    assert _actions(detector) == [(6, "problem"), (19, "lr_probe")]
     assert detector.rollbacks == 1 and detector.lr_probes == 1
     assert detector.stopped_reason is None
     # One lower rate per rollback at most: 0.24375 is not probed.
@@ -345,27 +353,24 @@ def test_lower_rates_kept_by_probes_do_not_use_up_max_rollbacks():
 
 
 def test_probe_unfinished_when_fit_ends_is_undone():
-    # As above, but fit ends at step 16, as the probe of 0.24375 starts: the
-    # state of step 16 and its learning rate 0.4875 are restored.
+    # As above, but fit ends at step 16, during the probe of 0.4875 (steps
+    # 15-19, from step 0 again): the state of step 14 (the end of the trial
+    # at 0.975) and its learning rate 0.975 are restored.
     x, y, start = _quadratic_problem()
     model = _linear(1.95)
     detector = GradientExplosionDetector(lr_factor=0.5, skip_batches=3, verbose=0)
     model.fit(
         x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[detector]
     )
-    assert [(e["step"], e["kind"]) for e in detector.events] == [
-        (3, "problem"),
-        (16, "lr_probe"),
-        (16, "lr_probe"),
-    ]
-    assert detector.events[2]["detail"].startswith(
-        "probe unfinished at the end of training: learning rate 0.4875 kept; "
-        "restored the state of step 16"
+    assert _actions(detector) == [(6, "problem"), (16, "lr_probe")]
+    assert detector.events[-1]["detail"].startswith(
+        "probe unfinished at the end of training: learning rate 0.975 kept; "
+        "restored the state of step 14"
     )
-    assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(0.4875)
-    assert detector.rollbacks == 1 and detector.lr_probes == 1
-    # Step 16's state: 0.975 -> probed 0.4875 for 5 steps, x0.000625 each.
-    assert model.evaluate(x, y, verbose=0) < 1e-10 * start
+    assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(0.975)
+    assert detector.rollbacks == 1 and detector.lr_probes == 0
+    # Step 14's state: step 0's, then 5 steps at 0.975, x0.9025 each.
+    assert model.evaluate(x, y, verbose=0) == pytest.approx(0.9025**5 * start, rel=1e-3)
 
 
 def test_no_probe_without_a_rollback():
@@ -404,8 +409,10 @@ def test_fast_healthy_convergence_is_not_a_slow_divergence():
 def test_slow_divergence_after_the_best_snapshot_is_caught():
     # Two epochs at lr 0.1 (loss x0.64 per step) reach 1e-3 of the start;
     # then lr 1.02 makes it grow 1.0816x per step: no jump the z-score
-    # would call a spike (turned off here anyway), and far below the start,
-    # so no regression either. Only the slow-divergence rule can see it.
+    # would call a spike (turned off here anyway), and the regression rule is
+    # off. Only the slow-divergence rule can see it, once the mean of the
+    # last 20 losses is 10x the best snapshot's loss floored at a tenth of
+    # the starting loss: 10x a loss near zero is not a divergence by itself.
     x, y, start = _quadratic_problem()
     model = _linear(0.1)
     schedule = keras.callbacks.LearningRateScheduler(
@@ -416,6 +423,7 @@ def test_slow_divergence_after_the_best_snapshot_is_caught():
         snapshot_freq=5,
         loss_z_threshold=1e9,
         grad_z_threshold=1e9,
+        regress_factor=None,
         verbose=0,
     )
     with pytest.warns(UserWarning, match="loss diverging"):
@@ -423,7 +431,7 @@ def test_slow_divergence_after_the_best_snapshot_is_caught():
             x,
             y,
             batch_size=8,
-            epochs=12,
+            epochs=30,
             shuffle=False,
             verbose=0,
             callbacks=[schedule, detector],
@@ -432,10 +440,12 @@ def test_slow_divergence_after_the_best_snapshot_is_caught():
     assert 10 <= best.step <= 20 and best.score < 2e-3 * start
     (event,) = detector.events
     assert event["detail"].startswith("loss diverging")
-    # 20 losses after the best snapshot's, averaging 10x its loss.
+    assert "floored at 0.1x the starting loss" in event["detail"]
+    # 20 losses after the best snapshot's, averaging 10x the floor (the
+    # start), long after they averaged 10x the best snapshot's loss.
     window = np.asarray(detector.raw_losses[-20:])
-    assert window.mean() > 10 * best.score > window[:10].mean()
-    assert 40 < detector.step < 70
+    assert window.mean() > start > window[:10].mean() > 10 * best.score
+    assert 100 < detector.step < 140
     # Stopped with the best snapshot's weights, not the last ones.
     assert model.evaluate(x, y, verbose=0) < best.score < 0.1 * window[-1]
 
