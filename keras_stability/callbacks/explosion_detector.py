@@ -455,7 +455,8 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             problem = self._judge(raw, norm if norm_var is not None else None, steps)
         if problem is not None:
             self._handle(problem, raw, norm, logs)
-        elif not skipped:  # a skipped step neither confirms nor takes a snapshot
+        elif not skipped and not self._bad_streak:
+            # A skipped step or a spike neither confirms nor takes a snapshot.
             self._healthy_step(raw)
         logs["raw_loss"] = raw
         logs["rollbacks"] = self.rollbacks
@@ -484,6 +485,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             if self._bad_streak == 0:
                 self._streak_mark = self._loss.mark()
             self._bad_streak += steps
+            self._pending = None  # a snapshot right before a spike is suspect
             self._spike_event(spike, raw, norm)
         else:
             self._bad_streak = 0

@@ -850,3 +850,179 @@ def test_a_diagnostic_that_cannot_be_written_when_stopping_warns_and_fit_returns
         "stopped training" in m and "could not be written" in m for m in messages
     )
     assert _finite(model)
+
+
+def _tiny_separable(seed, lr, batch_size, epochs, callbacks=()):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(256, 4)).astype("float32")
+    y = (x[:, 0] + x[:, 1] > 0).astype("int32")
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(2),
+        ]
+    )
+    model.compile(
+        keras.optimizers.Adam(lr),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(
+        x, y, batch_size=batch_size, epochs=epochs, verbose=0, callbacks=list(callbacks)
+    )
+    return model.evaluate(x, y, verbose=0), model
+
+
+@pytest.mark.parametrize("seed, lr", [(0, 1e-2), (1, 1e-3)])
+def test_healthy_batch_size_1_run_is_left_alone_with_defaults(seed, lr):
+    # A tiny MLP on separable data at batch size 1: single-sample losses and
+    # gradient norms are heavy-tailed, and the loss nears zero. The detector
+    # used to roll back (gradient-norm z > 6, "10x the best snapshot",
+    # a regression judged on 5 single samples) and end up to 2x worse than
+    # plain fit; with its defaults it must leave the run exactly as it is.
+    plain, _ = _tiny_separable(seed, lr, 1, 2)
+    detector = GradientExplosionDetector()
+    (loss, model), messages = _quiet(
+        _tiny_separable, seed, lr, 1, 2, callbacks=[detector]
+    )
+    assert detector.rollbacks == 0 and detector.stopped_reason is None
+    assert not [e for e in detector.events if e["kind"] != "spike"]
+    assert loss == pytest.approx(plain, rel=1e-5)
+    assert detector.step == 512 and model.optimizer.iterations.numpy() == 512
+
+
+def test_sgd_20_on_the_keras_example_is_rescued_with_default_arguments():
+    # The demo's case: plain fit ends with NaN weights. With the defaults
+    # (lr_factor 0.1) the detector rolls back once the loss climbs 4 steps in
+    # a row, to 2.0, and the model learns (the test accuracy of plain fit at
+    # the best of SGD 0.05-2.0 in the same 60 steps is 0.71; chance 0.1).
+    from keras_stability.datasets import load_dataset
+    from keras_stability.models import build_example_model
+    from keras_stability.models import compile_example_model
+
+    (x, y), (xt, yt) = load_dataset("synthetic", seed=0)
+    x, y = x[:640], y[:640]
+
+    def fit(callbacks):
+        keras.utils.set_random_seed(1)
+        model = build_example_model(x.shape[1], 10)
+        compile_example_model(model, keras.optimizers.SGD(20.0))
+        model.fit(x, y, batch_size=32, epochs=3, verbose=0, callbacks=callbacks)
+        return model
+
+    plain, _ = _quiet(fit, [])
+    assert not _finite(plain)
+    detector = GradientExplosionDetector()
+    model, _ = _quiet(fit, [detector])
+    assert _finite(model) and detector.stopped_reason is None
+    assert 1 <= detector.rollbacks <= 2
+    loss, accuracy = model.evaluate(xt, yt, verbose=0)
+    assert accuracy > 0.5 and loss < 1.5, (loss, accuracy)
+
+
+def test_early_spike_message_gives_the_ratio_to_the_median_not_a_zero_z_score():
+    # Before `min_samples` steps there is no z-score: the message used to
+    # say "z-score 0.0".
+    x, y, start = _quadratic_problem()
+    model = _linear(1.5)
+    detector = GradientExplosionDetector(regress_factor=None, verbose=0)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[detector])
+    spike = detector.events[0]
+    assert spike["kind"] == "spike" and spike["step"] == 4
+    # Step 4's loss is 64x the first; the median of steps 1-3 is 4x.
+    assert spike["detail"] == (
+        f"loss spike: raw loss {64 * start:.4g} is 16x the median {4 * start:.4g} "
+        "of the first 3 steps"
+    )
+    assert not any("z-score 0.0" in e["detail"] for e in detector.events)
+
+
+def test_diagnostic_restored_loss_is_the_loss_measured_at_the_restored_weights(
+    tmp_path,
+):
+    # The step-0 snapshot is never scored here (a spike comes before 5
+    # healthy steps): the JSON said `restored_loss: "inf"` while the message
+    # gave the restored weights' loss. Now both give the loss measured there.
+    x, y, start = _quadratic_problem()
+    model = _linear(1.5)
+    path = os.path.join(tmp_path, "d.json")
+    detector = GradientExplosionDetector(
+        lr_factor=0.7,
+        skip_batches=3,
+        max_rollbacks=1,
+        regress_factor=None,
+        probe_lower_lr=False,
+        diagnostic_path=path,
+        verbose=0,
+    )
+    _, messages = _quiet(
+        model.fit,
+        x,
+        y,
+        batch_size=8,
+        epochs=5,
+        shuffle=False,
+        verbose=0,
+        callbacks=[detector],
+    )
+    assert detector.stopped_reason.startswith("recovery failed")
+    with open(path) as f:
+        diagnostic = json.load(f)
+    assert diagnostic["restored_step"] == 0
+    assert diagnostic["restored_loss"] == pytest.approx(start, rel=1e-5)
+    assert f"restored weights' loss {start:.4g}" in detector.stopped_reason
+    assert model.evaluate(x, y, verbose=0) == pytest.approx(start, rel=1e-5)
+
+
+def test_nan_weights_before_fit_are_not_claimed_restored():
+    # Nothing finite to go back to: the detector used to say it "restored the
+    # healthy snapshot of step 0" and leave the NaN weights.
+    x, y = _data(64)
+    model = deep_mlp(keras.optimizers.SGD(0.05), depth=1)
+    kernel = model.layers[0].kernel
+    kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+    detector = GradientExplosionDetector(verbose=0)
+    _, messages = _quiet(
+        model.fit, x, y, batch_size=16, epochs=3, verbose=0, callbacks=[detector]
+    )
+    # (TensorFlow's ReLU maps the NaN to 0: the loss and gradients stay
+    # finite, training goes on, the kernel stays NaN.)
+    assert any("non-finite before training starts" in m for m in messages)
+    assert not any("restored the healthy snapshot" in m for m in messages)
+    assert any(
+        "training ended with non-finite weights, and no finite snapshot" in m
+        for m in messages
+    )
+    assert detector.rollbacks == 0
+    assert not _finite(model)  # honestly left as it was
+
+
+def test_a_rollback_without_a_finite_snapshot_stops_and_says_so():
+    x, y = _data(64)
+    x = np.full_like(x, np.nan)
+    model = deep_mlp(keras.optimizers.SGD(0.05), depth=1)
+    kernel = model.layers[-1].kernel
+    kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+    detector = GradientExplosionDetector(verbose=0)
+    _, messages = _quiet(
+        model.fit, x, y, batch_size=16, epochs=3, verbose=0, callbacks=[detector]
+    )
+    assert detector.rollbacks == 0 and detector.step == 4
+    assert detector.stopped_reason == (
+        "4 non-finite steps in a row; no finite snapshot to roll back to (the "
+        "weights were non-finite when `fit` started)"
+    )
+    assert any("No finite snapshot to restore" in m for m in messages)
+    assert not any("Restored the" in m for m in messages)
+    assert detector.diagnostic["restored_step"] is None
+
+
+def test_verbose_messages_start_on_a_new_line_under_the_progress_bar(capsys):
+    detector = GradientExplosionDetector(verbose=1)
+    detector.set_params({"verbose": 1, "epochs": 1, "steps": 8})
+    detector._say("GradientExplosionDetector at step 3: something.")
+    assert capsys.readouterr().out == "\nGradientExplosionDetector at step 3: something.\n"
+    detector.set_params({"verbose": 2, "epochs": 1, "steps": 8})  # one line per epoch
+    detector._say("x")
+    assert capsys.readouterr().out == "x\n"
