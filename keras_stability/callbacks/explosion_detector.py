@@ -2,35 +2,29 @@
 
 The detector reads, after each batch, the raw per-step loss and the
 `GuardedOptimizer` statistics of that step (pre-clip global gradient norm,
-whether the step was skipped for non-finite gradients). Three signals:
+whether the step was skipped for non-finite gradients), and answers by
+grade, so that a healthy run is never touched:
 
-- non-finite loss or gradients (a NaN/Inf step is never applied: the guarded
-  optimizer skips it in-graph, on all replicas alike);
-- a loss spike: z-score of the raw loss over a rolling window of healthy steps
-  (or, in the first steps, a raw loss `loss_factor` times their median);
-- a slow divergence: the mean raw loss of the last `min_samples` steps,
-  all after the best snapshot, `loss_factor` times that snapshot's loss (the
-  mean loss of the steps right after it);
-- a gradient-norm spike: the same on the global gradient norm;
-- a regression: the mean raw loss of the last few steps `regress_factor`
-  times the loss the fit started from, and well outside their spread (a
-  learning rate too high to explode but high enough to wreck the model).
+- a non-finite step is never applied (the guard skips it in-graph, on all
+  replicas alike); a single loss or gradient-norm spike (robust z-score in
+  log space, median/MAD over the last `window` healthy steps; in the first
+  steps, `loss_factor` times their median) is only recorded (`"spike"`);
+- rollback-level evidence: `max_consecutive_skips + 1` bad steps in a row
+  (spikes or skipped steps), a slow divergence (the mean raw loss of the
+  last `min_samples` steps `loss_factor` times the best snapshot's, floored
+  at a tenth of the starting loss), a regression (their median
+  `regress_factor` times the starting loss), or a failed recovery;
+- after `max_rollbacks` rollbacks: stop, restoring the best finite weights.
 
-Then, by `action`, it warns, skips, rolls back (restore the last healthy
-snapshot of weights and optimizer state, lower the learning rate, skip the
-next batches in-graph) or stops. After `max_rollbacks` it stops, restores
-the best healthy weights and writes a JSON diagnostic. A run never ends with
-non-finite weights.
-
-A rollback is then checked: a few steps at the lowered learning rate from
-the restored weights must not raise the loss (else it rolls back again,
-lower), and must train at least as fast as a learning rate `lr_factor` lower
-run from the same weights for as many steps (else that lower one is kept,
-and probed in turn). A learning rate can be low enough not to explode and
-still far too high to train well; the loss alone, without a comparison,
-cannot tell it from a slow but healthy run.
+A rollback restores the last healthy snapshot of the weights and optimizer
+state, lowers the learning rate and skips the next batches in-graph; it is
+then checked: a few steps at the lowered learning rate must not raise the
+loss (else it rolls back again, lower), and are compared with as many steps
+at a learning rate `lr_factor` lower from the same weights (the lower one is
+kept if its loss is lower, and probed in turn). A learning rate can be low
+enough not to explode and still far too high to train well; the loss alone,
+without a comparison, cannot tell it from a slow but healthy run.
 """
-
 import collections
 import json
 import math
@@ -90,8 +84,9 @@ class GradientExplosionDetector(keras.callbacks.Callback):
       applied, on every replica); loss spikes, seen on the host after the
       step, are warned about. After `max_consecutive_skips` non-finite steps
       in a row it stops.
-    - `"rollback"`: like `"skip"`, and on a spike or repeated non-finite
-      steps it restores the last healthy snapshot of the weights and the
+    - `"rollback"` (the default): like `"skip"` (but loss spikes are not
+      warned about), and on a problem (below: never a single spike) it
+      restores the last healthy snapshot of the weights and the
       optimizer state (taken every `snapshot_freq` healthy steps),
       multiplies the learning rate by `lr_factor` (a schedule is wrapped in
       `ScaledSchedule`, so its shape is kept) and skips the next
@@ -105,8 +100,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
       rise and `probe_lower_lr` is set, the detector also tries a learning
       rate `lr_factor` lower: it keeps the state reached, restores the
       snapshot again and runs `confirm_steps` steps at the lower rate. If
-      their mean raw loss is lower by more than the same tolerance, the
-      lower rate trains faster: it is kept (counted in `lr_probes`, with its
+      their mean raw loss is lower, the lower rate trains faster: it is kept (counted in `lr_probes`, with its
       event; not a rollback, so it does not use up `max_rollbacks`) and
       probed in turn, up to `max_rollbacks` lower rates per rollback;
       otherwise the kept state and learning rate are restored. This is a two-point line
@@ -117,13 +111,21 @@ class GradientExplosionDetector(keras.callbacks.Callback):
       this way.
     - `"stop"`: at the first problem it stops.
 
-    What counts as a problem: a non-finite loss or gradient; a loss or
-    gradient-norm spike (z-score over the healthy steps, or in the first
-    `min_samples` steps `loss_factor` times their median loss); a slow
-    divergence (mean loss of the last `min_samples` steps, all after the
-    best snapshot, `loss_factor` times the best snapshot's); a regression (mean loss of the last
-    `confirm_steps` steps `regress_factor` times the loss `fit` started
-    from and well outside their spread); a failed recovery (above).
+    A single loss or gradient-norm spike is recorded as an event of kind
+    `"spike"` (and warned about with `"warn"` and `"skip"`), never acted on:
+    on heavy-tailed small-batch noise it is far more often noise than a
+    failure. Spikes are robust z-scores in log space (the median and MAD of
+    the logs of the last `window` healthy values), or, in the first
+    `min_samples` steps, a raw loss `loss_factor` times their median.
+    What counts as a problem: a non-finite loss; more than
+    `max_consecutive_skips` non-finite steps in a row, or bad steps (loss
+    spikes or non-finite steps) in a row; a slow divergence (mean loss of the
+    last `min_samples` steps, all after the best snapshot, `loss_factor`
+    times the best snapshot's loss or a tenth of the starting loss, whichever
+    is larger, so that a loss near zero is not "10x" anything by noise); a
+    regression (median loss of the last `min_samples` steps `regress_factor`
+    times the median of the fit's first `confirm_steps`); a failed recovery
+    (above).
 
     Each probe of a lower learning rate is an event of kind `"lr_probe"`
     (the others are `"problem"` and `"skipped_nonfinite"`).
@@ -160,27 +162,28 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             Defaults to `"rollback"`.
         snapshot_freq: Healthy steps between snapshots. Defaults to `50`.
         lr_factor: Learning-rate multiplier per rollback, in (0, 1).
-            Defaults to `0.5`.
+            Defaults to `0.1`.
         skip_batches: Updates skipped after a rollback. Defaults to `5`.
         max_rollbacks: Rollbacks before stopping. Defaults to `3`.
-        max_consecutive_skips: Non-finite steps in a row tolerated by
-            skipping alone. Defaults to `3`.
-        loss_z_threshold: z-score of the raw loss that is a spike.
-            Defaults to `6.0`.
-        grad_z_threshold: z-score of the gradient norm that is a spike.
-            Defaults to `6.0`.
-        loss_factor: A raw loss above this multiple of the median healthy
-            loss before `min_samples` steps (a spike the z-score cannot judge
-            yet), or a mean raw loss over the last `min_samples` steps (all
+        max_consecutive_skips: Non-finite steps, or bad steps (loss spikes
+            or non-finite steps), in a row tolerated by skipping or recording
+            alone. Defaults to `3`.
+        loss_z_threshold: Robust z-score (log space) of the raw loss that is
+            a spike. Defaults to `6.0`.
+        grad_z_threshold: Robust z-score (log space) of the gradient norm
+            that is a spike. Defaults to `6.0`.
+        loss_factor: A raw loss above this multiple of the median loss
+            before `min_samples` steps is a spike (the z-score cannot judge
+            yet); a mean raw loss over the last `min_samples` steps (all
             after the best confirmed snapshot) above this multiple of that
-            snapshot's loss (a slow
-            divergence), is a problem; `None` to turn both off.
+            snapshot's loss, or of a tenth of the starting loss if larger, is
+            a slow divergence (a problem); `None` to turn both off.
             Defaults to `10.0`.
-        regress_factor: A mean raw loss over the last `confirm_steps` steps
-            above this multiple of the fit's first raw loss (the loss of the
-            weights it started from), and more than two of their standard
-            deviations above it, is a problem: training is making the model
-            worse than it began. `None` to turn it off. Defaults to `1.5`.
+        regress_factor: A median raw loss over the last `min_samples` steps
+            above this multiple of the loss the fit started from (the median
+            of its first `confirm_steps` raw losses) is a problem: training
+            is making the model worse than it began. `None` to turn it off.
+            Defaults to `1.5`.
         window: Healthy steps in the rolling statistics. Defaults to `128`.
         min_samples: Steps before spikes are judged, at most `window`.
             Defaults to `20`.

@@ -193,7 +193,7 @@ def part_gradient_health(ctx):
     ctx.say(
         f"SGD(learning_rate=20), plain fit: weights finite={finite}, test loss {loss:.4g}."
     )
-    detector = GradientExplosionDetector(snapshot_freq=5, lr_factor=0.02, verbose=0)
+    detector = GradientExplosionDetector()  # default arguments
     finite2, loss2, accuracy2, model = too_fast([detector])
     lr = float(np.asarray(model.optimizer.learning_rate))
     ctx.say(
