@@ -70,6 +70,9 @@ RECOVERY_TOLERANCE = 0.005
 # A slow divergence is judged against the best snapshot's loss, but at least
 # this fraction of the loss the fit started from.
 DIVERGENCE_FLOOR = 0.1
+# The loss a fit started from is the mean raw loss of its first batches
+# holding at least this many samples.
+START_SAMPLES = 32
 
 
 @keras.saving.register_keras_serializable(package="keras_stability")
@@ -124,8 +127,9 @@ class GradientExplosionDetector(keras.callbacks.Callback):
     times the best snapshot's loss or a tenth of the starting loss, whichever
     is larger, so that a loss near zero is not "10x" anything by noise); a
     regression (median loss of the last `min_samples` steps `regress_factor`
-    times the median of the fit's first `confirm_steps`); a failed recovery
-    (above).
+    times the loss the fit started from, which must be well outside their
+    spread); a
+    failed recovery (above).
 
     Each probe of a lower learning rate is an event of kind `"lr_probe"`
     (the others are `"problem"` and `"skipped_nonfinite"`).
@@ -180,10 +184,11 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             a slow divergence (a problem); `None` to turn both off.
             Defaults to `10.0`.
         regress_factor: A median raw loss over the last `min_samples` steps
-            above this multiple of the loss the fit started from (the median
-            of its first `confirm_steps` raw losses) is a problem: training
-            is making the model worse than it began. `None` to turn it off.
-            Defaults to `1.5`.
+            above this multiple of the loss the fit started from (the mean
+            raw loss of its first batches of at least 32 samples), with that first loss more than two of
+            their standard deviations below their mean, is a problem:
+            training is making the model worse than it began. `None` to turn
+            it off. Defaults to `1.5`.
         window: Healthy steps in the rolling statistics. Defaults to `128`.
         min_samples: Steps before spikes are judged, at most `window`.
             Defaults to `20`.
@@ -366,10 +371,12 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         # After a rollback: the restored weights' losses (skipped updates) and
         # the losses of the applied steps after them, until judged.
         self._recovery = None
-        # The fit's first raw loss and the last `confirm_steps` healthy ones.
+        # The loss the fit started from (mean of its first raw losses) and the
+        # last `min_samples` healthy ones.
         self._start_loss = math.nan
         self._recent = collections.deque(maxlen=self.min_samples)
         self._start_losses = []
+        self._start_calls = None
         self._sustained = collections.deque(maxlen=self.min_samples)
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -474,13 +481,14 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         `max_consecutive_skips + 1` bad steps in a row (loss spikes or
         skipped non-finite steps), a slow divergence or a regression.
         """
-        if len(self._start_losses) < self.confirm_steps:
+        if not self._start_losses and self.snapshot.step == 0:
+            # The first step's loss is the initial weights' loss.
+            self.snapshot.loss = raw
+        if len(self._start_losses) < self._start_steps(steps):
+            # The loss the fit started from: the mean over its first
+            # START_SAMPLES samples (one batch of 1 may be a lucky one).
             self._start_losses.append(raw)
-        if math.isnan(self._start_loss):
-            self._start_loss = raw
-            if self.snapshot.step == 0:
-                # The first step's loss is the initial weights' loss.
-                self.snapshot.loss = raw
+            self._start_loss = float(np.mean(self._start_losses))
         self._recent.append(raw)
         self._sustained.append(raw)
         spike = self._loss_spike(raw)
@@ -514,8 +522,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             return (
                 f"loss regressing: median raw loss {np.median(self._recent):.4g} over "
                 f"the last {len(self._recent)} steps is above {self.regress_factor:g}x "
-                f"the loss the fit started from ({self._start_level():.4g}, the median "
-                f"of its first {len(self._start_losses)} steps)"
+                f"the loss the fit started from ({self._start_loss:.4g})"
             )
         if spike is None and self._recovery is not None:
             return self._check_recovery(raw, steps)
@@ -683,23 +690,33 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         """Healthy steps that confirm a snapshot: `min(5, snapshot_freq)`."""
         return min(5, self.snapshot_freq)
 
-    def _start_level(self):
-        """The loss the fit started from: the median of its first
-        `confirm_steps` finite losses (one batch alone may be a lucky one)."""
-        if not self._start_losses:
-            return math.nan
-        return float(np.median(self._start_losses))
+    def _start_steps(self, steps):
+        """Calls of the first START_SAMPLES samples (read once, at the first)."""
+        if self._start_calls is None:
+            tracker = _keras_internals.loss_tracker(self.model)
+            samples = float(np.asarray(tracker.count)) if tracker is not None else 0.0
+            per_call = samples if samples > 0 else START_SAMPLES
+            self._start_calls = max(1, math.ceil(START_SAMPLES / per_call))
+        return self._start_calls
 
     def _regressing(self):
-        """Whether the median of the last `min_samples` losses is above
-        `regress_factor` times the loss the fit started from (a median: a
-        few bad batches in a row, common at batch size 1, are not a trend)."""
-        if self.regress_factor is None or len(self._recent) < self._recent.maxlen:
+        """Whether the last `min_samples` losses say training made the model
+        worse than it began: their median `regress_factor` times the loss
+        the fit started from (the mean raw loss of its first START_SAMPLES
+        samples), and that loss implausible as a draw from them (2 of their
+        standard deviations below their mean), so that a lucky first batch,
+        or a few bad batches in a row at batch size 1, are not a trend."""
+        if (
+            self.regress_factor is None
+            or len(self._recent) < self._recent.maxlen
+            or len(self._start_losses) < (self._start_calls or 1)
+            or not self._start_loss > 0
+        ):
             return False
-        start = self._start_level()
-        if not start > 0:
-            return False
-        return float(np.median(self._recent)) > self.regress_factor * start
+        recent = np.asarray(self._recent, dtype=np.float64)
+        if not float(np.median(recent)) > self.regress_factor * self._start_loss:
+            return False  # the usual case: no spread needed
+        return self._start_loss < float(recent.mean() - 2.0 * recent.std(ddof=1))
 
     def _check_recovery(self, raw, steps=1):
         """Feeds one healthy call (`steps` batches) to the check of the last rollback.
