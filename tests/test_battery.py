@@ -22,7 +22,7 @@ def test_every_kind_is_in_the_battery():
     kinds = [case.kind for case in battery.cases()]
     assert kinds.count("healthy") == 10
     assert kinds.count("diverging") == 7
-    assert kinds.count("plateau") == 1
+    assert kinds.count("plateau") == 2
     for case in battery.cases():
         if case.kind == "diverging":
             assert case.grid, case.name
