@@ -90,3 +90,23 @@ def _row(**kwargs):
 def test_verdicts_follow_the_issue(kind, row, failed):
     case = dataclasses.replace(battery.cases()[0], kind=kind)
     assert battery.verdict(case, row) == (not failed, failed)
+
+
+def test_a_previous_table_gives_plain_and_best_stable(tmp_path):
+    path = tmp_path / "before.md"
+    path.write_text(
+        battery.HEADER
+        + "\n| Keras example, SGD(20) | diverging | 1 | 3 | 1 | 0 | nan | 2.388 | "
+        "0.5058 (0.1) | FAIL: at chance |\n"
+        "| Keras example, Adam(1e-3) | healthy | 0 | 0 | 0 | 0 | 0.4681 | 0.4681 | "
+        "- | pass |\nPassed 1/2 runs.\n"
+    )
+    reference = battery.read_reference(path)
+    assert set(reference) == {
+        ("Keras example, SGD(20)", 1),
+        ("Keras example, Adam(1e-3)", 0),
+    }
+    plain, best, best_lr = reference["Keras example, SGD(20)", 1]
+    assert math.isnan(plain) and best == 0.5058 and best_lr == 0.1
+    plain, best, best_lr = reference["Keras example, Adam(1e-3)", 0]
+    assert plain == 0.4681 and math.isnan(best) and best_lr is None
