@@ -7,6 +7,10 @@ from `overhead()` below.
 `python -m benchmarks.gradient_health [--rounds N] [--seeds N] [--lr LR ...]
 [--workloads NAME ...] [--skip-overhead] [--skip-rescue] [--skip-false-alarms]`
 
+`python -m benchmarks.gradient_health --battery [--seeds N] [--only NAME ...]
+[--quick]` runs the battery of issue #16 instead (`benchmarks/battery.py`):
+healthy, diverging and plateau runs with the detector at its defaults.
+
 1. Overhead: time per step of the Keras example and of a small transformer
    (also under XLA, and 8x larger) with plain `fit`, with the
    `GuardedOptimizer` alone (without a clipping policy, and with `ZClip()`)
@@ -26,6 +30,7 @@ from `overhead()` below.
 
 import argparse
 import math
+import sys
 import time
 import warnings
 
@@ -366,7 +371,17 @@ def false_alarms(seeds, runs=(("digits", 100), ("synthetic", 40))):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--battery" in argv:
+        from benchmarks import battery
+
+        return battery.main([arg for arg in argv if arg != "--battery"])
     parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--battery",
+        action="store_true",
+        help="run the battery of issue #16 (benchmarks/battery.py) instead",
+    )
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--lr", type=float, nargs="+", default=[0.3, 1.0])
