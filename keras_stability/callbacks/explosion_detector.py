@@ -659,11 +659,15 @@ class GradientExplosionDetector(keras.callbacks.Callback):
 
     # -- decisions ----------------------------------------------------------
     def _fix_logged_loss(self, logs):
+        """The logged loss without the steps rewound: their mean, or NaN if
+        every step of the epoch so far was skipped (the in-graph mean still
+        holds the skipped steps' losses; Keras' own would say 0.0)."""
         tracker = _keras_internals.loss_tracker(self.model)
         if tracker is not None and "loss" in logs:
             count = float(np.asarray(tracker.count))
-            if count > 0:
-                logs["loss"] = float(np.asarray(tracker.total)) / count
+            logs["loss"] = (
+                float(np.asarray(tracker.total)) / count if count > 0 else math.nan
+            )
 
     def _say(self, message):
         """Prints `message` (`verbose=1`) on a line of its own: with Keras'

@@ -574,8 +574,13 @@ def test_all_nan_data_stops_after_max_rollbacks_with_last_good_weights(tmp_path)
     detector = GradientExplosionDetector(
         max_rollbacks=2, max_consecutive_skips=2, diagnostic_path=path, verbose=0
     )
-    _, messages = _quiet(
+    history, messages = _quiet(
         model.fit, x, y, batch_size=16, epochs=5, verbose=0, callbacks=[detector]
+    )
+    # Every step skipped: the epoch loss is NaN (never 0.0, which a tuner
+    # minimising the loss would pick).
+    assert history.history["loss"] and all(
+        math.isnan(v) for v in history.history["loss"]
     )
     # 3 non-finite steps in a row -> rollback, twice; the third time it stops.
     assert detector.rollbacks == 2
