@@ -15,7 +15,11 @@ forgetting), trainable parameters, time per step.
 The issue's goal (#18): a recipe within 2% of full fine-tuning's new-corpus
 perplexity with an old-corpus rise of at most 5%.
 
-Usage: python -m benchmarks.fine_tuning [--seeds 3] [--quick]
+Usage: python -m benchmarks.fine_tuning [--seeds 3] [--explore] [--quick]
+
+`--explore` adds the variants tried in search of the goal (`EXPLORE`):
+L2SP at alpha=1, LoRA rank 16 at a higher rate, and full fine-tuning with
+25% of every batch replayed from the pretraining corpus.
 """
 
 import argparse
