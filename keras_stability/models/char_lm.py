@@ -136,7 +136,7 @@ def build_char_transformer(
     return keras.Model(ids, logits, name=name or f"char_transformer_{norm}")
 
 
-def generate(model, vocab, prompt, length=80, temperature=0.8, seed=0):
+def generate(model, vocab, prompt, length=80, temperature=0.8, seed=0, top_k=None):
     """Samples `length` characters after `prompt` from a character model.
 
     Args:
@@ -144,8 +144,13 @@ def generate(model, vocab, prompt, length=80, temperature=0.8, seed=0):
         vocab: The list of characters (index -> character).
         prompt: Starting text; characters not in `vocab` are dropped.
         length: Characters to generate. Defaults to `80`.
-        temperature: Softmax temperature, > 0. Defaults to `0.8`.
+        temperature: Softmax temperature, >= 0; `0` is greedy decoding (the
+            most likely character every step, the same text for every
+            `seed`). Defaults to `0.8`.
         seed: Seed of the sampler. Defaults to `0`.
+        top_k: Sample only among the `top_k` most likely characters (top-k
+            sampling, renormalized), a positive integer at most the size of
+            `vocab`, or `None` for the whole vocabulary. Defaults to `None`.
 
     Returns:
         `prompt` followed by the generated characters.
@@ -170,8 +175,13 @@ def generate(model, vocab, prompt, length=80, temperature=0.8, seed=0):
         )
     prompt = check_str("prompt", prompt, allow_empty=True)
     length = check_nonnegative_int("length", length)
-    temperature = check_number("temperature", temperature, low=0.0, low_open=True)
+    temperature = check_number("temperature", temperature, low=0.0)
     seed = check_nonnegative_int("seed", seed)
+    top_k = check_positive_int("top_k", top_k, allow_none=True)
+    if top_k is not None and top_k > len(vocab):
+        raise invalid(
+            "top_k", top_k, f"at most the number of characters ({len(vocab)})"
+        )
     index = {c: i for i, c in enumerate(vocab)}
     ids = [index[c] for c in prompt if c in index] or [0]
     seq_len = model.input_shape[1]
@@ -181,7 +191,16 @@ def generate(model, vocab, prompt, length=80, temperature=0.8, seed=0):
         window = out[-seq_len:]
         pad = seq_len - len(window)
         x = np.array([window + [0] * pad], dtype="int32")
-        logits = np.asarray(model(x, training=False))[0, len(window) - 1] / temperature
+        logits = np.asarray(model(x, training=False), dtype="float64")
+        logits = logits[0, len(window) - 1]
+        if temperature == 0.0:
+            out.append(int(np.argmax(logits)))
+            continue
+        logits = logits / temperature
+        if top_k is not None and top_k < len(vocab):
+            # Keep the top_k largest logits (ties at the cut stay in).
+            cut = np.partition(logits, -top_k)[-top_k]
+            logits = np.where(logits >= cut, logits, -np.inf)
         p = np.exp(logits - logits.max())
         out.append(int(rng.choice(len(vocab), p=p / p.sum())))
     return prompt + "".join(vocab[i] for i in out[len(ids) :])

@@ -445,9 +445,11 @@ MODEL_CASES = [
             "vocab": ["abcde", [], list("abc"), ["ab", "c", "d", "e", "f"], None],
             "prompt": [None, 3],
             "length": [-1],
-            "temperature": [0.0, -1.0],
+            "temperature": [-1.0, math.nan, math.inf, "1"],
             "seed": [-1],
+            "top_k": [0, -1, 6, 2.5, True, "2"],
         },
+        good={"temperature": [0.0, 0], "top_k": [None, 1, 5]},
     ),
     Case(
         models.train_char_lm,
