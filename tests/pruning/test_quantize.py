@@ -129,6 +129,13 @@ def test_compressed_size_of_dense_sparse_and_int8():
     assert sizes["dense"] / sizes["sparse_int8"] > 5
     keras_file = pruning.compressed_size(sparse, file="keras")
     assert keras_file > sizes["sparse_int8"]  # plus the config
+    # Adam's moments (twice the model, never sparse) are not counted, and a
+    # compiled model keeps its optimizer.
+    dense.compile(keras.optimizers.Adam(), "mse")
+    dense.optimizer.build(dense.trainable_variables)
+    assert len(dense.optimizer.variables) > 2 * len(dense.trainable_variables)
+    assert pruning.compressed_size(dense) == sizes["dense"]
+    assert dense.optimizer is not None
 
 
 def test_quantize_names_the_bad_argument():
