@@ -32,6 +32,7 @@ cores); `python -m benchmarks.llm_compression --lm --seeds 3` (the LM part;
 
 import argparse
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -194,7 +195,7 @@ def measure(model, data, with_speed=True):
     kernels = _kernels(model)
     n_kernel = sum(k.size for k in kernels)
     zeros = sum(int((k == 0).sum()) for k in kernels)
-    return {
+    row = {
         "ppl": perplexity(model, data["x_test"], data["y_test"]),
         "params": int(model.count_params()),
         "non_embedding": non_embedding_params(model),
@@ -204,6 +205,9 @@ def measure(model, data, with_speed=True):
         "keras_gz": pruning.compressed_size(model, file="keras"),
         "tok_s": tokens_per_second(model, data["vocab"]) if with_speed else None,
     }
+    # Progress on stderr, so that a long run shows its rows as they come.
+    print(f"{model.name}: {row}", file=sys.stderr, flush=True)
+    return row
 
 
 def _copy(model):
