@@ -60,7 +60,6 @@ def quantize(model, mode="int8", filters=None):
 
     Example:
 
-    >>> import numpy as np
     >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
     >>> model = quantize(model)
     >>> str(model.layers[0].kernel.dtype)
