@@ -222,6 +222,9 @@ class StableTransformerBlock(keras.layers.Layer):
             key_dim=key_dim,
             dropout=self.dropout,
             name="attention",
+            # The policy reaches the sublayers so that an int8 `.keras` file
+            # (a `DTypePolicyMap` by path) reloads quantized.
+            dtype=self.dtype_policy,
         )
         if self.qk_norm:
             self.attention = QKNormMultiHeadAttention(
@@ -240,9 +243,12 @@ class StableTransformerBlock(keras.layers.Layer):
             self.intermediate_dim or 4 * hidden,
             activation=self.activation,
             name="mlp_in",
+            dtype=self.dtype_policy,
         )
         self.mlp_in.build(input_shape)
-        self.mlp_out = keras.layers.Dense(hidden, name="mlp_out")
+        self.mlp_out = keras.layers.Dense(
+            hidden, name="mlp_out", dtype=self.dtype_policy
+        )
         self.mlp_out.build(input_shape[:-1] + (self.intermediate_dim or 4 * hidden,))
         self.branch_dropout = keras.layers.Dropout(self.dropout)
         if self.layerscale_init is not None:

@@ -45,10 +45,13 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
         self.sequence_length = sequence_length
         self.hidden_dim = hidden_dim
         self.token_embedding = keras.layers.Embedding(
-            vocab_size, hidden_dim, name="token_embedding"
+            vocab_size, hidden_dim, name="token_embedding", dtype=self.dtype_policy
         )
         self.position_embedding = keras.layers.Embedding(
-            sequence_length, hidden_dim, name="position_embedding"
+            sequence_length,
+            hidden_dim,
+            name="position_embedding",
+            dtype=self.dtype_policy,
         )
 
     def build(self, input_shape):

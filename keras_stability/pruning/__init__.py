@@ -2,7 +2,9 @@
 
 `prune_low_magnitude(model, schedule)` prunes Sequential, functional and
 subclassed models in place; `strip_pruning` removes the machinery;
-`sparsity_report` and `PruningSummaries` show the sparsity; `shrink` removes
+`sparsity_report` and `PruningSummaries` show the sparsity; `quantize` applies
+Keras' int8 so that the `.keras` file reloads (zeros stay zeros) and
+`compressed_size` gives the gzip bytes of the weights; `shrink` removes
 whole units and filters for a smaller, faster model; `shrink_transformer`
 removes attention heads, FFN units, hidden channels and blocks of a
 transformer language model (ours or keras-hub's). `UpdatePruningStep` is
@@ -22,6 +24,8 @@ from keras_stability.pruning.prune import prunable_weights
 from keras_stability.pruning.prune import prune_low_magnitude
 from keras_stability.pruning.pruner import Pruner
 from keras_stability.pruning.pruner import find_pruner
+from keras_stability.pruning.quantize import compressed_size
+from keras_stability.pruning.quantize import quantize
 from keras_stability.pruning.shrink import shrink
 from keras_stability.pruning.shrink import shrink_plan
 from keras_stability.pruning.strip import sparsity_report
@@ -43,10 +47,12 @@ __all__ = [
     "Pruner",
     "PruningSummaries",
     "UpdatePruningStep",
+    "compressed_size",
     "find_pruner",
     "masks",
     "prunable_weights",
     "prune_low_magnitude",
+    "quantize",
     "schedules",
     "shrink",
     "shrink_plan",

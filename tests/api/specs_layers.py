@@ -688,6 +688,24 @@ PRUNING_CASES = [
         bad={"model": NOT_MODELS},
     ),
     Case(
+        pruning.quantize,
+        kwargs=lambda: {"model": _prunable()},
+        bad={
+            "model": [*NOT_MODELS, _unbuilt(), keras.layers.Dense(2)],
+            "mode": ["int4", "float8", None, 8],
+        },
+        skip={"filters": "passed to Keras' model.quantize, which checks it"},
+    ),
+    Case(
+        pruning.compressed_size,
+        kwargs=lambda: {"model": _prunable()},
+        bad={
+            "model": [*NOT_MODELS, _unbuilt(), keras.layers.Dense(2)],
+            "file": ["h5", None, 1],
+        },
+        good={"file": ["keras"]},
+    ),
+    Case(
         pruning.shrink,
         kwargs=lambda: {"model": _prunable(), "fraction": 0.5},
         bad={
