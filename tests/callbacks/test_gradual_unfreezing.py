@@ -161,3 +161,35 @@ def test_unknown_layer_name():
         model.fit(
             x, y, epochs=1, verbose=0, callbacks=[GradualUnfreezing(1, layers=["nope"])]
         )
+
+
+def test_works_with_the_guard_and_the_detector():
+    # The optimizer (and the detector's per-layer statistics) are built over
+    # every scheduled weight, while a step's gradients cover only the unfrozen
+    # ones: the per-layer sums used to fail at the first step on the length
+    # mismatch (seen in benchmarks/fine_tuning's gradual row).
+    from keras_stability.callbacks import GradientExplosionDetector
+    from keras_stability.callbacks import GradientMonitor
+
+    model, backbone = _model()
+    x, y = _data()
+    detector = GradientExplosionDetector()
+    monitor = GradientMonitor()
+    recorder = _Recorder([layer.name for layer in backbone] + ["head"])
+    recorder._head_moment = lambda: None  # the guard wraps Adam's slots
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=3,
+        verbose=0,
+        callbacks=[GradualUnfreezing(schedule=1), detector, monitor, recorder],
+    )
+    assert recorder.changed[0] == ["head"]
+    assert set(recorder.changed[2]) == {"b1", "b2", "head"}
+    assert detector.rollbacks == 0
+    # The monitor saw every step, and measured the frozen layers as zero.
+    history = monitor.history
+    assert len(history["global_norm"]) == 12
+    assert all(np.isfinite(history["global_norm"]))
+    assert all(np.isfinite(w).all() for w in model.get_weights())
