@@ -49,7 +49,7 @@ def _statistics(model, optimizer, which=None, log=True):
     """
 
     def values(state=(), logs=None):
-        if find_guard(model, model_optimizer=which) is not optimizer:
+        if find_guard(model, which) is not optimizer:
             return {}
         tracker = _keras_internals.loss_tracker(model)
         new = {}
@@ -180,6 +180,7 @@ class AdaptiveClipping(keras.callbacks.Callback):
             ("AdaptiveClipping", id(self.guard), self.log_statistics),
             _statistics(model, self.guard, attribute, self.log_statistics),
             before=lambda: _tracker_state(model),
+            owner=self,
         ):
             model.make_train_function(force=True)
         if self.verbose and not was_guarded:

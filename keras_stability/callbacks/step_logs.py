@@ -146,12 +146,14 @@ class StepLogs:
             hook(logs)
 
     # -- in-graph values --------------------------------------------------
-    def set_graph_values(self, key, values, before=None):
+    def set_graph_values(self, key, values, before=None, owner=None):
         """Makes the compiled step also return `values()` (a dict of scalar tensors).
 
-        `values` is called in the step after the optimizer update. One set of
-        values per model; it stays after `fit` (a later `fit` logs them too,
-        without retracing).
+        `values` is called in the step after the optimizer update. Each
+        `owner` (a callback) has one set of values per model, replaced when
+        it sets another; the sets of several owners are all computed, in the
+        order they were first set. They stay after `fit` (a later `fit` logs
+        them too, without retracing).
 
         Args:
             key: Identifies `values`; the same key again changes nothing.
@@ -159,9 +161,30 @@ class StepLogs:
                 (`(state, logs) -> {name: tensor}` with `before`).
             before: Optional function `() -> state`, traced into the step
                 before the model's `train_step`. Defaults to `None`.
+            owner: Whose values these are; `None` means one set for the
+                whole model, as before. Defaults to `None`.
 
         Returns:
             Whether the train step changed; the train function must then be
             traced again (`model.make_train_function(force=True)`).
         """
-        return _keras_internals.wrap_train_step(self.model, key, values, before)
+        sets = self.__dict__.setdefault("_graph_sets", {})
+        sets[None if owner is None else id(owner)] = (key, values, before)
+        entries = list(sets.values())
+        combined_key = tuple(entry[0] for entry in entries)
+
+        def before_all():
+            return [entry[2]() if entry[2] is not None else None for entry in entries]
+
+        def values_all(states, logs):
+            new = {}
+            for (_, fn, fn_before), state in zip(entries, states, strict=True):
+                merged = dict(logs) if isinstance(logs, dict) else logs
+                if isinstance(merged, dict):
+                    merged.update(new)
+                new.update(fn(state, merged) if fn_before is not None else fn())
+            return new
+
+        return _keras_internals.wrap_train_step(
+            self.model, combined_key, values_all, before_all
+        )

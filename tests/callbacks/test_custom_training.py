@@ -191,7 +191,7 @@ def test_gan_adaptive_clipping_guards_the_named_optimizers():
     assert int(gan.g_optimizer.steps_clipped) == 0
     assert history.history["steps_clipped"] == [4.0, 8.0]
     assert all(np.isfinite(history.history["grad_norm"]))
-    assert find_guard(gan, model_optimizer="d_optimizer") is gan.d_optimizer
+    assert find_guard(gan, "d_optimizer") is gan.d_optimizer
     # The compiled (unused) optimizer was left alone.
     assert not isinstance(gan.optimizer, GuardedOptimizer)
 
