@@ -302,7 +302,7 @@ def gradients_already_reduced(optimizers):
 _STEP_VALUES = "_keras_stability_step_values"
 
 
-def wrap_train_step(model, key, values):
+def wrap_train_step(model, key, values, before=None):
     """Makes `model.train_step` also return `values()` in its logs.
 
     `values` is called inside the compiled step, after the original
@@ -310,6 +310,11 @@ def wrap_train_step(model, key, values):
     scalar tensors, e.g. a `GuardedOptimizer`'s statistics: they come out of
     the compiled step with the loss, with no host read of their own. One
     wrapper per model: a new `key` replaces the previous `values`.
+
+    With `before`, it is called in the step before the original
+    `train_step`, and `values(state, logs)` gets what it returned and the
+    logs `train_step` returned (e.g. the loss tracker's totals, to take a
+    skipped step back out of it and log the loss again).
 
     Returns:
         Whether `train_step` changed (the train function must then be
@@ -321,10 +326,16 @@ def wrap_train_step(model, key, values):
     original = getattr(current, "_keras_stability_original", current)
 
     def train_step(data):
-        logs = original(data)
+        if before is None:
+            logs = original(data)
+            new = values()
+        else:
+            state = before()
+            logs = original(data)
+            new = values(state, logs)
         if isinstance(logs, dict):
             logs = dict(logs)
-            logs.update(values())
+            logs.update(new)
         return logs
 
     setattr(train_step, _STEP_VALUES, key)

@@ -25,26 +25,64 @@ _SKIP_COUNTERS = (
 )
 
 
-def _statistics(model, optimizer, which=None):
+def _tracker_state(model):
+    """In the step, before `train_step`: the loss tracker's totals."""
+    tracker = _keras_internals.loss_tracker(model)
+    if tracker is None:
+        return ()
+    return (ops.add(tracker.total, 0.0), ops.add(tracker.count, 0.0))
+
+
+def _statistics(model, optimizer, which=None, log=True):
     """The guard's statistics as logged, read in the compiled step.
+
+    A step the guard skipped is taken back out of Keras' loss tracker (the
+    running mean of the logged `loss`) and the logged `loss` recomputed, so
+    the loss of the batch and epoch logs is the mean over the applied steps,
+    as with `GradientExplosionDetector`: one skipped NaN step does not make
+    it NaN (nor set off `TerminateOnNaN`), and with no step applied yet it
+    is NaN (Keras' `Mean` would give 0.0). Only when the step updated that
+    tracker: a custom `train_step`'s own `loss` is left alone.
 
     Nothing once `model` was compiled again with another optimizer: the
     wrapped `train_step` stays on the model, and is traced again then.
     """
 
-    def values():
-        if find_guard(model, model_optimizer=which) is not optimizer:
+    def values(state=(), logs=None):
+        if find_guard(model, which) is not optimizer:
             return {}
+        tracker = _keras_internals.loss_tracker(model)
+        new = {}
+        if state and tracker is not None:
+            skipped = ops.greater(optimizer.last_step_skipped, 0)
+            used = ops.greater(tracker.count, state[1])  # Keras' train_step
+            tracker.total.assign(ops.where(skipped, state[0], tracker.total))
+            tracker.count.assign(ops.where(skipped, state[1], tracker.count))
+            if isinstance(logs, dict) and "loss" in logs:
+                count = ops.convert_to_tensor(tracker.count)
+                mean = ops.where(
+                    ops.greater(count, 0.0),
+                    ops.divide(tracker.total, ops.maximum(count, 1e-30)),
+                    float("nan"),
+                )
+                new["loss"] = ops.where(
+                    used, ops.cast(mean, logs["loss"].dtype), logs["loss"]
+                )
+        if not log:
+            return new
 
         def read(name):
             return ops.cast(getattr(optimizer, name), "float32")
 
-        return {
-            "grad_norm": read("grad_norm"),
-            "clip_threshold": read("clip_threshold"),
-            "steps_clipped": read("steps_clipped"),
-            "steps_skipped": sum(read(name) for name in _SKIP_COUNTERS),
-        }
+        new.update(
+            {
+                "grad_norm": read("grad_norm"),
+                "clip_threshold": read("clip_threshold"),
+                "steps_clipped": read("steps_clipped"),
+                "steps_skipped": sum(read(name) for name in _SKIP_COUNTERS),
+            }
+        )
+        return new
 
     return values
 
@@ -137,9 +175,12 @@ class AdaptiveClipping(keras.callbacks.Callback):
             skip_spikes=self.skip_spikes,
             optimizer=attribute,
         )
-        if self.log_statistics and StepLogs.of(model).set_graph_values(
-            ("AdaptiveClipping", id(self.guard)),
-            _statistics(model, self.guard, attribute),
+        step_logs = StepLogs.of(model)
+        if step_logs.set_graph_values(
+            ("AdaptiveClipping", id(self.guard), self.log_statistics),
+            _statistics(model, self.guard, attribute, self.log_statistics),
+            before=lambda: _tracker_state(model),
+            owner=self,
         ):
             model.make_train_function(force=True)
         if self.verbose and not was_guarded:

@@ -339,7 +339,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         guard_kwargs = {}
         if (
             self.action == "skip"
-            and find_guard(model, model_optimizer=self._optimizer_arg) is None
+            and find_guard(model, optimizer=self._optimizer_arg) is None
         ):
             guard_kwargs = {"skip_spikes": True}
         self.optimizer, self._stats = self._observers.attach(

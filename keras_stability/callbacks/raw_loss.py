@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from keras_stability import _keras_internals
+from keras_stability.optimizers.attach import find_guard
 
 __all__ = ["RawLossTracker"]
 
@@ -22,8 +23,13 @@ class RawLossTracker:
     """Recovers the loss of each batch from the running epoch mean.
 
     With `steps_per_execution > 1` the value is the mean over the steps of
-    one execution. Without a loss tracker (a custom `train_step`) it falls
-    back to the logged mean alone, assuming equal batch sizes.
+    one execution. When Keras' loss tracker is absent or never updated (a
+    custom `train_step` with its own `Mean`, the keras.io "lower-level"
+    pattern), it uses the loss the model's `GuardedOptimizer` saw in
+    `scale_loss` (`step_loss`, the last step of the execution) if the step
+    called it, else the logged `loss` as a running mean (assuming equal
+    batch sizes), else NaN. `source` says which: `"loss_tracker"`,
+    `"guard"`, `"logged_mean"` or `None` (no loss: NaN).
 
     Args:
         model: The compiled model being fit.
@@ -38,6 +44,7 @@ class RawLossTracker:
         self._epoch = None
         self._key = None
         self._raw = math.nan
+        self.source = None
         self.reset()
 
     @classmethod
@@ -61,6 +68,7 @@ class RawLossTracker:
         """Forgets the epoch / batch keys (a new `fit` restarts at epoch 0)."""
         self._epoch = None
         self._key = None
+        self.source = None
 
     def start_epoch(self, epoch):
         """`reset` once per epoch, however many callbacks call it."""
@@ -93,6 +101,8 @@ class RawLossTracker:
         mean = float((logs or {}).get("loss", math.nan))
         self._before = (self._total, self._count)
         tracker = self._tracker()
+        if tracker is not None and self.source not in (None, "loss_tracker"):
+            tracker = None  # found unused earlier in this fit
         exact = (
             self._batch_size is None
             or self.steps_per_epoch is None
@@ -105,8 +115,14 @@ class RawLossTracker:
             count = float(np.asarray(tracker.count.numpy()))
             if count < self._count:  # metrics were reset behind our back
                 self._total, self._count = 0.0, 0.0
+            if count == self._count and self._batch_size is None:
+                # Keras' tracker is not updated by this train_step.
+                return self._without_tracker(logs, mean)
             if self._batch_size is None and count > self._count:
                 self._batch_size = count - self._count
+            self.source = "loss_tracker"
+        elif tracker is None:
+            return self._without_tracker(logs, mean)
         else:
             size = self._batch_size or 1.0
             count = self._count + size
@@ -115,6 +131,25 @@ class RawLossTracker:
         raw = (total - self._total) / delta if delta > 0 else math.nan
         self._total, self._count = total, count
         return raw
+
+    def _without_tracker(self, logs, mean):
+        guard = find_guard(self.model)
+        if guard is not None and guard.loss_seen is not None:
+            if int(guard.loss_seen.numpy()):
+                self.source = "guard"
+                return float(guard.step_loss.numpy())
+        if "loss" in (logs or {}):
+            # The running mean of the logged loss, over equal batches.
+            self.source = "logged_mean"
+            if self._index == 1 or not math.isfinite(self._total):
+                self._total, self._count = 0.0, 0.0
+            count = self._count + 1.0
+            total = mean * count
+            raw = total - self._total
+            self._total, self._count = total, count
+            return raw
+        self.source = None
+        return math.nan
 
     def mark(self):
         """The running total and count before the last batch, for `rewind`."""
@@ -131,9 +166,10 @@ class RawLossTracker:
                 batch since, not only the last. Defaults to `None`.
         """
         tracker = self._tracker()
-        if tracker is None:
-            return
         total, count = self._before if before is None else before
+        if tracker is None or self.source != "loss_tracker":
+            self._total, self._count = total, count
+            return
         tracker.total.assign(total)
         tracker.count.assign(count)
         self._total, self._count = total, count

@@ -22,6 +22,7 @@ loss of the last call, computed once.
 """
 
 import math
+import warnings
 
 from keras_stability import _keras_internals
 from keras_stability._keras_internals import LoggedInt
@@ -48,6 +49,10 @@ class StepLogs:
             `batch` its callbacks receive).
         epoch_end: Whether the last call ended its epoch (`None` when the
             number of steps per epoch is unknown).
+        loss_source: Where `raw_loss` came from (`RawLossTracker.source`):
+            `"loss_tracker"`, `"guard"`, `"logged_mean"` or `None` (no loss
+            seen: `raw_loss` is NaN, and a warning says so once per `fit`;
+            the callbacks then use the gradient norm alone).
     """
 
     _ATTRIBUTE = "_keras_stability_step_logs"
@@ -71,6 +76,8 @@ class StepLogs:
         self.batch = -1
         self.epoch_end = None
         self.raw_loss = math.nan
+        self.loss_source = None
+        self._warned_no_loss = False
 
     # -- host hooks -------------------------------------------------------
     def attach(self, owner, hook, params):
@@ -94,6 +101,7 @@ class StepLogs:
             self.loss.start_fit()
             self.epoch = None
             self.batch = -1
+            self._warned_no_loss = False
         self._hooks[id(owner)] = hook
         _keras_internals.add_train_function_hook(self.model, self._after_call)
 
@@ -121,23 +129,62 @@ class StepLogs:
         if not logs:
             return  # batches skipped without training (a resumed backup)
         self.raw_loss = self.loss.update_once(self.batch, logs)
+        self.loss_source = self.loss.source
+        if self.loss_source is None and not self._warned_no_loss:
+            self._warned_no_loss = True
+            warnings.warn(
+                f"keras_stability: model '{self.model.name}' gives no per-step "
+                "loss: its train_step updates no loss tracker, logs no `loss` "
+                "and does not call `self.optimizer.scale_loss(loss)`. `raw_loss` "
+                "is NaN; the gradient-health callbacks use the gradient norm "
+                "alone. Call `loss = self.optimizer.scale_loss(loss)` before "
+                "taking the gradients (as Keras' own train_step does) to give "
+                "them the loss.",
+                stacklevel=2,
+            )
         for hook in list(self._hooks.values()):
             hook(logs)
 
     # -- in-graph values --------------------------------------------------
-    def set_graph_values(self, key, values):
+    def set_graph_values(self, key, values, before=None, owner=None):
         """Makes the compiled step also return `values()` (a dict of scalar tensors).
 
-        `values` is called in the step after the optimizer update. One set of
-        values per model; it stays after `fit` (a later `fit` logs them too,
-        without retracing).
+        `values` is called in the step after the optimizer update. Each
+        `owner` (a callback) has one set of values per model, replaced when
+        it sets another; the sets of several owners are all computed, in the
+        order they were first set. They stay after `fit` (a later `fit` logs
+        them too, without retracing).
 
         Args:
             key: Identifies `values`; the same key again changes nothing.
-            values: Function `() -> {name: tensor}`, traced into the step.
+            values: Function `() -> {name: tensor}`, traced into the step
+                (`(state, logs) -> {name: tensor}` with `before`).
+            before: Optional function `() -> state`, traced into the step
+                before the model's `train_step`. Defaults to `None`.
+            owner: Whose values these are; `None` means one set for the
+                whole model, as before. Defaults to `None`.
 
         Returns:
             Whether the train step changed; the train function must then be
             traced again (`model.make_train_function(force=True)`).
         """
-        return _keras_internals.wrap_train_step(self.model, key, values)
+        sets = self.__dict__.setdefault("_graph_sets", {})
+        sets[None if owner is None else id(owner)] = (key, values, before)
+        entries = list(sets.values())
+        combined_key = tuple(entry[0] for entry in entries)
+
+        def before_all():
+            return [entry[2]() if entry[2] is not None else None for entry in entries]
+
+        def values_all(states, logs):
+            new = {}
+            for (_, fn, fn_before), state in zip(entries, states, strict=True):
+                merged = dict(logs) if isinstance(logs, dict) else logs
+                if isinstance(merged, dict):
+                    merged.update(new)
+                new.update(fn(state, merged) if fn_before is not None else fn())
+            return new
+
+        return _keras_internals.wrap_train_step(
+            self.model, combined_key, values_all, before_all
+        )

@@ -158,30 +158,31 @@ def guarded_attribute(model, optimizer=None):
     return "optimizer"
 
 
-def find_guard(optimizer, *, model_optimizer=None):
+def find_guard(model_or_optimizer, optimizer=None):
     """The `GuardedOptimizer` in an optimizer's wrapper chain, or `None`.
 
     Args:
-        optimizer: An optimizer (its wrapper chain is searched), or a Keras
-            model: then `model_optimizer` says which of its optimizers.
-        model_optimizer: For a model, `None` (`model.optimizer`), an
-            optimizer it holds or the attribute name (as the callbacks'
-            `optimizer=`). Defaults to `None`.
+        model_or_optimizer: An optimizer (its wrapper chain is searched), or
+            a Keras model: then `optimizer` says which of its optimizers.
+        optimizer: For a model, `None` (`model.optimizer`), an optimizer it
+            holds or the attribute name (as the callbacks' `optimizer=`).
+            Defaults to `None`.
 
     Returns:
         The `GuardedOptimizer`, or `None` (also for a model attribute that
         holds no optimizer).
     """
-    if isinstance(optimizer, keras.Model):
-        model = optimizer
-        if model_optimizer is None or isinstance(model_optimizer, str):
-            optimizer = getattr(model, model_optimizer or "optimizer", None)
+    if isinstance(model_or_optimizer, keras.Model):
+        model = model_or_optimizer
+        if optimizer is None or isinstance(optimizer, str):
+            optimizer = getattr(model, optimizer or "optimizer", None)
         else:
-            optimizer = model_optimizer
             for value in _optimizer_attributes(model).values():
-                if any(o is model_optimizer for o in optimizer_chain(value)):
+                if any(o is optimizer for o in optimizer_chain(value)):
                     optimizer = value
                     break
+    else:
+        optimizer = model_or_optimizer
     for opt in optimizer_chain(optimizer):
         if isinstance(opt, GuardedOptimizer):
             return opt
@@ -371,7 +372,7 @@ def detach_observer(model, observer, optimizer=None):
         raise invalid("model", model, "a Keras model")
     _check_observer(observer)
     optimizer = check_optimizer_argument("optimizer", optimizer)
-    guard = find_guard(model, model_optimizer=optimizer)
+    guard = find_guard(model, optimizer)
     if guard is not None and guard.remove_observer(observer):
         if getattr(model, "train_function", None) is not None:
             model.make_train_function(force=True)
@@ -413,7 +414,7 @@ class ModelObservers:
             Tuple `(guard, observer)`.
         """
         entry = self._by_model.get(model)
-        guard = find_guard(model, model_optimizer=guard_kwargs.get("optimizer"))
+        guard = find_guard(model, guard_kwargs.get("optimizer"))
         observer = None
         if entry is not None:
             observer, old_guard = entry

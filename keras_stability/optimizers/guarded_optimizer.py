@@ -128,9 +128,15 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
     The `step` statistic counts every call, skipped or not. The clipping and
     spike statistics only learn from applied, finite steps.
 
-    With `gradient_accumulation_steps` on the inner optimizer, each micro-batch
-    gradient is measured, clipped and possibly skipped on its own; a skipped
-    micro-batch is not accumulated.
+    With `gradient_accumulation_steps` (N) on the inner optimizer, each
+    micro-batch gradient is measured, clipped and possibly skipped on its
+    own, not the accumulated one (unlike the inner optimizer's own
+    `clipnorm`, which Keras 3.15 applies to the average): Keras' `apply`
+    adds each micro-batch to its accumulators and, on every N-th call
+    (counted by `iterations`), updates with `(g + sum) / N`. A skipped
+    micro-batch is not accumulated and does not advance `iterations`, so
+    the update still averages N applied micro-batches. Clipping the sum
+    once would need the accumulation to move into the guard (not done).
 
     Statistics (non-trainable scalar variables, readable after any step):
     `grad_norm` (pre-clip global norm), `clip_threshold` (`inf` without a

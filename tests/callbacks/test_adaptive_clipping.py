@@ -177,3 +177,46 @@ def test_recompiled_with_a_plain_optimizer_logs_no_stale_statistics():
     model.compile(keras.optimizers.Adam(1e-2), "mse")  # no guard any more
     history = model.fit(x, y, epochs=1, verbose=0)
     assert set(history.history) == {"loss"}
+
+
+def test_epoch_loss_is_the_mean_over_applied_steps():
+    # A NaN batch (the 2nd of 4) is skipped; Keras' epoch loss used to be NaN
+    # (setting off TerminateOnNaN). It is now the mean of the 3 applied
+    # steps' losses, which SGD(0) keeps at the initial weights' batch losses.
+    x, y = _data()
+    y = y.copy()
+    y[8:16] = np.nan
+    model = _model(keras.optimizers.SGD(0.0))
+    kernel = [w.numpy() for w in model.weights]
+    history = model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[AdaptiveClipping(None), keras.callbacks.TerminateOnNaN()],
+    )
+    assert not model.stop_training
+    for a, b in zip(kernel, model.weights, strict=True):
+        np.testing.assert_array_equal(a, b.numpy())
+    pred = model.predict(x, verbose=0)
+    applied = [0, 2, 3]
+    expected = np.mean(
+        [np.mean((pred[i * 8 : i * 8 + 8] - y[i * 8 : i * 8 + 8]) ** 2) for i in applied]
+    )
+    assert history.history["loss"][0] == pytest.approx(expected, rel=1e-5)
+    assert history.history["steps_skipped"] == [1.0]
+
+
+def test_epoch_loss_is_nan_when_every_step_is_skipped():
+    # All-NaN data: no step applied. Not 0.0 (a tuner minimising the loss
+    # would pick that trial).
+    x, y = _data()
+    y = np.full_like(y, np.nan)
+    model = _model()
+    history = model.fit(
+        x, y, batch_size=8, epochs=2, verbose=0, callbacks=[AdaptiveClipping(None)]
+    )
+    assert np.isnan(history.history["loss"]).all()
+    assert history.history["steps_skipped"] == [4.0, 8.0]

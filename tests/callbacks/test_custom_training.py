@@ -191,7 +191,7 @@ def test_gan_adaptive_clipping_guards_the_named_optimizers():
     assert int(gan.g_optimizer.steps_clipped) == 0
     assert history.history["steps_clipped"] == [4.0, 8.0]
     assert all(np.isfinite(history.history["grad_norm"]))
-    assert find_guard(gan, model_optimizer="d_optimizer") is gan.d_optimizer
+    assert find_guard(gan, "d_optimizer") is gan.d_optimizer
     # The compiled (unused) optimizer was left alone.
     assert not isinstance(gan.optimizer, GuardedOptimizer)
 
@@ -235,3 +235,90 @@ def test_uncompiled_optimizer_attribute_fails_clearly():
         ValueError, match="`model.optimizer` is None.*optimizer='my_optimizer'"
     ):
         model.fit(x, y, verbose=0, callbacks=[AdaptiveClipping(1.0)])
+
+
+# --- a lower-level train_step (own Mean loss tracker, no compiled loss) ------
+
+
+def _batch_losses(model, x, y, batch=8):
+    pred = model.predict(x, verbose=0)
+    return [
+        float(np.mean((pred[i : i + batch] - y[i : i + batch]) ** 2))
+        for i in range(0, len(x), batch)
+    ]
+
+
+@pytest.mark.parametrize("cls", [CustomModel, ApplyGradientsModel])
+def test_lower_level_train_step_monitor_and_clipping_work(cls):
+    # Before: the raw loss came from Keras' unused `_loss_tracker`: NaN every
+    # step. SGD(0) keeps the weights, so each raw loss is the batch's loss.
+    model, x, y = _regression(cls, keras.optimizers.SGD(0.0))
+    expected = _batch_losses(model, x, y)
+    monitor = GradientMonitor(read_freq=1)
+    clip = AdaptiveClipping(clipping.GlobalNorm(1e-4))
+    history = model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[clip, monitor],
+    )
+    np.testing.assert_allclose(monitor.raw_losses, expected, rtol=1e-4)
+    np.testing.assert_allclose(monitor.history["raw_loss"], expected, rtol=1e-4)
+    assert monitor.history["step"] == list(range(1, 9))
+    assert sorted(monitor.layer_names) == ["hidden", "out"]
+    assert int(clip.guard.steps_clipped) == 8  # every step above 1e-4
+    assert history.history["steps_clipped"] == [8.0]
+    assert history.history["grad_norm"][0] > 1e-4
+    # The guard saw no loss (scale_loss is not called in this train_step).
+    assert int(clip.guard.loss_seen) == 0
+    # The model's own `loss` is logged as it computes it.
+    assert history.history["loss"][0] == pytest.approx(np.mean(expected), rel=1e-4)
+
+
+def test_lower_level_train_step_calling_scale_loss_gives_the_guard_loss():
+    # A train_step that calls `self.optimizer.scale_loss(loss)` as Keras' own
+    # does: the raw loss is the guard's, with no loss tracker.
+    class ScaledModel(CustomModel):
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                y_pred = self(x, training=True)
+                loss = self.loss_fn(y, y_pred)
+                scaled = self.optimizer.scale_loss(loss)
+            gradients = tape.gradient(scaled, self.trainable_variables)
+            self.optimizer.apply(gradients, self.trainable_variables)
+            return {"mae": self.mae_metric.result()}  # no loss logged
+
+    model, x, y = _regression(ScaledModel, keras.optimizers.SGD(0.0))
+    expected = _batch_losses(model, x, y)
+    monitor = GradientMonitor(read_freq=1)
+    model.fit(
+        x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[monitor]
+    )
+    np.testing.assert_allclose(monitor.raw_losses, expected, rtol=1e-4)
+    assert model.optimizer.loss_seen.numpy() == 1
+
+
+def test_no_loss_anywhere_warns_once_and_keeps_the_gradient_norms():
+    class SilentModel(CustomModel):
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                y_pred = self(x, training=True)
+                loss = self.loss_fn(y, y_pred)
+            gradients = tape.gradient(loss, self.trainable_variables)
+            self.optimizer.apply(gradients, self.trainable_variables)
+            self.mae_metric.update_state(y, y_pred)
+            return {"mae": self.mae_metric.result()}  # no loss
+
+    model, x, y = _regression(SilentModel)
+    monitor = GradientMonitor(read_freq=1)
+    with pytest.warns(UserWarning, match="gives no per-step loss") as record:
+        model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[monitor])
+    assert sum("no per-step loss" in str(w.message) for w in record) == 1
+    assert np.isnan(monitor.raw_losses).all()
+    assert len(monitor.history["global_norm"]) == 16
+    assert np.all(np.asarray(monitor.history["global_norm"]) > 0)

@@ -558,3 +558,23 @@ def test_step_loss_variables_are_not_saved_with_the_optimizer(tmp_path):
     model.save(path)
     loaded = keras.saving.load_model(path)
     assert np.isnan(float(loaded.optimizer.step_loss))
+
+
+def test_gradient_accumulation_clips_and_skips_each_micro_batch():
+    # Documents Keras 3.15's accumulation under the guard (see the class
+    # docstring): each micro-batch is clipped on its own, (4 -> 1) and 0,
+    # then averaged: 0.5 (clipping the average, 2, would give 1.0). A NaN
+    # micro-batch is skipped and not counted: the update still comes after
+    # 2 applied micro-batches.
+    weight = keras.Variable(np.zeros((1,), "float32"))
+    inner = keras.optimizers.SGD(1.0, gradient_accumulation_steps=2)
+    guard = GuardedOptimizer(inner, clipping=clipping.GlobalNorm(1.0))
+    guard.build([weight])
+    guard.apply([tf.constant([4.0])], [weight])
+    assert float(weight.numpy()[0]) == 0.0  # accumulated, not applied yet
+    guard.apply([tf.constant([float("nan")])], [weight])
+    assert int(guard.steps_skipped_nonfinite) == 1
+    assert float(weight.numpy()[0]) == 0.0
+    guard.apply([tf.constant([0.0])], [weight])
+    assert float(weight.numpy()[0]) == pytest.approx(-0.5)
+    assert int(guard.steps_clipped) == 1
