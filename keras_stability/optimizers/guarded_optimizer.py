@@ -707,9 +707,35 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 "loss": loss,
                 "loss_seen": loss_seen,
             }
+            grads, variables, stats["squared_norms"] = self._observed(
+                grads, variables, squares
+            )
             for observer in self._observers:
                 observer.observe(grads, variables, stats)
         return skip, norm, threshold
+
+    def _observed(self, grads, variables, squares=None):
+        """`grads`/`variables` over every variable the observers were built on.
+
+        A step may update a subset of the built variables (layers frozen or
+        unfrozen during `fit`, as `GradualUnfreezing` does); observers build
+        per-variable state once, so they get the whole list, with `None`
+        gradients (and squared norms) for the variables not in this step.
+        """
+        built = self._trainable_variables
+        if len(variables) == len(built) and all(
+            a is b for a, b in zip(variables, built, strict=True)
+        ):
+            return grads, variables, squares
+        position = {self._var_key(v): i for i, v in enumerate(built)}
+        full_grads = [None] * len(built)
+        full_squares = [None] * len(built)
+        for i, v in enumerate(variables):
+            j = position.get(self._var_key(v))
+            if j is not None:
+                full_grads[j] = grads[i]
+                full_squares[j] = None if squares is None else squares[i]
+        return full_grads, list(built), full_squares
 
     def _clip_and_apply(self, grads, variables, norm, threshold):
         if self.clipping is not None:
@@ -717,6 +743,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         self.inner_optimizer.apply(grads, variables)
 
     def _after_apply(self, variables, skip):
+        if self._observers:
+            _, variables, _ = self._observed([None] * len(variables), variables)
         for observer in self._observers:
             observer.after_apply(variables, skip)
 
