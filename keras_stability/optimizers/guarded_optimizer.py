@@ -63,7 +63,9 @@ class GradientObserver:
       0-based index of this call of `apply`, counting skipped steps), and
       `"squared_norms"`, the list of each gradient's float32 squared norm
       (`None` for a `None` gradient; for a `tf.IndexedSlices`, of its values),
-      so observers need not compute them again.
+      so observers need not compute them again, `"loss"` (float32, the
+      step's loss as seen by `GuardedOptimizer.scale_loss`, NaN when it was
+      not called this step) and `"loss_seen"` (bool).
     - `after_apply(variables, skipped)` is called in-graph after the update
       (or the skip).
 
@@ -137,6 +139,25 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
     `steps_skipped_requested`, `last_step_skipped` (0/1), `skip_remaining`
     and `step`. A skipped step counts in exactly one counter (non-finite
     before requested before spike).
+
+    The loss of each step: Keras' `train_step` calls `optimizer.scale_loss`
+    with the step's loss before it computes the gradients; the guard records
+    that value and, in the same step's `apply`, publishes it as `step_loss`
+    (float32, the mean over replicas of each replica's loss, as Keras' loss
+    tracker computes it, summed from the replicas' local copies with no
+    collective of its own: under a multi-worker strategy the mean over this
+    worker's replicas, and where the strategy has no merge call
+    (MirroredStrategy on GPUs under XLA, not tested here) each replica's own
+    loss; NaN when `scale_loss` was not called since the last
+    `apply`) and `loss_seen` (int32, 1 if it was called, else 0). A custom
+    `train_step` that never calls `self.optimizer.scale_loss(loss)` (the
+    keras.io "lower-level" pattern, a GAN's own optimizers) leaves
+    `loss_seen` at 0. With `steps_per_execution > 1` both are those of the
+    last step of the execution (observers see every step's). Not recorded
+    under a `LossScaleOptimizer`, whose `scale_loss` does not call the inner
+    optimizer's. `step_loss_info()` returns both as tensors (under a
+    strategy read the variables with `.numpy()`). They are not saved with
+    the optimizer and not in `statistics()`.
 
     Under mixed precision let `compile` wrap this optimizer in a
     `LossScaleOptimizer` (it does so for `mixed_float16`): the loss scale
@@ -247,6 +268,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         self.last_step_skipped = stat("last_step_skipped", "int32")
         self.skip_remaining = stat("skip_remaining", "int32")
         self.step = stat("step", "int32")
+        self._build_loss_record()
         if self.clipping is not None:
             self.clipping.build(self, var_list)
         if self.skip_spikes is not None:
@@ -256,6 +278,76 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         super().build(var_list)
         for observer in self._observers:
             self._build_observer(observer)
+
+    def _build_loss_record(self):
+        # Kept out of the tracked variables: not saved (a file saved before
+        # they existed still loads) and not in `variables`.
+        with keras.name_scope(self.name, caller=self):
+            # Per replica: [loss given to `scale_loss`, 1 if it was called].
+            pending = keras.Variable(
+                initializer="zeros",
+                shape=(2,),
+                dtype="float32",
+                trainable=False,
+                synchronization="on_read",
+                aggregation="sum",
+                name="pending_loss",
+            )
+            step_loss = keras.Variable(
+                initializer="zeros",
+                shape=(),
+                dtype="float32",
+                trainable=False,
+                aggregation="only_first_replica",
+                name="step_loss",
+            )
+            loss_seen = keras.Variable(
+                initializer="zeros",
+                shape=(),
+                dtype="int32",
+                trainable=False,
+                aggregation="only_first_replica",
+                name="loss_seen",
+            )
+        self._loss_record = _LossRecord(pending, step_loss, loss_seen)
+        step_loss.assign(float("nan"))
+
+    @property
+    def step_loss(self):
+        """The loss of the last step (a float32 variable; NaN if not seen).
+
+        See the class docstring: the value given to `scale_loss` in the step,
+        averaged over replicas. `None` before the optimizer is built.
+        """
+        record = getattr(self, "_loss_record", None)
+        return None if record is None else record.step_loss
+
+    @property
+    def loss_seen(self):
+        """Whether the last step called `scale_loss` (an int32 variable, 0/1).
+
+        `None` before the optimizer is built.
+        """
+        record = getattr(self, "_loss_record", None)
+        return None if record is None else record.loss_seen
+
+    def step_loss_info(self):
+        """The last step's `(loss, seen)` as tensors (float32, bool).
+
+        Usable in-graph (an observer's `after_apply`, a train step wrapper)
+        and eagerly (`float(loss)`, `bool(seen)`). `loss` is NaN when `seen`
+        is False. Before the optimizer is built: `(NaN, False)`.
+        """
+        record = getattr(self, "_loss_record", None)
+        if record is None:
+            return (
+                ops.convert_to_tensor(float("nan"), "float32"),
+                ops.convert_to_tensor(False),
+            )
+        return (
+            ops.convert_to_tensor(record.step_loss),
+            ops.greater(ops.convert_to_tensor(record.loss_seen), 0),
+        )
 
     def _build_observer(self, observer):
         start = len(self._variables)
@@ -403,7 +495,11 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         return True
 
     def statistics(self):
-        """Current statistics as a dict of Python numbers (host read)."""
+        """Current statistics as a dict of Python numbers (host read).
+
+        The saved statistics of the class docstring (not `step_loss` and
+        `loss_seen`: read those, or `step_loss_info()`, directly).
+        """
         if not self.built:
             return {}
         return {name: getattr(self, name).numpy().item() for name in _STAT_NAMES}
@@ -472,7 +568,31 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         return self.inner_optimizer.iterations
 
     def scale_loss(self, loss):
+        """The inner optimizer's `scale_loss`; also records `loss` for this step.
+
+        Keras' `train_step` calls it with the step's loss (on each replica,
+        divided by the number of replicas) before computing the gradients.
+        """
+        record = getattr(self, "_loss_record", None)
+        if record is not None:
+            value = ops.cast(ops.mean(ops.convert_to_tensor(loss)), "float32")
+            record.pending.assign(ops.stack([value, ops.ones((), "float32")]))
         return self.inner_optimizer.scale_loss(loss)
+
+    @staticmethod
+    def _distribution_strategy_replicas():
+        import tensorflow as tf
+
+        return tf.distribute.get_strategy().num_replicas_in_sync
+
+    def _take_pending_loss(self):
+        """This replica's `[loss, seen]` since the last `apply`, then clears it."""
+        record = getattr(self, "_loss_record", None)
+        if record is None:
+            return None
+        pending = ops.add(record.pending.value, 0.0)  # a snapshot, read before reset
+        record.pending.assign(ops.zeros((2,), "float32"))
+        return pending
 
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
@@ -499,13 +619,30 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             self.built = True
         if len(grads) == 0:
             return
+        pending = self._take_pending_loss()
         if keras.backend.backend() == "tensorflow":
-            self._tf_apply(grads, trainable_variables)
+            self._tf_apply(grads, trainable_variables, pending)
         else:
-            self._guarded_apply(grads, trainable_variables)
+            self._guarded_apply(grads, trainable_variables, pending)
 
-    def _decide(self, grads, variables):
+    def _record_loss(self, pending):
+        """Publishes the step's loss; returns `(loss, seen)` tensors."""
+        record = getattr(self, "_loss_record", None)
+        if pending is None:
+            loss = ops.convert_to_tensor(float("nan"), "float32")
+            seen = ops.convert_to_tensor(False)
+        else:
+            seen = ops.greater(pending[1], 0.0)
+            loss = ops.where(seen, pending[0], float("nan"))
+        if record is None:
+            return loss, seen
+        record.step_loss.assign(loss)
+        record.loss_seen.assign(ops.cast(seen, "int32"))
+        return loss, seen
+
+    def _decide(self, grads, variables, pending=None):
         """Measures `grads`, decides skip/clip, updates the statistics."""
+        loss, loss_seen = self._record_loss(pending)
         squares = squared_norms(grads)
         norm = global_norm(grads, squares)
         finite = ops.isfinite(norm)
@@ -561,6 +698,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 "skipped": skip,
                 "step": step,
                 "squared_norms": squares,
+                "loss": loss,
+                "loss_seen": loss_seen,
             }
             for observer in self._observers:
                 observer.observe(grads, variables, stats)
@@ -575,9 +714,9 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         for observer in self._observers:
             observer.after_apply(variables, skip)
 
-    def _guarded_apply(self, grads, variables):
+    def _guarded_apply(self, grads, variables, pending=None):
         """The whole step where every caller sees the same reduced gradients."""
-        skip, norm, threshold = self._decide(grads, variables)
+        skip, norm, threshold = self._decide(grads, variables, pending)
 
         def apply_fn():
             with _gradients_already_reduced(self.inner_optimizer):
@@ -586,7 +725,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         ops.cond(skip, lambda: None, apply_fn)
         self._after_apply(variables, skip)
 
-    def _tf_apply(self, grads, variables):
+    def _tf_apply(self, grads, variables, pending=None):
         """TensorFlow-specific logic: all-reduce first, then decide once.
 
         Keras' own path clips each replica's gradient and all-reduces inside
@@ -601,7 +740,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         import tensorflow as tf
 
         if not tf.distribute.has_strategy():
-            self._guarded_apply(grads, variables)
+            self._guarded_apply(grads, variables, pending)
             return
         if tf.distribute.in_cross_replica_context():
             raise ValueError("apply() must be called in a replica context.")
@@ -609,17 +748,32 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         present = [g for g in grads if g is not None]
         reduced = list(context.all_reduce(tf.distribute.ReduceOp.SUM, present))
         reduced = [None if g is None else reduced.pop(0) for g in grads]
+        # The loss needs no collective of its own: each replica's value is
+        # its loss divided by the number of replicas.
+        replicas = float(self._distribution_strategy_replicas())
 
         if tf.__internal__.distribute.strategy_supports_no_merge_call():
-            self._guarded_apply(reduced, variables)
+            # No cross-replica step: each replica publishes its own loss.
+            if pending is not None:
+                pending = pending * ops.convert_to_tensor([replicas, 1.0])
+            self._guarded_apply(reduced, variables, pending)
             return
 
-        def cross_replica(distribution, reduced, variables):
-            local = [
-                None if g is None else distribution.experimental_local_results(g)[0]
-                for g in reduced
-            ]
-            skip, norm, threshold = self._decide(local, variables)
+        def cross_replica(distribution, reduced, variables, pending):
+            def first(value):
+                return distribution.experimental_local_results(value)[0]
+
+            local = [None if g is None else first(g) for g in reduced]
+            local_pending = None
+            if pending is not None:
+                # The mean over this worker's replicas (all replicas on one
+                # machine), summed from their local copies.
+                parts = distribution.experimental_local_results(pending)
+                total = ops.sum(ops.stack(list(parts)), axis=0)
+                local_pending = total * ops.convert_to_tensor(
+                    [replicas / len(parts), 1.0]
+                )
+            skip, norm, threshold = self._decide(local, variables, local_pending)
 
             def apply_fn():
                 with _gradients_already_reduced(self.inner_optimizer):
@@ -631,7 +785,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             ops.cond(skip, lambda: None, apply_fn)
             self._after_apply(variables, skip)
 
-        context.merge_call(cross_replica, args=(reduced, variables))
+        context.merge_call(cross_replica, args=(reduced, variables, pending))
 
     # ---------------------------------------------------------- serialization
     def get_config(self):
@@ -662,6 +816,15 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                     config[key], custom_objects=custom_objects
                 )
         return cls(inner, **config)
+
+
+class _LossRecord:
+    """The guard's loss variables, held outside Keras' variable tracking."""
+
+    def __init__(self, pending, step_loss, loss_seen):
+        self.pending = pending
+        self.step_loss = step_loss
+        self.loss_seen = loss_seen
 
 
 def _check_inner_optimizer(inner):

@@ -255,3 +255,54 @@ def mixed_precision_two_replicas(tmp_dir):
         }
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
+
+
+def _StepLossRecord(guard):
+    import keras
+
+    class Record(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.seen.append(
+                (float(guard.step_loss.numpy()), int(guard.loss_seen.numpy()))
+            )
+
+    return Record()
+
+
+def step_loss_one_and_two_replicas():
+    """The guard's `step_loss` per step with 1 and 2 replicas (SGD(0): the
+    weights never move, so each step's loss is the batch's loss at the
+    initial weights) and the full-batch losses it must equal."""
+    import keras
+    import tensorflow as tf
+
+    from keras_stability.optimizers import GuardedOptimizer
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(24, 3)).astype("float32")
+    y = rng.normal(size=(24, 1)).astype("float32")
+    results = {}
+    for n in (1, 2):
+        if n == 1:
+            strategy = tf.distribute.get_strategy()
+        else:
+            strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        with strategy.scope():
+            model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+            model.layers[0].kernel.assign(np.ones((3, 1), "float32"))
+            guard = GuardedOptimizer(keras.optimizers.SGD(0.0))
+            model.compile(guard, "mse")
+        record = _StepLossRecord(guard)
+        model.fit(
+            x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[record]
+        )
+        results[n] = record.seen
+    pred = x @ np.ones((3, 1), "float32")
+    results["expected"] = [
+        float(np.mean((pred[i : i + 8] - y[i : i + 8]) ** 2)) for i in (0, 8, 16)
+    ]
+    return results

@@ -471,3 +471,90 @@ def test_ensure_guarded_adds_missing_parts_in_any_order():
     assert int(bare.skip_spikes.count.numpy()) == 2
     with pytest.raises(ValueError, match="skip_nonfinite=True; cannot also"):
         ensure_guarded(model, skip_nonfinite=False)
+
+
+# --- the step's loss, seen in scale_loss -------------------------------------
+
+
+class _LossObserver(GradientObserver):
+    """Collects `stats["loss"]` / `stats["loss_seen"]` of every step in-graph."""
+
+    def build(self, optimizer, variables):
+        self.losses = keras.Variable(np.zeros(8, "float32"), trainable=False)
+        self.seen = keras.Variable(np.zeros(8, "int32"), trainable=False)
+
+    def observe(self, grads, variables, stats):
+        i = stats["step"]
+        self.losses.assign(
+            tf.tensor_scatter_nd_update(self.losses, [[i]], [stats["loss"]])
+        )
+        self.seen.assign(
+            tf.tensor_scatter_nd_update(
+                self.seen, [[i]], [tf.cast(stats["loss_seen"], "int32")]
+            )
+        )
+
+
+def _linear_data():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(24, 3)).astype("float32")
+    y = rng.normal(size=(24, 1)).astype("float32")
+    return x, y
+
+
+def _batch_losses(x, y, kernel):
+    pred = x @ kernel
+    return [float(np.mean((pred[i : i + 8] - y[i : i + 8]) ** 2)) for i in (0, 8, 16)]
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 3])
+def test_step_loss_is_each_batch_loss_seen_in_scale_loss(steps_per_execution):
+    # SGD(0): the weights stay, so each step's loss is the batch loss at the
+    # initial weights. Every step's value reaches the observers in-graph, also
+    # with steps_per_execution > 1, and `step_loss` holds the last one.
+    x, y = _linear_data()
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.layers[0].kernel.assign(np.ones((3, 1), "float32"))
+    observer = _LossObserver()
+    guard = GuardedOptimizer(keras.optimizers.SGD(0.0), observers=[observer])
+    model.compile(guard, "mse", steps_per_execution=steps_per_execution)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    expected = _batch_losses(x, y, np.ones((3, 1), "float32"))
+    np.testing.assert_allclose(observer.losses.numpy()[:3], expected, rtol=1e-5)
+    np.testing.assert_array_equal(observer.seen.numpy()[:3], [1, 1, 1])
+    assert float(guard.step_loss) == pytest.approx(expected[-1], rel=1e-5)
+    assert int(guard.loss_seen) == 1
+    loss, seen = guard.step_loss_info()
+    assert float(loss) == pytest.approx(expected[-1], rel=1e-5) and bool(seen)
+    assert "step_loss" not in guard.statistics()  # not saved, not compared
+
+
+def test_step_loss_is_nan_when_scale_loss_is_not_called():
+    # A custom loop that applies gradients without `scale_loss` (the keras.io
+    # lower-level pattern): nothing is seen, and an older value does not stay.
+    variables = _variables()
+    guard = GuardedOptimizer(keras.optimizers.SGD(0.1))
+    assert guard.step_loss is None and guard.loss_seen is None
+    loss, seen = guard.step_loss_info()
+    assert np.isnan(float(loss)) and not bool(seen)
+    guard.build(variables)
+    guard.scale_loss(tf.constant(2.5))
+    guard.apply(_grads(), variables)
+    assert float(guard.step_loss) == 2.5 and int(guard.loss_seen) == 1
+    guard.apply(_grads(), variables)  # no scale_loss this step
+    assert np.isnan(float(guard.step_loss)) and int(guard.loss_seen) == 0
+
+
+def test_step_loss_variables_are_not_saved_with_the_optimizer(tmp_path):
+    # They are kept out of `variables`: a file saved before they existed loads.
+    x, y = _linear_data()
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    guard = GuardedOptimizer(keras.optimizers.Adam(0.01))
+    model.compile(guard, "mse")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    names = [v.name for v in guard.variables]
+    assert "step_loss" not in names and "pending_loss" not in names
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert np.isnan(float(loaded.optimizer.step_loss))

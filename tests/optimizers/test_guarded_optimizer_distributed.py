@@ -91,3 +91,16 @@ def test_mixed_precision_nan_in_second_replica_is_skipped_and_saved(fit_results)
     assert stats["step"] == 2 and stats["steps_skipped_nonfinite"] == 1
     assert result["loaded_inner"] == "GuardedOptimizer"
     assert result["loaded_stats"]["steps_skipped_nonfinite"] == 1
+
+
+@pytest.mark.distributed
+def test_step_loss_is_the_batch_loss_on_one_and_two_replicas():
+    # Each replica sees half the batch and its loss divided by 2: the guard's
+    # all-reduced step_loss is the whole batch's loss, as Keras' loss tracker.
+    results = run_in_subprocess(
+        distributed_cases.step_loss_one_and_two_replicas, n_cpu_devices=2
+    )
+    for n in (1, 2):
+        losses = [loss for loss, _ in results[n]]
+        assert [seen for _, seen in results[n]] == [1, 1, 1], n
+        np.testing.assert_allclose(losses, results["expected"], rtol=1e-5)
