@@ -8,8 +8,10 @@ from keras_stability import clipping as clipping_module
 from keras_stability._checks import check_bool
 from keras_stability._checks import check_verbose
 from keras_stability.callbacks.step_logs import StepLogs
+from keras_stability.optimizers.attach import check_optimizer_argument
 from keras_stability.optimizers.attach import ensure_guarded
 from keras_stability.optimizers.attach import find_guard
+from keras_stability.optimizers.attach import guarded_attribute
 from keras_stability.optimizers.guarded_optimizer import _get_spike_skipping
 
 __all__ = ["AdaptiveClipping"]
@@ -23,7 +25,7 @@ _SKIP_COUNTERS = (
 )
 
 
-def _statistics(model, optimizer):
+def _statistics(model, optimizer, which=None):
     """The guard's statistics as logged, read in the compiled step.
 
     Nothing once `model` was compiled again with another optimizer: the
@@ -31,8 +33,7 @@ def _statistics(model, optimizer):
     """
 
     def values():
-        optimizer_now = getattr(model, "optimizer", None)
-        if optimizer_now is None or find_guard(optimizer_now) is not optimizer:
+        if find_guard(model, model_optimizer=which) is not optimizer:
             return {}
 
         def read(name):
@@ -76,12 +77,23 @@ class AdaptiveClipping(keras.callbacks.Callback):
             Defaults to `True`.
         verbose: 0 (silent) or 1 (one line when the optimizer is wrapped).
             Defaults to `0`.
+        optimizer: Which optimizer to guard: `None` (`model.optimizer`), an
+            optimizer the model holds, or the name of the model attribute
+            holding it, for a model with several optimizers (the keras.io
+            GAN's `"d_optimizer"`; use one callback per optimizer). An
+            instance is a runtime attachment: `get_config` gives `None` for
+            it. Defaults to `None`.
+
+    After `on_train_begin`, `self.guard` is the `GuardedOptimizer`.
 
     Raises:
         ValueError: at construction for an invalid argument; at the start of
             training if the optimizer already clips (`clipnorm`,
             `global_clipnorm`, `clipvalue`) or is a GuardedOptimizer with a
-            different configuration.
+            different configuration, or if which optimizer to guard is
+            unknown: `model.optimizer` is `None`, or the model overrides
+            `train_step` and holds other optimizers (the message names them
+            and the `optimizer=` to pass).
 
     Example:
 
@@ -99,6 +111,7 @@ class AdaptiveClipping(keras.callbacks.Callback):
         skip_spikes=None,
         log_statistics=True,
         verbose=0,
+        optimizer=None,
     ):
         super().__init__()
         self.clipping = clipping_module.get_policy("clipping", clipping)
@@ -107,22 +120,26 @@ class AdaptiveClipping(keras.callbacks.Callback):
         self.skip_spikes = skip_spikes if skip_spikes in (None, True, False) else spikes
         self.log_statistics = check_bool("log_statistics", log_statistics)
         self.verbose = check_verbose("verbose", verbose)
-        self.optimizer = None
+        self.optimizer = check_optimizer_argument("optimizer", optimizer)
+        self.guard = None
 
     def on_train_begin(self, logs=None):
         model = self.model
-        current = model.optimizer
+        attribute = guarded_attribute(model, self.optimizer)
+        current = getattr(model, attribute)
         if isinstance(current, keras.optimizers.LossScaleOptimizer):
             current = current.inner_optimizer
         was_guarded = find_guard(current) is not None
-        self.optimizer = ensure_guarded(
+        self.guard = ensure_guarded(
             model,
             clipping=self.clipping,
             skip_nonfinite=self.skip_nonfinite,
             skip_spikes=self.skip_spikes,
+            optimizer=attribute,
         )
         if self.log_statistics and StepLogs.of(model).set_graph_values(
-            ("AdaptiveClipping", id(self.optimizer)), _statistics(model, self.optimizer)
+            ("AdaptiveClipping", id(self.guard)),
+            _statistics(model, self.guard, attribute),
         ):
             model.make_train_function(force=True)
         if self.verbose and not was_guarded:
@@ -130,7 +147,7 @@ class AdaptiveClipping(keras.callbacks.Callback):
                 f"AdaptiveClipping: wrapped optimizer '{current.name}' in "
                 f"GuardedOptimizer(clipping={self.clipping!r}, "
                 f"skip_nonfinite={self.skip_nonfinite}, "
-                f"skip_spikes={self.optimizer.skip_spikes!r}); it acts on the "
+                f"skip_spikes={self.guard.skip_spikes!r}); it acts on the "
                 "all-reduced gradient inside the train step"
                 + (
                     " and logs grad_norm, clip_threshold, steps_clipped and "
@@ -163,6 +180,7 @@ class AdaptiveClipping(keras.callbacks.Callback):
             else keras.saving.serialize_keras_object(self.skip_spikes),
             "log_statistics": self.log_statistics,
             "verbose": self.verbose,
+            "optimizer": self.optimizer if isinstance(self.optimizer, str) else None,
         }
 
     @classmethod

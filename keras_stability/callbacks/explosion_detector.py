@@ -345,8 +345,12 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self.lr_probes = 0  # lower learning rates kept by probes after rollbacks
         self.skipped_batches = 0
         self.consecutive_skips = 0
-        self._bad_streak = 0  # loss spikes and skipped steps in a row
-        self._streak_mark = None  # the epoch's loss total before the streak
+        # Bad steps (loss spikes, skipped steps) among the last
+        # 2 * (max_consecutive_skips + 1) steps, and their count.
+        self._bad_window = collections.deque(maxlen=2 * (self.max_consecutive_skips + 1))
+        self._bad_streak = 0
+        self._last_bad = False  # whether the last call was bad
+        self._streak_mark = None  # the epoch's loss total before the first of them
         self.spikes = 0  # single spikes seen (events, no action)
         self.events = []
         self.raw_losses = []
@@ -377,6 +381,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self._recent = collections.deque(maxlen=self.min_samples)
         self._start_losses = []
         self._start_calls = None
+        self._loss_mode = None  # "keras", "guard" or "none" (see _choose_loss_source)
         self._sustained = collections.deque(maxlen=self.min_samples)
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -414,6 +419,10 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         # non-finite steps, the default).
         norm_var = getattr(self.optimizer, "grad_norm", None)
         norm = _read_scalar(norm_var) if norm_var is not None else math.nan
+        if self._loss_mode is None:
+            self._choose_loss_source(raw, norm, norm_var)
+        if self._loss_mode == "guard":
+            raw = _read_scalar(self.optimizer.step_loss)
         skips_nonfinite = norm_var is not None and bool(
             getattr(self.optimizer, "skip_nonfinite", False)
         )
@@ -437,11 +446,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             self.consecutive_skips = (
                 self.consecutive_skips + skipped if skipped == steps else skipped
             )
-            if self._bad_streak == 0 or skipped < steps:
-                self._streak_mark = self._loss.mark()
-            self._bad_streak = (
-                self._bad_streak + skipped if skipped == steps else skipped
-            )
+            self._note_bad(skipped, steps)
             if steps == 1 or not math.isfinite(raw):
                 self._loss.rewind()
                 self._fix_logged_loss(logs)
@@ -455,9 +460,16 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                 problem = f"{self.consecutive_skips} non-finite steps in a row"
             elif self._bad_streak > self.max_consecutive_skips:
                 problem = (
-                    f"{self._bad_streak} bad steps in a row (non-finite steps "
-                    "skipped and loss spikes)"
+                    f"{self._bad_streak} of the last {len(self._bad_window)} steps bad "
+                    "(non-finite steps skipped and loss spikes)"
                 )
+        elif self._loss_mode == "none":
+            # No loss seen: the gradient norm alone is judged (spikes are
+            # events; non-finite steps are skipped and counted above).
+            self.consecutive_skips = 0
+            self._note_bad(0, steps)
+            if norm_var is not None and self._grad_z.update(norm):
+                self._spike_event(f"gradient-norm spike: norm {norm:.4g}", raw, norm)
         elif not (math.isfinite(raw) and (math.isfinite(norm) or norm_var is None)):
             problem = f"non-finite loss ({raw}) or gradient norm ({norm})"
         else:
@@ -465,12 +477,20 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             problem = self._judge(raw, norm if norm_var is not None else None, steps)
         if problem is not None:
             self._handle(problem, raw, norm, logs)
-        elif not skipped and not self._bad_streak:
+        elif not skipped and not self._last_bad:
             # A skipped step or a spike neither confirms nor takes a snapshot.
             self._healthy_step(raw)
         logs["raw_loss"] = raw
         logs["rollbacks"] = self.rollbacks
         logs["skipped_batches"] = self.skipped_batches
+
+    def _note_bad(self, bad, steps):
+        """Records a call of `steps` batches, `bad` of them bad."""
+        if bad and not self._bad_streak:
+            self._streak_mark = self._loss.mark()
+        self._bad_window.extend([False] * (steps - bad) + [True] * bad)
+        self._bad_streak = sum(self._bad_window)
+        self._last_bad = bool(bad)
 
     def _judge(self, raw, norm, steps):
         """The rules on one finite step: a problem (rollback-level) or `None`.
@@ -478,8 +498,9 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         A single loss or gradient-norm spike is only an event (`"spike"`):
         it is noise far more often than a failure, and rolling back for it
         costs a healthy run its progress. Rollback needs a persistent rise:
-        `max_consecutive_skips + 1` bad steps in a row (loss spikes or
-        skipped non-finite steps), a slow divergence or a regression.
+        more than `max_consecutive_skips` bad steps (loss spikes or skipped
+        non-finite steps) among the last `2 * (max_consecutive_skips + 1)`,
+        a slow divergence or a regression.
         """
         if not self._start_losses and self.snapshot.step == 0:
             # The first step's loss is the initial weights' loss.
@@ -493,13 +514,11 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self._sustained.append(raw)
         spike = self._loss_spike(raw)
         if spike is not None:
-            if self._bad_streak == 0:
-                self._streak_mark = self._loss.mark()
-            self._bad_streak += steps
+            self._note_bad(steps, steps)
             self._pending = None  # a snapshot right before a spike is suspect
             self._spike_event(spike, raw, norm)
         else:
-            self._bad_streak = 0
+            self._note_bad(0, steps)
         if norm is not None:
             grad_z = self._grad_z.zscore(norm)
             if self._grad_z.update(norm):
@@ -512,8 +531,8 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                 )
         if self._bad_streak > self.max_consecutive_skips:
             return (
-                f"loss rising: {self._bad_streak} bad steps in a row (loss spikes or "
-                f"non-finite steps), the last: {spike}"
+                f"loss rising: {self._bad_streak} of the last {len(self._bad_window)} "
+                f"steps bad (loss spikes or non-finite steps), the last: {spike}"
             )
         divergence = self._diverging()
         if divergence is not None:
@@ -659,11 +678,15 @@ class GradientExplosionDetector(keras.callbacks.Callback):
 
     # -- decisions ----------------------------------------------------------
     def _fix_logged_loss(self, logs):
+        """The logged loss without the steps rewound: their mean, or NaN if
+        every step of the epoch so far was skipped (the in-graph mean still
+        holds the skipped steps' losses; Keras' own would say 0.0)."""
         tracker = _keras_internals.loss_tracker(self.model)
         if tracker is not None and "loss" in logs:
             count = float(np.asarray(tracker.count))
-            if count > 0:
-                logs["loss"] = float(np.asarray(tracker.total)) / count
+            logs["loss"] = (
+                float(np.asarray(tracker.total)) / count if count > 0 else math.nan
+            )
 
     def _say(self, message):
         """Prints `message` (`verbose=1`) on a line of its own: with Keras'
@@ -698,6 +721,34 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             per_call = samples if samples > 0 else START_SAMPLES
             self._start_calls = max(1, math.ceil(START_SAMPLES / per_call))
         return self._start_calls
+
+    def _choose_loss_source(self, raw, norm, norm_var):
+        """Where the raw loss comes from, decided at the first informative step.
+
+        Keras' loss tracker when it gives a finite loss (the compiled loss);
+        else the loss the `GuardedOptimizer` saw in `scale_loss`, if any;
+        else (a custom `train_step` with its own loss tracker, which never
+        passes its loss through the optimizer) no loss: the gradient norm
+        alone is judged, and the detector says so once.
+        """
+        if math.isfinite(raw):
+            self._loss_mode = "keras"
+            return
+        if norm_var is not None and not math.isfinite(norm):
+            return  # a non-finite step tells nothing: decide at the next
+        seen_var = getattr(self.optimizer, "loss_seen", None)
+        if seen_var is not None and _read_scalar(seen_var) > 0:
+            self._loss_mode = "guard"
+            return
+        self._loss_mode = "none"
+        warnings.warn(
+            "GradientExplosionDetector: no per-step loss is seen (a custom "
+            "`train_step` that neither compiles a loss nor passes it through "
+            "`optimizer.scale_loss`): only the gradient norm is judged. "
+            "Non-finite steps are still skipped and rolled back from; loss "
+            "spikes, divergence and regressions cannot be seen.",
+            stacklevel=2,
+        )
 
     def _regressing(self):
         """Whether the last `min_samples` losses say training made the model
@@ -923,11 +974,12 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         if self.skip_batches and hasattr(self.optimizer, "skip_next"):
             self.optimizer.skip_next(self.skip_batches)
         self.consecutive_skips = 0
+        self._bad_window.clear()
         self._bad_streak = 0
         self._pending = None
         self._recent.clear()
         self._sustained.clear()
-        if self.check_recovery:
+        if self.check_recovery and self._loss_mode != "none":
             skipped = self.skip_batches if hasattr(self.optimizer, "skip_next") else 0
             reference = (
                 []

@@ -37,6 +37,8 @@ from keras_stability.diagnostics.gradient_health import diagnose_layers
 from keras_stability.diagnostics.gradient_health import format_findings
 from keras_stability.distribute.strategy import chief_path
 from keras_stability.optimizers.attach import ModelObservers
+from keras_stability.optimizers.attach import check_optimizer_argument
+from keras_stability.optimizers.attach import guarded_attribute
 
 __all__ = ["GradientMonitor"]
 
@@ -135,6 +137,16 @@ class GradientMonitor(keras.callbacks.Callback):
             `DIAGNOSIS_WINDOW`, 64, which the diagnosis reads), or `None` to
             keep every check (memory then grows with the run).
             Defaults to `2000`.
+        optimizer: Which optimizer's gradients to monitor: `None`
+            (`model.optimizer`), an optimizer the model holds, or the name of
+            the model attribute holding it, for a model with several
+            optimizers (the keras.io GAN's `"d_optimizer"`; one monitor per
+            optimizer; the layers are then those whose variables it updates).
+            At the start of training, with `None`, a model whose
+            `model.optimizer` is `None`, or that overrides `train_step` and
+            holds other optimizers, raises a `ValueError` naming them. An
+            instance is a runtime attachment: `get_config` gives `None` for
+            it. Defaults to `None`.
 
     Example:
 
@@ -162,6 +174,7 @@ class GradientMonitor(keras.callbacks.Callback):
         verbose=0,
         read_freq=32,
         history_size=2000,
+        optimizer=None,
     ):
         super().__init__()
         self.check_freq = check_positive_int("check_freq", check_freq)
@@ -180,6 +193,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self.history_size = check_int(
             "history_size", history_size, low=DIAGNOSIS_WINDOW, allow_none=True
         )
+        self.optimizer = check_optimizer_argument("optimizer", optimizer)
         self.observer = None
         self._observers = ModelObservers()
         self.history = {}
@@ -203,6 +217,7 @@ class GradientMonitor(keras.callbacks.Callback):
             "verbose": self.verbose,
             "read_freq": self.read_freq,
             "history_size": self.history_size,
+            "optimizer": self.optimizer if isinstance(self.optimizer, str) else None,
         }
 
     @classmethod
@@ -212,6 +227,8 @@ class GradientMonitor(keras.callbacks.Callback):
     # -- fit hooks --------------------------------------------------------
     def _make_observer(self):
         model = self.model
+        # Groups without a variable of the optimizer (a GAN's other half)
+        # are dropped when the observer builds (`_set_layers`).
         groups = (
             group_variables_by_layer(model)
             if self.per_layer
@@ -230,24 +247,12 @@ class GradientMonitor(keras.callbacks.Callback):
         if self.log_dir:
             log_dir = chief_path(self.log_dir, self.model.distribute_strategy)
             check_writable_dir("log_dir", log_dir)
-        _, self.observer = self._observers.attach(self.model, self._make_observer)
+        self._attribute = guarded_attribute(self.model, self.optimizer)
+        _, self.observer = self._observers.attach(
+            self.model, self._make_observer, optimizer=self._attribute
+        )
         self.observer.reset()
-        self.layer_names = [name for name, _, _ in self.observer.groups]
-        self.layer_kinds = [kind for _, kind, _ in self.observer.groups]
-        self.history = {
-            "step": [],
-            "raw_loss": [],
-            "global_norm": [],
-            "grad_norm": {n: [] for n in self.layer_names},
-            "weight_norm": {n: [] for n in self.layer_names},
-            "update_ratio": {n: [] for n in self.layer_names},
-        }
-        self.totals = {
-            "checks": 0,
-            "global_norm": _empty_summary(),
-            "raw_loss": _empty_summary(),
-            "grad_norm": {n: _empty_summary() for n in self.layer_names},
-        }
+        self._set_layers()
         self.raw_losses = []
         self._raw_offset = 0  # steps dropped from the front of `raw_losses`
         self.findings = []
@@ -268,6 +273,31 @@ class GradientMonitor(keras.callbacks.Callback):
             self._writer = tf.summary.create_file_writer(
                 os.path.join(log_dir, "gradients")
             )
+
+    def _set_layers(self):
+        """The layers (groups) of the observer: as configured, or as built
+        (an optimizer met only in the train step builds there)."""
+        observer = self.observer
+        if observer.built:
+            self.layer_names = list(observer.layer_names)
+            self.layer_kinds = list(observer.layer_kinds)
+        else:
+            self.layer_names = [name for name, _, _ in observer.groups or []]
+            self.layer_kinds = [kind for _, kind, _ in observer.groups or []]
+        self.history = {
+            "step": [],
+            "raw_loss": [],
+            "global_norm": [],
+            "grad_norm": {n: [] for n in self.layer_names},
+            "weight_norm": {n: [] for n in self.layer_names},
+            "update_ratio": {n: [] for n in self.layer_names},
+        }
+        self.totals = {
+            "checks": 0,
+            "global_norm": _empty_summary(),
+            "raw_loss": _empty_summary(),
+            "grad_norm": {n: _empty_summary() for n in self.layer_names},
+        }
 
     def on_epoch_begin(self, epoch, logs=None):
         self._step_logs.start_epoch(epoch)
@@ -333,6 +363,10 @@ class GradientMonitor(keras.callbacks.Callback):
         """
         if self.observer is None or not self.observer.built:
             return 0
+        if self.totals["checks"] == 0 and self.layer_names != list(
+            self.observer.layer_names
+        ):  # built in the first step, with only some of the groups
+            self._set_layers()
         rows = self.observer.read_rows(after_step=self._read_step)
         steps = rows["step"]
         if not len(steps):

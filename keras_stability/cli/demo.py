@@ -231,7 +231,7 @@ def part_clipping(ctx):
         callbacks=[callback],
     )
     loss, accuracy = model.evaluate(ctx.x_test, ctx.y_test, verbose=0)
-    stats = callback.optimizer.statistics()
+    stats = callback.guard.statistics()
     ctx.say(
         f"Test loss: {loss:.4f}  Test accuracy: {accuracy:.4f}  "
         f"steps: {stats['step']}, clipped: {stats['steps_clipped']}, "

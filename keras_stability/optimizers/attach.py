@@ -25,28 +25,167 @@ from keras_stability.optimizers.guarded_optimizer import optimizer_chain
 __all__ = [
     "ModelObservers",
     "attach_observer",
+    "check_optimizer_argument",
     "detach_observer",
     "ensure_guarded",
     "find_guard",
+    "guarded_attribute",
 ]
 
 
-def find_guard(optimizer):
-    """The `GuardedOptimizer` in `optimizer`'s wrapper chain, or `None`."""
+def check_optimizer_argument(name, value):
+    """Validates a callback's `optimizer=` argument (at construction).
+
+    Args:
+        name: The argument's name, for the message.
+        value: `None` (the model's `optimizer`), a Keras 3
+            `keras.optimizers.Optimizer` held by the model, or the name of the
+            model attribute that holds it (e.g. `"d_optimizer"`).
+
+    Returns:
+        `value`.
+
+    Raises:
+        ValueError: For anything else (an empty or non-identifier string).
+    """
+    if value is None or isinstance(value, keras.optimizers.Optimizer):
+        return value
+    if isinstance(value, str) and value.isidentifier():
+        return value
+    raise invalid(
+        name,
+        value,
+        "None, a keras.optimizers.Optimizer held by the model, or the name of "
+        "the model attribute holding it (e.g. 'd_optimizer')",
+    )
+
+
+def _optimizer_attributes(model):
+    """`{name: optimizer}` of the model's public attributes holding an optimizer."""
+    found = {}
+    for name, value in vars(model).items():
+        if not name.startswith("_") and isinstance(value, keras.optimizers.Optimizer):
+            found[name] = value
+    optimizer = getattr(model, "optimizer", None)
+    if isinstance(optimizer, keras.optimizers.Optimizer):
+        found.setdefault("optimizer", optimizer)
+    return found
+
+
+def _overrides_train_step(model):
+    return type(model).train_step is not keras.Model.train_step
+
+
+def _model_name(model):
+    return getattr(model, "name", type(model).__name__)
+
+
+def guarded_attribute(model, optimizer=None):
+    """The name of the model attribute holding the optimizer to guard.
+
+    Args:
+        model: A Keras model.
+        optimizer: `None`, an optimizer the model holds (or one wrapped in
+            it, e.g. a guard's inner optimizer), or an attribute name.
+            Defaults to `None`.
+
+    Returns:
+        The attribute name (`"optimizer"` for the compiled one).
+
+    Raises:
+        ValueError: If `model` is not a Keras model; if `optimizer` names no
+            optimizer of the model; if `optimizer` is `None` and
+            `model.optimizer` is `None`, or the model overrides `train_step`
+            and holds other optimizers (`model.optimizer` may then be unused:
+            the keras.io GAN compiles with its own `d_optimizer` and
+            `g_optimizer`). The message names the attributes found and the
+            argument to pass.
+    """
+    if not isinstance(model, keras.Model):
+        raise invalid("model", model, "a compiled Keras model (with an optimizer)")
+    optimizer = check_optimizer_argument("optimizer", optimizer)
+    found = _optimizer_attributes(model)
+    listing = ", ".join(f"`{k}`" for k in found) or "none"
+    if isinstance(optimizer, str):
+        if not isinstance(getattr(model, optimizer, None), keras.optimizers.Optimizer):
+            raise invalid(
+                "optimizer",
+                optimizer,
+                f"the name of an attribute of model '{_model_name(model)}' holding "
+                f"a keras.optimizers.Optimizer (found: {listing})",
+            )
+        return optimizer
+    if optimizer is not None:
+        for name, value in found.items():
+            if any(o is optimizer for o in optimizer_chain(value)):
+                return name
+        raise invalid(
+            "optimizer",
+            getattr(optimizer, "name", optimizer),
+            f"an optimizer held by model '{_model_name(model)}' (its optimizer "
+            f"attributes: {listing})",
+        )
+    others = [k for k in found if k != "optimizer"]
+    hint = (
+        f"pass `optimizer=` naming the one to guard, e.g. optimizer='{others[0]}'"
+        if others
+        else "compile the model with an optimizer, or pass `optimizer=` naming "
+        "the model attribute that holds the optimizer its train_step uses"
+    )
+    if getattr(model, "optimizer", None) is None and not others:
+        raise invalid(
+            "model",
+            _model_name(model),
+            "a compiled Keras model (with an optimizer), or `optimizer=` naming "
+            "the model attribute that holds the optimizer its train_step uses",
+        )
+    if getattr(model, "optimizer", None) is None:
+        raise ValueError(
+            f"Model '{_model_name(model)}' has no compiled optimizer "
+            f"(`model.optimizer` is None); optimizer attributes found: "
+            f"{listing}. Which optimizer to guard is unknown: {hint}."
+        )
+    if others and _overrides_train_step(model):
+        raise ValueError(
+            f"Model '{_model_name(model)}' overrides `train_step` and holds "
+            f"optimizers other than `model.optimizer`: "
+            + ", ".join(f"`{k}`" for k in others)
+            + ". Its train_step may never use `model.optimizer` (the keras.io "
+            f"GAN does not), so which one to guard is unknown: {hint} (one "
+            "callback per optimizer), or optimizer='optimizer' for the "
+            "compiled one."
+        )
+    return "optimizer"
+
+
+def find_guard(optimizer, *, model_optimizer=None):
+    """The `GuardedOptimizer` in an optimizer's wrapper chain, or `None`.
+
+    Args:
+        optimizer: An optimizer (its wrapper chain is searched), or a Keras
+            model: then `model_optimizer` says which of its optimizers.
+        model_optimizer: For a model, `None` (`model.optimizer`), an
+            optimizer it holds or the attribute name (as the callbacks'
+            `optimizer=`). Defaults to `None`.
+
+    Returns:
+        The `GuardedOptimizer`, or `None` (also for a model attribute that
+        holds no optimizer).
+    """
+    if isinstance(optimizer, keras.Model):
+        model = optimizer
+        if model_optimizer is None or isinstance(model_optimizer, str):
+            optimizer = getattr(model, model_optimizer or "optimizer", None)
+        else:
+            optimizer = model_optimizer
+            for value in _optimizer_attributes(model).values():
+                if any(o is model_optimizer for o in optimizer_chain(value)):
+                    optimizer = value
+                    break
     for opt in optimizer_chain(optimizer):
         if isinstance(opt, GuardedOptimizer):
             return opt
     return None
-
-
-def _check_model(model):
-    if not isinstance(model, keras.Model) or getattr(model, "optimizer", None) is None:
-        raise invalid(
-            "model",
-            getattr(model, "name", model) if isinstance(model, keras.Model) else model,
-            "a compiled Keras model (with an optimizer)",
-        )
-    return model
 
 
 def _strategy_scope(model):
@@ -54,8 +193,14 @@ def _strategy_scope(model):
     return strategy.scope() if strategy is not None else contextlib.nullcontext()
 
 
-def ensure_guarded(model, clipping=None, skip_nonfinite=None, skip_spikes=None):
-    """Makes `model.optimizer` a `GuardedOptimizer` and returns it.
+def ensure_guarded(
+    model, clipping=None, skip_nonfinite=None, skip_spikes=None, optimizer=None
+):
+    """Makes the model's optimizer a `GuardedOptimizer` and returns it.
+
+    Which optimizer: `model.optimizer`, or the one `optimizer` names (a model
+    with several optimizers, such as the keras.io GAN's `d_optimizer` and
+    `g_optimizer`: the guard replaces that attribute).
 
     A plain optimizer is wrapped; under a `LossScaleOptimizer` (mixed
     precision) its inner optimizer is wrapped, so gradients are measured
@@ -79,22 +224,27 @@ def ensure_guarded(model, clipping=None, skip_nonfinite=None, skip_spikes=None):
             Defaults to `None`.
         skip_spikes: `None`/`False` (not asked for), `True` or a
             `SpikeSkipping`. Defaults to `None`.
+        optimizer: `None` (`model.optimizer`), an optimizer the model holds,
+            or the name of the model attribute holding it (e.g.
+            `"d_optimizer"`). Defaults to `None`.
 
     Returns:
         The `GuardedOptimizer`.
 
     Raises:
         ValueError: if the model is not compiled, if the optimizer clips by
-            itself, if an argument is invalid, or if the optimizer is already
+            itself, if an argument is invalid, if the optimizer is already
             guarded with a different policy, spike skipping or
-            `skip_nonfinite`.
+            `skip_nonfinite`, or if which optimizer to guard is unknown (see
+            `guarded_attribute`: `model.optimizer` is `None`, or the model
+            overrides `train_step` and holds other optimizers).
     """
-    _check_model(model)
+    attribute = guarded_attribute(model, optimizer)
     clipping = clipping_module.get_policy("clipping", clipping)
     skip_spikes = _get_spike_skipping(skip_spikes)
     if skip_nonfinite is not None:
         skip_nonfinite = check_bool("skip_nonfinite", skip_nonfinite)
-    optimizer = model.optimizer
+    optimizer = getattr(model, attribute)
     outer = optimizer
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         optimizer = optimizer.inner_optimizer
@@ -125,13 +275,21 @@ def ensure_guarded(model, clipping=None, skip_nonfinite=None, skip_spikes=None):
     if outer is not optimizer:
         outer.inner_optimizer = guarded
     else:
-        model.optimizer = guarded
+        setattr(model, attribute, guarded)
     compile_config = getattr(model, "_compile_config", None)
-    if compile_config is not None and "optimizer" in compile_config.config:
+    if (
+        attribute == "optimizer"
+        and compile_config is not None
+        and "optimizer" in compile_config.config
+    ):
         compile_config.config["optimizer"] = guarded
-    if getattr(model, "built", False) and optimizer.built:
+    if optimizer.built:
+        if attribute == "optimizer" and getattr(model, "built", False):
+            variables = model.trainable_variables
+        else:  # the variables the optimizer was built for (a GAN's half)
+            variables = list(optimizer._trainable_variables)
         with _strategy_scope(model):
-            guarded.build(model.trainable_variables)
+            guarded.build(variables)
     if getattr(model, "train_function", None) is not None:
         model.make_train_function(force=True)
     return guarded
@@ -146,7 +304,12 @@ def _check_observer(observer):
 
 
 def attach_observer(
-    model, observer, clipping=None, skip_nonfinite=None, skip_spikes=None
+    model,
+    observer,
+    clipping=None,
+    skip_nonfinite=None,
+    skip_spikes=None,
+    optimizer=None,
 ):
     """Adds `observer` to the model's (guarded) optimizer before training.
 
@@ -161,6 +324,7 @@ def attach_observer(
         clipping: See `ensure_guarded`. Defaults to `None`.
         skip_nonfinite: See `ensure_guarded`. Defaults to `None`.
         skip_spikes: See `ensure_guarded`. Defaults to `None`.
+        optimizer: See `ensure_guarded`. Defaults to `None`.
 
     Returns:
         The `GuardedOptimizer`.
@@ -169,10 +333,13 @@ def attach_observer(
         ValueError: As `ensure_guarded`, or if `observer` is not a
             `GradientObserver`.
     """
-    _check_model(model)
     _check_observer(observer)
     guard = ensure_guarded(
-        model, clipping=clipping, skip_nonfinite=skip_nonfinite, skip_spikes=skip_spikes
+        model,
+        clipping=clipping,
+        skip_nonfinite=skip_nonfinite,
+        skip_spikes=skip_spikes,
+        optimizer=optimizer,
     )
     if observer not in guard.observers:
         with _strategy_scope(model):
@@ -181,7 +348,7 @@ def attach_observer(
     return guard
 
 
-def detach_observer(model, observer):
+def detach_observer(model, observer, optimizer=None):
     """Removes `observer` from the model's guarded optimizer, if it is there.
 
     The train function is traced again, so the observer's statistics are no
@@ -190,6 +357,8 @@ def detach_observer(model, observer):
     Args:
         model: A Keras model.
         observer: A `GradientObserver`.
+        optimizer: Which of the model's optimizers, as in `ensure_guarded`.
+            Defaults to `None`.
 
     Returns:
         Whether the observer was attached.
@@ -201,7 +370,8 @@ def detach_observer(model, observer):
     if not isinstance(model, keras.Model):
         raise invalid("model", model, "a Keras model")
     _check_observer(observer)
-    guard = find_guard(getattr(model, "optimizer", None))
+    optimizer = check_optimizer_argument("optimizer", optimizer)
+    guard = find_guard(model, model_optimizer=optimizer)
     if guard is not None and guard.remove_observer(observer):
         if getattr(model, "train_function", None) is not None:
             model.make_train_function(force=True)
@@ -236,13 +406,14 @@ class ModelObservers:
         Args:
             model: The compiled model.
             make: Zero-argument function returning a new `GradientObserver`.
-            **guard_kwargs: `attach_observer`'s guard arguments.
+            **guard_kwargs: `attach_observer`'s guard arguments (with
+                `optimizer`, which of the model's optimizers).
 
         Returns:
             Tuple `(guard, observer)`.
         """
         entry = self._by_model.get(model)
-        guard = find_guard(getattr(model, "optimizer", None))
+        guard = find_guard(model, model_optimizer=guard_kwargs.get("optimizer"))
         observer = None
         if entry is not None:
             observer, old_guard = entry
@@ -264,6 +435,9 @@ class ModelObservers:
             Whether any was attached.
         """
         detached = False
-        for model, (observer, _) in list(self._by_model.items()):
-            detached = detach_observer(model, observer) or detached
+        for model, (observer, guard) in list(self._by_model.items()):
+            if guard.remove_observer(observer):
+                detached = True
+                if getattr(model, "train_function", None) is not None:
+                    model.make_train_function(force=True)
         return detached

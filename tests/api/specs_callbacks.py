@@ -30,6 +30,9 @@ BAD_COUNT = ["x", None, -1, 2.5, True]
 BAD_POSITIVE = [0, -1.0, "1", True, None, NAN, INF]
 BAD_PATH = [3, "", ["a"]]
 BAD_VERBOSE = [3, -1, "1", None]
+# `optimizer=`: None, an Optimizer held by the model, or an attribute name.
+BAD_OPTIMIZER = [3, "", "d optimizer", ["d_optimizer"], True, "adam()"]
+GOOD_OPTIMIZER = ["d_optimizer", keras.optimizers.SGD()]
 GOOD_VERBOSE = {"verbose": [True]}  # Keras' callbacks take a bool too
 
 
@@ -84,8 +87,9 @@ CASES = [
             "clipping": BAD_POLICY,
             "skip_spikes": BAD_SPIKES,
             "verbose": BAD_VERBOSE,
+            "optimizer": BAD_OPTIMIZER,
         },
-        good=GOOD_VERBOSE,
+        good={**GOOD_VERBOSE, "optimizer": GOOD_OPTIMIZER},
         config=True,
     ),
     Case(
@@ -123,8 +127,9 @@ CASES = [
             "verbose": BAD_VERBOSE,
             "read_freq": [0],
             "history_size": [0, 10, 63],  # the diagnosis reads 64 checks
+            "optimizer": BAD_OPTIMIZER,
         },
-        good=GOOD_VERBOSE,
+        good={**GOOD_VERBOSE, "optimizer": GOOD_OPTIMIZER},
         config=True,
     ),
     Case(
@@ -364,7 +369,10 @@ CASES = [
             "clipping": BAD_POLICY,
             "skip_nonfinite": ["False", "no", 0, 1],
             "skip_spikes": BAD_SPIKES,
+            # Also a name or an optimizer the model does not hold.
+            "optimizer": BAD_OPTIMIZER + ["e_optimizer", keras.optimizers.SGD()],
         },
+        good={"optimizer": ["optimizer"]},
     ),
     Case(
         optimizers.attach_observer,
@@ -378,7 +386,10 @@ CASES = [
             "clipping": BAD_POLICY,
             "skip_nonfinite": ["False", "no", 0, 1],
             "skip_spikes": BAD_SPIKES,
+            # Also a name or an optimizer the model does not hold.
+            "optimizer": BAD_OPTIMIZER + ["e_optimizer", keras.optimizers.SGD()],
         },
+        good={"optimizer": ["optimizer"]},
     ),
     Case(
         optimizers.detach_observer,
@@ -386,7 +397,12 @@ CASES = [
             "model": _compiled_model(),
             "observer": optimizers.GradientObserver(),
         },
-        bad={"model": ["model", None, 3], "observer": ["x", None, 3]},
+        bad={
+            "model": ["model", None, 3],
+            "observer": ["x", None, 3],
+            "optimizer": BAD_OPTIMIZER,
+        },
+        good={"optimizer": ["optimizer", "e_optimizer"]},
     ),
 ]
 

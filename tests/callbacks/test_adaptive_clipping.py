@@ -79,7 +79,7 @@ def test_reused_across_fits_and_after_a_plain_fit(capsys):
     guarded = model.optimizer
     history = model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])
     assert capsys.readouterr().out.count("wrapped optimizer") == 1
-    assert model.optimizer is guarded is callback.optimizer
+    assert model.optimizer is guarded is callback.guard
     assert guarded.statistics()["step"] == 8
     assert int(guarded.iterations) == 12  # 4 plain steps + 8 guarded, none skipped
     assert "grad_norm" in history.history

@@ -261,7 +261,7 @@ def test_failed_recovery_escalates_to_a_second_rollback(check_recovery):
     assert [e["step"] for e in detector.events if e["kind"] == "spike"] == [4, 5, 6, 7]
     assert detector.events[0]["detail"].startswith("loss spike")
     problems = [e for e in detector.events if e["kind"] == "problem"]
-    assert problems[0]["detail"].startswith("loss rising: 4 bad steps in a row")
+    assert problems[0]["detail"].startswith("loss rising: 4 of the last 7 steps bad")
     if check_recovery:
         # Rollback at step 7, steps 8-10 skipped, steps 11-15 judged.
         assert steps == [7, 15]
@@ -574,8 +574,13 @@ def test_all_nan_data_stops_after_max_rollbacks_with_last_good_weights(tmp_path)
     detector = GradientExplosionDetector(
         max_rollbacks=2, max_consecutive_skips=2, diagnostic_path=path, verbose=0
     )
-    _, messages = _quiet(
+    history, messages = _quiet(
         model.fit, x, y, batch_size=16, epochs=5, verbose=0, callbacks=[detector]
+    )
+    # Every step skipped: the epoch loss is NaN (never 0.0, which a tuner
+    # minimising the loss would pick).
+    assert history.history["loss"] and all(
+        math.isnan(v) for v in history.history["loss"]
     )
     # 3 non-finite steps in a row -> rollback, twice; the third time it stops.
     assert detector.rollbacks == 2
@@ -1031,3 +1036,69 @@ def test_verbose_messages_start_on_a_new_line_under_the_progress_bar(capsys):
     detector.set_params({"verbose": 2, "epochs": 1, "steps": 8})  # one line per epoch
     detector._say("x")
     assert capsys.readouterr().out == "x\n"
+
+
+def _keras_io_custom_train_step_model():
+    """keras.io's lower-level custom `train_step`: its own `Mean` loss
+    tracker, no compiled loss, the loss never passed through the optimizer."""
+    import tensorflow as tf
+
+    class CustomModel(keras.Model):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.loss_tracker = keras.metrics.Mean(name="loss")
+            self.loss_fn = keras.losses.MeanSquaredError()
+
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                loss = self.loss_fn(y, self(x, training=True))
+            trainable_vars = self.trainable_variables
+            self.optimizer.apply(tape.gradient(loss, trainable_vars), trainable_vars)
+            self.loss_tracker.update_state(loss)
+            return {"loss": self.loss_tracker.result()}
+
+        @property
+        def metrics(self):
+            return [self.loss_tracker]
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8,))
+    model = CustomModel(inputs, keras.layers.Dense(1)(inputs))
+    model.compile(optimizer=keras.optimizers.SGD(0.05))
+    return model
+
+
+@pytest.mark.parametrize("nan_batch", [False, True])
+def test_custom_train_step_without_a_compiled_loss_is_judged_on_the_norm(nan_batch):
+    # Keras' loss tracker stays empty (its raw loss is NaN): every step used
+    # to look non-finite, and the detector rolled back 3 times and stopped
+    # at the initial weights. Now it says once that it sees no loss and
+    # judges the gradient norm alone; NaN steps are still skipped.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 8)).astype("float32")
+    y = x @ rng.normal(size=(8, 1)).astype("float32")
+    if nan_batch:
+        x[32:48] = np.nan  # batch 3 of 8
+    plain = _keras_io_custom_train_step_model()
+    plain_x = np.delete(x, np.s_[32:48], axis=0) if nan_batch else x
+    plain_y = np.delete(y, np.s_[32:48], axis=0) if nan_batch else y
+    plain.fit(plain_x, plain_y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+    model = _keras_io_custom_train_step_model()
+    detector = GradientExplosionDetector()
+    _, messages = _quiet(
+        model.fit,
+        x,
+        y,
+        batch_size=16,
+        epochs=3,
+        shuffle=False,
+        verbose=0,
+        callbacks=[detector],
+    )
+    assert sum("no per-step loss is seen" in m for m in messages) == 1
+    assert detector.rollbacks == 0 and detector.stopped_reason is None
+    assert detector.skipped_batches == (3 if nan_batch else 0)
+    # The same updates as plain fit without the NaN batch.
+    for w, w0 in zip(model.get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_allclose(w, w0, rtol=1e-5, atol=1e-6)
