@@ -56,7 +56,9 @@ from keras_stability.callbacks.step_logs import counts
 from keras_stability.diagnostics.spikes import RobustZScore
 from keras_stability.distribute.strategy import chief_path
 from keras_stability.optimizers.attach import ModelObservers
+from keras_stability.optimizers.attach import check_optimizer_argument
 from keras_stability.optimizers.attach import find_guard
+from keras_stability.optimizers.attach import guarded_attribute
 
 __all__ = ["GradientExplosionDetector"]
 
@@ -206,6 +208,14 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         verbose: 0 (silent) or 1 (print each rollback and lower learning
             rate kept; problems and stops are warned about either way).
             Defaults to `0`.
+        optimizer: Which optimizer to guard and roll back the learning rate
+            of: `None` (`model.optimizer`), a `keras.optimizers.Optimizer`
+            the model holds, or the name of the model attribute holding it
+            (`"d_optimizer"` in keras.io's GAN). A model with several
+            optimizers and no `optimizer=` fails at the start of `fit`, naming
+            them. Snapshots hold the state of every optimizer the model holds.
+            After `fit` starts, `detector.optimizer` is the guard.
+            Defaults to `None`.
 
     Example:
 
@@ -235,6 +245,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         probe_lower_lr=True,
         diagnostic_path=None,
         verbose=0,
+        optimizer=None,
     ):
         super().__init__()
         self.action = check_choice("action", action, ACTIONS)
@@ -270,6 +281,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             "diagnostic_path", diagnostic_path, allow_none=True
         )
         self.verbose = check_verbose("verbose", verbose)
+        self._optimizer_arg = check_optimizer_argument("optimizer", optimizer)
         self.diagnostic = None
         self._stats = None
         self._observers = ModelObservers()
@@ -293,6 +305,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             "probe_lower_lr": self.probe_lower_lr,
             "diagnostic_path": self.diagnostic_path,
             "verbose": self.verbose,
+            "optimizer": self._optimizer_arg,
         }
 
     @classmethod
@@ -303,7 +316,8 @@ class GradientExplosionDetector(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         model = self.model
         with model.distribute_strategy.scope():
-            if wrap_schedule(model.optimizer):
+            target = getattr(model, guarded_attribute(model, self._optimizer_arg))
+            if wrap_schedule(target):
                 model.make_train_function(force=True)
         if self.diagnostic_path:
             check_writable_file(
@@ -323,10 +337,13 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         # in-graph (GuardedOptimizer's `skip_spikes`); an existing one is
         # used as it is.
         guard_kwargs = {}
-        if self.action == "skip" and find_guard(model.optimizer) is None:
+        if (
+            self.action == "skip"
+            and find_guard(model, model_optimizer=self._optimizer_arg) is None
+        ):
             guard_kwargs = {"skip_spikes": True}
         self.optimizer, self._stats = self._observers.attach(
-            model, per_layer_norms, **guard_kwargs
+            model, per_layer_norms, optimizer=self._optimizer_arg, **guard_kwargs
         )
         self._layer_names = [name for name, _, _ in self._stats.groups]
         self._step_logs = StepLogs.of(model)

@@ -56,8 +56,35 @@ def optimizer_state_variables(optimizer):
     return [v for v in opt.variables if v is not lr and v.path != lr_path]
 
 
+def model_optimizers(model):
+    """`model.optimizer` and the optimizers in the model's public attributes
+    (keras.io's GAN keeps `d_optimizer` and `g_optimizer`), each once."""
+    import keras
+
+    found = []
+    candidates = [getattr(model, "optimizer", None)] + [
+        value for name, value in vars(model).items() if not name.startswith("_")
+    ]
+    for value in candidates:
+        if isinstance(value, keras.optimizers.Optimizer) and not any(
+            value is o for o in found
+        ):
+            found.append(value)
+    return found
+
+
+def _state_variables(model):
+    return [
+        (i, v)
+        for i, opt in enumerate(model_optimizers(model))
+        for v in optimizer_state_variables(opt)
+    ]
+
+
 class Snapshot:
-    """Exact host copy of `model.weights` and the optimizer state.
+    """Exact host copy of `model.weights` and the optimizers' state.
+
+    The state of every optimizer the model holds (`model_optimizers`).
 
     Args:
         model: The model.
@@ -75,10 +102,11 @@ class Snapshot:
         self.step = int(step)
         self.score = float(score)
         weights = list(model.weights)
-        opt_vars = optimizer_state_variables(model.optimizer) if model.optimizer else []
+        keyed = _state_variables(model)
+        opt_vars = [v for _, v in keyed]
         values = _host_copies(model, weights + opt_vars)
         self.weights = values[: len(weights)]
-        self.optimizer_paths = [v.path for v in opt_vars]
+        self.optimizer_paths = [(i, v.path) for i, v in keyed]
         self.optimizer_values = values[len(weights) :]
         self.loss = float("nan")
         self.finite = self.is_finite()
@@ -99,6 +127,6 @@ class Snapshot:
         for v, value in zip(model.weights, self.weights, strict=True):
             v.assign(value)
         by_path = dict(zip(self.optimizer_paths, self.optimizer_values, strict=True))
-        for v in optimizer_state_variables(model.optimizer):
-            if v.path in by_path:
-                v.assign(by_path[v.path])
+        for i, v in _state_variables(model):
+            if (i, v.path) in by_path:
+                v.assign(by_path[(i, v.path)])

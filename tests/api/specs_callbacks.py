@@ -109,6 +109,7 @@ CASES = [
             "min_samples": [0, 200],  # 200 > window=128
             "diagnostic_path": BAD_PATH,
             "verbose": BAD_VERBOSE,
+            "optimizer": [3, "", "not an identifier", ["d_optimizer"]],
         },
         good=GOOD_VERBOSE,
         config=True,

@@ -1102,3 +1102,33 @@ def test_custom_train_step_without_a_compiled_loss_is_judged_on_the_norm(nan_bat
     # The same updates as plain fit without the NaN batch.
     for w, w0 in zip(model.get_weights(), plain.get_weights(), strict=True):
         np.testing.assert_allclose(w, w0, rtol=1e-5, atol=1e-6)
+
+
+def test_gan_needs_optimizer_argument_and_guards_the_named_optimizer():
+    # keras.io's GAN: its own d_optimizer / g_optimizer, model.optimizer
+    # unused. The detector raised "`skip_next` needs a built optimizer";
+    # now it fails at the start of fit naming the optimizers, or guards the
+    # one named, and its snapshots hold both optimizers' state.
+    from keras_stability.optimizers import GuardedOptimizer
+    from tests.callbacks.test_custom_training import _gan
+
+    gan, data = _gan()
+    with pytest.raises(ValueError, match="optimizer='d_optimizer'"):
+        gan.fit(data, batch_size=8, epochs=1, verbose=0, callbacks=[GradientExplosionDetector()])
+    gan, data = _gan()
+    detector = GradientExplosionDetector(optimizer="d_optimizer")
+    gan.fit(data, batch_size=8, epochs=2, verbose=0, callbacks=[detector])
+    assert isinstance(gan.d_optimizer, GuardedOptimizer)
+    assert detector.optimizer is gan.d_optimizer and detector.step == 8
+    assert int(gan.d_optimizer.step) == 8
+    assert detector.rollbacks == 0 and detector.stopped_reason is None
+    snapshot = Snapshot(gan)
+    assert len({i for i, _ in snapshot.optimizer_paths}) >= 2  # d and g states
+    before = [np.array(v) for v in gan.g_optimizer.variables]
+    gan.fit(data, batch_size=8, epochs=1, verbose=0)
+    snapshot.restore(gan)
+    for v, b in zip(gan.g_optimizer.variables, before, strict=True):
+        np.testing.assert_array_equal(np.array(v), b)
+    assert GradientExplosionDetector(optimizer="d_optimizer").get_config()[
+        "optimizer"
+    ] == "d_optimizer"
