@@ -25,6 +25,7 @@ kept if its loss is lower, and probed in turn). A learning rate can be low
 enough not to explode and still far too high to train well; the loss alone,
 without a comparison, cannot tell it from a slow but healthy run.
 """
+
 import collections
 import json
 import math
@@ -349,8 +350,12 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self._step_logs = StepLogs.of(model)
         self._step_logs.attach(self, self._after_step, self.params)
         self._loss = self._step_logs.loss
-        self._loss_z = RobustZScore(self.window, self.loss_z_threshold, self.min_samples)
-        self._grad_z = RobustZScore(self.window, self.grad_z_threshold, self.min_samples)
+        self._loss_z = RobustZScore(
+            self.window, self.loss_z_threshold, self.min_samples
+        )
+        self._grad_z = RobustZScore(
+            self.window, self.grad_z_threshold, self.min_samples
+        )
         self.step = 0
         self.epoch = 0
         # Batches per call of the train function; above 1 the skipped steps
@@ -364,7 +369,9 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self.consecutive_skips = 0
         # Bad steps (loss spikes, skipped steps) among the last
         # 2 * (max_consecutive_skips + 1) steps, and their count.
-        self._bad_window = collections.deque(maxlen=2 * (self.max_consecutive_skips + 1))
+        self._bad_window = collections.deque(
+            maxlen=2 * (self.max_consecutive_skips + 1)
+        )
         self._bad_streak = 0
         self._last_bad = False  # whether the last call was bad
         self._streak_mark = None  # the epoch's loss total before the first of them
@@ -1048,7 +1055,9 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             "lr_probes": self.lr_probes,
             "skipped_batches": self.skipped_batches,
             "restored_step": None if target is None else target.step,
-            "restored_loss": None if target is None else _json_float(target.known_loss()),
+            "restored_loss": None
+            if target is None
+            else _json_float(target.known_loss()),
             "events": self.events,
             "loss_history": [_json_float(v) for v in self.raw_losses],
             "grad_norm_history": [_json_float(v) for v in self.grad_norms],

@@ -203,7 +203,10 @@ def test_epoch_loss_is_the_mean_over_applied_steps():
     pred = model.predict(x, verbose=0)
     applied = [0, 2, 3]
     expected = np.mean(
-        [np.mean((pred[i * 8 : i * 8 + 8] - y[i * 8 : i * 8 + 8]) ** 2) for i in applied]
+        [
+            np.mean((pred[i * 8 : i * 8 + 8] - y[i * 8 : i * 8 + 8]) ** 2)
+            for i in applied
+        ]
     )
     assert history.history["loss"][0] == pytest.approx(expected, rel=1e-5)
     assert history.history["steps_skipped"] == [1.0]

@@ -937,7 +937,9 @@ def test_early_spike_message_gives_the_ratio_to_the_median_not_a_zero_z_score():
     x, y, start = _quadratic_problem()
     model = _linear(1.5)
     detector = GradientExplosionDetector(regress_factor=None, verbose=0)
-    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[detector])
+    model.fit(
+        x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[detector]
+    )
     spike = detector.events[0]
     assert spike["kind"] == "spike" and spike["step"] == 4
     # Step 4's loss is 64x the first; the median of steps 1-3 is 4x.
@@ -1032,7 +1034,9 @@ def test_verbose_messages_start_on_a_new_line_under_the_progress_bar(capsys):
     detector = GradientExplosionDetector(verbose=1)
     detector.set_params({"verbose": 1, "epochs": 1, "steps": 8})
     detector._say("GradientExplosionDetector at step 3: something.")
-    assert capsys.readouterr().out == "\nGradientExplosionDetector at step 3: something.\n"
+    assert (
+        capsys.readouterr().out == "\nGradientExplosionDetector at step 3: something.\n"
+    )
     detector.set_params({"verbose": 2, "epochs": 1, "steps": 8})  # one line per epoch
     detector._say("x")
     assert capsys.readouterr().out == "x\n"
@@ -1114,7 +1118,13 @@ def test_gan_needs_optimizer_argument_and_guards_the_named_optimizer():
 
     gan, data = _gan()
     with pytest.raises(ValueError, match="optimizer='d_optimizer'"):
-        gan.fit(data, batch_size=8, epochs=1, verbose=0, callbacks=[GradientExplosionDetector()])
+        gan.fit(
+            data,
+            batch_size=8,
+            epochs=1,
+            verbose=0,
+            callbacks=[GradientExplosionDetector()],
+        )
     gan, data = _gan()
     detector = GradientExplosionDetector(optimizer="d_optimizer")
     gan.fit(data, batch_size=8, epochs=2, verbose=0, callbacks=[detector])
@@ -1129,6 +1139,7 @@ def test_gan_needs_optimizer_argument_and_guards_the_named_optimizer():
     snapshot.restore(gan)
     for v, b in zip(gan.g_optimizer.variables, before, strict=True):
         np.testing.assert_array_equal(np.array(v), b)
-    assert GradientExplosionDetector(optimizer="d_optimizer").get_config()[
-        "optimizer"
-    ] == "d_optimizer"
+    assert (
+        GradientExplosionDetector(optimizer="d_optimizer").get_config()["optimizer"]
+        == "d_optimizer"
+    )
