@@ -76,6 +76,11 @@ DIVERGENCE_FLOOR = 0.1
 # The loss a fit started from is the mean raw loss of its first batches
 # holding at least this many samples.
 START_SAMPLES = 32
+# Below this many samples per step, the median of the first steps' losses is
+# no statistic (a few per-sample losses of a fast-falling run are ~0, and an
+# ordinary misclassified sample is then "400x" it): in the first steps a
+# spike must also be `loss_factor` times the starting loss.
+SMALL_BATCH = 8
 
 
 @keras.saving.register_keras_serializable(package="keras_stability")
@@ -405,6 +410,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self._recent = collections.deque(maxlen=self.min_samples)
         self._start_losses = []
         self._start_calls = None
+        self._call_samples = None  # samples per call (read with `_start_calls`)
         self._loss_mode = None  # "keras", "guard" or "none" (see _choose_loss_source)
         self._sustained = collections.deque(maxlen=self.min_samples)
 
@@ -572,23 +578,45 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         return None
 
     def _loss_spike(self, raw):
-        """Describes `raw` if it is a loss spike (else `None`); updates the window."""
+        """Describes `raw` if it is a loss spike (else `None`); updates the window.
+
+        Two absolute floors keep heavy-tailed small-batch noise from
+        counting: a loss below a tenth of the starting loss is never a spike
+        (near zero loss nothing is "10x" anything by noise), and in the first
+        `min_samples` steps, at batch sizes below `SMALL_BATCH`, a spike must
+        be `loss_factor` times the larger of their median and the starting
+        loss (at batch size 1 the median of a few per-sample losses of a
+        fast-falling run is near zero, and an ordinary misclassified sample
+        is then "400x" it).
+        """
         z = self._loss_z
+        start = self._start_loss if math.isfinite(self._start_loss) else 0.0
         if not z.ready():
             median = z.median()
+            if (self._call_samples or SMALL_BATCH) >= SMALL_BATCH:
+                start = 0.0  # the median of the first steps is a statistic
+            reference = max(median, start) if math.isfinite(median) else start
             if (
                 self.loss_factor is not None
-                and median > 0
-                and raw > self.loss_factor * median
+                and reference > 0
+                and len(z.values) > 0
+                and raw > self.loss_factor * reference
             ):
-                return (
-                    f"loss spike: raw loss {raw:.4g} is {raw / median:.3g}x the median "
-                    f"{median:.4g} of the first {len(z.values)} steps"
+                what = (
+                    f"the median {median:.4g} of the first {len(z.values)} steps"
+                    if median >= start
+                    else f"the starting loss {start:.4g}"
                 )
+                return f"loss spike: raw loss {raw:.4g} is {raw / reference:.3g}x {what}"
             z.update(raw)
             return None
         score = z.zscore(raw)
         median = z.median()
+        if not raw > DIVERGENCE_FLOOR * start:
+            # Far below the starting loss: never a spike (the window still
+            # judges whether to keep it, as for any value).
+            z.update(raw)
+            return None
         if not z.update(raw):
             return None
         return (
@@ -744,6 +772,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             samples = float(np.asarray(tracker.count)) if tracker is not None else 0.0
             per_call = samples if samples > 0 else START_SAMPLES
             self._start_calls = max(1, math.ceil(START_SAMPLES / per_call))
+            self._call_samples = per_call
         return self._start_calls
 
     def _choose_loss_source(self, raw, norm, norm_var):

@@ -902,6 +902,47 @@ def test_healthy_batch_size_1_run_is_left_alone_with_defaults(seed, lr):
     assert detector.step == 512 and model.optimizer.iterations.numpy() == 512
 
 
+def _blobs_batch_1(seed, lr, callbacks=()):
+    # The battery's "tiny MLP, batch 1": two blobs 8 standard deviations
+    # apart; within a few steps most single-sample losses are ~1e-4, with
+    # an ordinary 0.05-0.5 one now and then.
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 240).astype("int32")
+    x = rng.normal(size=(240, 2)).astype("float32") + 4.0 * (2 * y[:, None] - 1)
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [
+            keras.Input((2,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(2),
+        ]
+    )
+    model.compile(
+        keras.optimizers.Adam(lr),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(x, y, batch_size=1, epochs=2, verbose=0, callbacks=list(callbacks))
+    return model.evaluate(x, y, verbose=0)
+
+
+@pytest.mark.parametrize("lr", [1e-2, 1e-3])
+def test_batch_1_loss_near_zero_in_the_first_steps_is_not_a_rising_loss(lr):
+    # The battery's failing healthy run (seed 0): the loss falls to ~1e-4
+    # within 10 steps, so the median of the first steps (before the z-score
+    # can judge) is ~1e-4 and ordinary single-sample losses of 0.07-0.5 were
+    # "300-400x" it: 4 such "spikes" among 8 steps read as a persistent rise
+    # and rolled back at step 16 (3 rollbacks and a stop at 1e-2, held-out
+    # loss 0.37 against 8.4e-5). Early spikes are now judged against the
+    # starting loss too, and nothing below a tenth of it is a spike.
+    plain = _blobs_batch_1(0, lr)
+    detector = GradientExplosionDetector()
+    loss, _ = _quiet(_blobs_batch_1, 0, lr, callbacks=[detector])
+    assert _actions(detector) == []
+    assert detector.rollbacks == 0 and detector.stopped_reason is None
+    assert loss == pytest.approx(plain, rel=1e-5)
+    assert detector.step == 480
+
+
 def test_sgd_20_on_the_keras_example_is_rescued_with_default_arguments():
     # The demo's case: plain fit ends with NaN weights. With the defaults
     # (lr_factor 0.1) the detector rolls back once the loss climbs 4 steps in
