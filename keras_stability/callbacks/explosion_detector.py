@@ -8,7 +8,9 @@ grade, so that a healthy run is never touched:
 - a non-finite step is never applied (the guard skips it in-graph, on all
   replicas alike); a single loss or gradient-norm spike (robust z-score in
   log space, median/MAD over the last `window` healthy steps; in the first
-  steps, `loss_factor` times their median) is only recorded (`"spike"`);
+  steps, `loss_factor` times their median, and at batch sizes below 8 times
+  the starting loss too; never below a tenth of the starting loss) is only
+  recorded (`"spike"`);
 - rollback-level evidence: `max_consecutive_skips + 1` bad steps in a row
   (spikes or skipped steps), a slow divergence (the mean raw loss of the
   last `min_samples` steps `loss_factor` times the best snapshot's, floored
@@ -127,7 +129,10 @@ class GradientExplosionDetector(keras.callbacks.Callback):
     on heavy-tailed small-batch noise it is far more often noise than a
     failure. Spikes are robust z-scores in log space (the median and MAD of
     the logs of the last `window` healthy values), or, in the first
-    `min_samples` steps, a raw loss `loss_factor` times their median.
+    `min_samples` steps, a raw loss `loss_factor` times their median (and,
+    at batch sizes below 8, where the median of a few per-sample losses is
+    no statistic, `loss_factor` times the starting loss too). A loss below a
+    tenth of the starting loss is never a spike.
     What counts as a problem: a non-finite loss; more than
     `max_consecutive_skips` non-finite steps in a row, or bad steps (loss
     spikes or non-finite steps) in a row; a slow divergence (mean loss of the
@@ -185,8 +190,8 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         grad_z_threshold: Robust z-score (log space) of the gradient norm
             that is a spike. Defaults to `6.0`.
         loss_factor: A raw loss above this multiple of the median loss
-            before `min_samples` steps is a spike (the z-score cannot judge
-            yet); a mean raw loss over the last `min_samples` steps (all
+            before `min_samples` steps (and, at batch sizes below 8, of the
+            starting loss) is a spike (the z-score cannot judge yet); a mean raw loss over the last `min_samples` steps (all
             after the best confirmed snapshot) above this multiple of that
             snapshot's loss, or of a tenth of the starting loss if larger, is
             a slow divergence (a problem); `None` to turn both off.
