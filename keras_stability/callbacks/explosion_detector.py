@@ -505,6 +505,24 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             self._note_bad(0, steps)
             if norm_var is not None and self._grad_z.update(norm):
                 self._spike_event(f"gradient-norm spike: norm {norm:.4g}", raw, norm)
+        elif (
+            not math.isfinite(raw)
+            and math.isfinite(norm)
+            and self._step_logs.loss_source == "logged_mean"
+        ):
+            # A custom train_step's own `Mean` took the loss of a step the
+            # guard skipped, and stays NaN for the epoch: the per-step loss
+            # cannot be recovered from it, the step itself was finite.
+            self._loss_mode = "none"
+            self.consecutive_skips = 0
+            self._note_bad(0, steps)
+            warnings.warn(
+                "GradientExplosionDetector: the model's own loss tracker is "
+                "non-finite after a skipped step (a custom `train_step` whose "
+                "metric includes the skipped step's loss): only the gradient "
+                "norm is judged for the rest of this fit.",
+                stacklevel=2,
+            )
         elif not (math.isfinite(raw) and (math.isfinite(norm) or norm_var is None)):
             problem = f"non-finite loss ({raw}) or gradient norm ({norm})"
         else:
