@@ -630,7 +630,9 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                     if median >= start
                     else f"the starting loss {start:.4g}"
                 )
-                return f"loss spike: raw loss {raw:.4g} is {raw / reference:.3g}x {what}"
+                return (
+                    f"loss spike: raw loss {raw:.4g} is {raw / reference:.3g}x {what}"
+                )
             z.update(raw)
             return None
         score = z.zscore(raw)
