@@ -705,7 +705,6 @@ def main(argv=None):
         f"<= best stable x{1 + DIVERGING_TOLERANCE:g}; plateau = not stopped, "
         f"<= plain x{1 + HEALTHY_TOLERANCE:g}.\n"
     )
-    print(HEADER)
     reference = read_reference(args.reference) if args.reference else None
     if reference:
         print(
@@ -713,6 +712,7 @@ def main(argv=None):
             "(4 significant digits; they use no callback and no guard); the "
             "detector's fits are new.\n"
         )
+    print(HEADER)
     rows = run(selected, seeds, quick=args.quick, reference=reference)
     print()
     print(summary(rows))
