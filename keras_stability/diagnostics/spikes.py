@@ -46,12 +46,8 @@ class RollingZScore:
     """
 
     def __init__(self, window=128, z_threshold=6.0, min_samples=20, factor=None):
-        window = check_positive_int("window", window)
-        min_samples = check_positive_int("min_samples", min_samples)
-        if min_samples > window:
-            raise invalid("min_samples", min_samples, f"at most `window`={window}")
-        self.z_threshold = check_number(
-            "z_threshold", z_threshold, low=0.0, low_open=True
+        window, min_samples, self.z_threshold = _check_window(
+            window, min_samples, z_threshold
         )
         self.factor = check_number(
             "factor",
@@ -156,12 +152,8 @@ class RobustZScore:
     """
 
     def __init__(self, window=128, z_threshold=6.0, min_samples=20, min_spread=0.05):
-        window = check_positive_int("window", window)
-        min_samples = check_positive_int("min_samples", min_samples)
-        if min_samples > window:
-            raise invalid("min_samples", min_samples, f"at most `window`={window}")
-        self.z_threshold = check_number(
-            "z_threshold", z_threshold, low=0.0, low_open=True
+        window, min_samples, self.z_threshold = _check_window(
+            window, min_samples, z_threshold
         )
         self.min_spread = check_number("min_spread", min_spread, low=0.0, low_open=True)
         self.window = window
@@ -193,7 +185,8 @@ class RobustZScore:
         return math.exp(self._center_spread()[0])
 
     def zscore(self, value):
-        """Robust score of `value` (NaN before `min_samples`; inf if not positive)."""
+        """Robust score of `value`: NaN before `min_samples` or for a negative
+        value, -inf for 0."""
         if not self.ready():
             return math.nan
         value = float(value)
@@ -225,3 +218,13 @@ class RobustZScore:
         if not spike:
             self._append(value)
         return spike
+
+
+def _check_window(window, min_samples, z_threshold):
+    """The window arguments both z-scores share, validated."""
+    window = check_positive_int("window", window)
+    min_samples = check_positive_int("min_samples", min_samples)
+    if min_samples > window:
+        raise invalid("min_samples", min_samples, f"at most `window`={window}")
+    z_threshold = check_number("z_threshold", z_threshold, low=0.0, low_open=True)
+    return window, min_samples, z_threshold
