@@ -662,6 +662,68 @@ def summary(rows):
     return f"Passed {total}/{len(rows)} runs ({', '.join(parts)})."
 
 
+LR_FIND_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+
+
+def lr_find(seeds=2, grid=LR_FIND_GRID, log=print):
+    """`find_learning_rate` on the battery's char LM against a grid search.
+
+    For each seed: plain `fit` (Adam, the battery's 6 epochs) at each rate of
+    `grid`, and `find_learning_rate` (its defaults) on a fresh model of the
+    same seed and training data. The grid's best rate is the one with the
+    lowest mean held-out loss over the seeds; the issue's goal is a
+    suggestion within 3x of it.
+
+    Returns:
+        `{"losses": {lr: [loss per seed]}, "best_lr": float,
+        "suggestions": [float per seed]}`.
+    """
+    import keras
+
+    from keras_stability.tuning import find_learning_rate
+
+    (case,) = [c for c in cases() if c.family == "lm" and c.kind == "healthy"]
+    losses = {lr: [fit_once(case, seed, lr)["loss"] for seed in range(seeds)] for lr in grid}
+    for lr in grid:
+        log(f"| {lr:g} | " + " | ".join(f"{v:.4g}" for v in losses[lr]) + f" | {np.mean(losses[lr]):.4g} |", flush=True)
+    best_lr = min(grid, key=lambda lr: np.mean(losses[lr]))
+    suggestions = []
+    for seed in range(seeds):
+        x, y, _, _ = case.data(seed)
+        keras.utils.set_random_seed(seed)
+        model = case.build(1e-3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = find_learning_rate(model, x, y, batch_size=case.batch_size)
+        suggestions.append(result.suggestion)
+    return {"losses": losses, "best_lr": best_lr, "suggestions": suggestions}
+
+
+def main_lr_find(seeds):
+    start = time.perf_counter()
+    print("## find_learning_rate on the char LM (issue #16)\n")
+    print(f"Machine: {environment()}\n")
+    print(
+        "Plain `fit` of the battery's 2-block char LM (Adam, 6 epochs of 16 "
+        "steps), held-out loss per seed, and `find_learning_rate(model, x, y, "
+        "batch_size=32)` (defaults) on a fresh model of each seed.\n"
+    )
+    print("| Adam rate | " + " | ".join(f"seed {s}" for s in range(seeds)) + " | mean |")
+    print("|---" * (seeds + 2) + "|")
+    result = lr_find(seeds)
+    best = result["best_lr"]
+    print(f"\nGrid best: {best:g}.")
+    for seed, suggestion in enumerate(result["suggestions"]):
+        ratio = max(suggestion / best, best / suggestion)
+        print(
+            f"- seed {seed}: suggestion {suggestion:.3g} ({ratio:.2g}x from the grid "
+            f"best; {'within' if ratio <= 3 else 'NOT within'} 3x)"
+        )
+    print(f"\nCommand: `python -m benchmarks.gradient_health --battery --lr-find --seeds {seeds}`\n")
+    print(f"_Ran in {time.perf_counter() - start:.0f} s._")
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.gradient_health --battery"
@@ -682,7 +744,15 @@ def main(argv=None):
         help="a previous battery table whose plain and best-stable results "
         "are reused (only the detector's fits run)",
     )
+    parser.add_argument(
+        "--lr-find",
+        action="store_true",
+        help="instead of the battery: find_learning_rate on the char LM "
+        "against a grid search (with --seeds, default 2 here)",
+    )
     args = parser.parse_args(argv)
+    if args.lr_find:
+        return main_lr_find(args.seeds if "--seeds" in (argv or []) else 2)
     seeds = 1 if args.quick else args.seeds
     selected = cases()
     if args.only:

@@ -56,6 +56,7 @@ from keras_stability.callbacks.lr_scaling import wrap_schedule
 from keras_stability.callbacks.snapshots import Snapshot
 from keras_stability.callbacks.step_logs import StepLogs
 from keras_stability.callbacks.step_logs import counts
+from keras_stability.diagnostics import rules
 from keras_stability.diagnostics.spikes import RobustZScore
 from keras_stability.distribute.strategy import chief_path
 from keras_stability.optimizers.attach import ModelObservers
@@ -78,6 +79,18 @@ DIVERGENCE_FLOOR = 0.1
 # The loss a fit started from is the mean raw loss of its first batches
 # holding at least this many samples.
 START_SAMPLES = 32
+# A probe after a rollback tries the learning rate `lr_factor ** PROBE_EXPONENT`
+# lower (3.2x at the default 0.1): the rollback's own factor of 10 jumps
+# over the best rate (from SGD(5) on the Keras example to 0.5 and 0.05, where
+# its best is 0.1-0.2).
+PROBE_EXPONENT = 1 / 3
+# After a rollback, the rate is lowered (by `lr_factor ** PROBE_EXPONENT`)
+# when the median raw loss of the last PLATEAU_WINDOW steps is not
+# PLATEAU_GAIN below the median of the PLATEAU_WINDOW before, down to
+# `lr_factor ** PLATEAU_FLOOR` times the rate that exploded.
+PLATEAU_WINDOW = 25
+PLATEAU_GAIN = 0.05
+PLATEAU_FLOOR = 1.0
 # Below this many samples per step, the median of the first steps' losses is
 # no statistic (a few per-sample losses of a fast-falling run are ~0, and an
 # ordinary misclassified sample is then "400x" it): in the first steps a
@@ -555,9 +568,16 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         non-finite steps) among the last `2 * (max_consecutive_skips + 1)`,
         a slow divergence or a regression.
         """
-        if not self._start_losses and self.snapshot.step == 0:
-            # The first step's loss is the initial weights' loss.
-            self.snapshot.loss = raw
+        if not self._start_losses:
+            if self.snapshot.step == 0:
+                # The first step's loss is the initial weights' loss.
+                self.snapshot.loss = raw
+            # The first judged step of this fit: the explosion evidence
+            # starts afresh (the detector may be reused across `fit` calls).
+            self._exploded_at = None
+            self._stretch = collections.deque(
+                maxlen=rules.EXPLOSION_STRETCH * self._start_steps(steps)
+            )
         if len(self._start_losses) < self._start_steps(steps):
             # The loss the fit started from: the mean over its first
             # START_SAMPLES samples (one batch of 1 may be a lucky one).
@@ -565,6 +585,13 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             self._start_loss = float(np.mean(self._start_losses))
         self._recent.append(raw)
         self._sustained.append(raw)
+        self._stretch.append(raw)
+        if (
+            self._exploded_at is None
+            and len(self._stretch) == self._stretch.maxlen
+            and rules.exploded(self._stretch, self._start_loss)
+        ):
+            self._exploded_at = self.step
         spike = self._loss_spike(raw)
         if spike is not None:
             self._note_bad(steps, steps)
@@ -596,9 +623,61 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                 f"the last {len(self._recent)} steps is above {self.regress_factor:g}x "
                 f"the loss the fit started from ({self._start_loss:.4g})"
             )
+        if self._stalled():
+            return (
+                f"no progress after an explosion: median raw loss "
+                f"{np.median(self._recent):.4g} over the last {len(self._recent)} steps "
+                f"is still {rules.STALL_LEVEL:g}x the loss the fit started from "
+                f"({self._start_loss:.4g}) or more, after the loss of step "
+                f"{self._exploded_at} rose to {rules.EXPLOSION_FACTOR:g}x it or more"
+            )
         if spike is None and self._recovery is not None:
             return self._check_recovery(raw, steps)
+        if spike is None and self.rollbacks and self.action == "rollback":
+            self._plateau_step(raw)
         return None
+
+    def _plateau_step(self, raw):
+        """After a rollback: lowers the learning rate once the loss plateaus.
+
+        The rate a rollback (and its probes) settles on is the highest one
+        that trains in a few steps, which is often too high to end well (on
+        the Keras example at SGD(5): 0.5, where the best constant rate is
+        0.1-0.2). When the median raw loss of the last PLATEAU_WINDOW steps is
+        not PLATEAU_GAIN below the median of the PLATEAU_WINDOW before, the
+        rate is multiplied by `lr_factor ** PROBE_EXPONENT`, while it stays
+        at or above `lr_factor ** PLATEAU_FLOOR` times the rate that
+        exploded. Only after a rollback: a healthy run is never touched.
+        """
+        losses = self._plateau_losses
+        if self._plateau_top is None:
+            # The rate the rollback and its probes settled on.
+            self._plateau_top = float(np.asarray(self.optimizer.learning_rate))
+        losses.append(raw)
+        if len(losses) < 2 * PLATEAU_WINDOW:
+            return
+        last = float(np.median(losses[-PLATEAU_WINDOW:]))
+        before = float(np.median(losses[-2 * PLATEAU_WINDOW : -PLATEAU_WINDOW]))
+        if last < (1.0 - PLATEAU_GAIN) * before:
+            del losses[:-PLATEAU_WINDOW]
+            return
+        factor = self.lr_factor**PROBE_EXPONENT
+        lr = float(np.asarray(self.optimizer.learning_rate))
+        floor = self._plateau_top * self.lr_factor**PLATEAU_FLOOR
+        if not lr * factor >= floor * (1 - 1e-6):
+            return
+        losses.clear()
+        new_lr = scale_learning_rate(self.optimizer, factor)
+        detail = (
+            f"loss plateau after rollback {self.rollbacks}: median raw loss {last:.4g} "
+            f"over the last {PLATEAU_WINDOW} steps, not {PLATEAU_GAIN:g} below "
+            f"{before:.4g} over the {PLATEAU_WINDOW} before; learning rate "
+            f"{lr:.4g} -> {new_lr:.4g}"
+        )
+        self._event("lr_probe", raw, self.grad_norms[-1], detail)
+        self.events[-1].update(action="lower_lr", learning_rate=new_lr)
+        if self.verbose:
+            self._say(f"GradientExplosionDetector at step {self.step}: {detail}.")
 
     def _loss_spike(self, raw):
         """Describes `raw` if it is a loss spike (else `None`); updates the window.
@@ -847,6 +926,19 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             return False  # the usual case: no spread needed
         return self._start_loss < float(recent.mean() - 2.0 * recent.std(ddof=1))
 
+    def _stalled(self):
+        """Whether the loss, after an explosion since the last rollback (or
+        the start of `fit`), is still at the level it started from: the
+        last `min_samples` losses (`rules.stalled`). An explosion that kills
+        the model (its prediction the class prior) ends there, below any
+        regression, and learns nothing more; a healthy run never explodes
+        (`rules.exploded`: a stretch of 256 samples at 2x the start)."""
+        return (
+            self._exploded_at is not None
+            and len(self._recent) == self._recent.maxlen
+            and rules.stalled(self._recent, self._start_loss)
+        )
+
     def _check_recovery(self, raw, steps=1):
         """Feeds one healthy call (`steps` batches) to the check of the last rollback.
 
@@ -886,6 +978,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             return None
         if after > level + tolerance:
             self._recovery = None
+            self._recovery_failed = True
             return (
                 f"recovery failed: after rollback {self.rollbacks} the mean raw loss of "
                 f"{self.confirm_steps} steps rose to {after:.4g}, above the restored "
@@ -920,7 +1013,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             "snapshot": Snapshot(self.model, step=self.step),
         }
         self.snapshot.restore(self.model)
-        scale_learning_rate(self.optimizer, self.lr_factor)
+        scale_learning_rate(self.optimizer, self.lr_factor**PROBE_EXPONENT)
         return True
 
     def _judge_probe(self, after):
@@ -983,7 +1076,12 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                 # divergence).
                 score = float(np.mean(self._pending_losses))
                 best = self.best.score
-                if not (
+                # After an explosion, a snapshot at the starting loss may
+                # hold a model the explosion killed: not one to return to.
+                dead = getattr(self, "_exploded_at", None) is not None and (
+                    score >= rules.STALL_LEVEL * self._start_loss
+                )
+                if not dead and not (
                     math.isfinite(best)
                     and best > 0
                     and score > SNAPSHOT_TOLERANCE * best
@@ -1048,7 +1146,16 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         if logs is not None:
             self._fix_logged_loss(logs)
         self.rollbacks += 1
-        new_lr = scale_learning_rate(self.optimizer, self.lr_factor)
+        # A failed recovery: the lowered rate trains but still raises the
+        # loss a little; it is lowered by the probes' finer step, not by a
+        # whole `lr_factor` again.
+        factor = self.lr_factor
+        if getattr(self, "_recovery_failed", False):
+            factor = self.lr_factor**PROBE_EXPONENT
+        self._recovery_failed = False
+        self._plateau_losses = []
+        self._plateau_top = None
+        new_lr = scale_learning_rate(self.optimizer, factor)
         if self.skip_batches and hasattr(self.optimizer, "skip_next"):
             self.optimizer.skip_next(self.skip_batches)
         self.consecutive_skips = 0
@@ -1057,6 +1164,11 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self._pending = None
         self._recent.clear()
         self._sustained.clear()
+        # The explosion is answered: a stall is judged on new evidence only
+        # (right after a rollback the loss is back at its start for a while).
+        self._exploded_at = None
+        if getattr(self, "_stretch", None) is not None:
+            self._stretch.clear()
         if self.check_recovery and self._loss_mode != "none":
             skipped = self.skip_batches if hasattr(self.optimizer, "skip_next") else 0
             reference = (
@@ -1082,7 +1194,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         message = (
             f"GradientExplosionDetector at step {self.step}: {problem}. Rolled back "
             f"to step {self.snapshot.step} (rollback {self.rollbacks}/"
-            f"{self.max_rollbacks}), learning rate x{self.lr_factor:g}"
+            f"{self.max_rollbacks}), learning rate x{factor:.3g}"
             + (f" -> {new_lr:.4g}" if new_lr is not None else "")
             + f", skipping the next {self.skip_batches} updates."
         )

@@ -1,0 +1,123 @@
+"""Pure rules of `GradientExplosionDetector`: rollback-level evidence from raw losses.
+
+Each rule takes the raw per-step losses (and the loss the fit started from)
+and says whether they are evidence enough to roll back. No Keras, no state:
+the detector keeps the windows and calls these. Spikes (a single step far
+from its neighbours) are `spikes.RobustZScore`; the rules here look at
+sustained behaviour, which a healthy run never shows:
+
+- `regressing`: the median loss of the last steps `factor` times the start,
+  and the start implausible as a draw from them;
+- `diverging`: the mean loss of the last steps `factor` times the best
+  snapshot's, floored at a fraction of the start;
+- `exploded` then `stalled`: the mean loss of a stretch of 256 samples
+  `EXPLOSION_FACTOR` times the start, and later the median of the last steps
+  still at the start level (`STALL_LEVEL` of it or more). An explosion that
+  leaves the model dead (every unit saturated or off, the prediction the
+  class prior) ends with the loss back at about where it started: the rise
+  is over, nothing is regressing, yet the run learns nothing from there.
+"""
+
+import math
+
+import numpy as np
+
+__all__ = ["diverging", "exploded", "regressing", "stalled"]
+
+# The mean raw loss over a stretch of EXPLOSION_STRETCH x 32 samples (8
+# batches of 32, or the last 8 * ceil(32 / batch) batches) at this multiple of
+# the starting loss is an explosion. Measured on the battery of issue #16
+# (`benchmarks/battery.py`): healthy runs reach 1.48x at most (the keras.io
+# custom train_step's MSE, whose starting loss is one noisy batch); the
+# exploding ones 2.56x (the char LM at 100x its best rate, whose
+# cross-entropy over 64 classes cannot rise far) to 1000x.
+EXPLOSION_FACTOR = 2.0
+EXPLOSION_STRETCH = 8
+# After an explosion, a median raw loss over the last `min_samples` steps at
+# this fraction of the starting loss or above is a stall: no progress from
+# where training began (a model killed by the explosion predicts the class
+# prior, a loss of about the initial one: 0.96-1.0x in the Keras example at
+# SGD(5)).
+STALL_LEVEL = 0.9
+# A regression needs the starting loss more than this many standard
+# deviations of the last losses below their mean.
+REGRESS_SPREAD = 2.0
+
+
+def regressing(recent, start, factor):
+    """Whether `recent` losses say training made the model worse than it began.
+
+    Args:
+        recent: The last raw losses (a full window).
+        start: The loss the fit started from.
+        factor: The median of `recent` must exceed `factor * start`.
+
+    Returns:
+        `True` if the median of `recent` is above `factor * start` and `start`
+        is more than `REGRESS_SPREAD` standard deviations of `recent` below
+        their mean (a lucky first batch, or a few bad batches in a row at
+        batch size 1, is not a trend).
+    """
+    recent = np.asarray(recent, dtype=np.float64)
+    if recent.size < 2 or not start > 0:
+        return False
+    if not float(np.median(recent)) > factor * start:
+        return False
+    return start < float(recent.mean() - REGRESS_SPREAD * recent.std(ddof=1))
+
+
+def diverging(sustained, best, start, factor, floor):
+    """The mean of `sustained` if it is `factor` times the reference, else `None`.
+
+    The reference is `best` (the best snapshot's loss) floored at
+    `floor * start`, so that a loss near zero is not "10x" anything by noise.
+
+    Args:
+        sustained: The last raw losses, all after the best snapshot.
+        best: The best snapshot's loss.
+        start: The loss the fit started from (`nan` if unknown).
+        factor: The multiple of the reference that is a divergence.
+        floor: The fraction of `start` the reference is floored at.
+
+    Returns:
+        `(mean, reference)` if diverging, else `None`.
+    """
+    if not (math.isfinite(best) and best > 0) or len(sustained) == 0:
+        return None
+    low = floor * start
+    reference = max(best, low) if math.isfinite(low) else best
+    mean = float(sum(sustained) / len(sustained))
+    if not mean > factor * reference:
+        return None
+    return mean, reference
+
+
+def exploded(stretch, start, factor=EXPLOSION_FACTOR):
+    """Whether the mean of `stretch` is `factor` times the starting loss.
+
+    Args:
+        stretch: The raw losses of the last batches holding at least
+            `EXPLOSION_STRETCH` x 32 samples (averaging them keeps a few bad
+            batches of a noisy healthy run from counting).
+        start: The loss the fit started from.
+        factor: Defaults to `EXPLOSION_FACTOR`.
+    """
+    if len(stretch) == 0 or not (math.isfinite(start) and start > 0):
+        return False
+    return float(np.mean(stretch)) >= factor * start
+
+
+def stalled(recent, start, level=STALL_LEVEL):
+    """Whether the median of `recent` is still at `level` times the start or above.
+
+    Only evidence after an explosion (`exploded`): a healthy run may stay at
+    its starting loss for a while before it learns.
+
+    Args:
+        recent: The last raw losses (a full window).
+        start: The loss the fit started from.
+        level: Defaults to `STALL_LEVEL`.
+    """
+    if len(recent) == 0 or not (math.isfinite(start) and start > 0):
+        return False
+    return float(np.median(np.asarray(recent, dtype=np.float64))) >= level * start
