@@ -230,7 +230,9 @@ def _reference(optimizer_fn, factor, x, y, batch_size, steps):
         with tf.GradientTape() as tape:
             loss = loss_fn(yb, model(xb, training=True))
         grads = tape.gradient(loss, model.trainable_variables)
-        by_path = {v.path: g for v, g in zip(model.trainable_variables, grads)}
+        by_path = {
+            v.path: g for v, g in zip(model.trainable_variables, grads, strict=True)
+        }
         for name, variables in groups.items():
             optimizers[name].apply([by_path[v.path] for v in variables], variables)
     return _weights(model)
@@ -307,9 +309,7 @@ def test_discriminative_rates_scale_one_step_exactly_with_guard_and_detector():
             x, y, batch_size=32, epochs=1, verbose=0, callbacks=[callback, detector]
         )
         assert detector.events == []
-        assert "_backend_apply_gradients" not in vars(
-            model.optimizer.inner_optimizer
-        )
+        assert "_backend_apply_gradients" not in vars(model.optimizer.inner_optimizer)
         return {p: w - start[p] for p, w in _weights(model).items()}
 
     scaled, full = one_step(factor), one_step(1.0)
