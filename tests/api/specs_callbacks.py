@@ -139,9 +139,11 @@ CASES = [
         bad={
             "schedule": [0, -1, "1", 2.5, True, None, {}, {-1: 1}, {1: "a"}, {1: 1.5}],
             "layers": ["dense", 3, [], [3], [None]],
+            "discriminative_factor": [0.5, 0, -1, "2", None, True, float("nan")],
             "verbose": BAD_VERBOSE,
         },
         good=GOOD_VERBOSE,
+        config=True,
     ),
     Case(
         callbacks.LayerGradientStats,
