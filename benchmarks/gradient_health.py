@@ -17,9 +17,11 @@ healthy, diverging and plateau runs with the detector at its defaults.
    and, for reference, the guard without its skip `cond`, Keras'
    `LossScaleOptimizer`, which skips non-finite steps the same way, and
    Keras' `global_clipnorm`, which waits for the global norm too; with
-   `GradientMonitor(check_freq=1)` + `GradientExplosionDetector`, with the
-   monitor every 10 steps + detector, and with the detector alone (fit's
-   inner loop in interleaved bursts, paired per-round ratios).
+   `GradientMonitor()` + `GradientExplosionDetector()` at their defaults
+   (the cost goal of issue #16), with `GradientMonitor(check_freq=1)` +
+   detector, with the monitor every 10 steps + detector, and with the
+   detector alone (fit's inner loop in interleaved bursts, paired per-round
+   ratios). `--variants` measures a subset (plain fit always).
 2. Rescue rate: a small transformer language model at learning rates where
    plain `fit` diverges, several seeds: diverged runs and final held-out loss
    with plain fit, with Keras `global_clipnorm=1.0`, and with the detector,
