@@ -555,7 +555,11 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         """
         guard = self.optimizer
         record = self._records.get(model)
-        if record is None or record.guard is not guard or record.size != self.check_every:
+        if (
+            record is None
+            or record.guard is not guard
+            or record.size != self.check_every
+        ):
             with model.distribute_strategy.scope():
                 record = _Record(guard, self.check_every)
             self._records[model] = record
@@ -661,8 +665,8 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             else:
                 self._row_loss = self._loss_mode  # "guard", "none" or None
         if self._row_loss in ("tracker", "guard"):
-            # Computed in the step (the value its logs carry): Keras' loss
-            # tracker's change when it was updated, else the guard's loss.
+            # Computed in the step (the value its logs carry): the guard's
+            # loss when it saw one, else Keras' loss tracker's change.
             raw = row[_ROW["raw"]]
         else:
             raw = self._step_logs.raw_loss  # a look after every call
@@ -1214,7 +1218,10 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                         self._sustained.clear()
                 self._pending = None
             return
-        if self.step - self._last_snapshot_at < self.snapshot_freq or not self._at_weights:
+        if (
+            self.step - self._last_snapshot_at < self.snapshot_freq
+            or not self._at_weights
+        ):
             # A snapshot holds the model's state: an entry read at a look
             # that is not the last one is past (`_look`).
             return
@@ -1422,16 +1429,13 @@ _ROW = {
     for i, name in enumerate(
         (
             "raw",
-            "loss",
-            "loss_seen",
             "grad_norm",
+            "total_before",
+            "count_before",
+            "count_after",
             "nonfinite",
             "held",
             "dropped",
-            "total_before",
-            "count_before",
-            "total_after",
-            "count_after",
         )
     )
 }
@@ -1512,16 +1516,16 @@ def _record_values(model, guard, attribute, record):
             count_after = ops.add(tracker.count, 0.0)
         else:
             total_after, count_after = total_before, count_before
+        # Few ops: on a 1 ms step each costs about a percent.
         skipped = ops.greater(guard.last_step_skipped, 0)
-        # The guard's own condition for a non-finite skip.
-        nonfinite = ops.logical_and(
-            ops.logical_not(ops.isfinite(guard.grad_norm)),
-            ops.convert_to_tensor(bool(guard.skip_nonfinite)),
-        )
-        nonfinite = ops.logical_and(skipped, nonfinite)
+        finite = ops.isfinite(guard.grad_norm)
+        if guard.skip_nonfinite:  # the guard's own condition for a non-finite skip
+            nonfinite = ops.logical_and(skipped, ops.logical_not(finite))
+        else:
+            nonfinite = ops.zeros((), "bool")
+        # Held back by the trip flag (a non-finite step counts as non-finite).
         held = ops.logical_and(
-            ops.logical_and(ops.greater(guard.tripped, 0), skipped),
-            ops.logical_not(nonfinite),
+            ops.logical_and(skipped, finite), ops.greater(guard.tripped, 0)
         )
         used = ops.greater(count_after, count_before)  # Keras' own train_step
         dropped = ops.logical_and(ops.logical_or(nonfinite, held), used)
@@ -1541,44 +1545,37 @@ def _record_values(model, guard, attribute, record):
                     used, ops.cast(mean, logs["loss"].dtype), logs["loss"]
                 )
         loss, seen = guard.step_loss_info()
-        # The raw loss: the change of Keras' loss tracker (its total over its
-        # count) when this step updated it, else the loss the guard saw.
+        # The raw loss: the loss the guard saw in `scale_loss` (the mean over
+        # replicas, the same on each), else the change of Keras' loss tracker
+        # (its total over its count; under a strategy, this replica's).
         delta = ops.subtract(count_after, count_before)
         raw = ops.where(
-            used,
-            ops.divide(
-                ops.subtract(total_after, total_before), ops.maximum(delta, 1e-30)
+            seen,
+            ops.cast(loss, "float32"),
+            ops.where(
+                used,
+                ops.divide(
+                    ops.subtract(total_after, total_before), ops.maximum(delta, 1e-30)
+                ),
+                float("nan"),
             ),
-            ops.where(seen, ops.cast(loss, "float32"), float("nan")),
         )
         new["raw_loss"] = raw
-
-        def f(value):
-            return ops.cast(value, "float32")
-
-        row = ops.stack(
-            [
-                f(raw),
-                f(loss),
-                f(seen),
-                f(guard.grad_norm),
-                f(nonfinite),
-                f(held),
-                f(dropped),
-                f(total_before),
-                f(count_before),
-                f(total_after),
-                f(count_after),
-            ]
+        flags = ops.cast(ops.stack([nonfinite, held, dropped]), "float32")
+        values = [raw, guard.grad_norm, total_before, count_before, count_after]
+        row = ops.concatenate(
+            [ops.stack([ops.cast(v, "float32") for v in values]), flags]
         )
-        at = ops.equal(
-            ops.arange(record.size, dtype="int32"),
-            ops.mod(ops.convert_to_tensor(record.written), record.size),
+        at = ops.mod(ops.convert_to_tensor(record.written), record.size)
+        record.rows.assign(
+            ops.scatter_update(
+                ops.convert_to_tensor(record.rows),
+                ops.reshape(at, (1, 1)),
+                ops.reshape(row, (1, -1)),
+            )
         )
-        rows = ops.convert_to_tensor(record.rows)
-        record.rows.assign(ops.where(at[:, None], row[None, :], rows))
         record.written.assign_add(1)
-        record.skipped.assign_add(f(nonfinite))
+        record.skipped.assign_add(flags[0])
         new["skipped_batches"] = ops.convert_to_tensor(record.skipped)
         return new
 

@@ -90,9 +90,8 @@ class RawLossTracker:
             gap = (
                 self._key is None
                 or self._key[0] != self._epoch
-                or batch - self._key[1] > max(
-                    1, int(getattr(self.model, "steps_per_execution", 1) or 1)
-                )
+                or batch - self._key[1]
+                > max(1, int(getattr(self.model, "steps_per_execution", 1) or 1))
             ) and self._index > 0
             self._key = key
             self._raw = self.update(logs, exact=gap)

@@ -973,7 +973,9 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
 class _LossRecord:
     """The guard's loss and trip variables, held outside Keras' variable tracking."""
 
-    def __init__(self, pending, step_loss, loss_seen, tripped, nonfinite_run, trip_limit):
+    def __init__(
+        self, pending, step_loss, loss_seen, tripped, nonfinite_run, trip_limit
+    ):
         self.pending = pending
         self.step_loss = step_loss
         self.loss_seen = loss_seen
