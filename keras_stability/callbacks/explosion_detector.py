@@ -583,14 +583,18 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         """Whether the host may look only every `check_every` calls.
 
         Not before the loss source is known, not with a loss only the host
-        can recover (a custom `train_step`'s own `Mean`), and not while a
+        can recover (a custom `train_step`'s own `Mean`), not while a
         rollback is being checked (its probes restore weights at exact
-        steps): those look after every call.
+        steps), and not while bad steps (spikes, non-finite steps) are in
+        the recent window (a streak acts at the step it would with a look
+        after every step, once a look has seen its first bad step): those
+        look after every call.
         """
         return (
             self._loss_mode is not None
             and self._row_loss is not None
             and self._recovery is None
+            and not self._bad_streak
         )
 
     def _after_call(self, logs):

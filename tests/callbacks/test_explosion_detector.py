@@ -137,8 +137,12 @@ def test_rollback_restores_weights_and_optimizer_state_bitwise():
     assert detector.rollbacks == 1
 
 
-@pytest.mark.parametrize("steps_per_execution", [1, 2])
-def test_high_learning_rate_diverges_plainly_but_is_rescued(steps_per_execution):
+@pytest.mark.parametrize(
+    "steps_per_execution, check_every", [(1, 1), (2, 1), (1, 10)]
+)
+def test_high_learning_rate_diverges_plainly_but_is_rescued(
+    steps_per_execution, check_every
+):
     x, y = _data(512)
     plain = deep_mlp(
         keras.optimizers.SGD(10.0), steps_per_execution=steps_per_execution
@@ -151,8 +155,13 @@ def test_high_learning_rate_diverges_plainly_but_is_rescued(steps_per_execution)
     )
     initial = model.evaluate(x, y, verbose=0)
     detector = GradientExplosionDetector(
-        check_every=1,  # pins the steps of a look after every step
-        snapshot_freq=5, lr_factor=0.05, skip_batches=2, verbose=0
+        # With 10: looks every 5 steps (snapshot_freq), then after every step
+        # once one has seen the first bad step: the same rollback step.
+        check_every=check_every,
+        snapshot_freq=5,
+        lr_factor=0.05,
+        skip_batches=2,
+        verbose=0,
     )
     history = model.fit(x, y, batch_size=32, epochs=3, verbose=0, callbacks=[detector])
     assert _finite(model)
