@@ -110,8 +110,9 @@ CASES = [
             "diagnostic_path": BAD_PATH,
             "verbose": BAD_VERBOSE,
             "optimizer": [3, "", "not an identifier", ["d_optimizer"]],
+            "check_every": [0, -1, 2.5, True, "10", None],
         },
-        good=GOOD_VERBOSE,
+        good={**GOOD_VERBOSE, "check_every": [1, 64, np.int64(5)]},
         config=True,
     ),
     Case(
