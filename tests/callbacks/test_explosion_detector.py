@@ -114,7 +114,10 @@ def test_rollback_restores_weights_and_optimizer_state_bitwise():
     model = deep_mlp(keras.optimizers.Adam(1e-3), depth=2)
     detector = GradientExplosionDetector(
         check_every=1,  # pins the steps of a look after every step
-        snapshot_freq=2, skip_batches=3, lr_factor=0.5, verbose=0
+        snapshot_freq=2,
+        skip_batches=3,
+        lr_factor=0.5,
+        verbose=0,
     )
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[detector])
     snap = detector.snapshot
@@ -137,9 +140,7 @@ def test_rollback_restores_weights_and_optimizer_state_bitwise():
     assert detector.rollbacks == 1
 
 
-@pytest.mark.parametrize(
-    "steps_per_execution, check_every", [(1, 1), (2, 1), (1, 10)]
-)
+@pytest.mark.parametrize("steps_per_execution, check_every", [(1, 1), (2, 1), (1, 10)])
 def test_high_learning_rate_diverges_plainly_but_is_rescued(
     steps_per_execution, check_every
 ):
@@ -218,7 +219,9 @@ def test_slow_regression_is_rolled_back_before_any_spike():
     assert plain.evaluate(x, y, verbose=0) > 1000 * start
 
     model = _linear(1.05)
-    detector = GradientExplosionDetector(check_every=1, lr_factor=0.5, skip_batches=3, verbose=0)
+    detector = GradientExplosionDetector(
+        check_every=1, lr_factor=0.5, skip_batches=3, verbose=0
+    )
     model.fit(
         x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector]
     )
@@ -309,7 +312,10 @@ def test_stable_but_too_high_learning_rate_after_a_rollback_is_probed_lower(
     model = _linear(1.95)
     detector = GradientExplosionDetector(
         check_every=1,  # pins the steps of a look after every step
-        lr_factor=0.5, skip_batches=3, probe_lower_lr=probe_lower_lr, verbose=0
+        lr_factor=0.5,
+        skip_batches=3,
+        probe_lower_lr=probe_lower_lr,
+        verbose=0,
     )
     model.fit(
         x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector]
@@ -355,7 +361,10 @@ def test_lower_rates_kept_by_probes_do_not_use_up_max_rollbacks():
     model = _linear(1.95)
     detector = GradientExplosionDetector(
         check_every=1,  # pins the steps of a look after every step
-        lr_factor=0.5, skip_batches=3, max_rollbacks=1, verbose=0
+        lr_factor=0.5,
+        skip_batches=3,
+        max_rollbacks=1,
+        verbose=0,
     )
     model.fit(
         x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector]
@@ -374,7 +383,9 @@ def test_probe_unfinished_when_fit_ends_is_undone():
     # at 0.975) and its learning rate 0.975 are restored.
     x, y, start = _quadratic_problem()
     model = _linear(1.95)
-    detector = GradientExplosionDetector(check_every=1, lr_factor=0.5, skip_batches=3, verbose=0)
+    detector = GradientExplosionDetector(
+        check_every=1, lr_factor=0.5, skip_batches=3, verbose=0
+    )
     model.fit(
         x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[detector]
     )
