@@ -4,7 +4,8 @@ Each `benchmarks/<name>.py` (other than `common.py`) is a script run as
 `python -m benchmarks.<name>`; it prints one Markdown section (what it
 measured, a table with medians and spread over repeats, and the command that
 reproduces it) to stdout, and progress to stderr. This runner runs them one
-after another in fresh processes, shows progress, and writes
+after another in fresh processes (with the arguments in `ARGS`; every
+discovered module runs, `fine_tuning` included), shows progress, and writes
 `benchmarks/RESULTS.md` from this run only.
 
 Per-step overhead of the library (the `GuardedOptimizer`, with and without
@@ -27,6 +28,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SKIP = {"common", "__main__"}
+# Arguments a benchmark runs with here, so RESULTS.md gets the section as
+# committed (fine_tuning: the variants that meet the goal and the
+# LoRA rows at <= 5% of the parameters are in `--explore`).
+ARGS = {"fine_tuning": ["--explore"]}
 
 
 def discover():
@@ -62,7 +67,7 @@ def main(argv=None):
         print(f"[{i}/{len(chosen)}] benchmarks.{name} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-m", f"benchmarks.{name}"],
+            [sys.executable, "-m", f"benchmarks.{name}", *ARGS.get(name, [])],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,

@@ -5,7 +5,7 @@ The one overhead benchmark of the repository: every per-step cost claim
 from `overhead()` below.
 
 `python -m benchmarks.gradient_health [--rounds N] [--seeds N] [--lr LR ...]
-[--workloads NAME ...] [--skip-overhead] [--skip-rescue] [--skip-false-alarms]`
+[--workloads NAME ...] [--variants NAME ...] [--skip-overhead] [--skip-rescue] [--skip-false-alarms]`
 
 `python -m benchmarks.gradient_health --battery [--seeds N] [--only NAME ...]
 [--quick]` runs the battery of issue #16 instead (`benchmarks/battery.py`):
@@ -17,9 +17,11 @@ healthy, diverging and plateau runs with the detector at its defaults.
    and, for reference, the guard without its skip `cond`, Keras'
    `LossScaleOptimizer`, which skips non-finite steps the same way, and
    Keras' `global_clipnorm`, which waits for the global norm too; with
-   `GradientMonitor(check_freq=1)` + `GradientExplosionDetector`, with the
-   monitor every 10 steps + detector, and with the detector alone (fit's
-   inner loop in interleaved bursts, paired per-round ratios).
+   `GradientMonitor()` + `GradientExplosionDetector()` at their defaults
+   (the cost goal of issue #16), with `GradientMonitor(check_freq=1)` +
+   detector, with the monitor every 10 steps + detector, and with the
+   detector alone (fit's inner loop in interleaved bursts, paired per-round
+   ratios). `--variants` measures a subset (plain fit always).
 2. Rescue rate: a small transformer language model at learning rates where
    plain `fit` diverges, several seeds: diverged runs and final held-out loss
    with plain fit, with Keras `global_clipnorm=1.0`, and with the detector,
@@ -44,6 +46,7 @@ GUARD_ZCLIP = "GuardedOptimizer(ZClip()) alone (no callback)"
 # statistics with the update always applied (no skip `cond`), so the table
 # shows what the exact skip itself costs.
 NO_COND = "GuardedOptimizer without its skip cond (not exact; reference)"
+DEFAULTS = "GradientMonitor() + GradientExplosionDetector() (defaults)"
 # name -> (model, Keras `jit_compile`, steps per burst, variants measured)
 WORKLOADS = {
     "example": ("example", False, 25, None),
@@ -59,6 +62,7 @@ WORKLOADS = {
             GUARD_ZCLIP,
             NO_COND,
             "Keras LossScaleOptimizer (for reference)",
+            DEFAULTS,
             "monitor(every step) + detector",
             "detector only",
         ),
@@ -69,7 +73,7 @@ WORKLOADS = {
 LARGE_LM = {"vocab": 256, "seq": 64, "dim": 128, "blocks": 4}
 
 
-def overhead(rounds, workload, burst=None):
+def overhead(rounds, workload, burst=None, only=None):
     """Per-step time of plain fit and of fit with the monitor + detector.
 
     Each variant gets its own model, fitted once for one epoch (this traces
@@ -122,6 +126,9 @@ def overhead(rounds, workload, burst=None):
         NO_COND: lambda: [],
         "Keras LossScaleOptimizer (for reference)": lambda: [],
         "Keras global_clipnorm=1.0 (for reference)": lambda: [],
+        # Both callbacks with every argument at its default: the stack the
+        # issue's cost goal (#16) is about.
+        DEFAULTS: lambda: [GradientMonitor(), GradientExplosionDetector()],
         "monitor(every step) + detector": lambda: [
             GradientMonitor(check_freq=1, verbose=0),
             GradientExplosionDetector(verbose=0),
@@ -134,6 +141,12 @@ def overhead(rounds, workload, burst=None):
     }
     if measured is not None:
         variants = {name: variants[name] for name in measured}
+    if only:
+        variants = {
+            name: make
+            for name, make in variants.items()
+            if name == "plain fit" or any(part in name for part in only)
+        }
     loops = {}
     for name, make in variants.items():
         keras.utils.set_random_seed(0)
@@ -220,8 +233,8 @@ def _guard_without_cond(inner):
     from keras_stability.optimizers.guarded_optimizer import _gradients_already_reduced
 
     class AlwaysApplied(GuardedOptimizer):
-        def _guarded_apply(self, grads, variables):
-            skip, norm, threshold = self._decide(grads, variables)
+        def _guarded_apply(self, grads, variables, pending=None):
+            skip, norm, threshold = self._decide(grads, variables, pending)
             with _gradients_already_reduced(self.inner_optimizer):
                 self._clip_and_apply(grads, variables, norm, threshold)
             self._after_apply(variables, skip)
@@ -391,6 +404,13 @@ def main(argv=None):
     parser.add_argument(
         "--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS)
     )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help="overhead: only the variants whose name contains one of these "
+        "(plain fit is always measured)",
+    )
     args = parser.parse_args(argv)
     print("## Gradient health: overhead, rescue rate, false alarms\n")
     print(f"Machine: {environment()}\n")
@@ -399,7 +419,7 @@ def main(argv=None):
         for workload in args.workloads:
             # The larger model's steps are ~7x longer: half the rounds.
             rounds = args.rounds // 2 if workload == "transformer-4x" else args.rounds
-            rows += overhead(rounds, workload)
+            rows += overhead(rounds, workload, only=args.variants)
         print(
             "Overhead: `example` is the Keras example on `synthetic` (batch 32); "
             "`transformer` the 2-block LM below (batch 32), also compiled with "
@@ -484,6 +504,11 @@ def main(argv=None):
         + (
             " --workloads " + " ".join(f"'{w}'" for w in args.workloads)
             if args.workloads != list(WORKLOADS)
+            else ""
+        )
+        + (
+            " --variants " + " ".join(f"'{v}'" for v in args.variants)
+            if args.variants
             else ""
         )
         + "".join(

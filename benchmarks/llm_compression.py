@@ -10,7 +10,12 @@ int8; and, with `--shrink`, Minitron's shrink + distill against the same
 shape from scratch, shrink + hard-label fine-tuning and the same shape
 distilled without pruning, all at one step budget. Held-out perplexity,
 parameters, gzip bytes of `.weights.h5` and `.keras` (without optimizer
-state, `pruning.compressed_size`) and generation tokens/s (`generate`).
+state, `pruning.compressed_size`) and generation tokens/s (`generate`, interleaved, process CPU time, with the
+speed-up over the teacher).
+
+`--lm --speed`: generation speed only, the teacher's shape against the shrunk
+student's (untrained; the speed of a float model does not depend on its
+weights), with and without int8, in a few minutes.
 
 `--digits-int8`: the digits MLP (256, 256), dense, 80% sparse and 80% sparse
 + int8: test accuracy and gzip bytes.
@@ -161,13 +166,63 @@ def perplexity(model, x, y):
     return float(np.exp(nll))
 
 
-def tokens_per_second(model, vocab):
+SPEED_REPEATS = 7
+
+
+def generation_speed(models, vocab, repeats=SPEED_REPEATS, tokens=GEN_TOKENS):
+    """Tokens/s of `generate` and of the bare forward pass, interleaved.
+
+    Every model is traced first (`generate` keeps one trace per model); then
+    `repeats` rounds, each timing every model once in a rotated order
+    (`generate` of `tokens` characters, then `tokens` bare forward passes of
+    the same compiled function on one window), in process CPU time (all of
+    TensorFlow's threads, so other jobs on the machine count less than in
+    wall time). Returns {name: {"tok_s": [...], "forward_ms": [...]}}, one
+    entry per round.
+    """
+    from keras_stability.models.char_lm import _compiled_forward
     from keras_stability.models.char_lm import generate
 
-    generate(model, vocab, "The ", length=4)  # trace / warm up
-    start = time.perf_counter()
-    generate(model, vocab, "The ", length=GEN_TOKENS, seed=0)
-    return GEN_TOKENS / (time.perf_counter() - start)
+    window = np.zeros((1, SEQ_LEN), "int32")
+    for model in models.values():
+        generate(model, vocab, "The ", length=2)
+    names = list(models)
+    speeds = {name: {"tok_s": [], "forward_ms": []} for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            model = models[name]
+            start = time.process_time()
+            generate(model, vocab, "The ", length=tokens, seed=r)
+            speeds[name]["tok_s"].append(tokens / (time.process_time() - start))
+            forward = _compiled_forward(model, SEQ_LEN)
+            start = time.process_time()
+            for _ in range(tokens):
+                np.asarray(forward(window))
+            speeds[name]["forward_ms"].append(
+                1e3 * (time.process_time() - start) / tokens
+            )
+    return speeds
+
+
+def _add_speed(rows, models, vocab, teacher="teacher (dense float32)"):
+    """Puts tokens/s, forward ms and the per-round ratio to the teacher in rows."""
+    speeds = generation_speed(models, vocab)
+    base = speeds[teacher]["tok_s"]
+    for name, s in speeds.items():
+        rows[name]["tok_s"] = statistics.median(s["tok_s"])
+        rows[name]["tok_s_runs"] = s["tok_s"]
+        rows[name]["forward_ms"] = statistics.median(s["forward_ms"])
+        rows[name]["forward_ms_runs"] = s["forward_ms"]
+        # Paired by round: the same round ran both within a few seconds.
+        rows[name]["speedup_runs"] = [
+            a / b for a, b in zip(s["tok_s"], base, strict=True)
+        ]
+        print(
+            f"{name}: {rows[name]['tok_s']:.0f} tokens/s, forward "
+            f"{rows[name]['forward_ms']:.2f} ms",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def non_embedding_params(model):
@@ -189,7 +244,7 @@ def _kernels(model):
     ]
 
 
-def measure(model, data, with_speed=True):
+def measure(model, data):
     from keras_stability import pruning
 
     kernels = _kernels(model)
@@ -203,7 +258,6 @@ def measure(model, data, with_speed=True):
         "nonzero": int(model.count_params()) - zeros,
         "weights_gz": pruning.compressed_size(model),
         "keras_gz": pruning.compressed_size(model, file="keras"),
-        "tok_s": tokens_per_second(model, data["vocab"]) if with_speed else None,
     }
     # Progress on stderr, so that a long run shows its rows as they come.
     print(f"{model.name}: {row}", file=sys.stderr, flush=True)
@@ -261,7 +315,12 @@ def lm_seed(seed, data, config, shrink):
     vocab_size = len(data["vocab"])
     steps_per_epoch = int(np.ceil(len(data["x_train"]) / BATCH))
     rows = {}
+    models = {}
     timings = {}
+
+    def add(name, model):
+        rows[name] = measure(model, data)
+        models[name] = model
 
     start = time.perf_counter()
     teacher = _fit_lm(
@@ -272,8 +331,8 @@ def lm_seed(seed, data, config, shrink):
         seed,
     )
     timings["teacher"] = time.perf_counter() - start
-    rows["teacher (dense float32)"] = measure(teacher, data)
-    rows["teacher + int8"] = measure(_int8(teacher), data)
+    add("teacher (dense float32)", teacher)
+    add("teacher + int8", _int8(teacher))
 
     tune_steps = config["tune_epochs"] * steps_per_epoch
     # 80% unstructured: every kernel and embedding, polynomial 0 -> 80% over
@@ -287,8 +346,8 @@ def lm_seed(seed, data, config, shrink):
     )
     _fit_lm(sparse, data, config["tune_epochs"], 1e-3, seed)
     pruning.strip_pruning(sparse)
-    rows["80% unstructured"] = measure(_copy(sparse), data)
-    rows["80% unstructured + int8"] = measure(_int8(sparse), data)
+    add("80% unstructured", _copy(sparse))
+    add("80% unstructured + int8", _int8(sparse))
 
     # 2:4 on the transformer linears only (Q/K/V/O, FFN in and out): one
     # pruner per block; embeddings and the output layer stay dense.
@@ -302,8 +361,8 @@ def lm_seed(seed, data, config, shrink):
             )
     _fit_lm(nm, data, config["tune_epochs"], 1e-3, seed)
     pruning.strip_pruning(nm)
-    rows["2:4 on Q/K/V/O and FFN"] = measure(_copy(nm), data)
-    rows["2:4 on Q/K/V/O and FFN + int8"] = measure(_int8(nm), data)
+    add("2:4 on Q/K/V/O and FFN", _copy(nm))
+    add("2:4 on Q/K/V/O and FFN + int8", _int8(nm))
 
     teacher_steps = config["teacher_epochs"] * steps_per_epoch
     budget = config["shrink_epochs"] * steps_per_epoch
@@ -320,12 +379,12 @@ def lm_seed(seed, data, config, shrink):
             verbose=0,
             **SHRUNK,
         )
-        rows["shrink + distill (Minitron)"] = measure(student, data)
+        add("shrink + distill (Minitron)", student)
         # The same-shape baselines are the shrunk model re-initialized (the
         # builder's FFN is always 4 * hidden).
         scratch = _reinit(student, seed + 100)
         _fit_lm(scratch, data, config["shrink_epochs"], 3e-3, seed)
-        rows["same shape from scratch"] = measure(scratch, data)
+        add("same shape from scratch", scratch)
         hard = pruning.shrink_transformer(
             teacher,
             data=(data["x_train"][:256], data["y_train"][:256]),
@@ -333,10 +392,12 @@ def lm_seed(seed, data, config, shrink):
             **SHRUNK,
         )
         _fit_lm(hard, data, config["shrink_epochs"], 1e-3, seed)
-        rows["shrink + hard-label fine-tune"] = measure(hard, data)
-        rows["same shape distilled, no pruning"] = measure(
-            _distill(_reinit(student, seed + 100), teacher, data, config, seed), data
+        add("shrink + hard-label fine-tune", hard)
+        add(
+            "same shape distilled, no pruning",
+            _distill(_reinit(student, seed + 100), teacher, data, config, seed),
         )
+    _add_speed(rows, models, data["vocab"])
     return rows, {
         "teacher_steps": teacher_steps,
         "tune_steps": tune_steps,
@@ -390,6 +451,107 @@ LM_ROWS = (
 )
 
 
+def _median_ci(values, seed=0, resamples=2000):
+    """Median and a 95% percentile-bootstrap interval of the median."""
+    values = np.asarray(values, "float64")
+    rng = np.random.default_rng(seed)
+    medians = np.median(
+        values[rng.integers(0, len(values), (resamples, len(values)))], axis=1
+    )
+    lo, hi = np.percentile(medians, [2.5, 97.5])
+    return float(np.median(values)), float(lo), float(hi)
+
+
+SPEED_ROWS = {
+    "teacher (dense float32)": "teacher",
+    "shrunk (2 of 4 blocks, FFN 128)": "shrunk",
+    "teacher + int8": "teacher_int8",
+    "shrunk + int8": "shrunk_int8",
+}
+
+
+def speed_main(args):
+    """Generation speed only: the teacher's shape against the shrunk shape.
+
+    The weights do not change the speed of a float model (no zeros are
+    skipped), so the teacher is an untrained `LM_SHAPE` model and the student
+    its `shrink_transformer(**SHRUNK)` (magnitude importance): the same
+    shapes as the `--shrink` rows, without the 20 minutes of training.
+    """
+    from keras_stability import pruning
+
+    data = _lm_data(LM_CONFIGS["quick"]["max_chars"])
+    vocab = data["vocab"]
+    start = time.perf_counter()
+    runs = []
+    for seed in range(args.seeds):
+        teacher = _char_lm(len(vocab), seed, **LM_SHAPE)
+        shrunk = pruning.shrink_transformer(teacher, **SHRUNK)
+        models = dict(
+            zip(
+                SPEED_ROWS,
+                (teacher, shrunk, _int8(teacher), _int8(shrunk)),
+                strict=True,
+            )
+        )
+        rows = {name: {} for name in models}
+        _add_speed(rows, models, vocab)
+        for name, model in models.items():
+            rows[name]["params"] = int(model.count_params())
+            rows[name]["non_embedding"] = non_embedding_params(model)
+        runs.append(rows)
+    total = time.perf_counter() - start
+    base = "teacher (dense float32)"
+    lines = [
+        "### Generation speed: teacher against the shrunk student (issue #17)",
+        "",
+        f"Machine: {environment()}",
+        "",
+        "Command: `nice -n 10 python -m benchmarks.llm_compression --lm --speed "
+        f"--seeds {args.seeds}` (total {total:.0f} s)",
+        "",
+        f"`generate` of {GEN_TOKENS} characters after `'The '` (temperature 0.8; one "
+        f"forward pass of the whole {SEQ_LEN}-character window per character, no KV "
+        "cache), each model traced once beforehand; "
+        f"{SPEED_REPEATS} rounds per seed ({args.seeds} seeds = model "
+        "initializations), every model once per round in a rotated order, in process "
+        "CPU time. 'forward' is the same compiled forward pass alone on one window; "
+        "'other' is the rest of a generated character (per round, median; the Python loop, the "
+        "host copy of the logits, sampling). Speed-up: student tokens/s over the "
+        "teacher's of the same round, median over all rounds with a 95% bootstrap "
+        "interval of the median:",
+        "",
+        "| model | params (non-embedding) | tokens/s | forward ms | other ms | "
+        "speed-up vs teacher |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in SPEED_ROWS:
+        tok = [t for r in runs for t in r[name]["tok_s_runs"]]
+        fwd = [f for r in runs for f in r[name]["forward_ms_runs"]]
+        other = statistics.median(1e3 / t - f for t, f in zip(tok, fwd, strict=True))
+        fwd = statistics.median(fwd)
+        ratio = _median_ci([x for r in runs for x in r[name]["speedup_runs"]])
+        lines.append(
+            f"| {name} | {runs[0][name]['params']} "
+            f"({runs[0][name]['non_embedding']}) | "
+            f"{statistics.median(tok):.0f} ({min(tok):.0f}..{max(tok):.0f}) | "
+            f"{fwd:.2f} | {other:.2f} | "
+            f"{ratio[0]:.2f}x ({ratio[1]:.2f}..{ratio[2]:.2f}) |"
+        )
+    t_fwd = statistics.median(f for r in runs for f in r[base]["forward_ms_runs"])
+    s_fwd = statistics.median(
+        f for r in runs for f in r["shrunk (2 of 4 blocks, FFN 128)"]["forward_ms_runs"]
+    )
+    lines += [
+        "",
+        f"Forward-pass ratio alone (teacher / student ms): {t_fwd / s_fwd:.2f}x; "
+        f"non-embedding parameters: {runs[0]['shrunk (2 of 4 blocks, FFN 128)']['non_embedding'] / runs[0][base]['non_embedding']:.0%} "
+        "of the teacher's.",
+        "",
+    ]
+    print("\n".join(lines))
+
+
 def lm_main(args):
     config = LM_CONFIGS["quick" if args.quick else "full"]
     data = _lm_data(config["max_chars"])
@@ -410,6 +572,11 @@ def lm_main(args):
         return statistics.stdev(vals) if len(vals) > 1 else 0.0
 
     base = "teacher (dense float32)"
+
+    def speedup(name):
+        ratio = _median_ci([x for r in per_seed for x in r[name]["speedup_runs"]])
+        return f"{ratio[0]:.2f}x ({ratio[1]:.2f}..{ratio[2]:.2f})"
+
     flags = " --quick" if args.quick else ""
     flags += " --shrink" if args.shrink else ""
     lines = [
@@ -444,13 +611,16 @@ def lm_main(args):
         )
         + "Sizes: gzip -9 of `.weights.h5` and `.keras` without optimizer state "
         f"(`pruning.compressed_size`); tokens/s: `generate` of {GEN_TOKENS} "
-        f"characters (one full forward per character). Mean ± sd over {args.seeds} "
-        "seeds:",
+        "characters (one forward pass of the whole window per character, traced "
+        f"once per model), {SPEED_REPEATS} interleaved rounds per seed in process "
+        "CPU time, the median; speed-up: tokens/s over the teacher's of the same "
+        "round, median of all rounds and seeds (95% bootstrap interval). Mean ± sd "
+        f"over {args.seeds} seeds:",
         "",
         "| model | held-out perplexity | vs teacher | params (non-embedding) | "
         "kernel zeros | .weights.h5 gzip | .keras gzip | smaller than dense | "
-        "tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "tokens/s | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in names:
         lines.append(
@@ -461,7 +631,7 @@ def lm_main(args):
             f"{mean(name, 'weights_gz') / 1024:.1f} KiB | "
             f"{mean(name, 'keras_gz') / 1024:.1f} KiB | "
             f"{mean(base, 'keras_gz') / mean(name, 'keras_gz'):.1f}x | "
-            f"{mean(name, 'tok_s'):.0f} |"
+            f"{mean(name, 'tok_s'):.0f} | {speedup(name)} |"
         )
     lines += ["", "Per seed (held-out perplexity):"]
     for name in names:
@@ -515,6 +685,43 @@ def _lm_figure(per_seed, names, path):
     fig.savefig(path, dpi=120)
 
 
+def _gz(data):
+    import gzip
+
+    return len(gzip.compress(data, compresslevel=9))
+
+
+def _dense_copy(model, weights):
+    copy = mlp(TEACHER_UNITS, "mlp")
+    copy.set_weights(weights)
+    return copy
+
+
+def _byte_parts(model):
+    """Where the gzip bytes of `.weights.h5` go: each kind of variable gzipped
+    alone, the rest of the file (h5 layout), and the kernels stored as a
+    bitmap of non-zeros plus the non-zero values (a layout Keras does not
+    have, for comparison)."""
+    from keras_stability import pruning
+
+    parts = {"kernels": 0, "biases": 0, "scales": 0, "kernels_bitmap_values": 0}
+    for w in model.weights:
+        a = np.asarray(w)
+        kind = w.path.rsplit("/", 1)[-1]
+        if kind == "kernel":
+            parts["kernels"] += _gz(a.tobytes())
+            parts["kernels_bitmap_values"] += _gz(np.packbits(a != 0).tobytes()) + _gz(
+                a[a != 0].tobytes()
+            )
+        elif kind == "bias":
+            parts["biases"] += _gz(a.tobytes())
+        else:
+            parts["scales"] += _gz(a.tobytes())
+    tensors = parts["kernels"] + parts["biases"] + parts["scales"]
+    parts["container"] = pruning.compressed_size(model) - tensors
+    return parts
+
+
 def digits_int8_main(args):
     import keras
 
@@ -531,6 +738,7 @@ def digits_int8_main(args):
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=ce)
         model.fit(x, y, epochs=40, batch_size=64, verbose=0)
         dense = {"acc": accuracy(model, xt, yt), "gz": pruning.compressed_size(model)}
+        dense_weights = model.get_weights()
         dense["keras_gz"] = pruning.compressed_size(model, file="keras")
         steps = 10 * int(np.ceil(len(x) / 64))
         pruning.prune_low_magnitude(
@@ -553,6 +761,8 @@ def digits_int8_main(args):
             "gz": pruning.compressed_size(q),
             "keras_gz": pruning.compressed_size(q, file="keras"),
         }
+        qrow["parts"] = _byte_parts(q)
+        dense["parts"] = _byte_parts(_dense_copy(model, dense_weights))
         results.append({"dense": dense, "sparse": sparse, "int8": qrow})
     total = time.perf_counter() - start
 
@@ -584,7 +794,28 @@ def digits_int8_main(args):
             f"{m(row, 'keras_gz') / 1024:.1f} KiB | "
             f"{m('dense', 'keras_gz') / m(row, 'keras_gz'):.1f}x |"
         )
+    dense_gz = m("dense", "gz")
+
+    def part(row, key):
+        return round(statistics.mean(r[row]["parts"][key] for r in results))
+
     lines += [
+        "",
+        "Where the `.weights.h5` gzip bytes go (mean over seeds; each kind of "
+        "variable gzipped alone, 'h5 layout' = the file's gzip size minus those): "
+        + "; ".join(
+            f"{label}: kernels {part(row, 'kernels')} B, biases "
+            f"{part(row, 'biases')} B, scales {part(row, 'scales')} B, h5 layout "
+            f"{part(row, 'container')} B"
+            for row, label in (("dense", "dense float32"), ("int8", "80% + int8"))
+        )
+        + f". Ratio on the tensors alone (no h5 layout): "
+        f"{(dense_gz - part('dense', 'container')) / (m('int8', 'gz') - part('int8', 'container')):.2f}x. "
+        "The int8 kernels stored as a bitmap of non-zeros plus the non-zero values "
+        f"would gzip to {part('int8', 'kernels_bitmap_values')} B instead of "
+        f"{part('int8', 'kernels')} B, which would make the file "
+        f"{dense_gz / (m('int8', 'gz') - part('int8', 'kernels') + part('int8', 'kernels_bitmap_values')):.1f}x "
+        "smaller than dense (Keras has no such layout; not implemented).",
         "",
         "Per seed accuracy (dense / sparse / sparse + int8): "
         + "; ".join(
@@ -605,6 +836,11 @@ def main(argv=None):
     parser.add_argument(
         "--shrink", action="store_true", help="LM: shrink + distill rows too"
     )
+    parser.add_argument(
+        "--speed",
+        action="store_true",
+        help="LM: generation speed of the teacher and shrunk shapes only",
+    )
     parser.add_argument("--figure", default=None, help="LM: path of the figure")
     parser.add_argument("--json", default=None, help="LM: raw numbers to this file")
     parser.add_argument(
@@ -615,6 +851,8 @@ def main(argv=None):
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--temperature", type=float, default=4.0)
     args = parser.parse_args(argv)
+    if args.lm and args.speed:
+        return speed_main(args)
     if args.lm:
         return lm_main(args)
     if args.digits_int8:

@@ -1,6 +1,7 @@
 """Test helpers: a subprocess runner with several logical CPU devices, and a
 layer test that does what Keras' private `run_layer_test` does."""
 
+import concurrent.futures
 import json
 import os
 import pickle
@@ -8,10 +9,19 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 
 import numpy as np
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Per thread: the environment children start from instead of `os.environ`
+# (`tests.prefetch` sets the session's initial one on its thread).
+CHILD_BASE_ENV = threading.local()
+
+
+def _base_env():
+    env = getattr(CHILD_BASE_ENV, "env", None)
+    return dict(os.environ if env is None else env)
 
 
 def run_in_subprocess(func, *args, n_cpu_devices=2, timeout=600, env=None, **kwargs):
@@ -41,6 +51,91 @@ def run_in_subprocess(func, *args, n_cpu_devices=2, timeout=600, env=None, **kwa
     with tempfile.TemporaryDirectory() as tmp:
         child = _Child(func, args, kwargs, n_cpu_devices, env, tmp)
         return child.result(timeout)
+
+
+def run_side_by_side(*calls, max_workers=None):
+    """Runs independent zero-argument `calls` in threads and returns their results.
+
+    Each call is expected to spend its time waiting on a child process (e.g.
+    `functools.partial(run_in_subprocess, ...)` or `run_workers`), so the
+    children run at the same time instead of one after another: the machine
+    has 2 cores and a test process alone mostly uses one. Every call keeps its
+    own environment and temporary folder; the callers must not give two calls
+    the same folder or port.
+
+    Args:
+        *calls: Zero-argument callables.
+        max_workers: Calls running at once. Defaults to `None` (all of them).
+
+    Returns:
+        The list of the calls' results, in the order of `calls`.
+
+    Raises:
+        The first (in the order of `calls`) exception a call raised, after
+        every call has finished.
+    """
+    env = getattr(CHILD_BASE_ENV, "env", None)
+
+    def run(call):
+        CHILD_BASE_ENV.env = env  # the caller's, in this worker thread
+        return call()
+
+    with concurrent.futures.ThreadPoolExecutor(
+        max_workers=max_workers or len(calls)
+    ) as pool:
+        futures = [pool.submit(run, call) for call in calls]
+        concurrent.futures.wait(futures)
+    return [future.result() for future in futures]
+
+
+class Started:
+    """A command started now, in the background, and checked later by a test.
+
+    A module-scoped fixture starts a slow child (a whole demo) when the module
+    begins, so it runs on the second core beside the module's other tests; the
+    test that checks it comes last in the module and only waits. stdout and
+    stderr go to temporary files (a full pipe would block the child).
+
+    Args:
+        argv: The command.
+        env: The child's whole environment. Defaults to `None` (this one's).
+        cwd: The child's working folder. Defaults to `REPO_ROOT`.
+    """
+
+    def __init__(self, argv, env=None, cwd=REPO_ROOT):
+        self.argv = list(argv)
+        self._out = tempfile.TemporaryFile("w+")
+        self._err = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(
+            self.argv, cwd=cwd, env=env, stdout=self._out, stderr=self._err, text=True
+        )
+
+    def finish(self, timeout):
+        """Waits for the child; returns a `subprocess.CompletedProcess`."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        self._out.seek(0)
+        self._err.seek(0)
+        return subprocess.CompletedProcess(
+            self.argv, self.proc.returncode, self._out.read(), self._err.read()
+        )
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def is_selected(request, test_name):
+    """Whether `test_name` of the requesting module will run in this session."""
+    return any(
+        getattr(item, "module", None) is request.module
+        and getattr(item, "originalname", item.name) == test_name
+        for item in request.session.items
+    )
 
 
 def run_workers(func, *args, n_workers=2, timeout=600, env=None, **kwargs):
@@ -113,7 +208,7 @@ class _Child:
         }
         with open(payload_path, "wb") as f:
             pickle.dump(payload, f)
-        child_env = dict(os.environ)
+        child_env = _base_env()
         child_env.update(payload["env"])
         child_env["PYTHONPATH"] = os.pathsep.join(
             p for p in (REPO_ROOT, child_env.get("PYTHONPATH")) if p

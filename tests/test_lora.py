@@ -284,3 +284,56 @@ def test_gpt2_causal_lm_lora_with_guard_detector_l2sp_and_fresh_reload(
         loaded["pred"], model.predict(x, verbose=0), rtol=1e-6, atol=1e-6
     )
     assert loaded["lora_rank"] == [0]  # saved merged, as the char LM
+
+
+def test_lora_at_most_five_percent_with_guard_detector_l2sp_pruning_and_reload(
+    tmp_path, fresh_process
+):
+    """The issue's LoRA item in one configuration, end to end."""
+    from keras_stability.pruning import ConstantSparsity
+    from keras_stability.pruning import prune_low_magnitude
+    from keras_stability.pruning import strip_pruning
+
+    # Width 128, rank 2 on query/value/FFN, and the head's kernel trained
+    # (and pruned to 50%: pruning takes trainable kernels, skips LoRA layers).
+    model = lora_char_lm(rank=2)
+    model.get_layer("logits").kernel.trainable = True
+    total = sum(int(np.prod(v.shape)) for v in model.weights)  # before pruning
+    reg = L2SP(alpha=0.1, beta=0.0)
+    reg.attach(model)
+    with pytest.warns(UserWarning, match="does not prune the 8 LoRA layers"):
+        prune_low_magnitude(model, ConstantSparsity(0.5, 0, frequency=1))
+    compile_guarded(model)
+
+    x, y = data()
+    before = values(model)
+    monitor = GradientMonitor(check_freq=1, verbose=0)
+    detector = GradientExplosionDetector(action="rollback", snapshot_freq=2, verbose=0)
+    history = model.fit(
+        x, y, batch_size=16, epochs=2, verbose=0, callbacks=[monitor, detector]
+    )
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert detector.events == [] and len(monitor.history["step"]) == 8
+    assert model.optimizer.step.numpy() == 8  # the guard took every step
+    assert sum(float(v) for v in model.losses) > 0  # L2SP sees the LoRA deltas
+    after = values(model)
+    changed = {p for p in before if not np.array_equal(before[p], after[p])}
+    assert changed == {p for p in before if "lora_" in p} | {"logits/kernel"}
+    # What trained: the LoRA factors (2 blocks x (query, value: 2 x (128*4*2
+    # + 2*32); FFN in/out: 2 x 1280) = 9,472) and the head's kernel (128 x 40),
+    # 3.5% of the model (pruning adds non-trainable masks only).
+    trained = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+    assert (trained, total) == (9472 + 5120, 418600)
+    assert trained / total <= 0.05
+
+    strip_pruning(model)
+    assert np.mean(np.asarray(model.get_layer("logits").kernel) == 0) == (
+        pytest.approx(0.5, abs=0.01)
+    )
+    path = os.path.join(tmp_path, "lora_pruned.keras")
+    model.save(path)
+    loaded = fresh_process(load_and_predict, path, x[:8])
+    np.testing.assert_allclose(
+        loaded["pred"], model.predict(x[:8], verbose=0), rtol=1e-6, atol=1e-6
+    )
+    assert loaded["optimizer"] == "GuardedOptimizer"

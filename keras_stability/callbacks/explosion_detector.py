@@ -33,9 +33,11 @@ import json
 import math
 import os
 import warnings
+import weakref
 
 import keras
 import numpy as np
+from keras import ops
 
 from keras_stability import _keras_internals
 from keras_stability._checks import check_bool
@@ -164,7 +166,10 @@ class GradientExplosionDetector(keras.callbacks.Callback):
     the last one if `restore_best_weights=False`), sets
     `model.stop_training`, warns with the reason, and writes `diagnostic`
     (step, reason, events, raw-loss and gradient-norm history, per-layer
-    gradient norms of the last step) to `diagnostic_path` as JSON if given
+    gradient norms of the last step whose global norm was non-finite or 10x
+    the step before's, in `per_layer_grad_norms`, and how many steps before
+    the last trained one it was, in `per_layer_grad_norms_steps_ago`) to
+    `diagnostic_path` as JSON if given
     (a path that cannot be written is an error at the start of training;
     if writing still fails when stopping, it warns, so `fit` returns its
     `History`).
@@ -174,13 +179,35 @@ class GradientExplosionDetector(keras.callbacks.Callback):
     The optimizer is wrapped in a `GuardedOptimizer` at the start of `fit`
     if it is not one already.
 
-    The detector's per-step work runs right after each call of the train
-    function, before any callback, so `raw_loss`, `rollbacks` and
-    `skipped_batches` reach every callback's batch and epoch logs (the
-    progress bar prints the counts as integers), whatever the order of the
-    callbacks.
+    No host reads between looks: the compiled step records each batch
+    (the raw loss as the guard saw it in `scale_loss`, or from Keras' loss
+    tracker, the pre-clip global norm, whether it was skipped) in a small
+    in-graph ring buffer, takes a skipped step back out of the epoch's mean
+    loss, and returns the step's `raw_loss` in its logs. The host looks
+    every `check_every` batches (at most `snapshot_freq` apart, and at the
+    end of each epoch and of training): one read of the buffer, whose
+    batches then go through the rules one by one, in order. While the host
+    is not looking, the guard's trip flag (`GuardedOptimizer.set_trip`)
+    holds back every step after more than `max_consecutive_skips`
+    non-finite steps in a row or a non-finite loss, so no update gets
+    through before the host acts on it. A problem found at a batch before
+    the last one of a look acts then (a rollback discards the later
+    updates with the restored snapshot); snapshots are taken at looks. The
+    host looks after every batch at the start (until the loss source is
+    known), while a rollback is being checked and probed, and for a custom
+    `train_step` whose loss only its own metric shows. `rollbacks` and
+    `skipped_batches` in the batch logs are those of the last look (the
+    epoch logs are exact). Per-layer gradient norms (for the diagnostic)
+    are computed only on steps whose global norm is non-finite or jumps
+    10x.
 
-    With `steps_per_execution > 1` the detector runs once per execution:
+    The detector's work runs right after each call of the train function,
+    before any callback, so `raw_loss`, `rollbacks` and `skipped_batches`
+    reach every callback's batch and epoch logs (the progress bar prints
+    the counts as integers), whatever the order of the callbacks.
+
+    With `steps_per_execution > 1` the detector looks after each execution
+    (no ring buffer; one host read per execution) and runs once per it:
     steps (`step`, `snapshot_freq`, `skip_batches`) are still counted in
     batches, non-finite steps are still skipped in-graph one by one and
     counted from the guard's counter, but the loss rules see the mean raw
@@ -240,6 +267,9 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             them. Snapshots hold the state of every optimizer the model holds.
             After `fit` starts, `detector.optimizer` is the guard.
             Defaults to `None`.
+        check_every: Batches between the host's looks at the recorded
+            steps (see above; `1` looks after every batch, as a detector
+            without the record would). Defaults to `10`.
 
     Example:
 
@@ -249,6 +279,12 @@ class GradientExplosionDetector(keras.callbacks.Callback):
     detector.rollbacks, detector.skipped_batches
     ```
     """
+
+    # Its batch hook only copies values into the (converted) batch logs for
+    # the progress bar, reading nothing shared that a step changes: Keras may
+    # call it in its background thread (as for callbacks without batch
+    # hooks), so `fit` does not convert every step's logs on the host first.
+    async_safe = True
 
     def __init__(
         self,
@@ -270,6 +306,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         diagnostic_path=None,
         verbose=0,
         optimizer=None,
+        check_every=10,
     ):
         super().__init__()
         self.action = check_choice("action", action, ACTIONS)
@@ -306,9 +343,11 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         )
         self.verbose = check_verbose("verbose", verbose)
         self._optimizer_arg = check_optimizer_argument("optimizer", optimizer)
+        self.check_every = check_positive_int("check_every", check_every)
         self.diagnostic = None
         self._stats = None
         self._observers = ModelObservers()
+        self._records = weakref.WeakKeyDictionary()  # model -> _Record
 
     def get_config(self):
         return {
@@ -330,6 +369,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             "diagnostic_path": self.diagnostic_path,
             "verbose": self.verbose,
             "optimizer": self._optimizer_arg,
+            "check_every": self.check_every,
         }
 
     @classmethod
@@ -350,11 +390,14 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             )
 
         def per_layer_norms():
-            # Per-layer gradient norms of the last step, for the diagnostic
-            # (the detector stops on the step that went wrong). Every step,
-            # from the guard's squared norms: a few ops and no `cond`.
+            # Per-layer gradient norms for the diagnostic, of the last step
+            # whose norm was non-finite or jumped (the step that went wrong),
+            # not of every step: a `cond` instead of a segment sum per step.
             return LayerGradientStats(
-                groups=group_variables_by_layer(model), track_updates=False
+                groups=group_variables_by_layer(model),
+                track_updates=False,
+                check_freq=_NEVER,
+                anomaly_factor=ANOMALY_FACTOR,
             )
 
         # With action="skip", a new guard also skips gradient-norm spikes
@@ -371,8 +414,24 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         )
         self._layer_names = [name for name, _, _ in self._stats.groups]
         self._step_logs = StepLogs.of(model)
-        self._step_logs.attach(self, self._after_step, self.params)
+        self._per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
+        # One batch per call: the step records each batch in-graph and the
+        # host looks every `check_every` calls (`_after_call`); several: the
+        # per-call path (`_after_step`) as before.
+        self._record = self._install_record(model) if self._per_call == 1 else None
+        self._step_logs.attach(
+            self,
+            self._after_call if self._record is not None else self._after_step,
+            self.params,
+        )
         self._loss = self._step_logs.loss
+        if self._record is not None:
+            self._loss = _RowLoss(self, self._step_logs.loss)
+        self._calls_unread = 0  # calls since the last look
+        self._row_loss = None  # where a row's raw loss comes from (`_look`)
+        self._at_weights = True  # whether the entry judged is the model's state
+        self._holding = False  # whether the last row judged was held by the trip
+        self._row = None  # the row being judged
         self._loss_z = RobustZScore(
             self.window, self.loss_z_threshold, self.min_samples
         )
@@ -381,11 +440,12 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         )
         self.step = 0
         self.epoch = 0
-        # Batches per call of the train function; above 1 the skipped steps
-        # are counted from the guard's counter (they may be any of the call's).
-        self._per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
-        self._steps_seen = _read_count(self.optimizer, "step")
-        self._skips_seen = _read_count(self.optimizer, "steps_skipped_nonfinite")
+        # Batches per call of the train function (`_per_call`, above); above
+        # 1 the skipped steps are counted from the guard's counter (they may
+        # be any of the call's).
+        if self._record is None:  # the guard's counters, read per call
+            self._steps_seen = _read_count(self.optimizer, "step")
+            self._skips_seen = _read_count(self.optimizer, "steps_skipped_nonfinite")
         self.rollbacks = 0
         self.lr_probes = 0  # lower learning rates kept by probes after rollbacks
         self.skipped_batches = 0
@@ -438,12 +498,16 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         if self._bad_streak:
             self._streak_mark = (0.0, 0.0)  # Keras restarts the epoch's mean
 
-    def _log_values(self):
+    def _log_values(self, logs=None):
+        raw = self.raw_losses[-1] if self.raw_losses else math.nan
+        skipped = self.skipped_batches
+        if self._record is not None and logs:
+            # This step's, from the step itself (see `_after_call`).
+            raw = logs.get("raw_loss", raw)
+            skipped = logs.get("skipped_batches", skipped)
         return {
-            "raw_loss": self.raw_losses[-1] if self.raw_losses else math.nan,
-            **counts(
-                {"rollbacks": self.rollbacks, "skipped_batches": self.skipped_batches}
-            ),
+            "raw_loss": raw,
+            **counts({"rollbacks": self.rollbacks, "skipped_batches": skipped}),
         }
 
     def on_train_batch_end(self, batch, logs=None):
@@ -451,7 +515,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         # counts again as `LoggedInt`, for the progress bar. Empty logs: a
         # batch drawn without training (a resumed backup), nothing to add.
         if logs:
-            logs.update(self._log_values())
+            logs.update(self._log_values(logs))
 
     def _after_step(self, logs):
         """The per-step work, right after each call of the train function.
@@ -481,6 +545,160 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             skipped, self._skips_seen = max(0, count - self._skips_seen), count
         else:
             skipped = int(skips_nonfinite and not math.isfinite(norm))
+        self._decide_step(raw, norm, norm_var is not None, skipped, steps, logs)
+        logs["raw_loss"] = raw
+        logs["rollbacks"] = self.rollbacks
+        logs["skipped_batches"] = self.skipped_batches
+
+    # -- the in-graph record and the looks (one batch per call) ------------
+    def _install_record(self, model):
+        """Makes the compiled step record each batch; returns the `_Record`.
+
+        Each step writes one row (`_ROW`: the loss the guard saw, the
+        pre-clip global norm, whether it was skipped as non-finite or held
+        by the trip flag, Keras' loss tracker before and after it) into a
+        ring buffer of `check_every` rows, and takes a skipped or held step
+        back out of Keras' loss tracker (so the epoch's `loss` stays the
+        mean of the applied steps, with no host involvement). The guard's
+        trip flag (`GuardedOptimizer.set_trip`) holds back every step after
+        `max_consecutive_skips` non-finite steps in a row or a non-finite
+        loss, until the host looks. Both stay in the step after `fit` (a
+        later `fit` does not retrace); the trip is turned off at the end of
+        each `fit`.
+        """
+        guard = self.optimizer
+        record = self._records.get(model)
+        if (
+            record is None
+            or record.guard is not guard
+            or record.size != self.check_every
+        ):
+            with model.distribute_strategy.scope():
+                record = _Record(guard, self.check_every)
+            self._records[model] = record
+        record.written.assign(0)
+        record.skipped.assign(0.0)
+        record.read = 0
+        attribute = guarded_attribute(model, self._optimizer_arg)
+        changed = self._step_logs.set_graph_values(
+            ("GradientExplosionDetector", id(guard), id(record)),
+            _record_values(model, guard, attribute, record),
+            before=lambda: _record_state(model),
+            owner=self,
+        )
+        trip = None if self.action == "warn" else self.max_consecutive_skips
+        changed = guard.set_trip(trip) or changed
+        if changed:
+            model.make_train_function(force=True)
+        return record
+
+    def _steady(self):
+        """Whether the host may look only every `check_every` calls.
+
+        Not before the loss source is known, not with a loss only the host
+        can recover (a custom `train_step`'s own `Mean`), not while a
+        rollback is being checked (its probes restore weights at exact
+        steps), and not while bad steps (spikes, non-finite steps) are in
+        the recent window (a streak acts at the step it would with a look
+        after every step, once a look has seen its first bad step): those
+        look after every call.
+        """
+        return (
+            self._loss_mode is not None
+            and self._row_loss is not None
+            and self._recovery is None
+            and not self._bad_streak
+        )
+
+    def _after_call(self, logs):
+        """After each call of the train function (one batch per call).
+
+        Between looks nothing is read: the step's values are in-graph
+        (`raw_loss` and `skipped_batches` come out of the step itself) and
+        `rollbacks` is that of the last look.
+        """
+        self._calls_unread += 1
+        # At most `snapshot_freq` steps apart (a snapshot is taken at a
+        # look), at multiples of the interval (so snapshots are taken at the
+        # steps they would be with a look after every step).
+        every = min(self.check_every, self.snapshot_freq) if self._steady() else 1
+        if (self.step + self._calls_unread) % every == 0 or self._step_logs.epoch_end:
+            self._look(logs)
+            logs["skipped_batches"] = self.skipped_batches
+        # Between looks `skipped_batches` is the step's own count (in-graph).
+        logs["rollbacks"] = self.rollbacks
+
+    def _look(self, logs):
+        """Reads the steps recorded since the last look and judges them in order.
+
+        One host read of the ring buffer (and its counter). A problem at an
+        entry that is not the last acts as it would have at that step (a
+        rollback restores the snapshot, so the later steps' updates are
+        discarded with it; their batches are counted as trained). Steps the
+        trip flag held back after the step that raised it are not judged.
+        """
+        record = self._record
+        self._calls_unread = 0
+        if record is None:
+            return
+        rows, count = record.take()
+        flagged = False
+        for k, row in enumerate(rows):
+            self._at_weights = k == len(rows) - 1
+            held = row[_ROW["held"]] > 0
+            flagged = flagged or held or row[_ROW["nonfinite"]] > 0
+            if held and self._holding:
+                self.step += 1  # held back by the trip, after the step that raised it
+                continue
+            self._holding = held
+            rollbacks, stopped = self.rollbacks, self.stopped_reason
+            self._row = row
+            self._judge_row(row, logs)
+            if self.rollbacks != rollbacks or self.stopped_reason != stopped:
+                self.step += len(rows) - 1 - k
+                break
+        self._at_weights = True
+        if flagged and self.optimizer.tripped is not None:
+            if _read_scalar(self.optimizer.tripped) > 0:
+                self.optimizer.clear_trip()
+            self._holding = False
+        if count and rows and logs is not None and "raw_loss" in logs:
+            logs["raw_loss"] = self.raw_losses[-1]
+        if flagged:  # the in-graph count goes on from the host's
+            record.skipped.assign(float(self.skipped_batches))
+
+    def _judge_row(self, row, logs):
+        """One recorded step through the rules (`_decide_step`)."""
+        self.step += 1
+        norm = row[_ROW["grad_norm"]]
+        if self._loss_mode is None:
+            self._choose_loss_source(
+                self._step_logs.raw_loss, norm, self.optimizer.grad_norm
+            )
+            if self._loss_mode == "keras":
+                self._row_loss = (
+                    "tracker" if self._step_logs.loss_source == "loss_tracker" else None
+                )
+            else:
+                self._row_loss = self._loss_mode  # "guard", "none" or None
+        if self._row_loss in ("tracker", "guard"):
+            # Computed in the step (the value its logs carry): the guard's
+            # loss when it saw one, else Keras' loss tracker's change.
+            raw = row[_ROW["raw"]]
+        else:
+            raw = self._step_logs.raw_loss  # a look after every call
+        skipped = int(row[_ROW["nonfinite"]] > 0)
+        self._decide_step(
+            raw, norm, True, skipped, 1, logs, rewound=row[_ROW["dropped"]] > 0
+        )
+
+    def _decide_step(self, raw, norm, has_norm, skipped, steps, logs, rewound=False):
+        """Judges one call (`steps` batches, `skipped` of them non-finite).
+
+        `rewound`: the skipped steps are out of Keras' loss tracker already
+        (taken out in-graph by the record, `_install_record`).
+        """
+        norm_var = self.optimizer.grad_norm if has_norm else None
         self.raw_losses.append(raw)
         self.grad_norms.append(norm)
         del self.raw_losses[:-HISTORY_KEPT], self.grad_norms[:-HISTORY_KEPT]
@@ -495,7 +713,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                 self.consecutive_skips + skipped if skipped == steps else skipped
             )
             self._note_bad(skipped, steps)
-            if steps == 1 or not math.isfinite(raw):
+            if not rewound and (steps == 1 or not math.isfinite(raw)):
                 self._loss.rewind()
                 self._fix_logged_loss(logs)
             self._event(
@@ -543,12 +761,11 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             problem = self._judge(raw, norm if norm_var is not None else None, steps)
         if problem is not None:
             self._handle(problem, raw, norm, logs)
-        elif not skipped and not self._last_bad:
+            return True
+        if not skipped and not self._last_bad:
             # A skipped step or a spike neither confirms nor takes a snapshot.
             self._healthy_step(raw)
-        logs["raw_loss"] = raw
-        logs["rollbacks"] = self.rollbacks
-        logs["skipped_batches"] = self.skipped_batches
+        return False
 
     def _note_bad(self, bad, steps):
         """Records a call of `steps` batches, `bad` of them bad."""
@@ -765,6 +982,8 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         )
 
     def on_epoch_end(self, epoch, logs=None):
+        if self._calls_unread:  # steps per epoch unknown: the epoch's last look
+            self._look(logs)
         if logs is not None:
             logs.update(
                 counts(
@@ -776,7 +995,12 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             )
 
     def on_train_end(self, logs=None):
+        if self._calls_unread:
+            self._look(None)
         self._step_logs.detach(self)
+        if self._record is not None:
+            # Off between fits: no step is held back without a host to look.
+            self.optimizer.set_trip(None)
         incumbent = self._recovery["incumbent"] if self._recovery is not None else None
         if incumbent is not None and self.stopped_reason is None:
             # `fit` ended (or another callback stopped it) during a probe: it
@@ -1096,7 +1320,12 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                         self._sustained.clear()
                 self._pending = None
             return
-        if self.step - self._last_snapshot_at < self.snapshot_freq:
+        if (
+            self.step - self._last_snapshot_at < self.snapshot_freq
+            or not self._at_weights
+        ):
+            # A snapshot holds the model's state: an entry read at a look
+            # that is not the last one is past (`_look`).
             return
         snapshot = Snapshot(self.model, step=self.step)
         self._last_snapshot_at = self.step
@@ -1227,12 +1456,19 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             "events": self.events,
             "loss_history": [_json_float(v) for v in self.raw_losses],
             "grad_norm_history": [_json_float(v) for v in self.grad_norms],
+            # Computed only on a step whose global norm was non-finite or
+            # jumped: how many steps before the last trained one (None: none yet).
+            "per_layer_grad_norms_steps_ago": (
+                stats["step"] - stats["report_step"]
+                if stats is not None and stats["report_step"] > 0
+                else None
+            ),
             "per_layer_grad_norms": (
                 {
                     n: _json_float(v)
                     for n, v in zip(self._layer_names, stats["grad_norms"], strict=True)
                 }
-                if stats is not None
+                if stats is not None and stats["report_step"] > 0
                 else {}
             ),
         }
@@ -1296,3 +1532,207 @@ def _read_count(optimizer, name):
 def _json_float(value):
     value = float(value)
     return value if math.isfinite(value) else str(value)
+
+
+# The per-layer gradient norms of the diagnostic are computed on steps whose
+# global norm is non-finite or this many times the step before's.
+ANOMALY_FACTOR = 10.0
+_NEVER = 2**31 - 1  # a check frequency that is never reached after step 0
+
+# Columns of a recorded step (`_Record`).
+_ROW = {
+    name: i
+    for i, name in enumerate(
+        (
+            "raw",
+            "grad_norm",
+            "total_before",
+            "count_before",
+            "count_after",
+            "nonfinite",
+            "held",
+            "dropped",
+        )
+    )
+}
+
+
+class _Record:
+    """The ring buffer of recorded steps (`check_every` rows) and its counter.
+
+    Not saved: a `fit`'s state on the host, kept in-graph between looks.
+    """
+
+    def __init__(self, guard, size):
+        self.guard = guard
+        self.size = size
+        self.rows = keras.Variable(
+            initializer="zeros",
+            shape=(size, len(_ROW)),
+            dtype="float32",
+            trainable=False,
+            aggregation="only_first_replica",
+            name="detector_rows",
+        )
+        self.written = keras.Variable(
+            initializer="zeros",
+            shape=(),
+            dtype="int32",
+            trainable=False,
+            aggregation="only_first_replica",
+            name="detector_written",
+        )
+        # The detector's `skipped_batches`, counted on in-graph between looks.
+        self.skipped = keras.Variable(
+            initializer="zeros",
+            shape=(),
+            dtype="float32",
+            trainable=False,
+            aggregation="only_first_replica",
+            name="detector_skipped",
+        )
+        self.read = 0
+
+    def take(self):
+        """The rows written since the last `take`, oldest first (host read).
+
+        Returns:
+            `(rows, written)`: `n` lists of `len(_ROW)` floats and the
+            number of rows written in this `fit`.
+        """
+        written = int(_read_scalar(self.written))
+        new = min(written - self.read, self.size)
+        if new <= 0:
+            return [], written
+        rows = np.asarray(self.rows.numpy(), dtype=np.float64)
+        index = [i % self.size for i in range(written - new, written)]
+        self.read = written
+        return rows[index].tolist(), written
+
+
+def _record_state(model):
+    """In the step, before `train_step`: Keras' loss tracker's totals."""
+    tracker = _keras_internals.loss_tracker(model)
+    if tracker is None:
+        zero = ops.zeros((), "float32")
+        return (zero, zero)
+    return (ops.add(tracker.total, 0.0), ops.add(tracker.count, 0.0))
+
+
+def _record_values(model, guard, attribute, record):
+    """In the step, after `train_step`: writes the step's row (see `_Record`)."""
+
+    def values(state, logs):
+        if find_guard(model, attribute) is not guard:
+            return {}  # compiled again with another optimizer
+        total_before, count_before = state
+        tracker = _keras_internals.loss_tracker(model)
+        if tracker is not None:
+            total_after = ops.add(tracker.total, 0.0)
+            count_after = ops.add(tracker.count, 0.0)
+        else:
+            total_after, count_after = total_before, count_before
+        # Few ops: on a 1 ms step each costs about a percent.
+        skipped = ops.greater(guard.last_step_skipped, 0)
+        finite = ops.isfinite(guard.grad_norm)
+        if guard.skip_nonfinite:  # the guard's own condition for a non-finite skip
+            nonfinite = ops.logical_and(skipped, ops.logical_not(finite))
+        else:
+            nonfinite = ops.zeros((), "bool")
+        # Held back by the trip flag (a non-finite step counts as non-finite).
+        held = ops.logical_and(
+            ops.logical_and(skipped, finite), ops.greater(guard.tripped, 0)
+        )
+        used = ops.greater(count_after, count_before)  # Keras' own train_step
+        dropped = ops.logical_and(ops.logical_or(nonfinite, held), used)
+        new = {}
+        if tracker is not None:
+            # A step not applied leaves the epoch's mean loss (in-graph).
+            tracker.total.assign(ops.where(dropped, total_before, total_after))
+            tracker.count.assign(ops.where(dropped, count_before, count_after))
+            if isinstance(logs, dict) and "loss" in logs:
+                count = ops.convert_to_tensor(tracker.count)
+                mean = ops.where(
+                    ops.greater(count, 0.0),
+                    ops.divide(tracker.total, ops.maximum(count, 1e-30)),
+                    float("nan"),
+                )
+                new["loss"] = ops.where(
+                    used, ops.cast(mean, logs["loss"].dtype), logs["loss"]
+                )
+        loss, seen = guard.step_loss_info()
+        # The raw loss: the loss the guard saw in `scale_loss` (the mean over
+        # replicas, the same on each), else the change of Keras' loss tracker
+        # (its total over its count; under a strategy, this replica's).
+        delta = ops.subtract(count_after, count_before)
+        raw = ops.where(
+            seen,
+            ops.cast(loss, "float32"),
+            ops.where(
+                used,
+                ops.divide(
+                    ops.subtract(total_after, total_before), ops.maximum(delta, 1e-30)
+                ),
+                float("nan"),
+            ),
+        )
+        new["raw_loss"] = raw
+        flags = ops.cast(ops.stack([nonfinite, held, dropped]), "float32")
+        values = [raw, guard.grad_norm, total_before, count_before, count_after]
+        row = ops.concatenate(
+            [ops.stack([ops.cast(v, "float32") for v in values]), flags]
+        )
+        at = ops.mod(ops.convert_to_tensor(record.written), record.size)
+        record.rows.assign(
+            ops.scatter_update(
+                ops.convert_to_tensor(record.rows),
+                ops.reshape(at, (1, 1)),
+                ops.reshape(row, (1, -1)),
+            )
+        )
+        record.written.assign_add(1)
+        record.skipped.assign_add(flags[0])
+        new["skipped_batches"] = ops.convert_to_tensor(record.skipped)
+        return new
+
+    return values
+
+
+class _RowLoss:
+    """`mark` / `rewind` of Keras' epoch mean for the recorded steps.
+
+    A rollback takes the bad steps out of the epoch's mean loss: back to
+    the loss tracker's totals before the step being judged (or a `mark`
+    taken earlier), which also removes the later steps of the same look
+    (discarded by the rollback). Rows of a step that did not update Keras'
+    loss tracker (a custom `train_step`) use the `RawLossTracker`.
+    """
+
+    def __init__(self, detector, raw_loss_tracker):
+        self._detector = detector
+        self._raw = raw_loss_tracker
+
+    def _row(self):
+        row = self._detector._row
+        if row is None or not row[_ROW["count_after"]] > row[_ROW["count_before"]]:
+            return None
+        return row
+
+    def mark(self):
+        row = self._row()
+        if row is None:
+            return self._raw.mark()
+        return (float(row[_ROW["total_before"]]), float(row[_ROW["count_before"]]))
+
+    def rewind(self, before=None):
+        row = self._row()
+        tracker = _keras_internals.loss_tracker(self._detector.model)
+        if row is None or tracker is None:
+            self._raw.rewind(before)
+            return
+        total, count = self.mark() if before is None else before
+        tracker.total.assign(total)
+        tracker.count.assign(count)
+        # The shared raw-loss tracker (the monitor's) goes on from there.
+        self._raw._total, self._raw._count = total, count
+        self._raw._before = (total, count)

@@ -237,6 +237,8 @@ class LayerGradientStats(GradientObserver):
                 )
 
             self.step = var("gradient_stats_step", (), "int64")
+            # The `step` of the last computation of the per-layer statistics.
+            self.report_step = var("gradient_stats_report_step", (), "int64")
             self._reported = var("gradient_stats_reported", (), "int32")
             self.global_norm = var("gradient_stats_global_norm", ())
             self.grad_norms = var("gradient_stats_grad_norms", (n,))
@@ -356,6 +358,7 @@ class LayerGradientStats(GradientObserver):
                 for g, s, o in zip(grads, shared, own, strict=True)
             ]
             self.grad_norms.assign(ops.sqrt(self._group_sums(squares)))
+            self.report_step.assign(ops.cast(self.step, "int64"))
             if self.track_updates or self.histogram_bins:
                 weights = [_read(v) for v in variables]
                 self.weight_norms.assign(
@@ -442,7 +445,8 @@ class LayerGradientStats(GradientObserver):
         """Reads the latest statistics to numpy (one host transfer per variable).
 
         Returns:
-            Dict with `"step"`, `"global_norm"`, `"grad_norms"`,
+            Dict with `"step"`, `"report_step"` (the `step` of the last
+            per-layer computation, 0 if none yet), `"global_norm"`, `"grad_norms"`,
             `"weight_norms"` and, when tracked, `"update_ratios"` and
             `"histograms"`; per-layer entries are arrays in `layer_names` order.
         """
@@ -452,6 +456,7 @@ class LayerGradientStats(GradientObserver):
 
         out = {
             "step": int(self.step.numpy()),
+            "report_step": int(self.report_step.numpy()),
             "global_norm": float(host(self.global_norm)),
             "grad_norms": host(self.grad_norms),
             "weight_norms": host(self.weight_norms),

@@ -77,11 +77,29 @@ class RawLossTracker:
             self.reset()
 
     def update_once(self, batch, logs):
-        """`update` once per batch, however many callbacks call it."""
+        """`update` once per batch, however many callbacks call it.
+
+        Batches may be left out (nobody read their raw loss): the next
+        update then reads Keras' loss tracker instead of rebuilding its
+        total from the logged mean. A step that returns its own `raw_loss`
+        in its logs (`GradientExplosionDetector` records it in-graph) gives
+        that value when it is finite.
+        """
         key = (self._epoch, batch)
         if key != self._key:
+            gap = (
+                self._key is None
+                or self._key[0] != self._epoch
+                or batch - self._key[1]
+                > max(1, int(getattr(self.model, "steps_per_execution", 1) or 1))
+            ) and self._index > 0
             self._key = key
-            self._raw = self.update(logs)
+            self._raw = self.update(logs, exact=gap)
+            own = (logs or {}).get("raw_loss")
+            if own is not None:
+                own = float(own)
+                if math.isfinite(own):
+                    self._raw = own
         return self._raw
 
     def _tracker(self):
@@ -95,8 +113,13 @@ class RawLossTracker:
         self._batch_size = None
         self._index = 0
 
-    def update(self, logs):
-        """Returns the raw loss of the batch just trained (NaN if unknown)."""
+    def update(self, logs, exact=False):
+        """Returns the raw loss of the batch just trained (NaN if unknown).
+
+        With `exact`, Keras' loss tracker is read (its running total), not
+        rebuilt from the logged mean: after batches that were not updated,
+        the value is then their mean.
+        """
         self._index += 1
         mean = float((logs or {}).get("loss", math.nan))
         self._before = (self._total, self._count)
@@ -104,7 +127,8 @@ class RawLossTracker:
         if tracker is not None and self.source not in (None, "loss_tracker"):
             tracker = None  # found unused earlier in this fit
         exact = (
-            self._batch_size is None
+            exact
+            or self._batch_size is None
             or self.steps_per_epoch is None
             or self._index >= self.steps_per_epoch
             or not math.isfinite(mean)

@@ -75,8 +75,9 @@ class StepLogs:
         self.epoch = None
         self.batch = -1
         self.epoch_end = None
-        self.raw_loss = math.nan
-        self.loss_source = None
+        self._raw_loss = math.nan
+        self._loss_source = None
+        self._logs = None  # the last call's logs, until its raw loss is read
         self._warned_no_loss = False
 
     # -- host hooks -------------------------------------------------------
@@ -128,9 +129,20 @@ class StepLogs:
         self.epoch_end = None if not steps else self.batch + 1 >= steps
         if not logs:
             return  # batches skipped without training (a resumed backup)
-        self.raw_loss = self.loss.update_once(self.batch, logs)
-        self.loss_source = self.loss.source
-        if self.loss_source is None and not self._warned_no_loss:
+        # The raw loss is computed when read (`raw_loss`): a hook that does
+        # not need it this call (the detector between its looks) costs no
+        # host read.
+        self._logs = logs
+        for hook in list(self._hooks.values()):
+            hook(logs)
+
+    def _update_raw_loss(self):
+        logs, self._logs = self._logs, None
+        if logs is None:
+            return
+        self._raw_loss = self.loss.update_once(self.batch, logs)
+        self._loss_source = self.loss.source
+        if self._loss_source is None and not self._warned_no_loss:
             self._warned_no_loss = True
             warnings.warn(
                 f"keras_stability: model '{self.model.name}' gives no per-step "
@@ -140,10 +152,20 @@ class StepLogs:
                 "alone. Call `loss = self.optimizer.scale_loss(loss)` before "
                 "taking the gradients (as Keras' own train_step does) to give "
                 "them the loss.",
-                stacklevel=2,
+                stacklevel=3,
             )
-        for hook in list(self._hooks.values()):
-            hook(logs)
+
+    @property
+    def raw_loss(self):
+        """The raw loss of the last call (see the class docstring)."""
+        self._update_raw_loss()
+        return self._raw_loss
+
+    @property
+    def loss_source(self):
+        """Where `raw_loss` came from (see the class docstring)."""
+        self._update_raw_loss()
+        return self._loss_source
 
     # -- in-graph values --------------------------------------------------
     def set_graph_values(self, key, values, before=None, owner=None):

@@ -251,6 +251,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         self._observer_variables = []
         self._observer_owned = {}  # id(observer) -> the variables it created
         self._pending_observer_values = {}
+        self._trip_traced = False  # whether `_decide` includes the trip (`set_trip`)
+        self._trip_limit = -1
         for observer in observers or []:
             self.add_observer(observer)
 
@@ -315,7 +317,39 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 aggregation="only_first_replica",
                 name="loss_seen",
             )
-        self._loss_record = _LossRecord(pending, step_loss, loss_seen)
+            # The trip flag (`set_trip`): 1 while every step is held back,
+            # and the run of non-finite steps that raises it.
+            tripped = keras.Variable(
+                initializer="zeros",
+                shape=(),
+                dtype="int32",
+                trainable=False,
+                aggregation="only_first_replica",
+                name="tripped",
+            )
+            nonfinite_run = keras.Variable(
+                initializer="zeros",
+                shape=(),
+                dtype="int32",
+                trainable=False,
+                aggregation="only_first_replica",
+                name="nonfinite_run",
+            )
+            # Initialized, not assigned: Keras may build the optimizer in a
+            # stateless scope (its symbolic build), which drops assignments.
+            trip_limit = keras.Variable(
+                initializer=keras.initializers.Constant(
+                    getattr(self, "_trip_limit", -1)
+                ),
+                shape=(),
+                dtype="int32",
+                trainable=False,
+                aggregation="only_first_replica",
+                name="trip_limit",
+            )
+        self._loss_record = _LossRecord(
+            pending, step_loss, loss_seen, tripped, nonfinite_run, trip_limit
+        )
         step_loss.assign(float("nan"))
 
     @property
@@ -422,6 +456,83 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 "started, or `optimizer.build(model.trainable_variables)`."
             )
         self.skip_remaining.assign(n)
+
+    def set_trip(self, max_consecutive_nonfinite):
+        """Holds back every step, in-graph, after a failure the host must see.
+
+        With a trip set, the guard raises its trip flag (`tripped`) at a step
+        whose loss (as seen by `scale_loss`) is non-finite, or that makes
+        more than `max_consecutive_nonfinite` non-finite steps in a row;
+        from that step on every step is skipped (counted in
+        `steps_skipped_requested`) until the host calls `clear_trip()`. A
+        callback that looks at the guard only every few steps
+        (`GradientExplosionDetector`) uses it so that no update gets
+        through between its looks once training has gone wrong. The
+        decision is taken on the all-reduced values, identical on every
+        replica. A runtime setting, not serialized: the limit is a
+        variable, so changing it (or turning it off with `None`) needs no
+        new trace, but the first `set_trip` on a built guard adds the check
+        to the step (trace the train function again,
+        `model.make_train_function(force=True)`).
+
+        Args:
+            max_consecutive_nonfinite: Integer >= 0, or `None` to turn the
+                trip off.
+
+        Returns:
+            Whether the step must be traced again (the check is new to it).
+
+        Raises:
+            ValueError: For an invalid limit.
+        """
+        if max_consecutive_nonfinite is not None:
+            max_consecutive_nonfinite = check_nonnegative_int(
+                "max_consecutive_nonfinite", max_consecutive_nonfinite
+            )
+        self._trip_limit = (
+            -1 if max_consecutive_nonfinite is None else max_consecutive_nonfinite
+        )
+        record = getattr(self, "_loss_record", None)
+        if record is not None:
+            record.trip_limit.assign(self._trip_limit)
+            self.clear_trip()
+        if max_consecutive_nonfinite is None or self._trip_traced:
+            return False
+        self._trip_traced = True
+        return True
+
+    @property
+    def tripped(self):
+        """The trip flag (an int32 variable, 1 while steps are held back).
+
+        See `set_trip`. `None` before the optimizer is built.
+        """
+        record = getattr(self, "_loss_record", None)
+        return None if record is None else record.tripped
+
+    def clear_trip(self):
+        """Lowers the trip flag and forgets the run of non-finite steps (host)."""
+        record = getattr(self, "_loss_record", None)
+        if record is not None:
+            record.tripped.assign(0)
+            record.nonfinite_run.assign(0)
+
+    def _trip(self, finite, loss, loss_seen):
+        """The trip flag after this step (a bool tensor), updated in-graph."""
+        record = self._loss_record
+        limit = record.trip_limit.value
+        run = ops.where(finite, 0, ops.add(record.nonfinite_run.value, 1))
+        bad_loss = ops.logical_and(loss_seen, ops.logical_not(ops.isfinite(loss)))
+        tripped = ops.logical_or(
+            ops.greater(record.tripped.value, 0),
+            ops.logical_and(
+                ops.greater_equal(limit, 0),
+                ops.logical_or(bad_loss, ops.greater(run, limit)),
+            ),
+        )
+        record.nonfinite_run.assign(ops.cast(run, "int32"))
+        record.tripped.assign(ops.cast(tripped, "int32"))
+        return tripped
 
     def set_clipping(self, clipping):
         """Gives a guard without a clipping policy the one asked for.
@@ -653,6 +764,10 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         norm = global_norm(grads, squares)
         finite = ops.isfinite(norm)
         requested = ops.greater(self.skip_remaining.value, 0)
+        asked = requested  # by `skip_next`
+        held = None
+        if self._trip_traced and getattr(self, "_loss_record", None) is not None:
+            held = self._trip(finite, loss, loss_seen)
         nonfinite_skip = ops.logical_and(
             ops.logical_not(finite), ops.convert_to_tensor(self.skip_nonfinite)
         )
@@ -665,6 +780,9 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             spike = ops.logical_and(spike, finite)
         else:
             spike, spike_state = ops.convert_to_tensor(False), []
+        if held is not None:
+            # A held step counts as requested (by the host, through the trip).
+            requested = ops.logical_or(requested, held)
         other_skip = ops.logical_or(nonfinite_skip, requested)
         skip = ops.logical_or(other_skip, spike)
         accept = ops.logical_and(ops.logical_not(skip), finite)
@@ -694,7 +812,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         self.steps_skipped_spike.assign_add(count(spike_skip))
         self.last_step_skipped.assign(count(skip))
         self.skip_remaining.assign(
-            ops.maximum(self.skip_remaining.value - count(requested), 0)
+            ops.maximum(self.skip_remaining.value - count(asked), 0)
         )
         self.step.assign_add(1)
         if self._observers:
@@ -853,12 +971,17 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
 
 
 class _LossRecord:
-    """The guard's loss variables, held outside Keras' variable tracking."""
+    """The guard's loss and trip variables, held outside Keras' variable tracking."""
 
-    def __init__(self, pending, step_loss, loss_seen):
+    def __init__(
+        self, pending, step_loss, loss_seen, tripped, nonfinite_run, trip_limit
+    ):
         self.pending = pending
         self.step_loss = step_loss
         self.loss_seen = loss_seen
+        self.tripped = tripped
+        self.nonfinite_run = nonfinite_run
+        self.trip_limit = trip_limit
 
 
 def _check_inner_optimizer(inner):

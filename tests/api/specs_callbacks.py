@@ -110,8 +110,9 @@ CASES = [
             "diagnostic_path": BAD_PATH,
             "verbose": BAD_VERBOSE,
             "optimizer": [3, "", "not an identifier", ["d_optimizer"]],
+            "check_every": [0, -1, 2.5, True, "10", None],
         },
-        good=GOOD_VERBOSE,
+        good={**GOOD_VERBOSE, "check_every": [1, 64, np.int64(5)]},
         config=True,
     ),
     Case(
@@ -139,9 +140,11 @@ CASES = [
         bad={
             "schedule": [0, -1, "1", 2.5, True, None, {}, {-1: 1}, {1: "a"}, {1: 1.5}],
             "layers": ["dense", 3, [], [3], [None]],
+            "discriminative_factor": [0.5, 0, -1, "2", None, True, float("nan")],
             "verbose": BAD_VERBOSE,
         },
         good=GOOD_VERBOSE,
+        config=True,
     ),
     Case(
         callbacks.LayerGradientStats,

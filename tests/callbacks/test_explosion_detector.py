@@ -113,7 +113,11 @@ def test_rollback_restores_weights_and_optimizer_state_bitwise():
     x, y = _data(128)
     model = deep_mlp(keras.optimizers.Adam(1e-3), depth=2)
     detector = GradientExplosionDetector(
-        snapshot_freq=2, skip_batches=3, lr_factor=0.5, verbose=0
+        check_every=1,  # pins the steps of a look after every step
+        snapshot_freq=2,
+        skip_batches=3,
+        lr_factor=0.5,
+        verbose=0,
     )
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[detector])
     snap = detector.snapshot
@@ -136,8 +140,10 @@ def test_rollback_restores_weights_and_optimizer_state_bitwise():
     assert detector.rollbacks == 1
 
 
-@pytest.mark.parametrize("steps_per_execution", [1, 2])
-def test_high_learning_rate_diverges_plainly_but_is_rescued(steps_per_execution):
+@pytest.mark.parametrize("steps_per_execution, check_every", [(1, 1), (2, 1), (1, 10)])
+def test_high_learning_rate_diverges_plainly_but_is_rescued(
+    steps_per_execution, check_every
+):
     x, y = _data(512)
     plain = deep_mlp(
         keras.optimizers.SGD(10.0), steps_per_execution=steps_per_execution
@@ -150,7 +156,13 @@ def test_high_learning_rate_diverges_plainly_but_is_rescued(steps_per_execution)
     )
     initial = model.evaluate(x, y, verbose=0)
     detector = GradientExplosionDetector(
-        snapshot_freq=5, lr_factor=0.05, skip_batches=2, verbose=0
+        # With 10: looks every 5 steps (snapshot_freq), then after every step
+        # once one has seen the first bad step: the same rollback step.
+        check_every=check_every,
+        snapshot_freq=5,
+        lr_factor=0.05,
+        skip_batches=2,
+        verbose=0,
     )
     history = model.fit(x, y, batch_size=32, epochs=3, verbose=0, callbacks=[detector])
     assert _finite(model)
@@ -207,7 +219,9 @@ def test_slow_regression_is_rolled_back_before_any_spike():
     assert plain.evaluate(x, y, verbose=0) > 1000 * start
 
     model = _linear(1.05)
-    detector = GradientExplosionDetector(lr_factor=0.5, skip_batches=3, verbose=0)
+    detector = GradientExplosionDetector(
+        check_every=1, lr_factor=0.5, skip_batches=3, verbose=0
+    )
     model.fit(
         x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector]
     )
@@ -247,6 +261,7 @@ def test_failed_recovery_escalates_to_a_second_rollback(check_recovery):
     x, y, start = _quadratic_problem()
     model = _linear(1.5)
     detector = GradientExplosionDetector(
+        check_every=1,  # pins the steps of a look after every step
         lr_factor=0.7,
         skip_batches=3,
         regress_factor=None,
@@ -296,7 +311,11 @@ def test_stable_but_too_high_learning_rate_after_a_rollback_is_probed_lower(
     x, y, start = _quadratic_problem()
     model = _linear(1.95)
     detector = GradientExplosionDetector(
-        lr_factor=0.5, skip_batches=3, probe_lower_lr=probe_lower_lr, verbose=0
+        check_every=1,  # pins the steps of a look after every step
+        lr_factor=0.5,
+        skip_batches=3,
+        probe_lower_lr=probe_lower_lr,
+        verbose=0,
     )
     model.fit(
         x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector]
@@ -341,7 +360,11 @@ def test_lower_rates_kept_by_probes_do_not_use_up_max_rollbacks():
     x, y, start = _quadratic_problem()
     model = _linear(1.95)
     detector = GradientExplosionDetector(
-        lr_factor=0.5, skip_batches=3, max_rollbacks=1, verbose=0
+        check_every=1,  # pins the steps of a look after every step
+        lr_factor=0.5,
+        skip_batches=3,
+        max_rollbacks=1,
+        verbose=0,
     )
     model.fit(
         x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector]
@@ -360,7 +383,9 @@ def test_probe_unfinished_when_fit_ends_is_undone():
     # at 0.975) and its learning rate 0.975 are restored.
     x, y, start = _quadratic_problem()
     model = _linear(1.95)
-    detector = GradientExplosionDetector(lr_factor=0.5, skip_batches=3, verbose=0)
+    detector = GradientExplosionDetector(
+        check_every=1, lr_factor=0.5, skip_batches=3, verbose=0
+    )
     model.fit(
         x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[detector]
     )
@@ -421,6 +446,7 @@ def test_slow_divergence_after_the_best_snapshot_is_caught():
         lambda epoch: 0.1 if epoch < 2 else 1.02
     )
     detector = GradientExplosionDetector(
+        check_every=1,  # pins the steps of a look after every step
         action="stop",
         snapshot_freq=5,
         loss_z_threshold=1e9,
@@ -491,7 +517,7 @@ def test_skipped_step_does_not_score_the_pending_snapshot():
     x[7 * 16 + 3] = np.inf
     # No hidden ReLU (which maps NaN to 0): the logits, and so the loss, are NaN.
     model = deep_mlp(keras.optimizers.SGD(0.05), depth=0)
-    detector = GradientExplosionDetector(snapshot_freq=5, verbose=0)
+    detector = GradientExplosionDetector(check_every=1, snapshot_freq=5, verbose=0)
     _quiet(
         model.fit,
         x,

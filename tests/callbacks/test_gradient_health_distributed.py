@@ -1,16 +1,28 @@
+import functools
+
 import numpy as np
 import pytest
 
+from tests import prefetch
 from tests.callbacks import distributed_cases
+from tests.helpers import run_in_subprocess
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
+# Started when the session begins, beside the other modules' tests.
+prefetch.register(
+    __name__,
+    "results",
+    functools.partial(
+        run_in_subprocess, distributed_cases.compare_all_cases, n_cpu_devices=2
+    ),
+)
+
+
 @pytest.fixture(scope="module")
 def results():
-    from tests.helpers import run_in_subprocess
-
-    return run_in_subprocess(distributed_cases.compare_all_cases, n_cpu_devices=2)
+    return prefetch.result(__name__, "results")
 
 
 @pytest.mark.parametrize("case", ["nan_shard", "rollback"])

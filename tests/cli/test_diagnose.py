@@ -11,6 +11,38 @@ import pytest
 from keras_stability.cli.main import main
 from keras_stability.datasets import make_classification
 from tests.helpers import REPO_ROOT
+from tests.helpers import Started
+from tests.helpers import is_selected
+
+
+@pytest.fixture(scope="module", autouse=True)
+def gradient_health_demo(request):
+    """The demo's gradient_health part, started when this module begins.
+
+    It runs beside the module's other tests (on the second core); its test,
+    last in the module, checks the output.
+    """
+    if not is_selected(request, "test_demo_part_gradient_health"):
+        yield None
+        return
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p
+    )
+    child = Started(
+        [
+            sys.executable,
+            "-m",
+            "keras_stability",
+            "demo",
+            "--parts",
+            "gradient_health",
+            "--quiet",
+        ],
+        env,
+    )
+    yield child
+    child.kill()
 
 
 def _save(
@@ -87,35 +119,6 @@ def test_deep_sigmoid_exit_1_names_layers_and_remedies(tmp_path, data_path):
     assert last.rstrip().endswith("healthy")  # the output layer
     assert "He initialisation" in proc.stdout
     assert "NOT healthy" in proc.stdout
-
-
-@pytest.mark.slow
-def test_demo_part_gradient_health(tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p
-    )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "keras_stability",
-            "demo",
-            "--parts",
-            "gradient_health",
-            "--quiet",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "layers flagged vanishing (dense," in proc.stdout
-    assert "plain fit: weights finite=False" in proc.stdout
-    assert "Same with GradientExplosionDetector:" in proc.stdout
-    assert "weights finite=True" in proc.stdout
 
 
 # -- fault table: every bad input exits 2 with one line on stderr ---------------
@@ -441,3 +444,14 @@ def test_bad_inputs_in_a_real_process_print_no_traceback(tmp_path):
     )
     assert proc.stdout.strip() == "[2, 2, 2]", proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_demo_part_gradient_health(gradient_health_demo):
+    # Last in the module: the demo started with it (see `gradient_health_demo`).
+    proc = gradient_health_demo.finish(timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "layers flagged vanishing (dense," in proc.stdout
+    assert "plain fit: weights finite=False" in proc.stdout
+    assert "Same with GradientExplosionDetector:" in proc.stdout
+    assert "weights finite=True" in proc.stdout

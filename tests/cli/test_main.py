@@ -13,6 +13,8 @@ import pytest
 
 from keras_stability import _startup
 from tests.helpers import REPO_ROOT
+from tests.helpers import Started
+from tests.helpers import is_selected
 
 # What TensorFlow's C++ runtime prints on import unless silenced.
 TF_NOISE = ("oneDNN", "cuda", "cpu_feature_guard", "absl::InitializeLog")
@@ -41,28 +43,31 @@ def _run(*argv, env=None, timeout=300, cwd=REPO_ROOT):
     )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def full_demo(request):
+    """The whole demo, started when this module begins (if its test runs).
+
+    It runs beside the module's other tests (on the second core); its test,
+    last in the module, checks the output. Same command and environment as
+    `_run` gives it.
+    """
+    if not is_selected(
+        request, "test_demo_prints_loss_and_accuracy_well_above_chance_without_tf_noise"
+    ):
+        yield None
+        return
+    env = dict(os.environ)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    child = Started([sys.executable, "-m", "keras_stability", "demo", "--quiet"], env)
+    yield child
+    child.kill()
+
+
 def test_help_lists_demo_first():
     proc = _run("-m", "keras_stability", "--help")
     assert proc.returncode == 0, proc.stderr
     commands = re.findall(r"^    (\w+)\s", proc.stdout, flags=re.M)
     assert commands and commands[0] == "demo", proc.stdout
-
-
-@pytest.mark.slow
-def test_demo_prints_loss_and_accuracy_well_above_chance_without_tf_noise():
-    proc = _run("-m", "keras_stability", "demo", "--quiet")
-    assert proc.returncode == 0, proc.stderr
-    match = re.search(r"Test loss: ([\d.]+)\s+Test accuracy: ([\d.]+)", proc.stdout)
-    assert match, proc.stdout
-    loss, accuracy = float(match.group(1)), float(match.group(2))
-    assert accuracy > 0.6 and loss < 1.0, (loss, accuracy)
-    from keras_stability.cli.demo import PARTS
-
-    for _, title in PARTS.values():  # every part ran, in order
-        assert f"== {title} ==" in proc.stdout, proc.stdout
-    # TensorFlow's C++ start-up lines are silenced by the CLI.
-    for noise in TF_NOISE:
-        assert noise not in proc.stderr, proc.stderr
 
 
 def test_demo_keeps_progress_bar_unless_quiet():
@@ -399,3 +404,21 @@ def test_make_dist_builds_a_wheel_and_an_sdist(tmp_path):
         "keras_stability/__init__.py",
     ):
         assert f"{root}/{rel}" in members, rel
+
+
+@pytest.mark.slow
+def test_demo_prints_loss_and_accuracy_well_above_chance_without_tf_noise(full_demo):
+    # Last in the module: the demo started with it (see `full_demo`).
+    proc = full_demo.finish(timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    match = re.search(r"Test loss: ([\d.]+)\s+Test accuracy: ([\d.]+)", proc.stdout)
+    assert match, proc.stdout
+    loss, accuracy = float(match.group(1)), float(match.group(2))
+    assert accuracy > 0.6 and loss < 1.0, (loss, accuracy)
+    from keras_stability.cli.demo import PARTS
+
+    for _, title in PARTS.values():  # every part ran, in order
+        assert f"== {title} ==" in proc.stdout, proc.stdout
+    # TensorFlow's C++ start-up lines are silenced by the CLI.
+    for noise in TF_NOISE:
+        assert noise not in proc.stderr, proc.stderr

@@ -22,6 +22,7 @@ retrained every epoch silently.
 
 import json
 import os
+import shutil
 import signal
 
 import keras
@@ -332,10 +333,32 @@ FAULTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def crashed_at_6(tmp_path_factory):
+    """A folder with a user's file and the backup a crash after step 6 leaves.
+
+    Made once; each corrupt-backup test damages its own copy (the backup's
+    files name each other relative to the folder, so a copy is the same
+    backup).
+    """
+    folder = tmp_path_factory.mktemp("crashed") / "backup"
+    folder.mkdir()
+    (folder / USER_FILE).write_text(USER_TEXT)
+    files = _crash_then_backup(str(folder), step=6, save_freq=1)
+    assert USER_FILE in files and backup_files.METADATA in files, files
+    return folder
+
+
+@pytest.fixture
+def crashed(crashed_at_6, tmp_path):
+    """This test's copy of `crashed_at_6`."""
+    return shutil.copytree(crashed_at_6, tmp_path / "backup")
+
+
 @pytest.mark.parametrize("fault", FAULTS)
-def test_a_corrupt_backup_gets_one_clear_error(shared, fault):
+def test_a_corrupt_backup_gets_one_clear_error(crashed, fault):
+    shared = str(crashed)
     damage, problem = FAULTS[fault]
-    _crash_then_backup(shared, step=6, save_freq=1)
     damage(shared)
     before = {f: os.path.getsize(os.path.join(shared, f)) for f in os.listdir(shared)}
     model = _model()
@@ -362,10 +385,10 @@ def test_a_corrupt_backup_gets_one_clear_error(shared, fault):
 
 @pytest.mark.parametrize("fault", FAULTS)
 def test_a_corrupt_backup_with_restart_warns_and_trains_afresh(
-    shared, reference, fault
+    crashed, reference, fault
 ):
+    shared = str(crashed)
     damage, problem = FAULTS[fault]
-    _crash_then_backup(shared, step=6, save_freq=1)
     damage(shared)
     model = _model()
     callback = BackupAndRestore(shared, save_freq=1, on_corrupt="restart")

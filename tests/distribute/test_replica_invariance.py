@@ -7,25 +7,44 @@ on 2 logical CPU devices. A third run compiles the train step with XLA
 (`jit_compile=True`, the TPU path) on one device.
 """
 
+import functools
+
 import numpy as np
 import pytest
 
+from tests import prefetch
 from tests.distribute.invariance_cases import CASES
 from tests.distribute.invariance_cases import train_cases
 from tests.helpers import run_in_subprocess
+from tests.helpers import run_side_by_side
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
+def _train_everywhere():
+    # The three children are independent (own process, devices and temporary
+    # folder): they run side by side instead of one after another.
+    one, two, xla = run_side_by_side(
+        functools.partial(run_in_subprocess, train_cases, n_cpu_devices=1, timeout=900),
+        functools.partial(run_in_subprocess, train_cases, n_cpu_devices=2, timeout=900),
+        functools.partial(
+            run_in_subprocess,
+            train_cases,
+            n_cpu_devices=1,
+            timeout=900,
+            jit_compile=True,
+        ),
+    )
+    return {"one": one, "two": two, "xla": xla}
+
+
+# Started when the session begins, beside the other modules' tests.
+prefetch.register(__name__, "runs", _train_everywhere)
+
+
 @pytest.fixture(scope="module")
 def runs():
-    return {
-        "one": run_in_subprocess(train_cases, n_cpu_devices=1, timeout=900),
-        "two": run_in_subprocess(train_cases, n_cpu_devices=2, timeout=900),
-        "xla": run_in_subprocess(
-            train_cases, n_cpu_devices=1, timeout=900, jit_compile=True
-        ),
-    }
+    return prefetch.result(__name__, "runs")
 
 
 def _assert_same_weights(a, b, rtol=1e-5, atol=1e-6):

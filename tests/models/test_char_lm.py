@@ -73,3 +73,46 @@ def test_lower_temperature_concentrates_the_samples(fixed_model):
 def test_bad_arguments_name_the_argument(fixed_model, kwargs, name):
     with pytest.raises(ValueError, match=f"Invalid value for argument `{name}`"):
         generate(fixed_model, VOCAB, "a", length=2, **kwargs)
+
+
+def _small_model(bias):
+    model = build_char_transformer(
+        len(VOCAB), 8, num_blocks=1, hidden_dim=8, num_heads=2
+    )
+    layer = model.get_layer("logits")
+    kernel, _ = layer.get_weights()
+    layer.set_weights([np.zeros_like(kernel), np.asarray(bias, "float32")])
+    return model
+
+
+def test_generate_traces_once_per_model_and_reads_the_current_weights():
+    from keras_stability.models import char_lm
+
+    model = _small_model(BIAS)
+    assert generate(model, VOCAB, "a", length=5, temperature=0) == "a" + "a" * 5
+    forward = char_lm._FORWARDS[model][1]
+    # New values in the same variables: the cached trace reads them.
+    model.get_layer("logits").bias.assign(BIAS[::-1])
+    assert generate(model, VOCAB, "a", length=5, temperature=0) == "a" + "f" * 5
+    assert char_lm._FORWARDS[model][1] is forward
+    # Quantized in place (the kernel variables replaced): traced again.
+    from keras_stability import pruning
+
+    pruning.quantize(model)
+    assert generate(model, VOCAB, "a", length=5, temperature=0) == "a" + "f" * 5
+    assert char_lm._FORWARDS[model][1] is not forward
+
+
+def test_the_generate_cache_does_not_keep_a_model_alive():
+    import gc
+    import weakref
+
+    from keras_stability.models import char_lm
+
+    model = _small_model(BIAS)
+    generate(model, VOCAB, "a", length=2)
+    ref = weakref.ref(model)
+    assert model in char_lm._FORWARDS
+    del model
+    gc.collect()
+    assert ref() is None

@@ -119,6 +119,66 @@ def test_skip_next_skips_requested_steps_in_graph():
     assert int(optimizer.iterations) == 1
 
 
+def test_trip_holds_every_step_after_too_many_nonfinite_steps_until_cleared():
+    variables = _variables()
+    optimizer = GuardedOptimizer(keras.optimizers.SGD(1.0))
+    assert optimizer.set_trip(1) is True  # before build: applied when built
+    optimizer.build(variables)
+    assert int(optimizer._loss_record.trip_limit.numpy()) == 1
+
+    @tf.function
+    def step(grads):
+        optimizer.apply(grads, variables)
+
+    step(_grads(1.0))
+    before = _values(variables)
+    step(_grads(np.nan))  # 1 non-finite in a row: skipped, no trip
+    assert int(optimizer.tripped.numpy()) == 0
+    step(_grads(1.0))  # finite: applied, the run restarts
+    np.testing.assert_allclose(_values(variables)[0], before[0] - 1.0)
+    before = _values(variables)
+    step(_grads(np.nan))
+    step(_grads(np.nan))  # 2 in a row > 1: tripped
+    assert int(optimizer.tripped.numpy()) == 1
+    for _ in range(3):  # finite steps are held back while tripped
+        step(_grads(1.0))
+    for a, b in zip(_values(variables), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    stats = optimizer.statistics()
+    assert stats["steps_skipped_nonfinite"] == 3
+    assert stats["steps_skipped_requested"] == 3  # the held steps
+    assert stats["skip_remaining"] == 0
+    optimizer.clear_trip()
+    step(_grads(1.0))
+    np.testing.assert_allclose(_values(variables)[0], before[0] - 1.0)
+    # Off (a variable): no retrace needed, a NaN run no longer trips.
+    assert optimizer.set_trip(None) is False
+    for _ in range(3):
+        step(_grads(np.nan))
+    assert int(optimizer.tripped.numpy()) == 0
+    with pytest.raises(ValueError, match="max_consecutive_nonfinite=-1"):
+        optimizer.set_trip(-1)
+
+
+def test_trip_on_a_nonfinite_loss_with_finite_gradients():
+    variables = _variables()
+    optimizer = GuardedOptimizer(keras.optimizers.SGD(1.0))
+    optimizer.build(variables)
+    optimizer.set_trip(3)
+
+    @tf.function
+    def step(loss, grads):
+        optimizer.scale_loss(loss)
+        optimizer.apply(grads, variables)
+
+    before = _values(variables)
+    step(tf.constant(float("nan")), _grads(1.0))  # the loss alone is NaN
+    assert int(optimizer.tripped.numpy()) == 1
+    step(tf.constant(1.0), _grads(1.0))
+    for a, b in zip(_values(variables), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_spike_skipping_rejects_outlier_without_recording_it():
     variables = [keras.Variable(np.zeros((1,), "float32"))]
     spikes = clipping.SpikeSkipping(window=8, z_threshold=3.0, min_samples=4)

@@ -1,15 +1,28 @@
 """GuardedOptimizer under MirroredStrategy on 2 logical CPU devices."""
 
+import functools
+import tempfile
+
 import numpy as np
 import pytest
 
+from tests import prefetch
 from tests.helpers import run_in_subprocess
 from tests.optimizers import distributed_cases
+
+# Started when the session begins, beside the other modules' tests.
+prefetch.register(
+    __name__,
+    "scenario_results",
+    functools.partial(
+        run_in_subprocess, distributed_cases.all_issue_scenarios, n_cpu_devices=2
+    ),
+)
 
 
 @pytest.fixture(scope="module")
 def scenario_results():
-    return run_in_subprocess(distributed_cases.all_issue_scenarios, n_cpu_devices=2)
+    return prefetch.result(__name__, "scenario_results")
 
 
 @pytest.mark.distributed
@@ -41,10 +54,18 @@ def test_nan_in_either_replica_skips_everywhere(scenario_results):
         assert iterations == 0
 
 
+def _fit_cases():
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        return run_in_subprocess(distributed_cases.fit_cases, tmp_dir, n_cpu_devices=2)
+
+
+# Started when the session begins, beside the other modules' tests.
+prefetch.register(__name__, "fit_results", _fit_cases)
+
+
 @pytest.fixture(scope="module")
-def fit_results(tmp_path_factory):
-    tmp_dir = str(tmp_path_factory.mktemp("distributed_fit"))
-    return run_in_subprocess(distributed_cases.fit_cases, tmp_dir, n_cpu_devices=2)
+def fit_results():
+    return prefetch.result(__name__, "fit_results")
 
 
 @pytest.mark.distributed
