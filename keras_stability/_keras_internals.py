@@ -369,6 +369,19 @@ def remove_train_function_hook(model, hook):
     return True
 
 
+def add_stale_fit_cleanup(model, key, cleanup):
+    """Runs `cleanup()` at the start of the next `fit` if this one raises.
+
+    Keras runs no `on_train_end` when `fit` raises. What a callback turned
+    on for its `fit` (and turns off in `on_train_end`) is then turned off by
+    `cleanup` when the next `fit` (or `train_on_batch`) starts, before any
+    callback's `on_train_begin`. A `fit` that ends normally drops the
+    cleanups with its hooks (`remove_train_function_hook`). One cleanup per
+    `key`.
+    """
+    _TrainFunctionWrapper.of(model).cleanups[key] = cleanup
+
+
 class _TrainFunctionWrapper:
     """One wrapper of a model's train function for hooks and batch skipping.
 
@@ -393,6 +406,7 @@ class _TrainFunctionWrapper:
         self.model = model
         self.hooks = []
         self.skip_left = 0
+        self.cleanups = {}  # `add_stale_fit_cleanup`
         object.__setattr__(model, self.ATTRIBUTE, self)
         make = model.make_train_function  # the class's bound method
 
@@ -405,6 +419,10 @@ class _TrainFunctionWrapper:
                 # on a later `fit` that does not ask for it.
                 self.hooks.clear()
                 self.skip_left = 0
+                cleanups = list(self.cleanups.values())
+                self.cleanups.clear()
+                for cleanup in cleanups:
+                    cleanup()
                 self.release_if_idle()  # puts Keras' own functions back
                 return make(force=False)
             make(force=force)

@@ -427,6 +427,11 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self._loss = self._step_logs.loss
         if self._record is not None:
             self._loss = _RowLoss(self, self._step_logs.loss)
+            # Off after a `fit` that raised too (no `on_train_end` then).
+            guard = self.optimizer
+            _keras_internals.add_stale_fit_cleanup(
+                model, ("trip", id(guard)), lambda: guard.set_trip(None)
+            )
         self._calls_unread = 0  # calls since the last look
         self._row_loss = None  # where a row's raw loss comes from (`_look`)
         self._at_weights = True  # whether the entry judged is the model's state
@@ -1692,7 +1697,9 @@ def _record_values(model, guard, attribute, record):
         )
         record.written.assign_add(1)
         record.skipped.assign_add(flags[0])
-        new["skipped_batches"] = ops.convert_to_tensor(record.skipped)
+        # A tensor (a read), not the variable: under a multi-worker strategy
+        # the step's outputs are reduced across workers, which takes tensors.
+        new["skipped_batches"] = ops.convert_to_tensor(record.skipped.value)
         return new
 
     return values

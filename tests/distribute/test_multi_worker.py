@@ -3,6 +3,7 @@
 import functools
 import os
 import time
+import traceback
 
 import numpy as np
 import pytest
@@ -106,6 +107,7 @@ def fit_worker(
     except Exception as e:  # reported to the test: the surviving worker's error
         return {
             "error": f"{type(e).__name__}: {e}"[:500],
+            "traceback": traceback.format_exc()[-3000:],
             "seconds": time.time() - start,
         }
     if log_dir:
@@ -142,7 +144,7 @@ def test_two_workers_match_each_other_and_a_single_worker(tmp_path):
     )
     assert single["strategy"] != "CollectiveAllReduceStrategy"
     for w in workers:
-        assert "error" not in w, w
+        assert "error" not in w, w.get("traceback", w)
         assert (
             w["strategy"] == "CollectiveAllReduceStrategy"
         )  # tf.distribute.MultiWorkerMirroredStrategy
@@ -201,7 +203,7 @@ def test_dead_worker_fails_the_others_and_backup_resumes(tmp_path):
         fit_worker, n_workers=2, timeout=300, epochs=3, backup_dir=backup
     )
     for w in resumed:
-        assert "error" not in w, w
+        assert "error" not in w, w.get("traceback", w)
     # BackupAndRestore resumed after the 2 finished epochs: only epoch 3 ran.
     assert [w["epochs_run"] for w in resumed] == [1, 1]
     for a, b in zip(resumed[0]["weights"], uninterrupted["weights"], strict=True):
