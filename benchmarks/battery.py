@@ -683,9 +683,16 @@ def lr_find(seeds=2, grid=LR_FIND_GRID, log=print):
     from keras_stability.tuning import find_learning_rate
 
     (case,) = [c for c in cases() if c.family == "lm" and c.kind == "healthy"]
-    losses = {lr: [fit_once(case, seed, lr)["loss"] for seed in range(seeds)] for lr in grid}
+    losses = {
+        lr: [fit_once(case, seed, lr)["loss"] for seed in range(seeds)] for lr in grid
+    }
     for lr in grid:
-        log(f"| {lr:g} | " + " | ".join(f"{v:.4g}" for v in losses[lr]) + f" | {np.mean(losses[lr]):.4g} |", flush=True)
+        log(
+            f"| {lr:g} | "
+            + " | ".join(f"{v:.4g}" for v in losses[lr])
+            + f" | {np.mean(losses[lr]):.4g} |",
+            flush=True,
+        )
     best_lr = min(grid, key=lambda lr: np.mean(losses[lr]))
     suggestions = []
     for seed in range(seeds):
@@ -708,7 +715,9 @@ def main_lr_find(seeds):
         "steps), held-out loss per seed, and `find_learning_rate(model, x, y, "
         "batch_size=32)` (defaults) on a fresh model of each seed.\n"
     )
-    print("| Adam rate | " + " | ".join(f"seed {s}" for s in range(seeds)) + " | mean |")
+    print(
+        "| Adam rate | " + " | ".join(f"seed {s}" for s in range(seeds)) + " | mean |"
+    )
     print("|---" * (seeds + 2) + "|")
     result = lr_find(seeds)
     best = result["best_lr"]
@@ -719,7 +728,9 @@ def main_lr_find(seeds):
             f"- seed {seed}: suggestion {suggestion:.3g} ({ratio:.2g}x from the grid "
             f"best; {'within' if ratio <= 3 else 'NOT within'} 3x)"
         )
-    print(f"\nCommand: `python -m benchmarks.gradient_health --battery --lr-find --seeds {seeds}`\n")
+    print(
+        f"\nCommand: `python -m benchmarks.gradient_health --battery --lr-find --seeds {seeds}`\n"
+    )
     print(f"_Ran in {time.perf_counter() - start:.0f} s._")
     return result
 
