@@ -124,9 +124,10 @@ class GradientExplosionDetector(keras.callbacks.Callback):
       the mean raw loss over the next `confirm_steps` applied steps rises
       above it (by more than two of its batch-to-batch standard deviations
       plus 0.5%), the lowered learning rate is still too high: the
-      detector rolls back again and lowers it again. If the loss does not
-      rise and `probe_lower_lr` is set, the detector also tries a learning
-      rate `lr_factor` lower: it keeps the state reached, restores the
+      detector rolls back again and lowers it by `lr_factor ** (1/3)`. If
+      the loss does not rise and `probe_lower_lr` is set, the detector also
+      tries a learning rate `lr_factor ** (1/3)` lower (the rollback's whole
+      `lr_factor` often jumps past the best rate): it keeps the state reached, restores the
       snapshot again and runs `confirm_steps` steps at the lower rate. If
       their mean raw loss is lower, the lower rate trains faster: it is kept (counted in `lr_probes`, with its
       event; not a rollback, so it does not use up `max_rollbacks`) and
@@ -136,7 +137,10 @@ class GradientExplosionDetector(keras.callbacks.Callback):
       `confirm_steps` steps per rollback, and runs only after a rollback, so
       healthy training is never probed. A probe still running when `fit`
       ends is undone. No snapshot is taken until a rollback is confirmed
-      this way.
+      this way. After a rollback (never before one), a plateau of the raw
+      loss (the median of the last 25 steps not 5% below that of the 25
+      before) lowers the learning rate by `lr_factor ** (1/3)`, down to
+      `lr_factor` times the rate the rollback settled on.
     - `"stop"`: at the first problem it stops.
 
     A single loss or gradient-norm spike is recorded as an event of kind
@@ -156,8 +160,12 @@ class GradientExplosionDetector(keras.callbacks.Callback):
     is larger, so that a loss near zero is not "10x" anything by noise); a
     regression (median loss of the last `min_samples` steps `regress_factor`
     times the loss the fit started from, which must be well outside their
-    spread); a
-    failed recovery (above).
+    spread); no progress after an explosion (the mean raw loss of the last
+    8 x 32 samples at 2x the starting loss or more, and later, with no
+    rollback in between, the median of the last `min_samples` steps still at 0.9x the
+    starting loss or above: a model the explosion killed, predicting the
+    class prior; `keras_stability.diagnostics.rules`); a failed recovery
+    (above).
 
     Each probe of a lower learning rate is an event of kind `"lr_probe"`
     (the others are `"problem"` and `"skipped_nonfinite"`).
@@ -251,8 +259,8 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             and escalate (roll back again with a lower learning rate) when
             the loss rises after it. Defaults to `True`.
         probe_lower_lr: With `check_recovery`, whether a rollback whose
-            loss does not rise is compared with a learning rate `lr_factor`
-            lower, run from the same restored weights, as described above.
+            loss does not rise is compared with a learning rate
+            `lr_factor ** (1/3)` lower, run from the same restored weights, as described above.
             Defaults to `True`.
         diagnostic_path: JSON file written when the detector stops, or
             `None`. Defaults to `None`.
