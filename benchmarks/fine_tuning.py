@@ -55,7 +55,7 @@ RECIPES = {
 
 # Variants tried in search of the issue's goal (`--explore`): label, recipe,
 # options. `replay` mixes that share of pretraining windows into every
-# fine-tuning batch (rehearsal; not a library piece, a baseline).
+# fine-tuning batch (rehearsal: `keras_stability.datasets.mix_replay`).
 EXPLORE = [
     ("l2sp alpha=1", "l2sp", {"alpha": 1.0}),
     ("lora r16 lr=1e-2", "lora", {"rank": 16, "lr": 1e-2}),
@@ -122,34 +122,6 @@ def _dataset(data, steps, batch_size, seed):
         .batch(batch_size)
         .repeat()
     )
-
-
-def _replay_dataset(new, old, steps, batch_size, share, seed):
-    """Batches of `batch_size` windows, `share` of them from the old corpus."""
-    import tensorflow as tf
-
-    n_old = int(round(share * batch_size))
-    n_new = batch_size - n_old
-    rng = np.random.default_rng(seed)
-    parts = []
-    for data, k in ((new, n_new), (old, n_old)):
-        n = len(data["x_train"])
-        idx = np.concatenate([rng.permutation(n) for _ in range(-(-steps * k // n))])[
-            : steps * k
-        ]
-        parts.append(
-            (
-                data["x_train"][idx].reshape(steps, k, -1),
-                data["y_train"][idx].reshape(steps, k, -1),
-            )
-        )
-    x = np.concatenate([parts[0][0], parts[1][0]], axis=1).reshape(
-        -1, new["x_train"].shape[1]
-    )
-    y = np.concatenate([parts[0][1], parts[1][1]], axis=1).reshape(
-        -1, new["x_train"].shape[1]
-    )
-    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).repeat()
 
 
 def _guarded(inner):
@@ -267,13 +239,16 @@ def fine_tune(recipe, corpora, config, seed, weights, options=None):
     timer = _StepTimer()
     steps = config["finetune_steps"]
     if options.get("replay"):
-        data = _replay_dataset(
-            corpora["finetune"],
-            corpora["pretrain"],
+        from keras_stability.datasets import mix_replay
+
+        new, old = corpora["finetune"], corpora["pretrain"]
+        data = mix_replay(
+            (new["x_train"], new["y_train"]),
+            (old["x_train"], old["y_train"]),
             steps,
-            config["batch"],
-            options["replay"],
-            seed + 1000,
+            replay_fraction=options["replay"],
+            batch_size=config["batch"],
+            seed=seed + 1000,
         )
     else:
         data = _dataset(corpora["finetune"], steps, config["batch"], seed + 1000)

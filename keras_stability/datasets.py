@@ -30,6 +30,7 @@ __all__ = [
     "load_stdlib_text",
     "make_char_lm_data",
     "make_classification",
+    "mix_replay",
     "train_test_split",
 ]
 
@@ -156,6 +157,111 @@ def train_test_split(x, y, test_fraction=0.2, seed=0):
     n_test = max(1, int(round(len(x) * test_fraction)))
     test, train = order[:n_test], order[n_test:]
     return (x[train], y[train]), (x[test], y[test])
+
+
+def _check_pair(name, pair):
+    """`pair` as two arrays `(x, y)` of the same length, at least one sample."""
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise invalid(name, pair, "a pair `(x, y)` of arrays, samples first")
+    x, y = np.asarray(pair[0]), np.asarray(pair[1])
+    if x.ndim < 1 or y.ndim < 1 or len(x) < 1 or len(x) != len(y):
+        raise invalid(
+            name,
+            f"(x of shape {x.shape}, y of shape {y.shape})",
+            "a pair `(x, y)` of arrays with the same number of samples (at least 1)",
+        )
+    return x, y
+
+
+def mix_replay(new, old, steps, replay_fraction=0.25, batch_size=32, seed=0):
+    """Batches of a new task with a fixed share replayed from the old one.
+
+    Fine-tuning on a new corpus makes a model forget the one it was
+    pretrained on. Replay (rehearsal, as in the continual pretraining of
+    language models) mixes a share of the old data into every batch. In
+    `benchmarks/fine_tuning.py` (char LM pretrained on docstrings, fine-tuned
+    on code, 3 seeds) 25% of every batch from the docstrings ends at +1.4%
+    code perplexity over plain fine-tuning and raises the docstrings'
+    perplexity by 2.2% over the pretrained model's, against +71.6% without
+    replay.
+
+    Each of the `steps` batches holds `batch_size - k` samples of `new`
+    followed by `k = round(replay_fraction * batch_size)` samples of `old`.
+    Each set is drawn without replacement, in a new random order on every
+    pass over it. The dataset repeats those `steps` batches, so pass
+    `steps_per_epoch` to `fit`.
+
+    Args:
+        new: `(x, y)` arrays of the new task, samples first.
+        old: `(x, y)` arrays of the old task, with the shapes of `new` after
+            the sample axis.
+        steps: Number of different batches (e.g. the fine-tuning's steps), a
+            positive integer.
+        replay_fraction: Share of every batch taken from `old`, in [0, 1);
+            at least one sample of `new` must remain. Defaults to `0.25`.
+        batch_size: Samples per batch, a positive integer. Defaults to `32`.
+        seed: Seed of the draws, a non-negative integer or `None`.
+            Defaults to `0`.
+
+    Returns:
+        A `tf.data.Dataset` of `(x, y)` batches, repeated indefinitely.
+
+    Example:
+
+    ```python
+    corpora = load_fine_tuning_corpora()
+    code, prose = corpora["finetune"], corpora["pretrain"]
+    data = mix_replay((code["x_train"], code["y_train"]),
+                      (prose["x_train"], prose["y_train"]), steps=300)
+    model.fit(data, epochs=4, steps_per_epoch=75)
+    ```
+    """
+    import tensorflow as tf
+
+    new = _check_pair("new", new)
+    old = _check_pair("old", old)
+    steps = check_positive_int("steps", steps)
+    replay_fraction = check_number(
+        "replay_fraction", replay_fraction, low=0.0, high=1.0, high_open=True
+    )
+    batch_size = check_positive_int("batch_size", batch_size)
+    seed = _check_seed(seed)
+    for i, part in enumerate(("x", "y")):
+        if new[i].shape[1:] != old[i].shape[1:]:
+            raise invalid(
+                "old",
+                f"{part} of shape {old[i].shape}",
+                f"{part} of the shape of `new`'s after the sample axis "
+                f"({new[i].shape[1:]})",
+            )
+    n_old = int(round(replay_fraction * batch_size))
+    n_new = batch_size - n_old
+    if n_new < 1:
+        raise invalid(
+            "replay_fraction",
+            replay_fraction,
+            f"a share that leaves at least one sample of `new` in a batch of "
+            f"{batch_size}",
+        )
+    rng = np.random.default_rng(seed)
+    parts = []
+    for (x, y), k in ((new, n_new), (old, n_old)):
+        if k == 0:
+            continue
+        n = len(x)
+        passes = -(-steps * k // n)
+        idx = np.concatenate([rng.permutation(n) for _ in range(passes)])[: steps * k]
+        parts.append(
+            (
+                x[idx].reshape(steps, k, *x.shape[1:]),
+                y[idx].reshape(steps, k, *y.shape[1:]),
+            )
+        )
+    x = np.concatenate([p[0] for p in parts], axis=1)
+    y = np.concatenate([p[1] for p in parts], axis=1)
+    x = x.reshape(steps * batch_size, *x.shape[2:])
+    y = y.reshape(steps * batch_size, *y.shape[2:])
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).repeat()
 
 
 def load_dataset(name="synthetic", seed=0, test_fraction=0.2):

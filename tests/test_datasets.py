@@ -186,3 +186,54 @@ def test_char_lm_data_with_a_shared_vocab():
 def test_fine_tuning_corpora_too_long_a_window_names_seq_len():
     with pytest.raises(ValueError, match=r"`seq_len`.*Received: seq_len=1000000"):
         datasets.load_fine_tuning_corpora(seq_len=10**6)
+
+
+def _tagged(n, tag, width=3):
+    # Sample i of set `tag` holds tag * 1000 + i everywhere: its origin and
+    # index can be read back from a batch.
+    x = np.repeat((tag * 1000 + np.arange(n))[:, None], width, axis=1)
+    return x, x[:, 0].copy()
+
+
+def test_mix_replay_puts_the_share_of_old_samples_in_every_batch():
+    new, old = _tagged(50, 1), _tagged(20, 2)
+    data = datasets.mix_replay(new, old, steps=10, replay_fraction=0.25, batch_size=8)
+    batches = [(x.numpy(), y.numpy()) for x, y in data.take(20)]
+    assert len(batches) == 20
+    for x, y in batches:
+        assert x.shape == (8, 3) and y.shape == (8,)
+        np.testing.assert_array_equal(x[:, 0], y)
+        assert np.all(y[:6] // 1000 == 1) and np.all(y[6:] // 1000 == 2)
+    drawn_new = np.concatenate([y[:6] for _, y in batches[:10]]) % 1000
+    drawn_old = np.concatenate([y[6:] for _, y in batches[:10]]) % 1000
+    # 60 draws from 50 new samples: the first pass uses each exactly once.
+    np.testing.assert_array_equal(np.sort(drawn_new[:50]), np.arange(50))
+    # 20 draws from 20 old samples: each once.
+    np.testing.assert_array_equal(np.sort(drawn_old), np.arange(20))
+    # After `steps` batches the same batches repeat.
+    for (_, a), (_, b) in zip(batches[:10], batches[10:], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_mix_replay_is_seeded_and_zero_replay_is_new_data_only():
+    new, old = _tagged(40, 1), _tagged(40, 2)
+
+    def first(seed, fraction=0.5):
+        data = datasets.mix_replay(
+            new, old, steps=3, replay_fraction=fraction, batch_size=4, seed=seed
+        )
+        return next(iter(data))[1].numpy()
+
+    np.testing.assert_array_equal(first(3), first(3))
+    assert not np.array_equal(first(3), first(4))
+    assert np.all(first(0, fraction=0.0) // 1000 == 1)
+
+
+def test_mix_replay_rejects_mismatched_sets():
+    new = _tagged(10, 1)
+    with pytest.raises(ValueError, match="Invalid value for argument `old`"):
+        datasets.mix_replay(new, _tagged(10, 2, width=4), steps=2)
+    with pytest.raises(ValueError, match="Invalid value for argument `new`"):
+        datasets.mix_replay((new[0], new[1][:5]), new, steps=2)
+    with pytest.raises(ValueError, match="`replay_fraction`"):
+        datasets.mix_replay(new, new, steps=2, replay_fraction=0.99, batch_size=8)

@@ -357,6 +357,27 @@ DATASET_CASES = [
         },
     ),
     Case(
+        datasets.mix_replay,
+        kwargs={
+            "new": ([[0.0, 0.0]] * 6, [0] * 6),
+            "old": ([[1.0, 1.0]] * 4, [1] * 4),
+            "steps": 2,
+            "batch_size": 4,
+        },
+        bad={
+            "new": [
+                None,
+                [0.0, 0.0, 0.0],
+                ([[0.0, 0.0]] * 6,),
+                ([[0.0, 0.0]] * 6, [0] * 5),
+            ],
+            "old": [None, ([[1.0, 1.0, 1.0]] * 4, [1] * 4), ([], [])],
+            "steps": [0, -1, 2.5, True, None],
+            "replay_fraction": [-0.1, 1.0, 0.9],
+            "batch_size": [0, -1, 2.5],
+        },
+    ),
+    Case(
         datasets.load_fine_tuning_corpora,
         kwargs={"seq_len": 16, "max_chars": 2000},
         bad={
