@@ -8,6 +8,7 @@ from keras_stability import clipping as clipping_module
 from keras_stability._checks import check_bool
 from keras_stability._checks import check_verbose
 from keras_stability.callbacks.step_logs import StepLogs
+from keras_stability.callbacks.step_logs import tracker_loss_logs
 from keras_stability.optimizers.attach import check_optimizer_argument
 from keras_stability.optimizers.attach import ensure_guarded
 from keras_stability.optimizers.attach import find_guard
@@ -58,16 +59,7 @@ def _statistics(model, optimizer, which=None, log=True):
             used = ops.greater(tracker.count, state[1])  # Keras' train_step
             tracker.total.assign(ops.where(skipped, state[0], tracker.total))
             tracker.count.assign(ops.where(skipped, state[1], tracker.count))
-            if isinstance(logs, dict) and "loss" in logs:
-                count = ops.convert_to_tensor(tracker.count)
-                mean = ops.where(
-                    ops.greater(count, 0.0),
-                    ops.divide(tracker.total, ops.maximum(count, 1e-30)),
-                    float("nan"),
-                )
-                new["loss"] = ops.where(
-                    used, ops.cast(mean, logs["loss"].dtype), logs["loss"]
-                )
+            new.update(tracker_loss_logs(tracker, logs, used))
         if not log:
             return new
 

@@ -58,6 +58,7 @@ from keras_stability.callbacks.lr_scaling import wrap_schedule
 from keras_stability.callbacks.snapshots import Snapshot
 from keras_stability.callbacks.step_logs import StepLogs
 from keras_stability.callbacks.step_logs import counts
+from keras_stability.callbacks.step_logs import tracker_loss_logs
 from keras_stability.diagnostics import rules
 from keras_stability.diagnostics.spikes import RobustZScore
 from keras_stability.distribute.strategy import chief_path
@@ -1579,31 +1580,10 @@ class _Record:
     def __init__(self, guard, size):
         self.guard = guard
         self.size = size
-        self.rows = keras.Variable(
-            initializer="zeros",
-            shape=(size, len(_ROW)),
-            dtype="float32",
-            trainable=False,
-            aggregation="only_first_replica",
-            name="detector_rows",
-        )
-        self.written = keras.Variable(
-            initializer="zeros",
-            shape=(),
-            dtype="int32",
-            trainable=False,
-            aggregation="only_first_replica",
-            name="detector_written",
-        )
+        self.rows = _state_variable("detector_rows", (size, len(_ROW)))
+        self.written = _state_variable("detector_written", dtype="int32")
         # The detector's `skipped_batches`, counted on in-graph between looks.
-        self.skipped = keras.Variable(
-            initializer="zeros",
-            shape=(),
-            dtype="float32",
-            trainable=False,
-            aggregation="only_first_replica",
-            name="detector_skipped",
-        )
+        self.skipped = _state_variable("detector_skipped")
         self.read = 0
 
     def take(self):
@@ -1621,6 +1601,18 @@ class _Record:
         index = [i % self.size for i in range(written - new, written)]
         self.read = written
         return rows[index].tolist(), written
+
+
+def _state_variable(name, shape=(), dtype="float32"):
+    """A zero-initialised step-state variable (one value, not per replica)."""
+    return keras.Variable(
+        initializer="zeros",
+        shape=shape,
+        dtype=dtype,
+        trainable=False,
+        aggregation="only_first_replica",
+        name=name,
+    )
 
 
 def _record_state(model):
@@ -1663,16 +1655,7 @@ def _record_values(model, guard, attribute, record):
             # A step not applied leaves the epoch's mean loss (in-graph).
             tracker.total.assign(ops.where(dropped, total_before, total_after))
             tracker.count.assign(ops.where(dropped, count_before, count_after))
-            if isinstance(logs, dict) and "loss" in logs:
-                count = ops.convert_to_tensor(tracker.count)
-                mean = ops.where(
-                    ops.greater(count, 0.0),
-                    ops.divide(tracker.total, ops.maximum(count, 1e-30)),
-                    float("nan"),
-                )
-                new["loss"] = ops.where(
-                    used, ops.cast(mean, logs["loss"].dtype), logs["loss"]
-                )
+            new.update(tracker_loss_logs(tracker, logs, used))
         loss, seen = guard.step_loss_info()
         # The raw loss: the loss the guard saw in `scale_loss` (the mean over
         # replicas, the same on each), else the change of Keras' loss tracker

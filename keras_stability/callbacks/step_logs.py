@@ -24,6 +24,8 @@ loss of the last call, computed once.
 import math
 import warnings
 
+from keras import ops
+
 from keras_stability import _keras_internals
 from keras_stability._keras_internals import LoggedInt
 from keras_stability.callbacks.raw_loss import RawLossTracker
@@ -210,3 +212,25 @@ class StepLogs:
         return _keras_internals.wrap_train_step(
             self.model, combined_key, values_all, before_all
         )
+
+
+def tracker_loss_logs(tracker, logs, used):
+    """The logged `loss` recomputed from Keras' loss tracker, in-graph.
+
+    For a step whose wrapper took a skipped update back out of the tracker:
+    the mean over the applied steps (NaN while none was applied; Keras'
+    `Mean` would give 0.0), only if the step updated the tracker (`used`, a
+    boolean tensor); otherwise the step's own `loss` is kept.
+
+    Returns:
+        `{"loss": tensor}`, or `{}` when `logs` has no `loss`.
+    """
+    if not (isinstance(logs, dict) and "loss" in logs):
+        return {}
+    count = ops.convert_to_tensor(tracker.count)
+    mean = ops.where(
+        ops.greater(count, 0.0),
+        ops.divide(tracker.total, ops.maximum(count, 1e-30)),
+        float("nan"),
+    )
+    return {"loss": ops.where(used, ops.cast(mean, logs["loss"].dtype), logs["loss"])}
