@@ -7,6 +7,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.keras-stability-installed
 PYTEST_ARGS ?=
+# The suite runs on 2 pytest-xdist workers, a test file per worker at a time
+# (module fixtures train once): `make test TEST_WORKERS=0` runs it in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint bench dist install clean
 
@@ -14,7 +17,7 @@ demo: $(STAMP)
 	$(PY) -m keras_stability demo
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check keras_stability tests benchmarks

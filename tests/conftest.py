@@ -24,8 +24,15 @@ def fresh_process():
 def pytest_collection_finish(session):
     # The slow child processes of the selected modules start now, beside the
     # tests (see tests/prefetch.py).
-    if not session.config.option.collectonly:
+    # Under pytest-xdist (`make test` runs 2 workers) each worker collects every
+    # test but runs only its share: the children then run when their fixture
+    # asks, and the other worker keeps the second core busy meanwhile.
+    if not session.config.option.collectonly and not _is_xdist_worker(session):
         prefetch.start(session.items)
+
+
+def _is_xdist_worker(session):
+    return hasattr(session.config, "workerinput")
 
 
 def pytest_sessionfinish(session):
