@@ -133,7 +133,10 @@ class GradientExplosionDetector(keras.callbacks.Callback):
       their mean raw loss is lower, the lower rate trains faster: it is kept (counted in `lr_probes`, with its
       event; not a rollback, so it does not use up `max_rollbacks`) and
       probed in turn, up to `max_rollbacks` lower rates per rollback;
-      otherwise the kept state and learning rate are restored. This is a two-point line
+      otherwise the kept state is restored and training goes on from it at
+      the lower rate (a few steps favour the higher of two rates: the best
+      rate for the rest of the run is lower than the best for the next few
+      steps, the short-horizon bias). This is a two-point line
       search on the learning rate from the restored weights; it costs
       `confirm_steps` steps per rollback, and runs only after a rollback, so
       healthy training is never probed. A probe still running when `fit`
@@ -1263,7 +1266,8 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         one, and a margin of the batch noise kept rates 10x too high on the
         Keras example at SGD(20)); it is then kept (counted in `lr_probes`)
         and probed in turn, up to `max_rollbacks` kept per rollback.
-        Otherwise the incumbent's end state and learning rate are restored.
+        Otherwise the incumbent's end state is restored and training goes on
+        from it at the probe's lower rate (short-horizon bias, see below).
         """
         rec = self._recovery
         incumbent = rec["incumbent"]
@@ -1288,18 +1292,36 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             if not self._start_probe(after):
                 self._recovery = None
             return
+        # The higher rate's state is kept, and training goes on at the lower
+        # rate: a comparison over `confirm_steps` steps favours the higher of
+        # two rates (short-horizon bias, Wu et al. 2018: early on the faster
+        # one is ahead, and the best rate for the whole run is lower than the
+        # best for the next few steps), and the higher one is the highest
+        # that trains right after an explosion.
         self._revert_probe(
             incumbent,
-            f"learning rate {incumbent['lr']:.4g} kept: {self.confirm_steps} steps at "
-            f"{lr:.4g} reached a mean raw loss of {after:.4g}, not below "
-            f"{incumbent['loss']:.4g}; restored the state of step "
+            f"went on at {lr:.4g} from the state at {incumbent['lr']:.4g}: "
+            f"{self.confirm_steps} steps at {lr:.4g} reached a mean raw loss of "
+            f"{after:.4g}, not below {incumbent['loss']:.4g} at {incumbent['lr']:.4g} "
+            "(a few steps favour the higher rate); restored the state of step "
             f"{incumbent['snapshot'].step}",
+            keep_lr=True,
         )
 
-    def _revert_probe(self, incumbent, detail):
+    def _revert_probe(self, incumbent, detail, keep_lr=False):
+        lr_var = learning_rate_variable(self.optimizer)
+        lr_value = np.array(keras.ops.convert_to_numpy(lr_var), copy=True)
         incumbent["snapshot"].restore(self.model)
-        learning_rate_variable(self.optimizer).assign(incumbent["lr_value"])
+        lr_var.assign(lr_value if keep_lr else incumbent["lr_value"])
         self._event("lr_probe", self.raw_losses[-1], self.grad_norms[-1], detail)
+        if keep_lr:
+            self.events[-1].update(
+                action="lower_lr",
+                restored_step=incumbent["snapshot"].step,
+                learning_rate=float(np.asarray(self.optimizer.learning_rate)),
+            )
+            if self.verbose:
+                self._say(f"GradientExplosionDetector at step {self.step}: {detail}.")
         self._recovery = None
 
     def _healthy_step(self, raw):
