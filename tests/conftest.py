@@ -1,6 +1,7 @@
 import functools
 
 import pytest
+import xdist
 
 from tests import prefetch
 from tests.helpers import run_in_subprocess
@@ -27,12 +28,8 @@ def pytest_collection_finish(session):
     # Under pytest-xdist (`make test` runs 2 workers) each worker collects every
     # test but runs only its share: the children then run when their fixture
     # asks, and the other worker keeps the second core busy meanwhile.
-    if not session.config.option.collectonly and not _is_xdist_worker(session):
+    if not session.config.option.collectonly and not xdist.is_xdist_worker(session):
         prefetch.start(session.items)
-
-
-def _is_xdist_worker(session):
-    return hasattr(session.config, "workerinput")
 
 
 def pytest_sessionfinish(session):

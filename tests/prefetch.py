@@ -1,9 +1,9 @@
 """Slow child processes started when the session begins, on the second core.
 
-For a run in one pytest process (`pytest ...`, `make test TEST_WORKERS=0`),
-which uses one of the 2 cores. `make test` runs 2 pytest-xdist workers, and
-there nothing is prefetched (`tests/conftest.py`): each call runs when its
-fixture asks. A few
+Only in a run in one pytest process (`pytest ...`, `make test
+TEST_WORKERS=0`), which leaves the second core idle. `make test` runs 2
+pytest-xdist workers, and there nothing is prefetched (`tests/conftest.py`):
+each call runs when its fixture asks. A few
 module fixtures only wait on child processes (`run_in_subprocess`) whose
 result depends on nothing but the code under test. Such a fixture registers
 its call here when its module is imported (collection):
