@@ -50,6 +50,7 @@ from keras_stability._checks import check_positive_int
 from keras_stability._checks import check_verbose
 from keras_stability._checks import check_writable_file
 from keras_stability._checks import invalid
+from keras_stability.callbacks.exclude_batches import ExcludeList
 from keras_stability.callbacks.layer_gradient_stats import LayerGradientStats
 from keras_stability.callbacks.layer_gradient_stats import group_variables_by_layer
 from keras_stability.callbacks.lr_scaling import learning_rate_variable
@@ -71,6 +72,8 @@ __all__ = ["GradientExplosionDetector"]
 
 ACTIONS = ("warn", "skip", "rollback", "stop")
 HISTORY_KEPT = 2000  # raw losses / norms kept for the diagnostic
+# Events whose batches go into `offending_batches` (and the exclude list).
+OFFENDING_EVENTS = ("skipped_nonfinite", "spike")
 SNAPSHOT_TOLERANCE = 2.0  # a snapshot's loss may be at most this x the best
 # A recovery fails if the mean loss after a rollback exceeds the restored
 # weights' loss by more than 2 of their batch-to-batch standard deviations
@@ -172,7 +175,8 @@ class GradientExplosionDetector(keras.callbacks.Callback):
     (above).
 
     Each probe of a lower learning rate is an event of kind `"lr_probe"`
-    (the others are `"problem"` and `"skipped_nonfinite"`).
+    (the others are `"problem"`, `"spike"`, `"skipped_nonfinite"` and
+    `"excluded_batch"`).
 
     On stopping it restores the best healthy snapshot (lowest mean raw loss;
     the last one if `restore_best_weights=False`), sets
@@ -282,6 +286,17 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         check_every: Batches between the host's looks at the recorded
             steps (see above; `1` looks after every batch, as a detector
             without the record would). Defaults to `10`.
+        exclude_batches_path: JSON file of the batches to leave out, or
+            `None`. The batches of spikes and of skipped non-finite steps
+            (`offending_batches`, as `(epoch, batch)` of Keras' counts) are
+            added to it as they are found; at the start of `fit` the file is
+            read, and a listed batch is drawn from the data without training
+            on it (counted in `excluded_batches`; with `steps_per_execution
+            > 1`, the whole execution holding it). So a run resumed after a
+            failure (`keras.callbacks.BackupAndRestore`, or this library's
+            backup) does not meet the same bad batches again; this needs the
+            same data order (no shuffling, or a seeded one). Put it next to
+            the backup. Defaults to `None`.
 
     Example:
 
@@ -319,6 +334,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         verbose=0,
         optimizer=None,
         check_every=10,
+        exclude_batches_path=None,
     ):
         super().__init__()
         self.action = check_choice("action", action, ACTIONS)
@@ -356,6 +372,9 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self.verbose = check_verbose("verbose", verbose)
         self._optimizer_arg = check_optimizer_argument("optimizer", optimizer)
         self.check_every = check_positive_int("check_every", check_every)
+        self.exclude_batches_path = check_path(
+            "exclude_batches_path", exclude_batches_path, allow_none=True
+        )
         self.diagnostic = None
         self._stats = None
         self._observers = ModelObservers()
@@ -382,6 +401,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             "verbose": self.verbose,
             "optimizer": self._optimizer_arg,
             "check_every": self.check_every,
+            "exclude_batches_path": self.exclude_batches_path,
         }
 
     @classmethod
@@ -400,6 +420,19 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                 "diagnostic_path",
                 chief_path(self.diagnostic_path, model.distribute_strategy),
             )
+        # Read on every worker (the same data order), written by the chief.
+        self._exclude = ExcludeList(self.exclude_batches_path)
+        self._exclude.load()
+        if self.exclude_batches_path:
+            check_writable_file(
+                "exclude_batches_path",
+                chief_path(self.exclude_batches_path, model.distribute_strategy),
+            )
+        self.offending_batches = []  # (epoch, batch) found bad in this fit
+        self.excluded_batches = 0  # batches drawn without training (listed)
+        self._unread_batches = []  # Keras' batch of each call since the last look
+        self._judged_batches = ()  # the batches of the step being judged
+        self._exclude_warned = False
 
         def per_layer_norms():
             # Per-layer gradient norms for the diagnostic, of the last step
@@ -542,6 +575,8 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         """
         steps = 1 if self._per_call == 1 else self._steps_in_call()
         self.step += steps
+        first = self._step_logs.batch - self._per_call + 1
+        self._judged_batches = range(first, first + steps)
         raw = self._step_logs.raw_loss
         # One host read per step: the pre-clip global norm. A non-finite norm
         # means the guarded optimizer skipped the step in-graph (if it skips
@@ -563,6 +598,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         else:
             skipped = int(skips_nonfinite and not math.isfinite(norm))
         self._decide_step(raw, norm, norm_var is not None, skipped, steps, logs)
+        self._save_exclude()
         logs["raw_loss"] = raw
         logs["rollbacks"] = self.rollbacks
         logs["skipped_batches"] = self.skipped_batches
@@ -635,6 +671,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         `rollbacks` is that of the last look.
         """
         self._calls_unread += 1
+        self._unread_batches.append(self._step_logs.batch)
         # At most `snapshot_freq` steps apart (a snapshot is taken at a
         # look), at multiples of the interval (so snapshots are taken at the
         # steps they would be with a look after every step).
@@ -656,9 +693,14 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         """
         record = self._record
         self._calls_unread = 0
+        batches, self._unread_batches = self._unread_batches, []
         if record is None:
             return
         rows, count = record.take()
+        # Keras' batch of each row (calls that drew an excluded batch or a
+        # resumed backup's without training wrote none).
+        batches = batches[len(batches) - len(rows) :] if rows else []
+        batches = [None] * (len(rows) - len(batches)) + batches
         flagged = False
         for k, row in enumerate(rows):
             self._at_weights = k == len(rows) - 1
@@ -670,6 +712,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             self._holding = held
             rollbacks, stopped = self.rollbacks, self.stopped_reason
             self._row = row
+            self._judged_batches = () if batches[k] is None else (batches[k],)
             self._judge_row(row, logs)
             if self.rollbacks != rollbacks or self.stopped_reason != stopped:
                 self.step += len(rows) - 1 - k
@@ -683,6 +726,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             logs["raw_loss"] = self.raw_losses[-1]
         if flagged:  # the in-graph count goes on from the host's
             record.skipped.assign(float(self.skipped_batches))
+        self._save_exclude()
 
     def _judge_row(self, row, logs):
         """One recorded step through the rules (`_decide_step`)."""
@@ -773,6 +817,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             )
         elif not (math.isfinite(raw) and (math.isfinite(norm) or norm_var is None)):
             problem = f"non-finite loss ({raw}) or gradient norm ({norm})"
+            self._note_offending()
         else:
             self.consecutive_skips = 0
             problem = self._judge(raw, norm if norm_var is not None else None, steps)
@@ -1014,6 +1059,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self._calls_unread:
             self._look(None)
+        self._save_exclude()
         self._step_logs.detach(self)
         if self._record is not None:
             # Off between fits: no step is held back without a host to look.
@@ -1094,6 +1140,8 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         _keras_internals.print_msg(message)
 
     def _event(self, kind, raw, norm, detail=""):
+        if kind in OFFENDING_EVENTS:
+            self._note_offending()
         self.events.append(
             {
                 "step": self.step,
@@ -1103,6 +1151,45 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                 "grad_norm": _json_float(norm),
                 "detail": detail,
             }
+        )
+
+    def _note_offending(self):
+        """Adds the batches of the step being judged to the exclude list."""
+        self.offending_batches.extend(
+            self._exclude.add(self.epoch, self._judged_batches)
+        )
+
+    def _save_exclude(self):
+        """Writes the exclude list if it changed (the chief; warns once on failure)."""
+        if not (self.exclude_batches_path and self._exclude.unsaved):
+            return
+        error = self._exclude.save(
+            chief_path(self.exclude_batches_path, self.model.distribute_strategy)
+        )
+        if error is not None and not self._exclude_warned:
+            self._exclude_warned = True
+            warnings.warn(
+                f"GradientExplosionDetector could not write "
+                f"exclude_batches_path={self.exclude_batches_path!r} ({error}); "
+                "the batches are in `detector.offending_batches`.",
+                stacklevel=3,
+            )
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # A batch listed in `exclude_batches_path` is drawn without training.
+        exclude = self._exclude
+        if not exclude.batches or not exclude.hits(self.epoch, batch, self._per_call):
+            return
+        if _keras_internals.skipping_train_batches(self.model):
+            return  # drawn without training already (a resumed backup)
+        _keras_internals.skip_train_batches(self.model, self._per_call)
+        self.excluded_batches += self._per_call
+        self._event(
+            "excluded_batch",
+            math.nan,
+            math.nan,
+            f"batch {batch} of epoch {self.epoch} is in {self.exclude_batches_path}: "
+            "drawn without training",
         )
 
     @property
@@ -1485,6 +1572,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             "rollbacks": self.rollbacks,
             "lr_probes": self.lr_probes,
             "skipped_batches": self.skipped_batches,
+            "offending_batches": [list(p) for p in self.offending_batches],
             "restored_step": None if target is None else target.step,
             "restored_loss": None
             if target is None

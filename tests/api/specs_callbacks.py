@@ -111,6 +111,7 @@ CASES = [
             "verbose": BAD_VERBOSE,
             "optimizer": [3, "", "not an identifier", ["d_optimizer"]],
             "check_every": [0, -1, 2.5, True, "10", None],
+            "exclude_batches_path": BAD_PATH,
         },
         good={**GOOD_VERBOSE, "check_every": [1, 64, np.int64(5)]},
         config=True,

@@ -59,7 +59,7 @@ def gradient_health_run(mirrored, case):
             keras.optimizers.SGD(lr),
             keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
-    if case == "nan_shard":
+    if case in ("nan_shard", "excluded"):
         x = x.copy()
         x[75] = np.nan  # batch 4 (size 16), second half: replica 1's shard
     result = {}
@@ -76,8 +76,23 @@ def gradient_health_run(mirrored, case):
                 monitor.history["grad_norm"][n][-1] for n in monitor.layer_names
             ]
         else:
+            exclude_path = None
+            if case == "excluded":  # the NaN batch listed, as a resumed run's
+                import json
+                import os
+                import tempfile
+
+                from keras_stability.callbacks.exclude_batches import FORMAT
+
+                exclude_path = os.path.join(tempfile.mkdtemp(), "exclude.json")
+                with open(exclude_path, "w") as f:
+                    json.dump({"format": FORMAT, "batches": [[0, 4]]}, f)
             detector = GradientExplosionDetector(
-                snapshot_freq=5, lr_factor=0.05, skip_batches=2, verbose=0
+                snapshot_freq=5,
+                lr_factor=0.05,
+                skip_batches=2,
+                verbose=0,
+                exclude_batches_path=exclude_path,
             )
             model.fit(
                 x,
@@ -90,6 +105,8 @@ def gradient_health_run(mirrored, case):
             )
             result["rollbacks"] = detector.rollbacks
             result["skipped"] = detector.skipped_batches
+            result["excluded"] = detector.excluded_batches
+            result["steps_applied"] = int(model.optimizer.iterations.numpy())
             result["events"] = [(e["step"], e["kind"]) for e in detector.events]
     result["weights"] = [np.asarray(w) for w in model.get_weights()]
     per_replica = [_replica_values(strategy, v) for v in model.weights]
@@ -108,6 +125,6 @@ def compare_one_and_two_replicas(case):
     return one, two
 
 
-def compare_all_cases(cases=("nan_shard", "rollback", "vanishing")):
+def compare_all_cases(cases=("nan_shard", "excluded", "rollback", "vanishing")):
     """All cases in one child process (one TensorFlow start-up)."""
     return {case: compare_one_and_two_replicas(case) for case in cases}

@@ -41,6 +41,22 @@ def test_detector_takes_the_same_decision_on_every_replica(results, case):
         np.testing.assert_allclose(w1, w2, rtol=1e-3, atol=1e-5)
 
 
+def test_listed_batch_is_drawn_without_training_on_every_replica(results):
+    # The NaN batch (replica 1's shard) listed in `exclude_batches_path`: it
+    # is drawn from the distributed iterator without a step, on one device
+    # and on two replicas alike.
+    one, two = results["excluded"]
+    assert two["n_replicas"] == 2 and two["replicas_identical"]
+    for run in (one, two):
+        assert run["finite"] and run["excluded"] == 1 and run["skipped"] == 0
+        assert [kind for _, kind in run["events"] if kind != "spike"] == [
+            "excluded_batch"
+        ]
+        assert run["steps_applied"] == 15  # 16 batches, one drawn only
+    for w1, w2 in zip(one["weights"], two["weights"], strict=True):
+        np.testing.assert_allclose(w1, w2, rtol=1e-3, atol=1e-5)
+
+
 def test_vanishing_diagnosis_same_on_two_replicas(results):
     one, two = results["vanishing"]
     assert two["n_replicas"] == 2 and two["replicas_identical"]
