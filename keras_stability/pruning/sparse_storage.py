@@ -217,7 +217,10 @@ def sparse_storage(model, min_sparsity=0.5):
     `MultiHeadAttention`, the Dense layers of a transformer block), whose
     outer layer's config rebuilds plain Keras layers when the file is
     loaded; subclasses of them (e.g. keras-hub's `ReversibleEmbedding`);
-    and quantization modes other than int8. The copy is not compiled.
+    and quantization modes other than int8. The copy is not compiled. Its
+    weights files name layers by their class (`sparse_storage_dense`), so
+    a `.weights.h5` of `model` does not load into the copy nor the reverse;
+    `.keras` files carry their classes and load either way.
 
     Args:
         model: A built Sequential or functional Keras model.
@@ -237,7 +240,7 @@ def sparse_storage(model, min_sparsity=0.5):
     Example:
 
     >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
-    >>> model.layers[0].kernel.assign(np.eye(8, 4))
+    >>> _ = model.layers[0].kernel.assign(np.eye(8, 4))  # 87.5% zeros
     >>> copy = sparse_storage(model)
     >>> type(copy.layers[0]).__name__
     'SparseStorageDense'
