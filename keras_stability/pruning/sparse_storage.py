@@ -130,9 +130,7 @@ class _SparseStorage:
         for key in store.keys():
             base, _, part = key.rpartition("_")
             if part == "bitmap":
-                entries[base] = bitmap_decode(
-                    *(store[f"{base}_{part}"] for part in _PARTS)
-                )
+                entries[base] = bitmap_decode(*(store[f"{base}_{p}"] for p in _PARTS))
             elif not (base and part in _PARTS):
                 entries[key] = store[key]
         super().load_own_variables(entries)
