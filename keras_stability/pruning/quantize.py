@@ -42,7 +42,7 @@ def quantize(model, mode="int8", filters=None):
     Known limit (Keras 3.15): a model loaded from such a file predicts, but
     saving it again fails in Keras' `Embedding.save_own_variables` (it reads
     the quantization mode of the map's default, float32, not of its own
-    path); quantize the float model again instead.
+    path); call `resolve_policy_maps` on the loaded model first.
 
     Args:
         model: A built Keras model (e.g. pruned, then `strip_pruning`).
