@@ -267,6 +267,14 @@ def flatten_layers(layer, include_self=True):
     return list(layer._flatten_layers(include_self=include_self))
 
 
+def is_graph_model(model):
+    """Whether `model` is a Sequential or functional model, the kinds that
+    `keras.models.clone_model` rebuilds layer by layer (Keras' `Functional`)."""
+    from keras.src.models.functional import Functional
+
+    return isinstance(model, (keras.Sequential, Functional))
+
+
 def optimizer_has_variable(optimizer, variable):
     """Whether a built optimizer has state for `variable` (Keras keeps its
     trainable variables' keys in `_trainable_variables_indices`)."""

@@ -190,6 +190,23 @@ def test_flatten_layers_and_optimizer_has_variable():
     assert not _keras_internals.optimizer_has_variable(opt, inner.layers[0].kernel)
 
 
+def test_is_graph_model_tells_sequential_and_functional_from_subclassed():
+    import keras
+
+    inputs = keras.Input((3,))
+    functional = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    sequential = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+
+    class Subclassed(keras.Model):
+        def call(self, x):
+            return x
+
+    assert _keras_internals.is_graph_model(functional)
+    assert _keras_internals.is_graph_model(sequential)
+    assert not _keras_internals.is_graph_model(Subclassed())
+    assert not _keras_internals.is_graph_model(keras.layers.Dense(2))
+
+
 def test_all_reduce_sum_gradients_is_the_method_keras_calls():
     import keras
     from keras.src.backend.tensorflow import optimizer as tf_optimizer

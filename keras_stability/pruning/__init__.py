@@ -4,7 +4,11 @@
 subclassed models in place; `strip_pruning` removes the machinery;
 `sparsity_report` and `PruningSummaries` show the sparsity; `quantize` applies
 Keras' int8 so that the `.keras` file reloads (zeros stay zeros) and
-`compressed_size` gives the gzip bytes of the weights; `shrink` removes
+`compressed_size` gives the gzip bytes of the weights; `sparse_storage`
+makes a copy that saves its mostly-zero kernels as a bitmap of non-zeros
+plus the non-zero values (a smaller file, the same model; its layers are
+`SparseStorageDense`, `SparseStorageEinsumDense` and
+`SparseStorageEmbedding`); `shrink` removes
 whole units and filters for a smaller, faster model; `shrink_transformer`
 removes attention heads, FFN units, hidden channels and blocks of a
 transformer language model (ours or keras-hub's). `UpdatePruningStep` is
@@ -28,6 +32,10 @@ from keras_stability.pruning.quantize import compressed_size
 from keras_stability.pruning.quantize import quantize
 from keras_stability.pruning.shrink import shrink
 from keras_stability.pruning.shrink import shrink_plan
+from keras_stability.pruning.sparse_storage import SparseStorageDense
+from keras_stability.pruning.sparse_storage import SparseStorageEinsumDense
+from keras_stability.pruning.sparse_storage import SparseStorageEmbedding
+from keras_stability.pruning.sparse_storage import sparse_storage
 from keras_stability.pruning.strip import sparsity_report
 from keras_stability.pruning.strip import strip_pruning
 from keras_stability.pruning.summaries import PruningSummaries
@@ -46,6 +54,9 @@ __all__ = [
     "PolynomialDecay",
     "Pruner",
     "PruningSummaries",
+    "SparseStorageDense",
+    "SparseStorageEinsumDense",
+    "SparseStorageEmbedding",
     "UpdatePruningStep",
     "compressed_size",
     "find_pruner",
@@ -58,6 +69,7 @@ __all__ = [
     "shrink_plan",
     "shrink_transformer",
     "shrink_transformer_plan",
+    "sparse_storage",
     "sparsity_report",
     "strip_pruning",
 ]

@@ -42,7 +42,7 @@ def quantize(model, mode="int8", filters=None):
     Known limit (Keras 3.15): a model loaded from such a file predicts, but
     saving it again fails in Keras' `Embedding.save_own_variables` (it reads
     the quantization mode of the map's default, float32, not of its own
-    path); quantize the float model again instead.
+    path); call `resolve_policy_maps` on the loaded model first.
 
     Args:
         model: A built Keras model (e.g. pruned, then `strip_pruning`).
@@ -88,6 +88,32 @@ def quantize(model, mode="int8", filters=None):
                 del policy[sub.path]
             policy[sub.path] = sub.dtype_policy
         layer._dtype_policy = policy
+    return model
+
+
+def resolve_policy_maps(model):
+    """Gives each sublayer built from an outer layer's `DTypePolicyMap` its own policy.
+
+    A layer rebuilt from a config (by `load_model` or `clone_model`) whose
+    policy is the map `quantize` records creates its sublayers with that
+    map. Keras reads their mode by path for the call but from the map's
+    default (float32) in `Embedding.save_own_variables`, which then fails
+    on the int8 scale; with their own policy (what `quantize` leaves on
+    the sublayers of the model it quantized) the model saves again. The
+    outer layers keep the map, so the saved config does not change.
+
+    Args:
+        model: A built Keras model.
+
+    Returns:
+        `model`, changed in place.
+    """
+    for layer in flatten_layers(model, include_self=False):
+        policy = layer._dtype_policy
+        if isinstance(policy, keras.dtype_policies.DTypePolicyMap) and (
+            layer.path in policy
+        ):
+            layer._dtype_policy = policy[layer.path]
     return model
 
 

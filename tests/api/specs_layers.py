@@ -651,6 +651,11 @@ def _unbuilt():
     return keras.Sequential([keras.layers.Dense(2)])
 
 
+class _Subclassed(keras.Model):
+    def call(self, x):
+        return x
+
+
 NOT_MODELS = [None, "model", 3]
 BAD_SCHEDULES = [
     None,
@@ -725,6 +730,32 @@ PRUNING_CASES = [
             "file": ["h5", None, 1],
         },
         good={"file": ["keras"]},
+    ),
+    Case(
+        pruning.sparse_storage,
+        kwargs=lambda: {"model": _prunable()},
+        bad={
+            "model": [*NOT_MODELS, _unbuilt(), keras.layers.Dense(2), _Subclassed()],
+            "min_sparsity": [-0.1, 1.5, None],
+        },
+    ),
+    Case(
+        pruning.SparseStorageDense,
+        kwargs={"units": 4},
+        bad={"min_sparsity": [-0.1, 1.5, None]},
+        config=True,
+    ),
+    Case(
+        pruning.SparseStorageEinsumDense,
+        kwargs={"equation": "ab,bc->ac", "output_shape": 4},
+        bad={"min_sparsity": [-0.1, 1.5, None]},
+        config=True,
+    ),
+    Case(
+        pruning.SparseStorageEmbedding,
+        kwargs={"input_dim": 10, "output_dim": 4},
+        bad={"min_sparsity": [-0.1, 1.5, None]},
+        config=True,
     ),
     Case(
         pruning.shrink,

@@ -111,6 +111,26 @@ def test_keras_quantize_alone_does_not_reload_nested_sublayers(tmp_path):
         keras.saving.load_model(path)
 
 
+def test_a_loaded_int8_transformer_saves_again_after_resolve_policy_maps(tmp_path):
+    from keras_stability.pruning.quantize import resolve_policy_maps
+
+    model = pruning.quantize(_char_lm())
+    x, _, _ = _data(model, n=4)
+    first = os.path.join(tmp_path, "first.keras")
+    second = os.path.join(tmp_path, "second.keras")
+    model.save(first)
+    loaded = keras.saving.load_model(first)
+    # Keras reads the mode of the map's default (float32) when saving.
+    with pytest.raises(ValueError, match="Invalid dtype: object"):
+        loaded.save(second)
+    assert resolve_policy_maps(loaded) is loaded
+    loaded.save(second)
+    again = keras.saving.load_model(second)
+    np.testing.assert_array_equal(
+        again.predict(x, verbose=0), model.predict(x, verbose=0)
+    )
+
+
 def test_compressed_size_of_dense_sparse_and_int8():
     dense = _mlp()
     sparse, _ = _pruned(_mlp)
