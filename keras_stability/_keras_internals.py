@@ -307,6 +307,61 @@ def gradients_already_reduced(optimizers):
             object.__delattr__(opt, "_all_reduce_sum_gradients")
 
 
+# Keras' gradient accumulation (`gradient_accumulation_steps=N`): `apply`
+# counts every call in `_iterations` (the public `iterations` is
+# `_iterations // N`, the number of updates) and keeps one accumulator per
+# trainable variable in `_accumulated_gradients` (`_get_variable_index`
+# maps a variable to its slot). On a call with `(_iterations + 1) % N == 0`
+# it updates with `(g + accumulator) / N` and zeroes every accumulator;
+# otherwise it adds `g` to the accumulators.
+
+
+def raw_iterations(optimizer):
+    """An optimizer's count of `apply` calls (Keras' `_iterations`)."""
+    return optimizer._iterations
+
+
+def gradient_accumulators(optimizer, variables=None):
+    """The accumulators of `variables` (all of them for `None`), in order."""
+    accumulators = optimizer._accumulated_gradients
+    if variables is None:
+        return [a for a in accumulators if a is not None]
+    return [accumulators[optimizer._get_variable_index(v)] for v in variables]
+
+
+def _no_merge_call():
+    return False
+
+
+@contextlib.contextmanager
+def merge_calls_inline(strategy):
+    """Makes `maybe_merge_call` call its function at once, in the block's trace.
+
+    Keras' TF optimizers reach their cross-replica updates through
+    `tf.__internal__.distribute.interim.maybe_merge_call`, which asks
+    `strategy.extended._use_merge_call()` and, when it is true, calls
+    `get_replica_context().merge_call`: that fails in cross-replica context
+    (there is no replica context) and inside a `cond` in replica context
+    (Keras 3.15's own gradient accumulation under MirroredStrategy). In
+    cross-replica context the merge function can simply be called, which is
+    what `maybe_merge_call` does when the strategy reports no merge calls.
+    `GuardedOptimizer` applies an accumulating inner optimizer in
+    cross-replica context inside this block; nothing else in that trace
+    consults `_use_merge_call` (the gradients are already reduced). Only the
+    trace inside the block is affected: the instance attribute is removed on
+    exit.
+
+    Args:
+        strategy: The `tf.distribute.Strategy` in scope.
+    """
+    extended = strategy.extended
+    object.__setattr__(extended, "_use_merge_call", _no_merge_call)
+    try:
+        yield
+    finally:
+        object.__delattr__(extended, "_use_merge_call")
+
+
 _STEP_VALUES = "_keras_stability_step_values"
 
 

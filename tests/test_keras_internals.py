@@ -2,6 +2,7 @@
 
 import inspect
 
+import numpy as np
 import pytest
 
 from keras_stability import _keras_internals
@@ -354,3 +355,42 @@ def test_logged_int_is_a_float_elsewhere():
     assert json.dumps({"n": value}) == '{"n": 4.0}'
     assert pickle.loads(pickle.dumps(value)) == 4.0
     assert f"{value}" == "4" and f"{value:.2f}" == "4" and f"{value / 2}" == "2"
+
+
+def test_gradient_accumulation_state_is_what_keras_apply_reads():
+    import keras
+    from keras.src.optimizers import base_optimizer
+
+    source = inspect.getsource(base_optimizer.BaseOptimizer._backend_apply_gradients)
+    assert "self._iterations + 1" in source and "(g + acc_g) / steps" in source
+    weights = [
+        keras.Variable(np.zeros((2,), "float32")),
+        keras.Variable(np.zeros((1,), "float32")),
+    ]
+    opt = keras.optimizers.SGD(1.0, gradient_accumulation_steps=3)
+    opt.apply([np.ones((2,), "float32"), np.full((1,), 2.0, "float32")], weights)
+    assert int(_keras_internals.raw_iterations(opt).numpy()) == 1
+    assert int(opt.iterations) == 0  # raw // 3
+    by_variable = _keras_internals.gradient_accumulators(opt, weights[::-1])
+    np.testing.assert_array_equal(by_variable[0].numpy(), [2.0])
+    np.testing.assert_array_equal(by_variable[1].numpy(), [1.0, 1.0])
+    assert len(_keras_internals.gradient_accumulators(opt)) == 2
+
+
+def test_merge_calls_inline_makes_maybe_merge_call_call_its_function():
+    import tensorflow as tf
+    from tensorflow.python.distribute import merge_call_interim
+
+    source = inspect.getsource(merge_call_interim.strategy_supports_no_merge_call)
+    assert "strategy.extended._use_merge_call()" in source
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        assert not tf.__internal__.distribute.strategy_supports_no_merge_call()
+        with _keras_internals.merge_calls_inline(strategy):
+            assert tf.__internal__.distribute.strategy_supports_no_merge_call()
+            called = tf.__internal__.distribute.interim.maybe_merge_call(
+                lambda s, x: (s, x), strategy, 7
+            )
+            assert called == (strategy, 7)
+        assert not tf.__internal__.distribute.strategy_supports_no_merge_call()
+    assert "_use_merge_call" not in vars(strategy.extended)  # undone

@@ -65,7 +65,11 @@ class GradientObserver:
       (`None` for a `None` gradient; for a `tf.IndexedSlices`, of its values),
       so observers need not compute them again, `"loss"` (float32, the
       step's loss as seen by `GuardedOptimizer.scale_loss`, NaN when it was
-      not called this step) and `"loss_seen"` (bool).
+      not called this step), `"loss_seen"` (bool) and `"update_step"`
+      (bool: false on the calls where an inner optimizer with
+      `gradient_accumulation_steps` only accumulates, when the gradients
+      are the micro-batch's; true on its update steps, when they are the
+      accumulated mean, and always true without accumulation).
     - `after_apply(variables, skipped)` is called in-graph after the update
       (or the skip).
 
@@ -128,15 +132,35 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
     The `step` statistic counts every call, skipped or not. The clipping and
     spike statistics only learn from applied, finite steps.
 
-    With `gradient_accumulation_steps` (N) on the inner optimizer, each
-    micro-batch gradient is measured, clipped and possibly skipped on its
-    own, not the accumulated one (unlike the inner optimizer's own
-    `clipnorm`, which Keras 3.15 applies to the average): Keras' `apply`
-    adds each micro-batch to its accumulators and, on every N-th call
-    (counted by `iterations`), updates with `(g + sum) / N`. A skipped
-    micro-batch is not accumulated and does not advance `iterations`, so
-    the update still averages N applied micro-batches. Clipping the sum
-    once would need the accumulation to move into the guard (not done).
+    With `gradient_accumulation_steps` (N) on the inner optimizer, the guard
+    clips and decides once per update, on the gradient the update uses:
+    Keras' `apply` adds each micro-batch gradient to its accumulators and,
+    on every N-th call (counted by its raw iterations), updates with
+    `(g + sum) / N`. On that update step the guard measures this
+    accumulated mean, lets the `clipping` policy and `skip_spikes` decide
+    on it (they learn from update steps only), and hands the inner
+    optimizer `g` untouched when the mean is not clipped, or `N` times the
+    clipped mean over emptied accumulators when it is, so the update uses
+    the clipped mean (as Keras' own `clipnorm` clips the average). On the
+    other calls nothing is clipped: the micro-batch is only accumulated,
+    unless it is non-finite (or skipped by `skip_next` or the trip), then
+    it is dropped, not accumulated, and the raw iterations do not advance,
+    so one NaN micro-batch never poisons the sum and the update still
+    averages N micro-batches. A skipped update step whose own micro-batch is
+    non-finite drops only that micro-batch (the window waits for a finite
+    one); an update step skipped for any other reason (a spike,
+    `skip_next`, the trip) drops the whole window: the accumulators are
+    emptied and the raw iterations go back to the window's start, so the
+    weights, moments, `iterations` and the learning rate schedule are as if
+    its N micro-batches never came (Keras' EMA, which moves on every call,
+    did see them), and the next N start a clean window. `grad_norm`, and
+    what observers get (`grads`, `"global_norm"`, `"squared_norms"`), are
+    the micro-batch's on accumulate-only calls and the accumulated mean's on
+    update steps, both dense; `stats["update_step"]` tells them apart.
+    `steps_clipped` counts clipped updates and `clip_threshold` is the last
+    update step's. Under `tf.distribute` (merge-call strategies) the inner
+    optimizer is then applied in cross-replica context, since Keras 3.15's
+    own accumulation fails in replica context there.
 
     Statistics (non-trainable scalar variables, readable after any step):
     `grad_norm` (pre-clip global norm), `clip_threshold` (`inf` without a
@@ -757,8 +781,21 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         record.loss_seen.assign(ops.cast(seen, "int32"))
         return loss, seen
 
-    def _decide(self, grads, variables, pending=None):
-        """Measures `grads`, decides skip/clip, updates the statistics."""
+    def _decide(self, grads, variables, pending=None, update=None):
+        """Measures `grads`, decides skip/clip, updates the statistics.
+
+        `update` is `None` without gradient accumulation; with it, a bool
+        tensor: whether this call is the inner optimizer's update step
+        (`grads` are then the accumulated mean, see `_window`). Clipping and
+        spikes act, and their policies learn, only on update steps.
+
+        Returns:
+            `(skip, norm, threshold, nonfinite_skip)`.
+        """
+
+        def on_update(flag):
+            return flag if update is None else ops.logical_and(flag, update)
+
         loss, loss_seen = self._record_loss(pending)
         squares = squared_norms(grads)
         norm = global_norm(grads, squares)
@@ -777,7 +814,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             threshold, clip_state = ops.convert_to_tensor(float("inf")), []
         if self.skip_spikes is not None:
             spike, spike_state = self.skip_spikes.detect(norm)
-            spike = ops.logical_and(spike, finite)
+            spike = on_update(ops.logical_and(spike, finite))
         else:
             spike, spike_state = ops.convert_to_tensor(False), []
         if held is not None:
@@ -785,17 +822,18 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             requested = ops.logical_or(requested, held)
         other_skip = ops.logical_or(nonfinite_skip, requested)
         skip = ops.logical_or(other_skip, spike)
-        accept = ops.logical_and(ops.logical_not(skip), finite)
+        accept = on_update(ops.logical_and(ops.logical_not(skip), finite))
         if self.clipping is not None:
             self.clipping.commit(clip_state, accept)
             _, clipped = self.clipping.clip(grads, variables, norm, threshold)
-            clipped = ops.logical_and(clipped, ops.logical_not(skip))
+            clipped = on_update(ops.logical_and(clipped, ops.logical_not(skip)))
         else:
             clipped = ops.convert_to_tensor(False)
         if self.skip_spikes is not None:
             # Spikes are skipped without being recorded; other skips record nothing.
             self.skip_spikes.commit(
-                spike_state, ops.logical_and(finite, ops.logical_not(other_skip))
+                spike_state,
+                on_update(ops.logical_and(finite, ops.logical_not(other_skip))),
             )
 
         def count(flag):
@@ -805,7 +843,14 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         spike_skip = ops.logical_and(spike, ops.logical_not(other_skip))
         step = ops.add(self.step, 0)  # a snapshot, read before += 1
         self.grad_norm.assign(norm)
-        self.clip_threshold.assign(ops.cast(threshold, "float32"))
+        if update is None:
+            self.clip_threshold.assign(ops.cast(threshold, "float32"))
+        else:  # the threshold of the last update step
+            self.clip_threshold.assign(
+                ops.where(
+                    update, ops.cast(threshold, "float32"), self.clip_threshold.value
+                )
+            )
         self.steps_clipped.assign_add(count(clipped))
         self.steps_skipped_nonfinite.assign_add(count(nonfinite_skip))
         self.steps_skipped_requested.assign_add(count(requested_skip))
@@ -824,13 +869,16 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 "squared_norms": squares,
                 "loss": loss,
                 "loss_seen": loss_seen,
+                "update_step": ops.convert_to_tensor(True)
+                if update is None
+                else update,
             }
             grads, variables, stats["squared_norms"] = self._observed(
                 grads, variables, squares
             )
             for observer in self._observers:
                 observer.observe(grads, variables, stats)
-        return skip, norm, threshold
+        return skip, norm, threshold, nonfinite_skip
 
     def _observed(self, grads, variables, squares=None):
         """`grads`/`variables` over every variable the observers were built on.
@@ -868,14 +916,118 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
 
     def _guarded_apply(self, grads, variables, pending=None):
         """The whole step where every caller sees the same reduced gradients."""
-        skip, norm, threshold = self._decide(grads, variables, pending)
+        self._decide_and_apply(
+            grads,
+            variables,
+            pending,
+            lambda norm, threshold: self._clip_and_apply(
+                grads, variables, norm, threshold
+            ),
+        )
 
-        def apply_fn():
-            with _gradients_already_reduced(self.inner_optimizer):
-                self._clip_and_apply(grads, variables, norm, threshold)
+    def _decide_and_apply(self, grads, variables, pending, apply, strategy=None):
+        """Decides on `grads` and, unless the step is skipped, applies it.
 
-        ops.cond(skip, lambda: None, apply_fn)
+        Without gradient accumulation `apply(norm, threshold)` clips and
+        applies. With it the decision is taken on `_window`'s gradients and
+        `_accumulate_and_apply` applies here, in the current context (under
+        `strategy`, cross-replica context: see `merge_calls_inline`).
+        """
+        window = self._window(grads, variables)
+        if window is None:
+            skip, norm, threshold, _ = self._decide(grads, variables, pending)
+
+            def apply_fn():
+                with _gradients_already_reduced(self.inner_optimizer):
+                    apply(norm, threshold)
+
+            ops.cond(skip, lambda: None, apply_fn)
+        else:
+            skip, norm, threshold, nonfinite_skip = self._decide(
+                window.measured, variables, pending, window.update
+            )
+            # A skipped update drops its window, unless its own micro-batch
+            # is what is non-finite: then only that micro-batch is dropped.
+            drop = ops.logical_and(window.update, ops.logical_not(nonfinite_skip))
+
+            def accumulate_fn():
+                with _gradients_already_reduced(self.inner_optimizer):
+                    self._accumulate_and_apply(
+                        window, variables, norm, threshold, strategy
+                    )
+
+            ops.cond(skip, lambda: self._drop_window(window, drop), accumulate_fn)
         self._after_apply(variables, skip)
+
+    def _window(self, grads, variables):
+        """This call's place in the inner optimizer's gradient accumulation.
+
+        `None` without `gradient_accumulation_steps`. Otherwise a `_Window`
+        whose `measured` gradients are, on the update step (the N-th call,
+        counted by the inner optimizer's raw iterations), the mean Keras
+        will update with, `(g + accumulator) / N` computed as Keras does,
+        and on the other calls the micro-batch gradient `g`. Gradients are
+        made dense (`tf.IndexedSlices` too, as Keras adds them to its dense
+        accumulators).
+        """
+        steps = self.inner_optimizer.gradient_accumulation_steps
+        if not steps:
+            return None
+        iterations = _keras_internals.raw_iterations(self.inner_optimizer)
+        update = ops.equal(ops.mod(ops.add(iterations, 1), steps), 0)
+        accumulators = _keras_internals.gradient_accumulators(
+            self.inner_optimizer, variables
+        )
+        dense, measured = [], []
+        for g, accumulator in zip(grads, accumulators, strict=True):
+            if g is not None:
+                g = ops.convert_to_tensor(g)
+            dense.append(g)
+            measured.append(
+                None if g is None else ops.where(update, (g + accumulator) / steps, g)
+            )
+        return _Window(steps, update, dense, measured, accumulators)
+
+    def _accumulate_and_apply(self, window, variables, norm, threshold, strategy):
+        """Passes the inner optimizer a micro-batch, or an update on the clipped mean.
+
+        Keras updates with `(g + accumulator) / N`. An update whose mean is
+        not clipped gets `g` untouched (Keras' numbers, bit for bit); a
+        clipped one gets `N * clipped_mean` over emptied accumulators, so
+        Keras updates with `(N * clipped_mean) / N` (exact for N a power of
+        two, else within float32 rounding).
+        """
+        grads = window.grads
+        if self.clipping is not None:
+            means, clipped = self.clipping.clip(
+                window.measured, variables, norm, threshold
+            )
+            clipped = ops.logical_and(clipped, window.update)
+            grads = [
+                None if g is None else ops.where(clipped, m * window.steps, g)
+                for g, m in zip(grads, means, strict=True)
+            ]
+            for g, accumulator in zip(grads, window.accumulators, strict=True):
+                if g is not None:
+                    accumulator.assign(
+                        ops.where(clipped, ops.zeros_like(accumulator), accumulator)
+                    )
+        if strategy is None:
+            self.inner_optimizer.apply(grads, variables)
+            return
+        with _keras_internals.merge_calls_inline(strategy):
+            self.inner_optimizer.apply(grads, variables)
+
+    def _drop_window(self, window, drop):
+        """Where `drop`: empties the accumulators, goes back to the window's start."""
+        for accumulator in _keras_internals.gradient_accumulators(self.inner_optimizer):
+            accumulator.assign(
+                ops.where(drop, ops.zeros_like(accumulator), accumulator)
+            )
+        iterations = _keras_internals.raw_iterations(self.inner_optimizer)
+        iterations.assign(
+            ops.where(drop, ops.subtract(iterations, window.steps - 1), iterations)
+        )
 
     def _tf_apply(self, grads, variables, pending=None):
         """TensorFlow-specific logic: all-reduce first, then decide once.
@@ -887,7 +1039,9 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         skip `cond` runs in cross-replica context (DistributionStrategy does
         not allow a `cond` whose branch calls `merge_call` in replica context)
         and the inner optimizer applies the already-reduced gradients on each
-        replica with its own all-reduce turned off.
+        replica with its own all-reduce turned off (with gradient
+        accumulation, once, in cross-replica context: see
+        `_keras_internals.merge_calls_inline`).
         """
         import tensorflow as tf
 
@@ -925,17 +1079,20 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 local_pending = total * ops.convert_to_tensor(
                     [replicas / len(parts), 1.0]
                 )
-            skip, norm, threshold = self._decide(local, variables, local_pending)
 
-            def apply_fn():
-                with _gradients_already_reduced(self.inner_optimizer):
-                    distribution.extended.call_for_each_replica(
-                        self._clip_and_apply,
-                        args=(reduced, variables, norm, threshold),
-                    )
+            def apply(norm, threshold):
+                distribution.extended.call_for_each_replica(
+                    self._clip_and_apply,
+                    args=(reduced, variables, norm, threshold),
+                )
 
-            ops.cond(skip, lambda: None, apply_fn)
-            self._after_apply(variables, skip)
+            # With gradient accumulation the inner optimizer is applied here,
+            # in cross-replica context, to replica 0's copy: Keras' `apply`
+            # then chooses accumulate or update in a `cond` whose branches
+            # reach `merge_call`, which fails in replica context.
+            self._decide_and_apply(
+                local, variables, local_pending, apply, strategy=distribution
+            )
 
         context.merge_call(cross_replica, args=(reduced, variables, pending))
 
@@ -968,6 +1125,17 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                     config[key], custom_objects=custom_objects
                 )
         return cls(inner, **config)
+
+
+class _Window:
+    """One call's place in gradient accumulation (see `GuardedOptimizer._window`)."""
+
+    def __init__(self, steps, update, grads, measured, accumulators):
+        self.steps = steps
+        self.update = update
+        self.grads = grads
+        self.measured = measured
+        self.accumulators = accumulators
 
 
 class _LossRecord:

@@ -16,7 +16,7 @@ def _data(case):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 10)).astype("float32")
     y = (np.arange(64) % 10).astype("int32")
-    if case == "nonfinite_replica0":
+    if case in ("nonfinite_replica0", "accumulation"):
         x[20, 3] = np.nan  # batch 1, first half: replica 0's shard
     elif case == "nonfinite_replica1":
         x[28, 3] = np.inf  # batch 1, second half: replica 1's shard
@@ -35,12 +35,15 @@ def _example(n_classes=10, width=(32, 16)):
     )
 
 
-def _guarded(**kwargs):
+def _guarded(gradient_accumulation_steps=None, **kwargs):
     import keras
 
     from keras_stability.optimizers import GuardedOptimizer
 
-    return GuardedOptimizer(keras.optimizers.SGD(0.05, momentum=0.9), **kwargs)
+    inner = keras.optimizers.SGD(
+        0.05, momentum=0.9, gradient_accumulation_steps=gradient_accumulation_steps
+    )
+    return GuardedOptimizer(inner, **kwargs)
 
 
 def _build(case):
@@ -63,6 +66,12 @@ def _build(case):
         optimizer = _guarded(clipping=policies[case]())
     elif case in ("nonfinite_replica0", "nonfinite_replica1"):
         optimizer = _guarded()
+    elif case == "accumulation":
+        # Clipped on the mean of 2 micro-batches (global batches); the NaN
+        # micro-batch of each epoch is dropped, not accumulated.
+        optimizer = _guarded(
+            gradient_accumulation_steps=2, clipping=clipping.GlobalNorm(0.25)
+        )
     elif case == "spike":
         optimizer = _guarded(
             skip_spikes=clipping.SpikeSkipping(window=8, z_threshold=3.0, min_samples=3)
@@ -152,6 +161,7 @@ CASES = (
     "agc",
     "nonfinite_replica0",
     "nonfinite_replica1",
+    "accumulation",
     "spike",
     "pruning",
     "pruning_guarded",

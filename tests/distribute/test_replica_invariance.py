@@ -1,9 +1,9 @@
 """Replica invariance of every in-graph part, and the same parts under XLA.
 
 For the same global batches, each part (each clipping policy, non-finite and
-spike skip decisions, pruning masks, pruning with a guarded optimizer, the
-Distiller) must give the same weights on 1 device and under MirroredStrategy
-on 2 logical CPU devices. A third run compiles the train step with XLA
+spike skip decisions, clipping and skipping with gradient accumulation,
+pruning masks, pruning with a guarded optimizer, the Distiller) must give the
+same weights on 1 device and under MirroredStrategy on 2 logical CPU devices. A third run compiles the train step with XLA
 (`jit_compile=True`, the TPU path) on one device.
 """
 
@@ -93,6 +93,9 @@ def test_the_cases_really_act(runs):
         one["nonfinite_replica0"]["stats"]["steps_skipped_nonfinite"] == 3
     )  # once an epoch
     assert one["nonfinite_replica1"]["stats"]["steps_skipped_nonfinite"] == 3
+    # 12 micro-batches, 3 of them NaN: 4 updates, every one clipped.
+    assert one["accumulation"]["stats"]["steps_skipped_nonfinite"] == 3
+    assert one["accumulation"]["stats"]["steps_clipped"] == 4
     assert one["spike"]["stats"]["steps_skipped_spike"] > 0
     assert len(one["monitor"]["stats"]["layer_grad_norms"]) == 3
     assert all(g > 0 for g in one["monitor"]["stats"]["layer_grad_norms"])

@@ -620,21 +620,178 @@ def test_step_loss_variables_are_not_saved_with_the_optimizer(tmp_path):
     assert np.isnan(float(loaded.optimizer.step_loss))
 
 
-def test_gradient_accumulation_clips_and_skips_each_micro_batch():
-    # Documents Keras 3.15's accumulation under the guard (see the class
-    # docstring): each micro-batch is clipped on its own, (4 -> 1) and 0,
-    # then averaged: 0.5 (clipping the average, 2, would give 1.0). A NaN
-    # micro-batch is skipped and not counted: the update still comes after
-    # 2 applied micro-batches.
+# --- gradient accumulation: one decision per update, on the accumulated mean ---
+
+
+def _accumulating_guard(steps=2, learning_rate=1.0, momentum=0.0, **kwargs):
     weight = keras.Variable(np.zeros((1,), "float32"))
-    inner = keras.optimizers.SGD(1.0, gradient_accumulation_steps=2)
-    guard = GuardedOptimizer(inner, clipping=clipping.GlobalNorm(1.0))
+    inner = keras.optimizers.SGD(
+        learning_rate, momentum=momentum, gradient_accumulation_steps=steps
+    )
+    guard = GuardedOptimizer(inner, **kwargs)
     guard.build([weight])
+    return guard, weight
+
+
+def _accumulators(guard):
+    return [a.numpy().copy() for a in guard.inner_optimizer._accumulated_gradients]
+
+
+def test_gradient_accumulation_clips_the_accumulated_mean_once():
+    # Micro-batches 4 and 0: the update uses their mean, 2, clipped to 1
+    # (clipping each micro-batch first would give (1 + 0) / 2 = 0.5).
+    guard, weight = _accumulating_guard(clipping=clipping.GlobalNorm(1.0))
     guard.apply([tf.constant([4.0])], [weight])
     assert float(weight.numpy()[0]) == 0.0  # accumulated, not applied yet
-    guard.apply([tf.constant([float("nan")])], [weight])
-    assert int(guard.steps_skipped_nonfinite) == 1
-    assert float(weight.numpy()[0]) == 0.0
+    stats = guard.statistics()
+    assert stats["grad_norm"] == 4.0  # the micro-batch's norm
+    assert stats["steps_clipped"] == 0  # nothing is clipped before the update
     guard.apply([tf.constant([0.0])], [weight])
-    assert float(weight.numpy()[0]) == pytest.approx(-0.5)
-    assert int(guard.steps_clipped) == 1
+    assert float(weight.numpy()[0]) == -1.0
+    stats = guard.statistics()
+    assert stats["grad_norm"] == 2.0  # the accumulated mean's norm
+    assert stats["clip_threshold"] == 1.0
+    assert stats["steps_clipped"] == 1
+    assert int(guard.iterations) == 1
+    assert _accumulators(guard) == [0.0]  # the next window starts empty
+
+
+def test_gradient_accumulation_skips_nonfinite_micro_batches_and_averages_n_finite():
+    # N = 3. A NaN micro-batch is not accumulated, whether it falls before
+    # or on the update step: the update waits for 3 finite ones, 1, 2 and 6,
+    # and clips their mean, 3, to 2.5.
+    guard, weight = _accumulating_guard(steps=3, clipping=clipping.GlobalNorm(2.5))
+    for g in (1.0, float("nan"), 2.0, float("nan")):
+        guard.apply([tf.constant([g])], [weight])
+        assert float(weight.numpy()[0]) == 0.0
+    assert _accumulators(guard) == [3.0]  # 1 + 2, never NaN
+    guard.apply([tf.constant([6.0])], [weight])
+    assert float(weight.numpy()[0]) == -2.5
+    stats = guard.statistics()
+    assert stats["steps_skipped_nonfinite"] == 2
+    assert stats["steps_clipped"] == 1 and stats["step"] == 5
+    assert int(guard.iterations) == 1
+
+
+@pytest.mark.parametrize(
+    "make_policy",
+    [
+        lambda: clipping.AutoClip(percentile=50.0, history_size=8),
+        lambda: clipping.ZClip(alpha=0.5, warmup_steps=2),
+    ],
+    ids=["autoclip", "zclip"],
+)
+def test_gradient_accumulation_policies_learn_only_from_update_steps(make_policy):
+    policy = make_policy()
+    guard, weight = _accumulating_guard(learning_rate=0.0, clipping=policy)
+    for g in (1.0, 3.0, 5.0, 7.0):  # two windows: means 2 and 6
+        guard.apply([tf.constant([g])], [weight])
+    assert int(policy.count.numpy()) == 2
+    if isinstance(policy, clipping.AutoClip):
+        np.testing.assert_array_equal(policy.history.numpy()[:2], [2.0, 6.0])
+    else:
+        assert float(policy.mean.numpy()) == 4.0  # the mean of 2 and 6
+    assert guard.statistics()["grad_norm"] == 6.0
+
+
+def _spike_guard():
+    return _accumulating_guard(
+        learning_rate=0.1,
+        momentum=0.9,
+        skip_spikes=clipping.SpikeSkipping(window=8, z_threshold=3.0, min_samples=4),
+    )
+
+
+# Pairs of micro-batches whose norms are about 1 but whose means are about 0.1.
+_CALM_WINDOWS = [(1.2, -1.0), (1.22, -1.0), (1.18, -1.0), (1.2, -1.0), (1.21, -1.0)]
+
+
+def test_gradient_accumulation_spike_in_the_mean_drops_the_whole_window():
+    # The window (1, 1) has calm micro-batch norms, but its mean, 1, is a
+    # spike against the means ~0.1 before it: the update is skipped, and
+    # the window is dropped as if its micro-batches never came.
+    guard, weight = _spike_guard()
+    twin, twin_weight = _spike_guard()  # never sees the spiking window
+    for window in _CALM_WINDOWS:
+        for g in window:
+            guard.apply([tf.constant([g])], [weight])
+            twin.apply([tf.constant([g])], [twin_weight])
+    weights = weight.numpy().copy()
+    moments = [v.numpy().copy() for v in guard.inner_optimizer.variables]
+    for g in (1.0, 1.0):
+        guard.apply([tf.constant([g])], [weight])
+    stats = guard.statistics()
+    assert stats["steps_skipped_spike"] == 1 and stats["last_step_skipped"] == 1
+    assert stats["grad_norm"] == 1.0
+    np.testing.assert_array_equal(weight.numpy(), weights)
+    for before, after in zip(moments, guard.inner_optimizer.variables, strict=True):
+        np.testing.assert_array_equal(before, after.numpy())  # momentum, counter
+    assert int(guard.iterations) == 5
+    assert _accumulators(guard) == [0.0]
+    for g in (0.3, -0.1):  # the next window starts clean
+        guard.apply([tf.constant([g])], [weight])
+        twin.apply([tf.constant([g])], [twin_weight])
+    assert guard.statistics()["last_step_skipped"] == 0
+    np.testing.assert_array_equal(weight.numpy(), twin_weight.numpy())
+    assert not np.array_equal(weight.numpy(), weights)
+
+
+def test_gradient_accumulation_requested_skip_of_an_update_drops_the_window():
+    guard, weight = _accumulating_guard()
+    guard.apply([tf.constant([5.0])], [weight])
+    guard.skip_next(1)
+    guard.apply([tf.constant([7.0])], [weight])  # the update step: skipped
+    assert float(weight.numpy()[0]) == 0.0 and _accumulators(guard) == [0.0]
+    assert guard.statistics()["steps_skipped_requested"] == 1
+    for g in (1.0, 3.0):
+        guard.apply([tf.constant([g])], [weight])
+    assert float(weight.numpy()[0]) == -2.0  # the mean of 1 and 3 only
+
+
+def test_gradient_accumulation_observers_see_what_was_measured():
+    observer = RecordingObserver()
+    weight = keras.Variable(np.zeros((3, 2), "float32"))
+    inner = keras.optimizers.SGD(1.0, gradient_accumulation_steps=2)
+    guard = GuardedOptimizer(inner, observers=[observer])
+    guard.apply([tf.constant(np.full((3, 2), 3.0, "float32"))], [weight])
+    np.testing.assert_array_equal(observer.first.numpy(), 3.0)  # the micro-batch
+    guard.apply([tf.constant(np.full((3, 2), 1.0, "float32"))], [weight])
+    np.testing.assert_array_equal(observer.first.numpy(), 2.0)  # the mean
+    assert float(observer.norm.numpy()) == pytest.approx(2.0 * np.sqrt(6), rel=1e-6)
+    np.testing.assert_array_equal(weight.numpy(), -2.0)
+
+
+def test_fit_with_gradient_accumulation_equals_a_hand_computation():
+    # Dense(1), MSE, micro-batches of 2 rows, 2 per update, SGD(0.1), the
+    # mean clipped to global norm 1: two updates computed by hand.
+    x = np.array(
+        [[1, 0], [0, 2], [3, 1], [1, 1], [0.5, 0], [0, 1], [1.5, 0.5], [0.5, 0.5]],
+        "float32",
+    )
+    y = np.array([[1.0], [-1.0], [2.0], [0.0], [0.5], [1.0], [-2.0], [1.0]], "float32")
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.layers[0].kernel.assign(np.ones((2, 1), "float32"))
+    inner = keras.optimizers.SGD(0.1, gradient_accumulation_steps=2)
+    guard = GuardedOptimizer(inner, clipping=clipping.GlobalNorm(1.0))
+    model.compile(guard, "mse")
+    model.fit(x, y, batch_size=2, epochs=1, shuffle=False, verbose=0)
+
+    kernel, bias = np.ones((2, 1)), np.zeros((1,))
+    norms = []
+    for start in (0, 4):
+        grads = []
+        for i in (start, start + 2):
+            xb, yb = x[i : i + 2].astype("float64"), y[i : i + 2].astype("float64")
+            error = xb @ kernel + bias - yb
+            grads.append((2 * xb.T @ error / 2, 2 * error.sum(axis=0) / 2))
+        mean = [(a + b) / 2 for a, b in zip(*grads, strict=True)]
+        norm = np.sqrt(sum(np.sum(g**2) for g in mean))
+        norms.append(norm)
+        scale = min(1.0, 1.0 / norm)
+        kernel = kernel - 0.1 * scale * mean[0]
+        bias = bias - 0.1 * scale * mean[1]
+    assert all(n > 1.0 for n in norms)  # both updates clipped
+    np.testing.assert_allclose(model.layers[0].kernel.numpy(), kernel, rtol=1e-5)
+    np.testing.assert_allclose(model.layers[0].bias.numpy(), bias, rtol=1e-5)
+    assert guard.statistics()["steps_clipped"] == 2
+    assert int(guard.iterations) == 2
