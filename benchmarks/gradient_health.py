@@ -11,17 +11,17 @@ from `overhead()` below.
 [--quick]` runs the battery of issue #16 instead (`benchmarks/battery.py`):
 healthy, diverging and plateau runs with the detector at its defaults.
 
-1. Overhead: time per step of the Keras example and of a small transformer
-   (also under XLA, and 8x larger) with plain `fit`, with the
+1. Overhead: time per step of the Keras example (also under XLA) and of a
+   small transformer (also under XLA, and 8x larger) with plain `fit`, with the
    `GuardedOptimizer` alone (without a clipping policy, and with `ZClip()`)
    and, for reference, the guard without its skip `cond`, Keras'
    `LossScaleOptimizer`, which skips non-finite steps the same way, and
    Keras' `global_clipnorm`, which waits for the global norm too; with
    `GradientMonitor()` + `GradientExplosionDetector()` at their defaults
    (the cost goal of issue #16), with `GradientMonitor(check_freq=1)` +
-   detector, with the monitor every 10 steps + detector, and with the
-   detector alone (fit's inner loop in interleaved bursts, paired per-round
-   ratios). `--variants` measures a subset (plain fit always).
+   detector, with the monitor every 10 steps + detector, with the
+   detector alone and with the monitor alone (every step and every 10)
+   (fit's inner loop in interleaved bursts, paired per-round ratios). `--variants` measures a subset (plain fit always).
 2. Rescue rate: a small transformer language model at learning rates where
    plain `fit` diverges, several seeds: diverged runs and final held-out loss
    with plain fit, with Keras `global_clipnorm=1.0`, and with the detector,
@@ -50,6 +50,7 @@ DEFAULTS = "GradientMonitor() + GradientExplosionDetector() (defaults)"
 # name -> (model, Keras `jit_compile`, steps per burst, variants measured)
 WORKLOADS = {
     "example": ("example", False, 25, None),
+    "example (XLA)": ("example", True, 25, None),
     "transformer": ("transformer", False, 25, None),
     "transformer (XLA)": ("transformer", True, 25, None),
     "transformer-4x": (
@@ -104,7 +105,15 @@ def overhead(rounds, workload, burst=None, only=None):
         (x, y), _ = load_dataset("synthetic", seed=0)
 
         def build(optimizer):
-            return compile_example_model(build_example_model(), optimizer)
+            model = compile_example_model(build_example_model(), optimizer)
+            if jit_compile:  # the same compile, with XLA (as Keras on a GPU)
+                model.compile(
+                    optimizer=model.optimizer,
+                    loss=model.loss,
+                    metrics=["accuracy"],
+                    jit_compile=True,
+                )
+            return model
 
     else:
         size = LARGE_LM if model_name == "transformer-4x" else {}
@@ -138,6 +147,8 @@ def overhead(rounds, workload, burst=None, only=None):
             GradientExplosionDetector(verbose=0),
         ],
         "detector only": lambda: [GradientExplosionDetector(verbose=0)],
+        "monitor only (defaults)": lambda: [GradientMonitor()],
+        "monitor(every 10) only": lambda: [GradientMonitor(check_freq=10, verbose=0)],
     }
     if measured is not None:
         variants = {name: variants[name] for name in measured}
