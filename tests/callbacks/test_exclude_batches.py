@@ -148,3 +148,64 @@ def test_exclude_list_round_trip_and_hits(tmp_path):
     assert again.batches == {(2, 3), (2, 4)}
     assert again.hits(2, 4) and again.hits(2, 1, count=3)
     assert not again.hits(2, 0, count=3) and not again.hits(1, 3)
+
+
+class _KilledAtEpochEnd(keras.callbacks.Callback):
+    """Stands for a killed process: raises at the end of epoch `epoch`."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise RuntimeError("killed")
+
+
+def test_run_resumed_by_keras_backup_and_restore_skips_the_bad_batch(tmp_path):
+    # The run dies in epoch 1 before its backup is written; resumed by
+    # Keras' BackupAndRestore from the end of epoch 0, it replays epoch 1
+    # and draws its bad batch, found before the crash, without training.
+    path = str(tmp_path / "exclude.json")
+    backup = str(tmp_path / "backup")
+    x, y = _nan_data()
+    first = GradientExplosionDetector(exclude_batches_path=path)
+    with pytest.raises(RuntimeError, match="killed"):
+        _fit(
+            _model(),
+            x,
+            y,
+            [first, _KilledAtEpochEnd(1), keras.callbacks.BackupAndRestore(backup)],
+        )
+    assert first.offending_batches == [(0, NAN_BATCH), (1, NAN_BATCH)]
+    model = _model()
+    detector = GradientExplosionDetector(exclude_batches_path=path)
+    history = _fit(model, x, y, [detector, keras.callbacks.BackupAndRestore(backup)])
+    assert len(history.epoch) == 1  # epoch 1 only, resumed
+    assert detector.excluded_batches == 1 and detector.skipped_batches == 0
+    assert [(e["epoch"], e["kind"]) for e in detector.events] == [(1, "excluded_batch")]
+    assert all(np.all(np.isfinite(w)) for w in model.get_weights())
+
+
+def test_healthy_run_with_gradient_accumulation_is_left_as_plain_fit():
+    # The guard measures micro-batch norms on accumulating steps and the
+    # accumulated mean's on update steps: no spike, no action, same weights.
+    x, y = _data()
+
+    def accumulating():
+        keras.utils.set_random_seed(0)
+        model = _model()
+        model.compile(
+            keras.optimizers.Adam(1e-3, gradient_accumulation_steps=4),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        return model
+
+    model = accumulating()
+    detector = GradientExplosionDetector()
+    _fit(model, x, y, [detector], epochs=4)
+    plain = accumulating()
+    _fit(plain, x, y, [], epochs=4)
+    assert detector.events == [] and detector.rollbacks == 0
+    for a, b in zip(model.get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
