@@ -296,7 +296,9 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             failure (`keras.callbacks.BackupAndRestore`, or this library's
             backup) does not meet the same bad batches again; this needs the
             same data order (no shuffling, or a seeded one). Put it next to
-            the backup. Defaults to `None`.
+            the backup. Batches are found, and the file written, at the
+            host's looks: a process killed between two looks has not written
+            the batches since the last one. Defaults to `None`.
 
     Example:
 
