@@ -29,15 +29,12 @@ without a comparison, cannot tell it from a slow but healthy run.
 """
 
 import collections
-import json
 import math
-import os
 import warnings
 import weakref
 
 import keras
 import numpy as np
-from keras import ops
 
 from keras_stability import _keras_internals
 from keras_stability._checks import check_bool
@@ -53,13 +50,18 @@ from keras_stability._checks import invalid
 from keras_stability.callbacks.exclude_batches import ExcludeList
 from keras_stability.callbacks.layer_gradient_stats import LayerGradientStats
 from keras_stability.callbacks.layer_gradient_stats import group_variables_by_layer
-from keras_stability.callbacks.lr_scaling import learning_rate_variable
-from keras_stability.callbacks.lr_scaling import scale_learning_rate
 from keras_stability.callbacks.lr_scaling import wrap_schedule
+from keras_stability.callbacks.recovery import RecoveryMixin
+from keras_stability.callbacks.recovery import json_float
 from keras_stability.callbacks.snapshots import Snapshot
 from keras_stability.callbacks.step_logs import StepLogs
 from keras_stability.callbacks.step_logs import counts
-from keras_stability.callbacks.step_logs import tracker_loss_logs
+from keras_stability.callbacks.step_record import ROW
+from keras_stability.callbacks.step_record import RowLoss
+from keras_stability.callbacks.step_record import StepRecord
+from keras_stability.callbacks.step_record import read_scalar
+from keras_stability.callbacks.step_record import record_state
+from keras_stability.callbacks.step_record import record_values
 from keras_stability.diagnostics import rules
 from keras_stability.diagnostics.spikes import RobustZScore
 from keras_stability.distribute.strategy import chief_path
@@ -74,38 +76,25 @@ ACTIONS = ("warn", "skip", "rollback", "stop")
 HISTORY_KEPT = 2000  # raw losses / norms kept for the diagnostic
 # Events whose batches go into `offending_batches` (and the exclude list).
 OFFENDING_EVENTS = ("skipped_nonfinite", "spike")
-SNAPSHOT_TOLERANCE = 2.0  # a snapshot's loss may be at most this x the best
-# A recovery fails if the mean loss after a rollback exceeds the restored
-# weights' loss by more than 2 of their batch-to-batch standard deviations
-# plus this fraction of it.
-RECOVERY_TOLERANCE = 0.005
 # A slow divergence is judged against the best snapshot's loss, but at least
 # this fraction of the loss the fit started from.
 DIVERGENCE_FLOOR = 0.1
 # The loss a fit started from is the mean raw loss of its first batches
 # holding at least this many samples.
 START_SAMPLES = 32
-# A probe after a rollback tries the learning rate `lr_factor ** PROBE_EXPONENT`
-# lower (3.2x at the default 0.1): the rollback's own factor of 10 jumps
-# over the best rate (from SGD(5) on the Keras example to 0.5 and 0.05, where
-# its best is 0.1-0.2).
-PROBE_EXPONENT = 1 / 3
-# After a rollback, the rate is lowered (by `lr_factor ** PROBE_EXPONENT`)
-# when the median raw loss of the last PLATEAU_WINDOW steps is not
-# PLATEAU_GAIN below the median of the PLATEAU_WINDOW before, down to
-# `lr_factor ** PLATEAU_FLOOR` times the rate that exploded.
-PLATEAU_WINDOW = 25
-PLATEAU_GAIN = 0.05
-PLATEAU_FLOOR = 1.0
 # Below this many samples per step, the median of the first steps' losses is
 # no statistic (a few per-sample losses of a fast-falling run are ~0, and an
 # ordinary misclassified sample is then "400x" it): in the first steps a
 # spike must also be `loss_factor` times the starting loss.
 SMALL_BATCH = 8
+# The per-layer gradient norms of the diagnostic are computed on steps whose
+# global norm is non-finite or this many times the step before's.
+ANOMALY_FACTOR = 10.0
+_NEVER = 2**31 - 1  # a check frequency that is never reached after step 0
 
 
 @keras.saving.register_keras_serializable(package="keras_stability")
-class GradientExplosionDetector(keras.callbacks.Callback):
+class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
     """Detects exploding training and recovers from it automatically.
 
     Actions, by escalation:
@@ -380,7 +369,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         self.diagnostic = None
         self._stats = None
         self._observers = ModelObservers()
-        self._records = weakref.WeakKeyDictionary()  # model -> _Record
+        self._records = weakref.WeakKeyDictionary()  # model -> StepRecord
 
     def get_config(self):
         return {
@@ -473,7 +462,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         )
         self._loss = self._step_logs.loss
         if self._record is not None:
-            self._loss = _RowLoss(self, self._step_logs.loss)
+            self._loss = RowLoss(self, self._step_logs.loss)
             # Off after a `fit` that raised too (no `on_train_end` then).
             guard = self.optimizer
             _keras_internals.add_stale_fit_cleanup(
@@ -584,11 +573,11 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         # means the guarded optimizer skipped the step in-graph (if it skips
         # non-finite steps, the default).
         norm_var = getattr(self.optimizer, "grad_norm", None)
-        norm = _read_scalar(norm_var) if norm_var is not None else math.nan
+        norm = read_scalar(norm_var) if norm_var is not None else math.nan
         if self._loss_mode is None:
             self._choose_loss_source(raw, norm, norm_var)
         if self._loss_mode == "guard":
-            raw = _read_scalar(self.optimizer.step_loss)
+            raw = read_scalar(self.optimizer.step_loss)
         skips_nonfinite = norm_var is not None and bool(
             getattr(self.optimizer, "skip_nonfinite", False)
         )
@@ -607,9 +596,9 @@ class GradientExplosionDetector(keras.callbacks.Callback):
 
     # -- the in-graph record and the looks (one batch per call) ------------
     def _install_record(self, model):
-        """Makes the compiled step record each batch; returns the `_Record`.
+        """Makes the compiled step record each batch; returns the `StepRecord`.
 
-        Each step writes one row (`_ROW`: the loss the guard saw, the
+        Each step writes one row (`ROW`: the loss the guard saw, the
         pre-clip global norm, whether it was skipped as non-finite or held
         by the trip flag, Keras' loss tracker before and after it) into a
         ring buffer of `check_every` rows, and takes a skipped or held step
@@ -629,7 +618,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             or record.size != self.check_every
         ):
             with model.distribute_strategy.scope():
-                record = _Record(guard, self.check_every)
+                record = StepRecord(guard, self.check_every)
             self._records[model] = record
         record.written.assign(0)
         record.skipped.assign(0.0)
@@ -637,8 +626,8 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         attribute = guarded_attribute(model, self._optimizer_arg)
         changed = self._step_logs.set_graph_values(
             ("GradientExplosionDetector", id(guard), id(record)),
-            _record_values(model, guard, attribute, record),
-            before=lambda: _record_state(model),
+            record_values(model, guard, attribute, record),
+            before=lambda: record_state(model),
             owner=self,
         )
         trip = None if self.action == "warn" else self.max_consecutive_skips
@@ -706,8 +695,8 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         flagged = False
         for k, row in enumerate(rows):
             self._at_weights = k == len(rows) - 1
-            held = row[_ROW["held"]] > 0
-            flagged = flagged or held or row[_ROW["nonfinite"]] > 0
+            held = row[ROW["held"]] > 0
+            flagged = flagged or held or row[ROW["nonfinite"]] > 0
             if held and self._holding:
                 self.step += 1  # held back by the trip, after the step that raised it
                 continue
@@ -721,7 +710,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                 break
         self._at_weights = True
         if flagged and self.optimizer.tripped is not None:
-            if _read_scalar(self.optimizer.tripped) > 0:
+            if read_scalar(self.optimizer.tripped) > 0:
                 self.optimizer.clear_trip()
             self._holding = False
         if count and rows and logs is not None and "raw_loss" in logs:
@@ -733,7 +722,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
     def _judge_row(self, row, logs):
         """One recorded step through the rules (`_decide_step`)."""
         self.step += 1
-        norm = row[_ROW["grad_norm"]]
+        norm = row[ROW["grad_norm"]]
         if self._loss_mode is None:
             self._choose_loss_source(
                 self._step_logs.raw_loss, norm, self.optimizer.grad_norm
@@ -747,12 +736,12 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         if self._row_loss in ("tracker", "guard"):
             # Computed in the step (the value its logs carry): the guard's
             # loss when it saw one, else Keras' loss tracker's change.
-            raw = row[_ROW["raw"]]
+            raw = row[ROW["raw"]]
         else:
             raw = self._step_logs.raw_loss  # a look after every call
-        skipped = int(row[_ROW["nonfinite"]] > 0)
+        skipped = int(row[ROW["nonfinite"]] > 0)
         self._decide_step(
-            raw, norm, True, skipped, 1, logs, rewound=row[_ROW["dropped"]] > 0
+            raw, norm, True, skipped, 1, logs, rewound=row[ROW["dropped"]] > 0
         )
 
     def _decide_step(self, raw, norm, has_norm, skipped, steps, logs, rewound=False):
@@ -918,48 +907,6 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             self._plateau_step(raw)
         return None
 
-    def _plateau_step(self, raw):
-        """After a rollback: lowers the learning rate once the loss plateaus.
-
-        The rate a rollback (and its probes) settles on is the highest one
-        that trains in a few steps, which is often too high to end well (on
-        the Keras example at SGD(5): 0.5, where the best constant rate is
-        0.1-0.2). When the median raw loss of the last PLATEAU_WINDOW steps is
-        not PLATEAU_GAIN below the median of the PLATEAU_WINDOW before, the
-        rate is multiplied by `lr_factor ** PROBE_EXPONENT`, while it stays
-        at or above `lr_factor ** PLATEAU_FLOOR` times the rate that
-        exploded. Only after a rollback: a healthy run is never touched.
-        """
-        losses = self._plateau_losses
-        if self._plateau_top is None:
-            # The rate the rollback and its probes settled on.
-            self._plateau_top = float(np.asarray(self.optimizer.learning_rate))
-        losses.append(raw)
-        if len(losses) < 2 * PLATEAU_WINDOW:
-            return
-        last = float(np.median(losses[-PLATEAU_WINDOW:]))
-        before = float(np.median(losses[-2 * PLATEAU_WINDOW : -PLATEAU_WINDOW]))
-        if last < (1.0 - PLATEAU_GAIN) * before:
-            del losses[:-PLATEAU_WINDOW]
-            return
-        factor = self.lr_factor**PROBE_EXPONENT
-        lr = float(np.asarray(self.optimizer.learning_rate))
-        floor = self._plateau_top * self.lr_factor**PLATEAU_FLOOR
-        if not lr * factor >= floor * (1 - 1e-6):
-            return
-        losses.clear()
-        new_lr = scale_learning_rate(self.optimizer, factor)
-        detail = (
-            f"loss plateau after rollback {self.rollbacks}: median raw loss {last:.4g} "
-            f"over the last {PLATEAU_WINDOW} steps, not {PLATEAU_GAIN:g} below "
-            f"{before:.4g} over the {PLATEAU_WINDOW} before; learning rate "
-            f"{lr:.4g} -> {new_lr:.4g}"
-        )
-        self._event("lr_probe", raw, self.grad_norms[-1], detail)
-        self.events[-1].update(action="lower_lr", learning_rate=new_lr)
-        if self.verbose:
-            self._say(f"GradientExplosionDetector at step {self.step}: {detail}.")
-
     def _loss_spike(self, raw):
         """Describes `raw` if it is a loss spike (else `None`); updates the window.
 
@@ -1094,13 +1041,6 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                 stacklevel=2,
             )
 
-    def _restore_target(self):
-        """The snapshot a stop restores: the best (or last) finite one, or `None`."""
-        target = self.best if self.restore_best_weights else self.snapshot
-        if target.finite:
-            return target
-        return self.snapshot if self.snapshot.finite else None
-
     def detach(self):
         """Removes the detector's per-layer statistics from the optimizer.
 
@@ -1149,8 +1089,8 @@ class GradientExplosionDetector(keras.callbacks.Callback):
                 "step": self.step,
                 "epoch": self.epoch,
                 "kind": kind,
-                "raw_loss": _json_float(raw),
-                "grad_norm": _json_float(norm),
+                "raw_loss": json_float(raw),
+                "grad_norm": json_float(norm),
                 "detail": detail,
             }
         )
@@ -1224,7 +1164,7 @@ class GradientExplosionDetector(keras.callbacks.Callback):
         if norm_var is not None and not math.isfinite(norm):
             return  # a non-finite step tells nothing: decide at the next
         seen_var = getattr(self.optimizer, "loss_seen", None)
-        if seen_var is not None and _read_scalar(seen_var) > 0:
+        if seen_var is not None and read_scalar(seen_var) > 0:
             self._loss_mode = "guard"
             return
         self._loss_mode = "none"
@@ -1269,580 +1209,8 @@ class GradientExplosionDetector(keras.callbacks.Callback):
             and rules.stalled(self._recent, self._start_loss)
         )
 
-    def _check_recovery(self, raw, steps=1):
-        """Feeds one healthy call (`steps` batches) to the check of the last rollback.
-
-        The skipped updates measure the restored weights' loss (the
-        reference); then each trial runs `confirm_steps` applied steps from
-        the restored weights. The first trial, at the lowered learning rate,
-        fails if its mean loss rises above the reference. If it passes (and
-        `probe_lower_lr`), the next trial runs from the restored weights
-        again at a learning rate `lr_factor` lower; see `_judge_probe`.
-
-        Returns:
-            A problem description if the recovery failed, else `None`.
-        """
-        rec = self._recovery
-        if rec["skip_left"] > 0:
-            rec["skip_left"] -= steps
-            rec["reference"].append(raw)
-            return None
-        rec["after"].append(raw)
-        if len(rec["after"]) < self.confirm_steps:
-            return None
-        after = float(np.mean(rec["after"]))
-        rec["after"] = []
-        reference = np.asarray(rec["reference"], dtype=np.float64)
-        if reference.size == 0:
-            self._recovery = None
-            return None
-        level = float(reference.mean())
-        if not math.isfinite(self.snapshot.loss):
-            self.snapshot.loss = level
-        spread = float(reference.std()) if reference.size > 1 else 0.0
-        # Batch-to-batch noise at fixed weights: a difference of mean losses
-        # within it is no evidence.
-        tolerance = 2.0 * spread + RECOVERY_TOLERANCE * abs(level)
-        if rec["incumbent"] is not None:
-            self._judge_probe(after)
-            return None
-        if after > level + tolerance:
-            self._recovery = None
-            self._recovery_failed = True
-            return (
-                f"recovery failed: after rollback {self.rollbacks} the mean raw loss of "
-                f"{self.confirm_steps} steps rose to {after:.4g}, above the restored "
-                f"weights' loss {level:.4g} (bound {level + tolerance:.4g}); the learning "
-                "rate is still too high"
-            )
-        if not self._start_probe(after):
-            self._recovery = None
-        return None
-
-    def _can_probe(self):
-        return (
-            self.probe_lower_lr
-            and self.action == "rollback"
-            and self._recovery["probes_kept"] < self.max_rollbacks
-            and learning_rate_variable(self.optimizer) is not None
-        )
-
-    def _start_probe(self, after):
-        """Keeps the current trial's end state and starts one a factor lower.
-
-        Returns:
-            Whether a probe was started.
-        """
-        if not self._can_probe():
-            return False
-        lr_var = learning_rate_variable(self.optimizer)
-        self._recovery["incumbent"] = {
-            "loss": after,
-            "lr": float(np.asarray(self.optimizer.learning_rate)),
-            "lr_value": np.array(keras.ops.convert_to_numpy(lr_var), copy=True),
-            "snapshot": Snapshot(self.model, step=self.step),
-        }
-        self.snapshot.restore(self.model)
-        scale_learning_rate(self.optimizer, self.lr_factor**PROBE_EXPONENT)
-        return True
-
-    def _judge_probe(self, after):
-        """Ends a probe: keeps the lower learning rate only if it trains faster.
-
-        The lower one wins if its mean loss over the trial is below the
-        incumbent's (no margin: right after a rollback that lowered a rate
-        found unstable, the lower of two rates that train alike is the safer
-        one, and a margin of the batch noise kept rates 10x too high on the
-        Keras example at SGD(20)); it is then kept (counted in `lr_probes`)
-        and probed in turn, up to `max_rollbacks` kept per rollback.
-        Otherwise the incumbent's end state is restored and training goes on
-        from it at the probe's lower rate (short-horizon bias, see below).
-        """
-        rec = self._recovery
-        incumbent = rec["incumbent"]
-        lr = float(np.asarray(self.optimizer.learning_rate))
-        if after < incumbent["loss"]:
-            self.lr_probes += 1
-            rec["probes_kept"] += 1
-            detail = (
-                f"lower learning rate kept: from the weights of step {self.snapshot.step}, "
-                f"{self.confirm_steps} steps at {lr:.4g} reached a mean raw loss of "
-                f"{after:.4g}, below {incumbent['loss']:.4g} at {incumbent['lr']:.4g}"
-            )
-            self._event("lr_probe", self.raw_losses[-1], self.grad_norms[-1], detail)
-            self.events[-1].update(
-                action="lower_lr", restored_step=self.snapshot.step, learning_rate=lr
-            )
-            if self.verbose:
-                self._say(
-                    f"GradientExplosionDetector at step {self.step}: {detail} "
-                    f"(lower rate {rec['probes_kept']} kept after rollback {self.rollbacks})."
-                )
-            if not self._start_probe(after):
-                self._recovery = None
-            return
-        # The higher rate's state is kept, and training goes on at the lower
-        # rate: a comparison over `confirm_steps` steps favours the higher of
-        # two rates (short-horizon bias, Wu et al. 2018: early on the faster
-        # one is ahead, and the best rate for the whole run is lower than the
-        # best for the next few steps), and the higher one is the highest
-        # that trains right after an explosion.
-        self._revert_probe(
-            incumbent,
-            f"went on at {lr:.4g} from the state at {incumbent['lr']:.4g}: "
-            f"{self.confirm_steps} steps at {lr:.4g} reached a mean raw loss of "
-            f"{after:.4g}, not below {incumbent['loss']:.4g} at {incumbent['lr']:.4g} "
-            "(a few steps favour the higher rate); restored the state of step "
-            f"{incumbent['snapshot'].step}",
-            keep_lr=True,
-        )
-
-    def _revert_probe(self, incumbent, detail, keep_lr=False):
-        lr_var = learning_rate_variable(self.optimizer)
-        lr_value = np.array(keras.ops.convert_to_numpy(lr_var), copy=True)
-        incumbent["snapshot"].restore(self.model)
-        lr_var.assign(lr_value if keep_lr else incumbent["lr_value"])
-        self._event("lr_probe", self.raw_losses[-1], self.grad_norms[-1], detail)
-        if keep_lr:
-            self.events[-1].update(
-                action="lower_lr",
-                restored_step=incumbent["snapshot"].step,
-                learning_rate=float(np.asarray(self.optimizer.learning_rate)),
-            )
-            if self.verbose:
-                self._say(f"GradientExplosionDetector at step {self.step}: {detail}.")
-        self._recovery = None
-
-    def _healthy_step(self, raw):
-        if self._recovery is not None:
-            return  # no snapshot until the last rollback is confirmed
-        if self._pending is not None:
-            self._pending_losses.append(raw)
-            if len(self._pending_losses) >= self.confirm_steps:
-                # The mean loss of the steps after a snapshot scores it (one
-                # batch is too noisy once the loss is small); a snapshot far
-                # above the best one is not kept (it may sit on a slow
-                # divergence).
-                score = float(np.mean(self._pending_losses))
-                best = self.best.score
-                # After an explosion, a snapshot at the starting loss may
-                # hold a model the explosion killed: not one to return to.
-                dead = getattr(self, "_exploded_at", None) is not None and (
-                    score >= rules.STALL_LEVEL * self._start_loss
-                )
-                if not dead and not (
-                    math.isfinite(best)
-                    and best > 0
-                    and score > SNAPSHOT_TOLERANCE * best
-                ):
-                    self._pending.score = score
-                    self.snapshot = self._pending
-                    if not best <= score:
-                        self.best = self.snapshot
-                        # A slow divergence is judged on losses after the
-                        # best snapshot only: a window reaching back before it
-                        # holds the higher losses of a falling run.
-                        self._sustained.clear()
-                self._pending = None
-            return
-        if (
-            self.step - self._last_snapshot_at < self.snapshot_freq
-            or not self._at_weights
-        ):
-            # A snapshot holds the model's state: an entry read at a look
-            # that is not the last one is past (`_look`).
-            return
-        snapshot = Snapshot(self.model, step=self.step)
-        self._last_snapshot_at = self.step
-        if snapshot.is_finite():
-            self._pending = snapshot
-            self._pending_losses = []
-
-    def _handle(self, problem, raw, norm, logs=None):
-        self._event("problem", raw, norm, problem)
-        if self.action != "warn":
-            self._pending = None  # a snapshot followed by a problem is not healthy
-        if self.action == "warn" or (
-            self.action == "skip" and "in a row" not in problem
-        ):
-            warnings.warn(
-                f"GradientExplosionDetector at step {self.step}: {problem}.",
-                stacklevel=3,
-            )
-            return
-        if not self.snapshot.finite and self.action in ("rollback", "stop"):
-            self._stop(
-                f"{problem}; no finite snapshot to roll back to (the weights were "
-                "non-finite when `fit` started)",
-                raw,
-                norm,
-            )
-            return
-        if self.action == "rollback" and self.rollbacks < self.max_rollbacks:
-            self._rollback(problem, logs)
-            return
-        reason = problem
-        if self.action == "rollback":
-            reason = f"{problem} after {self.rollbacks} rollbacks (max_rollbacks={self.max_rollbacks})"
-        self._stop(reason, raw, norm)
-
-    def _rollback(self, problem, logs=None):
-        self.snapshot.restore(self.model)
-        # The losses that triggered it (the whole streak of bad steps) leave
-        # the epoch's mean: a huge finite one left in Keras' float32 running
-        # total would make the raw losses recovered from it later
-        # (differences of totals) meaningless.
-        streak = self._streak_mark if self._bad_streak else None
-        if streak is not None and streak[1] <= self._loss.mark()[1]:
-            self._loss.rewind(streak)
-        else:
-            self._loss.rewind()
-        if logs is not None:
-            self._fix_logged_loss(logs)
-        self.rollbacks += 1
-        # A failed recovery: the lowered rate trains but still raises the
-        # loss a little; it is lowered by the probes' finer step, not by a
-        # whole `lr_factor` again.
-        factor = self.lr_factor
-        if getattr(self, "_recovery_failed", False):
-            factor = self.lr_factor**PROBE_EXPONENT
-        self._recovery_failed = False
-        self._plateau_losses = []
-        self._plateau_top = None
-        new_lr = scale_learning_rate(self.optimizer, factor)
-        if self.skip_batches and hasattr(self.optimizer, "skip_next"):
-            self.optimizer.skip_next(self.skip_batches)
-        self.consecutive_skips = 0
-        self._bad_window.clear()
-        self._bad_streak = 0
-        self._pending = None
-        self._recent.clear()
-        self._sustained.clear()
-        # The explosion is answered: a stall is judged on new evidence only
-        # (right after a rollback the loss is back at its start for a while).
-        self._exploded_at = None
-        if getattr(self, "_stretch", None) is not None:
-            self._stretch.clear()
-        if self.check_recovery and self._loss_mode != "none":
-            skipped = self.skip_batches if hasattr(self.optimizer, "skip_next") else 0
-            reference = (
-                []
-                if skipped or not math.isfinite(self.snapshot.score)
-                else [self.snapshot.score]
-            )
-            self._recovery = {
-                "skip_left": skipped,
-                "reference": reference,
-                "after": [],
-                "incumbent": None,  # the trial a probe is compared with
-                "probes_kept": 0,
-            }
-        # The next snapshot waits for `snapshot_freq` healthy steps again.
-        self._last_snapshot_at = self.step
-        if self.events:
-            self.events[-1].update(
-                action="rollback",
-                restored_step=self.snapshot.step,
-                learning_rate=new_lr,
-            )
-        message = (
-            f"GradientExplosionDetector at step {self.step}: {problem}. Rolled back "
-            f"to step {self.snapshot.step} (rollback {self.rollbacks}/"
-            f"{self.max_rollbacks}), learning rate x{factor:.3g}"
-            + (f" -> {new_lr:.4g}" if new_lr is not None else "")
-            + f", skipping the next {self.skip_batches} updates."
-        )
-        if self.verbose:
-            self._say(message)
-
-    def _stop(self, reason, raw, norm):
-        target = self._restore_target()
-        if target is not None:
-            target.restore(self.model)
-        self.model.stop_training = True
-        self.stopped_reason = reason
-        stats = (
-            self._stats.read()
-            if self._stats is not None and self._stats.built
-            else None
-        )
-        self.diagnostic = {
-            "reason": reason,
-            "step": self.step,
-            "epoch": self.epoch,
-            "action": self.action,
-            "rollbacks": self.rollbacks,
-            "lr_probes": self.lr_probes,
-            "skipped_batches": self.skipped_batches,
-            "offending_batches": [list(p) for p in self.offending_batches],
-            "restored_step": None if target is None else target.step,
-            "restored_loss": None
-            if target is None
-            else _json_float(target.known_loss()),
-            "events": self.events,
-            "loss_history": [_json_float(v) for v in self.raw_losses],
-            "grad_norm_history": [_json_float(v) for v in self.grad_norms],
-            # Computed only on a step whose global norm was non-finite or
-            # jumped: how many steps before the last trained one (None: none yet).
-            "per_layer_grad_norms_steps_ago": (
-                stats["step"] - stats["report_step"]
-                if stats is not None and stats["report_step"] > 0
-                else None
-            ),
-            "per_layer_grad_norms": (
-                {
-                    n: _json_float(v)
-                    for n, v in zip(self._layer_names, stats["grad_norms"], strict=True)
-                }
-                if stats is not None and stats["report_step"] > 0
-                else {}
-            ),
-        }
-        where = ""
-        if self.diagnostic_path:
-            where = self._write_diagnostic()
-        warnings.warn(
-            f"GradientExplosionDetector stopped training at step {self.step}: "
-            f"{reason}. "
-            + (
-                "No finite snapshot to restore: the weights are left as they are."
-                if target is None
-                else f"Restored the {'best' if target is self.best else 'last'} "
-                f"healthy weights (step {target.step})."
-            )
-            + where,
-            stacklevel=3,
-        )
-
-    def _write_diagnostic(self):
-        """Writes `diagnostic` as JSON; returns the sentence for the warning.
-
-        The weights are restored by then: a path that cannot be written
-        (checked at the start of training, but the disk may have changed)
-        is warned about rather than raised, so `fit` still returns its
-        `History`.
-        """
-        path = chief_path(self.diagnostic_path, self.model.distribute_strategy)
-        try:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w") as f:
-                json.dump(self.diagnostic, f, indent=2)
-        except OSError as e:
-            warnings.warn(
-                f"GradientExplosionDetector could not write the diagnostic to "
-                f"diagnostic_path={self.diagnostic_path!r} ({e}); it is in "
-                "`detector.diagnostic`.",
-                stacklevel=4,
-            )
-            return " The diagnostic could not be written (see the previous warning)."
-        return f" Diagnostic written to {self.diagnostic_path}."
-
-
-def _read_scalar(variable):
-    """A scalar variable's value on the host, by the shortest path.
-
-    The detector reads the guard's global norm every step: on TensorFlow
-    `tf.Variable.value()` avoids the copy `Variable.numpy()` makes.
-    """
-    value = variable.value
-    read = getattr(value, "value", None)
-    return float(read() if callable(read) else value)
-
 
 def _read_count(optimizer, name):
     """An integer statistic of the guard (0 before it is built)."""
     variable = getattr(optimizer, name, None)
-    return int(_read_scalar(variable)) if variable is not None else 0
-
-
-def _json_float(value):
-    value = float(value)
-    return value if math.isfinite(value) else str(value)
-
-
-# The per-layer gradient norms of the diagnostic are computed on steps whose
-# global norm is non-finite or this many times the step before's.
-ANOMALY_FACTOR = 10.0
-_NEVER = 2**31 - 1  # a check frequency that is never reached after step 0
-
-# Columns of a recorded step (`_Record`).
-_ROW = {
-    name: i
-    for i, name in enumerate(
-        (
-            "raw",
-            "grad_norm",
-            "total_before",
-            "count_before",
-            "count_after",
-            "nonfinite",
-            "held",
-            "dropped",
-        )
-    )
-}
-
-
-class _Record:
-    """The ring buffer of recorded steps (`check_every` rows) and its counter.
-
-    Not saved: a `fit`'s state on the host, kept in-graph between looks.
-    """
-
-    def __init__(self, guard, size):
-        self.guard = guard
-        self.size = size
-        self.rows = _state_variable("detector_rows", (size, len(_ROW)))
-        self.written = _state_variable("detector_written", dtype="int32")
-        # The detector's `skipped_batches`, counted on in-graph between looks.
-        self.skipped = _state_variable("detector_skipped")
-        self.read = 0
-
-    def take(self):
-        """The rows written since the last `take`, oldest first (host read).
-
-        Returns:
-            `(rows, written)`: `n` lists of `len(_ROW)` floats and the
-            number of rows written in this `fit`.
-        """
-        written = int(_read_scalar(self.written))
-        new = min(written - self.read, self.size)
-        if new <= 0:
-            return [], written
-        rows = np.asarray(self.rows.numpy(), dtype=np.float64)
-        index = [i % self.size for i in range(written - new, written)]
-        self.read = written
-        return rows[index].tolist(), written
-
-
-def _state_variable(name, shape=(), dtype="float32"):
-    """A zero-initialised step-state variable (one value, not per replica)."""
-    return keras.Variable(
-        initializer="zeros",
-        shape=shape,
-        dtype=dtype,
-        trainable=False,
-        aggregation="only_first_replica",
-        name=name,
-    )
-
-
-def _record_state(model):
-    """In the step, before `train_step`: Keras' loss tracker's totals."""
-    tracker = _keras_internals.loss_tracker(model)
-    if tracker is None:
-        zero = ops.zeros((), "float32")
-        return (zero, zero)
-    return (ops.add(tracker.total, 0.0), ops.add(tracker.count, 0.0))
-
-
-def _record_values(model, guard, attribute, record):
-    """In the step, after `train_step`: writes the step's row (see `_Record`)."""
-
-    def values(state, logs):
-        if find_guard(model, attribute) is not guard:
-            return {}  # compiled again with another optimizer
-        total_before, count_before = state
-        tracker = _keras_internals.loss_tracker(model)
-        if tracker is not None:
-            total_after = ops.add(tracker.total, 0.0)
-            count_after = ops.add(tracker.count, 0.0)
-        else:
-            total_after, count_after = total_before, count_before
-        # Few ops: on a 1 ms step each costs about a percent.
-        skipped = ops.greater(guard.last_step_skipped, 0)
-        finite = ops.isfinite(guard.grad_norm)
-        if guard.skip_nonfinite:  # the guard's own condition for a non-finite skip
-            nonfinite = ops.logical_and(skipped, ops.logical_not(finite))
-        else:
-            nonfinite = ops.zeros((), "bool")
-        # Held back by the trip flag (a non-finite step counts as non-finite).
-        held = ops.logical_and(
-            ops.logical_and(skipped, finite), ops.greater(guard.tripped, 0)
-        )
-        used = ops.greater(count_after, count_before)  # Keras' own train_step
-        dropped = ops.logical_and(ops.logical_or(nonfinite, held), used)
-        new = {}
-        if tracker is not None:
-            # A step not applied leaves the epoch's mean loss (in-graph).
-            tracker.total.assign(ops.where(dropped, total_before, total_after))
-            tracker.count.assign(ops.where(dropped, count_before, count_after))
-            new.update(tracker_loss_logs(tracker, logs, used))
-        loss, seen = guard.step_loss_info()
-        # The raw loss: the loss the guard saw in `scale_loss` (the mean over
-        # replicas, the same on each), else the change of Keras' loss tracker
-        # (its total over its count; under a strategy, this replica's).
-        delta = ops.subtract(count_after, count_before)
-        raw = ops.where(
-            seen,
-            ops.cast(loss, "float32"),
-            ops.where(
-                used,
-                ops.divide(
-                    ops.subtract(total_after, total_before), ops.maximum(delta, 1e-30)
-                ),
-                float("nan"),
-            ),
-        )
-        new["raw_loss"] = raw
-        flags = ops.cast(ops.stack([nonfinite, held, dropped]), "float32")
-        values = [raw, guard.grad_norm, total_before, count_before, count_after]
-        row = ops.concatenate(
-            [ops.stack([ops.cast(v, "float32") for v in values]), flags]
-        )
-        at = ops.mod(ops.convert_to_tensor(record.written), record.size)
-        record.rows.assign(
-            ops.scatter_update(
-                ops.convert_to_tensor(record.rows),
-                ops.reshape(at, (1, 1)),
-                ops.reshape(row, (1, -1)),
-            )
-        )
-        record.written.assign_add(1)
-        record.skipped.assign_add(flags[0])
-        # A tensor (a read), not the variable: under a multi-worker strategy
-        # the step's outputs are reduced across workers, which takes tensors.
-        new["skipped_batches"] = ops.convert_to_tensor(record.skipped.value)
-        return new
-
-    return values
-
-
-class _RowLoss:
-    """`mark` / `rewind` of Keras' epoch mean for the recorded steps.
-
-    A rollback takes the bad steps out of the epoch's mean loss: back to
-    the loss tracker's totals before the step being judged (or a `mark`
-    taken earlier), which also removes the later steps of the same look
-    (discarded by the rollback). Rows of a step that did not update Keras'
-    loss tracker (a custom `train_step`) use the `RawLossTracker`.
-    """
-
-    def __init__(self, detector, raw_loss_tracker):
-        self._detector = detector
-        self._raw = raw_loss_tracker
-
-    def _row(self):
-        row = self._detector._row
-        if row is None or not row[_ROW["count_after"]] > row[_ROW["count_before"]]:
-            return None
-        return row
-
-    def mark(self):
-        row = self._row()
-        if row is None:
-            return self._raw.mark()
-        return (float(row[_ROW["total_before"]]), float(row[_ROW["count_before"]]))
-
-    def rewind(self, before=None):
-        row = self._row()
-        tracker = _keras_internals.loss_tracker(self._detector.model)
-        if row is None or tracker is None:
-            self._raw.rewind(before)
-            return
-        total, count = self.mark() if before is None else before
-        tracker.total.assign(total)
-        tracker.count.assign(count)
-        # The shared raw-loss tracker (the monitor's) goes on from there.
-        self._raw._total, self._raw._count = total, count
-        self._raw._before = (total, count)
+    return int(read_scalar(variable)) if variable is not None else 0

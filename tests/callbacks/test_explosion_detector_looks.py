@@ -10,6 +10,7 @@ import pytest
 from keras_stability.callbacks import GradientExplosionDetector
 from keras_stability.callbacks import explosion_detector
 from keras_stability.callbacks import raw_loss
+from keras_stability.callbacks import step_record
 from keras_stability.datasets import make_classification
 
 
@@ -49,8 +50,8 @@ def test_steady_state_reads_nothing_between_looks(monkeypatch):
     _fit(model, x, y, [detector])  # traces and attaches
 
     takes, scalars, raw_updates = [], [], []
-    take = explosion_detector._Record.take
-    read_scalar = explosion_detector._read_scalar
+    take = step_record.StepRecord.take
+    read_scalar = step_record.read_scalar
     update = raw_loss.RawLossTracker.update
 
     def counted_take(record):
@@ -65,8 +66,10 @@ def test_steady_state_reads_nothing_between_looks(monkeypatch):
         raw_updates.append(1)
         return update(tracker, *args, **kwargs)
 
-    monkeypatch.setattr(explosion_detector._Record, "take", counted_take)
-    monkeypatch.setattr(explosion_detector, "_read_scalar", counted_read)
+    monkeypatch.setattr(step_record.StepRecord, "take", counted_take)
+    # Every host read of a scalar, the detector's and the record's.
+    monkeypatch.setattr(explosion_detector, "read_scalar", counted_read)
+    monkeypatch.setattr(step_record, "read_scalar", counted_read)
     monkeypatch.setattr(raw_loss.RawLossTracker, "update", counted_update)
     history = _fit(model, x, y, [detector])
     # The first step is looked at alone (the loss source is decided there),

@@ -1,0 +1,478 @@
+"""What `GradientExplosionDetector` does about a problem: snapshots, rollback, probes, stop.
+
+The recovery half of the detector, as a mixin on it (its state lives on the
+detector: `snapshot`, `best`, `_pending`, `_recovery`, `rollbacks`, ...):
+
+- healthy steps take snapshots (`_healthy_step`): a new one waits for
+  `confirm_steps` healthy steps, whose mean raw loss is its score;
+- a problem (`_handle`) warns, stops or rolls back (`_rollback`): restore
+  the last healthy snapshot, lower the learning rate by `lr_factor`, skip
+  the next `skip_batches` updates;
+- after a rollback, `_check_recovery` compares the restored weights' loss
+  with the loss of the next steps (a rise rolls back again with a finer
+  step), then probes a lower rate (`_start_probe`, `_judge_probe`,
+  `_revert_probe`) and, on a plateau, lowers it (`_plateau_step`);
+- `_stop` restores the best finite snapshot, stops `fit` and writes the
+  diagnostic (`_write_diagnostic`).
+"""
+
+import json
+import math
+import os
+import warnings
+
+import keras
+import numpy as np
+
+from keras_stability.callbacks.lr_scaling import learning_rate_variable
+from keras_stability.callbacks.lr_scaling import scale_learning_rate
+from keras_stability.callbacks.snapshots import Snapshot
+from keras_stability.diagnostics import rules
+from keras_stability.distribute.strategy import chief_path
+
+__all__ = ["RecoveryMixin", "json_float"]
+
+SNAPSHOT_TOLERANCE = 2.0  # a snapshot's loss may be at most this x the best
+# A recovery fails if the mean loss after a rollback exceeds the restored
+# weights' loss by more than 2 of their batch-to-batch standard deviations
+# plus this fraction of it.
+RECOVERY_TOLERANCE = 0.005
+# A probe after a rollback tries the learning rate `lr_factor ** PROBE_EXPONENT`
+# lower (3.2x at the default 0.1): the rollback's own factor of 10 jumps
+# over the best rate (from SGD(5) on the Keras example to 0.5 and 0.05, where
+# its best is 0.1-0.2).
+PROBE_EXPONENT = 1 / 3
+# After a rollback, the rate is lowered (by `lr_factor ** PROBE_EXPONENT`)
+# when the median raw loss of the last PLATEAU_WINDOW steps is not
+# PLATEAU_GAIN below the median of the PLATEAU_WINDOW before, down to
+# `lr_factor ** PLATEAU_FLOOR` times the rate that exploded.
+PLATEAU_WINDOW = 25
+PLATEAU_GAIN = 0.05
+PLATEAU_FLOOR = 1.0
+
+
+def json_float(value):
+    """`value` as a float for JSON, or its string (`"nan"`, `"inf"`) when not finite."""
+    value = float(value)
+    return value if math.isfinite(value) else str(value)
+
+
+class RecoveryMixin:
+    """Snapshots, rollbacks, learning-rate probes and the stop of `GradientExplosionDetector`."""
+
+    def _healthy_step(self, raw):
+        if self._recovery is not None:
+            return  # no snapshot until the last rollback is confirmed
+        if self._pending is not None:
+            self._pending_losses.append(raw)
+            if len(self._pending_losses) >= self.confirm_steps:
+                # The mean loss of the steps after a snapshot scores it (one
+                # batch is too noisy once the loss is small); a snapshot far
+                # above the best one is not kept (it may sit on a slow
+                # divergence).
+                score = float(np.mean(self._pending_losses))
+                best = self.best.score
+                # After an explosion, a snapshot at the starting loss may
+                # hold a model the explosion killed: not one to return to.
+                dead = getattr(self, "_exploded_at", None) is not None and (
+                    score >= rules.STALL_LEVEL * self._start_loss
+                )
+                if not dead and not (
+                    math.isfinite(best)
+                    and best > 0
+                    and score > SNAPSHOT_TOLERANCE * best
+                ):
+                    self._pending.score = score
+                    self.snapshot = self._pending
+                    if not best <= score:
+                        self.best = self.snapshot
+                        # A slow divergence is judged on losses after the
+                        # best snapshot only: a window reaching back before it
+                        # holds the higher losses of a falling run.
+                        self._sustained.clear()
+                self._pending = None
+            return
+        if (
+            self.step - self._last_snapshot_at < self.snapshot_freq
+            or not self._at_weights
+        ):
+            # A snapshot holds the model's state: an entry read at a look
+            # that is not the last one is past (`_look`).
+            return
+        snapshot = Snapshot(self.model, step=self.step)
+        self._last_snapshot_at = self.step
+        if snapshot.is_finite():
+            self._pending = snapshot
+            self._pending_losses = []
+
+    def _handle(self, problem, raw, norm, logs=None):
+        self._event("problem", raw, norm, problem)
+        if self.action != "warn":
+            self._pending = None  # a snapshot followed by a problem is not healthy
+        if self.action == "warn" or (
+            self.action == "skip" and "in a row" not in problem
+        ):
+            warnings.warn(
+                f"GradientExplosionDetector at step {self.step}: {problem}.",
+                stacklevel=3,
+            )
+            return
+        if not self.snapshot.finite and self.action in ("rollback", "stop"):
+            self._stop(
+                f"{problem}; no finite snapshot to roll back to (the weights were "
+                "non-finite when `fit` started)",
+                raw,
+                norm,
+            )
+            return
+        if self.action == "rollback" and self.rollbacks < self.max_rollbacks:
+            self._rollback(problem, logs)
+            return
+        reason = problem
+        if self.action == "rollback":
+            reason = f"{problem} after {self.rollbacks} rollbacks (max_rollbacks={self.max_rollbacks})"
+        self._stop(reason, raw, norm)
+
+    def _rollback(self, problem, logs=None):
+        self.snapshot.restore(self.model)
+        # The losses that triggered it (the whole streak of bad steps) leave
+        # the epoch's mean: a huge finite one left in Keras' float32 running
+        # total would make the raw losses recovered from it later
+        # (differences of totals) meaningless.
+        streak = self._streak_mark if self._bad_streak else None
+        if streak is not None and streak[1] <= self._loss.mark()[1]:
+            self._loss.rewind(streak)
+        else:
+            self._loss.rewind()
+        if logs is not None:
+            self._fix_logged_loss(logs)
+        self.rollbacks += 1
+        # A failed recovery: the lowered rate trains but still raises the
+        # loss a little; it is lowered by the probes' finer step, not by a
+        # whole `lr_factor` again.
+        factor = self.lr_factor
+        if getattr(self, "_recovery_failed", False):
+            factor = self.lr_factor**PROBE_EXPONENT
+        self._recovery_failed = False
+        self._plateau_losses = []
+        self._plateau_top = None
+        new_lr = scale_learning_rate(self.optimizer, factor)
+        if self.skip_batches and hasattr(self.optimizer, "skip_next"):
+            self.optimizer.skip_next(self.skip_batches)
+        self.consecutive_skips = 0
+        self._bad_window.clear()
+        self._bad_streak = 0
+        self._pending = None
+        self._recent.clear()
+        self._sustained.clear()
+        # The explosion is answered: a stall is judged on new evidence only
+        # (right after a rollback the loss is back at its start for a while).
+        self._exploded_at = None
+        if getattr(self, "_stretch", None) is not None:
+            self._stretch.clear()
+        if self.check_recovery and self._loss_mode != "none":
+            skipped = self.skip_batches if hasattr(self.optimizer, "skip_next") else 0
+            reference = (
+                []
+                if skipped or not math.isfinite(self.snapshot.score)
+                else [self.snapshot.score]
+            )
+            self._recovery = {
+                "skip_left": skipped,
+                "reference": reference,
+                "after": [],
+                "incumbent": None,  # the trial a probe is compared with
+                "probes_kept": 0,
+            }
+        # The next snapshot waits for `snapshot_freq` healthy steps again.
+        self._last_snapshot_at = self.step
+        if self.events:
+            self.events[-1].update(
+                action="rollback",
+                restored_step=self.snapshot.step,
+                learning_rate=new_lr,
+            )
+        message = (
+            f"GradientExplosionDetector at step {self.step}: {problem}. Rolled back "
+            f"to step {self.snapshot.step} (rollback {self.rollbacks}/"
+            f"{self.max_rollbacks}), learning rate x{factor:.3g}"
+            + (f" -> {new_lr:.4g}" if new_lr is not None else "")
+            + f", skipping the next {self.skip_batches} updates."
+        )
+        if self.verbose:
+            self._say(message)
+
+    def _check_recovery(self, raw, steps=1):
+        """Feeds one healthy call (`steps` batches) to the check of the last rollback.
+
+        The skipped updates measure the restored weights' loss (the
+        reference); then each trial runs `confirm_steps` applied steps from
+        the restored weights. The first trial, at the lowered learning rate,
+        fails if its mean loss rises above the reference. If it passes (and
+        `probe_lower_lr`), the next trial runs from the restored weights
+        again at a learning rate `lr_factor` lower; see `_judge_probe`.
+
+        Returns:
+            A problem description if the recovery failed, else `None`.
+        """
+        rec = self._recovery
+        if rec["skip_left"] > 0:
+            rec["skip_left"] -= steps
+            rec["reference"].append(raw)
+            return None
+        rec["after"].append(raw)
+        if len(rec["after"]) < self.confirm_steps:
+            return None
+        after = float(np.mean(rec["after"]))
+        rec["after"] = []
+        reference = np.asarray(rec["reference"], dtype=np.float64)
+        if reference.size == 0:
+            self._recovery = None
+            return None
+        level = float(reference.mean())
+        if not math.isfinite(self.snapshot.loss):
+            self.snapshot.loss = level
+        spread = float(reference.std()) if reference.size > 1 else 0.0
+        # Batch-to-batch noise at fixed weights: a difference of mean losses
+        # within it is no evidence.
+        tolerance = 2.0 * spread + RECOVERY_TOLERANCE * abs(level)
+        if rec["incumbent"] is not None:
+            self._judge_probe(after)
+            return None
+        if after > level + tolerance:
+            self._recovery = None
+            self._recovery_failed = True
+            return (
+                f"recovery failed: after rollback {self.rollbacks} the mean raw loss of "
+                f"{self.confirm_steps} steps rose to {after:.4g}, above the restored "
+                f"weights' loss {level:.4g} (bound {level + tolerance:.4g}); the learning "
+                "rate is still too high"
+            )
+        if not self._start_probe(after):
+            self._recovery = None
+        return None
+
+    def _can_probe(self):
+        return (
+            self.probe_lower_lr
+            and self.action == "rollback"
+            and self._recovery["probes_kept"] < self.max_rollbacks
+            and learning_rate_variable(self.optimizer) is not None
+        )
+
+    def _start_probe(self, after):
+        """Keeps the current trial's end state and starts one a factor lower.
+
+        Returns:
+            Whether a probe was started.
+        """
+        if not self._can_probe():
+            return False
+        lr_var = learning_rate_variable(self.optimizer)
+        self._recovery["incumbent"] = {
+            "loss": after,
+            "lr": float(np.asarray(self.optimizer.learning_rate)),
+            "lr_value": np.array(keras.ops.convert_to_numpy(lr_var), copy=True),
+            "snapshot": Snapshot(self.model, step=self.step),
+        }
+        self.snapshot.restore(self.model)
+        scale_learning_rate(self.optimizer, self.lr_factor**PROBE_EXPONENT)
+        return True
+
+    def _judge_probe(self, after):
+        """Ends a probe: keeps the lower learning rate only if it trains faster.
+
+        The lower one wins if its mean loss over the trial is below the
+        incumbent's (no margin: right after a rollback that lowered a rate
+        found unstable, the lower of two rates that train alike is the safer
+        one, and a margin of the batch noise kept rates 10x too high on the
+        Keras example at SGD(20)); it is then kept (counted in `lr_probes`)
+        and probed in turn, up to `max_rollbacks` kept per rollback.
+        Otherwise the incumbent's end state is restored and training goes on
+        from it at the probe's lower rate (short-horizon bias, see below).
+        """
+        rec = self._recovery
+        incumbent = rec["incumbent"]
+        lr = float(np.asarray(self.optimizer.learning_rate))
+        if after < incumbent["loss"]:
+            self.lr_probes += 1
+            rec["probes_kept"] += 1
+            detail = (
+                f"lower learning rate kept: from the weights of step {self.snapshot.step}, "
+                f"{self.confirm_steps} steps at {lr:.4g} reached a mean raw loss of "
+                f"{after:.4g}, below {incumbent['loss']:.4g} at {incumbent['lr']:.4g}"
+            )
+            self._event("lr_probe", self.raw_losses[-1], self.grad_norms[-1], detail)
+            self.events[-1].update(
+                action="lower_lr", restored_step=self.snapshot.step, learning_rate=lr
+            )
+            if self.verbose:
+                self._say(
+                    f"GradientExplosionDetector at step {self.step}: {detail} "
+                    f"(lower rate {rec['probes_kept']} kept after rollback {self.rollbacks})."
+                )
+            if not self._start_probe(after):
+                self._recovery = None
+            return
+        # The higher rate's state is kept, and training goes on at the lower
+        # rate: a comparison over `confirm_steps` steps favours the higher of
+        # two rates (short-horizon bias, Wu et al. 2018: early on the faster
+        # one is ahead, and the best rate for the whole run is lower than the
+        # best for the next few steps), and the higher one is the highest
+        # that trains right after an explosion.
+        self._revert_probe(
+            incumbent,
+            f"went on at {lr:.4g} from the state at {incumbent['lr']:.4g}: "
+            f"{self.confirm_steps} steps at {lr:.4g} reached a mean raw loss of "
+            f"{after:.4g}, not below {incumbent['loss']:.4g} at {incumbent['lr']:.4g} "
+            "(a few steps favour the higher rate); restored the state of step "
+            f"{incumbent['snapshot'].step}",
+            keep_lr=True,
+        )
+
+    def _revert_probe(self, incumbent, detail, keep_lr=False):
+        lr_var = learning_rate_variable(self.optimizer)
+        lr_value = np.array(keras.ops.convert_to_numpy(lr_var), copy=True)
+        incumbent["snapshot"].restore(self.model)
+        lr_var.assign(lr_value if keep_lr else incumbent["lr_value"])
+        self._event("lr_probe", self.raw_losses[-1], self.grad_norms[-1], detail)
+        if keep_lr:
+            self.events[-1].update(
+                action="lower_lr",
+                restored_step=incumbent["snapshot"].step,
+                learning_rate=float(np.asarray(self.optimizer.learning_rate)),
+            )
+            if self.verbose:
+                self._say(f"GradientExplosionDetector at step {self.step}: {detail}.")
+        self._recovery = None
+
+    def _plateau_step(self, raw):
+        """After a rollback: lowers the learning rate once the loss plateaus.
+
+        The rate a rollback (and its probes) settles on is the highest one
+        that trains in a few steps, which is often too high to end well (on
+        the Keras example at SGD(5): 0.5, where the best constant rate is
+        0.1-0.2). When the median raw loss of the last PLATEAU_WINDOW steps is
+        not PLATEAU_GAIN below the median of the PLATEAU_WINDOW before, the
+        rate is multiplied by `lr_factor ** PROBE_EXPONENT`, while it stays
+        at or above `lr_factor ** PLATEAU_FLOOR` times the rate that
+        exploded. Only after a rollback: a healthy run is never touched.
+        """
+        losses = self._plateau_losses
+        if self._plateau_top is None:
+            # The rate the rollback and its probes settled on.
+            self._plateau_top = float(np.asarray(self.optimizer.learning_rate))
+        losses.append(raw)
+        if len(losses) < 2 * PLATEAU_WINDOW:
+            return
+        last = float(np.median(losses[-PLATEAU_WINDOW:]))
+        before = float(np.median(losses[-2 * PLATEAU_WINDOW : -PLATEAU_WINDOW]))
+        if last < (1.0 - PLATEAU_GAIN) * before:
+            del losses[:-PLATEAU_WINDOW]
+            return
+        factor = self.lr_factor**PROBE_EXPONENT
+        lr = float(np.asarray(self.optimizer.learning_rate))
+        floor = self._plateau_top * self.lr_factor**PLATEAU_FLOOR
+        if not lr * factor >= floor * (1 - 1e-6):
+            return
+        losses.clear()
+        new_lr = scale_learning_rate(self.optimizer, factor)
+        detail = (
+            f"loss plateau after rollback {self.rollbacks}: median raw loss {last:.4g} "
+            f"over the last {PLATEAU_WINDOW} steps, not {PLATEAU_GAIN:g} below "
+            f"{before:.4g} over the {PLATEAU_WINDOW} before; learning rate "
+            f"{lr:.4g} -> {new_lr:.4g}"
+        )
+        self._event("lr_probe", raw, self.grad_norms[-1], detail)
+        self.events[-1].update(action="lower_lr", learning_rate=new_lr)
+        if self.verbose:
+            self._say(f"GradientExplosionDetector at step {self.step}: {detail}.")
+
+    def _stop(self, reason, raw, norm):
+        target = self._restore_target()
+        if target is not None:
+            target.restore(self.model)
+        self.model.stop_training = True
+        self.stopped_reason = reason
+        stats = (
+            self._stats.read()
+            if self._stats is not None and self._stats.built
+            else None
+        )
+        self.diagnostic = {
+            "reason": reason,
+            "step": self.step,
+            "epoch": self.epoch,
+            "action": self.action,
+            "rollbacks": self.rollbacks,
+            "lr_probes": self.lr_probes,
+            "skipped_batches": self.skipped_batches,
+            "offending_batches": [list(p) for p in self.offending_batches],
+            "restored_step": None if target is None else target.step,
+            "restored_loss": None
+            if target is None
+            else json_float(target.known_loss()),
+            "events": self.events,
+            "loss_history": [json_float(v) for v in self.raw_losses],
+            "grad_norm_history": [json_float(v) for v in self.grad_norms],
+            # Computed only on a step whose global norm was non-finite or
+            # jumped: how many steps before the last trained one (None: none yet).
+            "per_layer_grad_norms_steps_ago": (
+                stats["step"] - stats["report_step"]
+                if stats is not None and stats["report_step"] > 0
+                else None
+            ),
+            "per_layer_grad_norms": (
+                {
+                    n: json_float(v)
+                    for n, v in zip(self._layer_names, stats["grad_norms"], strict=True)
+                }
+                if stats is not None and stats["report_step"] > 0
+                else {}
+            ),
+        }
+        where = ""
+        if self.diagnostic_path:
+            where = self._write_diagnostic()
+        warnings.warn(
+            f"GradientExplosionDetector stopped training at step {self.step}: "
+            f"{reason}. "
+            + (
+                "No finite snapshot to restore: the weights are left as they are."
+                if target is None
+                else f"Restored the {'best' if target is self.best else 'last'} "
+                f"healthy weights (step {target.step})."
+            )
+            + where,
+            stacklevel=3,
+        )
+
+    def _restore_target(self):
+        """The snapshot a stop restores: the best (or last) finite one, or `None`."""
+        target = self.best if self.restore_best_weights else self.snapshot
+        if target.finite:
+            return target
+        return self.snapshot if self.snapshot.finite else None
+
+    def _write_diagnostic(self):
+        """Writes `diagnostic` as JSON; returns the sentence for the warning.
+
+        The weights are restored by then: a path that cannot be written
+        (checked at the start of training, but the disk may have changed)
+        is warned about rather than raised, so `fit` still returns its
+        `History`.
+        """
+        path = chief_path(self.diagnostic_path, self.model.distribute_strategy)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(self.diagnostic, f, indent=2)
+        except OSError as e:
+            warnings.warn(
+                f"GradientExplosionDetector could not write the diagnostic to "
+                f"diagnostic_path={self.diagnostic_path!r} ({e}); it is in "
+                "`detector.diagnostic`.",
+                stacklevel=4,
+            )
+            return " The diagnostic could not be written (see the previous warning)."
+        return f" Diagnostic written to {self.diagnostic_path}."

@@ -1,0 +1,221 @@
+"""The detector's in-graph record of each step, and what the host reads of it.
+
+`GradientExplosionDetector` makes the compiled step write one row per batch
+(`ROW`: the loss the guard saw, the pre-clip global norm, the loss
+tracker's totals around the step, whether it was skipped, held by the
+guard's trip flag or dropped from the epoch's mean) into a ring buffer
+(`StepRecord`) that the host reads every few steps; `RowLoss` takes the
+judged steps back out of Keras' epoch mean on the host.
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_stability import _keras_internals
+from keras_stability.callbacks.step_logs import tracker_loss_logs
+from keras_stability.optimizers.attach import find_guard
+
+__all__ = [
+    "ROW",
+    "RowLoss",
+    "StepRecord",
+    "read_scalar",
+    "record_state",
+    "record_values",
+    "state_variable",
+]
+
+
+def read_scalar(variable):
+    """A scalar variable's value on the host, by the shortest path.
+
+    The detector reads the guard's global norm every step: on TensorFlow
+    `tf.Variable.value()` avoids the copy `Variable.numpy()` makes.
+    """
+    value = variable.value
+    read = getattr(value, "value", None)
+    return float(read() if callable(read) else value)
+
+
+# Columns of a recorded step (`StepRecord`).
+ROW = {
+    name: i
+    for i, name in enumerate(
+        (
+            "raw",
+            "grad_norm",
+            "total_before",
+            "count_before",
+            "count_after",
+            "nonfinite",
+            "held",
+            "dropped",
+        )
+    )
+}
+
+
+class StepRecord:
+    """The ring buffer of recorded steps (`check_every` rows) and its counter.
+
+    Not saved: a `fit`'s state on the host, kept in-graph between looks.
+    """
+
+    def __init__(self, guard, size):
+        self.guard = guard
+        self.size = size
+        self.rows = state_variable("detector_rows", (size, len(ROW)))
+        self.written = state_variable("detector_written", dtype="int32")
+        # The detector's `skipped_batches`, counted on in-graph between looks.
+        self.skipped = state_variable("detector_skipped")
+        self.read = 0
+
+    def take(self):
+        """The rows written since the last `take`, oldest first (host read).
+
+        Returns:
+            `(rows, written)`: `n` lists of `len(ROW)` floats and the
+            number of rows written in this `fit`.
+        """
+        written = int(read_scalar(self.written))
+        new = min(written - self.read, self.size)
+        if new <= 0:
+            return [], written
+        rows = np.asarray(self.rows.numpy(), dtype=np.float64)
+        index = [i % self.size for i in range(written - new, written)]
+        self.read = written
+        return rows[index].tolist(), written
+
+
+def state_variable(name, shape=(), dtype="float32"):
+    """A zero-initialised step-state variable (one value, not per replica)."""
+    return keras.Variable(
+        initializer="zeros",
+        shape=shape,
+        dtype=dtype,
+        trainable=False,
+        aggregation="only_first_replica",
+        name=name,
+    )
+
+
+def record_state(model):
+    """In the step, before `train_step`: Keras' loss tracker's totals."""
+    tracker = _keras_internals.loss_tracker(model)
+    if tracker is None:
+        zero = ops.zeros((), "float32")
+        return (zero, zero)
+    return (ops.add(tracker.total, 0.0), ops.add(tracker.count, 0.0))
+
+
+def record_values(model, guard, attribute, record):
+    """In the step, after `train_step`: writes the step's row (see `StepRecord`)."""
+
+    def values(state, logs):
+        if find_guard(model, attribute) is not guard:
+            return {}  # compiled again with another optimizer
+        total_before, count_before = state
+        tracker = _keras_internals.loss_tracker(model)
+        if tracker is not None:
+            total_after = ops.add(tracker.total, 0.0)
+            count_after = ops.add(tracker.count, 0.0)
+        else:
+            total_after, count_after = total_before, count_before
+        # Few ops: on a 1 ms step each costs about a percent.
+        skipped = ops.greater(guard.last_step_skipped, 0)
+        finite = ops.isfinite(guard.grad_norm)
+        if guard.skip_nonfinite:  # the guard's own condition for a non-finite skip
+            nonfinite = ops.logical_and(skipped, ops.logical_not(finite))
+        else:
+            nonfinite = ops.zeros((), "bool")
+        # Held back by the trip flag (a non-finite step counts as non-finite).
+        held = ops.logical_and(
+            ops.logical_and(skipped, finite), ops.greater(guard.tripped, 0)
+        )
+        used = ops.greater(count_after, count_before)  # Keras' own train_step
+        dropped = ops.logical_and(ops.logical_or(nonfinite, held), used)
+        new = {}
+        if tracker is not None:
+            # A step not applied leaves the epoch's mean loss (in-graph).
+            tracker.total.assign(ops.where(dropped, total_before, total_after))
+            tracker.count.assign(ops.where(dropped, count_before, count_after))
+            new.update(tracker_loss_logs(tracker, logs, used))
+        loss, seen = guard.step_loss_info()
+        # The raw loss: the loss the guard saw in `scale_loss` (the mean over
+        # replicas, the same on each), else the change of Keras' loss tracker
+        # (its total over its count; under a strategy, this replica's).
+        delta = ops.subtract(count_after, count_before)
+        raw = ops.where(
+            seen,
+            ops.cast(loss, "float32"),
+            ops.where(
+                used,
+                ops.divide(
+                    ops.subtract(total_after, total_before), ops.maximum(delta, 1e-30)
+                ),
+                float("nan"),
+            ),
+        )
+        new["raw_loss"] = raw
+        flags = ops.cast(ops.stack([nonfinite, held, dropped]), "float32")
+        values = [raw, guard.grad_norm, total_before, count_before, count_after]
+        row = ops.concatenate(
+            [ops.stack([ops.cast(v, "float32") for v in values]), flags]
+        )
+        at = ops.mod(ops.convert_to_tensor(record.written), record.size)
+        record.rows.assign(
+            ops.scatter_update(
+                ops.convert_to_tensor(record.rows),
+                ops.reshape(at, (1, 1)),
+                ops.reshape(row, (1, -1)),
+            )
+        )
+        record.written.assign_add(1)
+        record.skipped.assign_add(flags[0])
+        # A tensor (a read), not the variable: under a multi-worker strategy
+        # the step's outputs are reduced across workers, which takes tensors.
+        new["skipped_batches"] = ops.convert_to_tensor(record.skipped.value)
+        return new
+
+    return values
+
+
+class RowLoss:
+    """`mark` / `rewind` of Keras' epoch mean for the recorded steps.
+
+    A rollback takes the bad steps out of the epoch's mean loss: back to
+    the loss tracker's totals before the step being judged (or a `mark`
+    taken earlier), which also removes the later steps of the same look
+    (discarded by the rollback). Rows of a step that did not update Keras'
+    loss tracker (a custom `train_step`) use the `RawLossTracker`.
+    """
+
+    def __init__(self, detector, raw_loss_tracker):
+        self._detector = detector
+        self._raw = raw_loss_tracker
+
+    def _row(self):
+        row = self._detector._row
+        if row is None or not row[ROW["count_after"]] > row[ROW["count_before"]]:
+            return None
+        return row
+
+    def mark(self):
+        row = self._row()
+        if row is None:
+            return self._raw.mark()
+        return (float(row[ROW["total_before"]]), float(row[ROW["count_before"]]))
+
+    def rewind(self, before=None):
+        row = self._row()
+        tracker = _keras_internals.loss_tracker(self._detector.model)
+        if row is None or tracker is None:
+            self._raw.rewind(before)
+            return
+        total, count = self.mark() if before is None else before
+        tracker.total.assign(total)
+        tracker.count.assign(count)
+        # The shared raw-loss tracker (the monitor's) goes on from there.
+        self._raw._total, self._raw._count = total, count
+        self._raw._before = (total, count)
