@@ -216,6 +216,21 @@ def cancel_skip_train_batches(model):
         wrapper.release_if_idle()
 
 
+def quiet_tracing_warning(function):
+    """Keeps TensorFlow's "triggered tf.function retracing" warning off `function`.
+
+    TensorFlow counts the traces of every `tf.function` made from the same
+    Python code together and warns when most of the last calls traced. A
+    reader made once per model and called rarely (the detector's snapshots)
+    traces once per model: in a loop of models (a Keras Tuner search) that
+    is by design, not the mistake the warning is about. Sets the flag
+    TensorFlow's own loaded functions set; without it, only the warning
+    stays. Returns `function`.
+    """
+    function._omit_frequent_tracing_warning = True
+    return function
+
+
 # -- Callbacks, clipping and optimizers ---------------------------------------
 #
 # `fit`'s logs. Keras' TensorFlow `fit` loop is, per call of the compiled step:

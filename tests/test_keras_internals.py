@@ -394,3 +394,16 @@ def test_merge_calls_inline_makes_maybe_merge_call_call_its_function():
             assert called == (strategy, 7)
         assert not tf.__internal__.distribute.strategy_supports_no_merge_call()
     assert "_use_merge_call" not in vars(strategy.extended)  # undone
+
+
+def test_quiet_tracing_warning_sets_the_flag_tensorflow_reads():
+    import inspect
+
+    import tensorflow as tf
+    from tensorflow.python.eager.polymorphic_function import polymorphic_function
+
+    function = _keras_internals.quiet_tracing_warning(tf.function(lambda: 1))
+    assert function._omit_frequent_tracing_warning is True
+    # The flag TensorFlow passes to its frequent-tracing detector.
+    source = inspect.getsource(polymorphic_function.Function._call)
+    assert "self._omit_frequent_tracing_warning" in source

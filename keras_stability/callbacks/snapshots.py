@@ -38,7 +38,9 @@ def _host_copies(model, variables):
     cached = _READERS.get(model)
     if cached is None or cached[0] != key:
         values = [v.value for v in variables]
-        reader = tf.function(lambda: [tf.identity(v) for v in values], autograph=False)
+        reader = _keras_internals.quiet_tracing_warning(
+            tf.function(lambda: [tf.identity(v) for v in values], autograph=False)
+        )
         cached = _READERS[model] = (key, reader)
     return [np.array(t, copy=True) for t in cached[1]()]
 

@@ -1256,3 +1256,25 @@ def test_gan_needs_optimizer_argument_and_guards_the_named_optimizer():
         GradientExplosionDetector(optimizer="d_optimizer").get_config()["optimizer"]
         == "d_optimizer"
     )
+
+
+def test_snapshots_of_many_models_do_not_warn_about_retracing():
+    # A snapshot reader is traced once per model (a Keras Tuner search makes
+    # a model per trial); TensorFlow must not call that excessive retracing.
+    import logging
+
+    messages = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    logger = logging.getLogger("tensorflow")
+    logger.addHandler(handler)
+    try:
+        for seed in range(7):
+            Snapshot(deep_mlp(keras.optimizers.SGD(0.1), depth=1, seed=seed))
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in messages if "triggered tf.function retracing" in m]
