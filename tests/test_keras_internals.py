@@ -405,5 +405,5 @@ def test_quiet_tracing_warning_sets_the_flag_tensorflow_reads():
     function = _keras_internals.quiet_tracing_warning(tf.function(lambda: 1))
     assert function._omit_frequent_tracing_warning is True
     # The flag TensorFlow passes to its frequent-tracing detector.
-    source = inspect.getsource(polymorphic_function.Function._call)
+    source = inspect.getsource(polymorphic_function.Function.__call__)
     assert "self._omit_frequent_tracing_warning" in source
