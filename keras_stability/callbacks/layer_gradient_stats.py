@@ -23,6 +23,7 @@ from keras_stability._checks import check_positive_int
 from keras_stability._checks import invalid
 from keras_stability.clipping.base import squared_norms
 from keras_stability.optimizers import GradientObserver
+from keras_stability.optimizers.guarded_optimizer import state_variable
 
 __all__ = ["LayerGradientStats", "group_variables_by_layer"]
 
@@ -225,26 +226,17 @@ class LayerGradientStats(GradientObserver):
             self._segment_ids[group] = g
         n = len(names)
         with _strategy_scope(optimizer):
-
-            def var(name, shape, dtype="float32"):
-                return keras.Variable(
-                    initializer="zeros",
-                    shape=shape,
-                    dtype=dtype,
-                    trainable=False,
-                    aggregation="only_first_replica",
-                    name=name,
-                )
-
-            self.step = var("gradient_stats_step", (), "int64")
+            self.step = state_variable("gradient_stats_step", (), "int64")
             # The `step` of the last computation of the per-layer statistics.
-            self.report_step = var("gradient_stats_report_step", (), "int64")
-            self._reported = var("gradient_stats_reported", (), "int32")
-            self.global_norm = var("gradient_stats_global_norm", ())
-            self.grad_norms = var("gradient_stats_grad_norms", (n,))
-            self.weight_norms = var("gradient_stats_weight_norms", (n,))
+            self.report_step = state_variable("gradient_stats_report_step", (), "int64")
+            self._reported = state_variable("gradient_stats_reported", (), "int32")
+            self.global_norm = state_variable("gradient_stats_global_norm", ())
+            self.grad_norms = state_variable("gradient_stats_grad_norms", (n,))
+            self.weight_norms = state_variable("gradient_stats_weight_norms", (n,))
             if self.track_updates:
-                self.update_ratios = var("gradient_stats_update_ratios", (n,))
+                self.update_ratios = state_variable(
+                    "gradient_stats_update_ratios", (n,)
+                )
                 # Every step reports: the weights before the update are the
                 # values read in `observe` (TensorFlow orders the read before
                 # the update and copies on write), so no copy is kept.
@@ -253,20 +245,22 @@ class LayerGradientStats(GradientObserver):
                     []
                     if self._every_step
                     else [
-                        var(f"gradient_stats_previous_{i}", tuple(v.shape), v.dtype)
+                        state_variable(
+                            f"gradient_stats_previous_{i}", tuple(v.shape), v.dtype
+                        )
                         for i, v in enumerate(variables)
                     ]
                 )
             if self.histogram_bins:
-                self.histograms = var(
+                self.histograms = state_variable(
                     "gradient_stats_histograms", (n, self.histogram_bins)
                 )
             if self.buffer_size:
                 # The last `buffer_size` reports, oldest first (step 0: empty).
-                self.rows = var(
+                self.rows = state_variable(
                     "gradient_stats_rows", (self.buffer_size, self.row_width)
                 )
-                self.row_steps = var(
+                self.row_steps = state_variable(
                     "gradient_stats_row_steps", (self.buffer_size,), "int64"
                 )
         self.built = True

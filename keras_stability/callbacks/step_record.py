@@ -8,13 +8,13 @@ guard's trip flag or dropped from the epoch's mean) into a ring buffer
 judged steps back out of Keras' epoch mean on the host.
 """
 
-import keras
 import numpy as np
 from keras import ops
 
 from keras_stability import _keras_internals
 from keras_stability.callbacks.step_logs import tracker_loss_logs
 from keras_stability.optimizers.attach import find_guard
+from keras_stability.optimizers.guarded_optimizer import state_variable
 
 __all__ = [
     "ROW",
@@ -23,7 +23,6 @@ __all__ = [
     "read_scalar",
     "record_state",
     "record_values",
-    "state_variable",
 ]
 
 
@@ -86,18 +85,6 @@ class StepRecord:
         index = [i % self.size for i in range(written - new, written)]
         self.read = written
         return rows[index].tolist(), written
-
-
-def state_variable(name, shape=(), dtype="float32"):
-    """A zero-initialised step-state variable (one value, not per replica)."""
-    return keras.Variable(
-        initializer="zeros",
-        shape=shape,
-        dtype=dtype,
-        trainable=False,
-        aggregation="only_first_replica",
-        name=name,
-    )
 
 
 def record_state(model):

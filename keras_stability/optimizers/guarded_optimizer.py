@@ -48,6 +48,23 @@ _BASE_OPTIMIZER_DEFAULTS = {
 }
 
 
+def state_variable(name, shape=(), dtype="float32", initializer="zeros"):
+    """A non-trainable step-state variable, one value for all replicas.
+
+    `aggregation="only_first_replica"`, so that a step may assign it in
+    replica context under a `tf.distribute` strategy (see
+    `GradientObserver`). Created in the strategy scope the caller is in.
+    """
+    return keras.Variable(
+        initializer=initializer,
+        shape=shape,
+        dtype=dtype,
+        trainable=False,
+        aggregation="only_first_replica",
+        name=name,
+    )
+
+
 class GradientObserver:
     """Base class for code that reads the gradients inside the train step.
 
@@ -78,8 +95,8 @@ class GradientObserver:
     replica 0's copy of the all-reduced gradients; any `variable.assign` works
     there. Strategies without merge calls (MirroredStrategy on GPUs under XLA)
     run them in each replica with identical inputs: create observer state with
-    `aggregation="only_first_replica"` so replica-context assignments are
-    allowed (that path is not tested here: no GPU).
+    `aggregation="only_first_replica"` (`state_variable`) so replica-context
+    assignments are allowed (that path is not tested here: no GPU).
     """
 
     def build(self, optimizer, variables):
@@ -325,51 +342,20 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 aggregation="sum",
                 name="pending_loss",
             )
-            step_loss = keras.Variable(
-                initializer="zeros",
-                shape=(),
-                dtype="float32",
-                trainable=False,
-                aggregation="only_first_replica",
-                name="step_loss",
-            )
-            loss_seen = keras.Variable(
-                initializer="zeros",
-                shape=(),
-                dtype="int32",
-                trainable=False,
-                aggregation="only_first_replica",
-                name="loss_seen",
-            )
+            step_loss = state_variable("step_loss")
+            loss_seen = state_variable("loss_seen", dtype="int32")
             # The trip flag (`set_trip`): 1 while every step is held back,
             # and the run of non-finite steps that raises it.
-            tripped = keras.Variable(
-                initializer="zeros",
-                shape=(),
-                dtype="int32",
-                trainable=False,
-                aggregation="only_first_replica",
-                name="tripped",
-            )
-            nonfinite_run = keras.Variable(
-                initializer="zeros",
-                shape=(),
-                dtype="int32",
-                trainable=False,
-                aggregation="only_first_replica",
-                name="nonfinite_run",
-            )
+            tripped = state_variable("tripped", dtype="int32")
+            nonfinite_run = state_variable("nonfinite_run", dtype="int32")
             # Initialized, not assigned: Keras may build the optimizer in a
             # stateless scope (its symbolic build), which drops assignments.
-            trip_limit = keras.Variable(
+            trip_limit = state_variable(
+                "trip_limit",
+                dtype="int32",
                 initializer=keras.initializers.Constant(
                     getattr(self, "_trip_limit", -1)
                 ),
-                shape=(),
-                dtype="int32",
-                trainable=False,
-                aggregation="only_first_replica",
-                name="trip_limit",
             )
         self._loss_record = _LossRecord(
             pending, step_loss, loss_seen, tripped, nonfinite_run, trip_limit
