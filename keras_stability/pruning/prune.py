@@ -1,5 +1,6 @@
 """`prune_low_magnitude`: magnitude pruning for Keras 3 models and layers."""
 
+import re
 import warnings
 
 import keras
@@ -39,11 +40,56 @@ def _all_layers(layer):
     return list(layer._flatten_layers(include_self=True, recursive=True))
 
 
-def prunable_weights(to_prune):
+def check_filters(filters):
+    """Checks `filters` (see `prune_low_magnitude`); returns it normalised.
+
+    Returns:
+        `None`, a tuple of compiled patterns, or the callable.
+
+    Raises:
+        ValueError: Naming `filters`, for another type, an empty list or a
+            pattern that is not a valid regular expression.
+    """
+    if filters is None or callable(filters):
+        return filters
+    patterns = (filters,) if isinstance(filters, str) else filters
+    if (
+        not isinstance(patterns, (list, tuple))
+        or not patterns
+        or not all(isinstance(p, str) for p in patterns)
+    ):
+        raise ValueError(
+            "Invalid value for argument `filters`. Expected None, a regex string, "
+            "a non-empty list of regex strings or a callable `layer -> bool`. "
+            f"Received: filters={filters!r}"
+        )
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as error:
+            raise ValueError(
+                "Invalid value for argument `filters`. Expected valid regular "
+                f"expressions. Received: filters={filters!r} ({pattern!r}: {error})"
+            ) from None
+    return tuple(compiled)
+
+
+def _selected(filters, layer, variable):
+    if filters is None:
+        return True
+    if callable(filters):
+        return bool(filters(layer))
+    return any(pattern.search(variable.path) for pattern in filters)
+
+
+def prunable_weights(to_prune, filters=None):
     """The weights `prune_low_magnitude` would prune, in trainable-variable order.
 
     Args:
         to_prune: A built Keras layer or model.
+        filters: `None` (every prunable weight), or which of them to keep,
+            as in `prune_low_magnitude`. Defaults to `None`.
 
     Returns:
         List of variables: kernels of Dense, EinsumDense (and so the
@@ -51,9 +97,15 @@ def prunable_weights(to_prune):
         cells; other weights (biases, normalisation) are left alone.
 
     Raises:
-        ValueError: If `to_prune` is not a built Keras layer or model.
+        ValueError: If `to_prune` is not a built Keras layer or model, or
+            `filters` is not valid.
     """
     check_layer("to_prune", to_prune, built=True)
+    return _prunable(to_prune, check_filters(filters))
+
+
+def _prunable(to_prune, filters):
+    """`prunable_weights` with `filters` already checked."""
     found = []
     seen = set()
     for layer in _all_layers(to_prune):
@@ -61,7 +113,11 @@ def prunable_weights(to_prune):
             if isinstance(layer, cls):
                 for name in names:
                     variable = getattr(layer, name, None)
-                    if variable is not None and id(variable) not in seen:
+                    if (
+                        variable is not None
+                        and id(variable) not in seen
+                        and _selected(filters, layer, variable)
+                    ):
                         seen.add(id(variable))
                         found.append(variable)
                 break
@@ -77,6 +133,7 @@ def prune_low_magnitude(
     block_size=(1, 1),
     block_pooling_type="AVG",
     global_ranking=False,
+    filters=None,
 ):
     """Prunes a Keras 3 model or layer by weight magnitude during training.
 
@@ -113,6 +170,18 @@ def prune_low_magnitude(
         global_ranking: If `True`, rank all pruned weights of the model
             together (one threshold) instead of layer by layer. Defaults to
             `False`.
+        filters: Which of the prunable weights to prune: `None` for all of
+            them; a regex string or a list of them, searched (`re.search`)
+            in each weight's `path` (e.g. `"block_0/attention/query/kernel"`,
+            which holds the names of every enclosing layer, so `"^block_"`
+            selects all the sublayers of the blocks, and `"(query|key)"`
+            every Q and K projection); or a callable `layer -> bool` given
+            the layer that owns the weight (as `Model.quantize(filters=...)`
+            is, which matches layer names only). The other weights stay
+            dense and are not ranked with the pruned ones. LLM pruning
+            (SparseGPT, Wanda) prunes the linears of the transformer blocks
+            and keeps the embeddings and the output layer dense. Defaults to
+            `None`.
 
     Returns:
         `to_prune`, now pruned.
@@ -127,6 +196,8 @@ def prune_low_magnitude(
     schedule = keras_stability.pruning.PolynomialDecay(
         initial_sparsity=0.0, final_sparsity=0.8, begin_step=0, end_step=1000)
     model = prune_low_magnitude(model, schedule)
+    # or only the linears of the transformer blocks, ranked together:
+    # prune_low_magnitude(model, schedule, filters="^block_", global_ranking=True)
     model.compile(...)
     model.fit(...)
     model = strip_pruning(model)
@@ -152,8 +223,18 @@ def prune_low_magnitude(
             f"pruned yet. Received: to_prune={to_prune.name!r}, already pruned "
             "(call `strip_pruning` first)"
         )
-    variables = prunable_weights(to_prune)
+    filters = check_filters(filters)
+    variables = _prunable(to_prune, filters)
     _warn_lora_layers(to_prune)
+    available = _prunable(to_prune, None) if not variables else variables
+    if not variables and available:
+        raise ValueError(
+            "Invalid value for argument `filters`. Expected filters that select "
+            "at least one prunable weight. Received: filters="
+            f"{_shown(filters)} on {to_prune.name!r}, whose prunable weights are "
+            + ", ".join(repr(v.path) for v in available[:5])
+            + (f" and {len(available) - 5} more" if len(available) > 5 else "")
+        )
     if not variables:
         raise ValueError(
             "Invalid value for argument `to_prune`. Expected a model or layer with "
@@ -191,6 +272,13 @@ def prune_low_magnitude(
         global_ranking=global_ranking,
     )
     return to_prune
+
+
+def _shown(filters):
+    if callable(filters):
+        return repr(filters)
+    patterns = [p.pattern for p in filters]
+    return repr(patterns[0] if len(patterns) == 1 else patterns)
 
 
 def _warn_lora_layers(to_prune):

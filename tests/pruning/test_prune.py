@@ -438,3 +438,145 @@ def test_per_layer_schedules_run_eagerly_and_strip_all():
     pruning.strip_pruning(model)
     assert pruning.find_pruner(model) is None
     assert all(v.constraint is None for v in model.weights)
+
+
+class TinyBlock(keras.layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.attention = keras.layers.MultiHeadAttention(2, 4, name="attention")
+        self.mlp_in = keras.layers.Dense(16, activation="relu", name="mlp_in")
+        self.mlp_out = keras.layers.Dense(8, name="mlp_out")
+
+    def call(self, x):
+        x = x + self.attention(x, x)
+        return x + self.mlp_out(self.mlp_in(x))
+
+
+def _tiny_lm():
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((6,), dtype="int32")
+    h = keras.layers.Embedding(12, 8, name="embedding")(ids)
+    h = TinyBlock(name="block_0")(h)
+    h = TinyBlock(name="block_1")(h)
+    return keras.Model(ids, keras.layers.Dense(12, name="logits")(h))
+
+
+def _fit_lm(model, steps=2):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 12, (8 * steps, 6)).astype("int32")
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, x, batch_size=8, shuffle=False, verbose=0)
+
+
+def test_filters_select_weights_by_path_or_by_layer():
+    model = _tiny_lm()
+    every = [v.path for v in pruning.prunable_weights(model)]
+    assert every[0] == "embedding/embeddings" and every[-1] == "logits/kernel"
+    blocks = [v.path for v in pruning.prunable_weights(model, filters="^block_")]
+    assert blocks == [p for p in every if p.startswith("block_")]
+    assert len(blocks) == 12  # Q, K, V, O, FFN in and out, in each of 2 blocks
+    assert [
+        v.path for v in pruning.prunable_weights(model, filters=["mlp_in", "logits"])
+    ] == ["block_0/mlp_in/kernel", "block_1/mlp_in/kernel", "logits/kernel"]
+    by_layer = pruning.prunable_weights(
+        model, filters=lambda layer: isinstance(layer, keras.layers.EinsumDense)
+    )
+    assert [v.path for v in by_layer] == [p for p in blocks if "/attention/" in p]
+
+
+def test_filters_prune_only_the_block_linears_and_strip():
+    model = _tiny_lm()
+    embeddings = model.get_layer("embedding").embeddings.numpy()
+    pruning.prune_low_magnitude(
+        model, pruning.ConstantSparsity(0.75, 0, frequency=1), filters="^block_"
+    )
+    pruner = pruning.find_pruner(model)
+    assert all(v.path.startswith("block_") for v in pruner.variables)
+    _fit_lm(model)
+    report = pruning.sparsity_report(model)
+    for path, sparsity in report.items():
+        if path.startswith("block_"):
+            assert sparsity == 0.75, path
+    assert report["embedding/embeddings"] == 0.0 and report["logits/kernel"] == 0.0
+    # Trained, not pruned: the embeddings moved but kept every weight.
+    assert not np.array_equal(model.get_layer("embedding").embeddings, embeddings)
+    pruning.strip_pruning(model)
+    assert pruning.find_pruner(model) is None
+
+
+def test_filters_with_global_ranking_rank_only_the_selected_weights():
+    model = _tiny_lm()
+    # Scaled down, block_1's weights hold the smallest magnitudes of the
+    # blocks: ranked together they are pruned most; the output layer (still
+    # smaller) is not ranked at all.
+    for v in pruning.prunable_weights(model, filters="^block_1/"):
+        v.assign(v * 0.1)
+    model.get_layer("logits").kernel.assign(model.get_layer("logits").kernel * 1e-3)
+    pruning.prune_low_magnitude(
+        model,
+        pruning.ConstantSparsity(0.5, 0, frequency=1),
+        filters="^block_",
+        global_ranking=True,
+    )
+    _fit_lm(model, steps=1)
+    report = pruning.sparsity_report(model)
+    selected = pruning.prunable_weights(model, filters="^block_")
+    zeros = sum(int((v.numpy() == 0).sum()) for v in selected)
+    assert zeros == sum(v.numpy().size for v in selected) // 2
+    first = [s for p, s in report.items() if p.startswith("block_0/")]
+    second = [s for p, s in report.items() if p.startswith("block_1/")]
+    assert min(second) > max(first)
+    assert report["logits/kernel"] == 0.0
+
+
+def test_filters_with_m_by_n_check_only_the_selected_weights():
+    model = _tiny_lm()
+    # The embeddings' input axis (12 rows) is not a multiple of 8: filtered
+    # out, they are not checked.
+    with pytest.raises(ValueError, match="embedding/embeddings"):
+        pruning.prune_low_magnitude(
+            model, pruning.ConstantSparsity(0.5, 0), sparsity_m_by_n=(4, 8)
+        )
+    pruning.prune_low_magnitude(
+        model,
+        pruning.ConstantSparsity(0.5, 0, frequency=1),
+        sparsity_m_by_n=(2, 4),
+        filters="mlp",
+    )
+    assert [v.path for v in pruning.find_pruner(model).variables] == [
+        "block_0/mlp_in/kernel",
+        "block_0/mlp_out/kernel",
+        "block_1/mlp_in/kernel",
+        "block_1/mlp_out/kernel",
+    ]
+
+
+def test_filters_errors_name_the_argument_and_value():
+    schedule = pruning.ConstantSparsity(0.5, 0, frequency=1)
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid value for argument `filters`. Expected None, a regex "
+        r"string, a non-empty list of regex strings or a callable `layer -> bool`. "
+        r"Received: filters=3",
+    ):
+        pruning.prune_low_magnitude(_tiny_lm(), schedule, filters=3)
+    with pytest.raises(ValueError, match=r"Received: filters=\[\]"):
+        pruning.prune_low_magnitude(_tiny_lm(), schedule, filters=[])
+    with pytest.raises(ValueError, match=r"Received: filters=\['block', 2\]"):
+        pruning.prune_low_magnitude(_tiny_lm(), schedule, filters=["block", 2])
+    with pytest.raises(
+        ValueError, match=r"Expected valid regular expressions. Received: filters='\('"
+    ):
+        pruning.prune_low_magnitude(_tiny_lm(), schedule, filters="(")
+    with pytest.raises(ValueError, match=r"Received: filters=3"):
+        pruning.prunable_weights(_tiny_lm(), filters=3)
+    model = _tiny_lm()
+    with pytest.raises(
+        ValueError,
+        match=r"Expected filters that select at least one prunable weight. "
+        r"Received: filters='\^decoder' on '.*', whose prunable weights are "
+        r"'embedding/embeddings', .* and 9 more",
+    ):
+        pruning.prune_low_magnitude(model, schedule, filters="^decoder")
+    # Nothing was pruned by the failed call.
+    assert pruning.find_pruner(model) is None
