@@ -3,10 +3,14 @@
 `--lm`: a character LM (`build_char_transformer`, pre-norm) on Python's
 standard-library docstrings (`load_stdlib_text`, the last 10% held out),
 per seed: the dense float32 teacher; Keras int8 of it; 80% unstructured
-magnitude pruning (every kernel and embedding, TF-MOT's polynomial schedule
-over a short fine-tune) with and without int8; 2:4 on the transformer
-linears (Q/K/V/O and the FFN) with the same fine-tune, with and without
-int8; and, with `--shrink`, Minitron's shrink + distill against the same
+magnitude pruning of the transformer linears (`PRUNE_RECIPE`: Zhu & Gupta's
+gradual schedule over a fine-tune of half the teacher's steps, cosine
+learning rate; the embeddings and output layer dense) with and without int8
+(and `sparse_storage` when it handles the blocks' sublayers), against the
+teacher fine-tuned dense for the same steps; the previous 80% recipe (every
+kernel and embedding over a short fine-tune) for comparison; 2:4 on the
+transformer linears with the short fine-tune, with and without int8; and,
+with `--shrink`, Minitron's shrink + distill against the same
 shape from scratch, shrink + hard-label fine-tuning and the same shape
 distilled without pruning, all at one step budget. Held-out perplexity,
 parameters, gzip bytes of `.weights.h5` and `.keras` (without optimizer
@@ -131,11 +135,39 @@ def digits_few_labels(seed, data, fraction, epochs, alpha, temperature):
 # The character LM part (`--lm`) and digits 80% + int8 (`--digits-int8`).
 
 LM_CONFIGS = {
-    # corpus characters, teacher epochs, fine-tune epochs (pruning), shrink
+    # corpus characters, teacher epochs, fine-tune epochs (the short one of
+    # 2:4 and of the previous 80% recipe), gradual-pruning epochs (the 80%
+    # recipe and its dense control, 50% of the teacher's steps), shrink
     # epochs (the distillation budget, <= 25% of the teacher's steps)
-    "quick": dict(max_chars=60_000, teacher_epochs=8, tune_epochs=2, shrink_epochs=2),
-    "full": dict(max_chars=None, teacher_epochs=16, tune_epochs=3, shrink_epochs=4),
+    "quick": dict(
+        max_chars=60_000,
+        teacher_epochs=8,
+        tune_epochs=2,
+        prune_epochs=4,
+        shrink_epochs=2,
+    ),
+    "full": dict(
+        max_chars=None,
+        teacher_epochs=16,
+        tune_epochs=3,
+        prune_epochs=8,
+        shrink_epochs=4,
+    ),
 }
+# The 80% recipe (Zhu & Gupta's gradual pruning, LLM-style choice of weights):
+# the linears of the transformer blocks (Q/K/V/O, FFN in and out), not the
+# embeddings nor the output layer, ranked together (one magnitude threshold:
+# 80% over the blocks, not in each kernel); cubic PolynomialDecay 0 -> 0.8 over the
+# first `end` of the fine-tune, masks every `frequency` steps; Adam with a
+# cosine decay of the learning rate to 0 over the whole fine-tune.
+PRUNE_RECIPE = dict(
+    filters="^block_",
+    global_ranking=True,
+    sparsity=0.8,
+    end=1 / 2,
+    frequency=10,
+    lr=3e-3,
+)
 LM_SHAPE = dict(num_blocks=4, hidden_dim=64, num_heads=4)
 # The shrunk student: half the blocks and half the FFN units.
 SHRUNK = dict(num_layers=2, intermediate_dim=128)
@@ -250,11 +282,19 @@ def measure(model, data):
     kernels = _kernels(model)
     n_kernel = sum(k.size for k in kernels)
     zeros = sum(int((k == 0).sum()) for k in kernels)
+    linears = [
+        np.asarray(w)
+        for w in model.weights
+        if w.path.startswith("block_") and w.path.endswith("kernel")
+    ]
     row = {
         "ppl": perplexity(model, data["x_test"], data["y_test"]),
         "params": int(model.count_params()),
         "non_embedding": non_embedding_params(model),
         "sparsity": zeros / max(n_kernel, 1),
+        "linear_sparsity": sum(int((k == 0).sum()) for k in linears)
+        / max(sum(k.size for k in linears), 1),
+        "model_sparsity": zeros / int(model.count_params()),
         "nonzero": int(model.count_params()) - zeros,
         "weights_gz": pruning.compressed_size(model),
         "keras_gz": pruning.compressed_size(model, file="keras"),
@@ -278,6 +318,64 @@ def _int8(model):
     from keras_stability import pruning
 
     return pruning.quantize(_copy(model))
+
+
+def _gradual_prune(teacher, data, steps_per_epoch, epochs, seed, prune=True):
+    """`PRUNE_RECIPE` on a copy of the teacher (or, `prune=False`, the same
+    fine-tune without pruning: the dense model at the same compute)."""
+    import keras
+
+    from keras_stability import pruning
+
+    r = PRUNE_RECIPE
+    steps = epochs * steps_per_epoch
+    model = _copy(teacher)
+    if prune:
+        pruning.prune_low_magnitude(
+            model,
+            pruning.PolynomialDecay(
+                0.0,
+                r["sparsity"],
+                begin_step=0,
+                end_step=int(r["end"] * steps),
+                frequency=r["frequency"],
+            ),
+            filters=r["filters"],
+            global_ranking=r["global_ranking"],
+        )
+    _fit_lm(
+        model,
+        data,
+        epochs,
+        keras.optimizers.schedules.CosineDecay(r["lr"], steps),
+        seed,
+    )
+    return pruning.strip_pruning(model)
+
+
+def _sparse_stored(model):
+    """`pruning.sparse_storage(model)` if it stores the blocks' linears as
+    bitmap + values (sublayers of a block need a `sparse_storage` that
+    handles nested layers), else `None`."""
+    import warnings
+
+    from keras_stability import pruning
+    from keras_stability._keras_internals import flatten_layers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        copy = pruning.sparse_storage(model)
+    classes = (
+        pruning.SparseStorageDense,
+        pruning.SparseStorageEinsumDense,
+        pruning.SparseStorageEmbedding,
+    )
+    nested = [
+        layer
+        for layer in flatten_layers(copy, include_self=False)
+        if isinstance(layer, classes) and (layer.path or "").startswith("block_")
+    ]
+    return copy if nested else None
 
 
 def _fit_lm(model, data, epochs, lr, seed, callbacks=()):
@@ -334,31 +432,53 @@ def lm_seed(seed, data, config, shrink):
     add("teacher (dense float32)", teacher)
     add("teacher + int8", _int8(teacher))
 
+    # The dense control: the teacher fine-tuned with the 80% recipe's steps
+    # and learning rate, without pruning.
+    prune_steps = config["prune_epochs"] * steps_per_epoch
+    add(
+        DENSE_TUNED,
+        _gradual_prune(
+            teacher, data, steps_per_epoch, config["prune_epochs"], seed, prune=False
+        ),
+    )
+    # 80%: PRUNE_RECIPE (the block linears, gradual, long fine-tune).
+    sparse = _gradual_prune(
+        teacher, data, steps_per_epoch, config["prune_epochs"], seed
+    )
+    add("80% of block linears", _copy(sparse))
+    # Where global ranking put the zeros (to the JSON and stderr).
+    report = pruning.sparsity_report(sparse)
+    rows["80% of block linears"]["per_kernel"] = report
+    print(f"per-kernel zeros: {report}", file=sys.stderr, flush=True)
+    add("80% of block linears + int8", _int8(sparse))
+    stored = _sparse_stored(_int8(sparse))
+    if stored is not None:
+        add("80% of block linears + int8 + sparse_storage", stored)
+
     tune_steps = config["tune_epochs"] * steps_per_epoch
-    # 80% unstructured: every kernel and embedding, polynomial 0 -> 80% over
-    # the first 2/3 of the fine-tune, then fine-tuned at 80%.
-    sparse = _copy(teacher)
+    # The previous 80% recipe, for comparison: every kernel and embedding,
+    # polynomial 0 -> 80% over the first 2/3 of a short constant-rate
+    # fine-tune.
+    old = _copy(teacher)
     pruning.prune_low_magnitude(
-        sparse,
+        old,
         pruning.PolynomialDecay(
             0.0, 0.8, begin_step=0, end_step=(2 * tune_steps) // 3, frequency=10
         ),
     )
-    _fit_lm(sparse, data, config["tune_epochs"], 1e-3, seed)
-    pruning.strip_pruning(sparse)
-    add("80% unstructured", _copy(sparse))
-    add("80% unstructured + int8", _int8(sparse))
+    _fit_lm(old, data, config["tune_epochs"], 1e-3, seed)
+    pruning.strip_pruning(old)
+    add("80% of every kernel, short fine-tune (previous)", old)
 
-    # 2:4 on the transformer linears only (Q/K/V/O, FFN in and out): one
-    # pruner per block; embeddings and the output layer stay dense.
+    # 2:4 on the transformer linears only (Q/K/V/O, FFN in and out);
+    # embeddings and the output layer stay dense.
     nm = _copy(teacher)
-    for layer in nm.layers:
-        if layer.name.startswith("block_"):
-            pruning.prune_low_magnitude(
-                layer,
-                pruning.ConstantSparsity(0.5, begin_step=0, frequency=10),
-                sparsity_m_by_n=(2, 4),
-            )
+    pruning.prune_low_magnitude(
+        nm,
+        pruning.ConstantSparsity(0.5, begin_step=0, frequency=10),
+        sparsity_m_by_n=(2, 4),
+        filters=PRUNE_RECIPE["filters"],
+    )
     _fit_lm(nm, data, config["tune_epochs"], 1e-3, seed)
     pruning.strip_pruning(nm)
     add("2:4 on Q/K/V/O and FFN", _copy(nm))
@@ -401,6 +521,7 @@ def lm_seed(seed, data, config, shrink):
     return rows, {
         "teacher_steps": teacher_steps,
         "tune_steps": tune_steps,
+        "prune_steps": prune_steps,
         "budget": budget,
         "teacher_s": timings["teacher"],
     }
@@ -437,11 +558,15 @@ def _distill(student, teacher, data, config, seed):
     return distiller.student
 
 
+DENSE_TUNED = "teacher fine-tuned, dense (80%'s steps and LR)"
 LM_ROWS = (
     "teacher (dense float32)",
     "teacher + int8",
-    "80% unstructured",
-    "80% unstructured + int8",
+    DENSE_TUNED,
+    "80% of block linears",
+    "80% of block linears + int8",
+    "80% of block linears + int8 + sparse_storage",
+    "80% of every kernel, short fine-tune (previous)",
     "2:4 on Q/K/V/O and FFN",
     "2:4 on Q/K/V/O and FFN + int8",
     "shrink + distill (Minitron)",
@@ -554,6 +679,7 @@ def speed_main(args):
 
 def lm_main(args):
     config = LM_CONFIGS["quick" if args.quick else "full"]
+    r = PRUNE_RECIPE
     data = _lm_data(config["max_chars"])
     start = time.perf_counter()
     per_seed = []
@@ -572,6 +698,9 @@ def lm_main(args):
         return statistics.stdev(vals) if len(vals) > 1 else 0.0
 
     base = "teacher (dense float32)"
+
+    def vs(name, ref):
+        return f"{100 * (mean(name, 'ppl') / mean(ref, 'ppl') - 1):+.1f}%"
 
     def speedup(name):
         ratio = _median_ci([x for r in per_seed for x in r[name]["speedup_runs"]])
@@ -593,12 +722,23 @@ def lm_main(args):
         f"{len(data['x_test'])} held-out windows of {SEQ_LEN} characters, "
         f"{len(data['vocab'])} characters. Teacher `build_char_transformer` "
         f"{LM_SHAPE} (pre-norm), Adam(3e-3), batch {BATCH}, "
-        f"{info['teacher_steps']} steps. Pruned rows: {info['tune_steps']} "
-        "fine-tune steps of Adam(1e-3) from the teacher (80%: TF-MOT's "
-        "PolynomialDecay 0 -> 0.8 over the first 2/3 of them, every kernel and "
-        "embedding; 2:4: the Q/K/V/O and FFN kernels of every block), then "
-        "`strip_pruning`; int8: `pruning.quantize` (Keras' `model.quantize('int8')`, "
-        "per-channel abs-max). "
+        f"{info['teacher_steps']} steps. 80% of block linears: "
+        f"{info['prune_steps']} fine-tune steps from the teacher "
+        f"({100 * info['prune_steps'] / info['teacher_steps']:.0f}% of its steps), "
+        f"Adam({r['lr']:g}) with a cosine decay to 0, `prune_low_magnitude("
+        f"filters={r['filters']!r}, global_ranking={r['global_ranking']})`: "
+        "the Q/K/V/O and FFN kernels of every block (the embeddings and the "
+        "output layer stay dense), TF-MOT's PolynomialDecay 0 -> "
+        f"{r['sparsity']:g} (cubic) over the first {r['end']:.2f} of the steps, "
+        f"masks every {r['frequency']} steps, then `strip_pruning`; "
+        f"the dense control: the same {info['prune_steps']} steps and learning "
+        f"rate without pruning. Previous 80% recipe: {info['tune_steps']} "
+        "steps of Adam(1e-3), PolynomialDecay 0 -> 0.8 over the first 2/3 of "
+        f"them, every kernel and embedding. 2:4: the same {info['tune_steps']} "
+        "short steps, the Q/K/V/O and FFN kernels of every block. int8: "
+        "`pruning.quantize` (Keras' `model.quantize('int8')`, per-channel "
+        "abs-max); sparse_storage: `pruning.sparse_storage` of the int8 model "
+        "(bitmap + values of each mostly-zero kernel in the file). "
         + (
             f"Shrunk rows: {SHRUNK} by `shrink_transformer` on 256 calibration "
             f"windows, {info['budget']} steps each "
@@ -617,17 +757,19 @@ def lm_main(args):
         "round, median of all rounds and seeds (95% bootstrap interval). Mean ± sd "
         f"over {args.seeds} seeds:",
         "",
-        "| model | held-out perplexity | vs teacher | params (non-embedding) | "
-        "kernel zeros | .weights.h5 gzip | .keras gzip | smaller than dense | "
-        "tokens/s | speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | held-out perplexity | vs teacher | vs dense fine-tuned | "
+        "params (non-embedding) | zeros: block linears / kernels / all params | "
+        ".weights.h5 gzip | .keras gzip | smaller than dense | tokens/s | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in names:
         lines.append(
             f"| {name} | {mean(name, 'ppl'):.3f} ± {sd(name, 'ppl'):.3f} | "
-            f"{100 * (mean(name, 'ppl') / mean(base, 'ppl') - 1):+.1f}% | "
+            f"{vs(name, base)} | {vs(name, DENSE_TUNED)} | "
             f"{mean(name, 'params'):.0f} ({mean(name, 'non_embedding'):.0f}) | "
-            f"{100 * mean(name, 'sparsity'):.0f}% | "
+            f"{100 * mean(name, 'linear_sparsity'):.1f}% / "
+            f"{100 * mean(name, 'sparsity'):.1f}% / "
+            f"{100 * mean(name, 'model_sparsity'):.1f}% | "
             f"{mean(name, 'weights_gz') / 1024:.1f} KiB | "
             f"{mean(name, 'keras_gz') / 1024:.1f} KiB | "
             f"{mean(base, 'keras_gz') / mean(name, 'keras_gz'):.1f}x | "
