@@ -6,13 +6,14 @@ has clearly diverged, then puts the model's weights, the optimizer's state and
 its learning rate back exactly as they were. The curve of loss against rate
 says which rates learn and which blow up; `suggestion` reads one rate off it.
 
-The stop rule watches fastai's and Lightning's smoothed loss (a bias-corrected
-exponential average, beta 0.98), but the suggestion is read off a centred
-running median over half a decade of rate. The exponential average is causal:
-over a 100-step test its window (about 50 steps) spans some four decades of
-rate, so its minimum lands one to one and a half decades past the rate where
-the loss was lowest. A centred median has no lag and ignores the spikes of a
-diverging tail.
+Two curves are kept. The stop rule and fastai's `valley` use the smoothed loss
+fastai and Lightning use (a bias-corrected exponential average, beta 0.98).
+`minimum` (the default) and `steepest` read a centred running median over half
+a decade of rate instead: the exponential average is causal, and over a
+100-step test its window (about 50 steps) spans some four decades of rate, so
+its lowest point lands one to one and a half decades past the rate where the
+loss was lowest. The median has no lag and ignores the spikes of a diverging
+tail.
 
 Reference: Leslie N. Smith, "Cyclical Learning Rates for Training Neural
 Networks", WACV 2017 (arXiv 1506.01186), section 3.3.
@@ -37,8 +38,8 @@ __all__ = [
 
 SUGGESTIONS = ("valley", "steepest", "minimum")
 
-# Width of the centred running median the suggestion reads, in decades of rate
-# (7 steps of the default test, which takes 12.4 steps per decade).
+# Width of the centred running median `minimum` and `steepest` read, in
+# decades of rate (7 steps of the default test, which takes 12.4 a decade).
 SMOOTHING_DECADES = 0.5
 
 
@@ -49,12 +50,16 @@ class LearningRateRange:
     Attributes:
         learning_rates: The rate of each recorded step (increasing).
         losses: The training loss of each step.
-        smoothed_losses: `losses` after a centred running median over half a
-            decade of rate (`running_median`): no lag, so its lowest point is
-            where the loss was lowest. The suggestion is read off this curve.
+        smoothed_losses: `losses` after bias-corrected exponential smoothing
+            (`smoothing`), as fastai and Lightning plot them; the stop rule
+            and `valley` read it. It lags: its lowest point comes after the
+            loss's.
         suggestion: The suggested learning rate (`nan` if too few steps).
         method: How `suggestion` was read off the curve.
         stopped_early: Whether the test stopped because the loss diverged.
+        median_losses: `losses` after a centred running median over half a
+            decade of rate (`running_median`), without lag; `minimum` and
+            `steepest` read it.
     """
 
     learning_rates: np.ndarray
@@ -63,9 +68,12 @@ class LearningRateRange:
     suggestion: float
     method: str
     stopped_early: bool
+    median_losses: np.ndarray = None
 
     def plot(self, ax=None):
-        """Plots smoothed loss against learning rate (log axis) and marks the suggestion.
+        """Plots the loss against learning rate (log axis) and marks the suggestion.
+
+        Draws the raw loss, the exponential average and the running median.
 
         Args:
             ax: A matplotlib `Axes` to draw on; a new figure if `None`.
@@ -80,8 +88,13 @@ class LearningRateRange:
             _, ax = plt.subplots(figsize=(6, 4))
         ax.plot(self.learning_rates, self.losses, alpha=0.3, label="loss")
         ax.plot(
-            self.learning_rates, self.smoothed_losses, label="smoothed loss (median)"
+            self.learning_rates,
+            self.smoothed_losses,
+            alpha=0.6,
+            label="exponential average (lags)",
         )
+        if self.median_losses is not None:
+            ax.plot(self.learning_rates, self.median_losses, label="running median")
         if math.isfinite(self.suggestion):
             ax.axvline(
                 self.suggestion,
@@ -92,7 +105,10 @@ class LearningRateRange:
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("training loss")
-        finite = self.smoothed_losses[np.isfinite(self.smoothed_losses)]
+        curve = (
+            self.smoothed_losses if self.median_losses is None else self.median_losses
+        )
+        finite = curve[np.isfinite(curve)]
         if finite.size:
             low, start = float(finite.min()), float(finite[0])
             ax.set_ylim(
@@ -102,28 +118,29 @@ class LearningRateRange:
         return ax
 
 
-def suggest_learning_rate(learning_rates, smoothed_losses, method="minimum"):
+def suggest_learning_rate(learning_rates, smoothed_losses, method="valley"):
     """Reads a learning rate off a range-test curve.
 
-    `"minimum"` is fastai's `minimum` (its default before `valley`, and the
-    rule of thumb "an order of magnitude below the lowest loss"): it needs a
-    curve without lag, such as `running_median`'s. `"valley"` (fastai's
-    default since 2.4) sits halfway through the longest run over which the
-    loss keeps falling, in steps, so halfway between where the loss starts to
-    fall and its lowest point on a log axis. Where the loss starts to fall
-    tells little: with Adam it falls from the first small rates that undo the
-    initial logits' excess (the battery's char LM: from 2e-6, five decades
-    below its lowest loss), and the middle then lands 3-5x below a grid
-    search's best rate.
+    `"minimum"` and `"steepest"` read positions on the rate axis, so they
+    need a curve without lag, such as `running_median`'s: on the exponential
+    average they land one to one and a half decades too high. `"valley"`
+    (fastai's) sits halfway, in steps, through the longest run over which
+    the loss keeps falling, so on a log axis halfway between where the loss
+    starts to fall and its lowest point; fastai reads it off the exponential
+    average. Where the loss starts to fall tells little: with Adam it falls
+    from the first small rates that shave the initial loss (the battery's
+    char LM: from about 2e-6, four decades below its lowest loss), and the
+    middle then lands 3-5x below a grid search's best rate.
 
     Args:
         learning_rates: Increasing learning rates, one per step.
         smoothed_losses: The smoothed loss at each rate.
-        method: `"minimum"` (a tenth of the rate at the lowest loss),
-            `"valley"` (fastai's: the middle of the longest stretch over which
-            the loss keeps falling) or `"steepest"` (where the loss falls
-            fastest per decade of rate, as Lightning suggests). Defaults to
-            `"minimum"`.
+        method: `"valley"` (fastai's: the middle of the longest stretch over
+            which the loss keeps falling), `"steepest"` (where the loss falls
+            fastest per decade of rate, as Lightning suggests) or `"minimum"`
+            (fastai's: a tenth of the rate at the lowest loss, the rule of
+            thumb "an order of magnitude below the minimum"). Defaults to
+            `"valley"`.
 
     Returns:
         The suggested rate as a float, `nan` with fewer than 5 finite points.
@@ -211,6 +228,7 @@ class _RangeTest(keras.callbacks.Callback):
         self.smoothing = smoothing
         self.divergence_factor = divergence_factor
         self.losses = []
+        self.smoothed = []
         self.stopped_early = False
         self.missing_loss = False
         self._average = 0.0
@@ -230,6 +248,7 @@ class _RangeTest(keras.callbacks.Callback):
         beta = self.smoothing
         self._average = beta * self._average + (1 - beta) * loss
         smooth = self._average / (1 - beta ** (epoch + 1))
+        self.smoothed.append(smooth)
         if not math.isfinite(smooth) or (
             epoch > 0 and smooth > self.divergence_factor * self._best
         ):
@@ -262,12 +281,14 @@ def find_learning_rate(
     learning rate (a constant or a `LearningRateSchedule`) are restored
     exactly, so the model trains afterwards as if the test had never run.
 
-    The suggestion is read off the losses after a centred running median over
-    half a decade of rate (`running_median`), leaving out the first tenth of
-    the steps as fastai does. By default it is a tenth of the rate at the
-    lowest loss (fastai's `minimum`). fastai's `valley`, the default here
-    before, read off the exponential average, suggested 3-5x below the best
-    rate of a grid search on a small char LM (see `suggest_learning_rate`).
+    The first tenth of the steps is left out of the suggestion, as fastai
+    does. By default the suggestion is a tenth of the rate at the lowest loss
+    (fastai's `minimum`), read off a centred running median over half a
+    decade of rate (`running_median`) rather than the lagging exponential
+    average. fastai's `valley` (`method="valley"`, read off the exponential
+    average as fastai does) was the default before; it suggested 3-5x below
+    the best rate of a grid search on a small char LM (see
+    `suggest_learning_rate`).
 
     Too high a rate often makes the loss plateau rather than explode, which
     no detector can tell from slow learning; this test answers "which rate?"
@@ -396,18 +417,18 @@ def find_learning_rate(
 
     n = len(test.losses)
     losses = np.asarray(test.losses, dtype="float64")
-    smoothed = running_median(rates[:n], losses)
+    smoothed = np.asarray(test.smoothed, dtype="float64")
+    median = running_median(rates[:n], losses)
+    curve = smoothed if method == "valley" else median
+    skip = num_steps // 10  # as fastai, the first tenth is left out
     result = LearningRateRange(
         learning_rates=rates[:n],
         losses=losses,
         smoothed_losses=smoothed,
-        # As fastai, the first tenth of the steps is left out of the
-        # suggestion.
-        suggestion=suggest_learning_rate(
-            rates[num_steps // 10 : n], smoothed[num_steps // 10 :], method
-        ),
+        suggestion=suggest_learning_rate(rates[skip:n], curve[skip:], method),
         method=method,
         stopped_early=test.stopped_early,
+        median_losses=median,
     )
     if verbose:
         _keras_internals.print_msg(

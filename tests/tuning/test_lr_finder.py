@@ -89,15 +89,21 @@ def test_suggestion_on_the_keras_example_is_within_3x_of_the_grid_best():
     assert np.all(np.diff(result.learning_rates) > 0)
 
 
-def test_default_is_a_tenth_of_the_rate_at_the_lowest_median_smoothed_loss():
+def test_default_is_a_tenth_of_the_rate_at_the_lowest_median_loss():
     (x, y), _ = load_dataset("synthetic")
-    result = find_learning_rate(_example(), x, y, num_steps=60, end_lr=1.0)
+    model = _example()
+    result = find_learning_rate(model, x, y, num_steps=60, end_lr=1.0)
     assert result.method == "minimum"
     np.testing.assert_array_equal(
-        result.smoothed_losses, running_median(result.learning_rates, result.losses)
+        result.median_losses, running_median(result.learning_rates, result.losses)
     )
-    rates, smoothed = result.learning_rates[6:], result.smoothed_losses[6:]
-    assert result.suggestion == pytest.approx(rates[np.argmin(smoothed)] / 10)
+    rates, median = result.learning_rates[6:], result.median_losses[6:]
+    assert result.suggestion == pytest.approx(rates[np.argmin(median)] / 10)
+    # `valley` still reads the exponential average, as fastai does.
+    valley = find_learning_rate(model, x, y, num_steps=60, end_lr=1.0, method="valley")
+    assert valley.suggestion == suggest_learning_rate(
+        valley.learning_rates[6:], valley.smoothed_losses[6:], "valley"
+    )
 
 
 def _lm_like_curve(seed):
@@ -131,7 +137,8 @@ def test_lm_like_curve_is_read_a_decade_below_its_lowest_loss(seed):
     lrs, losses, ema = _lm_like_curve(seed)
     lowest = lrs[np.argmin(losses)]
     assert 2e-2 <= lowest <= 4e-2
-    suggestion = suggest_learning_rate(lrs[10:], running_median(lrs, losses)[10:])
+    median = running_median(lrs, losses)
+    suggestion = suggest_learning_rate(lrs[10:], median[10:], "minimum")
     assert lowest / 15 <= suggestion <= lowest / 7, (suggestion, lowest)
     # The previous reading (fastai's valley on the exponential average) lands
     # more than 3x lower: the valley starts where Adam first shaves the
@@ -231,7 +238,8 @@ def test_plot_draws_the_curve_on_a_log_axis():
     result = find_learning_rate(_example(), x, y, num_steps=20)
     ax = result.plot()
     assert ax.get_xscale() == "log"
-    assert len(ax.lines) == 3  # loss, smoothed loss, suggestion
+    # loss, exponential average, running median, suggestion
+    assert len(ax.lines) == 4
 
 
 def test_one_optimizer_step_per_rate_with_steps_per_execution():
