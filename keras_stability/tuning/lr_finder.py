@@ -161,7 +161,7 @@ def suggest_learning_rate(learning_rates, smoothed_losses, method="valley"):
         slope = np.gradient(losses[:end], np.log(lrs[:end]))
         return float(lrs[int(np.argmin(slope))])
     # fastai's `valley`: the longest decreasing subsequence of the loss; the
-    # suggestion sits at about half of its first two thirds.
+    # suggestion sits a third plus a sixth of the way through it (halfway).
     n = losses.size
     lds = np.ones(n, dtype=int)
     max_start, max_end = 0, 0
