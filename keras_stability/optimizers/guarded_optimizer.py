@@ -791,9 +791,9 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         held = None
         if self._trip_traced and getattr(self, "_loss_record", None) is not None:
             held = self._trip(finite, loss, loss_seen)
-        nonfinite_skip = ops.logical_and(
-            ops.logical_not(finite), ops.convert_to_tensor(self.skip_nonfinite)
-        )
+        # Flags known when tracing (no policy, no spike skipping, the
+        # `skip_nonfinite` setting) stay Python values: no op for them.
+        nonfinite_skip = ops.logical_not(finite) if self.skip_nonfinite else False
         if self.clipping is not None:
             threshold, clip_state = self.clipping.threshold(norm)
         else:
@@ -802,19 +802,19 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             spike, spike_state = self.skip_spikes.detect(norm)
             spike = on_update(ops.logical_and(spike, finite))
         else:
-            spike, spike_state = ops.convert_to_tensor(False), []
+            spike, spike_state = False, []
         if held is not None:
             # A held step counts as requested (by the host, through the trip).
             requested = ops.logical_or(requested, held)
-        other_skip = ops.logical_or(nonfinite_skip, requested)
-        skip = ops.logical_or(other_skip, spike)
-        accept = on_update(ops.logical_and(ops.logical_not(skip), finite))
+        other_skip = _or(nonfinite_skip, requested)
+        skip = _or(other_skip, spike)
         if self.clipping is not None:
+            accept = on_update(ops.logical_and(ops.logical_not(skip), finite))
             self.clipping.commit(clip_state, accept)
             _, clipped = self.clipping.clip(grads, variables, norm, threshold)
             clipped = on_update(ops.logical_and(clipped, ops.logical_not(skip)))
         else:
-            clipped = ops.convert_to_tensor(False)
+            clipped = False
         if self.skip_spikes is not None:
             # Spikes are skipped without being recorded; other skips record nothing.
             self.skip_spikes.commit(
@@ -825,8 +825,20 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         def count(flag):
             return ops.cast(flag, "int32")
 
-        requested_skip = ops.logical_and(requested, ops.logical_not(nonfinite_skip))
-        spike_skip = ops.logical_and(spike, ops.logical_not(other_skip))
+        def count_in(variable, flag):
+            if flag is not False:  # a counter of a flag always false stays
+                variable.assign_add(count(flag))
+
+        requested_skip = (
+            requested
+            if nonfinite_skip is False
+            else ops.logical_and(requested, ops.logical_not(nonfinite_skip))
+        )
+        spike_skip = (
+            False
+            if spike is False
+            else ops.logical_and(spike, ops.logical_not(other_skip))
+        )
         step = ops.add(self.step, 0)  # a snapshot, read before += 1
         self.grad_norm.assign(norm)
         if update is None:
@@ -837,10 +849,10 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                     update, ops.cast(threshold, "float32"), self.clip_threshold.value
                 )
             )
-        self.steps_clipped.assign_add(count(clipped))
-        self.steps_skipped_nonfinite.assign_add(count(nonfinite_skip))
+        count_in(self.steps_clipped, clipped)
+        count_in(self.steps_skipped_nonfinite, nonfinite_skip)
         self.steps_skipped_requested.assign_add(count(requested_skip))
-        self.steps_skipped_spike.assign_add(count(spike_skip))
+        count_in(self.steps_skipped_spike, spike_skip)
         self.last_step_skipped.assign(count(skip))
         self.skip_remaining.assign(
             ops.maximum(self.skip_remaining.value - count(asked), 0)
@@ -850,7 +862,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             stats = {
                 "global_norm": norm,
                 "clip_threshold": ops.cast(threshold, "float32"),
-                "skipped": skip,
+                "skipped": ops.convert_to_tensor(skip),
                 "step": step,
                 "squared_norms": squares,
                 "loss": loss,
@@ -1176,6 +1188,15 @@ def _check_inner_optimizer(inner):
             "unscaled); use LossScaleOptimizer(GuardedOptimizer(...)). Received: "
             f"loss_scale_factor={inner.loss_scale_factor!r}"
         )
+
+
+def _or(a, b):
+    """`a or b` for bool tensors, either of which may be the Python `False`."""
+    if a is False:
+        return b
+    if b is False:
+        return a
+    return ops.logical_or(a, b)
 
 
 def _get_spike_skipping(value):
