@@ -21,7 +21,9 @@ from keras_stability._checks import check_nonnegative_int
 from keras_stability._checks import check_number
 from keras_stability._checks import check_positive_int
 from keras_stability._checks import invalid
+from keras_stability.clipping.base import SquaredNorms
 from keras_stability.clipping.base import squared_norms
+from keras_stability.clipping.base import stacked_squared_norms
 from keras_stability.optimizers import GradientObserver
 from keras_stability.optimizers.guarded_optimizer import state_variable
 
@@ -294,9 +296,14 @@ class LayerGradientStats(GradientObserver):
         self.row_steps.assign(ops.concatenate([steps[1:], step], axis=0))
 
     def _group_sums(self, squares):
-        """Sums per-variable scalars by group: one stack and one segment sum."""
+        """Sums per-variable scalars by group: one stack and one segment sum.
+
+        `squares` is a list of scalars, one per variable, or a vector of them.
+        """
+        if isinstance(squares, (list, tuple)):
+            squares = ops.stack(squares)
         return ops.segment_sum(
-            ops.stack(squares), self._segment_ids, num_segments=len(self._members)
+            squares, self._segment_ids, num_segments=len(self._members)
         )
 
     def _report_step(self):
@@ -304,12 +311,24 @@ class LayerGradientStats(GradientObserver):
 
     def observe(self, grads, variables, stats):
         zero = ops.zeros((), "float32")
-        # The guard's squared norms, where they equal the dense gradient's.
-        shared = (stats or {}).get("squared_norms") or [None] * len(grads)
-        shared = [
-            s if g is not None and not hasattr(g, "indices") else None
-            for g, s in zip(grads, shared, strict=True)
-        ]
+        # The guard's squared norms, where they equal the dense gradient's:
+        # as its stacked vector when every gradient is there and dense.
+        shared = (stats or {}).get("squared_norms")
+        stacked = None
+        if (
+            isinstance(shared, SquaredNorms)
+            and len(shared) == len(grads)
+            and len(shared.present) == len(grads)
+            and shared.stacked is not None
+            and not any(hasattr(g, "indices") for g in grads)
+        ):
+            stacked = shared.stacked
+        shared = shared or [None] * len(grads)
+        if stacked is None:
+            shared = [
+                s if g is not None and not hasattr(g, "indices") else None
+                for g, s in zip(grads, shared, strict=True)
+            ]
         grads = [None if g is None else ops.cast(g, "float32") for g in grads]
         self.step.assign_add(1)
         norm = (stats or {}).get("global_norm")
@@ -341,22 +360,25 @@ class LayerGradientStats(GradientObserver):
             # Per-layer statistics: report steps (and anomalous steps) only.
             # Sparse gradients (embeddings) are measured dense: repeated
             # indices add up before squaring.
-            own = squared_norms(
-                [
-                    _dense(g) if s is None else None
-                    for g, s in zip(grads, shared, strict=True)
+            if stacked is not None:
+                squares = stacked
+            else:
+                own = squared_norms(
+                    [
+                        _dense(g) if s is None else None
+                        for g, s in zip(grads, shared, strict=True)
+                    ]
+                )
+                squares = [
+                    zero if g is None else s if s is not None else o
+                    for g, s, o in zip(grads, shared, own, strict=True)
                 ]
-            )
-            squares = [
-                zero if g is None else s if s is not None else o
-                for g, s, o in zip(grads, shared, own, strict=True)
-            ]
             self.grad_norms.assign(ops.sqrt(self._group_sums(squares)))
             self.report_step.assign(ops.cast(self.step, "int64"))
             if self.track_updates or self.histogram_bins:
                 weights = [_read(v) for v in variables]
                 self.weight_norms.assign(
-                    ops.sqrt(self._group_sums(squared_norms(weights)))
+                    ops.sqrt(self._group_sums(stacked_squared_norms(weights)[0]))
                 )
                 if self.track_updates and self._every_step:
                     self._before = (
@@ -404,7 +426,7 @@ class LayerGradientStats(GradientObserver):
             before = self._previous
             if self._every_step:
                 before, self._before = self._before, None  # no graph tensor kept
-            diffs = squared_norms(
+            diffs, _ = stacked_squared_norms(
                 [
                     ops.subtract(_read(v), ops.convert_to_tensor(p))
                     for v, p in zip(variables, before, strict=True)

@@ -18,8 +18,9 @@ from keras_stability._checks import check_bool
 from keras_stability._checks import check_nonnegative_int
 from keras_stability._checks import check_str
 from keras_stability._checks import invalid
-from keras_stability.clipping.base import global_norm
-from keras_stability.clipping.base import squared_norms
+from keras_stability.clipping.base import SquaredNorms
+from keras_stability.clipping.base import stacked_global_norm
+from keras_stability.clipping.base import stacked_squared_norms
 from keras_stability.clipping.spike import SpikeSkipping
 
 __all__ = ["GradientObserver", "GuardedOptimizer", "optimizer_chain"]
@@ -80,7 +81,9 @@ class GradientObserver:
       0-based index of this call of `apply`, counting skipped steps), and
       `"squared_norms"`, the list of each gradient's float32 squared norm
       (`None` for a `None` gradient; for a `tf.IndexedSlices`, of its values),
-      so observers need not compute them again, `"loss"` (float32, the
+      so observers need not compute them again (a `SquaredNorms` list: its
+      `stacked` attribute holds them as one vector, to sum without
+      stacking them again), `"loss"` (float32, the
       step's loss as seen by `GuardedOptimizer.scale_loss`, NaN when it was
       not called this step), `"loss_seen"` (bool) and `"update_step"`
       (bool: false on the calls where an inner optimizer with
@@ -783,8 +786,9 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             return flag if update is None else ops.logical_and(flag, update)
 
         loss, loss_seen = self._record_loss(pending)
-        squares = squared_norms(grads)
-        norm = global_norm(grads, squares)
+        # One vector of squared norms; split per gradient only for observers.
+        stacked = stacked_squared_norms(grads)
+        norm = stacked_global_norm(stacked[0])
         finite = ops.isfinite(norm)
         requested = ops.greater(self.skip_remaining.value, 0)
         asked = requested  # by `skip_next`
@@ -864,7 +868,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 "clip_threshold": ops.cast(threshold, "float32"),
                 "skipped": ops.convert_to_tensor(skip),
                 "step": step,
-                "squared_norms": squares,
+                "squared_norms": SquaredNorms.split(stacked, len(grads)),
                 "loss": loss,
                 "loss_seen": loss_seen,
                 "update_step": ops.convert_to_tensor(True)
@@ -872,7 +876,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 else update,
             }
             grads, variables, stats["squared_norms"] = self._observed(
-                grads, variables, squares
+                grads, variables, stats["squared_norms"]
             )
             for observer in self._observers:
                 observer.observe(grads, variables, stats)
