@@ -273,26 +273,34 @@ class LayerGradientStats(GradientObserver):
         n = len(self.layer_names)
         return 1 + (3 if self.track_updates else 2) * n + n * self.histogram_bins
 
-    def _write_row(self):
+    def _write_row(self, values=None):
         """Appends the current statistics to the buffer, dropping its oldest row.
 
         A shift (slice + concatenate) rather than an indexed update: a few
-        cheap ops, and the rows stay in step order.
+        cheap ops, and the rows stay in step order. `values`: the statistics
+        this step assigned, as tensors of the same graph (their variables
+        are read otherwise).
         """
+        values = values or {}
+
+        def current(name):
+            value = values.get(name)
+            return getattr(self, name) if value is None else value
+
         parts = [
-            ops.reshape(self.global_norm, (1,)),
-            self.grad_norms,
-            self.weight_norms,
+            ops.reshape(current("global_norm"), (1,)),
+            current("grad_norms"),
+            current("weight_norms"),
         ]
         if self.track_updates:
-            parts.append(self.update_ratios)
+            parts.append(current("update_ratios"))
         if self.histogram_bins:
-            parts.append(ops.reshape(self.histograms, (-1,)))
+            parts.append(ops.reshape(current("histograms"), (-1,)))
         row = ops.concatenate([ops.convert_to_tensor(p) for p in parts])
         rows = ops.convert_to_tensor(self.rows)
         self.rows.assign(ops.concatenate([rows[1:], ops.reshape(row, (1, -1))], axis=0))
         steps = ops.convert_to_tensor(self.row_steps)
-        step = ops.reshape(ops.cast(self.step, "int64"), (1,))
+        step = ops.reshape(ops.cast(current("step"), "int64"), (1,))
         self.row_steps.assign(ops.concatenate([steps[1:], step], axis=0))
 
     def _group_sums(self, squares):
@@ -306,8 +314,8 @@ class LayerGradientStats(GradientObserver):
             squares, self._segment_ids, num_segments=len(self._members)
         )
 
-    def _report_step(self):
-        return ops.equal(ops.mod(self.step, self.check_freq), 0)
+    def _report_step(self, step):
+        return ops.equal(ops.mod(step, self.check_freq), 0)
 
     def observe(self, grads, variables, stats):
         zero = ops.zeros((), "float32")
@@ -330,7 +338,9 @@ class LayerGradientStats(GradientObserver):
                 for g, s in zip(grads, shared, strict=True)
             ]
         grads = [None if g is None else ops.cast(g, "float32") for g in grads]
-        self.step.assign_add(1)
+        # The step after this one's `+= 1`, as a tensor (no read back).
+        step = ops.add(ops.convert_to_tensor(self.step), ops.ones((), "int64"))
+        self.step.assign(step)
         norm = (stats or {}).get("global_norm")
         if norm is None:
             norm = ops.sqrt(
@@ -341,7 +351,8 @@ class LayerGradientStats(GradientObserver):
                 )
             )
         norm = ops.cast(norm, "float32")
-        report = self._report_step()
+        # Every step reports (`_every_step`): known when tracing, no op.
+        report = None if self._every_step else self._report_step(step)
         if self.anomaly_factor is not None:
             previous = ops.convert_to_tensor(self.global_norm)
             anomaly = ops.logical_or(
@@ -353,6 +364,8 @@ class LayerGradientStats(GradientObserver):
             )
             report = ops.logical_or(report, anomaly)
         self.global_norm.assign(norm)
+        # What this step assigned, for the ring buffer's row (same graph).
+        row = {"global_norm": norm, "step": step}
         if not self._every_step:
             self._reported.assign(ops.cast(report, "int32"))
 
@@ -373,24 +386,28 @@ class LayerGradientStats(GradientObserver):
                     zero if g is None else s if s is not None else o
                     for g, s, o in zip(grads, shared, own, strict=True)
                 ]
-            self.grad_norms.assign(ops.sqrt(self._group_sums(squares)))
-            self.report_step.assign(ops.cast(self.step, "int64"))
+            row["grad_norms"] = ops.sqrt(self._group_sums(squares))
+            self.grad_norms.assign(row["grad_norms"])
+            self.report_step.assign(step)
             if self.track_updates or self.histogram_bins:
                 weights = [_read(v) for v in variables]
-                self.weight_norms.assign(
-                    ops.sqrt(self._group_sums(stacked_squared_norms(weights)[0]))
+                row["weight_norms"] = ops.sqrt(
+                    self._group_sums(stacked_squared_norms(weights)[0])
                 )
+                self.weight_norms.assign(row["weight_norms"])
                 if self.track_updates and self._every_step:
-                    self._before = (
-                        weights  # read before the update; used in after_apply
-                    )
+                    # Read before the update; used in after_apply (with the
+                    # step's other values, in the same graph: no `cond`).
+                    self._before = weights
+                    self._row = row
             if self.track_updates and not self._every_step:
                 for prev, v in zip(self._previous, variables, strict=True):
                     prev.assign(v)
             if self.histogram_bins:
-                self.histograms.assign(self._histograms(grads))
+                row["histograms"] = self._histograms(grads)
+                self.histograms.assign(row["histograms"])
             if self.buffer_size and not self.track_updates:
-                self._write_row()  # complete now (else after the update)
+                self._write_row(row)  # complete now (else after the update)
             return ops.zeros((), "int32")
 
         if self._every_step:
@@ -423,9 +440,11 @@ class LayerGradientStats(GradientObserver):
             return
 
         def report():
-            before = self._previous
+            before, row = self._previous, None
             if self._every_step:
-                before, self._before = self._before, None  # no graph tensor kept
+                # No graph tensor kept past this step.
+                before, self._before = self._before, None
+                row, self._row = self._row, None
             diffs, _ = stacked_squared_norms(
                 [
                     ops.subtract(_read(v), ops.convert_to_tensor(p))
@@ -433,12 +452,15 @@ class LayerGradientStats(GradientObserver):
                 ]
             )
             # `weight_norms` holds the norms of `_previous`, from this step.
+            weight_norms = self.weight_norms if row is None else row["weight_norms"]
             ratio = ops.sqrt(self._group_sums(diffs)) / (
-                ops.convert_to_tensor(self.weight_norms) + 1e-12
+                ops.convert_to_tensor(weight_norms) + 1e-12
             )
             self.update_ratios.assign(ratio)
             if self.buffer_size:
-                self._write_row()
+                self._write_row(
+                    None if row is None else {**row, "update_ratios": ratio}
+                )
             return ops.zeros((), "int32")
 
         if self._every_step:
