@@ -790,7 +790,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         stacked = stacked_squared_norms(grads)
         norm = stacked_global_norm(stacked[0])
         finite = ops.isfinite(norm)
-        requested = ops.greater(self.skip_remaining.value, 0)
+        remaining = ops.convert_to_tensor(self.skip_remaining)  # one read
+        requested = ops.greater(remaining, 0)
         asked = requested  # by `skip_next`
         held = None
         if self._trip_traced and getattr(self, "_loss_record", None) is not None:
@@ -843,7 +844,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             if spike is False
             else ops.logical_and(spike, ops.logical_not(other_skip))
         )
-        step = ops.add(self.step, 0)  # a snapshot, read before += 1
+        step = ops.add(self.step, 0)  # a snapshot, read before += 1 (one read)
         self.grad_norm.assign(norm)
         if update is None:
             self.clip_threshold.assign(ops.cast(threshold, "float32"))
@@ -858,10 +859,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         self.steps_skipped_requested.assign_add(count(requested_skip))
         count_in(self.steps_skipped_spike, spike_skip)
         self.last_step_skipped.assign(count(skip))
-        self.skip_remaining.assign(
-            ops.maximum(self.skip_remaining.value - count(asked), 0)
-        )
-        self.step.assign_add(1)
+        self.skip_remaining.assign(ops.maximum(remaining - count(asked), 0))
+        self.step.assign(ops.add(step, 1))
         if self._observers:
             stats = {
                 "global_norm": norm,
