@@ -315,7 +315,11 @@ class LayerGradientStats(GradientObserver):
         )
 
     def _report_step(self, step):
-        return ops.equal(ops.mod(step, self.check_freq), 0)
+        # Constants of the step's dtype: no cast in the step.
+        # (Keras converts a Python int with a cast; a NumPy scalar is a constant.)
+        dtype = keras.backend.standardize_dtype(step.dtype)
+        freq = np.array(self.check_freq, dtype)
+        return ops.equal(ops.mod(step, freq), np.array(0, dtype))
 
     def observe(self, grads, variables, stats):
         zero = ops.zeros((), "float32")
@@ -338,9 +342,8 @@ class LayerGradientStats(GradientObserver):
                 for g, s in zip(grads, shared, strict=True)
             ]
         grads = [None if g is None else ops.cast(g, "float32") for g in grads]
-        # The step after this one's `+= 1`, as a tensor (no read back).
-        step = ops.add(ops.convert_to_tensor(self.step), ops.ones((), "int64"))
-        self.step.assign(step)
+        _keras_internals.assign_add(self.step, 1)
+        step = _keras_internals.read(self.step)  # read once, after the += 1
         norm = (stats or {}).get("global_norm")
         if norm is None:
             norm = ops.sqrt(
@@ -354,7 +357,7 @@ class LayerGradientStats(GradientObserver):
         # Every step reports (`_every_step`): known when tracing, no op.
         report = None if self._every_step else self._report_step(step)
         if self.anomaly_factor is not None:
-            previous = ops.convert_to_tensor(self.global_norm)
+            previous = _keras_internals.read(self.global_norm)  # one read
             anomaly = ops.logical_or(
                 ops.logical_not(ops.isfinite(norm)),
                 ops.logical_and(

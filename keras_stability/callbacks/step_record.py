@@ -93,7 +93,8 @@ def record_state(model):
     if tracker is None:
         zero = ops.zeros((), "float32")
         return (zero, zero)
-    return (ops.add(tracker.total, 0.0), ops.add(tracker.count, 0.0))
+    # Read now, before the step updates them (one read each).
+    return (_keras_internals.read(tracker.total), _keras_internals.read(tracker.count))
 
 
 def record_values(model, guard, attribute, record):
@@ -105,13 +106,13 @@ def record_values(model, guard, attribute, record):
         total_before, count_before = state
         tracker = _keras_internals.loss_tracker(model)
         if tracker is not None:
-            total_after = ops.add(tracker.total, 0.0)
-            count_after = ops.add(tracker.count, 0.0)
+            total_after = _keras_internals.read(tracker.total)
+            count_after = _keras_internals.read(tracker.count)
         else:
             total_after, count_after = total_before, count_before
         # Few ops: on a 1 ms step each costs about a percent.
         skipped = ops.greater(guard.last_step_skipped, 0)
-        grad_norm = ops.convert_to_tensor(guard.grad_norm)  # one read
+        grad_norm = _keras_internals.read(guard.grad_norm)  # one read
         finite = ops.isfinite(grad_norm)
         if guard.skip_nonfinite:  # the guard's own condition for a non-finite skip
             nonfinite = ops.logical_and(skipped, ops.logical_not(finite))
@@ -162,13 +163,11 @@ def record_values(model, guard, attribute, record):
                 ops.reshape(row, (1, -1)),
             )
         )
-        record.written.assign(ops.add(written, 1))
-        skipped_batches = ops.add(ops.convert_to_tensor(record.skipped), flags[0])
-        record.skipped.assign(skipped_batches)
-        # A tensor (the new value), not the variable: under a multi-worker
-        # strategy the step's outputs are reduced across workers, which
-        # takes tensors.
-        new["skipped_batches"] = skipped_batches
+        _keras_internals.assign_add(record.written, 1)
+        _keras_internals.assign_add(record.skipped, flags[0])
+        # A tensor (a read), not the variable: under a multi-worker strategy
+        # the step's outputs are reduced across workers, which takes tensors.
+        new["skipped_batches"] = ops.convert_to_tensor(record.skipped.value)
         return new
 
     return values

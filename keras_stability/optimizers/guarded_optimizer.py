@@ -533,7 +533,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
     def _trip(self, finite, loss, loss_seen):
         """The trip flag after this step (a bool tensor), updated in-graph."""
         record = self._loss_record
-        limit = record.trip_limit.value
+        limit = _keras_internals.read(record.trip_limit)  # one read, two uses
         run = ops.where(finite, 0, ops.add(record.nonfinite_run.value, 1))
         bad_loss = ops.logical_and(loss_seen, ops.logical_not(ops.isfinite(loss)))
         tripped = ops.logical_or(
@@ -790,7 +790,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         stacked = stacked_squared_norms(grads)
         norm = stacked_global_norm(stacked[0])
         finite = ops.isfinite(norm)
-        remaining = ops.convert_to_tensor(self.skip_remaining)  # one read
+        remaining = _keras_internals.read(self.skip_remaining)  # one read
         requested = ops.greater(remaining, 0)
         asked = requested  # by `skip_next`
         held = None
@@ -832,7 +832,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
 
         def count_in(variable, flag):
             if flag is not False:  # a counter of a flag always false stays
-                variable.assign_add(count(flag))
+                _keras_internals.assign_add(variable, count(flag))
 
         requested_skip = (
             requested
@@ -844,7 +844,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             if spike is False
             else ops.logical_and(spike, ops.logical_not(other_skip))
         )
-        step = ops.add(self.step, 0)  # a snapshot, read before += 1 (one read)
+        # A snapshot for the observers, read before += 1.
+        step = _keras_internals.read(self.step) if self._observers else None
         self.grad_norm.assign(norm)
         if update is None:
             self.clip_threshold.assign(ops.cast(threshold, "float32"))
@@ -856,11 +857,11 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             )
         count_in(self.steps_clipped, clipped)
         count_in(self.steps_skipped_nonfinite, nonfinite_skip)
-        self.steps_skipped_requested.assign_add(count(requested_skip))
+        count_in(self.steps_skipped_requested, requested_skip)
         count_in(self.steps_skipped_spike, spike_skip)
         self.last_step_skipped.assign(count(skip))
         self.skip_remaining.assign(ops.maximum(remaining - count(asked), 0))
-        self.step.assign(ops.add(step, 1))
+        _keras_internals.assign_add(self.step, 1)
         if self._observers:
             stats = {
                 "global_norm": norm,
