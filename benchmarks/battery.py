@@ -665,26 +665,48 @@ def summary(rows):
 # Steps of 1-2-3-5 per decade: the half-decade grid (3e-4, 1e-3, 3e-3, ...)
 # places the best rate only to within 3x, the tolerance being checked.
 LR_FIND_GRID = (3e-4, 5e-4, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 3e-2)
+# The Adam runs of the battery's healthy cases `--lr-find-on` takes.
+LR_FIND_FAMILIES = {
+    "lm": ("the char LM", "the battery's 2-block char LM (Adam, 6 epochs of 16 steps)"),
+    "example": ("the Keras example", "the Keras example (Adam, 10 epochs of 50 steps)"),
+    "digits": ("the digits MLP", "the digits MLP (Adam, 60 epochs of 45 steps)"),
+}
 
 
-def lr_find(seeds=3, grid=LR_FIND_GRID, log=print):
-    """`find_learning_rate` on the battery's char LM against a grid search.
+def _previous_reading(result):
+    """The reading of `find_learning_rate` before the running median: fastai's
+    `valley` on the bias-corrected exponential average (beta 0.98)."""
+    from keras_stability.tuning import suggest_learning_rate
 
-    For each seed: plain `fit` (Adam, the battery's 6 epochs) at each rate of
+    average, ema = 0.0, []
+    for i, loss in enumerate(result.losses):
+        average = 0.98 * average + 0.02 * loss
+        ema.append(average / (1 - 0.98 ** (i + 1)))
+    skip = 10  # a tenth of the default 100 steps
+    return suggest_learning_rate(
+        result.learning_rates[skip:], np.asarray(ema)[skip:], "valley"
+    )
+
+
+def lr_find(seeds=3, grid=LR_FIND_GRID, family="lm", log=print):
+    """`find_learning_rate` on one of the battery's models against a grid search.
+
+    For each seed: plain `fit` (Adam, the case's epochs) at each rate of
     `grid`, and `find_learning_rate` (its defaults) on a fresh model of the
     same seed and training data. The grid's best rate is the one with the
     lowest mean held-out loss over the seeds; the issue's goal is a
-    suggestion within 3x of it.
+    suggestion within 3x of it. The previous default reading (fastai's
+    `valley` on the exponential average) is read off the same test.
 
     Returns:
         `{"losses": {lr: [loss per seed]}, "best_lr": float,
-        "suggestions": [float per seed]}`.
+        "suggestions": [float per seed], "previous": [float per seed]}`.
     """
     import keras
 
     from keras_stability.tuning import find_learning_rate
 
-    (case,) = [c for c in cases() if c.family == "lm" and c.kind == "healthy"]
+    (case,) = [c for c in cases() if c.family == family and c.kind == "healthy"]
     losses = {
         lr: [fit_once(case, seed, lr)["loss"] for seed in range(seeds)] for lr in grid
     }
@@ -696,7 +718,7 @@ def lr_find(seeds=3, grid=LR_FIND_GRID, log=print):
             flush=True,
         )
     best_lr = min(grid, key=lambda lr: np.mean(losses[lr]))
-    suggestions = []
+    suggestions, previous = [], []
     for seed in range(seeds):
         x, y, _, _ = case.data(seed)
         keras.utils.set_random_seed(seed)
@@ -705,33 +727,48 @@ def lr_find(seeds=3, grid=LR_FIND_GRID, log=print):
             warnings.simplefilter("ignore")
             result = find_learning_rate(model, x, y, batch_size=case.batch_size)
         suggestions.append(result.suggestion)
-    return {"losses": losses, "best_lr": best_lr, "suggestions": suggestions}
+        previous.append(_previous_reading(result))
+    return {
+        "losses": losses,
+        "best_lr": best_lr,
+        "suggestions": suggestions,
+        "previous": previous,
+    }
 
 
-def main_lr_find(seeds):
+def _ratio_text(suggestion, best):
+    ratio = max(suggestion / best, best / suggestion)
+    return f"{suggestion:.3g} ({ratio:.2g}x {'low' if suggestion < best else 'high'}; {'within' if ratio <= 3 else 'NOT within'} 3x)"
+
+
+def main_lr_find(seeds, family="lm"):
     start = time.perf_counter()
-    print("## find_learning_rate on the char LM (issue #16)\n")
+    title, model = LR_FIND_FAMILIES[family]
+    print(f"## find_learning_rate on {title} (issue #16)\n")
     print(f"Machine: {environment()}\n")
     print(
-        "Plain `fit` of the battery's 2-block char LM (Adam, 6 epochs of 16 "
-        "steps), held-out loss per seed, and `find_learning_rate(model, x, y, "
-        "batch_size=32)` (defaults) on a fresh model of each seed.\n"
+        f"Plain `fit` of {model}, held-out loss per seed, and "
+        "`find_learning_rate(model, x, y, batch_size=32)` (defaults) on a fresh "
+        "model of each seed.\n"
     )
     print(
         "| Adam rate | " + " | ".join(f"seed {s}" for s in range(seeds)) + " | mean |"
     )
     print("|---" * (seeds + 2) + "|")
-    result = lr_find(seeds)
+    result = lr_find(seeds, family=family)
     best = result["best_lr"]
     print(f"\nGrid best: {best:g}.")
-    for seed, suggestion in enumerate(result["suggestions"]):
-        ratio = max(suggestion / best, best / suggestion)
+    for seed, (now, before) in enumerate(
+        zip(result["suggestions"], result["previous"], strict=True)
+    ):
         print(
-            f"- seed {seed}: suggestion {suggestion:.3g} ({ratio:.2g}x from the grid "
-            f"best; {'within' if ratio <= 3 else 'NOT within'} 3x)"
+            f"- seed {seed}: suggestion {_ratio_text(now, best)}; "
+            f"before (`valley` on the exponential average) {_ratio_text(before, best)}"
         )
+    flag = "" if family == "lm" else f" --lr-find-on {family}"
     print(
-        f"\nCommand: `python -m benchmarks.gradient_health --battery --lr-find --seeds {seeds}`\n"
+        "\nCommand: `python -m benchmarks.gradient_health --battery --lr-find "
+        f"--seeds {seeds}{flag}`\n"
     )
     print(f"_Ran in {time.perf_counter() - start:.0f} s._")
     return result
@@ -763,9 +800,15 @@ def main(argv=None):
         help="instead of the battery: find_learning_rate on the char LM "
         "against a grid search (with --seeds)",
     )
+    parser.add_argument(
+        "--lr-find-on",
+        choices=sorted(LR_FIND_FAMILIES),
+        default="lm",
+        help="with --lr-find: the model (default: the char LM)",
+    )
     args = parser.parse_args(argv)
     if args.lr_find:
-        return main_lr_find(args.seeds)
+        return main_lr_find(args.seeds, args.lr_find_on)
     seeds = 1 if args.quick else args.seeds
     selected = cases()
     if args.only:

@@ -87,22 +87,97 @@ def overhead(rounds, workload, burst=None, only=None):
     slowdown is the median over rounds of the per-round ratio to plain fit,
     for wall time and for the process's CPU time (all threads).
     """
-    import keras
     import tensorflow as tf
     from keras.src.callbacks.callback_list import CallbackList
+
+    burst = burst or WORKLOADS[workload][2]
+    x, y = workload_data(workload)
+    loops = {}
+    for name, model, callbacks in fitted_variants(workload, only):
+        callback_list = CallbackList(
+            callbacks, add_history=True, model=model, verbose=0, epochs=1, steps=10**9
+        )
+        data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=0)
+        iterator = iter(data.batch(32, drop_remainder=True).repeat())
+        callback_list.on_train_begin()
+        callback_list.on_epoch_begin(0)
+        loops[name] = (model, callback_list, iterator, [0])
+
+    def run(name, steps):
+        model, callback_list, iterator, step = loops[name]
+        for _ in range(steps):
+            callback_list.on_train_batch_begin(step[0])
+            logs = model.train_function(iterator)
+            callback_list.on_train_batch_end(step[0], logs)
+            step[0] += 1
+
+    names = list(loops)
+    for name in names:
+        run(name, 2 * burst)  # warm up
+    wall = {name: [] for name in names}
+    cpu = {name: [] for name in names}
+    for i in range(rounds):
+        for name in names if i % 2 == 0 else names[::-1]:
+            w0, c0 = time.perf_counter(), time.process_time()
+            run(name, burst)
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append(time.process_time() - c0)
+    for _, callback_list, _, _ in loops.values():
+        callback_list.on_train_end()
+    rows = []
+    for name in names:
+        stat = summarize([t / burst * 1e3 for t in wall[name]])
+        ratios = {}
+        for kind, times in (("wall", wall), ("cpu", cpu)):
+            per_round = [
+                (a / b - 1) * 100
+                for a, b in zip(times[name], times["plain fit"], strict=True)
+            ]
+            q1, q2, q3 = np.percentile(per_round, [25, 50, 75])
+            ratios[kind] = f"{q2:+.1f}% ({q1:+.1f}..{q3:+.1f})"
+            if kind == "wall":
+                low, high = _median_interval(per_round)
+                ratios["interval"] = f"{low:+.1f}..{high:+.1f}%"
+        fastest = (min(wall[name]) / min(wall["plain fit"]) - 1) * 100
+        rows.append(
+            f"| {workload} | {name} | {stat['median']:.3f} ms | {ratios['wall']} | "
+            f"{ratios['interval']} | {fastest:+.1f}% | {ratios['cpu']} |"
+        )
+    return rows
+
+
+def workload_data(workload):
+    """The training data `(x, y)` of `workload` (a key of `WORKLOADS`)."""
+    from keras_stability.datasets import load_dataset
+
+    model_name = WORKLOADS[workload][0]
+    if model_name == "example":
+        (x, y), _ = load_dataset("synthetic", seed=0)
+        return x, y
+    size = LARGE_LM if model_name == "transformer-4x" else {}
+    return _lm_data(0, n=2048 if not size else 512, **_data_size(size))
+
+
+def fitted_variants(workload, only=None):
+    """Yields `(variant name, model, callbacks)`, each fitted for one epoch.
+
+    Each variant gets its own model (seed 0), compiled with its optimizer and
+    fitted once with its callbacks, which traces the train function and
+    attaches the callbacks. `only`: the variants whose name contains one of
+    these strings (plain fit always).
+    """
+    import keras
 
     from keras_stability.callbacks import GradientExplosionDetector
     from keras_stability.callbacks import GradientMonitor
     from keras_stability.clipping import ZClip
-    from keras_stability.datasets import load_dataset
     from keras_stability.models import build_example_model
     from keras_stability.models import compile_example_model
     from keras_stability.optimizers import GuardedOptimizer
 
-    model_name, jit_compile, default_burst, measured = WORKLOADS[workload]
-    burst = burst or default_burst
+    model_name, jit_compile, _, measured = WORKLOADS[workload]
+    x, y = workload_data(workload)
     if model_name == "example":
-        (x, y), _ = load_dataset("synthetic", seed=0)
 
         def build(optimizer):
             model = compile_example_model(build_example_model(), optimizer)
@@ -117,7 +192,6 @@ def overhead(rounds, workload, burst=None, only=None):
 
     else:
         size = LARGE_LM if model_name == "transformer-4x" else {}
-        x, y = _lm_data(0, n=2048 if not size else 512, **_data_size(size))
 
         def build(optimizer):
             model = _transformer(**size)
@@ -158,7 +232,6 @@ def overhead(rounds, workload, burst=None, only=None):
             for name, make in variants.items()
             if name == "plain fit" or any(part in name for part in only)
         }
-    loops = {}
     for name, make in variants.items():
         keras.utils.set_random_seed(0)
         optimizer = keras.optimizers.Adam(1e-3)
@@ -181,56 +254,7 @@ def overhead(rounds, workload, burst=None, only=None):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=callbacks)
-        callback_list = CallbackList(
-            callbacks, add_history=True, model=model, verbose=0, epochs=1, steps=10**9
-        )
-        data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=0)
-        iterator = iter(data.batch(32, drop_remainder=True).repeat())
-        callback_list.on_train_begin()
-        callback_list.on_epoch_begin(0)
-        loops[name] = (model, callback_list, iterator, [0])
-
-    def run(name, steps):
-        model, callback_list, iterator, step = loops[name]
-        for _ in range(steps):
-            callback_list.on_train_batch_begin(step[0])
-            logs = model.train_function(iterator)
-            callback_list.on_train_batch_end(step[0], logs)
-            step[0] += 1
-
-    names = list(variants)
-    for name in names:
-        run(name, 2 * burst)  # warm up
-    wall = {name: [] for name in names}
-    cpu = {name: [] for name in names}
-    for i in range(rounds):
-        for name in names if i % 2 == 0 else names[::-1]:
-            w0, c0 = time.perf_counter(), time.process_time()
-            run(name, burst)
-            wall[name].append(time.perf_counter() - w0)
-            cpu[name].append(time.process_time() - c0)
-    for _, callback_list, _, _ in loops.values():
-        callback_list.on_train_end()
-    rows = []
-    for name in names:
-        stat = summarize([t / burst * 1e3 for t in wall[name]])
-        ratios = {}
-        for kind, times in (("wall", wall), ("cpu", cpu)):
-            per_round = [
-                (a / b - 1) * 100
-                for a, b in zip(times[name], times["plain fit"], strict=True)
-            ]
-            q1, q2, q3 = np.percentile(per_round, [25, 50, 75])
-            ratios[kind] = f"{q2:+.1f}% ({q1:+.1f}..{q3:+.1f})"
-            if kind == "wall":
-                low, high = _median_interval(per_round)
-                ratios["interval"] = f"{low:+.1f}..{high:+.1f}%"
-        fastest = (min(wall[name]) / min(wall["plain fit"]) - 1) * 100
-        rows.append(
-            f"| {workload} | {name} | {stat['median']:.3f} ms | {ratios['wall']} | "
-            f"{ratios['interval']} | {fastest:+.1f}% | {ratios['cpu']} |"
-        )
-    return rows
+        yield name, model, callbacks
 
 
 def _guard_without_cond(inner):

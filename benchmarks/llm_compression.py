@@ -66,6 +66,29 @@ def mlp(units, name, dropout=0.0):
     )
 
 
+def cnn_teacher(name="cnn_teacher"):
+    """A small CNN on the 8x8 images that sees each one shifted by up to a pixel.
+
+    `RandomTranslation` is active only in training: the teacher learns from
+    the same labeled rows as the MLP teacher, with the invariance the
+    images have (a digit moved by a pixel is the same digit).
+    """
+    import keras
+
+    inputs = keras.Input((64,))
+    h = keras.layers.Reshape((8, 8, 1))(inputs)
+    h = keras.layers.RandomTranslation(
+        0.125, 0.125, fill_mode="constant", interpolation="nearest"
+    )(h)
+    h = keras.layers.Conv2D(32, 3, padding="same", activation="relu")(h)
+    h = keras.layers.Conv2D(64, 3, padding="same", activation="relu")(h)
+    h = keras.layers.MaxPooling2D()(h)
+    h = keras.layers.Flatten()(h)
+    h = keras.layers.Dropout(0.3)(h)
+    h = keras.layers.Dense(128, activation="relu")(h)
+    return keras.Model(inputs, keras.layers.Dense(10)(h), name=name)
+
+
 def accuracy(model, x, y):
     return float(
         np.mean(np.argmax(model.predict(x, verbose=0, batch_size=512), -1) == y)
@@ -89,9 +112,9 @@ def digits_few_labels(seed, data, fraction, epochs, alpha, temperature):
     x_few, y_few = np.tile(x[labeled], (repeats, 1)), np.tile(y[labeled], repeats)
     ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
-    def train_teacher(xs, ys):
+    def train_teacher(xs, ys, build=None):
         keras.utils.set_random_seed(seed)
-        teacher = mlp(TEACHER_UNITS, "teacher", dropout=0.3)
+        teacher = build() if build else mlp(TEACHER_UNITS, "teacher", dropout=0.3)
         teacher.compile(optimizer=keras.optimizers.Adam(1e-3), loss=ce)
         teacher.fit(xs, ys, epochs=epochs, batch_size=64, verbose=0)
         return teacher
@@ -121,6 +144,12 @@ def digits_few_labels(seed, data, fraction, epochs, alpha, temperature):
     keras.utils.set_random_seed(seed + 2000)
     scratch.fit(x_few, y_few, epochs=epochs, batch_size=64, verbose=0)
     full_teacher = train_teacher(x, y)
+    conv_teacher = train_teacher(x_few, y_few, cnn_teacher)
+    # The ceiling: the same student with every training label.
+    supervised = student()
+    supervised.compile(optimizer=keras.optimizers.Adam(3e-3), loss=ce)
+    keras.utils.set_random_seed(seed + 2000)
+    supervised.fit(x, y, epochs=epochs, batch_size=64, verbose=0)
     return {
         "teacher": accuracy(teacher, xt, yt),
         "scratch": accuracy(scratch, xt, yt),
@@ -128,6 +157,9 @@ def digits_few_labels(seed, data, fraction, epochs, alpha, temperature):
         "distilled_all": distill(teacher, x, y_partial),
         "full_teacher": accuracy(full_teacher, xt, yt),
         "distilled_all_full_teacher": distill(full_teacher, x, y_partial),
+        "cnn_teacher": accuracy(conv_teacher, xt, yt),
+        "distilled_all_cnn_teacher": distill(conv_teacher, x, y_partial),
+        "student_all_labels": accuracy(supervised, xt, yt),
     }
 
 
@@ -1041,6 +1073,8 @@ def main(argv=None):
     gains_full = [
         100 * (r["distilled_all_full_teacher"] - r["scratch"]) for r in results
     ]
+    gains_cnn = [100 * (r["distilled_all_cnn_teacher"] - r["scratch"]) for r in results]
+    ceiling = [100 * (r["student_all_labels"] - r["scratch"]) for r in results]
     n_labeled = int(round(args.fraction * len(x)))
     lines = [
         f"## Distillation with {100 * args.fraction:g}% of the labels (digits; `Distiller(ignore_class=-1)`)",
@@ -1072,19 +1106,31 @@ def main(argv=None):
         f"{mean_sd('full_teacher')} |",
         f"| student distilled from it | {n_labeled} | {len(x)} (all) | "
         f"{mean_sd('distilled_all_full_teacher')} |",
+        f"| CNN teacher, inputs shifted by up to a pixel in training | {n_labeled} | "
+        f"{n_labeled} | {mean_sd('cnn_teacher')} |",
+        f"| student distilled from the CNN teacher | {n_labeled} | {len(x)} (all) | "
+        f"{mean_sd('distilled_all_cnn_teacher')} |",
+        f"| student trained on all labels (the ceiling) | {len(x)} | {len(x)} | "
+        f"{mean_sd('student_all_labels')} |",
         "",
         "Distilled on all inputs minus scratch, per seed: "
         + ", ".join(f"{g:+.1f}" for g in gains)
         + f" points (mean {statistics.mean(gains):+.1f}); from the teacher trained on all "
         "labels: "
         + ", ".join(f"{g:+.1f}" for g in gains_full)
-        + f" (mean {statistics.mean(gains_full):+.1f}). Per seed (teacher / scratch / "
+        + f" (mean {statistics.mean(gains_full):+.1f}); from the CNN teacher: "
+        + ", ".join(f"{g:+.1f}" for g in gains_cnn)
+        + f" (mean {statistics.mean(gains_cnn):+.1f}); the student with all labels: "
+        + ", ".join(f"{g:+.1f}" for g in ceiling)
+        + f" (mean {statistics.mean(ceiling):+.1f}). Per seed (teacher / scratch / "
         "distilled on the labeled rows / distilled on all inputs / teacher on all labels / "
-        "distilled from it): "
+        "distilled from it / CNN teacher / distilled from it / student on all labels): "
         + "; ".join(
             f"{100 * r['teacher']:.1f}/{100 * r['scratch']:.1f}/"
             f"{100 * r['distilled_labeled']:.1f}/{100 * r['distilled_all']:.1f}/"
-            f"{100 * r['full_teacher']:.1f}/{100 * r['distilled_all_full_teacher']:.1f}"
+            f"{100 * r['full_teacher']:.1f}/{100 * r['distilled_all_full_teacher']:.1f}/"
+            f"{100 * r['cnn_teacher']:.1f}/{100 * r['distilled_all_cnn_teacher']:.1f}/"
+            f"{100 * r['student_all_labels']:.1f}"
             for r in results
         ),
         "",

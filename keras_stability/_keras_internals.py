@@ -296,6 +296,47 @@ def optimizer_has_variable(optimizer, variable):
     return optimizer._var_key(variable) in optimizer._trainable_variables_indices
 
 
+def read(variable):
+    """The value of a Keras variable now, as one tensor (one read in a graph).
+
+    On TensorFlow, `keras.ops.convert_to_tensor(variable)` returns the
+    TensorFlow variable itself, so each op that uses it reads it again
+    (a `ReadVariableOp` per use). This reads the TensorFlow variable Keras
+    wraps once (`Variable._value.value()`; under a strategy, this replica's
+    or the primary copy, as any read there). The read is ordered before the
+    step's later updates of the variable and after its earlier ones.
+    """
+    inner = getattr(variable, "_value", None)
+    if keras.backend.backend() != "tensorflow" or inner is None:
+        return keras.ops.convert_to_tensor(variable)
+    return inner.value()
+
+
+def assign_add(variable, delta):
+    """`variable.assign_add(delta)`, as one op in a TensorFlow graph.
+
+    Keras' `Variable.assign_add` is `assign(self + value)`: a read, an add
+    and an assign in the compiled step. On TensorFlow (outside a
+    `keras.StatelessScope`, which records assignments instead) this adds
+    `delta` with one `AssignAddVariableOp` on the TensorFlow variable Keras
+    wraps (`Variable._value`; a distributed variable under a strategy),
+    with the same result.
+    """
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+    inner = getattr(variable, "_value", None)
+    if keras.backend.backend() != "tensorflow" or inner is None or in_stateless_scope():
+        variable.assign_add(delta)
+        return
+    import tensorflow as tf
+
+    if tf.is_tensor(delta):
+        delta = tf.cast(delta, inner.dtype)
+    else:  # a constant of the variable's dtype (no cast in the step)
+        delta = tf.constant(delta, inner.dtype)
+    inner.assign_add(delta, read_value=False)
+
+
 def _identity_reduce(grads_and_vars):
     return list(grads_and_vars)
 

@@ -407,3 +407,49 @@ def test_quiet_tracing_warning_sets_the_flag_tensorflow_reads():
     # The flag TensorFlow passes to its frequent-tracing detector.
     source = inspect.getsource(polymorphic_function.Function.__call__)
     assert "self._omit_frequent_tracing_warning" in source
+
+
+def test_assign_add_is_one_op_in_the_step_with_keras_result():
+    import keras
+    import tensorflow as tf
+
+    counter = keras.Variable(3, dtype="int32", trainable=False)
+    total = keras.Variable(0.5, dtype="float32", trainable=False)
+
+    @tf.function
+    def step(flag):
+        _keras_internals.assign_add(counter, 1)
+        _keras_internals.assign_add(total, tf.cast(flag, "float32"))
+
+    step(tf.constant(True))
+    step(tf.constant(False))
+    assert int(counter.numpy()) == 5
+    assert float(total.numpy()) == 1.5
+    graph = step.get_concrete_function(tf.TensorSpec((), tf.bool)).graph
+    kinds = [op.type for op in graph.get_operations()]
+    assert kinds.count("AssignAddVariableOp") == 2
+    assert "AssignVariableOp" not in kinds and "ReadVariableOp" not in kinds
+    # In a stateless scope Keras records the update instead.
+    with keras.StatelessScope() as scope:
+        _keras_internals.assign_add(counter, 2)
+    assert int(scope.get_current_value(counter)) == 7
+    assert int(counter.numpy()) == 5
+
+
+def test_read_is_one_read_for_several_uses_with_the_value_at_that_point():
+    import keras
+    import tensorflow as tf
+
+    counter = keras.Variable(3, dtype="int32", trainable=False)
+
+    @tf.function
+    def step():
+        before = _keras_internals.read(counter)
+        counter.assign(before + 10)
+        after = _keras_internals.read(counter)
+        return before, keras.ops.maximum(before - 1, 0), after
+
+    before, lowered, after = step()
+    assert (int(before), int(lowered), int(after)) == (3, 2, 13)
+    kinds = [op.type for op in step.get_concrete_function().graph.get_operations()]
+    assert kinds.count("ReadVariableOp") == 2

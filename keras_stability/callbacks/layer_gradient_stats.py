@@ -21,7 +21,9 @@ from keras_stability._checks import check_nonnegative_int
 from keras_stability._checks import check_number
 from keras_stability._checks import check_positive_int
 from keras_stability._checks import invalid
+from keras_stability.clipping.base import SquaredNorms
 from keras_stability.clipping.base import squared_norms
+from keras_stability.clipping.base import stacked_squared_norms
 from keras_stability.optimizers import GradientObserver
 from keras_stability.optimizers.guarded_optimizer import state_variable
 
@@ -271,47 +273,77 @@ class LayerGradientStats(GradientObserver):
         n = len(self.layer_names)
         return 1 + (3 if self.track_updates else 2) * n + n * self.histogram_bins
 
-    def _write_row(self):
+    def _write_row(self, values=None):
         """Appends the current statistics to the buffer, dropping its oldest row.
 
         A shift (slice + concatenate) rather than an indexed update: a few
-        cheap ops, and the rows stay in step order.
+        cheap ops, and the rows stay in step order. `values`: the statistics
+        this step assigned, as tensors of the same graph (their variables
+        are read otherwise).
         """
+        values = values or {}
+
+        def current(name):
+            value = values.get(name)
+            return getattr(self, name) if value is None else value
+
         parts = [
-            ops.reshape(self.global_norm, (1,)),
-            self.grad_norms,
-            self.weight_norms,
+            ops.reshape(current("global_norm"), (1,)),
+            current("grad_norms"),
+            current("weight_norms"),
         ]
         if self.track_updates:
-            parts.append(self.update_ratios)
+            parts.append(current("update_ratios"))
         if self.histogram_bins:
-            parts.append(ops.reshape(self.histograms, (-1,)))
+            parts.append(ops.reshape(current("histograms"), (-1,)))
         row = ops.concatenate([ops.convert_to_tensor(p) for p in parts])
         rows = ops.convert_to_tensor(self.rows)
         self.rows.assign(ops.concatenate([rows[1:], ops.reshape(row, (1, -1))], axis=0))
         steps = ops.convert_to_tensor(self.row_steps)
-        step = ops.reshape(ops.cast(self.step, "int64"), (1,))
+        step = ops.reshape(ops.cast(current("step"), "int64"), (1,))
         self.row_steps.assign(ops.concatenate([steps[1:], step], axis=0))
 
     def _group_sums(self, squares):
-        """Sums per-variable scalars by group: one stack and one segment sum."""
+        """Sums per-variable scalars by group: one stack and one segment sum.
+
+        `squares` is a list of scalars, one per variable, or a vector of them.
+        """
+        if isinstance(squares, (list, tuple)):
+            squares = ops.stack(squares)
         return ops.segment_sum(
-            ops.stack(squares), self._segment_ids, num_segments=len(self._members)
+            squares, self._segment_ids, num_segments=len(self._members)
         )
 
-    def _report_step(self):
-        return ops.equal(ops.mod(self.step, self.check_freq), 0)
+    def _report_step(self, step):
+        # Constants of the step's dtype: no cast in the step.
+        # (Keras converts a Python int with a cast; a NumPy scalar is a constant.)
+        dtype = keras.backend.standardize_dtype(step.dtype)
+        freq = np.array(self.check_freq, dtype)
+        return ops.equal(ops.mod(step, freq), np.array(0, dtype))
 
     def observe(self, grads, variables, stats):
         zero = ops.zeros((), "float32")
-        # The guard's squared norms, where they equal the dense gradient's.
-        shared = (stats or {}).get("squared_norms") or [None] * len(grads)
-        shared = [
-            s if g is not None and not hasattr(g, "indices") else None
-            for g, s in zip(grads, shared, strict=True)
-        ]
+        # The guard's squared norms, where they equal the dense gradient's:
+        # as its stacked vector when every gradient is there and dense.
+        shared = (stats or {}).get("squared_norms")
+        stacked = None
+        if (
+            isinstance(shared, SquaredNorms)
+            and len(shared) == len(grads)
+            and len(shared.present) == len(grads)
+            and shared.stacked is not None
+            and not any(hasattr(g, "indices") for g in grads)
+        ):
+            stacked = shared.stacked
+        shared = shared or [None] * len(grads)
+        if stacked is None:
+            shared = [
+                s if g is not None and not hasattr(g, "indices") else None
+                for g, s in zip(grads, shared, strict=True)
+            ]
         grads = [None if g is None else ops.cast(g, "float32") for g in grads]
-        self.step.assign_add(1)
+        _keras_internals.assign_add(self.step, 1)
+        step = _keras_internals.read(self.step)  # read once, after the += 1
         norm = (stats or {}).get("global_norm")
         if norm is None:
             norm = ops.sqrt(
@@ -322,9 +354,10 @@ class LayerGradientStats(GradientObserver):
                 )
             )
         norm = ops.cast(norm, "float32")
-        report = self._report_step()
+        # Every step reports (`_every_step`): known when tracing, no op.
+        report = None if self._every_step else self._report_step(step)
         if self.anomaly_factor is not None:
-            previous = ops.convert_to_tensor(self.global_norm)
+            previous = _keras_internals.read(self.global_norm)  # one read
             anomaly = ops.logical_or(
                 ops.logical_not(ops.isfinite(norm)),
                 ops.logical_and(
@@ -334,6 +367,8 @@ class LayerGradientStats(GradientObserver):
             )
             report = ops.logical_or(report, anomaly)
         self.global_norm.assign(norm)
+        # What this step assigned, for the ring buffer's row (same graph).
+        row = {"global_norm": norm, "step": step}
         if not self._every_step:
             self._reported.assign(ops.cast(report, "int32"))
 
@@ -341,34 +376,41 @@ class LayerGradientStats(GradientObserver):
             # Per-layer statistics: report steps (and anomalous steps) only.
             # Sparse gradients (embeddings) are measured dense: repeated
             # indices add up before squaring.
-            own = squared_norms(
-                [
-                    _dense(g) if s is None else None
-                    for g, s in zip(grads, shared, strict=True)
+            if stacked is not None:
+                squares = stacked
+            else:
+                own = squared_norms(
+                    [
+                        _dense(g) if s is None else None
+                        for g, s in zip(grads, shared, strict=True)
+                    ]
+                )
+                squares = [
+                    zero if g is None else s if s is not None else o
+                    for g, s, o in zip(grads, shared, own, strict=True)
                 ]
-            )
-            squares = [
-                zero if g is None else s if s is not None else o
-                for g, s, o in zip(grads, shared, own, strict=True)
-            ]
-            self.grad_norms.assign(ops.sqrt(self._group_sums(squares)))
-            self.report_step.assign(ops.cast(self.step, "int64"))
+            row["grad_norms"] = ops.sqrt(self._group_sums(squares))
+            self.grad_norms.assign(row["grad_norms"])
+            self.report_step.assign(step)
             if self.track_updates or self.histogram_bins:
                 weights = [_read(v) for v in variables]
-                self.weight_norms.assign(
-                    ops.sqrt(self._group_sums(squared_norms(weights)))
+                row["weight_norms"] = ops.sqrt(
+                    self._group_sums(stacked_squared_norms(weights)[0])
                 )
+                self.weight_norms.assign(row["weight_norms"])
                 if self.track_updates and self._every_step:
-                    self._before = (
-                        weights  # read before the update; used in after_apply
-                    )
+                    # Read before the update; used in after_apply (with the
+                    # step's other values, in the same graph: no `cond`).
+                    self._before = weights
+                    self._row = row
             if self.track_updates and not self._every_step:
                 for prev, v in zip(self._previous, variables, strict=True):
                     prev.assign(v)
             if self.histogram_bins:
-                self.histograms.assign(self._histograms(grads))
+                row["histograms"] = self._histograms(grads)
+                self.histograms.assign(row["histograms"])
             if self.buffer_size and not self.track_updates:
-                self._write_row()  # complete now (else after the update)
+                self._write_row(row)  # complete now (else after the update)
             return ops.zeros((), "int32")
 
         if self._every_step:
@@ -401,22 +443,27 @@ class LayerGradientStats(GradientObserver):
             return
 
         def report():
-            before = self._previous
+            before, row = self._previous, None
             if self._every_step:
-                before, self._before = self._before, None  # no graph tensor kept
-            diffs = squared_norms(
+                # No graph tensor kept past this step.
+                before, self._before = self._before, None
+                row, self._row = self._row, None
+            diffs, _ = stacked_squared_norms(
                 [
                     ops.subtract(_read(v), ops.convert_to_tensor(p))
                     for v, p in zip(variables, before, strict=True)
                 ]
             )
             # `weight_norms` holds the norms of `_previous`, from this step.
+            weight_norms = self.weight_norms if row is None else row["weight_norms"]
             ratio = ops.sqrt(self._group_sums(diffs)) / (
-                ops.convert_to_tensor(self.weight_norms) + 1e-12
+                ops.convert_to_tensor(weight_norms) + 1e-12
             )
             self.update_ratios.assign(ratio)
             if self.buffer_size:
-                self._write_row()
+                self._write_row(
+                    None if row is None else {**row, "update_ratios": ratio}
+                )
             return ops.zeros((), "int32")
 
         if self._every_step:

@@ -214,23 +214,26 @@ class StepLogs:
         )
 
 
-def tracker_loss_logs(tracker, logs, used):
+def tracker_loss_logs(tracker, logs, used, total=None, count=None):
     """The logged `loss` recomputed from Keras' loss tracker, in-graph.
 
     For a step whose wrapper took a skipped update back out of the tracker:
     the mean over the applied steps (NaN while none was applied; Keras'
     `Mean` would give 0.0), only if the step updated the tracker (`used`, a
-    boolean tensor); otherwise the step's own `loss` is kept.
+    boolean tensor); otherwise the step's own `loss` is kept. `total` and
+    `count`: the tracker's values just assigned, as tensors (read from the
+    tracker when `None`).
 
     Returns:
         `{"loss": tensor}`, or `{}` when `logs` has no `loss`.
     """
     if not (isinstance(logs, dict) and "loss" in logs):
         return {}
-    count = ops.convert_to_tensor(tracker.count)
+    count = ops.convert_to_tensor(tracker.count if count is None else count)
+    total = tracker.total if total is None else total
     mean = ops.where(
         ops.greater(count, 0.0),
-        ops.divide(tracker.total, ops.maximum(count, 1e-30)),
+        ops.divide(total, ops.maximum(count, 1e-30)),
         float("nan"),
     )
     return {"loss": ops.where(used, ops.cast(mean, logs["loss"].dtype), logs["loss"])}

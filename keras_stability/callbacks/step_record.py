@@ -93,7 +93,8 @@ def record_state(model):
     if tracker is None:
         zero = ops.zeros((), "float32")
         return (zero, zero)
-    return (ops.add(tracker.total, 0.0), ops.add(tracker.count, 0.0))
+    # Read now, before the step updates them (one read each).
+    return (_keras_internals.read(tracker.total), _keras_internals.read(tracker.count))
 
 
 def record_values(model, guard, attribute, record):
@@ -105,13 +106,14 @@ def record_values(model, guard, attribute, record):
         total_before, count_before = state
         tracker = _keras_internals.loss_tracker(model)
         if tracker is not None:
-            total_after = ops.add(tracker.total, 0.0)
-            count_after = ops.add(tracker.count, 0.0)
+            total_after = _keras_internals.read(tracker.total)
+            count_after = _keras_internals.read(tracker.count)
         else:
             total_after, count_after = total_before, count_before
         # Few ops: on a 1 ms step each costs about a percent.
         skipped = ops.greater(guard.last_step_skipped, 0)
-        finite = ops.isfinite(guard.grad_norm)
+        grad_norm = _keras_internals.read(guard.grad_norm)  # one read
+        finite = ops.isfinite(grad_norm)
         if guard.skip_nonfinite:  # the guard's own condition for a non-finite skip
             nonfinite = ops.logical_and(skipped, ops.logical_not(finite))
         else:
@@ -125,9 +127,11 @@ def record_values(model, guard, attribute, record):
         new = {}
         if tracker is not None:
             # A step not applied leaves the epoch's mean loss (in-graph).
-            tracker.total.assign(ops.where(dropped, total_before, total_after))
-            tracker.count.assign(ops.where(dropped, count_before, count_after))
-            new.update(tracker_loss_logs(tracker, logs, used))
+            total = ops.where(dropped, total_before, total_after)
+            count = ops.where(dropped, count_before, count_after)
+            tracker.total.assign(total)
+            tracker.count.assign(count)
+            new.update(tracker_loss_logs(tracker, logs, used, total, count))
         loss, seen = guard.step_loss_info()
         # The raw loss: the loss the guard saw in `scale_loss` (the mean over
         # replicas, the same on each), else the change of Keras' loss tracker
@@ -146,11 +150,12 @@ def record_values(model, guard, attribute, record):
         )
         new["raw_loss"] = raw
         flags = ops.cast(ops.stack([nonfinite, held, dropped]), "float32")
-        values = [raw, guard.grad_norm, total_before, count_before, count_after]
+        values = [raw, grad_norm, total_before, count_before, count_after]
         row = ops.concatenate(
             [ops.stack([ops.cast(v, "float32") for v in values]), flags]
         )
-        at = ops.mod(ops.convert_to_tensor(record.written), record.size)
+        written = ops.convert_to_tensor(record.written)  # one read
+        at = ops.mod(written, record.size)
         record.rows.assign(
             ops.scatter_update(
                 ops.convert_to_tensor(record.rows),
@@ -158,8 +163,8 @@ def record_values(model, guard, attribute, record):
                 ops.reshape(row, (1, -1)),
             )
         )
-        record.written.assign_add(1)
-        record.skipped.assign_add(flags[0])
+        _keras_internals.assign_add(record.written, 1)
+        _keras_internals.assign_add(record.skipped, flags[0])
         # A tensor (a read), not the variable: under a multi-worker strategy
         # the step's outputs are reduced across workers, which takes tensors.
         new["skipped_batches"] = ops.convert_to_tensor(record.skipped.value)

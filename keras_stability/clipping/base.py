@@ -48,12 +48,25 @@ def squared_norms(grads):
 
     Returns:
         List of float32 scalars (or `None`), one per entry of `grads`. For a
-        `tf.IndexedSlices` it is the sum of squares of its `values`.
+        `tf.IndexedSlices` it is the sum of squares of its `values`. The
+        list is a `SquaredNorms`, which also keeps them stacked.
+    """
+    return SquaredNorms.split(stacked_squared_norms(grads), len(grads))
+
+
+def stacked_squared_norms(grads):
+    """The squared norms of `squared_norms`, as one float32 vector.
+
+    Args:
+        grads: List of tensors; `None` entries are left out.
+
+    Returns:
+        `(stacked, present)`: the vector of the squared norms of the entries
+        that are not `None` (`None` if all are) and their indices.
     """
     present = [i for i, g in enumerate(grads) if g is not None]
-    out = [None] * len(grads)
     if not present:
-        return out
+        return None, present
     values = [ops.cast(_values(grads[i]), "float32") for i in present]
     if keras.backend.backend() == "tensorflow":
         # One fused kernel per tensor (`L2Loss` = sum(x^2) / 2, no temporary
@@ -61,12 +74,35 @@ def squared_norms(grads):
         # the compiled step than square + sum per tensor.
         import tensorflow as tf
 
-        squares = tf.unstack(2.0 * tf.stack([tf.nn.l2_loss(v) for v in values]))
-    else:
-        squares = [ops.sum(ops.square(v)) for v in values]
-    for i, square in zip(present, squares, strict=True):
-        out[i] = square
-    return out
+        return 2.0 * tf.stack([tf.nn.l2_loss(v) for v in values]), present
+    return ops.stack([ops.sum(ops.square(v)) for v in values]), present
+
+
+class SquaredNorms(list):
+    """The list `squared_norms` returns, with its entries also stacked.
+
+    A plain list of float32 scalars (or `None`), one per gradient, whose
+    `stacked` attribute is the vector they were split from (the entries
+    that are not `None`, at the indices `present`; `None` when all are).
+    Code that only sums them (`global_norm`, per-layer sums) uses the
+    vector, with no op to stack them again.
+    """
+
+    def __init__(self, entries, stacked, present):
+        super().__init__(entries)
+        self.stacked = stacked
+        self.present = list(present)
+
+    @classmethod
+    def split(cls, stacked_and_present, length):
+        """The `SquaredNorms` of `length` gradients from `stacked_squared_norms`."""
+        stacked, present = stacked_and_present
+        entries = [None] * length
+        if present:
+            # `ops.unstack` is `tf.unstack` on TensorFlow: one op for all.
+            for i, square in zip(present, ops.unstack(stacked), strict=True):
+                entries[i] = square
+        return cls(entries, stacked, present)
 
 
 def global_norm(grads, squares=None):
@@ -86,6 +122,8 @@ def global_norm(grads, squares=None):
             `None` or a list as long.
     """
     grads = check_gradients("grads", grads)
+    if isinstance(squares, SquaredNorms) and len(squares) == len(grads):
+        return stacked_global_norm(squares.stacked)
     if squares is not None:
         squares = check_gradients("squares", squares, length=len(grads))
     if squares is None:
@@ -263,6 +301,13 @@ def check_count(name, value):
     if is_tensor_like(value) and not is_number(value):
         return value
     raise invalid(name, value, "a non-negative integer or an integer tensor")
+
+
+def stacked_global_norm(stacked):
+    """`global_norm` from the vector of `stacked_squared_norms` (`None`: 0.0)."""
+    if stacked is None:
+        return ops.convert_to_tensor(0.0, dtype="float32")
+    return ops.sqrt(ops.sum(stacked))
 
 
 def check_gradients(name, grads, length=None):

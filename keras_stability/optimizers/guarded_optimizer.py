@@ -18,8 +18,9 @@ from keras_stability._checks import check_bool
 from keras_stability._checks import check_nonnegative_int
 from keras_stability._checks import check_str
 from keras_stability._checks import invalid
-from keras_stability.clipping.base import global_norm
-from keras_stability.clipping.base import squared_norms
+from keras_stability.clipping.base import SquaredNorms
+from keras_stability.clipping.base import stacked_global_norm
+from keras_stability.clipping.base import stacked_squared_norms
 from keras_stability.clipping.spike import SpikeSkipping
 
 __all__ = ["GradientObserver", "GuardedOptimizer", "optimizer_chain"]
@@ -80,7 +81,9 @@ class GradientObserver:
       0-based index of this call of `apply`, counting skipped steps), and
       `"squared_norms"`, the list of each gradient's float32 squared norm
       (`None` for a `None` gradient; for a `tf.IndexedSlices`, of its values),
-      so observers need not compute them again, `"loss"` (float32, the
+      so observers need not compute them again (a `SquaredNorms` list: its
+      `stacked` attribute holds them as one vector, to sum without
+      stacking them again), `"loss"` (float32, the
       step's loss as seen by `GuardedOptimizer.scale_loss`, NaN when it was
       not called this step), `"loss_seen"` (bool) and `"update_step"`
       (bool: false on the calls where an inner optimizer with
@@ -530,7 +533,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
     def _trip(self, finite, loss, loss_seen):
         """The trip flag after this step (a bool tensor), updated in-graph."""
         record = self._loss_record
-        limit = record.trip_limit.value
+        limit = _keras_internals.read(record.trip_limit)  # one read, two uses
         run = ops.where(finite, 0, ops.add(record.nonfinite_run.value, 1))
         bad_loss = ops.logical_and(loss_seen, ops.logical_not(ops.isfinite(loss)))
         tripped = ops.logical_or(
@@ -783,17 +786,19 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             return flag if update is None else ops.logical_and(flag, update)
 
         loss, loss_seen = self._record_loss(pending)
-        squares = squared_norms(grads)
-        norm = global_norm(grads, squares)
+        # One vector of squared norms; split per gradient only for observers.
+        stacked = stacked_squared_norms(grads)
+        norm = stacked_global_norm(stacked[0])
         finite = ops.isfinite(norm)
-        requested = ops.greater(self.skip_remaining.value, 0)
+        remaining = _keras_internals.read(self.skip_remaining)  # one read
+        requested = ops.greater(remaining, 0)
         asked = requested  # by `skip_next`
         held = None
         if self._trip_traced and getattr(self, "_loss_record", None) is not None:
             held = self._trip(finite, loss, loss_seen)
-        nonfinite_skip = ops.logical_and(
-            ops.logical_not(finite), ops.convert_to_tensor(self.skip_nonfinite)
-        )
+        # Flags known when tracing (no policy, no spike skipping, the
+        # `skip_nonfinite` setting) stay Python values: no op for them.
+        nonfinite_skip = ops.logical_not(finite) if self.skip_nonfinite else False
         if self.clipping is not None:
             threshold, clip_state = self.clipping.threshold(norm)
         else:
@@ -802,19 +807,19 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             spike, spike_state = self.skip_spikes.detect(norm)
             spike = on_update(ops.logical_and(spike, finite))
         else:
-            spike, spike_state = ops.convert_to_tensor(False), []
+            spike, spike_state = False, []
         if held is not None:
             # A held step counts as requested (by the host, through the trip).
             requested = ops.logical_or(requested, held)
-        other_skip = ops.logical_or(nonfinite_skip, requested)
-        skip = ops.logical_or(other_skip, spike)
-        accept = on_update(ops.logical_and(ops.logical_not(skip), finite))
+        other_skip = _or(nonfinite_skip, requested)
+        skip = _or(other_skip, spike)
         if self.clipping is not None:
+            accept = on_update(ops.logical_and(ops.logical_not(skip), finite))
             self.clipping.commit(clip_state, accept)
             _, clipped = self.clipping.clip(grads, variables, norm, threshold)
             clipped = on_update(ops.logical_and(clipped, ops.logical_not(skip)))
         else:
-            clipped = ops.convert_to_tensor(False)
+            clipped = False
         if self.skip_spikes is not None:
             # Spikes are skipped without being recorded; other skips record nothing.
             self.skip_spikes.commit(
@@ -825,9 +830,22 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         def count(flag):
             return ops.cast(flag, "int32")
 
-        requested_skip = ops.logical_and(requested, ops.logical_not(nonfinite_skip))
-        spike_skip = ops.logical_and(spike, ops.logical_not(other_skip))
-        step = ops.add(self.step, 0)  # a snapshot, read before += 1
+        def count_in(variable, flag):
+            if flag is not False:  # a counter of a flag always false stays
+                _keras_internals.assign_add(variable, count(flag))
+
+        requested_skip = (
+            requested
+            if nonfinite_skip is False
+            else ops.logical_and(requested, ops.logical_not(nonfinite_skip))
+        )
+        spike_skip = (
+            False
+            if spike is False
+            else ops.logical_and(spike, ops.logical_not(other_skip))
+        )
+        # A snapshot for the observers, read before += 1.
+        step = _keras_internals.read(self.step) if self._observers else None
         self.grad_norm.assign(norm)
         if update is None:
             self.clip_threshold.assign(ops.cast(threshold, "float32"))
@@ -837,22 +855,20 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                     update, ops.cast(threshold, "float32"), self.clip_threshold.value
                 )
             )
-        self.steps_clipped.assign_add(count(clipped))
-        self.steps_skipped_nonfinite.assign_add(count(nonfinite_skip))
-        self.steps_skipped_requested.assign_add(count(requested_skip))
-        self.steps_skipped_spike.assign_add(count(spike_skip))
+        count_in(self.steps_clipped, clipped)
+        count_in(self.steps_skipped_nonfinite, nonfinite_skip)
+        count_in(self.steps_skipped_requested, requested_skip)
+        count_in(self.steps_skipped_spike, spike_skip)
         self.last_step_skipped.assign(count(skip))
-        self.skip_remaining.assign(
-            ops.maximum(self.skip_remaining.value - count(asked), 0)
-        )
-        self.step.assign_add(1)
+        self.skip_remaining.assign(ops.maximum(remaining - count(asked), 0))
+        _keras_internals.assign_add(self.step, 1)
         if self._observers:
             stats = {
                 "global_norm": norm,
                 "clip_threshold": ops.cast(threshold, "float32"),
-                "skipped": skip,
+                "skipped": ops.convert_to_tensor(skip),
                 "step": step,
-                "squared_norms": squares,
+                "squared_norms": SquaredNorms.split(stacked, len(grads)),
                 "loss": loss,
                 "loss_seen": loss_seen,
                 "update_step": ops.convert_to_tensor(True)
@@ -860,7 +876,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 else update,
             }
             grads, variables, stats["squared_norms"] = self._observed(
-                grads, variables, squares
+                grads, variables, stats["squared_norms"]
             )
             for observer in self._observers:
                 observer.observe(grads, variables, stats)
@@ -1176,6 +1192,15 @@ def _check_inner_optimizer(inner):
             "unscaled); use LossScaleOptimizer(GuardedOptimizer(...)). Received: "
             f"loss_scale_factor={inner.loss_scale_factor!r}"
         )
+
+
+def _or(a, b):
+    """`a or b` for bool tensors, either of which may be the Python `False`."""
+    if a is False:
+        return b
+    if b is False:
+        return a
+    return ops.logical_or(a, b)
 
 
 def _get_spike_skipping(value):

@@ -9,6 +9,7 @@ from keras_stability.tuning.hyperparameters import regularization_hyperparameter
 from keras_stability.tuning.hyperparameters import with_regularization
 from keras_stability.tuning.lr_finder import LearningRateRange
 from keras_stability.tuning.lr_finder import find_learning_rate
+from keras_stability.tuning.lr_finder import running_median
 from keras_stability.tuning.lr_finder import suggest_learning_rate
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "StableHyperModel",
     "find_learning_rate",
     "regularization_hyperparameters",
+    "running_median",
     "suggest_learning_rate",
     "with_regularization",
 ]

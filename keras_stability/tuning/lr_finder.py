@@ -6,6 +6,15 @@ has clearly diverged, then puts the model's weights, the optimizer's state and
 its learning rate back exactly as they were. The curve of loss against rate
 says which rates learn and which blow up; `suggestion` reads one rate off it.
 
+Two curves are kept. The stop rule and fastai's `valley` use the smoothed loss
+fastai and Lightning use (a bias-corrected exponential average, beta 0.98).
+`minimum` (the default) and `steepest` read a centred running median over half
+a decade of rate instead: the exponential average is causal, and over a
+100-step test its window (about 50 steps) spans some four decades of rate, so
+its lowest point lands one to one and a half decades past the rate where the
+loss was lowest. The median has no lag and ignores the spikes of a diverging
+tail.
+
 Reference: Leslie N. Smith, "Cyclical Learning Rates for Training Neural
 Networks", WACV 2017 (arXiv 1506.01186), section 3.3.
 """
@@ -20,9 +29,18 @@ import tensorflow as tf
 from keras_stability import _checks
 from keras_stability import _keras_internals
 
-__all__ = ["LearningRateRange", "find_learning_rate", "suggest_learning_rate"]
+__all__ = [
+    "LearningRateRange",
+    "find_learning_rate",
+    "running_median",
+    "suggest_learning_rate",
+]
 
 SUGGESTIONS = ("valley", "steepest", "minimum")
+
+# Width of the centred running median `minimum` and `steepest` read, in
+# decades of rate (7 steps of the default test, which takes 12.4 a decade).
+SMOOTHING_DECADES = 0.5
 
 
 @dataclasses.dataclass
@@ -32,10 +50,16 @@ class LearningRateRange:
     Attributes:
         learning_rates: The rate of each recorded step (increasing).
         losses: The training loss of each step.
-        smoothed_losses: `losses` after bias-corrected exponential smoothing.
+        smoothed_losses: `losses` after bias-corrected exponential smoothing
+            (`smoothing`), as fastai and Lightning plot them; the stop rule
+            and `valley` read it. It lags: its lowest point comes after the
+            loss's.
         suggestion: The suggested learning rate (`nan` if too few steps).
         method: How `suggestion` was read off the curve.
         stopped_early: Whether the test stopped because the loss diverged.
+        median_losses: `losses` after a centred running median over half a
+            decade of rate (`running_median`), without lag; `minimum` and
+            `steepest` read it.
     """
 
     learning_rates: np.ndarray
@@ -44,9 +68,12 @@ class LearningRateRange:
     suggestion: float
     method: str
     stopped_early: bool
+    median_losses: np.ndarray = None
 
     def plot(self, ax=None):
-        """Plots smoothed loss against learning rate (log axis) and marks the suggestion.
+        """Plots the loss against learning rate (log axis) and marks the suggestion.
+
+        Draws the raw loss, the exponential average and the running median.
 
         Args:
             ax: A matplotlib `Axes` to draw on; a new figure if `None`.
@@ -60,7 +87,14 @@ class LearningRateRange:
 
             _, ax = plt.subplots(figsize=(6, 4))
         ax.plot(self.learning_rates, self.losses, alpha=0.3, label="loss")
-        ax.plot(self.learning_rates, self.smoothed_losses, label="smoothed loss")
+        ax.plot(
+            self.learning_rates,
+            self.smoothed_losses,
+            alpha=0.6,
+            label="exponential average (lags)",
+        )
+        if self.median_losses is not None:
+            ax.plot(self.learning_rates, self.median_losses, label="running median")
         if math.isfinite(self.suggestion):
             ax.axvline(
                 self.suggestion,
@@ -71,7 +105,10 @@ class LearningRateRange:
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("training loss")
-        finite = self.smoothed_losses[np.isfinite(self.smoothed_losses)]
+        curve = (
+            self.smoothed_losses if self.median_losses is None else self.median_losses
+        )
+        finite = curve[np.isfinite(curve)]
         if finite.size:
             low, start = float(finite.min()), float(finite[0])
             ax.set_ylim(
@@ -84,14 +121,26 @@ class LearningRateRange:
 def suggest_learning_rate(learning_rates, smoothed_losses, method="valley"):
     """Reads a learning rate off a range-test curve.
 
+    `"minimum"` and `"steepest"` read positions on the rate axis, so they
+    need a curve without lag, such as `running_median`'s: on the exponential
+    average they land one to one and a half decades too high. `"valley"`
+    (fastai's) sits halfway, in steps, through the longest run over which
+    the loss keeps falling, so on a log axis halfway between where the loss
+    starts to fall and its lowest point; fastai reads it off the exponential
+    average. Where the loss starts to fall tells little: with Adam it falls
+    from the first small rates that shave the initial loss (the battery's
+    char LM: from about 2e-6, four decades below its lowest loss), and the
+    middle then lands 3-5x below a grid search's best rate.
+
     Args:
         learning_rates: Increasing learning rates, one per step.
         smoothed_losses: The smoothed loss at each rate.
-        method: `"valley"` (fastai's default: the middle of the longest
-            stretch over which the loss keeps falling, a little past its
-            start), `"steepest"` (where the loss falls fastest per decade of
-            rate, as Lightning suggests) or `"minimum"` (a tenth of the rate
-            at the lowest loss). Defaults to `"valley"`.
+        method: `"valley"` (fastai's: the middle of the longest stretch over
+            which the loss keeps falling), `"steepest"` (where the loss falls
+            fastest per decade of rate, as Lightning suggests) or `"minimum"`
+            (fastai's: a tenth of the rate at the lowest loss, the rule of
+            thumb "an order of magnitude below the minimum"). Defaults to
+            `"valley"`.
 
     Returns:
         The suggested rate as a float, `nan` with fewer than 5 finite points.
@@ -112,7 +161,7 @@ def suggest_learning_rate(learning_rates, smoothed_losses, method="valley"):
         slope = np.gradient(losses[:end], np.log(lrs[:end]))
         return float(lrs[int(np.argmin(slope))])
     # fastai's `valley`: the longest decreasing subsequence of the loss; the
-    # suggestion sits at about half of its first two thirds.
+    # suggestion sits a third plus a sixth of the way through it (halfway).
     n = losses.size
     lds = np.ones(n, dtype=int)
     max_start, max_end = 0, 0
@@ -126,6 +175,36 @@ def suggest_learning_rate(learning_rates, smoothed_losses, method="valley"):
     sections = (max_end - max_start) / 3
     index = max_start + int(sections) + int(sections / 2)
     return float(lrs[min(index, n - 1)])
+
+
+def running_median(learning_rates, losses, decades=SMOOTHING_DECADES):
+    """Smooths a range-test curve with a centred running median, without lag.
+
+    The window spans `decades` of rate (an odd number of steps, at least 3);
+    at the ends it is filled with the end values. A non-finite loss counts as
+    `inf` (a diverged step), so the median skips lone spikes and marks a
+    diverged tail as `inf`.
+
+    Args:
+        learning_rates: Increasing learning rates, exponentially spaced, one
+            per step.
+        losses: The raw loss at each rate.
+        decades: Width of the window in decades of rate. Defaults to `0.5`.
+
+    Returns:
+        The smoothed losses, a float64 array as long as `losses`.
+    """
+    decades = _checks.check_positive("decades", decades)
+    lrs = np.asarray(learning_rates, dtype="float64")
+    values = np.asarray(losses, dtype="float64")
+    values = np.where(np.isnan(values), np.inf, values)
+    if values.size < 3:
+        return values
+    steps_per_decade = (values.size - 1) / max(np.log10(lrs[-1] / lrs[0]), 1e-12)
+    half = max(1, int(round(decades * steps_per_decade / 2)))
+    padded = np.pad(values, half, mode="edge")
+    windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * half + 1)
+    return np.median(windows, axis=1)
 
 
 class _ConstantRate(keras.optimizers.schedules.LearningRateSchedule):
@@ -188,7 +267,7 @@ def find_learning_rate(
     num_steps=100,
     smoothing=0.98,
     divergence_factor=4.0,
-    method="valley",
+    method="minimum",
     verbose=0,
 ):
     """Runs a learning-rate range test and suggests a learning rate.
@@ -196,11 +275,20 @@ def find_learning_rate(
     The model trains for at most `num_steps` steps on `x` (and `y`) with the
     learning rate growing exponentially from `start_lr` to `end_lr`, one
     rate per step, and the loss of each step is recorded. The test stops once
-    the smoothed loss is non-finite or above `divergence_factor` times its
-    best value. Then the model's weights, the optimizer's variables
-    (iterations, moments, ...) and learning rate (a constant or a
-    `LearningRateSchedule`) are restored exactly, so the model trains
-    afterwards as if the test had never run.
+    the exponentially smoothed loss (`smoothing`, as fastai and Lightning) is
+    non-finite or above `divergence_factor` times its best value. Then the
+    model's weights, the optimizer's variables (iterations, moments, ...) and
+    learning rate (a constant or a `LearningRateSchedule`) are restored
+    exactly, so the model trains afterwards as if the test had never run.
+
+    The first tenth of the steps is left out of the suggestion, as fastai
+    does. By default the suggestion is a tenth of the rate at the lowest loss
+    (fastai's `minimum`), read off a centred running median over half a
+    decade of rate (`running_median`) rather than the lagging exponential
+    average. fastai's `valley` (`method="valley"`, read off the exponential
+    average as fastai does) was the default before; it suggested 3-5x below
+    the best rate of a grid search on a small char LM (see
+    `suggest_learning_rate`).
 
     Too high a rate often makes the loss plateau rather than explode, which
     no detector can tell from slow learning; this test answers "which rate?"
@@ -217,13 +305,13 @@ def find_learning_rate(
         start_lr: First learning rate. Defaults to `1e-7`.
         end_lr: Last learning rate. Defaults to `10.0`.
         num_steps: Steps of the test (one rate each). Defaults to `100`.
-        smoothing: Exponential smoothing factor of the loss, in [0, 1).
-            Defaults to `0.98`.
+        smoothing: Exponential smoothing factor of the loss that the stop rule
+            watches, in [0, 1). Defaults to `0.98`.
         divergence_factor: Stop once the smoothed loss exceeds this multiple
             of its best. Defaults to `4.0`.
-        method: How to read the suggestion off the curve: `"valley"`,
-            `"steepest"` or `"minimum"` (see `suggest_learning_rate`).
-            Defaults to `"valley"`.
+        method: How to read the suggestion off the curve: `"minimum"`,
+            `"valley"` or `"steepest"` (see `suggest_learning_rate`).
+            Defaults to `"minimum"`.
         verbose: 0 silent, 1 prints the suggestion. Defaults to `0`.
 
     Returns:
@@ -328,18 +416,19 @@ def find_learning_rate(
         )
 
     n = len(test.losses)
+    losses = np.asarray(test.losses, dtype="float64")
     smoothed = np.asarray(test.smoothed, dtype="float64")
+    median = running_median(rates[:n], losses)
+    curve = smoothed if method == "valley" else median
+    skip = num_steps // 10  # as fastai, the first tenth is left out
     result = LearningRateRange(
         learning_rates=rates[:n],
-        losses=np.asarray(test.losses, dtype="float64"),
+        losses=losses,
         smoothed_losses=smoothed,
-        # As fastai, the first tenth of the steps (where the smoothed loss
-        # is still mostly its starting value) is left out of the suggestion.
-        suggestion=suggest_learning_rate(
-            rates[num_steps // 10 : n], smoothed[num_steps // 10 :], method
-        ),
+        suggestion=suggest_learning_rate(rates[skip:n], curve[skip:], method),
         method=method,
         stopped_early=test.stopped_early,
+        median_losses=median,
     )
     if verbose:
         _keras_internals.print_msg(

@@ -289,6 +289,15 @@ TUNING_CASES += [
         },
     ),
     Case(
+        tuning.running_median,
+        kwargs={"learning_rates": [1e-3, 1e-2, 1e-1], "losses": [1.0, 0.5, 0.7]},
+        bad={"decades": [0.0, -1.0, "1"]},
+        skip={
+            "learning_rates": "array-like data, read with numpy",
+            "losses": "array-like data, read with numpy",
+        },
+    ),
+    Case(
         tuning.suggest_learning_rate,
         kwargs={"learning_rates": [1e-3, 1e-2], "smoothed_losses": [1.0, 0.5]},
         bad={"method": ["best", None, 1]},
