@@ -680,6 +680,8 @@ BAD_PRUNING_OPTIONS = {
     "block_size": [(0, 2), (1,), "1x1", (1.5, 1), None],
     "block_pooling_type": ["SUM", "avg", None],
 }
+# Not a regex, a list of them or a callable; an empty list; a bad regex.
+BAD_FILTERS = [3, [], ["dense", 2], "(", {"dense": True}]
 BAD_SPARSITIES = [-0.1, 1.0, *NOT_NUMBERS]
 BAD_STEPS = [-1, 2.5, "0", True, None]
 
@@ -691,6 +693,7 @@ PRUNING_CASES = [
             "to_prune": [*NOT_MODELS, _unbuilt()],
             **BAD_PRUNING_OPTIONS,
             "sparsity_m_by_n": [*BAD_PRUNING_OPTIONS["sparsity_m_by_n"], (2, 3)],
+            "filters": [*BAD_FILTERS, "^no_such_layer"],
         },
         good={"sparsity_m_by_n": [(np.int64(2), np.int64(4))]},
     ),
@@ -710,7 +713,7 @@ PRUNING_CASES = [
     Case(
         pruning.prunable_weights,
         kwargs=lambda: {"to_prune": _prunable()},
-        bad={"to_prune": [*NOT_MODELS, _unbuilt()]},
+        bad={"to_prune": [*NOT_MODELS, _unbuilt()], "filters": BAD_FILTERS},
     ),
     Case(
         pruning.sparsity_report,
