@@ -24,6 +24,7 @@ from keras_stability._checks import is_integer
 
 __all__ = [
     "block_magnitude_mask",
+    "einsum_input_axis",
     "global_magnitude_masks",
     "m_by_n_mask",
     "magnitude_mask",
@@ -146,16 +147,20 @@ def block_magnitude_mask(weights, sparsity, block_size, pooling_type="AVG"):
     return ops.cast(mask, weights.dtype)
 
 
-def m_by_n_mask(weights, m_by_n=(2, 4)):
+def m_by_n_mask(weights, m_by_n=(2, 4), axis=-2):
     """N:M mask: the `m` smallest of every `n` consecutive weights along the input axis.
 
-    Groups run along axis -2, the input axis of Keras kernels `(..., in, out)`
-    (for a 2:4 mask on a Dense kernel: every 4 consecutive inputs of an output
-    unit keep their 2 largest weights). This is TF-MOT's grouping.
+    Groups run along `axis`, by default -2, the input axis of Keras kernels
+    `(..., in, out)` (for a 2:4 mask on a Dense kernel: every 4 consecutive
+    inputs of an output unit keep their 2 largest weights). This is TF-MOT's
+    grouping. An `EinsumDense` kernel may have its input elsewhere: the query
+    kernel of `MultiHeadAttention` is `(in, heads, head_dim)`, so its input
+    axis is 0 (see `einsum_input_axis`).
 
     Args:
-        weights: Tensor of rank >= 2 whose axis -2 is divisible by `n`.
+        weights: Tensor of rank >= 2 whose `axis` is divisible by `n`.
         m_by_n: Pair `(m, n)` with `0 < m < n`. Defaults to `(2, 4)`.
+        axis: The input axis the groups run along. Defaults to `-2`.
 
     Returns:
         Tensor like `weights` of zeros and ones.
@@ -166,19 +171,44 @@ def m_by_n_mask(weights, m_by_n=(2, 4)):
     weights = ops.convert_to_tensor(weights)
     m, n = validate_m_by_n(m_by_n)
     shape = tuple(weights.shape)
-    if len(shape) < 2 or shape[-2] % n:
+    if len(shape) < 2 or shape[axis] % n:
         raise ValueError(
             "Invalid value for argument `sparsity_m_by_n`. Expected `n` to divide "
-            "the input axis (-2) of the weight. Received: "
+            f"the input axis ({axis}) of the weight. Received: "
             f"sparsity_m_by_n={tuple(m_by_n)} for a weight of shape={shape}"
         )
-    moved = ops.moveaxis(ops.abs(weights), -2, -1)
+    moved = ops.moveaxis(ops.abs(weights), axis, -1)
     moved_shape = tuple(moved.shape)
     groups = ops.reshape(moved, [-1, n])
     _, indices = ops.top_k(groups, k=n - m)
     keep = ops.sum(ops.one_hot(indices, n, dtype="float32"), axis=-2)
-    mask = ops.moveaxis(ops.reshape(keep, moved_shape), -1, -2)
+    mask = ops.moveaxis(ops.reshape(keep, moved_shape), -1, axis)
     return ops.cast(mask, weights.dtype)
+
+
+def einsum_input_axis(equation):
+    """The input axis of an `EinsumDense` kernel, for N:M groups.
+
+    The kernel's axes that are summed over (in the input's and the kernel's
+    subscripts, not in the output's) are its input axes; the groups run
+    along the last of them, as along axis -2 of a Dense kernel. For
+    `MultiHeadAttention`'s query `"abc,cde->abde"` that is axis 0 of the
+    `(in, heads, head_dim)` kernel, for its output `"abcd,cde->abe"` axis 1
+    (head_dim) of `(heads, head_dim, out)`.
+
+    Args:
+        equation: The layer's einsum equation, `"<input>,<kernel>-><output>"`.
+
+    Returns:
+        The axis as a negative integer, or `-2` when the equation has no
+        summed kernel axis.
+    """
+    inputs, output = equation.replace(" ", "").split("->")
+    left, kernel = inputs.split(",")
+    summed = [i for i, c in enumerate(kernel) if c in left and c not in output]
+    if not summed:
+        return -2
+    return summed[-1] - len(kernel)
 
 
 def validate_m_by_n(m_by_n):

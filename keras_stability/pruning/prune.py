@@ -6,6 +6,7 @@ import warnings
 import keras
 
 from keras_stability._checks import check_layer
+from keras_stability.pruning import masks as masks_lib
 from keras_stability.pruning.pruner import MaskConstraint
 from keras_stability.pruning.pruner import Pruner
 from keras_stability.pruning.pruner import check_pruning_arguments
@@ -241,7 +242,8 @@ def prune_low_magnitude(
             "prunable weights (Dense, EinsumDense, Conv, Embedding or recurrent "
             f"kernels). Received: to_prune={to_prune.name!r} with none"
         )
-    for variable in variables:
+    input_axes = _input_axes(to_prune, variables)
+    for variable, axis in zip(variables, input_axes, strict=True):
         shape = tuple(variable.shape)
         if block_size != (1, 1) and len(shape) != 2:
             raise ValueError(
@@ -250,11 +252,11 @@ def prune_low_magnitude(
                 f"with weight {variable.path!r} of shape={shape}"
             )
         if sparsity_m_by_n is not None and (
-            len(shape) < 2 or shape[-2] % sparsity_m_by_n[1]
+            len(shape) < 2 or shape[axis] % sparsity_m_by_n[1]
         ):
             raise ValueError(
                 "Invalid value for argument `sparsity_m_by_n`. Expected `n` to "
-                "divide the input axis (-2) of every pruned weight. Received: "
+                f"divide the input axis ({axis}) of every pruned weight. Received: "
                 f"sparsity_m_by_n={sparsity_m_by_n} with weight {variable.path!r} "
                 f"of shape={shape}"
             )
@@ -270,8 +272,19 @@ def prune_low_magnitude(
         block_size=block_size,
         block_pooling_type=block_pooling_type,
         global_ranking=global_ranking,
+        input_axes=input_axes,
     )
     return to_prune
+
+
+def _input_axes(to_prune, variables):
+    """The input axis of each weight (N:M groups): -2, or an `EinsumDense`'s own."""
+    axes = {}
+    for layer in _all_layers(to_prune):
+        kernel = getattr(layer, "kernel", None)
+        if isinstance(layer, keras.layers.EinsumDense) and kernel is not None:
+            axes[id(kernel)] = masks_lib.einsum_input_axis(layer.equation)
+    return [axes.get(id(v), -2) for v in variables]
 
 
 def _shown(filters):

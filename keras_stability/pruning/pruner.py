@@ -119,6 +119,9 @@ class Pruner:
             Defaults to `"AVG"`.
         global_ranking: Rank all weights together (one threshold) instead
             of layer by layer. Defaults to `False`.
+        input_axes: `None` or one axis per variable: the input axis N:M
+            groups run along (`masks.m_by_n_mask`); `None` for -2 each.
+            Defaults to `None`.
 
     Raises:
         ValueError: On a bad argument (as `prune_low_magnitude`).
@@ -132,6 +135,7 @@ class Pruner:
         block_size=(1, 1),
         block_pooling_type="AVG",
         global_ranking=False,
+        input_axes=None,
     ):
         if (
             not isinstance(variables, (list, tuple))
@@ -157,6 +161,14 @@ class Pruner:
         self.block_size = block_size
         self.block_pooling_type = block_pooling_type
         self.global_ranking = global_ranking
+        if input_axes is None:
+            input_axes = [-2] * len(variables)
+        if len(input_axes) != len(variables) or not all(
+            isinstance(a, int) and -len(v.shape) <= a < len(v.shape)
+            for a, v in zip(input_axes, variables, strict=False)
+        ):
+            raise invalid("input_axes", input_axes, "None or one axis of each variable")
+        self.input_axes = list(input_axes)
         self._warned = {}
         with _strategy_scope(self.variables[0]):
             # `only_first_replica`: every replica computes the same values
@@ -197,7 +209,10 @@ class Pruner:
         """New masks for the current weights at `sparsity` (tensors, not assigned)."""
         values = [ops.convert_to_tensor(v) for v in self.variables]
         if self.sparsity_m_by_n is not None:
-            return [masks_lib.m_by_n_mask(v, self.sparsity_m_by_n) for v in values]
+            return [
+                masks_lib.m_by_n_mask(v, self.sparsity_m_by_n, axis)
+                for v, axis in zip(values, self.input_axes, strict=True)
+            ]
         if self.global_ranking:
             return masks_lib.global_magnitude_masks(values, sparsity)
         if self.block_size != (1, 1):

@@ -703,7 +703,12 @@ PRUNING_CASES = [
             "variables": [keras.Variable(np.ones((4, 4), "float32"))],
             "pruning_schedule": _constant(),
         },
-        bad={"variables": [[], None, [np.ones(2)], "w"], **BAD_PRUNING_OPTIONS},
+        bad={
+            "variables": [[], None, [np.ones(2)], "w"],
+            **BAD_PRUNING_OPTIONS,
+            "input_axes": [[5], [0, 1], "x", [1.5]],
+        },
+        good={"input_axes": [[0], [-2]]},
     ),
     Case(
         pruning.find_pruner,

@@ -127,3 +127,29 @@ def test_unit_scores():
     k = np.array([[1.0, -2.0], [-3.0, 0.0]], "float32")
     np.testing.assert_allclose(masks.unit_scores(k, "l1"), [4.0, 2.0])
     np.testing.assert_allclose(masks.unit_scores(k, "l2"), [np.sqrt(10), 2.0])
+
+
+@pytest.mark.parametrize(
+    "equation, axis",
+    [
+        ("abc,cde->abde", -3),  # MultiHeadAttention's query: (in, heads, head_dim)
+        ("abcd,cde->abe", -2),  # its output: (heads, head_dim, out)
+        ("btd,ndh->btnh", -2),  # keras-hub Gemma's query: (heads, in, head_dim)
+        ("btnh,nhd->btd", -2),  # Gemma's output
+        ("ab,bc->ac", -2),  # a Dense
+        ("ab,c->abc", -2),  # nothing summed
+    ],
+)
+def test_einsum_input_axis_is_the_last_summed_kernel_axis(equation, axis):
+    assert masks.einsum_input_axis(equation) == axis
+
+
+def test_m_by_n_mask_groups_along_the_given_axis():
+    w = np.random.default_rng(0).normal(size=(8, 4, 3)).astype("float32")
+    mask = np.asarray(masks.m_by_n_mask(w, (2, 4), axis=0))
+    groups = np.moveaxis(mask, 0, -1).reshape(-1, 4)
+    np.testing.assert_array_equal(groups.sum(axis=1), 2)
+    # Each group keeps its 2 largest magnitudes along axis 0.
+    top = np.argsort(-np.abs(np.moveaxis(w, 0, -1).reshape(-1, 4)), axis=1)[:, :2]
+    kept = np.take_along_axis(groups, top, axis=1)
+    np.testing.assert_array_equal(kept, 1)

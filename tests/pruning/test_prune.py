@@ -194,6 +194,35 @@ def test_m_by_n_pruning_of_a_model():
         assert np.all((groups == 0).sum(axis=1) == 2)
 
 
+def test_m_by_n_groups_multi_head_attention_kernels_along_their_input_axis():
+    # The query/key/value kernels of MultiHeadAttention are (in, heads,
+    # head_dim): 2:4 runs along `in` (axis 0), not across the 4 heads, which
+    # axis -2 would be. The output kernel (heads, head_dim, out) along
+    # head_dim.
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5, 8))
+    h = keras.layers.MultiHeadAttention(num_heads=4, key_dim=8)(inputs, inputs)
+    model = keras.Model(inputs, keras.layers.Dense(4)(h))
+    pruning.prune_low_magnitude(
+        model, pruning.ConstantSparsity(0.5, 0, frequency=1), sparsity_m_by_n=(2, 4)
+    )
+    x = np.random.default_rng(0).normal(size=(16, 5, 8)).astype("float32")
+    model.compile("adam", "mse")
+    model.fit(x, np.zeros((16, 5, 4)), batch_size=8, verbose=0)
+    axes = {}
+    for variable, axis in zip(
+        pruning.find_pruner(model).variables,
+        pruning.find_pruner(model).input_axes,
+        strict=True,
+    ):
+        w = variable.numpy()
+        groups = np.moveaxis(w, axis, -1).reshape(-1, 4)
+        assert np.all((groups == 0).sum(axis=1) == 2), variable.path
+        axes[variable.path.split("/")[-2]] = (w.shape, axis)
+    assert axes["query"] == ((8, 4, 8), -3)
+    assert axes["attention_output"] == ((4, 8, 8), -2)
+
+
 def test_strip_pruning_keeps_zeros_and_predictions(tmp_path):
     model = _functional()
     pruning.prune_low_magnitude(model, pruning.ConstantSparsity(0.8, 0, frequency=1))
