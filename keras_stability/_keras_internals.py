@@ -304,10 +304,14 @@ def read(variable):
     (a `ReadVariableOp` per use). This reads the TensorFlow variable Keras
     wraps once (`Variable._value.value()`; under a strategy, this replica's
     or the primary copy, as any read there). The read is ordered before the
-    step's later updates of the variable and after its earlier ones.
+    step's later updates of the variable and after its earlier ones. In a
+    `keras.StatelessScope` (and off TensorFlow) it is the variable's
+    `value`, as Keras gives it there.
     """
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
     inner = getattr(variable, "_value", None)
-    if keras.backend.backend() != "tensorflow" or inner is None:
+    if keras.backend.backend() != "tensorflow" or inner is None or in_stateless_scope():
         return keras.ops.convert_to_tensor(variable)
     return inner.value()
 

@@ -106,12 +106,13 @@ def _read(variable):
     """The variable's value now, as a tensor (not a deferred read).
 
     Inside `tf.function`, `convert_to_tensor` of a Keras variable may read
-    when its consumer runs; `read_value` reads here, ordered before later
-    updates of the variable (which then copy on write).
+    when its consumer runs; this reads here (`_keras_internals.read`),
+    ordered before later updates of the variable (which then copy on write).
     """
-    inner = variable.value if isinstance(variable, keras.Variable) else variable
-    read = getattr(inner, "read_value", None)
-    return read() if read is not None else ops.convert_to_tensor(inner)
+    if isinstance(variable, keras.Variable):
+        return _keras_internals.read(variable)
+    read = getattr(variable, "read_value", None)
+    return read() if read is not None else ops.convert_to_tensor(variable)
 
 
 def _dense(g):

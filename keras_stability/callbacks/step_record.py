@@ -154,8 +154,7 @@ def record_values(model, guard, attribute, record):
         row = ops.concatenate(
             [ops.stack([ops.cast(v, "float32") for v in values]), flags]
         )
-        written = ops.convert_to_tensor(record.written)  # one read
-        at = ops.mod(written, record.size)
+        at = ops.mod(ops.convert_to_tensor(record.written), record.size)
         record.rows.assign(
             ops.scatter_update(
                 ops.convert_to_tensor(record.rows),
