@@ -6,11 +6,15 @@ whether the step was skipped for non-finite gradients), and answers by
 grade, so that a healthy run is never touched:
 
 - a non-finite step is never applied (the guard skips it in-graph, on all
-  replicas alike); a single loss or gradient-norm spike (robust z-score in
-  log space, median/MAD over the last `window` healthy steps; in the first
+  replicas alike); nor is a gradient-norm spike at least 10x the median of
+  the last `window` applied steps and `grad_z_threshold` robust deviations
+  above it (skipped in-graph by the guard, `RobustSpikeSkipping`, after
+  `min_samples` steps); a single loss or gradient-norm spike (robust z-score
+  in log space, median/MAD over the last `window` healthy steps; in the first
   steps, `loss_factor` times their median, and at batch sizes below 8 times
-  the starting loss too; never below a tenth of the starting loss) is only
-  recorded (`"spike"`);
+  the starting loss too; never below a tenth of the starting loss) is
+  otherwise only recorded (`"spike"`), and stays out of the divergence
+  rule's mean;
 - rollback-level evidence: `max_consecutive_skips + 1` bad steps in a row
   (spikes or skipped steps), a slow divergence (the mean raw loss of the
   last `min_samples` steps `loss_factor` times the best snapshot's, floored
@@ -62,6 +66,7 @@ from keras_stability.callbacks.step_record import StepRecord
 from keras_stability.callbacks.step_record import read_scalar
 from keras_stability.callbacks.step_record import record_state
 from keras_stability.callbacks.step_record import record_values
+from keras_stability.clipping.spike import RobustSpikeSkipping
 from keras_stability.diagnostics import rules
 from keras_stability.diagnostics.spikes import RobustZScore
 from keras_stability.distribute.strategy import chief_path
@@ -90,6 +95,9 @@ SMALL_BATCH = 8
 # The per-layer gradient norms of the diagnostic are computed on steps whose
 # global norm is non-finite or this many times the step before's.
 ANOMALY_FACTOR = 10.0
+# A gradient norm skipped in-graph as a spike is at least this many times the
+# median of the recent ones (and `grad_z_threshold` robust deviations above).
+SPIKE_SKIP_RATIO = 10.0
 _NEVER = 2**31 - 1  # a check frequency that is never reached after step 0
 
 
@@ -100,11 +108,14 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
     Actions, by escalation:
 
     - `"warn"`: warn and count; nothing else changes.
-    - `"skip"`: steps with non-finite gradients, and (if the detector adds
-      the `GuardedOptimizer`) gradient-norm spikes, are skipped in-graph (not
-      applied, on every replica); loss spikes, seen on the host after the
-      step, are warned about. After `max_consecutive_skips` non-finite steps
-      in a row it stops.
+    - `"skip"`: steps with non-finite gradients, and (with `skip_spikes`)
+      gradient-norm spikes (`RobustSpikeSkipping`:
+      at least 10x the median norm of the last `window` applied steps and
+      `grad_z_threshold` robust deviations above it in log space, once
+      `min_samples` are recorded; at most `max_consecutive_skips` in a row),
+      are skipped in-graph (not applied, on every replica); loss spikes,
+      seen on the host after the step, are warned about. After
+      `max_consecutive_skips` non-finite steps in a row it stops.
     - `"rollback"` (the default): like `"skip"` (but loss spikes are not
       warned about), and on a problem (below: never a single spike) it
       restores the last healthy snapshot of the weights and the
@@ -140,9 +151,12 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
     - `"stop"`: at the first problem it stops.
 
     A single loss or gradient-norm spike is recorded as an event of kind
-    `"spike"` (and warned about with `"warn"` and `"skip"`), never acted on:
-    on heavy-tailed small-batch noise it is far more often noise than a
-    failure. Spikes are robust z-scores in log space (the median and MAD of
+    `"spike"` (and warned about with `"warn"` and `"skip"`), never rolled
+    back for: on heavy-tailed small-batch noise it is far more often noise
+    than a failure. Only a gradient norm 10x the recent median and
+    `grad_z_threshold` robust deviations out (a corrupt batch) is skipped
+    in-graph, which costs a healthy run one step at most; a bad batch
+    applied would stay in Adam's second moments for ~1000 steps. Spikes are robust z-scores in log space (the median and MAD of
     the logs of the last `window` healthy values), or, in the first
     `min_samples` steps, a raw loss `loss_factor` times their median (and,
     at batch sizes below 8, where the median of a few per-sample losses is
@@ -288,6 +302,12 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             the backup. Batches are found, and the file written, at the
             host's looks: a process killed between two looks has not written
             the batches since the last one. Defaults to `None`.
+        skip_spikes: With `action="skip"` or `"rollback"`, whether the guard
+            skips gradient-norm spikes in-graph (`RobustSpikeSkipping` with
+            this detector's `window`, `grad_z_threshold`, `min_samples` and
+            `max_consecutive_skips`, and a norm at least 10x the median). A
+            guard that already skips spikes (`GuardedOptimizer(skip_spikes=
+            ...)`) keeps its own settings. Defaults to `True`.
 
     Example:
 
@@ -326,6 +346,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         optimizer=None,
         check_every=10,
         exclude_batches_path=None,
+        skip_spikes=True,
     ):
         super().__init__()
         self.action = check_choice("action", action, ACTIONS)
@@ -363,6 +384,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         self.verbose = check_verbose("verbose", verbose)
         self._optimizer_arg = check_optimizer_argument("optimizer", optimizer)
         self.check_every = check_positive_int("check_every", check_every)
+        self.skip_spikes = check_bool("skip_spikes", skip_spikes)
         self.exclude_batches_path = check_path(
             "exclude_batches_path", exclude_batches_path, allow_none=True
         )
@@ -393,6 +415,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             "optimizer": self._optimizer_arg,
             "check_every": self.check_every,
             "exclude_batches_path": self.exclude_batches_path,
+            "skip_spikes": self.skip_spikes,
         }
 
     @classmethod
@@ -436,15 +459,27 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                 anomaly_factor=ANOMALY_FACTOR,
             )
 
-        # With action="skip", a new guard also skips gradient-norm spikes
-        # in-graph (GuardedOptimizer's `skip_spikes`); an existing one is
-        # used as it is.
+        # With action="skip" or "rollback", the guard also skips
+        # gradient-norm spikes in-graph (`RobustSpikeSkipping`, the rule of
+        # `_grad_z` with a ratio floor), whoever made it (this detector,
+        # another callback such as `GradientMonitor`, or the user); a guard
+        # that skips spikes already is used as it is.
         guard_kwargs = {}
+        existing = find_guard(model, optimizer=self._optimizer_arg)
         if (
-            self.action == "skip"
-            and find_guard(model, optimizer=self._optimizer_arg) is None
+            self.skip_spikes
+            and self.action in ("skip", "rollback")
+            and (existing is None or existing.skip_spikes is None)
         ):
-            guard_kwargs = {"skip_spikes": True}
+            guard_kwargs = {
+                "skip_spikes": RobustSpikeSkipping(
+                    window=self.window,
+                    z_threshold=self.grad_z_threshold,
+                    min_samples=self.min_samples,
+                    max_consecutive=max(1, self.max_consecutive_skips),
+                    min_ratio=SPIKE_SKIP_RATIO,
+                )
+            }
         self.optimizer, self._stats = self._observers.attach(
             model, per_layer_norms, optimizer=self._optimizer_arg, **guard_kwargs
         )
@@ -854,7 +889,6 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             self._start_losses.append(raw)
             self._start_loss = float(np.mean(self._start_losses))
         self._recent.append(raw)
-        self._sustained.append(raw)
         self._stretch.append(raw)
         if (
             self._exploded_at is None
@@ -863,6 +897,10 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         ):
             self._exploded_at = self.step
         spike = self._loss_spike(raw)
+        if spike is None:
+            # A single spike is no divergence: it stays out of the mean
+            # (a bad batch of a 1000x loss is 50x the mean of 20 steps).
+            self._sustained.append(raw)
         if spike is not None:
             self._note_bad(steps, steps)
             self._pending = None  # a snapshot right before a spike is suspect

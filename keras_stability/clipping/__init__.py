@@ -22,7 +22,9 @@ from keras_stability.clipping.base import global_norm
 from keras_stability.clipping.base import is_finite
 from keras_stability.clipping.base import scale_gradients
 from keras_stability.clipping.global_clip import GlobalNorm
+from keras_stability.clipping.spike import RobustSpikeSkipping
 from keras_stability.clipping.spike import SpikeSkipping
+from keras_stability.clipping.spike import robust_spike_step
 from keras_stability.clipping.spike import spike_step
 from keras_stability.clipping.zclip import ZClip
 from keras_stability.clipping.zclip import zclip_step
@@ -32,6 +34,7 @@ __all__ = [
     "AutoClip",
     "ClippingPolicy",
     "GlobalNorm",
+    "RobustSpikeSkipping",
     "SpikeSkipping",
     "ZClip",
     "adaptive_clip",
@@ -41,6 +44,7 @@ __all__ = [
     "global_norm",
     "is_finite",
     "masked_percentile",
+    "robust_spike_step",
     "scale_gradients",
     "spike_step",
     "unitwise_norm",

@@ -1,9 +1,19 @@
-"""Spike skipping: reject a step whose gradient norm is a z-score outlier."""
+"""Spike skipping: reject a step whose gradient norm is an outlier.
+
+`SpikeSkipping`: OLMo's rule (mean + z standard deviations of the recent
+norms). `RobustSpikeSkipping`: the robust rule of `GradientExplosionDetector`
+(median and interquartile range of the logs of the recent norms, and a floor
+on the ratio to the median), which it skips in-graph by default.
+"""
+
+import math
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_stability._checks import check_int
+from keras_stability._checks import check_number
 from keras_stability._checks import check_positive
 from keras_stability._checks import check_positive_int
 from keras_stability._checks import invalid
@@ -12,7 +22,7 @@ from keras_stability.clipping.base import check_buffer
 from keras_stability.clipping.base import check_count
 from keras_stability.clipping.base import check_tensor
 
-__all__ = ["SpikeSkipping", "spike_step"]
+__all__ = ["RobustSpikeSkipping", "SpikeSkipping", "robust_spike_step", "spike_step"]
 
 
 def spike_step(
@@ -146,3 +156,160 @@ class SpikeSkipping:
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+def robust_spike_step(
+    norm,
+    history,
+    count,
+    consecutive,
+    z_threshold,
+    min_samples,
+    max_consecutive,
+    min_ratio,
+):
+    """One robust spike-detection step over a ring buffer of log norms (pure).
+
+    `history` holds the logs of the last accepted positive norms. Once at
+    least `min_samples` are recorded, the step is a spike when its log norm
+    exceeds their median by more than `z_threshold` robust standard
+    deviations (the interquartile range / 1.349, quartiles by nearest rank
+    below: one sort) and by at least `log(min_ratio)` (the norm is
+    `min_ratio` times their median or more): a log-space score is robust to
+    heavy-tailed small-batch noise, and the ratio floor keeps a series with a
+    tiny spread (full-batch training) from flagging ordinary changes. Before
+    `min_samples`, nothing is a spike. Spikes are not recorded; after
+    `max_consecutive` spikes in a row the next one is accepted and recorded,
+    so a lasting change of scale is learnt instead of skipped forever.
+
+    Args:
+        norm: Float32 scalar, this step's pre-clip global norm.
+        history: 1-D float32 ring buffer of size `window` (logs of norms).
+        count: Int32 scalar, norms recorded so far (may exceed the window).
+        consecutive: Int32 scalar, spikes skipped in a row so far.
+        z_threshold: Positive float, in robust standard deviations.
+        min_samples: Int >= 1, recorded norms needed before acting.
+        max_consecutive: Int >= 1, spikes in a row after which one is
+            accepted.
+        min_ratio: Float > 1, the least multiple of the median that is a
+            spike.
+
+    Returns:
+        Tuple `(is_spike, (history, count, consecutive))` with the state to
+        commit when the step is finite and not skipped for another reason.
+
+    Raises:
+        ValueError: If an argument is of the wrong kind or out of range.
+    """
+    norm = check_tensor("norm", norm)
+    history = check_buffer("history", history)
+    count = check_count("count", count)
+    consecutive = check_count("consecutive", consecutive)
+    z_threshold = check_positive("z_threshold", z_threshold)
+    min_samples = check_positive_int("min_samples", min_samples)
+    max_consecutive = check_positive_int("max_consecutive", max_consecutive)
+    min_ratio = _check_min_ratio(min_ratio)
+    norm = ops.cast(norm, "float32")
+    history = ops.cast(history, "float32")
+    window = history.shape[0]
+    count = ops.cast(count, "int32")
+    n = ops.minimum(count, window)
+    positions = np.arange(window, dtype="int32")
+    positive = ops.greater(norm, 0.0)
+    log_norm = ops.log(ops.where(positive, norm, 1.0))
+    # Quartiles of the recorded logs by nearest rank below: one sort, the
+    # unrecorded slots sorted to the end.
+    ordered = ops.sort(ops.where(ops.less(positions, n), history, np.float32(1e30)))
+    ranks = ops.floor_divide(
+        ops.maximum(n - 1, 0) * np.array([1, 2, 3], "int32"), np.int32(4)
+    )
+    low, center, high = ops.unstack(ops.take(ordered, ranks), 3)
+    threshold = ops.maximum(
+        np.float32(z_threshold / IQR_SCALE) * (high - low),
+        np.float32(math.log(min_ratio)),
+    )
+    outlier = ops.logical_and(
+        ops.greater_equal(n, min_samples),
+        ops.logical_and(positive, ops.greater(log_norm - center, threshold)),
+    )
+    spike = ops.logical_and(outlier, ops.less(consecutive, max_consecutive))
+    record = ops.logical_and(ops.logical_not(spike), positive)
+    new_history = ops.where(
+        ops.logical_and(record, ops.equal(positions, ops.mod(count, window))),
+        log_norm,
+        history,
+    )
+    new_count = ops.where(record, count + 1, count)
+    new_consecutive = ops.where(spike, consecutive + 1, 0)
+    return spike, (new_history, new_count, new_consecutive)
+
+
+# The interquartile range of a normal sample is 1.349 standard deviations.
+IQR_SCALE = 1.349
+
+
+def _check_min_ratio(value):
+    return check_number("min_ratio", value, low=1.0, low_open=True)
+
+
+@keras.saving.register_keras_serializable(package="keras_stability")
+class RobustSpikeSkipping(SpikeSkipping):
+    """Skips a step whose gradient norm is a robust outlier (log space).
+
+    `GradientExplosionDetector`'s in-graph spike rule (its default): a step
+    is skipped when its pre-clip global gradient norm is at least
+    `min_ratio` times the median of the last `window` accepted norms and more
+    than `z_threshold` robust standard deviations above it in log space
+    (median and interquartile range / 1.349 of the logs). Unlike `SpikeSkipping`'s mean and
+    standard deviation, heavy-tailed small-batch noise does not trip it, and
+    one huge norm cannot inflate the statistics that judge the next. Nothing
+    is skipped before `min_samples` norms are recorded. See
+    `robust_spike_step`.
+
+    Args:
+        window: Integer >= 2, rolling window length. Defaults to `128`.
+        z_threshold: Positive float, in robust standard deviations.
+            Defaults to `6.0`.
+        min_samples: Integer >= 2, recorded norms needed before acting.
+            Defaults to `20`.
+        max_consecutive: Integer >= 1, spikes skipped in a row after which
+            the next one is applied and recorded. Defaults to `3`.
+        min_ratio: Number > 1, the least multiple of the median norm that
+            is a spike. Defaults to `10.0`.
+    """
+
+    def __init__(
+        self,
+        window=128,
+        z_threshold=6.0,
+        min_samples=20,
+        max_consecutive=3,
+        min_ratio=10.0,
+    ):
+        super().__init__(
+            window=window,
+            z_threshold=z_threshold,
+            min_samples=min_samples,
+            max_consecutive=max_consecutive,
+        )
+        self.min_ratio = _check_min_ratio(min_ratio)
+
+    def detect(self, norm):
+        """Returns `(is_spike, new_state)` without assigning anything.
+
+        `history` holds the logs of the accepted norms.
+        """
+        spike, state = robust_spike_step(
+            norm,
+            self.history.value,
+            self.count.value,
+            self.consecutive.value,
+            self.z_threshold,
+            self.min_samples,
+            self.max_consecutive,
+            self.min_ratio,
+        )
+        return spike, list(state)
+
+    def get_config(self):
+        return {**super().get_config(), "min_ratio": self.min_ratio}

@@ -242,6 +242,9 @@ def ensure_guarded(
     """
     attribute = guarded_attribute(model, optimizer)
     clipping = clipping_module.get_policy("clipping", clipping)
+    # `True` asks for spike skipping (an existing guard's is kept), an
+    # instance for those settings.
+    spikes_asked = skip_spikes is True
     skip_spikes = _get_spike_skipping(skip_spikes)
     if skip_nonfinite is not None:
         skip_nonfinite = check_bool("skip_nonfinite", skip_nonfinite)
@@ -263,7 +266,10 @@ def ensure_guarded(
             if clipping is not None:
                 changed = optimizer.set_clipping(clipping) or changed
             if skip_spikes is not None:
-                changed = optimizer.set_skip_spikes(skip_spikes) or changed
+                changed = (
+                    optimizer.set_skip_spikes(True if spikes_asked else skip_spikes)
+                    or changed
+                )
         if changed and getattr(model, "train_function", None) is not None:
             model.make_train_function(force=True)
         return optimizer

@@ -593,15 +593,17 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         The counterpart of `set_clipping` for `skip_spikes`.
 
         Args:
-            skip_spikes: `True` (`SpikeSkipping()`), a `SpikeSkipping` or its
-                serialized dict.
+            skip_spikes: `True` (`SpikeSkipping()`, or whatever spike
+                skipping the guard has already: `True` asks for spike
+                skipping, not for settings), a `SpikeSkipping` (or
+                `RobustSpikeSkipping`) or its serialized dict.
 
         Returns:
             Whether the guard changed.
 
         Raises:
             ValueError: For an invalid value, or if the guard already skips
-                spikes with different settings.
+                spikes with different settings than the instance given.
         """
         spikes = _get_spike_skipping(skip_spikes)
         if spikes is None:
@@ -610,6 +612,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 skip_spikes,
                 "True or a keras_stability.clipping.SpikeSkipping",
             )
+        if self.skip_spikes is not None and skip_spikes is True:
+            return False  # spike skipping asked for, and there is some
         if self.skip_spikes is not None:
             if _same_config(self.skip_spikes, spikes):
                 return False

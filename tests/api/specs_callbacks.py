@@ -112,6 +112,7 @@ CASES = [
             "optimizer": [3, "", "not an identifier", ["d_optimizer"]],
             "check_every": [0, -1, 2.5, True, "10", None],
             "exclude_batches_path": BAD_PATH,
+            "skip_spikes": ["yes", None],
         },
         good={**GOOD_VERBOSE, "check_every": [1, 64, np.int64(5)]},
         config=True,
@@ -202,6 +203,17 @@ CASES = [
             "z_threshold": [0, -1.0],
             "min_samples": [0, 1, 200],  # 200 > window=128
             "max_consecutive": [0],
+        },
+        config=True,
+    ),
+    Case(
+        clipping.RobustSpikeSkipping,
+        bad={
+            "window": [0, 1],
+            "z_threshold": [0, -1.0],
+            "min_samples": [0, 1, 200],  # 200 > window=128
+            "max_consecutive": [0],
+            "min_ratio": [0, 1, 0.5, "10", True, None, NAN],
         },
         config=True,
     ),
@@ -299,6 +311,29 @@ CASES = [
             "z_threshold": BAD_POSITIVE,
             "min_samples": [0, "1", 2.5, True, None],
             "max_consecutive": [0, "1", 2.5, True, None],
+        },
+    ),
+    Case(
+        clipping.robust_spike_step,
+        kwargs=lambda: {
+            "norm": 1.0,
+            "history": keras.ops.zeros((8,)),
+            "count": 0,
+            "consecutive": 0,
+            "z_threshold": 6.0,
+            "min_samples": 2,
+            "max_consecutive": 1,
+            "min_ratio": 10.0,
+        },
+        bad={
+            "norm": BAD_TENSOR,
+            "history": ["x", None, 3, np.zeros((2, 2), "float32")],
+            "count": BAD_COUNT,
+            "consecutive": BAD_COUNT,
+            "z_threshold": BAD_POSITIVE,
+            "min_samples": [0, "1", 2.5, True, None],
+            "max_consecutive": [0, "1", 2.5, True, None],
+            "min_ratio": [1.0, 0, "10", True, None, NAN],
         },
     ),
     Case(

@@ -1278,3 +1278,132 @@ def test_snapshots_of_many_models_do_not_warn_about_retracing():
     finally:
         logger.removeHandler(handler)
     assert not [m for m in messages if "triggered tf.function retracing" in m]
+
+
+def _poisoned_example(epochs, start=25, every=50, scale=1000.0):
+    """The Keras example's data in order, one batch of 32 in `every` (from
+    batch `start`) with its inputs times `scale` (a corrupt shard), and the
+    same data without those batches."""
+    from keras_stability.datasets import load_dataset
+
+    (x, y), (xt, yt) = load_dataset("synthetic", seed=0)
+    x = np.array(x, dtype="float32", copy=True)
+    bad = np.zeros(len(x), bool)
+    for batch in range(start, len(x) // 32, every):
+        bad[batch * 32 : (batch + 1) * 32] = True
+    clean = (x[~bad].copy(), y[~bad])
+    x[bad] *= scale
+    return (x, y), clean, (xt, yt), int(bad.sum()) // 32 * epochs
+
+
+def _example_fit(x, y, epochs, callbacks=()):
+    from keras_stability.models import build_example_model
+    from keras_stability.models import compile_example_model
+
+    keras.utils.set_random_seed(0)
+    model = compile_example_model(
+        build_example_model(x.shape[1], 10), keras.optimizers.Adam(1e-3)
+    )
+    model.fit(
+        x,
+        y,
+        batch_size=32,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=list(callbacks),
+    )
+    return model
+
+
+def test_poisoned_batches_are_skipped_in_graph_with_default_arguments():
+    # A batch of inputs 1000x off in every epoch: plain fit applies it
+    # (Adam's second moments then hold its squares for ~1000 steps) and ends
+    # far above the run without those batches. The detector's guard skips
+    # each such step in-graph (a gradient norm >= 10x the median of the
+    # recent ones and 6 robust deviations above it): the weights end as the
+    # clean run's, with no rollback (a single spike is no divergence).
+    epochs = 3
+    (x, y), (xc, yc), (xt, yt), poisoned = _poisoned_example(epochs)
+    assert poisoned == 3
+    plain = _example_fit(x, y, epochs)
+    clean = _example_fit(xc, yc, epochs)
+    detector = GradientExplosionDetector()
+    model, _ = _quiet(_example_fit, x, y, epochs, [detector])
+    assert int(model.optimizer.steps_skipped_spike.numpy()) == poisoned
+    assert detector.rollbacks == 0 and detector.stopped_reason is None
+    assert _actions(detector) == []
+    for w, wc in zip(model.get_weights(), clean.get_weights(), strict=True):
+        np.testing.assert_allclose(w, wc, rtol=1e-5, atol=1e-6)
+    loss = model.evaluate(xt, yt, verbose=0)[0]
+    assert loss < 0.8 * plain.evaluate(xt, yt, verbose=0)[0]
+
+
+def test_a_spike_before_min_samples_is_not_skipped_in_graph():
+    # No statistic yet in the first `min_samples` steps: the guard applies
+    # the step (the host still records the spike).
+    epochs = 1
+    (x, y), _, _, poisoned = _poisoned_example(epochs, start=5)
+    detector = GradientExplosionDetector()
+    model, _ = _quiet(_example_fit, x, y, epochs, [detector])
+    assert poisoned == 1
+    assert int(model.optimizer.steps_skipped_spike.numpy()) == 0
+    assert any(e["kind"] == "spike" and e["step"] == 6 for e in detector.events)
+
+
+@pytest.mark.parametrize("monitor_first", [False, True])
+def test_spike_skipping_whoever_made_the_guard_and_off_by_argument(monitor_first):
+    # The guard skips spikes whether the detector or the monitor wrapped the
+    # optimizer first; `skip_spikes=False` leaves it without; a guard with
+    # its own spike skipping keeps it.
+    from keras_stability.callbacks import GradientMonitor
+    from keras_stability.clipping import RobustSpikeSkipping
+    from keras_stability.clipping import SpikeSkipping
+    from keras_stability.optimizers import GuardedOptimizer
+
+    x, y = _data(64)
+
+    def fit(optimizer, detector):
+        model = deep_mlp(optimizer, depth=1)
+        callbacks = [detector, GradientMonitor()]
+        if monitor_first:
+            callbacks.reverse()
+        _quiet(model.fit, x, y, batch_size=16, epochs=1, verbose=0, callbacks=callbacks)
+        return model.optimizer.skip_spikes
+
+    spikes = fit(keras.optimizers.Adam(), GradientExplosionDetector())
+    assert isinstance(spikes, RobustSpikeSkipping)
+    assert spikes.get_config() == {
+        "window": 128,
+        "z_threshold": 6.0,
+        "min_samples": 20,
+        "max_consecutive": 3,
+        "min_ratio": 10.0,
+    }
+    assert (
+        fit(keras.optimizers.Adam(), GradientExplosionDetector(skip_spikes=False))
+        is None
+    )
+    assert (
+        fit(keras.optimizers.Adam(), GradientExplosionDetector(action="warn")) is None
+    )
+    own = fit(
+        GuardedOptimizer(keras.optimizers.Adam(), skip_spikes=True),
+        GradientExplosionDetector(),
+    )
+    assert type(own) is SpikeSkipping
+
+
+def test_adaptive_clipping_asking_for_spike_skipping_after_the_detector_keeps_its():
+    # `skip_spikes=True` asks for spike skipping, not for settings: after
+    # the detector's it is satisfied (before: a ValueError, "already a
+    # GuardedOptimizer with skip_spikes=...").
+    from keras_stability.callbacks import AdaptiveClipping
+    from keras_stability.clipping import RobustSpikeSkipping
+
+    x, y = _data(64)
+    model = deep_mlp(keras.optimizers.Adam(), depth=1)
+    callbacks = [GradientExplosionDetector(), AdaptiveClipping(1.0, skip_spikes=True)]
+    _quiet(model.fit, x, y, batch_size=16, epochs=1, verbose=0, callbacks=callbacks)
+    assert isinstance(model.optimizer.skip_spikes, RobustSpikeSkipping)
+    assert model.optimizer.clipping is not None

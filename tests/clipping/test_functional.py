@@ -208,3 +208,67 @@ def test_spike_step_reference():
             accepted.append(n)
     # Two spikes skipped, the third in a row accepted (max_consecutive=2).
     assert flags[8:] == [True, True, False, False]
+
+
+def _robust_reference(norms, window, z, min_samples, max_consecutive, min_ratio):
+    """`robust_spike_step`'s flags computed in NumPy, step by step."""
+    accepted, flags = [], []
+    for n in norms:
+        logs = np.log(np.array(accepted[-window:], "float64"))
+        spike = False
+        if len(logs) >= min_samples and n > 0:
+            ordered = np.sort(logs)
+            k = len(ordered) - 1
+            low, center, high = ordered[[k // 4, k // 2, 3 * k // 4]]
+            spread = (high - low) / 1.349
+            spike = np.log(n) - center > max(z * spread, np.log(min_ratio))
+        spike = spike and flags[-max_consecutive:] != [True] * max_consecutive
+        flags.append(bool(spike))
+        if not spike and n > 0:
+            accepted.append(n)
+    return flags
+
+
+def test_robust_spike_step_reference():
+    """Median and IQR of the logs, the ratio floor, `min_samples` and
+    `max_consecutive`, against NumPy; heavy-tailed noise is not a spike."""
+    rng = np.random.default_rng(3)
+    window, min_samples = 32, 20
+    # Log-normal noise with a wide spread (batch-1 gradients), then spikes.
+    noise = list(np.exp(1.5 * rng.normal(size=60)))
+    norms = (
+        [500.0]  # huge, but before `min_samples`: never a spike
+        + noise[:30]
+        + [1e6, 1e6, 1e6, 1e6]  # three skipped, the fourth accepted
+        + noise[30:]
+        + [0.0, 3.0]
+    )
+    history = np.zeros(window, "float32")
+    count, consecutive = np.int32(0), np.int32(0)
+    flags = []
+    for n in norms:
+        spike, (history, count, consecutive) = clipping.robust_spike_step(
+            np.float32(n), history, count, consecutive, 6.0, min_samples, 3, 10.0
+        )
+        flags.append(bool(spike))
+    expected = _robust_reference(norms, window, 6.0, min_samples, 3, 10.0)
+    assert flags == expected
+    assert flags[0] is False
+    assert flags[31:35] == [True, True, True, False]
+    # The log-normal noise (norms ~1000x apart) is never one.
+    assert sum(flags) == 3 and max(noise) / min(noise) > 1000
+    assert int(count) == len(norms) - 3 - 1  # spikes and the zero norm unrecorded
+
+
+def test_robust_spike_step_ratio_floor():
+    """A nearly constant series (full batch) has a tiny spread: a norm 3x its
+    median is 100s of deviations out, but under the 10x floor it is kept."""
+    history = np.zeros(8, "float32")
+    count, consecutive = np.int32(0), np.int32(0)
+    flags = []
+    for n in [1.0, 1.001, 0.999, 1.0, 1.0005, 3.0, 12.0]:
+        spike, (history, count, consecutive) = clipping.robust_spike_step(
+            np.float32(n), history, count, consecutive, 6.0, 4, 3, 10.0
+        )
+        flags.append(bool(spike))
+    assert flags == [False] * 5 + [False, True]

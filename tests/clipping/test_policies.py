@@ -80,6 +80,7 @@ def test_global_norm_threshold_and_update():
         clipping.ZClip(alpha=0.8, z_threshold=3.0, warmup_steps=5, max_norm=10.0),
         clipping.AGC(clip_factor=0.02, epsilon=1e-4, exclude_final_layer=False),
         clipping.SpikeSkipping(window=16, z_threshold=4.0, min_samples=8),
+        clipping.RobustSpikeSkipping(window=16, min_samples=8, min_ratio=5.0),
     ],
 )
 def test_config_round_trip(policy):
@@ -120,6 +121,14 @@ def test_config_round_trip(policy):
         (lambda: clipping.AGC(clip_factor=-0.1), "Received: clip_factor=-0.1"),
         (
             lambda: clipping.SpikeSkipping(window=8, min_samples=20),
+            "argument `min_samples`",
+        ),
+        (
+            lambda: clipping.RobustSpikeSkipping(min_ratio=1.0),
+            "argument `min_ratio`. Expected a number > 1. Received: min_ratio=1.0",
+        ),
+        (
+            lambda: clipping.RobustSpikeSkipping(window=8, min_samples=20),
             "argument `min_samples`",
         ),
     ],
