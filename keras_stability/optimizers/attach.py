@@ -233,8 +233,10 @@ def ensure_guarded(
         The `GuardedOptimizer`.
 
     Raises:
-        ValueError: if the model is not compiled, if the optimizer clips by
-            itself, if an argument is invalid, if the optimizer is already
+        ValueError: if the model is not compiled, if `clipping` is asked
+            for and the optimizer clips by itself (`clipnorm`,
+            `global_clipnorm`, `clipvalue`; without `clipping` its own
+            clipping is kept), if an argument is invalid, if the optimizer is already
             guarded with a different policy, spike skipping or
             `skip_nonfinite`, or if which optimizer to guard is unknown (see
             `guarded_attribute`: `model.optimizer` is `None`, or the model
