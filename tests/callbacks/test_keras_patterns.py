@@ -4,6 +4,8 @@ with Keras' own parts (optimizer options, Keras callbacks, fit arguments).
 A healthy run with the callbacks must end where plain `fit` ends, bit for bit.
 """
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -78,3 +80,76 @@ def test_adaptive_clipping_after_the_monitor_refuses_an_optimizer_that_clips():
         r"\(global_clipnorm=1.0\)",
     ):
         _fit(model, [GradientMonitor(), AdaptiveClipping(GlobalNorm(1.0))])
+
+
+def _exploding_fit(callbacks):
+    from keras_stability.datasets import load_dataset
+
+    (x, y), _ = load_dataset("synthetic")
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [
+            keras.Input((10,)),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(20.0),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    detector = GradientExplosionDetector()
+    rates = []
+    record = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: rates.append(
+            float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+        )
+    )
+    model.fit(
+        x,
+        y,
+        batch_size=32,
+        epochs=3,
+        verbose=0,
+        callbacks=[*callbacks, detector, record],
+    )
+    return model, detector, rates
+
+
+def test_learning_rate_scheduler_does_not_undo_the_detectors_lowering():
+    # LearningRateScheduler(lambda epoch: ...) sets its rate at each epoch
+    # start: without the detector's lowering kept on it, SGD(20) exploded
+    # again every epoch, used up max_rollbacks and stopped on step 0's weights.
+    alone, alone_detector, alone_rates = _exploding_fit([])
+    assert alone_detector.rollbacks == 1 and alone_rates[0] < 1.0
+    scheduler = keras.callbacks.LearningRateScheduler(lambda epoch: 20.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, detector, rates = _exploding_fit([scheduler])
+    assert detector.rollbacks == 1 and not model.stop_training
+    assert rates == alone_rates
+    for ours, theirs in zip(model.get_weights(), alone.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    messages = [str(w.message) for w in caught if "another callback" in str(w.message)]
+    assert messages == [
+        "GradientExplosionDetector: another callback set the learning rate to 20 "
+        "(a LearningRateScheduler?), above the rate the detector had lowered it "
+        "to; the detector's lowering (x0.0215) is applied to it: 0.4309."
+    ]
+
+
+def test_lowered_rate_reapplies_the_scale_to_a_rate_raised_from_outside():
+    from keras_stability.callbacks.lr_scaling import LoweredRate
+
+    rate = LoweredRate(1.0)
+    assert rate.seen(1.0) is None and rate.scale == 1.0
+    assert rate.seen(2.0) is None and rate.base == 2.0  # not lowered: taken as is
+    rate.wrote(0.2)  # the detector lowered it 10x
+    assert rate.scale == pytest.approx(0.1)
+    assert rate.seen(0.2) is None
+    assert rate.seen(3.0) == pytest.approx(0.3)  # a scheduler set 3.0: kept 10x lower
+    assert rate.base == 3.0
+    # Lowered from outside (ReduceLROnPlateau halves what it reads): taken as
+    # already lowered, and the scale stays for a later raise.
+    assert rate.seen(0.15) is None and rate.scale == pytest.approx(0.1)
+    assert rate.seen(1.0) == pytest.approx(0.1)
