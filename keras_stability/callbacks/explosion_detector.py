@@ -71,6 +71,7 @@ from keras_stability.optimizers.attach import ModelObservers
 from keras_stability.optimizers.attach import check_optimizer_argument
 from keras_stability.optimizers.attach import find_guard
 from keras_stability.optimizers.attach import guarded_attribute
+from keras_stability.optimizers.attach import watch_optimizer_loads
 
 __all__ = ["GradientExplosionDetector"]
 
@@ -406,6 +407,12 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         return cls(**config)
 
     # -- fit hooks --------------------------------------------------------
+    def set_model(self, model):
+        super().set_model(model)
+        # Before any callback's `on_train_begin` (a BackupAndRestore listed
+        # first restores there, before we wrap the optimizer).
+        watch_optimizer_loads(model)
+
     def on_train_begin(self, logs=None):
         model = self.model
         with model.distribute_strategy.scope():

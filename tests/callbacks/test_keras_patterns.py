@@ -153,3 +153,49 @@ def test_lowered_rate_reapplies_the_scale_to_a_rate_raised_from_outside():
     # already lowered, and the scale stays for a later raise.
     assert rate.seen(0.15) is None and rate.scale == pytest.approx(0.1)
     assert rate.seen(1.0) == pytest.approx(0.1)
+
+
+class _Crash(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            raise RuntimeError("simulated crash")
+
+
+@pytest.mark.parametrize("with_clipping", [False, True])
+def test_keras_backup_listed_first_resumes_with_the_guards_optimizer_state(
+    tmp_path, with_clipping
+):
+    # The Keras docs' `callbacks=[BackupAndRestore(...)]` with ours appended:
+    # the backup restores in its on_train_begin, before ours wrap the
+    # optimizer, and Keras skipped the saved guard's optimizer state (Adam's
+    # moments and iterations) with a warning: the resumed run restarted Adam.
+    # With AdaptiveClipping after the monitor, the guard gets its policy (and
+    # the saved layout) only at the second callback.
+    from keras_stability.clipping import ZClip
+
+    def callbacks(folder, extra=()):
+        ours = [GradientMonitor(), GradientExplosionDetector()]
+        if with_clipping:
+            ours.append(AdaptiveClipping(ZClip(warmup_steps=3)))
+        return [keras.callbacks.BackupAndRestore(str(folder)), *ours, *extra]
+
+    reference = _model(keras.optimizers.Adam(1e-2))
+    _fit(reference, callbacks(tmp_path / "reference"), epochs=4)
+
+    crashed = _model(keras.optimizers.Adam(1e-2))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(crashed, callbacks(tmp_path / "backup", [_Crash()]), epochs=4)
+    resumed = _model(keras.optimizers.Adam(1e-2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Keras' "Skipping variable loading"
+        _fit(resumed, callbacks(tmp_path / "backup"), epochs=4)
+
+    assert int(resumed.optimizer.iterations) == int(reference.optimizer.iterations)
+    for ours, theirs in zip(
+        resumed.get_weights(), reference.get_weights(), strict=True
+    ):
+        np.testing.assert_array_equal(ours, theirs)
+    for ours, theirs in zip(
+        resumed.optimizer.variables, reference.optimizer.variables, strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
