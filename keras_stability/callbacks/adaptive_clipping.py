@@ -13,6 +13,7 @@ from keras_stability.optimizers.attach import check_optimizer_argument
 from keras_stability.optimizers.attach import ensure_guarded
 from keras_stability.optimizers.attach import find_guard
 from keras_stability.optimizers.attach import guarded_attribute
+from keras_stability.optimizers.attach import watch_optimizer_loads
 from keras_stability.optimizers.guarded_optimizer import _get_spike_skipping
 
 __all__ = ["AdaptiveClipping"]
@@ -152,6 +153,12 @@ class AdaptiveClipping(keras.callbacks.Callback):
         self.verbose = check_verbose("verbose", verbose)
         self.optimizer = check_optimizer_argument("optimizer", optimizer)
         self.guard = None
+
+    def set_model(self, model):
+        super().set_model(model)
+        # Before any callback's `on_train_begin` (a BackupAndRestore listed
+        # first restores there, before we wrap the optimizer).
+        watch_optimizer_loads(model)
 
     def on_train_begin(self, logs=None):
         model = self.model

@@ -54,6 +54,8 @@ from keras_stability._checks import invalid
 from keras_stability.callbacks.exclude_batches import ExcludeList
 from keras_stability.callbacks.layer_gradient_stats import LayerGradientStats
 from keras_stability.callbacks.layer_gradient_stats import group_variables_by_layer
+from keras_stability.callbacks.lr_scaling import LoweredRate
+from keras_stability.callbacks.lr_scaling import innermost_optimizer
 from keras_stability.callbacks.lr_scaling import wrap_schedule
 from keras_stability.callbacks.recovery import RecoveryMixin
 from keras_stability.callbacks.recovery import json_float
@@ -74,6 +76,7 @@ from keras_stability.optimizers.attach import ModelObservers
 from keras_stability.optimizers.attach import check_optimizer_argument
 from keras_stability.optimizers.attach import find_guard
 from keras_stability.optimizers.attach import guarded_attribute
+from keras_stability.optimizers.attach import watch_optimizer_loads
 
 __all__ = ["GradientExplosionDetector"]
 
@@ -121,7 +124,11 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
       restores the last healthy snapshot of the weights and the
       optimizer state (taken every `snapshot_freq` healthy steps),
       multiplies the learning rate by `lr_factor` (a schedule is wrapped in
-      `ScaledSchedule`, so its shape is kept) and skips the next
+      `ScaledSchedule`, so its shape is kept; a constant rate that another
+      callback sets higher again, as `LearningRateScheduler` does at each
+      epoch start, gets the detector's lowering applied again, with a
+      warning, while one set lower, as by `ReduceLROnPlateau`, is kept as
+      set) and skips the next
       `skip_batches` updates in-graph. After `max_rollbacks` it stops.
       With `check_recovery`, each rollback is then checked: the skipped
       updates measure the restored weights' loss on fresh batches, and if
@@ -423,6 +430,12 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         return cls(**config)
 
     # -- fit hooks --------------------------------------------------------
+    def set_model(self, model):
+        super().set_model(model)
+        # Before any callback's `on_train_begin` (a BackupAndRestore listed
+        # first restores there, before we wrap the optimizer).
+        watch_optimizer_loads(model)
+
     def on_train_begin(self, logs=None):
         model = self.model
         with model.distribute_strategy.scope():
@@ -484,6 +497,15 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             model, per_layer_norms, optimizer=self._optimizer_arg, **guard_kwargs
         )
         self._layer_names = [name for name, _, _ in self._stats.groups]
+        # A constant learning rate (a variable, not a schedule) that other
+        # callbacks may set too: the detector's lowering is kept on it.
+        self._lowered_rate = None
+        self._follow_warned = False
+        rate = _keras_internals.learning_rate_object(
+            innermost_optimizer(self.optimizer)
+        )
+        if isinstance(rate, keras.Variable):
+            self._lowered_rate = LoweredRate(keras.ops.convert_to_numpy(rate))
         self._step_logs = StepLogs.of(model)
         self._per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
         # One batch per call: the step records each batch in-graph and the
@@ -1156,6 +1178,8 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             )
 
     def on_train_batch_begin(self, batch, logs=None):
+        if batch == 0:
+            self._follow_learning_rate()
         # A batch listed in `exclude_batches_path` is drawn without training.
         exclude = self._exclude
         if not exclude.batches or not exclude.hits(self.epoch, batch, self._per_call):

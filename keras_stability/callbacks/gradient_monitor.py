@@ -39,6 +39,7 @@ from keras_stability.distribute.strategy import chief_path
 from keras_stability.optimizers.attach import ModelObservers
 from keras_stability.optimizers.attach import check_optimizer_argument
 from keras_stability.optimizers.attach import guarded_attribute
+from keras_stability.optimizers.attach import watch_optimizer_loads
 
 __all__ = ["GradientMonitor"]
 
@@ -241,6 +242,12 @@ class GradientMonitor(keras.callbacks.Callback):
             histogram_bins=self.histogram_bins if self.log_dir else 0,
             buffer_size=self.buffer_size,
         )
+
+    def set_model(self, model):
+        super().set_model(model)
+        # Before any callback's `on_train_begin` (a BackupAndRestore listed
+        # first restores there, before we wrap the optimizer).
+        watch_optimizer_loads(model)
 
     def on_train_begin(self, logs=None):
         log_dir = None

@@ -15,6 +15,7 @@ from keras_stability._checks import invalid
 from keras_stability.optimizers.guarded_optimizer import optimizer_chain
 
 __all__ = [
+    "LoweredRate",
     "ScaledSchedule",
     "innermost_optimizer",
     "learning_rate_variable",
@@ -140,3 +141,45 @@ def learning_rate_variable(optimizer):
     if isinstance(lr, keras.Variable):
         return lr
     return None
+
+
+class LoweredRate:
+    """Keeps a detector's lowering of a constant rate that another callback sets.
+
+    Keras' `LearningRateScheduler` assigns `schedule(epoch)` at each epoch
+    start, whatever the rate is: a rate the detector lowered after an
+    explosion goes back up, and the same explosion comes again. This holds
+    the detector's scale (the rate it left over the rate it was given) and
+    applies it again to a rate set higher from outside; a rate set lower
+    (`ReduceLROnPlateau`, or a schedule of `(epoch, lr)` that decays the rate
+    it reads) is taken as already lowered, and the scale is kept for later.
+
+    Pure state, no Keras: `value` is the rate as the detector last saw or
+    left it.
+    """
+
+    def __init__(self, value):
+        self.base = float(value)  # the rate set from outside, unscaled
+        self.value = float(value)  # the rate as the detector last left it
+
+    @property
+    def scale(self):
+        return self.value / self.base if self.base > 0 else 1.0
+
+    def wrote(self, value):
+        """The detector set the rate to `value`."""
+        self.value = float(value)
+
+    def seen(self, value):
+        """The rate is `value` now; returns the rate to set instead, or `None`."""
+        value = float(value)
+        if value == self.value:
+            return None
+        scale = self.scale
+        if value > self.value and scale < 1.0:
+            self.base = value
+            self.value = value * scale
+            return self.value
+        self.base = value / scale if scale > 0 else value
+        self.value = value
+        return None

@@ -157,6 +157,7 @@ class RecoveryMixin:
         self._plateau_losses = []
         self._plateau_top = None
         new_lr = scale_learning_rate(self.optimizer, factor)
+        self._lr_wrote()
         if self.skip_batches and hasattr(self.optimizer, "skip_next"):
             self.optimizer.skip_next(self.skip_batches)
         self.consecutive_skips = 0
@@ -252,6 +253,41 @@ class RecoveryMixin:
             self._recovery = None
         return None
 
+    def _lr_wrote(self):
+        """Notes the constant learning rate as the detector just set it."""
+        lowered = getattr(self, "_lowered_rate", None)
+        if lowered is not None:
+            lowered.wrote(_read(learning_rate_variable(self.optimizer)))
+
+    def _follow_learning_rate(self):
+        """Keeps the detector's lowering of a rate another callback set again.
+
+        Called at the start of each epoch's first batch, after the other
+        callbacks' `on_epoch_begin` (`LearningRateScheduler`) and the last
+        epoch's `on_epoch_end` (`ReduceLROnPlateau`); see `LoweredRate`.
+        """
+        lowered = getattr(self, "_lowered_rate", None)
+        if lowered is None:
+            return
+        variable = learning_rate_variable(self.optimizer)
+        given = _read(variable)
+        new = lowered.seen(given)
+        if new is None:
+            return
+        variable.assign(new)
+        lowered.wrote(_read(variable))
+        message = (
+            f"GradientExplosionDetector: another callback set the learning rate "
+            f"to {given:.4g} (a LearningRateScheduler?), above the rate the "
+            f"detector had lowered it to; the detector's lowering (x{lowered.scale:.3g}) "
+            f"is applied to it: {lowered.value:.4g}."
+        )
+        if not getattr(self, "_follow_warned", False):
+            self._follow_warned = True
+            warnings.warn(message, stacklevel=3)
+        elif self.verbose:
+            self._say(message)
+
     def _can_probe(self):
         return (
             self.probe_lower_lr
@@ -277,6 +313,7 @@ class RecoveryMixin:
         }
         self.snapshot.restore(self.model)
         scale_learning_rate(self.optimizer, self.lr_factor**PROBE_EXPONENT)
+        self._lr_wrote()
         return True
 
     def _judge_probe(self, after):
@@ -335,6 +372,7 @@ class RecoveryMixin:
         lr_value = np.array(keras.ops.convert_to_numpy(lr_var), copy=True)
         incumbent["snapshot"].restore(self.model)
         lr_var.assign(lr_value if keep_lr else incumbent["lr_value"])
+        self._lr_wrote()
         self._event("lr_probe", self.raw_losses[-1], self.grad_norms[-1], detail)
         if keep_lr:
             self.events[-1].update(
@@ -377,6 +415,7 @@ class RecoveryMixin:
             return
         losses.clear()
         new_lr = scale_learning_rate(self.optimizer, factor)
+        self._lr_wrote()
         detail = (
             f"loss plateau after rollback {self.rollbacks}: median raw loss {last:.4g} "
             f"over the last {PLATEAU_WINDOW} steps, not {PLATEAU_GAIN:g} below "
@@ -476,3 +515,7 @@ class RecoveryMixin:
             )
             return " The diagnostic could not be written (see the previous warning)."
         return f" Diagnostic written to {self.diagnostic_path}."
+
+
+def _read(variable):
+    return float(keras.ops.convert_to_numpy(variable))

@@ -13,6 +13,7 @@ import contextlib
 import weakref
 
 import keras
+import numpy as np
 
 from keras_stability import clipping as clipping_module
 from keras_stability._checks import check_bool
@@ -233,8 +234,10 @@ def ensure_guarded(
         The `GuardedOptimizer`.
 
     Raises:
-        ValueError: if the model is not compiled, if the optimizer clips by
-            itself, if an argument is invalid, if the optimizer is already
+        ValueError: if the model is not compiled, if `clipping` is asked
+            for and the optimizer clips by itself (`clipnorm`,
+            `global_clipnorm`, `clipvalue`; without `clipping` its own
+            clipping is kept), if an argument is invalid, if the optimizer is already
             guarded with a different policy, spike skipping or
             `skip_nonfinite`, or if which optimizer to guard is unknown (see
             `guarded_attribute`: `model.optimizer` is `None`, or the model
@@ -270,6 +273,8 @@ def ensure_guarded(
                     optimizer.set_skip_spikes(True if spikes_asked else skip_spikes)
                     or changed
                 )
+            if changed:  # its saved layout may match the state skipped now
+                _load_skipped_state(optimizer)
         if changed and getattr(model, "train_function", None) is not None:
             model.make_train_function(force=True)
         return optimizer
@@ -297,6 +302,7 @@ def ensure_guarded(
             variables = list(optimizer._trainable_variables)
         with _strategy_scope(model):
             guarded.build(variables)
+            _load_skipped_state(guarded)
     if getattr(model, "train_function", None) is not None:
         model.make_train_function(force=True)
     return guarded
@@ -448,3 +454,71 @@ class ModelObservers:
                 if getattr(model, "train_function", None) is not None:
                     model.make_train_function(force=True)
         return detached
+
+
+# The optimizer state a load skipped because the file holds a guard's layout:
+# inner optimizer -> (what the file held, the optimizer's iterations then).
+_SKIPPED_STATES = weakref.WeakKeyDictionary()
+
+
+def watch_optimizer_loads(model):
+    """Keeps the guard's state a load into the model's unwrapped optimizer skips.
+
+    Our callbacks wrap the optimizer in their `on_train_begin`. A callback
+    listed before them that restores a file saved with the guard in its own
+    `on_train_begin` (`keras.callbacks.BackupAndRestore` resuming a run,
+    the Keras docs' `callbacks=[BackupAndRestore(...)]` with ours appended)
+    loads it into the optimizer not yet wrapped: Keras finds another number
+    of variables and skips the whole optimizer state (moments, iterations)
+    with a warning, and the resumed run silently starts its optimizer
+    again. Called from the callbacks' `set_model`, before any
+    `on_train_begin`, this makes the model's optimizer keep a copy of what
+    such a load skipped; `ensure_guarded` loads it into the guard that wraps
+    that optimizer, if the optimizer has not stepped since and the layouts
+    match. Idempotent; a no-op for an optimizer already guarded.
+
+    Args:
+        model: A Keras model (its `optimizer`, or a `LossScaleOptimizer`'s
+            inner one).
+    """
+    optimizer = getattr(model, "optimizer", None)
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    if (
+        not isinstance(optimizer, keras.optimizers.Optimizer)
+        or isinstance(
+            optimizer, (GuardedOptimizer, keras.optimizers.LossScaleOptimizer)
+        )
+        or "load_own_variables" in vars(optimizer)
+    ):
+        return
+    load = type(optimizer).load_own_variables
+    target = weakref.ref(optimizer)
+
+    def load_own_variables(store):
+        opt = target()
+        if opt.built and len(store.keys()) != len(opt.variables):
+            _SKIPPED_STATES[opt] = (
+                {key: np.array(store[key]) for key in store.keys()},
+                int(keras.ops.convert_to_numpy(opt.iterations)),
+            )
+        return load(opt, store)
+
+    optimizer.load_own_variables = load_own_variables
+
+
+def _load_skipped_state(guard):
+    """Loads into a (built) new guard the state a load skipped on its inner optimizer."""
+    inner = guard.inner_optimizer
+    entry = _SKIPPED_STATES.get(inner)
+    if entry is None or not guard.built:
+        return
+    store, iterations = entry
+    if int(keras.ops.convert_to_numpy(inner.iterations)) != iterations:
+        del _SKIPPED_STATES[inner]  # trained since: the state is stale
+        return
+    core = guard._own_core_variables() + inner.variables
+    if sum(key.isdigit() for key in store) != len(core):
+        return  # another layout (a policy or spike skipping not given yet)
+    del _SKIPPED_STATES[inner]
+    guard.load_own_variables(store)

@@ -214,8 +214,14 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
     optimizer unscales the gradients before this one measures them.
 
     Args:
-        inner_optimizer: A Keras 3 `keras.optimizers.Optimizer` that does not
-            clip by itself (`clipnorm`, `clipvalue`, `global_clipnorm` unset).
+        inner_optimizer: A Keras 3 `keras.optimizers.Optimizer`. With a
+            `clipping` policy it must not clip by itself (`clipnorm`,
+            `clipvalue`, `global_clipnorm` unset); without one its own
+            clipping is kept: it clips what the guard hands it, the
+            all-reduced gradient of an applied step (so, unlike Keras alone,
+            which clips each replica's gradient before the all-reduce, the
+            same under `MirroredStrategy` as on one device), and
+            `grad_norm` and the observers see the gradient before it.
         clipping: A `keras_stability.clipping` policy, a positive number
             (meaning `GlobalNorm(number)`) or `None`. Defaults to `None`.
         skip_nonfinite: Whether to skip steps whose gradient contains NaN or
@@ -232,7 +238,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
 
     Raises:
         ValueError: for an inner optimizer that is not a Keras 3 optimizer,
-            already clips, is a `LossScaleOptimizer` or has a
+            clips by itself while `clipping` is set, is a `LossScaleOptimizer` or has a
             `loss_scale_factor`; for an invalid policy; for any argument of
             the wrong kind.
 
@@ -272,8 +278,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 "GuardedOptimizer.__init__() got unexpected keyword arguments: "
                 f"{sorted(kwargs)}"
             )
-        _check_inner_optimizer(inner_optimizer)
         clipping = clipping_module.get_policy("clipping", clipping)
+        _check_inner_optimizer(inner_optimizer, clipping)
         skip_spikes = _get_spike_skipping(skip_spikes)
         skip_nonfinite = check_bool("skip_nonfinite", skip_nonfinite)
         name = check_str("name", name, allow_none=True)
@@ -563,9 +569,10 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             Whether the guard changed (`False` if it already had this policy).
 
         Raises:
-            ValueError: For an invalid policy, or if the guard already clips
+            ValueError: For an invalid policy, if the guard already clips
                 with a different one (a policy's state cannot be swapped
-                mid-training).
+                mid-training), or if the inner optimizer clips by itself
+                (`clipnorm`, `global_clipnorm`, `clipvalue`).
         """
         policy = clipping_module.get_policy("clipping", clipping)
         if policy is None:
@@ -582,6 +589,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 f"GuardedOptimizer with clipping={self.clipping!r}; cannot also "
                 f"apply clipping={policy!r}. Received: clipping={clipping!r}"
             )
+        _check_no_own_clipping(self.inner_optimizer, policy)
         self.clipping = policy
         if self.built:
             policy.build(self, self._trainable_variables)
@@ -1158,7 +1166,7 @@ class _LossRecord:
         self.trip_limit = trip_limit
 
 
-def _check_inner_optimizer(inner):
+def _check_inner_optimizer(inner, clipping=None):
     if not isinstance(inner, keras.optimizers.Optimizer):
         raise ValueError(
             "Invalid value for argument `inner_optimizer`. Expected a Keras 3 "
@@ -1179,16 +1187,8 @@ def _check_inner_optimizer(inner):
             "itself under the 'mixed_float16' policy. Received: "
             f"inner_optimizer={inner.name!r}"
         )
-    for arg in ("clipnorm", "global_clipnorm", "clipvalue"):
-        value = getattr(inner, arg, None)
-        if value is not None:
-            raise ValueError(
-                "Invalid value for argument `inner_optimizer`. Expected an "
-                f"optimizer that does not clip by itself ({arg}=None), since "
-                "GuardedOptimizer clips the all-reduced gradient: pass "
-                "`clipping=GlobalNorm(...)` instead. Received: inner_optimizer "
-                f"with {arg}={value!r}"
-            )
+    if clipping is not None:
+        _check_no_own_clipping(inner)
     if inner.loss_scale_factor is not None:
         raise ValueError(
             "Invalid value for argument `inner_optimizer`. Expected an optimizer "
@@ -1196,6 +1196,42 @@ def _check_inner_optimizer(inner):
             "unscaled); use LossScaleOptimizer(GuardedOptimizer(...)). Received: "
             f"loss_scale_factor={inner.loss_scale_factor!r}"
         )
+
+
+def _own_clipping(inner):
+    """`(name, value)` of the inner optimizer's own clipping argument, or `None`."""
+    for arg in ("clipnorm", "global_clipnorm", "clipvalue"):
+        value = getattr(inner, arg, None)
+        if value is not None:
+            return arg, value
+    return None
+
+
+def _check_no_own_clipping(inner, clipping=None):
+    """Refuses an inner optimizer that clips when the guard clips too.
+
+    `clipping` is the policy `set_clipping` was given, to name in the message;
+    `None` from the constructor, whose message is about `inner_optimizer`.
+    """
+    own = _own_clipping(inner)
+    if own is None:
+        return
+    arg, value = own
+    if clipping is not None:
+        raise ValueError(
+            "Invalid value for argument `clipping`. Expected no clipping policy "
+            f"for this GuardedOptimizer: its inner optimizer clips by itself "
+            f"({arg}={value!r}); clip in one place, the optimizer's own "
+            f"`{arg}` or a policy on an inner optimizer with {arg}=None. "
+            f"Received: clipping={clipping!r}"
+        )
+    raise ValueError(
+        "Invalid value for argument `inner_optimizer`. Expected an "
+        f"optimizer that does not clip by itself ({arg}=None) when "
+        "GuardedOptimizer clips too (a `clipping` policy): clip in one "
+        "place, `clipping=GlobalNorm(...)` or the optimizer's own "
+        f"`{arg}`. Received: inner_optimizer with {arg}={value!r}"
+    )
 
 
 def _or(a, b):

@@ -371,7 +371,6 @@ CASES = [
                 "sgd",
                 None,
                 3,
-                keras.optimizers.SGD(clipnorm=1.0),
                 keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()),
             ],
             "clipping": BAD_POLICY,
@@ -380,6 +379,31 @@ CASES = [
             "name": BAD_PATH,
         },
         config=True,
+    ),
+    Case(  # an optimizer that clips by itself: refused only with a policy
+        optimizers.GuardedOptimizer,
+        id="GuardedOptimizer(clipping=GlobalNorm)",
+        kwargs=lambda: {
+            "inner_optimizer": keras.optimizers.SGD(),
+            "clipping": clipping.GlobalNorm(1.0),
+        },
+        bad={
+            "inner_optimizer": [
+                keras.optimizers.SGD(clipnorm=1.0),
+                keras.optimizers.SGD(global_clipnorm=1.0),
+                keras.optimizers.SGD(clipvalue=1.0),
+            ]
+        },
+        skip={
+            name: "checked by the GuardedOptimizer case"
+            for name in (
+                "clipping",
+                "skip_spikes",
+                "skip_nonfinite",
+                "observers",
+                "name",
+            )
+        },
     ),
     Case(
         optimizers.GuardedOptimizer.set_clipping,

@@ -414,10 +414,14 @@ def test_bad_arguments_raise_in_keras_form():
         match="Invalid value for argument `inner_optimizer`. Expected a Keras 3",
     ):
         GuardedOptimizer("adam")
-    with pytest.raises(ValueError, match="global_clipnorm=1.0"):
-        GuardedOptimizer(keras.optimizers.SGD(global_clipnorm=1.0))
+    with pytest.raises(
+        ValueError,
+        match=r"does not clip by itself \(global_clipnorm=None\) when GuardedOptimizer "
+        r"clips too .* Received: inner_optimizer with global_clipnorm=1.0",
+    ):
+        GuardedOptimizer(keras.optimizers.SGD(global_clipnorm=1.0), clipping=1.0)
     with pytest.raises(ValueError, match="clipnorm=2.0"):
-        GuardedOptimizer(keras.optimizers.SGD(clipnorm=2.0))
+        GuardedOptimizer(keras.optimizers.SGD(clipnorm=2.0), clipping=clipping.ZClip())
     with pytest.raises(ValueError, match="not a LossScaleOptimizer"):
         GuardedOptimizer(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()))
     with pytest.raises(ValueError, match="Invalid value for argument `clipping`"):
@@ -447,7 +451,19 @@ def test_ensure_guarded_before_and_after_fit_and_refuses_clipping():
     clipped = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     clipped.compile(keras.optimizers.SGD(clipnorm=1.0), "mse")
     with pytest.raises(ValueError, match="clipnorm=1.0"):
-        ensure_guarded(clipped)
+        ensure_guarded(clipped, clipping=clipping.GlobalNorm(1.0))
+    # Without a policy asked for, the optimizer's own clipping is kept; a
+    # policy asked for later (another callback) is refused, naming `clipping`.
+    guard = ensure_guarded(clipped)
+    assert guard.clipping is None and guard.inner_optimizer.clipnorm == 1.0
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid value for argument `clipping`. Expected no clipping policy "
+        r"for this GuardedOptimizer: its inner optimizer clips by itself "
+        r"\(clipnorm=1.0\).* Received: clipping=",
+    ):
+        ensure_guarded(clipped, clipping=clipping.ZClip())
+    assert guard.clipping is None
 
 
 def _continue_from_file(path, x, y):

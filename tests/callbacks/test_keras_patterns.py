@@ -1,0 +1,201 @@
+"""The gradient-health callbacks at their defaults on patterns users write
+with Keras' own parts (optimizer options, Keras callbacks, fit arguments).
+
+A healthy run with the callbacks must end where plain `fit` ends, bit for bit.
+"""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from keras_stability.callbacks import AdaptiveClipping
+from keras_stability.callbacks import GradientExplosionDetector
+from keras_stability.callbacks import GradientMonitor
+from keras_stability.clipping import GlobalNorm
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 10)).astype("float32")
+    y = (x[:, :3].sum(1) > 0).astype("int32") + (x[:, 3] > 0).astype("int32")
+    return x, y
+
+
+def _model(optimizer):
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [
+            keras.Input((10,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(3),
+        ]
+    )
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def _fit(model, callbacks, epochs=2, **kwargs):
+    x, y = _data()
+    return model.fit(
+        x,
+        y,
+        batch_size=16,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize(
+    "clip", [{"global_clipnorm": 0.05}, {"clipnorm": 0.05}, {"clipvalue": 0.01}]
+)
+def test_monitor_and_detector_keep_the_optimizers_own_clipping(clip):
+    # Adam(global_clipnorm=1.0) is the usual transformer recipe: adding the
+    # monitoring callbacks must not refuse it, nor change what it does.
+    plain = _model(keras.optimizers.Adam(1e-2, **clip))
+    _fit(plain, [])
+    model = _model(keras.optimizers.Adam(1e-2, **clip))
+    monitor = GradientMonitor()
+    history = _fit(model, [monitor, GradientExplosionDetector()])
+    assert model.optimizer.clipping is None
+    for ours, theirs in zip(model.get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    # The logged norm is the pre-clip one, well above what the optimizer clips to.
+    assert min(history.history["grad_norm"]) > 0.1
+
+
+def test_adaptive_clipping_after_the_monitor_refuses_an_optimizer_that_clips():
+    model = _model(keras.optimizers.Adam(1e-2, global_clipnorm=1.0))
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid value for argument `clipping`. Expected no clipping policy "
+        r"for this GuardedOptimizer: its inner optimizer clips by itself "
+        r"\(global_clipnorm=1.0\)",
+    ):
+        _fit(model, [GradientMonitor(), AdaptiveClipping(GlobalNorm(1.0))])
+
+
+def _exploding_fit(callbacks):
+    from keras_stability.datasets import load_dataset
+
+    (x, y), _ = load_dataset("synthetic")
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [
+            keras.Input((10,)),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(20.0),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    detector = GradientExplosionDetector()
+    rates = []
+    record = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: rates.append(
+            float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+        )
+    )
+    model.fit(
+        x,
+        y,
+        batch_size=32,
+        epochs=3,
+        verbose=0,
+        callbacks=[*callbacks, detector, record],
+    )
+    return model, detector, rates
+
+
+def test_learning_rate_scheduler_does_not_undo_the_detectors_lowering():
+    # LearningRateScheduler(lambda epoch: ...) sets its rate at each epoch
+    # start: without the detector's lowering kept on it, SGD(20) exploded
+    # again every epoch, used up max_rollbacks and stopped on step 0's weights.
+    alone, alone_detector, alone_rates = _exploding_fit([])
+    assert alone_detector.rollbacks == 1 and alone_rates[0] < 1.0
+    scheduler = keras.callbacks.LearningRateScheduler(lambda epoch: 20.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, detector, rates = _exploding_fit([scheduler])
+    assert detector.rollbacks == 1 and not model.stop_training
+    assert rates == alone_rates
+    for ours, theirs in zip(model.get_weights(), alone.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    messages = [str(w.message) for w in caught if "another callback" in str(w.message)]
+    assert messages == [
+        "GradientExplosionDetector: another callback set the learning rate to 20 "
+        "(a LearningRateScheduler?), above the rate the detector had lowered it "
+        "to; the detector's lowering (x0.0215) is applied to it: 0.4309."
+    ]
+
+
+def test_lowered_rate_reapplies_the_scale_to_a_rate_raised_from_outside():
+    from keras_stability.callbacks.lr_scaling import LoweredRate
+
+    rate = LoweredRate(1.0)
+    assert rate.seen(1.0) is None and rate.scale == 1.0
+    assert rate.seen(2.0) is None and rate.base == 2.0  # not lowered: taken as is
+    rate.wrote(0.2)  # the detector lowered it 10x
+    assert rate.scale == pytest.approx(0.1)
+    assert rate.seen(0.2) is None
+    assert rate.seen(3.0) == pytest.approx(0.3)  # a scheduler set 3.0: kept 10x lower
+    assert rate.base == 3.0
+    # Lowered from outside (ReduceLROnPlateau halves what it reads): taken as
+    # already lowered, and the scale stays for a later raise.
+    assert rate.seen(0.15) is None and rate.scale == pytest.approx(0.1)
+    assert rate.seen(1.0) == pytest.approx(0.1)
+
+
+class _Crash(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            raise RuntimeError("simulated crash")
+
+
+@pytest.mark.parametrize("with_clipping", [False, True])
+def test_keras_backup_listed_first_resumes_with_the_guards_optimizer_state(
+    tmp_path, with_clipping
+):
+    # The Keras docs' `callbacks=[BackupAndRestore(...)]` with ours appended:
+    # the backup restores in its on_train_begin, before ours wrap the
+    # optimizer, and Keras skipped the saved guard's optimizer state (Adam's
+    # moments and iterations) with a warning: the resumed run restarted Adam.
+    # With AdaptiveClipping after the monitor, the guard gets its policy (and
+    # the saved layout) only at the second callback.
+    from keras_stability.clipping import ZClip
+
+    def callbacks(folder, extra=()):
+        ours = [GradientMonitor(), GradientExplosionDetector()]
+        if with_clipping:
+            ours.append(AdaptiveClipping(ZClip(warmup_steps=3)))
+        return [keras.callbacks.BackupAndRestore(str(folder)), *ours, *extra]
+
+    reference = _model(keras.optimizers.Adam(1e-2))
+    _fit(reference, callbacks(tmp_path / "reference"), epochs=4)
+
+    crashed = _model(keras.optimizers.Adam(1e-2))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(crashed, callbacks(tmp_path / "backup", [_Crash()]), epochs=4)
+    resumed = _model(keras.optimizers.Adam(1e-2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Keras' "Skipping variable loading"
+        _fit(resumed, callbacks(tmp_path / "backup"), epochs=4)
+
+    assert int(resumed.optimizer.iterations) == int(reference.optimizer.iterations)
+    for ours, theirs in zip(
+        resumed.get_weights(), reference.get_weights(), strict=True
+    ):
+        np.testing.assert_array_equal(ours, theirs)
+    for ours, theirs in zip(
+        resumed.optimizer.variables, reference.optimizer.variables, strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
