@@ -145,6 +145,28 @@ def _nan_stream(seed, clean=False, every=10):
     return x, y, xv, yv
 
 
+def _poisoned_stream(seed, clean=False, every=50, start=25, scale=1000.0):
+    # The Keras example's data in a fixed order (`shuffle=False`), with one
+    # batch of 32 in `every` (from batch `start`) its inputs times `scale`:
+    # a corrupt shard (unnormalized features), finite but 1000x off. Plain
+    # `fit` applies each such step (Adam's second moments then hold its
+    # squares for ~1000 steps). `clean=True` drops those batches (what a
+    # perfect skip applies). The first bad batch comes after the detector's
+    # `min_samples` (20) steps: before them no spike is skipped in-graph.
+    del seed
+    from keras_stability.datasets import load_dataset
+
+    (x, y), (xv, yv) = load_dataset("synthetic", seed=0)
+    x = np.array(x, dtype="float32", copy=True)
+    bad = np.zeros(len(x), bool)
+    for batch in range(start, len(x) // 32, every):
+        bad[batch * 32 : (batch + 1) * 32] = True
+    if clean:
+        return x[~bad], y[~bad], xv, yv
+    x[bad] *= scale
+    return x, y, xv, yv
+
+
 def _example(optimizer, n_features=10):
     from keras_stability.models import build_example_model
     from keras_stability.models import compile_example_model
@@ -394,6 +416,32 @@ def cases():
             LN10,
             shuffle=False,
             grid=(1e-3,),  # the same rate, the NaN batches dropped
+        ),
+        Case(
+            "Keras example, poisoned batches (inputs x1000, 1 in 50), Adam(1e-3)",
+            "diverging",
+            "example-poisoned",
+            1e-3,
+            lambda lr: _example(_adam(lr)),
+            _poisoned_stream,
+            _crossentropy,
+            LN10,
+            shuffle=False,
+            epochs=10,
+            grid=(1e-3,),  # the same rate, the poisoned batches dropped
+        ),
+        Case(
+            "Keras example, poisoned batches (inputs x1000, 1 in 50), SGD(0.05)",
+            "diverging",
+            "example-poisoned-sgd",
+            0.05,
+            lambda lr: _example(_sgd(lr)),
+            _poisoned_stream,
+            _crossentropy,
+            LN10,
+            shuffle=False,
+            epochs=10,
+            grid=(0.05,),
         ),
         Case(
             f"char LM, Adam(10x best = {10 * LM_BEST_LR:g})",
