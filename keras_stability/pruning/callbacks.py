@@ -79,7 +79,10 @@ class UpdatePruningStep(keras.callbacks.Callback):
         if self._pruner is not None:
             check_fit_begin(self, self._pruner)
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch=None, logs=None, batch=None):
+        # TF-MOT names the first argument `batch`, and its guide's custom
+        # training loop calls `on_epoch_end(batch=...)`: accept both names.
+        del epoch, batch
         if self._pruner is not None:
             self._pruner.check_schedule_output()
 

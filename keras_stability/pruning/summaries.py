@@ -25,6 +25,8 @@ class PruningSummaries(keras.callbacks.Callback):
     `pruning/total_sparsity`, and `pruning/<weight path>/sparsity` for each
     pruned weight (the zero fraction of its mask). Values are read on the host
     once per epoch (or every `update_freq` batches), never inside the step.
+    In a custom training loop that calls only `on_epoch_begin` by hand (as
+    TF-MOT's guide does), it writes there, at the start of each epoch.
 
     Like `UpdatePruningStep` it also warns at the start of `fit` if the
     `fit` is too short for the schedule to reach its target sparsity, and
@@ -59,8 +61,24 @@ class PruningSummaries(keras.callbacks.Callback):
         self._writer = None
         self._pruner = None
         self._batches = 0
+        self._by_hand = False
 
     def on_train_begin(self, logs=None):
+        self._by_hand = False
+        self._start()
+        check_fit_begin(self, self._pruner)
+
+    def on_epoch_begin(self, epoch=None, logs=None):
+        # TF-MOT's guide drives this callback by hand in a custom training
+        # loop, calling only `on_epoch_begin` (where TF-MOT's writes): there,
+        # without a `fit` to call `on_train_begin`, start and write here.
+        if self._writer is None:
+            self._start()
+            self._by_hand = True
+        if self._by_hand:
+            self._write()
+
+    def _start(self):
         self._pruner = find_pruner(self.model)
         if self._pruner is None:
             raise ValueError(
@@ -75,7 +93,6 @@ class PruningSummaries(keras.callbacks.Callback):
         )
         self._writer = tf.summary.create_file_writer(log_dir)
         self._batches = 0
-        check_fit_begin(self, self._pruner)
 
     def on_train_batch_end(self, batch, logs=None):
         self._batches += 1

@@ -99,3 +99,47 @@ def test_a_log_dir_that_cannot_be_created_is_named_at_fit_start(tmp_path):
     assert PruningSummaries(tmp_path / "logs").log_dir == str(
         tmp_path / "logs"
     )  # PathLike
+
+
+def test_the_tfmot_guide_custom_training_loop_runs_and_writes(tmp_path):
+    """TF-MOT's comprehensive guide, "Custom training loop", import changed only.
+
+    It calls `UpdatePruningStep.on_epoch_end(batch=...)` (TF-MOT's argument
+    name) and only `on_epoch_begin` of `PruningSummaries`.
+    """
+    keras.utils.set_random_seed(0)
+    model_for_pruning = pruning.prune_low_magnitude(
+        keras.Sequential([keras.Input((20,)), keras.layers.Dense(20)]),
+        pruning.ConstantSparsity(0.5, begin_step=0, frequency=1),
+    )
+    x_train = np.random.default_rng(0).normal(size=(4, 20)).astype("float32")
+    y_train = keras.utils.to_categorical(np.arange(4), num_classes=20)
+    loss = keras.losses.categorical_crossentropy
+    optimizer = keras.optimizers.Adam()
+    log_dir = str(tmp_path)
+    unused_arg = -1
+    epochs, batches = 2, 2
+    # --- the guide ---
+    step_callback = pruning.UpdatePruningStep()
+    step_callback.set_model(model_for_pruning)
+    log_callback = pruning.PruningSummaries(log_dir=log_dir)
+    log_callback.set_model(model_for_pruning)
+    step_callback.on_train_begin()
+    for _ in range(epochs):
+        log_callback.on_epoch_begin(epoch=unused_arg)
+        for _ in range(batches):
+            step_callback.on_train_batch_begin(batch=unused_arg)
+            with tf.GradientTape() as tape:
+                logits = model_for_pruning(x_train, training=True)
+                loss_value = loss(y_train, logits)
+                grads = tape.gradient(loss_value, model_for_pruning.trainable_variables)
+                optimizer.apply_gradients(
+                    zip(grads, model_for_pruning.trainable_variables, strict=True)
+                )
+        step_callback.on_epoch_end(batch=unused_arg)
+    # --- end of the guide ---
+    assert int(pruning.find_pruner(model_for_pruning).step.numpy()) == 4
+    assert pruning.sparsity_report(model_for_pruning)["total"] == 0.5
+    scalars = _read_scalars(log_dir)
+    # Written at the start of each epoch: before any step, then after two.
+    assert scalars["pruning/total_sparsity"] == [(0, 0.0), (2, 0.5)]
