@@ -129,7 +129,7 @@ def _prunable(to_prune, filters):
 
 def prune_low_magnitude(
     to_prune,
-    pruning_schedule,
+    pruning_schedule=None,
     sparsity_m_by_n=None,
     block_size=(1, 1),
     block_pooling_type="AVG",
@@ -159,7 +159,9 @@ def prune_low_magnitude(
         to_prune: A built Keras model or layer.
         pruning_schedule: A TF-MOT schedule (`PolynomialDecay`,
             `ConstantSparsity`) or any callable `step -> (should_prune,
-            sparsity)`. The step counts optimizer updates, from 1.
+            sparsity)`. The step counts optimizer updates, from 1. `None`
+            for TF-MOT's default, `ConstantSparsity(0.5, begin_step=0)`
+            (50% every 100 steps, the first at step 100). Defaults to `None`.
         sparsity_m_by_n: `None`, or `(m, n)` to zero the `m` smallest of every
             `n` consecutive weights along the input axis (2:4 for sparse
             tensor cores), on the schedule's pruning steps. The schedule's
@@ -205,6 +207,11 @@ def prune_low_magnitude(
     ```
     """
     check_layer("to_prune", to_prune)
+    if pruning_schedule is None:
+        # TF-MOT's default (its guide prunes with `prune_low_magnitude(model)`).
+        from keras_stability.pruning._tfmot import tfmot_schedule_class
+
+        pruning_schedule = tfmot_schedule_class("ConstantSparsity")(0.5, begin_step=0)
     (
         sparsity_m_by_n,
         block_size,

@@ -609,3 +609,18 @@ def test_filters_errors_name_the_argument_and_value():
         pruning.prune_low_magnitude(model, schedule, filters="^decoder")
     # Nothing was pruned by the failed call.
     assert pruning.find_pruner(model) is None
+
+
+def test_default_schedule_is_tfmot_constant_sparsity_half():
+    # TF-MOT's comprehensive guide: `prune_low_magnitude(base_model)`.
+    model = pruning.prune_low_magnitude(_sequential())
+    schedule = pruning.find_pruner(model).pruning_schedule
+    assert isinstance(schedule, pruning.ConstantSparsity)
+    assert schedule.get_config()["config"] == {
+        "target_sparsity": 0.5,
+        "begin_step": 0,
+        "end_step": -1,
+        "frequency": 100,
+    }
+    _fit(model, steps=100, batch_size=1)
+    _check_masks_are_magnitude_masks(model, 0.5)
