@@ -135,6 +135,7 @@ def prune_low_magnitude(
     block_pooling_type="AVG",
     global_ranking=False,
     filters=None,
+    pruning_policy=None,
 ):
     """Prunes a Keras 3 model or layer by weight magnitude during training.
 
@@ -185,6 +186,11 @@ def prune_low_magnitude(
             (SparseGPT, Wanda) prunes the linears of the transformer blocks
             and keeps the embeddings and the output layer dense. Defaults to
             `None`.
+        pruning_policy: Only `None`: TF-MOT's argument (e.g.
+            `PruneForLatencyOnXNNPack()`, for TFLite's XNNPACK sparse
+            kernels) is accepted so that ported code fails with a clear
+            error; choose the pruned weights with `filters` instead.
+            Defaults to `None`.
 
     Returns:
         `to_prune`, now pruned.
@@ -207,6 +213,15 @@ def prune_low_magnitude(
     ```
     """
     check_layer("to_prune", to_prune)
+    if pruning_policy is not None:
+        raise ValueError(
+            "Invalid value for argument `pruning_policy`. Expected None: there "
+            "are no pruning policies here (TF-MOT's `PruneForLatencyOnXNNPack` "
+            "targets TFLite's XNNPACK sparse inference); choose the weights to "
+            "prune with `filters=` (a regex on weight paths or a callable "
+            "`layer -> bool`). Received: "
+            f"pruning_policy={pruning_policy!r}"
+        )
     if pruning_schedule is None:
         # TF-MOT's default (its guide prunes with `prune_low_magnitude(model)`).
         from keras_stability.pruning._tfmot import tfmot_schedule_class

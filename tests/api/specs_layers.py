@@ -696,6 +696,7 @@ PRUNING_CASES = [
             "pruning_schedule": [s for s in BAD_SCHEDULES if s is not None],
             "sparsity_m_by_n": [*BAD_PRUNING_OPTIONS["sparsity_m_by_n"], (2, 3)],
             "filters": [*BAD_FILTERS, "^no_such_layer"],
+            "pruning_policy": ["PruneForLatencyOnXNNPack", object()],
         },
         good={
             "sparsity_m_by_n": [(np.int64(2), np.int64(4))],

@@ -624,3 +624,18 @@ def test_default_schedule_is_tfmot_constant_sparsity_half():
     }
     _fit(model, steps=100, batch_size=1)
     _check_masks_are_magnitude_masks(model, 0.5)
+
+
+def test_tfmot_pruning_policy_is_refused_with_what_to_use_instead():
+    # The comprehensive guide's `pruning_policy=PruneForLatencyOnXNNPack()`.
+    policy = pruning.prune_low_magnitude  # any non-None object
+    with pytest.raises(
+        ValueError,
+        match="Invalid value for argument `pruning_policy`. Expected None: .*"
+        "`filters=`.* Received: pruning_policy=",
+    ):
+        pruning.prune_low_magnitude(_sequential(), pruning_policy=policy)
+    model = _sequential()
+    assert pruning.find_pruner(model) is None
+    pruning.prune_low_magnitude(model, pruning_policy=None)
+    assert pruning.find_pruner(model) is not None
