@@ -1,5 +1,6 @@
 """`prune_low_magnitude`: magnitude pruning for Keras 3 models and layers."""
 
+import functools
 import re
 import warnings
 
@@ -157,7 +158,10 @@ def prune_low_magnitude(
     warns likewise if the target was not reached.
 
     Args:
-        to_prune: A built Keras model or layer.
+        to_prune: A built Keras model, or a Keras layer. A layer that is
+            not built yet is pruned when it is built, as in TF-MOT's
+            `Sequential([prune_low_magnitude(Dense(20), ...), ...])`; that
+            must be before training (give the model an input shape).
         pruning_schedule: A TF-MOT schedule (`PolynomialDecay`,
             `ConstantSparsity`) or any callable `step -> (should_prune,
             sparsity)`. The step counts optimizer updates, from 1. `None`
@@ -197,7 +201,8 @@ def prune_low_magnitude(
 
     Raises:
         ValueError: For an invalid argument, an unbuilt or already pruned
-            model, or a model with nothing to prune.
+            model, or a model with nothing to prune (for a layer not built
+            yet, those checks run when it is built).
 
     Example:
 
@@ -239,14 +244,67 @@ def prune_low_magnitude(
         block_pooling_type,
         global_ranking,
     )
+    filters = check_filters(filters)
+    options = dict(
+        pruning_schedule=pruning_schedule,
+        sparsity_m_by_n=sparsity_m_by_n,
+        block_size=block_size,
+        block_pooling_type=block_pooling_type,
+        global_ranking=global_ranking,
+        filters=filters,
+    )
+    if not to_prune.built and not isinstance(to_prune, keras.Model):
+        # TF-MOT's `Sequential([prune_low_magnitude(Dense(...)), ...])`: a
+        # layer without weights yet is pruned as soon as it is built.
+        _prune_when_built(to_prune, options)
+        return to_prune
     check_layer("to_prune", to_prune, built=True)
+    _prune_built(to_prune, **options)
+    return to_prune
+
+
+def _prune_when_built(layer, options):
+    build = layer.build  # Keras' build wrapper (it sets `built`)
+
+    # `wraps`: Keras reads the signature of `build` to pass the shapes.
+    @functools.wraps(build)
+    def build_then_prune(*args, **kwargs):
+        build(*args, **kwargs)
+        layer.build = build
+        import tensorflow as tf
+
+        if tf.inside_function():
+            # Built in the first traced train step (a model without an
+            # input shape): variables made here would not be the model's.
+            raise ValueError(
+                "Invalid value for argument `to_prune`. Expected a layer built "
+                "before training (in a model with a `keras.Input` or an "
+                "`input_shape`), or a built model. Received: "
+                f"to_prune={layer.name!r}, first built inside a traced train "
+                "step. Give the model an input shape, or build it and prune "
+                "it with `prune_low_magnitude(model, filters=...)`."
+            )
+        _prune_built(layer, **options)
+
+    layer.build = build_then_prune
+
+
+def _prune_built(
+    to_prune,
+    pruning_schedule,
+    sparsity_m_by_n,
+    block_size,
+    block_pooling_type,
+    global_ranking,
+    filters,
+):
+    """`prune_low_magnitude` of a built layer or model, arguments checked."""
     if find_pruner(to_prune) is not None:
         raise ValueError(
             "Invalid value for argument `to_prune`. Expected a model that is not "
             f"pruned yet. Received: to_prune={to_prune.name!r}, already pruned "
             "(call `strip_pruning` first)"
         )
-    filters = check_filters(filters)
     variables = _prunable(to_prune, filters)
     _warn_lora_layers(to_prune)
     available = _prunable(to_prune, None) if not variables else variables
@@ -296,7 +354,6 @@ def prune_low_magnitude(
         global_ranking=global_ranking,
         input_axes=input_axes,
     )
-    return to_prune
 
 
 def _input_axes(to_prune, variables):

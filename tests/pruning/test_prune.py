@@ -639,3 +639,41 @@ def test_tfmot_pruning_policy_is_refused_with_what_to_use_instead():
     assert pruning.find_pruner(model) is None
     pruning.prune_low_magnitude(model, pruning_policy=None)
     assert pruning.find_pruner(model) is not None
+
+
+def test_a_layer_not_built_yet_is_pruned_when_built():
+    # TF-MOT's comprehensive guide: prune a layer as the Sequential is defined.
+    schedule = pruning.ConstantSparsity(0.5, begin_step=0, frequency=1)
+    keras.utils.set_random_seed(0)
+    first, second = keras.layers.Dense(10, input_shape=(8,)), keras.layers.Dense(4)
+    model = keras.Sequential([pruning.prune_low_magnitude(first, schedule), second])
+    assert pruning.find_pruner(model).variables == [first.kernel]
+    _fit(model, steps=2)
+    report = pruning.sparsity_report(model)
+    assert report[first.kernel.path] == 0.5
+    assert report[second.kernel.path] == 0.0
+    # Functional: pruned when first called on a keras.Input.
+    layer = pruning.prune_low_magnitude(keras.layers.Dense(3), schedule)
+    assert pruning.find_pruner(layer) is None
+    keras.Model(inputs := keras.Input((5,)), layer(inputs))
+    assert pruning.find_pruner(layer).variables == [layer.kernel]
+    # Built only in the first traced train step (no input shape): refused.
+    lazy = keras.Sequential(
+        [pruning.prune_low_magnitude(keras.layers.Dense(10), schedule)]
+    )
+    with pytest.raises(
+        ValueError,
+        match="Expected a layer built before training .* first built inside a "
+        "traced train step",
+    ):
+        _fit(lazy, steps=1)
+    # Checks that need the weights run at build time.
+    with pytest.raises(ValueError, match="Expected `n` to divide the input axis"):
+        keras.Sequential(
+            [
+                keras.Input((6,)),
+                pruning.prune_low_magnitude(
+                    keras.layers.Dense(4), schedule, sparsity_m_by_n=(2, 4)
+                ),
+            ]
+        )
