@@ -147,8 +147,9 @@ class Distiller(keras.Model):
     and used on its own. `fit`/`evaluate` log `loss`, the compiled metrics of
     the student, `student_loss`, `distillation_loss` (the soft-target term,
     with `T**2`), `feature_loss` (when hint terms are set),
-    `teacher_agreement` (top-1 agreement with the teacher), `temperature` and
-    `alpha`.
+    `teacher_agreement` (top-1 agreement with the teacher); `fit` also logs
+    `temperature` and `alpha`. `evaluate` returns one value per
+    `metrics_names`, as Keras models do (`return_dict=True` names them).
 
     Language models: logits of shape `(batch, sequence, vocab)` work as
     they are (the char LM of `keras_stability.models`, keras-hub's
@@ -705,7 +706,12 @@ class Distiller(keras.Model):
         trainable_variables = self.trainable_variables
         grads = tape.gradient(scaled_loss, trainable_variables)
         self.optimizer.apply(grads, trainable_variables)
-        return self.compute_metrics(inputs, y, y_pred, sample_weight=sample_weight)
+        logs = self.compute_metrics(inputs, y, y_pred, sample_weight=sample_weight)
+        # The schedulable hyperparameters, logged in training only: they are
+        # not metrics, and `evaluate` returns one value per `metrics_names`.
+        logs["temperature"] = ops.convert_to_tensor(self._temperature.value)
+        logs["alpha"] = ops.convert_to_tensor(self._alpha.value)
+        return logs
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -733,8 +739,6 @@ class Distiller(keras.Model):
                 results.update(result)
             else:
                 results[metric.name] = result
-        results["temperature"] = ops.convert_to_tensor(self._temperature.value)
-        results["alpha"] = ops.convert_to_tensor(self._alpha.value)
         return results
 
     # ------------------------------------------------------------------- fit
