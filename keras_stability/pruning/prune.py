@@ -5,7 +5,9 @@ import re
 import warnings
 
 import keras
+import numpy as np
 
+from keras_stability._checks import check_int
 from keras_stability._checks import check_layer
 from keras_stability.pruning import masks as masks_lib
 from keras_stability.pruning.pruner import MaskConstraint
@@ -136,6 +138,7 @@ def prune_low_magnitude(
     block_pooling_type="AVG",
     global_ranking=False,
     filters=None,
+    initial_step=0,
     pruning_policy=None,
 ):
     """Prunes a Keras 3 model or layer by weight magnitude during training.
@@ -190,6 +193,16 @@ def prune_low_magnitude(
             (SparseGPT, Wanda) prunes the linears of the transformer blocks
             and keeps the embeddings and the output layer dense. Defaults to
             `None`.
+        initial_step: The pruning step to start from: `0` for a new
+            pruning run; to continue one from a saved model (TF-MOT's
+            "checkpoint and deserialize"), the step it had reached, which is
+            the reloaded optimizer's `iterations` when pruning started with
+            a fresh optimizer: `prune_low_magnitude(loaded, schedule,
+            initial_step=loaded.optimizer.iterations)`. A `.keras` file holds
+            the masked weights (their zeros become the masks again) but not
+            the step; from `0` the schedule would start over, back at its
+            initial sparsity. A non-negative integer or an integer scalar
+            variable. Defaults to `0`.
         pruning_policy: Only `None`: TF-MOT's argument (e.g.
             `PruneForLatencyOnXNNPack()`, for TFLite's XNNPACK sparse
             kernels) is accepted so that ported code fails with a clear
@@ -245,6 +258,7 @@ def prune_low_magnitude(
         global_ranking,
     )
     filters = check_filters(filters)
+    initial_step = _check_initial_step(initial_step)
     options = dict(
         pruning_schedule=pruning_schedule,
         sparsity_m_by_n=sparsity_m_by_n,
@@ -252,6 +266,7 @@ def prune_low_magnitude(
         block_pooling_type=block_pooling_type,
         global_ranking=global_ranking,
         filters=filters,
+        initial_step=initial_step,
     )
     if not to_prune.built and not isinstance(to_prune, keras.Model):
         # TF-MOT's `Sequential([prune_low_magnitude(Dense(...)), ...])`: a
@@ -297,6 +312,7 @@ def _prune_built(
     block_pooling_type,
     global_ranking,
     filters,
+    initial_step,
 ):
     """`prune_low_magnitude` of a built layer or model, arguments checked."""
     if find_pruner(to_prune) is not None:
@@ -353,7 +369,45 @@ def _prune_built(
         block_pooling_type=block_pooling_type,
         global_ranking=global_ranking,
         input_axes=input_axes,
+        initial_step=initial_step,
     )
+    if not initial_step:
+        _warn_if_resuming(to_prune, variables)
+
+
+def _check_initial_step(value):
+    if isinstance(value, keras.Variable) or keras.ops.is_tensor(value):
+        if tuple(value.shape) == () and "int" in str(value.dtype):
+            value = int(keras.ops.convert_to_numpy(value))
+    return check_int(
+        "initial_step",
+        value,
+        low=0,
+        what="a non-negative integer or an integer scalar variable such as "
+        "`model.optimizer.iterations`",
+    )
+
+
+def _warn_if_resuming(to_prune, variables):
+    # A reloaded pruned model (TF-MOT's checkpoint-and-reload) comes back
+    # compiled, with its optimizer's step count and zeros in its kernels.
+    optimizer = getattr(to_prune, "optimizer", None)
+    if optimizer is None or not getattr(optimizer, "built", False):
+        return
+    iterations = int(keras.ops.convert_to_numpy(optimizer.iterations))
+    size = sum(int(np.prod(v.shape)) for v in variables)
+    zeros = sum(int(np.sum(keras.ops.convert_to_numpy(v) == 0)) for v in variables)
+    if iterations and zeros / max(size, 1) >= 0.01:
+        warnings.warn(
+            f"`prune_low_magnitude`: {to_prune.name!r} has an optimizer that "
+            f"has taken {iterations} steps and its prunable weights are "
+            f"{zeros / size:.0%} zeros, as a pruned model reloaded to continue "
+            "pruning has. The pruning step starts at 0, so the schedule starts "
+            "over (at its initial sparsity, which can bring pruned weights "
+            "back). To continue the run, pass "
+            "`initial_step=model.optimizer.iterations`.",
+            stacklevel=3,
+        )
 
 
 def _input_axes(to_prune, variables):

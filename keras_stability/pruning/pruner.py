@@ -33,6 +33,7 @@ from keras import ops
 
 from keras_stability._checks import check_bool
 from keras_stability._checks import check_choice
+from keras_stability._checks import check_int
 from keras_stability._checks import check_layer
 from keras_stability._checks import invalid
 from keras_stability._checks import is_integer
@@ -122,6 +123,8 @@ class Pruner:
         input_axes: `None` or one axis per variable: the input axis N:M
             groups run along (`masks.m_by_n_mask`); `None` for -2 each.
             Defaults to `None`.
+        initial_step: Non-negative integer, the step to start from (to
+            continue a pruning run). Defaults to `0`.
 
     Raises:
         ValueError: On a bad argument (as `prune_low_magnitude`).
@@ -136,6 +139,7 @@ class Pruner:
         block_pooling_type="AVG",
         global_ranking=False,
         input_axes=None,
+        initial_step=0,
     ):
         if (
             not isinstance(variables, (list, tuple))
@@ -169,12 +173,13 @@ class Pruner:
         ):
             raise invalid("input_axes", input_axes, "None or one axis of each variable")
         self.input_axes = list(input_axes)
+        initial_step = check_int("initial_step", initial_step, low=0)
         self._warned = {}
         with _strategy_scope(self.variables[0]):
             # `only_first_replica`: every replica computes the same values
             # from the same (synchronised) weights; the first one is written.
             self.step = keras.Variable(
-                0,
+                initial_step,
                 dtype="int64",
                 trainable=False,
                 aggregation="only_first_replica",

@@ -697,6 +697,7 @@ PRUNING_CASES = [
             "sparsity_m_by_n": [*BAD_PRUNING_OPTIONS["sparsity_m_by_n"], (2, 3)],
             "filters": [*BAD_FILTERS, "^no_such_layer"],
             "pruning_policy": ["PruneForLatencyOnXNNPack", object()],
+            "initial_step": BAD_STEPS,
         },
         good={
             "sparsity_m_by_n": [(np.int64(2), np.int64(4))],

@@ -677,3 +677,46 @@ def test_a_layer_not_built_yet_is_pruned_when_built():
                 ),
             ]
         )
+
+
+def test_checkpoint_and_reload_continues_the_pruning_run(tmp_path):
+    # TF-MOT's comprehensive guide, "Checkpoint and deserialize": save the
+    # pruned model with its optimizer, reload it and train on. Here the
+    # reloaded model is pruned again from the step its optimizer reached.
+    def schedule():
+        return pruning.PolynomialDecay(0.2, 0.8, begin_step=0, end_step=8, frequency=2)
+
+    x, y = _data(n=64)
+
+    def fit(model, first, last):
+        model.fit(
+            x[first * 8 : last * 8],
+            y[first * 8 : last * 8],
+            batch_size=8,
+            shuffle=False,
+            verbose=0,
+        )
+
+    whole = pruning.prune_low_magnitude(_sequential(), schedule())
+    whole.compile(optimizer="adam", loss="mse")
+    fit(whole, 0, 8)
+
+    model = pruning.prune_low_magnitude(_sequential(), schedule())
+    model.compile(optimizer="adam", loss="mse")
+    fit(model, 0, 4)
+    model.save(tmp_path / "checkpoint.keras")
+    loaded = keras.models.load_model(tmp_path / "checkpoint.keras")
+    with pytest.warns(UserWarning, match="pass `initial_step=model.optimizer"):
+        pruning.strip_pruning(pruning.prune_low_magnitude(loaded, schedule()))
+    loaded = keras.models.load_model(tmp_path / "checkpoint.keras")
+    pruning.prune_low_magnitude(
+        loaded, schedule(), initial_step=loaded.optimizer.iterations
+    )
+    assert int(pruning.find_pruner(loaded).step.numpy()) == 4
+    fit(loaded, 4, 8)
+    assert int(pruning.find_pruner(loaded).step.numpy()) == 8
+    for a, b in zip(whole.get_weights(), loaded.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    _check_masks_are_magnitude_masks(loaded, 0.8)
+    with pytest.raises(ValueError, match="Received: initial_step=-1"):
+        pruning.prune_low_magnitude(_sequential(), schedule(), initial_step=-1)
