@@ -169,7 +169,9 @@ def prune_low_magnitude(
             `ConstantSparsity`) or any callable `step -> (should_prune,
             sparsity)`. The step counts optimizer updates, from 1. `None`
             for TF-MOT's default, `ConstantSparsity(0.5, begin_step=0)`
-            (50% every 100 steps, the first at step 100). Defaults to `None`.
+            (50% every 100 steps, the first at step 100), or with
+            `sparsity_m_by_n` for N:M masks computed once at step 1, as
+            TF-MOT computes them. Defaults to `None`.
         sparsity_m_by_n: `None`, or `(m, n)` to zero the `m` smallest of every
             `n` consecutive weights along the input axis (2:4 for sparse
             tensor cores), on the schedule's pruning steps. The schedule's
@@ -242,9 +244,15 @@ def prune_low_magnitude(
         )
     if pruning_schedule is None:
         # TF-MOT's default (its guide prunes with `prune_low_magnitude(model)`).
+        # TF-MOT computes N:M masks once, at step 1, whatever the schedule;
+        # its 2:4 guide passes no schedule: prune at step 1 only, as it does.
         from keras_stability.pruning._tfmot import tfmot_schedule_class
 
-        pruning_schedule = tfmot_schedule_class("ConstantSparsity")(0.5, begin_step=0)
+        constant = tfmot_schedule_class("ConstantSparsity")
+        if sparsity_m_by_n is None:
+            pruning_schedule = constant(0.5, begin_step=0)
+        else:
+            pruning_schedule = constant(0.5, begin_step=1, end_step=1)
     (
         sparsity_m_by_n,
         block_size,

@@ -720,3 +720,23 @@ def test_checkpoint_and_reload_continues_the_pruning_run(tmp_path):
     _check_masks_are_magnitude_masks(loaded, 0.8)
     with pytest.raises(ValueError, match="Received: initial_step=-1"):
         pruning.prune_low_magnitude(_sequential(), schedule(), initial_step=-1)
+
+
+def test_m_by_n_without_a_schedule_prunes_at_step_one_as_tfmot():
+    # TF-MOT's 2:4 guide passes `sparsity_m_by_n=(2, 4)` and no schedule;
+    # TF-MOT computes N:M masks once, at step 1.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(8), keras.layers.Dense(4)]
+    )
+    pruning.prune_low_magnitude(model, sparsity_m_by_n=(2, 4))
+    _fit(model, steps=1)
+    pruner = pruning.find_pruner(model)
+    after_one = [m.numpy() for m in pruner.masks]
+    for variable, mask in zip(pruner.variables, after_one, strict=True):
+        assert mask.mean() == 0.5
+        np.testing.assert_array_equal(variable.numpy() * mask, variable.numpy())
+    model.fit(*_data(n=24), batch_size=8, verbose=0)
+    for before, mask in zip(after_one, pruner.masks, strict=True):
+        np.testing.assert_array_equal(mask.numpy(), before)  # never again
+    assert pruning.sparsity_report(pruning.strip_pruning(model))["total"] == 0.5
