@@ -28,6 +28,7 @@ from keras_stability.pruning.prune import prunable_weights
 from keras_stability.pruning.prune import prune_low_magnitude
 from keras_stability.pruning.pruner import Pruner
 from keras_stability.pruning.pruner import find_pruner
+from keras_stability.pruning.pruner import find_pruners
 from keras_stability.pruning.quantize import compressed_size
 from keras_stability.pruning.quantize import quantize
 from keras_stability.pruning.shrink import shrink
@@ -60,6 +61,7 @@ __all__ = [
     "UpdatePruningStep",
     "compressed_size",
     "find_pruner",
+    "find_pruners",
     "masks",
     "prunable_weights",
     "prune_low_magnitude",

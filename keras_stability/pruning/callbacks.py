@@ -13,7 +13,7 @@ import warnings
 import keras
 
 from keras_stability._checks import is_integer
-from keras_stability.pruning.pruner import find_pruner
+from keras_stability.pruning.pruner import find_pruners
 
 __all__ = ["UpdatePruningStep", "fit_steps"]
 
@@ -76,13 +76,14 @@ class UpdatePruningStep(keras.callbacks.Callback):
 
     def __init__(self):
         super().__init__()
-        self._pruner = None
+        self._pruners = []
 
     def on_train_begin(self, logs=None):
-        self._pruner = find_pruner(self.model)
-        if self._pruner is not None:
-            check_fit_begin(self, self._pruner)
-        elif self.model is not None:
+        # One pruner per separately pruned layer (TF-MOT's clone_function).
+        self._pruners = find_pruners(self.model) if self.model is not None else []
+        for pruner in self._pruners:
+            check_fit_begin(self, pruner)
+        if not self._pruners and self.model is not None:
             # With TF-MOT a reloaded pruned model is still pruned; here
             # `load_model` gives a plain model, which would train dense.
             warnings.warn(
@@ -98,12 +99,12 @@ class UpdatePruningStep(keras.callbacks.Callback):
         # TF-MOT names the first argument `batch`, and its guide's custom
         # training loop calls `on_epoch_end(batch=...)`: accept both names.
         del epoch, batch
-        if self._pruner is not None:
-            self._pruner.check_schedule_output()
+        for pruner in self._pruners:
+            pruner.check_schedule_output()
 
     def on_train_end(self, logs=None):
-        if self._pruner is not None:
-            check_fit_end(self, self._pruner)
+        for pruner in self._pruners:
+            check_fit_end(self, pruner)
 
     def get_config(self):
         return {}

@@ -44,7 +44,13 @@ from keras_stability.pruning.schedules import steps_to_target
 from keras_stability.pruning.schedules import valid_sparsity
 from keras_stability.pruning.schedules import validate_schedule
 
-__all__ = ["MaskConstraint", "Pruner", "check_pruning_arguments", "find_pruner"]
+__all__ = [
+    "MaskConstraint",
+    "Pruner",
+    "check_pruning_arguments",
+    "find_pruner",
+    "find_pruners",
+]
 
 # A final sparsity this far below the target counts as "not reached" (TF-MOT's
 # schedules may end between two pruning steps, a hair below their target).
@@ -492,6 +498,35 @@ def find_pruner(model):
                 return constraint.pruner
             constraint = getattr(constraint, "inner", None)
     return None
+
+
+def find_pruners(model):
+    """All the `Pruner`s of a model, in the order of its weights.
+
+    A model has several when its layers were pruned separately (TF-MOT's
+    `clone_model(..., clone_function=...)` pattern, or one schedule per
+    layer).
+
+    Args:
+        model: A Keras layer or model.
+
+    Returns:
+        List of `Pruner`s, empty if `model` is not pruned.
+
+    Raises:
+        ValueError: If `model` is not a Keras layer or model.
+    """
+    check_layer("model", model)
+    found = []
+    for variable in model.weights:
+        constraint = getattr(variable, "constraint", None)
+        while constraint is not None:
+            if isinstance(constraint, MaskConstraint):
+                if not any(p is constraint.pruner for p in found):
+                    found.append(constraint.pruner)
+                break
+            constraint = getattr(constraint, "inner", None)
+    return found
 
 
 def _in_strategy_replica_context():

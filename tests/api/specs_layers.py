@@ -723,6 +723,11 @@ PRUNING_CASES = [
         bad={"model": NOT_MODELS},
     ),
     Case(
+        pruning.find_pruners,
+        kwargs=lambda: {"model": _prunable()},
+        bad={"model": NOT_MODELS},
+    ),
+    Case(
         pruning.prunable_weights,
         kwargs=lambda: {"to_prune": _prunable()},
         bad={"to_prune": [*NOT_MODELS, _unbuilt()], "filters": BAD_FILTERS},

@@ -143,3 +143,46 @@ def test_the_tfmot_guide_custom_training_loop_runs_and_writes(tmp_path):
     scalars = _read_scalars(log_dir)
     # Written at the start of each epoch: before any step, then after two.
     assert scalars["pruning/total_sparsity"] == [(0, 0.0), (2, 0.5)]
+
+
+def test_layers_pruned_separately_are_all_logged_and_checked(tmp_path):
+    # TF-MOT's comprehensive guide: prune some layers, each on its own, with
+    # `clone_model(..., clone_function=...)`: one pruner per layer.
+    keras.utils.set_random_seed(0)
+    base_model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(10, activation="relu"),
+            keras.layers.Dense(4),
+        ]
+    )
+    schedules = iter(
+        [
+            pruning.ConstantSparsity(0.5, begin_step=0, frequency=1),
+            pruning.PolynomialDecay(0.0, 0.8, begin_step=0, end_step=50, frequency=1),
+        ]
+    )
+
+    def apply_pruning_to_dense(layer):
+        if isinstance(layer, keras.layers.Dense):
+            return pruning.prune_low_magnitude(layer, next(schedules))
+        return layer
+
+    model = keras.models.clone_model(base_model, clone_function=apply_pruning_to_dense)
+    first, second = pruning.find_pruners(model)
+    model.compile("adam", "mse")
+    x = np.random.default_rng(0).normal(size=(8, 8)).astype("float32")
+    callbacks = [pruning.UpdatePruningStep(), PruningSummaries(str(tmp_path))]
+    with pytest.warns(UserWarning) as caught:
+        model.fit(x, x[:, :4], batch_size=4, epochs=1, verbose=0, callbacks=callbacks)
+    # The second layer's schedule cannot finish in this 2-step fit: said once.
+    messages = [str(w.message) for w in caught if "pruning schedule" in str(w.message)]
+    assert len(messages) == 1 and "at step 50" in messages[0]
+    scalars = _read_scalars(str(tmp_path))
+    paths = [first.variables[0].path, second.variables[0].path]
+    assert scalars[f"pruning/{paths[0]}/sparsity"] == [(2, 0.5)]
+    assert scalars[f"pruning/{paths[0]}/target_sparsity"] == [(2, 0.5)]
+    expected = pytest.approx(0.8 + (0.0 - 0.8) * (1 - 2 / 50) ** 3, abs=1e-6)
+    assert scalars[f"pruning/{paths[1]}/target_sparsity"] == [(2, expected)]
+    assert f"pruning/{paths[1]}/sparsity" in scalars
+    assert "pruning/target_sparsity" not in scalars
