@@ -414,7 +414,7 @@ def _warn_if_resuming(to_prune, variables):
             "over (at its initial sparsity, which can bring pruned weights "
             "back). To continue the run, pass "
             "`initial_step=model.optimizer.iterations`.",
-            stacklevel=3,
+            stacklevel=4,  # the caller of `prune_low_magnitude`
         )
 
 

@@ -128,3 +128,19 @@ def test_a_schedule_that_never_prunes_is_refused():
         pruning.ConstantSparsity(0.5, begin_step=0),
     ):
         pruning.strip_pruning(pruning.prune_low_magnitude(model, schedule))
+
+
+def test_tfmot_only_names_say_what_to_use_instead():
+    # TF-MOT's comprehensive guide reloads with `with prune_scope(): ...`.
+    with pytest.raises(
+        AttributeError,
+        match="no attribute 'prune_scope' \\(TF-MOT's\\): .*load_model` needs no "
+        "scope.*initial_step=model.optimizer.iterations",
+    ):
+        pruning.prune_scope  # noqa: B018
+    with pytest.raises(AttributeError, match="'PruneForLatencyOnXNNPack'.*filters="):
+        pruning.PruneForLatencyOnXNNPack  # noqa: B018
+    with pytest.raises(AttributeError, match="'PrunableLayer'.*filters="):
+        pruning.PrunableLayer  # noqa: B018
+    with pytest.raises(AttributeError, match="no attribute 'nothing'$"):
+        pruning.nothing  # noqa: B018
