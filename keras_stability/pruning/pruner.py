@@ -39,6 +39,7 @@ from keras_stability._checks import invalid
 from keras_stability._checks import is_integer
 from keras_stability.pruning import masks as masks_lib
 from keras_stability.pruning.schedules import call_schedule
+from keras_stability.pruning.schedules import last_pruning_step
 from keras_stability.pruning.schedules import sparsity_at
 from keras_stability.pruning.schedules import steps_to_target
 from keras_stability.pruning.schedules import valid_sparsity
@@ -421,10 +422,23 @@ class Pruner:
             if last < 0
             else f"the masks were last computed at sparsity {last:.4g}"
         )
+        last_turn = last_pruning_step(self.pruning_schedule)
+        if found is not None and last_turn is not None and last_turn < found[0]:
+            # Training longer does not help: the pruning steps skip end_step.
+            fix = (
+                f"Its last pruning step is {last_turn}, where its sparsity is "
+                f"{sparsity_at(self.pruning_schedule, last_turn):.4g}: make "
+                "`end_step - begin_step` a multiple of `frequency` for the "
+                "schedule to prune at `end_step`."
+            )
+        else:
+            fix = (
+                "Make the schedule reach its target within the training steps "
+                "or train for more steps."
+            )
         message = (
             f"The pruning schedule {where}, but after {step} training steps "
-            f"{state}. Make the schedule reach its target within the training "
-            "steps or train for more steps."
+            f"{state}. {fix}"
         )
         self._warn(message, key, step)
         return message

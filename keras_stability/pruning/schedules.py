@@ -19,6 +19,7 @@ from keras_stability._checks import is_integer
 
 __all__ = [
     "call_schedule",
+    "last_pruning_step",
     "probe_steps",
     "steps_to_target",
     "valid_sparsity",
@@ -73,6 +74,26 @@ def valid_sparsity(sparsity):
 def _int_attribute(schedule, name):
     value = getattr(schedule, name, None)
     return int(value) if is_integer(value) else None
+
+
+def last_pruning_step(schedule):
+    """The last pruning step of a TF-MOT-style schedule with an `end_step`.
+
+    Pruning steps are `begin_step + k * frequency` (from 1); the last one
+    is `end_step` only when `end_step - begin_step` is a multiple of
+    `frequency`.
+
+    Returns:
+        The step, or `None` for a schedule without `begin_step`, `end_step`
+        >= 0 and `frequency`, or without any pruning step.
+    """
+    begin = _int_attribute(schedule, "begin_step")
+    end = _int_attribute(schedule, "end_step")
+    frequency = _int_attribute(schedule, "frequency")
+    if begin is None or end is None or frequency is None or end < 0 or frequency < 1:
+        return None
+    last = begin + (end - begin) // frequency * frequency
+    return last if last >= 1 else None
 
 
 def probe_steps(schedule):

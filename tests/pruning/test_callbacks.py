@@ -228,3 +228,21 @@ def test_sparsity_out_of_range_in_training_is_refused_and_reported():
         _fit(model2, steps=25, callbacks=[pruning.UpdatePruningStep()])
     with pytest.raises(ValueError, match=r"at step=21"):
         pruning.strip_pruning(model)
+
+
+def test_a_target_missed_between_pruning_steps_names_frequency():
+    # end_step=30 with frequency=20: the last pruning step is 20, so training
+    # longer never reaches the target (TF-MOT's schedules, the same).
+    model = pruning.prune_low_magnitude(
+        _model(),
+        pruning.PolynomialDecay(0.0, 0.8, begin_step=0, end_step=30, frequency=20),
+    )
+    messages = _fit(model, steps=40, callbacks=[pruning.UpdatePruningStep()])
+    expected = 0.8 * (1 - (1 - 20 / 30) ** 3)
+    assert len(messages) == 1
+    assert (
+        f"Its last pruning step is 20, where its sparsity is {expected:.4g}"
+        in (messages[0])
+    )
+    assert "make `end_step - begin_step` a multiple of `frequency`" in messages[0]
+    assert "train for more steps" not in messages[0]
