@@ -663,7 +663,9 @@ class Distiller(keras.Model):
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         """Compiled metrics on known labels only; none for unlabeled batches."""
         if y is None:
-            return self.get_metrics_result()
+            # Not even after a labeled `fit` built them: they would read 0
+            # (e.g. accuracy 0.0 for `evaluate(x)` without labels).
+            return self._metrics_result(compiled=False)
         if self._ignore_class is not None:
             import tensorflow as tf
 
@@ -729,6 +731,9 @@ class Distiller(keras.Model):
         return self.compute_metrics(inputs, y, y_pred, sample_weight=sample_weight)
 
     def get_metrics_result(self):
+        return self._metrics_result(compiled=True)
+
+    def _metrics_result(self, compiled):
         results = {}
         for metric in self.metrics:
             if not getattr(metric, "built", True):
@@ -736,7 +741,9 @@ class Distiller(keras.Model):
                 continue
             result = metric.result()
             if isinstance(result, dict):
-                results.update(result)
+                # The compiled metrics (Keras' `CompileMetrics`).
+                if compiled:
+                    results.update(result)
             else:
                 results[metric.name] = result
         return results
