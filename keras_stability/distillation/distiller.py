@@ -147,8 +147,9 @@ class Distiller(keras.Model):
     and used on its own. `fit`/`evaluate` log `loss`, the compiled metrics of
     the student, `student_loss`, `distillation_loss` (the soft-target term,
     with `T**2`), `feature_loss` (when hint terms are set),
-    `teacher_agreement` (top-1 agreement with the teacher), `temperature` and
-    `alpha`.
+    `teacher_agreement` (top-1 agreement with the teacher); `fit` also logs
+    `temperature` and `alpha`. `evaluate` returns one value per
+    `metrics_names`, as Keras models do (`return_dict=True` names them).
 
     Language models: logits of shape `(batch, sequence, vocab)` work as
     they are (the char LM of `keras_stability.models`, keras-hub's
@@ -662,7 +663,9 @@ class Distiller(keras.Model):
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         """Compiled metrics on known labels only; none for unlabeled batches."""
         if y is None:
-            return self.get_metrics_result()
+            # Not even after a labeled `fit` built them: they would read 0
+            # (e.g. accuracy 0.0 for `evaluate(x)` without labels).
+            return self._metrics_result(compiled=False)
         if self._ignore_class is not None:
             import tensorflow as tf
 
@@ -705,7 +708,12 @@ class Distiller(keras.Model):
         trainable_variables = self.trainable_variables
         grads = tape.gradient(scaled_loss, trainable_variables)
         self.optimizer.apply(grads, trainable_variables)
-        return self.compute_metrics(inputs, y, y_pred, sample_weight=sample_weight)
+        logs = self.compute_metrics(inputs, y, y_pred, sample_weight=sample_weight)
+        # The schedulable hyperparameters, logged in training only: they are
+        # not metrics, and `evaluate` returns one value per `metrics_names`.
+        logs["temperature"] = ops.convert_to_tensor(self._temperature.value)
+        logs["alpha"] = ops.convert_to_tensor(self._alpha.value)
+        return logs
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -723,6 +731,9 @@ class Distiller(keras.Model):
         return self.compute_metrics(inputs, y, y_pred, sample_weight=sample_weight)
 
     def get_metrics_result(self):
+        return self._metrics_result(compiled=True)
+
+    def _metrics_result(self, compiled):
         results = {}
         for metric in self.metrics:
             if not getattr(metric, "built", True):
@@ -730,11 +741,11 @@ class Distiller(keras.Model):
                 continue
             result = metric.result()
             if isinstance(result, dict):
-                results.update(result)
+                # The compiled metrics (Keras' `CompileMetrics`).
+                if compiled:
+                    results.update(result)
             else:
                 results[metric.name] = result
-        results["temperature"] = ops.convert_to_tensor(self._temperature.value)
-        results["alpha"] = ops.convert_to_tensor(self._alpha.value)
         return results
 
     # ------------------------------------------------------------------- fit

@@ -28,6 +28,7 @@ from keras_stability.pruning.prune import prunable_weights
 from keras_stability.pruning.prune import prune_low_magnitude
 from keras_stability.pruning.pruner import Pruner
 from keras_stability.pruning.pruner import find_pruner
+from keras_stability.pruning.pruner import find_pruners
 from keras_stability.pruning.quantize import compressed_size
 from keras_stability.pruning.quantize import quantize
 from keras_stability.pruning.shrink import shrink
@@ -60,6 +61,7 @@ __all__ = [
     "UpdatePruningStep",
     "compressed_size",
     "find_pruner",
+    "find_pruners",
     "masks",
     "prunable_weights",
     "prune_low_magnitude",
@@ -75,9 +77,34 @@ __all__ = [
 ]
 
 
+# TF-MOT names that code ported from its guides uses, with what to do here.
+_TFMOT_ONLY = {
+    "prune_scope": (
+        "a pruned model saves as a plain Keras model (no wrapper layers), so "
+        "`keras.models.load_model` needs no scope; to continue pruning the "
+        "reloaded model, call `prune_low_magnitude(model, schedule, "
+        "initial_step=model.optimizer.iterations)`"
+    ),
+    "PruneForLatencyOnXNNPack": (
+        "there are no pruning policies; choose the weights to prune with "
+        "`prune_low_magnitude(..., filters=...)`"
+    ),
+    "PrunableLayer": (
+        "no wrapper or layer interface is needed; choose the weights to prune "
+        "with `prune_low_magnitude(..., filters=...)`, or give any variables "
+        "to `Pruner`"
+    ),
+}
+
+
 def __getattr__(name):
     if name in _TFMOT_SCHEDULES:
         from keras_stability.pruning._tfmot import tfmot_schedule_class
 
         return tfmot_schedule_class(name)
+    if name in _TFMOT_ONLY:
+        raise AttributeError(
+            f"module {__name__!r} has no attribute {name!r} (TF-MOT's): "
+            f"{_TFMOT_ONLY[name]}"
+        )
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,10 +8,12 @@ seen around a `fit`: a `fit` too short for the schedule to reach its target,
 and a schedule that returned a sparsity outside [0, 1) in training.
 """
 
+import warnings
+
 import keras
 
 from keras_stability._checks import is_integer
-from keras_stability.pruning.pruner import find_pruner
+from keras_stability.pruning.pruner import find_pruners
 
 __all__ = ["UpdatePruningStep", "fit_steps"]
 
@@ -57,7 +59,9 @@ class UpdatePruningStep(keras.callbacks.Callback):
       returned a sparsity outside [0, 1) (refused in the train step), and at
       the end of `fit` a warning if the masks are below the target sparsity.
 
-    On a model that is not pruned it does nothing, like TF-MOT's.
+    On a model that is not pruned it warns (and does nothing else): with
+    TF-MOT a pruned model reloaded from a file is still pruned, here it is
+    a plain model that would train dense until pruned again.
 
     Example:
 
@@ -72,20 +76,35 @@ class UpdatePruningStep(keras.callbacks.Callback):
 
     def __init__(self):
         super().__init__()
-        self._pruner = None
+        self._pruners = []
 
     def on_train_begin(self, logs=None):
-        self._pruner = find_pruner(self.model)
-        if self._pruner is not None:
-            check_fit_begin(self, self._pruner)
+        # One pruner per separately pruned layer (TF-MOT's clone_function).
+        self._pruners = find_pruners(self.model) if self.model is not None else []
+        for pruner in self._pruners:
+            check_fit_begin(self, pruner)
+        if not self._pruners and self.model is not None:
+            # With TF-MOT a reloaded pruned model is still pruned; here
+            # `load_model` gives a plain model, which would train dense.
+            warnings.warn(
+                f"UpdatePruningStep: {self.model.name!r} is not pruned, so this "
+                "training will not keep or raise its sparsity. A model saved "
+                "during pruning comes back from `keras.models.load_model` as a "
+                "plain Keras model: call `prune_low_magnitude(model, schedule, "
+                "initial_step=model.optimizer.iterations)` on it to continue.",
+                stacklevel=2,
+            )
 
-    def on_epoch_end(self, epoch, logs=None):
-        if self._pruner is not None:
-            self._pruner.check_schedule_output()
+    def on_epoch_end(self, epoch=None, logs=None, batch=None):
+        # TF-MOT names the first argument `batch`, and its guide's custom
+        # training loop calls `on_epoch_end(batch=...)`: accept both names.
+        del epoch, batch
+        for pruner in self._pruners:
+            pruner.check_schedule_output()
 
     def on_train_end(self, logs=None):
-        if self._pruner is not None:
-            check_fit_end(self, self._pruner)
+        for pruner in self._pruners:
+            check_fit_end(self, pruner)
 
     def get_config(self):
         return {}

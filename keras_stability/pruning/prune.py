@@ -1,10 +1,13 @@
 """`prune_low_magnitude`: magnitude pruning for Keras 3 models and layers."""
 
+import functools
 import re
 import warnings
 
 import keras
+import numpy as np
 
+from keras_stability._checks import check_int
 from keras_stability._checks import check_layer
 from keras_stability.pruning import masks as masks_lib
 from keras_stability.pruning.pruner import MaskConstraint
@@ -129,12 +132,14 @@ def _prunable(to_prune, filters):
 
 def prune_low_magnitude(
     to_prune,
-    pruning_schedule,
+    pruning_schedule=None,
     sparsity_m_by_n=None,
     block_size=(1, 1),
     block_pooling_type="AVG",
     global_ranking=False,
     filters=None,
+    initial_step=0,
+    pruning_policy=None,
 ):
     """Prunes a Keras 3 model or layer by weight magnitude during training.
 
@@ -156,10 +161,17 @@ def prune_low_magnitude(
     warns likewise if the target was not reached.
 
     Args:
-        to_prune: A built Keras model or layer.
+        to_prune: A built Keras model, or a Keras layer. A layer that is
+            not built yet is pruned when it is built, as in TF-MOT's
+            `Sequential([prune_low_magnitude(Dense(20), ...), ...])`; that
+            must be before training (give the model an input shape).
         pruning_schedule: A TF-MOT schedule (`PolynomialDecay`,
             `ConstantSparsity`) or any callable `step -> (should_prune,
-            sparsity)`. The step counts optimizer updates, from 1.
+            sparsity)`. The step counts optimizer updates, from 1. `None`
+            for TF-MOT's default, `ConstantSparsity(0.5, begin_step=0)`
+            (50% every 100 steps, the first at step 100), or with
+            `sparsity_m_by_n` for N:M masks computed once at step 1, as
+            TF-MOT computes them. Defaults to `None`.
         sparsity_m_by_n: `None`, or `(m, n)` to zero the `m` smallest of every
             `n` consecutive weights along the input axis (2:4 for sparse
             tensor cores), on the schedule's pruning steps. The schedule's
@@ -183,13 +195,29 @@ def prune_low_magnitude(
             (SparseGPT, Wanda) prunes the linears of the transformer blocks
             and keeps the embeddings and the output layer dense. Defaults to
             `None`.
+        initial_step: The pruning step to start from: `0` for a new
+            pruning run; to continue one from a saved model (TF-MOT's
+            "checkpoint and deserialize"), the step it had reached, which is
+            the reloaded optimizer's `iterations` when pruning started with
+            a fresh optimizer: `prune_low_magnitude(loaded, schedule,
+            initial_step=loaded.optimizer.iterations)`. A `.keras` file holds
+            the masked weights (their zeros become the masks again) but not
+            the step; from `0` the schedule would start over, back at its
+            initial sparsity. A non-negative integer or an integer scalar
+            variable. Defaults to `0`.
+        pruning_policy: Only `None`: TF-MOT's argument (e.g.
+            `PruneForLatencyOnXNNPack()`, for TFLite's XNNPACK sparse
+            kernels) is accepted so that ported code fails with a clear
+            error; choose the pruned weights with `filters` instead.
+            Defaults to `None`.
 
     Returns:
         `to_prune`, now pruned.
 
     Raises:
         ValueError: For an invalid argument, an unbuilt or already pruned
-            model, or a model with nothing to prune.
+            model, or a model with nothing to prune (for a layer not built
+            yet, those checks run when it is built).
 
     Example:
 
@@ -205,6 +233,26 @@ def prune_low_magnitude(
     ```
     """
     check_layer("to_prune", to_prune)
+    if pruning_policy is not None:
+        raise ValueError(
+            "Invalid value for argument `pruning_policy`. Expected None: there "
+            "are no pruning policies here (TF-MOT's `PruneForLatencyOnXNNPack` "
+            "targets TFLite's XNNPACK sparse inference); choose the weights to "
+            "prune with `filters=` (a regex on weight paths or a callable "
+            "`layer -> bool`). Received: "
+            f"pruning_policy={pruning_policy!r}"
+        )
+    if pruning_schedule is None:
+        # TF-MOT's default (its guide prunes with `prune_low_magnitude(model)`).
+        # TF-MOT computes N:M masks once, at step 1, whatever the schedule;
+        # its 2:4 guide passes no schedule: prune at step 1 only, as it does.
+        from keras_stability.pruning._tfmot import tfmot_schedule_class
+
+        constant = tfmot_schedule_class("ConstantSparsity")
+        if sparsity_m_by_n is None:
+            pruning_schedule = constant(0.5, begin_step=0)
+        else:
+            pruning_schedule = constant(0.5, begin_step=1, end_step=1)
     (
         sparsity_m_by_n,
         block_size,
@@ -217,14 +265,70 @@ def prune_low_magnitude(
         block_pooling_type,
         global_ranking,
     )
+    filters = check_filters(filters)
+    initial_step = _check_initial_step(initial_step)
+    options = dict(
+        pruning_schedule=pruning_schedule,
+        sparsity_m_by_n=sparsity_m_by_n,
+        block_size=block_size,
+        block_pooling_type=block_pooling_type,
+        global_ranking=global_ranking,
+        filters=filters,
+        initial_step=initial_step,
+    )
+    if not to_prune.built and not isinstance(to_prune, keras.Model):
+        # TF-MOT's `Sequential([prune_low_magnitude(Dense(...)), ...])`: a
+        # layer without weights yet is pruned as soon as it is built.
+        _prune_when_built(to_prune, options)
+        return to_prune
     check_layer("to_prune", to_prune, built=True)
+    _prune_built(to_prune, **options)
+    return to_prune
+
+
+def _prune_when_built(layer, options):
+    build = layer.build  # Keras' build wrapper (it sets `built`)
+
+    # `wraps`: Keras reads the signature of `build` to pass the shapes.
+    @functools.wraps(build)
+    def build_then_prune(*args, **kwargs):
+        build(*args, **kwargs)
+        layer.build = build
+        import tensorflow as tf
+
+        if tf.inside_function():
+            # Built in the first traced train step (a model without an
+            # input shape): variables made here would not be the model's.
+            raise ValueError(
+                "Invalid value for argument `to_prune`. Expected a layer built "
+                "before training (in a model with a `keras.Input` or an "
+                "`input_shape`), or a built model. Received: "
+                f"to_prune={layer.name!r}, first built inside a traced train "
+                "step. Give the model an input shape, or build it and prune "
+                "it with `prune_low_magnitude(model, filters=...)`."
+            )
+        _prune_built(layer, **options)
+
+    layer.build = build_then_prune
+
+
+def _prune_built(
+    to_prune,
+    pruning_schedule,
+    sparsity_m_by_n,
+    block_size,
+    block_pooling_type,
+    global_ranking,
+    filters,
+    initial_step,
+):
+    """`prune_low_magnitude` of a built layer or model, arguments checked."""
     if find_pruner(to_prune) is not None:
         raise ValueError(
             "Invalid value for argument `to_prune`. Expected a model that is not "
             f"pruned yet. Received: to_prune={to_prune.name!r}, already pruned "
             "(call `strip_pruning` first)"
         )
-    filters = check_filters(filters)
     variables = _prunable(to_prune, filters)
     _warn_lora_layers(to_prune)
     available = _prunable(to_prune, None) if not variables else variables
@@ -273,8 +377,45 @@ def prune_low_magnitude(
         block_pooling_type=block_pooling_type,
         global_ranking=global_ranking,
         input_axes=input_axes,
+        initial_step=initial_step,
     )
-    return to_prune
+    if not initial_step:
+        _warn_if_resuming(to_prune, variables)
+
+
+def _check_initial_step(value):
+    if isinstance(value, keras.Variable) or keras.ops.is_tensor(value):
+        if tuple(value.shape) == () and "int" in str(value.dtype):
+            value = int(keras.ops.convert_to_numpy(value))
+    return check_int(
+        "initial_step",
+        value,
+        low=0,
+        what="a non-negative integer or an integer scalar variable such as "
+        "`model.optimizer.iterations`",
+    )
+
+
+def _warn_if_resuming(to_prune, variables):
+    # A reloaded pruned model (TF-MOT's checkpoint-and-reload) comes back
+    # compiled, with its optimizer's step count and zeros in its kernels.
+    optimizer = getattr(to_prune, "optimizer", None)
+    if optimizer is None or not getattr(optimizer, "built", False):
+        return
+    iterations = int(keras.ops.convert_to_numpy(optimizer.iterations))
+    size = sum(int(np.prod(v.shape)) for v in variables)
+    zeros = sum(int(np.sum(keras.ops.convert_to_numpy(v) == 0)) for v in variables)
+    if iterations and zeros / max(size, 1) >= 0.01:
+        warnings.warn(
+            f"`prune_low_magnitude`: {to_prune.name!r} has an optimizer that "
+            f"has taken {iterations} steps and its prunable weights are "
+            f"{zeros / size:.0%} zeros, as a pruned model reloaded to continue "
+            "pruning has. The pruning step starts at 0, so the schedule starts "
+            "over (at its initial sparsity, which can bring pruned weights "
+            "back). To continue the run, pass "
+            "`initial_step=model.optimizer.iterations`.",
+            stacklevel=4,  # the caller of `prune_low_magnitude`
+        )
 
 
 def _input_axes(to_prune, variables):

@@ -33,17 +33,25 @@ from keras import ops
 
 from keras_stability._checks import check_bool
 from keras_stability._checks import check_choice
+from keras_stability._checks import check_int
 from keras_stability._checks import check_layer
 from keras_stability._checks import invalid
 from keras_stability._checks import is_integer
 from keras_stability.pruning import masks as masks_lib
 from keras_stability.pruning.schedules import call_schedule
+from keras_stability.pruning.schedules import last_pruning_step
 from keras_stability.pruning.schedules import sparsity_at
 from keras_stability.pruning.schedules import steps_to_target
 from keras_stability.pruning.schedules import valid_sparsity
 from keras_stability.pruning.schedules import validate_schedule
 
-__all__ = ["MaskConstraint", "Pruner", "check_pruning_arguments", "find_pruner"]
+__all__ = [
+    "MaskConstraint",
+    "Pruner",
+    "check_pruning_arguments",
+    "find_pruner",
+    "find_pruners",
+]
 
 # A final sparsity this far below the target counts as "not reached" (TF-MOT's
 # schedules may end between two pruning steps, a hair below their target).
@@ -122,6 +130,8 @@ class Pruner:
         input_axes: `None` or one axis per variable: the input axis N:M
             groups run along (`masks.m_by_n_mask`); `None` for -2 each.
             Defaults to `None`.
+        initial_step: Non-negative integer, the step to start from (to
+            continue a pruning run). Defaults to `0`.
 
     Raises:
         ValueError: On a bad argument (as `prune_low_magnitude`).
@@ -136,6 +146,7 @@ class Pruner:
         block_pooling_type="AVG",
         global_ranking=False,
         input_axes=None,
+        initial_step=0,
     ):
         if (
             not isinstance(variables, (list, tuple))
@@ -169,12 +180,13 @@ class Pruner:
         ):
             raise invalid("input_axes", input_axes, "None or one axis of each variable")
         self.input_axes = list(input_axes)
+        initial_step = check_int("initial_step", initial_step, low=0)
         self._warned = {}
         with _strategy_scope(self.variables[0]):
             # `only_first_replica`: every replica computes the same values
             # from the same (synchronised) weights; the first one is written.
             self.step = keras.Variable(
-                0,
+                initial_step,
                 dtype="int64",
                 trainable=False,
                 aggregation="only_first_replica",
@@ -410,10 +422,23 @@ class Pruner:
             if last < 0
             else f"the masks were last computed at sparsity {last:.4g}"
         )
+        last_turn = last_pruning_step(self.pruning_schedule)
+        if found is not None and last_turn is not None and last_turn < found[0]:
+            # Training longer does not help: the pruning steps skip end_step.
+            fix = (
+                f"Its last pruning step is {last_turn}, where its sparsity is "
+                f"{sparsity_at(self.pruning_schedule, last_turn):.4g}: make "
+                "`end_step - begin_step` a multiple of `frequency` for the "
+                "schedule to prune at `end_step`."
+            )
+        else:
+            fix = (
+                "Make the schedule reach its target within the training steps "
+                "or train for more steps."
+            )
         message = (
             f"The pruning schedule {where}, but after {step} training steps "
-            f"{state}. Make the schedule reach its target within the training "
-            "steps or train for more steps."
+            f"{state}. {fix}"
         )
         self._warn(message, key, step)
         return message
@@ -487,6 +512,35 @@ def find_pruner(model):
                 return constraint.pruner
             constraint = getattr(constraint, "inner", None)
     return None
+
+
+def find_pruners(model):
+    """All the `Pruner`s of a model, in the order of its weights.
+
+    A model has several when its layers were pruned separately (TF-MOT's
+    `clone_model(..., clone_function=...)` pattern, or one schedule per
+    layer).
+
+    Args:
+        model: A Keras layer or model.
+
+    Returns:
+        List of `Pruner`s, empty if `model` is not pruned.
+
+    Raises:
+        ValueError: If `model` is not a Keras layer or model.
+    """
+    check_layer("model", model)
+    found = []
+    for variable in model.weights:
+        constraint = getattr(variable, "constraint", None)
+        while constraint is not None:
+            if isinstance(constraint, MaskConstraint):
+                if not any(p is constraint.pruner for p in found):
+                    found.append(constraint.pruner)
+                break
+            constraint = getattr(constraint, "inner", None)
+    return found
 
 
 def _in_strategy_replica_context():

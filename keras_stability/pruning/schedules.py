@@ -19,6 +19,7 @@ from keras_stability._checks import is_integer
 
 __all__ = [
     "call_schedule",
+    "last_pruning_step",
     "probe_steps",
     "steps_to_target",
     "valid_sparsity",
@@ -73,6 +74,26 @@ def valid_sparsity(sparsity):
 def _int_attribute(schedule, name):
     value = getattr(schedule, name, None)
     return int(value) if is_integer(value) else None
+
+
+def last_pruning_step(schedule):
+    """The last pruning step of a TF-MOT-style schedule with an `end_step`.
+
+    Pruning steps are `begin_step + k * frequency` (from 1); the last one
+    is `end_step` only when `end_step - begin_step` is a multiple of
+    `frequency`.
+
+    Returns:
+        The step, or `None` for a schedule without `begin_step`, `end_step`
+        >= 0 and `frequency`, or without any pruning step.
+    """
+    begin = _int_attribute(schedule, "begin_step")
+    end = _int_attribute(schedule, "end_step")
+    frequency = _int_attribute(schedule, "frequency")
+    if begin is None or end is None or frequency is None or end < 0 or frequency < 1:
+        return None
+    last = begin + (end - begin) // frequency * frequency
+    return last if last >= 1 else None
 
 
 def probe_steps(schedule):
@@ -137,7 +158,33 @@ def validate_schedule(schedule):
                 "sparsity in [0, 1) at every step. Received: "
                 f"pruning_schedule={schedule!r} giving sparsity={value} at step={step}"
             )
+    _check_prunes_at_all(schedule)
     return schedule
+
+
+def _check_prunes_at_all(schedule):
+    """Raises for a TF-MOT-style schedule with no pruning step at all.
+
+    Pruning steps count optimizer updates from 1 (as TF-MOT's do), so with
+    `begin_step=0` the first one is `frequency`; TF-MOT's default
+    `frequency=100` with `end_step=20` never prunes, silently in TF-MOT.
+    """
+    begin = _int_attribute(schedule, "begin_step")
+    end = _int_attribute(schedule, "end_step")
+    frequency = _int_attribute(schedule, "frequency")
+    if begin is None or end is None or frequency is None or end < 0 or frequency < 1:
+        return
+    first = begin if begin >= 1 else frequency
+    if first > end:
+        raise ValueError(
+            "Invalid value for argument `pruning_schedule`. Expected a schedule "
+            "with a pruning step between `begin_step` and `end_step`: pruning "
+            f"steps count optimizer updates from 1, so with begin_step={begin}, "
+            f"end_step={end} and frequency={frequency} the first would be step "
+            f"{first}, after end_step, and the model would never be pruned. "
+            "Use a smaller `frequency` (at most `end_step`) or a larger "
+            f"`end_step`. Received: pruning_schedule={schedule!r}"
+        )
 
 
 def sparsity_at(schedule, step):

@@ -692,10 +692,17 @@ PRUNING_CASES = [
         bad={
             "to_prune": [*NOT_MODELS, _unbuilt()],
             **BAD_PRUNING_OPTIONS,
+            # None is TF-MOT's default schedule, ConstantSparsity(0.5, 0).
+            "pruning_schedule": [s for s in BAD_SCHEDULES if s is not None],
             "sparsity_m_by_n": [*BAD_PRUNING_OPTIONS["sparsity_m_by_n"], (2, 3)],
             "filters": [*BAD_FILTERS, "^no_such_layer"],
+            "pruning_policy": ["PruneForLatencyOnXNNPack", object()],
+            "initial_step": BAD_STEPS,
         },
-        good={"sparsity_m_by_n": [(np.int64(2), np.int64(4))]},
+        good={
+            "sparsity_m_by_n": [(np.int64(2), np.int64(4))],
+            "pruning_schedule": [None],
+        },
     ),
     Case(
         pruning.Pruner,
@@ -712,6 +719,11 @@ PRUNING_CASES = [
     ),
     Case(
         pruning.find_pruner,
+        kwargs=lambda: {"model": _prunable()},
+        bad={"model": NOT_MODELS},
+    ),
+    Case(
+        pruning.find_pruners,
         kwargs=lambda: {"model": _prunable()},
         bad={"model": NOT_MODELS},
     ),

@@ -184,10 +184,31 @@ def test_evaluate_reports_agreement_and_predict_returns_student_outputs():
     assert logs["loss"] == pytest.approx(
         reference_loss(distiller, x, y, 0.1, 3.0), rel=1e-4
     )
-    assert logs["temperature"] == pytest.approx(3.0) and logs["alpha"] == pytest.approx(
-        0.1
-    )
     np.testing.assert_allclose(distiller.predict(x, verbose=0), s, rtol=1e-6)
+    # Keras' convention: one value per `metrics_names`, loss first (the
+    # hyperparameters alpha and temperature are logged in training only).
+    values = distiller.evaluate(x, y, batch_size=64, verbose=0)
+    assert distiller.metrics_names == [
+        "loss",
+        "compile_metrics",
+        "student_loss",
+        "distillation_loss",
+        "teacher_agreement",
+    ]
+    assert values == pytest.approx(
+        [
+            logs["loss"],
+            logs["sparse_categorical_accuracy"],
+            logs["student_loss"],
+            logs["distillation_loss"],
+            logs["teacher_agreement"],
+        ]
+    )
+    history = distiller.fit(
+        x, y, epochs=1, batch_size=64, validation_data=(x, y), verbose=0
+    ).history
+    assert history["temperature"] == [3.0] and history["alpha"] == pytest.approx([0.1])
+    assert "val_temperature" not in history and "val_alpha" not in history
 
 
 def test_optimizer_wrapper_composes():

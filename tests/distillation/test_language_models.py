@@ -186,6 +186,12 @@ def test_fit_without_labels_trains_on_distillation(as_dataset):
     assert logs["student_loss"] == [0.0, 0.0, 0.0]
     assert "sparse_categorical_accuracy" not in logs  # no labels, no accuracy
     assert logs["loss"][-1] < logs["loss"][0]
+    # Nor after a labeled fit has built the metric (it read 0.0 then).
+    distiller.fit(ids, ids, batch_size=16, epochs=1, verbose=0)
+    unlabeled = distiller.evaluate(data, verbose=0, return_dict=True)
+    assert "sparse_categorical_accuracy" not in unlabeled
+    labeled = distiller.evaluate(ids, ids, verbose=0, return_dict=True)
+    assert labeled["sparse_categorical_accuracy"] > 0
     assert any(
         not np.array_equal(a, b.numpy())
         for a, b in zip(before, distiller.student.weights, strict=True)

@@ -115,8 +115,14 @@ def test_update_pruning_step_is_a_no_op_for_the_step_and_masks():
     assert results[0][0] == results[1][0] == 12
     for a, b in zip(results[0][1], results[1][1], strict=True):
         np.testing.assert_array_equal(a, b)
-    # On a model that is not pruned it does nothing, like TF-MOT's.
-    assert _fit(_model(), steps=2, callbacks=[pruning.UpdatePruningStep()]) == []
+    # On a model that is not pruned (TF-MOT's guide reloads a pruned model
+    # and trains on; here it comes back plain) it says so.
+    model = _model()
+    model.compile(optimizer="adam", loss="mse")
+    x = np.ones((8, 8), "float32")
+    with pytest.warns(UserWarning, match="'.*' is not pruned, so this training"):
+        model.fit(x, x[:, :4], verbose=0, callbacks=[pruning.UpdatePruningStep()])
+    assert model.get_weights()[0].all()  # trained dense, nothing else done
     assert pruning.UpdatePruningStep.from_config(
         pruning.UpdatePruningStep().get_config()
     )
@@ -222,3 +228,21 @@ def test_sparsity_out_of_range_in_training_is_refused_and_reported():
         _fit(model2, steps=25, callbacks=[pruning.UpdatePruningStep()])
     with pytest.raises(ValueError, match=r"at step=21"):
         pruning.strip_pruning(model)
+
+
+def test_a_target_missed_between_pruning_steps_names_frequency():
+    # end_step=30 with frequency=20: the last pruning step is 20, so training
+    # longer never reaches the target (TF-MOT's schedules, the same).
+    model = pruning.prune_low_magnitude(
+        _model(),
+        pruning.PolynomialDecay(0.0, 0.8, begin_step=0, end_step=30, frequency=20),
+    )
+    messages = _fit(model, steps=40, callbacks=[pruning.UpdatePruningStep()])
+    expected = 0.8 * (1 - (1 - 20 / 30) ** 3)
+    assert len(messages) == 1
+    assert (
+        f"Its last pruning step is 20, where its sparsity is {expected:.4g}"
+        in (messages[0])
+    )
+    assert "make `end_step - begin_step` a multiple of `frequency`" in messages[0]
+    assert "train for more steps" not in messages[0]

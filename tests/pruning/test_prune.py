@@ -609,3 +609,134 @@ def test_filters_errors_name_the_argument_and_value():
         pruning.prune_low_magnitude(model, schedule, filters="^decoder")
     # Nothing was pruned by the failed call.
     assert pruning.find_pruner(model) is None
+
+
+def test_default_schedule_is_tfmot_constant_sparsity_half():
+    # TF-MOT's comprehensive guide: `prune_low_magnitude(base_model)`.
+    model = pruning.prune_low_magnitude(_sequential())
+    schedule = pruning.find_pruner(model).pruning_schedule
+    assert isinstance(schedule, pruning.ConstantSparsity)
+    assert schedule.get_config()["config"] == {
+        "target_sparsity": 0.5,
+        "begin_step": 0,
+        "end_step": -1,
+        "frequency": 100,
+    }
+    _fit(model, steps=100, batch_size=1)
+    _check_masks_are_magnitude_masks(model, 0.5)
+
+
+def test_tfmot_pruning_policy_is_refused_with_what_to_use_instead():
+    # The comprehensive guide's `pruning_policy=PruneForLatencyOnXNNPack()`.
+    policy = pruning.prune_low_magnitude  # any non-None object
+    with pytest.raises(
+        ValueError,
+        match="Invalid value for argument `pruning_policy`. Expected None: .*"
+        "`filters=`.* Received: pruning_policy=",
+    ):
+        pruning.prune_low_magnitude(_sequential(), pruning_policy=policy)
+    model = _sequential()
+    assert pruning.find_pruner(model) is None
+    pruning.prune_low_magnitude(model, pruning_policy=None)
+    assert pruning.find_pruner(model) is not None
+
+
+def test_a_layer_not_built_yet_is_pruned_when_built():
+    # TF-MOT's comprehensive guide: prune a layer as the Sequential is defined.
+    schedule = pruning.ConstantSparsity(0.5, begin_step=0, frequency=1)
+    keras.utils.set_random_seed(0)
+    first, second = keras.layers.Dense(10, input_shape=(8,)), keras.layers.Dense(4)
+    model = keras.Sequential([pruning.prune_low_magnitude(first, schedule), second])
+    assert pruning.find_pruner(model).variables == [first.kernel]
+    _fit(model, steps=2)
+    report = pruning.sparsity_report(model)
+    assert report[first.kernel.path] == 0.5
+    assert report[second.kernel.path] == 0.0
+    # Functional: pruned when first called on a keras.Input.
+    layer = pruning.prune_low_magnitude(keras.layers.Dense(3), schedule)
+    assert pruning.find_pruner(layer) is None
+    keras.Model(inputs := keras.Input((5,)), layer(inputs))
+    assert pruning.find_pruner(layer).variables == [layer.kernel]
+    # Built only in the first traced train step (no input shape): refused.
+    lazy = keras.Sequential(
+        [pruning.prune_low_magnitude(keras.layers.Dense(10), schedule)]
+    )
+    with pytest.raises(
+        ValueError,
+        match="Expected a layer built before training .* first built inside a "
+        "traced train step",
+    ):
+        _fit(lazy, steps=1)
+    # Checks that need the weights run at build time.
+    with pytest.raises(ValueError, match="Expected `n` to divide the input axis"):
+        keras.Sequential(
+            [
+                keras.Input((6,)),
+                pruning.prune_low_magnitude(
+                    keras.layers.Dense(4), schedule, sparsity_m_by_n=(2, 4)
+                ),
+            ]
+        )
+
+
+def test_checkpoint_and_reload_continues_the_pruning_run(tmp_path):
+    # TF-MOT's comprehensive guide, "Checkpoint and deserialize": save the
+    # pruned model with its optimizer, reload it and train on. Here the
+    # reloaded model is pruned again from the step its optimizer reached.
+    def schedule():
+        return pruning.PolynomialDecay(0.2, 0.8, begin_step=0, end_step=8, frequency=2)
+
+    x, y = _data(n=64)
+
+    def fit(model, first, last):
+        model.fit(
+            x[first * 8 : last * 8],
+            y[first * 8 : last * 8],
+            batch_size=8,
+            shuffle=False,
+            verbose=0,
+        )
+
+    whole = pruning.prune_low_magnitude(_sequential(), schedule())
+    whole.compile(optimizer="adam", loss="mse")
+    fit(whole, 0, 8)
+
+    model = pruning.prune_low_magnitude(_sequential(), schedule())
+    model.compile(optimizer="adam", loss="mse")
+    fit(model, 0, 4)
+    model.save(tmp_path / "checkpoint.keras")
+    loaded = keras.models.load_model(tmp_path / "checkpoint.keras")
+    with pytest.warns(UserWarning, match="pass `initial_step=model.optimizer"):
+        pruning.strip_pruning(pruning.prune_low_magnitude(loaded, schedule()))
+    loaded = keras.models.load_model(tmp_path / "checkpoint.keras")
+    pruning.prune_low_magnitude(
+        loaded, schedule(), initial_step=loaded.optimizer.iterations
+    )
+    assert int(pruning.find_pruner(loaded).step.numpy()) == 4
+    fit(loaded, 4, 8)
+    assert int(pruning.find_pruner(loaded).step.numpy()) == 8
+    for a, b in zip(whole.get_weights(), loaded.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    _check_masks_are_magnitude_masks(loaded, 0.8)
+    with pytest.raises(ValueError, match="Received: initial_step=-1"):
+        pruning.prune_low_magnitude(_sequential(), schedule(), initial_step=-1)
+
+
+def test_m_by_n_without_a_schedule_prunes_at_step_one_as_tfmot():
+    # TF-MOT's 2:4 guide passes `sparsity_m_by_n=(2, 4)` and no schedule;
+    # TF-MOT computes N:M masks once, at step 1.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(8), keras.layers.Dense(4)]
+    )
+    pruning.prune_low_magnitude(model, sparsity_m_by_n=(2, 4))
+    _fit(model, steps=1)
+    pruner = pruning.find_pruner(model)
+    after_one = [m.numpy() for m in pruner.masks]
+    for variable, mask in zip(pruner.variables, after_one, strict=True):
+        assert mask.mean() == 0.5
+        np.testing.assert_array_equal(variable.numpy() * mask, variable.numpy())
+    model.fit(*_data(n=24), batch_size=8, verbose=0)
+    for before, mask in zip(after_one, pruner.masks, strict=True):
+        np.testing.assert_array_equal(mask.numpy(), before)  # never again
+    assert pruning.sparsity_report(pruning.strip_pruning(model))["total"] == 0.5

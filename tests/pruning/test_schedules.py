@@ -1,5 +1,6 @@
 import os
 
+import keras
 import numpy as np
 import pytest
 
@@ -102,3 +103,44 @@ def test_bad_schedules_raise_in_keras_form(schedule, message):
         schedules.validate_schedule(schedule)
     with pytest.raises(ValueError, match=message):
         schedules.validate_schedule(schedule)
+
+
+def test_a_schedule_that_never_prunes_is_refused():
+    # TF-MOT's default frequency=100 with an end_step the data allows (a
+    # small data set): TF-MOT never prunes, silently. Steps count from 1.
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4)])
+    for schedule in (
+        pruning.PolynomialDecay(0.5, 0.8, begin_step=0, end_step=20),
+        pruning.ConstantSparsity(0.5, begin_step=0, end_step=99),
+    ):
+        with pytest.raises(
+            ValueError,
+            match="Invalid value for argument `pruning_schedule`. Expected a "
+            "schedule with a pruning step between `begin_step` and `end_step`.* "
+            "first would be step 100, after end_step.* Received: pruning_schedule=",
+        ):
+            pruning.prune_low_magnitude(model, schedule)
+    # A pruning step exists: at `frequency`, or at `begin_step` >= 1.
+    for schedule in (
+        pruning.PolynomialDecay(0.5, 0.8, begin_step=0, end_step=20, frequency=20),
+        pruning.PolynomialDecay(0.5, 0.8, begin_step=5, end_step=20),
+        pruning.ConstantSparsity(0.5, begin_step=0, end_step=100),
+        pruning.ConstantSparsity(0.5, begin_step=0),
+    ):
+        pruning.strip_pruning(pruning.prune_low_magnitude(model, schedule))
+
+
+def test_tfmot_only_names_say_what_to_use_instead():
+    # TF-MOT's comprehensive guide reloads with `with prune_scope(): ...`.
+    with pytest.raises(
+        AttributeError,
+        match="no attribute 'prune_scope' \\(TF-MOT's\\): .*load_model` needs no "
+        "scope.*initial_step=model.optimizer.iterations",
+    ):
+        pruning.prune_scope  # noqa: B018
+    with pytest.raises(AttributeError, match="'PruneForLatencyOnXNNPack'.*filters="):
+        pruning.PruneForLatencyOnXNNPack  # noqa: B018
+    with pytest.raises(AttributeError, match="'PrunableLayer'.*filters="):
+        pruning.PrunableLayer  # noqa: B018
+    with pytest.raises(AttributeError, match="no attribute 'nothing'$"):
+        pruning.nothing  # noqa: B018
