@@ -55,13 +55,11 @@ def spike_step(
     Raises:
         ValueError: If an argument is of the wrong kind or out of range.
     """
-    norm = check_tensor("norm", norm)
-    history = check_buffer("history", history)
-    count = check_count("count", count)
-    consecutive = check_count("consecutive", consecutive)
-    z_threshold = check_positive("z_threshold", z_threshold)
-    min_samples = check_positive_int("min_samples", min_samples)
-    max_consecutive = check_positive_int("max_consecutive", max_consecutive)
+    norm, history, count, consecutive, z_threshold, min_samples, max_consecutive = (
+        _checked(
+            norm, history, count, consecutive, z_threshold, min_samples, max_consecutive
+        )
+    )
     norm = ops.cast(norm, "float32")
     window = history.shape[0]
     count = ops.cast(count, "int32")
@@ -75,16 +73,39 @@ def spike_step(
         ops.greater_equal(n, min_samples), ops.greater(norm, mean + z_threshold * std)
     )
     spike = ops.logical_and(outlier, ops.less(consecutive, max_consecutive))
+    return spike, _advance(
+        spike, ops.logical_not(spike), norm, history, count, consecutive
+    )
+
+
+def _checked(
+    norm, history, count, consecutive, z_threshold, min_samples, max_consecutive
+):
+    """The arguments both spike steps share, validated."""
+    return (
+        check_tensor("norm", norm),
+        check_buffer("history", history),
+        check_count("count", count),
+        check_count("consecutive", consecutive),
+        check_positive("z_threshold", z_threshold),
+        check_positive_int("min_samples", min_samples),
+        check_positive_int("max_consecutive", max_consecutive),
+    )
+
+
+def _advance(spike, record, value, history, count, consecutive):
+    """The state after a step: `value` written at the ring buffer's next slot
+    and `count` advanced if `record`; `consecutive` counts spikes in a row."""
+    window = history.shape[0]
     slot = ops.mod(count, window)
-    record = ops.logical_not(spike)
     new_history = ops.where(
-        ops.logical_and(record, ops.equal(ops.arange(window, dtype="int32"), slot)),
-        norm,
+        ops.logical_and(record, ops.equal(np.arange(window, dtype="int32"), slot)),
+        value,
         history,
     )
     new_count = ops.where(record, count + 1, count)
     new_consecutive = ops.where(spike, consecutive + 1, 0)
-    return spike, (new_history, new_count, new_consecutive)
+    return new_history, new_count, new_consecutive
 
 
 @keras.saving.register_keras_serializable(package="keras_stability")
@@ -201,13 +222,11 @@ def robust_spike_step(
     Raises:
         ValueError: If an argument is of the wrong kind or out of range.
     """
-    norm = check_tensor("norm", norm)
-    history = check_buffer("history", history)
-    count = check_count("count", count)
-    consecutive = check_count("consecutive", consecutive)
-    z_threshold = check_positive("z_threshold", z_threshold)
-    min_samples = check_positive_int("min_samples", min_samples)
-    max_consecutive = check_positive_int("max_consecutive", max_consecutive)
+    norm, history, count, consecutive, z_threshold, min_samples, max_consecutive = (
+        _checked(
+            norm, history, count, consecutive, z_threshold, min_samples, max_consecutive
+        )
+    )
     min_ratio = _check_min_ratio(min_ratio)
     norm = ops.cast(norm, "float32")
     history = ops.cast(history, "float32")
@@ -234,14 +253,7 @@ def robust_spike_step(
     )
     spike = ops.logical_and(outlier, ops.less(consecutive, max_consecutive))
     record = ops.logical_and(ops.logical_not(spike), positive)
-    new_history = ops.where(
-        ops.logical_and(record, ops.equal(positions, ops.mod(count, window))),
-        log_norm,
-        history,
-    )
-    new_count = ops.where(record, count + 1, count)
-    new_consecutive = ops.where(spike, consecutive + 1, 0)
-    return spike, (new_history, new_count, new_consecutive)
+    return spike, _advance(spike, record, log_norm, history, count, consecutive)
 
 
 # The interquartile range of a normal sample is 1.349 standard deviations.
