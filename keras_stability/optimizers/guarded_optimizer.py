@@ -651,8 +651,22 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         return self._variables[:] + self.inner_optimizer.variables
 
     def _own_core_variables(self):
-        ids = {id(v) for v in self._observer_variables}
-        return [v for v in self._variables if id(v) not in ids]
+        """The guard's own state in the saved (positional, as Keras') layout.
+
+        `build` makes the guard's state, then the clipping policy's, then the
+        spike skipping's. A part added to a built guard (`set_clipping`,
+        `set_skip_spikes`, in any order) is created after the others; its
+        state is still listed in `build`'s place, so a file loads into a
+        guard whose parts were added in another order, or at build.
+        """
+        parts = [
+            variable
+            for component in (self.clipping, self.skip_spikes)
+            if component is not None
+            for variable in getattr(component, "state_variables", [])
+        ]
+        ids = {id(v) for v in self._observer_variables} | {id(v) for v in parts}
+        return [v for v in self._variables if id(v) not in ids] + parts
 
     def _observer_keys(self):
         keys, seen = {}, {}
