@@ -30,6 +30,7 @@ read from `model.stop_training` after `fit`.
 import argparse
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 import warnings
@@ -151,8 +152,9 @@ def _poisoned_stream(seed, clean=False, every=50, start=25, scale=1000.0):
     # a corrupt shard (unnormalized features), finite but 1000x off. Plain
     # `fit` applies each such step (Adam's second moments then hold its
     # squares for ~1000 steps). `clean=True` drops those batches (what a
-    # perfect skip applies). The first bad batch comes after the detector's
-    # `min_samples` (20) steps: before them no spike is skipped in-graph.
+    # perfect skip applies). From batch 25 (after the detector's
+    # `min_samples` steps: the window's rule) or from batch 5 (the rule of
+    # the first steps).
     del seed
     from keras_stability.datasets import load_dataset
 
@@ -429,6 +431,19 @@ def cases():
             shuffle=False,
             epochs=10,
             grid=(1e-3,),  # the same rate, the poisoned batches dropped
+        ),
+        Case(
+            "Keras example, poisoned batches from batch 5 (x1000, 1 in 50), Adam(1e-3)",
+            "diverging",
+            "example-poisoned-early",
+            1e-3,
+            lambda lr: _example(_adam(lr)),
+            functools.partial(_poisoned_stream, start=5),
+            _crossentropy,
+            LN10,
+            shuffle=False,
+            epochs=10,
+            grid=(1e-3,),
         ),
         Case(
             "Keras example, poisoned batches (inputs x1000, 1 in 50), SGD(0.05)",

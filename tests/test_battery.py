@@ -8,6 +8,7 @@ on hand-made rows.
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 
 from benchmarks import battery
@@ -21,11 +22,21 @@ def _case(name):
 def test_every_kind_is_in_the_battery():
     kinds = [case.kind for case in battery.cases()]
     assert kinds.count("healthy") == 10
-    assert kinds.count("diverging") == 7
+    assert kinds.count("diverging") == 10
     assert kinds.count("plateau") == 2
     for case in battery.cases():
         if case.kind == "diverging":
             assert case.grid, case.name
+
+
+def test_poisoned_stream_scales_one_batch_in_50_and_clean_drops_it():
+    x, y, xv, _ = battery._poisoned_stream(0)
+    xc, yc, xvc, _ = battery._poisoned_stream(0, clean=True)
+    batches = len(x) // 32
+    big = np.abs(x).reshape(batches, -1).max(axis=1) > 100 * np.abs(xc).max()
+    assert list(np.flatnonzero(big)) == list(range(25, batches, 50))
+    assert len(xc) == len(x) - 32 * big.sum() and len(yc) == len(xc)
+    np.testing.assert_array_equal(xv, xvc)
 
 
 def test_one_healthy_and_one_diverging_run_give_full_rows(capsys):

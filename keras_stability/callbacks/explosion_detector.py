@@ -8,13 +8,14 @@ grade, so that a healthy run is never touched:
 - a non-finite step is never applied (the guard skips it in-graph, on all
   replicas alike); nor is a gradient-norm spike at least 10x the median of
   the last `window` applied steps and `grad_z_threshold` robust deviations
-  above it (skipped in-graph by the guard, `RobustSpikeSkipping`, after
-  `min_samples` steps); a single loss or gradient-norm spike (robust z-score
+  above it (skipped in-graph by the guard, `RobustSpikeSkipping`; in the
+  first `min_samples` steps, 100x the median of the first ones); a single
+  loss or gradient-norm spike (robust z-score
   in log space, median/MAD over the last `window` healthy steps; in the first
   steps, `loss_factor` times their median, and at batch sizes below 8 times
   the starting loss too; never below a tenth of the starting loss) is
-  otherwise only recorded (`"spike"`), and stays out of the divergence
-  rule's mean;
+  otherwise only recorded (`"spike"`), and stays out of the means of the
+  divergence and explosion rules;
 - rollback-level evidence: `max_consecutive_skips + 1` bad steps in a row
   (spikes or skipped steps), a slow divergence (the mean raw loss of the
   last `min_samples` steps `loss_factor` times the best snapshot's, floored
@@ -115,7 +116,8 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
       gradient-norm spikes (`RobustSpikeSkipping`:
       at least 10x the median norm of the last `window` applied steps and
       `grad_z_threshold` robust deviations above it in log space, once
-      `min_samples` are recorded; at most `max_consecutive_skips` in a row),
+      `min_samples` are recorded, before that 100x the median of the first
+      ones; at most `max_consecutive_skips` in a row),
       are skipped in-graph (not applied, on every replica); loss spikes,
       seen on the host after the step, are warned about. After
       `max_consecutive_skips` non-finite steps in a row it stops.
@@ -312,7 +314,8 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         skip_spikes: With `action="skip"` or `"rollback"`, whether the guard
             skips gradient-norm spikes in-graph (`RobustSpikeSkipping` with
             this detector's `window`, `grad_z_threshold`, `min_samples` and
-            `max_consecutive_skips`, and a norm at least 10x the median). A
+            `max_consecutive_skips`, a norm at least 10x the median, 100x in
+            the first `min_samples` steps). A
             guard that already skips spikes (`GuardedOptimizer(skip_spikes=
             ...)`) keeps its own settings. Defaults to `True`.
 
@@ -911,18 +914,19 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             self._start_losses.append(raw)
             self._start_loss = float(np.mean(self._start_losses))
         self._recent.append(raw)
-        self._stretch.append(raw)
+        spike = self._loss_spike(raw)
+        if spike is None:
+            # A single spike is neither a divergence nor an explosion: it
+            # stays out of their means (a bad batch of a 1000x loss is 50x
+            # the mean of 20 steps, 125x that of 8).
+            self._sustained.append(raw)
+            self._stretch.append(raw)
         if (
             self._exploded_at is None
             and len(self._stretch) == self._stretch.maxlen
             and rules.exploded(self._stretch, self._start_loss)
         ):
             self._exploded_at = self.step
-        spike = self._loss_spike(raw)
-        if spike is None:
-            # A single spike is no divergence: it stays out of the mean
-            # (a bad batch of a 1000x loss is 50x the mean of 20 steps).
-            self._sustained.append(raw)
         if spike is not None:
             self._note_bad(steps, steps)
             self._pending = None  # a snapshot right before a spike is suspect

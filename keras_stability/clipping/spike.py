@@ -188,6 +188,7 @@ def robust_spike_step(
     min_samples,
     max_consecutive,
     min_ratio,
+    early_ratio=None,
 ):
     """One robust spike-detection step over a ring buffer of log norms (pure).
 
@@ -199,7 +200,9 @@ def robust_spike_step(
     `min_ratio` times their median or more): a log-space score is robust to
     heavy-tailed small-batch noise, and the ratio floor keeps a series with a
     tiny spread (full-batch training) from flagging ordinary changes. Before
-    `min_samples`, nothing is a spike. Spikes are not recorded; after
+    `min_samples`, with `early_ratio`, a norm `early_ratio` times the median
+    of at least `EARLY_SAMPLES` recorded ones, and times the first one, is a
+    spike (a corrupt batch in the first steps); otherwise nothing is. Spikes are not recorded; after
     `max_consecutive` spikes in a row the next one is accepted and recorded,
     so a lasting change of scale is learnt instead of skipped forever.
 
@@ -214,6 +217,9 @@ def robust_spike_step(
             accepted.
         min_ratio: Float > 1, the least multiple of the median that is a
             spike.
+        early_ratio: `None`, or a float > 1: the least multiple of the
+            median that is a spike before `min_samples` norms are recorded.
+            Defaults to `None`.
 
     Returns:
         Tuple `(is_spike, (history, count, consecutive))` with the state to
@@ -228,6 +234,7 @@ def robust_spike_step(
         )
     )
     min_ratio = _check_min_ratio(min_ratio)
+    early_ratio = _check_early_ratio(early_ratio)
     norm = ops.cast(norm, "float32")
     history = ops.cast(history, "float32")
     window = history.shape[0]
@@ -247,10 +254,24 @@ def robust_spike_step(
         np.float32(z_threshold / IQR_SCALE) * (high - low),
         np.float32(math.log(min_ratio)),
     )
+    excess = ops.where(positive, log_norm - center, np.float32(-1.0))
     outlier = ops.logical_and(
-        ops.greater_equal(n, min_samples),
-        ops.logical_and(positive, ops.greater(log_norm - center, threshold)),
+        ops.greater_equal(n, min_samples), ops.greater(excess, threshold)
     )
+    if early_ratio is not None:
+        early = ops.logical_and(
+            ops.logical_and(
+                ops.greater_equal(n, EARLY_SAMPLES), ops.less(n, min_samples)
+            ),
+            # Also against the first norm: at batch size 1 the median of a
+            # few per-sample norms may be ~0 (well-fit samples), and an
+            # ordinary misfit sample is then "100x" it.
+            ops.greater(
+                excess - ops.maximum(history[0] - center, 0.0),
+                np.float32(math.log(early_ratio)),
+            ),
+        )
+        outlier = ops.logical_or(outlier, early)
     spike = ops.logical_and(outlier, ops.less(consecutive, max_consecutive))
     record = ops.logical_and(ops.logical_not(spike), positive)
     return spike, _advance(spike, record, log_norm, history, count, consecutive)
@@ -264,6 +285,22 @@ def _check_min_ratio(value):
     return check_number("min_ratio", value, low=1.0, low_open=True)
 
 
+def _check_early_ratio(value):
+    return check_number(
+        "early_ratio",
+        value,
+        low=1.0,
+        low_open=True,
+        allow_none=True,
+        what="None or a number > 1",
+    )
+
+
+# Before `min_samples`, `early_ratio` judges a norm against the median of at
+# least this many recorded ones.
+EARLY_SAMPLES = 4
+
+
 @keras.saving.register_keras_serializable(package="keras_stability")
 class RobustSpikeSkipping(SpikeSkipping):
     """Skips a step whose gradient norm is a robust outlier (log space).
@@ -274,8 +311,9 @@ class RobustSpikeSkipping(SpikeSkipping):
     than `z_threshold` robust standard deviations above it in log space
     (median and interquartile range / 1.349 of the logs). Unlike `SpikeSkipping`'s mean and
     standard deviation, heavy-tailed small-batch noise does not trip it, and
-    one huge norm cannot inflate the statistics that judge the next. Nothing
-    is skipped before `min_samples` norms are recorded. See
+    one huge norm cannot inflate the statistics that judge the next. Before
+    `min_samples` norms are recorded, only a norm `early_ratio` times the
+    median of those recorded is skipped. See
     `robust_spike_step`.
 
     Args:
@@ -288,6 +326,11 @@ class RobustSpikeSkipping(SpikeSkipping):
             the next one is applied and recorded. Defaults to `3`.
         min_ratio: Number > 1, the least multiple of the median norm that
             is a spike. Defaults to `10.0`.
+        early_ratio: `None`, or a number > 1: before `min_samples` norms are
+            recorded (from the 5th), a norm `early_ratio` times the median of
+            those recorded and times the first is a spike (a corrupt batch in
+            the first steps, which would otherwise be applied). Defaults to
+            `100.0`.
     """
 
     def __init__(
@@ -297,6 +340,7 @@ class RobustSpikeSkipping(SpikeSkipping):
         min_samples=20,
         max_consecutive=3,
         min_ratio=10.0,
+        early_ratio=100.0,
     ):
         super().__init__(
             window=window,
@@ -305,6 +349,7 @@ class RobustSpikeSkipping(SpikeSkipping):
             max_consecutive=max_consecutive,
         )
         self.min_ratio = _check_min_ratio(min_ratio)
+        self.early_ratio = _check_early_ratio(early_ratio)
 
     def detect(self, norm):
         """Returns `(is_spike, new_state)` without assigning anything.
@@ -320,8 +365,13 @@ class RobustSpikeSkipping(SpikeSkipping):
             self.min_samples,
             self.max_consecutive,
             self.min_ratio,
+            self.early_ratio,
         )
         return spike, list(state)
 
     def get_config(self):
-        return {**super().get_config(), "min_ratio": self.min_ratio}
+        return {
+            **super().get_config(),
+            "min_ratio": self.min_ratio,
+            "early_ratio": self.early_ratio,
+        }

@@ -73,7 +73,8 @@ def diverging(sustained, best, start, factor, floor):
     `floor * start`, so that a loss near zero is not "10x" anything by noise.
 
     Args:
-        sustained: The last raw losses, all after the best snapshot.
+        sustained: The last raw losses, all after the best snapshot,
+            single spikes left out.
         best: The best snapshot's loss.
         start: The loss the fit started from (`nan` if unknown).
         factor: The multiple of the reference that is a divergence.
@@ -98,7 +99,8 @@ def exploded(stretch, start, factor=EXPLOSION_FACTOR):
     Args:
         stretch: The raw losses of the last batches holding at least
             `EXPLOSION_STRETCH` x 32 samples (averaging them keeps a few bad
-            batches of a noisy healthy run from counting).
+            batches of a noisy healthy run from counting), single spikes
+            left out (one corrupt batch's 1000x loss is no explosion).
         start: The loss the fit started from.
         factor: Defaults to `EXPLOSION_FACTOR`.
     """

@@ -214,6 +214,7 @@ CASES = [
             "min_samples": [0, 1, 200],  # 200 > window=128
             "max_consecutive": [0],
             "min_ratio": [0, 1, 0.5, "10", True, None, NAN],
+            "early_ratio": [0, 1, 0.5, "10", True, NAN],
         },
         config=True,
     ),
@@ -334,6 +335,7 @@ CASES = [
             "min_samples": [0, "1", 2.5, True, None],
             "max_consecutive": [0, "1", 2.5, True, None],
             "min_ratio": [1.0, 0, "10", True, None, NAN],
+            "early_ratio": [1.0, 0, "10", True, NAN],
         },
     ),
     Case(

@@ -210,12 +210,18 @@ def test_spike_step_reference():
     assert flags[8:] == [True, True, False, False]
 
 
-def _robust_reference(norms, window, z, min_samples, max_consecutive, min_ratio):
+def _robust_reference(
+    norms, window, z, min_samples, max_consecutive, min_ratio, early_ratio=None
+):
     """`robust_spike_step`'s flags computed in NumPy, step by step."""
     accepted, flags = [], []
     for n in norms:
         logs = np.log(np.array(accepted[-window:], "float64"))
         spike = False
+        if early_ratio and 4 <= len(logs) < min_samples and n > 0:
+            ordered = np.sort(logs)
+            reference = max(ordered[(len(ordered) - 1) // 2], logs[0])
+            spike = np.log(n) - reference > np.log(early_ratio)
         if len(logs) >= min_samples and n > 0:
             ordered = np.sort(logs)
             k = len(ordered) - 1
@@ -258,6 +264,35 @@ def test_robust_spike_step_reference():
     # The log-normal noise (norms ~1000x apart) is never one.
     assert sum(flags) == 3 and max(noise) / min(noise) > 1000
     assert int(count) == len(norms) - 3 - 1  # spikes and the zero norm unrecorded
+
+
+@pytest.mark.parametrize("early_ratio", [None, 100.0])
+def test_robust_spike_step_early_ratio(early_ratio):
+    """Before `min_samples`: with `early_ratio`, a norm that many times the
+    median of at least 4 recorded ones and the first one is a spike;
+    without, nothing is. (Batch 1: the median of well-fit samples' norms is
+    ~0, and a misfit sample's norm, like the first, is no spike.)"""
+    norms = [1.0, 300.0, 1.2, 0.9, 1.1, 50.0, 300.0, 1.0, 1.3]
+    batch_1 = [4.5, 0.01, 0.02, 0.002, 0.01, 3.5, 0.01, 6.0]
+    history = np.zeros(16, "float32")
+    count, consecutive = np.int32(0), np.int32(0)
+    flags = []
+    for n in norms:
+        spike, (history, count, consecutive) = clipping.robust_spike_step(
+            np.float32(n), history, count, consecutive, 6.0, 10, 3, 10.0, early_ratio
+        )
+        flags.append(bool(spike))
+    assert flags == _robust_reference(norms, 16, 6.0, 10, 3, 10.0, early_ratio)
+    # 300 at step 2 (1 recorded) is never judged; 50 (~40x) is under 100x.
+    expected = [False] * 6 + [early_ratio is not None] + [False] * 2
+    assert flags == expected
+    history = np.zeros(16, "float32")
+    count, consecutive = np.int32(0), np.int32(0)
+    for n in batch_1:  # 3.5 and 6.0 are 350x and 600x the median
+        spike, (history, count, consecutive) = clipping.robust_spike_step(
+            np.float32(n), history, count, consecutive, 6.0, 10, 3, 10.0, early_ratio
+        )
+        assert not bool(spike), n
 
 
 def test_robust_spike_step_ratio_floor():
