@@ -27,6 +27,7 @@ import numpy as np
 from keras_stability.callbacks.lr_scaling import learning_rate_variable
 from keras_stability.callbacks.lr_scaling import scale_learning_rate
 from keras_stability.callbacks.snapshots import Snapshot
+from keras_stability.callbacks.step_record import read_scalar
 from keras_stability.diagnostics import rules
 from keras_stability.distribute.strategy import chief_path
 
@@ -257,7 +258,7 @@ class RecoveryMixin:
         """Notes the constant learning rate as the detector just set it."""
         lowered = getattr(self, "_lowered_rate", None)
         if lowered is not None:
-            lowered.wrote(_read(learning_rate_variable(self.optimizer)))
+            lowered.wrote(read_scalar(learning_rate_variable(self.optimizer)))
 
     def _follow_learning_rate(self):
         """Keeps the detector's lowering of a rate another callback set again.
@@ -270,12 +271,12 @@ class RecoveryMixin:
         if lowered is None:
             return
         variable = learning_rate_variable(self.optimizer)
-        given = _read(variable)
+        given = read_scalar(variable)
         new = lowered.seen(given)
         if new is None:
             return
         variable.assign(new)
-        lowered.wrote(_read(variable))
+        lowered.wrote(read_scalar(variable))
         message = (
             f"GradientExplosionDetector: another callback set the learning rate "
             f"to {given:.4g} (a LearningRateScheduler?), above the rate the "
@@ -515,7 +516,3 @@ class RecoveryMixin:
             )
             return " The diagnostic could not be written (see the previous warning)."
         return f" Diagnostic written to {self.diagnostic_path}."
-
-
-def _read(variable):
-    return float(keras.ops.convert_to_numpy(variable))

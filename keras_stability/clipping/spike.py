@@ -202,9 +202,10 @@ def robust_spike_step(
     tiny spread (full-batch training) from flagging ordinary changes. Before
     `min_samples`, with `early_ratio`, a norm `early_ratio` times the median
     of at least `EARLY_SAMPLES` recorded ones, and times the first one, is a
-    spike (a corrupt batch in the first steps); otherwise nothing is. Spikes are not recorded; after
-    `max_consecutive` spikes in a row the next one is accepted and recorded,
-    so a lasting change of scale is learnt instead of skipped forever.
+    spike (a corrupt batch in the first steps); otherwise nothing is. Spikes
+    are not recorded; after `max_consecutive` spikes in a row the next one is
+    accepted and recorded, so a lasting change of scale is learnt instead of
+    skipped forever.
 
     Args:
         norm: Float32 scalar, this step's pre-clip global norm.
@@ -309,12 +310,12 @@ class RobustSpikeSkipping(SpikeSkipping):
     is skipped when its pre-clip global gradient norm is at least
     `min_ratio` times the median of the last `window` accepted norms and more
     than `z_threshold` robust standard deviations above it in log space
-    (median and interquartile range / 1.349 of the logs). Unlike `SpikeSkipping`'s mean and
-    standard deviation, heavy-tailed small-batch noise does not trip it, and
-    one huge norm cannot inflate the statistics that judge the next. Before
-    `min_samples` norms are recorded, only a norm `early_ratio` times the
-    median of those recorded is skipped. See
-    `robust_spike_step`.
+    (median and interquartile range / 1.349 of the logs). Unlike
+    `SpikeSkipping`'s mean and standard deviation, heavy-tailed small-batch
+    noise does not trip it, and one huge norm cannot inflate the statistics
+    that judge the next. Before `min_samples` norms are recorded, only a
+    norm `early_ratio` times the median of those recorded (and the first) is
+    skipped. See `robust_spike_step`.
 
     Args:
         window: Integer >= 2, rolling window length. Defaults to `128`.

@@ -504,14 +504,8 @@ def find_pruner(model):
     Raises:
         ValueError: If `model` is not a Keras layer or model.
     """
-    check_layer("model", model)
-    for variable in model.weights:
-        constraint = getattr(variable, "constraint", None)
-        while constraint is not None:
-            if isinstance(constraint, MaskConstraint):
-                return constraint.pruner
-            constraint = getattr(constraint, "inner", None)
-    return None
+    pruners = find_pruners(model)
+    return pruners[0] if pruners else None
 
 
 def find_pruners(model):

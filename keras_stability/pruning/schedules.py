@@ -76,6 +76,18 @@ def _int_attribute(schedule, name):
     return int(value) if is_integer(value) else None
 
 
+def _pruning_steps(schedule):
+    """`(begin_step, end_step, frequency)` of a TF-MOT-style schedule with an
+    `end_step`, or `None` when it has no such integers (`end_step` >= 0,
+    `frequency` >= 1)."""
+    begin = _int_attribute(schedule, "begin_step")
+    end = _int_attribute(schedule, "end_step")
+    frequency = _int_attribute(schedule, "frequency")
+    if begin is None or end is None or frequency is None or end < 0 or frequency < 1:
+        return None
+    return begin, end, frequency
+
+
 def last_pruning_step(schedule):
     """The last pruning step of a TF-MOT-style schedule with an `end_step`.
 
@@ -87,11 +99,10 @@ def last_pruning_step(schedule):
         The step, or `None` for a schedule without `begin_step`, `end_step`
         >= 0 and `frequency`, or without any pruning step.
     """
-    begin = _int_attribute(schedule, "begin_step")
-    end = _int_attribute(schedule, "end_step")
-    frequency = _int_attribute(schedule, "frequency")
-    if begin is None or end is None or frequency is None or end < 0 or frequency < 1:
+    steps = _pruning_steps(schedule)
+    if steps is None:
         return None
+    begin, end, frequency = steps
     last = begin + (end - begin) // frequency * frequency
     return last if last >= 1 else None
 
@@ -169,11 +180,10 @@ def _check_prunes_at_all(schedule):
     `begin_step=0` the first one is `frequency`; TF-MOT's default
     `frequency=100` with `end_step=20` never prunes, silently in TF-MOT.
     """
-    begin = _int_attribute(schedule, "begin_step")
-    end = _int_attribute(schedule, "end_step")
-    frequency = _int_attribute(schedule, "frequency")
-    if begin is None or end is None or frequency is None or end < 0 or frequency < 1:
+    steps = _pruning_steps(schedule)
+    if steps is None:
         return
+    begin, end, frequency = steps
     first = begin if begin >= 1 else frequency
     if first > end:
         raise ValueError(
