@@ -116,6 +116,39 @@ def _tiny_mlp(optimizer):
     return model
 
 
+def _rare_class(seed, clean=False, n=2000, rare=0.01):
+    # 1% of the training samples in a second class (shifted by 2 in every
+    # feature); held out: 500 of each class, so the loss says whether the
+    # rare class was learnt. At a small batch size, once the common class is
+    # fit, a batch holding a rare sample has a gradient norm ~100x the
+    # median and a loss ~1000x: a healthy run a spike rule must not skip.
+    del clean
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 10)).astype("float32")
+    y = (rng.random(n) < rare).astype("int64")
+    xv = rng.normal(size=(1000, 10)).astype("float32")
+    yv = np.repeat(np.array([0, 1], "int64"), 500)
+    x[y == 1] += 2.0
+    xv[yv == 1] += 2.0
+    return x, y, xv, yv
+
+
+def _rare_mlp(optimizer):
+    import keras
+
+    model = keras.Sequential(
+        [
+            keras.Input((10,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(2),
+        ]
+    )
+    model.compile(
+        optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    return model
+
+
 def _example_data(name):
     def data(seed, clean=False):
         del clean
@@ -306,6 +339,21 @@ def cases():
                     epochs=epochs,
                 )
             )
+    for batch, epochs in ((1, 1), (4, 2)):
+        result.append(
+            Case(
+                f"rare class (1%), batch {batch}, Adam(1e-3)",
+                "healthy",
+                f"rare-{batch}",
+                1e-3,
+                lambda lr: _rare_mlp(_adam(lr)),
+                _rare_class,
+                _crossentropy,
+                math.log(2),
+                batch_size=batch,
+                epochs=epochs,
+            )
+        )
     result += [
         Case(
             "Keras example, Adam(1e-3)",

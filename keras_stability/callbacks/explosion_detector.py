@@ -9,7 +9,8 @@ grade, so that a healthy run is never touched:
   replicas alike); nor is a gradient-norm spike at least 10x the median of
   the last `window` applied steps and `grad_z_threshold` robust deviations
   above it (skipped in-graph by the guard, `RobustSpikeSkipping`; in the
-  first `min_samples` steps, 100x the median of the first ones); a single
+  first `min_samples` steps, 100x the median of the first ones; always 10x
+  the largest norm applied so far, so a rare genuine example is learnt); a single
   loss or gradient-norm spike (robust z-score
   in log space, median/MAD over the last `window` healthy steps; in the first
   steps, `loss_factor` times their median, and at batch sizes below 8 times
@@ -17,8 +18,8 @@ grade, so that a healthy run is never touched:
   otherwise only recorded (`"spike"`), and stays out of the means of the
   divergence and explosion rules;
 - rollback-level evidence: `max_consecutive_skips + 1` bad steps in a row
-  (spikes or skipped steps), a slow divergence (the mean raw loss of the
-  last `min_samples` steps `loss_factor` times the best snapshot's, floored
+  (spikes or skipped steps), a slow divergence (the median raw loss of
+  the last `min_samples` steps `loss_factor` times the best snapshot's, floored
   at a tenth of the starting loss), a regression (their median
   `regress_factor` times the starting loss), or a failed recovery;
 - after `max_rollbacks` rollbacks: stop, restoring the best finite weights.
@@ -114,7 +115,8 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
       at least 10x the median norm of the last `window` applied steps and
       `grad_z_threshold` robust deviations above it in log space, once
       `min_samples` are recorded, before that 100x the median of the first
-      ones; at most `max_consecutive_skips` in a row),
+      ones; always 10x the largest norm applied so far; at most
+      `max_consecutive_skips` in a row),
       are skipped in-graph (not applied, on every replica); loss spikes,
       seen on the host after the step, are warned about. After
       `max_consecutive_skips` non-finite steps in a row it stops.
@@ -170,7 +172,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
     tenth of the starting loss is never a spike.
     What counts as a problem: a non-finite loss; more than
     `max_consecutive_skips` non-finite steps in a row, or bad steps (loss
-    spikes or non-finite steps) in a row; a slow divergence (mean loss of the
+    spikes or non-finite steps) in a row; a slow divergence (median loss of the
     last `min_samples` steps, all after the best snapshot, `loss_factor`
     times the best snapshot's loss or a tenth of the starting loss, whichever
     is larger, so that a loss near zero is not "10x" anything by noise); a
@@ -256,7 +258,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             that is a spike. Defaults to `6.0`.
         loss_factor: A raw loss above this multiple of the median loss
             before `min_samples` steps (and, at batch sizes below 8, of the
-            starting loss) is a spike (the z-score cannot judge yet); a mean raw loss over the last `min_samples` steps (all
+            starting loss) is a spike (the z-score cannot judge yet); a median raw loss over the last `min_samples` steps (all
             after the best confirmed snapshot) above this multiple of that
             snapshot's loss, or of a tenth of the starting loss if larger, is
             a slow divergence (a problem); `None` to turn both off.
@@ -312,7 +314,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             skips gradient-norm spikes in-graph (`RobustSpikeSkipping` with
             this detector's `window`, `grad_z_threshold`, `min_samples` and
             `max_consecutive_skips`, a norm at least 10x the median, 100x in
-            the first `min_samples` steps). A
+            the first `min_samples` steps, and 10x the largest applied). A
             guard that already skips spikes (`GuardedOptimizer(skip_spikes=
             ...)`) keeps its own settings. Defaults to `True`.
 
@@ -490,7 +492,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                     z_threshold=self.grad_z_threshold,
                     min_samples=self.min_samples,
                     max_consecutive=max(1, self.max_consecutive_skips),
-                )  # its ratio floors: 10x the median, 100x in the first steps
+                )  # its floors: 10x the median (100x in the first steps), 10x the peak
             }
         self.optimizer, self._stats = self._observers.attach(
             model, per_layer_norms, optimizer=self._optimizer_arg, **guard_kwargs
@@ -1027,22 +1029,24 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             )
 
     def _diverging(self):
-        """A slow divergence: the mean of the last `min_samples` losses, all
-        after the best snapshot, `loss_factor` times its loss, and that times
-        an absolute floor (a tenth of the loss the fit started from), so a loss
-        near zero is not "10x" anything by noise alone."""
+        """A slow divergence (`rules.diverging`): the median of the last
+        `min_samples` losses, all after the best snapshot, `loss_factor`
+        times its loss floored at a tenth of the starting loss."""
         if self.loss_factor is None or len(self._sustained) < self._sustained.maxlen:
             return None
         best = self.best.score
-        if not (math.isfinite(best) and best > 0):
+        found = rules.diverging(
+            self._sustained,
+            best,
+            self._start_loss,
+            self.loss_factor,
+            DIVERGENCE_FLOOR,
+        )
+        if found is None:
             return None
-        floor = DIVERGENCE_FLOOR * self._start_loss
-        reference = max(best, floor) if math.isfinite(floor) else best
-        sustained = sum(self._sustained) / len(self._sustained)
-        if not sustained > self.loss_factor * reference:
-            return None
+        median, reference = found
         return (
-            f"loss diverging: mean raw loss {sustained:.4g} over the last "
+            f"loss diverging: median raw loss {median:.4g} over the last "
             f"{len(self._sustained)} steps is above {self.loss_factor:g}x "
             f"the best healthy snapshot's loss {best:.4g}"
             + (

@@ -189,6 +189,8 @@ def robust_spike_step(
     max_consecutive,
     min_ratio,
     early_ratio=None,
+    peak=None,
+    peak_ratio=None,
 ):
     """One robust spike-detection step over a ring buffer of log norms (pure).
 
@@ -202,10 +204,17 @@ def robust_spike_step(
     tiny spread (full-batch training) from flagging ordinary changes. Before
     `min_samples`, with `early_ratio`, a norm `early_ratio` times the median
     of at least `EARLY_SAMPLES` recorded ones, and times the first one, is a
-    spike (a corrupt batch in the first steps); otherwise nothing is. Spikes
-    are not recorded; after `max_consecutive` spikes in a row the next one is
-    accepted and recorded, so a lasting change of scale is learnt instead of
-    skipped forever.
+    spike (a corrupt batch in the first steps); otherwise nothing is. With
+    `peak_ratio`, a spike must also be `peak_ratio` times the largest norm
+    recorded so far (`peak`, in log space): an untrained model's first
+    gradients set the scale of a misfit sample's, so a rare but genuine
+    example (a 1% class at a small batch size: 1000x the median of well-fit
+    batches, no more than a few times the first norms) is applied, while a
+    corrupt batch (inputs x1000: 1000x every earlier norm) is not. Without
+    it, a skipped rare example is never recorded nor learnt, and every later
+    one is skipped too. Spikes are not recorded; after `max_consecutive`
+    spikes in a row the next one is accepted and recorded, so a lasting
+    change of scale is learnt instead of skipped forever.
 
     Args:
         norm: Float32 scalar, this step's pre-clip global norm.
@@ -221,9 +230,16 @@ def robust_spike_step(
         early_ratio: `None`, or a float > 1: the least multiple of the
             median that is a spike before `min_samples` norms are recorded.
             Defaults to `None`.
+        peak: `None`, or a float32 scalar: the log of the largest norm
+            recorded so far (`PEAK_NONE` before the first). Defaults to
+            `None`.
+        peak_ratio: `None`, or a float > 1: the least multiple of the
+            largest recorded norm that is a spike (needs `peak`). Defaults to
+            `None`.
 
     Returns:
-        Tuple `(is_spike, (history, count, consecutive))` with the state to
+        Tuple `(is_spike, (history, count, consecutive))`, or with `peak`
+        `(is_spike, (history, count, consecutive, peak))`, with the state to
         commit when the step is finite and not skipped for another reason.
 
     Raises:
@@ -236,6 +252,13 @@ def robust_spike_step(
     )
     min_ratio = _check_min_ratio(min_ratio)
     early_ratio = _check_early_ratio(early_ratio)
+    peak_ratio = _check_peak_ratio(peak_ratio)
+    if peak is not None:
+        peak = check_tensor("peak", peak)
+    elif peak_ratio is not None:
+        raise invalid(
+            "peak", peak, "the log of the largest recorded norm with `peak_ratio`"
+        )
     norm = ops.cast(norm, "float32")
     history = ops.cast(history, "float32")
     window = history.shape[0]
@@ -273,9 +296,20 @@ def robust_spike_step(
             ),
         )
         outlier = ops.logical_or(outlier, early)
+    if peak_ratio is not None:
+        outlier = ops.logical_and(
+            outlier,
+            ops.greater(
+                log_norm - ops.cast(peak, "float32"), np.float32(math.log(peak_ratio))
+            ),
+        )
     spike = ops.logical_and(outlier, ops.less(consecutive, max_consecutive))
     record = ops.logical_and(ops.logical_not(spike), positive)
-    return spike, _advance(spike, record, log_norm, history, count, consecutive)
+    state = _advance(spike, record, log_norm, history, count, consecutive)
+    if peak is None:
+        return spike, state
+    peak = ops.cast(peak, "float32")
+    return spike, (*state, ops.where(record, ops.maximum(peak, log_norm), peak))
 
 
 # The interquartile range of a normal sample is 1.349 standard deviations.
@@ -284,6 +318,21 @@ IQR_SCALE = 1.349
 
 def _check_min_ratio(value):
     return check_number("min_ratio", value, low=1.0, low_open=True)
+
+
+def _check_peak_ratio(value):
+    return check_number(
+        "peak_ratio",
+        value,
+        low=1.0,
+        low_open=True,
+        allow_none=True,
+        what="None or a number > 1",
+    )
+
+
+# `peak` before any norm is recorded: below the log of every float32 norm.
+PEAK_NONE = -1e30
 
 
 def _check_early_ratio(value):
@@ -315,7 +364,11 @@ class RobustSpikeSkipping(SpikeSkipping):
     noise does not trip it, and one huge norm cannot inflate the statistics
     that judge the next. Before `min_samples` norms are recorded, only a
     norm `early_ratio` times the median of those recorded (and the first) is
-    skipped. See `robust_spike_step`.
+    skipped. Either way a skipped norm is also `peak_ratio` times the largest
+    norm applied so far: a rare genuine example (a 1% class at batch size 4,
+    whose norm is 100x the median of well-fit batches but no larger than the
+    untrained model's first norms) is applied and learnt, not skipped every
+    time it comes back. See `robust_spike_step`.
 
     Args:
         window: Integer >= 2, rolling window length. Defaults to `128`.
@@ -332,6 +385,8 @@ class RobustSpikeSkipping(SpikeSkipping):
             those recorded and times the first is a spike (a corrupt batch in
             the first steps, which would otherwise be applied). Defaults to
             `100.0`.
+        peak_ratio: `None`, or a number > 1: a spike is also at least this
+            many times the largest norm applied so far. Defaults to `10.0`.
     """
 
     def __init__(
@@ -342,6 +397,7 @@ class RobustSpikeSkipping(SpikeSkipping):
         max_consecutive=3,
         min_ratio=10.0,
         early_ratio=100.0,
+        peak_ratio=10.0,
     ):
         super().__init__(
             window=window,
@@ -351,6 +407,13 @@ class RobustSpikeSkipping(SpikeSkipping):
         )
         self.min_ratio = _check_min_ratio(min_ratio)
         self.early_ratio = _check_early_ratio(early_ratio)
+        self.peak_ratio = _check_peak_ratio(peak_ratio)
+
+    def build(self, optimizer):
+        super().build(optimizer)
+        if self.peak_ratio is not None:
+            self.peak = _scalar_variable(optimizer, "spike_peak", PEAK_NONE)
+            self.state_variables.append(self.peak)
 
     def detect(self, norm):
         """Returns `(is_spike, new_state)` without assigning anything.
@@ -367,6 +430,8 @@ class RobustSpikeSkipping(SpikeSkipping):
             self.max_consecutive,
             self.min_ratio,
             self.early_ratio,
+            None if self.peak_ratio is None else self.peak.value,
+            self.peak_ratio,
         )
         return spike, list(state)
 
@@ -375,4 +440,5 @@ class RobustSpikeSkipping(SpikeSkipping):
             **super().get_config(),
             "min_ratio": self.min_ratio,
             "early_ratio": self.early_ratio,
+            "peak_ratio": self.peak_ratio,
         }

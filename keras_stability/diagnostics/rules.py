@@ -8,8 +8,9 @@ sustained behaviour, which a healthy run never shows:
 
 - `regressing`: the median loss of the last steps `factor` times the start,
   and the start implausible as a draw from them;
-- `diverging`: the mean loss of the last steps `factor` times the best
-  snapshot's, floored at a fraction of the start;
+- `diverging`: the median loss of the last steps `factor` times the best
+  snapshot's, floored at a fraction of the start (the median: one rare hard
+  example's loss at batch size 1, 200x a well-fit sample's, is no trend);
 - `exploded` then `stalled`: the mean loss of a stretch of 256 samples
   `EXPLOSION_FACTOR` times the start, and later the median of the last steps
   still at the start level (`STALL_LEVEL` of it or more). An explosion that
@@ -67,7 +68,7 @@ def regressing(recent, start, factor):
 
 
 def diverging(sustained, best, start, factor, floor):
-    """The mean of `sustained` if it is `factor` times the reference, else `None`.
+    """The median of `sustained` if it is `factor` times the reference, else `None`.
 
     The reference is `best` (the best snapshot's loss) floored at
     `floor * start`, so that a loss near zero is not "10x" anything by noise.
@@ -81,16 +82,16 @@ def diverging(sustained, best, start, factor, floor):
         floor: The fraction of `start` the reference is floored at.
 
     Returns:
-        `(mean, reference)` if diverging, else `None`.
+        `(median, reference)` if diverging, else `None`.
     """
     if not (math.isfinite(best) and best > 0) or len(sustained) == 0:
         return None
     low = floor * start
     reference = max(best, low) if math.isfinite(low) else best
-    mean = float(sum(sustained) / len(sustained))
-    if not mean > factor * reference:
+    median = float(np.median(np.asarray(sustained, dtype=np.float64)))
+    if not median > factor * reference:
         return None
-    return mean, reference
+    return median, reference
 
 
 def exploded(stretch, start, factor=EXPLOSION_FACTOR):

@@ -215,6 +215,7 @@ CASES = [
             "max_consecutive": [0],
             "min_ratio": [0, 1, 0.5, "10", True, None, NAN],
             "early_ratio": [0, 1, 0.5, "10", True, NAN],
+            "peak_ratio": [0, 1, 0.5, "10", True, NAN],
         },
         config=True,
     ),
@@ -336,6 +337,8 @@ CASES = [
             "max_consecutive": [0, "1", 2.5, True, None],
             "min_ratio": [1.0, 0, "10", True, None, NAN],
             "early_ratio": [1.0, 0, "10", True, NAN],
+            "peak": ["x", True],
+            "peak_ratio": [1.0, 0, "10", True, NAN],
         },
     ),
     Case(

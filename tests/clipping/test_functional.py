@@ -211,7 +211,14 @@ def test_spike_step_reference():
 
 
 def _robust_reference(
-    norms, window, z, min_samples, max_consecutive, min_ratio, early_ratio=None
+    norms,
+    window,
+    z,
+    min_samples,
+    max_consecutive,
+    min_ratio,
+    early_ratio=None,
+    peak_ratio=None,
 ):
     """`robust_spike_step`'s flags computed in NumPy, step by step."""
     accepted, flags = [], []
@@ -228,6 +235,8 @@ def _robust_reference(
             low, center, high = ordered[[k // 4, k // 2, 3 * k // 4]]
             spread = (high - low) / 1.349
             spike = np.log(n) - center > max(z * spread, np.log(min_ratio))
+        if peak_ratio and accepted:
+            spike = spike and n > peak_ratio * max(accepted)
         spike = spike and flags[-max_consecutive:] != [True] * max_consecutive
         flags.append(bool(spike))
         if not spike and n > 0:
@@ -293,6 +302,68 @@ def test_robust_spike_step_early_ratio(early_ratio):
             np.float32(n), history, count, consecutive, 6.0, 10, 3, 10.0, early_ratio
         )
         assert not bool(spike), n
+
+
+def _robust_flags(norms, window, min_samples, peak_ratio, early_ratio=100.0):
+    history = np.zeros(window, "float32")
+    count, consecutive = np.int32(0), np.int32(0)
+    peak = np.float32(clipping.spike.PEAK_NONE)
+    flags = []
+    for n in norms:
+        spike, (history, count, consecutive, peak) = clipping.robust_spike_step(
+            np.float32(n),
+            history,
+            count,
+            consecutive,
+            6.0,
+            min_samples,
+            3,
+            10.0,
+            early_ratio,
+            peak,
+            peak_ratio,
+        )
+        flags.append(bool(spike))
+    return flags, float(peak)
+
+
+def test_robust_spike_step_peak_ratio_applies_rare_genuine_norms():
+    """A rare class at a small batch size: once the model fits the common
+    batches their norms fall ~100x, and a batch holding the rare class is a
+    spike by the median rule every time it comes back (never recorded, so
+    never learnt). With `peak_ratio` it is one only when it is also 10x the
+    largest norm applied so far (the untrained model's first norms); a
+    corrupt batch (1000x) still is."""
+    rng = np.random.default_rng(0)
+    first = list(3.0 * np.exp(0.3 * rng.normal(size=20)))  # untrained
+    fitted = list(0.02 * np.exp(0.5 * rng.normal(size=100)))  # well fit
+    norms = first + fitted[:50] + [5.0] + fitted[50:] + [6.0, 2000.0, 0.03]
+    flags, peak = _robust_flags(norms, 64, 20, peak_ratio=None)
+    assert flags == _robust_reference(norms, 64, 6.0, 20, 3, 10.0, 100.0)
+    assert [n for n, f in zip(norms, flags, strict=True) if f] == [5.0, 6.0, 2000.0]
+    flags, peak = _robust_flags(norms, 64, 20, peak_ratio=10.0)
+    assert flags == _robust_reference(norms, 64, 6.0, 20, 3, 10.0, 100.0, 10.0)
+    assert [n for n, f in zip(norms, flags, strict=True) if f] == [2000.0]
+    assert peak == pytest.approx(np.log(6.0), rel=1e-6)  # the rare ones recorded
+
+
+def test_robust_spike_step_peak_needs_peak_ratio_state():
+    with pytest.raises(ValueError, match="peak"):
+        clipping.robust_spike_step(
+            np.float32(1.0),
+            np.zeros(8, "float32"),
+            np.int32(0),
+            np.int32(0),
+            6.0,
+            4,
+            3,
+            10.0,
+            None,
+            None,
+            10.0,
+        )
+    with pytest.raises(ValueError, match="peak_ratio"):
+        clipping.RobustSpikeSkipping(peak_ratio=1.0)
 
 
 def test_robust_spike_step_ratio_floor():
