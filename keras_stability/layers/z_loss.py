@@ -42,7 +42,9 @@ class ZLoss(keras.layers.Layer):
 
     PaLM adds this auxiliary loss to the output logits so that the log of the
     softmax normaliser `Z` stays close to 0, which they found increases the
-    stability of training. Put the layer on the logits; the loss goes
+    stability of training. Put the layer on the logits; they pass through
+    unchanged, in their own dtype (under `mixed_float16`, float32 logits stay
+    float32), and the loss is computed in float32. The loss goes
     through `add_loss`, so it is added to whatever `compile(loss=...)` is used
     (for example `SparseCategoricalCrossentropy(from_logits=True)`) and shows
     in the `loss` that `fit` and `evaluate` report.
@@ -70,6 +72,9 @@ class ZLoss(keras.layers.Layer):
     """
 
     def __init__(self, coefficient=1e-4, axis=-1, **kwargs):
+        # A pass-through: the logits keep their dtype (float32 logits stay
+        # float32 under a mixed policy, as the mixed-precision guide wants).
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         self.coefficient = check_number("coefficient", coefficient, low=0.0)
         self.axis = check_int("axis", axis)
@@ -82,6 +87,9 @@ class ZLoss(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return input_shape
+
+    def compute_output_spec(self, inputs):
+        return keras.KerasTensor(inputs.shape, dtype=inputs.dtype)
 
     def get_config(self):
         config = super().get_config()

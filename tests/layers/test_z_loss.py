@@ -111,3 +111,26 @@ def test_config_round_trip():
     config = layer.get_config()
     assert (config["coefficient"], config["axis"]) == (2e-4, 1)
     assert ZLoss.from_config(config).get_config() == config
+
+
+def test_float32_logits_stay_float32_under_mixed_float16():
+    # The mixed-precision guide ends the model on a float32 layer; ZLoss on
+    # those logits must not cast them back to float16 (softmax and z-loss
+    # would then run on rounded logits).
+    logits = np.random.default_rng(0).normal(scale=30.0, size=(4, 10))
+    logits = logits.astype("float32")
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        inputs = keras.Input((10,))
+        outputs = ZLoss(1e-2)(keras.layers.Dense(10, dtype="float32")(inputs))
+        assert keras.backend.standardize_dtype(outputs.dtype) == "float32"
+        layer = ZLoss(1e-2)
+        y = layer(logits)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    assert keras.backend.standardize_dtype(y.dtype) == "float32"
+    np.testing.assert_array_equal(np.asarray(y), logits)
+    np.testing.assert_allclose(
+        float(layer.losses[0]), _reference(logits, 1e-2), rtol=1e-6
+    )
