@@ -123,7 +123,8 @@ class StableTransformerBlock(keras.layers.Layer):
     attention is Keras' `MultiHeadAttention`; the normalizations are Keras'
     `LayerNormalization` / `RMSNormalization`.
 
-    Input and output: `(batch, sequence, hidden)`.
+    Input and output: `(batch, sequence, hidden)`. A padding mask (from
+    `Embedding(mask_zero=True)`) masks the attention's keys and is passed on.
 
     Args:
         num_heads: Number of attention heads, a positive integer.
@@ -203,6 +204,9 @@ class StableTransformerBlock(keras.layers.Layer):
         self.causal = check_bool("causal", causal)
         self.activation = _check_activation(activation)
         self.epsilon = check_number("epsilon", epsilon, low=0.0, low_open=True)
+        # A padding mask (`Embedding(mask_zero=True)`) reaches the attention
+        # through the normalized input and is handed on to the next layer.
+        self.supports_masking = True
 
     def build(self, input_shape):
         input_shape = tuple(input_shape)

@@ -212,3 +212,18 @@ def test_dtype_argument_other_than_the_global_policy(global_policy, policy, qk_n
     if qk_norm:
         norms += [block.attention._query_norm, block.attention._key_norm]
     assert [n.dtype_policy.name for n in norms] == [policy] * len(norms)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padding_mask_passes_through_to_pooling(causal):
+    # Embedding(mask_zero=True) -> block -> GlobalAveragePooling1D: the
+    # attention already honours the mask; the block must hand it on too, or
+    # the pooling averages padded positions (and Keras warns the mask is lost).
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((None,), dtype="int32")
+    h = keras.layers.Embedding(20, 8, mask_zero=True)(ids)
+    h = StableTransformerBlock(2, causal=causal)(h)
+    model = keras.Model(ids, keras.layers.GlobalAveragePooling1D()(h))
+    short = model(np.array([[1, 2, 3, 0]]))
+    long = model(np.array([[1, 2, 3, 0, 0, 0, 0]]))
+    np.testing.assert_allclose(np.asarray(short), np.asarray(long), atol=1e-6)
