@@ -134,3 +134,28 @@ def test_float32_logits_stay_float32_under_mixed_float16():
     np.testing.assert_allclose(
         float(layer.losses[0]), _reference(logits, 1e-2), rtol=1e-6
     )
+
+
+def test_padded_positions_are_left_out_like_the_compiled_loss():
+    # Embedding(mask_zero=True) masks the padding out of the compiled loss;
+    # the z-loss must leave it out too, or it changes with the padding length.
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((None,), dtype="int32")
+    init = keras.initializers.RandomNormal(stddev=5.0)
+    h = keras.layers.Embedding(20, 8, mask_zero=True, embeddings_initializer=init)(ids)
+    dense = keras.layers.Dense(20)
+    model = keras.Model(ids, ZLoss(1.0)(dense(h)))
+    tokens = np.array([[1, 2, 3]])
+    model(tokens)
+    unpadded = float(model.losses[0])
+    model(np.pad(tokens, ((0, 0), (0, 6))))
+    padded = float(model.losses[0])
+    logits = np.asarray(dense(model.layers[1](tokens)))
+    np.testing.assert_allclose(unpadded, _reference(logits, 1.0), rtol=1e-5)
+    np.testing.assert_allclose(padded, unpadded, rtol=1e-5)
+    mask = np.array([[True, False, True]])
+    np.testing.assert_allclose(
+        float(z_loss(logits, 1.0, mask=mask)),
+        _reference(logits[:, [0, 2]], 1.0),
+        rtol=1e-5,
+    )
