@@ -43,11 +43,15 @@ def deepnorm_constants(depth):
     return (2.0 * depth) ** 0.25, (8.0 * depth) ** -0.25
 
 
-def make_norm(norm_type, epsilon, name=None):
-    """Keras' `LayerNormalization` or `RMSNormalization` over the last axis."""
+def make_norm(norm_type, epsilon, name=None, dtype=None):
+    """Keras' `LayerNormalization` or `RMSNormalization` over the last axis.
+
+    `dtype` is the owning layer's policy, so a `dtype=` given to that layer
+    (other than the global policy) reaches its normalization too.
+    """
     if norm_type == "rms":
-        return keras.layers.RMSNormalization(epsilon=epsilon, name=name)
-    return keras.layers.LayerNormalization(epsilon=epsilon, name=name)
+        return keras.layers.RMSNormalization(epsilon=epsilon, name=name, dtype=dtype)
+    return keras.layers.LayerNormalization(epsilon=epsilon, name=name, dtype=dtype)
 
 
 @keras.saving.register_keras_serializable(package="keras_stability")
@@ -142,7 +146,11 @@ class Residual(keras.layers.Layer):
         self.depth = None if depth is None else check_positive_int("depth", depth)
         self.block = block
         self.norm_layer = (
-            None if norm is None else make_norm(norm_type, self.epsilon, name="norm")
+            None
+            if norm is None
+            else make_norm(
+                norm_type, self.epsilon, name="norm", dtype=self.dtype_policy
+            )
         )
         self._skip_scale = (
             deepnorm_constants(self.depth)[0] if scale == "deepnorm" else 1.0

@@ -63,8 +63,12 @@ class QKNormMultiHeadAttention(keras.layers.MultiHeadAttention):
         super().__init__(num_heads=num_heads, key_dim=key_dim, **kwargs)
         self.norm_type = norm_type
         self.epsilon = epsilon
-        self._query_norm = make_norm(norm_type, epsilon, name="query_norm")
-        self._key_norm = make_norm(norm_type, epsilon, name="key_norm")
+        self._query_norm = make_norm(
+            norm_type, epsilon, name="query_norm", dtype=self.dtype_policy
+        )
+        self._key_norm = make_norm(
+            norm_type, epsilon, name="key_norm", dtype=self.dtype_policy
+        )
 
     def build(self, query_shape, value_shape, key_shape=None):
         super().build(query_shape, value_shape, key_shape)
@@ -119,7 +123,8 @@ class StableTransformerBlock(keras.layers.Layer):
     attention is Keras' `MultiHeadAttention`; the normalizations are Keras'
     `LayerNormalization` / `RMSNormalization`.
 
-    Input and output: `(batch, sequence, hidden)`.
+    Input and output: `(batch, sequence, hidden)`. A padding mask (from
+    `Embedding(mask_zero=True)`) masks the attention's keys and is passed on.
 
     Args:
         num_heads: Number of attention heads, a positive integer.
@@ -199,6 +204,9 @@ class StableTransformerBlock(keras.layers.Layer):
         self.causal = check_bool("causal", causal)
         self.activation = _check_activation(activation)
         self.epsilon = check_number("epsilon", epsilon, low=0.0, low_open=True)
+        # A padding mask (`Embedding(mask_zero=True)`) reaches the attention
+        # through the normalized input and is handed on to the next layer.
+        self.supports_masking = True
 
     def build(self, input_shape):
         input_shape = tuple(input_shape)
@@ -234,10 +242,12 @@ class StableTransformerBlock(keras.layers.Layer):
             self.attention = keras.layers.MultiHeadAttention(**attention_kwargs)
         self.attention.build(input_shape, input_shape)
         self.attention_norm = make_norm(
-            self.norm_type, self.epsilon, name="attention_norm"
+            self.norm_type, self.epsilon, name="attention_norm", dtype=self.dtype_policy
         )
         self.attention_norm.build(input_shape)
-        self.mlp_norm = make_norm(self.norm_type, self.epsilon, name="mlp_norm")
+        self.mlp_norm = make_norm(
+            self.norm_type, self.epsilon, name="mlp_norm", dtype=self.dtype_policy
+        )
         self.mlp_norm.build(input_shape)
         self.mlp_in = keras.layers.Dense(
             self.intermediate_dim or 4 * hidden,
@@ -250,7 +260,9 @@ class StableTransformerBlock(keras.layers.Layer):
             hidden, name="mlp_out", dtype=self.dtype_policy
         )
         self.mlp_out.build(input_shape[:-1] + (self.intermediate_dim or 4 * hidden,))
-        self.branch_dropout = keras.layers.Dropout(self.dropout)
+        self.branch_dropout = keras.layers.Dropout(
+            self.dropout, dtype=self.dtype_policy
+        )
         if self.layerscale_init is not None:
             init = keras.initializers.Constant(self.layerscale_init)
             self.attention_scale = self.add_weight(

@@ -9,7 +9,7 @@ from keras_stability._checks import check_number
 __all__ = ["ZLoss", "z_loss"]
 
 
-def z_loss(logits, coefficient=1e-4, axis=-1):
+def z_loss(logits, coefficient=1e-4, axis=-1, mask=None):
     """`coefficient * mean(log(Z) ** 2)` with `log Z = logsumexp(logits, axis)`.
 
     Computed in float32 (or wider) whatever the dtype of `logits`, so it is
@@ -19,6 +19,9 @@ def z_loss(logits, coefficient=1e-4, axis=-1):
         logits: Tensor of unnormalised log-probabilities.
         coefficient: Weight of the loss, >= 0. Defaults to `1e-4`.
         axis: Class axis. Defaults to `-1`.
+        mask: Boolean tensor shaped as `logits` without `axis` (a Keras
+            padding mask); the mean runs over its `True` positions only, as
+            Keras' losses do. Defaults to `None` (every position).
 
     Returns:
         Scalar tensor.
@@ -33,7 +36,13 @@ def z_loss(logits, coefficient=1e-4, axis=-1):
     if logits.dtype in ("float16", "bfloat16"):
         logits = ops.cast(logits, "float32")
     log_z = ops.logsumexp(logits, axis=axis)
-    return ops.cast(coefficient, log_z.dtype) * ops.mean(ops.square(log_z))
+    coefficient = ops.cast(coefficient, log_z.dtype)
+    if mask is None:
+        return coefficient * ops.mean(ops.square(log_z))
+    weights = ops.cast(mask, log_z.dtype)
+    return coefficient * ops.divide_no_nan(
+        ops.sum(weights * ops.square(log_z)), ops.sum(weights)
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_stability")
@@ -42,10 +51,14 @@ class ZLoss(keras.layers.Layer):
 
     PaLM adds this auxiliary loss to the output logits so that the log of the
     softmax normaliser `Z` stays close to 0, which they found increases the
-    stability of training. Put the layer on the logits; the loss goes
+    stability of training. Put the layer on the logits; they pass through
+    unchanged, in their own dtype (under `mixed_float16`, float32 logits stay
+    float32), and the loss is computed in float32. The loss goes
     through `add_loss`, so it is added to whatever `compile(loss=...)` is used
     (for example `SparseCategoricalCrossentropy(from_logits=True)`) and shows
-    in the `loss` that `fit` and `evaluate` report.
+    in the `loss` that `fit` and `evaluate` report. Under a padding mask
+    (`Embedding(mask_zero=True)`) it averages over the unmasked positions,
+    as the compiled loss does, and passes the mask on.
 
     Args:
         coefficient: Weight of the loss, >= 0. Defaults to `1e-4`.
@@ -70,18 +83,24 @@ class ZLoss(keras.layers.Layer):
     """
 
     def __init__(self, coefficient=1e-4, axis=-1, **kwargs):
+        # A pass-through: the logits keep their dtype (float32 logits stay
+        # float32 under a mixed policy, as the mixed-precision guide wants).
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         self.coefficient = check_number("coefficient", coefficient, low=0.0)
         self.axis = check_int("axis", axis)
         self.supports_masking = True
         self.built = True
 
-    def call(self, inputs):
-        self.add_loss(z_loss(inputs, self.coefficient, self.axis))
+    def call(self, inputs, mask=None):
+        self.add_loss(z_loss(inputs, self.coefficient, self.axis, mask=mask))
         return inputs
 
     def compute_output_shape(self, input_shape):
         return input_shape
+
+    def compute_output_spec(self, inputs, mask=None):
+        return keras.KerasTensor(inputs.shape, dtype=inputs.dtype)
 
     def get_config(self):
         config = super().get_config()

@@ -182,7 +182,9 @@ class L2SP(keras.regularizers.Regularizer):
         Every trainable kernel of `model` (weights with two or more
         dimensions; biases too if `include_biases`) that has no regularizer
         yet gets this one. The weights of `backbone` (all of `model` if
-        `None`) are anchored at their current values.
+        `None`) are anchored at their current values. If `model` was already
+        fit or evaluated, its train and test functions are traced again so
+        the next `fit` counts the new terms (no recompiling needed).
 
         Args:
             model: The fine-tuning model (built).
@@ -212,6 +214,8 @@ class L2SP(keras.regularizers.Regularizer):
                 f"a layer or model inside `model` ({model.name!r}) whose "
                 "weights are the pretrained ones; it shares no weight with it",
             )
+        known = (len(self._anchors), len(self._lora))
+        newly_set = False
         # LoRA layers: the delta of the factors is the distance to `w0`.
         skip = set()
         for layer in model._flatten_layers(include_self=True, recursive=True):
@@ -222,6 +226,7 @@ class L2SP(keras.regularizers.Regularizer):
             skip.update((id(base), id(lora_a), id(lora_b)))
             if lora_b.regularizer is None:
                 lora_b.regularizer = self
+                newly_set = True
             if lora_b.regularizer is self:
                 strength = self.alpha if id(base) in backbone_ids else self.beta
                 self._lora[id(lora_b)] = (lora_b, lora_a, scale, strength)
@@ -235,9 +240,12 @@ class L2SP(keras.regularizers.Regularizer):
                 continue
             if variable.regularizer is None:
                 variable.regularizer = self
+                newly_set = True
             if variable.regularizer is self and id(variable) in backbone_ids:
                 selected.append(variable)
         self.anchor(selected)
+        if newly_set or known != (len(self._anchors), len(self._lora)):
+            _retrace(model)
         return model
 
     def anchor_callback(self, model=None, backbone=None, include_biases=False):
@@ -263,6 +271,17 @@ class L2SP(keras.regularizers.Regularizer):
 
     def get_config(self):
         return {"alpha": self.alpha, "beta": self.beta}
+
+
+def _retrace(model):
+    """Has `model`'s already-traced train and test functions traced again.
+
+    They hold the regularization losses of when they were traced, so a
+    regularizer set after a `fit` or `evaluate` would not count otherwise.
+    """
+    for kind in ("train", "test"):
+        if getattr(model, f"{kind}_function", None) is not None:
+            getattr(model, f"make_{kind}_function")(force=True)
 
 
 def _check_built(name, layer):

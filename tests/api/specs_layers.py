@@ -38,7 +38,7 @@ LAYER_CASES = [
         layers.z_loss,
         kwargs={"logits": np.zeros((2, 3), "float32")},
         bad={"coefficient": [-1.0]},
-        skip={"logits": TENSOR},
+        skip={"logits": TENSOR, "mask": TENSOR},
     ),
     Case(layers.EmbeddingGradientShrink, bad={"alpha": [-0.1, 1.5]}, config=True),
     Case(

@@ -201,3 +201,21 @@ def test_custom_layer_without_compute_output_shape():
     np.testing.assert_allclose(
         np.asarray(Residual(Double(), norm=None)(x)), 3.0 * x, rtol=1e-6
     )
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_dtype_argument_reaches_the_normalization(norm):
+    # A float32 residual under mixed_float16 gave float16 outputs with
+    # norm="post": its normalization followed the global policy.
+    x = np.random.default_rng(0).normal(size=(2, 8)).astype("float32")
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        layer = Residual(
+            keras.layers.Dense(8, dtype="float32"), norm=norm, dtype="float32"
+        )
+        y = layer(x)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    assert keras.backend.standardize_dtype(y.dtype) == "float32"
+    assert layer.norm_layer.dtype_policy.name == "float32"

@@ -187,3 +187,43 @@ def test_booleans_are_not_coerced(argument):
         f"Invalid value for argument `{argument}`. Expected a bool (True or False). "
         f"Received: {argument}='False'"
     )
+
+
+@pytest.mark.parametrize(
+    "global_policy, policy",
+    [("mixed_float16", "float32"), ("float32", "mixed_bfloat16")],
+)
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_dtype_argument_other_than_the_global_policy(global_policy, policy, qk_norm):
+    # `dtype=` on the block reaches its normalizations too: with the global
+    # policy there, a float32 block under mixed_float16 added float16 norms'
+    # output to float32 and crashed.
+    x = np.random.default_rng(0).normal(size=(2, 5, 8)).astype("float32")
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(global_policy)
+    try:
+        block = StableTransformerBlock(2, qk_norm=qk_norm, dtype=policy)
+        y = block(x)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    compute = keras.dtype_policies.get(policy).compute_dtype
+    assert keras.backend.standardize_dtype(y.dtype) == compute
+    norms = [block.attention_norm, block.mlp_norm]
+    if qk_norm:
+        norms += [block.attention._query_norm, block.attention._key_norm]
+    assert [n.dtype_policy.name for n in norms] == [policy] * len(norms)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padding_mask_passes_through_to_pooling(causal):
+    # Embedding(mask_zero=True) -> block -> GlobalAveragePooling1D: the
+    # attention already honours the mask; the block must hand it on too, or
+    # the pooling averages padded positions (and Keras warns the mask is lost).
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((None,), dtype="int32")
+    h = keras.layers.Embedding(20, 8, mask_zero=True)(ids)
+    h = StableTransformerBlock(2, causal=causal)(h)
+    model = keras.Model(ids, keras.layers.GlobalAveragePooling1D()(h))
+    short = model(np.array([[1, 2, 3, 0]]))
+    long = model(np.array([[1, 2, 3, 0, 0, 0, 0]]))
+    np.testing.assert_allclose(np.asarray(short), np.asarray(long), atol=1e-6)

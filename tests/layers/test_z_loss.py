@@ -111,3 +111,51 @@ def test_config_round_trip():
     config = layer.get_config()
     assert (config["coefficient"], config["axis"]) == (2e-4, 1)
     assert ZLoss.from_config(config).get_config() == config
+
+
+def test_float32_logits_stay_float32_under_mixed_float16():
+    # The mixed-precision guide ends the model on a float32 layer; ZLoss on
+    # those logits must not cast them back to float16 (softmax and z-loss
+    # would then run on rounded logits).
+    logits = np.random.default_rng(0).normal(scale=30.0, size=(4, 10))
+    logits = logits.astype("float32")
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        inputs = keras.Input((10,))
+        outputs = ZLoss(1e-2)(keras.layers.Dense(10, dtype="float32")(inputs))
+        assert keras.backend.standardize_dtype(outputs.dtype) == "float32"
+        layer = ZLoss(1e-2)
+        y = layer(logits)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    assert keras.backend.standardize_dtype(y.dtype) == "float32"
+    np.testing.assert_array_equal(np.asarray(y), logits)
+    np.testing.assert_allclose(
+        float(layer.losses[0]), _reference(logits, 1e-2), rtol=1e-6
+    )
+
+
+def test_padded_positions_are_left_out_like_the_compiled_loss():
+    # Embedding(mask_zero=True) masks the padding out of the compiled loss;
+    # the z-loss must leave it out too, or it changes with the padding length.
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((None,), dtype="int32")
+    init = keras.initializers.RandomNormal(stddev=5.0)
+    h = keras.layers.Embedding(20, 8, mask_zero=True, embeddings_initializer=init)(ids)
+    dense = keras.layers.Dense(20)
+    model = keras.Model(ids, ZLoss(1.0)(dense(h)))
+    tokens = np.array([[1, 2, 3]])
+    model(tokens)
+    unpadded = float(model.losses[0])
+    model(np.pad(tokens, ((0, 0), (0, 6))))
+    padded = float(model.losses[0])
+    logits = np.asarray(dense(model.layers[1](tokens)))
+    np.testing.assert_allclose(unpadded, _reference(logits, 1.0), rtol=1e-5)
+    np.testing.assert_allclose(padded, unpadded, rtol=1e-5)
+    mask = np.array([[True, False, True]])
+    np.testing.assert_allclose(
+        float(z_loss(logits, 1.0, mask=mask)),
+        _reference(logits[:, [0, 2]], 1.0),
+        rtol=1e-5,
+    )

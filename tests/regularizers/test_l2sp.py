@@ -204,3 +204,24 @@ def test_l2sp_on_keras_lora_layers_is_the_merged_delta(kind, in_backbone):
     assert len(losses) == 2  # the LoRA delta and the head kernel
     expected = strength * np.sum(delta**2)
     assert any(abs(v - expected) <= 1e-5 * expected for v in losses), (losses, expected)
+
+
+def test_attach_after_a_fit_reaches_the_next_fit_and_evaluate():
+    # Train the head first, then attach and go on training without
+    # recompiling: the train (and test) functions traced before `attach`
+    # had no regularization loss, so the next fit ignored L2-SP.
+    model, backbone, _ = _fine_tune_model()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 6)).astype("float32")
+    y = rng.normal(size=(32, 3)).astype("float32")
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    model.fit(x, y, batch_size=32, verbose=0)
+    model.evaluate(x, y, batch_size=32, verbose=0)
+    L2SP(alpha=0.0, beta=10.0).attach(model, backbone=backbone)
+    penalty = float(sum(model.losses))  # the head's plain L2 term
+    assert penalty > 1.0
+    mse = float(np.mean((model.predict(x, verbose=0) - y) ** 2))
+    logs = model.fit(x, y, batch_size=32, verbose=0).history
+    np.testing.assert_allclose(logs["loss"][0], mse + penalty, rtol=1e-5)
+    evaluated = model.evaluate(x, y, batch_size=32, verbose=0)
+    np.testing.assert_allclose(evaluated, mse + penalty, rtol=1e-5)
