@@ -149,6 +149,46 @@ def _rare_mlp(optimizer):
     return model
 
 
+def _new_rare_class(seed, clean=False, n=2000):
+    # Fine-tuning (`_pretrained_mlp`): classes 0 and 2 are already fit, and
+    # 1% of the new training samples are a class 1 the model has never seen
+    # (held out: 300 of each class). The loss starts near zero.
+    del clean
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 10)).astype("float32")
+    u = rng.random(n)
+    y = np.where(u < 0.01, 1, np.where(u < 0.505, 0, 2)).astype("int64")
+    xv = rng.normal(size=(900, 10)).astype("float32")
+    yv = np.repeat(np.array([0, 1, 2], "int64"), 300)
+    for features, labels in ((x, y), (xv, yv)):
+        features[labels == 1] += 2.0
+        features[labels == 2] -= 2.0
+    return x, y, xv, yv
+
+
+def _pretrained_mlp(optimizer):
+    # Trained first on classes 0 and 2 (balanced, Adam(1e-2), 5 epochs),
+    # then compiled with `optimizer` for the fine-tune.
+    import keras
+
+    rng = np.random.default_rng(1234)
+    x = rng.normal(size=(2000, 10)).astype("float32")
+    y = 2 * (rng.random(2000) < 0.5).astype("int64")
+    x[y == 2] -= 2.0
+    model = keras.Sequential(
+        [
+            keras.Input((10,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(3),
+        ]
+    )
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(keras.optimizers.Adam(1e-2), loss)
+    model.fit(x, y, batch_size=32, epochs=5, verbose=0)
+    model.compile(optimizer, loss)
+    return model
+
+
 def _example_data(name):
     def data(seed, clean=False):
         del clean
@@ -354,6 +394,20 @@ def cases():
                 epochs=epochs,
             )
         )
+    result.append(
+        Case(
+            "fine-tune, a new rare class (1%), batch 4, Adam(1e-3)",
+            "healthy",
+            "new-rare-4",
+            1e-3,
+            lambda lr: _pretrained_mlp(_adam(lr)),
+            _new_rare_class,
+            _crossentropy,
+            math.log(3),
+            batch_size=4,
+            epochs=2,
+        )
+    )
     result += [
         Case(
             "Keras example, Adam(1e-3)",
