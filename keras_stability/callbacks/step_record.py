@@ -2,8 +2,9 @@
 
 `GradientExplosionDetector` makes the compiled step write one row per batch
 (`ROW`: the loss the guard saw, the pre-clip global norm, the loss
-tracker's totals around the step, whether it was skipped, held by the
-guard's trip flag or dropped from the epoch's mean) into a ring buffer
+tracker's totals around the step, whether it was skipped as non-finite or
+as a gradient-norm spike, held by the guard's trip flag or dropped from the
+epoch's mean) into a ring buffer
 (`StepRecord`) that the host reads every few steps; `RowLoss` takes the
 judged steps back out of Keras' epoch mean on the host.
 """
@@ -50,6 +51,7 @@ ROW = {
             "nonfinite",
             "held",
             "dropped",
+            "spike",
         )
     )
 }
@@ -87,14 +89,25 @@ class StepRecord:
         return rows[index].tolist(), written
 
 
-def record_state(model):
-    """In the step, before `train_step`: Keras' loss tracker's totals."""
+def record_state(model, guard):
+    """In the step, before `train_step`: Keras' loss tracker's totals and the
+    guard's count of spike skips (`None` when it skips no spikes)."""
+    spikes = None
+    if (
+        guard.skip_spikes is not None
+        and getattr(guard, "steps_skipped_spike", None) is not None
+    ):
+        spikes = _keras_internals.read(guard.steps_skipped_spike)
     tracker = _keras_internals.loss_tracker(model)
     if tracker is None:
         zero = ops.zeros((), "float32")
-        return (zero, zero)
+        return (zero, zero, spikes)
     # Read now, before the step updates them (one read each).
-    return (_keras_internals.read(tracker.total), _keras_internals.read(tracker.count))
+    return (
+        _keras_internals.read(tracker.total),
+        _keras_internals.read(tracker.count),
+        spikes,
+    )
 
 
 def record_values(model, guard, attribute, record):
@@ -103,7 +116,7 @@ def record_values(model, guard, attribute, record):
     def values(state, logs):
         if find_guard(model, attribute) is not guard:
             return {}  # compiled again with another optimizer
-        total_before, count_before = state
+        total_before, count_before, spikes_before = state
         tracker = _keras_internals.loss_tracker(model)
         if tracker is not None:
             total_after = _keras_internals.read(tracker.total)
@@ -149,7 +162,13 @@ def record_values(model, guard, attribute, record):
             ),
         )
         new["raw_loss"] = raw
-        flags = ops.cast(ops.stack([nonfinite, held, dropped]), "float32")
+        if spikes_before is None:
+            spike = ops.zeros((), "bool")
+        else:  # skipped in-graph as a gradient-norm spike (`steps_skipped_spike`)
+            spike = ops.greater(
+                _keras_internals.read(guard.steps_skipped_spike), spikes_before
+            )
+        flags = ops.cast(ops.stack([nonfinite, held, dropped, spike]), "float32")
         values = [raw, grad_norm, total_before, count_before, count_after]
         row = ops.concatenate(
             [ops.stack([ops.cast(v, "float32") for v in values]), flags]
@@ -163,7 +182,8 @@ def record_values(model, guard, attribute, record):
             )
         )
         _keras_internals.assign_add(record.written, 1)
-        _keras_internals.assign_add(record.skipped, flags[0])
+        # Skipped as non-finite or as a spike (never both).
+        _keras_internals.assign_add(record.skipped, flags[0] + flags[3])
         # A tensor (a read), not the variable: under a multi-worker strategy
         # the step's outputs are reduced across workers, which takes tensors.
         new["skipped_batches"] = ops.convert_to_tensor(record.skipped.value)

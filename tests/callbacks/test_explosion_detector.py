@@ -1332,7 +1332,9 @@ def test_poisoned_batches_are_skipped_in_graph_with_default_arguments():
     model, _ = _quiet(_example_fit, x, y, epochs, [detector])
     assert int(model.optimizer.steps_skipped_spike.numpy()) == poisoned
     assert detector.rollbacks == 0 and detector.stopped_reason is None
-    assert _actions(detector) == []
+    # The only actions: the in-graph skips, one per epoch.
+    assert [kind for _, kind in _actions(detector)] == ["skipped_spike"] * poisoned
+    assert detector.skipped_batches == detector.skipped_spikes == poisoned
     for w, wc in zip(model.get_weights(), clean.get_weights(), strict=True):
         np.testing.assert_allclose(w, wc, rtol=1e-5, atol=1e-6)
     loss = model.evaluate(xt, yt, verbose=0)[0]
@@ -1352,10 +1354,55 @@ def test_a_corrupt_batch_in_the_first_steps_is_skipped_in_graph_too():
     detector = GradientExplosionDetector()
     model, _ = _quiet(_example_fit, x, y, epochs, [detector])
     assert int(model.optimizer.steps_skipped_spike.numpy()) == poisoned
-    assert detector.rollbacks == 0 and _actions(detector) == []
+    assert detector.rollbacks == 0
+    assert [kind for _, kind in _actions(detector)] == ["skipped_spike"] * poisoned
     assert any(e["kind"] == "spike" and e["step"] == 6 for e in detector.events)
     for w, wc in zip(model.get_weights(), clean.get_weights(), strict=True):
         np.testing.assert_allclose(w, wc, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 5])
+def test_a_spike_skipped_in_graph_counts_in_skipped_batches(steps_per_execution):
+    # One batch of the stream has its inputs 1000x off (finite: a corrupt
+    # shard). The guard skips it in-graph as a gradient-norm spike
+    # (`steps_skipped_spike`); the detector's users read `skipped_batches`,
+    # which counted only the non-finite skips: 0 here before. Now it counts
+    # the spike skip too, with its own event kind (`"skipped_spike"`, as
+    # `"skipped_nonfinite"`) and count (`skipped_spikes`).
+    from keras_stability.models import build_example_model
+    from keras_stability.models import compile_example_model
+
+    (x, y), _, _, poisoned = _poisoned_example(1)
+    assert poisoned == 1
+    x, y = x[: 30 * 32], y[: 30 * 32]  # the bad batch is batch 25 (step 26)
+    keras.utils.set_random_seed(0)
+    model = compile_example_model(
+        build_example_model(x.shape[1], 10), keras.optimizers.Adam(1e-3)
+    )
+    model.compile(
+        model.optimizer,
+        model.loss,
+        metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
+    )
+    detector = GradientExplosionDetector()
+    history, _ = _quiet(
+        model.fit,
+        x,
+        y,
+        batch_size=32,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[detector],
+    )
+    assert int(model.optimizer.steps_skipped_spike.numpy()) == 1
+    assert detector.skipped_batches == 1 and detector.skipped_spikes == 1
+    assert history.history["skipped_batches"] == [1]
+    assert [e["step"] for e in detector.events if e["kind"] == "skipped_spike"] == [
+        26 if steps_per_execution == 1 else 30
+    ]
+    assert detector.rollbacks == 0 and detector.stopped_reason is None
 
 
 @pytest.mark.parametrize("monitor_first", [False, True])
