@@ -181,7 +181,9 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
     rollback in between, the median of the last `min_samples` steps still at 0.9x the
     starting loss or above: a model the explosion killed, predicting the
     class prior; `keras_stability.diagnostics.rules`); a failed recovery
-    (above).
+    (above). With sample or class weights, the losses judged (and kept in
+    `raw_losses`) are per unit of weight (see `rules`; with one batch per
+    call), while `raw_loss` in the logs is the step's own.
 
     Each probe of a lower learning rate is an event of kind `"lr_probe"`
     (the others are `"problem"`, `"spike"`, `"skipped_nonfinite"`,
@@ -531,6 +533,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         self._at_weights = True  # whether the entry judged is the model's state
         self._holding = False  # whether the last row judged was held by the trip
         self._row = None  # the row being judged
+        self._logged_raw = math.nan  # its raw loss as the step logged it
         self._loss_z = RobustZScore(
             self.window, self.loss_z_threshold, self.min_samples
         )
@@ -697,7 +700,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         changed = self._step_logs.set_graph_values(
             ("GradientExplosionDetector", id(guard), id(record)),
             record_values(model, guard, attribute, record),
-            before=lambda: record_state(model, guard),
+            before=lambda data: record_state(model, guard, data),
             owner=self,
         )
         trip = None if self.action == "warn" else self.max_consecutive_skips
@@ -786,7 +789,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                 self.optimizer.clear_trip()
             self._holding = False
         if count and rows and logs is not None and "raw_loss" in logs:
-            logs["raw_loss"] = self.raw_losses[-1]
+            logs["raw_loss"] = self._logged_raw
         if flagged:  # the in-graph count goes on from the host's
             record.skipped.assign(float(self.skipped_batches))
         self._save_exclude()
@@ -805,12 +808,17 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                 )
             else:
                 self._row_loss = self._loss_mode  # "guard", "none" or None
+        weight = 1.0
         if self._row_loss in ("tracker", "guard"):
             # Computed in the step (the value its logs carry): the guard's
             # loss when it saw one, else Keras' loss tracker's change.
             raw = row[ROW["raw"]]
+            weight = row[ROW["weight"]]
         else:
             raw = self._step_logs.raw_loss  # a look after every call
+        self._logged_raw = raw
+        if weight != 1.0:  # judged per unit of sample weight (see `rules`)
+            raw = rules.per_unit_weight(raw, weight)
         skipped = int(row[ROW["nonfinite"]] > 0)
         self._count_spike_skips(int(row[ROW["spike"]] > 0), raw, norm)
         self._decide_step(

@@ -1405,6 +1405,52 @@ def test_a_spike_skipped_in_graph_counts_in_skipped_batches(steps_per_execution)
     assert detector.rollbacks == 0 and detector.stopped_reason is None
 
 
+def test_sample_weights_rising_over_the_epoch_are_no_explosion():
+    # A healthy run, `shuffle=False`, sample weights rising 20x over the
+    # epoch: Keras' loss (the weighted sum over the batch size) rises with
+    # them although the model improves. Before, the detector took that for
+    # an explosion (2x the start, the lightly weighted first batch) and a
+    # stall after it: "no progress after an explosion" at step 20, then 2
+    # failed recoveries, 3 rollbacks. The rules now judge the loss per unit
+    # of sample weight (the step's loss over the batch's mean weight).
+    from keras_stability.datasets import load_dataset
+    from keras_stability.models import build_example_model
+    from keras_stability.models import compile_example_model
+
+    (x, y), _ = load_dataset("synthetic", seed=0)
+    x, y = x[:640], y[:640]
+    weights = np.linspace(1.0, 20.0, len(x)).astype("float32")
+
+    def fit(callbacks):
+        keras.utils.set_random_seed(0)
+        model = compile_example_model(
+            build_example_model(x.shape[1], 10), keras.optimizers.Adam(1e-3)
+        )
+        history = model.fit(
+            x,
+            y,
+            sample_weight=weights,
+            batch_size=32,
+            epochs=2,
+            shuffle=False,
+            verbose=0,
+            callbacks=callbacks,
+        )
+        return model, history
+
+    plain, plain_history = fit([])
+    detector = GradientExplosionDetector()
+    (model, history), _ = _quiet(fit, [detector])
+    assert detector.rollbacks == 0 and detector.stopped_reason is None
+    assert _actions(detector) == []
+    for w, wp in zip(model.get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_array_equal(w, wp)
+    np.testing.assert_allclose(history.history["loss"], plain_history.history["loss"])
+    # The raw loss the rules judge: the first batch's loss per unit weight
+    # (its weights are about 1), not the weighted loss of the last batches.
+    assert detector.raw_losses[-1] < 2 * detector.raw_losses[0]
+
+
 @pytest.mark.parametrize("monitor_first", [False, True])
 def test_spike_skipping_whoever_made_the_guard_and_off_by_argument(monitor_first):
     # The guard skips spikes whether the detector or the monitor wrapped the
