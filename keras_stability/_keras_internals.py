@@ -434,10 +434,11 @@ def wrap_train_step(model, key, values, before=None):
     the compiled step with the loss, with no host read of their own. One
     wrapper per model: a new `key` replaces the previous `values`.
 
-    With `before`, it is called in the step before the original
-    `train_step`, and `values(state, logs)` gets what it returned and the
-    logs `train_step` returned (e.g. the loss tracker's totals, to take a
-    skipped step back out of it and log the loss again).
+    With `before`, `before(data)` is called in the step with the step's
+    data, before the original `train_step`, and `values(state, logs)` gets
+    what it returned and the logs `train_step` returned (e.g. the loss
+    tracker's totals, to take a skipped step back out of it and log the
+    loss again).
 
     Returns:
         Whether `train_step` changed (the train function must then be
@@ -453,7 +454,7 @@ def wrap_train_step(model, key, values, before=None):
             logs = original(data)
             new = values()
         else:
-            state = before()
+            state = before(data)
             logs = original(data)
             new = values(state, logs)
         if isinstance(logs, dict):

@@ -178,7 +178,7 @@ class AdaptiveClipping(keras.callbacks.Callback):
         if step_logs.set_graph_values(
             ("AdaptiveClipping", id(self.guard), self.log_statistics),
             _statistics(model, self.guard, attribute, self.log_statistics),
-            before=lambda: _tracker_state(model),
+            before=lambda data: _tracker_state(model),
             owner=self,
         ):
             model.make_train_function(force=True)

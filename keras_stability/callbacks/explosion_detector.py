@@ -85,7 +85,7 @@ __all__ = ["GradientExplosionDetector"]
 ACTIONS = ("warn", "skip", "rollback", "stop")
 HISTORY_KEPT = 2000  # raw losses / norms kept for the diagnostic
 # Events whose batches go into `offending_batches` (and the exclude list).
-OFFENDING_EVENTS = ("skipped_nonfinite", "spike")
+OFFENDING_EVENTS = ("skipped_nonfinite", "skipped_spike", "spike")
 # A slow divergence is judged against the best snapshot's loss, but at least
 # this fraction of the loss the fit started from.
 DIVERGENCE_FLOOR = 0.1
@@ -183,11 +183,15 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
     rollback in between, the median of the last `min_samples` steps still at 0.9x the
     starting loss or above: a model the explosion killed, predicting the
     class prior; `keras_stability.diagnostics.rules`); a failed recovery
-    (above).
+    (above). With sample or class weights, the losses judged (and kept in
+    `raw_losses`) are per unit of weight (see `rules`; with one batch per
+    call), while `raw_loss` in the logs is the step's own.
 
     Each probe of a lower learning rate is an event of kind `"lr_probe"`
-    (the others are `"problem"`, `"spike"`, `"skipped_nonfinite"` and
-    `"excluded_batch"`).
+    (the others are `"problem"`, `"spike"`, `"skipped_nonfinite"`,
+    `"skipped_spike"` and `"excluded_batch"`). `skipped_batches` counts the
+    steps the guard skipped in-graph, non-finite ones and gradient-norm
+    spikes (`skipped_spikes` of them), not those a rollback skips.
 
     On stopping it restores the best healthy snapshot (lowest mean raw loss;
     the last one if `restore_best_weights=False`), sets
@@ -236,10 +240,10 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
     With `steps_per_execution > 1` the detector looks after each execution
     (no ring buffer; one host read per execution) and runs once per it:
     steps (`step`, `snapshot_freq`, `skip_batches`) are still counted in
-    batches, non-finite steps are still skipped in-graph one by one and
-    counted from the guard's counter, but the loss rules see the mean raw
-    loss of each execution, and an execution with a skipped step is left out
-    of them (and of the epoch's reported loss if its loss was non-finite).
+    batches, non-finite steps and spikes are still skipped in-graph one by
+    one and counted from the guard's counters, but the loss rules see the
+    mean raw loss of each execution, and an execution with a skipped step is
+    left out of them (and of the epoch's reported loss if its loss was non-finite).
 
     Args:
         action: One of `"warn"`, `"skip"`, `"rollback"`, `"stop"`.
@@ -531,6 +535,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         self._at_weights = True  # whether the entry judged is the model's state
         self._holding = False  # whether the last row judged was held by the trip
         self._row = None  # the row being judged
+        self._logged_raw = math.nan  # its raw loss as the step logged it
         self._loss_z = RobustZScore(
             self.window, self.loss_z_threshold, self.min_samples
         )
@@ -545,9 +550,11 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         if self._record is None:  # the guard's counters, read per call
             self._steps_seen = _read_count(self.optimizer, "step")
             self._skips_seen = _read_count(self.optimizer, "steps_skipped_nonfinite")
+            self._spike_skips_seen = _read_count(self.optimizer, "steps_skipped_spike")
         self.rollbacks = 0
         self.lr_probes = 0  # lower learning rates kept by probes after rollbacks
-        self.skipped_batches = 0
+        self.skipped_batches = 0  # non-finite and spike skips
+        self.skipped_spikes = 0  # of them, gradient-norm spikes
         self.consecutive_skips = 0
         # Bad steps (loss spikes, skipped steps) among the last
         # 2 * (max_consecutive_skips + 1) steps, and their count.
@@ -646,7 +653,17 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             skipped, self._skips_seen = max(0, count - self._skips_seen), count
         else:
             skipped = int(skips_nonfinite and not math.isfinite(norm))
-        self._decide_step(raw, norm, norm_var is not None, skipped, steps, logs)
+        spike_skips = 0
+        if getattr(self.optimizer, "skip_spikes", None) is not None:
+            count = _read_count(self.optimizer, "steps_skipped_spike")
+            spike_skips, self._spike_skips_seen = (
+                max(0, count - self._spike_skips_seen),
+                count,
+            )
+        self._count_spike_skips(spike_skips, raw, norm)
+        self._decide_step(
+            raw, norm, norm_var is not None, skipped, steps, logs, spike_skips
+        )
         self._save_exclude()
         logs["raw_loss"] = raw
         logs["rollbacks"] = self.rollbacks
@@ -685,7 +702,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         changed = self._step_logs.set_graph_values(
             ("GradientExplosionDetector", id(guard), id(record)),
             record_values(model, guard, attribute, record),
-            before=lambda: record_state(model),
+            before=lambda data: record_state(model, guard, data),
             owner=self,
         )
         trip = None if self.action == "warn" else self.max_consecutive_skips
@@ -754,7 +771,9 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         for k, row in enumerate(rows):
             self._at_weights = k == len(rows) - 1
             held = row[ROW["held"]] > 0
-            flagged = flagged or held or row[ROW["nonfinite"]] > 0
+            flagged = (
+                flagged or held or row[ROW["nonfinite"]] > 0 or row[ROW["spike"]] > 0
+            )
             if held and self._holding:
                 self.step += 1  # held back by the trip, after the step that raised it
                 continue
@@ -772,7 +791,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                 self.optimizer.clear_trip()
             self._holding = False
         if count and rows and logs is not None and "raw_loss" in logs:
-            logs["raw_loss"] = self.raw_losses[-1]
+            logs["raw_loss"] = self._logged_raw
         if flagged:  # the in-graph count goes on from the host's
             record.skipped.assign(float(self.skipped_batches))
         self._save_exclude()
@@ -791,19 +810,47 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                 )
             else:
                 self._row_loss = self._loss_mode  # "guard", "none" or None
+        weight = 1.0
         if self._row_loss in ("tracker", "guard"):
             # Computed in the step (the value its logs carry): the guard's
             # loss when it saw one, else Keras' loss tracker's change.
             raw = row[ROW["raw"]]
+            weight = row[ROW["weight"]]
         else:
             raw = self._step_logs.raw_loss  # a look after every call
+        self._logged_raw = raw
+        if weight != 1.0:  # judged per unit of sample weight (see `rules`)
+            raw = rules.per_unit_weight(raw, weight)
         skipped = int(row[ROW["nonfinite"]] > 0)
+        self._count_spike_skips(int(row[ROW["spike"]] > 0), raw, norm)
         self._decide_step(
             raw, norm, True, skipped, 1, logs, rewound=row[ROW["dropped"]] > 0
         )
 
-    def _decide_step(self, raw, norm, has_norm, skipped, steps, logs, rewound=False):
-        """Judges one call (`steps` batches, `skipped` of them non-finite).
+    def _count_spike_skips(self, skips, raw, norm):
+        """Counts steps the guard skipped in-graph as gradient-norm spikes.
+
+        They are in `skipped_batches` (and `skipped_spikes`), with an event
+        of kind `"skipped_spike"`; the step's loss is still judged by the
+        rules as any other (a single spike is no rollback).
+        """
+        if not skips:
+            return
+        self.skipped_batches += skips
+        self.skipped_spikes += skips
+        self._event(
+            "skipped_spike",
+            raw,
+            norm,
+            "gradient-norm spike skipped in-graph by the guard"
+            + (f" ({skips} steps of this call)" if skips > 1 else ""),
+        )
+
+    def _decide_step(
+        self, raw, norm, has_norm, skipped, steps, logs, spike_skips=0, rewound=False
+    ):
+        """Judges one call (`steps` batches, `skipped` of them non-finite,
+        `spike_skips` skipped as gradient-norm spikes).
 
         `rewound`: the skipped steps are out of Keras' loss tracker already
         (taken out in-graph by the record, `_install_record`).
@@ -839,6 +886,12 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                     f"{self._bad_streak} of the last {len(self._bad_window)} steps bad "
                     "(non-finite steps skipped and loss spikes)"
                 )
+        elif spike_skips and steps > 1:
+            # An execution with a step skipped as a spike is left out of the
+            # loss rules, as one with a non-finite step: its mean loss holds
+            # the corrupt batch's, and its other steps would count as bad.
+            self.consecutive_skips = 0
+            self._note_bad(spike_skips, steps)
         elif self._loss_mode == "none":
             # No loss seen: the gradient norm alone is judged (spikes are
             # events; non-finite steps are skipped and counted above).

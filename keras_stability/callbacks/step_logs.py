@@ -183,8 +183,9 @@ class StepLogs:
             key: Identifies `values`; the same key again changes nothing.
             values: Function `() -> {name: tensor}`, traced into the step
                 (`(state, logs) -> {name: tensor}` with `before`).
-            before: Optional function `() -> state`, traced into the step
-                before the model's `train_step`. Defaults to `None`.
+            before: Optional function `(data) -> state`, traced into the
+                step before the model's `train_step`, with the step's data.
+                Defaults to `None`.
             owner: Whose values these are; `None` means one set for the
                 whole model, as before. Defaults to `None`.
 
@@ -197,8 +198,10 @@ class StepLogs:
         entries = list(sets.values())
         combined_key = tuple(entry[0] for entry in entries)
 
-        def before_all():
-            return [entry[2]() if entry[2] is not None else None for entry in entries]
+        def before_all(data):
+            return [
+                entry[2](data) if entry[2] is not None else None for entry in entries
+            ]
 
         def values_all(states, logs):
             new = {}

@@ -2,8 +2,9 @@
 
 `GradientExplosionDetector` makes the compiled step write one row per batch
 (`ROW`: the loss the guard saw, the pre-clip global norm, the loss
-tracker's totals around the step, whether it was skipped, held by the
-guard's trip flag or dropped from the epoch's mean) into a ring buffer
+tracker's totals around the step, whether it was skipped as non-finite or
+as a gradient-norm spike, held by the guard's trip flag or dropped from the
+epoch's mean, the batch's mean sample weight) into a ring buffer
 (`StepRecord`) that the host reads every few steps; `RowLoss` takes the
 judged steps back out of Keras' epoch mean on the host.
 """
@@ -21,6 +22,7 @@ __all__ = [
     "RowLoss",
     "StepRecord",
     "read_scalar",
+    "mean_sample_weight",
     "record_state",
     "record_values",
 ]
@@ -50,6 +52,8 @@ ROW = {
             "nonfinite",
             "held",
             "dropped",
+            "spike",
+            "weight",
         )
     )
 }
@@ -87,14 +91,46 @@ class StepRecord:
         return rows[index].tolist(), written
 
 
-def record_state(model):
-    """In the step, before `train_step`: Keras' loss tracker's totals."""
+def mean_sample_weight(data):
+    """The mean sample weight of a step's `data` (`None` without weights).
+
+    Keras' losses reduce a weighted batch to `sum(w * loss) / batch_size`,
+    so a step's loss is the mean weight times the weighted mean of the
+    per-sample losses (for class weights too: Keras turns them into sample
+    weights). Several outputs' weights: the mean of their means.
+    """
+    import keras
+
+    _, _, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    weights = [w for w in keras.tree.flatten(sample_weight) if w is not None]
+    if not weights:
+        return None
+    means = [ops.mean(ops.cast(w, "float32")) for w in weights]
+    return means[0] if len(means) == 1 else ops.mean(ops.stack(means))
+
+
+def record_state(model, guard, data):
+    """In the step, before `train_step`: Keras' loss tracker's totals, the
+    guard's count of spike skips (`None` when it skips no spikes) and the
+    batch's mean sample weight (`mean_sample_weight`)."""
+    weight = mean_sample_weight(data)
+    spikes = None
+    if (
+        guard.skip_spikes is not None
+        and getattr(guard, "steps_skipped_spike", None) is not None
+    ):
+        spikes = _keras_internals.read(guard.steps_skipped_spike)
     tracker = _keras_internals.loss_tracker(model)
     if tracker is None:
         zero = ops.zeros((), "float32")
-        return (zero, zero)
+        return (zero, zero, spikes, weight)
     # Read now, before the step updates them (one read each).
-    return (_keras_internals.read(tracker.total), _keras_internals.read(tracker.count))
+    return (
+        _keras_internals.read(tracker.total),
+        _keras_internals.read(tracker.count),
+        spikes,
+        weight,
+    )
 
 
 def record_values(model, guard, attribute, record):
@@ -103,7 +139,7 @@ def record_values(model, guard, attribute, record):
     def values(state, logs):
         if find_guard(model, attribute) is not guard:
             return {}  # compiled again with another optimizer
-        total_before, count_before = state
+        total_before, count_before, spikes_before, weight = state
         tracker = _keras_internals.loss_tracker(model)
         if tracker is not None:
             total_after = _keras_internals.read(tracker.total)
@@ -149,11 +185,20 @@ def record_values(model, guard, attribute, record):
             ),
         )
         new["raw_loss"] = raw
-        flags = ops.cast(ops.stack([nonfinite, held, dropped]), "float32")
+        if spikes_before is None:
+            spike = ops.zeros((), "bool")
+        else:  # skipped in-graph as a gradient-norm spike (`steps_skipped_spike`)
+            spike = ops.greater(
+                _keras_internals.read(guard.steps_skipped_spike), spikes_before
+            )
+        flags = ops.cast(ops.stack([nonfinite, held, dropped, spike]), "float32")
         values = [raw, grad_norm, total_before, count_before, count_after]
-        row = ops.concatenate(
-            [ops.stack([ops.cast(v, "float32") for v in values]), flags]
-        )
+        row = [ops.stack([ops.cast(v, "float32") for v in values]), flags]
+        if weight is None:  # no sample weights: a constant, no op
+            row.append(ops.ones((1,), "float32"))
+        else:
+            row.append(ops.reshape(weight, (1,)))
+        row = ops.concatenate(row)
         at = ops.mod(ops.convert_to_tensor(record.written), record.size)
         record.rows.assign(
             ops.scatter_update(
@@ -163,7 +208,8 @@ def record_values(model, guard, attribute, record):
             )
         )
         _keras_internals.assign_add(record.written, 1)
-        _keras_internals.assign_add(record.skipped, flags[0])
+        # Skipped as non-finite or as a spike (never both).
+        _keras_internals.assign_add(record.skipped, flags[0] + flags[3])
         # A tensor (a read), not the variable: under a multi-worker strategy
         # the step's outputs are reduced across workers, which takes tensors.
         new["skipped_batches"] = ops.convert_to_tensor(record.skipped.value)

@@ -17,13 +17,22 @@ sustained behaviour, which a healthy run never shows:
   leaves the model dead (every unit saturated or off, the prediction the
   class prior) ends with the loss back at about where it started: the rise
   is over, nothing is regressing, yet the run learns nothing from there.
+
+With sample weights (or class weights, which Keras turns into them) every
+loss these rules, the spike scores and the recovery checks compare is per
+unit of weight (`per_unit_weight`): the step's loss over its batch's mean
+weight. Keras' loss of a weighted batch is `sum(w * loss) / batch_size`, the
+mean weight times the weighted mean of the per-sample losses, so without it
+weights that change over the data (rising 20x over an epoch read in order)
+move the loss as an explosion would, and the start (the first batches) is
+no reference for the later ones.
 """
 
 import math
 
 import numpy as np
 
-__all__ = ["diverging", "exploded", "regressing", "stalled"]
+__all__ = ["diverging", "exploded", "per_unit_weight", "regressing", "stalled"]
 
 # The mean raw loss over a stretch of EXPLOSION_STRETCH x 32 samples (8
 # batches of 32, or the last 8 * ceil(32 / batch) batches) at this multiple of
@@ -43,6 +52,24 @@ STALL_LEVEL = 0.9
 # A regression needs the starting loss more than this many standard
 # deviations of the last losses below their mean.
 REGRESS_SPREAD = 2.0
+
+
+def per_unit_weight(loss, mean_weight):
+    """A step's loss per unit of sample weight, the loss the rules compare.
+
+    Args:
+        loss: The step's raw loss (Keras' reduction: `sum(w * loss) /
+            batch_size`).
+        mean_weight: The batch's mean sample weight; `loss` is returned as
+            it is when it is not positive (a batch of zero weights) or
+            not finite.
+
+    Returns:
+        `loss / mean_weight`.
+    """
+    if not (math.isfinite(mean_weight) and mean_weight > 0):
+        return loss
+    return loss / mean_weight
 
 
 def regressing(recent, start, factor):

@@ -6,6 +6,7 @@ optimizer, as `keras.optimizers.LossScaleOptimizer` does, and acts on the
 all-reduced gradient, so every replica takes the same decision.
 """
 
+import contextlib
 import warnings
 
 import keras
@@ -211,7 +212,11 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
 
     Under mixed precision let `compile` wrap this optimizer in a
     `LossScaleOptimizer` (it does so for `mixed_float16`): the loss scale
-    optimizer unscales the gradients before this one measures them.
+    optimizer unscales the gradients before this one measures them. An inner
+    optimizer's static `loss_scale_factor` works as in Keras: `scale_loss`
+    multiplies the loss by it (the guard records the loss before), and the
+    guard divides the gradients by it before it measures them, then lets the
+    inner optimizer apply them without dividing again.
 
     Args:
         inner_optimizer: A Keras 3 `keras.optimizers.Optimizer`. With a
@@ -238,8 +243,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
 
     Raises:
         ValueError: for an inner optimizer that is not a Keras 3 optimizer,
-            clips by itself while `clipping` is set, is a `LossScaleOptimizer` or has a
-            `loss_scale_factor`; for an invalid policy; for any argument of
+            clips by itself while `clipping` is set or is a
+            `LossScaleOptimizer`; for an invalid policy; for any argument of
             the wrong kind.
 
     Example:
@@ -723,6 +728,21 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
     def iterations(self):
         return self.inner_optimizer.iterations
 
+    @property
+    def loss_scale_factor(self):
+        """The inner optimizer's static loss scale (the guard has none of its own)."""
+        inner = self.__dict__.get("inner_optimizer")
+        return None if inner is None else inner.loss_scale_factor
+
+    @loss_scale_factor.setter
+    def loss_scale_factor(self, value):
+        # Keras' LossScaleOptimizer sets `None` on the optimizer it wraps, so
+        # that its dynamic scale replaces a static one: passed on, as Keras
+        # does for `LossScaleOptimizer(Adam(loss_scale_factor=...))`.
+        inner = self.__dict__.get("inner_optimizer")
+        if inner is not None:
+            inner.loss_scale_factor = value
+
     def scale_loss(self, loss):
         """The inner optimizer's `scale_loss`; also records `loss` for this step.
 
@@ -776,10 +796,18 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         if len(grads) == 0:
             return
         pending = self._take_pending_loss()
-        if keras.backend.backend() == "tensorflow":
-            self._tf_apply(grads, trainable_variables, pending)
-        else:
-            self._guarded_apply(grads, trainable_variables, pending)
+        scale = self.inner_optimizer.loss_scale_factor
+        if scale is not None:
+            # The inner optimizer's static loss scaling: `scale_loss`
+            # multiplied the loss, so unscale here, as Keras' `apply` does,
+            # before anything measures the gradients; the inner optimizer
+            # then must not unscale them again.
+            grads = [g if g is None else g / scale for g in grads]
+        with _loss_scale_off(self.inner_optimizer):
+            if keras.backend.backend() == "tensorflow":
+                self._tf_apply(grads, trainable_variables, pending)
+            else:
+                self._guarded_apply(grads, trainable_variables, pending)
 
     def _record_loss(self, pending):
         """Publishes the step's loss; returns `(loss, seen)` tensors."""
@@ -1203,13 +1231,26 @@ def _check_inner_optimizer(inner, clipping=None):
         )
     if clipping is not None:
         _check_no_own_clipping(inner)
-    if inner.loss_scale_factor is not None:
-        raise ValueError(
-            "Invalid value for argument `inner_optimizer`. Expected an optimizer "
-            "without `loss_scale_factor` (the gradients must be measured "
-            "unscaled); use LossScaleOptimizer(GuardedOptimizer(...)). Received: "
-            f"loss_scale_factor={inner.loss_scale_factor!r}"
-        )
+
+
+@contextlib.contextmanager
+def _loss_scale_off(inner):
+    """Sets `inner.loss_scale_factor` to `None` for the trace inside the block.
+
+    `GuardedOptimizer.apply` unscales the gradients itself; Keras' `apply`
+    reads the factor when traced, so the inner optimizer's update does not
+    divide by it a second time. The factor is back on exit (in its config,
+    for `scale_loss`).
+    """
+    scale = inner.loss_scale_factor
+    if scale is None:
+        yield
+        return
+    inner.loss_scale_factor = None
+    try:
+        yield
+    finally:
+        inner.loss_scale_factor = scale
 
 
 def _own_clipping(inner):

@@ -1334,7 +1334,9 @@ def test_poisoned_batches_are_skipped_in_graph_with_default_arguments():
     model, _ = _quiet(_example_fit, x, y, epochs, [detector])
     assert int(model.optimizer.steps_skipped_spike.numpy()) == poisoned
     assert detector.rollbacks == 0 and detector.stopped_reason is None
-    assert _actions(detector) == []
+    # The only actions: the in-graph skips, one per epoch.
+    assert [kind for _, kind in _actions(detector)] == ["skipped_spike"] * poisoned
+    assert detector.skipped_batches == detector.skipped_spikes == poisoned
     for w, wc in zip(model.get_weights(), clean.get_weights(), strict=True):
         np.testing.assert_allclose(w, wc, rtol=1e-5, atol=1e-6)
     loss = model.evaluate(xt, yt, verbose=0)[0]
@@ -1354,10 +1356,101 @@ def test_a_corrupt_batch_in_the_first_steps_is_skipped_in_graph_too():
     detector = GradientExplosionDetector()
     model, _ = _quiet(_example_fit, x, y, epochs, [detector])
     assert int(model.optimizer.steps_skipped_spike.numpy()) == poisoned
-    assert detector.rollbacks == 0 and _actions(detector) == []
+    assert detector.rollbacks == 0
+    assert [kind for _, kind in _actions(detector)] == ["skipped_spike"] * poisoned
     assert any(e["kind"] == "spike" and e["step"] == 6 for e in detector.events)
     for w, wc in zip(model.get_weights(), clean.get_weights(), strict=True):
         np.testing.assert_allclose(w, wc, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 5])
+def test_a_spike_skipped_in_graph_counts_in_skipped_batches(steps_per_execution):
+    # One batch of the stream has its inputs 1000x off (finite: a corrupt
+    # shard). The guard skips it in-graph as a gradient-norm spike
+    # (`steps_skipped_spike`); the detector's users read `skipped_batches`,
+    # which counted only the non-finite skips: 0 here before. Now it counts
+    # the spike skip too, with its own event kind (`"skipped_spike"`, as
+    # `"skipped_nonfinite"`) and count (`skipped_spikes`).
+    from keras_stability.models import build_example_model
+    from keras_stability.models import compile_example_model
+
+    (x, y), _, _, poisoned = _poisoned_example(1)
+    assert poisoned == 1
+    x, y = x[: 30 * 32], y[: 30 * 32]  # the bad batch is batch 25 (step 26)
+    keras.utils.set_random_seed(0)
+    model = compile_example_model(
+        build_example_model(x.shape[1], 10), keras.optimizers.Adam(1e-3)
+    )
+    model.compile(
+        model.optimizer,
+        model.loss,
+        metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
+    )
+    detector = GradientExplosionDetector()
+    history, _ = _quiet(
+        model.fit,
+        x,
+        y,
+        batch_size=32,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[detector],
+    )
+    assert int(model.optimizer.steps_skipped_spike.numpy()) == 1
+    assert detector.skipped_batches == 1 and detector.skipped_spikes == 1
+    assert history.history["skipped_batches"] == [1]
+    assert [e["step"] for e in detector.events if e["kind"] == "skipped_spike"] == [
+        26 if steps_per_execution == 1 else 30
+    ]
+    assert detector.rollbacks == 0 and detector.stopped_reason is None
+
+
+def test_sample_weights_rising_over_the_epoch_are_no_explosion():
+    # A healthy run, `shuffle=False`, sample weights rising 20x over the
+    # epoch: Keras' loss (the weighted sum over the batch size) rises with
+    # them although the model improves. Before, the detector took that for
+    # an explosion (2x the start, the lightly weighted first batch) and a
+    # stall after it: "no progress after an explosion" at step 20, then 2
+    # failed recoveries, 3 rollbacks. The rules now judge the loss per unit
+    # of sample weight (the step's loss over the batch's mean weight).
+    from keras_stability.datasets import load_dataset
+    from keras_stability.models import build_example_model
+    from keras_stability.models import compile_example_model
+
+    (x, y), _ = load_dataset("synthetic", seed=0)
+    x, y = x[:640], y[:640]
+    weights = np.linspace(1.0, 20.0, len(x)).astype("float32")
+
+    def fit(callbacks):
+        keras.utils.set_random_seed(0)
+        model = compile_example_model(
+            build_example_model(x.shape[1], 10), keras.optimizers.Adam(1e-3)
+        )
+        history = model.fit(
+            x,
+            y,
+            sample_weight=weights,
+            batch_size=32,
+            epochs=2,
+            shuffle=False,
+            verbose=0,
+            callbacks=callbacks,
+        )
+        return model, history
+
+    plain, plain_history = fit([])
+    detector = GradientExplosionDetector()
+    (model, history), _ = _quiet(fit, [detector])
+    assert detector.rollbacks == 0 and detector.stopped_reason is None
+    assert _actions(detector) == []
+    for w, wp in zip(model.get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_array_equal(w, wp)
+    np.testing.assert_allclose(history.history["loss"], plain_history.history["loss"])
+    # The raw loss the rules judge: the first batch's loss per unit weight
+    # (its weights are about 1), not the weighted loss of the last batches.
+    assert detector.raw_losses[-1] < 2 * detector.raw_losses[0]
 
 
 @pytest.mark.parametrize("monitor_first", [False, True])

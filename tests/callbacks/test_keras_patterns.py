@@ -209,3 +209,76 @@ def test_keras_backup_listed_first_resumes_with_the_guards_optimizer_state(
     ):
         assert re.sub(r"_\d+", "", ours.name) == re.sub(r"_\d+", "", theirs.name)
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def _loss_scaled_example_fit(callbacks=(), guard=False):
+    """The Keras example (Dense 128/64/10 on 10 features) with Adam's own
+    static loss scaling (`loss_scale_factor=128`), two epochs in order.
+
+    Returns the model, its history, the data and the weights before the last
+    batch."""
+    from keras_stability.models import build_example_model
+    from keras_stability.models import compile_example_model
+    from keras_stability.optimizers import GuardedOptimizer
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 10)).astype("float32")
+    y = rng.integers(0, 10, 96)
+    keras.utils.set_random_seed(1)
+    optimizer = keras.optimizers.Adam(learning_rate=1e-3, loss_scale_factor=128.0)
+    if guard:
+        optimizer = GuardedOptimizer(optimizer)
+    model = compile_example_model(build_example_model(10, 10), optimizer)
+    before_last = []
+    keep = keras.callbacks.LambdaCallback(
+        on_train_batch_begin=lambda batch, logs: before_last.append(model.get_weights())
+    )
+    history = model.fit(
+        x,
+        y,
+        batch_size=32,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+        callbacks=[*callbacks, keep],
+    )
+    return model, history, (x, y), before_last[-1]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: [GradientMonitor()],
+        lambda: [GradientExplosionDetector()],
+        lambda: [AdaptiveClipping(GlobalNorm(1e6))],
+        None,  # GuardedOptimizer(Adam(loss_scale_factor=...)) directly
+    ],
+    ids=["monitor", "detector", "adaptive_clipping", "guard"],
+)
+def test_optimizers_loss_scale_factor_trains_as_plain_fit(make):
+    # Keras' static loss scaling: `scale_loss` multiplies the loss by the
+    # factor and the optimizer's `apply` divides the gradients by it. Before,
+    # the guard refused such an optimizer ("Expected an optimizer without
+    # `loss_scale_factor`"); now it unscales first, so it measures (and the
+    # callbacks report) the true gradient norm and loss, and trains as plain
+    # fit does with the same optimizer.
+    plain, plain_history, (x, y), before_last = _loss_scaled_example_fit()
+    model, history, _, _ = _loss_scaled_example_fit(
+        [] if make is None else make(), guard=make is None
+    )
+    for w, wp in zip(model.get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_array_equal(w, wp)
+    np.testing.assert_allclose(history.history["loss"], plain_history.history["loss"])
+    # The last step's gradient norm and loss, as the guard measured them: the
+    # unscaled ones, at the weights before the last batch.
+    import tensorflow as tf
+
+    guard = model.optimizer
+    assert guard.inner_optimizer.loss_scale_factor == 128.0
+    plain.set_weights(before_last)
+    with tf.GradientTape() as tape:
+        loss = plain.loss(y[-32:], plain(x[-32:]))
+    grads = tape.gradient(loss, plain.trainable_variables)
+    norm = float(tf.linalg.global_norm(grads))
+    np.testing.assert_allclose(float(guard.grad_norm), norm, rtol=1e-5)
+    np.testing.assert_allclose(float(guard.step_loss), float(loss), rtol=1e-5)

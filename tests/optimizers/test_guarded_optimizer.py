@@ -389,6 +389,55 @@ def test_mixed_precision_measures_unscaled_gradients():
     )
 
 
+@pytest.mark.parametrize("accumulate", [None, 2])
+def test_inner_loss_scale_factor_is_unscaled_before_clipping(accumulate):
+    # Keras' static loss scaling (`loss_scale_factor`, a power of two: exact)
+    # must change nothing the guard measures or does: the clipping policy
+    # sees the unscaled norm (with gradient accumulation, the unscaled
+    # mean), so the run equals the unscaled one. Before, the guard refused
+    # the optimizer.
+    def run(scale):
+        inner = keras.optimizers.Adam(
+            0.01, loss_scale_factor=scale, gradient_accumulation_steps=accumulate
+        )
+        guard = GuardedOptimizer(inner, clipping=clipping.GlobalNorm(0.5))
+        return _fit(guard), guard
+
+    scaled, scaled_guard = run(1024.0)
+    unscaled, unscaled_guard = run(None)
+    assert int(scaled_guard.steps_clipped) > 0
+    assert int(scaled_guard.steps_clipped) == int(unscaled_guard.steps_clipped)
+    assert float(scaled_guard.grad_norm) == float(unscaled_guard.grad_norm)
+    assert float(scaled_guard.step_loss) == float(unscaled_guard.step_loss)
+    for a, b in zip(scaled.weights, unscaled.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # The factor stays the inner optimizer's (its config, `scale_loss`).
+    assert scaled_guard.inner_optimizer.loss_scale_factor == 1024.0
+    assert scaled_guard.loss_scale_factor == 1024.0
+
+
+def test_mixed_precision_drops_the_inner_loss_scale_factor_as_keras_does():
+    # Under 'mixed_float16' `compile` wraps the optimizer in a
+    # LossScaleOptimizer, which turns off the static scale of what it wraps
+    # (Keras: LossScaleOptimizer(Adam(loss_scale_factor=...)) never applies
+    # it). Wrapping the guard, that must reach the inner optimizer, or the
+    # guard would divide by a factor no one multiplied by.
+    def run(guard):
+        keras.mixed_precision.set_dtype_policy("mixed_float16")
+        try:
+            optimizer = keras.optimizers.Adam(0.01, loss_scale_factor=128.0)
+            if guard:
+                optimizer = GuardedOptimizer(optimizer)
+            return _fit(optimizer)
+        finally:
+            keras.mixed_precision.set_dtype_policy("float32")
+
+    plain, guarded = run(False), run(True)
+    assert isinstance(guarded.optimizer, keras.optimizers.LossScaleOptimizer)
+    for a, b in zip(plain.weights, guarded.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
 def test_get_config_round_trip():
     optimizer = GuardedOptimizer(
         keras.optimizers.Adam(0.003),
