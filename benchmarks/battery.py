@@ -100,14 +100,14 @@ def _separable(seed, clean=False, n=240):
     return x, y, xv, yv
 
 
-def _tiny_mlp(optimizer):
+def _tiny_mlp(optimizer, features=2, classes=2):
     import keras
 
     model = keras.Sequential(
         [
-            keras.Input((2,)),
+            keras.Input((features,)),
             keras.layers.Dense(16, activation="relu"),
-            keras.layers.Dense(2),
+            keras.layers.Dense(classes),
         ]
     )
     model.compile(
@@ -131,22 +131,6 @@ def _rare_class(seed, clean=False, n=2000, rare=0.01):
     x[y == 1] += 2.0
     xv[yv == 1] += 2.0
     return x, y, xv, yv
-
-
-def _rare_mlp(optimizer):
-    import keras
-
-    model = keras.Sequential(
-        [
-            keras.Input((10,)),
-            keras.layers.Dense(16, activation="relu"),
-            keras.layers.Dense(2),
-        ]
-    )
-    model.compile(
-        optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    )
-    return model
 
 
 def _new_rare_class(seed, clean=False, n=2000):
@@ -175,17 +159,9 @@ def _pretrained_mlp(optimizer):
     x = rng.normal(size=(2000, 10)).astype("float32")
     y = 2 * (rng.random(2000) < 0.5).astype("int64")
     x[y == 2] -= 2.0
-    model = keras.Sequential(
-        [
-            keras.Input((10,)),
-            keras.layers.Dense(16, activation="relu"),
-            keras.layers.Dense(3),
-        ]
-    )
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    model.compile(keras.optimizers.Adam(1e-2), loss)
+    model = _tiny_mlp(keras.optimizers.Adam(1e-2), features=10, classes=3)
     model.fit(x, y, batch_size=32, epochs=5, verbose=0)
-    model.compile(optimizer, loss)
+    model.compile(optimizer, model.loss)
     return model
 
 
@@ -386,7 +362,7 @@ def cases():
                 "healthy",
                 f"rare-{batch}",
                 1e-3,
-                lambda lr: _rare_mlp(_adam(lr)),
+                lambda lr: _tiny_mlp(_adam(lr), features=10),
                 _rare_class,
                 _crossentropy,
                 math.log(2),
