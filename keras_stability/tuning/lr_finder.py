@@ -238,7 +238,7 @@ class _RangeTest(keras.callbacks.Callback):
         self.set_rate(self.rates[epoch])
 
     def on_epoch_end(self, epoch, logs=None):
-        # One step per epoch: the epoch's loss is that step's loss.
+        # One update per epoch: the epoch's loss is its batches' mean.
         if "loss" not in (logs or {}):
             self.missing_loss = True
             self.model.stop_training = True
@@ -289,6 +289,11 @@ def find_learning_rate(
     average as fastai does) was the default before; it suggested 3-5x below
     the best rate of a grid search on a small char LM (see
     `suggest_learning_rate`).
+
+    With `gradient_accumulation_steps` (N) on the optimizer, each rate gets
+    N micro-batches, one update: the recorded loss is their mean (the loss of
+    the update's whole batch), and the test starts at the beginning of an
+    accumulation window (the accumulators emptied; restored afterwards).
 
     Too high a rate often makes the loss plateau rather than explode, which
     no detector can tell from slow learning; this test answers "which rate?"
@@ -361,16 +366,25 @@ def find_learning_rate(
     optimizer = model.optimizer
     if not optimizer.built:
         optimizer.build(model.trainable_variables)
-    weights = [v.numpy() for v in model.variables]
-    slots = [v.numpy() for v in optimizer.variables]
-    history = getattr(model, "history", None)
-
-    # The innermost optimizer owns the rate (wrappers delegate to it). A
-    # constant rate is a variable: assign it each step, restore its value. A
-    # schedule is swapped for one that returns a variable, then put back.
+    # The innermost optimizer owns the rate (wrappers delegate to it) and the
+    # gradient accumulation.
     inner = optimizer
     while hasattr(inner, "inner_optimizer"):
         inner = inner.inner_optimizer
+    weights = [v.numpy() for v in model.variables]
+    state = list({id(v): v for v in [*optimizer.variables, *inner.variables]}.values())
+    slots = [v.numpy() for v in state]
+    history = getattr(model, "history", None)
+    accumulation = getattr(inner, "gradient_accumulation_steps", None) or 1
+    if accumulation > 1:
+        # One rate per update: each epoch's N micro-batches make one window.
+        iterations = _keras_internals.raw_iterations(inner)
+        iterations.assign(iterations - iterations % accumulation)
+        for accumulator in _keras_internals.gradient_accumulators(inner):
+            accumulator.assign(keras.ops.zeros_like(accumulator))
+
+    # A constant rate is a variable: assign it each step, restore its value.
+    # A schedule is swapped for one that returns a variable, then put back.
     original_rate = inner._learning_rate
     swapped = not isinstance(original_rate, keras.Variable)
     if swapped:
@@ -393,7 +407,7 @@ def find_learning_rate(
             y,
             batch_size=batch_size,
             epochs=num_steps,
-            steps_per_epoch=1,
+            steps_per_epoch=accumulation,
             shuffle=not is_dataset,
             callbacks=[test],
             verbose=0,
@@ -403,7 +417,7 @@ def find_learning_rate(
             inner.learning_rate = original_rate
         for variable, value in zip(model.variables, weights, strict=True):
             variable.assign(value)
-        for variable, value in zip(optimizer.variables, slots, strict=True):
+        for variable, value in zip(state, slots, strict=True):
             variable.assign(value)
         if swapped:
             model.make_train_function(force=True)
