@@ -88,13 +88,14 @@ class Residual(keras.layers.Layer):
         layerscale_init: Initial value of the LayerScale vector, > 0.
             Defaults to `1e-4`.
         depth: Number of residual layers in the whole stack; required by
-            `scale="deepnorm"`. Defaults to `None`.
+            `scale="deepnorm"`, and `None` otherwise. Defaults to `None`.
         epsilon: Epsilon of the normalization. Defaults to `1e-6`.
         **kwargs: Base `Layer` arguments (`name`, `dtype`, ...).
 
     Raises:
         ValueError: On an unknown `norm`, `scale` or `norm_type`, a
-            non-positive `layerscale_init`, a missing `depth` for DeepNorm,
+            non-positive `layerscale_init`, a missing `depth` for DeepNorm
+            (or one given without it),
             and, at build time, a `block` that changes the feature shape.
 
     Example:
@@ -142,6 +143,12 @@ class Residual(keras.layers.Layer):
                 "Invalid value for argument `depth`. Expected the number of "
                 "residual layers of the stack (a positive integer) when "
                 "scale='deepnorm'. Received: depth=None"
+            )
+        if scale != "deepnorm" and depth is not None:
+            raise ValueError(
+                "Invalid value for argument `depth`. Expected None: only "
+                "scale='deepnorm' uses it (the DeepNorm constant). Received: "
+                f"depth={depth!r} with scale={scale!r}"
             )
         self.depth = None if depth is None else check_positive_int("depth", depth)
         self.block = block

@@ -144,6 +144,10 @@ def test_block_changing_feature_shape_is_rejected():
             {"scale": "deepnorm", "depth": 0},
             "Invalid value for argument `depth`. Expected a positive integer. Received: depth=0",
         ),
+        (  # was silently ignored
+            {"depth": 12},
+            "Invalid value for argument `depth`. Expected None: only scale='deepnorm'",
+        ),
     ],
 )
 def test_bad_arguments(kwargs, message):
