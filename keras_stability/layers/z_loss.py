@@ -28,11 +28,18 @@ def z_loss(logits, coefficient=1e-4, axis=-1, mask=None):
 
     Raises:
         ValueError: If `coefficient` is not a number >= 0 or `axis` is not
-            an integer.
+            an axis of `logits`.
     """
     coefficient = check_number("coefficient", coefficient, low=0.0)
     axis = check_int("axis", axis)
     logits = ops.convert_to_tensor(logits)
+    rank = len(logits.shape)
+    if not -rank <= axis < rank:
+        raise ValueError(
+            f"Invalid value for argument `axis`. Expected an axis of the "
+            f"logits, which have rank {rank} (from {-rank} to {rank - 1}). "
+            f"Received: axis={axis}"
+        )
     if logits.dtype in ("float16", "bfloat16"):
         logits = ops.cast(logits, "float32")
     log_z = ops.logsumexp(logits, axis=axis)

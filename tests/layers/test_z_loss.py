@@ -159,3 +159,14 @@ def test_padded_positions_are_left_out_like_the_compiled_loss():
         _reference(logits[:, [0, 2]], 1.0),
         rtol=1e-5,
     )
+
+
+@pytest.mark.parametrize("axis", [3, -3])
+def test_axis_outside_the_logits_is_a_value_error_naming_it(axis):
+    # Was TensorFlow's "Invalid reduction dimension" from inside the loss.
+    logits = np.zeros((2, 5), "float32")
+    with pytest.raises(ValueError, match="argument `axis`.*rank 2"):
+        z_loss(logits, axis=axis)
+    model = keras.Sequential([keras.Input((5,)), ZLoss(axis=axis)])
+    with pytest.raises(ValueError, match="argument `axis`.*rank 2"):
+        model(logits)
