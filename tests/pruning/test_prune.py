@@ -380,6 +380,50 @@ def test_pruned_student_inside_keras_distiller():
         np.testing.assert_array_equal(a, b)
 
 
+def test_pruned_copy_of_the_teacher_distilled_by_our_distiller():
+    # Pruning with distillation (issue #17's 80% LM recipe): the student is a
+    # copy of the teacher, pruned gradually (block linears, one global
+    # threshold) while `keras_stability.Distiller` trains it on the KL term.
+    from keras_stability import Distiller
+    from keras_stability.models import build_char_transformer
+
+    keras.utils.set_random_seed(0)
+    teacher = build_char_transformer(12, 8, num_blocks=1, hidden_dim=16, num_heads=2)
+    student = keras.models.clone_model(teacher)
+    student.set_weights(teacher.get_weights())
+    pruning.prune_low_magnitude(
+        student,
+        pruning.PolynomialDecay(0.0, 0.8, begin_step=0, end_step=4, frequency=2),
+        filters="^block_",
+        global_ranking=True,
+    )
+    distiller = Distiller(student, teacher)
+    distiller.compile(
+        optimizer="adam",
+        student_loss_fn=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        alpha=0.0,
+        temperature=1.0,
+    )
+    x = np.random.default_rng(0).integers(0, 12, size=(48, 8)).astype("int32")
+    teacher_before = teacher.get_weights()
+    distiller.fit(
+        x, epochs=1, batch_size=8, verbose=0, callbacks=[pruning.UpdatePruningStep()]
+    )
+    assert int(pruning.find_pruner(student).step.numpy()) == 6
+    pruning.strip_pruning(student)
+    linears = [
+        w.numpy()
+        for w in student.weights
+        if w.path.startswith("block_") and w.path.endswith("kernel")
+    ]
+    zeros = sum(int((k == 0).sum()) for k in linears)
+    assert zeros / sum(k.size for k in linears) == pytest.approx(0.8, abs=1e-3)
+    others = [w.numpy() for w in student.weights if not w.path.startswith("block_")]
+    assert all(np.all(a != 0) for a in others if a.ndim == 2)
+    for a, b in zip(teacher_before, teacher.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_after_apply_hook_for_optimizer_wrappers():
     model = _sequential()
     pruning.prune_low_magnitude(model, pruning.ConstantSparsity(0.5, 0, frequency=1))
