@@ -372,8 +372,7 @@ def find_learning_rate(
     while hasattr(inner, "inner_optimizer"):
         inner = inner.inner_optimizer
     weights = [v.numpy() for v in model.variables]
-    state = list({id(v): v for v in [*optimizer.variables, *inner.variables]}.values())
-    slots = [v.numpy() for v in state]
+    slots = [v.numpy() for v in optimizer.variables]  # wrappers list the inner's
     history = getattr(model, "history", None)
     accumulation = getattr(inner, "gradient_accumulation_steps", None) or 1
     if accumulation > 1:
@@ -417,7 +416,7 @@ def find_learning_rate(
             inner.learning_rate = original_rate
         for variable, value in zip(model.variables, weights, strict=True):
             variable.assign(value)
-        for variable, value in zip(state, slots, strict=True):
+        for variable, value in zip(optimizer.variables, slots, strict=True):
             variable.assign(value)
         if swapped:
             model.make_train_function(force=True)
