@@ -389,6 +389,41 @@ def gradient_accumulators(optimizer, variables=None):
     return [accumulators[optimizer._get_variable_index(v)] for v in variables]
 
 
+# Building a model from data as the TensorFlow trainer's `fit` does. Without a
+# distribution strategy `fit` builds nothing up front: the layers, the compiled
+# loss and metrics and the optimizer are built while its train function is
+# traced on the element spec of the `tf.data` dataset its data adapter makes
+# (batch dimension `None` for arrays). `Trainer._symbolic_build` (what `fit`
+# calls under a strategy, and on JAX and torch) builds the same state from a
+# batch's shapes and dtypes; given that element spec, the model gets the
+# shapes its first `fit` would give it (a `Sequential` without `Input` gets
+# `(None, ...)`, not the first batch's size).
+
+
+def build_from_data(model, x, y=None, batch_size=None):
+    """Builds `model`, its compiled loss and metrics and its optimizer from
+    the spec of the batches `fit(x, y, batch_size=batch_size)` would see.
+
+    Returns `x`, or for a Python generator (whose first batches Keras' adapter
+    reads to learn their spec) a generator yielding those batches again, then
+    the rest; pass the returned value on to `fit`.
+    """
+    import types
+
+    from keras.src.trainers import data_adapters
+    from keras.src.trainers.data_adapters import generator_data_adapter
+
+    if isinstance(x, types.GeneratorType):
+        adapter = generator_data_adapter.GeneratorDataAdapter(x)
+        x = (batch for batch in adapter.generator())
+    else:
+        adapter = data_adapters.get_data_adapter(x, y, batch_size=batch_size)
+    spec = adapter.get_tf_dataset().element_spec
+    with model.distribute_strategy.scope():
+        model._symbolic_build(data_batch=spec)
+    return x
+
+
 def _no_merge_call():
     return False
 

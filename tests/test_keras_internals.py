@@ -191,6 +191,37 @@ def test_flatten_layers_and_optimizer_has_variable():
     assert not _keras_internals.optimizer_has_variable(opt, inner.layers[0].kernel)
 
 
+@pytest.mark.parametrize("n", [100, 96])
+def test_build_from_data_builds_the_shapes_and_state_fit_builds(n):
+    import keras
+
+    def model():
+        m = keras.Sequential([keras.layers.Dense(4), keras.layers.Dense(1)])
+        m.compile("adam", "mse", metrics=["mae"])
+        return m
+
+    x = np.zeros((n, 3), "float32")
+    y = np.zeros((n, 1), "float32")
+    fitted = model()
+    fitted.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    built = model()
+    assert _keras_internals.build_from_data(built, x, y, 32) is x
+    # A last partial batch leaves the batch dimension free, as in `fit`.
+    assert built.inputs[0].shape == fitted.inputs[0].shape
+    assert built.inputs[0].shape == ((None, 3) if n % 32 else (32, 3))
+    assert built.optimizer.built and int(built.optimizer.iterations) == 0
+    assert [v.shape for v in built.variables] == [v.shape for v in fitted.variables]
+
+    def batches():
+        yield x[:32], y[:32]
+        yield x[32:64], y[32:64]
+        yield x[64:], y[64:]
+
+    gen = batches()
+    again = _keras_internals.build_from_data(model(), gen)
+    assert [b[0].shape[0] for b in again] == [32, 32, n - 64]  # nothing lost
+
+
 def test_is_graph_model_tells_sequential_and_functional_from_subclassed():
     import keras
 

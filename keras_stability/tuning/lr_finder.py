@@ -300,8 +300,11 @@ def find_learning_rate(
     before the run.
 
     Args:
-        model: A compiled, built `keras.Model` (a wrapped optimizer such as
-            `GuardedOptimizer` or `LossScaleOptimizer` is fine).
+        model: A compiled `keras.Model` (a wrapped optimizer such as
+            `GuardedOptimizer` or `LossScaleOptimizer` is fine). An unbuilt
+            model (a `Sequential` without `keras.Input`) is built from the
+            first batches of `x`, as `fit` builds it; the built, untrained
+            weights are what the test restores.
         x: Training inputs, as `model.fit` takes them (arrays, a
             `tf.data.Dataset` of `(x, y)` batches, ...). A dataset is repeated.
         y: Training targets, if `x` holds only the inputs. Defaults to `None`.
@@ -324,8 +327,8 @@ def find_learning_rate(
         the curve.
 
     Raises:
-        ValueError: For bad arguments, an uncompiled or unbuilt model, or a
-            train step that logs no `loss`.
+        ValueError: For bad arguments, an uncompiled model, or a train step
+            that logs no `loss`.
 
     Example:
 
@@ -342,12 +345,6 @@ def find_learning_rate(
         raise _checks.invalid(
             "model", model.name, "a compiled model (call `model.compile` first)"
         )
-    if not model.built:
-        raise _checks.invalid(
-            "model",
-            model.name,
-            "a built model (give it a `keras.Input` or call it once on a batch)",
-        )
     start_lr = _checks.check_positive("start_lr", start_lr)
     end_lr = _checks.check_positive("end_lr", end_lr)
     if end_lr <= start_lr:
@@ -363,6 +360,10 @@ def find_learning_rate(
     _checks.check_choice("method", method, SUGGESTIONS)
     verbose = _checks.check_verbose("verbose", verbose)
 
+    if not all(layer.built for layer in _keras_internals.flatten_layers(model)):
+        # Build it as `fit` would on its first call, from the data's batches,
+        # so the weights saved below are those the test starts from.
+        x = _keras_internals.build_from_data(model, x, y, batch_size)
     optimizer = model.optimizer
     if not optimizer.built:
         optimizer.build(model.trainable_variables)

@@ -208,9 +208,75 @@ def test_train_step_without_loss_is_a_clear_error():
         find_learning_rate(model, x, np.eye(10)[y], num_steps=10)
 
 
-def test_unbuilt_or_uncompiled_model_is_a_clear_error():
+def _unbuilt(optimizer=None):
+    """`_example` without `keras.Input`: built by the first `fit`."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dropout(0.2),
+            keras.layers.Dense(10),
+        ]
+    )
+    model.compile(
+        optimizer or keras.optimizers.Adam(1e-3),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+@pytest.mark.parametrize("data", ["arrays", "dataset", "generator"])
+def test_unbuilt_model_is_built_as_fit_builds_it_and_left_untouched(data):
+    x, y = _data(256)
+
+    def inputs():
+        """`fit`'s data arguments: 8 batches of 32 an epoch."""
+        if data == "arrays":
+            return (x, y), {"batch_size": 32}
+        if data == "dataset":
+            return (tf.data.Dataset.from_tensor_slices((x, y)).batch(32),), {}
+
+        def batches():
+            while True:
+                for i in range(0, len(x), 32):
+                    yield x[i : i + 32], y[i : i + 32]
+
+        return (batches(),), {"steps_per_epoch": 8}
+
+    def fit(model):
+        keras.utils.set_random_seed(1)
+        args, kwargs = inputs()
+        model.fit(*args, epochs=2, shuffle=data == "arrays", verbose=0, **kwargs)
+
+    plain = _unbuilt()
+    fit(plain)
+    tested = _unbuilt()
+    args, kwargs = inputs()
+    kwargs.pop("steps_per_epoch", None)
+    result = find_learning_rate(tested, *args, num_steps=20, **kwargs)
+    assert len(result.losses) == 20
+    # Built as `fit` builds it (the input shape its traced step sees), with
+    # the initial weights and a fresh optimizer.
+    assert tested.inputs[0].shape == plain.inputs[0].shape
+    assert int(tested.optimizer.iterations) == 0
+    fresh = _unbuilt()
+    fresh.build(plain.inputs[0].shape)
+    for a, b in zip(fresh.get_weights(), tested.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Training afterwards (shuffled, with dropout) is what it would have been.
+    fit(tested)
+    for a, b in zip(plain.get_weights(), tested.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(plain.optimizer.variables, tested.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_uncompiled_model_is_a_clear_error():
     x, y = _data(64)
-    with pytest.raises(ValueError, match="Invalid value for argument `model`"):
+    with pytest.raises(
+        ValueError, match="Invalid value for argument `model`.*a compiled model"
+    ):
         find_learning_rate(keras.Sequential([keras.layers.Dense(1)]), x, y)
     with pytest.raises(ValueError, match="Invalid value for argument `end_lr`"):
         find_learning_rate(_example(), x, y, start_lr=1.0, end_lr=0.1)
