@@ -189,9 +189,15 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
 
     Each probe of a lower learning rate is an event of kind `"lr_probe"`
     (the others are `"problem"`, `"spike"`, `"skipped_nonfinite"`,
-    `"skipped_spike"` and `"excluded_batch"`). `skipped_batches` counts the
-    steps the guard skipped in-graph, non-finite ones and gradient-norm
-    spikes (`skipped_spikes` of them), not those a rollback skips.
+    `"skipped_spike"`, `"skipped_requested"` and `"excluded_batch"`).
+    `skipped_batches` counts every step the guard skipped in-graph, once, by
+    cause as the guard counts them: non-finite (`skipped_nonfinite`),
+    gradient-norm spikes (`skipped_spikes`), and the steps the detector had
+    it skip (`skipped_requested`: the `skip_batches` updates after a
+    rollback and the steps the trip flag held back until the host looked),
+    each with an event of its kind. Batches listed in `exclude_batches_path`
+    are drawn without a train step at all: they are counted in
+    `excluded_batches` instead.
 
     On stopping it restores the best healthy snapshot (lowest mean raw loss;
     the last one if `restore_best_weights=False`), sets
@@ -551,10 +557,17 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             self._steps_seen = _read_count(self.optimizer, "step")
             self._skips_seen = _read_count(self.optimizer, "steps_skipped_nonfinite")
             self._spike_skips_seen = _read_count(self.optimizer, "steps_skipped_spike")
+            self._requested_seen = _read_count(
+                self.optimizer, "steps_skipped_requested"
+            )
         self.rollbacks = 0
         self.lr_probes = 0  # lower learning rates kept by probes after rollbacks
-        self.skipped_batches = 0  # non-finite and spike skips
-        self.skipped_spikes = 0  # of them, gradient-norm spikes
+        # Every step the guard skipped, once (each counts in exactly one of
+        # the guard's `steps_skipped_*` counters), and of them:
+        self.skipped_batches = 0
+        self.skipped_nonfinite = 0  # non-finite gradients
+        self.skipped_spikes = 0  # gradient-norm spikes
+        self.skipped_requested = 0  # asked for: after a rollback, held by the trip
         self.consecutive_skips = 0
         # Bad steps (loss spikes, skipped steps) among the last
         # 2 * (max_consecutive_skips + 1) steps, and their count.
@@ -661,6 +674,9 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                 count,
             )
         self._count_spike_skips(spike_skips, raw, norm)
+        count = _read_count(self.optimizer, "steps_skipped_requested")
+        requested, self._requested_seen = max(0, count - self._requested_seen), count
+        self._count_requested_skips(requested, raw, norm)
         self._decide_step(
             raw, norm, norm_var is not None, skipped, steps, logs, spike_skips
         )
@@ -754,8 +770,9 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         One host read of the ring buffer (and its counter). A problem at an
         entry that is not the last acts as it would have at that step (a
         rollback restores the snapshot, so the later steps' updates are
-        discarded with it; their batches are counted as trained). Steps the
-        trip flag held back after the step that raised it are not judged.
+        discarded with it; their batches are counted as trained, and those
+        the guard skipped are counted as skipped, unjudged). Steps the trip
+        flag held back after the step that raised it are counted, not judged.
         """
         record = self._record
         self._calls_unread = 0
@@ -768,7 +785,13 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         batches = batches[len(batches) - len(rows) :] if rows else []
         batches = [None] * (len(rows) - len(batches)) + batches
         flagged = False
+        skips = False  # whether any row was skipped (the in-graph count syncs)
         for k, row in enumerate(rows):
+            skips = skips or (
+                row[ROW["nonfinite"]] > 0
+                or row[ROW["spike"]] > 0
+                or row[ROW["requested"]] > 0
+            )
             self._at_weights = k == len(rows) - 1
             held = row[ROW["held"]] > 0
             flagged = (
@@ -776,6 +799,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             )
             if held and self._holding:
                 self.step += 1  # held back by the trip, after the step that raised it
+                self._count_unjudged(row)
                 continue
             self._holding = held
             rollbacks, stopped = self.rollbacks, self.stopped_reason
@@ -783,7 +807,9 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             self._judged_batches = () if batches[k] is None else (batches[k],)
             self._judge_row(row, logs)
             if self.rollbacks != rollbacks or self.stopped_reason != stopped:
-                self.step += len(rows) - 1 - k
+                for later in rows[k + 1 :]:  # discarded by the rollback or stop
+                    self.step += 1
+                    self._count_unjudged(later)
                 break
         self._at_weights = True
         if flagged and self.optimizer.tripped is not None:
@@ -792,7 +818,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             self._holding = False
         if count and rows and logs is not None and "raw_loss" in logs:
             logs["raw_loss"] = self._logged_raw
-        if flagged:  # the in-graph count goes on from the host's
+        if skips:  # the in-graph count goes on from the host's
             record.skipped.assign(float(self.skipped_batches))
         self._save_exclude()
 
@@ -823,6 +849,9 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             raw = rules.per_unit_weight(raw, weight)
         skipped = int(row[ROW["nonfinite"]] > 0)
         self._count_spike_skips(int(row[ROW["spike"]] > 0), raw, norm)
+        self._count_requested_skips(
+            int(row[ROW["requested"]] > 0), raw, norm, held=row[ROW["held"]] > 0
+        )
         self._decide_step(
             raw, norm, True, skipped, 1, logs, rewound=row[ROW["dropped"]] > 0
         )
@@ -846,6 +875,50 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             + (f" ({skips} steps of this call)" if skips > 1 else ""),
         )
 
+    def _count_requested_skips(self, skips, raw, norm, held=False):
+        """Counts steps the guard skipped in-graph at the detector's request.
+
+        The `skip_batches` updates after a rollback (`skip_next`) and the
+        steps the trip flag held back (`held`), as the guard counts them in
+        `steps_skipped_requested`: in `skipped_batches` (and
+        `skipped_requested`), with an event of kind `"skipped_requested"`.
+        Bookkeeping only: the step is judged (or not) as before.
+        """
+        if not skips:
+            return
+        self.skipped_batches += skips
+        self.skipped_requested += skips
+        self._event(
+            "skipped_requested",
+            raw,
+            norm,
+            (
+                "held back in-graph by the trip flag until the detector looked"
+                if held
+                else "skipped in-graph at the detector's request (after a rollback)"
+            )
+            + (f" ({skips} steps of this call)" if skips > 1 else ""),
+        )
+
+    def _count_unjudged(self, row):
+        """Counts a recorded step the rules do not judge, if the guard skipped it.
+
+        A step the trip held back after the step that raised it, or one
+        after a rollback or stop in the same look (its update, if any, was
+        discarded with the restored snapshot). Its batch is not added to the
+        exclude list (only judged steps are).
+        """
+        self._judged_batches = ()
+        raw, norm = row[ROW["raw"]], row[ROW["grad_norm"]]
+        if row[ROW["nonfinite"]] > 0:
+            self.skipped_batches += 1
+            self.skipped_nonfinite += 1
+            self._event("skipped_nonfinite", raw, norm, "not judged")
+        self._count_spike_skips(int(row[ROW["spike"]] > 0), raw, norm)
+        self._count_requested_skips(
+            int(row[ROW["requested"]] > 0), raw, norm, held=row[ROW["held"]] > 0
+        )
+
     def _decide_step(
         self, raw, norm, has_norm, skipped, steps, logs, spike_skips=0, rewound=False
     ):
@@ -866,6 +939,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             # (with several steps per call, a non-finite loss removes the
             # whole call from the epoch's mean: its other losses are lost in it).
             self.skipped_batches += skipped
+            self.skipped_nonfinite += skipped
             self.consecutive_skips = (
                 self.consecutive_skips + skipped if skipped == steps else skipped
             )

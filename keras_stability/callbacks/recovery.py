@@ -447,6 +447,9 @@ class RecoveryMixin:
             "rollbacks": self.rollbacks,
             "lr_probes": self.lr_probes,
             "skipped_batches": self.skipped_batches,
+            "skipped_nonfinite": self.skipped_nonfinite,
+            "skipped_spikes": self.skipped_spikes,
+            "skipped_requested": self.skipped_requested,
             "offending_batches": [list(p) for p in self.offending_batches],
             "restored_step": None if target is None else target.step,
             "restored_loss": None

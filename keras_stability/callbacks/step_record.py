@@ -3,8 +3,9 @@
 `GradientExplosionDetector` makes the compiled step write one row per batch
 (`ROW`: the loss the guard saw, the pre-clip global norm, the loss
 tracker's totals around the step, whether it was skipped as non-finite or
-as a gradient-norm spike, held by the guard's trip flag or dropped from the
-epoch's mean, the batch's mean sample weight) into a ring buffer
+as a gradient-norm spike, held by the guard's trip flag, skipped at the
+detector's request (`steps_skipped_requested`), dropped from the epoch's
+mean, the batch's mean sample weight) into a ring buffer
 (`StepRecord`) that the host reads every few steps; `RowLoss` takes the
 judged steps back out of Keras' epoch mean on the host.
 """
@@ -53,6 +54,7 @@ ROW = {
             "held",
             "dropped",
             "spike",
+            "requested",
             "weight",
         )
     )
@@ -191,7 +193,15 @@ def record_values(model, guard, attribute, record):
             spike = ops.greater(
                 _keras_internals.read(guard.steps_skipped_spike), spikes_before
             )
-        flags = ops.cast(ops.stack([nonfinite, held, dropped, spike]), "float32")
+        # Skipped for any other reason: at the detector's request (a rollback's
+        # `skip_next`, the trip), as the guard counts `steps_skipped_requested`
+        # (each skipped step counts in exactly one of the guard's counters).
+        requested = ops.logical_and(
+            skipped, ops.logical_not(ops.logical_or(nonfinite, spike))
+        )
+        flags = ops.cast(
+            ops.stack([nonfinite, held, dropped, spike, requested]), "float32"
+        )
         values = [raw, grad_norm, total_before, count_before, count_after]
         row = [ops.stack([ops.cast(v, "float32") for v in values]), flags]
         if weight is None:  # no sample weights: a constant, no op
@@ -208,8 +218,8 @@ def record_values(model, guard, attribute, record):
             )
         )
         _keras_internals.assign_add(record.written, 1)
-        # Skipped as non-finite or as a spike (never both).
-        _keras_internals.assign_add(record.skipped, flags[0] + flags[3])
+        # Every skipped step, once: non-finite, a spike or requested (exclusive).
+        _keras_internals.assign_add(record.skipped, flags[0] + flags[3] + flags[4])
         # A tensor (a read), not the variable: under a multi-worker strategy
         # the step's outputs are reduced across workers, which takes tensors.
         new["skipped_batches"] = ops.convert_to_tensor(record.skipped.value)

@@ -198,7 +198,7 @@ def part_gradient_health(ctx):
     lr = float(np.asarray(model.optimizer.learning_rate))
     ctx.say(
         f"Same with GradientExplosionDetector: {detector.rollbacks} rollback(s), "
-        f"{detector.skipped_batches} NaN step(s) skipped, learning rate -> {lr:.3g}; "
+        f"{detector.skipped_nonfinite} NaN step(s) skipped, learning rate -> {lr:.3g}; "
         f"weights finite={finite2}, test loss {loss2:.4f}, accuracy {accuracy2:.4f}."
     )
     return {

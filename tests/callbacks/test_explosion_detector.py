@@ -39,8 +39,13 @@ def _finite(model):
 
 
 def _actions(detector):
-    """(step, kind) of the events that are not single spikes (no action)."""
-    return [(e["step"], e["kind"]) for e in detector.events if e["kind"] != "spike"]
+    """(step, kind) of the events that are not single spikes (no action) nor
+    steps skipped at the detector's request (the consequence of one)."""
+    return [
+        (e["step"], e["kind"])
+        for e in detector.events
+        if e["kind"] not in ("spike", "skipped_requested")
+    ]
 
 
 def _quiet(fn, *args, **kwargs):
@@ -252,16 +257,20 @@ def test_slow_regression_is_rolled_back_before_any_spike():
     # training goes on from it at 0.4167 (short-horizon bias).
     assert [(e["step"], e["kind"]) for e in detector.events] == [
         (25, "problem"),
+        (26, "skipped_requested"),
+        (27, "skipped_requested"),
+        (28, "skipped_requested"),
         (38, "lr_probe"),
     ]
+    assert detector.skipped_batches == detector.skipped_requested == 3
     assert detector.events[0]["detail"].startswith(
         "loss diverging: median raw loss 106.2 over the last 20 steps"
     )
     assert detector.events[0]["restored_step"] == 0
-    assert detector.events[1]["detail"].startswith(
+    assert detector.events[4]["detail"].startswith(
         "went on at 0.4167 from the state at 0.525: 5 steps at 0.4167"
     )
-    assert detector.events[1]["action"] == "lower_lr"
+    assert detector.events[4]["action"] == "lower_lr"
     assert detector.rollbacks == 1
     assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(
         0.4167, rel=1e-3
@@ -350,7 +359,14 @@ def test_stable_but_too_high_learning_rate_after_a_rollback_is_probed_lower(
     lr = float(np.asarray(model.optimizer.learning_rate))
     final = model.evaluate(x, y, verbose=0)
     steps = _actions(detector)
-    events = [e for e in detector.events if e["kind"] != "spike"]
+    events = [
+        e for e in detector.events if e["kind"] not in ("spike", "skipped_requested")
+    ]
+    assert [e["step"] for e in detector.events if e["kind"] == "skipped_requested"] == [
+        7,
+        8,
+        9,
+    ]
     assert detector.events[0]["detail"].startswith("loss spike")
     raw = np.asarray(detector.raw_losses) / start
     # Rollback at step 6; steps 7-9 skipped (the restored loss); 10-14 at 0.975.
@@ -1547,3 +1563,66 @@ def test_a_rare_class_at_batch_size_1_is_a_healthy_run():
     assert [e["kind"] for e in detector.events if e["kind"] != "spike"] == []
     for a, b in zip(plain.get_weights(), watched.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+class _BatchLogs(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.skipped = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.skipped.append(int(logs["skipped_batches"]))
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 2])
+def test_every_step_the_guard_skips_counts_once_in_skipped_batches(
+    steps_per_execution,
+):
+    # Four NaN batches in a row (steps 13-16 of each epoch) make a rollback. Besides the
+    # four non-finite steps, the guard skips steps the detector asked for
+    # (`steps_skipped_requested`): the `skip_batches` updates after the
+    # rollback and, with one batch per call, the steps its trip flag held
+    # back until the next look (steps 17-20; the look is at step 20).
+    # `skipped_batches` counted only the non-finite and spike skips.
+    x, y = _data(400)
+    x = x.copy()
+    x[12 * 16 : 16 * 16] = np.nan
+    model = deep_mlp(
+        keras.optimizers.SGD(0.05), depth=2, steps_per_execution=steps_per_execution
+    )
+    detector = GradientExplosionDetector(verbose=0)
+    logged = _BatchLogs()
+    history, _ = _quiet(
+        model.fit,
+        x,
+        y,
+        batch_size=16,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+        callbacks=[detector, logged],
+    )
+    guard = model.optimizer
+    nonfinite = int(guard.steps_skipped_nonfinite.numpy())
+    requested = int(guard.steps_skipped_requested.numpy())
+    spikes = int(guard.steps_skipped_spike.numpy())
+    # One rollback an epoch; in the first, with one batch per call, the
+    # trip held 4 steps (17-20) before the look that rolled back.
+    assert detector.rollbacks == 2 and detector.stopped_reason is None
+    assert nonfinite == 8  # the four NaN batches, in each epoch
+    held = 4 if steps_per_execution == 1 else 0
+    assert requested == 2 * detector.skip_batches + held
+    assert detector.skipped_batches == nonfinite + requested + spikes
+    # By cause, each step once.
+    assert detector.skipped_nonfinite == nonfinite
+    assert detector.skipped_requested == requested
+    assert detector.skipped_spikes == spikes
+    kinds = [e["kind"] for e in detector.events]
+    assert kinds.count("skipped_nonfinite") == nonfinite // steps_per_execution
+    # One event a step, or a call (the 5 skipped steps span 3 calls of 2).
+    assert kinds.count("skipped_requested") == (
+        requested if steps_per_execution == 1 else 2 * 3
+    )
+    assert int(guard.step.numpy()) == 50  # every batch went through the guard
+    assert history.history["skipped_batches"][-1] == detector.skipped_batches
+    assert logged.skipped[-1] == detector.skipped_batches
+    assert logged.skipped == sorted(logged.skipped)  # never counted back down

@@ -133,12 +133,15 @@ def test_a_nan_burst_between_two_looks_never_reaches_the_weights():
     (event,) = [e for e in detector.events if e.get("action") == "rollback"]
     assert event["step"] == 7 and "4 non-finite steps in a row" in event["detail"]
     # Steps 4-7 judged; 8-10 come after the problem in the same look: the
-    # rollback discards them, unjudged.
-    assert detector.skipped_batches == 4
+    # rollback discards them, unjudged, but they were skipped and count:
+    # step 8 non-finite, 9-10 held by the trip; then the rollback's 5.
     assert detector.step == 20
     guard = model.optimizer
-    # The trip is cleared by the look and off after `fit`.
     assert int(guard.steps_skipped_nonfinite.numpy()) == 5
+    assert int(guard.steps_skipped_requested.numpy()) == 2 + 5
+    assert detector.skipped_nonfinite == 5 and detector.skipped_requested == 7
+    assert detector.skipped_batches == 12
+    # The trip is cleared by the look and off after `fit`.
     assert int(guard.tripped.numpy()) == 0
     assert int(guard._loss_record.trip_limit.numpy()) == -1
     assert all(np.all(np.isfinite(w)) for w in model.get_weights())
