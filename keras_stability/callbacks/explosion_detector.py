@@ -174,15 +174,18 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
     `max_consecutive_skips` non-finite steps in a row, or bad steps (loss
     spikes or non-finite steps) in a row; a slow divergence (median loss of the
     last `min_samples` steps, all after the best snapshot, `loss_factor`
-    times the best snapshot's loss or a tenth of the starting loss, whichever
-    is larger, so that a loss near zero is not "10x" anything by noise); a
-    regression (median loss of the last `min_samples` steps `regress_factor`
-    times the loss the fit started from, which must be well outside their
-    spread); no progress after an explosion (the mean raw loss of the last
-    8 x 32 samples at 2x the starting loss or more, and later, with no
-    rollback in between, the median of the last `min_samples` steps still at 0.9x the
-    starting loss or above: a model the explosion killed, predicting the
-    class prior; `keras_stability.diagnostics.rules`); a failed recovery
+    times the best snapshot's loss, a tenth of the starting loss or 0.01,
+    whichever is largest, so that a loss near zero is not "10x" anything by
+    noise); a regression (median loss of the last `min_samples` steps
+    `regress_factor` times the loss the fit started from, which must be well
+    outside their spread); no progress after an explosion (the mean raw loss
+    of the last 8 x 32 samples at 2x the starting loss or more, and later,
+    with no rollback in between, the median of the last `min_samples` steps
+    or 256 samples still at 0.9x the starting loss or above, the losses
+    moving smoothly from step to step: a model the explosion killed,
+    predicting the class prior, where a fit model near zero loss jumps by
+    orders of magnitude from batch to batch;
+    `keras_stability.diagnostics.rules`); a failed recovery
     (above). With sample or class weights, the losses judged (and kept in
     `raw_losses`) are per unit of weight (see `rules`; with one batch per
     call), while `raw_loss` in the logs is the step's own.
@@ -1083,11 +1086,14 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                 f"the loss the fit started from ({self._start_loss:.4g})"
             )
         if self._stalled():
+            window = self._stall_window()
             return (
                 f"no progress after an explosion: median raw loss "
                 f"{np.median(self._recent):.4g} over the last {len(self._recent)} steps "
                 f"is still {rules.STALL_LEVEL:g}x the loss the fit started from "
-                f"({self._start_loss:.4g}) or more, after the loss of step "
+                f"({self._start_loss:.4g}) or more and stuck there (from one step "
+                f"to the next x{math.exp(rules.jitter(window)):.3g} in the median), "
+                f"after the loss of step "
                 f"{self._exploded_at} rose to {rules.EXPLOSION_FACTOR:g}x it or more"
             )
         if spike is None and self._recovery is not None:
@@ -1158,7 +1164,8 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
     def _diverging(self):
         """A slow divergence (`rules.diverging`): the median of the last
         `min_samples` losses, all after the best snapshot, `loss_factor`
-        times its loss floored at a tenth of the starting loss."""
+        times its loss floored at a tenth of the starting loss and at
+        `rules.NEAR_ZERO`."""
         if self.loss_factor is None or len(self._sustained) < self._sustained.maxlen:
             return None
         best = self.best.score
@@ -1177,9 +1184,12 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             f"{len(self._sustained)} steps is above {self.loss_factor:g}x "
             f"the best healthy snapshot's loss {best:.4g}"
             + (
-                f" (floored at {DIVERGENCE_FLOOR:g}x the starting loss: {reference:.4g})"
-                if reference > best
-                else ""
+                ""
+                if reference <= best
+                else f" (floored at {rules.NEAR_ZERO:g}: a loss near zero)"
+                if reference == rules.NEAR_ZERO
+                else f" (floored at {DIVERGENCE_FLOOR:g}x the starting loss: "
+                f"{reference:.4g})"
             )
         )
 
@@ -1391,16 +1401,31 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
 
     def _stalled(self):
         """Whether the loss, after an explosion since the last rollback (or
-        the start of `fit`), is still at the level it started from: the
-        last `min_samples` losses (`rules.stalled`). An explosion that kills
-        the model (its prediction the class prior) ends there, below any
-        regression, and learns nothing more; a healthy run never explodes
-        (`rules.exploded`: a stretch of 256 samples at 2x the start)."""
+        the start of `fit`), is stuck at the level it started from
+        (`rules.stalled`): the median of the last `min_samples` losses at
+        that level, and the losses moving smoothly from step to step over
+        the last `min_samples` steps or the last 256 samples, whichever is
+        longer (a few small batches may move smoothly by chance). An
+        explosion that kills the model (its prediction the class prior) ends
+        there, below any regression, and learns nothing more; a healthy run
+        never explodes (`rules.exploded`: a stretch of 256 samples at 2x the
+        start), and a fit model that stays at its near-zero start has losses
+        that jump by orders of magnitude from one batch to the next."""
+        window = self._stall_window()
         return (
             self._exploded_at is not None
-            and len(self._recent) == self._recent.maxlen
-            and rules.stalled(self._recent, self._start_loss)
+            and window is not None
+            and rules.stalled(self._recent, self._start_loss, window=window)
         )
+
+    def _stall_window(self):
+        """The losses whose jitter `_stalled` judges (`None` while too few)."""
+        if len(self._recent) < self._recent.maxlen:
+            return None
+        stretch = getattr(self, "_stretch", None)
+        if stretch is None or stretch.maxlen <= len(self._recent):
+            return self._recent
+        return stretch if len(stretch) == stretch.maxlen else None
 
 
 def _read_count(optimizer, name):

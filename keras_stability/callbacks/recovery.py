@@ -74,10 +74,14 @@ class RecoveryMixin:
                 score = float(np.mean(self._pending_losses))
                 best = self.best.score
                 # After an explosion, a snapshot at the starting loss may
-                # hold a model the explosion killed: not one to return to.
+                # hold a model the explosion killed: not one to return to,
+                # unless the losses around it are not stuck (`rules.stalled`:
+                # a fit model near its near-zero start is no dead one).
                 dead = getattr(self, "_exploded_at", None) is not None and (
                     score >= rules.STALL_LEVEL * self._start_loss
                 )
+                if dead and (window := self._stall_window()) is not None:
+                    dead = rules.jitter(window) <= rules.STALL_JITTER
                 if not dead and not (
                     math.isfinite(best)
                     and best > 0

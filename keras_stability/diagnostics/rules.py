@@ -9,14 +9,19 @@ sustained behaviour, which a healthy run never shows:
 - `regressing`: the median loss of the last steps `factor` times the start,
   and the start implausible as a draw from them;
 - `diverging`: the median loss of the last steps `factor` times the best
-  snapshot's, floored at a fraction of the start (the median: one rare hard
-  example's loss at batch size 1, 200x a well-fit sample's, is no trend);
+  snapshot's, floored at a fraction of the start and at `NEAR_ZERO` (the
+  median: one rare hard example's loss at batch size 1, 200x a well-fit
+  sample's, is no trend);
 - `exploded` then `stalled`: the mean loss of a stretch of 256 samples
   `EXPLOSION_FACTOR` times the start, and later the median of the last steps
-  still at the start level (`STALL_LEVEL` of it or more). An explosion that
-  leaves the model dead (every unit saturated or off, the prediction the
-  class prior) ends with the loss back at about where it started: the rise
-  is over, nothing is regressing, yet the run learns nothing from there.
+  still at the start level (`STALL_LEVEL` of it or more) and moving
+  smoothly from step to step (`jitter` at most `STALL_JITTER`). An
+  explosion that leaves the model dead (every unit saturated or off, the
+  prediction the class prior) ends with the loss back at about where it
+  started: the rise is over, nothing is regressing, yet the run learns
+  nothing from there. A model that starts already fit (a fine-tune) also
+  stays at its start, but there its losses jump by orders of magnitude from
+  one batch to the next near zero, where a stuck model's are all alike.
 
 With sample weights (or class weights, which Keras turns into them) every
 loss these rules, the spike scores and the recovery checks compare is per
@@ -32,7 +37,15 @@ import math
 
 import numpy as np
 
-__all__ = ["diverging", "exploded", "per_unit_weight", "regressing", "stalled"]
+__all__ = [
+    "NEAR_ZERO",
+    "diverging",
+    "exploded",
+    "per_unit_weight",
+    "jitter",
+    "regressing",
+    "stalled",
+]
 
 # The mean raw loss over a stretch of EXPLOSION_STRETCH x 32 samples (8
 # batches of 32, or the last 8 * ceil(32 / batch) batches) at this multiple of
@@ -49,6 +62,24 @@ EXPLOSION_STRETCH = 8
 # prior, a loss of about the initial one: 0.96-1.0x in the Keras example at
 # SGD(5)).
 STALL_LEVEL = 0.9
+# A stall also needs the losses to move smoothly: the median change of the
+# log loss from one step to the next (`jitter`) at most this (consecutive
+# losses within a factor e**0.5 = 1.65 of each other, in the median). A stuck
+# model's per-batch losses are set by the batch's label mix: 0.08-0.28 when
+# the battery's dead runs stall (the Keras example at SGD(5), the deep tanh
+# MLP, the char LM at 100x its rate). A fit model's losses near zero jump by
+# orders of magnitude: 0.91-1.9 fine-tuning a fit MLP on a new rare class at
+# batch size 4, whose losses stay at the near-zero start (or 3x it) while the
+# new class is learnt.
+STALL_JITTER = 0.5
+# A slow divergence is judged against a reference loss never below this: a
+# fit model's losses move by multiples near zero (fine-tuning a fit MLP on a
+# new rare class, batch 4: the median loss of the classes already fit rises
+# from 3e-4 to 3e-3 while the new class is learnt, 10x the best snapshot's),
+# and "10x" a near-zero loss is no divergence. With the default factor of
+# 10, the median must pass 0.1 (a cross-entropy at which the typical sample
+# gets 0.9 of the probability).
+NEAR_ZERO = 0.01
 # A regression needs the starting loss more than this many standard
 # deviations of the last losses below their mean.
 REGRESS_SPREAD = 2.0
@@ -94,11 +125,12 @@ def regressing(recent, start, factor):
     return start < float(recent.mean() - REGRESS_SPREAD * recent.std(ddof=1))
 
 
-def diverging(sustained, best, start, factor, floor):
+def diverging(sustained, best, start, factor, floor, absolute_floor=NEAR_ZERO):
     """The median of `sustained` if it is `factor` times the reference, else `None`.
 
     The reference is `best` (the best snapshot's loss) floored at
-    `floor * start`, so that a loss near zero is not "10x" anything by noise.
+    `floor * start` and at `absolute_floor`, so that a loss near zero is not
+    "10x" anything by noise.
 
     Args:
         sustained: The last raw losses, all after the best snapshot,
@@ -107,6 +139,8 @@ def diverging(sustained, best, start, factor, floor):
         start: The loss the fit started from (`nan` if unknown).
         factor: The multiple of the reference that is a divergence.
         floor: The fraction of `start` the reference is floored at.
+        absolute_floor: The loss the reference is floored at whatever the
+            start. Defaults to `NEAR_ZERO`.
 
     Returns:
         `(median, reference)` if diverging, else `None`.
@@ -115,6 +149,7 @@ def diverging(sustained, best, start, factor, floor):
         return None
     low = floor * start
     reference = max(best, low) if math.isfinite(low) else best
+    reference = max(reference, absolute_floor)
     median = float(np.median(np.asarray(sustained, dtype=np.float64)))
     if not median > factor * reference:
         return None
@@ -137,8 +172,20 @@ def exploded(stretch, start, factor=EXPLOSION_FACTOR):
     return float(np.mean(stretch)) >= factor * start
 
 
-def stalled(recent, start, level=STALL_LEVEL):
-    """Whether the median of `recent` is still at `level` times the start or above.
+def jitter(losses):
+    """The median absolute change of the log loss from one step to the next.
+
+    `losses` in the order of their steps; a loss of 0 or below counts as
+    `1e-30` (so a series touching zero jumps, and is never stuck).
+    """
+    losses = np.maximum(np.asarray(losses, dtype=np.float64), 1e-30)
+    if losses.size < 2:
+        return math.inf
+    return float(np.median(np.abs(np.diff(np.log(losses)))))
+
+
+def stalled(recent, start, level=STALL_LEVEL, max_jitter=STALL_JITTER, window=None):
+    """Whether `recent` is stuck at `level` times the start or above.
 
     Only evidence after an explosion (`exploded`): a healthy run may stay at
     its starting loss for a while before it learns.
@@ -147,7 +194,21 @@ def stalled(recent, start, level=STALL_LEVEL):
         recent: The last raw losses (a full window).
         start: The loss the fit started from.
         level: Defaults to `STALL_LEVEL`.
+        max_jitter: The largest `jitter` that is stuck. Defaults to
+            `STALL_JITTER`; `None` does not look at it.
+        window: The raw losses, in step order, whose `jitter` is judged:
+            256 samples or more keep a few small batches from moving
+            smoothly by chance. Defaults to `recent`.
+
+    Returns:
+        `True` if the median of `recent` is `level * start` or above and,
+        unless `max_jitter` is `None`, the `jitter` of `window` is
+        `max_jitter` or below.
     """
     if len(recent) == 0 or not (math.isfinite(start) and start > 0):
         return False
-    return float(np.median(np.asarray(recent, dtype=np.float64))) >= level * start
+    if not float(np.median(np.asarray(recent, dtype=np.float64))) >= level * start:
+        return False
+    if max_jitter is None:
+        return True
+    return jitter(recent if window is None else window) <= max_jitter

@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 
 from keras_stability.diagnostics import rules
 
@@ -29,3 +30,48 @@ def test_weights_rising_over_the_data_are_no_explosion_per_unit_of_weight():
     np.testing.assert_allclose(judged, per_sample)
     assert not rules.exploded(judged[8:16], judged[0])
     assert not rules.regressing(judged[-20:], judged[0], 1.5)
+
+
+def test_a_stall_is_a_stuck_loss_not_a_fit_one_jumping_near_zero():
+    rng = np.random.default_rng(0)
+    start = 2.3
+    # A dead model predicting the class prior: losses set by the batch's
+    # label mix, a few percent apart from one batch to the next.
+    dead = start * np.exp(rng.normal(scale=0.1, size=64))
+    assert rules.jitter(dead) < 0.15
+    assert rules.stalled(dead[-20:], start)
+    # A fit model near zero loss (a fine-tune): at its start level too, but
+    # its losses spread over orders of magnitude (log-normal, sigma 1.5).
+    start = 1e-3
+    fit = start * np.exp(rng.normal(scale=1.5, size=64))
+    assert np.median(fit) >= rules.STALL_LEVEL * start
+    assert rules.jitter(fit) > 1.0
+    assert not rules.stalled(fit, start)
+    assert rules.stalled(fit, start, max_jitter=None)  # the level alone
+    # A steady climb (x1.21 per step) moves smoothly: stuck by this measure.
+    climb = 0.5 * 1.21 ** np.arange(20)
+    assert rules.jitter(climb) == pytest.approx(math.log(1.21))
+    assert rules.stalled(climb, 1.0)
+    # `window` judges the jitter on a longer stretch than the level.
+    assert not rules.stalled(climb, 1.0, window=np.concatenate([fit, climb]))
+    # A loss of 0 (or below) jumps: never stuck.
+    assert rules.jitter([1.0, 0.0, 1.0]) > 60
+    assert math.isinf(rules.jitter([1.0]))
+
+
+def test_divergence_reference_is_never_below_near_zero():
+    # The fine-tune of a fit model on a new rare class: the median loss of the
+    # classes already fit rises from the best snapshot's 2.5e-4 to 3.5e-3
+    # while the new class is learnt; the start (1.8e-3) floors nothing.
+    sustained = np.full(20, 3.5e-3)
+    assert rules.diverging(sustained, 2.5e-4, 1.8e-3, 10.0, 0.1) is None
+    median, reference = rules.diverging(
+        sustained, 2.5e-4, 1.8e-3, 10.0, 0.1, absolute_floor=0.0
+    )
+    assert median == pytest.approx(3.5e-3) and reference == pytest.approx(2.5e-4)
+    # Above 10x the floor it is a divergence, against the floor.
+    median, reference = rules.diverging(np.full(20, 0.2), 2.5e-4, 1.8e-3, 10.0, 0.1)
+    assert reference == rules.NEAR_ZERO == 0.01
+    # The start's floor still wins when larger.
+    _, reference = rules.diverging(np.full(20, 30.0), 0.05, 2.3, 10.0, 0.1)
+    assert reference == pytest.approx(0.23)
