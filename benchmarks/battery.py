@@ -100,13 +100,16 @@ def _separable(seed, clean=False, n=240):
     return x, y, xv, yv
 
 
-def _tiny_mlp(optimizer, features=2, classes=2):
+def _tiny_mlp(optimizer, features=2, classes=2, hidden=16):
     import keras
 
     model = keras.Sequential(
         [
             keras.Input((features,)),
-            keras.layers.Dense(16, activation="relu"),
+            *(
+                keras.layers.Dense(units, activation="relu")
+                for units in ((hidden,) if isinstance(hidden, int) else hidden)
+            ),
             keras.layers.Dense(classes),
         ]
     )
@@ -163,6 +166,71 @@ def _pretrained_mlp(optimizer):
     model.fit(x, y, batch_size=32, epochs=5, verbose=0)
     model.compile(optimizer, model.loss)
     return model
+
+
+def _refit_data(seed, clean=False, n=1000):
+    # A second `fit` (`_refit_mlp`): the same distribution the model was
+    # already fit on (loss ~0.005); held out: 500 more samples.
+    del clean
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n + 500, 10)).astype("float32")
+    y = (x[:, 0] > 0).astype("int64")
+    x[y == 1, 1] += 1.5
+    return x[:n], y[:n], x[n:], y[n:]
+
+
+def _refit_mlp(optimizer):
+    # Fit first for 5 epochs (Adam(1e-2), batch 16) on 1000 samples of
+    # `_refit_data`'s distribution, then compiled with `optimizer` for the
+    # second `fit`.
+    import keras
+
+    x, y, _, _ = _refit_data(1234)
+    model = _tiny_mlp(keras.optimizers.Adam(1e-2), features=10, hidden=32)
+    model.fit(x, y, batch_size=16, epochs=5, verbose=0)
+    model.compile(optimizer, model.loss)
+    return model
+
+
+def _heavy_tailed_regression(seed, clean=False, n=2000):
+    # A linear target plus Student-t noise of 2 degrees of freedom (infinite
+    # variance): a few batches' squared errors are 10-100x the rest. Held
+    # out: the noise-free target.
+    del clean
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(5, 1))
+    x = rng.normal(size=(n, 5)).astype("float32")
+    y = (x @ w + rng.standard_t(2, size=(n, 1))).astype("float32")
+    xv = rng.normal(size=(1000, 5)).astype("float32")
+    return x, y, xv, (xv @ w).astype("float32")
+
+
+def _regression_mlp(optimizer, features=5):
+    import keras
+
+    model = keras.Sequential(
+        [
+            keras.Input((features,)),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(optimizer, "mse")
+    return model
+
+
+def _label_noise(seed, clean=False, n=2000, noise=0.1):
+    # A linear boundary in 10-D with 10% of the training labels flipped
+    # (samples the model can only memorize); held out: true labels.
+    del clean
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 10)).astype("float32")
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype("int64")
+    flip = rng.random(n) < noise
+    y[flip] = 1 - y[flip]
+    xv = rng.normal(size=(1000, 10)).astype("float32")
+    yv = (xv[:, 0] + 0.5 * xv[:, 1] > 0).astype("int64")
+    return x, y, xv, yv
 
 
 def _example_data(name):
@@ -385,6 +453,42 @@ def cases():
         )
     )
     result += [
+        Case(
+            "second fit of a fit model, batch 16, Adam(1e-3)",
+            "healthy",
+            "refit",
+            1e-3,
+            lambda lr: _refit_mlp(_adam(lr)),
+            _refit_data,
+            _crossentropy,
+            math.log(2),
+            batch_size=16,
+            epochs=5,
+        ),
+        Case(
+            "regression, Student-t noise (2 dof), batch 8, Adam(1e-3)",
+            "healthy",
+            "heavy-regression",
+            1e-3,
+            lambda lr: _regression_mlp(_adam(lr)),
+            _heavy_tailed_regression,
+            _mse,
+            math.nan,
+            batch_size=8,
+            epochs=5,
+        ),
+        Case(
+            "10% flipped labels, batch 8, Adam(3e-3)",
+            "healthy",
+            "label-noise",
+            3e-3,
+            lambda lr: _tiny_mlp(_adam(lr), features=10, hidden=(64, 64)),
+            _label_noise,
+            _crossentropy,
+            math.log(2),
+            batch_size=8,
+            epochs=8,
+        ),
         Case(
             "Keras example, Adam(1e-3)",
             "healthy",

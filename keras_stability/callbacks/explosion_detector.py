@@ -14,13 +14,14 @@ grade, so that a healthy run is never touched:
   loss or gradient-norm spike (robust z-score
   in log space, median/MAD over the last `window` healthy steps; in the first
   steps, `loss_factor` times their median, and at batch sizes below 8 times
-  the starting loss too; never below a tenth of the starting loss) is
+  the starting loss too; never 0.1 or below, nor below a tenth of the
+  starting loss) is
   otherwise only recorded (`"spike"`), and stays out of the means of the
   divergence and explosion rules;
 - rollback-level evidence: `max_consecutive_skips + 1` bad steps in a row
   (spikes or skipped steps), a slow divergence (the median raw loss of
   the last `min_samples` steps `loss_factor` times the best snapshot's, floored
-  at a tenth of the starting loss), a regression (their median
+  at a tenth of the starting loss and at 0.01), a regression (their median
   `regress_factor` times the starting loss), or a failed recovery;
 - after `max_rollbacks` rollbacks: stop, restoring the best finite weights.
 
@@ -168,8 +169,8 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
     the logs of the last `window` healthy values), or, in the first
     `min_samples` steps, a raw loss `loss_factor` times their median (and,
     at batch sizes below 8, where the median of a few per-sample losses is
-    no statistic, `loss_factor` times the starting loss too). A loss below a
-    tenth of the starting loss is never a spike.
+    no statistic, `loss_factor` times the starting loss too). A loss of 0.1
+    or below, or below a tenth of the starting loss, is never a spike.
     What counts as a problem: a non-finite loss; more than
     `max_consecutive_skips` non-finite steps in a row, or bad steps (loss
     spikes or non-finite steps) in a row; a slow divergence (median loss of the
@@ -178,8 +179,8 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
     whichever is largest, so that a loss near zero is not "10x" anything by
     noise); a regression (median loss of the last `min_samples` steps
     `regress_factor` times the loss the fit started from, which must be well
-    outside their spread); no progress after an explosion (the mean raw loss
-    of the last 8 x 32 samples at 2x the starting loss or more, and later,
+    outside their spread); no progress after an explosion (the median raw
+    loss of the last 8 x 32 samples at 2x the starting loss or more, and later,
     with no rollback in between, the median of the last `min_samples` steps
     or 256 samples still at 0.9x the starting loss or above, the losses
     moving smoothly from step to step: a model the explosion killed,
@@ -273,7 +274,8 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             before `min_samples` steps (and, at batch sizes below 8, of the
             starting loss) is a spike (the z-score cannot judge yet); a median raw loss over the last `min_samples` steps (all
             after the best confirmed snapshot) above this multiple of that
-            snapshot's loss, or of a tenth of the starting loss if larger, is
+            snapshot's loss, or of a tenth of the starting loss or 0.01 if
+            larger, is
             a slow divergence (a problem); `None` to turn both off.
             Defaults to `10.0`.
         regress_factor: A median raw loss over the last `min_samples` steps
@@ -1105,9 +1107,10 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
     def _loss_spike(self, raw):
         """Describes `raw` if it is a loss spike (else `None`); updates the window.
 
-        Two absolute floors keep heavy-tailed small-batch noise from
-        counting: a loss below a tenth of the starting loss is never a spike
-        (near zero loss nothing is "10x" anything by noise), and in the first
+        Three floors keep heavy-tailed small-batch noise from counting: a
+        loss of `rules.SPIKE_FLOOR` (0.1) or below, or below a tenth of the
+        starting loss, is never a spike (near zero loss nothing is "10x"
+        anything by noise), and in the first
         `min_samples` steps, at batch sizes below `SMALL_BATCH`, a spike must
         be `loss_factor` times the larger of their median and the starting
         loss (at batch size 1 the median of a few per-sample losses of a
@@ -1126,6 +1129,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                 and reference > 0
                 and len(z.values) > 0
                 and raw > self.loss_factor * reference
+                and raw > rules.SPIKE_FLOOR
             ):
                 what = (
                     f"the median {median:.4g} of the first {len(z.values)} steps"
@@ -1139,9 +1143,9 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             return None
         score = z.zscore(raw)
         median = z.median()
-        if not raw > DIVERGENCE_FLOOR * start:
-            # Far below the starting loss: never a spike (the window still
-            # judges whether to keep it, as for any value).
+        if not raw > max(DIVERGENCE_FLOOR * start, rules.SPIKE_FLOOR):
+            # Near zero, or far below the starting loss: never a spike (the
+            # window still judges whether to keep it, as for any value).
             z.update(raw)
             return None
         if not z.update(raw):

@@ -39,6 +39,7 @@ import numpy as np
 
 __all__ = [
     "NEAR_ZERO",
+    "SPIKE_FLOOR",
     "diverging",
     "exploded",
     "per_unit_weight",
@@ -80,6 +81,11 @@ STALL_JITTER = 0.5
 # 10, the median must pass 0.1 (a cross-entropy at which the typical sample
 # gets 0.9 of the probability).
 NEAR_ZERO = 0.01
+# A raw loss of this or below is never a loss spike, whatever the losses
+# before it: near zero, 10x the median is noise (a fit model's losses at
+# batch size 16, in a second `fit`, jump 20-50x from one batch to the next,
+# 0.0006 -> 0.03).
+SPIKE_FLOOR = 0.1
 # A regression needs the starting loss more than this many standard
 # deviations of the last losses below their mean.
 REGRESS_SPREAD = 2.0
@@ -157,19 +163,22 @@ def diverging(sustained, best, start, factor, floor, absolute_floor=NEAR_ZERO):
 
 
 def exploded(stretch, start, factor=EXPLOSION_FACTOR):
-    """Whether the mean of `stretch` is `factor` times the starting loss.
+    """Whether the median of `stretch` is `factor` times the starting loss.
 
     Args:
         stretch: The raw losses of the last batches holding at least
-            `EXPLOSION_STRETCH` x 32 samples (averaging them keeps a few bad
-            batches of a noisy healthy run from counting), single spikes
-            left out (one corrupt batch's 1000x loss is no explosion).
+            `EXPLOSION_STRETCH` x 32 samples, single spikes left out (one
+            corrupt batch's 1000x loss is no explosion). The median: an
+            explosion raises most batches' losses, while heavy-tailed data
+            (a rare class, regression targets with heavy-tailed noise) puts
+            a few far above the rest and the mean with them.
         start: The loss the fit started from.
         factor: Defaults to `EXPLOSION_FACTOR`.
     """
     if len(stretch) == 0 or not (math.isfinite(start) and start > 0):
         return False
-    return float(np.mean(stretch)) >= factor * start
+    median = float(np.median(np.asarray(stretch, dtype=np.float64)))
+    return median >= factor * start
 
 
 def jitter(losses):

@@ -75,3 +75,17 @@ def test_divergence_reference_is_never_below_near_zero():
     # The start's floor still wins when larger.
     _, reference = rules.diverging(np.full(20, 30.0), 0.05, 2.3, 10.0, 0.1)
     assert reference == pytest.approx(0.23)
+
+
+def test_an_explosion_raises_most_losses_not_a_few():
+    start = 1.0
+    # Heavy-tailed data: 3 batches of 32 far above the rest (a rare class,
+    # noise of infinite variance) put the mean at 4x the start.
+    heavy = np.full(32, 0.8)
+    heavy[[5, 17, 29]] = 30.0
+    assert np.mean(heavy) > 2 * start
+    assert not rules.exploded(heavy, start)
+    # An explosion: most batches at 2x the start or more.
+    rising = np.concatenate([np.full(15, 0.8), np.full(17, 2.5)])
+    assert rules.exploded(rising, start)
+    assert not rules.exploded(rising, float("nan"))
