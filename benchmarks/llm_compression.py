@@ -7,7 +7,7 @@ decay of the learning rate, `TEACHER_LR`); Keras int8 of it; 80% unstructured
 magnitude pruning of the transformer linears (`PRUNE_RECIPE`: Zhu & Gupta's
 gradual schedule over a fine-tune of as many steps as the teacher's,
 cosine learning rate; the embeddings and output layer dense) with and without int8
-(and `sparse_storage` when it handles the blocks' sublayers), against the
+(and with `sparse_storage`, which stores the blocks' linears as bitmaps), against the
 teacher fine-tuned dense for the same steps; the previous 80% recipe (every
 kernel and embedding over a short fine-tune) for comparison; 2:4 on the
 transformer linears with a short cosine-decayed fine-tune, with and without
@@ -20,6 +20,10 @@ at one step budget and one learning-rate schedule (a cosine decay,
 parameters, gzip bytes of `.weights.h5` and `.keras` (without optimizer
 state, `pruning.compressed_size`) and generation tokens/s (`generate`, interleaved, process CPU time, with the
 speed-up over the teacher).
+
+`--lm --storage`: one seed, a short training: the `.keras` gzip bytes of
+the dense float32 LM and of 80% + int8 with and without `sparse_storage`,
+and which parts of the model they go to.
 
 `--lm --speed`: generation speed only, the teacher's shape against the shrunk
 student's (untrained; the speed of a float model does not depend on its
@@ -431,8 +435,8 @@ def _gradual_prune(teacher, data, steps_per_epoch, epochs, seed, prune=True):
 
 def _sparse_stored(model):
     """`pruning.sparse_storage(model)` if it stores the blocks' linears as
-    bitmap + values (sublayers of a block need a `sparse_storage` that
-    handles nested layers), else `None`."""
+    bitmap + values (since it reaches the layers inside the blocks, it
+    does), else `None`."""
     import warnings
 
     from keras_stability import pruning
@@ -452,6 +456,149 @@ def _sparse_stored(model):
         if isinstance(layer, classes) and (layer.path or "").startswith("block_")
     ]
     return copy if nested else None
+
+
+def _storage_group(path):
+    """Which part of the char LM a variable path belongs to."""
+    name = path.rsplit("/", 1)[-1]
+    if path.startswith("embedding/"):
+        return "token embeddings" if "token" in path else "position embeddings"
+    if path.startswith("logits/"):
+        return "output layer kernel" if name == "kernel" else "output layer bias/scale"
+    if path.startswith("block_"):
+        if name == "kernel":
+            return "block linear kernels"
+        if name == "bias":
+            return "block linear biases"
+        if "scale" in name and "norm" not in path:
+            return "block int8 scales"
+        return "block norms"
+    return "final norm"
+
+
+def _storage_parts(model, bitmap):
+    """gzip bytes of each part of the char LM, each variable gzipped alone
+    (`bitmap`: kernels and embeddings with >= 50% zeros as packbits +
+    values, as `sparse_storage` writes them)."""
+    parts = {}
+    for w in model.weights:
+        a = np.asarray(w)
+        group = _storage_group(w.path)
+        kernel = w.path.endswith(("kernel", "embeddings"))
+        if bitmap and kernel and a.size and np.mean(a == 0) >= 0.5:
+            sizes = {
+                f"{group}: bitmap": _gz(np.packbits(a != 0).tobytes()),
+                f"{group}: non-zero values": _gz(a[a != 0].tobytes()),
+            }
+        else:
+            sizes = {group: _gz(a.tobytes())}
+        for key, size in sizes.items():
+            parts[key] = parts.get(key, 0) + size
+    return parts
+
+
+def _keras_members(model):
+    """gzip bytes of each member of the model's `.keras` zip, gzipped alone."""
+    import os
+    import tempfile
+    import zipfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.keras")
+        model.save(path)
+        with zipfile.ZipFile(path) as archive:
+            return {name: _gz(archive.read(name)) for name in archive.namelist()}
+
+
+def storage_main(args):
+    """`--lm --storage`: one seed, the `.keras` gzip bytes of the dense float32
+    LM and of its 80% + int8 version with and without `sparse_storage`, and
+    where the bytes go. Short training (`--storage-epochs`): the sizes depend
+    on the zeros' pattern and the int8 values, not on how well it is trained."""
+    from keras_stability import pruning
+
+    config = LM_CONFIGS["quick" if args.quick else "full"]
+    seed = 0
+    start = time.perf_counter()
+    data = _lm_data(config["max_chars"])
+    vocab_size = len(data["vocab"])
+    steps_per_epoch = int(np.ceil(len(data["x_train"]) / BATCH))
+    epochs = args.storage_epochs
+    teacher = _fit_lm(
+        _char_lm(vocab_size, seed, **LM_SHAPE),
+        data,
+        epochs,
+        _cosine(TEACHER_LR, epochs * steps_per_epoch),
+        seed,
+    )
+    sparse = _gradual_prune(teacher, data, steps_per_epoch, epochs, seed)
+    int8 = _int8(sparse)
+    stored = _sparse_stored(_int8(sparse))
+    sizes = {
+        "teacher (dense float32)": pruning.compressed_size(teacher, file="keras"),
+        "80% of block linears + int8": pruning.compressed_size(int8, file="keras"),
+        "80% of block linears + int8 + sparse_storage": pruning.compressed_size(
+            stored, file="keras"
+        ),
+    }
+    linears = [
+        np.asarray(w)
+        for w in int8.weights
+        if w.path.startswith("block_") and w.path.endswith("kernel")
+    ]
+    zeros = sum(int((k == 0).sum()) for k in linears) / sum(k.size for k in linears)
+    dense = sizes["teacher (dense float32)"]
+    total = time.perf_counter() - start
+    lines = [
+        "## `.keras` gzip bytes of the char LM, 80% of block linears + int8, "
+        "with and without `sparse_storage` (one seed)",
+        "",
+        f"Machine: {environment()}",
+        "",
+        f"Command: `python -m benchmarks.llm_compression --lm --storage "
+        f"--storage-epochs {epochs}{' --quick' if args.quick else ''}` "
+        f"(total {total:.0f} s). LM {LM_SHAPE}, vocabulary {vocab_size}, "
+        f"seed {seed}; teacher {epochs} epoch(s), then `PRUNE_RECIPE` over "
+        f"{epochs} epoch(s) (block linears {100 * zeros:.1f}% zeros); a short "
+        "training: file sizes depend on the zeros' pattern and the int8 "
+        "values, not on the perplexity.",
+        "",
+        "| model | .keras gzip bytes | smaller than dense float32 |",
+        "|---|---|---|",
+    ]
+    for name, size in sizes.items():
+        lines.append(f"| {name} | {size} | {dense / size:.2f}x |")
+    lines += [
+        "",
+        f"10x needs <= {dense // 10} bytes. Where the bytes go (each variable "
+        "gzipped alone, so the sum is below the file; the rest is the h5 "
+        "layout and the config):",
+        "",
+        "| part | int8 | int8 + bitmap layout |",
+        "|---|---|---|",
+    ]
+    plain_parts = _storage_parts(int8, bitmap=False)
+    bitmap_parts = _storage_parts(int8, bitmap=True)
+    groups = {**plain_parts, **bitmap_parts}
+    for group in sorted(groups, key=groups.get, reverse=True):
+        lines.append(
+            f"| {group} | {plain_parts.get(group, '')} | {bitmap_parts.get(group, '')} |"
+        )
+    rest = [
+        sizes["80% of block linears + int8"] - sum(plain_parts.values()),
+        sizes["80% of block linears + int8 + sparse_storage"]
+        - sum(bitmap_parts.values()),
+    ]
+    lines.append(f"| rest of the file (h5 layout, config) | {rest[0]} | {rest[1]} |")
+    members = [_keras_members(int8), _keras_members(stored)]
+    lines.append(
+        "| of which `config.json` + `metadata.json` (gzipped alone) | "
+        + " | ".join(
+            str(m.get("config.json", 0) + m.get("metadata.json", 0)) for m in members
+        )
+        + " |"
+    )
+    print("\n".join(lines + [""]))
 
 
 def _cosine(peak, steps, warmup=0):
@@ -1171,6 +1318,14 @@ def main(argv=None):
         action="store_true",
         help="LM: generation speed of the teacher and shrunk shapes only",
     )
+    parser.add_argument(
+        "--storage",
+        action="store_true",
+        help="LM: .keras gzip bytes of 80%% + int8 with/without sparse_storage",
+    )
+    parser.add_argument(
+        "--storage-epochs", type=int, default=1, help="LM --storage: epochs"
+    )
     parser.add_argument("--figure", default=None, help="LM: path of the figure")
     parser.add_argument("--json", default=None, help="LM: raw numbers to this file")
     parser.add_argument(
@@ -1183,6 +1338,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.lm and args.speed:
         return speed_main(args)
+    if args.lm and args.storage:
+        return storage_main(args)
     if args.lm:
         return lm_main(args)
     if args.digits_int8:

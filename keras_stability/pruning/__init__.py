@@ -6,7 +6,8 @@ subclassed models in place; `strip_pruning` removes the machinery;
 Keras' int8 so that the `.keras` file reloads (zeros stay zeros) and
 `compressed_size` gives the gzip bytes of the weights; `sparse_storage`
 makes a copy that saves its mostly-zero kernels as a bitmap of non-zeros
-plus the non-zero values (a smaller file, the same model; its layers are
+plus the non-zero values, at any depth (a smaller file, the same model: a
+`SparseStorageModel` or `SparseStorageSequential` whose layers are
 `SparseStorageDense`, `SparseStorageEinsumDense` and
 `SparseStorageEmbedding`); `shrink` removes
 whole units and filters for a smaller, faster model; `shrink_transformer`
@@ -36,6 +37,8 @@ from keras_stability.pruning.shrink import shrink_plan
 from keras_stability.pruning.sparse_storage import SparseStorageDense
 from keras_stability.pruning.sparse_storage import SparseStorageEinsumDense
 from keras_stability.pruning.sparse_storage import SparseStorageEmbedding
+from keras_stability.pruning.sparse_storage import SparseStorageModel
+from keras_stability.pruning.sparse_storage import SparseStorageSequential
 from keras_stability.pruning.sparse_storage import sparse_storage
 from keras_stability.pruning.strip import sparsity_report
 from keras_stability.pruning.strip import strip_pruning
@@ -58,6 +61,8 @@ __all__ = [
     "SparseStorageDense",
     "SparseStorageEinsumDense",
     "SparseStorageEmbedding",
+    "SparseStorageModel",
+    "SparseStorageSequential",
     "UpdatePruningStep",
     "compressed_size",
     "find_pruner",

@@ -7,13 +7,24 @@ weight. Stored instead as `np.packbits(kernel != 0)` (one bit a weight) plus
 the non-zero values in order, the same kernel gzips about 20% smaller.
 
 `sparse_storage(model)` returns a copy of a Sequential or functional model
-whose `Dense`, `EinsumDense` and `Embedding` layers are the subclasses below:
-the same variables, the same call and the same speed, but their
+(a `SparseStorageSequential` or `SparseStorageModel`) whose `Dense`,
+`EinsumDense` and `Embedding` layers, at any depth, are the subclasses
+below: the same variables, the same call and the same speed, but their
 `save_own_variables` writes a mostly-zero kernel (or embeddings matrix) as
 `"<i>_bitmap"`, `"<i>_values"` and `"<i>_shape"` in place of Keras' `"<i>"`,
 and their `load_own_variables` rebuilds the dense variable. Everything else
 (bias, int8 scales, a kernel sparser than nothing) is stored as Keras does,
 so a file without the layout loads into these layers too.
+
+Layers inside another layer (the query of a `MultiHeadAttention`, the
+linears of a transformer block or of a keras-hub backbone) are created by
+their outer layer's code, as plain Keras classes, both when the copy is made
+and when a file is loaded; the config cannot name another class for them.
+The two model classes therefore switch each of them to its subclass (the
+same object: `__class__` is reassigned, nothing else changes) before the
+model's variables are written or read. Keras' `saving_lib` calls a model's
+`save_own_variables`/`load_own_variables` before its sublayers', so the
+switch is in place by the time Keras reaches them.
 """
 
 import warnings
@@ -196,29 +207,141 @@ _SPARSE_CLASS = {
 }
 
 
+def _adopt_sublayers(model, min_sparsity):
+    """Gives every plain `Dense`/`EinsumDense`/`Embedding` inside `model` the
+    bitmap save/load, in place.
+
+    A layer inside another layer (the query of a `MultiHeadAttention`, the
+    `Dense` of a transformer block or of a keras-hub backbone) is rebuilt by
+    its outer layer's own code when a file is loaded, as the plain Keras
+    class. Its class is switched to the `SparseStorage*` twin (a subclass
+    that only adds `min_sparsity` and the two methods): the same object,
+    variables and call. Layers already of a twin keep their `min_sparsity`;
+    subclasses (e.g. keras-hub's `ReversibleEmbedding`) are left alone.
+    Sublayers built from an outer layer's `DTypePolicyMap` get their own
+    policy first (`resolve_policy_maps`), else int8 ones would not save.
+
+    Returns:
+        `model`.
+    """
+    resolve_policy_maps(model)
+    for layer in flatten_layers(model, include_self=False):
+        twin = _SPARSE_CLASS.get(type(layer))
+        if twin is not None and type(layer) is not twin:
+            layer.__class__ = twin
+            layer.min_sparsity = min_sparsity
+    return model
+
+
+class _SparseStorageRoot:
+    """What the two model classes share: `min_sparsity` in the config, and
+    `_adopt_sublayers` before the model's variables are written or read.
+
+    Keras' `saving_lib` calls a saveable's `save_own_variables` and
+    `load_own_variables` before those of its sublayers. The model's own
+    (usually none) come first, so by the time Keras reaches a nested
+    `Dense` it is a `SparseStorageDense`: saving writes its kernel as a
+    bitmap, loading (into a model whose outer layers rebuilt plain
+    sublayers from their configs) decodes it.
+    """
+
+    def _init_min_sparsity(self, min_sparsity):
+        self.min_sparsity = check_fraction("min_sparsity", min_sparsity)
+
+    def get_config(self):
+        return {**super().get_config(), "min_sparsity": self.min_sparsity}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        min_sparsity = config.pop("min_sparsity", 0.5)
+        model = super().from_config(config, custom_objects=custom_objects)
+        model._init_min_sparsity(min_sparsity)
+        return model
+
+    def save_own_variables(self, store):
+        _adopt_sublayers(self, self.min_sparsity)
+        super().save_own_variables(store)
+
+    def load_own_variables(self, store):
+        _adopt_sublayers(self, self.min_sparsity)
+        super().load_own_variables(store)
+
+
+@keras.saving.register_keras_serializable(package="keras_stability")
+class SparseStorageModel(_SparseStorageRoot, keras.Model):
+    """A functional model that saves every mostly-zero kernel inside it as a bitmap.
+
+    What `sparse_storage` returns for a functional model: the same graph
+    and layers, but `save` and `save_weights` store the kernel (or
+    embeddings matrix) of every `Dense`, `EinsumDense` and `Embedding` at
+    any depth, inside transformer blocks, `MultiHeadAttention` or keras-hub
+    backbones too, as a bitmap of its non-zeros plus their values when at
+    least `min_sparsity` of it is zero; `keras.saving.load_model` (after
+    `import keras_stability`) rebuilds the dense variables.
+
+    Args:
+        *args: Passed to `keras.Model` (`inputs`, `outputs`).
+        min_sparsity: Fraction of zeros from which a kernel is saved as a
+            bitmap. Defaults to `0.5`.
+        **kwargs: Passed to `keras.Model`.
+
+    Raises:
+        ValueError: If `min_sparsity` is not a number in [0, 1].
+    """
+
+    def __init__(self, *args, min_sparsity=0.5, **kwargs):
+        self._init_min_sparsity(min_sparsity)
+        super().__init__(*args, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="keras_stability")
+class SparseStorageSequential(_SparseStorageRoot, keras.Sequential):
+    """A Sequential model that saves every mostly-zero kernel inside it as a bitmap.
+
+    What `sparse_storage` returns for a Sequential model (see
+    `SparseStorageModel`).
+
+    Args:
+        *args: Passed to `keras.Sequential` (`layers`).
+        min_sparsity: Fraction of zeros from which a kernel is saved as a
+            bitmap. Defaults to `0.5`.
+        **kwargs: Passed to `keras.Sequential`.
+
+    Raises:
+        ValueError: If `min_sparsity` is not a number in [0, 1].
+    """
+
+    def __init__(self, *args, min_sparsity=0.5, **kwargs):
+        self._init_min_sparsity(min_sparsity)
+        super().__init__(*args, **kwargs)
+
+
 def sparse_storage(model, min_sparsity=0.5):
     """A copy of a model that saves its mostly-zero kernels as bitmap + values.
 
     For a pruned model (after `strip_pruning`, and optionally `quantize`):
-    returns a copy made with `keras.models.clone_model` in which every
-    `Dense`, `EinsumDense` and `Embedding` layer of the model (and of the
-    Sequential or functional models inside it) is a `SparseStorageDense`,
-    `SparseStorageEinsumDense` or `SparseStorageEmbedding` with the same
-    config and exactly the same weights. Predictions and speed are those of
-    `model`; `model.save` and `model.save_weights` then write each kernel
-    with at least `min_sparsity` zeros as a packed bitmap of its non-zeros,
-    their values and its shape, and `keras.saving.load_model` (after
-    `import keras_stability`) loads it back into the dense variable.
+    returns a copy made with `keras.models.clone_model`, as a
+    `SparseStorageModel` (functional) or `SparseStorageSequential`, in which
+    every `Dense`, `EinsumDense` and `Embedding` layer, at any depth (in
+    nested models, transformer blocks, `MultiHeadAttention`, keras-hub
+    backbones), is a `SparseStorageDense`, `SparseStorageEinsumDense` or
+    `SparseStorageEmbedding` with the same config and exactly the same
+    weights. Predictions and speed are those of `model`; `model.save` and
+    `model.save_weights` then write each kernel with at least `min_sparsity`
+    zeros as a packed bitmap of its non-zeros, their values and its shape,
+    and `keras.saving.load_model` (after `import keras_stability`) loads it
+    back into the dense variable.
 
-    Left as Keras stores them, with a warning naming them: layers of these
-    kinds inside another layer (the query/key/value of a
-    `MultiHeadAttention`, the Dense layers of a transformer block), whose
-    outer layer's config rebuilds plain Keras layers when the file is
-    loaded; subclasses of them (e.g. keras-hub's `ReversibleEmbedding`);
-    and quantization modes other than int8. The copy is not compiled. Its
-    weights files name layers by their class (`sparse_storage_dense`), so
-    a `.weights.h5` of `model` does not load into the copy nor the reverse;
-    `.keras` files carry their classes and load either way.
+    Left as Keras stores them, with a warning naming them: subclasses of
+    these layers (e.g. keras-hub's `ReversibleEmbedding`, which saves its
+    own variables) and quantization modes other than int8. A keras-hub
+    backbone given as `model` is copied as a plain functional graph of its
+    layers (what `clone_model` makes of it). The copy is not
+    compiled. Its weights files name top-level layers by their class
+    (`sparse_storage_dense`), so a `.weights.h5` of `model` does not load
+    into the copy nor the reverse; `.keras` files carry their classes and
+    load either way.
 
     Args:
         model: A built Sequential or functional Keras model.
@@ -228,7 +351,8 @@ def sparse_storage(model, min_sparsity=0.5):
             Defaults to `0.5`.
 
     Returns:
-        A new, uncompiled Keras model with the same weights as `model`.
+        A new, uncompiled `SparseStorageModel` or `SparseStorageSequential`
+        with the same weights as `model`.
 
     Raises:
         ValueError: If `model` is not a built Sequential or functional
@@ -269,15 +393,24 @@ def sparse_storage(model, min_sparsity=0.5):
     copy = keras.models.clone_model(
         model, clone_function=clone_function, recursive=True
     )
-    copy.set_weights(model.get_weights())
-    # Quantized sublayers rebuilt from their outer layer's DTypePolicyMap
-    # would not save (see `resolve_policy_maps`).
-    resolve_policy_maps(copy)
+    if isinstance(copy, keras.Sequential):
+        root = SparseStorageSequential.from_config(
+            {**copy.get_config(), "min_sparsity": min_sparsity}
+        )
+    else:
+        root = SparseStorageModel(
+            copy.input, copy.output, name=copy.name, min_sparsity=min_sparsity
+        )
+    root.set_weights(model.get_weights())
+    _adopt_sublayers(root, min_sparsity)
     left = [
         layer.path or layer.name
-        for layer in flatten_layers(copy, include_self=False)
+        for layer in flatten_layers(root, include_self=False)
         if isinstance(layer, tuple(_SPARSE_CLASS))
-        and not isinstance(layer, _SparseStorage)
+        and (
+            not isinstance(layer, _SparseStorage)
+            or layer.quantization_mode not in _MODES
+        )
     ]
     if left:
         shown = ", ".join(left[:3]) + (
@@ -285,9 +418,8 @@ def sparse_storage(model, min_sparsity=0.5):
         )
         warnings.warn(
             f"`sparse_storage` leaves {len(left)} layers stored as Keras stores "
-            f"them ({shown}): layers inside another layer (which the outer "
-            "layer's config rebuilds as plain Keras layers), subclasses of "
-            "Dense/EinsumDense/Embedding, or quantization modes other than int8.",
+            f"them ({shown}): subclasses of Dense/EinsumDense/Embedding (whose "
+            "own code saves them), or quantization modes other than int8.",
             stacklevel=2,
         )
-    return copy
+    return root

@@ -645,6 +645,12 @@ DISTILLATION_CASES = [
 ]
 
 
+def _identity_graph():
+    """`inputs` and `outputs` of a one-input functional model."""
+    inputs = keras.Input((3,))
+    return {"inputs": inputs, "outputs": inputs}
+
+
 def _prunable():
     keras.utils.set_random_seed(0)
     inputs = keras.Input((8,))
@@ -785,6 +791,16 @@ PRUNING_CASES = [
         kwargs={"input_dim": 10, "output_dim": 4},
         bad={"min_sparsity": [-0.1, 1.5, None]},
         config=True,
+    ),
+    Case(
+        pruning.SparseStorageModel,
+        kwargs=lambda: _identity_graph(),
+        bad={"min_sparsity": [-0.1, 1.5, None]},
+    ),
+    Case(
+        pruning.SparseStorageSequential,
+        kwargs={},
+        bad={"min_sparsity": [-0.1, 1.5, None]},
     ),
     Case(
         pruning.shrink,

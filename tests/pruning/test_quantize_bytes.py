@@ -57,3 +57,36 @@ def test_generation_speed_times_every_model_every_round():
         rows["teacher (dense float32)"]["speedup_runs"] == [1.0] * bench.SPEED_REPEATS
     )
     assert len(rows["small"]["speedup_runs"]) == bench.SPEED_REPEATS
+
+
+def test_storage_parts_name_every_part_of_the_char_lm():
+    keras.utils.set_random_seed(0)
+    lm = build_char_transformer(12, 8, num_blocks=1, hidden_dim=16, num_heads=2)
+    rng = np.random.default_rng(0)
+    for w in lm.weights:
+        if w.path.startswith("block_") and w.path.endswith("kernel"):
+            kernel = w.numpy()
+            kernel[rng.random(kernel.shape) < 0.8] = 0.0
+            w.assign(kernel)
+    pruning.quantize(lm)
+    plain = bench._storage_parts(lm, bitmap=False)
+    bitmap = bench._storage_parts(lm, bitmap=True)
+    assert set(plain) == {
+        "block linear kernels",
+        "block linear biases",
+        "block int8 scales",
+        "block norms",
+        "token embeddings",
+        "position embeddings",
+        "output layer kernel",
+        "output layer bias/scale",
+        "final norm",
+    }
+    # Only the mostly-zero block kernels are split into bitmap + values.
+    assert set(bitmap) == (set(plain) - {"block linear kernels"}) | {
+        "block linear kernels: bitmap",
+        "block linear kernels: non-zero values",
+    }
+    assert all(bitmap[k] == plain[k] for k in plain if k in bitmap)
+    members = bench._keras_members(lm)
+    assert set(members) >= {"config.json", "metadata.json", "model.weights.h5"}

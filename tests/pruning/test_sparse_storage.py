@@ -1,6 +1,7 @@
 """`sparse_storage`: kernels saved as bitmap + values, loaded back exactly."""
 
 import os
+import warnings
 import zipfile
 
 import h5py
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from keras_stability import pruning
+from keras_stability._keras_internals import flatten_layers
 from keras_stability.models.char_lm import build_char_transformer
 from keras_stability.pruning.sparse_storage import bitmap_decode
 from keras_stability.pruning.sparse_storage import bitmap_encode
@@ -242,25 +244,173 @@ def test_dense_kernels_stay_dense(tmp_path):
     assert all(keys[0] == "0" for keys in _stored_keys(path).values())
 
 
-def test_nested_sequential_is_converted_and_sublayers_of_layers_warn(tmp_path):
+def _nested_keys(path):
+    """{h5 folder: sorted variable keys} of every layer in a `.keras` file, at any depth."""
+    found = {}
+
+    def visit(name, obj):
+        if name.endswith("/vars") and isinstance(obj, h5py.Group) and len(obj):
+            found[name[: -len("/vars")]] = sorted(obj)
+
+    with zipfile.ZipFile(path) as archive:
+        with h5py.File(archive.open("model.weights.h5"), "r") as f:
+            f.visititems(visit)
+    return found
+
+
+def _zero_kernels(model, prefix="", fraction=0.8, seed=0):
+    """Zeros `fraction` of the kernel of each Dense/EinsumDense under `prefix`;
+    returns how many kernels it pruned."""
+    rng = np.random.default_rng(seed)
+    pruned = 0
+    for layer in flatten_layers(model, include_self=False):
+        if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)) and (
+            layer.path or ""
+        ).startswith(prefix):
+            kernel = layer.kernel.numpy()
+            kernel[rng.random(kernel.shape) < fraction] = 0.0
+            layer.kernel.assign(kernel)
+            pruned += 1
+    return pruned
+
+
+def _sparse_storage_quietly(model, **kwargs):
+    """`sparse_storage` and the messages of the warnings it gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        copy = pruning.sparse_storage(model, **kwargs)
+    return copy, [str(w.message) for w in caught]
+
+
+def _assert_same_weights(expected, model):
+    for old, new in zip(expected.weights, model.weights, strict=True):
+        assert old.name == new.name and old.dtype == new.dtype
+        np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+
+
+def test_nested_sequential_is_converted(tmp_path):
     inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)], name="inner")
     inputs = keras.Input((4,))
     outer = keras.Model(inputs, keras.layers.Dense(2)(inner(inputs)))
     copy = pruning.sparse_storage(outer)
+    assert type(copy).__name__ == "SparseStorageModel"
     assert type(copy.get_layer("inner").layers[0]).__name__ == "SparseStorageDense"
+    sequential = pruning.sparse_storage(inner, min_sparsity=0.3)
+    assert type(sequential).__name__ == "SparseStorageSequential"
+    assert type(sequential.layers[0]).__name__ == "SparseStorageDense"
+    path = os.path.join(tmp_path, "inner.keras")
+    sequential.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded).__name__ == "SparseStorageSequential"
+    assert loaded.min_sparsity == 0.3  # in the model's config
+    _assert_same_weights(inner, loaded)
 
+
+def test_block_linears_of_a_transformer_lm_are_stored_as_bitmaps(tmp_path):
+    # The Dense/EinsumDense layers inside `StableTransformerBlock` (its
+    # `MultiHeadAttention`'s query/key/value/output and its FFN) are rebuilt
+    # by the block's own code on load, as plain Keras layers: the model
+    # `sparse_storage` returns writes and reads them in the layout too.
     keras.utils.set_random_seed(0)
-    lm = build_char_transformer(12, 8, num_blocks=1, hidden_dim=16, num_heads=2)
+    lm = build_char_transformer(12, 8, num_blocks=1, hidden_dim=64, num_heads=2)
+    assert _zero_kernels(lm, prefix="block_") == 6  # Q, K, V, O, FFN in, out
     pruning.quantize(lm)
-    with pytest.warns(UserWarning, match="leaves .* layers stored as Keras stores"):
-        copy = pruning.sparse_storage(lm)
-    ids = np.random.default_rng(0).integers(0, 12, (2, 8)).astype("int32")
+    ids = np.random.default_rng(0).integers(0, 12, (4, 8)).astype("int32")
+    pred = lm.predict(ids, verbose=0)
+
+    copy, messages = _sparse_storage_quietly(lm)
+    assert not [m for m in messages if "sparse_storage" in m]
+    nested = [
+        layer
+        for layer in flatten_layers(copy, include_self=False)
+        if (layer.path or "").startswith("block_")
+        and isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))
+    ]
+    assert len(nested) == 6
+    assert {type(layer).__name__ for layer in nested} == {
+        "SparseStorageDense",
+        "SparseStorageEinsumDense",
+    }
     path = os.path.join(tmp_path, "lm.keras")
     copy.save(path)
+    stored = _nested_keys(path)
+    bitmaps = [folder for folder, keys in stored.items() if "0_bitmap" in keys]
+    # The 6 block linears; the embeddings and the logits layer are dense.
+    assert len(bitmaps) == 6
+    assert all("/stable_transformer_block/" in folder for folder in bitmaps)
+    for folder in bitmaps:
+        assert stored[folder][:3] == ["0_bitmap", "0_shape", "0_values"]
+        assert "0" not in stored[folder]
+
     loaded = keras.saving.load_model(path)
-    np.testing.assert_array_equal(
-        loaded.predict(ids, verbose=0), lm.predict(ids, verbose=0)
+    _assert_same_weights(lm, loaded)
+    np.testing.assert_array_equal(loaded.predict(ids, verbose=0), pred)
+    # The reloaded model saves the same layout again.
+    again = os.path.join(tmp_path, "again.keras")
+    loaded.save(again)
+    assert _nested_keys(again) == stored
+    _assert_same_weights(lm, keras.saving.load_model(again))
+
+    # What the layout saves on the 6 block kernels (49152 int8 weights, 80%
+    # zeros): one bit a weight plus the non-zero values, against the zeros
+    # at random places that gzip codes poorly. Measured 27512 -> 24932 bytes
+    # (-9.4%); before the nested layers were reached, no change.
+    plain = pruning.compressed_size(lm, file="keras")
+    sparse = pruning.compressed_size(copy, file="keras")
+    assert sparse < plain * 0.95, (sparse, plain)
+
+
+def load_nested_and_predict(path, x):
+    """In a fresh process: every layer's class, the weights and the predictions."""
+    import keras
+
+    import keras_stability  # noqa: F401  (registers the classes)
+    from keras_stability._keras_internals import flatten_layers
+
+    model = keras.saving.load_model(path)
+    return (
+        {layer.path: type(layer).__name__ for layer in flatten_layers(model)},
+        model.get_weights(),
+        np.asarray(model.predict(x, verbose=0)),
     )
+
+
+def test_multi_head_attention_file_loads_in_a_fresh_process(tmp_path):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 16))
+    h = keras.layers.MultiHeadAttention(2, 8, name="mha")(inputs, inputs)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="out")(h))
+    assert _zero_kernels(model) == 5
+    pruning.quantize(model)
+    x = np.random.default_rng(1).normal(size=(3, 6, 16)).astype("float32")
+    path = os.path.join(tmp_path, "mha.keras")
+    pruning.sparse_storage(model).save(path)
+    stored = _nested_keys(path)
+    assert sum("0_bitmap" in keys for keys in stored.values()) == 5
+
+    classes, weights, pred = run_in_subprocess(
+        load_nested_and_predict, path, x, n_cpu_devices=1
+    )
+    for sub in ("query", "key", "value", "attention_output"):
+        assert classes[f"mha/{sub}"] == "SparseStorageEinsumDense"
+    assert classes["out"] == "SparseStorageDense"
+    for old, new in zip(model.get_weights(), weights, strict=True):
+        assert old.dtype == new.dtype
+        np.testing.assert_array_equal(new, old)
+    np.testing.assert_array_equal(pred, model.predict(x, verbose=0))
+
+
+def test_subclasses_are_left_as_keras_stores_them_with_a_warning(tmp_path):
+    class OwnDense(keras.layers.Dense):
+        pass
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, OwnDense(3, name="own")(inputs))
+    copy, messages = _sparse_storage_quietly(model)
+    assert any(
+        "leaves 1 layers stored as Keras stores them (own)" in m for m in messages
+    )
+    assert type(copy.get_layer("own")) is OwnDense
 
 
 def test_bad_arguments_are_named():
