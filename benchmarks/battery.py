@@ -198,8 +198,8 @@ def _heavy_tailed_regression(seed, clean=False, n=2000):
     # out: the noise-free target.
     del clean
     rng = np.random.default_rng(seed)
-    w = rng.normal(size=(5, 1))
     x = rng.normal(size=(n, 5)).astype("float32")
+    w = rng.normal(size=(5, 1))
     y = (x @ w + rng.standard_t(2, size=(n, 1))).astype("float32")
     xv = rng.normal(size=(1000, 5)).astype("float32")
     return x, y, xv, (xv @ w).astype("float32")
