@@ -219,6 +219,27 @@ def _regression_mlp(optimizer, features=5):
     return model
 
 
+def _outlier_regression(seed, clean=False, n=1500):
+    # A linear target, 5% of the training targets 20 off: under the Huber
+    # loss at batch 16 a batch holding one has a loss ~1.2, one without
+    # ~0.04 (44% of them). Held out: 500 noise-free targets.
+    del clean
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n + 500, 8)).astype("float32")
+    w = rng.normal(size=(8, 1))
+    noise = 0.1 * rng.normal(size=(n + 500, 1)) + (rng.random((n + 500, 1)) < 0.05) * 20
+    y = (x @ w + noise).astype("float32")
+    return x[:n], y[:n], x[n:], (x[n:] @ w).astype("float32")
+
+
+def _huber_mlp(optimizer):
+    import keras
+
+    model = _regression_mlp(optimizer, features=8)
+    model.compile(optimizer, keras.losses.Huber())
+    return model
+
+
 def _label_noise(seed, clean=False, n=2000, noise=0.1):
     # A linear boundary in 10-D with 10% of the training labels flipped
     # (samples the model can only memorize); held out: true labels.
@@ -475,6 +496,18 @@ def cases():
             _mse,
             math.nan,
             batch_size=8,
+            epochs=5,
+        ),
+        Case(
+            "Huber regression, 5% outliers, batch 16, Adam(1e-3)",
+            "healthy",
+            "outlier-regression",
+            1e-3,
+            lambda lr: _huber_mlp(_adam(lr)),
+            _outlier_regression,
+            _mse,
+            math.nan,
+            batch_size=16,
             epochs=5,
         ),
         Case(

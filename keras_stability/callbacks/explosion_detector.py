@@ -175,8 +175,9 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
     `max_consecutive_skips` non-finite steps in a row, or bad steps (loss
     spikes or non-finite steps) in a row; a slow divergence (median loss of the
     last `min_samples` steps, all after the best snapshot, `loss_factor`
-    times the best snapshot's loss, a tenth of the starting loss or 0.01,
-    whichever is largest, so that a loss near zero is not "10x" anything by
+    times the best snapshot's loss, a tenth of the starting loss, 0.01 or
+    the mean loss of the steps before that snapshot, whichever is largest, so
+    that a loss near zero, or a lucky low score, is not "10x" anything by
     noise); a regression (median loss of the last `min_samples` steps
     `regress_factor` times the loss the fit started from, which must be well
     outside their spread); no progress after an explosion (the median raw
@@ -1168,8 +1169,8 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
     def _diverging(self):
         """A slow divergence (`rules.diverging`): the median of the last
         `min_samples` losses, all after the best snapshot, `loss_factor`
-        times its loss floored at a tenth of the starting loss and at
-        `rules.NEAR_ZERO`."""
+        times its loss floored at a tenth of the starting loss, at
+        `rules.NEAR_ZERO` and at the mean loss of the steps before it."""
         if self.loss_factor is None or len(self._sustained) < self._sustained.maxlen:
             return None
         best = self.best.score
@@ -1179,6 +1180,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             self._start_loss,
             self.loss_factor,
             DIVERGENCE_FLOOR,
+            typical=self.best.typical,
         )
         if found is None:
             return None
@@ -1192,6 +1194,9 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                 if reference <= best
                 else f" (floored at {rules.NEAR_ZERO:g}: a loss near zero)"
                 if reference == rules.NEAR_ZERO
+                else f" (floored at {reference:.4g}, the mean loss of the steps "
+                f"before that snapshot)"
+                if reference == self.best.typical
                 else f" (floored at {DIVERGENCE_FLOOR:g}x the starting loss: "
                 f"{reference:.4g})"
             )

@@ -91,6 +91,11 @@ class RecoveryMixin:
                     self.snapshot = self._pending
                     if not best <= score:
                         self.best = self.snapshot
+                        # The mean loss of the steps before it: a floor of
+                        # the divergence reference (`rules.diverging`).
+                        self.best.typical = (
+                            float(np.mean(self._recent)) if self._recent else None
+                        )
                         # A slow divergence is judged on losses after the
                         # best snapshot only: a window reaching back before it
                         # holds the higher losses of a falling run.

@@ -98,6 +98,8 @@ class Snapshot:
             loss for the weights `fit` started from), or NaN.
         finite: Whether every floating-point weight is finite (a snapshot
             that is not can be restored, but never heals a run).
+        typical: The mean raw loss of the steps before it when it became
+            the best snapshot, or `None`.
     """
 
     def __init__(self, model, step=0, score=float("inf")):
@@ -111,6 +113,7 @@ class Snapshot:
         self.optimizer_paths = [(i, v.path) for i, v in keyed]
         self.optimizer_values = values[len(weights) :]
         self.loss = float("nan")
+        self.typical = None
         self.finite = self.is_finite()
 
     def known_loss(self):

@@ -9,9 +9,9 @@ sustained behaviour, which a healthy run never shows:
 - `regressing`: the median loss of the last steps `factor` times the start,
   and the start implausible as a draw from them;
 - `diverging`: the median loss of the last steps `factor` times the best
-  snapshot's, floored at a fraction of the start and at `NEAR_ZERO` (the
-  median: one rare hard example's loss at batch size 1, 200x a well-fit
-  sample's, is no trend);
+  snapshot's, floored at a fraction of the start, at `NEAR_ZERO` and at the
+  mean loss of the steps before that snapshot (the median: one rare hard
+  example's loss at batch size 1, 200x a well-fit sample's, is no trend);
 - `exploded` then `stalled`: the mean loss of a stretch of 256 samples
   `EXPLOSION_FACTOR` times the start, and later the median of the last steps
   still at the start level (`STALL_LEVEL` of it or more) and moving
@@ -131,12 +131,18 @@ def regressing(recent, start, factor):
     return start < float(recent.mean() - REGRESS_SPREAD * recent.std(ddof=1))
 
 
-def diverging(sustained, best, start, factor, floor, absolute_floor=NEAR_ZERO):
+def diverging(
+    sustained, best, start, factor, floor, absolute_floor=NEAR_ZERO, typical=None
+):
     """The median of `sustained` if it is `factor` times the reference, else `None`.
 
     The reference is `best` (the best snapshot's loss) floored at
     `floor * start` and at `absolute_floor`, so that a loss near zero is not
-    "10x" anything by noise.
+    "10x" anything by noise, and at `typical`, the mean loss of the steps
+    before that snapshot: its own score is a short mean, the lowest of many,
+    and where batch losses take two levels (a few outliers in some batches
+    and not in others) the lowest short mean is one of the lower level, far
+    below the median it is compared with.
 
     Args:
         sustained: The last raw losses, all after the best snapshot,
@@ -147,6 +153,8 @@ def diverging(sustained, best, start, factor, floor, absolute_floor=NEAR_ZERO):
         floor: The fraction of `start` the reference is floored at.
         absolute_floor: The loss the reference is floored at whatever the
             start. Defaults to `NEAR_ZERO`.
+        typical: The mean raw loss of the last steps when the best snapshot
+            was taken; `None` (or not finite) leaves it out.
 
     Returns:
         `(median, reference)` if diverging, else `None`.
@@ -156,6 +164,8 @@ def diverging(sustained, best, start, factor, floor, absolute_floor=NEAR_ZERO):
     low = floor * start
     reference = max(best, low) if math.isfinite(low) else best
     reference = max(reference, absolute_floor)
+    if typical is not None and math.isfinite(typical):
+        reference = max(reference, typical)
     median = float(np.median(np.asarray(sustained, dtype=np.float64)))
     if not median > factor * reference:
         return None

@@ -89,3 +89,17 @@ def test_an_explosion_raises_most_losses_not_a_few():
     rising = np.concatenate([np.full(15, 0.8), np.full(17, 2.5)])
     assert rules.exploded(rising, start)
     assert not rules.exploded(rising, float("nan"))
+
+
+def test_divergence_reference_is_floored_at_the_typical_loss_before_the_best():
+    # Batch losses at two levels (outliers in some batches): the best score
+    # is a lucky streak of the lower one; the median later at the upper one.
+    sustained = np.full(20, 1.23)
+    assert rules.diverging(sustained, 0.039, 1.0, 10.0, 0.1) is not None
+    assert rules.diverging(sustained, 0.039, 1.0, 10.0, 0.1, typical=0.8) is None
+    # A real rise past 10x the typical level still is one.
+    median, reference = rules.diverging(
+        np.full(20, 9.0), 0.039, 1.0, 10.0, 0.1, typical=0.8
+    )
+    assert reference == 0.8 and median == 9.0
+    assert rules.diverging(sustained, 0.039, 1.0, 10.0, 0.1, typical=math.nan)
