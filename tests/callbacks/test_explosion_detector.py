@@ -1530,6 +1530,20 @@ def test_adaptive_clipping_asking_for_spike_skipping_after_the_detector_keeps_it
     assert model.optimizer.clipping is not None
 
 
+def _as_plain_fit(fit):
+    """`fit(callbacks)` with the default detector: no action, plain fit's weights.
+
+    Returns the detector. Spike events (records, no action) are allowed.
+    """
+    detector = GradientExplosionDetector(verbose=0)
+    plain, watched = fit([]), fit([detector])
+    assert detector.rollbacks == 0 and detector.stopped_reason is None
+    assert [e["kind"] for e in detector.events if e["kind"] != "spike"] == []
+    for a, b in zip(plain.get_weights(), watched.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    return detector
+
+
 def test_a_rare_class_at_batch_size_1_is_a_healthy_run():
     # 2% of the samples in a second class, batch size 1: once the common
     # class is fit, its losses are ~0.003 and a rare sample's ~5 (1000x).
@@ -1558,12 +1572,7 @@ def test_a_rare_class_at_batch_size_1_is_a_healthy_run():
         _quiet(model.fit, x, y, batch_size=1, epochs=1, verbose=0, callbacks=callbacks)
         return model
 
-    detector = GradientExplosionDetector(verbose=0)
-    plain, watched = fit([]), fit([detector])
-    assert detector.rollbacks == 0 and detector.stopped_reason is None
-    assert [e["kind"] for e in detector.events if e["kind"] != "spike"] == []
-    for a, b in zip(plain.get_weights(), watched.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
+    _as_plain_fit(fit)
 
 
 def test_fine_tuning_a_fit_model_on_a_new_rare_class_is_a_healthy_run():
@@ -1604,12 +1613,7 @@ def test_fine_tuning_a_fit_model_on_a_new_rare_class_is_a_healthy_run():
         _quiet(model.fit, x, y, batch_size=4, epochs=2, verbose=0, callbacks=callbacks)
         return model
 
-    detector = GradientExplosionDetector(verbose=0)
-    plain, watched = fit([]), fit([detector])
-    assert detector.rollbacks == 0 and detector.stopped_reason is None
-    assert [e["kind"] for e in detector.events if e["kind"] != "spike"] == []
-    for a, b in zip(plain.get_weights(), watched.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
+    _as_plain_fit(fit)
 
 
 def test_a_second_fit_of_a_fit_model_is_a_healthy_run():
@@ -1640,12 +1644,7 @@ def test_a_second_fit_of_a_fit_model_is_a_healthy_run():
         _quiet(model.fit, x, y, batch_size=16, epochs=5, verbose=0, callbacks=callbacks)
         return model
 
-    detector = GradientExplosionDetector(verbose=0)
-    plain, watched = fit([]), fit([detector])
-    assert detector.rollbacks == 0 and detector.stopped_reason is None
-    assert [e["kind"] for e in detector.events if e["kind"] != "spike"] == []
-    for a, b in zip(plain.get_weights(), watched.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
+    _as_plain_fit(fit)
 
 
 def test_regression_with_heavy_tailed_noise_is_a_healthy_run():
@@ -1673,12 +1672,8 @@ def test_regression_with_heavy_tailed_noise_is_a_healthy_run():
         _quiet(model.fit, x, y, batch_size=8, epochs=1, verbose=0, callbacks=callbacks)
         return model
 
-    detector = GradientExplosionDetector(verbose=0)
-    plain, watched = fit([]), fit([detector])
-    assert detector.rollbacks == 0 and detector.stopped_reason is None
+    detector = _as_plain_fit(fit)
     assert detector._exploded_at is None
-    for a, b in zip(plain.get_weights(), watched.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
 
 
 def test_huber_regression_with_outlier_batches_is_a_healthy_run():
@@ -1716,12 +1711,8 @@ def test_huber_regression_with_outlier_batches_is_a_healthy_run():
         )
         return model
 
-    detector = GradientExplosionDetector(verbose=0)
-    plain, watched = fit([]), fit([detector])
-    assert detector.rollbacks == 0 and detector.stopped_reason is None
+    detector = _as_plain_fit(fit)
     assert detector.best.typical > 10 * detector.best.score
-    for a, b in zip(plain.get_weights(), watched.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
 
 
 class _BatchLogs(keras.callbacks.Callback):
