@@ -791,13 +791,8 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         batches = batches[len(batches) - len(rows) :] if rows else []
         batches = [None] * (len(rows) - len(batches)) + batches
         flagged = False
-        skips = False  # whether any row was skipped (the in-graph count syncs)
+        skipped_before = self.skipped_batches
         for k, row in enumerate(rows):
-            skips = skips or (
-                row[ROW["nonfinite"]] > 0
-                or row[ROW["spike"]] > 0
-                or row[ROW["requested"]] > 0
-            )
             self._at_weights = k == len(rows) - 1
             held = row[ROW["held"]] > 0
             flagged = (
@@ -824,7 +819,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             self._holding = False
         if count and rows and logs is not None and "raw_loss" in logs:
             logs["raw_loss"] = self._logged_raw
-        if skips:  # the in-graph count goes on from the host's
+        if self.skipped_batches != skipped_before:  # the in-graph count goes on
             record.skipped.assign(float(self.skipped_batches))
         self._save_exclude()
 
@@ -1189,18 +1184,21 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             f"loss diverging: median raw loss {median:.4g} over the last "
             f"{len(self._sustained)} steps is above {self.loss_factor:g}x "
             f"the best healthy snapshot's loss {best:.4g}"
-            + (
-                ""
-                if reference <= best
-                else f" (floored at {rules.NEAR_ZERO:g}: a loss near zero)"
-                if reference == rules.NEAR_ZERO
-                else f" (floored at {reference:.4g}, the mean loss of the steps "
-                f"before that snapshot)"
-                if reference == self.best.typical
-                else f" (floored at {DIVERGENCE_FLOOR:g}x the starting loss: "
-                f"{reference:.4g})"
-            )
+            + self._floor_text(reference, best)
         )
+
+    def _floor_text(self, reference, best):
+        """Which floor of `rules.diverging` the reference is, if not `best`."""
+        if reference <= best:
+            return ""
+        if reference == rules.NEAR_ZERO:
+            return f" (floored at {rules.NEAR_ZERO:g}: a loss near zero)"
+        if reference == self.best.typical:
+            return (
+                f" (floored at {reference:.4g}, the mean loss of the steps "
+                "before that snapshot)"
+            )
+        return f" (floored at {DIVERGENCE_FLOOR:g}x the starting loss: {reference:.4g})"
 
     def on_epoch_end(self, epoch, logs=None):
         if self._calls_unread:  # steps per epoch unknown: the epoch's last look

@@ -77,11 +77,15 @@ class RecoveryMixin:
                 # hold a model the explosion killed: not one to return to,
                 # unless the losses around it are not stuck (`rules.stalled`:
                 # a fit model near its near-zero start is no dead one).
+                window = self._stall_window()
                 dead = getattr(self, "_exploded_at", None) is not None and (
-                    score >= rules.STALL_LEVEL * self._start_loss
+                    rules.stalled(
+                        [score],
+                        self._start_loss,
+                        max_jitter=None if window is None else rules.STALL_JITTER,
+                        window=window,
+                    )
                 )
-                if dead and (window := self._stall_window()) is not None:
-                    dead = rules.jitter(window) <= rules.STALL_JITTER
                 if not dead and not (
                     math.isfinite(best)
                     and best > 0

@@ -218,8 +218,8 @@ def record_values(model, guard, attribute, record):
             )
         )
         _keras_internals.assign_add(record.written, 1)
-        # Every skipped step, once: non-finite, a spike or requested (exclusive).
-        _keras_internals.assign_add(record.skipped, flags[0] + flags[3] + flags[4])
+        # Every skipped step, once (non-finite, a spike or requested).
+        _keras_internals.assign_add(record.skipped, ops.cast(skipped, "float32"))
         # A tensor (a read), not the variable: under a multi-worker strategy
         # the step's outputs are reduced across workers, which takes tensors.
         new["skipped_batches"] = ops.convert_to_tensor(record.skipped.value)
