@@ -116,7 +116,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
       at least 10x the median norm of the last `window` applied steps and
       `grad_z_threshold` robust deviations above it in log space, once
       `min_samples` are recorded, before that 100x the median of the first
-      ones; always 10x the largest norm applied so far; at most
+      ones; always 100x the largest norm applied so far; at most
       `max_consecutive_skips` in a row),
       are skipped in-graph (not applied, on every replica); loss spikes,
       seen on the host after the step, are warned about. After
@@ -330,7 +330,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             skips gradient-norm spikes in-graph (`RobustSpikeSkipping` with
             this detector's `window`, `grad_z_threshold`, `min_samples` and
             `max_consecutive_skips`, a norm at least 10x the median, 100x in
-            the first `min_samples` steps, and 10x the largest applied). A
+            the first `min_samples` steps, and 100x the largest applied). A
             guard that already skips spikes (`GuardedOptimizer(skip_spikes=
             ...)`) keeps its own settings. Defaults to `True`.
 
@@ -508,7 +508,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                     z_threshold=self.grad_z_threshold,
                     min_samples=self.min_samples,
                     max_consecutive=max(1, self.max_consecutive_skips),
-                )  # its floors: 10x the median (100x in the first steps), 10x the peak
+                )  # its floors: 10x the median (100x in the first steps), 100x the peak
             }
         self.optimizer, self._stats = self._observers.attach(
             model, per_layer_norms, optimizer=self._optimizer_arg, **guard_kwargs
@@ -580,6 +580,9 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         self._bad_window = collections.deque(
             maxlen=2 * (self.max_consecutive_skips + 1)
         )
+        # The same steps for `rules.rising`: a good step's raw loss, `None`
+        # for a bad one, `inf` for a non-finite one.
+        self._rise_window = collections.deque(maxlen=self._bad_window.maxlen)
         self._bad_streak = 0
         self._last_bad = False  # whether the last call was bad
         self._streak_mark = None  # the epoch's loss total before the first of them
@@ -944,7 +947,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             self.consecutive_skips = (
                 self.consecutive_skips + skipped if skipped == steps else skipped
             )
-            self._note_bad(skipped, steps)
+            self._note_bad(skipped, steps, nonfinite=True)
             if not rewound and (steps == 1 or not math.isfinite(raw)):
                 self._loss.rewind()
                 self._fix_logged_loss(logs)
@@ -1006,13 +1009,36 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             self._healthy_step(raw)
         return False
 
-    def _note_bad(self, bad, steps):
-        """Records a call of `steps` batches, `bad` of them bad."""
+    def _note_bad(self, bad, steps, loss=None, nonfinite=False):
+        """Records a call of `steps` batches, `bad` of them bad.
+
+        `loss`: the call's raw loss if it was judged and not bad;
+        `nonfinite`: whether its bad steps were non-finite.
+        """
         if bad and not self._bad_streak:
             self._streak_mark = self._loss.mark()
         self._bad_window.extend([False] * (steps - bad) + [True] * bad)
+        self._rise_window.extend(
+            [loss] * (steps - bad) + [math.inf if nonfinite else None] * bad
+        )
         self._bad_streak = sum(self._bad_window)
         self._last_bad = bool(bad)
+
+    def _rising(self):
+        """`rules.rising` on the window of the bad-step count.
+
+        Its reference is the median of the healthy losses before the window
+        (the loss window's values, less the window's good steps at its end),
+        or the window's first good loss when none came before.
+        """
+        good = [v for v in self._rise_window if v is not None and v != math.inf]
+        values = list(self._loss_z.values)
+        before = values[: max(len(values) - len(good), 0)]
+        if before:
+            reference = float(np.median(before))
+        else:
+            reference = good[0] if good else math.inf
+        return rules.rising(self._rise_window, reference)
 
     def _judge(self, raw, norm, steps):
         """The rules on one finite step: a problem (rollback-level) or `None`.
@@ -1058,7 +1084,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             self._pending = None  # a snapshot right before a spike is suspect
             self._spike_event(spike, raw, norm)
         else:
-            self._note_bad(0, steps)
+            self._note_bad(0, steps, loss=raw)
         if norm is not None:
             grad_z = self._grad_z.zscore(norm)
             if self._grad_z.update(norm):
@@ -1069,7 +1095,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                     raw,
                     norm,
                 )
-        if self._bad_streak > self.max_consecutive_skips:
+        if self._bad_streak > self.max_consecutive_skips and self._rising():
             return (
                 f"loss rising: {self._bad_streak} of the last {len(self._bad_window)} "
                 f"steps bad (loss spikes or non-finite steps), the last: {spike}"

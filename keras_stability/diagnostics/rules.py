@@ -12,6 +12,10 @@ sustained behaviour, which a healthy run never shows:
   snapshot's, floored at a fraction of the start, at `NEAR_ZERO` and at the
   mean loss of the steps before that snapshot (the median: one rare hard
   example's loss at batch size 1, 200x a well-fit sample's, is no trend);
+- `rising`: the bad steps of a window (loss spikes, non-finite steps) come
+  with a rise of the others, not between steps at the level the run is at
+  (a rare class at batch size 32: a quarter of the batches hold one and
+  stay 500x the rest, the run learning them);
 - `exploded` then `stalled`: the mean loss of a stretch of 256 samples
   `EXPLOSION_FACTOR` times the start, and later the median of the last steps
   still at the start level (`STALL_LEVEL` of it or more) and moving
@@ -45,6 +49,7 @@ __all__ = [
     "per_unit_weight",
     "jitter",
     "regressing",
+    "rising",
     "stalled",
 ]
 
@@ -175,6 +180,10 @@ def diverging(
 def exploded(stretch, start, factor=EXPLOSION_FACTOR):
     """Whether the median of `stretch` is `factor` times the starting loss.
 
+    The starting loss is floored at `NEAR_ZERO`: a fine-tune that starts
+    fit (0.0018 at batch size 16) and learns a new class sees the losses of
+    the classes already fit double near zero, which is no explosion.
+
     Args:
         stretch: The raw losses of the last batches holding at least
             `EXPLOSION_STRETCH` x 32 samples, single spikes left out (one
@@ -188,7 +197,39 @@ def exploded(stretch, start, factor=EXPLOSION_FACTOR):
     if len(stretch) == 0 or not (math.isfinite(start) and start > 0):
         return False
     median = float(np.median(np.asarray(stretch, dtype=np.float64)))
-    return median >= factor * start
+    return median >= factor * max(start, NEAR_ZERO)
+
+
+def rising(window, reference, factor=EXPLOSION_FACTOR):
+    """Whether a window with several bad steps shows a rising loss.
+
+    Several loss spikes among a few steps are a rise when the loss itself
+    climbs (a diverging run: 2.5, 5.5, 26, 151, 30, 2e4, 9e4, ...), not
+    when they recur between steps at the run's level (a rare class at batch
+    size 32: 0.6 in a quarter of the batches, 0.001 in the rest, the
+    class being learnt).
+
+    Args:
+        window: Per step, in order: the raw loss of a step that was not bad,
+            `None` for a loss spike or a skipped corrupt batch, `math.inf`
+            for a non-finite step.
+        reference: The level of the run before the window (the median of
+            its healthy losses before it).
+        factor: Defaults to `EXPLOSION_FACTOR`.
+
+    Returns:
+        `True` if the window holds a non-finite step, or fewer than two
+        steps that were not bad, or their median is `factor` times
+        `reference` (floored at `NEAR_ZERO`) or more.
+    """
+    if any(value == math.inf for value in window if value is not None):
+        return True
+    calm = [value for value in window if value is not None]
+    if len(calm) < 2:
+        return True
+    if not math.isfinite(reference):
+        return True
+    return float(np.median(calm)) >= factor * max(reference, NEAR_ZERO)
 
 
 def jitter(losses):

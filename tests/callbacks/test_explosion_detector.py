@@ -1499,7 +1499,7 @@ def test_spike_skipping_whoever_made_the_guard_and_off_by_argument(monitor_first
         "max_consecutive": 3,
         "min_ratio": 10.0,
         "early_ratio": 100.0,
-        "peak_ratio": 10.0,
+        "peak_ratio": 100.0,
     }
     assert (
         fit(keras.optimizers.Adam(), GradientExplosionDetector(skip_spikes=False))
@@ -1575,7 +1575,10 @@ def test_a_rare_class_at_batch_size_1_is_a_healthy_run():
     _as_plain_fit(fit)
 
 
-def test_fine_tuning_a_fit_model_on_a_new_rare_class_is_a_healthy_run():
+@pytest.mark.parametrize("seed, batch, epochs", [(0, 4, 2), (1, 4, 1), (1, 32, 1)])
+def test_fine_tuning_a_fit_model_on_a_new_rare_class_is_a_healthy_run(
+    seed, batch, epochs
+):
     # A model fit on classes 0 and 2 (loss ~0.002) fine-tuned at batch size
     # 4 on data with 1% of a class 1 it never saw. A rare sample's loss (~5)
     # made the mean of 256 samples 2x the near-zero start, an "explosion"
@@ -1585,12 +1588,20 @@ def test_fine_tuning_a_fit_model_on_a_new_rare_class_is_a_healthy_run():
     # lowered to 1e-9, the new class never learnt (held-out loss 5.9 against
     # plain fit's 0.22). Later the median of the fit classes' losses rises
     # 10x from 3e-4 to 3e-3 while the new class is learnt: no divergence
-    # either, near zero (`rules.NEAR_ZERO`).
+    # either, near zero (`rules.NEAR_ZERO`). Seed 1: the first two class-1
+    # batches (steps 14 and 28) have norms of 5.4 and 5.8, 49x and 21x the
+    # largest norm applied before them (the fit model's), and were skipped
+    # in-graph as corrupt batches with a peak ratio of 10 (held-out loss
+    # +7.6% in the battery); a corrupt batch is 650-1600x. Batch size 32: a
+    # quarter of the batches hold a class-1 sample (loss ~0.3, 100x the
+    # others): 4 of 8 steps were loss spikes, "loss rising", two rollbacks
+    # in the first 17 steps; the others stay at the fit level: no rise
+    # (`rules.rising`).
     rng = np.random.default_rng(1234)
     x0 = rng.normal(size=(2000, 10)).astype("float32")
     y0 = 2 * (rng.random(2000) < 0.5).astype("int64")
     x0[y0 == 2] -= 2.0
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     x = rng.normal(size=(2000, 10)).astype("float32")
     u = rng.random(2000)
     y = np.where(u < 0.01, 1, np.where(u < 0.505, 0, 2)).astype("int64")
@@ -1598,7 +1609,7 @@ def test_fine_tuning_a_fit_model_on_a_new_rare_class_is_a_healthy_run():
     x[y == 2] -= 2.0
 
     def fit(callbacks):
-        keras.utils.set_random_seed(0)
+        keras.utils.set_random_seed(seed)
         model = keras.Sequential(
             [
                 keras.Input((10,)),
@@ -1610,7 +1621,15 @@ def test_fine_tuning_a_fit_model_on_a_new_rare_class_is_a_healthy_run():
         model.compile(keras.optimizers.Adam(1e-2), loss)
         model.fit(x0, y0, batch_size=32, epochs=5, verbose=0)
         model.compile(keras.optimizers.Adam(1e-3), loss)
-        _quiet(model.fit, x, y, batch_size=4, epochs=2, verbose=0, callbacks=callbacks)
+        _quiet(
+            model.fit,
+            x,
+            y,
+            batch_size=batch,
+            epochs=epochs,
+            verbose=0,
+            callbacks=callbacks,
+        )
         return model
 
     _as_plain_fit(fit)

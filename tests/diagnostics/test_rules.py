@@ -103,3 +103,31 @@ def test_divergence_reference_is_floored_at_the_typical_loss_before_the_best():
     )
     assert reference == 0.8 and median == 9.0
     assert rules.diverging(sustained, 0.039, 1.0, 10.0, 0.1, typical=math.nan)
+
+
+def test_an_explosion_near_zero_is_measured_from_near_zero():
+    # A fine-tune that starts fit (1.8e-3 at batch size 16): while a new
+    # class is learnt, the classes already fit go to 4e-3, "2x" the start.
+    assert not rules.exploded(np.full(32, 4e-3), 1.8e-3)
+    assert not rules.exploded(np.full(32, 0.019), 1e-3)
+    # From the floor, a real rise still is one.
+    assert rules.exploded(np.full(32, 0.03), 1.8e-3)
+
+
+def test_bad_steps_are_a_rise_when_the_loss_climbs_not_when_they_recur():
+    inf = math.inf
+    # The Keras example at SGD(5): the loss climbs between the spikes.
+    climbing = [2.53, 5.46, 25.9, None, 29.9, None, None, None]
+    assert rules.rising(climbing, 2.53)
+    # A new rare class at batch size 32: a quarter of the batches hold one
+    # (0.3-0.6, spikes), the others stay at the fit level.
+    recurring = [1.1e-3, None, 9e-4, None, 2e-3, None, 1.4e-3, None]
+    assert not rules.rising(recurring, 1.2e-3)
+    # At a level above NEAR_ZERO, the same pattern is no rise either ...
+    assert not rules.rising([0.5, None, 0.6, None, 0.4, None, 0.7, None], 0.5)
+    # ... and the others at 2x the level are.
+    assert rules.rising([1.1, None, 1.2, None, 1.0, None, 1.3, None], 0.5)
+    # A non-finite step, or fewer than two good steps, is always a rise.
+    assert rules.rising(recurring[:-1] + [inf], 1.2e-3)
+    assert rules.rising([None, None, None, 1e-3], 1.2e-3)
+    assert rules.rising(recurring, math.inf)
