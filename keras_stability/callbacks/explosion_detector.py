@@ -93,10 +93,9 @@ DIVERGENCE_FLOOR = 0.1
 # The loss a fit started from is the mean raw loss of its first batches
 # holding at least this many samples.
 START_SAMPLES = 32
-# Below this many samples per step, the median of the first steps' losses is
-# no statistic (a few per-sample losses of a fast-falling run are ~0, and an
-# ordinary misclassified sample is then "400x" it): in the first steps a
-# spike must also be `loss_factor` times the starting loss.
+# Below this many samples per step, the first step's loss is no statistic:
+# in the first steps a spike is judged against the starting loss (the mean
+# of the first START_SAMPLES samples), from it against the first step's.
 SMALL_BATCH = 8
 # The per-layer gradient norms of the diagnostic are computed on steps whose
 # global norm is non-finite or this many times the step before's.
@@ -167,13 +166,18 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
     in-graph, which costs a healthy run one step at most; a bad batch
     applied would stay in Adam's second moments for ~1000 steps. Spikes are robust z-scores in log space (the median and MAD of
     the logs of the last `window` healthy values), or, in the first
-    `min_samples` steps, a raw loss `loss_factor` times their median (and,
-    at batch sizes below 8, where the median of a few per-sample losses is
-    no statistic, `loss_factor` times the starting loss too). A loss of 0.1
-    or below, or below a tenth of the starting loss, is never a spike.
-    What counts as a problem: a non-finite loss; more than
-    `max_consecutive_skips` non-finite steps in a row, or bad steps (loss
-    spikes or non-finite steps) in a row; a slow divergence (median loss of the
+    `min_samples` steps, a raw loss `loss_factor` times the larger of their
+    median and the starting loss (the median of a few batch losses is no
+    statistic: at batch size 1 a fast-falling run's are ~0; at batch size
+    32, when most batches hold a rare class, a lucky few without one). A
+    loss of 0.1 or below, or below a tenth of the starting loss, is never a
+    spike. What counts as a problem: a non-finite loss; more than
+    `max_consecutive_skips` non-finite steps in a row, or more than
+    `max_consecutive_skips` bad steps (loss spikes or non-finite steps)
+    among the last `2 * (max_consecutive_skips + 1)` with the loss climbing
+    (`rules.rising`: a non-finite step, or the other steps of the window at
+    2x the median loss before it; a rare class puts spikes in many batches
+    while the others stay where they were); a slow divergence (median loss of the
     last `min_samples` steps, all after the best snapshot, `loss_factor`
     times the best snapshot's loss, a tenth of the starting loss, 0.01 or
     the mean loss of the steps before that snapshot, whichever is largest, so
@@ -580,8 +584,8 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         self._bad_window = collections.deque(
             maxlen=2 * (self.max_consecutive_skips + 1)
         )
-        # The same steps for `rules.rising`: a good step's raw loss, `None`
-        # for a bad one, `inf` for a non-finite one.
+        # The same steps for `rules.rising`: `(raw loss, bad)`, the loss
+        # `inf` for a non-finite step, `None` when not judged.
         self._rise_window = collections.deque(maxlen=self._bad_window.maxlen)
         self._bad_streak = 0
         self._last_bad = False  # whether the last call was bad
@@ -1012,14 +1016,15 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
     def _note_bad(self, bad, steps, loss=None, nonfinite=False):
         """Records a call of `steps` batches, `bad` of them bad.
 
-        `loss`: the call's raw loss if it was judged and not bad;
-        `nonfinite`: whether its bad steps were non-finite.
+        `loss`: the call's raw loss if it was judged; `nonfinite`: whether
+        its bad steps were non-finite.
         """
         if bad and not self._bad_streak:
             self._streak_mark = self._loss.mark()
         self._bad_window.extend([False] * (steps - bad) + [True] * bad)
         self._rise_window.extend(
-            [loss] * (steps - bad) + [math.inf if nonfinite else None] * bad
+            [(loss, False)] * (steps - bad)
+            + [(math.inf if nonfinite else loss, True)] * bad
         )
         self._bad_streak = sum(self._bad_window)
         self._last_bad = bool(bad)
@@ -1031,7 +1036,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         (the loss window's values, less the window's good steps at its end),
         or the window's first good loss when none came before.
         """
-        good = [v for v in self._rise_window if v is not None and v != math.inf]
+        good = [v for v, bad in self._rise_window if not bad and v is not None]
         values = list(self._loss_z.values)
         before = values[: max(len(values) - len(good), 0)]
         if before:
@@ -1080,7 +1085,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         ):
             self._exploded_at = self.step
         if spike is not None:
-            self._note_bad(steps, steps)
+            self._note_bad(steps, steps, loss=raw)
             self._pending = None  # a snapshot right before a spike is suspect
             self._spike_event(spike, raw, norm)
         else:
@@ -1132,19 +1137,24 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         Three floors keep heavy-tailed small-batch noise from counting: a
         loss of `rules.SPIKE_FLOOR` (0.1) or below, or below a tenth of the
         starting loss, is never a spike (near zero loss nothing is "10x"
-        anything by noise), and in the first
-        `min_samples` steps, at batch sizes below `SMALL_BATCH`, a spike must
-        be `loss_factor` times the larger of their median and the starting
-        loss (at batch size 1 the median of a few per-sample losses of a
-        fast-falling run is near zero, and an ordinary misclassified sample
-        is then "400x" it).
+        anything by noise), and in the first `min_samples` steps a spike
+        must be `loss_factor` times the larger of their median and the
+        starting loss, at batch sizes of `SMALL_BATCH` or more the first
+        step's loss (the median of a few batch losses is no statistic: at
+        batch size 1 a fast-falling run's are near zero, and an ordinary
+        misclassified sample is then "400x" it; at batch size 32, fine-tuning
+        on a 3% new class, 62% of the batches hold one (0.5-1.0), and the
+        median of the first 5 was 3 lucky ones without (0.006)).
         """
         z = self._loss_z
         start = self._start_loss if math.isfinite(self._start_loss) else 0.0
         if not z.ready():
             median = z.median()
             if (self._call_samples or SMALL_BATCH) >= SMALL_BATCH:
-                start = 0.0  # the median of the first steps is a statistic
+                # The loss of the initial weights on a batch (the mean of the
+                # first samples would take in a climb already under way).
+                first = self._start_losses[0] if self._start_losses else math.nan
+                start = first if math.isfinite(first) else 0.0
             reference = max(median, start) if math.isfinite(median) else start
             if (
                 self.loss_factor is not None

@@ -62,6 +62,10 @@ __all__ = [
 # cross-entropy over 64 classes cannot rise far) to 1000x.
 EXPLOSION_FACTOR = 2.0
 EXPLOSION_STRETCH = 8
+# Bad steps with too few good ones between them are a rise when a later bad
+# loss is this many times the first (`rising`): a diverging run's climb by
+# orders of magnitude, not a rare class's spikes at one level.
+CLIMB_FACTOR = 10.0
 # After an explosion, a median raw loss over the last `min_samples` steps at
 # this fraction of the starting loss or above is a stall: no progress from
 # where training began (a model killed by the explosion predicts the class
@@ -200,36 +204,48 @@ def exploded(stretch, start, factor=EXPLOSION_FACTOR):
     return median >= factor * max(start, NEAR_ZERO)
 
 
-def rising(window, reference, factor=EXPLOSION_FACTOR):
+def rising(window, reference, factor=EXPLOSION_FACTOR, climb=CLIMB_FACTOR):
     """Whether a window with several bad steps shows a rising loss.
 
-    Several loss spikes among a few steps are a rise when the loss itself
-    climbs (a diverging run: 2.5, 5.5, 26, 151, 30, 2e4, 9e4, ...), not
-    when they recur between steps at the run's level (a rare class at batch
-    size 32: 0.6 in a quarter of the batches, 0.001 in the rest, the
-    class being learnt).
+    Several loss spikes among a few steps are a rise when the loss climbs
+    and does not come back: after the first bad step, the good steps (if
+    two or more) sit at `factor` times the level before the window (the
+    Keras example at SGD(5): 2.5, 5.5, 26, [151], 30, [2e4], [9e4], ...),
+    or, with fewer good steps, the later bad losses reach `climb` times the
+    first (SGD(20): [205], [5e5], [7e8], [3e14]). Spikes that recur between
+    steps at the run's level (a rare class at batch size 32: 0.6 in a
+    quarter of the batches, 0.001 in the rest, the class being learnt), or
+    that stay level, are no rise.
 
     Args:
-        window: Per step, in order: the raw loss of a step that was not bad,
-            `None` for a loss spike or a skipped corrupt batch, `math.inf`
-            for a non-finite step.
+        window: Per step, in order, `(loss, bad)`: the step's raw loss
+            (`math.inf` for a non-finite step, `None` if unknown) and
+            whether it was bad (a loss spike, a non-finite or skipped step).
         reference: The level of the run before the window (the median of
             its healthy losses before it).
         factor: Defaults to `EXPLOSION_FACTOR`.
+        climb: Defaults to `CLIMB_FACTOR`.
 
     Returns:
-        `True` if the window holds a non-finite step, or fewer than two
-        steps that were not bad, or their median is `factor` times
-        `reference` (floored at `NEAR_ZERO`) or more.
+        `True` if the window holds a non-finite step, or if after its first
+        bad step two or more good steps have a median `factor` times
+        `reference` (floored at `NEAR_ZERO`) or more, or fewer good steps
+        come and a later bad loss is `climb` times the first.
     """
-    if any(value == math.inf for value in window if value is not None):
+    window = list(window)
+    if any(loss == math.inf for loss, _ in window):
         return True
-    calm = [value for value in window if value is not None]
-    if len(calm) < 2:
-        return True
-    if not math.isfinite(reference):
-        return True
-    return float(np.median(calm)) >= factor * max(reference, NEAR_ZERO)
+    first = next((i for i, (_, bad) in enumerate(window) if bad), None)
+    if first is None:
+        return False
+    after = window[first + 1 :]
+    good = [loss for loss, bad in after if not bad and loss is not None]
+    if len(good) >= 2:
+        if not math.isfinite(reference):
+            return True
+        return float(np.median(good)) >= factor * max(reference, NEAR_ZERO)
+    losses = [loss for loss, bad in window[first:] if bad and loss is not None]
+    return len(losses) >= 2 and max(losses[1:]) >= climb * losses[0]
 
 
 def jitter(losses):

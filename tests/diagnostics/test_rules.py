@@ -114,20 +114,31 @@ def test_an_explosion_near_zero_is_measured_from_near_zero():
     assert rules.exploded(np.full(32, 0.03), 1.8e-3)
 
 
+def _steps(*losses):
+    # A loss in a list is a bad step's.
+    return [(v[0], True) if isinstance(v, list) else (v, False) for v in losses]
+
+
 def test_bad_steps_are_a_rise_when_the_loss_climbs_not_when_they_recur():
     inf = math.inf
-    # The Keras example at SGD(5): the loss climbs between the spikes.
-    climbing = [2.53, 5.46, 25.9, None, 29.9, None, None, None]
+    # The Keras example at SGD(5): the good step between the spikes has
+    # climbed too (one good step after the first spike: the spikes climb).
+    climbing = _steps(2.53, 5.46, 25.9, [151.0], 29.9, [2.1e4], [8.7e4], [8.6e4])
     assert rules.rising(climbing, 2.53)
+    # SGD(20) with the invariance test's settings: no good step after the
+    # first spike, the spikes climb by orders of magnitude.
+    assert rules.rising(_steps(2.38, 4.25, [205.0], [5e5], [6.7e8], [3e14]), 3.3)
+    # Spikes at one level with no good step between them: no rise.
+    assert not rules.rising(_steps(0.5, [0.9], [0.6], [1.1], [0.7]), 0.5)
     # A new rare class at batch size 32: a quarter of the batches hold one
     # (0.3-0.6, spikes), the others stay at the fit level.
-    recurring = [1.1e-3, None, 9e-4, None, 2e-3, None, 1.4e-3, None]
+    recurring = _steps(1.1e-3, [0.3], 9e-4, [0.5], 2e-3, [0.4], 1.4e-3, [0.6])
     assert not rules.rising(recurring, 1.2e-3)
     # At a level above NEAR_ZERO, the same pattern is no rise either ...
-    assert not rules.rising([0.5, None, 0.6, None, 0.4, None, 0.7, None], 0.5)
-    # ... and the others at 2x the level are.
-    assert rules.rising([1.1, None, 1.2, None, 1.0, None, 1.3, None], 0.5)
-    # A non-finite step, or fewer than two good steps, is always a rise.
-    assert rules.rising(recurring[:-1] + [inf], 1.2e-3)
-    assert rules.rising([None, None, None, 1e-3], 1.2e-3)
-    assert rules.rising(recurring, math.inf)
+    assert not rules.rising(_steps(0.5, [5.0], 0.6, [4.0], 0.4, [6.0], 0.7), 0.5)
+    # ... and the good steps at 2x the level are.
+    assert rules.rising(_steps(0.5, [5.0], 1.1, [4.0], 1.2, [6.0], 1.3), 0.5)
+    # A non-finite step is always a rise; no bad step never is.
+    assert rules.rising(recurring[:-1] + [(inf, True)], 1.2e-3)
+    assert not rules.rising(_steps(1.0, 2.0, 3.0), 1.0)
+    assert rules.rising(_steps([0.3], 0.5, 0.6), math.inf)
