@@ -167,17 +167,19 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
     applied would stay in Adam's second moments for ~1000 steps. Spikes are robust z-scores in log space (the median and MAD of
     the logs of the last `window` healthy values), or, in the first
     `min_samples` steps, a raw loss `loss_factor` times the larger of their
-    median and the starting loss (the median of a few batch losses is no
-    statistic: at batch size 1 a fast-falling run's are ~0; at batch size
-    32, when most batches hold a rare class, a lucky few without one). A
+    median and the starting loss (at batch sizes of 8 or more, the first
+    step's loss: the median of a few batch losses is no statistic, at batch
+    size 1 a fast-falling run's are ~0, at batch size 32, when most batches
+    hold a rare class, a lucky few without one). A
     loss of 0.1 or below, or below a tenth of the starting loss, is never a
     spike. What counts as a problem: a non-finite loss; more than
     `max_consecutive_skips` non-finite steps in a row, or more than
     `max_consecutive_skips` bad steps (loss spikes or non-finite steps)
     among the last `2 * (max_consecutive_skips + 1)` with the loss climbing
-    (`rules.rising`: a non-finite step, or the other steps of the window at
-    2x the median loss before it; a rare class puts spikes in many batches
-    while the others stay where they were); a slow divergence (median loss of the
+    (`rules.rising`: a non-finite step; or, after the first bad step, two
+    or more good steps at 2x the median loss before the window, or a later
+    bad loss 10x the first; a rare class puts spikes at one level in many
+    batches while the others stay where they were); a slow divergence (median loss of the
     last `min_samples` steps, all after the best snapshot, `loss_factor`
     times the best snapshot's loss, a tenth of the starting loss, 0.01 or
     the mean loss of the steps before that snapshot, whichever is largest, so
