@@ -93,9 +93,10 @@ DIVERGENCE_FLOOR = 0.1
 # The loss a fit started from is the mean raw loss of its first batches
 # holding at least this many samples.
 START_SAMPLES = 32
-# Below this many samples per step, the first step's loss is no statistic:
-# in the first steps a spike is judged against the starting loss (the mean
-# of the first START_SAMPLES samples), from it against the first step's.
+# In the first steps a loss spike is also judged against a starting level:
+# below this many samples per step the mean of the first START_SAMPLES
+# samples (one step's loss is no statistic), at or above it the first
+# step's loss.
 SMALL_BATCH = 8
 # The per-layer gradient norms of the diagnostic are computed on steps whose
 # global norm is non-finite or this many times the step before's.
@@ -581,14 +582,12 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         self.skipped_spikes = 0  # gradient-norm spikes
         self.skipped_requested = 0  # asked for: after a rollback, held by the trip
         self.consecutive_skips = 0
-        # Bad steps (loss spikes, skipped steps) among the last
-        # 2 * (max_consecutive_skips + 1) steps, and their count.
+        # The last 2 * (max_consecutive_skips + 1) steps as `(raw loss, bad)`
+        # (bad: a loss spike, a skipped step; the loss `inf` for a non-finite
+        # step, `None` when not judged), and how many were bad.
         self._bad_window = collections.deque(
             maxlen=2 * (self.max_consecutive_skips + 1)
         )
-        # The same steps for `rules.rising`: `(raw loss, bad)`, the loss
-        # `inf` for a non-finite step, `None` when not judged.
-        self._rise_window = collections.deque(maxlen=self._bad_window.maxlen)
         self._bad_streak = 0
         self._last_bad = False  # whether the last call was bad
         self._streak_mark = None  # the epoch's loss total before the first of them
@@ -1023,12 +1022,11 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         """
         if bad and not self._bad_streak:
             self._streak_mark = self._loss.mark()
-        self._bad_window.extend([False] * (steps - bad) + [True] * bad)
-        self._rise_window.extend(
+        self._bad_window.extend(
             [(loss, False)] * (steps - bad)
             + [(math.inf if nonfinite else loss, True)] * bad
         )
-        self._bad_streak = sum(self._bad_window)
+        self._bad_streak = sum(is_bad for _, is_bad in self._bad_window)
         self._last_bad = bool(bad)
 
     def _rising(self):
@@ -1038,14 +1036,14 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         (the loss window's values, less the window's good steps at its end),
         or the window's first good loss when none came before.
         """
-        good = [v for v, bad in self._rise_window if not bad and v is not None]
+        good = [v for v, bad in self._bad_window if not bad and v is not None]
         values = list(self._loss_z.values)
         before = values[: max(len(values) - len(good), 0)]
         if before:
             reference = float(np.median(before))
         else:
             reference = good[0] if good else math.inf
-        return rules.rising(self._rise_window, reference)
+        return rules.rising(self._bad_window, reference)
 
     def _judge(self, raw, norm, steps):
         """The rules on one finite step: a problem (rollback-level) or `None`.

@@ -176,7 +176,6 @@ class RecoveryMixin:
             self.optimizer.skip_next(self.skip_batches)
         self.consecutive_skips = 0
         self._bad_window.clear()
-        self._rise_window.clear()
         self._bad_streak = 0
         self._pending = None
         self._recent.clear()
