@@ -511,6 +511,20 @@ def cases():
             epochs=5,
         ),
         Case(
+            # One batch of 64 is the starting loss: a low draw of the
+            # heavy-tailed losses is "2x" the batches after it.
+            "Huber regression, 5% outliers, batch 64, Adam(1e-3)",
+            "healthy",
+            "outlier-regression",
+            1e-3,
+            lambda lr: _huber_mlp(_adam(lr)),
+            _outlier_regression,
+            _mse,
+            math.nan,
+            batch_size=64,
+            epochs=5,
+        ),
+        Case(
             "10% flipped labels, batch 8, Adam(3e-3)",
             "healthy",
             "label-noise",

@@ -188,7 +188,8 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
     noise); a regression (median loss of the last `min_samples` steps
     `regress_factor` times the loss the fit started from, which must be well
     outside their spread); no progress after an explosion (the median raw
-    loss of the last 8 x 32 samples at 2x the starting loss or more, and later,
+    loss of the last 8 x 32 samples at 2x the starting loss or more, with a
+    gradient norm among those steps at 2x the starting norm, and later,
     with no rollback in between, the median of the last `min_samples` steps
     or 256 samples still at 0.9x the starting loss or above, the losses
     moving smoothly from step to step: a model the explosion killed,
@@ -620,6 +621,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         self._start_loss = math.nan
         self._recent = collections.deque(maxlen=self.min_samples)
         self._start_losses = []
+        self._start_norms = []  # the gradient norms of the same steps
         self._start_calls = None
         self._call_samples = None  # samples per call (read with `_start_calls`)
         self._loss_mode = None  # "keras", "guard" or "none" (see _choose_loss_source)
@@ -1062,15 +1064,21 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             # The first judged step of this fit: the explosion evidence
             # starts afresh (the detector may be reused across `fit` calls).
             self._exploded_at = None
-            self._stretch = collections.deque(
-                maxlen=rules.EXPLOSION_STRETCH * self._start_steps(steps)
-            )
+            maxlen = rules.EXPLOSION_STRETCH * self._start_steps(steps)
+            self._stretch = collections.deque(maxlen=maxlen)
+            self._stretch_norms = collections.deque(maxlen=maxlen)
         if len(self._start_losses) < self._start_steps(steps):
             # The loss the fit started from: the mean over its first
             # START_SAMPLES samples (one batch of 1 may be a lucky one).
             self._start_losses.append(raw)
             self._start_loss = float(np.mean(self._start_losses))
+            if norm is not None:
+                self._start_norms.append(norm)
         self._recent.append(raw)
+        # The gradient norms of as many last steps as the stretch holds,
+        # spikes included: an explosion's largest gradients may come with
+        # loss spikes, which stay out of the stretch's losses.
+        self._stretch_norms.append(norm)
         spike = self._loss_spike(raw)
         if spike is None:
             # A single spike is neither a divergence nor an explosion: it
@@ -1081,7 +1089,14 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         if (
             self._exploded_at is None
             and len(self._stretch) == self._stretch.maxlen
-            and rules.exploded(self._stretch, self._start_loss)
+            and rules.exploded(
+                self._stretch,
+                self._start_loss,
+                norms=self._stretch_norms,
+                start_norm=(
+                    float(np.mean(self._start_norms)) if self._start_norms else None
+                ),
+            )
         ):
             self._exploded_at = self.step
         if spike is not None:
@@ -1452,7 +1467,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         explosion that kills the model (its prediction the class prior) ends
         there, below any regression, and learns nothing more; a healthy run
         never explodes (`rules.exploded`: a stretch of 256 samples at 2x the
-        start), and a fit model that stays at its near-zero start has losses
+        start, and a gradient norm in it at 2x the starting one), and a fit model that stays at its near-zero start has losses
         that jump by orders of magnitude from one batch to the next."""
         window = self._stall_window()
         return (

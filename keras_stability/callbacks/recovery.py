@@ -185,6 +185,7 @@ class RecoveryMixin:
         self._exploded_at = None
         if getattr(self, "_stretch", None) is not None:
             self._stretch.clear()
+            self._stretch_norms.clear()
         if self.check_recovery and self._loss_mode != "none":
             skipped = self.skip_batches if hasattr(self.optimizer, "skip_next") else 0
             reference = (

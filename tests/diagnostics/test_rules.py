@@ -114,6 +114,29 @@ def test_an_explosion_near_zero_is_measured_from_near_zero():
     assert rules.exploded(np.full(32, 0.03), 1.8e-3)
 
 
+def test_an_explosion_of_the_loss_needs_one_of_the_gradient():
+    # A Huber regression at batch 64: the first batch a low draw (1.03),
+    # the batch losses near 1.7-2.1, the gradient norms level (0.78 ->
+    # 1.25 at most, Huber's gradient is bounded).
+    losses = [2.25, 1.68, 2.01, 2.37, 3.27, 0.86, 1.46, 2.42]
+    level = [0.78, 1.12, 0.95, 1.0, 1.25, 0.9, 0.85, 1.1]
+    assert rules.exploded(losses, 1.03)  # the losses alone: "2x the start"
+    assert not rules.exploded(losses, 1.03, norms=level, start_norm=0.78)
+    # The char LM at 100x its rate: the norms 2.2 -> 10.3 with the loss.
+    lm = [9.4, 9.8, 9.1, 9.6, 9.2, 8.9, 9.5, 9.3]
+    rising = [2.96, 5.27, 3.99, 7.09, 10.3, 8.2, 6.6, 5.9]
+    assert rules.exploded(lm, 4.61, norms=rising, start_norm=2.2)
+    assert not rules.exploded(lm, 4.61, norms=[2.2] * 8, start_norm=2.2)
+    # A non-finite norm is a rise; steps without a norm, or no starting
+    # norm, leave the losses to decide.
+    assert rules.exploded(lm, 4.61, norms=[2.2] * 7 + [math.nan], start_norm=2.2)
+    assert rules.exploded(lm, 4.61, norms=[2.2] * 7 + [math.inf], start_norm=2.2)
+    assert rules.exploded(lm, 4.61, norms=[None] * 8, start_norm=2.2)
+    assert rules.exploded(lm, 4.61, norms=rising, start_norm=None)
+    # Without the loss's rise the gradient's alone is none.
+    assert not rules.exploded([5.0] * 8, 4.61, norms=[50.0] * 8, start_norm=2.2)
+
+
 def _steps(*losses):
     # A loss in a list is a bad step's.
     return [(v[0], True) if isinstance(v, list) else (v, False) for v in losses]
