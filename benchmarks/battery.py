@@ -499,6 +499,20 @@ def cases():
             epochs=5,
         ),
         Case(
+            # One batch of 32 is the starting loss: 8 batches of squared
+            # errors without a variance reach 2x it by chance.
+            "regression, Student-t noise (2 dof), batch 32, Adam(1e-3)",
+            "healthy",
+            "heavy-regression",
+            1e-3,
+            lambda lr: _regression_mlp(_adam(lr)),
+            _heavy_tailed_regression,
+            _mse,
+            math.nan,
+            batch_size=32,
+            epochs=5,
+        ),
+        Case(
             "Huber regression, 5% outliers, batch 16, Adam(1e-3)",
             "healthy",
             "outlier-regression",

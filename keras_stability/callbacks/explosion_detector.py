@@ -188,8 +188,9 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
     noise); a regression (median loss of the last `min_samples` steps
     `regress_factor` times the loss the fit started from, which must be well
     outside their spread); no progress after an explosion (the median raw
-    loss of the last 8 x 32 samples at 2x the starting loss or more, with a
-    gradient norm among those steps at 2x the starting norm, and later,
+    loss of the last 8 x 32 samples at 2x the starting loss or more and above
+    every healthy loss of the `window` steps before them, with a gradient
+    norm among those steps at 2x the starting norm, and later,
     with no rollback in between, the median of the last `min_samples` steps
     or 256 samples still at 0.9x the starting loss or above, the losses
     moving smoothly from step to step: a model the explosion killed,
@@ -1067,6 +1068,8 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             maxlen = rules.EXPLOSION_STRETCH * self._start_steps(steps)
             self._stretch = collections.deque(maxlen=maxlen)
             self._stretch_norms = collections.deque(maxlen=maxlen)
+            # The healthy losses that left the stretch (the last `window`).
+            self._before_stretch = collections.deque(maxlen=self.window)
         if len(self._start_losses) < self._start_steps(steps):
             # The loss the fit started from: the mean over its first
             # START_SAMPLES samples (one batch of 1 may be a lucky one).
@@ -1085,6 +1088,8 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             # stays out of their means (a bad batch of a 1000x loss is 50x
             # the mean of 20 steps, 125x that of 8).
             self._sustained.append(raw)
+            if len(self._stretch) == self._stretch.maxlen:
+                self._before_stretch.append(self._stretch[0])
             self._stretch.append(raw)
         if (
             self._exploded_at is None
@@ -1096,6 +1101,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                 start_norm=(
                     float(np.mean(self._start_norms)) if self._start_norms else None
                 ),
+                before=self._before_stretch,
             )
         ):
             self._exploded_at = self.step
@@ -1467,7 +1473,8 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         explosion that kills the model (its prediction the class prior) ends
         there, below any regression, and learns nothing more; a healthy run
         never explodes (`rules.exploded`: a stretch of 256 samples at 2x the
-        start, and a gradient norm in it at 2x the starting one), and a fit model that stays at its near-zero start has losses
+        start and above the losses before it, and a gradient norm in it at
+        2x the starting one), and a fit model that stays at its near-zero start has losses
         that jump by orders of magnitude from one batch to the next."""
         window = self._stall_window()
         return (

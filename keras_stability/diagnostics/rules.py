@@ -17,8 +17,9 @@ sustained behaviour, which a healthy run never shows:
   (a rare class at batch size 32: a quarter of the batches hold one and
   stay 500x the rest, the run learning them);
 - `exploded` then `stalled`: the median loss of a stretch of 256 samples
-  `EXPLOSION_FACTOR` times the start, with a gradient norm in it
-  `EXPLOSION_NORM_FACTOR` times the starting one, and later the median of the last steps
+  `EXPLOSION_FACTOR` times the start and above the healthy losses before
+  it, with a gradient norm in it `EXPLOSION_NORM_FACTOR` times the starting
+  one, and later the median of the last steps
   still at the start level (`STALL_LEVEL` of it or more) and moving
   smoothly from step to step (`jitter` at most `STALL_JITTER`). An
   explosion that leaves the model dead (every unit saturated or off, the
@@ -197,9 +198,10 @@ def exploded(
     norms=None,
     start_norm=None,
     norm_factor=EXPLOSION_NORM_FACTOR,
+    before=None,
 ):
     """Whether the median of `stretch` is `factor` times the starting loss,
-    and the gradient norm rose with it.
+    above the losses before it, and the gradient norm rose with it.
 
     The starting loss is floored at `NEAR_ZERO`: a fine-tune that starts
     fit (0.0018 at batch size 16) and learns a new class sees the losses of
@@ -223,12 +225,23 @@ def exploded(
         norm_factor: The largest of `norms` must be this many times
             `start_norm` (a non-finite norm always is). Defaults to
             `EXPLOSION_NORM_FACTOR`.
+        before: The healthy raw losses of the steps before the stretch (the
+            last of them), or `None`. When they are as many as the
+            stretch's, its median must be above the largest of them: the
+            median of 8 batches of a loss with heavy-tailed noise (a
+            regression with Student-t noise of 2 degrees of freedom, whose
+            squared errors have no variance) reaches 2x a start of one
+            batch by chance, but not above the batches before it. An
+            explosion in the first steps has no such history.
     """
     if len(stretch) == 0 or not (math.isfinite(start) and start > 0):
         return False
     median = float(np.median(np.asarray(stretch, dtype=np.float64)))
     if median < factor * max(start, NEAR_ZERO):
         return False
+    if before is not None and len(before) >= len(stretch):
+        if not median > max(before):
+            return False
     seen = [n for n in norms or () if n is not None]
     if (
         not seen

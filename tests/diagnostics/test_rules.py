@@ -137,6 +137,19 @@ def test_an_explosion_of_the_loss_needs_one_of_the_gradient():
     assert not rules.exploded([5.0] * 8, 4.61, norms=[50.0] * 8, start_norm=2.2)
 
 
+def test_an_explosion_rises_above_the_losses_before_it():
+    # Student-t noise at batch 32: a stretch's median at 2x the first batch
+    # and below the largest of the batches before it.
+    stretch = [11.0, 15.0, 13.0, 9.0, 14.0, 20.0, 12.0, 13.5]
+    assert rules.exploded(stretch, 6.5)
+    assert not rules.exploded(stretch, 6.5, before=[6.0, 4.0, 62.0] + [5.0] * 10)
+    # Above all of them: an explosion.
+    assert rules.exploded(stretch, 6.5, before=[6.0, 4.0, 9.0] + [5.0] * 10)
+    # Fewer losses before it than in the stretch (an explosion in the first
+    # steps): the start alone decides.
+    assert rules.exploded(stretch, 6.5, before=[62.0] * 7)
+
+
 def _steps(*losses):
     # A loss in a list is a bad step's.
     return [(v[0], True) if isinstance(v, list) else (v, False) for v in losses]
