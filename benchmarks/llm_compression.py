@@ -239,9 +239,13 @@ TEACHER_WARMUP = 1 / 20
 # hard labels and KL at T=1 (`SHRUNK_DISTILL`) from a 16-step linear warmup
 # (`SHRUNK_WARMUP`) then a cosine decay of `SHRUNK_LR` to 0 over the
 # winner's steps (the search's + 246). The study behind these settings
-# (RESULTS.md, "2 of 4 blocks" and "a block rule by search"): peaks 3e-3
+# (RESULTS.md, "2 of 4 blocks" and "the 2 kept blocks by a rule"): peaks 3e-3
 # and 7e-3 worse than 5e-3, KL only and alpha 0.5 at T=2 worse than alpha
 # 0.5 at T=1; the warmup took 0.05-0.49 off every pair and seed tried.
+# 2 candidates x 41 steps, the winner continuing, were chosen on seeds 0 and
+# 1 over 3 x 27 (5.418, 5.564) and restarting the winner (5.530, 5.690).
+# With this search: blocks 0, 1 on seeds 0-3, 5.392, 5.517, 5.612 on seeds
+# 0-2 (seed 2 +7.6%: not within 5%; blocks 0, 2 by hand gave 5.460 there).
 SHRUNK = dict(num_layers=2, intermediate_dim=255)
 SHRUNK_DISTILL = dict(alpha=0.5, temperature=1.0)
 SHRUNK_LR = 5e-3
