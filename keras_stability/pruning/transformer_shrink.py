@@ -41,6 +41,7 @@ Reference:
     Towards Any Structural Pruning", CVPR 2023.
 """
 
+import itertools
 import math
 import re
 
@@ -60,6 +61,8 @@ from keras_stability.pruning.coupling import trace_model
 __all__ = ["shrink_transformer", "shrink_transformer_plan"]
 
 BLOCK_IMPORTANCE = ("cosine", "loss")
+# Most block subsets `_Analysis.block_subsets_by_loss` builds and measures.
+MAX_BLOCK_SUBSETS = 256
 
 
 def shrink_transformer_plan(
@@ -71,6 +74,7 @@ def shrink_transformer_plan(
     data=None,
     block_importance="cosine",
     batch_size=16,
+    keep_blocks=None,
 ):
     """What `shrink_transformer` would remove, with the scores behind it.
 
@@ -97,13 +101,20 @@ def shrink_transformer_plan(
             next-token cross-entropy when the block is skipped; needs `y`).
             Used with `data`. Defaults to `"cosine"`.
         batch_size: Calibration batch size. Defaults to `16`.
+        keep_blocks: Indices of the blocks to keep (e.g. `[0, 1]` to drop
+            the last two of four), or `None` to rank them by
+            `block_importance`. Distinct integers in `[0, blocks - 1]`, in
+            any order (the kept blocks stay in the model's order); their
+            count is `num_layers`, which may be left `None`. Defaults to
+            `None`.
 
     Returns:
         Dict with `"importance"` (`"activation"` or `"magnitude"`),
         `"sizes"` (the new `num_heads`, `intermediate_dim`, `hidden_dim`,
-        `num_layers`), `"original_sizes"`, `"blocks"` (`"names"`, `"scores"`,
-        `"keep"`), `"heads"` and `"intermediate"` (per block name:
-        `"scores"` and sorted `"keep"` indices; a head unit is a key/value
+        `num_layers`), `"original_sizes"`, `"blocks"` (`"names"`, `"scores"`
+        (`None` with `keep_blocks`), `"keep"`), `"heads"` and
+        `"intermediate"` (per block name: `"scores"` and sorted `"keep"`
+        indices; a head unit is a key/value
         head with its query heads under grouped-query attention), and
         `"hidden"` (`"scores"`, `"keep"`). A lower score is removed first.
 
@@ -113,8 +124,10 @@ def shrink_transformer_plan(
             through touches it (the message names the op and its layer).
     """
     requested = _check_sizes(num_heads, intermediate_dim, hidden_dim, num_layers)
+    keep_blocks, requested["num_layers"] = _check_keep_blocks(keep_blocks, num_layers)
     analysis = _Analysis(model, data, block_importance, batch_size)
-    return analysis.plan(analysis.target_sizes(requested))
+    keep_blocks = analysis.check_keep_blocks(keep_blocks)
+    return analysis.plan(analysis.target_sizes(requested), keep_blocks)
 
 
 def shrink_transformer(
@@ -126,6 +139,7 @@ def shrink_transformer(
     data=None,
     block_importance="cosine",
     batch_size=16,
+    keep_blocks=None,
 ):
     """A smaller copy of a transformer LM with the least important parts removed.
 
@@ -149,6 +163,8 @@ def shrink_transformer(
             for magnitude scores. Defaults to `None`.
         block_importance: `"cosine"` or `"loss"`. Defaults to `"cosine"`.
         batch_size: Calibration batch size. Defaults to `16`.
+        keep_blocks: Indices of the blocks to keep, or `None` (see
+            `shrink_transformer_plan`). Defaults to `None`.
 
     Returns:
         A new model of the same kind; `model` is left unchanged. It is not
@@ -171,8 +187,10 @@ def shrink_transformer(
     ```
     """
     requested = _check_sizes(num_heads, intermediate_dim, hidden_dim, num_layers)
+    keep_blocks, requested["num_layers"] = _check_keep_blocks(keep_blocks, num_layers)
     analysis = _Analysis(model, data, block_importance, batch_size)
-    return analysis.apply(analysis.plan(analysis.target_sizes(requested)))
+    keep_blocks = analysis.check_keep_blocks(keep_blocks)
+    return analysis.apply(analysis.plan(analysis.target_sizes(requested), keep_blocks))
 
 
 def _check_sizes(num_heads, intermediate_dim, hidden_dim, num_layers):
@@ -186,6 +204,35 @@ def _check_sizes(num_heads, intermediate_dim, hidden_dim, num_layers):
     for name, value in requested.items():
         check_positive_int(name, value, allow_none=True)
     return requested
+
+
+def _check_keep_blocks(keep_blocks, num_layers):
+    """`(keep_blocks, num_layers)`: sorted distinct ints and their count.
+
+    The upper bound of the indices is checked on the model
+    (`_Analysis.check_keep_blocks`).
+    """
+    if keep_blocks is None:
+        return None, num_layers
+    what = "a list of distinct non-negative integer block indices"
+    try:
+        values = list(keep_blocks)
+    except TypeError:
+        raise invalid("keep_blocks", keep_blocks, what) from None
+    if not values or not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values
+    ):
+        raise invalid("keep_blocks", keep_blocks, what)
+    values = [int(v) for v in values]
+    if min(values) < 0 or len(set(values)) != len(values):
+        raise invalid("keep_blocks", keep_blocks, what)
+    if num_layers is not None and num_layers != len(values):
+        raise invalid(
+            "num_layers",
+            num_layers,
+            f"`None` or the number of `keep_blocks` ({len(values)}: {values})",
+        )
+    return sorted(values), len(values)
 
 
 # -- data ----------------------------------------------------------------------
@@ -379,6 +426,17 @@ class _Analysis:
             sizes["hidden_dim"] = int(self.family.block_io(blocks[0])[0].shape[-1])
         self.sizes = sizes
 
+    def check_keep_blocks(self, keep_blocks):
+        """`keep_blocks` (sorted, distinct) checked against the model's blocks."""
+        n = len(self.family.blocks)
+        if keep_blocks is not None and max(keep_blocks) >= n:
+            raise invalid(
+                "keep_blocks",
+                keep_blocks,
+                f"distinct block indices in [0, {n - 1}] (the model has {n} blocks)",
+            )
+        return keep_blocks
+
     def _unit(self, table, k, what, argument, value):
         """The one group of heads (or FFN units) of block `k`."""
         units = table.get(k, [])
@@ -534,12 +592,42 @@ class _Analysis:
             scores[k] = self._loss(self.apply(plan)) - base
         return scores
 
+    def block_subsets_by_loss(self, plan, limit=MAX_BLOCK_SUBSETS):
+        """Every choice of `plan`'s number of blocks, by calibration loss.
+
+        Each subset of `plan["sizes"]["num_layers"]` blocks is built with
+        the rest of `plan` (heads, FFN units, hidden channels) and its loss
+        measured on the calibration batches, right after removal.
+
+        Returns:
+            A list of `(keep, loss)`, `keep` a sorted index array, lowest
+            loss first (ties in the order of `itertools.combinations`).
+        """
+        n = len(self.family.blocks)
+        k = plan["sizes"]["num_layers"]
+        count = math.comb(n, k)
+        if count > limit:
+            raise invalid(
+                "num_layers",
+                k,
+                f"a block count with at most {limit} subsets of the model's {n} "
+                f"blocks to try ({count} for {k}); name the blocks with "
+                "`keep_blocks` instead",
+            )
+        out = []
+        for keep in itertools.combinations(range(n), k):
+            candidate = dict(plan, blocks=dict(plan["blocks"], keep=np.array(keep)))
+            out.append((np.array(keep), self._loss(self.apply(candidate))))
+        out.sort(key=lambda pair: pair[1])
+        return out
+
     def _full_sizes(self):
         return {k: self.sizes[k] for k in families.SIZE_NAMES}
 
     # -- plan -----------------------------------------------------------------
 
-    def plan(self, sizes):
+    def plan(self, sizes, keep_blocks=None):
+        """What to remove to reach `sizes`; `keep_blocks` overrides the block ranking."""
         blocks = self.family.blocks
         by_data = bool(self.batches)
         shrink_heads = sizes["num_heads"] < self.sizes["num_heads"]
@@ -566,7 +654,10 @@ class _Analysis:
             "intermediate": {},
             "hidden": {"keep": None},
         }
-        if sizes["num_layers"] < len(blocks):
+        if keep_blocks is not None:
+            plan["blocks"]["scores"] = None
+            plan["blocks"]["keep"] = np.array(keep_blocks)
+        elif sizes["num_layers"] < len(blocks):
             block_scores = self._block_scores()
             plan["blocks"]["scores"] = block_scores
             plan["blocks"]["keep"] = _top(block_scores, sizes["num_layers"])

@@ -887,6 +887,7 @@ def _transformer_shrink_case(target):
             "data": ["text", np.zeros((2, 8, 3), "int32")],
             "block_importance": ["angle", None],
             "batch_size": [0, -1],
+            "keep_blocks": [[0, 0], [5], [-1], 1, "0", [True], [0.0]],
         },
     )
 
@@ -916,6 +917,10 @@ DISTILLATION_CASES.append(
             "optimizer": ["nope", None],
             "alpha": [-0.1, 1.5],
             "temperature": [0.0, -1.0],
+            "keep_blocks": [[0, 0], [5], "0", [-1]],
+            "block_candidates": [0, 1.5, True, 2],
+            "search_steps": [0, -1, 2.5, 2],
+            "search_restart": ["yes", None, 1],
         },
         skip={"y": "labels, checked by `fit`", "sample_weight": TENSOR},
     )

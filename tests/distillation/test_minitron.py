@@ -124,3 +124,115 @@ def test_gpt2_causal_lm_with_padding_mask():
     assert student.backbone.num_layers == 1 and student.backbone.intermediate_dim == 32
     losses = history.history["distillation_loss"]
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def _block_names(model):
+    return [layer.name for layer in model.layers if "block" in layer.name]
+
+
+def test_keep_blocks_are_the_ones_distilled(teacher):
+    x, y = sequences(32, seed=1)
+    student, _ = prune_and_distill(
+        teacher,
+        x,
+        keep_blocks=[1],
+        calibration_samples=16,
+        batch_size=16,
+        optimizer=keras.optimizers.SGD(0.0),  # the weights stay the teacher's
+        verbose=0,
+    )
+    assert _block_names(student) == ["block_1"]
+    old = {w.path: w.numpy() for w in teacher.weights}
+    for w in student.weights:
+        np.testing.assert_array_equal(w.numpy(), old[w.path], err_msg=w.path)
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid value for argument `num_layers`. Expected `None` or the "
+        r"number of `keep_blocks` \(1: \[1\]\). Received: num_layers=2",
+    ):
+        prune_and_distill(teacher, x, num_layers=2, keep_blocks=[1])
+    with pytest.raises(
+        ValueError, match=r"Expected distinct block indices in \[0, 1\]"
+    ):
+        prune_and_distill(teacher, x, keep_blocks=[2])
+
+
+def test_block_search_picks_the_lowest_validation_loss(teacher):
+    # Labels that the candidate further from the teacher predicts: it has the
+    # lower calibration loss, so it is ranked first, but with a learning rate
+    # of 0 the validation loss is each candidate's KL to the teacher (alpha
+    # 0): the search must pick the other one.
+    from keras_stability.pruning import shrink_transformer
+
+    x, _ = sequences(48, seed=1)
+    cal = x[:16]
+    kl = keras.losses.KLDivergence()
+    target = keras.ops.softmax(teacher(cal))
+    candidates = [shrink_transformer(teacher, keep_blocks=[k]) for k in (0, 1)]
+    kls = [float(kl(target, keras.ops.softmax(c(cal)))) for c in candidates]
+    far, near = int(np.argmax(kls)), int(np.argmin(kls))
+    y = np.asarray(keras.ops.argmax(candidates[far](x), -1))
+    student, history = prune_and_distill(
+        teacher,
+        x,
+        y,
+        num_layers=1,
+        calibration_samples=16,
+        block_candidates=2,
+        search_steps=1,
+        batch_size=16,
+        optimizer=keras.optimizers.SGD(0.0),
+        verbose=0,
+    )
+    search = history.block_search
+    assert search["candidates"] == [[far], [near]]  # by calibration loss
+    assert search["calibration_loss"][0] < search["calibration_loss"][1]
+    assert search["keep"] == [near]
+    assert _block_names(student) == [f"block_{near}"]
+    np.testing.assert_allclose(
+        search["validation_loss"], [kls[far], kls[near]], rtol=1e-4
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"block_candidates": 2},
+            "`block_candidates`. Expected a positive integer "
+            "given together with `search_steps`",
+        ),
+        (
+            {"search_steps": 2},
+            "`search_steps`. Expected a positive integer given "
+            "together with `block_candidates`",
+        ),
+        (
+            {"block_candidates": 0, "search_steps": 1},
+            "`block_candidates`. Expected a "
+            "positive integer or None. Received: block_candidates=0",
+        ),
+        (
+            {"block_candidates": 2, "search_steps": 1, "keep_blocks": [0]},
+            "Expected `None` when `keep_blocks` names the blocks",
+        ),
+        (
+            {"block_candidates": 2, "search_steps": 1, "y": None},
+            "Expected `None` when no labels `y` are given",
+        ),
+        (
+            {"block_candidates": 2, "search_steps": 1, "num_layers": None},
+            "Expected `None` when `num_layers` is not given",
+        ),
+        (
+            {"block_candidates": 2, "search_steps": 1, "calibration_samples": 32},
+            "Expected `None` when `x` has no rows after the 32 calibration rows",
+        ),
+    ],
+)
+def test_bad_search_arguments_raise(teacher, kwargs, message):
+    x, y = sequences(32, seed=1)
+    kwargs = {"y": y, "num_layers": 1, "calibration_samples": 16, **kwargs}
+    with pytest.raises(ValueError) as info:
+        prune_and_distill(teacher, x, verbose=0, **kwargs)
+    assert message in str(info.value)

@@ -369,6 +369,54 @@ def test_shrunk_weights_are_the_kept_slices():
     )
 
 
+def test_keep_blocks_keeps_exactly_those_blocks():
+    model = _char_lm(num_blocks=3)
+    plan = shrink_transformer_plan(model, keep_blocks=[2, 0], data=_ids())
+    assert plan["sizes"]["num_layers"] == 2  # inferred from `keep_blocks`
+    assert list(plan["blocks"]["keep"]) == [0, 2] and plan["blocks"]["scores"] is None
+    small = shrink_transformer(model, num_layers=2, keep_blocks=[2, 0])
+    blocks = [layer.name for layer in small.layers if "block" in layer.name]
+    assert blocks == ["block_0", "block_2"]
+    old = {w.path: w.numpy() for w in model.weights}
+    new = {w.path: w.numpy() for w in small.weights}
+    assert not [p for p in new if p.startswith("block_1/")]
+    assert set(new) == {p for p in old if not p.startswith("block_1/")}
+    for path, value in new.items():
+        np.testing.assert_array_equal(value, old[path], err_msg=path)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"keep_blocks": [0, 0]},
+            "Invalid value for argument `keep_blocks`. Expected a list of distinct "
+            "non-negative integer block indices. Received: keep_blocks=[0, 0]",
+        ),
+        ({"keep_blocks": [-1, 1]}, "Received: keep_blocks=[-1, 1]"),
+        ({"keep_blocks": [0, 1.0]}, "Received: keep_blocks=[0, 1.0]"),
+        ({"keep_blocks": [True]}, "Received: keep_blocks=[True]"),
+        ({"keep_blocks": []}, "Received: keep_blocks=[]"),
+        ({"keep_blocks": 2}, "Received: keep_blocks=2"),
+        (
+            {"keep_blocks": [0, 3]},
+            "Invalid value for argument `keep_blocks`. Expected distinct block "
+            "indices in [0, 2] (the model has 3 blocks). Received: keep_blocks=[0, 3]",
+        ),
+        (
+            {"keep_blocks": [0, 2], "num_layers": 1},
+            "Invalid value for argument `num_layers`. Expected `None` or the number "
+            "of `keep_blocks` (2: [0, 2]). Received: num_layers=1",
+        ),
+    ],
+)
+def test_bad_keep_blocks_raise(kwargs, message):
+    for fn in (shrink_transformer, shrink_transformer_plan):
+        with pytest.raises(ValueError) as info:
+            fn(_char_lm(), **kwargs)
+        assert message in str(info.value)
+
+
 def _load_and_predict(path, x):
     import keras
 
