@@ -623,6 +623,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         self._recent = collections.deque(maxlen=self.min_samples)
         self._start_losses = []
         self._start_norms = []  # the gradient norms of the same steps
+        self._start_norm = None  # their mean (`None` without a norm)
         self._start_calls = None
         self._call_samples = None  # samples per call (read with `_start_calls`)
         self._loss_mode = None  # "keras", "guard" or "none" (see _choose_loss_source)
@@ -1077,6 +1078,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             self._start_loss = float(np.mean(self._start_losses))
             if norm is not None:
                 self._start_norms.append(norm)
+                self._start_norm = float(np.mean(self._start_norms))
         self._recent.append(raw)
         # The gradient norms of as many last steps as the stretch holds,
         # spikes included: an explosion's largest gradients may come with
@@ -1098,9 +1100,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                 self._stretch,
                 self._start_loss,
                 norms=self._stretch_norms,
-                start_norm=(
-                    float(np.mean(self._start_norms)) if self._start_norms else None
-                ),
+                start_norm=self._start_norm,
                 before=self._before_stretch,
             )
         ):

@@ -249,8 +249,9 @@ def exploded(
         or not (math.isfinite(start_norm) and start_norm > 0)
     ):
         return True
-    peak = max(seen, key=lambda n: n if math.isfinite(n) else math.inf)
-    return not peak < norm_factor * start_norm
+    if not all(math.isfinite(n) for n in seen):
+        return True
+    return max(seen) >= norm_factor * start_norm
 
 
 def rising(window, reference, factor=EXPLOSION_FACTOR, climb=CLIMB_FACTOR):
