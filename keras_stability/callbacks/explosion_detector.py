@@ -188,8 +188,9 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
     noise); a regression (median loss of the last `min_samples` steps
     `regress_factor` times the loss the fit started from, which must be well
     outside their spread); no progress after an explosion (the median raw
-    loss of the last 8 x 32 samples at 2x the starting loss or more and above
-    every healthy loss of the `window` steps before them, with a gradient
+    loss of the last 8 x 32 samples at 2x the starting loss or more, or 2
+    loss spikes among them at 10x it, above every healthy loss of the
+    `window` steps before them, with a gradient
     norm among those steps at 2x the starting norm, and later,
     with no rollback in between, the median of the last `min_samples` steps
     or 256 samples still at 0.9x the starting loss or above, the losses
@@ -1069,6 +1070,8 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             maxlen = rules.EXPLOSION_STRETCH * self._start_steps(steps)
             self._stretch = collections.deque(maxlen=maxlen)
             self._stretch_norms = collections.deque(maxlen=maxlen)
+            # The loss spikes' raw losses among the same steps (else `None`).
+            self._stretch_spikes = collections.deque(maxlen=maxlen)
             # The healthy losses that left the stretch (the last `window`).
             self._before_stretch = collections.deque(maxlen=self.window)
         if len(self._start_losses) < self._start_steps(steps):
@@ -1085,6 +1088,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         # loss spikes, which stay out of the stretch's losses.
         self._stretch_norms.append(norm)
         spike = self._loss_spike(raw)
+        self._stretch_spikes.append(None if spike is None else raw)
         if spike is None:
             # A single spike is neither a divergence nor an explosion: it
             # stays out of their means (a bad batch of a 1000x loss is 50x
@@ -1102,6 +1106,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                 norms=self._stretch_norms,
                 start_norm=self._start_norm,
                 before=self._before_stretch,
+                spikes=self._stretch_spikes,
             )
         ):
             self._exploded_at = self.step
@@ -1143,8 +1148,9 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                 f"is still {rules.STALL_LEVEL:g}x the loss the fit started from "
                 f"({self._start_loss:.4g}) or more and stuck there (from one step "
                 f"to the next x{math.exp(rules.jitter(window)):.3g} in the median), "
-                f"after the loss of step "
-                f"{self._exploded_at} rose to {rules.EXPLOSION_FACTOR:g}x it or more"
+                f"after the explosion of step {self._exploded_at} (the loss at "
+                f"{rules.EXPLOSION_FACTOR:g}x it or more, or "
+                f"{rules.EXPLOSION_SPIKES} spikes at {rules.CLIMB_FACTOR:g}x)"
             )
         if spike is None and self._recovery is not None:
             return self._check_recovery(raw, steps)

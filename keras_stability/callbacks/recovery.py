@@ -186,6 +186,7 @@ class RecoveryMixin:
         if getattr(self, "_stretch", None) is not None:
             self._stretch.clear()
             self._stretch_norms.clear()
+            self._stretch_spikes.clear()
             self._before_stretch.clear()
         if self.check_recovery and self._loss_mode != "none":
             skipped = self.skip_batches if hasattr(self.optimizer, "skip_next") else 0

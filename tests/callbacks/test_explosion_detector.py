@@ -1470,6 +1470,38 @@ def test_sample_weights_rising_over_the_epoch_are_no_explosion():
     assert detector.raw_losses[-1] < 2 * detector.raw_losses[0]
 
 
+def test_loss_spikes_that_kill_the_model_are_an_explosion():
+    # The Keras example at SGD(5), batch 64, seed 0: the loss spikes to 18x,
+    # 23x and 119x its start within 7 steps, the other steps' median stays
+    # at 1.4x, and by step 12 the model is dead at the class prior (ln 10),
+    # its gradient 0.1x the start. Before, no rule saw an explosion (the
+    # median under 2x the start), so no stall either: the run ended at
+    # chance, as plain `fit` does. The spikes now are the explosion.
+    from keras_stability.datasets import load_dataset
+    from keras_stability.models import build_example_model
+    from keras_stability.models import compile_example_model
+
+    (x, y), (xv, yv) = load_dataset("synthetic", seed=0)
+
+    def fit(callbacks):
+        keras.utils.set_random_seed(0)
+        model = compile_example_model(
+            build_example_model(x.shape[1], 10), keras.optimizers.SGD(5.0)
+        )
+        model.fit(x, y, batch_size=64, epochs=2, verbose=0, callbacks=callbacks)
+        return model.evaluate(xv, yv, verbose=0)[0]
+
+    chance = math.log(10)
+    assert fit([]) > 0.95 * chance
+    detector = GradientExplosionDetector()
+    loss, _ = _quiet(fit, [detector])
+    problems = [e for e in detector.events if e["kind"] == "problem"]
+    assert [e["step"] for e in problems] == [20]
+    assert problems[0]["detail"].startswith("no progress after an explosion")
+    assert detector.rollbacks == 1 and detector.stopped_reason is None
+    assert loss < 0.5 * chance
+
+
 @pytest.mark.parametrize("monitor_first", [False, True])
 def test_spike_skipping_whoever_made_the_guard_and_off_by_argument(monitor_first):
     # The guard skips spikes whether the detector or the monitor wrapped the

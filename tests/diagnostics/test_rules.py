@@ -150,6 +150,38 @@ def test_an_explosion_rises_above_the_losses_before_it():
     assert rules.exploded(stretch, 6.5, before=[62.0] * 7)
 
 
+def test_loss_spikes_at_10x_the_start_are_an_explosion():
+    # The Keras example at SGD(5), batch 64, seed 0: three loss spikes (45,
+    # 55, 292 against a start of 2.46) among the stretch's steps, the median
+    # of the other steps 1.4x the start, the gradient norm up 160x.
+    stretch = [2.70, 8.02, 5.72, 3.46, 5.26, 3.58, 2.57, 2.77]
+    norms = [2.2, 7.0, 7.5, 23.9, 3.9, 9.6, 3.7, 2.2, 43.1, 194.5, 0.5]
+    spikes = [None, None, None, 45.1, None, None, None, None, 55.4, 291.8, None]
+    assert not rules.exploded(stretch, 2.46, norms=norms, start_norm=1.22)
+    assert rules.exploded(stretch, 2.46, norms=norms, start_norm=1.22, spikes=spikes)
+    # One spike is no explosion (a corrupt batch), nor are spikes under 10x
+    # the start (a rare class's, at one level).
+    one = [None] * 10 + [291.8]
+    assert not rules.exploded(stretch, 2.46, norms=norms, start_norm=1.22, spikes=one)
+    low = [None, 20.0, None, 22.0, 18.0]
+    assert not rules.exploded(stretch, 2.46, norms=norms, start_norm=1.22, spikes=low)
+    # The gradient must rise with them; and with a stretch's worth of losses
+    # before, the spikes must be above every one of them.
+    assert not rules.exploded(
+        stretch, 2.46, norms=[1.2] * 11, start_norm=1.22, spikes=spikes
+    )
+    before = [2.5] * 7 + [60.0]
+    assert not rules.exploded(
+        stretch, 2.46, norms=norms, start_norm=1.22, spikes=spikes, before=before
+    )
+    assert rules.exploded(
+        stretch, 2.46, norms=norms, start_norm=1.22, spikes=spikes, before=[2.5] * 8
+    )
+    # Near zero the start is floored at NEAR_ZERO: spikes of 0.05 over a
+    # start of 0.001 (a fit model's noise) are no explosion.
+    assert not rules.exploded([0.001] * 8, 0.001, spikes=[0.05, 0.06, 0.08])
+
+
 def _steps(*losses):
     # A loss in a list is a bad step's.
     return [(v[0], True) if isinstance(v, list) else (v, False) for v in losses]
