@@ -219,6 +219,46 @@ def _regression_mlp(optimizer, features=5):
     return model
 
 
+def _seasonal_series(seed, clean=False, n=12000, seq=24, delay=36):
+    # keras.io's weather forecaster in small: windows of 24 steps of a
+    # seasonal series, the target 36 steps ahead, in order (as
+    # `timeseries_dataset_from_array` makes them, unshuffled, and as its
+    # `fit` takes them). The first batches sit where the season is near its
+    # mean, later ones far from it: the loss rises 2-10x with the data.
+    # Held out: the windows after the training ones.
+    del clean
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    season = np.sin(2 * np.pi * t / 6000.0)
+    temp = 10 * season + 3 * np.sin(2 * np.pi * t / 144.0) + rng.standard_normal(n)
+    features = np.stack([temp, season + 0.1 * rng.standard_normal(n)], 1)
+    train = features[:9000]
+    features = ((features - train.mean(0)) / train.std(0)).astype("float32")
+    inputs, targets = features[:-delay], features[delay:, 0]
+
+    def windows(start, stop):
+        starts = np.arange(start, stop - seq + 1)
+        x = np.stack([inputs[i : i + seq] for i in starts])
+        return x, targets[starts][:, None]
+
+    return (*windows(0, 9000), *windows(9000, len(inputs)))
+
+
+def _forecaster(optimizer):
+    import keras
+
+    model = keras.Sequential(
+        [
+            keras.Input((24, 2)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(optimizer, "mse")
+    return model
+
+
 def _outlier_regression(seed, clean=False, n=1500):
     # A linear target, 5% of the training targets 20 off: under the Huber
     # loss at batch 16 a batch holding one has a loss ~1.2, one without
@@ -539,6 +579,19 @@ def cases():
             epochs=5,
         ),
         Case(
+            "forecaster on an unshuffled seasonal series, batch 256, Adam(1e-3)",
+            "healthy",
+            "seasonal",
+            1e-3,
+            lambda lr: _forecaster(_adam(lr)),
+            _seasonal_series,
+            _mse,
+            math.nan,
+            batch_size=256,
+            epochs=4,
+            shuffle=False,
+        ),
+        Case(
             "10% flipped labels, batch 8, Adam(3e-3)",
             "healthy",
             "label-noise",
@@ -609,6 +662,23 @@ def cases():
                 grid=EXAMPLE_SGD_GRID,
             )
         )
+    # At batch 64 the loss spikes (18-119x the start on seed 0) while the
+    # median of the other steps stays under 2x, and the model dies at the
+    # class prior: an explosion by its spikes (`rules.EXPLOSION_SPIKES`).
+    result.append(
+        Case(
+            "Keras example, SGD(5), batch 64",
+            "diverging",
+            "example-sgd-64",  # its own grid: another batch size
+            5.0,
+            lambda lr: _example(_sgd(lr)),
+            _example_data("synthetic"),
+            _crossentropy,
+            LN10,
+            batch_size=64,
+            grid=EXAMPLE_SGD_GRID,
+        )
+    )
     result.append(
         Case(
             "deep 12-layer tanh MLP, SGD(5)",

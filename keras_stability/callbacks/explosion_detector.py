@@ -153,7 +153,16 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
       `confirm_steps` steps per rollback, and runs only after a rollback, so
       healthy training is never probed. A probe still running when `fit`
       ends is undone. No snapshot is taken until a rollback is confirmed
-      this way. After a rollback (never before one), a plateau of the raw
+      this way. A rollback the data explains is undone: when the restored
+      weights' median loss on the skipped batches is 1.5x the median loss
+      of the weights the rollback left, over their last steps, those
+      weights were the better ones for the data that follows (the loss rose
+      because the data changed, as in an unshuffled time series, not
+      because the weights broke). They come back with their learning rate,
+      with a warning and an event of kind `"rollback_undone"` (counted in
+      `rollbacks_undone`, not in `rollbacks`), and the rules that compare
+      the loss with its start or with a snapshot (explosion and stall,
+      regression, divergence) are off for the rest of the `fit`. After a rollback (never before one), a plateau of the raw
       loss (the median of the last 25 steps not 5% below that of the 25
       before) lowers the learning rate by `lr_factor ** (1/3)`, down to
       `lr_factor` times the rate the rollback settled on.
@@ -577,6 +586,11 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                 self.optimizer, "steps_skipped_requested"
             )
         self.rollbacks = 0
+        # Rollbacks undone because the restored weights did worse on the
+        # next batches (`_undo_rollback`); after one, the rules comparing
+        # the loss with its start or a snapshot are off for this fit.
+        self.rollbacks_undone = 0
+        self._level_rules_off = False
         self.lr_probes = 0  # lower learning rates kept by probes after rollbacks
         # Every step the guard skipped, once (each counts in exactly one of
         # the guard's `steps_skipped_*` counters), and of them:
@@ -1099,6 +1113,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             self._stretch.append(raw)
         if (
             self._exploded_at is None
+            and not self._level_rules_off
             and len(self._stretch) == self._stretch.maxlen
             and rules.exploded(
                 self._stretch,
@@ -1131,10 +1146,10 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                 f"loss rising: {self._bad_streak} of the last {len(self._bad_window)} "
                 f"steps bad (loss spikes or non-finite steps), the last: {spike}"
             )
-        divergence = self._diverging()
+        divergence = None if self._level_rules_off else self._diverging()
         if divergence is not None:
             return divergence
-        if self._regressing():
+        if not self._level_rules_off and self._regressing():
             return (
                 f"loss regressing: median raw loss {np.median(self._recent):.4g} over "
                 f"the last {len(self._recent)} steps is above {self.regress_factor:g}x "

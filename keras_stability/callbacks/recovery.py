@@ -50,6 +50,32 @@ PROBE_EXPONENT = 1 / 3
 PLATEAU_WINDOW = 25
 PLATEAU_GAIN = 0.05
 PLATEAU_FLOOR = 1.0
+# A rollback is undone when the restored weights' loss on the batches
+# skipped after it (their median) is this many times the median loss of the
+# weights it abandoned, over their last steps: the loss had risen with the
+# data (an unshuffled time series, whose first batches are no measure of
+# the later ones: keras.io's weather forecaster on
+# `timeseries_dataset_from_array` windows, 1.6-8x), not with the weights.
+# After a stall or a failed recovery, the model left is stuck where the
+# restored one starts (a model an explosion killed, at the class prior,
+# scores about what the weights `fit` started from score: 0.85-1.0x in the
+# battery's diverging runs), so only a restored loss 1.5x higher undoes it;
+# after a rise (the loss climbing, regressing or diverging), the weights
+# left were broken, and the restored ones must do clearly better: 0.9x or
+# more undoes it (the battery's rises measure 0.00001-0.64x; a seasonal
+# series whose rise sets off "loss rising" just after a snapshot, 0.97x).
+# Never after non-finite steps: the guard skipped them, the weights did not
+# change, and the escalation to a rollback is the point (optax's
+# `apply_if_finite`).
+UNDO_FACTOR = 1.5
+UNDO_FACTOR_RISE = 0.9
+UNDO_FACTORS = {
+    "no progress after an explosion": UNDO_FACTOR,
+    "recovery failed": UNDO_FACTOR,
+    "loss rising": UNDO_FACTOR_RISE,
+    "loss regressing": UNDO_FACTOR_RISE,
+    "loss diverging": UNDO_FACTOR_RISE,
+}
 
 
 def json_float(value):
@@ -148,6 +174,25 @@ class RecoveryMixin:
         self._stop(reason, raw, norm)
 
     def _rollback(self, problem, logs=None):
+        # The state it abandons, and that state's last losses: kept until
+        # the skipped batches have measured the restored weights
+        # (`_undo_rollback`).
+        abandoned = None
+        recent = [v for v in self._recent if math.isfinite(v)]
+        if (
+            recent
+            and self.check_recovery
+            and self._loss_mode != "none"
+            and problem.startswith(tuple(UNDO_FACTORS))
+        ):
+            candidate = Snapshot(self.model, step=self.step)
+            if candidate.finite:
+                abandoned = {
+                    "snapshot": candidate,
+                    "loss": float(np.median(recent)),
+                    "lr_value": _lr_value(self.optimizer),
+                    "problem": problem,
+                }
         self.snapshot.restore(self.model)
         # The losses that triggered it (the whole streak of bad steps) leave
         # the epoch's mean: a huge finite one left in Keras' float32 running
@@ -201,6 +246,7 @@ class RecoveryMixin:
                 "after": [],
                 "incumbent": None,  # the trial a probe is compared with
                 "probes_kept": 0,
+                "abandoned": abandoned if skipped else None,
             }
         # The next snapshot waits for `snapshot_freq` healthy steps again.
         self._last_snapshot_at = self.step
@@ -237,6 +283,8 @@ class RecoveryMixin:
         if rec["skip_left"] > 0:
             rec["skip_left"] -= steps
             rec["reference"].append(raw)
+            if rec["skip_left"] <= 0:
+                self._undo_rollback()
             return None
         rec["after"].append(raw)
         if len(rec["after"]) < self.confirm_steps:
@@ -269,6 +317,68 @@ class RecoveryMixin:
         if not self._start_probe(after):
             self._recovery = None
         return None
+
+    def _undo_rollback(self):
+        """Undoes the last rollback if the weights it restored did worse.
+
+        The batches skipped after a rollback measure the restored weights on
+        the data that comes next. When their median loss is `UNDO_FACTOR`
+        times (after a stall or a failed recovery; `UNDO_FACTOR_RISE` times
+        after a rise) the median of the last losses of the weights the
+        rollback abandoned, those weights were as good or better for this
+        data: the
+        loss rose because the data changed (an unshuffled time series), not
+        because the weights broke. The abandoned state and learning rate
+        come back, the rollback is not counted, and the rules that compare
+        the loss with its start or with a snapshot (explosion, stall,
+        regression, divergence) are off for the rest of the `fit`: its first
+        batches are no measure of the later ones. Non-finite steps and
+        spikes are still skipped, and a climbing run of bad steps still
+        rolls back.
+
+        Returns:
+            Whether the rollback was undone.
+        """
+        rec = self._recovery
+        abandoned = rec.get("abandoned")
+        rec["abandoned"] = None
+        if abandoned is None or not rec["reference"]:
+            return False
+        restored = float(np.median(np.asarray(rec["reference"], dtype=np.float64)))
+        before = abandoned["loss"]
+        (factor,) = [
+            f
+            for kind, f in UNDO_FACTORS.items()
+            if abandoned["problem"].startswith(kind)
+        ]
+        if not (math.isfinite(restored) and before > 0 and restored > factor * before):
+            return False
+        abandoned["snapshot"].restore(self.model)
+        if abandoned["lr_value"] is not None:
+            learning_rate_variable(self.optimizer).assign(abandoned["lr_value"])
+            self._lr_wrote()
+        self.rollbacks -= 1
+        self.rollbacks_undone += 1
+        self._recovery = None
+        self._level_rules_off = True
+        self._recovery_failed = False
+        detail = (
+            f"rollback undone: the weights of step {self.snapshot.step} it restored "
+            f"reached a median raw loss of {restored:.4g} on the next "
+            f"{len(rec['reference'])} batches, {restored / before:.3g}x the "
+            f"{before:.4g} of the weights it left (step {abandoned['snapshot'].step}); "
+            "the loss rose with the data, not with the weights (an unshuffled "
+            "or drifting stream?). Back to those weights and their learning "
+            "rate; the rules that compare the loss with its start or a snapshot "
+            f"are off for the rest of this fit (it rolled back for: "
+            f"{abandoned['problem']})"
+        )
+        self._event("rollback_undone", self.raw_losses[-1], self.grad_norms[-1], detail)
+        self.events[-1].update(action="undo", restored_step=abandoned["snapshot"].step)
+        warnings.warn(
+            f"GradientExplosionDetector at step {self.step}: {detail}.", stacklevel=3
+        )
+        return True
 
     def _lr_wrote(self):
         """Notes the constant learning rate as the detector just set it."""
@@ -462,6 +572,7 @@ class RecoveryMixin:
             "action": self.action,
             "rollbacks": self.rollbacks,
             "lr_probes": self.lr_probes,
+            "rollbacks_undone": self.rollbacks_undone,
             "skipped_batches": self.skipped_batches,
             "skipped_nonfinite": self.skipped_nonfinite,
             "skipped_spikes": self.skipped_spikes,
@@ -535,3 +646,11 @@ class RecoveryMixin:
             )
             return " The diagnostic could not be written (see the previous warning)."
         return f" Diagnostic written to {self.diagnostic_path}."
+
+
+def _lr_value(optimizer):
+    """A copy of the value `learning_rate_variable` holds (`None` without one)."""
+    variable = learning_rate_variable(optimizer)
+    if variable is None:
+        return None
+    return np.array(keras.ops.convert_to_numpy(variable), copy=True)
