@@ -23,6 +23,9 @@ grade, so that a healthy run is never touched:
   the last `min_samples` steps `loss_factor` times the best snapshot's, floored
   at a tenth of the starting loss and at 0.01), a regression (their median
   `regress_factor` times the starting loss), or a failed recovery;
+- a rollback whose restored weights do worse on the batches after it than
+  the weights it left is undone: the loss rose with the data (an unshuffled
+  time series), not with the weights;
 - after `max_rollbacks` rollbacks: stop, restoring the best finite weights.
 
 A rollback restores the last healthy snapshot of the weights and optimizer
