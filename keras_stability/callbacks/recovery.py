@@ -176,14 +176,19 @@ class RecoveryMixin:
     def _rollback(self, problem, logs=None):
         # The state it abandons, and that state's last losses: kept until
         # the skipped batches have measured the restored weights
-        # (`_undo_rollback`).
+        # (`_undo_rollback`; the recovery check below needs those batches).
         abandoned = None
         recent = [v for v in self._recent if math.isfinite(v)]
+        factor = next(
+            (f for kind, f in UNDO_FACTORS.items() if problem.startswith(kind)), None
+        )
         if (
-            recent
+            factor is not None
+            and recent
             and self.check_recovery
             and self._loss_mode != "none"
-            and problem.startswith(tuple(UNDO_FACTORS))
+            and self.skip_batches
+            and hasattr(self.optimizer, "skip_next")
         ):
             candidate = Snapshot(self.model, step=self.step)
             if candidate.finite:
@@ -192,6 +197,7 @@ class RecoveryMixin:
                     "loss": float(np.median(recent)),
                     "lr_value": _lr_value(self.optimizer),
                     "problem": problem,
+                    "factor": factor,
                 }
         self.snapshot.restore(self.model)
         # The losses that triggered it (the whole streak of bad steps) leave
@@ -246,7 +252,7 @@ class RecoveryMixin:
                 "after": [],
                 "incumbent": None,  # the trial a probe is compared with
                 "probes_kept": 0,
-                "abandoned": abandoned if skipped else None,
+                "abandoned": abandoned,
             }
         # The next snapshot waits for `snapshot_freq` healthy steps again.
         self._last_snapshot_at = self.step
@@ -335,24 +341,20 @@ class RecoveryMixin:
         batches are no measure of the later ones. Non-finite steps and
         spikes are still skipped, and a climbing run of bad steps still
         rolls back.
-
-        Returns:
-            Whether the rollback was undone.
         """
         rec = self._recovery
         abandoned = rec.get("abandoned")
         rec["abandoned"] = None
         if abandoned is None or not rec["reference"]:
-            return False
+            return
         restored = float(np.median(np.asarray(rec["reference"], dtype=np.float64)))
         before = abandoned["loss"]
-        (factor,) = [
-            f
-            for kind, f in UNDO_FACTORS.items()
-            if abandoned["problem"].startswith(kind)
-        ]
-        if not (math.isfinite(restored) and before > 0 and restored > factor * before):
-            return False
+        if not (
+            math.isfinite(restored)
+            and before > 0
+            and restored > abandoned["factor"] * before
+        ):
+            return
         abandoned["snapshot"].restore(self.model)
         if abandoned["lr_value"] is not None:
             learning_rate_variable(self.optimizer).assign(abandoned["lr_value"])
@@ -378,7 +380,6 @@ class RecoveryMixin:
         warnings.warn(
             f"GradientExplosionDetector at step {self.step}: {detail}.", stacklevel=3
         )
-        return True
 
     def _lr_wrote(self):
         """Notes the constant learning rate as the detector just set it."""
@@ -431,11 +432,10 @@ class RecoveryMixin:
         """
         if not self._can_probe():
             return False
-        lr_var = learning_rate_variable(self.optimizer)
         self._recovery["incumbent"] = {
             "loss": after,
             "lr": float(np.asarray(self.optimizer.learning_rate)),
-            "lr_value": np.array(keras.ops.convert_to_numpy(lr_var), copy=True),
+            "lr_value": _lr_value(self.optimizer),
             "snapshot": Snapshot(self.model, step=self.step),
         }
         self.snapshot.restore(self.model)
@@ -496,7 +496,7 @@ class RecoveryMixin:
 
     def _revert_probe(self, incumbent, detail, keep_lr=False):
         lr_var = learning_rate_variable(self.optimizer)
-        lr_value = np.array(keras.ops.convert_to_numpy(lr_var), copy=True)
+        lr_value = _lr_value(self.optimizer)
         incumbent["snapshot"].restore(self.model)
         lr_var.assign(lr_value if keep_lr else incumbent["lr_value"])
         self._lr_wrote()
