@@ -226,14 +226,10 @@ def _seasonal_series(seed, clean=False, n=12000, seq=24, delay=36):
     # `fit` takes them). The first batches sit where the season is near its
     # mean, later ones far from it: the loss rises 2-10x with the data.
     # Held out: the windows after the training ones.
+    from keras_stability.datasets import make_seasonal_series
+
     del clean
-    rng = np.random.default_rng(seed)
-    t = np.arange(n)
-    season = np.sin(2 * np.pi * t / 6000.0)
-    temp = 10 * season + 3 * np.sin(2 * np.pi * t / 144.0) + rng.standard_normal(n)
-    features = np.stack([temp, season + 0.1 * rng.standard_normal(n)], 1)
-    train = features[:9000]
-    features = ((features - train.mean(0)) / train.std(0)).astype("float32")
+    features = make_seasonal_series(n, seed=seed)
     inputs, targets = features[:-delay], features[delay:, 0]
 
     def windows(start, stop):
@@ -241,7 +237,8 @@ def _seasonal_series(seed, clean=False, n=12000, seq=24, delay=36):
         x = np.stack([inputs[i : i + seq] for i in starts])
         return x, targets[starts][:, None]
 
-    return (*windows(0, 9000), *windows(9000, len(inputs)))
+    train = round(0.75 * n)
+    return (*windows(0, train), *windows(train, len(inputs)))
 
 
 def _forecaster(optimizer):

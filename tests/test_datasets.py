@@ -21,6 +21,30 @@ def test_make_classification_is_deterministic():
     assert not np.array_equal(a[0], c[0])
 
 
+def test_seasonal_series_is_standardized_by_its_first_part_and_seeded():
+    series = datasets.make_seasonal_series(n_steps=4000, train_fraction=0.5, seed=3)
+    assert series.shape == (4000, 2) and series.dtype == np.float32
+    first = series[:2000]
+    np.testing.assert_allclose(first.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(first.std(0), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(
+        series, datasets.make_seasonal_series(n_steps=4000, train_fraction=0.5, seed=3)
+    )
+    assert not np.array_equal(series, datasets.make_seasonal_series(4000, 0.5, seed=4))
+
+
+def test_seasonal_series_moves_with_its_season():
+    # The temperature follows the season (period 6000): its mean over the
+    # first 200 steps (season near 0) is far from the mean around the peak.
+    temp, season = datasets.make_seasonal_series(seed=0).T
+    assert np.corrcoef(temp, season)[0, 1] > 0.9
+    peak = slice(1400, 1600)  # sin(2 pi t / 6000) near 1
+    assert temp[peak].mean() - temp[:200].mean() > 1.0
+    # the daily cycle (period 144) is in the temperature, not in the season
+    daily = np.abs(np.fft.rfft(temp - temp.mean()))
+    assert np.argmax(daily[50:]) + 50 == round(len(temp) / 144)
+
+
 def test_synthetic_is_learnable_but_not_linear():
     # A nearest-centroid classifier (one centre per class) does far worse than
     # a 1-nearest-neighbour classifier: the classes are mixtures, so a network

@@ -325,6 +325,16 @@ DATASET_CASES = [
         good={"n_samples": [np.int64(20)]},
     ),
     Case(
+        datasets.make_seasonal_series,
+        kwargs={"n_steps": 50},
+        bad={
+            "n_steps": [1, 0, -5, 2.5, "50"],
+            "train_fraction": [0.0, -0.5, 1.5, float("nan")],
+            "seed": BAD_SEEDS,
+        },
+        good={"n_steps": [np.int64(50)], "train_fraction": [1.0, 0.1]},
+    ),
+    Case(
         datasets.train_test_split,
         kwargs={"x": np.zeros((10, 2)), "y": np.zeros(10)},
         bad={

@@ -13,6 +13,7 @@ from keras_stability.callbacks import snapshots
 from keras_stability.callbacks.snapshots import Snapshot
 from keras_stability.callbacks.snapshots import optimizer_state_variables
 from keras_stability.datasets import make_classification
+from keras_stability.datasets import make_seasonal_series
 
 
 def _data(n=256):
@@ -1507,13 +1508,7 @@ def _seasonal_windows(seed, n=12000, seq=24, delay=36):
     # made by `timeseries_dataset_from_array` (unshuffled, as there). The
     # first batches sit where the season is near its mean, the later ones
     # far from it: their loss is no measure of the later ones'.
-    rng = np.random.default_rng(seed)
-    t = np.arange(n)
-    season = np.sin(2 * np.pi * t / 6000.0)
-    temp = 10 * season + 3 * np.sin(2 * np.pi * t / 144.0) + rng.standard_normal(n)
-    features = np.stack([temp, season + 0.1 * rng.standard_normal(n)], 1)
-    train = features[:9000]
-    features = ((features - train.mean(0)) / train.std(0)).astype("float32")
+    features = make_seasonal_series(n, seed=seed)
     targets = features[delay:, 0]
 
     def windows(start, stop):
