@@ -13,6 +13,7 @@ here, each with the Keras behaviour it works around and how it is undone.
 import contextlib
 
 import keras
+import numpy as np
 from keras.src.utils import file_utils  # noqa: F401  (gfile-aware exists/rmtree/join)
 from keras.src.utils import io_utils
 
@@ -294,6 +295,21 @@ def optimizer_has_variable(optimizer, variable):
     """Whether a built optimizer has state for `variable` (Keras keeps its
     trainable variables' keys in `_trainable_variables_indices`)."""
     return optimizer._var_key(variable) in optimizer._trainable_variables_indices
+
+
+def to_numpy(value):
+    """`keras.ops.convert_to_numpy(value)` without NumPy 2's DeprecationWarning.
+
+    On TensorFlow, Keras converts with `np.array(value, copy=False)`, which a
+    variable's `__array__` (Keras' or TensorFlow's) does not accept: NumPy 2
+    warns on every call ("`__array__` implementation doesn't accept a copy
+    keyword"). A value with a `numpy()` method (a variable, an eager tensor)
+    is read by it instead; anything else goes to `convert_to_numpy`.
+    """
+    numpy = getattr(value, "numpy", None)
+    if callable(numpy):
+        return np.asarray(numpy())
+    return keras.ops.convert_to_numpy(value)
 
 
 def read(variable):

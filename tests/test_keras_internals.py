@@ -484,3 +484,61 @@ def test_read_is_one_read_for_several_uses_with_the_value_at_that_point():
     assert (int(before), int(lowered), int(after)) == (3, 2, 13)
     kinds = [op.type for op in step.get_concrete_function().graph.get_operations()]
     assert kinds.count("ReadVariableOp") == 2
+
+
+_COPY_WARNING = "__array__ implementation doesn't accept a copy keyword"
+
+
+def test_to_numpy_reads_variables_without_numpys_copy_warning():
+    import warnings
+
+    import keras
+    import tensorflow as tf
+
+    keras_variable = keras.Variable([1.0, 2.0])
+    values = {
+        "keras variable": keras_variable,
+        "tensorflow variable": tf.Variable([1.0, 2.0]),
+        "eager tensor": tf.constant([1.0, 2.0]),
+        "array": np.array([1.0, 2.0], "float32"),
+        "list": [1.0, 2.0],
+    }
+    # Keras' own conversion warns on a variable under NumPy 2 (the reason
+    # `to_numpy` exists); if a Keras release fixes it, this says so.
+    with pytest.warns(DeprecationWarning, match=_COPY_WARNING):
+        keras.ops.convert_to_numpy(keras_variable)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", _COPY_WARNING, DeprecationWarning)
+        for name, value in values.items():
+            result = _keras_internals.to_numpy(value)
+            assert isinstance(result, np.ndarray), name
+            np.testing.assert_array_equal(result, [1.0, 2.0], err_msg=name)
+
+
+def test_a_fit_with_the_detector_warns_nothing_about_copy_keywords():
+    # The detector read its learning-rate variable with
+    # `keras.ops.convert_to_numpy` at `on_train_begin`: a DeprecationWarning
+    # in every `fit` with NumPy 2.
+    import warnings
+
+    import keras
+
+    from keras_stability.callbacks import GradientExplosionDetector
+
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(
+        keras.optimizers.Adam(1e-3),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", _COPY_WARNING, DeprecationWarning)
+        model.fit(
+            x,
+            y,
+            epochs=1,
+            batch_size=16,
+            verbose=0,
+            callbacks=[GradientExplosionDetector(verbose=0)],
+        )

@@ -136,7 +136,7 @@ class ActivationMonitor(keras.callbacks.Callback):
 
     def get_config(self):
         probe = keras.tree.map_structure(
-            lambda t: np.asarray(keras.ops.convert_to_numpy(t)), self.probe_data
+            lambda t: np.asarray(_keras_internals.to_numpy(t)), self.probe_data
         )
         return {
             "probe_data": keras.saving.serialize_keras_object(probe),
@@ -210,7 +210,7 @@ class ActivationMonitor(keras.callbacks.Callback):
             outputs = [outputs]
         report = {}
         for (layer, kind), out in zip(layers, outputs, strict=True):
-            out = np.asarray(keras.ops.convert_to_numpy(out))
+            out = np.asarray(_keras_internals.to_numpy(out))
             if kind == "relu":
                 fraction = dead_fraction(out)
             else:

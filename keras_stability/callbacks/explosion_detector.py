@@ -544,7 +544,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             innermost_optimizer(self.optimizer)
         )
         if isinstance(rate, keras.Variable):
-            self._lowered_rate = LoweredRate(keras.ops.convert_to_numpy(rate))
+            self._lowered_rate = LoweredRate(_keras_internals.to_numpy(rate))
         self._step_logs = StepLogs.of(model)
         self._per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
         # One batch per call: the step records each batch in-graph and the

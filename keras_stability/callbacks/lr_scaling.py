@@ -68,7 +68,7 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
     def get_config(self):
         return {
             "schedule": keras.saving.serialize_keras_object(self.schedule),
-            "factor": float(keras.ops.convert_to_numpy(self.factor)),
+            "factor": float(_keras_internals.to_numpy(self.factor)),
         }
 
     @classmethod
@@ -116,9 +116,9 @@ def scale_learning_rate(optimizer, factor):
     variable = learning_rate_variable(optimizer)
     if variable is None:
         return None
-    variable.assign(keras.ops.convert_to_numpy(variable) * factor)
+    variable.assign(_keras_internals.to_numpy(variable) * factor)
     return float(
-        keras.ops.convert_to_numpy(innermost_optimizer(optimizer).learning_rate)
+        _keras_internals.to_numpy(innermost_optimizer(optimizer).learning_rate)
     )
 
 

@@ -21,9 +21,9 @@ import math
 import os
 import warnings
 
-import keras
 import numpy as np
 
+from keras_stability import _keras_internals
 from keras_stability.callbacks.lr_scaling import learning_rate_variable
 from keras_stability.callbacks.lr_scaling import scale_learning_rate
 from keras_stability.callbacks.snapshots import Snapshot
@@ -653,4 +653,4 @@ def _lr_value(optimizer):
     variable = learning_rate_variable(optimizer)
     if variable is None:
         return None
-    return np.array(keras.ops.convert_to_numpy(variable), copy=True)
+    return np.array(_keras_internals.to_numpy(variable), copy=True)

@@ -73,7 +73,7 @@ class WeightDecayScheduler(keras.callbacks.Callback):
             value = self.schedule(self._optimizer.iterations)
         else:
             value = self.schedule(epoch, current)
-        value = float(keras.ops.convert_to_numpy(value))
+        value = float(_keras_internals.to_numpy(value))
         if not math.isfinite(value) or value < 0:
             raise ValueError(
                 "Invalid value returned by `schedule`. Expected a finite number "

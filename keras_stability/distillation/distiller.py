@@ -25,6 +25,7 @@ import warnings
 import keras
 from keras import ops
 
+from keras_stability import _keras_internals
 from keras_stability._checks import check_bool
 from keras_stability._checks import check_int
 from keras_stability._checks import check_positive_int
@@ -383,12 +384,12 @@ class Distiller(keras.Model):
     @property
     def temperature(self):
         """Current temperature (a Python float)."""
-        return float(keras.ops.convert_to_numpy(self._temperature.value))
+        return float(_keras_internals.to_numpy(self._temperature.value))
 
     @property
     def alpha(self):
         """Current weight of the hard-label loss (a Python float)."""
-        return float(keras.ops.convert_to_numpy(self._alpha.value))
+        return float(_keras_internals.to_numpy(self._alpha.value))
 
     def set_distillation_params(self, temperature=None, alpha=None):
         """Assigns a new temperature and/or alpha (validated); `None` keeps it.

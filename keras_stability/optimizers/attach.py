@@ -15,6 +15,7 @@ import weakref
 import keras
 import numpy as np
 
+from keras_stability import _keras_internals
 from keras_stability import clipping as clipping_module
 from keras_stability._checks import check_bool
 from keras_stability._checks import invalid
@@ -500,7 +501,7 @@ def watch_optimizer_loads(model):
         if opt.built and len(store.keys()) != len(opt.variables):
             _SKIPPED_STATES[opt] = (
                 {key: np.array(store[key]) for key in store.keys()},
-                int(keras.ops.convert_to_numpy(opt.iterations)),
+                int(_keras_internals.to_numpy(opt.iterations)),
             )
         return load(opt, store)
 
@@ -514,7 +515,7 @@ def _load_skipped_state(guard):
     if entry is None or not guard.built:
         return
     store, iterations = entry
-    if int(keras.ops.convert_to_numpy(inner.iterations)) != iterations:
+    if int(_keras_internals.to_numpy(inner.iterations)) != iterations:
         del _SKIPPED_STATES[inner]  # trained since: the state is stale
         return
     core = guard._own_core_variables() + inner.variables

@@ -7,6 +7,7 @@ import warnings
 import keras
 import numpy as np
 
+from keras_stability import _keras_internals
 from keras_stability._checks import check_int
 from keras_stability._checks import check_layer
 from keras_stability.pruning import masks as masks_lib
@@ -386,7 +387,7 @@ def _prune_built(
 def _check_initial_step(value):
     if isinstance(value, keras.Variable) or keras.ops.is_tensor(value):
         if tuple(value.shape) == () and "int" in str(value.dtype):
-            value = int(keras.ops.convert_to_numpy(value))
+            value = int(_keras_internals.to_numpy(value))
     return check_int(
         "initial_step",
         value,
@@ -402,9 +403,9 @@ def _warn_if_resuming(to_prune, variables):
     optimizer = getattr(to_prune, "optimizer", None)
     if optimizer is None or not getattr(optimizer, "built", False):
         return
-    iterations = int(keras.ops.convert_to_numpy(optimizer.iterations))
+    iterations = int(_keras_internals.to_numpy(optimizer.iterations))
     size = sum(int(np.prod(v.shape)) for v in variables)
-    zeros = sum(int(np.sum(keras.ops.convert_to_numpy(v) == 0)) for v in variables)
+    zeros = sum(int(np.sum(_keras_internals.to_numpy(v) == 0)) for v in variables)
     if iterations and zeros / max(size, 1) >= 0.01:
         warnings.warn(
             f"`prune_low_magnitude`: {to_prune.name!r} has an optimizer that "

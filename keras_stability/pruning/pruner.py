@@ -31,6 +31,7 @@ import warnings
 import keras
 from keras import ops
 
+from keras_stability import _keras_internals
 from keras_stability._checks import check_bool
 from keras_stability._checks import check_choice
 from keras_stability._checks import check_int
@@ -334,9 +335,9 @@ class Pruner:
         Raises:
             ValueError: Naming `pruning_schedule`, the value and the step.
         """
-        step = int(ops.convert_to_numpy(self.refused_step))
+        step = int(_keras_internals.to_numpy(self.refused_step))
         if step:
-            value = float(ops.convert_to_numpy(self.refused_sparsity))
+            value = float(_keras_internals.to_numpy(self.refused_sparsity))
             raise ValueError(
                 "Invalid value for argument `pruning_schedule`. Expected a "
                 "sparsity in [0, 1) at every step. Received: "
@@ -370,7 +371,7 @@ class Pruner:
             The warning text, or `None` if the schedule can reach its target.
         """
         found = self.target()
-        step = int(ops.convert_to_numpy(self.step))
+        step = int(_keras_internals.to_numpy(self.step))
         if fit_steps is None or found is None or self._already_warned(key, step):
             return None
         last = step + int(fit_steps)
@@ -401,13 +402,13 @@ class Pruner:
         Returns:
             The warning text, or `None` if the target is reached.
         """
-        step = int(ops.convert_to_numpy(self.step))
+        step = int(_keras_internals.to_numpy(self.step))
         if self._already_warned(key, step):
             # Warned at the start of this fit: the end is covered too (and a
             # `strip_pruning` right after it need not repeat it).
             self._warned["step"] = step
             return None
-        last = float(ops.convert_to_numpy(self.last_sparsity))
+        last = float(_keras_internals.to_numpy(self.last_sparsity))
         found = self.target()
         if found is None:
             target = sparsity_at(self.pruning_schedule, step)

@@ -15,6 +15,7 @@ for the host to report (`Pruner.check_schedule_output`).
 
 from keras import ops
 
+from keras_stability import _keras_internals
 from keras_stability._checks import is_integer
 
 __all__ = [
@@ -162,7 +163,7 @@ def validate_schedule(schedule):
                 f"pruning_schedule={schedule!r} raising {type(e).__name__}: {e} "
                 f"at step={step}"
             ) from e
-        value = float(ops.convert_to_numpy(sparsity))
+        value = float(_keras_internals.to_numpy(sparsity))
         if not 0.0 <= value < 1.0:
             raise ValueError(
                 "Invalid value for argument `pruning_schedule`. Expected a "
@@ -200,7 +201,7 @@ def _check_prunes_at_all(schedule):
 def sparsity_at(schedule, step):
     """The schedule's sparsity at `step`, as a Python float (host)."""
     _, sparsity = call_schedule(schedule, ops.convert_to_tensor(step, dtype="int64"))
-    return float(ops.convert_to_numpy(sparsity))
+    return float(_keras_internals.to_numpy(sparsity))
 
 
 def steps_to_target(schedule):

@@ -20,8 +20,8 @@ import math
 
 import keras
 import numpy as np
-from keras import ops
 
+from keras_stability import _keras_internals
 from keras_stability._checks import check_choice
 from keras_stability._checks import check_number
 from keras_stability.pruning.masks import unit_scores
@@ -271,7 +271,9 @@ def shrink_plan(model, fraction, criterion="l1"):
             )
         channels = int(info["channels"])
         scores = sum(
-            ops.convert_to_numpy(unit_scores(p.kernel, criterion)).astype("float64")
+            _keras_internals.to_numpy(unit_scores(p.kernel, criterion)).astype(
+                "float64"
+            )
             for p in info["producers"]
         )
         n_keep = max(channels - int(round(fraction * channels)), 1)
@@ -347,7 +349,7 @@ def shrink(model, fraction, criterion="l1"):
         if not layer.weights:
             continue
         new_layer = small.get_layer(layer.name)
-        values = [ops.convert_to_numpy(w) for w in layer.weights]
+        values = [_keras_internals.to_numpy(w) for w in layer.weights]
         if layer.name in out_keep or layer.name in in_keep:
             kernel = values[0]
             if layer.name in in_keep:

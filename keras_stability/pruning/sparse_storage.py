@@ -32,6 +32,7 @@ import warnings
 import keras
 import numpy as np
 
+from keras_stability import _keras_internals
 from keras_stability._checks import check_fraction
 from keras_stability._checks import check_layer
 from keras_stability._checks import invalid
@@ -127,7 +128,7 @@ class _SparseStorage:
         super().save_own_variables(entries)
         for key, value in entries.items():
             if key == _KERNEL_KEY and self.quantization_mode in _MODES:
-                array = keras.ops.convert_to_numpy(value)
+                array = _keras_internals.to_numpy(value)
                 if array.size and np.mean(array == 0) >= self.min_sparsity:
                     bitmap, values = bitmap_encode(array)
                     store[f"{key}_bitmap"] = bitmap

@@ -1,7 +1,6 @@
 """`strip_pruning` and `sparsity_report`: the pruned model, for export and inspection."""
 
-from keras import ops
-
+from keras_stability import _keras_internals
 from keras_stability._checks import check_layer
 from keras_stability.pruning.prune import prunable_weights
 from keras_stability.pruning.pruner import find_pruner
@@ -37,7 +36,7 @@ def strip_pruning(model):
         if pruner is None:
             break
         pruner.check_schedule_output()
-        if int(ops.convert_to_numpy(pruner.step)):
+        if int(_keras_internals.to_numpy(pruner.step)):
             pruner.warn_if_target_missed()
         pruner.detach()
     return model
@@ -63,7 +62,7 @@ def sparsity_report(model):
     report = {}
     zeros = size = 0
     for variable in prunable_weights(model):
-        value = ops.convert_to_numpy(variable)
+        value = _keras_internals.to_numpy(variable)
         n_zero = int((value == 0).sum())
         report[variable.path] = n_zero / value.size
         zeros += n_zero

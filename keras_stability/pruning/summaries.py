@@ -2,8 +2,8 @@
 
 import keras
 import numpy as np
-from keras import ops
 
+from keras_stability import _keras_internals
 from keras_stability._checks import check_int
 from keras_stability._checks import check_path
 from keras_stability._checks import check_writable_dir
@@ -124,11 +124,11 @@ class PruningSummaries(keras.callbacks.Callback):
         values = {}
         zeros = size = 0
         for pruner in pruners:
-            target = float(ops.convert_to_numpy(pruner.target_sparsity()))
+            target = float(_keras_internals.to_numpy(pruner.target_sparsity()))
             if len(pruners) == 1:
                 values["pruning/target_sparsity"] = target
             for variable, mask in zip(pruner.variables, pruner.masks, strict=True):
-                m = ops.convert_to_numpy(mask)
+                m = _keras_internals.to_numpy(mask)
                 if len(pruners) > 1:
                     values[f"pruning/{variable.path}/target_sparsity"] = target
                 values[f"pruning/{variable.path}/sparsity"] = float(1.0 - m.mean())
@@ -141,7 +141,7 @@ class PruningSummaries(keras.callbacks.Callback):
         import tensorflow as tf
 
         # Every pruner advances on every optimizer update: the same step.
-        step = int(ops.convert_to_numpy(self._pruners[0].step))
+        step = int(_keras_internals.to_numpy(self._pruners[0].step))
         with self._writer.as_default(step=step):
             for name, value in self.sparsities().items():
                 tf.summary.scalar(name, value)

@@ -49,6 +49,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_stability import _keras_internals
 from keras_stability._checks import check_choice
 from keras_stability._checks import check_int
 from keras_stability._checks import check_positive_int
@@ -571,7 +572,7 @@ class _Analysis:
     def _loss(self, model):
         total = 0.0
         for x, y, sw in self.batches:
-            logits = keras.ops.convert_to_numpy(model(x, training=False))
+            logits = _keras_internals.to_numpy(model(x, training=False))
             total += importance.cross_entropy(logits, y, sw)
         return total / len(self.batches)
 
