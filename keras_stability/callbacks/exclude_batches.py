@@ -63,6 +63,10 @@ class ExcludeList:
         self.batches |= new
         return sorted(new)
 
+    def remove(self, pairs):
+        """Takes `(epoch, batch)` pairs back out (those not listed are ignored)."""
+        self.batches -= {(int(e), int(b)) for e, b in pairs}
+
     def hits(self, epoch, first, count=1):
         """Whether any of batches `first .. first + count - 1` of `epoch` is listed."""
         return any((epoch, b) in self.batches for b in range(first, first + count))

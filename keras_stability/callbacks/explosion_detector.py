@@ -88,8 +88,13 @@ __all__ = ["GradientExplosionDetector"]
 
 ACTIONS = ("warn", "skip", "rollback", "stop")
 HISTORY_KEPT = 2000  # raw losses / norms kept for the diagnostic
-# Events whose batches go into `offending_batches` (and the exclude list).
-OFFENDING_EVENTS = ("skipped_nonfinite", "skipped_spike", "spike")
+# Events whose batches go into `offending_batches` (and the exclude list):
+# steps not trained on. A spike that was only recorded (`"spike"`) was
+# trained on; its batches go in only when a rollback abandons it
+# (`_note_abandoned_spikes`), so a resumed run trains on what the run kept.
+OFFENDING_EVENTS = ("skipped_nonfinite", "skipped_spike")
+# Recorded spikes kept for a rollback to find (the newest).
+SPIKES_KEPT = 1000
 # A slow divergence is judged against the best snapshot's loss, but at least
 # this fraction of the loss the fit started from.
 DIVERGENCE_FLOOR = 0.1
@@ -336,9 +341,12 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             steps (see above; `1` looks after every batch, as a detector
             without the record would). Defaults to `10`.
         exclude_batches_path: JSON file of the batches to leave out, or
-            `None`. The batches of spikes and of skipped non-finite steps
+            `None`. The batches of the steps skipped in-graph (non-finite,
+            gradient-norm spikes) and of the spikes a rollback abandoned
             (`offending_batches`, as `(epoch, batch)` of Keras' counts) are
-            added to it as they are found; at the start of `fit` the file is
+            added to it as they are found (a spike that was trained on and
+            kept is not: the resumed run trains on what this run kept; an
+            undone rollback takes its spikes back out); at the start of `fit` the file is
             read, and a listed batch is drawn from the data without training
             on it (counted in `excluded_batches`; with `steps_per_execution
             > 1`, the whole execution holding it). So a run resumed after a
@@ -499,6 +507,8 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         self.excluded_batches = 0  # batches drawn without training (listed)
         self._unread_batches = []  # Keras' batch of each call since the last look
         self._judged_batches = ()  # the batches of the step being judged
+        # (step, epoch, batches) of the recorded spikes (`"spike"` events).
+        self._spike_batches = collections.deque(maxlen=SPIKES_KEPT)
         self._exclude_warned = False
 
         def per_layer_norms():
@@ -1373,6 +1383,10 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
     def _event(self, kind, raw, norm, detail=""):
         if kind in OFFENDING_EVENTS:
             self._note_offending()
+        elif kind == "spike" and self._judged_batches:
+            self._spike_batches.append(
+                (self.step, self.epoch, tuple(self._judged_batches))
+            )
         self.events.append(
             {
                 "step": self.step,
@@ -1389,6 +1403,17 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         self.offending_batches.extend(
             self._exclude.add(self.epoch, self._judged_batches)
         )
+
+    def _note_abandoned_spikes(self, after_step):
+        """Adds the recorded spikes after `after_step` (a rollback abandons
+        them) to the exclude list; returns the pairs added."""
+        added = []
+        for step, epoch, batches in self._spike_batches:
+            if step > after_step:
+                added += self._exclude.add(epoch, batches)
+        self._spike_batches.clear()
+        self.offending_batches.extend(added)
+        return added
 
     def _save_exclude(self):
         """Writes the exclude list if it changed (the chief; warns once on failure)."""

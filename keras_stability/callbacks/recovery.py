@@ -200,6 +200,9 @@ class RecoveryMixin:
                     "factor": factor,
                 }
         self.snapshot.restore(self.model)
+        offending = self._note_abandoned_spikes(self.snapshot.step)
+        if abandoned is not None:
+            abandoned["offending"] = offending
         # The losses that triggered it (the whole streak of bad steps) leave
         # the epoch's mean: a huge finite one left in Keras' float32 running
         # total would make the raw losses recovered from it later
@@ -356,6 +359,12 @@ class RecoveryMixin:
         ):
             return
         abandoned["snapshot"].restore(self.model)
+        if abandoned["offending"]:  # kept after all: trained on, not excluded
+            self._exclude.remove(abandoned["offending"])
+            taken = set(abandoned["offending"])
+            self.offending_batches = [
+                p for p in self.offending_batches if p not in taken
+            ]
         if abandoned["lr_value"] is not None:
             learning_rate_variable(self.optimizer).assign(abandoned["lr_value"])
             self._lr_wrote()

@@ -209,3 +209,61 @@ def test_healthy_run_with_gradient_accumulation_is_left_as_plain_fit():
     assert detector.events == [] and detector.rollbacks == 0
     for a, b in zip(model.get_weights(), plain.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _heavy_tailed_regression():
+    # A linear target plus Student-t noise (2 degrees of freedom): a few
+    # batches' squared errors are 10-25x the median, loss spikes to the
+    # detector, which records them and trains on them (a healthy run).
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 5)).astype("float32")
+    w = rng.normal(size=(5, 1))
+    y = (x @ w + rng.standard_t(2, size=(2000, 1))).astype("float32")
+    return x, y
+
+
+def _regression_model():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(keras.optimizers.Adam(1e-3), "mse")
+    return model
+
+
+def test_spikes_trained_on_and_kept_are_not_excluded_on_resume(tmp_path):
+    # Before, every recorded spike went on the list: a resumed run then left
+    # out batches the first run had trained on, and ended elsewhere.
+    path = str(tmp_path / "exclude.json")
+    x, y = _heavy_tailed_regression()
+
+    def fit(model):
+        detector = GradientExplosionDetector(exclude_batches_path=path, verbose=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fit(
+                x,
+                y,
+                batch_size=32,
+                epochs=2,
+                shuffle=False,
+                verbose=0,
+                callbacks=[detector],
+            )
+        return detector
+
+    first_model = _regression_model()
+    first = fit(first_model)
+    assert first.spikes >= 2 and first.rollbacks == 0
+    assert first.offending_batches == []
+    resumed_model = _regression_model()
+    resumed = fit(resumed_model)
+    assert resumed.excluded_batches == 0
+    for a, b in zip(
+        first_model.get_weights(), resumed_model.get_weights(), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

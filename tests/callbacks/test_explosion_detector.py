@@ -1501,6 +1501,11 @@ def test_loss_spikes_that_kill_the_model_are_an_explosion():
     assert problems[0]["detail"].startswith("no progress after an explosion")
     assert detector.rollbacks == 1 and detector.stopped_reason is None
     assert loss < 0.5 * chance
+    # The rollback to step 0 abandons the spikes' updates: their batches
+    # (Keras' batch = step - 1 in the first epoch) go on the exclude list.
+    spikes = [e["step"] for e in detector.events if e["kind"] == "spike"]
+    assert len(spikes) >= 2 and max(spikes) < 20
+    assert detector.offending_batches == [(0, step - 1) for step in spikes]
 
 
 def _seasonal_windows(seed, n=12000, seq=24, delay=36):
@@ -1553,6 +1558,8 @@ def test_a_rollback_the_data_explains_is_undone():
     (loss, rate), caught = _quiet(fit, [detector])
     assert _actions(detector) == [(20, "problem"), (25, "rollback_undone")]
     assert detector.rollbacks == 0 and detector.rollbacks_undone == 1
+    # Its abandoned spikes were kept after all: trained on, not excluded.
+    assert detector.offending_batches == []
     assert detector.stopped_reason is None
     assert rate == pytest.approx(1e-3)
     (undone,) = [e for e in detector.events if e["kind"] == "rollback_undone"]
