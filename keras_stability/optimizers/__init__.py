@@ -3,6 +3,7 @@
 from keras_stability.optimizers.attach import attach_observer
 from keras_stability.optimizers.attach import detach_observer
 from keras_stability.optimizers.attach import ensure_guarded
+from keras_stability.optimizers.attach import strip_guard
 from keras_stability.optimizers.guarded_optimizer import GradientObserver
 from keras_stability.optimizers.guarded_optimizer import GuardedOptimizer
 
@@ -12,4 +13,5 @@ __all__ = [
     "attach_observer",
     "detach_observer",
     "ensure_guarded",
+    "strip_guard",
 ]

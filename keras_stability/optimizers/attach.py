@@ -309,6 +309,72 @@ def ensure_guarded(
     return guarded
 
 
+def strip_guard(model, optimizer=None):
+    """Puts back the optimizer a `GuardedOptimizer` wraps, with its state.
+
+    The library's callbacks (`GradientExplosionDetector`, `GradientMonitor`,
+    `AdaptiveClipping`) wrap the model's optimizer in a `GuardedOptimizer`
+    and leave it there after `fit` (its counters and the clipping and spike
+    statistics go on over later fits). A `.keras` file saved then names that
+    class: it loads where `keras_stability` is imported, and nowhere else
+    (Keras: "Could not locate class 'GuardedOptimizer'"). As TF-MOT's
+    `strip_pruning` before export, `strip_guard(model)` makes the model's
+    optimizer (and its compile config) the wrapped one again, with its state
+    (iterations, moments): a file saved afterwards loads with Keras alone,
+    and training resumes where it was. Under a `LossScaleOptimizer` (mixed
+    precision) the guard inside it is taken out. A later `fit` with the
+    callbacks wraps the optimizer again (the guard's counters start over).
+    A model whose optimizer is not guarded is left as it is.
+
+    Args:
+        model: A compiled Keras model.
+        optimizer: Which of the model's optimizers, as in `ensure_guarded`:
+            `None` (`model.optimizer`), an optimizer it holds or the name of
+            the model attribute holding it. Defaults to `None`.
+
+    Returns:
+        The optimizer the model holds now (the one the guard wrapped, or the
+        model's own if it had no guard).
+
+    Raises:
+        ValueError: If `model` is not a Keras model, or `optimizer` names no
+            optimizer of the model.
+
+    Example:
+
+    >>> model.fit(x, y, callbacks=[GradientExplosionDetector()])
+    >>> strip_guard(model)  # model.optimizer is the Adam compiled
+    >>> model.save("model.keras")  # loads without keras_stability
+    """
+    if not isinstance(model, keras.Model):
+        raise invalid("model", model, "a Keras model")
+    optimizer = check_optimizer_argument("optimizer", optimizer)
+    attribute = (
+        "optimizer" if optimizer is None else guarded_attribute(model, optimizer)
+    )
+    outer = getattr(model, attribute, None)
+    guard = find_guard(outer) if outer is not None else None
+    if guard is None:
+        return outer
+    inner = guard.inner_optimizer
+    if outer is guard:
+        setattr(model, attribute, inner)
+        held = inner
+    else:  # a LossScaleOptimizer around the guard
+        outer.inner_optimizer = inner
+        held = outer
+    compile_config = getattr(model, "_compile_config", None)
+    if (
+        attribute == "optimizer"
+        and compile_config is not None
+        and compile_config.config.get("optimizer") is guard
+    ):
+        compile_config.config["optimizer"] = held
+    if getattr(model, "train_function", None) is not None:
+        model.make_train_function(force=True)
+    return held
+
+
 def _check_observer(observer):
     if not isinstance(observer, GradientObserver):
         raise invalid(

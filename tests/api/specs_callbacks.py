@@ -473,6 +473,16 @@ CASES = [
         },
         good={"optimizer": ["optimizer", "e_optimizer"]},
     ),
+    Case(
+        optimizers.strip_guard,
+        kwargs=lambda: {"model": _compiled_model()},
+        bad={
+            "model": ["model", None, 3],
+            # Also a name or an optimizer the model does not hold.
+            "optimizer": BAD_OPTIMIZER + ["e_optimizer", keras.optimizers.SGD()],
+        },
+        good={"optimizer": ["optimizer"]},
+    ),
 ]
 
 EXEMPT = {

@@ -144,3 +144,99 @@ def test_model_observers_one_per_model_however_many_fits():
         and a.optimizer.observers == []
         and b.optimizer.observers == []
     )
+
+
+_LOAD_WITH_KERAS_ALONE = """
+import os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import keras
+import numpy as np
+for path in sys.argv[1:]:
+    try:
+        model = keras.models.load_model(path)
+    except Exception as e:
+        print("FAIL", type(e).__name__)
+        continue
+    x = np.ones((4, 3), "float32")
+    print(
+        "OK", type(model.optimizer).__name__, int(model.optimizer.iterations.numpy()),
+        float(model.predict(x, verbose=0)[0, 0]),
+    )
+assert "keras_stability" not in sys.modules
+"""
+
+
+def test_strip_guard_leaves_a_file_keras_alone_loads(tmp_path):
+    # After `fit` with the detector the optimizer is a `GuardedOptimizer`:
+    # its `.keras` file loads only where keras_stability is imported. After
+    # `strip_guard` the file holds the Adam compiled, with its state.
+    import subprocess
+    import sys
+    import warnings
+
+    from keras_stability.callbacks import GradientExplosionDetector
+    from keras_stability.optimizers import strip_guard
+
+    model = _model(keras.optimizers.Adam(1e-3))
+    adam = model.optimizer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        callbacks = [GradientExplosionDetector(verbose=0)]
+        x = np.linspace(-1, 1, 24, dtype="float32").reshape(8, 3)
+        model.fit(x, x[:, :1], batch_size=4, epochs=2, verbose=0, callbacks=callbacks)
+    assert isinstance(model.optimizer, GuardedOptimizer)
+    guarded = str(tmp_path / "guarded.keras")
+    model.save(guarded)
+    assert strip_guard(model) is adam and model.optimizer is adam
+    assert int(adam.iterations.numpy()) == 4
+    stripped = str(tmp_path / "stripped.keras")
+    model.save(stripped)
+    out = subprocess.run(
+        [sys.executable, "-c", _LOAD_WITH_KERAS_ALONE, guarded, stripped],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [line.split() for line in out.stdout.splitlines()]
+    assert lines[0] == ["FAIL", "TypeError"], out.stderr[-2000:]
+    assert lines[1][:3] == ["OK", "Adam", "4"], out.stderr[-2000:]
+    expected = float(model.predict(np.ones((4, 3), "float32"), verbose=0)[0, 0])
+    assert float(lines[1][3]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_strip_guard_then_fit_again_wraps_the_same_optimizer():
+    import warnings
+
+    from keras_stability.callbacks import GradientExplosionDetector
+    from keras_stability.optimizers import strip_guard
+
+    model = _model(keras.optimizers.Adam(1e-3))
+    adam = model.optimizer
+    detector = GradientExplosionDetector(verbose=0)
+    x = np.linspace(-1, 1, 24, dtype="float32").reshape(8, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(x, x[:, :1], batch_size=4, verbose=0, callbacks=[detector])
+        strip_guard(model)
+        assert model.get_compile_config()["optimizer"]["class_name"] == "Adam"
+        model.fit(x, x[:, :1], batch_size=4, verbose=0, callbacks=[detector])
+    assert isinstance(model.optimizer, GuardedOptimizer)
+    assert model.optimizer.inner_optimizer is adam
+    assert int(adam.iterations.numpy()) == 4  # 2 + 2 steps, the moments kept
+
+
+def test_strip_guard_under_loss_scaling_and_without_a_guard():
+    from keras_stability.optimizers import strip_guard
+
+    adam = keras.optimizers.Adam(1e-3)
+    scaled = keras.optimizers.LossScaleOptimizer(adam)
+    model = _model(scaled)
+    ensure_guarded(model)
+    assert isinstance(scaled.inner_optimizer, GuardedOptimizer)
+    assert strip_guard(model) is scaled and scaled.inner_optimizer is adam
+    plain = _model(keras.optimizers.SGD(0.1))
+    assert strip_guard(plain) is plain.optimizer
+    with pytest.raises(ValueError, match=r"`model`.*a Keras model"):
+        strip_guard("model")
+    with pytest.raises(ValueError, match=r"`optimizer`.*Received: optimizer='nope'"):
+        strip_guard(plain, optimizer="nope")
