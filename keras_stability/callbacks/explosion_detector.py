@@ -246,7 +246,10 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
     replaced by the last healthy snapshot.
 
     The optimizer is wrapped in a `GuardedOptimizer` at the start of `fit`
-    if it is not one already.
+    if it is not one already, and stays wrapped after it: a `.keras` file
+    saved then loads where `keras_stability` is imported. Call
+    `keras_stability.optimizers.strip_guard(model)` before saving for a
+    process without it.
 
     No host reads between looks: the compiled step records each batch
     (the raw loss as the guard saw it in `scale_loss`, or from Keras' loss
