@@ -181,6 +181,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                     stacklevel=3,
                 )
             self._adopt(metadata)
+            _resume_pruning(self.model)
             self._restored = (
                 files.weights_path(directory, metadata),
                 metadata,
@@ -387,3 +388,14 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+def _resume_pruning(model):
+    """The pruning step and masks of a pruned model, from the restored state."""
+    from keras_stability.pruning import find_pruners
+
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        return
+    for pruner in find_pruners(model):
+        pruner.resume(optimizer.iterations)

@@ -49,7 +49,7 @@ class UpdatePruningStep(keras.callbacks.Callback):
     `keras_stability.pruning` updates the pruning step and the masks inside
     the compiled train step, so `fit` works the same with or without this
     callback. Keeping it (as the TF-MOT pruning guide does) costs nothing
-    and adds two checks:
+    and adds three things:
 
     - at the start of `fit`, a warning if the `fit` (epochs x steps per
       epoch, when known) ends before the schedule's `end_step`, e.g.
@@ -57,7 +57,11 @@ class UpdatePruningStep(keras.callbacks.Callback):
       target sparsity;
     - at the end of each epoch and of `fit`, an error if the schedule
       returned a sparsity outside [0, 1) (refused in the train step), and at
-      the end of `fit` a warning if the masks are below the target sparsity.
+      the end of `fit` a warning if the masks are below the target sparsity;
+    - at the first batch, a run restored from a backup
+      (`keras.callbacks.BackupAndRestore`, which brings back the weights and
+      the optimizer) continues its pruning step and masks from there
+      (`Pruner.resume`) instead of starting the schedule over.
 
     On a model that is not pruned it warns (and does nothing else): with
     TF-MOT a pruned model reloaded from a file is still pruned, here it is
@@ -77,10 +81,12 @@ class UpdatePruningStep(keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
         self._pruners = []
+        self._resume = []
 
     def on_train_begin(self, logs=None):
         # One pruner per separately pruned layer (TF-MOT's clone_function).
         self._pruners = find_pruners(self.model) if self.model is not None else []
+        self._resume = list(self._pruners)
         for pruner in self._pruners:
             check_fit_begin(self, pruner)
         if not self._pruners and self.model is not None:
@@ -94,6 +100,15 @@ class UpdatePruningStep(keras.callbacks.Callback):
                 "initial_step=model.optimizer.iterations)` on it to continue.",
                 stacklevel=2,
             )
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # Once a fit, after every callback's `on_train_begin`: a backup
+        # restored there (`keras.callbacks.BackupAndRestore`, in any order
+        # in the list) brought back the optimizer but not the pruning step.
+        pruners, self._resume = self._resume, []
+        optimizer = getattr(self.model, "optimizer", None)
+        for pruner in pruners if optimizer is not None else ():
+            pruner.resume(optimizer.iterations)
 
     def on_epoch_end(self, epoch=None, logs=None, batch=None):
         # TF-MOT names the first argument `batch`, and its guide's custom

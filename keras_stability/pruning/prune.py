@@ -370,7 +370,7 @@ def _prune_built(
                 "Invalid value for argument `to_prune`. Expected weights not "
                 f"pruned by another model. Received: weight {variable.path!r}"
             )
-    Pruner(
+    pruner = Pruner(
         variables,
         pruning_schedule,
         sparsity_m_by_n=sparsity_m_by_n,
@@ -380,6 +380,9 @@ def _prune_built(
         input_axes=input_axes,
         initial_step=initial_step,
     )
+    optimizer = getattr(to_prune, "optimizer", None)
+    if optimizer is not None and getattr(optimizer, "built", False):
+        pruner.start_iterations = int(_keras_internals.to_numpy(optimizer.iterations))
     if not initial_step:
         _warn_if_resuming(to_prune, variables)
 

@@ -29,6 +29,7 @@ step), then register `pruner.after_apply`, or the step advances twice.
 import warnings
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_stability import _keras_internals
@@ -182,6 +183,11 @@ class Pruner:
             raise invalid("input_axes", input_axes, "None or one axis of each variable")
         self.input_axes = list(input_axes)
         initial_step = check_int("initial_step", initial_step, low=0)
+        self.initial_step = initial_step
+        # The optimizer's update count when pruning began (`prune_low_magnitude`
+        # sets it): a run restored from a backup (weights and optimizer, not
+        # this step) continues from it (`resume`).
+        self.start_iterations = 0
         self._warned = {}
         with _strategy_scope(self.variables[0]):
             # `only_first_replica`: every replica computes the same values
@@ -320,6 +326,45 @@ class Pruner:
         del variables
         self.update_masks(remask_others=False, skipped=skipped)
         self.apply_masks()
+
+    def resume(self, iterations):
+        """Continues the pruning step from an optimizer restored under it.
+
+        `keras.callbacks.BackupAndRestore` (and this library's) restore the
+        weights and the optimizer of an interrupted run into a model pruned
+        afresh: its step would start over (the schedule again from its
+        start, ending below the target) and its masks, made from the fresh
+        weights, would let the pruned weights grow back. If this pruner has
+        not stepped yet and `iterations` (the restored optimizer's) is past
+        `start_iterations`, the step becomes `initial_step` plus the updates
+        made since, and the masks are made again from the restored weights'
+        zeros. Otherwise nothing changes.
+
+        Args:
+            iterations: The optimizer's update count now (an integer or an
+                integer scalar variable, e.g. `model.optimizer.iterations`).
+
+        Returns:
+            The new step, or `None` if nothing changed.
+        """
+        iterations = int(_keras_internals.to_numpy(iterations))
+        step = int(_keras_internals.to_numpy(self.step))
+        last = float(_keras_internals.to_numpy(self.last_sparsity))
+        ahead = iterations - self.start_iterations
+        if step != self.initial_step or last >= 0 or ahead <= 0:
+            return None
+        with _strategy_scope(self.step):
+            self.step.assign(self.initial_step + ahead)
+            zeros = size = 0
+            for variable, mask in zip(self.variables, self.masks, strict=True):
+                kept = np.asarray(_keras_internals.to_numpy(variable)) != 0
+                mask.assign(kept.astype(mask.dtype))
+                zeros += int(kept.size - kept.sum())
+                size += int(kept.size)
+            if zeros:
+                # As if the masks had been computed at that sparsity.
+                self.last_sparsity.assign(zeros / size)
+        return self.initial_step + ahead
 
     def target_sparsity(self):
         """The schedule's sparsity at the current step, as a float tensor."""
