@@ -324,6 +324,17 @@ def check_layer(name, value, built=False, allow_none=False):
     if value is None and allow_none:
         return None
     if not isinstance(value, keras.layers.Layer):
+        if (type(value).__module__ or "").split(".")[0] == "tf_keras":
+            raise ValueError(
+                f"Invalid value for argument `{name}`. Expected a Keras 3 layer or "
+                f"model (`import keras`). Received: {name}={value!r}, a tf_keras "
+                "(legacy Keras 2) object. `tf.keras` is tf_keras in this process: "
+                "`import tensorflow_model_optimization` sets TF_USE_LEGACY_KERAS=1 "
+                "and resolves `tf.keras`, so when it comes before anything else "
+                "touches `tf.keras` (`from tensorflow import keras` does not), "
+                "tf.keras stays legacy. Build the model with `import keras`, or "
+                "import keras_stability before tensorflow_model_optimization."
+            )
         raise invalid(
             name, value, "a Keras layer or model" + (" or None" if allow_none else "")
         )

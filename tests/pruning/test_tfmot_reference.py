@@ -95,3 +95,19 @@ def test_masks_equal_tfmot_prune_low_magnitude_on_tf_keras(sparsity, sparsity_m_
     ]
     for ref, got in zip(ref_kernels, our_kernels, strict=True):
         np.testing.assert_array_equal(got, ref)
+
+
+def test_a_tf_keras_model_gets_an_error_that_explains_the_import_order():
+    # TF-MOT's guide imports it before anything touches `tf.keras`, which
+    # then stays tf_keras: the model the guide builds is a legacy one.
+    import tf_keras
+
+    model = _tf_keras_model(tf_keras)
+    schedule = pruning.ConstantSparsity(0.5, begin_step=0)
+    with pytest.raises(ValueError) as caught:
+        pruning.prune_low_magnitude(model, schedule)
+    message = str(caught.value)
+    assert message.startswith("Invalid value for argument `to_prune`")
+    assert "tf_keras (legacy Keras 2)" in message
+    assert "TF_USE_LEGACY_KERAS=1" in message
+    assert "import keras_stability before tensorflow_model_optimization" in message
