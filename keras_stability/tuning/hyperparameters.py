@@ -182,8 +182,13 @@ def regularization_hyperparameters(
             Defaults to `("none", "clipnorm", "global_clipnorm")`.
         clip_threshold: Threshold range of the clipping policy.
             Defaults to `(0.1, 10.0)`.
-        prefix: Prefix of the hyperparameter names, to declare several sets
-            in one search. Defaults to `""`.
+        prefix: Prefix of the hyperparameter names (`l1`, `l2`, `dropout`,
+            `weight_decay`, `clipping`, `clip_threshold`), to declare several
+            sets in one search or to keep clear of a name the model builder
+            declares too: Keras Tuner gives a name declared twice its first
+            value, whatever the second declaration's type (the Getting
+            started guide's `hp.Boolean("dropout")` would get this float).
+            Defaults to `""`.
 
     Returns:
         A `RegularizationSettings`.
