@@ -139,9 +139,11 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
       epoch start, gets the detector's lowering applied again, with a
       warning, while one set lower, as by `ReduceLROnPlateau`, is kept as
       set) and skips the next
-      `skip_batches` updates in-graph. After `max_rollbacks` it stops.
+      `skip_batches` updates in-graph (none after a paired comparison,
+      below). After `max_rollbacks` it stops.
       With `check_recovery`, each rollback is then checked: the skipped
-      updates measure the restored weights' loss on fresh batches, and if
+      updates (or the comparison before it) measure the restored weights'
+      loss on fresh batches, and if
       the mean raw loss over the next `confirm_steps` applied steps rises
       above it (by more than two of its batch-to-batch standard deviations
       plus 0.5%), the lowered learning rate is still too high: the
@@ -161,16 +163,25 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
       `confirm_steps` steps per rollback, and runs only after a rollback, so
       healthy training is never probed. A probe still running when `fit`
       ends is undone. No snapshot is taken until a rollback is confirmed
-      this way. A rollback the data explains is undone: when the restored
-      weights' median loss on the skipped batches is 1.5x the median loss
-      of the weights the rollback left, over their last steps, those
-      weights were the better ones for the data that follows (the loss rose
-      because the data changed, as in an unshuffled time series, not
-      because the weights broke). They come back with their learning rate,
-      with a warning and an event of kind `"rollback_undone"` (counted in
-      `rollbacks_undone`, not in `rollbacks`), and the rules that compare
-      the loss with its start or with a snapshot (explosion and stall,
-      regression, divergence) are off for the rest of the `fit`. After a rollback (never before one), a plateau of the raw
+      this way. Before a rollback for a rise (the loss climbing, regressing
+      or diverging) or a stall, the detector first checks that the weights,
+      not the data, are to blame: the compiled step scores each of the next
+      `skip_batches` batches at the snapshot's weights too (a stateless
+      forward pass; a device copy of the weights, made at the first such
+      check, which retraces the step once), while training goes on. It
+      rolls back only if the snapshot's loss on the same batches is below
+      0.9x the current weights' after a rise, 1.5x after a stall (median
+      over the batches); the comparison then stands for the skipped
+      updates. Otherwise the loss rose because the data changed, as in an
+      unshuffled time series: no rollback, nothing lost, a warning and an
+      event of kind `"rollback_declined"` (counted in `rollbacks_declined`),
+      and the rules that compare the loss with its start or with a snapshot
+      (explosion and stall, regression, divergence) are off for the rest of
+      the `fit`. Without a compiled loss (a custom `train_step` with its
+      own), the rollback acts at once, and is undone when the restored
+      weights' median loss on the skipped batches is 1.5x (0.9x after a
+      rise) the median loss of the weights it left, over their last steps
+      (event `"rollback_undone"`, counted in `rollbacks_undone`). After a rollback (never before one), a plateau of the raw
       loss (the median of the last 25 steps not 5% below that of the 25
       before) lowers the learning rate by `lr_factor ** (1/3)`, down to
       `lr_factor` times the rate the rollback settled on.
@@ -292,7 +303,12 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         snapshot_freq: Healthy steps between snapshots. Defaults to `50`.
         lr_factor: Learning-rate multiplier per rollback, in (0, 1).
             Defaults to `0.1`.
-        skip_batches: Updates skipped after a rollback. Defaults to `5`.
+        skip_batches: Batches that measure a rollback: before one for a rise
+            or a stall, the snapshot and the current weights are compared
+            on the next `skip_batches` batches while training goes on; after
+            any other rollback (or without a compiled loss), the next
+            `skip_batches` updates are skipped to measure the restored
+            weights. Defaults to `5`.
         max_rollbacks: Rollbacks before stopping. Defaults to `3`.
         max_consecutive_skips: Non-finite steps, or bad steps (loss spikes
             or non-finite steps), in a row tolerated by skipping or recording
@@ -450,6 +466,8 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         self._stats = None
         self._observers = ModelObservers()
         self._records = weakref.WeakKeyDictionary()  # model -> StepRecord
+        # model -> ShadowWeights (made at the first paired comparison)
+        self._shadows = weakref.WeakKeyDictionary()
 
     def get_config(self):
         return {
@@ -606,6 +624,11 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         # next batches (`_undo_rollback`); after one, the rules comparing
         # the loss with its start or a snapshot are off for this fit.
         self.rollbacks_undone = 0
+        # Rollbacks not made: the snapshot did no better than the current
+        # weights on the same batches (`_finish_trial`); the rules comparing
+        # the loss with its start or a snapshot are off after one too.
+        self.rollbacks_declined = 0
+        self._trial = None  # the paired comparison running (`_start_trial`)
         self._level_rules_off = False
         self.lr_probes = 0  # lower learning rates kept by probes after rollbacks
         # Every step the guard skipped, once (each counts in exactly one of
@@ -763,18 +786,32 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         record.written.assign(0)
         record.skipped.assign(0.0)
         record.read = 0
-        attribute = guarded_attribute(model, self._optimizer_arg)
-        changed = self._step_logs.set_graph_values(
-            ("GradientExplosionDetector", id(guard), id(record)),
-            record_values(model, guard, attribute, record),
-            before=lambda data: record_state(model, guard, data),
-            owner=self,
-        )
+        shadow = self._shadows.get(model)
+        if shadow is not None:
+            shadow.stop()  # a fit that raised during a comparison left it up
+        changed = self._set_step_values(model, record)
         trip = None if self.action == "warn" else self.max_consecutive_skips
         changed = guard.set_trip(trip) or changed
         if changed:
             model.make_train_function(force=True)
         return record
+
+    def _set_step_values(self, model, record):
+        """Traces the record (and the paired comparison, once made) into the step.
+
+        Returns whether the step changed (to be traced again).
+        """
+        guard = self.optimizer
+        shadow = self._shadows.get(model)
+        if shadow is not None and not shadow.covers(model):
+            shadow = None
+        attribute = guarded_attribute(model, self._optimizer_arg)
+        return self._step_logs.set_graph_values(
+            ("GradientExplosionDetector", id(guard), id(record), id(shadow)),
+            record_values(model, guard, attribute, record),
+            before=lambda data: record_state(model, guard, data, shadow),
+            owner=self,
+        )
 
     def _steady(self):
         """Whether the host may look only every `check_every` calls.
@@ -791,6 +828,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             self._loss_mode is not None
             and self._row_loss is not None
             and self._recovery is None
+            and self._trial is None
             and not self._bad_streak
         )
 
@@ -896,9 +934,12 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         self._count_requested_skips(
             int(row[ROW["requested"]] > 0), raw, norm, held=row[ROW["held"]] > 0
         )
+        trial = self._trial
         self._decide_step(
             raw, norm, True, skipped, 1, logs, rewound=row[ROW["dropped"]] > 0
         )
+        if trial is not None and self._trial is trial:
+            self._trial_step(row, logs)
 
     def _count_spike_skips(self, skips, raw, norm):
         """Counts steps the guard skipped in-graph as gradient-norm spikes.
@@ -1310,6 +1351,8 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self._calls_unread:
             self._look(None)
+        if self._trial is not None:  # decided on the batches compared so far
+            self._finish_trial(None)
         self._save_exclude()
         self._step_logs.detach(self)
         if self._record is not None:

@@ -7,7 +7,10 @@ detector: `snapshot`, `best`, `_pending`, `_recovery`, `rollbacks`, ...):
   `confirm_steps` healthy steps, whose mean raw loss is its score;
 - a problem (`_handle`) warns, stops or rolls back (`_rollback`): restore
   the last healthy snapshot, lower the learning rate by `lr_factor`, skip
-  the next `skip_batches` updates;
+  the next `skip_batches` updates; before a rollback for a rise or a stall,
+  the snapshot and the current weights are compared on the same
+  `skip_batches` batches while training goes on (`_start_trial`,
+  `_finish_trial`): no rollback when the snapshot does no better;
 - after a rollback, `_check_recovery` compares the restored weights' loss
   with the loss of the next steps (a rise rolls back again with a finer
   step), then probes a lower rate (`_start_probe`, `_judge_probe`,
@@ -26,7 +29,11 @@ import numpy as np
 from keras_stability import _keras_internals
 from keras_stability.callbacks.lr_scaling import learning_rate_variable
 from keras_stability.callbacks.lr_scaling import scale_learning_rate
+from keras_stability.callbacks.paired_trial import ShadowWeights
+from keras_stability.callbacks.paired_trial import can_compare
+from keras_stability.callbacks.paired_trial import paired_ratio
 from keras_stability.callbacks.snapshots import Snapshot
+from keras_stability.callbacks.step_record import ROW
 from keras_stability.callbacks.step_record import read_scalar
 from keras_stability.diagnostics import rules
 from keras_stability.distribute.strategy import chief_path
@@ -78,6 +85,13 @@ UNDO_FACTORS = {
 }
 
 
+def _undo_factor(problem):
+    """`UNDO_FACTORS`' factor for `problem` (a rise or a stall), else `None`."""
+    return next(
+        (f for kind, f in UNDO_FACTORS.items() if problem.startswith(kind)), None
+    )
+
+
 def json_float(value):
     """`value` as a float for JSON, or its string (`"nan"`, `"inf"`) when not finite."""
     value = float(value)
@@ -88,8 +102,10 @@ class RecoveryMixin:
     """Snapshots, rollbacks, learning-rate probes and the stop of `GradientExplosionDetector`."""
 
     def _healthy_step(self, raw):
-        if self._recovery is not None:
-            return  # no snapshot until the last rollback is confirmed
+        if self._recovery is not None or self._trial is not None:
+            # No snapshot until the last rollback is confirmed, nor while a
+            # rollback is being decided.
+            return
         if self._pending is not None:
             self._pending_losses.append(raw)
             if len(self._pending_losses) >= self.confirm_steps:
@@ -146,6 +162,10 @@ class RecoveryMixin:
             self._pending_losses = []
 
     def _handle(self, problem, raw, norm, logs=None):
+        if self._trial is not None:
+            if _undo_factor(problem) is not None:
+                return  # a rise or stall again: already being compared
+            self._end_trial()  # anything else acts now
         self._event("problem", raw, norm, problem)
         if self.action != "warn":
             self._pending = None  # a snapshot followed by a problem is not healthy
@@ -166,24 +186,28 @@ class RecoveryMixin:
             )
             return
         if self.action == "rollback" and self.rollbacks < self.max_rollbacks:
-            self._rollback(problem, logs)
+            if self._can_trial(problem):
+                self._start_trial(problem, raw, norm)
+            else:
+                self._rollback(problem, logs)
             return
         reason = problem
         if self.action == "rollback":
             reason = f"{problem} after {self.rollbacks} rollbacks (max_rollbacks={self.max_rollbacks})"
         self._stop(reason, raw, norm)
 
-    def _rollback(self, problem, logs=None):
+    def _rollback(self, problem, logs=None, compared=False, reference=None):
         # The state it abandons, and that state's last losses: kept until
         # the skipped batches have measured the restored weights
-        # (`_undo_rollback`; the recovery check below needs those batches).
+        # (`_undo_rollback`; the recovery check below needs those batches),
+        # unless a paired comparison decided it (`compared`): then its
+        # snapshot losses (`reference`) measured them, and nothing is skipped.
         abandoned = None
         recent = [v for v in self._recent if math.isfinite(v)]
-        factor = next(
-            (f for kind, f in UNDO_FACTORS.items() if problem.startswith(kind)), None
-        )
+        factor = _undo_factor(problem)
         if (
-            factor is not None
+            not compared
+            and factor is not None
             and recent
             and self.check_recovery
             and self._loss_mode != "none"
@@ -226,8 +250,9 @@ class RecoveryMixin:
         self._plateau_top = None
         new_lr = scale_learning_rate(self.optimizer, factor)
         self._lr_wrote()
-        if self.skip_batches and hasattr(self.optimizer, "skip_next"):
-            self.optimizer.skip_next(self.skip_batches)
+        skips = 0 if compared else self.skip_batches
+        if skips and hasattr(self.optimizer, "skip_next"):
+            self.optimizer.skip_next(skips)
         self.consecutive_skips = 0
         self._bad_window.clear()
         self._bad_streak = 0
@@ -243,12 +268,13 @@ class RecoveryMixin:
             self._stretch_spikes.clear()
             self._before_stretch.clear()
         if self.check_recovery and self._loss_mode != "none":
-            skipped = self.skip_batches if hasattr(self.optimizer, "skip_next") else 0
-            reference = (
-                []
-                if skipped or not math.isfinite(self.snapshot.score)
-                else [self.snapshot.score]
-            )
+            skipped = skips if hasattr(self.optimizer, "skip_next") else 0
+            if reference is None:
+                reference = (
+                    []
+                    if skipped or not math.isfinite(self.snapshot.score)
+                    else [self.snapshot.score]
+                )
             self._recovery = {
                 "skip_left": skipped,
                 "reference": reference,
@@ -270,10 +296,149 @@ class RecoveryMixin:
             f"to step {self.snapshot.step} (rollback {self.rollbacks}/"
             f"{self.max_rollbacks}), learning rate x{factor:.3g}"
             + (f" -> {new_lr:.4g}" if new_lr is not None else "")
-            + f", skipping the next {self.skip_batches} updates."
+            + (f", skipping the next {skips} updates." if skips else ".")
         )
         if self.verbose:
             self._say(message)
+
+    # -- a paired comparison before a rollback for a rise or a stall ------
+    def _can_trial(self, problem):
+        """Whether the rollback for `problem` is decided by a paired comparison.
+
+        For a rise or a stall (the problems a rollback may be undone for),
+        with a recorded step (one batch per call), a compiled loss the step
+        can compute and batches to compare on (`skip_batches`). Otherwise
+        the rollback acts at once (and may be undone, `_undo_rollback`).
+        """
+        return (
+            _undo_factor(problem) is not None
+            and self.check_recovery
+            and self.skip_batches > 0
+            and self._record is not None
+            and self._loss_mode not in (None, "none")
+            and self.snapshot.finite
+            and can_compare(self.model)
+            and getattr(self._shadows.get(self.model), "failed", None) is None
+        )
+
+    def _start_trial(self, problem, raw, norm):
+        """Compares the snapshot with the current weights on the next batches.
+
+        The snapshot's weights go to the device (`ShadowWeights`; the first
+        time, the comparison is traced into the step) and the next
+        `skip_batches` steps compute each batch's loss at them too, beside
+        the current weights' (the step's own). Training goes on: when the
+        snapshot does no better, no batch is lost (`_finish_trial`); when it
+        does, the rollback needs no skipped batches to measure it.
+        """
+        model = self.model
+        shadow = self._shadows.get(model)
+        if shadow is None or not shadow.covers(model):
+            shadow = self._shadows[model] = ShadowWeights(model)
+            if self._set_step_values(model, self._record):
+                model.make_train_function(force=True)
+        shadow.load(self.snapshot)
+        self._trial = {
+            "problem": problem,
+            "factor": _undo_factor(problem),
+            "shadow": shadow,
+            "pairs": [],
+            "rows": 0,
+            "raw": raw,
+            "norm": norm,
+        }
+        if self.events:
+            self.events[-1].update(action="compare", restored_step=self.snapshot.step)
+        if self.verbose:
+            self._say(
+                f"GradientExplosionDetector at step {self.step}: {problem}. Comparing "
+                f"the snapshot of step {self.snapshot.step} with the current weights "
+                f"on the next {self.skip_batches} batches before rolling back."
+            )
+
+    def _trial_step(self, row, logs):
+        """One judged row during a comparison: its pair of losses, if any."""
+        trial = self._trial
+        trial["rows"] += 1
+        snapshot = row[ROW["trial_snapshot"]]
+        if not math.isnan(snapshot):  # computed (the flag was up)
+            trial["pairs"].append((row[ROW["trial_current"]], snapshot))
+        if (
+            len(trial["pairs"]) >= self.skip_batches
+            # the step could not score the snapshot: roll back now
+            or trial["shadow"].failed is not None
+            # rows of the look that started it hold none; the step may
+            # compute none (variables added since): decide without
+            or trial["rows"] >= 2 * self.skip_batches + self.check_every
+        ):
+            self._finish_trial(logs)
+
+    def _end_trial(self):
+        trial, self._trial = self._trial, None
+        trial["shadow"].stop()
+        return trial
+
+    def _finish_trial(self, logs):
+        """Rolls back if the snapshot did better on the compared batches.
+
+        The median over the batches of the snapshot's loss over the current
+        weights' (`paired_ratio`) against `UNDO_FACTORS`: after a rise the
+        snapshot must score below 0.9x (the current weights broke), after
+        a stall below 1.5x (a dead model scores about what its snapshot
+        does; rolling back and lowering the rate is its chance). Otherwise
+        the loss rose with the data: no rollback (`"rollback_declined"`,
+        counted in `rollbacks_declined`), and the rules that compare the
+        loss with its start or a snapshot are off for the rest of the `fit`,
+        as after an undone rollback. Without a pair, it rolls back.
+        """
+        trial = self._end_trial()
+        ratio = paired_ratio(trial["pairs"])
+        raw = self.raw_losses[-1] if self.raw_losses else trial["raw"]
+        norm = self.grad_norms[-1] if self.grad_norms else trial["norm"]
+        if ratio is None or not ratio > trial["factor"]:
+            problem = trial["problem"]
+            if ratio is not None:
+                problem += (
+                    f"; confirmed on the next {len(trial['pairs'])} batches: the "
+                    f"snapshot of step {self.snapshot.step} scored {ratio:.3g}x the "
+                    "current weights' loss"
+                )
+            # The rollback's own event (the last one may be a later spike's).
+            self._event("problem", raw, norm, problem)
+            reference = [
+                s for _, s in trial["pairs"] if math.isfinite(s)
+            ]  # the restored weights' losses, measured
+            self._rollback(
+                problem,
+                logs,
+                compared=ratio is not None,
+                reference=reference if ratio is not None else None,
+            )
+            if ratio is not None:
+                self.events[-1].update(paired_ratio=json_float(ratio))
+            return
+        self.rollbacks_declined += 1
+        self._level_rules_off = True
+        self._exploded_at = None
+        detail = (
+            f"rollback declined: on the {len(trial['pairs'])} batches after "
+            f'"{trial["problem"]}", the snapshot of step {self.snapshot.step} '
+            f"scored {ratio:.3g}x the current weights' loss (median over the "
+            f"batches; a rollback needs below {trial['factor']:g}x): the loss rose "
+            "with the data, not with the weights (an unshuffled or drifting "
+            "stream?). Training goes on from the current weights; the rules "
+            "that compare the loss with its start or a snapshot are off for the "
+            "rest of this fit"
+        )
+        self._event("rollback_declined", raw, norm, detail)
+        self.events[-1].update(
+            action="none",
+            restored_step=None,
+            paired_ratio=json_float(ratio),
+        )
+        warnings.warn(
+            f"GradientExplosionDetector at step {self.step}: {detail}.", stacklevel=3
+        )
 
     def _check_recovery(self, raw, steps=1):
         """Feeds one healthy call (`steps` batches) to the check of the last rollback.
@@ -582,6 +747,7 @@ class RecoveryMixin:
             "rollbacks": self.rollbacks,
             "lr_probes": self.lr_probes,
             "rollbacks_undone": self.rollbacks_undone,
+            "rollbacks_declined": self.rollbacks_declined,
             "skipped_batches": self.skipped_batches,
             "skipped_nonfinite": self.skipped_nonfinite,
             "skipped_spikes": self.skipped_spikes,

@@ -5,7 +5,8 @@
 tracker's totals around the step, whether it was skipped as non-finite or
 as a gradient-norm spike, held by the guard's trip flag, skipped at the
 detector's request (`steps_skipped_requested`), dropped from the epoch's
-mean, the batch's mean sample weight) into a ring buffer
+mean, the batch's mean sample weight, and during a paired comparison
+the batch's loss at the snapshot's weights) into a ring buffer
 (`StepRecord`) that the host reads every few steps; `RowLoss` takes the
 judged steps back out of Keras' epoch mean on the host.
 """
@@ -56,6 +57,8 @@ ROW = {
             "spike",
             "requested",
             "weight",
+            "trial_current",
+            "trial_snapshot",
         )
     )
 }
@@ -111,11 +114,14 @@ def mean_sample_weight(data):
     return means[0] if len(means) == 1 else ops.mean(ops.stack(means))
 
 
-def record_state(model, guard, data):
+def record_state(model, guard, data, shadow=None):
     """In the step, before `train_step`: Keras' loss tracker's totals, the
-    guard's count of spike skips (`None` when it skips no spikes) and the
-    batch's mean sample weight (`mean_sample_weight`)."""
+    guard's count of spike skips (`None` when it skips no spikes), the
+    batch's mean sample weight (`mean_sample_weight`) and, with a `shadow`
+    (`paired_trial.ShadowWeights`), the batch's loss at the current and at
+    the snapshot's weights (`None` without; see `ShadowWeights.evaluate`)."""
     weight = mean_sample_weight(data)
+    trial_losses = None if shadow is None else shadow.evaluate(data)
     spikes = None
     if (
         guard.skip_spikes is not None
@@ -125,13 +131,14 @@ def record_state(model, guard, data):
     tracker = _keras_internals.loss_tracker(model)
     if tracker is None:
         zero = ops.zeros((), "float32")
-        return (zero, zero, spikes, weight)
+        return (zero, zero, spikes, weight, trial_losses)
     # Read now, before the step updates them (one read each).
     return (
         _keras_internals.read(tracker.total),
         _keras_internals.read(tracker.count),
         spikes,
         weight,
+        trial_losses,
     )
 
 
@@ -141,7 +148,7 @@ def record_values(model, guard, attribute, record):
     def values(state, logs):
         if find_guard(model, attribute) is not guard:
             return {}  # compiled again with another optimizer
-        total_before, count_before, spikes_before, weight = state
+        total_before, count_before, spikes_before, weight, trial_losses = state
         tracker = _keras_internals.loss_tracker(model)
         if tracker is not None:
             total_after = _keras_internals.read(tracker.total)
@@ -202,12 +209,26 @@ def record_values(model, guard, attribute, record):
         flags = ops.cast(
             ops.stack([nonfinite, held, dropped, spike, requested]), "float32"
         )
-        values = [raw, grad_norm, total_before, count_before, count_after]
-        row = [ops.stack([ops.cast(v, "float32") for v in values]), flags]
+        # The tracker's totals over the replicas (each holds its share):
+        # what the host assigns back to rewind the epoch's mean.
+        totals = _summed_over_replicas(
+            ops.stack(
+                [
+                    ops.cast(v, "float32")
+                    for v in (total_before, count_before, count_after)
+                ]
+            )
+        )
+        values = ops.stack([ops.cast(raw, "float32"), ops.cast(grad_norm, "float32")])
+        row = [values, totals, flags]
         if weight is None:  # no sample weights: a constant, no op
             row.append(ops.ones((1,), "float32"))
         else:
             row.append(ops.reshape(weight, (1,)))
+        if trial_losses is None:  # no comparison traced: a constant, no op
+            row.append(ops.convert_to_tensor(np.full((2,), np.nan, np.float32)))
+        else:
+            row.append(trial_losses)
         row = ops.concatenate(row)
         at = ops.mod(ops.convert_to_tensor(record.written), record.size)
         record.rows.assign(
@@ -226,6 +247,35 @@ def record_values(model, guard, attribute, record):
         return new
 
     return values
+
+
+def _summed_over_replicas(value):
+    """`value` (this replica's) summed over the replicas, in a merge call.
+
+    Keras' metric variables under a `tf.distribute` strategy hold one share
+    per replica (`SyncOnReadVariable`, summed on read, split on assign).
+    Unchanged on one replica, and under a strategy without merge calls
+    (multi-worker, TPU), where the row keeps the first replica's.
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return value
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if (
+        context is None
+        or tf.distribute.get_strategy().num_replicas_in_sync == 1
+        or tf.__internal__.distribute.strategy_supports_no_merge_call()
+    ):
+        return value
+
+    def total(distribution, value):
+        parts = distribution.experimental_local_results(value)
+        return ops.sum(ops.stack(list(parts)), axis=0)
+
+    return context.merge_call(total, args=(value,))
 
 
 class RowLoss:

@@ -251,27 +251,27 @@ def test_slow_regression_is_rolled_back_before_any_spike():
     # standard deviations below the last 20 losses, so it is no regression.
     # It is a slow divergence: the median of steps 6-25 (106.2) is 10x the
     # step-0 snapshot's score (10.12, the mean of steps 1-5).
-    # Rolled back at step 25, to step 0. Steps 26-28 skipped; steps 29-33 at
-    # 0.525 (x0.0025 per step) pass the recovery check; the probe at
+    # Seen at step 25; steps 26-28 compare the step-0 snapshot with the
+    # current weights on the same batches (0.007x: it is the weights), so
+    # it rolls back at step 28, to step 0, with nothing to skip: steps
+    # 29-33 at 0.525 (x0.0025 per step) pass the recovery check; the probe at
     # 0.525 * 0.5 ** (1/3) = 0.4167 (x0.0278 per step, steps 34-38, from
     # step 0 again) is slower, so the state of step 33 is restored and
     # training goes on from it at 0.4167 (short-horizon bias).
-    assert [(e["step"], e["kind"]) for e in detector.events] == [
-        (25, "problem"),
-        (26, "skipped_requested"),
-        (27, "skipped_requested"),
-        (28, "skipped_requested"),
-        (38, "lr_probe"),
+    assert [(e["step"], e["kind"], e["action"]) for e in detector.events] == [
+        (25, "problem", "compare"),
+        (28, "problem", "rollback"),
+        (38, "lr_probe", "lower_lr"),
     ]
-    assert detector.skipped_batches == detector.skipped_requested == 3
+    assert detector.skipped_batches == detector.skipped_requested == 0
     assert detector.events[0]["detail"].startswith(
         "loss diverging: median raw loss 106.2 over the last 20 steps"
     )
-    assert detector.events[0]["restored_step"] == 0
-    assert detector.events[4]["detail"].startswith(
+    assert detector.events[1]["restored_step"] == 0
+    assert detector.events[1]["paired_ratio"] < 0.01
+    assert detector.events[2]["detail"].startswith(
         "went on at 0.4167 from the state at 0.525: 5 steps at 0.4167"
     )
-    assert detector.events[4]["action"] == "lower_lr"
     assert detector.rollbacks == 1
     assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(
         0.4167, rel=1e-3
@@ -303,22 +303,26 @@ def test_failed_recovery_escalates_to_a_second_rollback(check_recovery):
         x, y, batch_size=8, epochs=6, shuffle=False, verbose=0, callbacks=[detector]
     )
     steps = [step for step, _ in _actions(detector)]
-    assert [e["step"] for e in detector.events if e["kind"] == "spike"] == [4, 5, 6, 7]
+    spikes = [e["step"] for e in detector.events if e["kind"] == "spike"]
+    assert spikes[:4] == [4, 5, 6, 7]
     assert detector.events[0]["detail"].startswith("loss spike")
     problems = [e for e in detector.events if e["kind"] == "problem"]
     assert problems[0]["detail"].startswith("loss rising: 4 of the last 7 steps bad")
     if check_recovery:
-        # Rollback at step 7, steps 8-10 skipped, steps 11-15 judged.
-        assert steps == [7, 15]
-        detail = problems[1]["detail"]
+        # Seen at step 7, steps 8-10 compare (the climb goes on: spikes),
+        # rollback at step 10, steps 11-15 judged against the snapshot's
+        # losses on steps 8-10; seen at 15, compared on 16-18, rolled back.
+        assert spikes == [4, 5, 6, 7, 8, 9, 10]
+        assert steps == [7, 10, 15, 18]
+        assert [e["action"] for e in problems] == ["compare", "rollback"] * 2
+        detail = problems[2]["detail"]
         assert detail.startswith("recovery failed: after rollback 1")
         assert f"restored weights' loss {start:.4g}" in detail
         assert detector.rollbacks == 2
         assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(
             1.5 * 0.7 * 0.7 ** (1 / 3)
         )
-        # 33 steps at x0.7475: 0.7475 ** 33 = 7e-5 of the start, plus the
-        # skipped ones' rounding.
+        # 30 steps at x0.7475: 0.7475 ** 30 = 1.6e-4 of the start.
         assert model.evaluate(x, y, verbose=0) < 2e-3 * start
     else:
         # Without the check (and the regression rule) the slow climb at lr
@@ -364,16 +368,15 @@ def test_stable_but_too_high_learning_rate_after_a_rollback_is_probed_lower(
     events = [
         e for e in detector.events if e["kind"] not in ("spike", "skipped_requested")
     ]
-    assert [e["step"] for e in detector.events if e["kind"] == "skipped_requested"] == [
-        7,
-        8,
-        9,
-    ]
+    assert detector.skipped_requested == 0
     assert detector.events[0]["detail"].startswith("loss spike")
     raw = np.asarray(detector.raw_losses) / start
-    # Rollback at step 6; steps 7-9 skipped (the restored loss); 10-14 at 0.975.
+    # Seen at step 6; steps 7-9 compare (the climb goes on, x8.41 a step,
+    # the step-0 snapshot's loss is the start's); rollback at step 9;
+    # 10-14 at 0.975.
+    np.testing.assert_allclose(raw[6:9] / raw[5:8], 8.41, rtol=1e-3)
     np.testing.assert_allclose(
-        raw[6:14], [1, 1, 1, 1, 0.9025, 0.9025**2, 0.9025**3, 0.9025**4], rtol=1e-3
+        raw[9:14], [1, 0.9025, 0.9025**2, 0.9025**3, 0.9025**4], rtol=1e-3
     )
     if probe_lower_lr:
         # Probes go down by 0.5 ** (1/3), 5 steps each from step 0, each
@@ -382,11 +385,12 @@ def test_stable_but_too_high_learning_rate_after_a_rollback_is_probed_lower(
         # 20-24), 0.4875 (x0.000625, 25-29); each probe restarts at the start.
         assert steps == [
             (6, "problem"),
+            (9, "problem"),
             (19, "lr_probe"),
             (24, "lr_probe"),
             (29, "lr_probe"),
         ]
-        for event, rate in zip(events[1:], (0.7739, 0.6142, 0.4875), strict=True):
+        for event, rate in zip(events[2:], (0.7739, 0.6142, 0.4875), strict=True):
             assert event["detail"].startswith("lower learning rate kept")
             assert event["learning_rate"] == pytest.approx(rate, rel=1e-4)
             assert event["action"] == "lower_lr"
@@ -399,7 +403,7 @@ def test_stable_but_too_high_learning_rate_after_a_rollback_is_probed_lower(
         assert final < 1e-10 * start
     else:
         # Without the probe, 0.975 stays: 31 steps at x0.9025.
-        assert steps == [(6, "problem")]
+        assert steps == [(6, "problem"), (9, "problem")]
         assert detector.rollbacks == 1 and detector.lr_probes == 0
         assert lr == pytest.approx(0.975)
         assert final > 0.02 * start
@@ -421,7 +425,7 @@ def test_lower_rates_kept_by_probes_do_not_use_up_max_rollbacks():
     model.fit(
         x, y, batch_size=8, epochs=5, shuffle=False, verbose=0, callbacks=[detector]
     )
-    assert _actions(detector) == [(6, "problem"), (19, "lr_probe")]
+    assert _actions(detector) == [(6, "problem"), (9, "problem"), (19, "lr_probe")]
     assert detector.rollbacks == 1 and detector.lr_probes == 1
     assert detector.stopped_reason is None
     # One lower rate per rollback at most: 0.975 * 0.5 ** (1/3) is kept and
@@ -444,7 +448,7 @@ def test_probe_unfinished_when_fit_ends_is_undone():
     model.fit(
         x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[detector]
     )
-    assert _actions(detector) == [(6, "problem"), (16, "lr_probe")]
+    assert _actions(detector) == [(6, "problem"), (9, "problem"), (16, "lr_probe")]
     assert detector.events[-1]["detail"].startswith(
         "probe unfinished at the end of training: learning rate 0.975 kept; "
         "restored the state of step 14"
@@ -1497,9 +1501,18 @@ def test_loss_spikes_that_kill_the_model_are_an_explosion():
     detector = GradientExplosionDetector()
     loss, _ = _quiet(fit, [detector])
     problems = [e for e in detector.events if e["kind"] == "problem"]
-    assert [e["step"] for e in problems] == [20]
+    # Seen at step 20; the snapshot (the weights `fit` started from) and the
+    # dead model compared on the next 5 batches; rolled back at step 25.
+    assert [(e["step"], e["action"]) for e in problems] == [
+        (20, "compare"),
+        (25, "rollback"),
+    ]
     assert problems[0]["detail"].startswith("no progress after an explosion")
+    assert "confirmed on the next 5 batches" in problems[1]["detail"]
+    assert 0.5 < problems[1]["paired_ratio"] < 1.5
     assert detector.rollbacks == 1 and detector.stopped_reason is None
+    # The comparison measured the restored weights: nothing skipped after.
+    assert detector.skipped_requested == 0
     assert loss < 0.5 * chance
     # The rollback to step 0 abandons the spikes' updates: their batches
     # (Keras' batch = step - 1 in the first epoch) go on the exclude list.
@@ -1527,35 +1540,146 @@ def _seasonal_windows(seed, n=12000, seq=24, delay=36):
     return windows(0, 9000), windows(9000, None)
 
 
-def test_a_rollback_the_data_explains_is_undone():
+def _seasonal_fit(callbacks):
+    train, heldout = _seasonal_windows(0)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((24, 2)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(keras.optimizers.Adam(1e-3), "mse")
+    model.fit(train, epochs=4, verbose=0, callbacks=callbacks)
+    return (
+        model.evaluate(heldout, verbose=0),
+        float(model.optimizer.learning_rate.numpy()),
+        model.get_weights(),
+    )
+
+
+def test_a_rollback_the_data_explains_is_declined():
     # The loss of an unshuffled seasonal series rises 2-10x its first
     # batches' as the season moves, smoothly, with the gradient: an
     # explosion and a stall to the rules. Before, the detector rolled back
-    # to the weights `fit` started from, lowered the rate 10x, failed its
-    # recoveries and stopped after 3 rollbacks at 3.4x plain `fit`'s
-    # held-out MSE. Now the batches skipped after the rollback measure the
-    # restored weights on the data that follows: 1.5x or more the loss of
-    # the weights left behind, so the rise was the data's. The rollback is
-    # undone (those weights and their rate back), and the rules that compare
-    # the loss with its start or a snapshot stay off.
-    def fit(callbacks):
-        train, heldout = _seasonal_windows(0)
-        keras.utils.set_random_seed(0)
-        model = keras.Sequential(
-            [
-                keras.Input((24, 2)),
-                keras.layers.Flatten(),
-                keras.layers.Dense(32, activation="relu"),
-                keras.layers.Dense(1),
-            ]
-        )
-        model.compile(keras.optimizers.Adam(1e-3), "mse")
-        model.fit(train, epochs=4, verbose=0, callbacks=callbacks)
-        return model.evaluate(heldout, verbose=0), float(model.optimizer.learning_rate)
-
-    plain, _ = fit([])
+    # at once to the weights `fit` started from, and (the skipped batches
+    # measuring them worse) undid it 5 steps later: those 5 batches were
+    # lost to training. Now the snapshot and the current weights are
+    # compared on the same next 5 batches while training goes on: the
+    # snapshot scores 2.6x worse, the rise is the data's, no rollback is
+    # made and the run is plain `fit`'s to the bit.
+    plain, _, plain_weights = _seasonal_fit([])
     detector = GradientExplosionDetector(verbose=0)
-    (loss, rate), caught = _quiet(fit, [detector])
+    (loss, rate, weights), caught = _quiet(_seasonal_fit, [detector])
+    assert _actions(detector) == [(20, "problem"), (25, "rollback_declined")]
+    assert detector.events[0]["action"] == "compare"
+    (declined,) = [e for e in detector.events if e["kind"] == "rollback_declined"]
+    assert declined["paired_ratio"] > 1.5
+    assert detector.rollbacks == 0 and detector.rollbacks_declined == 1
+    assert detector.rollbacks_undone == 0 and detector.skipped_batches == 0
+    assert detector.offending_batches == [] and detector.stopped_reason is None
+    assert any("rollback declined" in message for message in caught)
+    assert rate == pytest.approx(1e-3)
+    assert loss == plain
+    for a, b in zip(weights, plain_weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _mirrored_seasonal_fits():
+    # In a child with 2 logical CPU devices: plain `fit` and `fit` with the
+    # detector, each under a MirroredStrategy over both.
+    import tensorflow as tf
+
+    results = []
+    for callbacks in ([], [GradientExplosionDetector(verbose=0)]):
+        with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+            (loss, _, weights), _ = _quiet(_seasonal_fit, callbacks)
+        detector = callbacks[0] if callbacks else None
+        results.append(
+            {
+                "loss": loss,
+                "weights": weights,
+                "actions": None if detector is None else _actions(detector),
+                "declined": None if detector is None else detector.rollbacks_declined,
+                "rollbacks": None if detector is None else detector.rollbacks,
+            }
+        )
+    return results
+
+
+def test_a_rollback_the_data_explains_is_declined_under_a_mirrored_strategy(
+    two_cpu_devices,
+):
+    # The comparison under 2 replicas: each scores its half of the batch at
+    # the snapshot, the mean over both is the global batch's loss (as the
+    # step's own loss); the rise is the data's and the run is plain `fit`'s.
+    plain, detected = two_cpu_devices(_mirrored_seasonal_fits)
+    assert detected["actions"] == [(20, "problem"), (25, "rollback_declined")]
+    assert detected["declined"] == 1 and detected["rollbacks"] == 0
+    assert detected["loss"] == plain["loss"]
+    for a, b in zip(detected["weights"], plain["weights"], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+class OwnLossStep(keras.Sequential):
+    """A compiled loss only `train_step` can compute (`compute_loss` refuses
+    to run elsewhere): the step cannot score the snapshot on its own."""
+
+    def train_step(self, data):
+        self._in_step = True
+        try:
+            return super().train_step(data)
+        finally:
+            self._in_step = False
+
+    def compute_loss(self, *args, **kwargs):
+        if not getattr(self, "_in_step", False):
+            raise RuntimeError("compute_loss outside train_step")
+        return super().compute_loss(*args, **kwargs)
+
+
+def test_a_model_the_step_cannot_score_rolls_back_at_once():
+    # The comparison is traced in the middle of `fit`: a model whose loss
+    # cannot be computed apart from its `train_step` gets none (no error),
+    # and the rollback acts as without one (then is undone: the data's rise).
+    train, _ = _seasonal_windows(0)
+    keras.utils.set_random_seed(0)
+    model = OwnLossStep(
+        [
+            keras.Input((24, 2)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(keras.optimizers.Adam(1e-3), "mse")
+    detector = GradientExplosionDetector(verbose=0)
+    _quiet(model.fit, train, epochs=4, verbose=0, callbacks=[detector])
+    assert detector._shadows[model].failed.startswith("RuntimeError")
+    # Seen at 20, no comparison (the first step after it tried), rolled back
+    # at 21, the 5 skipped batches measure the restored weights: undone.
+    assert _actions(detector) == [
+        (20, "problem"),
+        (21, "problem"),
+        (26, "rollback_undone"),
+    ]
+    assert detector.rollbacks == 0 and detector.rollbacks_undone == 1
+
+
+def test_a_rollback_the_data_explains_is_undone_without_a_comparison():
+    # Without a paired comparison (a custom `train_step` with no compiled
+    # loss has none; forced off here), the rollback acts at once and the
+    # batches skipped after it measure the restored weights on the data
+    # that follows: 1.5x or more the loss of the weights left behind, so
+    # the rise was the data's. The rollback is undone (those weights and
+    # their rate back), and the rules that compare the loss with its start
+    # or a snapshot stay off.
+    plain, _, _ = _seasonal_fit([])
+    detector = GradientExplosionDetector(verbose=0)
+    detector._can_trial = lambda problem: False
+    (loss, rate, _), caught = _quiet(_seasonal_fit, [detector])
     assert _actions(detector) == [(20, "problem"), (25, "rollback_undone")]
     assert detector.rollbacks == 0 and detector.rollbacks_undone == 1
     # Its abandoned spikes were kept after all: trained on, not excluded.
