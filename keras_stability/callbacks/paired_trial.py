@@ -18,6 +18,7 @@ on the flag.
 """
 
 import math
+import weakref
 
 import keras
 import numpy as np
@@ -46,7 +47,8 @@ class ShadowWeights:
     """
 
     def __init__(self, model):
-        self.model = model
+        # Weak: the detector keeps shadows in a dict keyed weakly by model.
+        self._model = weakref.ref(model)
         self.variables = {}
         with model.distribute_strategy.scope():
             for i, v in enumerate(model.weights):
@@ -63,6 +65,10 @@ class ShadowWeights:
 
     def covers(self, model):
         return all(id(v) in self.variables for v in model.weights)
+
+    @property
+    def model(self):
+        return self._model()
 
     def load(self, snapshot):
         """Copies a `Snapshot`'s model weights to the device and raises the flag."""
