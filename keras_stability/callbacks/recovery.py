@@ -348,7 +348,7 @@ class RecoveryMixin:
             "norm": norm,
         }
         if self.events:
-            self.events[-1].update(action="compare", restored_step=self.snapshot.step)
+            self.events[-1].update(action="compare", compared_step=self.snapshot.step)
         if self.verbose:
             self._say(
                 f"GradientExplosionDetector at step {self.step}: {problem}. Comparing "

@@ -1540,7 +1540,7 @@ def _seasonal_windows(seed, n=12000, seq=24, delay=36):
     return windows(0, 9000), windows(9000, None)
 
 
-def _seasonal_fit(callbacks):
+def _seasonal_fit(callbacks, epochs=4):
     train, heldout = _seasonal_windows(0)
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
@@ -1552,7 +1552,7 @@ def _seasonal_fit(callbacks):
         ]
     )
     model.compile(keras.optimizers.Adam(1e-3), "mse")
-    model.fit(train, epochs=4, verbose=0, callbacks=callbacks)
+    model.fit(train, epochs=epochs, verbose=0, callbacks=callbacks)
     return (
         model.evaluate(heldout, verbose=0),
         float(model.optimizer.learning_rate.numpy()),
@@ -1570,11 +1570,15 @@ def test_a_rollback_the_data_explains_is_declined():
     # compared on the same next 5 batches while training goes on: the
     # snapshot scores 2.6x worse, the rise is the data's, no rollback is
     # made and the run is plain `fit`'s to the bit.
-    plain, _, plain_weights = _seasonal_fit([])
+    # One epoch of 35 batches holds it all (steps 20-25).
+    plain, _, plain_weights = _seasonal_fit([], epochs=1)
     detector = GradientExplosionDetector(verbose=0)
-    (loss, rate, weights), caught = _quiet(_seasonal_fit, [detector])
+    (loss, rate, weights), caught = _quiet(_seasonal_fit, [detector], epochs=1)
     assert _actions(detector) == [(20, "problem"), (25, "rollback_declined")]
+    # Compared with the snapshot of step 0; nothing was restored.
     assert detector.events[0]["action"] == "compare"
+    assert detector.events[0]["compared_step"] == 0
+    assert "restored_step" not in detector.events[0]
     (declined,) = [e for e in detector.events if e["kind"] == "rollback_declined"]
     assert declined["paired_ratio"] > 1.5
     assert detector.rollbacks == 0 and detector.rollbacks_declined == 1
@@ -1595,7 +1599,7 @@ def _mirrored_seasonal_fits():
     results = []
     for callbacks in ([], [GradientExplosionDetector(verbose=0)]):
         with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
-            (loss, _, weights), _ = _quiet(_seasonal_fit, callbacks)
+            (loss, _, weights), _ = _quiet(_seasonal_fit, callbacks, epochs=1)
         detector = callbacks[0] if callbacks else None
         results.append(
             {
@@ -1656,7 +1660,7 @@ def test_a_model_the_step_cannot_score_rolls_back_at_once():
     )
     model.compile(keras.optimizers.Adam(1e-3), "mse")
     detector = GradientExplosionDetector(verbose=0)
-    _quiet(model.fit, train, epochs=4, verbose=0, callbacks=[detector])
+    _quiet(model.fit, train, epochs=1, verbose=0, callbacks=[detector])
     assert detector._shadows[model].failed.startswith("RuntimeError")
     # Seen at 20, no comparison (the first step after it tried), rolled back
     # at 21, the 5 skipped batches measure the restored weights: undone.
