@@ -542,3 +542,41 @@ def test_a_fit_with_the_detector_warns_nothing_about_copy_keywords():
             verbose=0,
             callbacks=[GradientExplosionDetector(verbose=0)],
         )
+
+
+def test_keras_collects_garbage_per_deleted_variable_and_quantize_defers_it(
+    monkeypatch,
+):
+    # Keras' `Layer.__delattr__` runs `gc.collect()` for every variable it
+    # deletes; `Model.quantize` deletes each float kernel it replaces.
+    # `pruning.quantize` runs them as one collection.
+    import gc
+
+    import keras
+
+    from keras_stability import pruning
+
+    calls = []
+    collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a, **k: calls.append(1) or collect())
+
+    def mlp():
+        return keras.Sequential(
+            [keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(2)]
+        )
+
+    keras_model = mlp()
+    keras_model.quantize("int8")
+    assert len(calls) == 2  # one per Dense kernel replaced
+    calls.clear()
+    ours = mlp()
+    ours.set_weights(mlp().get_weights())
+    assert pruning.quantize(ours) is ours
+    assert len(calls) == 1
+    assert [str(w.dtype) for w in ours.weights if w.path.endswith("kernel")] == [
+        "int8",
+        "int8",
+    ]
+    with _keras_internals.one_garbage_collection():
+        pass
+    assert len(calls) == 2  # the one on leaving

@@ -22,6 +22,7 @@ from keras_stability._checks import check_choice
 from keras_stability._checks import check_layer
 from keras_stability._checks import invalid
 from keras_stability._keras_internals import flatten_layers
+from keras_stability._keras_internals import one_garbage_collection
 
 __all__ = ["compressed_size", "quantize"]
 
@@ -69,7 +70,8 @@ def quantize(model, mode="int8", filters=None):
         raise invalid("model", model, "a built Keras model")
     check_layer("model", model, built=True)
     mode = check_choice("mode", mode, MODES)
-    model.quantize(mode, filters=filters)
+    with one_garbage_collection():  # not one per kernel replaced
+        model.quantize(mode, filters=filters)
     for layer in flatten_layers(model, include_self=False):
         if layer.quantization_mode is not None:
             continue
