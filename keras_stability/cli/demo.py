@@ -18,8 +18,6 @@ import time
 from keras_stability._startup import program_name
 from keras_stability.cli.arguments import positive_int
 from keras_stability.datasets import DATASETS
-from keras_stability.models import build_example_model
-from keras_stability.models import compile_example_model
 
 EXIT_USAGE = 2
 
@@ -43,6 +41,9 @@ def part_example(ctx):
     """The Keras example, fixed."""
     import keras
 
+    from keras_stability.models import build_example_model
+    from keras_stability.models import compile_example_model
+
     keras.utils.set_random_seed(ctx.args.seed)
     model = compile_example_model(build_example_model(ctx.n_features, ctx.n_classes))
     model.fit(ctx.x_train, ctx.y_train, epochs=ctx.args.epochs, verbose=ctx.verbose)
@@ -56,6 +57,8 @@ def part_distillation(ctx):
     import keras
 
     from keras_stability import Distiller
+    from keras_stability.models import build_example_model
+    from keras_stability.models import compile_example_model
 
     keras.utils.set_random_seed(ctx.args.seed)
     teacher = compile_example_model(build_example_model(ctx.n_features, ctx.n_classes))
@@ -105,6 +108,7 @@ def part_stability_layers(ctx):
 
     from keras_stability.layers import Residual
     from keras_stability.layers import ZLoss
+    from keras_stability.models import compile_example_model
 
     keras.utils.set_random_seed(ctx.args.seed)
     inputs = keras.Input(shape=(ctx.n_features,))
@@ -127,6 +131,8 @@ def part_pruning(ctx):
     import keras
 
     from keras_stability import pruning
+    from keras_stability.models import build_example_model
+    from keras_stability.models import compile_example_model
 
     keras.utils.set_random_seed(ctx.args.seed)
     model = build_example_model(ctx.n_features, ctx.n_classes)
@@ -153,6 +159,8 @@ def part_gradient_health(ctx):
 
     from keras_stability.callbacks import GradientExplosionDetector
     from keras_stability.callbacks import GradientMonitor
+    from keras_stability.models import build_example_model
+    from keras_stability.models import compile_example_model
 
     x, y = ctx.x_train[:640], ctx.y_train[:640]  # 20 steps of 32
     keras.utils.set_random_seed(ctx.args.seed)
@@ -217,6 +225,8 @@ def part_clipping(ctx):
 
     from keras_stability.callbacks import AdaptiveClipping
     from keras_stability.clipping import ZClip
+    from keras_stability.models import build_example_model
+    from keras_stability.models import compile_example_model
 
     keras.utils.set_random_seed(ctx.args.seed)
     x_train = np.array(ctx.x_train, dtype="float32", copy=True)

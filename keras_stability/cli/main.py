@@ -8,6 +8,7 @@ subcommands in `COMMANDS`, in the order `--help` lists them.
 import argparse
 import importlib
 
+from keras_stability import _startup
 from keras_stability._startup import program_name
 
 # name -> (module, one-line help). `demo` comes first.
@@ -46,4 +47,10 @@ def build_parser(prog=None):
 def main(argv=None):
     """Parses `argv` (defaults to `sys.argv[1:]`) and runs the subcommand."""
     args = build_parser().parse_args(argv)
+    # Parsed without TensorFlow (`--help` and usage errors answer at once):
+    # now it and the package's parts, with TensorFlow's start-up lines
+    # silenced when this is the command line.
+    if _startup.launched_as_cli():
+        _startup.quiet_tensorflow_startup()
+    importlib.import_module("keras_stability")._import_parts()
     return importlib.import_module(args._module).run(args)
