@@ -159,9 +159,11 @@ class AdaptiveClipping(keras.callbacks.Callback):
         # Before any callback's `on_train_begin` (a BackupAndRestore listed
         # first restores there, before we wrap the optimizer).
         watch_optimizer_loads(model)
+        StepLogs.of(model).expect(self)  # in this fit (`StepLogs.enter`)
 
     def on_train_begin(self, logs=None):
         model = self.model
+        StepLogs.of(model).enter(self)  # drops an earlier fit's instances
         attribute = guarded_attribute(model, self.optimizer)
         current = getattr(model, attribute)
         if isinstance(current, keras.optimizers.LossScaleOptimizer):

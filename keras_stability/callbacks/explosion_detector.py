@@ -504,9 +504,11 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         # Before any callback's `on_train_begin` (a BackupAndRestore listed
         # first restores there, before we wrap the optimizer).
         watch_optimizer_loads(model)
+        StepLogs.of(model).expect(self)  # in this fit (`StepLogs.enter`)
 
     def on_train_begin(self, logs=None):
         model = self.model
+        StepLogs.of(model).enter(self)  # drops an earlier fit's instances
         with model.distribute_strategy.scope():
             target = getattr(model, guarded_attribute(model, self._optimizer_arg))
             if wrap_schedule(target):
@@ -566,6 +568,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         self.optimizer, self._stats = self._observers.attach(
             model, per_layer_norms, optimizer=self._optimizer_arg, **guard_kwargs
         )
+        StepLogs.of(model).own_observer(self, self.optimizer, self._stats)
         self._layer_names = [name for name, _, _ in self._stats.groups]
         # A constant learning rate (a variable, not a schedule) that other
         # callbacks may set too: the detector's lowering is kept on it.

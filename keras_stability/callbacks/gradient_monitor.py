@@ -248,16 +248,19 @@ class GradientMonitor(keras.callbacks.Callback):
         # Before any callback's `on_train_begin` (a BackupAndRestore listed
         # first restores there, before we wrap the optimizer).
         watch_optimizer_loads(model)
+        StepLogs.of(model).expect(self)  # in this fit (`StepLogs.enter`)
 
     def on_train_begin(self, logs=None):
+        StepLogs.of(self.model).enter(self)  # drops an earlier fit's instances
         log_dir = None
         if self.log_dir:
             log_dir = chief_path(self.log_dir, self.model.distribute_strategy)
             check_writable_dir("log_dir", log_dir)
         self._attribute = guarded_attribute(self.model, self.optimizer)
-        _, self.observer = self._observers.attach(
+        guard, self.observer = self._observers.attach(
             self.model, self._make_observer, optimizer=self._attribute
         )
+        StepLogs.of(self.model).own_observer(self, guard, self.observer)
         self.observer.reset()
         self._set_layers()
         self.raw_losses = []

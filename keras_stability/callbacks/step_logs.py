@@ -23,6 +23,7 @@ loss of the last call, computed once.
 
 import math
 import warnings
+import weakref
 
 from keras import ops
 
@@ -81,6 +82,83 @@ class StepLogs:
         self._loss_source = None
         self._logs = None  # the last call's logs, until its raw loss is read
         self._warned_no_loss = False
+        # Who is in the coming `fit` (`expect`, from `set_model`), and the
+        # observers each of our callbacks put on a guard (`own_observer`);
+        # by id, with a weak reference (an id is reused once its owner dies).
+        self._expected = {}  # id(owner) -> weakref
+        self._expected_closed = False
+        self._entered_params = None
+        self._owned_observers = {}  # id(owner) -> (weakref, [(guard, observer)])
+        self._set_owners = {}  # id(owner) -> weakref, of `_graph_sets`
+
+    # -- who is in this fit -----------------------------------------------
+    def expect(self, owner):
+        """Call from the callback's `set_model`: `owner` is in the coming `fit`.
+
+        Keras calls `set_model` on every callback of a `fit` when it builds
+        the fit's callback list, before any `on_train_begin`.
+        """
+        if self._expected_closed:
+            self._expected = {}
+            self._expected_closed = False
+        self._expected[id(owner)] = weakref.ref(owner)
+
+    def enter(self, owner):
+        """Call first in `on_train_begin` (before `own_observer` and
+        `set_graph_values`).
+
+        At the first call of a `fit`, drops the in-graph values and guard
+        observers of our callbacks absent from it: the instances of an
+        earlier `fit` (`callbacks=[GradientMonitor()]` again makes a new
+        one each time). They would be computed in every step for nobody,
+        one more set per `fit`, and their variables saved with the
+        optimizer. A callback given to the next `fit` again keeps its own
+        (no retrace).
+
+        Returns:
+            Whether the train step changed (it is then traced again).
+        """
+        params = getattr(owner, "params", None)
+        if params is not None and params is self._entered_params:
+            return False
+        self._entered_params = params
+        self._expected[id(owner)] = weakref.ref(owner)
+        self._expected_closed = True
+
+        def present(key, ref):
+            alive = ref()
+            expected = self._expected.get(key)
+            return alive is not None and expected is not None and expected() is alive
+
+        changed = False
+        for key, (ref, owned) in list(self._owned_observers.items()):
+            if not present(key, ref):
+                del self._owned_observers[key]
+                for guard, observer in owned:
+                    changed = guard.remove_observer(observer) or changed
+        sets = self.__dict__.get("_graph_sets", {})
+        absent = [
+            key
+            for key in sets
+            if key is not None and not present(key, self._set_owners[key])
+        ]
+        for key in absent:
+            del sets[key]
+            del self._set_owners[key]
+        if absent:
+            changed = self._wrap_graph_sets() or changed
+        if changed and getattr(self.model, "train_function", None) is not None:
+            self.model.make_train_function(force=True)
+        return changed
+
+    def own_observer(self, owner, guard, observer):
+        """Records that `owner` put `observer` on `guard` (see `enter`)."""
+        ref, owned = self._owned_observers.get(id(owner), (None, []))
+        if ref is None or ref() is not owner:
+            ref, owned = weakref.ref(owner), []
+            self._owned_observers[id(owner)] = (ref, owned)
+        if not any(g is guard and o is observer for g, o in owned):
+            owned.append((guard, observer))
 
     # -- host hooks -------------------------------------------------------
     def attach(self, owner, hook, params):
@@ -176,8 +254,9 @@ class StepLogs:
         `values` is called in the step after the optimizer update. Each
         `owner` (a callback) has one set of values per model, replaced when
         it sets another; the sets of several owners are all computed, in the
-        order they were first set. They stay after `fit` (a later `fit` logs
-        them too, without retracing).
+        order they were first set. They stay after `fit` (a later `fit` with
+        the same callback logs them too, without retracing); a later `fit`
+        without that callback drops them (`enter`).
 
         Args:
             key: Identifies `values`; the same key again changes nothing.
@@ -195,7 +274,13 @@ class StepLogs:
         """
         sets = self.__dict__.setdefault("_graph_sets", {})
         sets[None if owner is None else id(owner)] = (key, values, before)
-        entries = list(sets.values())
+        if owner is not None:
+            self._set_owners[id(owner)] = weakref.ref(owner)
+        return self._wrap_graph_sets()
+
+    def _wrap_graph_sets(self):
+        """Wraps the model's `train_step` with every owner's values."""
+        entries = list(self.__dict__.get("_graph_sets", {}).values())
         combined_key = tuple(entry[0] for entry in entries)
 
         def before_all(data):

@@ -217,3 +217,51 @@ def test_hooks_are_removed_after_fit():
     steps = len(monitor.raw_losses)
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
     assert len(monitor.raw_losses) == steps  # the monitor's hook no longer runs
+
+
+def _step_parts(model):
+    """(observers on the guard, owners' sets of in-graph values)."""
+    sets = model.__dict__["_keras_stability_step_logs"].__dict__["_graph_sets"]
+    return len(model.optimizer.observers), len(sets)
+
+
+def test_a_new_fit_with_new_callbacks_drops_the_earlier_instances():
+    # `callbacks=[GradientMonitor(), ...]` written in the `fit` call makes new
+    # instances each time. Before, each `fit` added their observers and
+    # values to the step beside the earlier ones' (computed for nobody,
+    # saved with the optimizer): 8 observers after 4 fits.
+    x, y = make_classification(256, seed=0)
+    model = _model()
+    parts = []
+    for _ in range(4):
+        model.fit(
+            x,
+            y,
+            batch_size=32,
+            epochs=1,
+            verbose=0,
+            callbacks=[
+                GradientMonitor(),
+                GradientExplosionDetector(),
+                AdaptiveClipping(ZClip()),
+            ],
+        )
+        parts.append((*_step_parts(model), len(model.optimizer.variables)))
+    # The monitor's and the detector's observers; the detector's and the
+    # clipping's sets; the optimizer's variables do not grow.
+    assert parts == [parts[0]] * 4 and parts[0][:2] == (2, 2)
+    # The same instances again: kept, and the step is not traced again.
+    callbacks = [GradientMonitor(), GradientExplosionDetector()]
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=callbacks)
+    assert _step_parts(model) == (2, 1)
+    function = model.train_function
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=callbacks)
+    assert model.train_function is function
+    assert _step_parts(model) == (2, 1)
+    # An instance dropped by a later `fit` works when given again.
+    monitor = callbacks[0]
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[GradientMonitor()])
+    assert _step_parts(model) == (1, 0)
+    history = model.fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=[monitor])
+    assert _step_parts(model) == (1, 0)
+    assert len(monitor.history["step"]) > 0 and "raw_loss" in history.history
