@@ -1,0 +1,145 @@
+"""Costs paid once, not per step: quantizing a model, starting the command line.
+
+Two measures, each side by side in one process, interleaved, in process CPU
+time (children's for the command line):
+
+- `pruning.quantize(model)` against Keras' own `model.quantize("int8")` on
+  the same freshly built character LM each round. Keras' `Layer.__delattr__`
+  runs a full `gc.collect()` for every kernel `quantize` replaces;
+  `pruning.quantize` runs one.
+- `python -m keras_stability --help` and a usage error against
+  `python -c "import keras_stability"` (what the command line cost before
+  it parsed its arguments ahead of importing TensorFlow).
+
+Per round the ratio of the two; the table gives the median ratio with a 95%
+percentile-bootstrap interval over rounds, and the median times.
+
+Usage: python -m benchmarks.one_off_costs [--rounds N] [--blocks B]
+"""
+
+import argparse
+import resource
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+
+from benchmarks.common import environment
+
+
+def _median_ci(values, seed=0, resamples=2000):
+    """Median and a 95% percentile-bootstrap interval of the median."""
+    values = np.asarray(values, "float64")
+    rng = np.random.default_rng(seed)
+    medians = np.median(
+        values[rng.integers(0, len(values), (resamples, len(values)))], axis=1
+    )
+    lo, hi = np.percentile(medians, [2.5, 97.5])
+    return float(np.median(values)), float(lo), float(hi)
+
+
+def _cpu(fn):
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
+
+
+def _child_cpu(argv):
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(argv, capture_output=True, check=False)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def quantize_rounds(rounds, blocks):
+    import keras
+
+    from keras_stability import pruning
+    from keras_stability.models import build_char_transformer
+
+    def build():
+        return build_char_transformer(
+            96, 64, num_blocks=blocks, hidden_dim=64, num_heads=4, name="lm"
+        )
+
+    times = {"keras": [], "ours": []}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # layers without a `quantize`
+        for i in range(rounds):
+            order = ("keras", "ours") if i % 2 == 0 else ("ours", "keras")
+            for name in order:
+                model = build()
+                fn = (
+                    (lambda m=model: m.quantize("int8"))
+                    if name == "keras"
+                    else (lambda m=model: pruning.quantize(m))
+                )
+                times[name].append(_cpu(fn))
+                del model
+                keras.backend.clear_session()
+    return times
+
+
+def cli_rounds(rounds):
+    python = sys.executable
+    runs = {
+        "import": [python, "-c", "import keras_stability"],
+        "help": [python, "-m", "keras_stability", "--help"],
+        "usage error": [python, "-m", "keras_stability", "demo", "--dataset", "x"],
+    }
+    times = {name: [] for name in runs}
+    for i in range(rounds):
+        names = list(runs) if i % 2 == 0 else list(reversed(runs))
+        for name in names:
+            times[name].append(_child_cpu(runs[name]))
+    return times
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--blocks", type=int, default=2)
+    args = parser.parse_args(argv)
+    start = time.time()
+    quantize = quantize_rounds(args.rounds, args.blocks)
+    cli = cli_rounds(args.rounds)
+    ratio_q = np.asarray(quantize["ours"]) / np.asarray(quantize["keras"])
+    lines = [
+        "## One-off costs: quantizing a model, starting the command line",
+        "",
+        f"Machine: {environment()}",
+        "",
+        f"Command: `python -m benchmarks.one_off_costs --rounds {args.rounds} "
+        f"--blocks {args.blocks}` ({time.time() - start:.0f} s). {args.rounds} "
+        "rounds, the two sides interleaved (order alternating), process CPU "
+        "time (the children's for the command line); ratio per round, median "
+        "and 95% bootstrap interval over rounds.",
+        "",
+        "| measure | this library | against | median CPU s (ours / theirs) "
+        "| ratio (95% interval) |",
+        "|---|---|---|---|---|",
+    ]
+    m, lo, hi = _median_ci(ratio_q)
+    lines.append(
+        f"| quantize the char LM ({args.blocks} blocks, hidden 64, int8) "
+        '| `pruning.quantize(model)` | Keras\' `model.quantize("int8")` '
+        f"| {np.median(quantize['ours']):.2f} / {np.median(quantize['keras']):.2f} "
+        f"| {m:.3f} ({lo:.3f}..{hi:.3f}) |"
+    )
+    for name in ("help", "usage error"):
+        ratio = np.asarray(cli[name]) / np.asarray(cli["import"])
+        m, lo, hi = _median_ci(ratio)
+        argv = "--help" if name == "help" else "demo --dataset x"
+        lines.append(
+            f"| command line, {name} | `python -m keras_stability {argv}` "
+            '| `python -c "import keras_stability"` '
+            f"| {np.median(cli[name]):.2f} / {np.median(cli['import']):.2f} "
+            f"| {m:.3f} ({lo:.3f}..{hi:.3f}) |"
+        )
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
