@@ -35,6 +35,19 @@ def summarize(values):
     }
 
 
+def median_ci(values, seed=0, resamples=2000):
+    """Median and a 95% percentile-bootstrap interval of the median."""
+    import numpy as np
+
+    values = np.asarray(values, "float64")
+    rng = np.random.default_rng(seed)
+    medians = np.median(
+        values[rng.integers(0, len(values), (resamples, len(values)))], axis=1
+    )
+    lo, hi = np.percentile(medians, [2.5, 97.5])
+    return float(np.median(values)), float(lo), float(hi)
+
+
 def fmt(stat, digits=3, unit=""):
     """`median (min..max)` text for a `summarize` result."""
     return (

@@ -56,6 +56,7 @@ import time
 import numpy as np
 
 from benchmarks.common import environment
+from benchmarks.common import median_ci
 
 STUDENT_UNITS = (32,)
 TEACHER_UNITS = (256, 256)
@@ -927,17 +928,6 @@ LM_ROWS = (
 )
 
 
-def _median_ci(values, seed=0, resamples=2000):
-    """Median and a 95% percentile-bootstrap interval of the median."""
-    values = np.asarray(values, "float64")
-    rng = np.random.default_rng(seed)
-    medians = np.median(
-        values[rng.integers(0, len(values), (resamples, len(values)))], axis=1
-    )
-    lo, hi = np.percentile(medians, [2.5, 97.5])
-    return float(np.median(values)), float(lo), float(hi)
-
-
 SPEED_ROWS = {
     "teacher (dense float32)": "teacher",
     "shrunk (2 of 4 blocks, FFN 255)": "shrunk",
@@ -1013,7 +1003,7 @@ def speed_main(args):
         fwd = [f for r in runs for f in r[name]["forward_ms_runs"]]
         other = statistics.median(1e3 / t - f for t, f in zip(tok, fwd, strict=True))
         fwd = statistics.median(fwd)
-        ratio = _median_ci([x for r in runs for x in r[name]["speedup_runs"]])
+        ratio = median_ci([x for r in runs for x in r[name]["speedup_runs"]])
         lines.append(
             f"| {name} | {runs[0][name]['params']} "
             f"({runs[0][name]['non_embedding']}) | "
@@ -1063,7 +1053,7 @@ def lm_main(args):
         return f"{100 * (mean(name, 'ppl') / mean(ref, 'ppl') - 1):+.1f}%"
 
     def speedup(name):
-        ratio = _median_ci([x for r in per_seed for x in r[name]["speedup_runs"]])
+        ratio = median_ci([x for r in per_seed for x in r[name]["speedup_runs"]])
         return f"{ratio[0]:.2f}x ({ratio[1]:.2f}..{ratio[2]:.2f})"
 
     flags = " --quick" if args.quick else ""

@@ -27,17 +27,7 @@ import warnings
 import numpy as np
 
 from benchmarks.common import environment
-
-
-def _median_ci(values, seed=0, resamples=2000):
-    """Median and a 95% percentile-bootstrap interval of the median."""
-    values = np.asarray(values, "float64")
-    rng = np.random.default_rng(seed)
-    medians = np.median(
-        values[rng.integers(0, len(values), (resamples, len(values)))], axis=1
-    )
-    lo, hi = np.percentile(medians, [2.5, 97.5])
-    return float(np.median(values)), float(lo), float(hi)
+from benchmarks.common import median_ci
 
 
 def _cpu(fn):
@@ -121,7 +111,7 @@ def main(argv=None):
         "| ratio (95% interval) |",
         "|---|---|---|---|---|",
     ]
-    m, lo, hi = _median_ci(ratio_q)
+    m, lo, hi = median_ci(ratio_q)
     lines.append(
         f"| quantize the char LM ({args.blocks} blocks, hidden 64, int8) "
         '| `pruning.quantize(model)` | Keras\' `model.quantize("int8")` '
@@ -130,7 +120,7 @@ def main(argv=None):
     )
     for name in ("help", "usage error"):
         ratio = np.asarray(cli[name]) / np.asarray(cli["import"])
-        m, lo, hi = _median_ci(ratio)
+        m, lo, hi = median_ci(ratio)
         argv = "--help" if name == "help" else "demo --dataset x"
         lines.append(
             f"| command line, {name} | `python -m keras_stability {argv}` "
