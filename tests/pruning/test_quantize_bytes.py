@@ -4,6 +4,7 @@ import keras
 import numpy as np
 
 from benchmarks import llm_compression as bench
+from benchmarks.common import median_ci
 from keras_stability import pruning
 from keras_stability.models import build_char_transformer
 
@@ -30,10 +31,10 @@ def test_byte_parts_add_up_to_the_file_and_count_every_kind():
 
 
 def test_median_ci_brackets_the_median():
-    median, lo, hi = bench._median_ci([1.0, 2.0, 3.0, 4.0, 100.0])
+    median, lo, hi = median_ci([1.0, 2.0, 3.0, 4.0, 100.0])
     assert median == 3.0
     assert 1.0 <= lo <= median <= hi <= 100.0
-    assert bench._median_ci([2.0, 2.0, 2.0]) == (2.0, 2.0, 2.0)
+    assert median_ci([2.0, 2.0, 2.0]) == (2.0, 2.0, 2.0)
 
 
 def test_generation_speed_times_every_model_every_round():
