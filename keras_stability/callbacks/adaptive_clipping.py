@@ -161,6 +161,18 @@ class AdaptiveClipping(keras.callbacks.Callback):
         watch_optimizer_loads(model)
         StepLogs.of(model).expect(self)  # in this fit (`StepLogs.enter`)
 
+    def _model_state(self, model):
+        # Nothing of its own on `model` (its statistics are the guard's): a
+        # later instance of the same configuration takes over its place in
+        # the step (see `StepLogs.enter`), with no retrace.
+        return None
+
+    def _adopt_model_state(self, state, model):
+        pass
+
+    def _release_model_state(self, model):
+        pass
+
     def on_train_begin(self, logs=None):
         model = self.model
         StepLogs.of(model).enter(self)  # drops an earlier fit's instances

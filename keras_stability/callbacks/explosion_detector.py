@@ -506,6 +506,29 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         watch_optimizer_loads(model)
         StepLogs.of(model).expect(self)  # in this fit (`StepLogs.enter`)
 
+    def _model_state(self, model):
+        # What a later instance of the same configuration takes over when
+        # this one is not in its `fit` (see `StepLogs.enter`): the observer,
+        # the step record and the device snapshot, so no retrace.
+        return (
+            self._observers.entry(model),
+            self._records.get(model),
+            self._shadows.get(model),
+        )
+
+    def _adopt_model_state(self, state, model):
+        entry, record, shadow = state
+        self._observers.put(model, entry)
+        if record is not None:
+            self._records[model] = record
+        if shadow is not None:
+            self._shadows[model] = shadow
+
+    def _release_model_state(self, model):
+        self._observers.put(model, None)
+        self._records.pop(model, None)
+        self._shadows.pop(model, None)
+
     def on_train_begin(self, logs=None):
         model = self.model
         StepLogs.of(model).enter(self)  # drops an earlier fit's instances

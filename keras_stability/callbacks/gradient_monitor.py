@@ -250,6 +250,17 @@ class GradientMonitor(keras.callbacks.Callback):
         watch_optimizer_loads(model)
         StepLogs.of(model).expect(self)  # in this fit (`StepLogs.enter`)
 
+    def _model_state(self, model):
+        # What a later instance of the same configuration takes over when
+        # this one is not in its `fit` (see `StepLogs.enter`): no retrace.
+        return self._observers.entry(model)
+
+    def _adopt_model_state(self, state, model):
+        self._observers.put(model, state)
+
+    def _release_model_state(self, model):
+        self._observers.put(model, None)
+
     def on_train_begin(self, logs=None):
         StepLogs.of(self.model).enter(self)  # drops an earlier fit's instances
         log_dir = None

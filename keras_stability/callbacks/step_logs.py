@@ -90,6 +90,8 @@ class StepLogs:
         self._entered_params = None
         self._owned_observers = {}  # id(owner) -> (weakref, [(guard, observer)])
         self._set_owners = {}  # id(owner) -> weakref, of `_graph_sets`
+        # id(owner) -> (weakref, class, config, state): see `_adopt_absent`.
+        self._handover = {}
 
     # -- who is in this fit -----------------------------------------------
     def expect(self, owner):
@@ -113,7 +115,9 @@ class StepLogs:
         one each time). They would be computed in every step for nobody,
         one more set per `fit`, and their variables saved with the
         optimizer. A callback given to the next `fit` again keeps its own
-        (no retrace).
+        (no retrace), and a new instance of the same class and
+        configuration takes over an absent one's (no retrace either, see
+        `_adopt_absent`).
 
         Returns:
             Whether the train step changed (it is then traced again).
@@ -130,6 +134,10 @@ class StepLogs:
             expected = self._expected.get(key)
             return alive is not None and expected is not None and expected() is alive
 
+        self._adopt_absent(present)
+        for key, (ref, *_) in list(self._handover.items()):
+            if not present(key, ref):
+                del self._handover[key]
         changed = False
         for key, (ref, owned) in list(self._owned_observers.items()):
             if not present(key, ref):
@@ -151,6 +159,80 @@ class StepLogs:
             self.model.make_train_function(force=True)
         return changed
 
+    def _adopt_absent(self, present):
+        """Hands an absent owner's state to a new instance of its kind.
+
+        `callbacks=[GradientMonitor()]` written in each `fit` call makes a new
+        instance each time (and the last one is usually gone by then). A
+        present owner of the same class and configuration (`get_config`)
+        that holds nothing on this model yet takes over the observers and
+        in-graph values of an absent one, as if that instance had been given
+        again: the step is not traced again. What moves is what the absent
+        one handed over when it registered (`_model_state(model)`), applied
+        by the new one's `_adopt_model_state(state, model)` (an absent one
+        still alive gives it up: `_release_model_state(model)`, so a later
+        `detach` of it cannot take it from the new one); the new one's host
+        state starts afresh as usual.
+        """
+        handover = self._handover
+        absent = [key for key, (ref, *_) in handover.items() if not present(key, ref)]
+        if not absent:
+            return
+        holding = {key for key, (ref, *_) in handover.items() if present(key, ref)}
+        candidates = [
+            ref()
+            for key, ref in self._expected.items()
+            if key not in holding
+            and ref() is not None
+            and callable(getattr(ref(), "_adopt_model_state", None))
+        ]
+        sets = self.__dict__.get("_graph_sets", {})
+        for old_key in absent:
+            old_ref, kind, config, state = handover[old_key]
+            new = next(
+                (
+                    c
+                    for c in candidates
+                    if type(c) is kind and config is not None and _config(c) == config
+                ),
+                None,
+            )
+            if new is None:
+                continue
+            candidates.remove(new)
+            new_key, new_ref = id(new), weakref.ref(new)  # an id may be reused
+            del handover[old_key]
+            handover[new_key] = (new_ref, kind, config, state)
+            if old_key in self._owned_observers:
+                _, owned = self._owned_observers.pop(old_key)
+                self._owned_observers[new_key] = (new_ref, owned)
+            if old_key in self._set_owners:
+                # In the same place: the step's values keep their order (and key).
+                rekeyed = {
+                    (new_key if key == old_key else key): entry
+                    for key, entry in sets.items()
+                }
+                sets.clear()
+                sets.update(rekeyed)
+                del self._set_owners[old_key]
+                self._set_owners[new_key] = new_ref
+            old = old_ref()
+            if old is not None:  # alive but not in this fit: it gives its state up
+                old._release_model_state(self.model)
+            new._adopt_model_state(state, self.model)
+
+    def _remember(self, owner):
+        """Keeps what `owner` would hand to a later instance (`_adopt_absent`)."""
+        model_state = getattr(owner, "_model_state", None)
+        if not callable(model_state):
+            return
+        self._handover[id(owner)] = (
+            weakref.ref(owner),
+            type(owner),
+            _config(owner),
+            model_state(self.model),
+        )
+
     def own_observer(self, owner, guard, observer):
         """Records that `owner` put `observer` on `guard` (see `enter`)."""
         ref, owned = self._owned_observers.get(id(owner), (None, []))
@@ -159,6 +241,7 @@ class StepLogs:
             self._owned_observers[id(owner)] = (ref, owned)
         if not any(g is guard and o is observer for g, o in owned):
             owned.append((guard, observer))
+        self._remember(owner)
 
     # -- host hooks -------------------------------------------------------
     def attach(self, owner, hook, params):
@@ -276,6 +359,7 @@ class StepLogs:
         sets[None if owner is None else id(owner)] = (key, values, before)
         if owner is not None:
             self._set_owners[id(owner)] = weakref.ref(owner)
+            self._remember(owner)
         return self._wrap_graph_sets()
 
     def _wrap_graph_sets(self):
@@ -300,6 +384,14 @@ class StepLogs:
         return _keras_internals.wrap_train_step(
             self.model, combined_key, values_all, before_all
         )
+
+
+def _config(callback):
+    """The callback's `get_config()`, or `None` when it has none."""
+    try:
+        return callback.get_config()
+    except Exception:  # a subclass without a usable `get_config`
+        return None
 
 
 def tracker_loss_logs(tracker, logs, used, total=None, count=None):

@@ -506,6 +506,18 @@ class ModelObservers:
         self._by_model[model] = (observer, guard)
         return guard, observer
 
+    def entry(self, model):
+        """`(observer, guard)` attached for `model`, or `None` (to hand over)."""
+        return self._by_model.get(model)
+
+    def put(self, model, entry):
+        """Takes over an `entry` of another instance (see `StepLogs.enter`);
+        `None` forgets the model's."""
+        if entry is None:
+            self._by_model.pop(model, None)
+        else:
+            self._by_model[model] = entry
+
     def detach(self):
         """Removes every observer attached from its model's guard.
 

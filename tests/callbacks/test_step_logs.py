@@ -1,6 +1,7 @@
 """Our values reach every callback's logs, whatever the order, and counts print as integers."""
 
 import csv
+import gc
 import os
 import re
 
@@ -18,9 +19,9 @@ from keras_stability.clipping import ZClip
 from keras_stability.datasets import make_classification
 
 
-def _model(optimizer=None):
+def _model(optimizer=None, cls=keras.Sequential):
     keras.utils.set_random_seed(0)
-    model = keras.Sequential(
+    model = cls(
         [
             keras.Input((10,)),
             keras.layers.Dense(16, activation="relu", name="hidden"),
@@ -265,3 +266,64 @@ def test_a_new_fit_with_new_callbacks_drops_the_earlier_instances():
     history = model.fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=[monitor])
     assert _step_parts(model) == (1, 0)
     assert len(monitor.history["step"]) > 0 and "raw_loss" in history.history
+
+
+class CountingTraces(keras.Sequential):
+    """Counts the traces of its train step (Python runs only when tracing)."""
+
+    traces = 0
+
+    def train_step(self, data):
+        type(self).traces += 1
+        return super().train_step(data)
+
+
+def test_a_new_instance_of_the_same_configuration_takes_over_without_a_retrace():
+    # `callbacks=[GradientMonitor(), ...]` written in the `fit` call (a
+    # notebook cell run again): the earlier instances are gone by the next
+    # `fit`. Before, their observers and values were dropped and the new
+    # ones' added, so every such `fit` traced the step again (seconds on a
+    # transformer), where plain Keras does not.
+    x, y = make_classification(256, seed=0)
+    model = _model(cls=CountingTraces)
+
+    def callbacks(check_freq=1):
+        return [
+            GradientMonitor(check_freq=check_freq),
+            GradientExplosionDetector(),
+            AdaptiveClipping(ZClip()),
+        ]
+
+    traces, parts, histories = [], [], []
+    for _ in range(3):
+        CountingTraces.traces = 0
+        made = callbacks()
+        history = model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=made)
+        traces.append(CountingTraces.traces)
+        parts.append(_step_parts(model))
+        histories.append((history.history, len(made[0].history["step"])))
+        del made
+        gc.collect()
+    assert traces[0] > 0 and traces[1:] == [0, 0]
+    assert parts == [(2, 2)] * 3
+    # The new instances work: the step's values reach the logs, the new
+    # monitor reads its (taken over) observer.
+    for logs, monitor_rows in histories:
+        assert np.isfinite(logs["grad_norm"][0]) and np.isfinite(logs["raw_loss"][0])
+        assert monitor_rows == 8
+    # Another configuration is not taken over: the step is traced again,
+    # with still one observer and one set each.
+    CountingTraces.traces = 0
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=callbacks(5))
+    assert CountingTraces.traces > 0 and _step_parts(model) == (2, 2)
+    # An earlier instance still alive gives its state up: detaching it
+    # later leaves the new instance's observer on the guard.
+    first = callbacks(5)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=first)
+    second = callbacks(5)
+    CountingTraces.traces = 0
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=second)
+    assert CountingTraces.traces == 0
+    assert first[0].detach() is False and first[1].detach() is False
+    assert _step_parts(model) == (2, 2)
+    assert second[0].detach() is True and _step_parts(model) == (1, 2)
