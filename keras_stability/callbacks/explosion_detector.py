@@ -1379,6 +1379,14 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             self._look(None)
         if self._trial is not None:  # decided on the batches compared so far
             self._finish_trial(None)
+        shadow = self._shadows.get(self.model)
+        if shadow is not None and shadow.variables and self._record is not None:
+            # The device copy of a snapshot's weights, made for a comparison,
+            # is not kept after `fit` (a model's worth of memory): the step
+            # is traced again without it (the next comparison makes another).
+            shadow.release()
+            if self._set_step_values(self.model, self._record):
+                self.model.make_train_function(force=True)
         self._save_exclude()
         self._step_logs.detach(self)
         if self._record is not None:

@@ -77,7 +77,17 @@ class ShadowWeights:
         self.active.assign(1)
 
     def stop(self):
-        self.active.assign(0)
+        if self.active is not None:
+            self.active.assign(0)
+
+    def release(self):
+        """Drops the device copies (at the end of `fit`); `failed` is kept.
+
+        The step must then be traced again without them (it no longer
+        `covers` the model) for their memory to be freed.
+        """
+        self.variables = {}
+        self.active = None
 
     def evaluate(self, data):
         """In the step, before `train_step`: `[current loss, snapshot loss]`.

@@ -1,7 +1,9 @@
+import gc
 import json
 import math
 import os
 import warnings
+import weakref
 
 import keras
 import numpy as np
@@ -1560,6 +1562,20 @@ def _seasonal_fit(callbacks, epochs=4):
     )
 
 
+class _ShadowProbe(keras.callbacks.Callback):
+    """Keeps weak references to the detector's device copies of a snapshot."""
+
+    def __init__(self, detector):
+        super().__init__()
+        self.detector = detector
+        self.refs = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        shadow = self.detector._shadows.get(self.model)
+        if shadow is not None and not self.refs:
+            self.refs = [weakref.ref(v.value) for v in shadow.variables.values()]
+
+
 def test_a_rollback_the_data_explains_is_declined():
     # The loss of an unshuffled seasonal series rises 2-10x its first
     # batches' as the season moves, smoothly, with the gradient: an
@@ -1573,8 +1589,13 @@ def test_a_rollback_the_data_explains_is_declined():
     # One epoch of 35 batches holds it all (steps 20-25).
     plain, _, plain_weights = _seasonal_fit([], epochs=1)
     detector = GradientExplosionDetector(verbose=0)
-    (loss, rate, weights), caught = _quiet(_seasonal_fit, [detector], epochs=1)
+    shadows = _ShadowProbe(detector)
+    (loss, rate, weights), caught = _quiet(_seasonal_fit, [detector, shadows], epochs=1)
     assert _actions(detector) == [(20, "problem"), (25, "rollback_declined")]
+    # The device copy of the snapshot's weights is not kept after `fit`.
+    gc.collect()
+    assert shadows.refs and not any(ref() is not None for ref in shadows.refs)
+    assert detector._shadows[detector.model].variables == {}
     # Compared with the snapshot of step 0; nothing was restored.
     assert detector.events[0]["action"] == "compare"
     assert detector.events[0]["compared_step"] == 0
