@@ -1,12 +1,17 @@
-"""Costs paid once, not per step: quantizing a model, starting the command line.
+"""Costs paid once, not per step: quantizing a model, fitting again, starting the CLI.
 
-Two measures, each side by side in one process, interleaved, in process CPU
+Three measures, each side by side in one process, interleaved, in process CPU
 time (children's for the command line):
 
 - `pruning.quantize(model)` against Keras' own `model.quantize("int8")` on
   the same freshly built character LM each round. Keras' `Layer.__delattr__`
   runs a full `gc.collect()` for every kernel `quantize` replaces;
   `pruning.quantize` runs one.
+- `fit` called again (10 steps of the same character LM, traced by an
+  earlier `fit`) with new `GradientMonitor()` and
+  `GradientExplosionDetector()` instances, against plain `fit` called again:
+  a new instance takes over the earlier one's in-graph state, so neither
+  traces the step again.
 - `python -m keras_stability --help` and a usage error against
   `python -c "import keras_stability"` (what the command line cost before
   it parsed its arguments ahead of importing TensorFlow).
@@ -72,6 +77,54 @@ def quantize_rounds(rounds, blocks):
     return times
 
 
+def refit_rounds(rounds, blocks, steps=10):
+    """One more `fit` per round: plain, and with new callback instances.
+
+    Two twin models of the char LM, fitted once first (traced). Each round
+    fits each again for `steps` steps: the plain one with no callback, the
+    other with `[GradientMonitor(), GradientExplosionDetector()]` made anew,
+    as a notebook cell run again makes them.
+    """
+    import gc
+
+    import keras
+
+    from keras_stability.callbacks import GradientExplosionDetector
+    from keras_stability.callbacks import GradientMonitor
+    from keras_stability.models import build_char_transformer
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 96, size=(32 * steps, 64))
+    y = np.roll(x, -1, axis=1)
+    models = {}
+    for name in ("plain", "ours"):
+        keras.utils.set_random_seed(0)
+        model = build_char_transformer(
+            96, 64, num_blocks=blocks, hidden_dim=64, num_heads=4, name="lm"
+        )
+        model.compile(
+            keras.optimizers.Adam(1e-3),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        models[name] = model
+
+    def fit(name):
+        callbacks = (
+            [GradientMonitor(), GradientExplosionDetector()] if name == "ours" else []
+        )
+        models[name].fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=callbacks)
+        del callbacks
+        gc.collect()  # the instances are gone before the next fit
+
+    for name in models:
+        fit(name)
+    times = {"plain": [], "ours": []}
+    for i in range(rounds):
+        for name in ("plain", "ours") if i % 2 == 0 else ("ours", "plain"):
+            times[name].append(_cpu(lambda n=name: fit(n)))
+    return times
+
+
 def cli_rounds(rounds):
     python = sys.executable
     runs = {
@@ -94,10 +147,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     start = time.time()
     quantize = quantize_rounds(args.rounds, args.blocks)
+    refit = refit_rounds(args.rounds, args.blocks)
     cli = cli_rounds(args.rounds)
     ratio_q = np.asarray(quantize["ours"]) / np.asarray(quantize["keras"])
     lines = [
-        "## One-off costs: quantizing a model, starting the command line",
+        "## One-off costs: quantizing a model, fitting again, starting the command line",
         "",
         f"Machine: {environment()}",
         "",
@@ -116,6 +170,15 @@ def main(argv=None):
         f"| quantize the char LM ({args.blocks} blocks, hidden 64, int8) "
         '| `pruning.quantize(model)` | Keras\' `model.quantize("int8")` '
         f"| {np.median(quantize['ours']):.2f} / {np.median(quantize['keras']):.2f} "
+        f"| {m:.3f} ({lo:.3f}..{hi:.3f}) |"
+    )
+    ratio = np.asarray(refit["ours"]) / np.asarray(refit["plain"])
+    m, lo, hi = median_ci(ratio)
+    lines.append(
+        f"| `fit` again, 10 steps of the char LM ({args.blocks} blocks) "
+        "| with new `[GradientMonitor(), GradientExplosionDetector()]` "
+        "| plain `fit` again "
+        f"| {np.median(refit['ours']):.2f} / {np.median(refit['plain']):.2f} "
         f"| {m:.3f} ({lo:.3f}..{hi:.3f}) |"
     )
     for name in ("help", "usage error"):
