@@ -193,7 +193,7 @@ class StepLogs:
                 (
                     c
                     for c in candidates
-                    if type(c) is kind and config is not None and _config(c) == config
+                    if type(c) is kind and _same_config(_config(c), config)
                 ),
                 None,
             )
@@ -392,6 +392,16 @@ def _config(callback):
         return callback.get_config()
     except Exception:  # a subclass without a usable `get_config`
         return None
+
+
+def _same_config(a, b):
+    """Whether two configurations are known and equal (arrays in them too)."""
+    if a is None or b is None:
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # values without a truth value (e.g. NumPy arrays)
+        return False
 
 
 def tracker_loss_logs(tracker, logs, used, total=None, count=None):
