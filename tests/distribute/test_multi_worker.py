@@ -73,8 +73,61 @@ class _DieAtEpoch:
         return Die()
 
 
+def _diverging_fit(strategy):
+    """A run the detector must act on: a 6-layer ReLU MLP at SGD(10).
+
+    The same model, data and detector as the one-machine check of
+    `tests/callbacks/distributed_cases.py` (rollback case), under `strategy`.
+    """
+    import warnings
+
+    import keras
+    import tensorflow as tf
+
+    from keras_stability.callbacks import GradientExplosionDetector
+    from keras_stability.datasets import make_classification
+
+    x, y = make_classification(n_samples=256, seed=0)
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = keras.Sequential(
+            [keras.Input((10,))]
+            + [keras.layers.Dense(32, activation="relu") for _ in range(6)]
+            + [keras.layers.Dense(10)]
+        )
+        model.compile(
+            keras.optimizers.SGD(10.0),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA
+    )
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16).with_options(options)
+    detector = GradientExplosionDetector(
+        snapshot_freq=5, lr_factor=0.05, skip_batches=2, verbose=0
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(data, epochs=1, verbose=0, callbacks=[detector])
+    weights = [np.asarray(w) for w in model.get_weights()]
+    return {
+        "events": [(e["step"], e["kind"], e.get("action")) for e in detector.events],
+        "rollbacks": detector.rollbacks,
+        "skipped": detector.skipped_batches,
+        "learning_rate": float(np.asarray(model.optimizer.learning_rate)),
+        "weights": weights,
+        "finite": all(np.all(np.isfinite(w)) for w in weights),
+    }
+
+
 def fit_worker(
-    epochs=3, backup_dir=None, die_at_epoch=None, timeout_seconds=300, log_dir=None
+    epochs=3,
+    backup_dir=None,
+    die_at_epoch=None,
+    timeout_seconds=300,
+    log_dir=None,
+    diverging=False,
 ):
     import tensorflow as tf
 
@@ -112,7 +165,9 @@ def fit_worker(
         }
     if log_dir:
         monitor.plot(os.path.join(log_dir, "heatmap.png"))
+    extra = {"diverging": _diverging_fit(strategy)} if diverging else {}
     return {
+        **extra,
         "strategy": type(strategy).__name__,
         "replicas": strategy.num_replicas_in_sync,
         "fixes": ksd.multi_worker_fixes_enabled(),
@@ -125,14 +180,20 @@ def fit_worker(
     }
 
 
-def test_two_workers_match_each_other_and_a_single_worker(tmp_path):
-    # With the library's callbacks: clipping, gradient monitor with TensorBoard
-    # logs and a plot, and the explosion detector.
+@pytest.fixture(scope="module")
+def cluster_and_single(tmp_path_factory):
+    """2 workers and a single one fit alike; the workers then fit a diverging run."""
+    tmp_path = tmp_path_factory.mktemp("multi_worker")
     log_dir = str(tmp_path / "logs")
     # The cluster and the single worker are independent: run side by side.
     workers, single = run_side_by_side(
         functools.partial(
-            run_workers, fit_worker, n_workers=2, timeout=300, log_dir=log_dir
+            run_workers,
+            fit_worker,
+            n_workers=2,
+            timeout=300,
+            log_dir=log_dir,
+            diverging=True,
         ),
         functools.partial(
             run_in_subprocess,
@@ -142,6 +203,15 @@ def test_two_workers_match_each_other_and_a_single_worker(tmp_path):
             log_dir=str(tmp_path / "single"),
         ),
     )
+    for w in workers:
+        assert "error" not in w, w.get("traceback", w)
+    return workers, single, log_dir
+
+
+def test_two_workers_match_each_other_and_a_single_worker(cluster_and_single):
+    # With the library's callbacks: clipping, gradient monitor with TensorBoard
+    # logs and a plot, and the explosion detector.
+    workers, single, log_dir = cluster_and_single
     assert single["strategy"] != "CollectiveAllReduceStrategy"
     for w in workers:
         assert "error" not in w, w.get("traceback", w)
@@ -166,6 +236,27 @@ def test_two_workers_match_each_other_and_a_single_worker(tmp_path):
     )
     assert "heatmap.png" in written
     assert len([f for f in written if "tfevents" in f]) == 1, written
+
+
+def test_two_workers_take_the_same_detector_decisions_on_a_diverging_run(
+    cluster_and_single,
+):
+    # Each worker's detector reads the step's record on its own host and
+    # acts on it there (rollback, lower rate, skipped batches): the record
+    # keeps the first replica's values on every worker, so both take the
+    # same decisions at the same steps and their weights stay identical.
+    workers, _, _ = cluster_and_single
+    first, second = (w["diverging"] for w in workers)
+    assert first["rollbacks"] >= 1 and first["finite"]
+    assert first["events"] == second["events"]
+    assert (first["rollbacks"], first["skipped"], first["learning_rate"]) == (
+        second["rollbacks"],
+        second["skipped"],
+        second["learning_rate"],
+    )
+    assert first["learning_rate"] < 10.0  # the rollback lowered it
+    for a, b in zip(first["weights"], second["weights"], strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def _initial_kernel():
