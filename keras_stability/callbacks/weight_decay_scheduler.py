@@ -11,6 +11,9 @@ from keras_stability.callbacks.step_logs import StepLogs
 
 __all__ = ["WeightDecayScheduler"]
 
+# The optimizer's attribute holding the variable its traced step reads.
+_SHARED = "_keras_stability_weight_decay_variable"
+
 
 class WeightDecayScheduler(keras.callbacks.Callback):
     """Sets the optimizer's decoupled weight decay at the start of every epoch.
@@ -20,7 +23,9 @@ class WeightDecayScheduler(keras.callbacks.Callback):
     constant; for the duration of `fit` this callback swaps it for a
     non-trainable variable (read by the compiled step, assigned between
     epochs, so no retracing) and puts the last value back as a float in
-    `on_train_end`. While it is swapped, the optimizer's `get_config` still
+    `on_train_end`. A later scheduler on the same optimizer (a new instance
+    in each `fit` call) uses the same variable, so that `fit` does not
+    retrace either. While it is swapped, the optimizer's `get_config` still
     reports a float, so checkpoints written during `fit` stay loadable. The
     value is added to the epoch logs as `weight_decay` (for every callback,
     whatever the order, when the steps per epoch are known).
@@ -96,15 +101,24 @@ class WeightDecayScheduler(keras.callbacks.Callback):
                     "weight_decay=None"
                 )
             self._optimizer = optimizer
-            with self.model.distribute_strategy.scope():
-                self._variable = keras.Variable(
-                    float(current),
-                    trainable=False,
-                    dtype="float32",
-                    name="weight_decay",
-                )
-            # A step traced before (e.g. by `train_on_batch`) holds the float.
-            self.model.make_train_function(force=True)
+            shared = optimizer.__dict__.get(_SHARED)
+            if shared is not None:
+                # An earlier scheduler's (`callbacks=[WeightDecayScheduler(...)]`
+                # written in each `fit` call): the traced step reads it already.
+                self._variable = shared
+                if not isinstance(current, keras.Variable):
+                    shared.assign(float(current))
+            else:
+                with self.model.distribute_strategy.scope():
+                    self._variable = keras.Variable(
+                        float(current),
+                        trainable=False,
+                        dtype="float32",
+                        name="weight_decay",
+                    )
+                object.__setattr__(optimizer, _SHARED, self._variable)
+                # A step traced before (e.g. by `train_on_batch`) holds the float.
+                self.model.make_train_function(force=True)
         elif not isinstance(current, keras.Variable):
             self._variable.assign(float(current))
         # Bypass the optimizer's variable tracker: the variable is schedule

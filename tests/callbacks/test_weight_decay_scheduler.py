@@ -5,9 +5,19 @@ import pytest
 from keras_stability.callbacks import WeightDecayScheduler
 
 
-def _model(weight_decay=0.1, learning_rate=0.1):
+class Counting(keras.Sequential):
+    """Counts the traces of its train step (Python runs only when tracing)."""
+
+    traces = 0
+
+    def train_step(self, data):
+        type(self).traces += 1
+        return super().train_step(data)
+
+
+def _model(weight_decay=0.1, learning_rate=0.1, cls=keras.Sequential):
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, use_bias=False)])
+    model = cls([keras.Input((3,)), keras.layers.Dense(2, use_bias=False)])
     # A loss with zero gradient: only the decoupled decay moves the weights.
     model.compile(
         optimizer=keras.optimizers.SGD(learning_rate, weight_decay=weight_decay),
@@ -47,6 +57,27 @@ def test_receives_current_value_and_reuses_across_fits():
     model.fit(X, Y, epochs=1, batch_size=8, verbose=0, callbacks=[callback])
     assert seen == [(0, 0.2), (1, 0.1), (0, 0.05)]
     assert model.optimizer.weight_decay == pytest.approx(0.025)
+
+
+def test_a_new_scheduler_in_each_fit_does_not_retrace():
+    # `callbacks=[WeightDecayScheduler(...)]` written in each `fit` call.
+    # Before, each new instance made its own variable and traced the step
+    # again; now it takes the one the traced step reads.
+    model = _model(weight_decay=0.2, cls=Counting)
+    kernel = model.layers[0].kernel
+    functions, values = [], []
+    for factor in (0.5, 0.25, 1.0):
+        w0 = kernel.numpy().copy()
+        scheduler = WeightDecayScheduler(lambda epoch, wd, f=factor: wd * f)
+        model.fit(X, Y, epochs=1, batch_size=4, verbose=0, callbacks=[scheduler])
+        functions.append(model.train_function)
+        values.append(model.optimizer.weight_decay)
+        # Two steps at this fit's value (decay only: the loss has no gradient).
+        expected = w0 * (1 - 0.1 * values[-1]) ** 2
+        np.testing.assert_allclose(kernel.numpy(), expected, rtol=1e-6)
+    assert values == pytest.approx([0.1, 0.025, 0.025])
+    assert functions[1] is functions[0] and functions[2] is functions[0]
+    assert Counting.traces == 1
 
 
 def test_learning_rate_schedule_object_is_evaluated_at_the_step():
