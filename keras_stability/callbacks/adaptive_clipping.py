@@ -167,10 +167,7 @@ class AdaptiveClipping(keras.callbacks.Callback):
         # the step (see `StepLogs.enter`), with no retrace.
         return None
 
-    def _adopt_model_state(self, state, model):
-        pass
-
-    def _release_model_state(self, model):
+    def _set_model_state(self, model, state):
         pass
 
     def on_train_begin(self, logs=None):

@@ -516,18 +516,15 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             self._shadows.get(model),
         )
 
-    def _adopt_model_state(self, state, model):
-        entry, record, shadow = state
+    def _set_model_state(self, model, state):
+        # `state` from `_model_state`; `None` forgets the model's.
+        entry, record, shadow = state or (None, None, None)
         self._observers.put(model, entry)
-        if record is not None:
-            self._records[model] = record
-        if shadow is not None:
-            self._shadows[model] = shadow
-
-    def _release_model_state(self, model):
-        self._observers.put(model, None)
-        self._records.pop(model, None)
-        self._shadows.pop(model, None)
+        for store, value in ((self._records, record), (self._shadows, shadow)):
+            if value is None:
+                store.pop(model, None)
+            else:
+                store[model] = value
 
     def on_train_begin(self, logs=None):
         model = self.model

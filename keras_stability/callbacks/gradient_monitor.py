@@ -255,11 +255,8 @@ class GradientMonitor(keras.callbacks.Callback):
         # this one is not in its `fit` (see `StepLogs.enter`): no retrace.
         return self._observers.entry(model)
 
-    def _adopt_model_state(self, state, model):
-        self._observers.put(model, state)
-
-    def _release_model_state(self, model):
-        self._observers.put(model, None)
+    def _set_model_state(self, model, state):
+        self._observers.put(model, state)  # `None` forgets it
 
     def on_train_begin(self, logs=None):
         StepLogs.of(self.model).enter(self)  # drops an earlier fit's instances

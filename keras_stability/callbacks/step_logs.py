@@ -168,9 +168,9 @@ class StepLogs:
         that holds nothing on this model yet takes over the observers and
         in-graph values of an absent one, as if that instance had been given
         again: the step is not traced again. What moves is what the absent
-        one handed over when it registered (`_model_state(model)`), applied
-        by the new one's `_adopt_model_state(state, model)` (an absent one
-        still alive gives it up: `_release_model_state(model)`, so a later
+        one handed over when it registered (`_model_state(model)`), set on
+        the new one by `_set_model_state(model, state)` (an absent one still
+        alive gives it up, `_set_model_state(model, None)`, so a later
         `detach` of it cannot take it from the new one); the new one's host
         state starts afresh as usual.
         """
@@ -184,7 +184,7 @@ class StepLogs:
             for key, ref in self._expected.items()
             if key not in holding
             and ref() is not None
-            and callable(getattr(ref(), "_adopt_model_state", None))
+            and callable(getattr(ref(), "_set_model_state", None))
         ]
         sets = self.__dict__.get("_graph_sets", {})
         for old_key in absent:
@@ -218,8 +218,8 @@ class StepLogs:
                 self._set_owners[new_key] = new_ref
             old = old_ref()
             if old is not None:  # alive but not in this fit: it gives its state up
-                old._release_model_state(self.model)
-            new._adopt_model_state(state, self.model)
+                old._set_model_state(self.model, None)
+            new._set_model_state(self.model, state)
 
     def _remember(self, owner):
         """Keeps what `owner` would hand to a later instance (`_adopt_absent`)."""

@@ -91,34 +91,29 @@ class WeightDecayScheduler(keras.callbacks.Callback):
             self.model.optimizer, "inner_optimizer", self.model.optimizer
         )
         current = getattr(optimizer, "weight_decay", None)
-        if optimizer is not self._optimizer:
-            if current is None:
-                raise ValueError(
-                    "Invalid optimizer for `WeightDecayScheduler`. Expected an "
-                    "optimizer with decoupled weight decay (e.g. "
-                    "`keras.optimizers.AdamW`, or `weight_decay=` of any Keras "
-                    f"optimizer). Received: {type(optimizer).__name__} with "
-                    "weight_decay=None"
+        if current is None:
+            raise ValueError(
+                "Invalid optimizer for `WeightDecayScheduler`. Expected an "
+                "optimizer with decoupled weight decay (e.g. "
+                "`keras.optimizers.AdamW`, or `weight_decay=` of any Keras "
+                f"optimizer). Received: {type(optimizer).__name__} with "
+                "weight_decay=None"
+            )
+        self._optimizer = optimizer
+        # One variable per optimizer, whichever scheduler made it (a new
+        # instance in each `fit` call): the traced step reads it already.
+        self._variable = optimizer.__dict__.get(_SHARED)
+        if self._variable is None:
+            with self.model.distribute_strategy.scope():
+                self._variable = keras.Variable(
+                    float(current),
+                    trainable=False,
+                    dtype="float32",
+                    name="weight_decay",
                 )
-            self._optimizer = optimizer
-            shared = optimizer.__dict__.get(_SHARED)
-            if shared is not None:
-                # An earlier scheduler's (`callbacks=[WeightDecayScheduler(...)]`
-                # written in each `fit` call): the traced step reads it already.
-                self._variable = shared
-                if not isinstance(current, keras.Variable):
-                    shared.assign(float(current))
-            else:
-                with self.model.distribute_strategy.scope():
-                    self._variable = keras.Variable(
-                        float(current),
-                        trainable=False,
-                        dtype="float32",
-                        name="weight_decay",
-                    )
-                object.__setattr__(optimizer, _SHARED, self._variable)
-                # A step traced before (e.g. by `train_on_batch`) holds the float.
-                self.model.make_train_function(force=True)
+            object.__setattr__(optimizer, _SHARED, self._variable)
+            # A step traced before (e.g. by `train_on_batch`) holds the float.
+            self.model.make_train_function(force=True)
         elif not isinstance(current, keras.Variable):
             self._variable.assign(float(current))
         # Bypass the optimizer's variable tracker: the variable is schedule
