@@ -24,7 +24,9 @@ speed-up over the teacher).
 
 `--lm --storage`: one seed, a short training: the `.keras` gzip bytes of
 the dense float32 LM and of 80% + int8 with and without `sparse_storage`,
-and which parts of the model they go to.
+and which parts of the model they go to; `--storage-width W` builds the LM at a
+hidden size of W (the ratio grows with the width: the per-channel biases and
+scales and the h5 layout, which pruning does not shrink, weigh less).
 
 `--lm --speed`: generation speed only, the teacher's shape against the shrunk
 student's (untrained; the speed of a float model does not depend on its
@@ -549,8 +551,9 @@ def storage_main(args):
     vocab_size = len(data["vocab"])
     steps_per_epoch = int(np.ceil(len(data["x_train"]) / BATCH))
     epochs = args.storage_epochs
+    shape = dict(LM_SHAPE, hidden_dim=args.storage_width or LM_SHAPE["hidden_dim"])
     teacher = _fit_lm(
-        _char_lm(vocab_size, seed, **LM_SHAPE),
+        _char_lm(vocab_size, seed, **shape),
         data,
         epochs,
         _cosine(TEACHER_LR, epochs * steps_per_epoch),
@@ -581,8 +584,10 @@ def storage_main(args):
         f"Machine: {environment()}",
         "",
         f"Command: `python -m benchmarks.llm_compression --lm --storage "
-        f"--storage-epochs {epochs}{' --quick' if args.quick else ''}` "
-        f"(total {total:.0f} s). LM {LM_SHAPE}, vocabulary {vocab_size}, "
+        f"--storage-epochs {epochs}{' --quick' if args.quick else ''}"
+        f"{f' --storage-width {args.storage_width}' if args.storage_width else ''}` "
+        f"(total {total:.0f} s). LM {shape}, {teacher.count_params()} parameters, "
+        f"vocabulary {vocab_size}, "
         f"seed {seed}; teacher {epochs} epoch(s), then `PRUNE_RECIPE` over "
         f"{epochs} epoch(s) (block linears {100 * zeros:.1f}% zeros); a short "
         "training: file sizes depend on the zeros' pattern and the int8 "
@@ -1395,6 +1400,12 @@ def main(argv=None):
     )
     parser.add_argument(
         "--storage-epochs", type=int, default=1, help="LM --storage: epochs"
+    )
+    parser.add_argument(
+        "--storage-width",
+        type=int,
+        default=None,
+        help="LM --storage: the hidden size (default: the benchmark's LM, 64)",
     )
     parser.add_argument("--figure", default=None, help="LM: path of the figure")
     parser.add_argument("--json", default=None, help="LM: raw numbers to this file")
