@@ -63,6 +63,7 @@ from keras_stability.callbacks.layer_gradient_stats import group_variables_by_la
 from keras_stability.callbacks.lr_scaling import LoweredRate
 from keras_stability.callbacks.lr_scaling import innermost_optimizer
 from keras_stability.callbacks.lr_scaling import wrap_schedule
+from keras_stability.callbacks.recovery import EXPLODED
 from keras_stability.callbacks.recovery import RecoveryMixin
 from keras_stability.callbacks.recovery import json_float
 from keras_stability.callbacks.snapshots import Snapshot
@@ -170,8 +171,10 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
       forward pass; a device copy of the weights, made at the first such
       check, which retraces the step once), while training goes on. It
       rolls back only if the snapshot's loss on the same batches is below
-      0.9x the current weights' after a rise, 1.5x after a stall (median
-      over the batches); the comparison then stands for the skipped
+      0.9x the current weights' after a rise, 1.5x after a stall or an
+      explosion left at the starting loss (median over the batches; an
+      explosion's comparison that measures nothing leaves it to the
+      stall); the comparison then stands for the skipped
       updates. Otherwise the loss rose because the data changed, as in an
       unshuffled time series: no rollback, nothing lost, a warning and an
       event of kind `"rollback_declined"` (counted in `rollbacks_declined`),
@@ -225,7 +228,9 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
     moving smoothly from step to step: a model the explosion killed,
     predicting the class prior, where a fit model near zero loss jumps by
     orders of magnitude from batch to batch;
-    `keras_stability.diagnostics.rules`); a failed recovery
+    `keras_stability.diagnostics.rules`); an explosion that leaves that
+    median at 0.9x a starting loss of 0.01 or more (`"loss exploded"`,
+    judged at once, without waiting for the stall); a failed recovery
     (above). With sample or class weights, the losses judged (and kept in
     `raw_losses`) are per unit of weight (see `rules`; with one batch per
     call), while `raw_loss` in the logs is the step's own.
@@ -1247,6 +1252,16 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                 f"{rules.EXPLOSION_FACTOR:g}x it or more, or "
                 f"{rules.EXPLOSION_SPIKES} spikes at {rules.CLIMB_FACTOR:g}x)"
             )
+        if self._explosion_at_start_level():
+            median = float(np.median(self._stretch))
+            return (
+                f"{EXPLODED}: median raw loss {median:.4g} over the last "
+                f"{len(self._stretch)} steps, {median / self._start_loss:.3g}x the loss "
+                f"the fit started from ({self._start_loss:.4g}), after an explosion "
+                f"(the loss at {rules.EXPLOSION_FACTOR:g}x it, or "
+                f"{rules.EXPLOSION_SPIKES} spikes at {rules.CLIMB_FACTOR:g}x it, with "
+                f"the gradient norm at {rules.EXPLOSION_NORM_FACTOR:g}x the starting one)"
+            )
         if spike is None and self._recovery is not None:
             return self._check_recovery(raw, steps)
         if spike is None and self.rollbacks and self.action == "rollback":
@@ -1607,6 +1622,30 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             self._exploded_at is not None
             and window is not None
             and rules.stalled(self._recent, self._start_loss, window=window)
+        )
+
+    def _explosion_at_start_level(self):
+        """Whether an explosion flagged at this step leaves the stretch's
+        median at `rules.STALL_LEVEL` times the starting loss or above, from
+        a start that is not near zero (`rules.NEAR_ZERO`): the model no
+        better than where `fit` began, a rollback's case at once (compared
+        first, as a stall is), not after the stall that follows. If the
+        comparison cannot be made, the stall decides as before. A fit model
+        near zero loss (a second `fit`, 0.004, or learning a new rare class,
+        0.0007-0.005) explodes by the rules while healthy (its losses jump
+        20-50x from one batch to the next, and a rare class's batches spike)
+        and its snapshot scores what the current weights do: it waits for
+        the stall, whose smooth losses tell a dead model from a fit one."""
+        return (
+            self._exploded_at == self.step
+            and self._recovery is None
+            and self._trial is None
+            and not self._level_rules_off
+            and self._start_loss >= rules.NEAR_ZERO
+            and float(np.median(self._stretch)) >= rules.STALL_LEVEL * self._start_loss
+            # Only with a comparison: a rollback made blind this early
+            # cannot be told from a rise of the data (an unshuffled series).
+            and self._can_trial(EXPLODED)
         )
 
     def _stall_window(self):

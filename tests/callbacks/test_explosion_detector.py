@@ -1503,13 +1503,16 @@ def test_loss_spikes_that_kill_the_model_are_an_explosion():
     detector = GradientExplosionDetector()
     loss, _ = _quiet(fit, [detector])
     problems = [e for e in detector.events if e["kind"] == "problem"]
-    # Seen at step 20; the snapshot (the weights `fit` started from) and the
-    # dead model compared on the next 5 batches; rolled back at step 25.
+    # Seen at step 10, when the explosion leaves the stretch's median at
+    # 1.4x the start (before, at step 20, as the stall after it, once its
+    # window of 20 steps had filled); the snapshot (the weights `fit` started
+    # from) and the current weights compared on the next 5 batches; rolled
+    # back at step 15.
     assert [(e["step"], e["action"]) for e in problems] == [
-        (20, "compare"),
-        (25, "rollback"),
+        (10, "compare"),
+        (15, "rollback"),
     ]
-    assert problems[0]["detail"].startswith("no progress after an explosion")
+    assert problems[0]["detail"].startswith("loss exploded")
     assert "confirmed on the next 5 batches" in problems[1]["detail"]
     assert 0.5 < problems[1]["paired_ratio"] < 1.5
     assert detector.rollbacks == 1 and detector.stopped_reason is None
@@ -1519,7 +1522,7 @@ def test_loss_spikes_that_kill_the_model_are_an_explosion():
     # The rollback to step 0 abandons the spikes' updates: their batches
     # (Keras' batch = step - 1 in the first epoch) go on the exclude list.
     spikes = [e["step"] for e in detector.events if e["kind"] == "spike"]
-    assert len(spikes) >= 2 and max(spikes) < 20
+    assert len(spikes) >= 2 and max(spikes) < 15
     assert detector.offending_batches == [(0, step - 1) for step in spikes]
 
 
@@ -1585,13 +1588,16 @@ def test_a_rollback_the_data_explains_is_declined():
     # lost to training. Now the snapshot and the current weights are
     # compared on the same next 5 batches while training goes on: the
     # snapshot scores 2.6x worse, the rise is the data's, no rollback is
-    # made and the run is plain `fit`'s to the bit.
-    # One epoch of 35 batches holds it all (steps 20-25).
+    # made and the run is plain `fit`'s to the bit. The explosion at step 8
+    # leaves the loss above its start, so it is compared at once (5 pairs
+    # by step 15: the first comes at the host's next look), not at the
+    # stall after it (step 20).
     plain, _, plain_weights = _seasonal_fit([], epochs=1)
     detector = GradientExplosionDetector(verbose=0)
     shadows = _ShadowProbe(detector)
     (loss, rate, weights), caught = _quiet(_seasonal_fit, [detector, shadows], epochs=1)
-    assert _actions(detector) == [(20, "problem"), (25, "rollback_declined")]
+    assert _actions(detector) == [(8, "problem"), (15, "rollback_declined")]
+    assert detector.events[0]["detail"].startswith("loss exploded")
     # The device copy of the snapshot's weights is not kept after `fit`.
     gc.collect()
     assert shadows.refs and not any(ref() is not None for ref in shadows.refs)
@@ -1641,7 +1647,7 @@ def test_a_rollback_the_data_explains_is_declined_under_a_mirrored_strategy(
     # the snapshot, the mean over both is the global batch's loss (as the
     # step's own loss); the rise is the data's and the run is plain `fit`'s.
     plain, detected = two_cpu_devices(_mirrored_seasonal_fits)
-    assert detected["actions"] == [(20, "problem"), (25, "rollback_declined")]
+    assert detected["actions"] == [(8, "problem"), (15, "rollback_declined")]
     assert detected["declined"] == 1 and detected["rollbacks"] == 0
     assert detected["loss"] == plain["loss"]
     for a, b in zip(detected["weights"], plain["weights"], strict=True):
@@ -1683,13 +1689,17 @@ def test_a_model_the_step_cannot_score_rolls_back_at_once():
     detector = GradientExplosionDetector(verbose=0)
     _quiet(model.fit, train, epochs=1, verbose=0, callbacks=[detector])
     assert detector._shadows[model].failed.startswith("RuntimeError")
-    # Seen at 20, no comparison (the first step after it tried), rolled back
-    # at 21, the 5 skipped batches measure the restored weights: undone.
+    # The explosion at 8: its comparison, tried at the next step, measures
+    # nothing, so no rollback (a blind rollback this early cannot be told
+    # from the data's rise). The stall at 20 rolls back at once, and the 5
+    # skipped batches measure the restored weights: undone.
     assert _actions(detector) == [
+        (8, "problem"),
         (20, "problem"),
-        (21, "problem"),
-        (26, "rollback_undone"),
+        (25, "rollback_undone"),
     ]
+    assert detector.events[0]["action"] == "none"
+    assert detector.events[0]["detail"].startswith("loss exploded")
     assert detector.rollbacks == 0 and detector.rollbacks_undone == 1
 
 
