@@ -396,7 +396,9 @@ class RecoveryMixin:
         the loss rose with the data: no rollback (`"rollback_declined"`,
         counted in `rollbacks_declined`), and the rules that compare the
         loss with its start or a snapshot are off for the rest of the `fit`,
-        as after an undone rollback. Without a pair, it rolls back.
+        as after an undone rollback. Without a pair, it rolls back, except
+        for an explosion (`EXPLODED`): then nothing is done and the stall
+        after it, if one comes, decides.
         """
         trial = self._end_trial()
         ratio = paired_ratio(trial["pairs"])
