@@ -537,11 +537,134 @@ def _keras_members(model):
             return {name: _gz(archive.read(name)) for name in archive.namelist()}
 
 
+def _storage_models(seed, data, shape, teacher_epochs, prune_epochs, warmup):
+    """The teacher of `shape` (Adam, a linear warmup over `warmup` of its
+    steps then a cosine decay from `TEACHER_LR`), `PRUNE_RECIPE` on it over
+    `prune_epochs`, its int8 copy and the `sparse_storage` of that copy."""
+    steps_per_epoch = int(np.ceil(len(data["x_train"]) / BATCH))
+    steps = teacher_epochs * steps_per_epoch
+    teacher = _fit_lm(
+        _char_lm(len(data["vocab"]), seed, **shape),
+        data,
+        teacher_epochs,
+        _cosine(TEACHER_LR, steps, int(warmup * steps)),
+        seed,
+    )
+    sparse = _gradual_prune(teacher, data, steps_per_epoch, prune_epochs, seed)
+    return teacher, sparse, _int8(sparse), _sparse_stored(_int8(sparse))
+
+
+STORAGE_ROWS = (
+    "teacher (dense float32)",
+    "80% of block linears",
+    "80% of block linears + int8",
+    "80% of block linears + int8 + sparse_storage",
+)
+
+
+def storage_full(args, config, data, shape):
+    """`--lm --storage --storage-full`: the teacher's and the 80% recipe's
+    whole training, as `--lm` runs them, at `shape`, for `--seeds` seeds:
+    held-out perplexity and `.keras` gzip bytes of the teacher, 80% of the
+    block linears, + int8, + `sparse_storage`."""
+    from keras_stability import pruning
+
+    start = time.perf_counter()
+    results = []
+    for seed in range(args.seeds):
+        models = dict(
+            zip(
+                STORAGE_ROWS,
+                _storage_models(
+                    seed,
+                    data,
+                    shape,
+                    config["teacher_epochs"],
+                    config["prune_epochs"],
+                    TEACHER_WARMUP,
+                ),
+                strict=True,
+            )
+        )
+        result = {
+            name: dict(
+                perplexity=perplexity(model, data["x_test"], data["y_test"]),
+                keras_gz=pruning.compressed_size(model, file="keras"),
+            )
+            for name, model in models.items()
+        }
+        results.append(result)
+        print(
+            f"seed {seed}: "
+            + "; ".join(
+                f"{name} {r['perplexity']:.4f}, {r['keras_gz']} B"
+                for name, r in result.items()
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
+    total = time.perf_counter() - start
+    teacher = models["teacher (dense float32)"]
+    dense = "teacher (dense float32)"
+    lines = [
+        "## The char LM's 80% + int8 file and its perplexity at a hidden size of "
+        f"{shape['hidden_dim']}",
+        "",
+        f"Machine: {environment()}",
+        "",
+        "Command: `python -m benchmarks.llm_compression --lm --storage --storage-full "
+        f"--seeds {args.seeds}{' --quick' if args.quick else ''}"
+        f"{f' --storage-width {args.storage_width}' if args.storage_width else ''}` "
+        f"(total {total:.0f} s). LM {shape}, {teacher.count_params()} parameters, "
+        f"vocabulary {len(data['vocab'])}; the teacher and `PRUNE_RECIPE` as "
+        f"`--lm` trains them ({config['teacher_epochs']} epochs with a warmup over "
+        f"{TEACHER_WARMUP:.0%} of the steps, then {config['prune_epochs']} epochs of "
+        "gradual pruning of the block linears to 80%). Held-out perplexity on "
+        f"{len(data['x_test'])} windows; `.keras` gzip bytes without optimizer state. "
+        "Mean ± sd over seeds:",
+        "",
+        "| model | held-out perplexity | vs teacher | .keras gzip bytes | "
+        "smaller than dense float32 |",
+        "|---|---|---|---|---|",
+    ]
+
+    def stats(values):
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return statistics.mean(values), sd
+
+    for name in STORAGE_ROWS:
+        ppl, ppl_sd = stats([r[name]["perplexity"] for r in results])
+        vs = statistics.mean(
+            r[name]["perplexity"] / r[dense]["perplexity"] - 1 for r in results
+        )
+        size = statistics.mean(r[name]["keras_gz"] for r in results)
+        ratio = statistics.mean(
+            r[dense]["keras_gz"] / r[name]["keras_gz"] for r in results
+        )
+        lines.append(
+            f"| {name} | {ppl:.3f} ± {ppl_sd:.3f} | {100 * vs:+.1f}% | {size:.0f} | "
+            f"{ratio:.2f}x |"
+        )
+    lines += ["", "Per seed (held-out perplexity, vs teacher; smaller than dense):"]
+    for name in STORAGE_ROWS:
+        lines.append(
+            f"- {name}: "
+            + ", ".join(
+                f"{r[name]['perplexity']:.3f} "
+                f"({100 * (r[name]['perplexity'] / r[dense]['perplexity'] - 1):+.1f}%; "
+                f"{r[dense]['keras_gz'] / r[name]['keras_gz']:.2f}x)"
+                for r in results
+            )
+        )
+    print("\n".join(lines + [""]))
+
+
 def storage_main(args):
     """`--lm --storage`: one seed, the `.keras` gzip bytes of the dense float32
     LM and of its 80% + int8 version with and without `sparse_storage`, and
     where the bytes go. Short training (`--storage-epochs`): the sizes depend
-    on the zeros' pattern and the int8 values, not on how well it is trained."""
+    on the zeros' pattern and the int8 values, not on how well it is trained.
+    With `--storage-full`, `storage_full`."""
     from keras_stability import pruning
 
     config = LM_CONFIGS["quick" if args.quick else "full"]
@@ -549,19 +672,11 @@ def storage_main(args):
     start = time.perf_counter()
     data = _lm_data(config["max_chars"])
     vocab_size = len(data["vocab"])
-    steps_per_epoch = int(np.ceil(len(data["x_train"]) / BATCH))
     epochs = args.storage_epochs
     shape = dict(LM_SHAPE, hidden_dim=args.storage_width or LM_SHAPE["hidden_dim"])
-    teacher = _fit_lm(
-        _char_lm(vocab_size, seed, **shape),
-        data,
-        epochs,
-        _cosine(TEACHER_LR, epochs * steps_per_epoch),
-        seed,
-    )
-    sparse = _gradual_prune(teacher, data, steps_per_epoch, epochs, seed)
-    int8 = _int8(sparse)
-    stored = _sparse_stored(_int8(sparse))
+    if args.storage_full:
+        return storage_full(args, config, data, shape)
+    teacher, _, int8, stored = _storage_models(seed, data, shape, epochs, epochs, 0)
     sizes = {
         "teacher (dense float32)": pruning.compressed_size(teacher, file="keras"),
         "80% of block linears + int8": pruning.compressed_size(int8, file="keras"),
@@ -1406,6 +1521,12 @@ def main(argv=None):
         type=int,
         default=None,
         help="LM --storage: the hidden size (default: the benchmark's LM, 64)",
+    )
+    parser.add_argument(
+        "--storage-full",
+        action="store_true",
+        help="LM --storage: the teacher's and the 80%% recipe's whole training, "
+        "--seeds seeds, with held-out perplexities",
     )
     parser.add_argument("--figure", default=None, help="LM: path of the figure")
     parser.add_argument("--json", default=None, help="LM: raw numbers to this file")
