@@ -27,6 +27,9 @@ the dense float32 LM and of 80% + int8 with and without `sparse_storage`,
 and which parts of the model they go to; `--storage-width W` builds the LM at a
 hidden size of W (the ratio grows with the width: the per-channel biases and
 scales and the h5 layout, which pruning does not shrink, weigh less).
+`--storage-full` trains the teacher and the 80% recipe as `--lm` does, for
+`--seeds` seeds, and adds the held-out perplexities (e.g. `--lm --storage
+--storage-full --storage-width 256`: 10x and the perplexity at one width).
 
 `--lm --speed`: generation speed only, the teacher's shape against the shrunk
 student's (untrained; the speed of a float model does not depend on its
