@@ -430,9 +430,10 @@ def _int8(model):
     return pruning.quantize(_copy(model))
 
 
-def _gradual_prune(teacher, data, steps_per_epoch, epochs, seed, prune=True):
+def _gradual_prune(teacher, data, steps_per_epoch, epochs, seed, prune=True, lr=None):
     """`PRUNE_RECIPE` on a copy of the teacher (or, `prune=False`, the same
-    fine-tune without pruning: the dense model at the same compute)."""
+    fine-tune without pruning: the dense model at the same compute); `lr`:
+    the peak of the cosine decay instead of the recipe's."""
     import keras
 
     from keras_stability import pruning
@@ -457,7 +458,7 @@ def _gradual_prune(teacher, data, steps_per_epoch, epochs, seed, prune=True):
         model,
         data,
         epochs,
-        keras.optimizers.schedules.CosineDecay(r["lr"], steps),
+        keras.optimizers.schedules.CosineDecay(lr or r["lr"], steps),
         seed,
     )
     return pruning.strip_pruning(model)
@@ -540,10 +541,13 @@ def _keras_members(model):
             return {name: _gz(archive.read(name)) for name in archive.namelist()}
 
 
-def _storage_models(seed, data, shape, teacher_epochs, prune_epochs, warmup):
+def _storage_models(
+    seed, data, shape, teacher_epochs, prune_epochs, warmup, prune_lr=None
+):
     """The teacher of `shape` (Adam, a linear warmup over `warmup` of its
     steps then a cosine decay from `TEACHER_LR`), `PRUNE_RECIPE` on it over
-    `prune_epochs`, its int8 copy and the `sparse_storage` of that copy."""
+    `prune_epochs` (from `prune_lr` if given), its int8 copy and the
+    `sparse_storage` of that copy."""
     steps_per_epoch = int(np.ceil(len(data["x_train"]) / BATCH))
     steps = teacher_epochs * steps_per_epoch
     teacher = _fit_lm(
@@ -553,7 +557,9 @@ def _storage_models(seed, data, shape, teacher_epochs, prune_epochs, warmup):
         _cosine(TEACHER_LR, steps, int(warmup * steps)),
         seed,
     )
-    sparse = _gradual_prune(teacher, data, steps_per_epoch, prune_epochs, seed)
+    sparse = _gradual_prune(
+        teacher, data, steps_per_epoch, prune_epochs, seed, lr=prune_lr
+    )
     return teacher, sparse, _int8(sparse), _sparse_stored(_int8(sparse))
 
 
@@ -582,9 +588,10 @@ def storage_full(args, config, data, shape):
                     seed,
                     data,
                     shape,
-                    config["teacher_epochs"],
-                    config["prune_epochs"],
+                    args.storage_teacher_epochs or config["teacher_epochs"],
+                    args.storage_prune_epochs or config["prune_epochs"],
                     TEACHER_WARMUP,
+                    args.storage_prune_lr,
                 ),
                 strict=True,
             )
@@ -609,6 +616,18 @@ def storage_full(args, config, data, shape):
     total = time.perf_counter() - start
     teacher = models["teacher (dense float32)"]
     dense = "teacher (dense float32)"
+    teacher_epochs = args.storage_teacher_epochs or config["teacher_epochs"]
+    prune_epochs = args.storage_prune_epochs or config["prune_epochs"]
+    prune_lr = args.storage_prune_lr or PRUNE_RECIPE["lr"]
+    recipe_args = "".join(
+        f" --storage-{name} {value}"
+        for name, value in (
+            ("teacher-epochs", args.storage_teacher_epochs),
+            ("prune-epochs", args.storage_prune_epochs),
+            ("prune-lr", args.storage_prune_lr),
+        )
+        if value
+    )
     lines = [
         "## The char LM's 80% + int8 file and its perplexity at a hidden size of "
         f"{shape['hidden_dim']}",
@@ -617,12 +636,14 @@ def storage_full(args, config, data, shape):
         "",
         "Command: `python -m benchmarks.llm_compression --lm --storage --storage-full "
         f"--seeds {args.seeds}{' --quick' if args.quick else ''}"
-        f"{f' --storage-width {args.storage_width}' if args.storage_width else ''}` "
-        f"(total {total:.0f} s). LM {shape}, {teacher.count_params()} parameters, "
-        f"vocabulary {len(data['vocab'])}; the teacher and `PRUNE_RECIPE` as "
-        f"`--lm` trains them ({config['teacher_epochs']} epochs with a warmup over "
-        f"{TEACHER_WARMUP:.0%} of the steps, then {config['prune_epochs']} epochs of "
-        "gradual pruning of the block linears to 80%). Held-out perplexity on "
+        f"{f' --storage-width {args.storage_width}' if args.storage_width else ''}"
+        f"{recipe_args}` (total {total:.0f} s). LM {shape}, "
+        f"{teacher.count_params()} parameters, vocabulary {len(data['vocab'])}; the "
+        f"teacher: {teacher_epochs} epochs of Adam, a linear warmup over "
+        f"{TEACHER_WARMUP:.0%} of the steps to {TEACHER_LR:g} then a cosine decay; "
+        f"then `PRUNE_RECIPE` over {prune_epochs} epochs (gradual pruning of the "
+        f"block linears to 80%, a cosine decay from {prune_lr:g}). "
+        "Held-out perplexity on "
         f"{len(data['x_test'])} windows; `.keras` gzip bytes without optimizer state. "
         "Mean ± sd over seeds:",
         "",
@@ -1531,6 +1552,14 @@ def main(argv=None):
         help="LM --storage: the teacher's and the 80%% recipe's whole training, "
         "--seeds seeds, with held-out perplexities",
     )
+    for name, kind, what in (
+        ("--storage-teacher-epochs", int, "the teacher's epochs"),
+        ("--storage-prune-epochs", int, "the 80%% recipe's epochs"),
+        ("--storage-prune-lr", float, "the 80%% recipe's peak learning rate"),
+    ):
+        parser.add_argument(
+            name, type=kind, default=None, help=f"LM --storage-full: {what}"
+        )
     parser.add_argument("--figure", default=None, help="LM: path of the figure")
     parser.add_argument("--json", default=None, help="LM: raw numbers to this file")
     parser.add_argument(
