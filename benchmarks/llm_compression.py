@@ -578,6 +578,9 @@ def storage_full(args, config, data, shape):
     block linears, + int8, + `sparse_storage`."""
     from keras_stability import pruning
 
+    teacher_epochs = args.storage_teacher_epochs or config["teacher_epochs"]
+    prune_epochs = args.storage_prune_epochs or config["prune_epochs"]
+    prune_lr = args.storage_prune_lr or PRUNE_RECIPE["lr"]
     start = time.perf_counter()
     results = []
     for seed in range(args.seeds):
@@ -588,10 +591,10 @@ def storage_full(args, config, data, shape):
                     seed,
                     data,
                     shape,
-                    args.storage_teacher_epochs or config["teacher_epochs"],
-                    args.storage_prune_epochs or config["prune_epochs"],
+                    teacher_epochs,
+                    prune_epochs,
                     TEACHER_WARMUP,
-                    args.storage_prune_lr,
+                    prune_lr,
                 ),
                 strict=True,
             )
@@ -616,9 +619,6 @@ def storage_full(args, config, data, shape):
     total = time.perf_counter() - start
     teacher = models["teacher (dense float32)"]
     dense = "teacher (dense float32)"
-    teacher_epochs = args.storage_teacher_epochs or config["teacher_epochs"]
-    prune_epochs = args.storage_prune_epochs or config["prune_epochs"]
-    prune_lr = args.storage_prune_lr or PRUNE_RECIPE["lr"]
     recipe_args = "".join(
         f" --storage-{name} {value}"
         for name, value in (
