@@ -5,11 +5,13 @@ import concurrent.futures
 import json
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import numpy as np
 
@@ -32,6 +34,12 @@ def run_in_subprocess(func, *args, n_cpu_devices=2, timeout=600, env=None, **kwa
     process also proves that saved files load without the objects that wrote
     them. `func` must be a module-level function of an importable module
     (a test module is fine), and its arguments and result must pickle.
+
+    The child is forked from a process that has imported TensorFlow and Keras
+    and nothing else (`tests/zygote.py`), which saves each child about 4 s of
+    CPU; it starts as a new interpreter when `env` (or a test's monkeypatched
+    environment) changes a variable that may act at import time, and always
+    with `KERAS_STABILITY_TEST_NO_FORK=1`.
 
     Args:
         func: Module-level function to call in the child.
@@ -185,8 +193,125 @@ def free_ports(n):
             s.close()
 
 
+def _child_env(extra=None):
+    env = _base_env()
+    env.update(extra or {})
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p
+    )
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    return env
+
+
+class _Forked:
+    """A child forked by `tests.zygote`: `wait`, `poll`, `kill` and
+    `returncode` as in `subprocess.Popen` (the zygote reaps it and tells)."""
+
+    def __init__(self, zygote, pid):
+        self._zygote = zygote
+        self.pid = pid
+        self.returncode = None
+
+    def poll(self):
+        if self.returncode is None:
+            self.returncode = self._zygote.request({"poll": self.pid})["returncode"]
+        return self.returncode
+
+    def wait(self, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.01
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("tests.zygote child", timeout)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+        return self.returncode
+
+    def kill(self):
+        for target in (-self.pid, self.pid):  # its process group, then itself
+            try:
+                os.kill(target, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+class _Zygote:
+    """The warm process of this test process (`tests.zygote`), started lazily.
+
+    `fork` returns `None` (the caller starts a new interpreter) when the
+    child's environment differs from the zygote's in a variable other than
+    the ones TensorFlow and the tests read after import (`_RUNTIME_ENV`), when
+    the platform has no `fork`, or with `KERAS_STABILITY_TEST_NO_FORK=1`.
+    """
+
+    # Read when used (or never), not when TensorFlow or Keras is imported;
+    # pytest sets the last one to the running test's id.
+    _RUNTIME_ENV = ("TF_CONFIG", "KERAS_STABILITY_WORKER_INDEX", "PYTEST_CURRENT_TEST")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._proc = None
+        self._env = None
+        self._broken = False
+
+    def _start(self):
+        self._env = _child_env()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.zygote"],
+            cwd=REPO_ROOT,
+            env=self._env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        if json.loads(self._proc.stdout.readline() or "{}").get("ready") is not True:
+            raise RuntimeError("tests.zygote did not start")
+
+    def fork(self, argv, env, log_path):
+        if (
+            not hasattr(os, "fork")
+            or os.environ.get("KERAS_STABILITY_TEST_NO_FORK") == "1"
+            or self._broken
+        ):
+            return None
+        with self._lock:
+            try:
+                if self._proc is None or self._proc.poll() is not None:
+                    self._start()
+                keys = set(env) | set(self._env)
+                if any(
+                    env.get(k) != self._env.get(k)
+                    for k in keys
+                    if k not in self._RUNTIME_ENV
+                ):
+                    return None
+                request = {"argv": argv, "env": env, "cwd": REPO_ROOT, "log": log_path}
+                pid = self._ask({"fork": request})["pid"]
+            except (OSError, ValueError, KeyError, RuntimeError):
+                self._broken = True  # from now on, new interpreters
+                return None
+        return _Forked(self, pid)
+
+    def _ask(self, request):
+        self._proc.stdin.write(json.dumps(request) + "\n")
+        self._proc.stdin.flush()
+        return json.loads(self._proc.stdout.readline())
+
+    def request(self, request):
+        with self._lock:
+            return self._ask(request)
+
+
+_ZYGOTE = _Zygote()
+
+
 class _Child:
-    """One child Python running `tests.subprocess_main` on a pickled payload."""
+    """One child Python running `tests.subprocess_main` on a pickled payload.
+
+    Forked from `tests.zygote` (TensorFlow and Keras already imported) when
+    the environment allows, else a new interpreter.
+    """
 
     def __init__(self, func, args, kwargs, n_cpu_devices, env, tmp):
         if func.__qualname__ != func.__name__ or func.__module__ == "__main__":
@@ -208,28 +333,20 @@ class _Child:
         }
         with open(payload_path, "wb") as f:
             pickle.dump(payload, f)
-        child_env = _base_env()
-        child_env.update(payload["env"])
-        child_env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (REPO_ROOT, child_env.get("PYTHONPATH")) if p
-        )
-        child_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        child_env = _child_env(payload["env"])
         self.log_path = os.path.join(tmp, "output.log")
         self._log = open(self.log_path, "w+")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.subprocess_main",
-                payload_path,
-                self.result_path,
-            ],
-            cwd=REPO_ROOT,
-            env=child_env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        argv = [payload_path, self.result_path]
+        self.proc = _ZYGOTE.fork(argv, child_env, self.log_path)
+        if self.proc is None:  # an environment the warm process was not started in
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.subprocess_main", *argv],
+                cwd=REPO_ROOT,
+                env=child_env,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
 
     def result(self, timeout):
         try:
@@ -255,7 +372,8 @@ class _Child:
         return outcome["value"]
 
     def output(self):
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         with open(self.log_path) as f:
             return f.read()[-6000:]
 

@@ -1,9 +1,15 @@
 """Tests of the test helpers themselves."""
 
+import os
+import signal
+import sys
+import time
+
 import keras
 import numpy as np
 import pytest
 
+from tests import helpers
 from tests.helpers import run_in_subprocess
 from tests.helpers import run_layer_test
 
@@ -39,6 +45,25 @@ def _echo(a, b=0):
     return {"sum": a + b, "devices": _count_devices()}
 
 
+def _child_state():
+    return {
+        "ppid": os.getppid(),
+        "draw": float(np.random.random_sample()),
+        "tf_config": os.environ.get("TF_CONFIG"),
+        "marker": os.environ.get("KERAS_STABILITY_TEST_MARKER"),
+        "keras_stability_imported": "keras_stability" in sys.modules,
+        "cwd": os.getcwd(),
+    }
+
+
+def _sleep(seconds):
+    time.sleep(seconds)
+
+
+def _kill_myself():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _devices_and_mirrored_sum():
     return _count_devices(), _mirrored_sum()
 
@@ -55,6 +80,38 @@ def test_subprocess_passes_arguments_and_reports_errors():
         run_in_subprocess(_raise, n_cpu_devices=1)
     with pytest.raises(ValueError, match="module-level function"):
         run_in_subprocess(lambda: 1)
+
+
+def test_children_fork_from_the_warm_process_as_a_new_interpreter_would_start():
+    if os.environ.get("KERAS_STABILITY_TEST_NO_FORK") == "1":
+        pytest.skip("forking is switched off for this run")
+    first = run_in_subprocess(_child_state, n_cpu_devices=1)
+    second = run_in_subprocess(
+        _child_state, n_cpu_devices=1, env={"TF_CONFIG": '{"cluster": {}}'}
+    )
+    # Both forked from the zygote (TensorFlow and Keras imported, nothing of
+    # ours), each with its own seeds and the environment it was given.
+    zygote = helpers._ZYGOTE._proc.pid
+    assert first["ppid"] == second["ppid"] == zygote != os.getpid()
+    assert first["draw"] != second["draw"]
+    assert first["tf_config"] is None and second["tf_config"] == '{"cluster": {}}'
+    assert not first["keras_stability_imported"]
+    assert first["cwd"] == helpers.REPO_ROOT
+    # A variable read at import time may change what the import did: such a
+    # child starts as a new interpreter.
+    fresh = run_in_subprocess(
+        _child_state, n_cpu_devices=1, env={"KERAS_STABILITY_TEST_MARKER": "x"}
+    )
+    assert fresh["ppid"] == os.getpid() and fresh["marker"] == "x"
+
+
+def test_a_forked_child_killed_or_too_slow_is_reported():
+    with pytest.raises(AssertionError, match="died with exit code -9"):
+        run_in_subprocess(_kill_myself, n_cpu_devices=1)
+    start = time.monotonic()
+    with pytest.raises(AssertionError, match="did not finish in 1 s"):
+        run_in_subprocess(_sleep, 60, n_cpu_devices=1, timeout=1)
+    assert time.monotonic() - start < 30
 
 
 def test_run_layer_test_passes_a_correct_layer(tmp_path):
