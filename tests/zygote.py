@@ -3,8 +3,8 @@
 Usage: python -m tests.zygote   (started by `tests.helpers`, one per test process)
 
 Each child of `run_in_subprocess` used to be a new interpreter that spent
-about 4 s of CPU importing TensorFlow and Keras before its test did anything;
-the suite starts about a hundred of them. This process imports the two once
+about 4 s of CPU importing TensorFlow and Keras before its test did anything
+(about 60 places in the suite start one). This process imports the two once
 and then forks a child per request. Nothing else is imported here (not
 `keras_stability`, not a test module) and TensorFlow's runtime is not started
 (no op runs, no device is listed), so a forked child starts where a new
@@ -22,7 +22,6 @@ process ends when its stdin closes (the test process ended).
 
 import json
 import os
-import random
 import sys
 
 
@@ -39,8 +38,8 @@ def _child(request):
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
         sys.argv = ["tests.subprocess_main", *request["argv"]]
-        # A new interpreter draws fresh seeds; a fork would share these.
-        random.seed()
+        # A new interpreter draws fresh seeds. Python reseeds `random` in a
+        # forked child itself; NumPy's global generator would be shared.
         import numpy as np
 
         np.random.seed()
