@@ -269,7 +269,7 @@ def _guard_without_cond(inner):
 
     class AlwaysApplied(GuardedOptimizer):
         def _guarded_apply(self, grads, variables, pending=None):
-            skip, norm, threshold = self._decide(grads, variables, pending)
+            skip, norm, threshold, _ = self._decide(grads, variables, pending)
             with _gradients_already_reduced(self.inner_optimizer):
                 self._clip_and_apply(grads, variables, norm, threshold)
             self._after_apply(variables, skip)

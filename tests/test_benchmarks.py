@@ -1,0 +1,48 @@
+"""The gradient-health overhead variants build and train (`benchmarks/`).
+
+`benchmarks.gradient_health` times, and `benchmarks.graph_ops` counts, the
+same variants: one that no longer trains breaks both, and neither runs in
+the suite otherwise.
+"""
+
+import numpy as np
+
+from benchmarks import graph_ops
+from benchmarks.gradient_health import NO_COND
+
+
+def test_every_overhead_variant_of_the_example_trains_and_counts_its_ops():
+    counts = graph_ops.count("example")
+    plain = len(counts["plain fit"])
+    assert plain > 100
+    # Every variant adds work to plain fit's step.
+    for name, ops in counts.items():
+        if name != "plain fit":
+            assert len(ops) > plain, name
+    guard = len(counts["GuardedOptimizer alone (no callback)"])
+    # The reference without the skip `cond` measures what the guard does.
+    assert len(counts[NO_COND]) <= guard
+    assert not any(op == "If" for _, op in counts[NO_COND])
+    assert any(op == "If" for _, op in counts["GuardedOptimizer alone (no callback)"])
+    # Each callback adds to the guard it attaches; both add more than either.
+    stack = len(counts["GradientMonitor() + GradientExplosionDetector() (defaults)"])
+    detector = len(counts["detector only"])
+    monitor = len(counts["monitor only (defaults)"])
+    assert guard < monitor < stack and guard < detector < stack
+
+
+def test_the_guard_without_its_cond_applies_a_non_finite_step():
+    import keras
+
+    from benchmarks.gradient_health import _guard_without_cond
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(_guard_without_cond(keras.optimizers.SGD(0.1)), "mse")
+    x = np.ones((4, 3), "float32")
+    model.fit(x, np.ones((4, 1)), batch_size=4, epochs=1, verbose=0)
+    assert np.isfinite(model.get_weights()[0]).all()
+    model.fit(x, np.full((4, 1), np.nan), batch_size=4, epochs=1, verbose=0)
+    # The real guard would have skipped this step (tests/optimizers).
+    assert np.isnan(model.get_weights()[0]).all()
+    assert int(model.optimizer.steps_skipped_nonfinite.numpy()) == 1
