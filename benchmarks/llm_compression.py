@@ -683,6 +683,206 @@ def storage_full(args, config, data, shape):
     print("\n".join(lines + [""]))
 
 
+SHRINK_WIDE_ROWS = (
+    "teacher (dense float32)",
+    "shrink + distill (Minitron)",
+    "same shape from scratch",
+    "shrink + hard-label fine-tune",
+    "same shape distilled, no pruning",
+)
+
+
+def half_ffn(teacher, num_layers=2):
+    """The largest FFN size at which `num_layers` blocks of `teacher` hold at
+    most 50% of its non-embedding parameters (255 for `LM_SHAPE`)."""
+    from keras_stability import pruning
+
+    block = teacher.get_layer("block_0")
+    width, full = block.mlp_in.kernel.shape
+    blocks = len([layer for layer in teacher.layers if layer.name.startswith("block_")])
+    per_block = non_embedding_params(block)
+    rest = non_embedding_params(teacher) - blocks * per_block
+    ffn = full
+    # A block loses 2 * width + 1 parameters per FFN unit (in, out, bias).
+    while num_layers * (per_block - (full - ffn) * (2 * width + 1)) + rest > (
+        non_embedding_params(teacher) / 2
+    ):
+        ffn -= 1
+    shrunk = pruning.shrink_transformer(
+        teacher, num_layers=num_layers, intermediate_dim=ffn
+    )
+    assert non_embedding_params(shrunk) <= non_embedding_params(teacher) / 2
+    return ffn
+
+
+def shrink_full(args, config, data):
+    """`--lm --shrink --shrink-width W`: the 2-block student of a teacher of
+    hidden size W, for `--seeds` seeds (held-out perplexity, generation
+    speed).
+
+    The teacher is `LM_SHAPE` at hidden size W, trained by the teacher's
+    recipe for `--shrink-teacher-epochs`; the student keeps 2 of its 4
+    blocks (`block_importance="loss"`: the pair whose removal leaves the
+    lowest calibration loss) and the largest FFN at <= 50% of the
+    non-embedding parameters (`half_ffn`), and is distilled with
+    `SHRUNK_DISTILL` for a quarter of the teacher's epochs from a
+    `SHRUNK_WARMUP`-step warmup then a cosine decay of `SHRUNK_LR` (the
+    width-64 recipe, unchanged). The baselines have the same steps and
+    schedule.
+    """
+    import keras
+
+    from keras_stability import pruning
+    from keras_stability.distillation import prune_and_distill
+
+    shape = dict(LM_SHAPE, hidden_dim=args.shrink_width)
+    teacher_epochs = args.shrink_teacher_epochs or config["teacher_epochs"]
+    epochs = teacher_epochs // 4
+    steps_per_epoch = int(np.ceil(len(data["x_train"]) / BATCH))
+    teacher_steps = teacher_epochs * steps_per_epoch
+    budget = epochs * steps_per_epoch
+    start = time.perf_counter()
+    per_seed = []
+    for seed in range(args.seeds):
+        teacher = _fit_lm(
+            _char_lm(len(data["vocab"]), seed, **shape),
+            data,
+            teacher_epochs,
+            _cosine(TEACHER_LR, teacher_steps, int(TEACHER_WARMUP * teacher_steps)),
+            seed,
+        )
+        shrunk = dict(num_layers=2, intermediate_dim=half_ffn(teacher))
+        keras.utils.set_random_seed(seed + 7)
+        student, _ = prune_and_distill(
+            teacher,
+            data["x_train"],
+            data["y_train"],
+            calibration_samples=256,
+            block_importance="loss",
+            epochs=epochs,
+            batch_size=BATCH,
+            optimizer=keras.optimizers.Adam(_cosine(SHRUNK_LR, budget, SHRUNK_WARMUP)),
+            verbose=0,
+            **shrunk,
+            **SHRUNK_DISTILL,
+        )
+        # The blocks `prune_and_distill` kept: the same analysis, on the same
+        # 256 calibration windows.
+        calibration = (data["x_train"][:256], data["y_train"][:256])
+        keep = pruning.shrink_transformer_plan(
+            teacher, data=calibration, batch_size=16, block_importance="loss", **shrunk
+        )["blocks"]["keep"]
+        hard = pruning.shrink_transformer(
+            teacher, data=calibration, batch_size=16, keep_blocks=keep, **shrunk
+        )
+        _fit_lm(hard, data, epochs, _cosine(SHRUNK_LR, budget, SHRUNK_WARMUP), seed)
+        scratch = _fit_lm(
+            _reinit(student, seed + 100),
+            data,
+            epochs,
+            _cosine(SHRUNK_LR, budget, SHRUNK_WARMUP),
+            seed,
+        )
+        distilled = _distill(
+            _reinit(student, seed + 100),
+            teacher,
+            data,
+            epochs,
+            _cosine(SHRUNK_LR, budget, SHRUNK_WARMUP),
+            seed,
+            **SHRUNK_DISTILL,
+        )
+        models = dict(
+            zip(
+                SHRINK_WIDE_ROWS,
+                (teacher, student, scratch, hard, distilled),
+                strict=True,
+            )
+        )
+        rows = {
+            name: dict(
+                ppl=perplexity(model, data["x_test"], data["y_test"]),
+                non_embedding=non_embedding_params(model),
+            )
+            for name, model in models.items()
+        }
+        _add_speed(rows, models, data["vocab"])
+        per_seed.append(dict(rows=rows, keep=[int(k) for k in keep], **shrunk))
+        print(
+            f"seed {seed}: blocks {keep}, "
+            + "; ".join(f"{name} {r['ppl']:.4f}" for name, r in rows.items()),
+            file=sys.stderr,
+            flush=True,
+        )
+    total = time.perf_counter() - start
+    base = "teacher (dense float32)"
+    first = per_seed[0]["rows"]
+    lines = [
+        "## The char LM's 2-block student at a hidden size of "
+        f"{args.shrink_width}: shrink + distill",
+        "",
+        f"Machine: {environment()}",
+        "",
+        "Command: `python -m benchmarks.llm_compression --lm --shrink --seeds "
+        f"{args.seeds}{' --quick' if args.quick else ''} --shrink-width "
+        f"{args.shrink_width}"
+        + (
+            f" --shrink-teacher-epochs {args.shrink_teacher_epochs}"
+            if args.shrink_teacher_epochs
+            else ""
+        )
+        + f"` (total {total:.0f} s). Teacher: LM {shape}, "
+        f"{teacher.count_params()} parameters ({first[base]['non_embedding']} "
+        f"non-embedding), {teacher_epochs} epochs ({teacher_steps} steps) of Adam, a "
+        f"linear warmup over {TEACHER_WARMUP:.0%} of the steps to {TEACHER_LR:g} then "
+        'a cosine decay. Student: 2 of the 4 blocks by `block_importance="loss"` '
+        f"and FFN {per_seed[0]['intermediate_dim']} "
+        f"({first['shrink + distill (Minitron)']['non_embedding'] / first[base]['non_embedding']:.2%} "
+        "of the non-embedding parameters), by `prune_and_distill` on 256 calibration "
+        f"windows; every student row {budget} steps ({budget / teacher_steps:.0%} of "
+        f"the teacher's) of Adam, a {SHRUNK_WARMUP}-step warmup then a cosine decay "
+        f"from {SHRUNK_LR:g}; distilled with alpha {SHRUNK_DISTILL['alpha']}, "
+        f"T={SHRUNK_DISTILL['temperature']:g}. Held-out perplexity on "
+        f"{len(data['x_test'])} windows; tokens/s of `generate` "
+        f"({SPEED_REPEATS} interleaved rounds per seed, process CPU time), speed-up: "
+        "median of the per-round ratio to the teacher, 95% interval. "
+        "Mean ± sd over seeds:",
+        "",
+        "| model | held-out perplexity | vs teacher | tokens/s | speed-up |",
+        "|---|---|---|---|---|",
+    ]
+    for name in SHRINK_WIDE_ROWS:
+        values = [r["rows"][name]["ppl"] for r in per_seed]
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        vs = statistics.mean(
+            r["rows"][name]["ppl"] / r["rows"][base]["ppl"] - 1 for r in per_seed
+        )
+        ratio = median_ci(
+            [x for r in per_seed for x in r["rows"][name]["speedup_runs"]]
+        )
+        tok = statistics.median(r["rows"][name]["tok_s"] for r in per_seed)
+        lines.append(
+            f"| {name} | {statistics.mean(values):.3f} ± {sd:.3f} | {100 * vs:+.1f}% | "
+            f"{tok:.0f} | {ratio[0]:.2f}x ({ratio[1]:.2f}..{ratio[2]:.2f}) |"
+        )
+    lines += ["", "Per seed (held-out perplexity, vs teacher):"]
+    for name in SHRINK_WIDE_ROWS:
+        lines.append(
+            f"- {name}: "
+            + ", ".join(
+                f"{r['rows'][name]['ppl']:.3f} "
+                f"({100 * (r['rows'][name]['ppl'] / r['rows'][base]['ppl'] - 1):+.1f}%)"
+                for r in per_seed
+            )
+        )
+    lines += [
+        "",
+        "Blocks kept per seed: " + ", ".join(str(r["keep"]) for r in per_seed) + ".",
+        "",
+    ]
+    print("\n".join(lines))
+
+
 def storage_main(args):
     """`--lm --storage`: one seed, the `.keras` gzip bytes of the dense float32
     LM and of its 80% + int8 version with and without `sparse_storage`, and
@@ -1560,6 +1760,20 @@ def main(argv=None):
         parser.add_argument(
             name, type=kind, default=None, help=f"LM --storage-full: {what}"
         )
+    parser.add_argument(
+        "--shrink-width",
+        type=int,
+        default=None,
+        help="LM --shrink: only the 2-block student rows, of a teacher of this "
+        "hidden size, --seeds seeds",
+    )
+    parser.add_argument(
+        "--shrink-teacher-epochs",
+        type=int,
+        default=None,
+        help="LM --shrink --shrink-width: the teacher's epochs (the student's: a "
+        "quarter of them)",
+    )
     parser.add_argument("--figure", default=None, help="LM: path of the figure")
     parser.add_argument("--json", default=None, help="LM: raw numbers to this file")
     parser.add_argument(
@@ -1574,6 +1788,9 @@ def main(argv=None):
         return speed_main(args)
     if args.lm and args.storage:
         return storage_main(args)
+    if args.lm and args.shrink and args.shrink_width:
+        config = LM_CONFIGS["quick" if args.quick else "full"]
+        return shrink_full(args, config, _lm_data(config["max_chars"]))
     if args.lm:
         return lm_main(args)
     if args.digits_int8:
