@@ -46,3 +46,22 @@ def test_the_guard_without_its_cond_applies_a_non_finite_step():
     # The real guard would have skipped this step (tests/optimizers).
     assert np.isnan(model.get_weights()[0]).all()
     assert int(model.optimizer.steps_skipped_nonfinite.numpy()) == 1
+
+
+def test_half_ffn_is_the_largest_2_block_ffn_at_half_the_parameters():
+    from benchmarks import llm_compression as lc
+    from keras_stability import pruning
+
+    teacher = lc._char_lm(96, 0, **dict(lc.LM_SHAPE, hidden_dim=32))
+    ffn = lc.half_ffn(teacher)
+    half = lc.non_embedding_params(teacher) / 2
+
+    def params(f):
+        shrunk = pruning.shrink_transformer(teacher, num_layers=2, intermediate_dim=f)
+        return lc.non_embedding_params(shrunk)
+
+    assert params(ffn) <= half < params(ffn + 1)
+    # The benchmark's LM: the `SHRUNK` shape.
+    assert (
+        lc.half_ffn(lc._char_lm(96, 0, **lc.LM_SHAPE)) == lc.SHRUNK["intermediate_dim"]
+    )
