@@ -368,9 +368,12 @@ def run(
                         f,
                         explore,
                         only,
+                        recipes,
                     )
     elapsed = time.perf_counter() - start
-    _report(results, pretrained, config, seeds, quick, elapsed, out, explore, only)
+    _report(
+        results, pretrained, config, seeds, quick, elapsed, out, explore, only, recipes
+    )
     if figure and not quick:
         _figure(results, pretrained)
     return results, pretrained
@@ -383,7 +386,16 @@ def _events(runs):
 
 
 def _report(
-    results, pretrained, config, seeds, quick, elapsed, out, explore, only=None
+    results,
+    pretrained,
+    config,
+    seeds,
+    quick,
+    elapsed,
+    out,
+    explore,
+    only=None,
+    recipes=None,
 ):
     full_new = float(np.mean([r["new_ppl"] for r in results.get("full", [])] or [0]))
     print("## Fine-tuning without forgetting: docstrings -> code (char LM)", file=out)
@@ -448,6 +460,7 @@ def _report(
     print(
         "Command: `nice -n 10 python -m benchmarks.fine_tuning --seeds "
         f"{seeds}{' --quick' if quick else ''}{' --explore' if explore else ''}"
+        + ("" if not recipes else " --recipes " + " ".join(recipes))
         + ("" if not only else " --only " + " ".join(f"'{o}'" for o in only))
         + "`",
         file=out,

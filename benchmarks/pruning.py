@@ -13,6 +13,7 @@ Run: python -m benchmarks.pruning
   ratio on CPU, accuracy before and after a 5-epoch fine-tune.
 """
 
+import argparse
 import gzip
 import os
 import sys
@@ -108,7 +109,11 @@ def predict_time(model, x, repeats=30):
     return (time.perf_counter() - start) / repeats
 
 
-def main():
+def main(argv=None):
+    # No options: a parser so that `--help` (or a typo) does not start the run.
+    argparse.ArgumentParser(
+        prog="python -m benchmarks.pruning", description=__doc__.splitlines()[0]
+    ).parse_args(argv)
     data = load_dataset("digits", seed=0)
     (x, y), (xt, yt) = data
     lines = [
