@@ -581,6 +581,22 @@ STORAGE_ROWS = (
 )
 
 
+def _vs_teacher(ppls, teachers):
+    """Mean, sd and mean ratio to the teacher (-1) of per-seed perplexities."""
+    sd = statistics.stdev(ppls) if len(ppls) > 1 else 0.0
+    vs = statistics.mean(p / t - 1 for p, t in zip(ppls, teachers, strict=True))
+    return statistics.mean(ppls), sd, vs
+
+
+def _per_seed(name, ppls, teachers, extras=None):
+    """`- name: ppl (+x%[; extra]), ...`, one entry per seed."""
+    extras = extras or [""] * len(ppls)
+    return f"- {name}: " + ", ".join(
+        f"{p:.3f} ({100 * (p / t - 1):+.1f}%{e})"
+        for p, t, e in zip(ppls, teachers, extras, strict=True)
+    )
+
+
 def storage_full(args, config, data, shape):
     """`--lm --storage --storage-full`: the teacher's and the 80% recipe's
     whole training, as `--lm` runs them, at `shape`, for `--seeds` seeds:
@@ -662,15 +678,10 @@ def storage_full(args, config, data, shape):
         "|---|---|---|---|---|",
     ]
 
-    def stats(values):
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return statistics.mean(values), sd
-
+    teachers = [r[dense]["perplexity"] for r in results]
     for name in STORAGE_ROWS:
-        ppl, ppl_sd = stats([r[name]["perplexity"] for r in results])
-        vs = statistics.mean(
-            r[name]["perplexity"] / r[dense]["perplexity"] - 1 for r in results
-        )
+        ppls = [r[name]["perplexity"] for r in results]
+        ppl, ppl_sd, vs = _vs_teacher(ppls, teachers)
         size = statistics.mean(r[name]["keras_gz"] for r in results)
         ratio = statistics.mean(
             r[dense]["keras_gz"] / r[name]["keras_gz"] for r in results
@@ -682,12 +693,14 @@ def storage_full(args, config, data, shape):
     lines += ["", "Per seed (held-out perplexity, vs teacher; smaller than dense):"]
     for name in STORAGE_ROWS:
         lines.append(
-            f"- {name}: "
-            + ", ".join(
-                f"{r[name]['perplexity']:.3f} "
-                f"({100 * (r[name]['perplexity'] / r[dense]['perplexity'] - 1):+.1f}%; "
-                f"{r[dense]['keras_gz'] / r[name]['keras_gz']:.2f}x)"
-                for r in results
+            _per_seed(
+                name,
+                [r[name]["perplexity"] for r in results],
+                teachers,
+                [
+                    f"; {r[dense]['keras_gz'] / r[name]['keras_gz']:.2f}x"
+                    for r in results
+                ],
             )
         )
     print("\n".join(lines + [""]))
@@ -861,29 +874,21 @@ def shrink_full(args, config, data):
         "| model | held-out perplexity | vs teacher | tokens/s | speed-up |",
         "|---|---|---|---|---|",
     ]
+    teachers = [r["rows"][base]["ppl"] for r in per_seed]
     for name in SHRINK_WIDE_ROWS:
-        values = [r["rows"][name]["ppl"] for r in per_seed]
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        vs = statistics.mean(
-            r["rows"][name]["ppl"] / r["rows"][base]["ppl"] - 1 for r in per_seed
-        )
+        mean, sd, vs = _vs_teacher([r["rows"][name]["ppl"] for r in per_seed], teachers)
         ratio = median_ci(
             [x for r in per_seed for x in r["rows"][name]["speedup_runs"]]
         )
         tok = statistics.median(r["rows"][name]["tok_s"] for r in per_seed)
         lines.append(
-            f"| {name} | {statistics.mean(values):.3f} ± {sd:.3f} | {100 * vs:+.1f}% | "
+            f"| {name} | {mean:.3f} ± {sd:.3f} | {100 * vs:+.1f}% | "
             f"{tok:.0f} | {ratio[0]:.2f}x ({ratio[1]:.2f}..{ratio[2]:.2f}) |"
         )
     lines += ["", "Per seed (held-out perplexity, vs teacher):"]
     for name in SHRINK_WIDE_ROWS:
         lines.append(
-            f"- {name}: "
-            + ", ".join(
-                f"{r['rows'][name]['ppl']:.3f} "
-                f"({100 * (r['rows'][name]['ppl'] / r['rows'][base]['ppl'] - 1):+.1f}%)"
-                for r in per_seed
-            )
+            _per_seed(name, [r["rows"][name]["ppl"] for r in per_seed], teachers)
         )
     lines += [
         "",
