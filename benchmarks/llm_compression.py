@@ -776,7 +776,7 @@ def shrink_full(args, config, data):
         )
         shrunk = dict(num_layers=2, intermediate_dim=half_ffn(teacher))
         keras.utils.set_random_seed(seed + 7)
-        student, _ = prune_and_distill(
+        student, history = prune_and_distill(
             teacher,
             data["x_train"],
             data["y_train"],
@@ -789,12 +789,8 @@ def shrink_full(args, config, data):
             **shrunk,
             **SHRUNK_DISTILL,
         )
-        # The blocks `prune_and_distill` kept: the same analysis, on the same
-        # 256 calibration windows.
+        keep = history.shrink_plan["blocks"]["keep"]
         calibration = (data["x_train"][:256], data["y_train"][:256])
-        keep = pruning.shrink_transformer_plan(
-            teacher, data=calibration, batch_size=16, block_importance="loss", **shrunk
-        )["blocks"]["keep"]
         hard = pruning.shrink_transformer(
             teacher, data=calibration, batch_size=16, keep_blocks=keep, **shrunk
         )

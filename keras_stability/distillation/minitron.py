@@ -131,7 +131,10 @@ def prune_and_distill(
     Returns:
         `(student, history)`: the shrunk and distilled model (an ordinary
         Keras model of the teacher's kind, not compiled) and the `History`
-        of the (final) distillation. With `block_candidates`,
+        of the (final) distillation. `history.shrink_plan` is the plan the
+        student was cut by, as `shrink_transformer_plan` returns it (the kept
+        blocks in `["blocks"]["keep"]`: the search's winner with
+        `block_candidates`). With `block_candidates`,
         `history.block_search` is a dict: `"candidates"` (the kept block
         indices of each candidate, lowest calibration loss first),
         `"calibration_loss"` (each right after removal),
@@ -251,6 +254,7 @@ def prune_and_distill(
             sample_weight=sample_weight,
             **fit_kwargs,
         )
+        history.shrink_plan = plan
         if search is not None:
             history.block_search = search
     finally:

@@ -57,6 +57,7 @@ def test_distilled_student_beats_the_shrunk_model(teacher):
     )
     # The same shrunk model (same calibration rows), before and after distillation.
     assert student.count_params() == shrunk.count_params() < teacher.count_params()
+    assert history.shrink_plan["sizes"] == dict(sizes, hidden_dim=32)
     before, after = (
         held_out_loss(shrunk, x_val, y_val),
         held_out_loss(student, x_val, y_val),
@@ -132,7 +133,7 @@ def _block_names(model):
 
 def test_keep_blocks_are_the_ones_distilled(teacher):
     x, y = sequences(32, seed=1)
-    student, _ = prune_and_distill(
+    student, history = prune_and_distill(
         teacher,
         x,
         keep_blocks=[1],
@@ -142,6 +143,8 @@ def test_keep_blocks_are_the_ones_distilled(teacher):
         verbose=0,
     )
     assert _block_names(student) == ["block_1"]
+    assert list(history.shrink_plan["blocks"]["keep"]) == [1]
+    assert history.shrink_plan["sizes"]["num_layers"] == 1
     old = {w.path: w.numpy() for w in teacher.weights}
     for w in student.weights:
         np.testing.assert_array_equal(w.numpy(), old[w.path], err_msg=w.path)
@@ -188,6 +191,7 @@ def test_block_search_picks_the_lowest_validation_loss(teacher):
     assert search["candidates"] == [[far], [near]]  # by calibration loss
     assert search["calibration_loss"][0] < search["calibration_loss"][1]
     assert search["keep"] == [near]
+    assert list(history.shrink_plan["blocks"]["keep"]) == [near]
     assert _block_names(student) == [f"block_{near}"]
     np.testing.assert_allclose(
         search["validation_loss"], [kls[far], kls[near]], rtol=1e-4
