@@ -559,14 +559,7 @@ def _storage_models(
     `prune_epochs` (from `prune_lr` if given), its int8 copy and the
     `sparse_storage` of that copy."""
     steps_per_epoch = int(np.ceil(len(data["x_train"]) / BATCH))
-    steps = teacher_epochs * steps_per_epoch
-    teacher = _fit_lm(
-        _char_lm(len(data["vocab"]), seed, **shape),
-        data,
-        teacher_epochs,
-        _cosine(TEACHER_LR, steps, int(warmup * steps)),
-        seed,
-    )
+    teacher = _teacher(seed, data, shape, teacher_epochs, warmup)
     sparse = _gradual_prune(
         teacher, data, steps_per_epoch, prune_epochs, seed, lr=prune_lr
     )
@@ -723,18 +716,17 @@ def half_ffn(teacher, num_layers=2):
     block = teacher.get_layer("block_0")
     width, full = block.mlp_in.kernel.shape
     blocks = len([layer for layer in teacher.layers if layer.name.startswith("block_")])
+    total = non_embedding_params(teacher)
     per_block = non_embedding_params(block)
-    rest = non_embedding_params(teacher) - blocks * per_block
+    rest = total - blocks * per_block
     ffn = full
     # A block loses 2 * width + 1 parameters per FFN unit (in, out, bias).
-    while num_layers * (per_block - (full - ffn) * (2 * width + 1)) + rest > (
-        non_embedding_params(teacher) / 2
-    ):
+    while num_layers * (per_block - (full - ffn) * (2 * width + 1)) + rest > total / 2:
         ffn -= 1
     shrunk = pruning.shrink_transformer(
         teacher, num_layers=num_layers, intermediate_dim=ffn
     )
-    assert non_embedding_params(shrunk) <= non_embedding_params(teacher) / 2
+    assert non_embedding_params(shrunk) <= total / 2
     return ffn
 
 
@@ -767,13 +759,7 @@ def shrink_full(args, config, data):
     start = time.perf_counter()
     per_seed = []
     for seed in range(args.seeds):
-        teacher = _fit_lm(
-            _char_lm(len(data["vocab"]), seed, **shape),
-            data,
-            teacher_epochs,
-            _cosine(TEACHER_LR, teacher_steps, int(TEACHER_WARMUP * teacher_steps)),
-            seed,
-        )
+        teacher = _teacher(seed, data, shape, teacher_epochs)
         shrunk = dict(num_layers=2, intermediate_dim=half_ffn(teacher))
         keras.utils.set_random_seed(seed + 7)
         student, history = prune_and_distill(
@@ -1018,6 +1004,19 @@ def _char_lm(vocab_size, seed, **shape):
     return build_char_transformer(vocab_size, SEQ_LEN, **shape)
 
 
+def _teacher(seed, data, shape, epochs, warmup=TEACHER_WARMUP):
+    """The teacher's recipe: `shape` trained for `epochs` with Adam, a linear
+    warmup over `warmup` of the steps then a cosine decay from `TEACHER_LR`."""
+    steps = epochs * int(np.ceil(len(data["x_train"]) / BATCH))
+    return _fit_lm(
+        _char_lm(len(data["vocab"]), seed, **shape),
+        data,
+        epochs,
+        _cosine(TEACHER_LR, steps, int(warmup * steps)),
+        seed,
+    )
+
+
 def lm_seed(seed, data, config, shrink):
     """Every LM row of one seed: {row name: measure(...)}."""
     import keras
@@ -1025,7 +1024,6 @@ def lm_seed(seed, data, config, shrink):
     from keras_stability import pruning
     from keras_stability.distillation import prune_and_distill
 
-    vocab_size = len(data["vocab"])
     steps_per_epoch = int(np.ceil(len(data["x_train"]) / BATCH))
     rows = {}
     models = {}
@@ -1037,13 +1035,7 @@ def lm_seed(seed, data, config, shrink):
 
     teacher_steps = config["teacher_epochs"] * steps_per_epoch
     start = time.perf_counter()
-    teacher = _fit_lm(
-        _char_lm(vocab_size, seed, **LM_SHAPE),
-        data,
-        config["teacher_epochs"],
-        _cosine(TEACHER_LR, teacher_steps, int(TEACHER_WARMUP * teacher_steps)),
-        seed,
-    )
+    teacher = _teacher(seed, data, LM_SHAPE, config["teacher_epochs"])
     timings["teacher"] = time.perf_counter() - start
     add("teacher (dense float32)", teacher)
     add("teacher + int8", _int8(teacher))
