@@ -1,41 +1,9 @@
-"""`GradientExplosionDetector`: detect bad steps in `fit` and recover.
+"""`GradientExplosionDetector`: skip bad steps in `fit`, roll back from explosions.
 
-The detector reads, after each batch, the raw per-step loss and the
-`GuardedOptimizer` statistics of that step (pre-clip global gradient norm,
-whether the step was skipped for non-finite gradients), and answers by
-grade, so that a healthy run is never touched:
-
-- a non-finite step is never applied (the guard skips it in-graph, on all
-  replicas alike); nor is a gradient-norm spike at least 10x the median of
-  the last `window` applied steps and `grad_z_threshold` robust deviations
-  above it (skipped in-graph by the guard, `RobustSpikeSkipping`; in the
-  first `min_samples` steps, 100x the median of the first ones; always 10x
-  the largest norm applied so far, so a rare genuine example is learnt); a single
-  loss or gradient-norm spike (robust z-score
-  in log space, median/MAD over the last `window` healthy steps; in the first
-  steps, `loss_factor` times their median, and at batch sizes below 8 times
-  the starting loss too; never 0.1 or below, nor below a tenth of the
-  starting loss) is
-  otherwise only recorded (`"spike"`), and stays out of the means of the
-  divergence and explosion rules;
-- rollback-level evidence: `max_consecutive_skips + 1` bad steps in a row
-  (spikes or skipped steps), a slow divergence (the median raw loss of
-  the last `min_samples` steps `loss_factor` times the best snapshot's, floored
-  at a tenth of the starting loss and at 0.01), a regression (their median
-  `regress_factor` times the starting loss), or a failed recovery;
-- a rollback whose restored weights do worse on the batches after it than
-  the weights it left is undone: the loss rose with the data (an unshuffled
-  time series), not with the weights;
-- after `max_rollbacks` rollbacks: stop, restoring the best finite weights.
-
-A rollback restores the last healthy snapshot of the weights and optimizer
-state, lowers the learning rate and skips the next batches in-graph; it is
-then checked: a few steps at the lowered learning rate must not raise the
-loss (else it rolls back again, lower), and are compared with as many steps
-at a learning rate `lr_factor` lower from the same weights (the lower one is
-kept if its loss is lower, and probed in turn). A learning rate can be low
-enough not to explode and still far too high to train well; the loss alone,
-without a comparison, cannot tell it from a slow but healthy run.
+The callback keeps the hooks and the windows; what it calls a spike and a
+problem is in `keras_stability.diagnostics.rules`, what it does about a
+problem in `keras_stability.callbacks.recovery`, and the in-graph record of
+each step in `keras_stability.callbacks.step_record`.
 """
 
 import collections
@@ -115,192 +83,56 @@ _NEVER = 2**31 - 1  # a check frequency that is never reached after step 0
 
 @keras.saving.register_keras_serializable(package="keras_stability")
 class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
-    """Detects exploding training and recovers from it automatically.
+    """Skips bad steps, rolls back from explosions and stops runs that fail.
 
-    Actions, by escalation:
+    Add it to `fit`: a run that would blow up ends healthy, and a healthy run
+    is left as plain `fit` leaves it. It answers by grade (the rules, with
+    their thresholds: `keras_stability.diagnostics.rules`):
 
-    - `"warn"`: warn and count; nothing else changes.
-    - `"skip"`: steps with non-finite gradients, and (with `skip_spikes`)
-      gradient-norm spikes (`RobustSpikeSkipping`:
-      at least 10x the median norm of the last `window` applied steps and
-      `grad_z_threshold` robust deviations above it in log space, once
-      `min_samples` are recorded, before that 100x the median of the first
-      ones; always 100x the largest norm applied so far; at most
-      `max_consecutive_skips` in a row),
-      are skipped in-graph (not applied, on every replica); loss spikes,
-      seen on the host after the step, are warned about. After
-      `max_consecutive_skips` non-finite steps in a row it stops.
-    - `"rollback"` (the default): like `"skip"` (but loss spikes are not
-      warned about), and on a problem (below: never a single spike) it
-      restores the last healthy snapshot of the weights and the
-      optimizer state (taken every `snapshot_freq` healthy steps),
-      multiplies the learning rate by `lr_factor` (a schedule is wrapped in
-      `ScaledSchedule`, so its shape is kept; a constant rate that another
-      callback sets higher again, as `LearningRateScheduler` does at each
-      epoch start, gets the detector's lowering applied again, with a
-      warning, while one set lower, as by `ReduceLROnPlateau`, is kept as
-      set) and skips the next
-      `skip_batches` updates in-graph (none after a paired comparison,
-      below). After `max_rollbacks` it stops.
-      With `check_recovery`, each rollback is then checked: the skipped
-      updates (or the comparison before it) measure the restored weights'
-      loss on fresh batches, and if
-      the mean raw loss over the next `confirm_steps` applied steps rises
-      above it (by more than two of its batch-to-batch standard deviations
-      plus 0.5%), the lowered learning rate is still too high: the
-      detector rolls back again and lowers it by `lr_factor ** (1/3)`. If
-      the loss does not rise and `probe_lower_lr` is set, the detector also
-      tries a learning rate `lr_factor ** (1/3)` lower (the rollback's whole
-      `lr_factor` often jumps past the best rate): it keeps the state reached, restores the
-      snapshot again and runs `confirm_steps` steps at the lower rate. If
-      their mean raw loss is lower, the lower rate trains faster: it is kept (counted in `lr_probes`, with its
-      event; not a rollback, so it does not use up `max_rollbacks`) and
-      probed in turn, up to `max_rollbacks` lower rates per rollback;
-      otherwise the kept state is restored and training goes on from it at
-      the lower rate (a few steps favour the higher of two rates: the best
-      rate for the rest of the run is lower than the best for the next few
-      steps, the short-horizon bias). This is a two-point line
-      search on the learning rate from the restored weights; it costs
-      `confirm_steps` steps per rollback, and runs only after a rollback, so
-      healthy training is never probed. A probe still running when `fit`
-      ends is undone. No snapshot is taken until a rollback is confirmed
-      this way. Before a rollback for a rise (the loss climbing, regressing
-      or diverging) or a stall, the detector first checks that the weights,
-      not the data, are to blame: the compiled step scores each of the next
-      `skip_batches` batches at the snapshot's weights too (a stateless
-      forward pass; a device copy of the weights, made at the first such
-      check, which retraces the step once), while training goes on. It
-      rolls back only if the snapshot's loss on the same batches is below
-      0.9x the current weights' after a rise, 1.5x after a stall or an
-      explosion left at the starting loss (median over the batches; an
-      explosion's comparison that measures nothing leaves it to the
-      stall); the comparison then stands for the skipped
-      updates. Otherwise the loss rose because the data changed, as in an
-      unshuffled time series: no rollback, nothing lost, a warning and an
-      event of kind `"rollback_declined"` (counted in `rollbacks_declined`),
-      and the rules that compare the loss with its start or with a snapshot
-      (explosion and stall, regression, divergence) are off for the rest of
-      the `fit`. Without a compiled loss (a custom `train_step` with its
-      own), the rollback acts at once, and is undone when the restored
-      weights' median loss on the skipped batches is 1.5x (0.9x after a
-      rise) the median loss of the weights it left, over their last steps
-      (event `"rollback_undone"`, counted in `rollbacks_undone`). After a rollback (never before one), a plateau of the raw
-      loss (the median of the last 25 steps not 5% below that of the 25
-      before) lowers the learning rate by `lr_factor ** (1/3)`, down to
-      `lr_factor` times the rate the rollback settled on.
-    - `"stop"`: at the first problem it stops.
+    - a step with non-finite gradients, or a gradient-norm spike of a
+      corrupt batch (`clipping.RobustSpikeSkipping`: 10x the recent median
+      and 100x any norm applied so far), is skipped in-graph by a
+      `GuardedOptimizer`: never applied, on any replica;
+    - any other single loss or gradient-norm spike is only recorded, as an
+      event of kind `"spike"`: on small-batch noise it is far more often
+      noise than a failure;
+    - a problem, which needs sustained evidence (a non-finite loss, more
+      than `max_consecutive_skips` non-finite steps in a row, bad steps
+      with the loss climbing, a slow divergence, a regression, an explosion
+      that leaves the model stuck at its starting loss, a failed recovery),
+      rolls back: the last healthy snapshot of the weights and optimizer
+      state is restored, the learning rate multiplied by `lr_factor` and
+      the next `skip_batches` updates skipped. Before a rollback for a rise
+      or a stall, the snapshot and the current weights are compared on the
+      same next batches, and nothing is rolled back when the data made the
+      loss rise (an unshuffled time series: `"rollback_declined"`). After
+      a rollback the recovery is checked and a lower rate probed
+      (`check_recovery`, `probe_lower_lr`; `keras_stability.callbacks.recovery`);
+    - after `max_rollbacks` rollbacks it stops, restoring the best finite
+      weights, and writes a diagnostic to `diagnostic_path`.
 
-    A single loss or gradient-norm spike is recorded as an event of kind
-    `"spike"` (and warned about with `"warn"` and `"skip"`), never rolled
-    back for: on heavy-tailed small-batch noise it is far more often noise
-    than a failure. Only a gradient norm 10x the recent median and
-    `grad_z_threshold` robust deviations out (a corrupt batch) is skipped
-    in-graph, which costs a healthy run one step at most; a bad batch
-    applied would stay in Adam's second moments for ~1000 steps. Spikes are robust z-scores in log space (the median and MAD of
-    the logs of the last `window` healthy values), or, in the first
-    `min_samples` steps, a raw loss `loss_factor` times the larger of their
-    median and the starting loss (at batch sizes of 8 or more, the first
-    step's loss: the median of a few batch losses is no statistic, at batch
-    size 1 a fast-falling run's are ~0, at batch size 32, when most batches
-    hold a rare class, a lucky few without one). A
-    loss of 0.1 or below, or below a tenth of the starting loss, is never a
-    spike. What counts as a problem: a non-finite loss; more than
-    `max_consecutive_skips` non-finite steps in a row, or more than
-    `max_consecutive_skips` bad steps (loss spikes or non-finite steps)
-    among the last `2 * (max_consecutive_skips + 1)` with the loss climbing
-    (`rules.rising`: a non-finite step; or, after the first bad step, two
-    or more good steps at 2x the median loss before the window, or a later
-    bad loss 10x the first; a rare class puts spikes at one level in many
-    batches while the others stay where they were); a slow divergence (median loss of the
-    last `min_samples` steps, all after the best snapshot, `loss_factor`
-    times the best snapshot's loss, a tenth of the starting loss, 0.01 or
-    the mean loss of the steps before that snapshot, whichever is largest, so
-    that a loss near zero, or a lucky low score, is not "10x" anything by
-    noise); a regression (median loss of the last `min_samples` steps
-    `regress_factor` times the loss the fit started from, which must be well
-    outside their spread); no progress after an explosion (the median raw
-    loss of the last 8 x 32 samples at 2x the starting loss or more, or 2
-    loss spikes among them at 10x it, above every healthy loss of the
-    `window` steps before them, with a gradient
-    norm among those steps at 2x the starting norm, and later,
-    with no rollback in between, the median of the last `min_samples` steps
-    or 256 samples still at 0.9x the starting loss or above, the losses
-    moving smoothly from step to step: a model the explosion killed,
-    predicting the class prior, where a fit model near zero loss jumps by
-    orders of magnitude from batch to batch;
-    `keras_stability.diagnostics.rules`); an explosion that leaves that
-    median at 0.9x a starting loss of 0.01 or more (`"loss exploded"`,
-    judged at once, without waiting for the stall); a failed recovery
-    (above). With sample or class weights, the losses judged (and kept in
-    `raw_losses`) are per unit of weight (see `rules`; with one batch per
-    call), while `raw_loss` in the logs is the step's own.
+    `action` sets how far it goes: `"warn"` warns and counts, `"skip"` skips
+    in-graph and warns about problems (it stops after
+    `max_consecutive_skips` non-finite steps in a row), `"rollback"` does
+    all of the above, `"stop"` stops at the first problem.
 
-    Each probe of a lower learning rate is an event of kind `"lr_probe"`
-    (the others are `"problem"`, `"spike"`, `"skipped_nonfinite"`,
-    `"skipped_spike"`, `"skipped_requested"` and `"excluded_batch"`).
-    `skipped_batches` counts every step the guard skipped in-graph, once, by
-    cause as the guard counts them: non-finite (`skipped_nonfinite`),
-    gradient-norm spikes (`skipped_spikes`), and the steps the detector had
-    it skip (`skipped_requested`: the `skip_batches` updates after a
-    rollback and the steps the trip flag held back until the host looked),
-    each with an event of its kind. Batches listed in `exclude_batches_path`
-    are drawn without a train step at all: they are counted in
-    `excluded_batches` instead.
+    The compiled step records each batch (raw loss, pre-clip gradient norm,
+    whether it was skipped) in an in-graph ring buffer; the host reads it
+    every `check_every` batches and at each epoch end, and after every batch
+    while something is being decided. Meanwhile the guard's trip flag holds
+    back every step after a non-finite loss or too many non-finite steps in
+    a row, so nothing bad is applied before the host looks. `raw_loss`,
+    `rollbacks` and `skipped_batches` reach every callback's logs, whatever
+    the order of the callbacks. With `steps_per_execution > 1` it looks
+    after each execution and judges the execution's mean loss.
 
-    On stopping it restores the best healthy snapshot (lowest mean raw loss;
-    the last one if `restore_best_weights=False`), sets
-    `model.stop_training`, warns with the reason, and writes `diagnostic`
-    (step, reason, events, raw-loss and gradient-norm history, per-layer
-    gradient norms of the last step whose global norm was non-finite or 10x
-    the step before's, in `per_layer_grad_norms`, and how many steps before
-    the last trained one it was, in `per_layer_grad_norms_steps_ago`) to
-    `diagnostic_path` as JSON if given
-    (a path that cannot be written is an error at the start of training;
-    if writing still fails when stopping, it warns, so `fit` returns its
-    `History`).
-    At the end of training, non-finite weights (possible with `"warn"`) are
-    replaced by the last healthy snapshot.
-
-    The optimizer is wrapped in a `GuardedOptimizer` at the start of `fit`
-    if it is not one already, and stays wrapped after it: a `.keras` file
-    saved then loads where `keras_stability` is imported. Call
-    `keras_stability.optimizers.strip_guard(model)` before saving for a
-    process without it.
-
-    No host reads between looks: the compiled step records each batch
-    (the raw loss as the guard saw it in `scale_loss`, or from Keras' loss
-    tracker, the pre-clip global norm, whether it was skipped) in a small
-    in-graph ring buffer, takes a skipped step back out of the epoch's mean
-    loss, and returns the step's `raw_loss` in its logs. The host looks
-    every `check_every` batches (at most `snapshot_freq` apart, and at the
-    end of each epoch and of training): one read of the buffer, whose
-    batches then go through the rules one by one, in order. While the host
-    is not looking, the guard's trip flag (`GuardedOptimizer.set_trip`)
-    holds back every step after more than `max_consecutive_skips`
-    non-finite steps in a row or a non-finite loss, so no update gets
-    through before the host acts on it. A problem found at a batch before
-    the last one of a look acts then (a rollback discards the later
-    updates with the restored snapshot); snapshots are taken at looks. The
-    host looks after every batch at the start (until the loss source is
-    known), while a rollback is being checked and probed, and for a custom
-    `train_step` whose loss only its own metric shows. `rollbacks` and
-    `skipped_batches` in the batch logs are those of the last look (the
-    epoch logs are exact). Per-layer gradient norms (for the diagnostic)
-    are computed only on steps whose global norm is non-finite or jumps
-    10x.
-
-    The detector's work runs right after each call of the train function,
-    before any callback, so `raw_loss`, `rollbacks` and `skipped_batches`
-    reach every callback's batch and epoch logs (the progress bar prints
-    the counts as integers), whatever the order of the callbacks.
-
-    With `steps_per_execution > 1` the detector looks after each execution
-    (no ring buffer; one host read per execution) and runs once per it:
-    steps (`step`, `snapshot_freq`, `skip_batches`) are still counted in
-    batches, non-finite steps and spikes are still skipped in-graph one by
-    one and counted from the guard's counters, but the loss rules see the
-    mean raw loss of each execution, and an execution with a skipped step is
-    left out of them (and of the epoch's reported loss if its loss was non-finite).
+    After `fit`, it holds `rollbacks`, `skipped_batches` (of which
+    `skipped_nonfinite`, `skipped_spikes`, `skipped_requested`),
+    `rollbacks_declined`, `rollbacks_undone`, `lr_probes`, `spikes`,
+    `events`, `offending_batches`, `excluded_batches`, `stopped_reason` and
+    `diagnostic`. The optimizer stays wrapped in the guard: call
+    `keras_stability.optimizers.strip_guard(model)` before saving a model
+    for a process without `keras_stability`.
 
     Args:
         action: One of `"warn"`, `"skip"`, `"rollback"`, `"stop"`.
@@ -308,91 +140,55 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         snapshot_freq: Healthy steps between snapshots. Defaults to `50`.
         lr_factor: Learning-rate multiplier per rollback, in (0, 1).
             Defaults to `0.1`.
-        skip_batches: Batches that measure a rollback: before one for a rise
-            or a stall, the snapshot and the current weights are compared
-            on the next `skip_batches` batches while training goes on; after
-            any other rollback (or without a compiled loss), the next
-            `skip_batches` updates are skipped to measure the restored
-            weights. Defaults to `5`.
+        skip_batches: Batches that measure a rollback: the paired comparison
+            before one, or the updates skipped after one. Defaults to `5`.
         max_rollbacks: Rollbacks before stopping. Defaults to `3`.
-        max_consecutive_skips: Non-finite steps, or bad steps (loss spikes
-            or non-finite steps), in a row tolerated by skipping or recording
-            alone. Defaults to `3`.
-        loss_z_threshold: Robust z-score (log space) of the raw loss that is
-            a spike. Defaults to `6.0`.
-        grad_z_threshold: Robust z-score (log space) of the gradient norm
-            that is a spike. Defaults to `6.0`.
-        loss_factor: A raw loss above this multiple of the median loss
-            before `min_samples` steps (and, at batch sizes below 8, of the
-            starting loss) is a spike (the z-score cannot judge yet); a median raw loss over the last `min_samples` steps (all
-            after the best confirmed snapshot) above this multiple of that
-            snapshot's loss, or of a tenth of the starting loss or 0.01 if
-            larger, is
-            a slow divergence (a problem); `None` to turn both off.
+        max_consecutive_skips: Non-finite or bad steps in a row tolerated
+            by skipping or recording alone. Defaults to `3`.
+        loss_z_threshold: Robust z-score (log space) of a loss spike.
+            Defaults to `6.0`.
+        grad_z_threshold: Robust z-score (log space) of a gradient-norm
+            spike. Defaults to `6.0`.
+        loss_factor: Multiple of the early median loss that is a spike in
+            the first `min_samples` steps, and of the best snapshot's loss
+            that is a slow divergence; `None` turns both off.
             Defaults to `10.0`.
-        regress_factor: A median raw loss over the last `min_samples` steps
-            above this multiple of the loss the fit started from (the mean
-            raw loss of its first batches of at least 32 samples), with that first loss more than two of
-            their standard deviations below their mean, is a problem:
-            training is making the model worse than it began. `None` to turn
-            it off. Defaults to `1.5`.
+        regress_factor: Multiple of the loss the fit started from that is a
+            regression; `None` turns it off. Defaults to `1.5`.
         window: Healthy steps in the rolling statistics. Defaults to `128`.
         min_samples: Steps before spikes are judged, at most `window`.
             Defaults to `20`.
         restore_best_weights: Restore the best (not the last) snapshot when
             stopping. Defaults to `True`.
-        check_recovery: Whether to check each rollback as described above
-            and escalate (roll back again with a lower learning rate) when
-            the loss rises after it. Defaults to `True`.
-        probe_lower_lr: With `check_recovery`, whether a rollback whose
-            loss does not rise is compared with a learning rate
-            `lr_factor ** (1/3)` lower, run from the same restored weights, as described above.
-            Defaults to `True`.
+        check_recovery: Check each rollback, and roll back again with a
+            lower rate when the loss rises after it. Defaults to `True`.
+        probe_lower_lr: With `check_recovery`, compare each rollback's rate
+            with one `lr_factor ** (1/3)` lower. Defaults to `True`.
         diagnostic_path: JSON file written when the detector stops, or
-            `None`. Defaults to `None`.
-        verbose: 0 (silent) or 1 (print each rollback and lower learning
-            rate kept; problems and stops are warned about either way).
+            `None`. Checked at the start of training. Defaults to `None`.
+        verbose: 0 (silent) or 1 (print each rollback and each lower rate
+            kept; problems and stops are warned about either way).
             Defaults to `0`.
-        optimizer: Which optimizer to guard and roll back the learning rate
-            of: `None` (`model.optimizer`), a `keras.optimizers.Optimizer`
-            the model holds, or the name of the model attribute holding it
-            (`"d_optimizer"` in keras.io's GAN). A model with several
-            optimizers and no `optimizer=` fails at the start of `fit`, naming
-            them. Snapshots hold the state of every optimizer the model holds.
-            After `fit` starts, `detector.optimizer` is the guard.
-            Defaults to `None`.
+        optimizer: The optimizer to guard: `None` (`model.optimizer`), a
+            `keras.optimizers.Optimizer` the model holds, or the name of the
+            model attribute holding it (`"d_optimizer"` in keras.io's GAN).
+            A model with several optimizers needs it. Defaults to `None`.
         check_every: Batches between the host's looks at the recorded
-            steps (see above; `1` looks after every batch, as a detector
-            without the record would). Defaults to `10`.
-        exclude_batches_path: JSON file of the batches to leave out, or
-            `None`. The batches of the steps skipped in-graph (non-finite,
-            gradient-norm spikes) and of the spikes a rollback abandoned
-            (`offending_batches`, as `(epoch, batch)` of Keras' counts) are
-            added to it as they are found (a spike that was trained on and
-            kept is not: the resumed run trains on what this run kept; an
-            undone rollback takes its spikes back out); at the start of `fit` the file is
-            read, and a listed batch is drawn from the data without training
-            on it (counted in `excluded_batches`; with `steps_per_execution
-            > 1`, the whole execution holding it). So a run resumed after a
-            failure (`keras.callbacks.BackupAndRestore`, or this library's
-            backup) does not meet the same bad batches again; this needs the
-            same data order (no shuffling, or a seeded one). Put it next to
-            the backup. Batches are found, and the file written, at the
-            host's looks: a process killed between two looks has not written
-            the batches since the last one. Defaults to `None`.
+            steps. Defaults to `10`.
+        exclude_batches_path: JSON file of bad batches, or `None`. The
+            batches skipped in-graph, and the spikes a rollback abandoned,
+            are added to it as they are found; a `fit` that starts with the
+            file (a run resumed from its backup) draws those batches without
+            training on them. Needs the same data order. Defaults to `None`.
         skip_spikes: With `action="skip"` or `"rollback"`, whether the guard
-            skips gradient-norm spikes in-graph (`RobustSpikeSkipping` with
-            this detector's `window`, `grad_z_threshold`, `min_samples` and
-            `max_consecutive_skips`, a norm at least 10x the median, 100x in
-            the first `min_samples` steps, and 100x the largest applied). A
-            guard that already skips spikes (`GuardedOptimizer(skip_spikes=
-            ...)`) keeps its own settings. Defaults to `True`.
+            skips gradient-norm spikes in-graph (a guard that skips spikes
+            already keeps its own settings). Defaults to `True`.
 
     Example:
 
     ```python
-    detector = GradientExplosionDetector(action="rollback", snapshot_freq=20)
-    model.fit(x, y, callbacks=[detector])
+    detector = GradientExplosionDetector()
+    model.fit(x, y, epochs=3, callbacks=[detector])
     detector.rollbacks, detector.skipped_batches
     ```
     """

@@ -1,22 +1,77 @@
 """What `GradientExplosionDetector` does about a problem: snapshots, rollback, probes, stop.
 
-The recovery half of the detector, as a mixin on it (its state lives on the
-detector: `snapshot`, `best`, `_pending`, `_recovery`, `rollbacks`, ...):
+This is where the detector's recovery is described (what counts as a
+problem is in `keras_stability.diagnostics.rules`). It is a mixin on the
+detector, whose state it keeps (`snapshot`, `best`, `_pending`,
+`_recovery`, `_trial`, `rollbacks`, ...).
 
-- healthy steps take snapshots (`_healthy_step`): a new one waits for
-  `confirm_steps` healthy steps, whose mean raw loss is its score;
-- a problem (`_handle`) warns, stops or rolls back (`_rollback`): restore
-  the last healthy snapshot, lower the learning rate by `lr_factor`, skip
-  the next `skip_batches` updates; before a rollback for a rise or a stall,
-  the snapshot and the current weights are compared on the same
-  `skip_batches` batches while training goes on (`_start_trial`,
-  `_finish_trial`): no rollback when the snapshot does no better;
-- after a rollback, `_check_recovery` compares the restored weights' loss
-  with the loss of the next steps (a rise rolls back again with a finer
-  step), then probes a lower rate (`_start_probe`, `_judge_probe`,
-  `_revert_probe`) and, on a plateau, lowers it (`_plateau_step`);
-- `_stop` restores the best finite snapshot, stops `fit` and writes the
-  diagnostic (`_write_diagnostic`).
+- **Snapshots** (`_healthy_step`): every `snapshot_freq` healthy steps the
+  weights and the state of every optimizer the model holds are copied; a
+  new snapshot waits for `confirm_steps` healthy steps, whose mean raw
+  loss is its score, before it replaces the last one (a snapshot followed
+  by a spike or a problem is dropped, and after an explosion one holding a
+  model stuck at its starting loss is not kept). `best` is the one with
+  the lowest score. No snapshot is taken while a rollback is being
+  decided or checked.
+- **A problem** (`_handle`): with `action="warn"` a warning; `"stop"`
+  stops; `"skip"` stops after `max_consecutive_skips` non-finite steps in
+  a row and warns about the rest; `"rollback"` rolls back, after
+  `max_rollbacks` rollbacks it stops.
+- **The paired comparison** (`_start_trial`, `_finish_trial`): before a
+  rollback for a rise (the loss climbing, regressing or diverging) or a
+  stall, the compiled step also scores each of the next `skip_batches`
+  batches at the snapshot's weights (a stateless forward pass on a device
+  copy of them, traced into the step at the first comparison), while
+  training goes on. The detector rolls back only if the snapshot's median
+  loss on the same batches is below `UNDO_FACTOR_RISE` (0.9) times the
+  current weights' after a rise, `UNDO_FACTOR` (1.5) after a stall or an
+  explosion left at the starting loss; those batches then stand for the
+  skipped updates. Otherwise the data, not the weights, made the loss rise
+  (an unshuffled time series): nothing is rolled back, a warning and an
+  event of kind `"rollback_declined"` (`rollbacks_declined`), and the rules
+  that compare the loss with its start or a snapshot are off for the rest
+  of the `fit`. Without a compiled loss (a custom `train_step` with its
+  own) there is no comparison: the rollback acts at once and is undone
+  (`"rollback_undone"`, `rollbacks_undone`) when the restored weights'
+  median loss on the skipped batches is as many times that of the weights
+  it left, over their last steps.
+- **A rollback** (`_rollback`): the last healthy snapshot is restored, the
+  learning rate multiplied by `lr_factor` (a schedule is wrapped in
+  `ScaledSchedule`, keeping its shape; a constant rate that another
+  callback sets higher again, as `LearningRateScheduler` does at each
+  epoch start, gets the lowering applied again with a warning, one set
+  lower, as by `ReduceLROnPlateau`, is kept) and the next `skip_batches`
+  updates are skipped in-graph (none after a paired comparison), which
+  measures the restored weights' loss on fresh batches.
+- **The check** (`_check_recovery`, with `check_recovery`): if the mean raw
+  loss of the next `confirm_steps` applied steps rises above the restored
+  weights' loss by more than two of its batch-to-batch standard
+  deviations plus `RECOVERY_TOLERANCE` (0.5%), the lowered rate is still
+  too high: "recovery failed", another rollback, the rate lowered by
+  `lr_factor ** PROBE_EXPONENT` (1/3).
+- **The probe** (`_start_probe`, `_judge_probe`, `_revert_probe`, with
+  `probe_lower_lr`): if the loss did not rise, the rate may still be far
+  too high to train well, which the loss alone cannot tell from slow
+  healthy training. The detector keeps the state reached, restores the
+  snapshot again and runs `confirm_steps` steps at a rate
+  `lr_factor ** (1/3)` lower; if their mean raw loss is lower, that rate is
+  kept (`lr_probes`, an event of kind `"lr_probe"`; not a rollback) and
+  probed in turn, up to `max_rollbacks` times per rollback; otherwise the
+  kept state is restored and training goes on from it at the lower rate
+  anyway (a few steps favour the higher of two rates: the best rate for
+  the rest of a run is lower than the best for the next few steps). A
+  probe still running when `fit` ends is undone.
+- **A plateau** (`_plateau_step`), after a rollback only: when the median
+  raw loss of `PLATEAU_WINDOW` (25) steps is not `PLATEAU_GAIN` (5%) below
+  that of the 25 before, the rate is lowered by `lr_factor ** (1/3)`, down
+  to `lr_factor` times the rate the rollback settled on.
+- **The stop** (`_stop`): restores the best finite snapshot (the last one
+  with `restore_best_weights=False`), sets `model.stop_training`, warns
+  with the reason and writes the diagnostic (`_write_diagnostic`: step,
+  reason, events, the raw-loss and gradient-norm history, the per-layer
+  gradient norms of the last step whose global norm was non-finite or 10x
+  the step before's) to `diagnostic_path`; if writing fails then, it warns,
+  so `fit` still returns its `History`.
 """
 
 import json

@@ -1,33 +1,70 @@
-"""Pure rules of `GradientExplosionDetector`: rollback-level evidence from raw losses.
+"""The rules of `GradientExplosionDetector`: what it calls a spike and a problem.
 
-Each rule takes the raw per-step losses (and the loss the fit started from)
-and says whether they are evidence enough to roll back. No Keras, no state:
-the detector keeps the windows and calls these. Spikes (a single step far
-from its neighbours) are `spikes.RobustZScore`; the rules here look at
-sustained behaviour, which a healthy run never shows:
+This is where the detector's rules are described; the recovery from a
+problem is in `keras_stability.callbacks.recovery`. Every loss below is the
+raw loss of one step (not Keras' running mean); the argument names are the
+detector's.
 
-- `regressing`: the median loss of the last steps `factor` times the start,
-  and the start implausible as a draw from them;
-- `diverging`: the median loss of the last steps `factor` times the best
-  snapshot's, floored at a fraction of the start, at `NEAR_ZERO` and at the
-  mean loss of the steps before that snapshot (the median: one rare hard
-  example's loss at batch size 1, 200x a well-fit sample's, is no trend);
-- `rising`: the bad steps of a window (loss spikes, non-finite steps) come
-  with a rise of the others, not between steps at the level the run is at
-  (a rare class at batch size 32: a quarter of the batches hold one and
-  stay 500x the rest, the run learning them);
+**Spikes** are single steps far from the run's recent level. On
+heavy-tailed small-batch noise a spike is far more often noise than a
+failure, so a spike is never rolled back for:
+
+- a gradient-norm spike of a corrupt batch is skipped in-graph by the
+  guard (`keras_stability.clipping.RobustSpikeSkipping`: at least 10x the
+  median norm of the last `window` applied steps and `grad_z_threshold`
+  robust deviations above it in log space once `min_samples` are recorded,
+  100x the median of the first ones before that, and always 100x the
+  largest norm applied so far, so that a rare genuine example is learnt;
+  at most `max_consecutive_skips` in a row). Applied, such a batch would
+  stay in Adam's second moments for ~1000 steps;
+- any other loss or gradient-norm spike is only recorded (an event of kind
+  `"spike"`) and stays out of the medians of the rules below: a robust
+  z-score in log space above `loss_z_threshold` / `grad_z_threshold` (the
+  median and MAD of the logs of the last `window` healthy values,
+  `diagnostics.spikes.RobustZScore`), or, in the first `min_samples` steps,
+  a loss `loss_factor` times the larger of their median and the starting
+  loss (at batch sizes of 8 or more, the first step's loss). A loss of
+  `SPIKE_FLOOR` (0.1) or below, or below a tenth of the starting loss, is
+  never a spike.
+
+**Problems** need sustained evidence, which a healthy run never shows:
+
+- a non-finite loss, or more than `max_consecutive_skips` non-finite steps
+  in a row (each skipped in-graph);
+- `rising`: more than `max_consecutive_skips` bad steps (loss spikes,
+  non-finite steps) among the last `2 * (max_consecutive_skips + 1)`, with
+  a non-finite step among them, the good ones after the first bad one at
+  2x the median loss before the window, or a later bad loss
+  `CLIMB_FACTOR` times the first: a climb, not bad steps at the level the
+  run is at (a rare class at batch size 32: a quarter of the batches hold
+  one and stay 500x the rest while the run learns them);
+- `diverging`: the median loss of the last `min_samples` steps, all after
+  the best snapshot, `loss_factor` times that snapshot's loss, floored at
+  a tenth of the starting loss, at `NEAR_ZERO` and at the mean loss of the
+  steps before that snapshot (a loss near zero, or a lucky low score, is
+  not "10x" anything by noise; the median: one rare hard example's loss at
+  batch size 1, 200x a well-fit sample's, is no trend);
+- `regressing`: the median loss of the last `min_samples` steps
+  `regress_factor` times the loss the fit started from (the mean raw loss
+  of its first batches of at least 32 samples), with that start well
+  outside their spread: a rate too high to explode but high enough to
+  wreck the model;
 - `exploded` then `stalled`: the median loss of a stretch of 256 samples
-  `EXPLOSION_FACTOR` times the start and above the healthy losses before
-  it, with a gradient norm in it `EXPLOSION_NORM_FACTOR` times the starting
-  one, and later the median of the last steps
-  still at the start level (`STALL_LEVEL` of it or more) and moving
-  smoothly from step to step (`jitter` at most `STALL_JITTER`). An
-  explosion that leaves the model dead (every unit saturated or off, the
-  prediction the class prior) ends with the loss back at about where it
-  started: the rise is over, nothing is regressing, yet the run learns
-  nothing from there. A model that starts already fit (a fine-tune) also
-  stays at its start, but there its losses jump by orders of magnitude from
-  one batch to the next near zero, where a stuck model's are all alike.
+  `EXPLOSION_FACTOR` (2) times the start (or `EXPLOSION_SPIKES` loss spikes
+  among those steps at `CLIMB_FACTOR` times it), above the healthy losses
+  before it, with a gradient norm in it `EXPLOSION_NORM_FACTOR` times the
+  starting one; and later the median of the last steps still at
+  `STALL_LEVEL` (0.9) of the start or above, moving smoothly from step to
+  step (`jitter` at most `STALL_JITTER`). An explosion that leaves the
+  model dead (every unit saturated or off, the prediction the class prior)
+  ends with the loss back at about where it started: the rise is over,
+  nothing is regressing, yet the run learns nothing from there. A model
+  that starts already fit (a fine-tune) also stays at its start, but there
+  its losses jump by orders of magnitude from one batch to the next near
+  zero, where a stuck model's are all alike. When the stretch's median
+  itself is still at 0.9x a starting loss of 0.01 or more ("loss
+  exploded"), the detector does not wait for the stall;
+- a failed recovery after a rollback (`keras_stability.callbacks.recovery`).
 
 With sample weights (or class weights, which Keras turns into them) every
 loss these rules, the spike scores and the recovery checks compare is per
@@ -37,6 +74,10 @@ mean weight times the weighted mean of the per-sample losses, so without it
 weights that change over the data (rising 20x over an epoch read in order)
 move the loss as an explosion would, and the start (the first batches) is
 no reference for the later ones.
+
+The rules are pure functions of the raw losses (no Keras, no state): the
+detector keeps the windows and calls them. The constants below say what
+each threshold was measured on (`benchmarks/battery.py`).
 """
 
 import math
