@@ -17,6 +17,7 @@ a model input.
 """
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -72,6 +73,43 @@ _PASS_THROUGH = (
     keras.layers.UpSampling1D,
     keras.layers.UpSampling2D,
     keras.layers.UpSampling3D,
+)
+# Activations applied to each channel on its own: a channel can be removed
+# through them. Any other (softmax, log_softmax, glu and sparsemax mix the
+# channels of a tensor; a custom callable may) stops a group: slicing
+# through a softmax renormalises the kept units, and the smaller model would
+# no longer compute what the unit-masked one does.
+_ELEMENTWISE_ACTIVATIONS = frozenset(
+    {
+        "celu",
+        "elu",
+        "exponential",
+        "gelu",
+        "hard_shrink",
+        "hard_sigmoid",
+        "hard_silu",
+        "hard_swish",
+        "hard_tanh",
+        "leaky_relu",
+        "linear",
+        "log_sigmoid",
+        "mish",
+        "relu",
+        "relu6",
+        "selu",
+        "sigmoid",
+        "silu",
+        "soft_shrink",
+        "softplus",
+        "softsign",
+        "sparse_plus",
+        "sparse_sigmoid",
+        "squareplus",
+        "swish",
+        "tanh",
+        "tanh_shrink",
+        "threshold",
+    }
 )
 _MERGE = (
     keras.layers.Add,
@@ -185,6 +223,12 @@ def _analyse(model):
                 groups.get(g)["consumers"].append((layer, spatial))
                 new = groups.new(outs[0].shape[-1])
                 groups.get(new)["producers"].append(layer)
+                mixing = _mixing_activation(layer)
+                if mixing is not None:
+                    groups.get(new)["unsupported"] = (
+                        f"layer {layer.name!r} (its activation {mixing!r} mixes "
+                        "the channels)"
+                    )
                 tensor_group[id(outs[0])] = (new, 1)
                 continue
             if isinstance(layer, keras.layers.BatchNormalization) and supported:
@@ -194,7 +238,12 @@ def _analyse(model):
                     groups.get(g)["norms"].append(layer)
                     tensor_group[id(outs[0])] = (g, 1)
                     continue
-            elif isinstance(layer, _PASS_THROUGH) and supported and len(ins) == 1:
+            elif (
+                isinstance(layer, _PASS_THROUGH)
+                and supported
+                and len(ins) == 1
+                and _mixing_activation(layer) is None
+            ):
                 tensor_group[id(outs[0])] = in_groups[0]
                 continue
             elif isinstance(layer, _MERGE) and supported:
@@ -213,9 +262,15 @@ def _analyse(model):
                     tensor_group[id(outs[0])] = (g, spatial * math.prod(shape[1:-1]))
                     continue
             # Anything else: its inputs' channels cannot be sliced through it.
+            what = f"layer {layer.name!r}"
+            mixing = _mixing_activation(layer)
+            if mixing is not None:
+                what += f" (its activation {mixing!r} mixes the channels)"
+            elif uses[id(layer)] > 1:
+                what += " (called more than once)"
             for g, _ in in_groups:
                 info = groups.get(g)
-                info["unsupported"] = info["unsupported"] or layer.name
+                info["unsupported"] = info["unsupported"] or what
             for t in outs:
                 tensor_group[id(t)] = (
                     groups.new(t.shape[-1], blocked="unsupported"),
@@ -228,6 +283,15 @@ def _analyse(model):
         info["blocked"] = info["blocked"] or "output"
     roots = sorted({groups.find(g) for g in range(len(groups.parent))})
     return [groups.info[r] for r in roots]
+
+
+def _mixing_activation(layer):
+    """The name of `layer`'s activation if it is not applied per channel, else `None`."""
+    activation = getattr(layer, "activation", None)
+    if activation is None:
+        return None
+    name = getattr(activation, "__name__", None) or type(activation).__name__
+    return None if name in _ELEMENTWISE_ACTIVATIONS else name
 
 
 def _check_fraction(fraction, criterion):
@@ -266,8 +330,8 @@ def shrink_plan(model, fraction, criterion="l1"):
                 "Invalid value for argument `model`. Expected the outputs of "
                 f"{[p.name for p in info['producers']]} to reach only Dense, Conv, "
                 "BatchNormalization, per-channel and element-wise merge layers. "
-                f"Received: model={model.name!r} feeding them to layer "
-                f"{info['unsupported']!r}, which `shrink` cannot slice"
+                f"Received: model={model.name!r} feeding them to "
+                f"{info['unsupported']}, which `shrink` cannot slice"
             )
         channels = int(info["channels"])
         scores = sum(
@@ -306,6 +370,10 @@ def shrink(model, fraction, criterion="l1"):
     BatchNormalization parameters. The new model computes exactly what the
     original computes when those channels' contributions to their consumers
     are zeroed (the "unit-masked" model). Fine-tune it briefly afterwards.
+    A group whose channels meet an activation that mixes them (softmax,
+    log_softmax, glu, sparsemax or a custom one) is an error, as is any layer
+    the channels cannot be sliced through; a copy from which nothing could
+    be removed comes with a warning.
 
     Args:
         model: A built Sequential or functional model (pruned or not).
@@ -328,6 +396,21 @@ def shrink(model, fraction, criterion="l1"):
     ```
     """
     plan = shrink_plan(model, fraction, criterion)
+    removed = sum(group["channels"] - len(group["keep"]) for group in plan)
+    if fraction > 0 and removed == 0:
+        why = (
+            f"with fraction={fraction:g}, round(fraction * channels) is 0 for "
+            f"each of its {len(plan)} groups"
+            if plan
+            else "no group of its channels can be shrunk (every Dense/Conv "
+            "output reaches a model output, or comes from a layer called more "
+            "than once)"
+        )
+        warnings.warn(
+            f"`shrink` removed nothing from model {model.name!r}: {why}. The "
+            "copy returned is the same size.",
+            stacklevel=2,
+        )
     out_keep, in_keep, norm_keep = {}, {}, {}
     for group in plan:
         for name in group["producers"]:
