@@ -31,7 +31,7 @@ from keras_stability.callbacks.layer_gradient_stats import group_variables_by_la
 from keras_stability.callbacks.lr_scaling import LoweredRate
 from keras_stability.callbacks.lr_scaling import innermost_optimizer
 from keras_stability.callbacks.lr_scaling import wrap_schedule
-from keras_stability.callbacks.recovery import EXPLODED
+from keras_stability.callbacks.recovery import Problem
 from keras_stability.callbacks.recovery import RecoveryMixin
 from keras_stability.callbacks.recovery import json_float
 from keras_stability.callbacks.snapshots import Snapshot
@@ -129,8 +129,9 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
     After `fit`, it holds `rollbacks`, `skipped_batches` (of which
     `skipped_nonfinite`, `skipped_spikes`, `skipped_requested`),
     `rollbacks_declined`, `rollbacks_undone`, `lr_probes`, `spikes`,
-    `events`, `offending_batches`, `excluded_batches`, `stopped_reason` and
-    `diagnostic`. The optimizer stays wrapped in the guard: call
+    `events` (dicts; a problem's holds its kind, one of
+    `callbacks.recovery.PROBLEM_KINDS`, in `"problem"`), `offending_batches`,
+    `excluded_batches`, `stopped_reason` and `diagnostic`. The optimizer stays wrapped in the guard: call
     `keras_stability.optimizers.strip_guard(model)` before saving a model
     for a process without `keras_stability`.
 
@@ -863,11 +864,15 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                 f"{skipped} of the {steps} steps of this call" if steps > 1 else "",
             )
             if self.consecutive_skips > self.max_consecutive_skips:
-                problem = f"{self.consecutive_skips} non-finite steps in a row"
+                problem = Problem(
+                    "nonfinite_in_a_row",
+                    f"{self.consecutive_skips} non-finite steps in a row",
+                )
             elif self._bad_streak > self.max_consecutive_skips:
-                problem = (
+                problem = Problem(
+                    "bad_steps",
                     f"{self._bad_streak} of the last {len(self._bad_window)} steps bad "
-                    "(non-finite steps skipped and loss spikes)"
+                    "(non-finite steps skipped and loss spikes)",
                 )
         elif spike_skips and steps > 1:
             # An execution with a step skipped as a spike is left out of the
@@ -901,7 +906,9 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                 stacklevel=2,
             )
         elif not (math.isfinite(raw) and (math.isfinite(norm) or norm_var is None)):
-            problem = f"non-finite loss ({raw}) or gradient norm ({norm})"
+            problem = Problem(
+                "nonfinite_loss", f"non-finite loss ({raw}) or gradient norm ({norm})"
+            )
             self._note_offending()
         else:
             self.consecutive_skips = 0
@@ -1023,22 +1030,25 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                     norm,
                 )
         if self._bad_streak > self.max_consecutive_skips and self._rising():
-            return (
+            return Problem(
+                "rising",
                 f"loss rising: {self._bad_streak} of the last {len(self._bad_window)} "
-                f"steps bad (loss spikes or non-finite steps), the last: {spike}"
+                f"steps bad (loss spikes or non-finite steps), the last: {spike}",
             )
         divergence = None if self._level_rules_off else self._diverging()
         if divergence is not None:
             return divergence
         if not self._level_rules_off and self._regressing():
-            return (
+            return Problem(
+                "regressing",
                 f"loss regressing: median raw loss {np.median(self._recent):.4g} over "
                 f"the last {len(self._recent)} steps is above {self.regress_factor:g}x "
-                f"the loss the fit started from ({self._start_loss:.4g})"
+                f"the loss the fit started from ({self._start_loss:.4g})",
             )
         if self._stalled():
             window = self._stall_window()
-            return (
+            return Problem(
+                "stalled",
                 f"no progress after an explosion: median raw loss "
                 f"{np.median(self._recent):.4g} over the last {len(self._recent)} steps "
                 f"is still {rules.STALL_LEVEL:g}x the loss the fit started from "
@@ -1046,17 +1056,18 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                 f"to the next x{math.exp(rules.jitter(window)):.3g} in the median), "
                 f"after the explosion of step {self._exploded_at} (the loss at "
                 f"{rules.EXPLOSION_FACTOR:g}x it or more, or "
-                f"{rules.EXPLOSION_SPIKES} spikes at {rules.CLIMB_FACTOR:g}x)"
+                f"{rules.EXPLOSION_SPIKES} spikes at {rules.CLIMB_FACTOR:g}x)",
             )
         if self._explosion_at_start_level():
             median = float(np.median(self._stretch))
-            return (
-                f"{EXPLODED}: median raw loss {median:.4g} over the last "
+            return Problem(
+                "exploded",
+                f"loss exploded: median raw loss {median:.4g} over the last "
                 f"{len(self._stretch)} steps, {median / self._start_loss:.3g}x the loss "
                 f"the fit started from ({self._start_loss:.4g}), after an explosion "
                 f"(the loss at {rules.EXPLOSION_FACTOR:g}x it, or "
                 f"{rules.EXPLOSION_SPIKES} spikes at {rules.CLIMB_FACTOR:g}x it, with "
-                f"the gradient norm at {rules.EXPLOSION_NORM_FACTOR:g}x the starting one)"
+                f"the gradient norm at {rules.EXPLOSION_NORM_FACTOR:g}x the starting one)",
             )
         if spike is None and self._recovery is not None:
             return self._check_recovery(raw, steps)
@@ -1149,11 +1160,12 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         if found is None:
             return None
         median, reference = found
-        return (
+        return Problem(
+            "diverging",
             f"loss diverging: median raw loss {median:.4g} over the last "
             f"{len(self._sustained)} steps is above {self.loss_factor:g}x "
             f"the best healthy snapshot's loss {best:.4g}"
-            + self._floor_text(reference, best)
+            + self._floor_text(reference, best),
         )
 
     def _floor_text(self, reference, best):
@@ -1200,15 +1212,15 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         if self._record is not None:
             # Off between fits: no step is held back without a host to look.
             self.optimizer.set_trip(None)
-        incumbent = self._recovery["incumbent"] if self._recovery is not None else None
+        incumbent = self._recovery.incumbent if self._recovery is not None else None
         if incumbent is not None and self.stopped_reason is None:
             # `fit` ended (or another callback stopped it) during a probe: it
             # is not judged; the confirmed learning rate and its state are kept.
             self._revert_probe(
                 incumbent,
                 f"probe unfinished at the end of training: learning rate "
-                f"{incumbent['lr']:.4g} kept; restored the state of step "
-                f"{incumbent['snapshot'].step}",
+                f"{incumbent.lr:.4g} kept; restored the state of step "
+                f"{incumbent.snapshot.step}",
             )
         self._recovery = None
         if not Snapshot(self.model).is_finite():
@@ -1285,6 +1297,11 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                 "detail": detail,
             }
         )
+
+    def _problem_event(self, problem, raw, norm):
+        """An event of kind `"problem"`, with the problem's kind in `"problem"`."""
+        self._event("problem", raw, norm, str(problem))
+        self.events[-1]["problem"] = problem.kind
 
     def _note_offending(self):
         """Adds the batches of the step being judged to the exclude list."""
@@ -1441,7 +1458,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             and float(np.median(self._stretch)) >= rules.STALL_LEVEL * self._start_loss
             # Only with a comparison: a rollback made blind this early
             # cannot be told from a rise of the data (an unshuffled series).
-            and self._can_trial(EXPLODED)
+            and self._can_trial("exploded")
         )
 
     def _stall_window(self):

@@ -74,6 +74,7 @@ detector, whose state it keeps (`snapshot`, `best`, `_pending`,
   so `fit` still returns its `History`.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -93,7 +94,7 @@ from keras_stability.callbacks.step_record import read_scalar
 from keras_stability.diagnostics import rules
 from keras_stability.distribute.strategy import chief_path
 
-__all__ = ["RecoveryMixin", "json_float"]
+__all__ = ["PROBLEM_KINDS", "Problem", "RecoveryMixin", "json_float"]
 
 SNAPSHOT_TOLERANCE = 2.0  # a snapshot's loss may be at most this x the best
 # A recovery fails if the mean loss after a rollback exceeds the restored
@@ -131,32 +132,102 @@ PLATEAU_FLOOR = 1.0
 # `apply_if_finite`).
 UNDO_FACTOR = 1.5
 UNDO_FACTOR_RISE = 0.9
-# An explosion that leaves the model at its starting loss or above is
-# compared at once, as a stall is (its model may be dead already), without
-# waiting for the stall: a rollback 10 steps sooner on the Keras example at
-# SGD(5), batch 64. A comparison that measures nothing leaves it to the stall.
-EXPLODED = "loss exploded"
+# What the detector found, by kind; the kind decides what is done about it
+# (the message only tells the user). A rise or a stall may be caused by the
+# data rather than the weights: its rollback is decided by a paired
+# comparison, or undone, against its factor in `UNDO_FACTORS`.
+RISES = ("rising", "regressing", "diverging")
+# An explosion that leaves the model at its starting loss or above
+# (`"exploded"`) is compared at once, as a stall is (its model may be dead
+# already), without waiting for the stall: a rollback 10 steps sooner on the
+# Keras example at SGD(5), batch 64. A comparison that measures nothing
+# leaves it to the stall.
+STALLS = ("stalled", "exploded", "recovery_failed")
+PROBLEM_KINDS = ("nonfinite_in_a_row", "bad_steps", "nonfinite_loss", *RISES, *STALLS)
 UNDO_FACTORS = {
-    "no progress after an explosion": UNDO_FACTOR,
-    EXPLODED: UNDO_FACTOR,
-    "recovery failed": UNDO_FACTOR,
-    "loss rising": UNDO_FACTOR_RISE,
-    "loss regressing": UNDO_FACTOR_RISE,
-    "loss diverging": UNDO_FACTOR_RISE,
+    **dict.fromkeys(RISES, UNDO_FACTOR_RISE),
+    **dict.fromkeys(STALLS, UNDO_FACTOR),
 }
 
 
-def _undo_factor(problem):
-    """`UNDO_FACTORS`' factor for `problem` (a rise or a stall), else `None`."""
-    return next(
-        (f for kind, f in UNDO_FACTORS.items() if problem.startswith(kind)), None
-    )
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """A problem the detector found: its `kind` (one of `PROBLEM_KINDS`),
+    which decides what is done about it, and its `message` for the user."""
+
+    kind: str
+    message: str
+
+    def __post_init__(self):
+        if self.kind not in PROBLEM_KINDS:
+            raise ValueError(
+                f"Invalid problem kind: {self.kind!r}. Expected one of {PROBLEM_KINDS}."
+            )
+
+    def __str__(self):
+        return self.message
+
+    @property
+    def undo_factor(self):
+        """`UNDO_FACTORS`' factor for a rise or a stall, else `None`."""
+        return UNDO_FACTORS.get(self.kind)
+
+    def detailed(self, detail):
+        """The same problem, its message followed by `detail`."""
+        return dataclasses.replace(self, message=self.message + detail)
 
 
 def json_float(value):
     """`value` as a float for JSON, or its string (`"nan"`, `"inf"`) when not finite."""
     value = float(value)
     return value if math.isfinite(value) else str(value)
+
+
+@dataclasses.dataclass
+class _Abandoned:
+    """The state a rollback left: kept until the batches skipped after it
+    have measured the restored weights (`_undo_rollback`)."""
+
+    snapshot: Snapshot
+    loss: float  # the median of its last raw losses
+    lr_value: object  # its learning rate, when a variable
+    problem: Problem
+    offending: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Incumbent:
+    """The state a probe of a lower learning rate is compared with."""
+
+    loss: float  # the mean raw loss of its trial
+    lr: float
+    lr_value: object
+    snapshot: Snapshot
+
+
+@dataclasses.dataclass
+class _Recovery:
+    """The check of the last rollback (`_check_recovery`)."""
+
+    skip_left: int  # updates still skipped to measure the restored weights
+    reference: list  # the restored weights' raw losses
+    after: list = dataclasses.field(default_factory=list)  # the trial's losses
+    incumbent: _Incumbent | None = None  # what a probe is compared with
+    probes_kept: int = 0
+    abandoned: _Abandoned | None = None
+
+
+@dataclasses.dataclass
+class _Trial:
+    """A paired comparison of the snapshot with the current weights."""
+
+    problem: Problem
+    shadow: object  # the snapshot's weights on the device (`ShadowWeights`)
+    raw: float
+    norm: float
+    event: dict | None  # the problem's event
+    pairs: list = dataclasses.field(default_factory=list)  # (current, snapshot)
+    rows: int = 0
 
 
 class RecoveryMixin:
@@ -224,14 +295,14 @@ class RecoveryMixin:
 
     def _handle(self, problem, raw, norm, logs=None):
         if self._trial is not None:
-            if _undo_factor(problem) is not None:
+            if problem.undo_factor is not None:
                 return  # a rise or stall again: already being compared
             self._end_trial()  # anything else acts now
-        self._event("problem", raw, norm, problem)
+        self._problem_event(problem, raw, norm)
         if self.action != "warn":
             self._pending = None  # a snapshot followed by a problem is not healthy
         if self.action == "warn" or (
-            self.action == "skip" and "in a row" not in problem
+            self.action == "skip" and problem.kind != "nonfinite_in_a_row"
         ):
             warnings.warn(
                 f"GradientExplosionDetector at step {self.step}: {problem}.",
@@ -247,12 +318,12 @@ class RecoveryMixin:
             )
             return
         if self.action == "rollback" and self.rollbacks < self.max_rollbacks:
-            if self._can_trial(problem):
+            if self._can_trial(problem.kind):
                 self._start_trial(problem, raw, norm)
             else:
                 self._rollback(problem, logs)
             return
-        reason = problem
+        reason = str(problem)
         if self.action == "rollback":
             reason = f"{problem} after {self.rollbacks} rollbacks (max_rollbacks={self.max_rollbacks})"
         self._stop(reason, raw, norm)
@@ -265,7 +336,7 @@ class RecoveryMixin:
         # snapshot losses (`reference`) measured them, and nothing is skipped.
         abandoned = None
         recent = [v for v in self._recent if math.isfinite(v)]
-        factor = _undo_factor(problem)
+        factor = problem.undo_factor
         if (
             not compared
             and factor is not None
@@ -277,17 +348,16 @@ class RecoveryMixin:
         ):
             candidate = Snapshot(self.model, step=self.step)
             if candidate.finite:
-                abandoned = {
-                    "snapshot": candidate,
-                    "loss": float(np.median(recent)),
-                    "lr_value": _lr_value(self.optimizer),
-                    "problem": problem,
-                    "factor": factor,
-                }
+                abandoned = _Abandoned(
+                    snapshot=candidate,
+                    loss=float(np.median(recent)),
+                    lr_value=_lr_value(self.optimizer),
+                    problem=problem,
+                )
         self.snapshot.restore(self.model)
         offending = self._note_abandoned_spikes(self.snapshot.step)
         if abandoned is not None:
-            abandoned["offending"] = offending
+            abandoned.offending = offending
         # The losses that triggered it (the whole streak of bad steps) leave
         # the epoch's mean: a huge finite one left in Keras' float32 running
         # total would make the raw losses recovered from it later
@@ -336,14 +406,9 @@ class RecoveryMixin:
                     if skipped or not math.isfinite(self.snapshot.score)
                     else [self.snapshot.score]
                 )
-            self._recovery = {
-                "skip_left": skipped,
-                "reference": reference,
-                "after": [],
-                "incumbent": None,  # the trial a probe is compared with
-                "probes_kept": 0,
-                "abandoned": abandoned,
-            }
+            self._recovery = _Recovery(
+                skip_left=skipped, reference=reference, abandoned=abandoned
+            )
         # The next snapshot waits for `snapshot_freq` healthy steps again.
         self._last_snapshot_at = self.step
         if self.events:
@@ -363,8 +428,8 @@ class RecoveryMixin:
             self._say(message)
 
     # -- a paired comparison before a rollback for a rise or a stall ------
-    def _can_trial(self, problem):
-        """Whether the rollback for `problem` is decided by a paired comparison.
+    def _can_trial(self, kind):
+        """Whether the rollback for a problem of `kind` is decided by a paired comparison.
 
         For a rise or a stall (the problems a rollback may be undone for),
         with a recorded step (one batch per call), a compiled loss the step
@@ -372,7 +437,7 @@ class RecoveryMixin:
         the rollback acts at once (and may be undone, `_undo_rollback`).
         """
         return (
-            _undo_factor(problem) is not None
+            kind in UNDO_FACTORS
             and self.check_recovery
             and self.skip_batches > 0
             and self._record is not None
@@ -399,16 +464,13 @@ class RecoveryMixin:
             if self._set_step_values(model, self._record):
                 model.make_train_function(force=True)
         shadow.load(self.snapshot)
-        self._trial = {
-            "problem": problem,
-            "factor": _undo_factor(problem),
-            "shadow": shadow,
-            "pairs": [],
-            "rows": 0,
-            "raw": raw,
-            "norm": norm,
-            "event": self.events[-1] if self.events else None,
-        }
+        self._trial = _Trial(
+            problem=problem,
+            shadow=shadow,
+            raw=raw,
+            norm=norm,
+            event=self.events[-1] if self.events else None,
+        )
         if self.events:
             self.events[-1].update(action="compare", compared_step=self.snapshot.step)
         if self.verbose:
@@ -421,23 +483,23 @@ class RecoveryMixin:
     def _trial_step(self, row, logs):
         """One judged row during a comparison: its pair of losses, if any."""
         trial = self._trial
-        trial["rows"] += 1
+        trial.rows += 1
         snapshot = row[ROW["trial_snapshot"]]
         if not math.isnan(snapshot):  # computed (the flag was up)
-            trial["pairs"].append((row[ROW["trial_current"]], snapshot))
+            trial.pairs.append((row[ROW["trial_current"]], snapshot))
         if (
-            len(trial["pairs"]) >= self.skip_batches
+            len(trial.pairs) >= self.skip_batches
             # the step could not score the snapshot: roll back now
-            or trial["shadow"].failed is not None
+            or trial.shadow.failed is not None
             # rows of the look that started it hold none; the step may
             # compute none (variables added since): decide without
-            or trial["rows"] >= 2 * self.skip_batches + self.check_every
+            or trial.rows >= 2 * self.skip_batches + self.check_every
         ):
             self._finish_trial(logs)
 
     def _end_trial(self):
         trial, self._trial = self._trial, None
-        trial["shadow"].stop()
+        trial.shadow.stop()
         return trial
 
     def _finish_trial(self, logs):
@@ -452,30 +514,30 @@ class RecoveryMixin:
         counted in `rollbacks_declined`), and the rules that compare the
         loss with its start or a snapshot are off for the rest of the `fit`,
         as after an undone rollback. Without a pair, it rolls back, except
-        for an explosion (`EXPLODED`): then nothing is done and the stall
+        for an explosion (`"exploded"`): then nothing is done and the stall
         after it, if one comes, decides.
         """
         trial = self._end_trial()
-        ratio = paired_ratio(trial["pairs"])
-        if ratio is None and trial["problem"].startswith(EXPLODED):
+        ratio = paired_ratio(trial.pairs)
+        if ratio is None and trial.problem.kind == "exploded":
             # Nothing measured: no rollback; the stall after it decides.
-            if trial["event"] is not None:
-                trial["event"].update(action="none")
+            if trial.event is not None:
+                trial.event.update(action="none")
             return
-        raw = self.raw_losses[-1] if self.raw_losses else trial["raw"]
-        norm = self.grad_norms[-1] if self.grad_norms else trial["norm"]
-        if ratio is None or not ratio > trial["factor"]:
-            problem = trial["problem"]
+        raw = self.raw_losses[-1] if self.raw_losses else trial.raw
+        norm = self.grad_norms[-1] if self.grad_norms else trial.norm
+        if ratio is None or not ratio > trial.problem.undo_factor:
+            problem = trial.problem
             if ratio is not None:
-                problem += (
-                    f"; confirmed on the next {len(trial['pairs'])} batches: the "
+                problem = problem.detailed(
+                    f"; confirmed on the next {len(trial.pairs)} batches: the "
                     f"snapshot of step {self.snapshot.step} scored {ratio:.3g}x the "
                     "current weights' loss"
                 )
             # The rollback's own event (the last one may be a later spike's).
-            self._event("problem", raw, norm, problem)
+            self._problem_event(problem, raw, norm)
             reference = [
-                s for _, s in trial["pairs"] if math.isfinite(s)
+                s for _, s in trial.pairs if math.isfinite(s)
             ]  # the restored weights' losses, measured
             self._rollback(
                 problem,
@@ -490,10 +552,10 @@ class RecoveryMixin:
         self._level_rules_off = True
         self._exploded_at = None
         detail = (
-            f"rollback declined: on the {len(trial['pairs'])} batches after "
-            f'"{trial["problem"]}", the snapshot of step {self.snapshot.step} '
+            f"rollback declined: on the {len(trial.pairs)} batches after "
+            f'"{trial.problem}", the snapshot of step {self.snapshot.step} '
             f"scored {ratio:.3g}x the current weights' loss (median over the "
-            f"batches; a rollback needs below {trial['factor']:g}x): the loss rose "
+            f"batches; a rollback needs below {trial.problem.undo_factor:g}x): the loss rose "
             "with the data, not with the weights (an unshuffled or drifting "
             "stream?). Training goes on from the current weights; the rules "
             "that compare the loss with its start or a snapshot are off for the "
@@ -523,18 +585,18 @@ class RecoveryMixin:
             A problem description if the recovery failed, else `None`.
         """
         rec = self._recovery
-        if rec["skip_left"] > 0:
-            rec["skip_left"] -= steps
-            rec["reference"].append(raw)
-            if rec["skip_left"] <= 0:
+        if rec.skip_left > 0:
+            rec.skip_left -= steps
+            rec.reference.append(raw)
+            if rec.skip_left <= 0:
                 self._undo_rollback()
             return None
-        rec["after"].append(raw)
-        if len(rec["after"]) < self.confirm_steps:
+        rec.after.append(raw)
+        if len(rec.after) < self.confirm_steps:
             return None
-        after = float(np.mean(rec["after"]))
-        rec["after"] = []
-        reference = np.asarray(rec["reference"], dtype=np.float64)
+        after = float(np.mean(rec.after))
+        rec.after = []
+        reference = np.asarray(rec.reference, dtype=np.float64)
         if reference.size == 0:
             self._recovery = None
             return None
@@ -545,17 +607,18 @@ class RecoveryMixin:
         # Batch-to-batch noise at fixed weights: a difference of mean losses
         # within it is no evidence.
         tolerance = 2.0 * spread + RECOVERY_TOLERANCE * abs(level)
-        if rec["incumbent"] is not None:
+        if rec.incumbent is not None:
             self._judge_probe(after)
             return None
         if after > level + tolerance:
             self._recovery = None
             self._recovery_failed = True
-            return (
+            return Problem(
+                "recovery_failed",
                 f"recovery failed: after rollback {self.rollbacks} the mean raw loss of "
                 f"{self.confirm_steps} steps rose to {after:.4g}, above the restored "
                 f"weights' loss {level:.4g} (bound {level + tolerance:.4g}); the learning "
-                "rate is still too high"
+                "rate is still too high",
             )
         if not self._start_probe(after):
             self._recovery = None
@@ -580,27 +643,27 @@ class RecoveryMixin:
         rolls back.
         """
         rec = self._recovery
-        abandoned = rec.get("abandoned")
-        rec["abandoned"] = None
-        if abandoned is None or not rec["reference"]:
+        abandoned = rec.abandoned
+        rec.abandoned = None
+        if abandoned is None or not rec.reference:
             return
-        restored = float(np.median(np.asarray(rec["reference"], dtype=np.float64)))
-        before = abandoned["loss"]
+        restored = float(np.median(np.asarray(rec.reference, dtype=np.float64)))
+        before = abandoned.loss
         if not (
             math.isfinite(restored)
             and before > 0
-            and restored > abandoned["factor"] * before
+            and restored > abandoned.problem.undo_factor * before
         ):
             return
-        abandoned["snapshot"].restore(self.model)
-        if abandoned["offending"]:  # kept after all: trained on, not excluded
-            self._exclude.remove(abandoned["offending"])
-            taken = set(abandoned["offending"])
+        abandoned.snapshot.restore(self.model)
+        if abandoned.offending:  # kept after all: trained on, not excluded
+            self._exclude.remove(abandoned.offending)
+            taken = set(abandoned.offending)
             self.offending_batches = [
                 p for p in self.offending_batches if p not in taken
             ]
-        if abandoned["lr_value"] is not None:
-            learning_rate_variable(self.optimizer).assign(abandoned["lr_value"])
+        if abandoned.lr_value is not None:
+            learning_rate_variable(self.optimizer).assign(abandoned.lr_value)
             self._lr_wrote()
         self.rollbacks -= 1
         self.rollbacks_undone += 1
@@ -610,16 +673,16 @@ class RecoveryMixin:
         detail = (
             f"rollback undone: the weights of step {self.snapshot.step} it restored "
             f"reached a median raw loss of {restored:.4g} on the next "
-            f"{len(rec['reference'])} batches, {restored / before:.3g}x the "
-            f"{before:.4g} of the weights it left (step {abandoned['snapshot'].step}); "
+            f"{len(rec.reference)} batches, {restored / before:.3g}x the "
+            f"{before:.4g} of the weights it left (step {abandoned.snapshot.step}); "
             "the loss rose with the data, not with the weights (an unshuffled "
             "or drifting stream?). Back to those weights and their learning "
             "rate; the rules that compare the loss with its start or a snapshot "
             f"are off for the rest of this fit (it rolled back for: "
-            f"{abandoned['problem']})"
+            f"{abandoned.problem})"
         )
         self._event("rollback_undone", self.raw_losses[-1], self.grad_norms[-1], detail)
-        self.events[-1].update(action="undo", restored_step=abandoned["snapshot"].step)
+        self.events[-1].update(action="undo", restored_step=abandoned.snapshot.step)
         warnings.warn(
             f"GradientExplosionDetector at step {self.step}: {detail}.", stacklevel=3
         )
@@ -663,7 +726,7 @@ class RecoveryMixin:
         return (
             self.probe_lower_lr
             and self.action == "rollback"
-            and self._recovery["probes_kept"] < self.max_rollbacks
+            and self._recovery.probes_kept < self.max_rollbacks
             and learning_rate_variable(self.optimizer) is not None
         )
 
@@ -675,12 +738,12 @@ class RecoveryMixin:
         """
         if not self._can_probe():
             return False
-        self._recovery["incumbent"] = {
-            "loss": after,
-            "lr": float(np.asarray(self.optimizer.learning_rate)),
-            "lr_value": _lr_value(self.optimizer),
-            "snapshot": Snapshot(self.model, step=self.step),
-        }
+        self._recovery.incumbent = _Incumbent(
+            loss=after,
+            lr=float(np.asarray(self.optimizer.learning_rate)),
+            lr_value=_lr_value(self.optimizer),
+            snapshot=Snapshot(self.model, step=self.step),
+        )
         self.snapshot.restore(self.model)
         scale_learning_rate(self.optimizer, self.lr_factor**PROBE_EXPONENT)
         self._lr_wrote()
@@ -699,15 +762,15 @@ class RecoveryMixin:
         from it at the probe's lower rate (short-horizon bias, see below).
         """
         rec = self._recovery
-        incumbent = rec["incumbent"]
+        incumbent = rec.incumbent
         lr = float(np.asarray(self.optimizer.learning_rate))
-        if after < incumbent["loss"]:
+        if after < incumbent.loss:
             self.lr_probes += 1
-            rec["probes_kept"] += 1
+            rec.probes_kept += 1
             detail = (
                 f"lower learning rate kept: from the weights of step {self.snapshot.step}, "
                 f"{self.confirm_steps} steps at {lr:.4g} reached a mean raw loss of "
-                f"{after:.4g}, below {incumbent['loss']:.4g} at {incumbent['lr']:.4g}"
+                f"{after:.4g}, below {incumbent.loss:.4g} at {incumbent.lr:.4g}"
             )
             self._event("lr_probe", self.raw_losses[-1], self.grad_norms[-1], detail)
             self.events[-1].update(
@@ -716,7 +779,7 @@ class RecoveryMixin:
             if self.verbose:
                 self._say(
                     f"GradientExplosionDetector at step {self.step}: {detail} "
-                    f"(lower rate {rec['probes_kept']} kept after rollback {self.rollbacks})."
+                    f"(lower rate {rec.probes_kept} kept after rollback {self.rollbacks})."
                 )
             if not self._start_probe(after):
                 self._recovery = None
@@ -729,25 +792,25 @@ class RecoveryMixin:
         # that trains right after an explosion.
         self._revert_probe(
             incumbent,
-            f"went on at {lr:.4g} from the state at {incumbent['lr']:.4g}: "
+            f"went on at {lr:.4g} from the state at {incumbent.lr:.4g}: "
             f"{self.confirm_steps} steps at {lr:.4g} reached a mean raw loss of "
-            f"{after:.4g}, not below {incumbent['loss']:.4g} at {incumbent['lr']:.4g} "
+            f"{after:.4g}, not below {incumbent.loss:.4g} at {incumbent.lr:.4g} "
             "(a few steps favour the higher rate); restored the state of step "
-            f"{incumbent['snapshot'].step}",
+            f"{incumbent.snapshot.step}",
             keep_lr=True,
         )
 
     def _revert_probe(self, incumbent, detail, keep_lr=False):
         lr_var = learning_rate_variable(self.optimizer)
         lr_value = _lr_value(self.optimizer)
-        incumbent["snapshot"].restore(self.model)
-        lr_var.assign(lr_value if keep_lr else incumbent["lr_value"])
+        incumbent.snapshot.restore(self.model)
+        lr_var.assign(lr_value if keep_lr else incumbent.lr_value)
         self._lr_wrote()
         self._event("lr_probe", self.raw_losses[-1], self.grad_norms[-1], detail)
         if keep_lr:
             self.events[-1].update(
                 action="lower_lr",
-                restored_step=incumbent["snapshot"].step,
+                restored_step=incumbent.snapshot.step,
                 learning_rate=float(np.asarray(self.optimizer.learning_rate)),
             )
             if self.verbose:

@@ -12,6 +12,8 @@ import pytest
 from keras_stability.callbacks import GradientExplosionDetector
 from keras_stability.callbacks import ScaledSchedule
 from keras_stability.callbacks import snapshots
+from keras_stability.callbacks.recovery import PROBLEM_KINDS
+from keras_stability.callbacks.recovery import Problem
 from keras_stability.callbacks.snapshots import Snapshot
 from keras_stability.callbacks.snapshots import optimizer_state_variables
 from keras_stability.datasets import make_classification
@@ -117,6 +119,23 @@ def test_get_config_round_trip():
     assert GradientExplosionDetector.from_config(config).get_config() == config
 
 
+def test_a_problem_is_acted_on_by_its_kind_not_its_message():
+    rise = Problem("diverging", "loss diverging: median raw loss 9 ...")
+    assert rise.undo_factor == 0.9 and str(rise) == rise.message
+    assert Problem("stalled", "x").undo_factor == 1.5
+    assert Problem("exploded", "x").undo_factor == 1.5
+    # Non-finite steps are never compared nor undone: the guard skipped them.
+    assert Problem("nonfinite_in_a_row", "x").undo_factor is None
+    assert Problem("nonfinite_loss", "x").undo_factor is None
+    # A message that reads like another kind changes nothing.
+    assert Problem("bad_steps", "loss rising: reworded").undo_factor is None
+    detailed = rise.detailed("; confirmed")
+    assert detailed.kind == "diverging" and detailed.message.endswith("; confirmed")
+    assert set(PROBLEM_KINDS) >= {"rising", "regressing", "recovery_failed"}
+    with pytest.raises(ValueError, match="Invalid problem kind: 'loss rising'"):
+        Problem("loss rising", "x")
+
+
 def test_rollback_restores_weights_and_optimizer_state_bitwise():
     x, y = _data(128)
     model = deep_mlp(keras.optimizers.Adam(1e-3), depth=2)
@@ -136,7 +155,7 @@ def test_rollback_restores_weights_and_optimizer_state_bitwise():
         not np.array_equal(np.asarray(v), s)
         for v, s in zip(opt_vars, snap.optimizer_values, strict=True)
     )
-    detector._rollback("test")
+    detector._rollback(Problem("diverging", "test"))
     for v, saved in zip(model.weights, snap.weights, strict=True):
         np.testing.assert_array_equal(np.asarray(v), saved)
     paths = [v.path for v in opt_vars]
@@ -310,6 +329,7 @@ def test_failed_recovery_escalates_to_a_second_rollback(check_recovery):
     assert detector.events[0]["detail"].startswith("loss spike")
     problems = [e for e in detector.events if e["kind"] == "problem"]
     assert problems[0]["detail"].startswith("loss rising: 4 of the last 7 steps bad")
+    assert problems[0]["problem"] == "rising"
     if check_recovery:
         # Seen at step 7, steps 8-10 compare (the climb goes on: spikes),
         # rollback at step 10, steps 11-15 judged against the snapshot's
@@ -319,6 +339,9 @@ def test_failed_recovery_escalates_to_a_second_rollback(check_recovery):
         assert [e["action"] for e in problems] == ["compare", "rollback"] * 2
         detail = problems[2]["detail"]
         assert detail.startswith("recovery failed: after rollback 1")
+        assert [e["problem"] for e in problems] == ["rising"] * 2 + [
+            "recovery_failed"
+        ] * 2
         assert f"restored weights' loss {start:.4g}" in detail
         assert detector.rollbacks == 2
         assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(
@@ -1513,6 +1536,7 @@ def test_loss_spikes_that_kill_the_model_are_an_explosion():
         (15, "rollback"),
     ]
     assert problems[0]["detail"].startswith("loss exploded")
+    assert [e["problem"] for e in problems] == ["exploded", "exploded"]
     assert "confirmed on the next 5 batches" in problems[1]["detail"]
     assert 0.5 < problems[1]["paired_ratio"] < 1.5
     assert detector.rollbacks == 1 and detector.stopped_reason is None
