@@ -20,6 +20,7 @@ trains on the soft-target term alone: alpha is 0 for those samples.
 """
 
 import copy
+import functools
 import warnings
 
 import keras
@@ -114,6 +115,42 @@ def _check_model(arg, model):
         )
 
 
+def _warn_on_positional_swap(init):
+    """Wraps `Distiller.__init__`: warns when both models came positionally
+    and the teacher is the smaller one (Keras' own `keras.distillation.Distiller`
+    takes `(teacher, student)`). `__init__` itself cannot tell keywords from
+    positions; `functools.wraps` keeps its signature for `inspect` and Keras."""
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if len(args) >= 2:
+            _warn_if_swapped(self.student, self.teacher)
+
+    return wrapper
+
+
+def _warn_if_swapped(student, teacher):
+    """Warns when the teacher is smaller than the student (Keras' order?)."""
+    student_params, teacher_params = student.count_params(), teacher.count_params()
+    if teacher_params >= student_params:
+        return
+    warnings.warn(
+        f"The teacher '{teacher.name}' has fewer parameters ({teacher_params:,}) "
+        f"than the student '{student.name}' ({student_params:,}). "
+        "`keras_stability.Distiller` takes the student first, "
+        "`Distiller(student, teacher)` (the keras.io example's order), while "
+        "Keras' own `keras.distillation.Distiller(teacher, student, ...)` takes "
+        "the teacher first: if you passed Keras' order, swap the models, or "
+        f"'{student.name}' is trained toward '{teacher.name}' while "
+        f"'{teacher.name}' stays frozen. If a larger student is intended (e.g. "
+        "self-distillation or born-again networks), pass the models by keyword, "
+        "`Distiller(student=..., teacher=...)`, which never warns.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def _symbolic(model):
     """The model's single symbolic output, or None for subclassed models."""
     try:
@@ -121,6 +158,34 @@ def _symbolic(model):
     except (AttributeError, ValueError):
         return None
     return outputs
+
+
+def _feature_view(model, layer_names):
+    """`(inputs, logits, {layer name: output})`, symbolic, for an extractor.
+
+    A `Sequential` model has no `input` of its own (its inner functional graph
+    is private), so its layers are called again, in order, on its input
+    tensor: the view shares the layers (and weights) and does not depend on
+    which of their earlier calls built the model.
+    """
+    if isinstance(model, keras.Sequential):
+        inputs = model.inputs[0]
+        features = {}
+        outputs = inputs
+        for layer in model.layers:
+            outputs = layer(outputs)
+            if layer.name in layer_names:
+                features[layer.name] = outputs
+        return inputs, outputs, features
+    features = {name: model.get_layer(name).output for name in layer_names}
+    return model.input, _symbolic(model)[0], features
+
+
+def _extractor(model, logits, features, inputs):
+    """A functional model of `model`'s logits and hint features."""
+    outputs = {_LOGITS: logits}
+    outputs.update({_feature_key(name): tensor for name, tensor in features.items()})
+    return keras.Model(inputs, outputs, name=f"{model.name}_hints")
 
 
 def _expand_to(weight, target):
@@ -139,7 +204,15 @@ def _full_weight(sample_weight, like):
 
 @keras.saving.register_keras_serializable(package="keras_stability")
 class Distiller(keras.Model):
-    """Knowledge distillation from a frozen teacher into a student.
+    """Knowledge distillation from a frozen teacher: `Distiller(student, teacher)`.
+
+    The student comes first, as in the keras.io example, the opposite of
+    Keras' own `keras.distillation.Distiller(teacher, student, ...)`; pass
+    the models by keyword (`Distiller(student=..., teacher=...)`) to be
+    explicit. Given positionally, a teacher with fewer parameters than the
+    student raises a `UserWarning` (the models are probably swapped); by
+    keyword it never warns (a larger student, as in self-distillation or
+    born-again networks, is allowed).
 
     Both models take the same inputs and output logits of the same shape. The
     teacher is frozen (`trainable = False`) and always runs in inference mode;
@@ -149,7 +222,8 @@ class Distiller(keras.Model):
     the student, `student_loss`, `distillation_loss` (the soft-target term,
     with `T**2`), `feature_loss` (when hint terms are set),
     `teacher_agreement` (top-1 agreement with the teacher); `fit` also logs
-    `temperature` and `alpha`. `evaluate` returns one value per
+    `temperature` and `alpha` (the weight the hard-label term had in the last
+    batch: 0 on unlabeled data, see below). `evaluate` returns one value per
     `metrics_names`, as Keras models do (`return_dict=True` names them).
 
     Language models: logits of shape `(batch, sequence, vocab)` work as
@@ -165,11 +239,12 @@ class Distiller(keras.Model):
 
     Unlabeled data: `fit(x)` (or a dataset of inputs only, or `y=None`)
     trains on the distillation term alone, with alpha taken as 0 (not
-    `(1 - alpha)` times the soft term). For a mix, pass every input with its
-    label where known and `ignore_class` (e.g. `-1`, scikit-learn's
-    convention) where not, and compile with `ignore_class=-1`: a labeled
-    sample (or token) adds `alpha * hard + (1 - alpha) * soft`, an unlabeled
-    one `soft` alone, and the compiled metrics count labeled ones only.
+    `(1 - alpha)` times the soft term; the logged `alpha` is 0). For a mix,
+    pass every input with its label where known and `ignore_class` (e.g.
+    `-1`, scikit-learn's convention) where not, and compile with
+    `ignore_class=-1`: a labeled sample (or token) adds
+    `alpha * hard + (1 - alpha) * soft`, an unlabeled one `soft` alone, and
+    the compiled metrics count labeled ones only.
     Labels must be integers (sparse) for `ignore_class`.
 
     The training step is the standard one: gradients of the total loss with
@@ -178,11 +253,14 @@ class Distiller(keras.Model):
     `tf.distribute` strategies compose with it.
 
     Args:
-        student: A built `keras.Model` that outputs logits.
-        teacher: A built, trained `keras.Model` with the same output shape.
+        student: A built `keras.Model` that outputs logits (the first
+            positional argument).
+        teacher: A built, trained `keras.Model` with the same output shape
+            (the second positional argument).
         feature_distillation: Optional `FeatureDistillation` term or list of
-            them (hints between named layers of functional models); a
-            projection is learned where widths differ. Defaults to `None`.
+            them (hints between named layers of functional or `Sequential`
+            models); a projection is learned where widths differ. Defaults
+            to `None`.
         name: Model name. Defaults to `"distiller"`.
         **kwargs: Passed to `keras.Model` (e.g. `dtype`).
 
@@ -222,6 +300,7 @@ class Distiller(keras.Model):
         Network", https://arxiv.org/abs/1503.02531
     """
 
+    @_warn_on_positional_swap
     def __init__(
         self, student, teacher, feature_distillation=None, name="distiller", **kwargs
     ):
@@ -237,30 +316,29 @@ class Distiller(keras.Model):
         self.teacher.trainable = False
 
         self.projections = []
-        teacher_outputs = {_LOGITS: _symbolic(teacher)[0]} if terms else None
-        student_outputs = {_LOGITS: _symbolic(student)[0]} if terms else None
-        for i, term in enumerate(terms):
-            t_feat = teacher.get_layer(term.teacher_layer_name).output
-            s_feat = student.get_layer(term.student_layer_name).output
-            teacher_outputs[_feature_key(term.teacher_layer_name)] = t_feat
-            student_outputs[_feature_key(term.student_layer_name)] = s_feat
-            self.projections.append(self._make_projection(i, term, t_feat, s_feat))
+        teacher_extractor = student_extractor = None
+        if terms:
+            t_in, t_logits, t_feats = _feature_view(
+                teacher, {term.teacher_layer_name for term in terms}
+            )
+            s_in, s_logits, s_feats = _feature_view(
+                student, {term.student_layer_name for term in terms}
+            )
+            for i, term in enumerate(terms):
+                self.projections.append(
+                    self._make_projection(
+                        i,
+                        term,
+                        t_feats[term.teacher_layer_name],
+                        s_feats[term.student_layer_name],
+                    )
+                )
+            teacher_extractor = _extractor(teacher, t_logits, t_feats, t_in)
+            student_extractor = _extractor(student, s_logits, s_feats, s_in)
         self._helpers = _Untracked(
             terms=terms,
-            teacher_extractor=(
-                keras.Model(
-                    teacher.input, teacher_outputs, name=f"{teacher.name}_hints"
-                )
-                if terms
-                else None
-            ),
-            student_extractor=(
-                keras.Model(
-                    student.input, student_outputs, name=f"{student.name}_hints"
-                )
-                if terms
-                else None
-            ),
+            teacher_extractor=teacher_extractor,
+            student_extractor=student_extractor,
             compile_args=None,
             schedules={},
         )
@@ -713,7 +791,9 @@ class Distiller(keras.Model):
         # The schedulable hyperparameters, logged in training only: they are
         # not metrics, and `evaluate` returns one value per `metrics_names`.
         logs["temperature"] = ops.convert_to_tensor(self._temperature.value)
-        logs["alpha"] = ops.convert_to_tensor(self._alpha.value)
+        # The alpha this batch used: 0 without labels (the soft term alone).
+        alpha = ops.convert_to_tensor(self._alpha.value)
+        logs["alpha"] = ops.zeros_like(alpha) if y is None else alpha
         return logs
 
     def test_step(self, data):

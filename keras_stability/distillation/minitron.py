@@ -39,6 +39,44 @@ def _rows(x):
     return leaves[0].shape[0]
 
 
+def _model_input_count(model):
+    """How many inputs `model` takes as a list/tuple, 1 for a single tensor or
+    a dict (keras-hub's `{"token_ids", "padding_mask"}`), `None` if unknown."""
+    try:
+        structure = model.input
+    except (AttributeError, ValueError):
+        try:
+            structure = model.inputs  # a Sequential has `inputs` only
+        except (AttributeError, ValueError):
+            return None
+        return 1 if len(structure) == 1 else len(structure)
+    return len(structure) if isinstance(structure, (list, tuple)) else 1
+
+
+def _check_x(x, teacher):
+    """Refuses `(x, y)`/`(x, y, sample_weight)` packed into `x`, before any work.
+
+    `shrink_transformer(data=...)` takes such a tuple, but `prune_and_distill`
+    takes the labels and weights as arguments of their own.
+    """
+    if not isinstance(x, (tuple, list)) or len(x) not in (2, 3):
+        return
+    expected = _model_input_count(teacher)
+    if expected is None or expected == len(x):
+        return
+    packed = "(x, y)" if len(x) == 2 else "(x, y, sample_weight)"
+    raise ValueError(
+        "Invalid value for argument `x`. Expected the inputs of "
+        f"'{teacher.name}' alone (an array of token ids, or a dict such as "
+        'keras-hub\'s `{"token_ids", "padding_mask"}`), samples first; pass the '
+        "labels and weights separately: `prune_and_distill(teacher, x, y=y, "
+        "sample_weight=sample_weight, ...)`. Received: x=a "
+        f"{type(x).__name__} of {len(x)} elements (like {packed}), while "
+        f"'{teacher.name}' takes "
+        + ("a single input" if expected == 1 else f"{expected} inputs")
+    )
+
+
 def prune_and_distill(
     teacher,
     x,
@@ -77,7 +115,9 @@ def prune_and_distill(
             LM (`build_char_transformer`) or a keras-hub `CausalLM` such as
             `GPT2CausalLM` (with `preprocessor=None`).
         x: In-memory inputs, samples first: token ids `(batch, sequence)`,
-            or a dict such as `{"token_ids", "padding_mask"}`.
+            or a dict such as `{"token_ids", "padding_mask"}`. The inputs
+            alone: unlike `shrink_transformer`'s `data`, not an
+            `(x, y, sample_weight)` tuple (pass `y=` and `sample_weight=`).
         y: Next-token labels `(batch, sequence)`, or `None` to distill on the
             inputs alone (needed with `alpha > 0` or `block_importance="loss"`).
             Defaults to `None`.
@@ -143,6 +183,8 @@ def prune_and_distill(
 
     Raises:
         ValueError: On a bad argument: `teacher` not a built Keras model,
+            `x` an `(x, y)` or `(x, y, sample_weight)` tuple (for a model
+            with a single input),
             sizes or a model kind that `shrink_transformer` rejects (its
             message names `model`), `alpha > 0` without `y`, `keep_blocks`
             not distinct indices of the teacher's blocks or not
@@ -167,6 +209,7 @@ def prune_and_distill(
     from keras_stability.pruning import transformer_shrink as shrink
 
     _check_model("teacher", teacher)
+    _check_x(x, teacher)
     n = _rows(x)
     calibration_samples = check_positive_int("calibration_samples", calibration_samples)
     epochs = check_positive_int("epochs", epochs)

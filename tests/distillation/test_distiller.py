@@ -1,6 +1,7 @@
 """Distiller: the loss, training behaviour, metrics, errors and saving."""
 
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -337,6 +338,65 @@ def test_several_weighted_terms_and_identity_when_widths_match():
     assert history.history["feature_loss"][1] < history.history["feature_loss"][0]
 
 
+def make_sequential(width, name, seed, built_by):
+    keras.utils.set_random_seed(seed)
+    layers = [
+        keras.layers.Dense(width, activation="relu", name=f"{name}_hidden"),
+        keras.layers.Dense(N_CLASSES, name=f"{name}_logits"),
+    ]
+    if built_by == "input":  # the keras.io distillation example's form
+        return keras.Sequential([keras.Input((N_FEATURES,))] + layers, name=name)
+    model = keras.Sequential(layers, name=name)
+    if built_by == "build":
+        model.build((None, N_FEATURES))
+    else:  # called once on a batch
+        model(np.zeros((2, N_FEATURES), "float32"))
+    return model
+
+
+def np_hidden(model, x):
+    kernel, bias = model.layers[0].get_weights()
+    return np.maximum(x @ kernel + bias, 0.0)
+
+
+@pytest.mark.parametrize("built_by", ["input", "build", "call"])
+def test_feature_distillation_between_sequential_models(built_by):
+    # Before: AttributeError "The layer teacher has never been called and thus
+    # has no defined input" from `teacher.input` in `Distiller.__init__`.
+    x, y = make_data(32)
+    teacher = make_sequential(32, "teacher", 1, built_by)
+    student = make_sequential(8, "student", 2, built_by)
+    term = FeatureDistillation("teacher_hidden", "student_hidden", weight=0.5)
+    distiller = Distiller(student=student, teacher=teacher, feature_distillation=term)
+    distiller.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        student_loss_fn=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        alpha=0.1,
+        temperature=3,
+    )
+    (projection,) = distiller.projections
+    kernel_before = projection.kernel.numpy().copy()
+
+    def np_hint():
+        s_feat = np_hidden(student, x) @ projection.kernel.numpy()
+        return np.mean((np_hidden(teacher, x) - s_feat) ** 2)
+
+    hint = np_hint()
+    assert hint > 0
+    np.testing.assert_allclose(
+        float(distiller.compute_loss(x, y, training=False)),
+        reference_loss(distiller, x, y, 0.1, 3.0) + 0.5 * hint,
+        rtol=1e-5,
+    )
+    history = distiller.fit(x, y, epochs=3, batch_size=16, verbose=0).history
+    assert history["feature_loss"][0] > 0
+    assert history["feature_loss"][-1] < history["feature_loss"][0]
+    # The projection trains through the hint term, and the logged term is it.
+    assert not np.allclose(projection.kernel.numpy(), kernel_before)
+    logs = distiller.evaluate(x, y, batch_size=32, verbose=0, return_dict=True)
+    np.testing.assert_allclose(logs["feature_loss"], 0.5 * np_hint(), rtol=1e-5)
+
+
 def test_projection_false_with_different_widths_raises():
     term = FeatureDistillation("teacher_hidden", "student_hidden", projection=False)
     with pytest.raises(
@@ -344,6 +404,52 @@ def test_projection_false_with_different_widths_raises():
         match=r"Invalid value for argument `projection`.*width 32.*width 8.*Received: projection=False",
     ):
         make_distiller(feature_distillation=[term])
+
+
+# ---------------------------------------------------- the order of the models
+SWAP_WARNING = "has fewer parameters"
+
+
+def swap_warnings(record):
+    return [w for w in record if SWAP_WARNING in str(w.message)]
+
+
+def test_models_in_keras_order_positionally_warn():
+    # Keras' own `keras.distillation.Distiller(teacher, student, ...)` order,
+    # given positionally: the trained teacher would be trained toward the
+    # small untrained model. Before: accepted without a word.
+    student, teacher = make_model(8, "student", 2), make_model(32, "teacher", 1)
+    assert (student.count_params(), teacher.count_params()) == (92, 356)
+    with pytest.warns(UserWarning, match=SWAP_WARNING) as record:
+        distiller = Distiller(teacher, student)
+    (warning,) = swap_warnings(record)
+    assert warning.filename == __file__  # points at the user's line
+    assert str(warning.message) == (
+        "The teacher 'student' has fewer parameters (92) than the student "
+        "'teacher' (356). `keras_stability.Distiller` takes the student first, "
+        "`Distiller(student, teacher)` (the keras.io example's order), while "
+        "Keras' own `keras.distillation.Distiller(teacher, student, ...)` takes "
+        "the teacher first: if you passed Keras' order, swap the models, or "
+        "'teacher' is trained toward 'student' while 'student' stays frozen. If "
+        "a larger student is intended (e.g. self-distillation or born-again "
+        "networks), pass the models by keyword, "
+        "`Distiller(student=..., teacher=...)`, which never warns."
+    )
+    # A warning, not an error: the distiller is built as asked.
+    assert distiller.student is teacher and distiller.teacher is student
+
+
+def test_models_in_our_order_or_by_keyword_do_not_warn():
+    small, big = make_model(8, "small", 2), make_model(32, "big", 1)
+    twin = make_model(8, "twin", 3)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        Distiller(small, big)  # student first
+        Distiller(small, twin)  # equal sizes (self-distillation)
+        larger_student = Distiller(student=big, teacher=small)  # by keyword
+        Distiller(teacher=small, student=big)
+        Distiller.from_config(larger_student.get_config())
+    assert swap_warnings(record) == []
 
 
 # ---------------------------------------------------------------- bad input

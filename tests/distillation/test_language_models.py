@@ -212,6 +212,29 @@ def mlp(width, seed):
     return keras.Model(inputs, keras.layers.Dense(4)(hidden))
 
 
+@pytest.mark.parametrize("as_dataset", [False, True])
+def test_unlabeled_fit_logs_the_alpha_it_used(as_dataset):
+    # Before: `fit(x)` logged the compiled alpha (0.5) although the hard term
+    # had weight 0 (loss == distillation_loss).
+    x, y = tabular(32)
+    distiller = make_distiller(mlp(8, 2), mlp(32, 1), alpha=0.5)
+    data = tf.data.Dataset.from_tensor_slices(x).batch(16) if as_dataset else x
+    logs = distiller.fit(
+        data, batch_size=None if as_dataset else 16, epochs=2, verbose=0
+    ).history
+    assert logs["alpha"] == [0.0, 0.0]
+    np.testing.assert_allclose(logs["loss"], logs["distillation_loss"], rtol=1e-6)
+    # The compiled alpha is kept, and logged where it is used.
+    assert distiller.alpha == 0.5
+    labeled = distiller.fit(x, y, batch_size=16, epochs=1, verbose=0).history
+    assert labeled["alpha"] == [0.5]
+    np.testing.assert_allclose(
+        labeled["loss"][0],
+        0.5 * labeled["student_loss"][0] + 0.5 * labeled["distillation_loss"][0],
+        rtol=1e-5,
+    )
+
+
 def test_ignore_class_mixes_labeled_and_unlabeled_rows():
     x, y = tabular()
     known = np.arange(len(y)) % 4 == 0

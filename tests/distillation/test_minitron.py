@@ -102,6 +102,53 @@ def test_labels_and_argument_errors(teacher):
         prune_and_distill(teacher, "text", num_layers=1)
 
 
+def _no_shrink(*args, **kwargs):
+    raise AssertionError("the shrink ran before `x` was checked")
+
+
+@pytest.mark.parametrize("packed", [2, 3])
+def test_x_packed_with_labels_is_refused_before_any_work(monkeypatch, packed):
+    # Before: the shrink ran on the tuple (as `shrink_transformer(data=...)`
+    # takes it), then `fit` failed inside Keras ("expects 2 named input(s)
+    # ... received 4 input tensors" for keras-hub models).
+    from keras_stability.pruning import transformer_shrink
+
+    monkeypatch.setattr(transformer_shrink, "_Analysis", _no_shrink)
+    keras.utils.set_random_seed(0)
+    model = build_char_transformer(VOCAB, SEQ, num_blocks=2, hidden_dim=16, num_heads=2)
+    x, y = sequences(16, seed=1)
+    data = (x, y, np.ones(y.shape, "float32"))[:packed]
+    with pytest.raises(ValueError) as info:
+        prune_and_distill(model, data, num_layers=1, verbose=0)
+    assert str(info.value) == (
+        f"Invalid value for argument `x`. Expected the inputs of '{model.name}' "
+        "alone (an array of token ids, or a dict such as keras-hub's "
+        '`{"token_ids", "padding_mask"}`), samples first; pass the labels and '
+        "weights separately: `prune_and_distill(teacher, x, y=y, "
+        "sample_weight=sample_weight, ...)`. Received: x=a tuple of "
+        f"{packed} elements (like "
+        + ("(x, y)" if packed == 2 else "(x, y, sample_weight)")
+        + f"), while '{model.name}' takes a single input"
+    )
+
+
+def test_keras_hub_x_packed_with_labels_is_refused(monkeypatch):
+    pytest.importorskip("keras_hub")  # the `hub` extra
+    from keras_stability.pruning import transformer_shrink
+
+    monkeypatch.setattr(transformer_shrink, "_Analysis", _no_shrink)
+    teacher = tiny_gpt2(VOCAB)
+    ids, y = sequences(16, seed=1)
+    x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid value for argument `x`.*pass the labels and weights "
+        r"separately.*Received: x=a list of 3 elements \(like \(x, y, "
+        r"sample_weight\)\), while 'gpt2_causal_lm\w*' takes a single input",
+    ):
+        prune_and_distill(teacher, [x, y, np.ones(y.shape, "float32")], num_layers=1)
+
+
 def test_gpt2_causal_lm_with_padding_mask():
     pytest.importorskip("keras_hub")  # the `hub` extra
     teacher = tiny_gpt2(VOCAB)
