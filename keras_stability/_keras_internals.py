@@ -300,9 +300,16 @@ def one_garbage_collection():
         collect()
 
 
-def flatten_layers(layer, include_self=True):
-    """`layer` and its sublayers, recursively (Keras' `_flatten_layers`)."""
-    return list(layer._flatten_layers(include_self=include_self))
+def flatten_layers(layer, include_self=True, recursive=True):
+    """`layer` and its sublayers, recursively unless `recursive=False` (the
+    layers it owns directly; Keras' `_flatten_layers`)."""
+    return list(layer._flatten_layers(include_self=include_self, recursive=recursive))
+
+
+def run_through_graph(model, inputs, operation_fn):
+    """Calls a functional model's graph on `inputs` (a flat list), each
+    operation through `operation_fn(operation)` (Keras' `_run_through_graph`)."""
+    return model._run_through_graph(inputs, operation_fn=operation_fn)
 
 
 def is_graph_model(model):
@@ -674,6 +681,86 @@ class _TrainFunctionWrapper:
         original = getattr(model.train_function, "_keras_stability_wrapped", None)
         if original is not None:
             model.train_function = original
+
+
+# --- callbacks: counters printed as integers by every `ProgbarLogger` --------
+#
+# Our callbacks write their counters into the (already converted) logs they
+# are given as `LoggedInt` (below), which reaches only the callbacks after
+# them: the `ProgbarLogger` `fit` adds itself comes last, but one the user
+# lists before them printed floats (`rollbacks: 0.0000e+00`). A value
+# written before the conversion cannot stay a `LoggedInt` (`pythonify_logs`
+# takes `float(value)`). `print_as_integers(model, keys)` wraps
+# `ProgbarLogger._update_progbar` and `_finalize_progbar` (once per process,
+# on the class, so wherever the instance is in the list) to print the
+# model's `keys` as `LoggedInt`; a model not marked is printed as Keras
+# prints it. `restore_progbar_logger()` undoes the wrap.
+
+_INTEGER_LOGS = "_keras_stability_integer_logs"
+_PROGBAR_ORIGINALS = {}
+
+
+def print_as_integers(model, keys):
+    """Makes every `ProgbarLogger` print `model`'s logged `keys` as integers
+    (when whole: `LoggedInt`), wherever it is in the callback list."""
+    names = frozenset(model.__dict__.get(_INTEGER_LOGS, ())) | frozenset(keys)
+    object.__setattr__(model, _INTEGER_LOGS, names)
+    _wrap_progbar_logger()
+
+
+def _with_integers(progbar_logger, logs):
+    """`logs` with the marked keys of the logger's model as `LoggedInt`."""
+    model = getattr(progbar_logger, "_model", None)
+    keys = getattr(model, "__dict__", {}).get(_INTEGER_LOGS)
+    if not keys or not logs:
+        return logs
+    return {
+        k: LoggedInt(v)
+        if k in keys and isinstance(v, (int, float)) and not isinstance(v, bool)
+        else v
+        for k, v in logs.items()
+    }
+
+
+def progbar_logger_patch_targets():
+    """Keras' own methods `print_as_integers` wraps, as `{name: function}`."""
+    from keras.src.callbacks.progbar_logger import ProgbarLogger
+
+    return {
+        name: _PROGBAR_ORIGINALS.get(name) or getattr(ProgbarLogger, name)
+        for name in ("_update_progbar", "_finalize_progbar")
+    }
+
+
+def _wrap_progbar_logger():
+    from keras.src.callbacks.progbar_logger import ProgbarLogger
+
+    if _PROGBAR_ORIGINALS:
+        return
+    update = ProgbarLogger._update_progbar
+    finalize = ProgbarLogger._finalize_progbar
+
+    @functools.wraps(update)
+    def _update_progbar(self, batch, logs=None):
+        return update(self, batch, _with_integers(self, logs))
+
+    @functools.wraps(finalize)
+    def _finalize_progbar(self, logs):
+        return finalize(self, _with_integers(self, logs))
+
+    _PROGBAR_ORIGINALS["_update_progbar"] = update
+    _PROGBAR_ORIGINALS["_finalize_progbar"] = finalize
+    ProgbarLogger._update_progbar = _update_progbar
+    ProgbarLogger._finalize_progbar = _finalize_progbar
+
+
+def restore_progbar_logger():
+    """Puts Keras' own `ProgbarLogger` methods back (see `print_as_integers`)."""
+    from keras.src.callbacks.progbar_logger import ProgbarLogger
+
+    for name, original in _PROGBAR_ORIGINALS.items():
+        setattr(ProgbarLogger, name, original)
+    _PROGBAR_ORIGINALS.clear()
 
 
 class LoggedInt(float):

@@ -580,3 +580,26 @@ def test_keras_collects_garbage_per_deleted_variable_and_quantize_defers_it(
     with _keras_internals.one_garbage_collection():
         pass
     assert len(calls) == 2  # the one on leaving
+
+
+def test_run_through_graph_and_direct_sublayers_are_what_sparse_storage_inlines():
+    import keras
+
+    inner_dense = keras.layers.Dense(3, name="inner_dense")
+    inner_in = keras.Input((4,))
+    inner = keras.Model(inner_in, inner_dense(inner_in), name="inner")
+    x = keras.Input((4,))
+    model = keras.Model(x, keras.layers.Dense(2, name="head")(inner(x)))
+    direct = _keras_internals.flatten_layers(model, include_self=False, recursive=False)
+    assert {"inner", "head"} <= {layer.name for layer in direct}
+    assert inner_dense not in direct  # owned by `inner`, not by `model`
+    called = []
+
+    def operation_fn(operation):
+        called.append(operation.name)
+        return operation
+
+    data = np.ones((2, 4), "float32")
+    out = _keras_internals.run_through_graph(model, [data], operation_fn)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(model(data)), rtol=1e-6)
+    assert called == ["inner", "head"]

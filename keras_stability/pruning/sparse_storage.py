@@ -38,6 +38,8 @@ from keras_stability._checks import check_layer
 from keras_stability._checks import invalid
 from keras_stability._keras_internals import flatten_layers
 from keras_stability._keras_internals import is_graph_model
+from keras_stability.pruning._shared_layers import inline_shared_submodels
+from keras_stability.pruning._shared_layers import shared_layers
 from keras_stability.pruning.quantize import resolve_policy_maps
 
 __all__ = [
@@ -318,6 +320,74 @@ class SparseStorageSequential(_SparseStorageRoot, keras.Sequential):
         super().__init__(*args, **kwargs)
 
 
+_SUPPORTED = (
+    "a Sequential or functional Keras model (keras-hub's GPT-2 and Gemma "
+    "backbones and CausalLMs included)"
+)
+
+
+def _from_own_config(model, layer, cls, min_sparsity=None):
+    """`cls.from_config(layer.get_config())`: the copy of one layer, which
+    is also what `load_model` will build from the saved config."""
+    try:
+        config = layer.get_config()
+        if min_sparsity is not None:
+            config = {**config, "min_sparsity": min_sparsity}
+        return cls.from_config(config)
+    except Exception as error:  # Re-raised with the layer and model named.
+        raise invalid(
+            "model",
+            model,
+            f"{_SUPPORTED} whose layers can be rebuilt from their configs; "
+            f"layer `{layer.name}` ({type(layer).__name__}) cannot be "
+            f"({type(error).__name__}: {error}), so a saved copy could not be "
+            "loaded",
+        ) from error
+
+
+def _functional_root(model, copy, min_sparsity):
+    """The `SparseStorageModel` of a functional copy, with nested models that
+    share a layer with the graph around them inlined.
+
+    A keras-hub CausalLM calls its backbone's `token_embedding` again as its
+    LM head: one layer owned by the backbone and by the outer graph, which
+    `load_model` would rebuild as two, one without weights (see
+    `_shared_layers`). The copy calls the backbone's layers directly instead.
+    """
+    try:
+        outputs, inlined = inline_shared_submodels(copy)
+        if inlined:
+            return SparseStorageModel(
+                copy.input, outputs, name=copy.name, min_sparsity=min_sparsity
+            )
+    except ValueError as error:
+        raise invalid(
+            "model",
+            model,
+            f"{_SUPPORTED} whose nested models that share layers with the "
+            f"graph around them can be inlined into it ({error})",
+        ) from error
+    return SparseStorageModel(
+        copy.input, copy.output, name=copy.name, min_sparsity=min_sparsity
+    )
+
+
+def _check_single_owners(model, root):
+    """Raises the `ValueError` of a copy with a layer that two layers or
+    models own, which `load_model` would rebuild twice (once without weights)."""
+    shared = shared_layers(root)
+    if shared:
+        layer, owners = shared[0]
+        raise invalid(
+            "model",
+            model,
+            f"{_SUPPORTED} in which each layer belongs to one model or "
+            f"layer; layer `{layer.name}` belongs to "
+            + " and ".join(f"`{owner.name}`" for owner in owners)
+            + ", so a saved copy would load it twice, once without weights",
+        )
+
+
 def sparse_storage(model, min_sparsity=0.5):
     """A copy of a model that saves its mostly-zero kernels as bitmap + values.
 
@@ -338,8 +408,11 @@ def sparse_storage(model, min_sparsity=0.5):
     these layers (e.g. keras-hub's `ReversibleEmbedding`, which saves its
     own variables) and quantization modes other than int8. A keras-hub
     backbone given as `model` is copied as a plain functional graph of its
-    layers (what `clone_model` makes of it). The copy is not
-    compiled. Its weights files name top-level layers by their class
+    layers (what `clone_model` makes of it). A keras-hub `CausalLM`, whose
+    LM head is its backbone's `token_embedding` called again, is copied as
+    one functional graph with the backbone's layers inlined (a layer owned
+    by both a nested model and the graph around it would load twice, once
+    without weights). The copy is not compiled. Its weights files name top-level layers by their class
     (`sparse_storage_dense`), so a `.weights.h5` of `model` does not load
     into the copy nor the reverse; `.keras` files carry their classes and
     load either way.
@@ -358,7 +431,11 @@ def sparse_storage(model, min_sparsity=0.5):
     Raises:
         ValueError: If `model` is not a built Sequential or functional
             Keras model (a subclassed model's own code, not its config,
-            creates its layers), or `min_sparsity` is not in [0, 1].
+            creates its layers), if a layer of it cannot be rebuilt from its
+            config (keras-hub 0.32's Llama blocks: their `get_config`
+            fails), if a layer would still belong to two layers or models
+            in the copy, or if `min_sparsity` is not in [0, 1]. A file that
+            `load_model` could not read is never written.
 
     Example:
 
@@ -386,10 +463,8 @@ def sparse_storage(model, min_sparsity=0.5):
     def clone_function(layer):
         sparse_class = _SPARSE_CLASS.get(type(layer))
         if sparse_class is None or layer.quantization_mode not in _MODES:
-            return layer.__class__.from_config(layer.get_config())
-        return sparse_class.from_config(
-            {**layer.get_config(), "min_sparsity": min_sparsity}
-        )
+            return _from_own_config(model, layer, layer.__class__)
+        return _from_own_config(model, layer, sparse_class, min_sparsity)
 
     copy = keras.models.clone_model(
         model, clone_function=clone_function, recursive=True
@@ -398,11 +473,11 @@ def sparse_storage(model, min_sparsity=0.5):
         root = SparseStorageSequential.from_config(
             {**copy.get_config(), "min_sparsity": min_sparsity}
         )
+        root.set_weights(model.get_weights())
     else:
-        root = SparseStorageModel(
-            copy.input, copy.output, name=copy.name, min_sparsity=min_sparsity
-        )
-    root.set_weights(model.get_weights())
+        copy.set_weights(model.get_weights())
+        root = _functional_root(model, copy, min_sparsity)
+    _check_single_owners(model, root)
     _adopt_sublayers(root, min_sparsity)
     left = [
         layer.path or layer.name
