@@ -423,8 +423,11 @@ class GradientMonitor(keras.callbacks.Callback):
             if self.raw_losses
             else float(raw[-1]),
             "grad_norm": float(rows["global_norm"][-1]),
+            # Undefined (nan) unless the largest norm is finite and > 0:
+            # no numpy warning for inf / inf, and no 0 (which would read
+            # as vanishing) for finite / inf.
             "min_layer_grad_ratio": float(np.min(norms[dense]) / largest)
-            if largest > 0
+            if 0 < largest < math.inf
             else math.nan,
         }
         if self.logs_per_layer:

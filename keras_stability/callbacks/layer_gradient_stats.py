@@ -27,10 +27,39 @@ from keras_stability.clipping.base import stacked_squared_norms
 from keras_stability.optimizers import GradientObserver
 from keras_stability.optimizers.guarded_optimizer import state_variable
 
-__all__ = ["LayerGradientStats", "group_variables_by_layer"]
+__all__ = ["LayerGradientStats", "group_variables_by_layer", "log10_abs_histogram"]
 
 # log10|g| histogram range (TensorBoard histograms of gradients).
 HISTOGRAM_RANGE = (-12.0, 4.0)
+
+
+def log10_abs_histogram(values, bins):
+    """Counts of `log10|values|` in `bins` equal bins over `HISTOGRAM_RANGE`.
+
+    Values below the range count in the first bin, above it (and `inf`) in
+    the last; `nan` counts in the last bin too, so the counts always add up
+    to `values`' size. A segment sum of ones with a static number of
+    segments, not `bincount`, whose output length XLA cannot know when
+    compiling (`jit_compile=True`). Memory grows with `values`' size, as
+    with `bincount`, not with `size * bins` as a one-hot sum would; the
+    ones are summed as int32 (a float32 sum would stop growing at 2**24).
+
+    Args:
+        values: Float tensor, any shape.
+        bins: Number of bins, a Python int.
+
+    Returns:
+        A float32 tensor of shape `(bins,)`.
+    """
+    lo, hi = HISTOGRAM_RANGE
+    values = ops.reshape(values, (-1,))
+    logs = ops.log10(ops.abs(values) + 1e-30)
+    idx = ops.floor((logs - lo) / (hi - lo) * bins)
+    # `nan` has no bin: cast to int it is backend-defined (negative on CPU).
+    idx = ops.where(ops.isnan(idx), bins - 1, ops.clip(idx, 0, bins - 1))
+    idx = ops.cast(idx, "int32")
+    counts = ops.segment_sum(ops.ones_like(idx), idx, num_segments=bins)
+    return ops.cast(counts, "float32")
 
 
 def group_variables_by_layer(model):
@@ -425,18 +454,13 @@ class LayerGradientStats(GradientObserver):
         return self.check_freq == 1 and self.anomaly_factor is None
 
     def _histograms(self, grads):
-        lo, hi = HISTOGRAM_RANGE
-        bins = self.histogram_bins
         rows = []
         for m in self._members:
             values = ops.concatenate(
                 [ops.reshape(grads[i], (-1,)) for i in m if grads[i] is not None]
                 or [ops.zeros((1,), "float32")]
             )
-            logs = ops.log10(ops.abs(values) + 1e-30)
-            idx = ops.floor((logs - lo) / (hi - lo) * bins)
-            idx = ops.cast(ops.clip(idx, 0, bins - 1), "int32")
-            rows.append(ops.cast(ops.bincount(idx, minlength=bins), "float32")[:bins])
+            rows.append(log10_abs_histogram(values, self.histogram_bins))
         return ops.stack(rows)
 
     def after_apply(self, variables, skipped=None):
