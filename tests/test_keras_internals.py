@@ -603,3 +603,68 @@ def test_run_through_graph_and_direct_sublayers_are_what_sparse_storage_inlines(
     out = _keras_internals.run_through_graph(model, [data], operation_fn)
     np.testing.assert_allclose(np.asarray(out), np.asarray(model(data)), rtol=1e-6)
     assert called == ["inner", "head"]
+
+
+def test_applying_optimizer_is_the_optimizer_whose_apply_runs_the_constraints():
+    import keras
+
+    seen = []
+
+    class Record(keras.constraints.Constraint):
+        def __call__(self, w):
+            seen.append(_keras_internals.applying_optimizer())
+            return w
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(2, kernel_constraint=Record())]
+    )
+    optimizer = keras.optimizers.SGD(0.1)
+    model.compile(optimizer, "mse", run_eagerly=True)
+    model.fit(np.ones((4, 3)), np.ones((4, 2)), verbose=0, epochs=1)
+    assert seen and all(o is optimizer for o in seen)
+    assert _keras_internals.applying_optimizer() is None  # outside `apply`
+
+
+# SHA-256 of the `ProgbarLogger` methods `print_as_integers` wraps, as in Keras
+# 3.15.1. When this test fails, Keras changed them: check they still take the
+# logs they print as their last argument, and update the digests.
+PROGBAR_LOGGER_PINNED = {
+    "_update_progbar": "c23660c0a745e7e83fd6f26933c434d54d41332e3db21adf27d2cae71b738f32",
+    "_finalize_progbar": "2ff21c1f8242c01abe8ea98ccaad5dbe1f1264f4915aee61c011e2d2a6882663",
+}
+
+
+def test_progbar_logger_wrapped_code_is_unchanged_upstream():
+    import keras
+
+    digests = {
+        name: _keras_internals.source_digest(fn)
+        for name, fn in _keras_internals.progbar_logger_patch_targets().items()
+    }
+    assert digests == PROGBAR_LOGGER_PINNED, (
+        "Keras changed ProgbarLogger code that keras_stability wraps "
+        f"(Keras {keras.__version__}); see keras_stability/_keras_internals.py."
+    )
+
+
+def test_print_as_integers_only_changes_the_marked_models_keys():
+    import io
+    from contextlib import redirect_stdout
+
+    from keras.src.callbacks.progbar_logger import ProgbarLogger
+
+    def printed(model):
+        logger = ProgbarLogger()
+        logger.set_model(model)
+        logger.set_params({"verbose": 2, "epochs": 1, "steps": 1})
+        out = io.StringIO()
+        with redirect_stdout(out):
+            logger.on_epoch_begin(0)
+            logger.on_epoch_end(0, {"count": 0.0, "other": 0.0, "loss": 2.0})
+        return out.getvalue()
+
+    marked, other = _tiny_model(), _tiny_model()
+    _keras_internals.print_as_integers(marked, ("count",))
+    assert "count: 0 - other: 0.0000e+00 - loss: 2.0000" in printed(marked)
+    assert "count: 0.0000e+00" in printed(other)

@@ -8,7 +8,6 @@ from keras_stability import clipping as clipping_module
 from keras_stability._checks import check_bool
 from keras_stability._checks import check_verbose
 from keras_stability.callbacks.step_logs import StepLogs
-from keras_stability.callbacks.step_logs import tracker_loss_logs
 from keras_stability.optimizers.attach import check_optimizer_argument
 from keras_stability.optimizers.attach import ensure_guarded
 from keras_stability.optimizers.attach import find_guard
@@ -27,55 +26,30 @@ _SKIP_COUNTERS = (
 )
 
 
-def _tracker_state(model):
-    """In the step, before `train_step`: the loss tracker's totals."""
-    tracker = _keras_internals.loss_tracker(model)
-    if tracker is None:
-        return ()
-    return (ops.add(tracker.total, 0.0), ops.add(tracker.count, 0.0))
-
-
-def _statistics(model, optimizer, which=None, log=True):
+def _statistics(model, optimizer, which=None):
     """The guard's statistics as logged, read in the compiled step.
 
-    A step the guard skipped is taken back out of Keras' loss tracker (the
-    running mean of the logged `loss`) and the logged `loss` recomputed, so
-    the loss of the batch and epoch logs is the mean over the applied steps,
-    as with `GradientExplosionDetector`: one skipped NaN step does not make
-    it NaN (nor set off `TerminateOnNaN`), and with no step applied yet it
-    is NaN (Keras' `Mean` would give 0.0). Only when the step updated that
-    tracker: a custom `train_step`'s own `loss` is left alone.
+    (A step the guard skipped leaves Keras' loss tracker, and the logged
+    `loss` is the mean over the applied steps: `StepLogs` does it once per
+    step for all our callbacks, `step_logs.drop_skipped_step`.)
 
     Nothing once `model` was compiled again with another optimizer: the
     wrapped `train_step` stays on the model, and is traced again then.
     """
 
-    def values(state=(), logs=None):
+    def values():
         if find_guard(model, which) is not optimizer:
             return {}
-        tracker = _keras_internals.loss_tracker(model)
-        new = {}
-        if state and tracker is not None:
-            skipped = ops.greater(optimizer.last_step_skipped, 0)
-            used = ops.greater(tracker.count, state[1])  # Keras' train_step
-            tracker.total.assign(ops.where(skipped, state[0], tracker.total))
-            tracker.count.assign(ops.where(skipped, state[1], tracker.count))
-            new.update(tracker_loss_logs(tracker, logs, used))
-        if not log:
-            return new
 
         def read(name):
             return ops.cast(getattr(optimizer, name), "float32")
 
-        new.update(
-            {
-                "grad_norm": read("grad_norm"),
-                "clip_threshold": read("clip_threshold"),
-                "steps_clipped": read("steps_clipped"),
-                "steps_skipped": sum(read(name) for name in _SKIP_COUNTERS),
-            }
-        )
-        return new
+        return {
+            "grad_norm": read("grad_norm"),
+            "clip_threshold": read("clip_threshold"),
+            "steps_clipped": read("steps_clipped"),
+            "steps_skipped": sum(read(name) for name in _SKIP_COUNTERS),
+        }
 
     return values
 
@@ -186,10 +160,13 @@ class AdaptiveClipping(keras.callbacks.Callback):
             optimizer=attribute,
         )
         step_logs = StepLogs.of(model)
+        # Without statistics, no values: the step still takes the skipped
+        # steps out of Keras' epoch loss (`StepLogs`).
         if step_logs.set_graph_values(
             ("AdaptiveClipping", id(self.guard), self.log_statistics),
-            _statistics(model, self.guard, attribute, self.log_statistics),
-            before=lambda data: _tracker_state(model),
+            _statistics(model, self.guard, attribute)
+            if self.log_statistics
+            else lambda: {},
             owner=self,
         ):
             model.make_train_function(force=True)

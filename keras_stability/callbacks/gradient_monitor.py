@@ -83,7 +83,10 @@ class GradientMonitor(keras.callbacks.Callback):
     (rounded up to a multiple of `check_freq`), after the last step of each
     epoch and at the end of training, and on `flush()`; the monitor also
     keeps the raw loss of each step (Keras' logged `loss` is the running
-    epoch mean). On each read it:
+    epoch mean). The optimizer is wrapped in a `GuardedOptimizer`, which
+    skips steps with non-finite gradients; a skipped step's loss is left out
+    of the logged `loss` (the mean of the applied steps, as with
+    `AdaptiveClipping` and `GradientExplosionDetector`). On each read it:
 
     - adds `raw_loss`, `grad_norm` (global, pre-clip), `min_layer_grad_ratio`
       (smallest layer norm over the largest) and, if `logs_per_layer`,

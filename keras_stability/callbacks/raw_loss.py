@@ -5,8 +5,10 @@ which hides a single bad batch. The model's loss tracker (a `Mean` metric)
 holds the running `total` (sum of batch loss times batch size) and `count`
 (samples); the raw loss of a batch is the change of `total` over the change
 of `count`. To avoid a host read per step, the tracker is read only at the
-first and last batch of an epoch (and after anything non-finite); in between
-`total` is rebuilt from the logged mean, as batches there have equal sizes.
+first and last batch of an epoch (and after anything non-finite, or a logged
+mean that did not move: a step the guard skipped, taken back out of the
+tracker in the step); in between `total` is rebuilt from the logged mean, as
+batches there have equal sizes.
 """
 
 import math
@@ -112,6 +114,7 @@ class RawLossTracker:
         self._before = (0.0, 0.0)
         self._batch_size = None
         self._index = 0
+        self._mean = None  # the logged mean of the last update
 
     def update(self, logs, exact=False):
         """Returns the raw loss of the batch just trained (NaN if unknown).
@@ -122,6 +125,10 @@ class RawLossTracker:
         """
         self._index += 1
         mean = float((logs or {}).get("loss", math.nan))
+        # A mean that did not move: most likely a step taken back out of
+        # the tracker (`step_logs.drop_skipped_step`), which adds no batch.
+        unmoved = mean == self._mean
+        self._mean = mean
         self._before = (self._total, self._count)
         tracker = self._tracker()
         if tracker is not None and self.source not in (None, "loss_tracker"):
@@ -133,6 +140,7 @@ class RawLossTracker:
             or self._index >= self.steps_per_epoch
             or not math.isfinite(mean)
             or not math.isfinite(self._total)
+            or unmoved
         )
         if tracker is not None and exact:
             total = float(np.asarray(tracker.total.numpy()))
@@ -152,9 +160,19 @@ class RawLossTracker:
             count = self._count + size
             total = mean * count
         delta = count - self._count
-        raw = (total - self._total) / delta if delta > 0 else math.nan
+        if delta > 0:
+            raw = (total - self._total) / delta
+        else:  # taken out of the tracker (skipped): the loss the guard saw
+            raw = self._guard_loss()
         self._total, self._count = total, count
         return raw
+
+    def _guard_loss(self):
+        """The loss the model's guard saw in the last step (NaN if none)."""
+        guard = find_guard(self.model)
+        if guard is None or guard.loss_seen is None or not int(guard.loss_seen.numpy()):
+            return math.nan
+        return float(guard.step_loss.numpy())
 
     def _without_tracker(self, logs, mean):
         guard = find_guard(self.model)

@@ -19,6 +19,11 @@ there instead, by one of two routes:
 `StepLogs.of(model)` is the one instance per model, shared by all our
 callbacks on it, with the step and epoch bookkeeping they need and the raw
 loss of the last call, computed once.
+
+It also owns the one correction of Keras' epoch loss: a step the model's
+`GuardedOptimizer` skipped is taken back out of Keras' loss tracker in the
+compiled step (`drop_skipped_step`), once, whichever of our callbacks are in
+the `fit` and in whatever order.
 """
 
 import math
@@ -30,8 +35,13 @@ from keras import ops
 from keras_stability import _keras_internals
 from keras_stability._keras_internals import LoggedInt
 from keras_stability.callbacks.raw_loss import RawLossTracker
+from keras_stability.optimizers.attach import find_guard
 
-__all__ = ["LoggedInt", "StepLogs", "counts"]
+__all__ = ["COUNTS", "LoggedInt", "StepLogs", "counts", "drop_skipped_step"]
+
+# The counters our callbacks log: every Keras progress bar of a model they
+# are on prints them as integers, wherever it is in the callback list.
+COUNTS = ("rollbacks", "skipped_batches", "steps_clipped", "steps_skipped")
 
 
 def counts(values):
@@ -92,6 +102,7 @@ class StepLogs:
         self._set_owners = {}  # id(owner) -> weakref, of `_graph_sets`
         # id(owner) -> (weakref, class, config, state): see `_adopt_absent`.
         self._handover = {}
+        _keras_internals.print_as_integers(model, COUNTS)
 
     # -- who is in this fit -----------------------------------------------
     def expect(self, owner):
@@ -268,6 +279,13 @@ class StepLogs:
             self._warned_no_loss = False
         self._hooks[id(owner)] = hook
         _keras_internals.add_train_function_hook(self.model, self._after_call)
+        # The step takes the guard's skipped steps out of Keras' epoch loss
+        # (`drop_skipped_step`), for an owner with no in-graph values too.
+        if (
+            self._wrap_graph_sets()
+            and getattr(self.model, "train_function", None) is not None
+        ):
+            self.model.make_train_function(force=True)
 
     def detach(self, owner):
         """Removes `owner`'s hook (from `on_train_end`); the model's train
@@ -363,22 +381,30 @@ class StepLogs:
         return self._wrap_graph_sets()
 
     def _wrap_graph_sets(self):
-        """Wraps the model's `train_step` with every owner's values."""
+        """Wraps the model's `train_step` with every owner's values, then
+        `drop_skipped_step` (once, after them all: they see Keras' loss
+        tracker as the model's `train_step` left it)."""
+        model = self.model
         entries = list(self.__dict__.get("_graph_sets", {}).values())
-        combined_key = tuple(entry[0] for entry in entries)
+        combined_key = ("drop_skipped_step",) + tuple(entry[0] for entry in entries)
 
         def before_all(data):
-            return [
+            return [tracker_totals(model)] + [
                 entry[2](data) if entry[2] is not None else None for entry in entries
             ]
 
         def values_all(states, logs):
+            totals, states = states[0], states[1:]
             new = {}
             for (_, fn, fn_before), state in zip(entries, states, strict=True):
                 merged = dict(logs) if isinstance(logs, dict) else logs
                 if isinstance(merged, dict):
                     merged.update(new)
                 new.update(fn(state, merged) if fn_before is not None else fn())
+            merged = dict(logs) if isinstance(logs, dict) else logs
+            if isinstance(merged, dict):
+                merged.update(new)
+            new.update(drop_skipped_step(model, totals, merged))
             return new
 
         return _keras_internals.wrap_train_step(
@@ -402,6 +428,53 @@ def _same_config(a, b):
         return bool(a == b)
     except Exception:  # values without a truth value (e.g. NumPy arrays)
         return False
+
+
+def tracker_totals(model):
+    """In the step, before `train_step`: Keras' loss tracker's `(total,
+    count)`, read once each (`None` when the model has no loss tracker)."""
+    tracker = _keras_internals.loss_tracker(model)
+    if tracker is None:
+        return None
+    return (
+        _keras_internals.read(tracker.total),
+        _keras_internals.read(tracker.count),
+    )
+
+
+def drop_skipped_step(model, before, logs):
+    """In the step, after `train_step`: a skipped step leaves Keras' epoch loss.
+
+    When the model's `GuardedOptimizer` skipped the step (for any reason:
+    non-finite gradients, a spike, at a callback's request) and the step
+    updated Keras' loss tracker (Keras' own `train_step`; a custom one's own
+    `Mean` is left alone), the tracker goes back to its totals before the
+    step (`before`, from `tracker_totals`) and the logged `loss` is the mean
+    over the applied steps (`tracker_loss_logs`): one skipped NaN step does
+    not make the epoch's `loss` NaN (nor set off `TerminateOnNaN`). The one
+    place this is done (`StepLogs` runs it once per step, after every
+    callback's values), so it happens once whichever of our callbacks are in
+    the `fit`, in whatever order.
+
+    Returns:
+        `{"loss": tensor}`, or `{}` (no loss tracker, no guard, or no
+        `loss` in `logs`).
+    """
+    tracker = _keras_internals.loss_tracker(model)
+    guard = find_guard(model)
+    skipped = getattr(guard, "last_step_skipped", None)
+    if before is None or tracker is None or skipped is None:
+        return {}
+    total_before, count_before = before
+    total_after = _keras_internals.read(tracker.total)
+    count_after = _keras_internals.read(tracker.count)
+    used = ops.greater(count_after, count_before)
+    drop = ops.logical_and(ops.greater(_keras_internals.read(skipped), 0), used)
+    total = ops.where(drop, total_before, total_after)
+    count = ops.where(drop, count_before, count_after)
+    tracker.total.assign(total)
+    tracker.count.assign(count)
+    return tracker_loss_logs(tracker, logs, used, total, count)
 
 
 def tracker_loss_logs(tracker, logs, used, total=None, count=None):

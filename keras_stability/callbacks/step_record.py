@@ -15,7 +15,6 @@ import numpy as np
 from keras import ops
 
 from keras_stability import _keras_internals
-from keras_stability.callbacks.step_logs import tracker_loss_logs
 from keras_stability.optimizers.attach import find_guard
 from keras_stability.optimizers.guarded_optimizer import state_variable
 
@@ -168,15 +167,15 @@ def record_values(model, guard, attribute, record):
             ops.logical_and(skipped, finite), ops.greater(guard.tripped, 0)
         )
         used = ops.greater(count_after, count_before)  # Keras' own train_step
-        dropped = ops.logical_and(ops.logical_or(nonfinite, held), used)
+        # A step not applied leaves the epoch's mean loss: `StepLogs` takes it
+        # out of Keras' loss tracker after this (`step_logs.drop_skipped_step`,
+        # once for all our callbacks, on `model.optimizer`'s guard), so the
+        # host need not rewind it.
+        if find_guard(model) is guard:
+            dropped = ops.logical_and(skipped, used)
+        else:  # a guard on another optimizer: the host rewinds the step
+            dropped = ops.zeros((), "bool")
         new = {}
-        if tracker is not None:
-            # A step not applied leaves the epoch's mean loss (in-graph).
-            total = ops.where(dropped, total_before, total_after)
-            count = ops.where(dropped, count_before, count_after)
-            tracker.total.assign(total)
-            tracker.count.assign(count)
-            new.update(tracker_loss_logs(tracker, logs, used, total, count))
         loss, seen = guard.step_loss_info()
         # The raw loss: the loss the guard saw in `scale_loss` (the mean over
         # replicas, the same on each), else the change of Keras' loss tracker
