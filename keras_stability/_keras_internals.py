@@ -312,6 +312,25 @@ def run_through_graph(model, inputs, operation_fn):
     return model._run_through_graph(inputs, operation_fn=operation_fn)
 
 
+def applying_optimizer():
+    """The Keras optimizer whose `apply` is running now, or `None`.
+
+    `Optimizer.apply` opens `keras.name_scope(self.name, caller=self)`
+    around the update and the constraints; the innermost scope opened by an
+    optimizer is the one applying (under a `LossScaleOptimizer` or a
+    `GuardedOptimizer`, the inner one, whose `iterations` they report).
+    Keras keeps that stack, per thread, in its private global state.
+    """
+    from keras.src.backend.common import global_state
+
+    stack = global_state.get_global_attribute("name_scope_stack") or []
+    for scope in reversed(stack):
+        caller = getattr(scope, "caller", None)
+        if isinstance(caller, keras.optimizers.Optimizer):
+            return caller
+    return None
+
+
 def is_graph_model(model):
     """Whether `model` is a Sequential or functional model, the kinds that
     `keras.models.clone_model` rebuilds layer by layer (Keras' `Functional`)."""

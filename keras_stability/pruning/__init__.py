@@ -3,7 +3,8 @@
 `prune_low_magnitude(model, schedule)` prunes Sequential, functional and
 subclassed models in place; `strip_pruning` removes the machinery;
 `sparsity_report` and `PruningSummaries` show the sparsity; `quantize` applies
-Keras' int8 so that the `.keras` file reloads (zeros stay zeros) and
+Keras' int8 so that the `.keras` file reloads (zeros stay zeros;
+`resolve_policy_maps` lets the reloaded model save again) and
 `compressed_size` gives the gzip bytes of the weights; `sparse_storage`
 makes a copy that saves its mostly-zero kernels as a bitmap of non-zeros
 plus the non-zero values, at any depth (a smaller file, the same model: a
@@ -13,7 +14,8 @@ plus the non-zero values, at any depth (a smaller file, the same model: a
 whole units and filters for a smaller, faster model; `shrink_transformer`
 removes attention heads, FFN units, hidden channels and blocks of a
 transformer language model (ours or keras-hub's). `UpdatePruningStep` is
-accepted as a no-op so that TF-MOT code runs with only its import changed.
+accepted so that TF-MOT code runs with only its import changed; training is
+the same without it.
 
 `PolynomialDecay` and `ConstantSparsity` are TF-MOT's own schedule classes
 (subclassed only to check their arguments in Keras' form), imported on first
@@ -32,6 +34,7 @@ from keras_stability.pruning.pruner import find_pruner
 from keras_stability.pruning.pruner import find_pruners
 from keras_stability.pruning.quantize import compressed_size
 from keras_stability.pruning.quantize import quantize
+from keras_stability.pruning.quantize import resolve_policy_maps
 from keras_stability.pruning.shrink import shrink
 from keras_stability.pruning.shrink import shrink_plan
 from keras_stability.pruning.sparse_storage import SparseStorageDense
@@ -71,6 +74,7 @@ __all__ = [
     "prunable_weights",
     "prune_low_magnitude",
     "quantize",
+    "resolve_policy_maps",
     "schedules",
     "shrink",
     "shrink_plan",

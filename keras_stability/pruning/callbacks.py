@@ -1,11 +1,13 @@
-"""`UpdatePruningStep`: TF-MOT's callback, accepted as a no-op, and the fit checks.
+"""`UpdatePruningStep`: TF-MOT's callback, accepted for ported code, and the fit checks.
 
-Our pruning advances its step inside the compiled train step (see
-`keras_stability.pruning.pruner`), so TF-MOT's mandatory callback has nothing
-to do here. It exists so that code written for TF-MOT runs with only its
-import changed, and it (like `PruningSummaries`) reports what can only be
-seen around a `fit`: a `fit` too short for the schedule to reach its target,
-and a schedule that returned a sparsity outside [0, 1) in training.
+Our pruning advances its step inside the compiled train step, and a run
+restored from a backup continues its step from the optimizer's by itself
+(see `keras_stability.pruning.pruner`), so TF-MOT's mandatory callback
+changes nothing in training here. It exists so that code written for TF-MOT
+runs with only its import changed, and it (like `PruningSummaries`) reports
+what can only be seen around a `fit`: a `fit` too short for the schedule to
+reach its target, and a schedule that returned a sparsity outside [0, 1) in
+training.
 """
 
 import warnings
@@ -44,24 +46,25 @@ def check_fit_end(callback, pruner):
 
 @keras.saving.register_keras_serializable(package="keras_stability")
 class UpdatePruningStep(keras.callbacks.Callback):
-    """TF-MOT's `UpdatePruningStep`, accepted for ported code; the step needs no callback.
+    """TF-MOT's `UpdatePruningStep`, accepted for ported code; training needs no callback.
 
     `keras_stability.pruning` updates the pruning step and the masks inside
-    the compiled train step, so `fit` works the same with or without this
-    callback. Keeping it (as the TF-MOT pruning guide does) costs nothing
-    and adds three things:
+    the compiled train step, and a run restored from a backup continues its
+    step from the optimizer's `iterations` by itself, so training is the
+    same with or without this callback. Keeping it (as the TF-MOT pruning
+    guide does) costs nothing and adds two checks:
 
     - at the start of `fit`, a warning if the `fit` (epochs x steps per
       epoch, when known) ends before the schedule's `end_step`, e.g.
       `end_step=1000` in a 50-step `fit`, which would end far below the
-      target sparsity;
+      target sparsity, or if no pruning step falls within the `fit`;
     - at the end of each epoch and of `fit`, an error if the schedule
       returned a sparsity outside [0, 1) (refused in the train step), and at
-      the end of `fit` a warning if the masks are below the target sparsity;
-    - at the first batch, a run restored from a backup
-      (`keras.callbacks.BackupAndRestore`, which brings back the weights and
-      the optimizer) continues its pruning step and masks from there
-      (`Pruner.resume`) instead of starting the schedule over.
+      the end of `fit` a warning if the masks are below the target sparsity.
+
+    (With `run_eagerly=True` it also resumes a restored run at the first
+    batch, before any update, which the pruner itself only sees after the
+    first update; compiled, the pruner resumes before it by itself.)
 
     On a model that is not pruned it warns (and does nothing else): with
     TF-MOT a pruned model reloaded from a file is still pruned, here it is
@@ -102,9 +105,11 @@ class UpdatePruningStep(keras.callbacks.Callback):
             )
 
     def on_train_batch_begin(self, batch, logs=None):
-        # Once a fit, after every callback's `on_train_begin`: a backup
-        # restored there (`keras.callbacks.BackupAndRestore`, in any order
-        # in the list) brought back the optimizer but not the pruning step.
+        # Once a fit, after every callback's `on_train_begin` (where
+        # `keras.callbacks.BackupAndRestore` restores, in any order in the
+        # list). Only matters for a train step run eagerly: a compiled one
+        # resumes when it is traced (`Pruner.check_restored`), and then
+        # this finds the pruner already stepped and changes nothing.
         pruners, self._resume = self._resume, []
         optimizer = getattr(self.model, "optimizer", None)
         for pruner in pruners if optimizer is not None else ():

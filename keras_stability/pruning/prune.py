@@ -15,11 +15,12 @@ from keras_stability.pruning.pruner import MaskConstraint
 from keras_stability.pruning.pruner import Pruner
 from keras_stability.pruning.pruner import check_pruning_arguments
 from keras_stability.pruning.pruner import find_pruner
+from keras_stability.pruning.pruner import reset_train_function
 
 __all__ = ["prunable_weights", "prune_low_magnitude"]
 
 # The weights TF-MOT prunes (its `prune_registry`), by Keras 3 class.
-_PRUNABLE = (
+PRUNABLE = (
     (keras.layers.Dense, ("kernel",)),
     (keras.layers.EinsumDense, ("kernel",)),
     (keras.layers.Embedding, ("embeddings",)),
@@ -114,7 +115,7 @@ def _prunable(to_prune, filters):
     found = []
     seen = set()
     for layer in _all_layers(to_prune):
-        for cls, names in _PRUNABLE:
+        for cls, names in PRUNABLE:
             if isinstance(layer, cls):
                 for name in names:
                     variable = getattr(layer, name, None)
@@ -154,12 +155,23 @@ def prune_low_magnitude(
     is multiplied by its mask (see `keras_stability.pruning.pruner`).
 
     Call it after the model is built and before `fit` (inside the
-    `strategy.scope()` if the model was made in one). Compile as usual. No
-    callback is needed; `UpdatePruningStep` is accepted (a no-op, for code
-    ported from TF-MOT). With it or `PruningSummaries` in `fit`, a warning
-    says when the `fit` is too short for the schedule to reach its target
-    sparsity (e.g. `end_step=1000` in a 50-step `fit`); `strip_pruning`
-    warns likewise if the target was not reached.
+    `strategy.scope()` if the model was made in one). Compile as usual; a
+    model that has trained already has its train step traced again at the
+    next `fit` (a model that trains it from outside, e.g. a Distiller whose
+    student it is, must be compiled again). No callback is needed:
+    `UpdatePruningStep` is accepted for code ported from TF-MOT, and
+    training is the same without it. With it or `PruningSummaries` in
+    `fit`, a warning says when the `fit` is too short for the schedule to
+    reach its target sparsity (e.g. `end_step=1000` in a 50-step `fit`);
+    `strip_pruning` warns likewise if the target was not reached.
+
+    The step and masks are not saved with the weights, the optimizer's
+    `iterations` is: a run restored with its optimizer
+    (`keras.callbacks.BackupAndRestore`, or `load_weights` into the
+    compiled model once its optimizer is built) continues its pruning step
+    from there and its masks from the restored zeros, when the train step
+    is first traced. Weights loaded without the optimizer's count get a
+    warning that the schedule starts over.
 
     Args:
         to_prune: A built Keras model, or a Keras layer. A layer that is
@@ -385,6 +397,8 @@ def _prune_built(
         pruner.start_iterations = int(_keras_internals.to_numpy(optimizer.iterations))
     if not initial_step:
         _warn_if_resuming(to_prune, variables)
+    # A train step traced before has no mask constraints: trace it again.
+    reset_train_function(to_prune)
 
 
 def _check_initial_step(value):

@@ -19,6 +19,17 @@ outside `optimizer.apply`, that is outside training steps. A model's config is
 left untouched (the constraint lives on the variable, not in the layer
 config), so a saved `.keras` file is a plain Keras model with the zeros in it.
 
+The step and masks are not saved with the weights; the optimizer's
+`iterations` is. So when the train step is traced (once per compiled train
+function; every step when run eagerly), the first pruned variable's
+constraint checks on the host, before any update, whether the weights and
+the optimizer were restored under a pruner that has not stepped yet
+(`keras.callbacks.BackupAndRestore`, `load_weights` into a compiled model):
+then the step continues from the optimizer's `iterations` and the masks
+from the restored zeros (`Pruner.resume`), with or without a callback. If
+restored zeros come without the optimizer's count (`load_weights` before the
+optimizer was built), it warns that the schedule starts over.
+
 Hook for an optimizer wrapper: `Pruner.after_apply(variables, skipped)` does
 the same work, for wrappers that call observers in-graph after each update
 instead (e.g. a guarded optimizer that may skip a step). Use one or the other:
@@ -42,6 +53,8 @@ from keras_stability._checks import is_integer
 from keras_stability.pruning import masks as masks_lib
 from keras_stability.pruning.schedules import call_schedule
 from keras_stability.pruning.schedules import last_pruning_step
+from keras_stability.pruning.schedules import next_pruning_step
+from keras_stability.pruning.schedules import previous_pruning_step
 from keras_stability.pruning.schedules import sparsity_at
 from keras_stability.pruning.schedules import steps_to_target
 from keras_stability.pruning.schedules import valid_sparsity
@@ -53,6 +66,7 @@ __all__ = [
     "check_pruning_arguments",
     "find_pruner",
     "find_pruners",
+    "reset_train_function",
 ]
 
 # A final sparsity this far below the target counts as "not reached" (TF-MOT's
@@ -189,6 +203,8 @@ class Pruner:
         # this step) continues from it (`resume`).
         self.start_iterations = 0
         self._warned = {}
+        self._warned_unmasked = False
+        self._stepped = False  # seen stepped by `check_restored`
         with _strategy_scope(self.variables[0]):
             # `only_first_replica`: every replica computes the same values
             # from the same (synchronised) weights; the first one is written.
@@ -324,21 +340,24 @@ class Pruner:
                 not advance the pruning step. Defaults to `False`.
         """
         del variables
+        self.check_restored()
         self.update_masks(remask_others=False, skipped=skipped)
         self.apply_masks()
 
     def resume(self, iterations):
         """Continues the pruning step from an optimizer restored under it.
 
-        `keras.callbacks.BackupAndRestore` (and this library's) restore the
-        weights and the optimizer of an interrupted run into a model pruned
-        afresh: its step would start over (the schedule again from its
+        A backup (`keras.callbacks.BackupAndRestore`, this library's) or a
+        weights file loaded into a compiled model brings back the weights
+        and the optimizer of an interrupted run, not this pruner's step and
+        masks: its step would start over (the schedule again from its
         start, ending below the target) and its masks, made from the fresh
         weights, would let the pruned weights grow back. If this pruner has
         not stepped yet and `iterations` (the restored optimizer's) is past
         `start_iterations`, the step becomes `initial_step` plus the updates
         made since, and the masks are made again from the restored weights'
-        zeros. Otherwise nothing changes.
+        zeros. Otherwise nothing changes. `check_restored` calls it when
+        the train step is traced, so a `fit` needs no callback for this.
 
         Args:
             iterations: The optimizer's update count now (an integer or an
@@ -348,10 +367,8 @@ class Pruner:
             The new step, or `None` if nothing changed.
         """
         iterations = int(_keras_internals.to_numpy(iterations))
-        step = int(_keras_internals.to_numpy(self.step))
-        last = float(_keras_internals.to_numpy(self.last_sparsity))
         ahead = iterations - self.start_iterations
-        if step != self.initial_step or last >= 0 or ahead <= 0:
+        if not self._fresh() or ahead <= 0:
             return None
         with _strategy_scope(self.step):
             self.step.assign(self.initial_step + ahead)
@@ -365,6 +382,111 @@ class Pruner:
                 # As if the masks had been computed at that sparsity.
                 self.last_sparsity.assign(zeros / size)
         return self.initial_step + ahead
+
+    def check_restored(self):
+        """Host check before the first update: a restored run continues.
+
+        Called by the first pruned variable's constraint (and `after_apply`)
+        when the train step is traced, on the host (`tf.init_scope`): it
+        reads and writes the variables' values before the traced step first
+        runs. Only a pruner that has not stepped yet does anything:
+
+        - if the optimizer applying the update has a restored step count
+          (`iterations` past `start_iterations`), it calls `resume`;
+        - otherwise, if at least 1% of the pruned weights are zeros that
+          the masks keep (weights loaded after pruning, e.g.
+          `load_weights` into a model whose optimizer was not built yet,
+          which Keras then leaves at 0 updates), it warns that the schedule
+          starts over.
+
+        A train step run eagerly (`run_eagerly=True`) calls it after the
+        first update, when the restored zeros are gone: then only the step
+        continues, with a warning (`UpdatePruningStep` resumes it exactly,
+        at the first batch).
+
+        Returns:
+            The new step if the run was resumed, else `None`.
+        """
+        if self._stepped or keras.backend.backend() != "tensorflow":
+            return None
+        import tensorflow as tf
+
+        optimizer = _keras_internals.applying_optimizer()
+        traced = tf.inside_function()
+        with tf.init_scope():
+            if not self._fresh():
+                self._stepped = True  # the step only grows: never again
+                return None
+            iterations = None
+            if optimizer is not None:
+                iterations = int(_keras_internals.to_numpy(optimizer.iterations))
+                step = (
+                    self.resume(iterations)
+                    if traced
+                    else self._resume_step_eagerly(iterations)
+                )
+                if step is not None:
+                    return step
+            if traced:
+                self._warn_if_unmasked_zeros(iterations)
+        return None
+
+    def _resume_step_eagerly(self, iterations):
+        """`resume` after the first update: the step only, with a warning."""
+        ahead = iterations - self.start_iterations
+        if ahead <= 0:
+            return None
+        step = self.initial_step + ahead
+        with _strategy_scope(self.step):
+            self.step.assign(step)
+        warnings.warn(
+            "The pruned model's weights and optimizer were restored (the "
+            f"optimizer has taken {iterations} updates) and its train step "
+            "runs eagerly (`run_eagerly=True`), where the pruning constraint "
+            "first runs after the first update: the pruning step continues "
+            f"from {step}, but the restored zeros have moved by then, so the "
+            "masks could not be restored and pruned weights can grow back "
+            "until the next pruning step. For an exact resume, add "
+            "`keras_stability.pruning.UpdatePruningStep()` to the callbacks "
+            "(it resumes at the first batch, before any update) or do not "
+            "run eagerly.",
+            stacklevel=2,
+        )
+        return step
+
+    def _fresh(self):
+        """Whether this pruner has neither stepped nor computed a mask."""
+        step = int(_keras_internals.to_numpy(self.step))
+        last = float(_keras_internals.to_numpy(self.last_sparsity))
+        return step == self.initial_step and last < 0
+
+    def _warn_if_unmasked_zeros(self, iterations):
+        if self._warned_unmasked:
+            return
+        zeros = size = 0
+        for variable, mask in zip(self.variables, self.masks, strict=True):
+            value = np.asarray(_keras_internals.to_numpy(variable))
+            kept = np.asarray(_keras_internals.to_numpy(mask)) != 0
+            zeros += int(np.sum((value == 0) & kept))
+            size += int(value.size)
+        if zeros / max(size, 1) < 0.01:
+            return
+        self._warned_unmasked = True
+        count = "" if iterations is None else f" (it has taken {iterations} updates)"
+        warnings.warn(
+            f"The pruned weights are {zeros / size:.0%} zeros that the pruning "
+            "masks do not hold: weights loaded after `prune_low_magnitude` "
+            "(e.g. `model.load_weights` of a checkpoint of a pruning run), "
+            "without the optimizer's step count"
+            f"{count}. The pruning step starts at {self.initial_step}, so the "
+            "schedule starts over and those zeros can grow back. To continue "
+            "the run, build the optimizer before loading the weights "
+            "(`model.optimizer.build(model.trainable_variables)`): "
+            "`load_weights` then restores its `iterations`, from which "
+            "pruning continues. Or load the weights first and prune with "
+            "`prune_low_magnitude(model, schedule, initial_step=...)`.",
+            stacklevel=2,
+        )
 
     def target_sparsity(self):
         """The schedule's sparsity at the current step, as a float tensor."""
@@ -423,14 +545,39 @@ class Pruner:
         end, target, what = found
         if last >= end:
             return None
-        reached = sparsity_at(self.pruning_schedule, last)
-        message = (
-            f"The pruning schedule reaches its target sparsity {target:.4g} at "
-            f"step {end} ({what}), but this `fit` runs {fit_steps} steps, to "
-            f"step {last}, where the schedule's sparsity is only {reached:.4g}. "
-            f"Make the schedule reach its target by step {last} or train for "
-            "more steps."
-        )
+        pruned_at = previous_pruning_step(self.pruning_schedule, last)
+        upcoming = next_pruning_step(self.pruning_schedule, step)
+        if upcoming is not None and (pruned_at is None or pruned_at <= step):
+            # TF-MOT's default `frequency=100` in a short `fit`.
+            masks = float(_keras_internals.to_numpy(self.last_sparsity))
+            state = (
+                "the model ends it unpruned"
+                if masks < 0
+                else f"the masks stay at sparsity {masks:.4g}"
+            )
+            message = (
+                "The pruning schedule has no pruning step within this `fit`: "
+                f"the `fit` runs {fit_steps} steps, to step {last}, and the "
+                f"schedule's next pruning step is step {upcoming} (pruning "
+                "steps are `begin_step + k * frequency`, counting optimizer "
+                "updates from 1), so the masks are not updated in this `fit` "
+                f"and {state}. The schedule reaches its target sparsity "
+                f"{target:.4g} at step {end} ({what}). Use a smaller "
+                "`frequency` or train for more steps."
+            )
+        else:
+            if pruned_at is None:
+                where = "where the schedule's sparsity is only"
+                reached = sparsity_at(self.pruning_schedule, last)
+            else:
+                where = f"whose last pruning step, {pruned_at}, prunes to only"
+                reached = sparsity_at(self.pruning_schedule, pruned_at)
+            message = (
+                f"The pruning schedule reaches its target sparsity {target:.4g} "
+                f"at step {end} ({what}), but this `fit` runs {fit_steps} steps, "
+                f"to step {last}, {where} {reached:.4g}. Make the schedule "
+                f"reach its target by step {last} or train for more steps."
+            )
         self._warn(message, key, step)
         return message
 
@@ -483,8 +630,7 @@ class Pruner:
                 "or train for more steps."
             )
         message = (
-            f"The pruning schedule {where}, but after {step} training steps "
-            f"{state}. {fix}"
+            f"The pruning schedule {where}, but at pruning step {step} {state}. {fix}"
         )
         self._warn(message, key, step)
         return message
@@ -529,6 +675,7 @@ class MaskConstraint(keras.constraints.Constraint):
         if self.inner is not None:
             w = self.inner(w)
         if self.index == 0:
+            self.pruner.check_restored()
             self.pruner.update_masks(remask_others=True)
         return w * self.pruner.masks[self.index]
 
@@ -581,6 +728,27 @@ def find_pruners(model):
                 break
             constraint = getattr(constraint, "inner", None)
     return found
+
+
+def reset_train_function(model):
+    """Drops a model's compiled train step, so that the next `fit` traces it again.
+
+    Keras reads each variable's `constraint` when it traces the train step
+    and keeps the traced function (`model.train_function`) until the model
+    is compiled again. Putting the mask constraints on (`prune_low_magnitude`)
+    or taking them off (`strip_pruning`) after a `fit` would otherwise not
+    reach the next `fit`: it would train dense, or keep masking and stepping
+    the detached pruner. The evaluation and prediction functions read no
+    constraint and are kept.
+
+    Args:
+        model: A Keras model or layer (a layer has no train step: nothing to do).
+    """
+    if (
+        isinstance(model, keras.Model)
+        and getattr(model, "train_function", None) is not None
+    ):
+        model.train_function = None
 
 
 def _in_strategy_replica_context():

@@ -24,7 +24,7 @@ from keras_stability._checks import invalid
 from keras_stability._keras_internals import flatten_layers
 from keras_stability._keras_internals import one_garbage_collection
 
-__all__ = ["compressed_size", "quantize"]
+__all__ = ["compressed_size", "quantize", "resolve_policy_maps"]
 
 MODES = ("int8",)
 
@@ -43,7 +43,8 @@ def quantize(model, mode="int8", filters=None):
     Known limit (Keras 3.15): a model loaded from such a file predicts, but
     saving it again fails in Keras' `Embedding.save_own_variables` (it reads
     the quantization mode of the map's default, float32, not of its own
-    path); call `resolve_policy_maps` on the loaded model first.
+    path); call `keras_stability.pruning.resolve_policy_maps` on the loaded
+    model first.
 
     Args:
         model: A built Keras model (e.g. pruned, then `strip_pruning`).
@@ -104,12 +105,30 @@ def resolve_policy_maps(model):
     the sublayers of the model it quantized) the model saves again. The
     outer layers keep the map, so the saved config does not change.
 
+    Call it on a model loaded from the `.keras` file of a `quantize`d model
+    with quantized sublayers (a transformer, a keras-hub LM) before saving
+    it again; a model that needs nothing is left as it is.
+
     Args:
         model: A built Keras model.
 
     Returns:
         `model`, changed in place.
+
+    Raises:
+        ValueError: If `model` is not a built Keras model.
+
+    Example:
+
+    ```python
+    loaded = keras.models.load_model("quantized.keras")
+    keras_stability.pruning.resolve_policy_maps(loaded)
+    loaded.save("again.keras")
+    ```
     """
+    if not isinstance(model, keras.Model):
+        raise invalid("model", model, "a built Keras model")
+    check_layer("model", model, built=True)
     for layer in flatten_layers(model, include_self=False):
         policy = layer._dtype_policy
         if isinstance(policy, keras.dtype_policies.DTypePolicyMap) and (

@@ -21,6 +21,8 @@ from keras_stability._checks import is_integer
 __all__ = [
     "call_schedule",
     "last_pruning_step",
+    "next_pruning_step",
+    "previous_pruning_step",
     "probe_steps",
     "steps_to_target",
     "valid_sparsity",
@@ -106,6 +108,57 @@ def last_pruning_step(schedule):
     begin, end, frequency = steps
     last = begin + (end - begin) // frequency * frequency
     return last if last >= 1 else None
+
+
+def _pruning_turns(schedule):
+    """`(begin_step, end_step or None, frequency)` of a TF-MOT-style schedule.
+
+    As `_pruning_steps`, but also for `end_step == -1` (pruning forever,
+    `None` here); `None` without such integers.
+    """
+    begin = _int_attribute(schedule, "begin_step")
+    end = _int_attribute(schedule, "end_step")
+    frequency = _int_attribute(schedule, "frequency")
+    if begin is None or end is None or frequency is None or frequency < 1:
+        return None
+    return begin, (end if end >= 0 else None), frequency
+
+
+def next_pruning_step(schedule, step):
+    """The first pruning step after `step` of a TF-MOT-style schedule.
+
+    Pruning steps are `begin_step + k * frequency`, from 1 (they count
+    optimizer updates), up to `end_step` unless it is -1.
+
+    Returns:
+        The step, or `None` if there is none after `step` or the schedule
+        has no `begin_step`, `end_step` and `frequency`.
+    """
+    turns = _pruning_turns(schedule)
+    if turns is None:
+        return None
+    begin, end, frequency = turns
+    low = max(step + 1, begin, 1)
+    found = begin + -(-(low - begin) // frequency) * frequency
+    return None if end is not None and found > end else found
+
+
+def previous_pruning_step(schedule, step):
+    """The last pruning step at or before `step` (see `next_pruning_step`).
+
+    Returns:
+        The step, or `None` if there is none up to `step` or the schedule
+        has no `begin_step`, `end_step` and `frequency`.
+    """
+    turns = _pruning_turns(schedule)
+    if turns is None:
+        return None
+    begin, end, frequency = turns
+    high = step if end is None else min(step, end)
+    if high < max(begin, 1):
+        return None
+    found = begin + (high - begin) // frequency * frequency
+    return found if found >= 1 else None
 
 
 def probe_steps(schedule):

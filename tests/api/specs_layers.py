@@ -759,6 +759,11 @@ PRUNING_CASES = [
         bad={"model": NOT_MODELS},
     ),
     Case(
+        pruning.resolve_policy_maps,
+        kwargs=lambda: {"model": _prunable()},
+        bad={"model": [*NOT_MODELS, _unbuilt(), keras.layers.Dense(2)]},
+    ),
+    Case(
         pruning.quantize,
         kwargs=lambda: {"model": _prunable()},
         bad={

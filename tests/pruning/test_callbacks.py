@@ -1,5 +1,5 @@
-"""UpdatePruningStep (TF-MOT's callback, a no-op here), fit-length warnings,
-and schedules whose sparsity leaves [0, 1) during training."""
+"""UpdatePruningStep (TF-MOT's callback; training is the same without it),
+fit-length warnings, and schedules whose sparsity leaves [0, 1) during training."""
 
 import tempfile
 import warnings
@@ -47,15 +47,16 @@ def test_warns_when_the_fit_ends_before_end_step(make_callback):
         _model(), pruning.PolynomialDecay(0.0, 0.8, begin_step=0, end_step=1000)
     )
     messages = _fit(model, steps=50, callbacks=[make_callback()])
-    assert len(messages) == 1, messages
-    assert messages[0].startswith(
-        "The pruning schedule reaches its target sparsity 0.8 at step 1000 (its "
-        "`end_step`), but this `fit` runs 50 steps, to step 50, where the "
-        "schedule's sparsity is only"
-    )
-    assert messages[0].endswith(
-        "Make the schedule reach its target by step 50 or train for more steps."
-    )
+    # TF-MOT's default frequency=100: the first pruning step is after the fit.
+    assert messages == [
+        "The pruning schedule has no pruning step within this `fit`: the `fit` "
+        "runs 50 steps, to step 50, and the schedule's next pruning step is step "
+        "100 (pruning steps are `begin_step + k * frequency`, counting optimizer "
+        "updates from 1), so the masks are not updated in this `fit` and the "
+        "model ends it unpruned. The schedule reaches its target sparsity 0.8 at "
+        "step 1000 (its `end_step`). Use a smaller `frequency` or train for more "
+        "steps."
+    ]
     assert pruning.sparsity_report(model)["total"] == 0.0  # frequency 100: never pruned
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -97,10 +98,45 @@ def test_both_callbacks_warn_once_and_strip_warns_without_callbacks():
     messages = [str(w.message) for w in caught if "pruning schedule" in str(w.message)]
     assert messages == [
         "The pruning schedule reaches its target sparsity 0.5 at step 100 (its first "
-        "pruning step, from `begin_step` and `frequency`), but after 20 training "
-        "steps no mask was computed yet. Make the schedule reach its target within "
+        "pruning step, from `begin_step` and `frequency`), but at pruning step 20 "
+        "no mask was computed yet. Make the schedule reach its target within "
         "the training steps or train for more steps."
     ]
+
+
+def test_constant_sparsity_with_tfmot_default_frequency_in_a_short_fit():
+    # bug_3: the warning said the sparsity "is only 0.5" (the target) while
+    # no pruning step (the first is 100) fell in the 6-step fit.
+    model = pruning.prune_low_magnitude(_model(), pruning.ConstantSparsity(0.5, 0))
+    messages = _fit(model, steps=6, callbacks=[pruning.UpdatePruningStep()])
+    assert messages == [
+        "The pruning schedule has no pruning step within this `fit`: the `fit` "
+        "runs 6 steps, to step 6, and the schedule's next pruning step is step "
+        "100 (pruning steps are `begin_step + k * frequency`, counting optimizer "
+        "updates from 1), so the masks are not updated in this `fit` and the "
+        "model ends it unpruned. The schedule reaches its target sparsity 0.5 at "
+        "step 100 (its first pruning step, from `begin_step` and `frequency`). "
+        "Use a smaller `frequency` or train for more steps."
+    ]
+    assert pruning.sparsity_report(model)["total"] == 0.0
+
+
+def test_a_fit_too_short_names_its_last_pruning_step_and_its_sparsity():
+    # Pruning steps 20 and 40 fall in the 50-step fit; the masks end at the
+    # schedule's sparsity of step 40, not of step 50.
+    schedule = pruning.PolynomialDecay(
+        0.0, 0.8, begin_step=0, end_step=100, frequency=20
+    )
+    model = pruning.prune_low_magnitude(_model(), schedule)
+    messages = _fit(model, steps=50, callbacks=[pruning.UpdatePruningStep()])
+    at_40 = 0.8 * (1 - (1 - 40 / 100) ** 3)
+    assert messages == [
+        "The pruning schedule reaches its target sparsity 0.8 at step 100 (its "
+        "`end_step`), but this `fit` runs 50 steps, to step 50, whose last pruning "
+        f"step, 40, prunes to only {at_40:.4g}. Make the schedule reach its target "
+        "by step 50 or train for more steps."
+    ]
+    assert pruning.sparsity_report(model)["total"] == pytest.approx(at_40, abs=0.01)
 
 
 def test_update_pruning_step_is_a_no_op_for_the_step_and_masks():

@@ -247,6 +247,42 @@ def test_strip_pruning_keeps_zeros_and_predictions(tmp_path):
     assert pruning.sparsity_report(stripped)["total"] < report["total"] - 0.3
 
 
+def test_fit_after_strip_pruning_trains_dense_without_compiling_again():
+    # bug_1: the train step traced while pruning kept the mask constraints,
+    # so a `fit` after `strip_pruning` (same compile) went on masking and
+    # stepping the detached pruner; compiling again trained dense.
+    model = _sequential()
+    pruning.prune_low_magnitude(model, pruning.ConstantSparsity(0.5, 0, frequency=1))
+    _fit(model, steps=2)
+    pruner = pruning.find_pruner(model)
+    assert pruning.strip_pruning(model) is model  # in place, not a copy
+    assert pruning.sparsity_report(model)["total"] == 0.5
+    x, y = _data(n=16)
+    model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    assert int(pruner.step.numpy()) == 2  # the detached pruner did not step
+    kernels = [layer.kernel.numpy() for layer in model.layers]
+    assert all(np.mean(k == 0) < 0.1 for k in kernels)  # trained dense
+    # The same as a model compiled again after `strip_pruning`.
+    other = _sequential()
+    pruning.prune_low_magnitude(other, pruning.ConstantSparsity(0.5, 0, frequency=1))
+    _fit(other, steps=2)
+    pruning.strip_pruning(other)
+    other.compile(optimizer=other.optimizer, loss="mse")
+    other.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    for a, b in zip(model.get_weights(), other.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_pruning_a_model_that_has_trained_takes_effect_at_the_next_fit():
+    # The other way round: a train step traced before `prune_low_magnitude`
+    # had no mask constraints, and the next `fit` trained dense.
+    model = _fit(_sequential(), steps=2)
+    pruning.prune_low_magnitude(model, pruning.ConstantSparsity(0.5, 0, frequency=1))
+    model.fit(*_data(n=16), batch_size=8, verbose=0)
+    assert int(pruning.find_pruner(model).step.numpy()) == 2
+    _check_masks_are_magnitude_masks(model, 0.5)
+
+
 def test_keras_file_of_a_pruned_model_holds_the_masked_weights(tmp_path):
     model = _sequential()
     pruning.prune_low_magnitude(model, pruning.ConstantSparsity(0.5, 0, frequency=1))
@@ -378,6 +414,12 @@ def test_pruned_student_inside_keras_distiller():
     assert first == 0.75 and second == 0.75
     for a, b in zip(teacher_before, teacher.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+    # Stripped through the Distiller, whose train step held the constraints,
+    # the student trains on dense at the Distiller's next `fit`.
+    assert pruning.strip_pruning(distiller) is distiller
+    assert pruning.find_pruner(student) is None
+    distiller.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert pruning.sparsity_report(student)["total"] < 0.1
 
 
 def test_pruned_copy_of_the_teacher_distilled_by_our_distiller():

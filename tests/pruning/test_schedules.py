@@ -144,3 +144,30 @@ def test_tfmot_only_names_say_what_to_use_instead():
         pruning.PrunableLayer  # noqa: B018
     with pytest.raises(AttributeError, match="no attribute 'nothing'$"):
         pruning.nothing  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    "schedule, step, previous, following",
+    [
+        # TF-MOT's default frequency=100 from step 0: the first turn is 100.
+        (lambda: pruning.ConstantSparsity(0.5, 0), 6, None, 100),
+        (lambda: pruning.ConstantSparsity(0.5, 0), 250, 200, 300),
+        (lambda: pruning.ConstantSparsity(0.5, 5, frequency=10), 4, None, 5),
+        (lambda: pruning.ConstantSparsity(0.5, 5, frequency=10), 15, 15, 25),
+        (lambda: pruning.PolynomialDecay(0.0, 0.8, 0, 30, frequency=20), 35, 20, None),
+        (lambda: pruning.PolynomialDecay(0.0, 0.8, 0, 40, frequency=10), 40, 40, None),
+    ],
+)
+def test_previous_and_next_pruning_steps(schedule, step, previous, following):
+    schedule = schedule()
+    assert schedules.previous_pruning_step(schedule, step) == previous
+    assert schedules.next_pruning_step(schedule, step) == following
+    # The same as asking the schedule itself, step by step.
+    turns = [
+        s
+        for s in range(1, 400)
+        if bool(schedules.call_schedule(schedule, keras.ops.convert_to_tensor(s))[0])
+    ]
+    assert previous == max([s for s in turns if s <= step], default=None)
+    assert following == min([s for s in turns if s > step], default=None)
+    assert schedules.next_pruning_step(lambda s: (True, 0.5), step) is None
