@@ -102,10 +102,11 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
       that leaves the model stuck at its starting loss, a failed recovery),
       rolls back: the last healthy snapshot of the weights and optimizer
       state is restored, the learning rate multiplied by `lr_factor` and
-      the next `skip_batches` updates skipped. Before a rollback for a rise
-      or a stall, the snapshot and the current weights are compared on the
-      same next batches, and nothing is rolled back when the data made the
-      loss rise (an unshuffled time series: `"rollback_declined"`). After
+      the next `skip_batches` updates skipped. Before a rollback for a rise,
+      a stall or non-finite steps in a row, the snapshot and the current
+      weights are compared on the same next batches, and nothing is rolled
+      back when the data was at fault (an unshuffled time series, a run of
+      NaN batches: `"rollback_declined"`). After
       a rollback the recovery is checked and a lower rate probed
       (`check_recovery`, `probe_lower_lr`; `keras_stability.callbacks.recovery`);
     - after `max_rollbacks` rollbacks it stops, restoring the best finite
@@ -120,8 +121,9 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
     whether it was skipped) in an in-graph ring buffer; the host reads it
     every `check_every` batches and at each epoch end, and after every batch
     while something is being decided. Meanwhile the guard's trip flag holds
-    back every step after a non-finite loss or too many non-finite steps in
-    a row, so nothing bad is applied before the host looks. `raw_loss`,
+    back every step after a non-finite loss with finite gradients or too
+    many non-finite steps in a row, so nothing bad is applied before the
+    host looks (a lone NaN batch is skipped without holding the next ones). `raw_loss`,
     `rollbacks` and `skipped_batches` reach every callback's logs, whatever
     the order of the callbacks. With `steps_per_execution > 1` it looks
     after each execution and judges the execution's mean loss.
@@ -589,12 +591,12 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         Each step writes one row (`ROW`: the loss the guard saw, the
         pre-clip global norm, whether it was skipped as non-finite or held
         by the trip flag, Keras' loss tracker before and after it) into a
-        ring buffer of `check_every` rows, and takes a skipped or held step
-        back out of Keras' loss tracker (so the epoch's `loss` stays the
-        mean of the applied steps, with no host involvement). The guard's
-        trip flag (`GuardedOptimizer.set_trip`) holds back every step after
+        ring buffer of `check_every` rows (a skipped step leaves Keras' loss
+        tracker in the step itself, by `StepLogs`, whichever of our
+        callbacks are on the model). The guard's trip flag
+        (`GuardedOptimizer.set_trip`) holds back every step after more than
         `max_consecutive_skips` non-finite steps in a row or a non-finite
-        loss, until the host looks. Both stay in the step after `fit` (a
+        loss with finite gradients, until the host looks. Both stay in the step after `fit` (a
         later `fit` does not retrace); the trip is turned off at the end of
         each `fit`.
         """
@@ -1033,7 +1035,8 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             return Problem(
                 "rising",
                 f"loss rising: {self._bad_streak} of the last {len(self._bad_window)} "
-                f"steps bad (loss spikes or non-finite steps), the last: {spike}",
+                f"steps bad (loss spikes or non-finite steps)"
+                + (f", the last: {spike}" if spike is not None else ""),
             )
         divergence = None if self._level_rules_off else self._diverging()
         if divergence is not None:

@@ -18,19 +18,22 @@ detector, whose state it keeps (`snapshot`, `best`, `_pending`,
   a row and warns about the rest; `"rollback"` rolls back, after
   `max_rollbacks` rollbacks it stops.
 - **The paired comparison** (`_start_trial`, `_finish_trial`): before a
-  rollback for a rise (the loss climbing, regressing or diverging) or a
-  stall, the compiled step also scores each of the next `skip_batches`
+  rollback for a rise (the loss climbing, regressing or diverging), a stall
+  or a run of non-finite steps (`NONFINITE_RUNS`: skipped, so the weights
+  did not change; the batches may have been NaN), the compiled step also scores each of the next `skip_batches`
   batches at the snapshot's weights (a stateless forward pass on a device
   copy of them, traced into the step at the first comparison), while
   training goes on. The detector rolls back only if the snapshot's median
   loss on the same batches is below `UNDO_FACTOR_RISE` (0.9) times the
-  current weights' after a rise, `UNDO_FACTOR` (1.5) after a stall or an
+  current weights' after a rise or a non-finite run (a batch the current
+  weights score non-finite counts for the snapshot), `UNDO_FACTOR` (1.5)
+  after a stall or an
   explosion left at the starting loss; those batches then stand for the
   skipped updates. Otherwise the data, not the weights, made the loss rise
   (an unshuffled time series): nothing is rolled back, a warning and an
-  event of kind `"rollback_declined"` (`rollbacks_declined`), and the rules
-  that compare the loss with its start or a snapshot are off for the rest
-  of the `fit`. Without a compiled loss (a custom `train_step` with its
+  event of kind `"rollback_declined"` (`rollbacks_declined`), and, after a
+  rise or a stall, the rules that compare the loss with its start or a
+  snapshot are off for the rest of the `fit`. Without a compiled loss (a custom `train_step` with its
   own) there is no comparison: the rollback acts at once and is undone
   (`"rollback_undone"`, `rollbacks_undone`) when the restored weights'
   median loss on the skipped batches is as many times that of the weights
@@ -127,9 +130,8 @@ PLATEAU_FLOOR = 1.0
 # left were broken, and the restored ones must do clearly better: 0.9x or
 # more undoes it (the battery's rises measure 0.00001-0.64x; a seasonal
 # series whose rise sets off "loss rising" just after a snapshot, 0.97x).
-# Never after non-finite steps: the guard skipped them, the weights did not
-# change, and the escalation to a rollback is the point (optax's
-# `apply_if_finite`).
+# Not after a non-finite loss or a run of bad steps: the escalation to a
+# rollback is the point there (optax's `apply_if_finite`).
 UNDO_FACTOR = 1.5
 UNDO_FACTOR_RISE = 0.9
 # What the detector found, by kind; the kind decides what is done about it
@@ -143,9 +145,19 @@ RISES = ("rising", "regressing", "diverging")
 # Keras example at SGD(5), batch 64. A comparison that measures nothing
 # leaves it to the stall.
 STALLS = ("stalled", "exploded", "recovery_failed")
+# More than `max_consecutive_skips` non-finite steps in a row escalate to a
+# rollback (optax's `apply_if_finite`), but the guard skipped them: the
+# weights did not change, and a run of NaN batches in the data (4 in a row
+# once an epoch) rolled back to an old snapshot every epoch, lowered the
+# rate 10x each time and ended at the untrained weights. So the snapshot and
+# the current weights are compared on the next batches first, as for a
+# rise: the rollback goes on when the current weights score them non-finite
+# or clearly worse (below 0.9x), and is declined when they score them
+# finitely and no worse (the NaNs were the data's).
+NONFINITE_RUNS = ("nonfinite_in_a_row",)
 PROBLEM_KINDS = ("nonfinite_in_a_row", "bad_steps", "nonfinite_loss", *RISES, *STALLS)
 UNDO_FACTORS = {
-    **dict.fromkeys(RISES, UNDO_FACTOR_RISE),
+    **dict.fromkeys(RISES + NONFINITE_RUNS, UNDO_FACTOR_RISE),
     **dict.fromkeys(STALLS, UNDO_FACTOR),
 }
 
@@ -228,6 +240,7 @@ class _Trial:
     event: dict | None  # the problem's event
     pairs: list = dataclasses.field(default_factory=list)  # (current, snapshot)
     rows: int = 0
+    nonfinite: int = 0  # rows skipped as non-finite during the comparison
 
 
 class RecoveryMixin:
@@ -336,7 +349,9 @@ class RecoveryMixin:
         # snapshot losses (`reference`) measured them, and nothing is skipped.
         abandoned = None
         recent = [v for v in self._recent if math.isfinite(v)]
-        factor = problem.undo_factor
+        # Non-finite steps were skipped: the weights they left are no better
+        # state to return to, so such a rollback is never undone.
+        factor = None if problem.kind in NONFINITE_RUNS else problem.undo_factor
         if (
             not compared
             and factor is not None
@@ -484,6 +499,7 @@ class RecoveryMixin:
         """One judged row during a comparison: its pair of losses, if any."""
         trial = self._trial
         trial.rows += 1
+        trial.nonfinite += int(row[ROW["nonfinite"]] > 0)
         snapshot = row[ROW["trial_snapshot"]]
         if not math.isnan(snapshot):  # computed (the flag was up)
             trial.pairs.append((row[ROW["trial_current"]], snapshot))
@@ -491,11 +507,22 @@ class RecoveryMixin:
             len(trial.pairs) >= self.skip_batches
             # the step could not score the snapshot: roll back now
             or trial.shadow.failed is not None
+            # the non-finite steps go on: the escalation stands
+            or self._nonfinite_goes_on(trial)
             # rows of the look that started it hold none; the step may
             # compute none (variables added since): decide without
             or trial.rows >= 2 * self.skip_batches + self.check_every
         ):
             self._finish_trial(logs)
+
+    def _nonfinite_goes_on(self, trial):
+        """Whether a comparison for a run of non-finite steps has seen more
+        of them: more than half of `skip_batches` non-finite again (the
+        weights, or the data, still give nothing to train on)."""
+        return (
+            trial.problem.kind in NONFINITE_RUNS
+            and trial.nonfinite > self.skip_batches // 2
+        )
 
     def _end_trial(self):
         trial, self._trial = self._trial, None
@@ -518,7 +545,8 @@ class RecoveryMixin:
         after it, if one comes, decides.
         """
         trial = self._end_trial()
-        ratio = paired_ratio(trial.pairs)
+        goes_on = self._nonfinite_goes_on(trial)
+        ratio = None if goes_on else paired_ratio(trial.pairs)
         if ratio is None and trial.problem.kind == "exploded":
             # Nothing measured: no rollback; the stall after it decides.
             if trial.event is not None:
@@ -528,6 +556,11 @@ class RecoveryMixin:
         norm = self.grad_norms[-1] if self.grad_norms else trial.norm
         if ratio is None or not ratio > trial.problem.undo_factor:
             problem = trial.problem
+            if goes_on:
+                problem = problem.detailed(
+                    f"; the non-finite steps went on ({trial.nonfinite} of the "
+                    f"next {trial.rows})"
+                )
             if ratio is not None:
                 problem = problem.detailed(
                     f"; confirmed on the next {len(trial.pairs)} batches: the "
@@ -549,18 +582,29 @@ class RecoveryMixin:
                 self.events[-1].update(paired_ratio=json_float(ratio))
             return
         self.rollbacks_declined += 1
-        self._level_rules_off = True
-        self._exploded_at = None
-        detail = (
+        compared = (
             f"rollback declined: on the {len(trial.pairs)} batches after "
             f'"{trial.problem}", the snapshot of step {self.snapshot.step} '
             f"scored {ratio:.3g}x the current weights' loss (median over the "
-            f"batches; a rollback needs below {trial.problem.undo_factor:g}x): the loss rose "
-            "with the data, not with the weights (an unshuffled or drifting "
-            "stream?). Training goes on from the current weights; the rules "
-            "that compare the loss with its start or a snapshot are off for the "
-            "rest of this fit"
+            f"batches; a rollback needs below {trial.problem.undo_factor:g}x): "
         )
+        if trial.problem.kind in NONFINITE_RUNS:
+            # The weights did not change (the steps were skipped) and score
+            # the next batches finitely: the batches were non-finite.
+            detail = compared + (
+                "the non-finite steps came from the data, not from the weights "
+                "(they were skipped; the weights are unchanged). Training goes on "
+                "from the current weights"
+            )
+        else:
+            self._level_rules_off = True
+            self._exploded_at = None
+            detail = compared + (
+                "the loss rose with the data, not with the weights (an unshuffled "
+                "or drifting stream?). Training goes on from the current weights; "
+                "the rules that compare the loss with its start or a snapshot are "
+                "off for the rest of this fit"
+            )
         self._event("rollback_declined", raw, norm, detail)
         self.events[-1].update(
             action="none",

@@ -30,7 +30,8 @@ failure, so a spike is never rolled back for:
 **Problems** need sustained evidence, which a healthy run never shows:
 
 - a non-finite loss, or more than `max_consecutive_skips` non-finite steps
-  in a row (each skipped in-graph);
+  in a row (each skipped in-graph; before rolling back for them the
+  detector checks that the weights, not the batches, are at fault);
 - `rising`: more than `max_consecutive_skips` bad steps (loss spikes,
   non-finite steps) among the last `2 * (max_consecutive_skips + 1)`, with
   a non-finite step among them, the good ones after the first bad one at

@@ -485,8 +485,10 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         """Holds back every step, in-graph, after a failure the host must see.
 
         With a trip set, the guard raises its trip flag (`tripped`) at a step
-        whose loss (as seen by `scale_loss`) is non-finite, or that makes
-        more than `max_consecutive_nonfinite` non-finite steps in a row;
+        whose loss (as seen by `scale_loss`) is non-finite while its
+        gradients are finite (an update that would be applied; a step with
+        non-finite gradients is skipped anyway), or that makes more than
+        `max_consecutive_nonfinite` non-finite steps in a row;
         from that step on every step is skipped (counted in
         `steps_skipped_requested`) until the host calls `clear_trip()`. A
         callback that looks at the guard only every few steps
@@ -547,6 +549,12 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         limit = _keras_internals.read(record.trip_limit)  # one read, two uses
         run = ops.where(finite, 0, ops.add(record.nonfinite_run.value, 1))
         bad_loss = ops.logical_and(loss_seen, ops.logical_not(ops.isfinite(loss)))
+        if self.skip_nonfinite:
+            # A step with non-finite gradients is skipped here anyway (a NaN
+            # batch); only a non-finite loss whose update would be applied
+            # needs the host. Tripping on every NaN batch held back the
+            # healthy batches after it until the next look.
+            bad_loss = ops.logical_and(bad_loss, finite)
         tripped = ops.logical_or(
             ops.greater(record.tripped.value, 0),
             ops.logical_and(

@@ -124,8 +124,9 @@ def test_a_problem_is_acted_on_by_its_kind_not_its_message():
     assert rise.undo_factor == 0.9 and str(rise) == rise.message
     assert Problem("stalled", "x").undo_factor == 1.5
     assert Problem("exploded", "x").undo_factor == 1.5
-    # Non-finite steps are never compared nor undone: the guard skipped them.
-    assert Problem("nonfinite_in_a_row", "x").undo_factor is None
+    # A run of skipped non-finite steps is compared like a rise (the data
+    # may be at fault), a non-finite loss that was applied is not.
+    assert Problem("nonfinite_in_a_row", "x").undo_factor == 0.9
     assert Problem("nonfinite_loss", "x").undo_factor is None
     # A message that reads like another kind changes nothing.
     assert Problem("bad_steps", "loss rising: reworded").undo_factor is None
@@ -692,9 +693,17 @@ def test_all_nan_data_stops_after_max_rollbacks_with_last_good_weights(tmp_path)
     assert history.history["loss"] and all(
         math.isnan(v) for v in history.history["loss"]
     )
-    # 3 non-finite steps in a row -> rollback, twice; the third time it stops.
+    # 3 non-finite steps in a row -> the snapshot and the current weights
+    # compared on the next batches, which are non-finite again (3 of 3):
+    # rollback, twice; the third time it stops.
     assert detector.rollbacks == 2
-    assert detector.step == 9 and model.stop_training
+    assert detector.step == 15 and model.stop_training
+    rollbacks = [e for e in detector.events if e.get("action") == "rollback"]
+    assert [e["step"] for e in rollbacks] == [6, 12]
+    assert all(
+        "the non-finite steps went on (3 of the next 3)" in e["detail"]
+        for e in rollbacks
+    )
     assert (
         "3 non-finite steps in a row after 2 rollbacks (max_rollbacks=2)"
         in detector.stopped_reason
@@ -706,9 +715,9 @@ def test_all_nan_data_stops_after_max_rollbacks_with_last_good_weights(tmp_path)
         np.testing.assert_array_equal(w, w0)
     with open(path) as f:
         diagnostic = json.load(f)
-    assert diagnostic["step"] == 9 and diagnostic["rollbacks"] == 2
+    assert diagnostic["step"] == 15 and diagnostic["rollbacks"] == 2
     assert diagnostic["restored_step"] == 0
-    assert len(diagnostic["loss_history"]) == 9
+    assert len(diagnostic["loss_history"]) == 15
     norms = diagnostic["per_layer_grad_norms"]
     assert list(norms) == [layer.name for layer in model.layers]
     # NaN inputs: the first layer's kernel gradient is NaN (ReLU maps NaN to 0
@@ -2066,12 +2075,16 @@ class _BatchLogs(keras.callbacks.Callback):
 def test_every_step_the_guard_skips_counts_once_in_skipped_batches(
     steps_per_execution,
 ):
-    # Four NaN batches in a row (steps 13-16 of each epoch) make a rollback. Besides the
-    # four non-finite steps, the guard skips steps the detector asked for
-    # (`steps_skipped_requested`): the `skip_batches` updates after the
-    # rollback and, with one batch per call, the steps its trip flag held
-    # back until the next look (steps 17-20; the look is at step 20).
-    # `skipped_batches` counted only the non-finite and spike skips.
+    # Four NaN batches in a row (steps 13-16 of each epoch) are a problem.
+    # With one batch per call the snapshot and the current weights are
+    # compared on the next batches, which are fine: the rollback is declined
+    # (the NaNs were the data's). With two per call (no comparison) it rolls
+    # back. Besides the four non-finite steps, the guard skips steps the
+    # detector asked for (`steps_skipped_requested`): the `skip_batches`
+    # updates after a rollback and, with one batch per call, the steps its
+    # trip flag held back until the next look (steps 17-20 in the first
+    # epoch; the look is at step 20). `skipped_batches` counted only the
+    # non-finite and spike skips.
     x, y = _data(400)
     x = x.copy()
     x[12 * 16 : 16 * 16] = np.nan
@@ -2094,12 +2107,16 @@ def test_every_step_the_guard_skips_counts_once_in_skipped_batches(
     nonfinite = int(guard.steps_skipped_nonfinite.numpy())
     requested = int(guard.steps_skipped_requested.numpy())
     spikes = int(guard.steps_skipped_spike.numpy())
-    # One rollback an epoch; in the first, with one batch per call, the
-    # trip held 4 steps (17-20) before the look that rolled back.
-    assert detector.rollbacks == 2 and detector.stopped_reason is None
+    # One problem an epoch; in the first, with one batch per call, the
+    # trip held 4 steps (17-20) before the look that found it.
+    assert detector.stopped_reason is None
+    if steps_per_execution == 1:
+        assert detector.rollbacks == 0 and detector.rollbacks_declined == 2
+        assert requested == 4
+    else:
+        assert detector.rollbacks == 2
+        assert requested == 2 * detector.skip_batches
     assert nonfinite == 8  # the four NaN batches, in each epoch
-    held = 4 if steps_per_execution == 1 else 0
-    assert requested == 2 * detector.skip_batches + held
     assert detector.skipped_batches == nonfinite + requested + spikes
     # By cause, each step once.
     assert detector.skipped_nonfinite == nonfinite
@@ -2115,3 +2132,64 @@ def test_every_step_the_guard_skips_counts_once_in_skipped_batches(
     assert history.history["skipped_batches"][-1] == detector.skipped_batches
     assert logged.skipped[-1] == detector.skipped_batches
     assert logged.skipped == sorted(logged.skipped)  # never counted back down
+
+
+def test_a_rise_seen_at_a_step_that_is_no_spike_names_no_last_spike():
+    # Adam(1.0) on the Keras example: "loss rising" is found at a step that
+    # is not itself a loss spike; its message said "the last: None".
+    from keras_stability.datasets import load_dataset
+    from keras_stability.models import build_example_model
+    from keras_stability.models import compile_example_model
+
+    (x, y), _ = load_dataset("synthetic")
+    keras.utils.set_random_seed(0)
+    model = compile_example_model(build_example_model(), keras.optimizers.Adam(1.0))
+    detector = GradientExplosionDetector()
+    _quiet(model.fit, x[:640], y[:640], epochs=2, verbose=0, callbacks=[detector])
+    problems = [e for e in detector.events if e["kind"] == "problem"]
+    assert problems and problems[0]["problem"] == "rising"
+    assert all("None" not in e["detail"] for e in detector.events)
+
+
+def test_a_run_of_nan_batches_in_the_data_is_not_rolled_back_for():
+    # 4 NaN-input batches in a row each epoch: the guard skips them (the
+    # weights do not change) and the next batches score the current weights
+    # finitely and no worse than the snapshot, so the escalation to a
+    # rollback is declined. It rolled back to step 0 every epoch, cut the
+    # rate 10x each time and ended at the untrained weights (loss 1.609).
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(640, 10)).astype("float32")
+    y = np.argmax(x @ rng.normal(size=(10, 5)), axis=1)
+    x[64:192] = np.nan  # batches 2-5 of each epoch at batch size 32
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((10,)),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(5),
+        ]
+    )
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    untrained = model.evaluate(x[192:], y[192:], verbose=0)
+    detector = GradientExplosionDetector()
+    _quiet(model.fit, x, y, epochs=3, shuffle=False, verbose=0, callbacks=[detector])
+    assert detector.rollbacks == 0 and detector.stopped_reason is None
+    assert detector.rollbacks_declined == 3 and detector.skipped_nonfinite == 12
+    declined = [e for e in detector.events if e["kind"] == "rollback_declined"]
+    assert all("came from the data" in e["detail"] for e in declined)
+    assert [e["problem"] for e in detector.events if e["kind"] == "problem"] == [
+        "nonfinite_in_a_row"
+    ] * 3
+    assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(1e-3)
+    assert model.evaluate(x[192:], y[192:], verbose=0) < 0.9 * untrained
+
+
+def test_nan_steps_from_exploded_weights_still_roll_back():
+    # The other side of the comparison: weights an explosion broke score the
+    # next batches non-finite, and the rollback goes on.
+    x, y = _data(512)
+    model = deep_mlp(keras.optimizers.SGD(10.0))
+    detector = GradientExplosionDetector()
+    _quiet(model.fit, x, y, batch_size=32, epochs=2, verbose=0, callbacks=[detector])
+    assert detector.rollbacks >= 1 and _finite(model)
