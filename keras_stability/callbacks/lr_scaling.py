@@ -78,6 +78,45 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return cls(**config)
 
 
+# Keras' own schedules are linear in these config entries: the schedule
+# scaled by a factor is the same schedule with them multiplied by it.
+_RATE_KEYS = {
+    "ExponentialDecay": ("initial_learning_rate",),
+    "InverseTimeDecay": ("initial_learning_rate",),
+    "PolynomialDecay": ("initial_learning_rate", "end_learning_rate"),
+    "PiecewiseConstantDecay": ("values",),
+    "CosineDecay": ("initial_learning_rate", "warmup_target"),
+    "CosineDecayRestarts": ("initial_learning_rate",),
+}
+
+
+def keras_equivalent(schedule):
+    """A schedule of Keras' own equal to `schedule`, or `None` if there is none.
+
+    A `ScaledSchedule` of one of Keras' built-in schedules (the detector's
+    lowering of the rate) is that schedule with its rates multiplied by the
+    factor's current value, so a model holding it can be saved for a
+    process without `keras_stability`; a schedule that is not a
+    `ScaledSchedule` is returned as it is. `None` for a `ScaledSchedule` of
+    any other schedule.
+    """
+    if not isinstance(schedule, ScaledSchedule):
+        return schedule
+    inner = keras_equivalent(schedule.schedule)
+    keys = _RATE_KEYS.get(type(inner).__name__) if inner is not None else None
+    if keys is None or type(inner).__module__.split(".")[0] != "keras":
+        return None
+    factor = float(_keras_internals.to_numpy(schedule.factor))
+    config = inner.get_config()
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, (list, tuple)):
+            config[key] = [v * factor for v in value]
+        elif value is not None:
+            config[key] = value * factor
+    return type(inner).from_config(config)
+
+
 def innermost_optimizer(optimizer):
     """Follows `inner_optimizer` (GuardedOptimizer, LossScaleOptimizer) down."""
     chain = optimizer_chain(optimizer)

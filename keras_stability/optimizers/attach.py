@@ -10,6 +10,7 @@ callback attached for each model, so a callback given to several models or
 """
 
 import contextlib
+import warnings
 import weakref
 
 import keras
@@ -322,7 +323,10 @@ def strip_guard(model, optimizer=None):
     optimizer (and its compile config) the wrapped one again, with its state
     (iterations, moments): a file saved afterwards loads with Keras alone,
     and training resumes where it was. Under a `LossScaleOptimizer` (mixed
-    precision) the guard inside it is taken out. A later `fit` with the
+    precision) the guard inside it is taken out. A learning-rate schedule
+    the detector lowered (`ScaledSchedule`) becomes the Keras schedule it
+    equals, its rates multiplied by the factor (one of Keras' own schedules;
+    for any other it stays, with a warning). A later `fit` with the
     callbacks wraps the optimizer again (the guard's counters start over).
     A model whose optimizer is not guarded is left as it is.
 
@@ -363,6 +367,7 @@ def strip_guard(model, optimizer=None):
     else:  # a LossScaleOptimizer around the guard
         outer.inner_optimizer = inner
         held = outer
+    _unscale_schedule(inner)
     compile_config = getattr(model, "_compile_config", None)
     if (
         attribute == "optimizer"
@@ -373,6 +378,31 @@ def strip_guard(model, optimizer=None):
     if getattr(model, "train_function", None) is not None:
         model.make_train_function(force=True)
     return held
+
+
+def _unscale_schedule(optimizer):
+    """Replaces a `ScaledSchedule` (the detector's lowering of a schedule) by
+    the Keras schedule it equals, or warns that the file will need
+    `keras_stability` when there is none."""
+    from keras_stability.callbacks.lr_scaling import ScaledSchedule
+    from keras_stability.callbacks.lr_scaling import innermost_optimizer
+    from keras_stability.callbacks.lr_scaling import keras_equivalent
+
+    target = innermost_optimizer(optimizer)
+    schedule = _keras_internals.learning_rate_object(target)
+    if not isinstance(schedule, ScaledSchedule):
+        return
+    equivalent = keras_equivalent(schedule)
+    if equivalent is None:
+        warnings.warn(
+            "strip_guard: the optimizer's learning rate is a keras_stability "
+            f"`ScaledSchedule` of a `{type(schedule.schedule).__name__}`, which "
+            "has no equal among Keras' own schedules; a file saved now needs "
+            "`keras_stability` to load.",
+            stacklevel=3,
+        )
+        return
+    _keras_internals.set_learning_rate_object(target, equivalent)
 
 
 def _check_observer(observer):

@@ -240,3 +240,84 @@ def test_strip_guard_under_loss_scaling_and_without_a_guard():
         strip_guard("model")
     with pytest.raises(ValueError, match=r"`optimizer`.*Received: optimizer='nope'"):
         strip_guard(plain, optimizer="nope")
+
+
+_LOAD_ONE_WITH_KERAS_ALONE = """
+import sys
+import keras
+model = keras.saving.load_model(sys.argv[1])
+rate = model.optimizer.learning_rate
+print("OK", type(model.optimizer._learning_rate).__name__, float(rate))
+assert "keras_stability" not in sys.modules
+"""
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        keras.optimizers.schedules.CosineDecay(
+            1.0, 200, warmup_target=2.0, warmup_steps=3
+        ),
+        keras.optimizers.schedules.ExponentialDecay(0.5, 10, 0.9),
+        keras.optimizers.schedules.PiecewiseConstantDecay([2, 5], [1.0, 0.5, 0.1]),
+        keras.optimizers.schedules.PolynomialDecay(1.0, 50, end_learning_rate=0.1),
+    ],
+    ids=lambda s: type(s).__name__,
+)
+def test_strip_guard_turns_a_lowered_schedule_into_keras_own(schedule, tmp_path):
+    # After a rollback the detector's schedule is a `ScaledSchedule`: the file
+    # failed to load without keras_stability although `strip_guard` ran.
+    import subprocess
+    import sys
+
+    from keras_stability.callbacks.lr_scaling import ScaledSchedule
+    from keras_stability.callbacks.lr_scaling import scale_learning_rate
+    from keras_stability.callbacks.lr_scaling import wrap_schedule
+    from keras_stability.optimizers import strip_guard
+
+    model = _model(keras.optimizers.Adam(schedule))
+    guard = ensure_guarded(model)
+    wrap_schedule(guard)
+    scale_learning_rate(guard, 0.1)  # what a rollback does
+    scaled = guard.inner_optimizer._learning_rate
+    assert isinstance(scaled, ScaledSchedule)
+    expected = [float(scaled(step)) for step in range(0, 60, 3)]
+    adam = strip_guard(model)
+    plain = adam._learning_rate
+    assert type(plain) is type(schedule)
+    np.testing.assert_allclose(
+        [float(plain(step)) for step in range(0, 60, 3)], expected, rtol=1e-6
+    )
+    path = str(tmp_path / "stripped.keras")
+    model.save(path)
+    out = subprocess.run(
+        [sys.executable, "-c", _LOAD_ONE_WITH_KERAS_ALONE, path],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    line = out.stdout.split()
+    assert line[:2] == ["OK", type(schedule).__name__], out.stderr[-2000:]
+    assert float(line[2]) == pytest.approx(expected[0], rel=1e-6)
+
+
+def test_strip_guard_warns_about_a_lowered_schedule_keras_cannot_load():
+    from keras_stability.callbacks.lr_scaling import ScaledSchedule
+    from keras_stability.callbacks.lr_scaling import scale_learning_rate
+    from keras_stability.callbacks.lr_scaling import wrap_schedule
+    from keras_stability.optimizers import strip_guard
+
+    class Halving(keras.optimizers.schedules.LearningRateSchedule):
+        def __call__(self, step):
+            return 0.5 ** keras.ops.cast(step, "float32")
+
+        def get_config(self):
+            return {}
+
+    model = _model(keras.optimizers.Adam(Halving()))
+    guard = ensure_guarded(model)
+    wrap_schedule(guard)
+    scale_learning_rate(guard, 0.1)
+    with pytest.warns(UserWarning, match="ScaledSchedule` of a `Halving`"):
+        adam = strip_guard(model)
+    assert isinstance(adam._learning_rate, ScaledSchedule)  # kept, exact
