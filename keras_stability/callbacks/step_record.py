@@ -76,6 +76,8 @@ class StepRecord:
         self.written = state_variable("detector_written", dtype="int32")
         # The detector's `skipped_batches`, counted on in-graph between looks.
         self.skipped = state_variable("detector_skipped")
+        # The guard's step count at the last row (see `record_values`).
+        self.guard_steps = state_variable("detector_guard_steps", dtype="int32")
         self.read = 0
 
     def take(self):
@@ -141,6 +143,13 @@ def record_state(model, guard, data, shadow=None):
     )
 
 
+def _guard_is_wrapped(model, guard):
+    """Whether the model's optimizer wraps the guard (a `LossScaleOptimizer`,
+    which skips a non-finite step without calling the guard)."""
+    outer = getattr(model, "optimizer", None)
+    return outer is not guard and getattr(outer, "inner_optimizer", None) is guard
+
+
 def record_values(model, guard, attribute, record):
     """In the step, after `train_step`: writes the step's row (see `StepRecord`)."""
 
@@ -154,27 +163,7 @@ def record_values(model, guard, attribute, record):
             count_after = _keras_internals.read(tracker.count)
         else:
             total_after, count_after = total_before, count_before
-        # Few ops: on a 1 ms step each costs about a percent.
-        skipped = ops.greater(guard.last_step_skipped, 0)
-        grad_norm = _keras_internals.read(guard.grad_norm)  # one read
-        finite = ops.isfinite(grad_norm)
-        if guard.skip_nonfinite:  # the guard's own condition for a non-finite skip
-            nonfinite = ops.logical_and(skipped, ops.logical_not(finite))
-        else:
-            nonfinite = ops.zeros((), "bool")
-        # Held back by the trip flag (a non-finite step counts as non-finite).
-        held = ops.logical_and(
-            ops.logical_and(skipped, finite), ops.greater(guard.tripped, 0)
-        )
         used = ops.greater(count_after, count_before)  # Keras' own train_step
-        # A step not applied leaves the epoch's mean loss: `StepLogs` takes it
-        # out of Keras' loss tracker after this (`step_logs.drop_skipped_step`,
-        # once for all our callbacks, on `model.optimizer`'s guard), so the
-        # host need not rewind it.
-        if find_guard(model) is guard:
-            dropped = ops.logical_and(skipped, used)
-        else:  # a guard on another optimizer: the host rewinds the step
-            dropped = ops.zeros((), "bool")
         new = {}
         loss, seen = guard.step_loss_info()
         # The raw loss: the loss the guard saw in `scale_loss` (the mean over
@@ -192,6 +181,47 @@ def record_values(model, guard, attribute, record):
                 float("nan"),
             ),
         )
+        # Few ops: on a 1 ms step each costs about a percent.
+        skipped = ops.greater(guard.last_step_skipped, 0)
+        grad_norm = _keras_internals.read(guard.grad_norm)  # one read
+        wrapped = _guard_is_wrapped(model, guard)
+        if wrapped:
+            # A `LossScaleOptimizer` around the guard skips a step with
+            # non-finite scaled gradients without calling the guard (its
+            # values are then the last step's): the guard's step count did not
+            # move since the last row. With a non-finite loss too (a NaN
+            # batch) that is a non-finite step, skipped; with a finite one the
+            # loss scale was too high (it halves), which healthy mixed-precision
+            # runs meet and which stays unseen, as before. The guard's flag
+            # says so too, for `StepLogs` (which takes the skipped step out of
+            # Keras' loss tracker after this).
+            steps = _keras_internals.read(guard.step)
+            wrapper_skip = ops.logical_and(
+                ops.logical_not(ops.greater(steps, record.guard_steps.value)),
+                ops.logical_not(ops.isfinite(raw)),
+            )
+            record.guard_steps.assign(steps)
+            skipped = ops.logical_or(skipped, wrapper_skip)
+            guard.last_step_skipped.assign(ops.cast(skipped, "int32"))
+            grad_norm = ops.where(wrapper_skip, float("nan"), grad_norm)
+        finite = ops.isfinite(grad_norm)
+        if guard.skip_nonfinite or wrapped:
+            # The guard's own condition for a non-finite skip (or the wrapper's).
+            nonfinite = ops.logical_and(skipped, ops.logical_not(finite))
+        else:
+            nonfinite = ops.zeros((), "bool")
+        # Held back by the trip flag (a non-finite step counts as non-finite).
+        held = ops.logical_and(
+            ops.logical_and(skipped, finite), ops.greater(guard.tripped, 0)
+        )
+        # A step not applied leaves the epoch's mean loss: `StepLogs` takes it
+        # out of Keras' loss tracker after this (`step_logs.drop_skipped_step`,
+        # once for all our callbacks, on `model.optimizer`'s guard), so the
+        # host need not rewind it.
+        if find_guard(model) is guard:
+            dropped = ops.logical_and(skipped, used)
+        else:  # a guard on another optimizer: the host rewinds the step
+            dropped = ops.zeros((), "bool")
         new["raw_loss"] = raw
         if spikes_before is None:
             spike = ops.zeros((), "bool")
