@@ -40,3 +40,19 @@ def tiny_gemma(vocabulary_size=64, num_layers=2, seed=0):
         head_dim=8,
     )
     return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+
+
+def tiny_llama(vocabulary_size=64, num_layers=2, seed=0):
+    """A `LlamaCausalLM`: hidden 32, FFN 48, 4 query heads sharing 2 key/value heads."""
+    import keras_hub
+
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.LlamaBackbone(
+        vocabulary_size=vocabulary_size,
+        num_layers=num_layers,
+        num_query_heads=4,
+        num_key_value_heads=2,
+        hidden_dim=32,
+        intermediate_dim=48,
+    )
+    return keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)

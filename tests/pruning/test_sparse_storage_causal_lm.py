@@ -20,6 +20,7 @@ from keras_stability._keras_internals import flatten_layers  # noqa: E402
 from tests.helpers import run_in_subprocess  # noqa: E402
 from tests.hub_models import tiny_gemma  # noqa: E402
 from tests.hub_models import tiny_gpt2  # noqa: E402
+from tests.hub_models import tiny_llama  # noqa: E402
 from tests.pruning.test_sparse_storage import _assert_same_weights  # noqa: E402
 from tests.pruning.test_sparse_storage import _nested_keys  # noqa: E402
 from tests.pruning.test_sparse_storage import _sparse_storage_quietly  # noqa: E402
@@ -193,23 +194,10 @@ def test_nested_model_that_cannot_be_inlined_is_refused(case, message):
         pruning.sparse_storage(outer)
 
 
-def _tiny_llama():
-    keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.LlamaBackbone(
-        vocabulary_size=VOCAB,
-        num_layers=2,
-        num_query_heads=4,
-        num_key_value_heads=2,
-        hidden_dim=32,
-        intermediate_dim=48,
-    )
-    return keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
-
-
 def test_llama_is_refused_at_call_time_while_its_blocks_cannot_be_configured(
     tmp_path,
 ):
-    model = _tiny_llama()
+    model = tiny_llama()
     block = model.backbone.get_layer("transformer_layer_0")
     try:
         block.__class__.from_config(block.get_config())

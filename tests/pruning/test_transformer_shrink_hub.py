@@ -8,6 +8,7 @@ from keras_stability.pruning import shrink_transformer
 from keras_stability.pruning import shrink_transformer_plan
 from tests.hub_models import tiny_gemma
 from tests.hub_models import tiny_gpt2
+from tests.hub_models import tiny_llama
 
 keras_hub = pytest.importorskip("keras_hub")  # the `hub` extra; `make test` installs it
 
@@ -38,19 +39,6 @@ def _gemma(num_layers=2, seed=0):
         if w.path.endswith("norm/scale") or w.path.endswith("normalization/scale"):
             w.assign(rng.normal(0, 0.3, w.shape))
     return model
-
-
-def _llama(seed=0):
-    keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.LlamaBackbone(
-        vocabulary_size=VOCAB,
-        num_layers=2,
-        num_query_heads=4,
-        num_key_value_heads=2,
-        hidden_dim=32,
-        intermediate_dim=48,
-    )
-    return keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
 
 
 def _edit(model, path, fn):
@@ -216,7 +204,7 @@ def test_gemma_heads_are_removed_in_key_value_groups():
 
 
 def test_llama_shrinks_heads_hidden_ffn_and_blocks():
-    model = _llama()
+    model = tiny_llama()
     x = _inputs()
     small = shrink_transformer(
         model, num_heads=2, hidden_dim=16, intermediate_dim=24, num_layers=1, data=x
