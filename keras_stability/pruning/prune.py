@@ -40,12 +40,6 @@ PRUNABLE = (
 )
 
 
-def _all_layers(layer):
-    # `_flatten_layers` walks sublayers of every kind of model, including
-    # subclassed ones, RNN cells and MultiHeadAttention's EinsumDense.
-    return list(layer._flatten_layers(include_self=True, recursive=True))
-
-
 def check_filters(filters):
     """Checks `filters` (see `prune_low_magnitude`); returns it normalised.
 
@@ -110,11 +104,13 @@ def prunable_weights(to_prune, filters=None):
     return _prunable(to_prune, check_filters(filters))
 
 
-def _prunable(to_prune, filters):
-    """`prunable_weights` with `filters` already checked."""
+def _prunable(to_prune, filters, among=None):
+    """`prunable_weights` with `filters` already checked; `among`: the
+    variables they are taken from, in their order (the trainable ones by
+    default; `sparsity_report` counts frozen and quantized kernels too)."""
     found = []
     seen = set()
-    for layer in _all_layers(to_prune):
+    for layer in _keras_internals.flatten_layers(to_prune):
         for cls, names in PRUNABLE:
             if isinstance(layer, cls):
                 for name in names:
@@ -127,7 +123,8 @@ def _prunable(to_prune, filters):
                         seen.add(id(variable))
                         found.append(variable)
                 break
-    order = {id(v): i for i, v in enumerate(to_prune.trainable_variables)}
+    among = to_prune.trainable_variables if among is None else among
+    order = {id(v): i for i, v in enumerate(among)}
     found = [v for v in found if id(v) in order]
     return sorted(found, key=lambda v: order[id(v)])
 
@@ -439,7 +436,7 @@ def _warn_if_resuming(to_prune, variables):
 def _input_axes(to_prune, variables):
     """The input axis of each weight (N:M groups): -2, or an `EinsumDense`'s own."""
     axes = {}
-    for layer in _all_layers(to_prune):
+    for layer in _keras_internals.flatten_layers(to_prune):
         kernel = getattr(layer, "kernel", None)
         if isinstance(layer, keras.layers.EinsumDense) and kernel is not None:
             axes[id(kernel)] = masks_lib.einsum_input_axis(layer.equation)
@@ -459,7 +456,7 @@ def _warn_lora_layers(to_prune):
     # finds nothing to mask there; say so instead of pruning silently less.
     lora = [
         layer.path
-        for layer in _all_layers(to_prune)
+        for layer in _keras_internals.flatten_layers(to_prune)
         if getattr(layer, "lora_enabled", False)
     ]
     if lora:

@@ -1,10 +1,9 @@
 """`strip_pruning` and `sparsity_report`: the pruned model, for export and inspection."""
 
-import keras
-
 from keras_stability import _keras_internals
 from keras_stability._checks import check_layer
 from keras_stability.pruning.prune import PRUNABLE
+from keras_stability.pruning.prune import _prunable
 from keras_stability.pruning.pruner import find_pruner
 from keras_stability.pruning.pruner import reset_train_function
 
@@ -92,26 +91,16 @@ def _stored_prunable_weights(model):
     """The variables holding the prunable weights, trainable or not, in
     `model.weights` order: `prunable_weights` leaves out frozen ones and the
     int8 kernels of Keras' quantized layers (not trainable)."""
-    found = {}
+    prunable = tuple(cls for cls, _ in PRUNABLE)
     for layer in _keras_internals.flatten_layers(model):
-        for cls, names in PRUNABLE:
-            if not isinstance(layer, cls):
-                continue
-            mode = getattr(layer, "quantization_mode", None)
-            if mode not in _COUNTED_MODES:
-                raise ValueError(
-                    "Invalid value for argument `model`. Expected a model whose "
-                    "prunable layers are float or quantized to int8 or float8. "
-                    f"Received: model={model.name!r} with layer {layer.path!r} "
-                    f"quantized to {mode!r}, whose stored values do not show "
-                    "the weights' zeros"
-                )
-            for name in names:
-                # Keras' quantized layers return their int8 variable here.
-                variable = getattr(layer, name, None)
-                if isinstance(variable, keras.Variable):
-                    found.setdefault(id(variable), variable)
-            break
-    order = {id(v): i for i, v in enumerate(model.weights)}
-    kept = [v for v in found.values() if id(v) in order]
-    return sorted(kept, key=lambda v: order[id(v)])
+        mode = getattr(layer, "quantization_mode", None)
+        if isinstance(layer, prunable) and mode not in _COUNTED_MODES:
+            raise ValueError(
+                "Invalid value for argument `model`. Expected a model whose "
+                "prunable layers are float or quantized to int8 or float8. "
+                f"Received: model={model.name!r} with layer {layer.path!r} "
+                f"quantized to {mode!r}, whose stored values do not show "
+                "the weights' zeros"
+            )
+    # Keras' quantized layers return their int8 variable as `kernel`.
+    return _prunable(model, None, among=model.weights)
