@@ -27,6 +27,7 @@ the `fit` and in whatever order.
 """
 
 import math
+import threading
 import warnings
 import weakref
 
@@ -102,6 +103,10 @@ class StepLogs:
         self._set_owners = {}  # id(owner) -> weakref, of `_graph_sets`
         # id(owner) -> (weakref, class, config, state): see `_adopt_absent`.
         self._handover = {}
+        # Keras' loss tracker's `(total, count)` before and after the model's
+        # `train_step`, while a step is being traced (`tracker_in_step`); per
+        # thread: `MirroredStrategy` traces each replica's step in its own.
+        self._in_step = threading.local()
         _keras_internals.print_as_integers(model, COUNTS)
 
     # -- who is in this fit -----------------------------------------------
@@ -380,6 +385,22 @@ class StepLogs:
             self._remember(owner)
         return self._wrap_graph_sets()
 
+    def tracker_in_step(self):
+        """Keras' loss tracker around the step being traced, for an owner's values.
+
+        Returns:
+            `(before, after)`: the tracker's `(total, count)` tensors before
+            and after the model's `train_step` (each `None` without a loss
+            tracker), read once per step for all owners.
+
+        Raises:
+            RuntimeError: Outside the values of a step being traced.
+        """
+        tracker = getattr(self._in_step, "tracker", None)
+        if tracker is None:
+            raise RuntimeError("`tracker_in_step` is only known in a step's values")
+        return tracker
+
     def _wrap_graph_sets(self):
         """Wraps the model's `train_step` with every owner's values, then
         `drop_skipped_step` (once, after them all: they see Keras' loss
@@ -394,17 +415,23 @@ class StepLogs:
             ]
 
         def values_all(states, logs):
-            totals, states = states[0], states[1:]
-            new = {}
-            for (_, fn, fn_before), state in zip(entries, states, strict=True):
+            # The tracker read once each side of `train_step`, for every
+            # owner's values (`tracker_in_step`) and `drop_skipped_step`.
+            before, states = states[0], states[1:]
+            tracker = self._in_step.tracker = (before, tracker_totals(model))
+            try:
+                new = {}
+                for (_, fn, fn_before), state in zip(entries, states, strict=True):
+                    merged = dict(logs) if isinstance(logs, dict) else logs
+                    if isinstance(merged, dict):
+                        merged.update(new)
+                    new.update(fn(state, merged) if fn_before is not None else fn())
                 merged = dict(logs) if isinstance(logs, dict) else logs
                 if isinstance(merged, dict):
                     merged.update(new)
-                new.update(fn(state, merged) if fn_before is not None else fn())
-            merged = dict(logs) if isinstance(logs, dict) else logs
-            if isinstance(merged, dict):
-                merged.update(new)
-            new.update(drop_skipped_step(model, totals, merged))
+                new.update(drop_skipped_step(model, *tracker, merged))
+            finally:
+                self._in_step.tracker = None
             return new
 
         return _keras_internals.wrap_train_step(
@@ -442,14 +469,15 @@ def tracker_totals(model):
     )
 
 
-def drop_skipped_step(model, before, logs):
+def drop_skipped_step(model, before, after, logs):
     """In the step, after `train_step`: a skipped step leaves Keras' epoch loss.
 
     When the model's `GuardedOptimizer` skipped the step (for any reason:
     non-finite gradients, a spike, at a callback's request) and the step
     updated Keras' loss tracker (Keras' own `train_step`; a custom one's own
     `Mean` is left alone), the tracker goes back to its totals before the
-    step (`before`, from `tracker_totals`) and the logged `loss` is the mean
+    step (`before`; `after`: its totals now, both from `tracker_totals`)
+    and the logged `loss` is the mean
     over the applied steps (`tracker_loss_logs`): one skipped NaN step does
     not make the epoch's `loss` NaN (nor set off `TerminateOnNaN`). The one
     place this is done (`StepLogs` runs it once per step, after every
@@ -466,8 +494,7 @@ def drop_skipped_step(model, before, logs):
     if before is None or tracker is None or skipped is None:
         return {}
     total_before, count_before = before
-    total_after = _keras_internals.read(tracker.total)
-    count_after = _keras_internals.read(tracker.count)
+    total_after, count_after = after
     used = ops.greater(count_after, count_before)
     drop = ops.logical_and(ops.greater(_keras_internals.read(skipped), 0), used)
     total = ops.where(drop, total_before, total_after)

@@ -15,6 +15,7 @@ import numpy as np
 from keras import ops
 
 from keras_stability import _keras_internals
+from keras_stability.callbacks.step_logs import StepLogs
 from keras_stability.optimizers.attach import find_guard
 from keras_stability.optimizers.guarded_optimizer import state_variable
 
@@ -116,8 +117,7 @@ def mean_sample_weight(data):
 
 
 def record_state(model, guard, data, shadow=None):
-    """In the step, before `train_step`: Keras' loss tracker's totals, the
-    guard's count of spike skips (`None` when it skips no spikes), the
+    """In the step, before `train_step`: the guard's count of spike skips (`None` when it skips no spikes), the
     batch's mean sample weight (`mean_sample_weight`) and, with a `shadow`
     (`paired_trial.ShadowWeights`), the batch's loss at the current and at
     the snapshot's weights (`None` without; see `ShadowWeights.evaluate`)."""
@@ -129,18 +129,7 @@ def record_state(model, guard, data, shadow=None):
         and getattr(guard, "steps_skipped_spike", None) is not None
     ):
         spikes = _keras_internals.read(guard.steps_skipped_spike)
-    tracker = _keras_internals.loss_tracker(model)
-    if tracker is None:
-        zero = ops.zeros((), "float32")
-        return (zero, zero, spikes, weight, trial_losses)
-    # Read now, before the step updates them (one read each).
-    return (
-        _keras_internals.read(tracker.total),
-        _keras_internals.read(tracker.count),
-        spikes,
-        weight,
-        trial_losses,
-    )
+    return (spikes, weight, trial_losses)
 
 
 def _guard_is_wrapped(model, guard):
@@ -156,13 +145,15 @@ def record_values(model, guard, attribute, record):
     def values(state, logs):
         if find_guard(model, attribute) is not guard:
             return {}  # compiled again with another optimizer
-        total_before, count_before, spikes_before, weight, trial_losses = state
-        tracker = _keras_internals.loss_tracker(model)
-        if tracker is not None:
-            total_after = _keras_internals.read(tracker.total)
-            count_after = _keras_internals.read(tracker.count)
+        spikes_before, weight, trial_losses = state
+        # Keras' loss tracker around `train_step`, read once for all our
+        # callbacks (`StepLogs`).
+        before, after = StepLogs.of(model).tracker_in_step()
+        if before is None:
+            zero = ops.zeros((), "float32")
+            total_before = count_before = total_after = count_after = zero
         else:
-            total_after, count_after = total_before, count_before
+            (total_before, count_before), (total_after, count_after) = before, after
         used = ops.greater(count_after, count_before)  # Keras' own train_step
         new = {}
         loss, seen = guard.step_loss_info()
