@@ -1,8 +1,9 @@
 """`GradientExplosionDetector`: skip bad steps in `fit`, roll back from explosions.
 
-The callback keeps the hooks and the windows; what it calls a spike and a
-problem is in `keras_stability.diagnostics.rules`, what it does about a
-problem in `keras_stability.callbacks.recovery`, and the in-graph record of
+The callback keeps the hooks; what it calls a spike and a problem is in
+`keras_stability.diagnostics.rules`, the windows of losses and norms those
+rules judge in `keras_stability.diagnostics.loss_history`, what it does about
+a problem in `keras_stability.callbacks.recovery`, and the in-graph record of
 each step in `keras_stability.callbacks.step_record`.
 """
 
@@ -45,7 +46,8 @@ from keras_stability.callbacks.step_record import record_state
 from keras_stability.callbacks.step_record import record_values
 from keras_stability.clipping.spike import RobustSpikeSkipping
 from keras_stability.diagnostics import rules
-from keras_stability.diagnostics.spikes import RobustZScore
+from keras_stability.diagnostics.loss_history import START_SAMPLES
+from keras_stability.diagnostics.loss_history import LossHistory
 from keras_stability.distribute.strategy import chief_path
 from keras_stability.optimizers.attach import ModelObservers
 from keras_stability.optimizers.attach import check_optimizer_argument
@@ -64,17 +66,6 @@ HISTORY_KEPT = 2000  # raw losses / norms kept for the diagnostic
 OFFENDING_EVENTS = ("skipped_nonfinite", "skipped_spike")
 # Recorded spikes kept for a rollback to find (the newest).
 SPIKES_KEPT = 1000
-# A slow divergence is judged against the best snapshot's loss, but at least
-# this fraction of the loss the fit started from.
-DIVERGENCE_FLOOR = 0.1
-# The loss a fit started from is the mean raw loss of its first batches
-# holding at least this many samples.
-START_SAMPLES = 32
-# In the first steps a loss spike is also judged against a starting level:
-# below this many samples per step the mean of the first START_SAMPLES
-# samples (one step's loss is no statistic), at or above it the first
-# step's loss.
-SMALL_BATCH = 8
 # The per-layer gradient norms of the diagnostic are computed on steps whose
 # global norm is non-finite or this many times the step before's.
 ANOMALY_FACTOR = 10.0
@@ -371,7 +362,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
 
         # With action="skip" or "rollback", the guard also skips
         # gradient-norm spikes in-graph (`RobustSpikeSkipping`, the rule of
-        # `_grad_z` with a ratio floor), whoever made it (this detector,
+        # `LossHistory.grad_z` with a ratio floor), whoever made it (this detector,
         # another callback such as `GradientMonitor`, or the user); a guard
         # that skips spikes already is used as it is.
         guard_kwargs = {}
@@ -428,11 +419,16 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         self._holding = False  # whether the last row judged was held by the trip
         self._row = None  # the row being judged
         self._logged_raw = math.nan  # its raw loss as the step logged it
-        self._loss_z = RobustZScore(
-            self.window, self.loss_z_threshold, self.min_samples
-        )
-        self._grad_z = RobustZScore(
-            self.window, self.grad_z_threshold, self.min_samples
+        # The losses and norms judged, and the rules on them.
+        self._history = LossHistory(
+            self.window,
+            self.min_samples,
+            self.loss_z_threshold,
+            self.grad_z_threshold,
+            self.loss_factor,
+            self.regress_factor,
+            self.max_consecutive_skips,
+            mark=lambda: self._loss.mark(),
         )
         self.step = 0
         self.epoch = 0
@@ -456,7 +452,6 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         # the loss with its start or a snapshot are off after one too.
         self.rollbacks_declined = 0
         self._trial = None  # the paired comparison running (`_start_trial`)
-        self._level_rules_off = False
         self.lr_probes = 0  # lower learning rates kept by probes after rollbacks
         # Every step the guard skipped, once (each counts in exactly one of
         # the guard's `steps_skipped_*` counters), and of them:
@@ -465,15 +460,6 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         self.skipped_spikes = 0  # gradient-norm spikes
         self.skipped_requested = 0  # asked for: after a rollback, held by the trip
         self.consecutive_skips = 0
-        # The last 2 * (max_consecutive_skips + 1) steps as `(raw loss, bad)`
-        # (bad: a loss spike, a skipped step; the loss `inf` for a non-finite
-        # step, `None` when not judged), and how many were bad.
-        self._bad_window = collections.deque(
-            maxlen=2 * (self.max_consecutive_skips + 1)
-        )
-        self._bad_streak = 0
-        self._last_bad = False  # whether the last call was bad
-        self._streak_mark = None  # the epoch's loss total before the first of them
         self.spikes = 0  # single spikes seen (events, no action)
         self.events = []
         self.raw_losses = []
@@ -498,23 +484,13 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         # After a rollback: the restored weights' losses (skipped updates) and
         # the losses of the applied steps after them, until judged.
         self._recovery = None
-        # The loss the fit started from (mean of its first raw losses) and the
-        # last `min_samples` healthy ones.
-        self._start_loss = math.nan
-        self._recent = collections.deque(maxlen=self.min_samples)
-        self._start_losses = []
-        self._start_norms = []  # the gradient norms of the same steps
-        self._start_norm = None  # their mean (`None` without a norm)
-        self._start_calls = None
-        self._call_samples = None  # samples per call (read with `_start_calls`)
         self._loss_mode = None  # "keras", "guard" or "none" (see _choose_loss_source)
-        self._sustained = collections.deque(maxlen=self.min_samples)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
         self._step_logs.start_epoch(epoch)
-        if self._bad_streak:
-            self._streak_mark = (0.0, 0.0)  # Keras restarts the epoch's mean
+        if self._history.bad_streak:
+            self._history.streak_mark = (0.0, 0.0)  # Keras restarts the epoch's mean
 
     def _log_values(self, logs=None):
         raw = self.raw_losses[-1] if self.raw_losses else math.nan
@@ -656,7 +632,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             and self._row_loss is not None
             and self._recovery is None
             and self._trial is None
-            and not self._bad_streak
+            and not self._history.bad_streak
         )
 
     def _after_call(self, logs):
@@ -855,7 +831,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             self.consecutive_skips = (
                 self.consecutive_skips + skipped if skipped == steps else skipped
             )
-            self._note_bad(skipped, steps, nonfinite=True)
+            self._history.note_bad(skipped, steps, nonfinite=True)
             if not rewound and (steps == 1 or not math.isfinite(raw)):
                 self._loss.rewind()
                 self._fix_logged_loss(logs)
@@ -870,10 +846,11 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                     "nonfinite_in_a_row",
                     f"{self.consecutive_skips} non-finite steps in a row",
                 )
-            elif self._bad_streak > self.max_consecutive_skips:
+            elif self._history.bad_streak > self.max_consecutive_skips:
                 problem = Problem(
                     "bad_steps",
-                    f"{self._bad_streak} of the last {len(self._bad_window)} steps bad "
+                    f"{self._history.bad_streak} of the last "
+                    f"{len(self._history.bad_window)} steps bad "
                     "(non-finite steps skipped and loss spikes)",
                 )
         elif spike_skips and steps > 1:
@@ -881,13 +858,13 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             # loss rules, as one with a non-finite step: its mean loss holds
             # the corrupt batch's, and its other steps would count as bad.
             self.consecutive_skips = 0
-            self._note_bad(spike_skips, steps)
+            self._history.note_bad(spike_skips, steps)
         elif self._loss_mode == "none":
             # No loss seen: the gradient norm alone is judged (spikes are
             # events; non-finite steps are skipped and counted above).
             self.consecutive_skips = 0
-            self._note_bad(0, steps)
-            if norm_var is not None and self._grad_z.update(norm):
+            self._history.note_bad(0, steps)
+            if norm_var is not None and self._history.grad_z.update(norm):
                 self._spike_event(f"gradient-norm spike: norm {norm:.4g}", raw, norm)
         elif (
             not math.isfinite(raw)
@@ -899,7 +876,7 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             # cannot be recovered from it, the step itself was finite.
             self._loss_mode = "none"
             self.consecutive_skips = 0
-            self._note_bad(0, steps)
+            self._history.note_bad(0, steps)
             warnings.warn(
                 "GradientExplosionDetector: the model's own loss tracker is "
                 "non-finite after a skipped step (a custom `train_step` whose "
@@ -918,222 +895,48 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         if problem is not None:
             self._handle(problem, raw, norm, logs)
             return True
-        if not skipped and not self._last_bad:
+        if not skipped and not self._history.last_bad:
             # A skipped step or a spike neither confirms nor takes a snapshot.
             self._healthy_step(raw)
         return False
-
-    def _note_bad(self, bad, steps, loss=None, nonfinite=False):
-        """Records a call of `steps` batches, `bad` of them bad.
-
-        `loss`: the call's raw loss if it was judged; `nonfinite`: whether
-        its bad steps were non-finite.
-        """
-        if bad and not self._bad_streak:
-            self._streak_mark = self._loss.mark()
-        self._bad_window.extend(
-            [(loss, False)] * (steps - bad)
-            + [(math.inf if nonfinite else loss, True)] * bad
-        )
-        self._bad_streak = sum(is_bad for _, is_bad in self._bad_window)
-        self._last_bad = bool(bad)
-
-    def _rising(self):
-        """`rules.rising` on the window of the bad-step count.
-
-        Its reference is the median of the healthy losses before the window
-        (the loss window's values, less the window's good steps at its end),
-        or the window's first good loss when none came before.
-        """
-        good = [v for v, bad in self._bad_window if not bad and v is not None]
-        values = list(self._loss_z.values)
-        before = values[: max(len(values) - len(good), 0)]
-        if before:
-            reference = float(np.median(before))
-        else:
-            reference = good[0] if good else math.inf
-        return rules.rising(self._bad_window, reference)
 
     def _judge(self, raw, norm, steps):
         """The rules on one finite step: a problem (rollback-level) or `None`.
 
         A single loss or gradient-norm spike is only an event (`"spike"`):
         it is noise far more often than a failure, and rolling back for it
-        costs a healthy run its progress. Rollback needs a persistent rise:
-        more than `max_consecutive_skips` bad steps (loss spikes or skipped
-        non-finite steps) among the last `2 * (max_consecutive_skips + 1)`,
-        a slow divergence or a regression.
+        costs a healthy run its progress. Rollback needs a persistent rise
+        (`LossHistory.problem`; the rules are in `rules`).
         """
-        if not self._start_losses:
-            if self.snapshot.step == 0:
-                # The first step's loss is the initial weights' loss.
-                self.snapshot.loss = raw
-            # The first judged step of this fit: the explosion evidence
-            # starts afresh (the detector may be reused across `fit` calls).
-            self._exploded_at = None
-            maxlen = rules.EXPLOSION_STRETCH * self._start_steps(steps)
-            self._stretch = collections.deque(maxlen=maxlen)
-            self._stretch_norms = collections.deque(maxlen=maxlen)
-            # The loss spikes' raw losses among the same steps (else `None`).
-            self._stretch_spikes = collections.deque(maxlen=maxlen)
-            # The healthy losses that left the stretch (the last `window`).
-            self._before_stretch = collections.deque(maxlen=self.window)
-        if len(self._start_losses) < self._start_steps(steps):
-            # The loss the fit started from: the mean over its first
-            # START_SAMPLES samples (one batch of 1 may be a lucky one).
-            self._start_losses.append(raw)
-            self._start_loss = float(np.mean(self._start_losses))
-            if norm is not None:
-                self._start_norms.append(norm)
-                self._start_norm = float(np.mean(self._start_norms))
-        self._recent.append(raw)
-        # The gradient norms of as many last steps as the stretch holds,
-        # spikes included: an explosion's largest gradients may come with
-        # loss spikes, which stay out of the stretch's losses.
-        self._stretch_norms.append(norm)
-        spike = self._loss_spike(raw)
-        self._stretch_spikes.append(None if spike is None else raw)
-        if spike is None:
-            # A single spike is neither a divergence nor an explosion: it
-            # stays out of their means (a bad batch of a 1000x loss is 50x
-            # the mean of 20 steps, 125x that of 8).
-            self._sustained.append(raw)
-            if len(self._stretch) == self._stretch.maxlen:
-                self._before_stretch.append(self._stretch[0])
-            self._stretch.append(raw)
-        if (
-            self._exploded_at is None
-            and not self._level_rules_off
-            and len(self._stretch) == self._stretch.maxlen
-            and rules.exploded(
-                self._stretch,
-                self._start_loss,
-                norms=self._stretch_norms,
-                start_norm=self._start_norm,
-                before=self._before_stretch,
-                spikes=self._stretch_spikes,
-            )
-        ):
-            self._exploded_at = self.step
+        history = self._history
+        if not history.start_losses and self.snapshot.step == 0:
+            # The first step's loss is the initial weights' loss.
+            self.snapshot.loss = raw
+        self._start_steps(steps)
+        spike, grad_spike = history.observe(raw, norm, steps, self.step)
         if spike is not None:
-            self._note_bad(steps, steps, loss=raw)
             self._pending = None  # a snapshot right before a spike is suspect
             self._spike_event(spike, raw, norm)
-        else:
-            self._note_bad(0, steps, loss=raw)
-        if norm is not None:
-            grad_z = self._grad_z.zscore(norm)
-            if self._grad_z.update(norm):
-                self._spike_event(
-                    f"gradient-norm spike: norm {norm:.4g} is {norm / self._grad_z.median():.3g}x "
-                    f"the median {self._grad_z.median():.4g} of the last "
-                    f"{len(self._grad_z.values)} healthy steps (robust z-score {grad_z:.1f})",
-                    raw,
-                    norm,
-                )
-        if self._bad_streak > self.max_consecutive_skips and self._rising():
-            return Problem(
-                "rising",
-                f"loss rising: {self._bad_streak} of the last {len(self._bad_window)} "
-                f"steps bad (loss spikes or non-finite steps)"
-                + (f", the last: {spike}" if spike is not None else ""),
-            )
-        divergence = None if self._level_rules_off else self._diverging()
-        if divergence is not None:
-            return divergence
-        if not self._level_rules_off and self._regressing():
-            return Problem(
-                "regressing",
-                f"loss regressing: median raw loss {np.median(self._recent):.4g} over "
-                f"the last {len(self._recent)} steps is above {self.regress_factor:g}x "
-                f"the loss the fit started from ({self._start_loss:.4g})",
-            )
-        if self._stalled():
-            window = self._stall_window()
-            return Problem(
-                "stalled",
-                f"no progress after an explosion: median raw loss "
-                f"{np.median(self._recent):.4g} over the last {len(self._recent)} steps "
-                f"is still {rules.STALL_LEVEL:g}x the loss the fit started from "
-                f"({self._start_loss:.4g}) or more and stuck there (from one step "
-                f"to the next x{math.exp(rules.jitter(window)):.3g} in the median), "
-                f"after the explosion of step {self._exploded_at} (the loss at "
-                f"{rules.EXPLOSION_FACTOR:g}x it or more, or "
-                f"{rules.EXPLOSION_SPIKES} spikes at {rules.CLIMB_FACTOR:g}x)",
-            )
-        if self._explosion_at_start_level():
-            median = float(np.median(self._stretch))
-            return Problem(
-                "exploded",
-                f"loss exploded: median raw loss {median:.4g} over the last "
-                f"{len(self._stretch)} steps, {median / self._start_loss:.3g}x the loss "
-                f"the fit started from ({self._start_loss:.4g}), after an explosion "
-                f"(the loss at {rules.EXPLOSION_FACTOR:g}x it, or "
-                f"{rules.EXPLOSION_SPIKES} spikes at {rules.CLIMB_FACTOR:g}x it, with "
-                f"the gradient norm at {rules.EXPLOSION_NORM_FACTOR:g}x the starting one)",
-            )
+        if grad_spike is not None:
+            self._spike_event(grad_spike, raw, norm)
+        found = history.problem(spike, self.step, self.best.score, self.best.typical)
+        if found is None:
+            found = history.exploded_at_start_level(self.step)
+            if found is not None and not (
+                self._recovery is None
+                and self._trial is None
+                # Only with a comparison: a rollback made blind this early
+                # cannot be told from a rise of the data (an unshuffled series).
+                and self._can_trial("exploded")
+            ):
+                found = None
+        if found is not None:
+            return Problem(*found)
         if spike is None and self._recovery is not None:
             return self._check_recovery(raw, steps)
         if spike is None and self.rollbacks and self.action == "rollback":
             self._plateau_step(raw)
         return None
-
-    def _loss_spike(self, raw):
-        """Describes `raw` if it is a loss spike (else `None`); updates the window.
-
-        Three floors keep heavy-tailed small-batch noise from counting: a
-        loss of `rules.SPIKE_FLOOR` (0.1) or below, or below a tenth of the
-        starting loss, is never a spike (near zero loss nothing is "10x"
-        anything by noise), and in the first `min_samples` steps a spike
-        must be `loss_factor` times the larger of their median and the
-        starting loss, at batch sizes of `SMALL_BATCH` or more the first
-        step's loss (the median of a few batch losses is no statistic: at
-        batch size 1 a fast-falling run's are near zero, and an ordinary
-        misclassified sample is then "400x" it; at batch size 32, fine-tuning
-        on a 3% new class, 62% of the batches hold one (0.5-1.0), and the
-        median of the first 5 was 3 lucky ones without (0.006)).
-        """
-        z = self._loss_z
-        start = self._start_loss if math.isfinite(self._start_loss) else 0.0
-        if not z.ready():
-            median = z.median()
-            if (self._call_samples or SMALL_BATCH) >= SMALL_BATCH:
-                # The loss of the initial weights on a batch (the mean of the
-                # first samples would take in a climb already under way).
-                first = self._start_losses[0] if self._start_losses else math.nan
-                start = first if math.isfinite(first) else 0.0
-            reference = max(median, start) if math.isfinite(median) else start
-            if (
-                self.loss_factor is not None
-                and reference > 0
-                and len(z.values) > 0
-                and raw > self.loss_factor * reference
-                and raw > rules.SPIKE_FLOOR
-            ):
-                what = (
-                    f"the median {median:.4g} of the first {len(z.values)} steps"
-                    if median >= start
-                    else f"the starting loss {start:.4g}"
-                )
-                return (
-                    f"loss spike: raw loss {raw:.4g} is {raw / reference:.3g}x {what}"
-                )
-            z.update(raw)
-            return None
-        score = z.zscore(raw)
-        median = z.median()
-        if not raw > max(DIVERGENCE_FLOOR * start, rules.SPIKE_FLOOR):
-            # Near zero, or far below the starting loss: never a spike (the
-            # window still judges whether to keep it, as for any value).
-            z.update(raw)
-            return None
-        if not z.update(raw):
-            return None
-        return (
-            f"loss spike: raw loss {raw:.4g} is {raw / median:.3g}x the median "
-            f"{median:.4g} of the last {len(z.values)} healthy steps (robust z-score "
-            f"{score:.1f})"
-        )
 
     def _spike_event(self, detail, raw, norm):
         self.spikes += 1
@@ -1143,46 +946,6 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
                 f"GradientExplosionDetector at step {self.step}: {detail}.",
                 stacklevel=4,
             )
-
-    def _diverging(self):
-        """A slow divergence (`rules.diverging`): the median of the last
-        `min_samples` losses, all after the best snapshot, `loss_factor`
-        times its loss floored at a tenth of the starting loss, at
-        `rules.NEAR_ZERO` and at the mean loss of the steps before it."""
-        if self.loss_factor is None or len(self._sustained) < self._sustained.maxlen:
-            return None
-        best = self.best.score
-        found = rules.diverging(
-            self._sustained,
-            best,
-            self._start_loss,
-            self.loss_factor,
-            DIVERGENCE_FLOOR,
-            typical=self.best.typical,
-        )
-        if found is None:
-            return None
-        median, reference = found
-        return Problem(
-            "diverging",
-            f"loss diverging: median raw loss {median:.4g} over the last "
-            f"{len(self._sustained)} steps is above {self.loss_factor:g}x "
-            f"the best healthy snapshot's loss {best:.4g}"
-            + self._floor_text(reference, best),
-        )
-
-    def _floor_text(self, reference, best):
-        """Which floor of `rules.diverging` the reference is, if not `best`."""
-        if reference <= best:
-            return ""
-        if reference == rules.NEAR_ZERO:
-            return f" (floored at {rules.NEAR_ZERO:g}: a loss near zero)"
-        if reference == self.best.typical:
-            return (
-                f" (floored at {reference:.4g}, the mean loss of the steps "
-                "before that snapshot)"
-            )
-        return f" (floored at {DIVERGENCE_FLOOR:g}x the starting loss: {reference:.4g})"
 
     def on_epoch_end(self, epoch, logs=None):
         if self._calls_unread:  # steps per epoch unknown: the epoch's last look
@@ -1365,13 +1128,14 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
 
     def _start_steps(self, steps):
         """Calls of the first START_SAMPLES samples (read once, at the first)."""
-        if self._start_calls is None:
+        history = self._history
+        if history.start_calls is None:
             tracker = _keras_internals.loss_tracker(self.model)
             samples = float(np.asarray(tracker.count)) if tracker is not None else 0.0
             per_call = samples if samples > 0 else START_SAMPLES
-            self._start_calls = max(1, math.ceil(START_SAMPLES / per_call))
-            self._call_samples = per_call
-        return self._start_calls
+            history.start_calls = max(1, math.ceil(START_SAMPLES / per_call))
+            history.call_samples = per_call
+        return history.start_calls
 
     def _choose_loss_source(self, raw, norm, norm_var):
         """Where the raw loss comes from, decided at the first informative step.
@@ -1400,78 +1164,6 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             "spikes, divergence and regressions cannot be seen.",
             stacklevel=2,
         )
-
-    def _regressing(self):
-        """Whether the last `min_samples` losses say training made the model
-        worse than it began: their median `regress_factor` times the loss
-        the fit started from (the mean raw loss of its first START_SAMPLES
-        samples), and that loss implausible as a draw from them (2 of their
-        standard deviations below their mean), so that a lucky first batch,
-        or a few bad batches in a row at batch size 1, are not a trend."""
-        if (
-            self.regress_factor is None
-            or len(self._recent) < self._recent.maxlen
-            or len(self._start_losses) < (self._start_calls or 1)
-            or not self._start_loss > 0
-        ):
-            return False
-        recent = np.asarray(self._recent, dtype=np.float64)
-        if not float(np.median(recent)) > self.regress_factor * self._start_loss:
-            return False  # the usual case: no spread needed
-        return self._start_loss < float(recent.mean() - 2.0 * recent.std(ddof=1))
-
-    def _stalled(self):
-        """Whether the loss, after an explosion since the last rollback (or
-        the start of `fit`), is stuck at the level it started from
-        (`rules.stalled`): the median of the last `min_samples` losses at
-        that level, and the losses moving smoothly from step to step over
-        the last `min_samples` steps or the last 256 samples, whichever is
-        longer (a few small batches may move smoothly by chance). An
-        explosion that kills the model (its prediction the class prior) ends
-        there, below any regression, and learns nothing more; a healthy run
-        never explodes (`rules.exploded`: a stretch of 256 samples at 2x the
-        start and above the losses before it, and a gradient norm in it at
-        2x the starting one), and a fit model that stays at its near-zero start has losses
-        that jump by orders of magnitude from one batch to the next."""
-        window = self._stall_window()
-        return (
-            self._exploded_at is not None
-            and window is not None
-            and rules.stalled(self._recent, self._start_loss, window=window)
-        )
-
-    def _explosion_at_start_level(self):
-        """Whether an explosion flagged at this step leaves the stretch's
-        median at `rules.STALL_LEVEL` times the starting loss or above, from
-        a start that is not near zero (`rules.NEAR_ZERO`): the model no
-        better than where `fit` began, a rollback's case at once (compared
-        first, as a stall is), not after the stall that follows. If the
-        comparison cannot be made, the stall decides as before. A fit model
-        near zero loss (a second `fit`, 0.004, or learning a new rare class,
-        0.0007-0.005) explodes by the rules while healthy (its losses jump
-        20-50x from one batch to the next, and a rare class's batches spike)
-        and its snapshot scores what the current weights do: it waits for
-        the stall, whose smooth losses tell a dead model from a fit one."""
-        return (
-            self._exploded_at == self.step
-            and self._recovery is None
-            and self._trial is None
-            and not self._level_rules_off
-            and self._start_loss >= rules.NEAR_ZERO
-            and float(np.median(self._stretch)) >= rules.STALL_LEVEL * self._start_loss
-            # Only with a comparison: a rollback made blind this early
-            # cannot be told from a rise of the data (an unshuffled series).
-            and self._can_trial("exploded")
-        )
-
-    def _stall_window(self):
-        """The losses whose jitter `_stalled` judges (`None` while too few)."""
-        if len(self._recent) < self._recent.maxlen:
-            return None
-        stretch = getattr(self, "_stretch", None)
-        if stretch is None or stretch.maxlen <= len(self._recent):
-            return self._recent
-        return stretch if len(stretch) == stretch.maxlen else None
 
 
 def _read_count(optimizer, name):

@@ -264,11 +264,12 @@ class RecoveryMixin:
                 # hold a model the explosion killed: not one to return to,
                 # unless the losses around it are not stuck (`rules.stalled`:
                 # a fit model near its near-zero start is no dead one).
-                window = self._stall_window()
-                dead = getattr(self, "_exploded_at", None) is not None and (
+                history = self._history
+                window = history.stall_window()
+                dead = history.exploded_at is not None and (
                     rules.stalled(
                         [score],
-                        self._start_loss,
+                        history.start_loss,
                         max_jitter=None if window is None else rules.STALL_JITTER,
                         window=window,
                     )
@@ -285,12 +286,12 @@ class RecoveryMixin:
                         # The mean loss of the steps before it: a floor of
                         # the divergence reference (`rules.diverging`).
                         self.best.typical = (
-                            float(np.mean(self._recent)) if self._recent else None
+                            float(np.mean(history.recent)) if history.recent else None
                         )
                         # A slow divergence is judged on losses after the
                         # best snapshot only: a window reaching back before it
                         # holds the higher losses of a falling run.
-                        self._sustained.clear()
+                        history.sustained.clear()
                 self._pending = None
             return
         if (
@@ -348,7 +349,7 @@ class RecoveryMixin:
         # unless a paired comparison decided it (`compared`): then its
         # snapshot losses (`reference`) measured them, and nothing is skipped.
         abandoned = None
-        recent = [v for v in self._recent if math.isfinite(v)]
+        recent = [v for v in self._history.recent if math.isfinite(v)]
         # Non-finite steps were skipped: the weights they left are no better
         # state to return to, so such a rollback is never undone.
         factor = None if problem.kind in NONFINITE_RUNS else problem.undo_factor
@@ -377,7 +378,7 @@ class RecoveryMixin:
         # the epoch's mean: a huge finite one left in Keras' float32 running
         # total would make the raw losses recovered from it later
         # (differences of totals) meaningless.
-        streak = self._streak_mark if self._bad_streak else None
+        streak = self._history.streak_mark if self._history.bad_streak else None
         if streak is not None and streak[1] <= self._loss.mark()[1]:
             self._loss.rewind(streak)
         else:
@@ -400,19 +401,9 @@ class RecoveryMixin:
         if skips and hasattr(self.optimizer, "skip_next"):
             self.optimizer.skip_next(skips)
         self.consecutive_skips = 0
-        self._bad_window.clear()
-        self._bad_streak = 0
         self._pending = None
-        self._recent.clear()
-        self._sustained.clear()
-        # The explosion is answered: a stall is judged on new evidence only
-        # (right after a rollback the loss is back at its start for a while).
-        self._exploded_at = None
-        if getattr(self, "_stretch", None) is not None:
-            self._stretch.clear()
-            self._stretch_norms.clear()
-            self._stretch_spikes.clear()
-            self._before_stretch.clear()
+        # The explosion is answered: a stall is judged on new evidence only.
+        self._history.forget()
         if self.check_recovery and self._loss_mode != "none":
             skipped = skips if hasattr(self.optimizer, "skip_next") else 0
             if reference is None:
@@ -597,8 +588,8 @@ class RecoveryMixin:
                 "from the current weights"
             )
         else:
-            self._level_rules_off = True
-            self._exploded_at = None
+            self._history.level_rules_off = True
+            self._history.exploded_at = None
             detail = compared + (
                 "the loss rose with the data, not with the weights (an unshuffled "
                 "or drifting stream?). Training goes on from the current weights; "
@@ -712,7 +703,7 @@ class RecoveryMixin:
         self.rollbacks -= 1
         self.rollbacks_undone += 1
         self._recovery = None
-        self._level_rules_off = True
+        self._history.level_rules_off = True
         self._recovery_failed = False
         detail = (
             f"rollback undone: the weights of step {self.snapshot.step} it restored "

@@ -76,8 +76,9 @@ weights that change over the data (rising 20x over an epoch read in order)
 move the loss as an explosion would, and the start (the first batches) is
 no reference for the later ones.
 
-The rules are pure functions of the raw losses (no Keras, no state): the
-detector keeps the windows and calls them. The constants below say what
+The rules are pure functions of the raw losses (no Keras, no state):
+`keras_stability.diagnostics.loss_history.LossHistory` keeps the windows of
+one fit and calls them (a test can feed it losses without `fit`). The constants below say what
 each threshold was measured on (`benchmarks/battery.py`).
 """
 

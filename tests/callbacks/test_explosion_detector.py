@@ -2004,7 +2004,7 @@ def test_regression_with_heavy_tailed_noise_is_a_healthy_run(seed, batch_size, e
         return model
 
     detector = _as_plain_fit(fit)
-    assert detector._exploded_at is None
+    assert detector._history.exploded_at is None
 
 
 def _huber_regression(batch_size):
@@ -2060,7 +2060,7 @@ def test_a_low_first_batch_is_no_explosion_when_the_gradient_stays_level():
     # is bounded: the largest norm of those 8 steps was 1.6x the first
     # step's, against 4.7-1400x in the battery's explosions.
     detector = _as_plain_fit(_huber_regression(64))
-    assert detector._exploded_at is None
+    assert detector._history.exploded_at is None
 
 
 class _BatchLogs(keras.callbacks.Callback):
