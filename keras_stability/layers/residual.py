@@ -43,14 +43,31 @@ def deepnorm_constants(depth):
     return (2.0 * depth) ** 0.25, (8.0 * depth) ** -0.25
 
 
+@keras.saving.register_keras_serializable(
+    package="keras_stability", name="MaskedRMSNormalization"
+)
+class _MaskedRMSNormalization(keras.layers.RMSNormalization):
+    """`keras.layers.RMSNormalization` that hands a padding mask on.
+
+    It normalizes each position alone, as `LayerNormalization` does, which
+    Keras lets pass the mask; Keras' own drops it, and the attention after
+    it then attended to the padded keys.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+
+
 def make_norm(norm_type, epsilon, name=None, dtype=None):
     """Keras' `LayerNormalization` or `RMSNormalization` over the last axis.
 
     `dtype` is the owning layer's policy, so a `dtype=` given to that layer
-    (other than the global policy) reaches its normalization too.
+    (other than the global policy) reaches its normalization too. Both hand
+    a padding mask on to the layer after them.
     """
     if norm_type == "rms":
-        return keras.layers.RMSNormalization(epsilon=epsilon, name=name, dtype=dtype)
+        return _MaskedRMSNormalization(epsilon=epsilon, name=name, dtype=dtype)
     return keras.layers.LayerNormalization(epsilon=epsilon, name=name, dtype=dtype)
 
 

@@ -1,3 +1,5 @@
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -223,3 +225,27 @@ def test_dtype_argument_reaches_the_normalization(norm):
         keras.mixed_precision.set_global_policy(previous)
     assert keras.backend.standardize_dtype(y.dtype) == "float32"
     assert layer.norm_layer.dtype_policy.name == "float32"
+
+
+@pytest.mark.parametrize("norm_type", ["layer", "rms"])
+def test_a_padding_mask_reaches_the_block_and_the_next_layer(norm_type):
+    # Before, `norm_type="rms"` dropped the mask in its norm (Keras warned
+    # it "will destroy the mask information"): the block and the pooling
+    # after the Residual saw the pads.
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((None,), dtype="int32")
+    h = keras.layers.Embedding(20, 8, mask_zero=True)(ids)
+    h = Residual(keras.layers.Dense(8), norm="pre", norm_type=norm_type)(h)
+    model = keras.Model(ids, keras.layers.GlobalAveragePooling1D()(h))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        short = np.asarray(model(np.array([[1, 2, 3, 0]])))
+        long = np.asarray(model(np.array([[1, 2, 3, 0, 0, 0, 0]])))
+    np.testing.assert_allclose(short, long, atol=1e-6)
+    # Without the mask the pads count in the mean.
+    h = keras.layers.Embedding(20, 8)(ids)
+    h = Residual(keras.layers.Dense(8), norm="pre", norm_type=norm_type)(h)
+    model = keras.Model(ids, keras.layers.GlobalAveragePooling1D()(h))
+    short = np.asarray(model(np.array([[1, 2, 3, 0]])))
+    long = np.asarray(model(np.array([[1, 2, 3, 0, 0, 0, 0]])))
+    assert np.abs(short - long).max() > 1e-3

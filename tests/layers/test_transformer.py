@@ -1,3 +1,5 @@
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -227,3 +229,33 @@ def test_padding_mask_passes_through_to_pooling(causal):
     short = model(np.array([[1, 2, 3, 0]]))
     long = model(np.array([[1, 2, 3, 0, 0, 0, 0]]))
     np.testing.assert_allclose(np.asarray(short), np.asarray(long), atol=1e-6)
+
+
+@pytest.mark.parametrize("norm_type", ["layer", "rms"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_left_padding_never_reaches_the_real_tokens(norm_type, causal):
+    # Left-padded batches: without a position embedding the outputs at the
+    # real tokens cannot depend on how many pads precede them if the pads
+    # are masked keys. Before, `norm_type="rms"` lost the mask in its
+    # pre-norm (Keras' RMSNormalization drops it) and differed by 0.5.
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((None,), dtype="int32")
+    h = keras.layers.Embedding(50, 16, mask_zero=True)(ids)
+    h = StableTransformerBlock(2, norm_type=norm_type, causal=causal)(h)
+    model = keras.Model(ids, h)
+    real = [7, 3, 41, 12, 9, 30]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "will destroy the mask" warning
+        four = np.asarray(model(np.array([[0] * 4 + real])))[0, 4:]
+        two = np.asarray(model(np.array([[0] * 2 + real])))[0, 2:]
+    np.testing.assert_allclose(four, two, atol=1e-5)
+    # The pads do change the outputs when the mask is not given.
+    unmasked = keras.Model(
+        ids,
+        StableTransformerBlock(2, norm_type=norm_type, causal=causal)(
+            keras.layers.Embedding(50, 16)(ids)
+        ),
+    )
+    four = np.asarray(unmasked(np.array([[0] * 4 + real])))[0, 4:]
+    two = np.asarray(unmasked(np.array([[0] * 2 + real])))[0, 2:]
+    assert np.abs(four - two).max() > 1e-3
