@@ -1028,15 +1028,18 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
 
     # -- decisions ----------------------------------------------------------
     def _fix_logged_loss(self, logs):
-        """The logged loss without the steps rewound: their mean, or NaN if
-        every step of the epoch so far was skipped (the in-graph mean still
-        holds the skipped steps' losses; Keras' own would say 0.0)."""
+        """The logged loss without the steps rewound: their mean; while no
+        step of the epoch is left in it, the step's raw loss if finite, else
+        0.0, as in-graph (`step_logs.tracker_loss_logs`): no NaN that no
+        applied step produced, which would set off `TerminateOnNaN`."""
         tracker = _keras_internals.loss_tracker(self.model)
         if tracker is not None and "loss" in logs:
             count = float(np.asarray(tracker.count))
-            logs["loss"] = (
-                float(np.asarray(tracker.total)) / count if count > 0 else math.nan
-            )
+            if count > 0:
+                logs["loss"] = float(np.asarray(tracker.total)) / count
+            else:
+                own = self.raw_losses[-1] if self.raw_losses else math.nan
+                logs["loss"] = own if math.isfinite(own) else 0.0
 
     def _say(self, message):
         """Prints `message` (`verbose=1`) on a line of its own: with Keras'

@@ -508,11 +508,14 @@ def tracker_loss_logs(tracker, logs, used, total=None, count=None):
     """The logged `loss` recomputed from Keras' loss tracker, in-graph.
 
     For a step whose wrapper took a skipped update back out of the tracker:
-    the mean over the applied steps (NaN while none was applied; Keras'
-    `Mean` would give 0.0), only if the step updated the tracker (`used`, a
-    boolean tensor); otherwise the step's own `loss` is kept. `total` and
-    `count`: the tracker's values just assigned, as tensors (read from the
-    tracker when `None`).
+    the mean over the applied steps, only if the step updated the tracker
+    (`used`, a boolean tensor); otherwise the step's own `loss` is kept.
+    While no step of the epoch was applied (the epoch's first batch skipped,
+    or a rollback's), the step's own loss if finite, else 0.0 (Keras' `Mean`
+    of no value): never a NaN that no applied step produced, which would
+    set off `TerminateOnNaN` (and fail a Keras Tuner trial) in a run the
+    skip is rescuing. `total` and `count`: the tracker's values just
+    assigned, as tensors (read from the tracker when `None`).
 
     Returns:
         `{"loss": tensor}`, or `{}` when `logs` has no `loss`.
@@ -521,9 +524,10 @@ def tracker_loss_logs(tracker, logs, used, total=None, count=None):
         return {}
     count = ops.convert_to_tensor(tracker.count if count is None else count)
     total = tracker.total if total is None else total
+    own = logs["loss"]  # with none applied before: this step's loss
     mean = ops.where(
         ops.greater(count, 0.0),
-        ops.divide(total, ops.maximum(count, 1e-30)),
-        float("nan"),
+        ops.cast(ops.divide(total, ops.maximum(count, 1e-30)), own.dtype),
+        ops.where(ops.isfinite(own), own, ops.zeros_like(own)),
     )
-    return {"loss": ops.where(used, ops.cast(mean, logs["loss"].dtype), logs["loss"])}
+    return {"loss": ops.where(used, mean, own)}

@@ -16,6 +16,7 @@ from keras_stability.callbacks import GradientMonitor
 from keras_stability.callbacks import GradualUnfreezing
 from keras_stability.callbacks import WeightDecayScheduler
 from keras_stability.clipping import ZClip
+from keras_stability.datasets import load_dataset
 from keras_stability.datasets import make_classification
 
 
@@ -327,3 +328,93 @@ def test_a_new_instance_of_the_same_configuration_takes_over_without_a_retrace()
     assert first[0].detach() is False and first[1].detach() is False
     assert _step_parts(model) == (2, 2)
     assert second[0].detach() is True and _step_parts(model) == (1, 2)
+
+
+class _LoggedLosses(keras.callbacks.Callback):
+    """Records `(epoch, batch, loss)` of every batch log."""
+
+    def on_train_begin(self, logs=None):
+        self.losses, self.raw = [], []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.losses.append((self.epoch, batch, float(logs["loss"])))
+        self.raw.append(float(logs["raw_loss"]))
+
+
+@pytest.mark.parametrize("bad", ["inputs", "sample_weight"])
+@pytest.mark.parametrize(
+    "make", [GradientExplosionDetector, GradientMonitor], ids=["detector", "monitor"]
+)
+def test_a_skipped_first_batch_of_an_epoch_does_not_set_off_terminate_on_nan(make, bad):
+    # The first batch of every epoch is corrupt (shuffle=False): its update
+    # is skipped (non-finite gradients) and leaves the epoch's mean empty.
+    # Before, the batch log's `loss` was then NaN (no applied step produced
+    # it) and TerminateOnNaN stopped the run at its first batch.
+    x, y = make_classification(256, seed=0)
+    sample_weight = np.ones(len(x), "float32")
+    if bad == "inputs":
+        x[:32] = np.nan
+    else:
+        sample_weight[:32] = np.nan
+    model = _model()
+    logged = _LoggedLosses()
+    history = model.fit(
+        x,
+        y,
+        sample_weight=sample_weight,
+        batch_size=32,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+        callbacks=[make(), logged, keras.callbacks.TerminateOnNaN()],
+    )
+    assert len(history.history["loss"]) == 2
+    assert np.isfinite(history.history["loss"]).all()
+    assert len(logged.losses) == 16
+    # The skipped batch's log: its own loss when finite (NaN inputs through
+    # a ReLU give uniform logits, ln 10), else 0.0, Keras' mean of no value
+    # (NaN sample weights give a NaN loss).
+    for i in (0, 8):
+        raw = logged.raw[i]
+        assert logged.losses[i][1] == 0
+        assert logged.losses[i][2] == pytest.approx(raw if np.isfinite(raw) else 0.0)
+    assert np.isfinite(logged.raw[0]) == (bad == "inputs")
+    assert all(np.isfinite(loss) for _, _, loss in logged.losses)
+    # The epoch's loss is the mean over the 7 applied batches alone.
+    assert history.history["loss"][0] == pytest.approx(logged.losses[7][2], rel=1e-6)
+
+
+def test_a_rollback_at_an_epochs_first_batches_logs_no_nan():
+    # Adam(50) diverges: the detector rolls back at batches where the
+    # epoch's mean is left empty (the rewind), and skips the next updates.
+    # Before, those batch logs held `loss=nan` (the raw losses were finite,
+    # 265-586) and TerminateOnNaN stopped the rescue.
+    (x, y), _ = load_dataset("synthetic")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((10,)),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
+    model.compile(
+        keras.optimizers.Adam(50.0),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    detector = GradientExplosionDetector()
+    logged = _LoggedLosses()
+    history = model.fit(
+        x,
+        y,
+        batch_size=32,
+        epochs=3,
+        verbose=0,
+        callbacks=[detector, logged, keras.callbacks.TerminateOnNaN()],
+    )
+    assert detector.rollbacks >= 1
+    assert len(history.history["loss"]) == 3
+    assert all(np.isfinite(loss) for _, _, loss in logged.losses)
