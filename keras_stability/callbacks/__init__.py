@@ -1,4 +1,11 @@
-"""Callbacks you add to `model.fit`."""
+"""Callbacks you add to `model.fit`, and two parts they are built on.
+
+`LayerGradientStats` is a gradient observer for
+`GuardedOptimizer(observers=[...])` (`GradientMonitor` is the callback that
+shows its values in the logs), and `ScaledSchedule` a learning-rate schedule
+(what a rollback leaves on a schedule). Neither goes in `fit`'s `callbacks`:
+passed there, each raises a `ValueError` that says where it goes.
+"""
 
 from keras_stability.callbacks.activation_monitor import ActivationMonitor
 from keras_stability.callbacks.adaptive_clipping import AdaptiveClipping

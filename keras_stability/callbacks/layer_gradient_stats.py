@@ -204,6 +204,16 @@ class LayerGradientStats(GradientObserver):
             none. Defaults to `0`.
     """
 
+    def set_model(self, model):
+        """Refuses `fit(callbacks=[...])`: this is an observer, not a callback."""
+        raise ValueError(
+            "Invalid value for argument `callbacks`. `LayerGradientStats` is a "
+            "gradient observer, not a callback: register it on a GuardedOptimizer "
+            "(`GuardedOptimizer(optimizer, observers=[stats])`), or pass "
+            "`GradientMonitor()` to `fit` for its values in the logs. Received: "
+            f"callbacks=[{self!r}, ...]"
+        )
+
     def __init__(
         self,
         groups=None,

@@ -65,6 +65,15 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
         lr = self.schedule(step)
         return lr * keras.ops.cast(self.factor, keras.ops.dtype(lr))
 
+    def set_model(self, model):
+        """Refuses `fit(callbacks=[...])`: this is a schedule, not a callback."""
+        raise ValueError(
+            "Invalid value for argument `callbacks`. `ScaledSchedule` is a "
+            "learning-rate schedule, not a callback: pass it as the optimizer's "
+            "`learning_rate`. Received: "
+            f"callbacks=[{self!r}, ...]"
+        )
+
     def get_config(self):
         return {
             "schedule": keras.saving.serialize_keras_object(self.schedule),

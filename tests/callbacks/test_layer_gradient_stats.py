@@ -291,3 +291,16 @@ def test_every_step_update_ratios_keep_no_copy_of_the_weights():
     # Every step: a few numbers per layer. Every 2 steps: plus a weight copy.
     assert state_size(1) < 20
     assert state_size(2) == state_size(1) + n_params
+
+
+def test_passed_to_fit_as_a_callback_it_says_where_it_goes():
+    from keras_stability.callbacks import ScaledSchedule
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile("sgd", "mse")
+    x, y = np.zeros((4, 3)), np.zeros((4, 2))
+    with pytest.raises(ValueError, match=r"observers=\[stats\]"):
+        model.fit(x, y, verbose=0, callbacks=[LayerGradientStats()])
+    schedule = ScaledSchedule(keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.9))
+    with pytest.raises(ValueError, match="optimizer's `learning_rate`"):
+        model.fit(x, y, verbose=0, callbacks=[schedule])
