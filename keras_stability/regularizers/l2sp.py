@@ -79,10 +79,11 @@ class L2SP(keras.regularizers.Regularizer):
     ran ("at construction" of the fine-tuning model), or at the start of
     every `fit` if the callback from `anchor_callback()` is passed to `fit`.
     The anchors live in non-trainable variables held by this regularizer;
-    they are not part of `get_config` and are not saved with the model, so
-    after loading a model call `attach` again before resuming fine-tuning
-    (until then every weight gets the plain-L2 `beta` term). The plain-L2
-    term is Keras' own `keras.regularizers.L2`.
+    they are not part of `get_config` and are not saved with the model, nor
+    are the terms `attach` sets on the variables: a reloaded model has no
+    regularization term at all until `attach` runs again, so call it before
+    resuming fine-tuning. The plain-L2 term is Keras' own
+    `keras.regularizers.L2`.
 
     **LoRA.** On a layer where Keras' `enable_lora(rank)` ran (`Dense`,
     `EinsumDense`, `Embedding`) the kernel is frozen at its pretrained value

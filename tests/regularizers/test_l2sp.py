@@ -225,3 +225,25 @@ def test_attach_after_a_fit_reaches_the_next_fit_and_evaluate():
     np.testing.assert_allclose(logs["loss"][0], mse + penalty, rtol=1e-5)
     evaluated = model.evaluate(x, y, batch_size=32, verbose=0)
     np.testing.assert_allclose(evaluated, mse + penalty, rtol=1e-5)
+
+
+def test_a_reloaded_model_has_no_term_until_attach_runs_again(tmp_path):
+    # As the docstring says (it used to promise the plain-L2 `beta` term).
+    keras.utils.set_random_seed(0)
+    backbone = keras.Sequential(
+        [keras.Input((10,)), keras.layers.Dense(16, activation="relu")],
+        name="backbone",
+    )
+    model = keras.Sequential([backbone, keras.layers.Dense(3, name="head")])
+    L2SP(alpha=0.1, beta=0.01).attach(model, backbone=backbone)
+    assert len(model.losses) == 2
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.losses == []
+    L2SP(alpha=0.1, beta=0.01).attach(loaded, backbone=loaded.get_layer("backbone"))
+    head = np.asarray(loaded.get_layer("head").kernel)
+    terms = sorted(float(t) for t in loaded.losses)
+    # Anchored at the loaded weights: the backbone's term is 0, the head's
+    # the plain-L2 `beta` term.
+    assert terms == pytest.approx([0.0, 0.01 * float(np.sum(head**2))], rel=1e-5)
