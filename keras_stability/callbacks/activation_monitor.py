@@ -76,8 +76,10 @@ class ActivationMonitor(keras.callbacks.Callback):
     Results go to `history` (`{layer: [fraction per check]}`), `report` (the
     last check), the epoch logs as `dead_fraction/<layer>` or
     `saturated_fraction/<layer>` when `log_fractions`, and a warning when a
-    layer passes `warn_fraction` (with `verbose`). Needs a model with
-    symbolic inputs (Sequential or functional). The check runs after the
+    layer passes `warn_fraction` (with `verbose`). Every layer is checked,
+    nested ones too (in a `Sequential` block, a `Residual`, a transformer
+    block's feed-forward), in any model that can be called on the probe
+    batch (subclassed ones too). The check runs after the
     last step of an epoch, before the callbacks' `on_epoch_end`, so the
     fractions reach every callback's epoch logs whatever the order (when the
     steps per epoch are unknown, at `on_epoch_end`, for the callbacks after
@@ -176,11 +178,51 @@ class ActivationMonitor(keras.callbacks.Callback):
         self._step_logs.detach(self)
 
     def _layers(self, model):
-        return [
+        """`(key, layer, kind)` of every layer with a watched activation,
+        nested ones too (in a `Sequential` block, a `Residual`, a custom
+        block's feed-forward), each once. `key` is the layer's name, made
+        unique with its index if nested models repeat a name."""
+        found = [
             (layer, kind)
-            for layer in model.layers
+            for layer in _keras_internals.flatten_layers(model, include_self=False)
             if (kind := activation_kind(layer)) is not None
         ]
+        names = [layer.name for layer, _ in found]
+        return [
+            (name if names.count(name) == 1 else f"{name}_{i}", layer, kind)
+            for i, (name, (layer, kind)) in enumerate(zip(names, found, strict=True))
+        ]
+
+    def _outputs(self, model, layers):
+        """Each layer's output on the probe batch, from one forward pass.
+
+        Each layer's `call` records its output while the model runs (a
+        nested layer's output is not reachable from the model's inputs as a
+        symbolic tensor). A layer called several times keeps its last call.
+        """
+        seen = {}
+
+        def recording(layer, call):
+            def record(*args, **kwargs):
+                seen[id(layer)] = out = call(*args, **kwargs)
+                return out
+
+            return record
+
+        own = {}  # a `call` set on the instance itself, put back after
+        for _, layer, _ in layers:
+            if "call" in vars(layer):
+                own[id(layer)] = vars(layer)["call"]
+            object.__setattr__(layer, "call", recording(layer, layer.call))
+        try:
+            model(self.probe_data, training=False)
+        finally:
+            for _, layer, _ in layers:
+                if id(layer) in own:
+                    object.__setattr__(layer, "call", own[id(layer)])
+                else:
+                    object.__delattr__(layer, "call")
+        return [seen.get(id(layer)) for _, layer, _ in layers]
 
     def check(self, model=None):
         """Runs the probe batch now.
@@ -190,32 +232,26 @@ class ActivationMonitor(keras.callbacks.Callback):
 
         Returns:
             Dict `{layer: {"kind": ..., "fraction": ...}}` (`fraction` is the
-            dead fraction for ReLU, the saturated fraction otherwise).
+            dead fraction for ReLU, the saturated fraction otherwise), for
+            every layer with such an activation, nested ones included.
         """
         model = model or self.model
         layers = self._layers(model)
+        self._checked = True
         if not layers:
             return {}
-        inputs = getattr(model, "inputs", None)
-        if not inputs:
-            raise ValueError(
-                "ActivationMonitor needs a model with symbolic inputs "
-                "(Sequential or functional); received a subclassed model "
-                f"{model.name!r}."
-            )
-        inputs = inputs[0] if len(inputs) == 1 else inputs
-        probe = keras.Model(inputs, [layer.output for layer, _ in layers])
-        outputs = probe(self.probe_data, training=False)
-        if not isinstance(outputs, (list, tuple)):
-            outputs = [outputs]
         report = {}
-        for (layer, kind), out in zip(layers, outputs, strict=True):
+        for (name, _, kind), out in zip(
+            layers, self._outputs(model, layers), strict=True
+        ):
+            if out is None:  # not on the model's forward path
+                continue
             out = np.asarray(_keras_internals.to_numpy(out))
             if kind == "relu":
                 fraction = dead_fraction(out)
             else:
                 fraction = saturated_fraction(out, kind, self.saturation_epsilon)
-            report[layer.name] = {"kind": kind, "fraction": fraction}
+            report[name] = {"kind": kind, "fraction": fraction}
         return report
 
     def _check_epoch(self, epoch, logs):
@@ -255,7 +291,12 @@ class ActivationMonitor(keras.callbacks.Callback):
                 "He initialisation; saturated sigmoid/tanh - normalize inputs, add "
                 "normalization layers, use a ReLU-family activation."
             )
-        text = "\n".join(lines) if lines else "ActivationMonitor: no checks yet."
+        if lines:
+            text = "\n".join(lines)
+        elif getattr(self, "_checked", False):
+            text = "ActivationMonitor: no ReLU, sigmoid or tanh layer in the model."
+        else:
+            text = "ActivationMonitor: no checks yet."
         if print_to_stdout:
             _keras_internals.print_msg(text)
         return text

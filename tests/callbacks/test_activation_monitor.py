@@ -103,3 +103,79 @@ def test_invalid_arguments(kwargs, message):
     with pytest.raises(ValueError) as info:
         ActivationMonitor(**kwargs)
     assert message in str(info.value)
+
+
+class _FeedForwardBlock(keras.layers.Layer):
+    """keras.io's transformer block, its feed-forward part: a nested Sequential."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.ffn = keras.Sequential(
+            [
+                keras.layers.Dense(
+                    6,
+                    activation="relu",
+                    bias_initializer=keras.initializers.Constant(-100.0),
+                    name="ffn_relu",
+                ),
+                keras.layers.Dense(4),
+            ]
+        )
+
+    def call(self, x):
+        return x + self.ffn(x)
+
+
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(5, activation="sigmoid", name="sub_sigmoid")
+        self.head = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.head(self.hidden(x))
+
+
+def test_nested_layers_are_checked_and_their_call_is_left_as_it_was():
+    # Before, only `model.layers` were probed: a dead ReLU in a nested
+    # Sequential, a `Residual` or a custom block's feed-forward was never
+    # reported, and the summary said "no checks yet" after a check.
+    from keras_stability.layers import Residual
+
+    keras.utils.set_random_seed(0)
+    dead = keras.layers.Dense(
+        8,
+        activation="relu",
+        bias_initializer=keras.initializers.Constant(-100.0),
+        name="dead_in_block",
+    )
+    inputs = keras.Input((4,))
+    h = keras.Sequential([dead, keras.layers.Dense(4)], name="block")(inputs)
+    h = Residual(keras.layers.Dense(4, activation="tanh", name="res_tanh"))(h)
+    h = _FeedForwardBlock()(h)
+    model = keras.Model(inputs, keras.layers.Dense(1)(h))
+    probe = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    report = ActivationMonitor(probe).check(model)
+    assert set(report) == {"dead_in_block", "res_tanh", "ffn_relu"}
+    assert report["dead_in_block"] == {"kind": "relu", "fraction": 1.0}
+    assert report["ffn_relu"] == {"kind": "relu", "fraction": 1.0}
+    assert report["res_tanh"]["kind"] == "tanh" and report["res_tanh"]["fraction"] < 1
+    # The layers' own `call` is back: the model computes as before.
+    assert all("call" not in vars(layer) for layer in model._flatten_layers())
+    before = np.asarray(model(probe))
+    ActivationMonitor(probe).check(model)
+    np.testing.assert_array_equal(np.asarray(model(probe)), before)
+
+
+def test_a_subclassed_model_is_checked_and_a_model_without_such_layers_says_so():
+    keras.utils.set_random_seed(0)
+    model = _Subclassed()
+    probe = np.ones((8, 3), "float32")
+    model(probe)
+    report = ActivationMonitor(probe).check(model)
+    assert list(report) == ["sub_sigmoid"]
+    linear = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    monitor = ActivationMonitor(probe)
+    assert monitor.summary(False) == "ActivationMonitor: no checks yet."
+    assert monitor.check(linear) == {}
+    assert "no ReLU, sigmoid or tanh layer" in monitor.summary(False)
