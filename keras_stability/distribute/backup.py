@@ -30,7 +30,11 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
       same way; not with `steps_per_epoch` over a dataset that carries on
       across epochs). The skipped batches are drawn from the data without
       training; other callbacks see them with empty logs, and the resumed
-      epoch's logged loss averages its remaining batches only.
+      epoch's logged loss averages its remaining batches only. Other
+      callbacks' own state is not in the backup: a
+      `GradientExplosionDetector` killed in the middle of a rescue resumes
+      afresh (a new `max_rollbacks` budget, no recovery under way), at the
+      learning rate the optimizer state holds.
     - Deletes only what it wrote: at the end of training (with
       `delete_checkpoint=True`) it removes its own files, and the folder only
       if that leaves it empty and this callback created it. Keras' callback
