@@ -26,6 +26,7 @@ compiled step (`drop_skipped_step`), once, whichever of our callbacks are in
 the `fit` and in whatever order.
 """
 
+import itertools
 import math
 import threading
 import warnings
@@ -83,7 +84,7 @@ class StepLogs:
     def __init__(self, model):
         self.model = model
         self.loss = RawLossTracker.shared(model)
-        self._hooks = {}  # id(owner) -> hook, in attach order
+        self._hooks = {}  # key(owner) -> hook, in attach order
         self._params = None
         self._calls = 0
         self.epoch = None
@@ -96,12 +97,12 @@ class StepLogs:
         # Who is in the coming `fit` (`expect`, from `set_model`), and the
         # observers each of our callbacks put on a guard (`own_observer`);
         # by id, with a weak reference (an id is reused once its owner dies).
-        self._expected = {}  # id(owner) -> weakref
+        self._expected = {}  # key(owner) -> weakref
         self._expected_closed = False
         self._entered_params = None
-        self._owned_observers = {}  # id(owner) -> (weakref, [(guard, observer)])
-        self._set_owners = {}  # id(owner) -> weakref, of `_graph_sets`
-        # id(owner) -> (weakref, class, config, state): see `_adopt_absent`.
+        self._owned_observers = {}  # key(owner) -> (weakref, [(guard, observer)])
+        self._set_owners = {}  # key(owner) -> weakref, of `_graph_sets`
+        # key(owner) -> (weakref, class, config, state): see `_adopt_absent`.
         self._handover = {}
         # Keras' loss tracker's `(total, count)` before and after the model's
         # `train_step`, while a step is being traced (`tracker_in_step`); per
@@ -119,7 +120,7 @@ class StepLogs:
         if self._expected_closed:
             self._expected = {}
             self._expected_closed = False
-        self._expected[id(owner)] = weakref.ref(owner)
+        self._expected[_owner_key(owner)] = weakref.ref(owner)
 
     def enter(self, owner):
         """Call first in `on_train_begin` (before `own_observer` and
@@ -142,7 +143,7 @@ class StepLogs:
         if params is not None and params is self._entered_params:
             return False
         self._entered_params = params
-        self._expected[id(owner)] = weakref.ref(owner)
+        self._expected[_owner_key(owner)] = weakref.ref(owner)
         self._expected_closed = True
 
         def present(key, ref):
@@ -216,7 +217,7 @@ class StepLogs:
             if new is None:
                 continue
             candidates.remove(new)
-            new_key, new_ref = id(new), weakref.ref(new)  # an id may be reused
+            new_key, new_ref = _owner_key(new), weakref.ref(new)
             del handover[old_key]
             handover[new_key] = (new_ref, kind, config, state)
             if old_key in self._owned_observers:
@@ -242,7 +243,7 @@ class StepLogs:
         model_state = getattr(owner, "_model_state", None)
         if not callable(model_state):
             return
-        self._handover[id(owner)] = (
+        self._handover[_owner_key(owner)] = (
             weakref.ref(owner),
             type(owner),
             _config(owner),
@@ -251,10 +252,10 @@ class StepLogs:
 
     def own_observer(self, owner, guard, observer):
         """Records that `owner` put `observer` on `guard` (see `enter`)."""
-        ref, owned = self._owned_observers.get(id(owner), (None, []))
+        ref, owned = self._owned_observers.get(_owner_key(owner), (None, []))
         if ref is None or ref() is not owner:
             ref, owned = weakref.ref(owner), []
-            self._owned_observers[id(owner)] = (ref, owned)
+            self._owned_observers[_owner_key(owner)] = (ref, owned)
         if not any(g is guard and o is observer for g, o in owned):
             owned.append((guard, observer))
         self._remember(owner)
@@ -282,7 +283,7 @@ class StepLogs:
             self.epoch = None
             self.batch = -1
             self._warned_no_loss = False
-        self._hooks[id(owner)] = hook
+        self._hooks[_owner_key(owner)] = hook
         _keras_internals.add_train_function_hook(self.model, self._after_call)
         # The step takes the guard's skipped steps out of Keras' epoch loss
         # (`drop_skipped_step`), for an owner with no in-graph values too.
@@ -295,7 +296,7 @@ class StepLogs:
     def detach(self, owner):
         """Removes `owner`'s hook (from `on_train_end`); the model's train
         function is unwrapped when no hook is left."""
-        self._hooks.pop(id(owner), None)
+        self._hooks.pop(_owner_key(owner), None)
         if not self._hooks:
             _keras_internals.remove_train_function_hook(self.model, self._after_call)
 
@@ -379,9 +380,9 @@ class StepLogs:
             traced again (`model.make_train_function(force=True)`).
         """
         sets = self.__dict__.setdefault("_graph_sets", {})
-        sets[None if owner is None else id(owner)] = (key, values, before)
+        sets[None if owner is None else _owner_key(owner)] = (key, values, before)
         if owner is not None:
-            self._set_owners[id(owner)] = weakref.ref(owner)
+            self._set_owners[_owner_key(owner)] = weakref.ref(owner)
             self._remember(owner)
         return self._wrap_graph_sets()
 
@@ -437,6 +438,22 @@ class StepLogs:
         return _keras_internals.wrap_train_step(
             self.model, combined_key, values_all, before_all
         )
+
+
+# Our callbacks' keys in the dicts below: a number no other object ever gets.
+# Keyed by `id(owner)`, a new callback whose `id` was a dead one's took over
+# that one's entries (its observers left on the guard for nobody, under load
+# where the cyclic garbage collector runs late).
+_OWNER_KEYS = weakref.WeakKeyDictionary()
+_SERIALS = itertools.count()
+
+
+def _owner_key(owner):
+    """`owner`'s key: given once, never reused (unlike `id`)."""
+    key = _OWNER_KEYS.get(owner)
+    if key is None:
+        key = _OWNER_KEYS[owner] = next(_SERIALS)
+    return key
 
 
 def _config(callback):

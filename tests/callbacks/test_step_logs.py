@@ -418,3 +418,27 @@ def test_a_rollback_at_an_epochs_first_batches_logs_no_nan():
     assert detector.rollbacks >= 1
     assert len(history.history["loss"]) == 3
     assert all(np.isfinite(loss) for _, _, loss in logged.losses)
+
+
+def test_owner_keys_are_never_reused_when_an_id_is():
+    # Keyed by `id`, a new callback whose `id` was a dead one's took over
+    # that one's entries: under load (the cyclic garbage collector late) a
+    # new detector took a dead monitor's observer list, which was then left
+    # on the guard for nobody ((3, 2) parts in the test above, 1 run in 6
+    # under `-n 2`).
+    from keras_stability.callbacks.step_logs import _owner_key
+
+    class Owner:
+        pass
+
+    reused = 0
+    for _ in range(100):
+        old = Owner()
+        old_key, address = _owner_key(old), id(old)
+        del old
+        new = Owner()
+        if id(new) == address:
+            reused += 1
+            assert _owner_key(new) != old_key
+        assert _owner_key(new) == _owner_key(new)
+    assert reused > 0  # CPython hands the freed block to the next object
