@@ -12,6 +12,7 @@ from keras_stability.optimizers.attach import check_optimizer_argument
 from keras_stability.optimizers.attach import ensure_guarded
 from keras_stability.optimizers.attach import find_guard
 from keras_stability.optimizers.attach import guarded_attribute
+from keras_stability.optimizers.attach import log_prefix
 from keras_stability.optimizers.attach import watch_optimizer_loads
 from keras_stability.optimizers.guarded_optimizer import _get_spike_skipping
 
@@ -44,11 +45,12 @@ def _statistics(model, optimizer, which=None):
         def read(name):
             return ops.cast(getattr(optimizer, name), "float32")
 
+        prefix = log_prefix(which or "optimizer")
         return {
-            "grad_norm": read("grad_norm"),
-            "clip_threshold": read("clip_threshold"),
-            "steps_clipped": read("steps_clipped"),
-            "steps_skipped": sum(read(name) for name in _SKIP_COUNTERS),
+            f"{prefix}grad_norm": read("grad_norm"),
+            f"{prefix}clip_threshold": read("clip_threshold"),
+            f"{prefix}steps_clipped": read("steps_clipped"),
+            f"{prefix}steps_skipped": sum(read(name) for name in _SKIP_COUNTERS),
         }
 
     return values
@@ -85,7 +87,8 @@ class AdaptiveClipping(keras.callbacks.Callback):
         optimizer: Which optimizer to guard: `None` (`model.optimizer`), an
             optimizer the model holds, or the name of the model attribute
             holding it, for a model with several optimizers (the keras.io
-            GAN's `"d_optimizer"`; use one callback per optimizer). An
+            GAN's `"d_optimizer"`; use one callback per optimizer, each
+            logging under its attribute: `d_optimizer/grad_norm`). An
             instance is a runtime attachment: `get_config` gives `None` for
             it. Defaults to `None`.
 
@@ -148,6 +151,7 @@ class AdaptiveClipping(keras.callbacks.Callback):
         model = self.model
         StepLogs.of(model).enter(self)  # drops an earlier fit's instances
         attribute = guarded_attribute(model, self.optimizer)
+        self._log_prefix = log_prefix(attribute)
         current = getattr(model, attribute)
         if isinstance(current, keras.optimizers.LossScaleOptimizer):
             current = current.inner_optimizer
@@ -187,8 +191,10 @@ class AdaptiveClipping(keras.callbacks.Callback):
 
     def _show_counts(self, logs):
         if logs is not None:
+            prefix = getattr(self, "_log_prefix", "")
+            keys = [prefix + k for k in _COUNTS]
             logs.update(
-                {k: _keras_internals.LoggedInt(logs[k]) for k in _COUNTS if k in logs}
+                {k: _keras_internals.LoggedInt(logs[k]) for k in keys if k in logs}
             )
 
     def on_train_batch_end(self, batch, logs=None):

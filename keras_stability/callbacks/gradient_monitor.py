@@ -39,6 +39,7 @@ from keras_stability.distribute.strategy import chief_path
 from keras_stability.optimizers.attach import ModelObservers
 from keras_stability.optimizers.attach import check_optimizer_argument
 from keras_stability.optimizers.attach import guarded_attribute
+from keras_stability.optimizers.attach import log_prefix
 from keras_stability.optimizers.attach import watch_optimizer_loads
 
 __all__ = ["GradientMonitor"]
@@ -145,7 +146,9 @@ class GradientMonitor(keras.callbacks.Callback):
             (`model.optimizer`), an optimizer the model holds, or the name of
             the model attribute holding it, for a model with several
             optimizers (the keras.io GAN's `"d_optimizer"`; one monitor per
-            optimizer; the layers are then those whose variables it updates).
+            optimizer, each logging under its attribute,
+            `d_optimizer/grad_norm`; the layers are then those whose
+            variables it updates).
             At the start of training, with `None`, a model whose
             `model.optimizer` is `None`, or that overrides `train_step` and
             holds other optimizers, raises a `ValueError` naming them. An
@@ -331,12 +334,20 @@ class GradientMonitor(keras.callbacks.Callback):
         if self._step % self._read_calls == 0 or self._step_logs.epoch_end:
             self.flush()
         self._last["raw_loss"] = raw
-        logs.update(self._last)
+        logs.update(self._logged())
 
     def on_epoch_end(self, epoch, logs=None):
         self.flush()  # when the steps per epoch are unknown
         if logs is not None:
-            logs.update(self._last)
+            logs.update(self._logged())
+
+    def _logged(self):
+        """The values for the logs: under `optimizer`'s attribute (a GAN's
+        `d_optimizer/grad_norm`) unless it is the model's `optimizer`."""
+        prefix = log_prefix(getattr(self, "_attribute", "optimizer"))
+        if not prefix:
+            return self._last
+        return {prefix + key: value for key, value in self._last.items()}
 
     def on_train_end(self, logs=None):
         self._step_logs.detach(self)

@@ -33,6 +33,7 @@ __all__ = [
     "ensure_guarded",
     "find_guard",
     "guarded_attribute",
+    "log_prefix",
 ]
 
 
@@ -81,6 +82,17 @@ def _overrides_train_step(model):
 
 def _model_name(model):
     return getattr(model, "name", type(model).__name__)
+
+
+def log_prefix(attribute):
+    """The prefix of a callback's log keys for the optimizer it watches.
+
+    `""` for the model's compiled `optimizer`; for another one (a GAN's
+    `d_optimizer`), its attribute and a slash (`"d_optimizer/grad_norm"`),
+    so that one callback per optimizer logs each optimizer's values under
+    its own keys.
+    """
+    return "" if attribute == "optimizer" else f"{attribute}/"
 
 
 def guarded_attribute(model, optimizer=None):

@@ -189,8 +189,12 @@ def test_gan_adaptive_clipping_guards_the_named_optimizers():
     assert int(gan.d_optimizer.step) == 8 and int(gan.g_optimizer.step) == 8
     assert int(gan.d_optimizer.steps_clipped) == 8
     assert int(gan.g_optimizer.steps_clipped) == 0
-    assert history.history["steps_clipped"] == [4.0, 8.0]
-    assert all(np.isfinite(history.history["grad_norm"]))
+    # Each optimizer's values under its own keys (one callback per
+    # optimizer): the discriminator's guard logs, the generator's does not.
+    assert history.history["d_optimizer/steps_clipped"] == [4.0, 8.0]
+    assert all(np.isfinite(history.history["d_optimizer/grad_norm"]))
+    assert not any(key.startswith("g_optimizer/") for key in history.history)
+    assert "grad_norm" not in history.history
     assert find_guard(gan, "d_optimizer") is gan.d_optimizer
     # The compiled (unused) optimizer was left alone.
     assert not isinstance(gan.optimizer, GuardedOptimizer)
@@ -322,3 +326,31 @@ def test_no_loss_anywhere_warns_once_and_keeps_the_gradient_norms():
     assert np.isnan(monitor.raw_losses).all()
     assert len(monitor.history["global_norm"]) == 16
     assert np.all(np.asarray(monitor.history["global_norm"]) > 0)
+
+
+def test_gan_one_callback_per_optimizer_logs_each_under_its_own_keys():
+    # Before, `AdaptiveClipping(optimizer="d_optimizer")` and
+    # `GradientMonitor(optimizer="g_optimizer")` both logged `grad_norm`:
+    # the history held the generator's norm next to the discriminator's
+    # clipping threshold, and the discriminator's norm nowhere.
+    gan, data = _gan()
+    history = gan.fit(
+        data,
+        batch_size=8,
+        epochs=2,
+        verbose=0,
+        callbacks=[
+            AdaptiveClipping(clipping.GlobalNorm(10.0), optimizer="d_optimizer"),
+            GradientMonitor(optimizer="g_optimizer"),
+        ],
+    )
+    logged = history.history
+    assert logged["d_optimizer/grad_norm"][-1] == pytest.approx(
+        float(gan.d_optimizer.grad_norm)
+    )
+    assert logged["d_optimizer/clip_threshold"] == [10.0, 10.0]
+    assert logged["g_optimizer/grad_norm"][-1] == pytest.approx(
+        float(gan.g_optimizer.grad_norm)
+    )
+    assert "g_optimizer/min_layer_grad_ratio" in logged
+    assert not {"grad_norm", "clip_threshold", "steps_clipped"} & set(logged)
