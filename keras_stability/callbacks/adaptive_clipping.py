@@ -56,6 +56,10 @@ def _statistics(model, optimizer, which=None):
     return values
 
 
+def _nothing(logs):
+    """`AdaptiveClipping`'s per-call host hook: nothing to do."""
+
+
 @keras.saving.register_keras_serializable(package="keras_stability")
 class AdaptiveClipping(keras.callbacks.Callback):
     """Adds adaptive gradient clipping to `fit` with a callback.
@@ -174,6 +178,9 @@ class AdaptiveClipping(keras.callbacks.Callback):
             owner=self,
         ):
             model.make_train_function(force=True)
+        # No per-step work on the host; attached so that `StepLogs` sees the
+        # end of each epoch (an epoch with no applied step logs NaN).
+        step_logs.attach(self, _nothing, self.params)
         if self.verbose and not was_guarded:
             _keras_internals.print_msg(
                 f"AdaptiveClipping: wrapped optimizer '{current.name}' in "
@@ -197,8 +204,14 @@ class AdaptiveClipping(keras.callbacks.Callback):
                 {k: _keras_internals.LoggedInt(logs[k]) for k in keys if k in logs}
             )
 
+    def on_epoch_begin(self, epoch, logs=None):
+        StepLogs.of(self.model).start_epoch(epoch)
+
     def on_train_batch_end(self, batch, logs=None):
         self._show_counts(logs)
+
+    def on_train_end(self, logs=None):
+        StepLogs.of(self.model).detach(self)
 
     def on_epoch_end(self, epoch, logs=None):
         self._show_counts(logs)

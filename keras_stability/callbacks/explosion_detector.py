@@ -53,6 +53,7 @@ from keras_stability.optimizers.attach import ModelObservers
 from keras_stability.optimizers.attach import check_optimizer_argument
 from keras_stability.optimizers.attach import find_guard
 from keras_stability.optimizers.attach import guarded_attribute
+from keras_stability.optimizers.attach import log_prefix
 from keras_stability.optimizers.attach import watch_optimizer_loads
 
 __all__ = ["GradientExplosionDetector"]
@@ -325,9 +326,13 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         model = self.model
         StepLogs.of(model).enter(self)  # drops an earlier fit's instances
         with model.distribute_strategy.scope():
-            target = getattr(model, guarded_attribute(model, self._optimizer_arg))
+            attribute = guarded_attribute(model, self._optimizer_arg)
+            target = getattr(model, attribute)
             if wrap_schedule(target):
                 model.make_train_function(force=True)
+        # An optimizer other than `model.optimizer` (a GAN's `d_optimizer`):
+        # the values are logged under its attribute (`d_optimizer/raw_loss`).
+        self._log_prefix = log_prefix(attribute)
         if self.diagnostic_path:
             check_writable_file(
                 "diagnostic_path",
@@ -497,11 +502,16 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         skipped = self.skipped_batches
         if self._record is not None and logs:
             # This step's, from the step itself (see `_after_call`).
-            raw = logs.get("raw_loss", raw)
-            skipped = logs.get("skipped_batches", skipped)
+            raw = logs.get(self._key("raw_loss"), raw)
+            skipped = logs.get(self._key("skipped_batches"), skipped)
         return {
-            "raw_loss": raw,
-            **counts({"rollbacks": self.rollbacks, "skipped_batches": skipped}),
+            self._key("raw_loss"): raw,
+            **counts(
+                {
+                    self._key("rollbacks"): self.rollbacks,
+                    self._key("skipped_batches"): skipped,
+                }
+            ),
         }
 
     def on_train_batch_end(self, batch, logs=None):
@@ -556,9 +566,9 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             raw, norm, norm_var is not None, skipped, steps, logs, spike_skips
         )
         self._save_exclude()
-        logs["raw_loss"] = raw
-        logs["rollbacks"] = self.rollbacks
-        logs["skipped_batches"] = self.skipped_batches
+        logs[self._key("raw_loss")] = raw
+        logs[self._key("rollbacks")] = self.rollbacks
+        logs[self._key("skipped_batches")] = self.skipped_batches
 
     # -- the in-graph record and the looks (one batch per call) ------------
     def _install_record(self, model):
@@ -650,9 +660,9 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         every = min(self.check_every, self.snapshot_freq) if self._steady() else 1
         if (self.step + self._calls_unread) % every == 0 or self._step_logs.epoch_end:
             self._look(logs)
-            logs["skipped_batches"] = self.skipped_batches
+            logs[self._key("skipped_batches")] = self.skipped_batches
         # Between looks `skipped_batches` is the step's own count (in-graph).
-        logs["rollbacks"] = self.rollbacks
+        logs[self._key("rollbacks")] = self.rollbacks
 
     def _look(self, logs):
         """Reads the steps recorded since the last look and judges them in order.
@@ -701,8 +711,8 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             if read_scalar(self.optimizer.tripped) > 0:
                 self.optimizer.clear_trip()
             self._holding = False
-        if count and rows and logs is not None and "raw_loss" in logs:
-            logs["raw_loss"] = self._logged_raw
+        if count and rows and logs is not None and self._key("raw_loss") in logs:
+            logs[self._key("raw_loss")] = self._logged_raw
         if self.skipped_batches != skipped_before:  # the in-graph count goes on
             record.skipped.assign(float(self.skipped_batches))
         self._save_exclude()
@@ -938,6 +948,11 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             self._plateau_step(raw)
         return None
 
+    def _key(self, name):
+        """`name` in the logs: under the optimizer's attribute unless it is
+        `model.optimizer` (`optimizers.attach.log_prefix`)."""
+        return getattr(self, "_log_prefix", "") + name
+
     def _spike_event(self, detail, raw, norm):
         self.spikes += 1
         self._event("spike", raw, math.nan if norm is None else norm, detail)
@@ -954,8 +969,8 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
             logs.update(
                 counts(
                     {
-                        "rollbacks": self.rollbacks,
-                        "skipped_batches": self.skipped_batches,
+                        self._key("rollbacks"): self.rollbacks,
+                        self._key("skipped_batches"): self.skipped_batches,
                     }
                 )
             )

@@ -32,6 +32,7 @@ import threading
 import warnings
 import weakref
 
+import keras
 from keras import ops
 
 from keras_stability import _keras_internals
@@ -322,6 +323,8 @@ class StepLogs:
         self._logs = logs
         for hook in list(self._hooks.values()):
             hook(logs)
+        if self.epoch_end or getattr(self.model, "stop_training", False):
+            empty_epoch_loss(self.model, logs)  # the epoch ends with this call
 
     def _update_raw_loss(self):
         logs, self._logs = self._logs, None
@@ -521,6 +524,30 @@ def drop_skipped_step(model, before, after, logs):
     return tracker_loss_logs(tracker, logs, used, total, count)
 
 
+def empty_epoch_loss(model, logs):
+    """At the end of an epoch: its `loss` is NaN if no step of it was applied.
+
+    While an epoch runs, a batch whose skipped update leaves the epoch's
+    mean empty logs its own loss (`tracker_loss_logs`); an epoch with no
+    applied step at all ends with NaN (never 0.0 nor a skipped step's loss,
+    which a tuner minimising the loss would pick). One host read of Keras'
+    loss tracker, once per epoch, by `StepLogs` after the epoch's last call
+    (or the call after which a callback stops training), before any
+    callback and before validation (whose `evaluate` resets the tracker).
+    When the steps per epoch
+    are unknown (a dataset of unknown length), the epoch's last batch is not
+    known in time and its logged loss stays as above; so does a model with
+    its own `train_step` (whose loss may be its own `Mean`'s, not Keras').
+    """
+    tracker = _keras_internals.loss_tracker(model)
+    if tracker is None or not isinstance(logs, dict) or "loss" not in logs:
+        return
+    if type(model).train_step is not keras.Model.train_step:
+        return  # its own `train_step` may keep its loss in its own `Mean`
+    if float(_keras_internals.to_numpy(tracker.count)) == 0.0:
+        logs["loss"] = math.nan
+
+
 def tracker_loss_logs(tracker, logs, used, total=None, count=None):
     """The logged `loss` recomputed from Keras' loss tracker, in-graph.
 
@@ -531,7 +558,8 @@ def tracker_loss_logs(tracker, logs, used, total=None, count=None):
     or a rollback's), the step's own loss if finite, else 0.0 (Keras' `Mean`
     of no value): never a NaN that no applied step produced, which would
     set off `TerminateOnNaN` (and fail a Keras Tuner trial) in a run the
-    skip is rescuing. `total` and `count`: the tracker's values just
+    skip is rescuing. An epoch that ends with no applied step logs NaN
+    (`empty_epoch_loss`). `total` and `count`: the tracker's values just
     assigned, as tensors (read from the tracker when `None`).
 
     Returns:

@@ -17,6 +17,7 @@ from keras import ops
 from keras_stability import _keras_internals
 from keras_stability.callbacks.step_logs import StepLogs
 from keras_stability.optimizers.attach import find_guard
+from keras_stability.optimizers.attach import log_prefix
 from keras_stability.optimizers.guarded_optimizer import state_variable
 
 __all__ = [
@@ -213,7 +214,8 @@ def record_values(model, guard, attribute, record):
             dropped = ops.logical_and(skipped, used)
         else:  # a guard on another optimizer: the host rewinds the step
             dropped = ops.zeros((), "bool")
-        new["raw_loss"] = raw
+        prefix = log_prefix(attribute)  # `d_optimizer/raw_loss` for a GAN's
+        new[f"{prefix}raw_loss"] = raw
         if spikes_before is None:
             spike = ops.zeros((), "bool")
         else:  # skipped in-graph as a gradient-norm spike (`steps_skipped_spike`)
@@ -263,7 +265,7 @@ def record_values(model, guard, attribute, record):
         _keras_internals.assign_add(record.skipped, ops.cast(skipped, "float32"))
         # A tensor (a read), not the variable: under a multi-worker strategy
         # the step's outputs are reduced across workers, which takes tensors.
-        new["skipped_batches"] = ops.convert_to_tensor(record.skipped.value)
+        new[f"{prefix}skipped_batches"] = ops.convert_to_tensor(record.skipped.value)
         return new
 
     return values

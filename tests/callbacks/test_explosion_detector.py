@@ -1298,7 +1298,14 @@ def test_gan_needs_optimizer_argument_and_guards_the_named_optimizer():
         )
     gan, data = _gan()
     detector = GradientExplosionDetector(optimizer="d_optimizer")
-    gan.fit(data, batch_size=8, epochs=2, verbose=0, callbacks=[detector])
+    history = gan.fit(data, batch_size=8, epochs=2, verbose=0, callbacks=[detector])
+    # Its values under the optimizer's attribute (one detector per optimizer
+    # would otherwise share `raw_loss`, `rollbacks`, `skipped_batches`).
+    assert history.history["d_optimizer/rollbacks"] == [0, 0]
+    assert history.history["d_optimizer/skipped_batches"] == [0, 0]
+    # (NaN: this train_step's loss reaches neither Keras nor the guard.)
+    assert len(history.history["d_optimizer/raw_loss"]) == 2
+    assert not {"raw_loss", "rollbacks", "skipped_batches"} & set(history.history)
     assert isinstance(gan.d_optimizer, GuardedOptimizer)
     assert detector.optimizer is gan.d_optimizer and detector.step == 8
     assert int(gan.d_optimizer.step) == 8
