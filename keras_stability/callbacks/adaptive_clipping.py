@@ -7,6 +7,7 @@ from keras_stability import _keras_internals
 from keras_stability import clipping as clipping_module
 from keras_stability._checks import check_bool
 from keras_stability._checks import check_verbose
+from keras_stability.callbacks.step_logs import COUNTS
 from keras_stability.callbacks.step_logs import StepLogs
 from keras_stability.optimizers.attach import check_optimizer_argument
 from keras_stability.optimizers.attach import ensure_guarded
@@ -156,6 +157,10 @@ class AdaptiveClipping(keras.callbacks.Callback):
         StepLogs.of(model).enter(self)  # drops an earlier fit's instances
         attribute = guarded_attribute(model, self.optimizer)
         self._log_prefix = log_prefix(attribute)
+        if self._log_prefix:  # its counts print as integers too
+            _keras_internals.print_as_integers(
+                model, [self._log_prefix + k for k in COUNTS]
+            )
         current = getattr(model, attribute)
         if isinstance(current, keras.optimizers.LossScaleOptimizer):
             current = current.inner_optimizer

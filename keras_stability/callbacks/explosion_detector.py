@@ -36,6 +36,7 @@ from keras_stability.callbacks.recovery import Problem
 from keras_stability.callbacks.recovery import RecoveryMixin
 from keras_stability.callbacks.recovery import json_float
 from keras_stability.callbacks.snapshots import Snapshot
+from keras_stability.callbacks.step_logs import COUNTS
 from keras_stability.callbacks.step_logs import StepLogs
 from keras_stability.callbacks.step_logs import counts
 from keras_stability.callbacks.step_record import ROW
@@ -333,6 +334,10 @@ class GradientExplosionDetector(RecoveryMixin, keras.callbacks.Callback):
         # An optimizer other than `model.optimizer` (a GAN's `d_optimizer`):
         # the values are logged under its attribute (`d_optimizer/raw_loss`).
         self._log_prefix = log_prefix(attribute)
+        if self._log_prefix:  # its counts print as integers too
+            _keras_internals.print_as_integers(
+                model, [self._log_prefix + k for k in COUNTS]
+            )
         if self.diagnostic_path:
             check_writable_file(
                 "diagnostic_path",

@@ -354,3 +354,28 @@ def test_gan_one_callback_per_optimizer_logs_each_under_its_own_keys():
     )
     assert "g_optimizer/min_layer_grad_ratio" in logged
     assert not {"grad_norm", "clip_threshold", "steps_clipped"} & set(logged)
+
+
+def test_gan_prefixed_counts_print_as_integers(capsys):
+    import re
+
+    from keras_stability.callbacks import GradientExplosionDetector
+
+    gan, data = _gan()
+    gan.fit(
+        data,
+        batch_size=8,
+        epochs=1,
+        verbose=1,
+        callbacks=[
+            # Listed first: it prints before our callbacks see the logs.
+            keras.callbacks.ProgbarLogger(),
+            AdaptiveClipping(clipping.GlobalNorm(1e-3), optimizer="d_optimizer"),
+            GradientExplosionDetector(optimizer="g_optimizer"),
+        ],
+    )
+    final = capsys.readouterr().out.replace("\r", "\n").splitlines()[-1]
+    assert re.search(r" - d_optimizer/steps_clipped: 4( |$)", final), final
+    assert re.search(r" - g_optimizer/rollbacks: 0( |$)", final), final
+    assert re.search(r" - g_optimizer/skipped_batches: 0( |$)", final), final
+    assert re.search(r" - d_optimizer/grad_norm: \d+\.\d{4}", final), final
