@@ -86,6 +86,7 @@ class StepLogs:
         self.model = model
         self.loss = RawLossTracker.shared(model)
         self._hooks = {}  # key(owner) -> hook, in attach order
+        self._hook_owners = {}  # key(owner) -> weakref, of `_hooks`
         self._params = None
         self._calls = 0
         self.epoch = None
@@ -279,12 +280,14 @@ class StepLogs:
         if params is not self._params:
             self._params = params
             self._hooks = {}
+            self._hook_owners = {}
             self.loss.steps_per_epoch = (params or {}).get("steps")
             self.loss.start_fit()
             self.epoch = None
             self.batch = -1
             self._warned_no_loss = False
         self._hooks[_owner_key(owner)] = hook
+        self._hook_owners[_owner_key(owner)] = weakref.ref(owner)
         _keras_internals.add_train_function_hook(self.model, self._after_call)
         # The step takes the guard's skipped steps out of Keras' epoch loss
         # (`drop_skipped_step`), for an owner with no in-graph values too.
@@ -298,8 +301,64 @@ class StepLogs:
         """Removes `owner`'s hook (from `on_train_end`); the model's train
         function is unwrapped when no hook is left."""
         self._hooks.pop(_owner_key(owner), None)
+        self._hook_owners.pop(_owner_key(owner), None)
         if not self._hooks:
             _keras_internals.remove_train_function_hook(self.model, self._after_call)
+
+    def ready_for_backup(self, params, logs=None):
+        """Whether the weights may be backed up now, by our callbacks in this `fit`.
+
+        Asks each callback whose hook is attached in the `fit` of `params`
+        (the `params` dict Keras gives every callback of one `fit`) and that
+        has a `ready_for_backup(logs)` method: a `GradientExplosionDetector`
+        first judges the steps it has not looked at yet, and is not ready
+        while it is deciding about the current weights (see
+        `keras_stability.distribute.BackupAndRestore`).
+        """
+        if params is None or params is not self._params:
+            return True
+        ready = True
+        for ref in list(self._hook_owners.values()):
+            owner = ref()
+            check = getattr(owner, "ready_for_backup", None)
+            if owner is not None and callable(check):
+                ready = bool(check(logs)) and ready
+        return ready
+
+    def backup_states(self, params):
+        """`{key: state}` of our callbacks in the `fit` of `params` that keep
+        state in a backup (`backup_state()`, a detector's)."""
+        states = {}
+        if params is None or params is not self._params:
+            return states
+        for ref in list(self._hook_owners.values()):
+            owner = ref()
+            get = getattr(owner, "backup_state", None)
+            if owner is not None and callable(get):
+                key, state = get()
+                states[key] = state
+        return states
+
+    def resume(self, params, states):
+        """A backup was restored in the `fit` of `params`, with `states`
+        (`backup_states`): our callbacks of that `fit` that have begun are
+        told now (`resumed(states)`), those that begin later read them
+        (`resumed_states`)."""
+        self._resumed = (params, dict(states or {}))
+        if params is None or params is not self._params:
+            return
+        for ref in list(self._hook_owners.values()):
+            owner = ref()
+            tell = getattr(owner, "resumed", None)
+            if owner is not None and callable(tell):
+                tell(self._resumed[1])
+
+    def resumed_states(self, params):
+        """The states of the backup restored in the `fit` of `params`, or `None`."""
+        resumed = self.__dict__.get("_resumed")
+        if resumed is None or params is None or resumed[0] is not params:
+            return None
+        return resumed[1]
 
     def start_epoch(self, epoch):
         """Call from `on_epoch_begin` (once per epoch, however many callbacks call it)."""

@@ -14,6 +14,9 @@ from keras_stability.distribute.backup_files import PREVIOUS_METADATA
 from keras_stability.distribute.backup_files import CorruptBackupError
 from keras_stability.distribute.strategy import chief_path
 
+# The most batches a due backup waits for a detector's decision.
+MAX_WAIT = 256
+
 
 @keras.saving.register_keras_serializable(package="keras_stability")
 class BackupAndRestore(keras.callbacks.BackupAndRestore):
@@ -30,11 +33,18 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
       same way; not with `steps_per_epoch` over a dataset that carries on
       across epochs). The skipped batches are drawn from the data without
       training; other callbacks see them with empty logs, and the resumed
-      epoch's logged loss averages its remaining batches only. Other
-      callbacks' own state is not in the backup: a
-      `GradientExplosionDetector` killed in the middle of a rescue resumes
-      afresh (a new `max_rollbacks` budget, no recovery under way), at the
-      learning rate the optimizer state holds.
+      epoch's logged loss averages its remaining batches only.
+    - Only weights a `GradientExplosionDetector` has judged: with a
+      detector in the `fit`, a backup that falls due waits for its next
+      look (at most `check_every - 1` batches), and waits while it decides
+      about the current weights (a rollback compared or checked, bad steps
+      with the loss rising; at most 256 batches, `MAX_WAIT`). The detector's
+      counters (rollbacks made, the lowering of the rate after them) and
+      the loss the run started from are saved with the backup, and the
+      resumed detector goes on from them, with the restored weights as its
+      snapshot: a run killed during a rescue ends as if never killed.
+      Keras' own callback saves whatever the weights are: killed during
+      an explosion, it resumes from the exploded weights.
     - Deletes only what it wrote: at the end of training (with
       `delete_checkpoint=True`) it removes its own files, and the folder only
       if that leaves it empty and this callback created it. Keras' callback
@@ -128,6 +138,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         self._previous_weights_file = None
         self._created_dir = None  # unknown until the first save or restore
         self._restored = None  # (weights path, metadata, optimizer layout) loaded
+        self._waiting = None  # batches a due backup has waited (`_may_save`)
 
     # -- restoring ---------------------------------------------------------
 
@@ -186,6 +197,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                 )
             self._adopt(metadata)
             _resume_pruning(self.model)
+            self._tell_resumed(metadata)
             self._restored = (
                 files.weights_path(directory, metadata),
                 metadata,
@@ -259,6 +271,22 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         restored, self._restored = self._restored, None
         if restored is not None and self._optimizer_layout() != restored[2]:
             self._load_weights(restored[0], restored[1])
+            self._tell_resumed(restored[1])
+
+    def _step_logs(self, create=False):
+        from keras_stability.callbacks.step_logs import StepLogs
+
+        if create:
+            return StepLogs.of(self.model)
+        return self.model.__dict__.get(StepLogs._ATTRIBUTE)
+
+    def _tell_resumed(self, metadata):
+        """Gives our callbacks in this `fit` the state they kept in the backup
+        (`StepLogs.resume`: a detector's counters, and the restored weights
+        as its snapshot)."""
+        self._step_logs(create=True).resume(
+            self.params, metadata.get("callbacks") or {}
+        )
 
     def _adopt(self, metadata):
         """Carries on the numbering and file bookkeeping of the restored backup."""
@@ -298,18 +326,44 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             return  # a batch done before the interruption, skipped on resume
         self._batches_since_save += done - self._batches_done
         self._batches_done = done
-        if self.save_freq != "epoch" and self._batches_since_save >= self.save_freq:
+        due = self._waiting is not None or (
+            self.save_freq != "epoch" and self._batches_since_save >= self.save_freq
+        )
+        if due and self._may_save(logs):
             self._batches_since_save = 0
             self._save(self._epoch, done)
 
     def on_epoch_end(self, epoch, logs=None):
         if self.save_freq == "epoch":
-            self._save(epoch + 1, 0)
+            if self._may_save(logs):
+                self._save(epoch + 1, 0)
         elif self._last_saved == (epoch, self._batches_done):
             # Saved after the epoch's last batch: say the epoch is done, so a
             # resume starts the next one rather than an epoch with nothing left.
             self._commit(epoch + 1, 0, keep_previous=False)
         self._batches_done = 0
+
+    def _may_save(self, logs):
+        """Whether the backup that is due may be taken now.
+
+        Not while a `GradientExplosionDetector` in this `fit` is deciding
+        about the current weights (`ready_for_backup`): the backup waits for
+        the first batch after it has decided, at most `MAX_WAIT` batches.
+        """
+        step_logs = self._step_logs()
+        if step_logs is None or step_logs.ready_for_backup(self.params, logs):
+            self._waiting = None
+            return True
+        self._waiting = (self._waiting or 0) + 1
+        if self._waiting <= MAX_WAIT:
+            return False
+        warnings.warn(
+            f"BackupAndRestore: the backup has waited {MAX_WAIT} batches for the "
+            "GradientExplosionDetector to decide about the weights; it is taken now.",
+            stacklevel=2,
+        )
+        self._waiting = None
+        return True
 
     def _save_model(self):
         """Keras' hook (e.g. preemption); saves the current position."""
@@ -343,9 +397,12 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         self._save_index += 1
 
     def _commit(self, epoch, batches_done, keep_previous):
+        step_logs = self._step_logs()
+        states = {} if step_logs is None else step_logs.backup_states(self.params)
         files.commit(
             self.backup_dir,
             {
+                **({"callbacks": states} if states else {}),
                 "epoch": epoch,
                 "batches_done": batches_done,
                 "weights": self._weights_file,

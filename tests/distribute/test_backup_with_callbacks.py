@@ -7,7 +7,9 @@ uninterrupted one, skipped batches must not reach the callbacks' rules, and
 our values must be in the logs of the steps that did train.
 """
 
+import json
 import math
+import os
 
 import keras
 import numpy as np
@@ -16,6 +18,8 @@ import pytest
 from keras_stability.callbacks import GradientExplosionDetector
 from keras_stability.callbacks import GradientMonitor
 from keras_stability.distribute import BackupAndRestore
+from keras_stability.distribute.backup_files import METADATA
+from tests.distribute.test_backup_faults import STEPS_PER_EPOCH
 from tests.distribute.test_backup_faults import TOTAL_STEPS
 from tests.distribute.test_backup_faults import _CrashAfterStep
 from tests.distribute.test_backup_faults import _fit
@@ -49,6 +53,12 @@ def test_resume_mid_epoch_with_monitor_and_detector(tmp_path, backup_first):
     crashed, _ = callbacks([_CrashAfterStep(5)])
     with pytest.raises(RuntimeError, match="simulated crash"):
         _fit(_model(), crashed)
+    # With the detector, a backup waits for its next look (at an epoch end
+    # here, before its 10th step): the last one before the crash.
+    with open(os.path.join(folder, METADATA)) as f:
+        metadata = json.load(f)
+    done = metadata["epoch"] * STEPS_PER_EPOCH + metadata["batches_done"]
+    assert done == STEPS_PER_EPOCH
 
     model = _model()
     logs = _Logs()
@@ -62,7 +72,7 @@ def test_resume_mid_epoch_with_monitor_and_detector(tmp_path, backup_first):
     # Steps that trained carry our raw loss; the drawn-without-training ones
     # (Keras still calls the batch hooks for them) carry none.
     trained = [v for v in logs.raw if v is not None]
-    assert len(trained) == TOTAL_STEPS - 5
+    assert len(trained) == TOTAL_STEPS - done
     assert all(math.isfinite(v) for v in trained)
 
 
