@@ -65,3 +65,17 @@ def test_half_ffn_is_the_largest_2_block_ffn_at_half_the_parameters():
     assert (
         lc.half_ffn(lc._char_lm(96, 0, **lc.LM_SHAPE)) == lc.SHRUNK["intermediate_dim"]
     )
+
+
+def test_the_resume_benchmark_kills_and_resumes_a_run():
+    from benchmarks import battery
+    from benchmarks import resume
+
+    (case,) = [c for c in battery.cases() if c.name == "Keras example, SGD(20)"]
+    result = resume.run_case(case, 0, kills=(7, 1000), epochs=1)
+    assert set(result) == {"alone", "backup", 7, 1000}
+    # Rescued, and resumed to the same model as the uninterrupted run.
+    assert result["backup"] < 1.0  # chance: log(10) = 2.30
+    assert result[7] == result["backup"]
+    # A kill after the last batch (50 here) never happens: no resumed run.
+    assert np.isnan(result[1000])
