@@ -82,7 +82,9 @@ def _heldout(case, seed, model):
 
 
 def run_case(case, seed, kills=DEFAULT_KILLS, epochs=None):
-    """`{"alone": loss, "backup": loss, K: loss of the run killed at K, ...}`."""
+    """`{"alone": loss, "backup": loss, "longest_wait": batches, K: loss of
+    the run killed at K, ...}`: `longest_wait`, the most batches a due backup
+    waited for the detector in the uninterrupted run."""
     from keras_stability.callbacks import GradientExplosionDetector
     from keras_stability.distribute import BackupAndRestore
 
@@ -99,8 +101,10 @@ def run_case(case, seed, kills=DEFAULT_KILLS, epochs=None):
         )
     }
     with tempfile.TemporaryDirectory() as folder:
-        model = _fit(case, seed, backed_up(folder), epochs)
+        callbacks = backed_up(folder)
+        model = _fit(case, seed, callbacks, epochs)
         result["backup"] = _heldout(case, seed, model)
+        result["longest_wait"] = callbacks[0].longest_wait
     for kill in kills:
         with tempfile.TemporaryDirectory() as folder:
             killed = _fit(case, seed, backed_up(folder, _kill_at(kill)), epochs)
@@ -124,11 +128,11 @@ def main(argv=None):
     print(environment() + "\n")
     kills = args.kills
     print(
-        "| run | seed | detector alone | with the backup | "
+        "| run | seed | detector alone | with the backup | longest wait (batches) | "
         + " | ".join(f"killed at batch {k}, resumed" for k in kills)
         + " |"
     )
-    print("| --- | --- | --- | --- | " + " | ".join("---" for _ in kills) + " |")
+    print("| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in kills) + " |")
     same = total = 0
     for case in battery.cases():
         if not any(name in case.name for name in args.only):
@@ -140,7 +144,7 @@ def main(argv=None):
             total += len(values)
             print(
                 f"| {case.name} | {seed} | {result['alone']:.4g} | "
-                f"{result['backup']:.4g} | "
+                f"{result['backup']:.4g} | {result['longest_wait']} | "
                 + " | ".join(f"{v:.4g}" for v in values)
                 + " |",
                 flush=True,

@@ -73,7 +73,8 @@ def test_the_resume_benchmark_kills_and_resumes_a_run():
 
     (case,) = [c for c in battery.cases() if c.name == "Keras example, SGD(20)"]
     result = resume.run_case(case, 0, kills=(7, 1000), epochs=1)
-    assert set(result) == {"alone", "backup", 7, 1000}
+    assert set(result) == {"alone", "backup", "longest_wait", 7, 1000}
+    assert result["longest_wait"] > 0  # the backups wait while it rescues
     # Rescued, and resumed to the same model as the uninterrupted run.
     assert result["backup"] < 1.0  # chance: log(10) = 2.30
     assert result[7] == result["backup"]

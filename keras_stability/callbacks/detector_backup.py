@@ -9,8 +9,15 @@ from it, with a fresh detector and no snapshot from before, lost the last
 good ones.
 """
 
+import math
+
+import numpy as np
+
+from keras_stability.callbacks.recovery import SNAPSHOT_TOLERANCE
 from keras_stability.callbacks.recovery import json_float
 from keras_stability.callbacks.snapshots import Snapshot
+from keras_stability.diagnostics import rules
+from keras_stability.diagnostics.loss_history import DIVERGENCE_FLOOR
 
 __all__ = ["RESUMED_COUNTS", "BackupStateMixin"]
 
@@ -37,14 +44,15 @@ class BackupStateMixin:
         Called by `keras_stability.distribute.BackupAndRestore` when a backup
         falls due; it waits while this returns False. Not before the steps
         since the last look are judged (at the next look: at most
-        `check_every - 1` batches later; the backup does not make a look of
-        its own, so a run with it trains as one without). Then, with
-        `action="rollback"` or `"stop"`, not while it is deciding about the
-        current weights: a rollback being compared or checked, or bad steps
-        in its window with the loss rising. A backup taken then could hold
-        the weights of an explosion, and the run resumed from it (a fresh
-        detector, no snapshot from before) would have lost the last good
-        ones.
+        `check_every - 1` batches later; the backup makes no look of its
+        own, so a run with it trains as one without). Then, with
+        `action="rollback"` or `"stop"`, only at weights it could take as a
+        snapshot: no rollback being compared or checked, no loss spike
+        applied in its window of recent steps, no explosion seen, and the
+        recent losses within `SNAPSHOT_TOLERANCE` times the best snapshot's.
+        A backup taken otherwise could hold the weights of an explosion,
+        and the run resumed from it (a fresh detector, no snapshot from
+        before) would have lost the last good ones.
         """
         del logs
         if self.model is None or self.stopped_reason is not None:
@@ -57,8 +65,28 @@ class BackupStateMixin:
         return (
             self._trial is None
             and self._recovery is None
-            and not (history.bad_streak and history.rising())
+            and not history.applied_bad_steps()
+            and history.exploded_at is None
+            and not self._above_best_snapshot()
         )
+
+    def _above_best_snapshot(self):
+        """Whether the recent losses are above `SNAPSHOT_TOLERANCE` times the
+        best snapshot's, floored as a slow divergence's reference is
+        (`rules.diverging`: a loss near zero is not "2x" anything)."""
+        history = self._history
+        if not history.recent:
+            return False
+        floors = (
+            self.best.score,
+            DIVERGENCE_FLOOR * history.start_loss,
+            rules.NEAR_ZERO,
+            self.best.typical if self.best.typical is not None else math.nan,
+        )
+        finite = [v for v in floors if math.isfinite(v)]
+        if not math.isfinite(self.best.score):
+            return False
+        return float(np.mean(history.recent)) > SNAPSHOT_TOLERANCE * max(finite)
 
     def _backup_key(self):
         return f"{type(self).__name__}:{getattr(self, '_log_prefix', '')}"
@@ -71,10 +99,14 @@ class BackupStateMixin:
         is being compared or checked) and gives it back on resume
         (`resumed`): the counters (a resumed run has the budget of
         `max_rollbacks` left that the killed one had), the lowering of the
-        rate after the last rollback on plateaus, and the loss the fit
-        started from (the regression and explosion rules' reference).
-        Not kept: the snapshots (the resumed run takes its first from the
-        backup's weights), the rolling windows, `events`.
+        rate after the last rollback on plateaus, and whether the rules
+        comparing the loss with its start are off (after a rollback undone
+        or declined). Not kept: the snapshots (the resumed run takes its
+        first from the backup's weights), the loss the fit started from and
+        the rolling windows (the resumed run starts them afresh: the
+        explosion rules judged a healthy heavy-tailed run resumed with the
+        killed run's start, but its own fresh windows, as an explosion that
+        left it at its start), `events`.
         """
         lowered = self._lowered_rate
         state = {name: getattr(self, name) for name in RESUMED_COUNTS}
@@ -83,7 +115,7 @@ class BackupStateMixin:
             plateau_losses=[json_float(v) for v in self._plateau_losses],
             recovery_failed=self._recovery_failed,
             lowered_rate=None if lowered is None else [lowered.base, lowered.value],
-            history=self._history.start_state(),
+            level_rules_off=self._history.level_rules_off,
         )
         return self._backup_key(), state
 
@@ -104,7 +136,7 @@ class BackupStateMixin:
             lowered = state.get("lowered_rate")
             if lowered is not None and self._lowered_rate is not None:
                 self._lowered_rate.base, self._lowered_rate.value = map(float, lowered)
-            self._history.resume_start(state.get("history") or {})
+            self._history.level_rules_off = bool(state.get("level_rules_off", False))
         self.snapshot = self.best = self._pending = Snapshot(self.model, step=self.step)
         self._pending_losses = []
         self._last_snapshot_at = self.step

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_stability import _keras_internals
 from keras_stability._checks import check_number
 from keras_stability._checks import check_positive_int
 from keras_stability.clipping.base import ClippingPolicy
@@ -112,8 +113,12 @@ class AutoClip(ClippingPolicy):
         self.state_variables = [self.history, self.count]
 
     def threshold(self, norm):
+        # Each variable read once (`.value` is read again by each op using it).
         threshold, history, count = autoclip_threshold(
-            self.history.value, self.count.value, norm, self.percentile
+            _keras_internals.read(self.history),
+            _keras_internals.read(self.count),
+            norm,
+            self.percentile,
         )
         return threshold, [history, count]
 

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_stability import _keras_internals
 from keras_stability._checks import check_int
 from keras_stability._checks import check_number
 from keras_stability._checks import check_positive
@@ -147,24 +148,33 @@ class SpikeSkipping:
         self.consecutive = _scalar_variable(optimizer, "spike_consecutive", 0, "int32")
         self.state_variables = [self.history, self.count, self.consecutive]
 
+    def _read_state(self):
+        """Each state variable's value, read once (one op each in the step)."""
+        return [_keras_internals.read(v) for v in self.state_variables]
+
     def detect(self, norm):
         """Returns `(is_spike, new_state)` without assigning anything."""
+        read = self._read_state()
+        history, count, consecutive = read
         spike, state = spike_step(
             norm,
-            self.history.value,
-            self.count.value,
-            self.consecutive.value,
+            history,
+            count,
+            consecutive,
             self.z_threshold,
             self.min_samples,
             self.max_consecutive,
         )
-        return spike, list(state)
+        return spike, (list(state), read)
 
     def commit(self, new_state, accept):
-        for variable, value in zip(self.state_variables, new_state, strict=True):
-            variable.assign(
-                ops.where(accept, ops.cast(value, variable.dtype), variable.value)
-            )
+        """Assigns `detect`'s new state where `accept`, else keeps the values
+        `detect` read (no second read of the variables)."""
+        values, read = new_state
+        for variable, value, old in zip(
+            self.state_variables, values, read, strict=True
+        ):
+            variable.assign(ops.where(accept, ops.cast(value, variable.dtype), old))
 
     def get_config(self):
         return {
@@ -423,20 +433,22 @@ class RobustSpikeSkipping(SpikeSkipping):
 
         `history` holds the logs of the accepted norms.
         """
+        read = self._read_state()
+        history, count, consecutive, *peak = read
         spike, state = robust_spike_step(
             norm,
-            self.history.value,
-            self.count.value,
-            self.consecutive.value,
+            history,
+            count,
+            consecutive,
             self.z_threshold,
             self.min_samples,
             self.max_consecutive,
             self.min_ratio,
             self.early_ratio,
-            None if self.peak_ratio is None else self.peak.value,
+            peak[0] if peak else None,
             self.peak_ratio,
         )
-        return spike, list(state)
+        return spike, (list(state), read)
 
     def get_config(self):
         return {

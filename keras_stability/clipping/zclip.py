@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_stability import _keras_internals
 from keras_stability._checks import check_number
 from keras_stability._checks import check_positive
 from keras_stability._checks import check_positive_int
@@ -142,11 +143,13 @@ class ZClip(ClippingPolicy):
         self.state_variables = [self.mean, self.var, self.count]
 
     def threshold(self, norm):
+        # Each variable read once (`.value` is read again by each op using it).
+        mean, var, count = (_keras_internals.read(v) for v in self.state_variables)
         threshold, state = zclip_step(
             norm,
-            self.mean.value,
-            self.var.value,
-            self.count.value,
+            mean,
+            var,
+            count,
             self.warmup_steps,
             self.alpha,
             self.z_threshold,

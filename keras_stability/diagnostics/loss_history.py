@@ -120,6 +120,15 @@ class LossHistory:
         self.bad_streak = sum(is_bad for _, is_bad in self.bad_window)
         self.last_bad = bool(bad)
 
+    def applied_bad_steps(self):
+        """Whether a bad step in the window was applied: a loss spike (its
+        loss finite), not a step skipped in-graph (non-finite, or a
+        gradient-norm spike)."""
+        return any(
+            bad and loss is not None and math.isfinite(loss)
+            for loss, bad in self.bad_window
+        )
+
     def rising(self):
         """`rules.rising` on the window of the bad-step count.
 
@@ -147,7 +156,12 @@ class LossHistory:
         if not self.start_losses:
             # The first judged step of this fit: the explosion evidence
             # starts afresh (the detector may be reused across `fit` calls).
-            self._new_stretch()
+            self.exploded_at = None
+            maxlen = rules.EXPLOSION_STRETCH * (self.start_calls or 1)
+            self.stretch = collections.deque(maxlen=maxlen)
+            self.stretch_norms = collections.deque(maxlen=maxlen)
+            self.stretch_spikes = collections.deque(maxlen=maxlen)
+            self.before_stretch = collections.deque(maxlen=self._window)
         if len(self.start_losses) < (self.start_calls or 1):
             # The loss the fit started from: the mean over its first
             # START_SAMPLES samples (one batch of 1 may be a lucky one).
@@ -190,40 +204,6 @@ class LossHistory:
         else:
             self.note_bad(0, steps, loss=raw)
         return spike, None if norm is None else self.grad_spike(norm)
-
-    def _new_stretch(self):
-        self.exploded_at = None
-        maxlen = rules.EXPLOSION_STRETCH * (self.start_calls or 1)
-        self.stretch = collections.deque(maxlen=maxlen)
-        self.stretch_norms = collections.deque(maxlen=maxlen)
-        self.stretch_spikes = collections.deque(maxlen=maxlen)
-        self.before_stretch = collections.deque(maxlen=self._window)
-
-    # -- kept in a backup -------------------------------------------------------
-    _START = ("start_losses", "start_norms", "start_calls", "call_samples")
-
-    def start_state(self):
-        """The loss (and norms) the fit started from, and whether the level
-        rules are off: a JSON-able dict for `resume_start`."""
-        state = {name: getattr(self, name) for name in self._START}
-        state["level_rules_off"] = self.level_rules_off
-        return state
-
-    def resume_start(self, state):
-        """A run resumed from a backup judges its losses against the start of
-        the run that made the backup (`start_state`), not against the
-        resumed weights' first losses; the other windows start afresh."""
-        self.start_losses = [float(v) for v in state.get("start_losses") or []]
-        self.start_norms = [float(v) for v in state.get("start_norms") or []]
-        self.start_calls = state.get("start_calls")
-        self.call_samples = state.get("call_samples")
-        self.level_rules_off = bool(state.get("level_rules_off", False))
-        self.start_loss = (
-            float(np.mean(self.start_losses)) if self.start_losses else math.nan
-        )
-        self.start_norm = float(np.mean(self.start_norms)) if self.start_norms else None
-        if self.start_losses:
-            self._new_stretch()
 
     def grad_spike(self, norm):
         """Describes `norm` if it is a gradient-norm spike (else `None`);

@@ -139,6 +139,8 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         self._created_dir = None  # unknown until the first save or restore
         self._restored = None  # (weights path, metadata, optimizer layout) loaded
         self._waiting = None  # batches a due backup has waited (`_may_save`)
+        # The most batches a due backup waited for a detector in this fit.
+        self.longest_wait = 0
 
     # -- restoring ---------------------------------------------------------
 
@@ -355,6 +357,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             self._waiting = None
             return True
         self._waiting = (self._waiting or 0) + 1
+        self.longest_wait = max(self.longest_wait, self._waiting)
         if self._waiting <= MAX_WAIT:
             return False
         warnings.warn(
