@@ -102,11 +102,11 @@ class BackupStateMixin:
         rate after the last rollback on plateaus, and whether the rules
         comparing the loss with its start are off (after a rollback undone
         or declined). Not kept: the snapshots (the resumed run takes its
-        first from the backup's weights), the loss the fit started from and
-        the rolling windows (the resumed run starts them afresh: the
-        explosion rules judged a healthy heavy-tailed run resumed with the
-        killed run's start, but its own fresh windows, as an explosion that
-        left it at its start), `events`.
+        first from the backup's weights), `events`, the loss the fit started
+        from and the rolling windows: the resumed run starts those afresh,
+        together (a healthy heavy-tailed run resumed with the killed run's
+        start but fresh windows looked like an explosion that left it at
+        its start).
         """
         lowered = self._lowered_rate
         state = {name: getattr(self, name) for name in RESUMED_COUNTS}

@@ -36,15 +36,15 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
       epoch's logged loss averages its remaining batches only.
     - Only weights a `GradientExplosionDetector` has judged: with a
       detector in the `fit`, a backup that falls due waits for its next
-      look (at most `check_every - 1` batches), and waits while it decides
-      about the current weights (a rollback compared or checked, bad steps
-      with the loss rising; at most 256 batches, `MAX_WAIT`). The detector's
-      counters (rollbacks made, the lowering of the rate after them) and
-      the loss the run started from are saved with the backup, and the
-      resumed detector goes on from them, with the restored weights as its
-      snapshot: a run killed during a rescue ends as if never killed.
-      Keras' own callback saves whatever the weights are: killed during
-      an explosion, it resumes from the exploded weights.
+      look (at most `check_every - 1` batches), then for weights it could
+      take as a snapshot (no rollback being compared or checked, no loss
+      spike applied in its recent window, no explosion seen, the recent
+      losses within 2x the best snapshot's; at most 256 batches,
+      `MAX_WAIT`). The detector's counters (rollbacks made, the lowering of
+      the rate after them) are saved with the backup, and the resumed
+      detector goes on from them, with the restored weights as its
+      snapshot. Keras' own callback saves whatever the weights are: killed
+      during an explosion, a run resumes from the exploded weights.
     - Deletes only what it wrote: at the end of training (with
       `delete_checkpoint=True`) it removes its own files, and the folder only
       if that leaves it empty and this callback created it. Keras' callback

@@ -176,3 +176,22 @@ def test_the_start_is_the_mean_of_the_first_32_samples():
     feed(history, [float(i) for i in range(1, 13)])
     assert history.start_loss == pytest.approx(np.mean(range(1, 9)))
     assert history.stretch.maxlen == rules.EXPLOSION_STRETCH * 8
+
+
+def test_only_an_applied_loss_spike_is_an_applied_bad_step():
+    # A backup waits while one is in the window (`ready_for_backup`); steps
+    # skipped in-graph (non-finite, gradient-norm spikes) changed no weight.
+    history = make_history()
+    rng = np.random.default_rng(0)
+    feed(history, 1.0 + 0.05 * rng.standard_normal(40))
+    assert not history.applied_bad_steps()
+    history.note_bad(1, 1, nonfinite=True)  # a NaN batch, skipped
+    history.note_bad(1, 1)  # a gradient-norm spike, skipped
+    assert history.bad_streak == 2
+    assert not history.applied_bad_steps()
+    spikes, _ = feed(history, [500.0], start=40)
+    assert spikes == [(41, "loss")]
+    assert history.applied_bad_steps()
+    # Out of the window (2 * (max_consecutive_skips + 1) = 8 steps) after 8 more.
+    feed(history, 1.0 + 0.05 * rng.standard_normal(8), start=41)
+    assert not history.applied_bad_steps()
