@@ -48,8 +48,10 @@ class BackupStateMixin:
         own, so a run with it trains as one without). Then, with
         `action="rollback"` or `"stop"`, only at weights it could take as a
         snapshot: no rollback being compared or checked, no loss spike
-        applied in its window of recent steps, no explosion seen, and the
-        recent losses within `SNAPSHOT_TOLERANCE` times the best snapshot's.
+        applied in its window of recent steps, and the recent losses within
+        `SNAPSHOT_TOLERANCE` times the best snapshot's (an explosion's
+        first sign, `exploded_at`, is not enough: it stays up through
+        healthy fine-tunes).
         A backup taken otherwise could hold the weights of an explosion,
         and the run resumed from it (a fresh detector, no snapshot from
         before) would have lost the last good ones.
@@ -66,7 +68,6 @@ class BackupStateMixin:
             self._trial is None
             and self._recovery is None
             and not history.applied_bad_steps()
-            and history.exploded_at is None
             and not self._above_best_snapshot()
         )
 

@@ -38,8 +38,8 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
       detector in the `fit`, a backup that falls due waits for its next
       look (at most `check_every - 1` batches), then for weights it could
       take as a snapshot (no rollback being compared or checked, no loss
-      spike applied in its recent window, no explosion seen, the recent
-      losses within 2x the best snapshot's; at most 256 batches,
+      spike applied in its recent window, the recent losses within 2x
+      the best snapshot's; at most 256 batches,
       `MAX_WAIT`). The detector's counters (rollbacks made, the lowering of
       the rate after them) are saved with the backup, and the resumed
       detector goes on from them, with the restored weights as its
