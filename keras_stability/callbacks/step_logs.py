@@ -311,9 +311,8 @@ class StepLogs:
         Asks each callback whose hook is attached in the `fit` of `params`
         (the `params` dict Keras gives every callback of one `fit`) and that
         has a `ready_for_backup(logs)` method: a `GradientExplosionDetector`
-        first judges the steps it has not looked at yet, and is not ready
-        while it is deciding about the current weights (see
-        `keras_stability.distribute.BackupAndRestore`).
+        is not ready before its next look, nor at weights it could not take
+        as a snapshot (see `keras_stability.distribute.BackupAndRestore`).
         """
         if params is None or params is not self._params:
             return True

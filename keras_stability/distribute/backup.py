@@ -39,12 +39,12 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
       look (at most `check_every - 1` batches), then for weights it could
       take as a snapshot (no rollback being compared or checked, no loss
       spike applied in its recent window, the recent losses within 2x
-      the best snapshot's; at most 256 batches,
-      `MAX_WAIT`). The detector's counters (rollbacks made, the lowering of
-      the rate after them) are saved with the backup, and the resumed
-      detector goes on from them, with the restored weights as its
-      snapshot. Keras' own callback saves whatever the weights are: killed
-      during an explosion, a run resumes from the exploded weights.
+      the best snapshot's; at most 256 batches, `MAX_WAIT`). The
+      detector's counters (rollbacks made, the lowering of the rate after
+      them) are saved with the backup, and the resumed detector goes on
+      from them, with the restored weights as its snapshot. Keras' own
+      callback saves whatever the weights are: killed during an explosion,
+      a run resumes from the exploded weights.
     - Deletes only what it wrote: at the end of training (with
       `delete_checkpoint=True`) it removes its own files, and the folder only
       if that leaves it empty and this callback created it. Keras' callback
@@ -82,6 +82,9 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             resumed from: `"raise"` a `CorruptBackupError`, or `"restart"`:
             warn, delete the unusable backup files and train from the start.
             Defaults to `"raise"`.
+
+    After `fit`, `longest_wait` holds the most batches a due backup waited
+    for a detector.
 
     Raises:
         ValueError: If an argument is invalid.
