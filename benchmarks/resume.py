@@ -14,7 +14,8 @@ example's diverging and healthy runs), on the same data and seed:
   folder), then run again with a fresh model and detector and the same
   backup folder, to the end.
 
-Printed: the held-out loss of each (NaN for non-finite weights). A resumed
+Printed: the held-out loss of each (NaN for non-finite weights; "ended
+before" when the run has fewer batches than K). A resumed
 run that ends where the uninterrupted one does lost nothing to the kill; the
 uninterrupted run with the backup against the detector alone says whether
 the backup changes training.
@@ -109,7 +110,7 @@ def run_case(case, seed, kills=DEFAULT_KILLS, epochs=None):
         with tempfile.TemporaryDirectory() as folder:
             killed = _fit(case, seed, backed_up(folder, _kill_at(kill)), epochs)
             if killed is not None:  # the fit ended before the K-th batch
-                result[kill] = float("nan")
+                result[kill] = None
                 continue
             result[kill] = _heldout(
                 case, seed, _fit(case, seed, backed_up(folder), epochs)
@@ -140,12 +141,15 @@ def main(argv=None):
         for seed in args.seeds:
             result = run_case(case, seed, kills)
             values = [result[k] for k in kills]
-            same += sum(v == result["backup"] for v in values)
-            total += len(values)
+            reached = [v for v in values if v is not None]
+            same += sum(v == result["backup"] for v in reached)
+            total += len(reached)
             print(
                 f"| {case.name} | {seed} | {result['alone']:.4g} | "
                 f"{result['backup']:.4g} | {result['longest_wait']} | "
-                + " | ".join(f"{v:.4g}" for v in values)
+                + " | ".join(
+                    "(ended before)" if v is None else f"{v:.4g}" for v in values
+                )
                 + " |",
                 flush=True,
             )

@@ -79,4 +79,4 @@ def test_the_resume_benchmark_kills_and_resumes_a_run():
     assert result["backup"] < 1.0  # chance: log(10) = 2.30
     assert result[7] == result["backup"]
     # A kill after the last batch (50 here) never happens: no resumed run.
-    assert np.isnan(result[1000])
+    assert result[1000] is None
