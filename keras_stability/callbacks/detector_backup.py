@@ -32,6 +32,7 @@ RESUMED_COUNTS = (
     "skipped_spikes",
     "skipped_requested",
     "spikes",
+    "consecutive_skips",
 )
 
 
@@ -96,18 +97,15 @@ class BackupStateMixin:
         """`(key, state)`: what a run resumed from a backup taken now needs.
 
         `keras_stability.distribute.BackupAndRestore` saves it with each
-        backup (a backup is taken only when `ready_for_backup`: no rollback
-        is being compared or checked) and gives it back on resume
-        (`resumed`): the counters (a resumed run has the budget of
-        `max_rollbacks` left that the killed one had), the lowering of the
-        rate after the last rollback on plateaus, and whether the rules
-        comparing the loss with its start are off (after a rollback undone
-        or declined). Not kept: the snapshots (the resumed run takes its
-        first from the backup's weights), `events`, the loss the fit started
-        from and the rolling windows: the resumed run starts those afresh,
-        together (a healthy heavy-tailed run resumed with the killed run's
-        start but fresh windows looked like an explosion that left it at
-        its start).
+        backup (taken only when `ready_for_backup`) and gives it back on
+        resume (`resumed`), with the snapshots' values (`backup_arrays`):
+        the counters (a resumed run has the budget of `max_rollbacks` left
+        that the killed one had), the lowering of the rate after the last
+        rollback on plateaus, the step count, every window the rules judge
+        (`LossHistory.get_state`) and the snapshots. The resumed detector
+        judges as the killed one would have. Not kept: `events` and the
+        other reports (the resumed fit's are its own), a rollback being
+        compared or checked (a backup waits for its end).
         """
         lowered = self._lowered_rate
         state = {name: getattr(self, name) for name in RESUMED_COUNTS}
@@ -116,18 +114,62 @@ class BackupStateMixin:
             plateau_losses=[json_float(v) for v in self._plateau_losses],
             recovery_failed=self._recovery_failed,
             lowered_rate=None if lowered is None else [lowered.base, lowered.value],
-            level_rules_off=self._history.level_rules_off,
+            history=self._history.get_state(),
+            step=self.step,
+            last_snapshot_at=self._last_snapshot_at,
+            snapshots={
+                role: snapshot.to_arrays()[0]
+                for role, snapshot in self._kept_snapshots()
+            },
         )
         return self._backup_key(), state
 
-    def resumed(self, states):
+    def _kept_snapshots(self):
+        """`(role, snapshot)`: the rollback target, and the best if another."""
+        yield "snapshot", self.snapshot
+        if self.best is not self.snapshot:
+            yield "best", self.best
+
+    def backup_arrays(self):
+        """`{name: array}`: the values of the snapshots `backup_state` names
+        (the weights a rollback or a stop restores), saved beside the backup:
+        a run resumed from weights that turn out bad still has the last good
+        ones to roll back to."""
+        arrays = {}
+        for role, snapshot in self._kept_snapshots():
+            _, values = snapshot.to_arrays()
+            arrays.update({f"{role}/{name}": v for name, v in values.items()})
+        return arrays
+
+    def _restored_snapshots(self, state, arrays):
+        """`(snapshot, best)` from the backup, or `None` (not saved, or not
+        for this model)."""
+        infos = state.get("snapshots") or {}
+        if not arrays or "snapshot" not in infos:
+            return None
+        found = {}
+        for role, info in infos.items():
+            prefix = f"{role}/"
+            values = {
+                k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)
+            }
+            found[role] = Snapshot.from_arrays(self.model, info, values)
+            if found[role] is None:
+                return None
+        return found["snapshot"], found.get("best", found["snapshot"])
+
+    def resumed(self, states, arrays=None):
         """A backup was restored (`keras_stability.distribute.BackupAndRestore`).
 
-        Takes this detector's state from `states` (`backup_state`), and the
-        restored weights and optimizer state as its snapshot: the snapshot
-        taken when `fit` began may hold the weights from before the restore.
+        Takes this detector's state from `states` (`backup_state`) and its
+        snapshots from `arrays` (`backup_arrays`): it goes on as the killed
+        run's would have, rolling back, if it must, to the weights that run
+        would have restored. Without them (a backup made without the
+        detector), the restored weights are its snapshot: the snapshot taken
+        when `fit` began may hold the weights from before the restore.
         """
         state = (states or {}).get(self._backup_key())
+        restored = None
         if state:
             for name in RESUMED_COUNTS:
                 setattr(self, name, int(state.get(name, 0)))
@@ -137,7 +179,19 @@ class BackupStateMixin:
             lowered = state.get("lowered_rate")
             if lowered is not None and self._lowered_rate is not None:
                 self._lowered_rate.base, self._lowered_rate.value = map(float, lowered)
-            self._history.level_rules_off = bool(state.get("level_rules_off", False))
-        self.snapshot = self.best = self._pending = Snapshot(self.model, step=self.step)
+            if "history" in state:
+                self._history.set_state(state["history"])
+            self.step = int(state.get("step", self.step))
+            restored = self._restored_snapshots(
+                state, (arrays or {}).get(self._backup_key())
+            )
+        if restored is not None:
+            self.snapshot, self.best = restored
+            self._pending = None
+            self._last_snapshot_at = int(state.get("last_snapshot_at", self.step))
+        else:
+            self.snapshot = self.best = self._pending = Snapshot(
+                self.model, step=self.step
+            )
+            self._last_snapshot_at = self.step
         self._pending_losses = []
-        self._last_snapshot_at = self.step

@@ -504,9 +504,9 @@ class GradientExplosionDetector(
         self._recovery = None
         self._loss_mode = None  # "keras", "guard" or "none" (see _choose_loss_source)
         # A backup restored before this callback began (listed before it).
-        states = self._step_logs.resumed_states(self.params)
-        if states is not None:
-            self.resumed(states)
+        resumed = self._step_logs.resumed_states(self.params)
+        if resumed is not None:
+            self.resumed(*resumed)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch

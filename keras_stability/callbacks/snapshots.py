@@ -45,6 +45,11 @@ def _host_copies(model, variables):
     return [np.array(t, copy=True) for t in cached[1]()]
 
 
+def _json_float(value):
+    value = float(value)
+    return value if np.isfinite(value) else str(value)
+
+
 def optimizer_state_variables(optimizer):
     """The optimizer variables a rollback restores.
 
@@ -126,6 +131,48 @@ class Snapshot:
             for w in self.weights
             if np.issubdtype(w.dtype, np.floating)
         )
+
+    def to_arrays(self):
+        """`(info, arrays)`: the values as `{"w0": ..., "o0": ...}` (model
+        weights, optimizer state) and the rest as a JSON-able dict, for a
+        backup (`from_arrays`)."""
+        arrays = {f"w{i}": w for i, w in enumerate(self.weights)}
+        arrays.update({f"o{i}": v for i, v in enumerate(self.optimizer_values)})
+        info = {
+            "step": self.step,
+            "score": _json_float(self.score),
+            "loss": _json_float(self.loss),
+            "typical": None if self.typical is None else _json_float(self.typical),
+            "optimizer_paths": [[i, path] for i, path in self.optimizer_paths],
+        }
+        return info, arrays
+
+    @classmethod
+    def from_arrays(cls, model, info, arrays):
+        """The snapshot `to_arrays` gave, or `None` if it does not fit `model`
+        (another number or shape of weights)."""
+        weights = list(model.weights)
+        values = [arrays.get(f"w{i}") for i in range(len(weights))]
+        if f"w{len(weights)}" in arrays or any(
+            value is None or tuple(value.shape) != tuple(v.shape)
+            for value, v in zip(values, weights, strict=True)
+        ):
+            return None
+        paths = [(int(i), str(path)) for i, path in info.get("optimizer_paths", [])]
+        optimizer_values = [arrays.get(f"o{i}") for i in range(len(paths))]
+        if any(value is None for value in optimizer_values):
+            return None
+        snapshot = cls.__new__(cls)
+        snapshot.step = int(info.get("step", 0))
+        snapshot.score = float(info.get("score", "inf"))
+        snapshot.loss = float(info.get("loss", "nan"))
+        typical = info.get("typical")
+        snapshot.typical = None if typical is None else float(typical)
+        snapshot.weights = [np.array(v, copy=True) for v in values]
+        snapshot.optimizer_paths = paths
+        snapshot.optimizer_values = [np.array(v, copy=True) for v in optimizer_values]
+        snapshot.finite = snapshot.is_finite()
+        return snapshot
 
     def restore(self, model):
         """Assigns the saved values back (bitwise)."""

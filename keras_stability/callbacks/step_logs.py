@@ -338,26 +338,41 @@ class StepLogs:
                 states[key] = state
         return states
 
-    def resume(self, params, states):
+    def backup_arrays(self, params):
+        """`{key: {name: array}}` of our callbacks in the `fit` of `params`
+        that keep arrays beside a backup (`backup_arrays()`, a detector's
+        snapshots)."""
+        arrays = {}
+        if params is None or params is not self._params:
+            return arrays
+        for ref in list(self._hook_owners.values()):
+            owner = ref()
+            get = getattr(owner, "backup_arrays", None)
+            if owner is not None and callable(get):
+                arrays[owner._backup_key()] = get()
+        return arrays
+
+    def resume(self, params, states, arrays=None):
         """A backup was restored in the `fit` of `params`, with `states`
-        (`backup_states`): our callbacks of that `fit` that have begun are
-        told now (`resumed(states)`), those that begin later read them
-        (`resumed_states`)."""
-        self._resumed = (params, dict(states or {}))
+        (`backup_states`) and `arrays` (`backup_arrays`): our callbacks of
+        that `fit` that have begun are told now (`resumed(states, arrays)`),
+        those that begin later read them (`resumed_states`)."""
+        self._resumed = (params, dict(states or {}), dict(arrays or {}))
         if params is None or params is not self._params:
             return
         for ref in list(self._hook_owners.values()):
             owner = ref()
             tell = getattr(owner, "resumed", None)
             if owner is not None and callable(tell):
-                tell(self._resumed[1])
+                tell(self._resumed[1], self._resumed[2])
 
     def resumed_states(self, params):
-        """The states of the backup restored in the `fit` of `params`, or `None`."""
+        """`(states, arrays)` of the backup restored in the `fit` of
+        `params`, or `None`."""
         resumed = self.__dict__.get("_resumed")
         if resumed is None or params is None or resumed[0] is not params:
             return None
-        return resumed[1]
+        return resumed[1], resumed[2]
 
     def start_epoch(self, epoch):
         """Call from `on_epoch_begin` (once per epoch, however many callbacks call it)."""

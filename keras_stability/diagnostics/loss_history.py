@@ -104,6 +104,72 @@ class LossHistory:
         self.last_bad = False  # whether the last call was bad
         self.streak_mark = None  # the epoch's loss total before the first of them
 
+    # -- kept in a backup -------------------------------------------------------
+    _VALUES = (
+        "start_loss",
+        "start_losses",
+        "start_norms",
+        "start_norm",
+        "start_calls",
+        "call_samples",
+        "exploded_at",
+        "level_rules_off",
+        "bad_streak",
+        "last_bad",
+    )
+    _WINDOWS = (
+        "recent",
+        "sustained",
+        "stretch",
+        "stretch_norms",
+        "stretch_spikes",
+        "before_stretch",
+        "bad_window",
+    )
+
+    def get_state(self):
+        """Every window and value the rules judge, as a JSON-able dict (floats
+        may be NaN or infinite, as Python's `json` writes them): a run
+        resumed from a backup judges as the killed run would have
+        (`set_state`)."""
+        state = {name: getattr(self, name) for name in self._VALUES}
+        state["start_losses"] = list(self.start_losses)
+        state["start_norms"] = list(self.start_norms)
+        for name in self._WINDOWS:
+            window = getattr(self, name)
+            state[name] = (
+                None
+                if window is None
+                else {
+                    "maxlen": window.maxlen,
+                    "values": [list(v) if isinstance(v, tuple) else v for v in window],
+                }
+            )
+        state["loss_z"] = self.loss_z.get_state()
+        state["grad_z"] = self.grad_z.get_state()
+        return state
+
+    def set_state(self, state):
+        """Takes back what `get_state` gave. The epoch's loss mark of a bad
+        streak is not: the resumed epoch's mean starts afresh."""
+        for name in self._VALUES:
+            if name in state:
+                setattr(self, name, state[name])
+        self.start_losses = list(state.get("start_losses", []))
+        self.start_norms = list(state.get("start_norms", []))
+        for name in self._WINDOWS:
+            window = state.get(name)
+            if window is None:
+                setattr(self, name, None)
+                continue
+            values = window["values"]
+            if name == "bad_window":
+                values = [tuple(v) for v in values]
+            setattr(self, name, collections.deque(values, maxlen=window["maxlen"]))
+        self.loss_z.set_state(state.get("loss_z", {}))
+        self.grad_z.set_state(state.get("grad_z", {}))
+        self.streak_mark = None
+
     # -- bad steps ------------------------------------------------------------
     def note_bad(self, bad, steps, loss=None, nonfinite=False):
         """Records a call of `steps` batches, `bad` of them bad.

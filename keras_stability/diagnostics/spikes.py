@@ -166,6 +166,24 @@ class RobustZScore:
         self._appends = 0
         self._stats = None
 
+    def get_state(self):
+        """The window as a JSON-able dict (`set_state`)."""
+        return {
+            "values": list(self.values),
+            "logs": list(self._logs),
+            "appends": self._appends,
+            "stats": None if self._stats is None else list(self._stats),
+        }
+
+    def set_state(self, state):
+        """Takes back a window `get_state` gave (a run resumed from a backup)."""
+        self.reset()
+        self.values.extend(float(v) for v in state.get("values", []))
+        self._logs.extend(float(v) for v in state.get("logs", []))
+        self._appends = int(state.get("appends", len(self._logs)))
+        stats = state.get("stats")
+        self._stats = None if stats is None else tuple(float(v) for v in stats)
+
     def ready(self):
         """Whether enough values are in the window to judge."""
         return len(self._logs) >= self.min_samples

@@ -1,6 +1,7 @@
 """`BackupAndRestore` that is safe with several workers, a killed process and a
 shared folder. The folder's files and their atomic commit: `backup_files`."""
 
+import json
 import warnings
 
 import keras
@@ -142,6 +143,11 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         self._created_dir = None  # unknown until the first save or restore
         self._restored = None  # (weights path, metadata, optimizer layout) loaded
         self._waiting = None  # batches a due backup has waited (`_may_save`)
+        # The arrays file (a detector's snapshots) the latest backup names,
+        # the one the previous names, and what they hold (`_save_arrays`).
+        self._arrays_file = None
+        self._previous_arrays_file = None
+        self._arrays_held = None
         # The most batches a due backup waited for a detector in this fit.
         self.longest_wait = 0
 
@@ -177,6 +183,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             # A worker's throw-away folder: its own files only, never the chief's.
             self._created_dir = None
             self._weights_file = self._previous_weights_file = None
+            self._arrays_file = self._previous_arrays_file = None
 
     def _restore(self, writes_shared):
         """Loads the newest usable backup; returns `(epoch, batches_done)` or `None`."""
@@ -289,8 +296,9 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         """Gives our callbacks in this `fit` the state they kept in the backup
         (`StepLogs.resume`: a detector's counters, and the restored weights
         as its snapshot)."""
+        arrays = files.read_arrays(self._shared_backup_dir, metadata.get("arrays"))
         self._step_logs(create=True).resume(
-            self.params, metadata.get("callbacks") or {}
+            self.params, metadata.get("callbacks") or {}, arrays
         )
 
     def _adopt(self, metadata):
@@ -300,6 +308,8 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         self._weights_file = metadata["weights"]
         self._weights_bytes = metadata.get("weights_bytes")
         self._previous_weights_file = None
+        self._arrays_file = metadata.get("arrays")
+        self._previous_arrays_file = None
         if self.double_checkpoint and file_utils.exists(
             file_utils.join(self._shared_backup_dir, PREVIOUS_METADATA)
         ):
@@ -308,6 +318,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                     self._shared_backup_dir, PREVIOUS_METADATA
                 )
                 self._previous_weights_file = previous["weights"]
+                self._previous_arrays_file = previous.get("arrays")
             except CorruptBackupError:
                 pass
 
@@ -396,11 +407,42 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             self._previous_weights_file = self._weights_file
         self._weights_file = weights
         self._weights_bytes = files.size(temporary)
+        previous_arrays = self._arrays_file
+        self._save_arrays(directory)
         self._commit(epoch, batches_done, keep_previous=self.double_checkpoint)
         files.finish_weights(directory, weights)
         if stale and stale not in (weights, self._previous_weights_file):
             files.remove(directory, stale)
+        self._previous_arrays_file = previous_arrays if self.double_checkpoint else None
+        for name in files.arrays_files(directory):
+            if name not in (self._arrays_file, self._previous_arrays_file):
+                files.remove(directory, name)
         self._save_index += 1
+
+    def _save_arrays(self, directory):
+        """Writes our callbacks' arrays (a detector's snapshots) for this
+        backup, unless those of the last backup are still the same."""
+        step_logs = self._step_logs()
+        if step_logs is None:
+            self._arrays_file = None
+            return
+        held = json.dumps(
+            {
+                key: state.get("snapshots")
+                for key, state in step_logs.backup_states(self.params).items()
+            },
+            sort_keys=True,
+            default=str,
+        )
+        if held == self._arrays_held and self._arrays_file is not None:
+            return
+        arrays = step_logs.backup_arrays(self.params)
+        if not any(arrays.values()):
+            self._arrays_file = self._arrays_held = None
+            return
+        name = files.arrays_name(self._save_index)
+        files.write_arrays(directory, name, arrays)
+        self._arrays_file, self._arrays_held = name, held
 
     def _commit(self, epoch, batches_done, keep_previous):
         step_logs = self._step_logs()
@@ -409,6 +451,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             self.backup_dir,
             {
                 **({"callbacks": states} if states else {}),
+                **({"arrays": self._arrays_file} if self._arrays_file else {}),
                 "epoch": epoch,
                 "batches_done": batches_done,
                 "weights": self._weights_file,
@@ -428,6 +471,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         for name in keep:
             if name != files.LEGACY_WEIGHTS:
                 files.finish_weights(self.backup_dir, name)
+        keep |= {self._arrays_file, self._previous_arrays_file} - {None}
         for name in files.own_files(self.backup_dir):
             if name in (METADATA, PREVIOUS_METADATA) or name in keep:
                 continue

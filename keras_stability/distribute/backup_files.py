@@ -16,10 +16,12 @@ With `double_checkpoint`, the previous metadata is kept as
 Everything else in the folder belongs to someone else and is never touched.
 """
 
+import io
 import json
 import os
 import re
 
+import numpy as np
 import tensorflow as tf
 
 from keras_stability import _checks
@@ -29,6 +31,8 @@ METADATA = "training_metadata.json"
 PREVIOUS_METADATA = METADATA + ".bkp"
 FORMAT = "keras_stability.BackupAndRestore"
 _WEIGHTS = re.compile(r"^backup-(\d{8})(\.partial)?\.weights\.h5$")
+# A detector's snapshots beside a backup (`write_arrays`).
+_ARRAYS = re.compile(r"^backup-(\d{8})(\.partial)?\.snapshots\.npz$")
 _METADATA_FILES = (
     METADATA,
     PREVIOUS_METADATA,
@@ -71,8 +75,58 @@ def own_files(directory):
     return sorted(
         name
         for name in file_utils.listdir(directory)
-        if name in _METADATA_FILES or name in _LEGACY_FILES or _WEIGHTS.match(name)
+        if name in _METADATA_FILES
+        or name in _LEGACY_FILES
+        or _WEIGHTS.match(name)
+        or _ARRAYS.match(name)
     )
+
+
+def arrays_name(index):
+    """The file of our callbacks' arrays (a detector's snapshots) of the
+    `index`-th save."""
+    return f"backup-{index:08d}.snapshots.npz"
+
+
+def arrays_files(directory):
+    """Names of the arrays files in `directory` (`arrays_name`)."""
+    return [name for name in own_files(directory) if _ARRAYS.match(name)]
+
+
+def write_arrays(directory, name, arrays):
+    """Writes `{key: {name: array}}` to `directory/name` (a temporary name
+    first, then renamed: a reader never sees part of it)."""
+    flat, index = {}, []
+    for key, values in arrays.items():
+        for array_name, value in values.items():
+            index.append([key, array_name])
+            flat[f"a{len(index) - 1}"] = np.asarray(value)
+    flat["index"] = np.asarray(json.dumps(index))
+    path = file_utils.join(directory, name)
+    temporary = path[: -len(".snapshots.npz")] + ".partial.snapshots.npz"
+    buffer = io.BytesIO()
+    np.savez(buffer, **flat)
+    with file_utils.File(temporary, "wb") as f:
+        f.write(buffer.getvalue())
+    _replace(temporary, path)
+
+
+def read_arrays(directory, name):
+    """`{key: {name: array}}` from `write_arrays`, or `None` when `name` is
+    `None`, missing or unreadable (the backup is then resumed without it)."""
+    if not isinstance(name, str) or not _ARRAYS.match(name):
+        return None
+    path = file_utils.join(directory, name)
+    try:
+        with file_utils.File(path, "rb") as f:
+            data = np.load(io.BytesIO(f.read()), allow_pickle=False)
+            index = json.loads(str(data["index"]))
+            arrays = {}
+            for i, (key, array_name) in enumerate(index):
+                arrays.setdefault(key, {})[array_name] = data[f"a{i}"]
+    except Exception:  # any unreadable file: resumed without the snapshots
+        return None
+    return arrays
 
 
 def committed_weights(directory):
