@@ -195,3 +195,23 @@ def test_only_an_applied_loss_spike_is_an_applied_bad_step():
     # Out of the window (2 * (max_consecutive_skips + 1) = 8 steps) after 8 more.
     feed(history, 1.0 + 0.05 * rng.standard_normal(8), start=41)
     assert not history.applied_bad_steps()
+
+
+def test_a_state_taken_back_judges_as_the_original_would():
+    # A run resumed from a backup (`get_state` into its metadata, as JSON):
+    # the same losses then give the same spikes and problems.
+    import json
+
+    rng = np.random.default_rng(1)
+    losses = list(np.exp(rng.standard_normal(60) * 0.3) * 2.0)
+    original = make_history()
+    feed(original, losses)
+    resumed = make_history()
+    resumed.set_state(json.loads(json.dumps(original.get_state())))
+    later = list(np.exp(rng.standard_normal(40) * 0.3) * 2.0) + [400.0, 2.0, 900.0]
+    later += [30.0] * 40  # an explosion that stays up
+    a = feed(original, later, start=60)
+    b = feed(resumed, later, start=60)
+    assert a == b
+    assert a[0] and a[1]  # spikes and a problem, judged the same
+    assert original.get_state() == resumed.get_state()

@@ -22,6 +22,7 @@ from keras_stability.callbacks.lr_scaling import innermost_optimizer
 from keras_stability.datasets import load_dataset
 from keras_stability.distribute import BackupAndRestore
 from keras_stability.distribute import backup as backup_module
+from keras_stability.distribute import backup_files
 from keras_stability.distribute.backup_files import METADATA
 from keras_stability.models import build_example_model
 from keras_stability.models import compile_example_model
@@ -86,6 +87,8 @@ def uninterrupted(data, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("uninterrupted") / "backup")
     detector = GradientExplosionDetector()
     model = _fit(data, [BackupAndRestore(folder, save_freq=SAVE_FREQ), detector])
+    # Its files, the snapshots' too, are gone at the end, and so the folder.
+    assert not os.path.exists(folder)
     return model, detector
 
 
@@ -216,3 +219,61 @@ def test_a_backup_waits_at_most_max_wait_batches(data, tmp_path, monkeypatch):
     # Due at batch 5, taken 3 batches later.
     assert metadata["batches_done"] == 8
     assert math.isfinite(metadata["callbacks"]["Undecided:"]["rollbacks"])
+
+
+def test_the_detectors_snapshots_are_kept_beside_the_backup(data, tmp_path):
+    # Killed after the rollback: the backup names a file of the detector's
+    # snapshots, and the resumed detector rolls back, if it must, to the same
+    # weights as the killed one would have (its snapshot, not the backup's).
+    folder = str(tmp_path / "backup")
+    killed = GradientExplosionDetector()
+    _fit(
+        data,
+        [
+            BackupAndRestore(folder, save_freq=SAVE_FREQ),
+            killed,
+            _KillAtBatch(60),
+        ],
+    )
+    with open(os.path.join(folder, METADATA)) as f:
+        metadata = json.load(f)
+    arrays = backup_files.read_arrays(folder, metadata["arrays"])
+    names = [n for n in os.listdir(folder) if n.endswith(".snapshots.npz")]
+    assert names == [metadata["arrays"]]  # older ones removed
+    (state,) = metadata["callbacks"].values()
+    saved = state["snapshots"]["snapshot"]
+    detector = GradientExplosionDetector()
+    model = _fit(data, [BackupAndRestore(folder, save_freq=SAVE_FREQ), detector])
+    del model
+    assert state["step"] > saved["step"]
+    (values,) = arrays.values()
+    assert len([k for k in values if k.startswith("snapshot/w")]) == 6
+    # The resumed detector took it as its snapshot (it has not been
+    # replaced since: the run ends before another is confirmed, or a later
+    # one has a later step).
+    assert detector.snapshot.step >= saved["step"]
+    assert (
+        detector.step
+        == 2 * 50 - metadata["epoch"] * 50 - metadata["batches_done"] + state["step"]
+    )
+
+
+def test_an_unreadable_snapshots_file_resumes_without_it(data, tmp_path):
+    folder = str(tmp_path / "backup")
+    _fit(
+        data,
+        [
+            BackupAndRestore(folder, save_freq=SAVE_FREQ),
+            GradientExplosionDetector(),
+            _KillAtBatch(60),
+        ],
+    )
+    with open(os.path.join(folder, METADATA)) as f:
+        name = json.load(f)["arrays"]
+    with open(os.path.join(folder, name), "wb") as f:
+        f.write(b"not an npz")
+    assert backup_files.read_arrays(folder, name) is None
+    detector = GradientExplosionDetector()
+    model = _fit(data, [BackupAndRestore(folder, save_freq=SAVE_FREQ), detector])
+    # Its snapshot is then the restored weights; the run goes on.
+    assert np.isfinite(_loss(model, data))
