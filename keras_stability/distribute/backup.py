@@ -41,11 +41,13 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
       take as a snapshot (no rollback being compared or checked, no loss
       spike applied in its recent window, the recent losses within 2x
       the best snapshot's; at most 256 batches, `MAX_WAIT`). The
-      detector's counters (rollbacks made, the lowering of the rate after
-      them) are saved with the backup, and the resumed detector goes on
-      from them, with the restored weights as its snapshot. Keras' own
-      callback saves whatever the weights are: killed during an explosion,
-      a run resumes from the exploded weights.
+      detector's state is saved with the backup (its counters and the
+      windows its rules judge in the metadata, its snapshots' values in
+      `backup-NNNNNNNN.snapshots.npz`), and the resumed detector goes on
+      from it: it rolls back, if it must, to the weights the killed run's
+      would have. Keras' own callback saves whatever the weights are:
+      killed during an explosion, a run resumes from the exploded weights
+      with a detector that never saw the ones before.
     - Deletes only what it wrote: at the end of training (with
       `delete_checkpoint=True`) it removes its own files, and the folder only
       if that leaves it empty and this callback created it. Keras' callback
@@ -65,9 +67,10 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
       (`BlockingIOError: unable to lock file`) or races.
 
     Files in `backup_dir`: `training_metadata.json` (and
-    `training_metadata.json.bkp` with `double_checkpoint`) and
-    `backup-NNNNNNNN.weights.h5`, plus temporary `.partial` and `.tmp` files
-    while a save is under way.
+    `training_metadata.json.bkp` with `double_checkpoint`),
+    `backup-NNNNNNNN.weights.h5` and, with a detector,
+    `backup-NNNNNNNN.snapshots.npz`, plus temporary `.partial` and `.tmp`
+    files while a save is under way.
 
     Args:
         backup_dir: Folder of the backup, shared by all workers (a network

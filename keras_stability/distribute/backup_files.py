@@ -11,6 +11,11 @@ A backup is two files:
   or the new one, each complete. The weights are renamed from their partial
   name after the commit; a reader finds them under either name.
 
+With a `GradientExplosionDetector` in the `fit`, the metadata also names
+`backup-NNNNNNNN.snapshots.npz`, the detector's snapshots (`write_arrays`),
+written and renamed into place before the commit that names it, and kept
+from one backup to the next while they do not change.
+
 With `double_checkpoint`, the previous metadata is kept as
 `training_metadata.json.bkp` (copied atomically too) with its weights file.
 Everything else in the folder belongs to someone else and is never touched.
