@@ -818,16 +818,14 @@ def _finite_weights(model):
     return all(np.all(np.isfinite(w)) for w in model.get_weights())
 
 
-def fit_once(case, seed, lr, detector=False, clean=False, epochs=None):
-    """One fit; returns a dict of the held-out loss and the detector's counters."""
+def fit_case(case, seed, lr, callbacks=(), clean=False, epochs=None):
+    """Builds `case`'s model for `seed` at `lr` and fits it (warnings off)."""
     import keras
 
-    x, y, xv, yv = case.data(seed, clean)
+    x, y, _, _ = case.data(seed, clean)
     keras.utils.set_random_seed(seed)
     with _policy(case.mixed):
         model = case.build(lr)
-    callbacks = detector_callbacks() if detector else []
-    start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.fit(
@@ -837,8 +835,19 @@ def fit_once(case, seed, lr, detector=False, clean=False, epochs=None):
             epochs=epochs or case.epochs,
             shuffle=case.shuffle,
             verbose=0,
-            callbacks=callbacks,
+            callbacks=list(callbacks),
         )
+    return model
+
+
+def fit_once(case, seed, lr, detector=False, clean=False, epochs=None):
+    """One fit; returns a dict of the held-out loss and the detector's counters."""
+    _, _, xv, yv = case.data(seed, clean)
+    callbacks = detector_callbacks() if detector else []
+    start = time.perf_counter()
+    model = fit_case(case, seed, lr, callbacks, clean, epochs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         loss = case.heldout(model, xv, yv)
     result = {
         "loss": loss if _finite_weights(model) else float("nan"),

@@ -24,7 +24,6 @@ the backup changes training.
 import argparse
 import tempfile
 import time
-import warnings
 
 from benchmarks import battery
 from benchmarks.common import environment
@@ -51,28 +50,11 @@ def _kill_at(calls):
 
 
 def _fit(case, seed, callbacks, epochs=None):
-    """One fit of `case`; `None` if a callback killed it."""
-    import keras
-
-    x, y, _, _ = case.data(seed, False)
-    keras.utils.set_random_seed(seed)
-    with battery._policy(case.mixed):
-        model = case.build(case.lr)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            model.fit(
-                x,
-                y,
-                batch_size=case.batch_size,
-                epochs=epochs or case.epochs,
-                shuffle=case.shuffle,
-                verbose=0,
-                callbacks=callbacks,
-            )
-        except KeyboardInterrupt:
-            return None
-    return model
+    """One fit of `case` (`battery.fit_case`); `None` if a callback killed it."""
+    try:
+        return battery.fit_case(case, seed, case.lr, callbacks, epochs=epochs)
+    except KeyboardInterrupt:
+        return None
 
 
 def _heldout(case, seed, model):

@@ -131,7 +131,7 @@ class BackupStateMixin:
             yield "best", self.best
 
     def backup_arrays(self):
-        """`{name: array}`: the values of the snapshots `backup_state` names
+        """`(key, {name: array})`: the values of the snapshots `backup_state` names
         (the weights a rollback or a stop restores), saved beside the backup:
         a run resumed from weights that turn out bad still has the last good
         ones to roll back to."""
@@ -139,7 +139,7 @@ class BackupStateMixin:
         for role, snapshot in self._kept_snapshots():
             _, values = snapshot.to_arrays()
             arrays.update({f"{role}/{name}": v for name, v in values.items()})
-        return arrays
+        return self._backup_key(), arrays
 
     def _restored_snapshots(self, state, arrays):
         """`(snapshot, best)` from the backup, or `None` (not saved, or not

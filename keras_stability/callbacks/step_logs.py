@@ -317,40 +317,33 @@ class StepLogs:
         if params is None or params is not self._params:
             return True
         ready = True
+        for owner in self._owners_with("ready_for_backup"):
+            ready = bool(owner.ready_for_backup(logs)) and ready
+        return ready
+
+    def _owners_with(self, method):
+        """Our callbacks of this `fit` that have `method`."""
         for ref in list(self._hook_owners.values()):
             owner = ref()
-            check = getattr(owner, "ready_for_backup", None)
-            if owner is not None and callable(check):
-                ready = bool(check(logs)) and ready
-        return ready
+            if owner is not None and callable(getattr(owner, method, None)):
+                yield owner
 
     def backup_states(self, params):
         """`{key: state}` of our callbacks in the `fit` of `params` that keep
         state in a backup (`backup_state()`, a detector's)."""
-        states = {}
         if params is None or params is not self._params:
-            return states
-        for ref in list(self._hook_owners.values()):
-            owner = ref()
-            get = getattr(owner, "backup_state", None)
-            if owner is not None and callable(get):
-                key, state = get()
-                states[key] = state
-        return states
+            return {}
+        return dict(owner.backup_state() for owner in self._owners_with("backup_state"))
 
     def backup_arrays(self, params):
         """`{key: {name: array}}` of our callbacks in the `fit` of `params`
         that keep arrays beside a backup (`backup_arrays()`, a detector's
         snapshots)."""
-        arrays = {}
         if params is None or params is not self._params:
-            return arrays
-        for ref in list(self._hook_owners.values()):
-            owner = ref()
-            get = getattr(owner, "backup_arrays", None)
-            if owner is not None and callable(get):
-                arrays[owner._backup_key()] = get()
-        return arrays
+            return {}
+        return dict(
+            owner.backup_arrays() for owner in self._owners_with("backup_arrays")
+        )
 
     def resume(self, params, states, arrays=None):
         """A backup was restored in the `fit` of `params`, with `states`
@@ -360,11 +353,8 @@ class StepLogs:
         self._resumed = (params, dict(states or {}), dict(arrays or {}))
         if params is None or params is not self._params:
             return
-        for ref in list(self._hook_owners.values()):
-            owner = ref()
-            tell = getattr(owner, "resumed", None)
-            if owner is not None and callable(tell):
-                tell(self._resumed[1], self._resumed[2])
+        for owner in self._owners_with("resumed"):
+            owner.resumed(self._resumed[1], self._resumed[2])
 
     def resumed_states(self, params):
         """`(states, arrays)` of the backup restored in the `fit` of
