@@ -180,5 +180,8 @@ class Snapshot:
             v.assign(value)
         by_path = dict(zip(self.optimizer_paths, self.optimizer_values, strict=True))
         for i, v in _state_variables(model):
-            if (i, v.path) in by_path:
-                v.assign(by_path[(i, v.path)])
+            value = by_path.get((i, v.path))
+            # Same shape: a snapshot from a backup (`from_arrays`) may come
+            # from an optimizer built on other variables.
+            if value is not None and tuple(np.shape(value)) == tuple(v.shape):
+                v.assign(value)

@@ -782,6 +782,30 @@ def test_snapshot_is_a_copy():
     np.testing.assert_array_equal(np.asarray(model.weights[0]), snap.weights[0])
 
 
+def test_a_snapshot_through_arrays_restores_the_same_values():
+    # As a backup keeps it (`to_arrays`, `from_arrays`); an optimizer value
+    # of another shape (an optimizer built on other variables) is left alone.
+    model = deep_mlp(keras.optimizers.Adam(0.01), depth=2)
+    x, y = _data(64)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    info, arrays = Snapshot(model, step=7, score=0.5).to_arrays()
+    back = Snapshot.from_arrays(model, info, arrays)
+    assert (back.step, back.score) == (7, 0.5)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    moved = optimizer_state_variables(model.optimizer)[-1]
+    arrays["o" + str(len(back.optimizer_values) - 1)] = np.zeros((3, 3))
+    odd = Snapshot.from_arrays(model, info, arrays)
+    kept = moved.numpy()
+    odd.restore(model)
+    np.testing.assert_array_equal(moved.numpy(), kept)
+    back.restore(model)
+    for got, want in zip(Snapshot(model).weights, back.weights, strict=True):
+        np.testing.assert_array_equal(got, want)
+    # Weights of another shape: not this model's snapshot.
+    arrays["w0"] = np.zeros((1, 1), "float32")
+    assert Snapshot.from_arrays(model, info, arrays) is None
+
+
 def test_snapshot_reads_every_value_bitwise_in_one_traced_call():
     model = deep_mlp(keras.optimizers.Adam(0.01), depth=2)
     x, y = _data(64)
