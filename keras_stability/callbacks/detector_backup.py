@@ -2,11 +2,11 @@
 
 `keras_stability.distribute.BackupAndRestore` asks the detectors of its
 `fit` (through `StepLogs`) whether the weights may be backed up now
-(`ready_for_backup`), saves their state with each backup (`backup_state`)
-and hands it back on resume (`resumed`). A backup taken while the detector
-was deciding about an explosion held the exploded weights; the run resumed
-from it, with a fresh detector and no snapshot from before, lost the last
-good ones.
+(`ready_for_backup`), saves their state with each backup (`backup_state`,
+`backup_arrays`) and hands it back on resume (`resumed`). Before, a backup
+taken while the detector was deciding about an explosion held the exploded
+weights, and the run resumed from it, with a fresh detector and no snapshot
+from before, lost the last good ones.
 """
 
 import math
@@ -52,10 +52,10 @@ class BackupStateMixin:
         applied in its window of recent steps, and the recent losses within
         `SNAPSHOT_TOLERANCE` times the best snapshot's (an explosion's
         first sign, `exploded_at`, is not enough: it stays up through
-        healthy fine-tunes).
-        A backup taken otherwise could hold the weights of an explosion,
-        and the run resumed from it (a fresh detector, no snapshot from
-        before) would have lost the last good ones.
+        healthy fine-tunes). A run resumed from a backup taken otherwise
+        would start from weights on their way to an explosion; the
+        detector's snapshots in the backup (`backup_arrays`) still hold the
+        last good ones for the rare backup that does.
         """
         del logs
         if self.model is None or self.stopped_reason is not None:
