@@ -14,7 +14,6 @@ import math
 import numpy as np
 
 from keras_stability.callbacks.recovery import SNAPSHOT_TOLERANCE
-from keras_stability.callbacks.recovery import json_float
 from keras_stability.callbacks.snapshots import Snapshot
 from keras_stability.diagnostics import rules
 from keras_stability.diagnostics.loss_history import DIVERGENCE_FLOOR
@@ -39,7 +38,7 @@ RESUMED_COUNTS = (
 class BackupStateMixin:
     """`GradientExplosionDetector`'s side of `BackupAndRestore` (a mixin)."""
 
-    def ready_for_backup(self, logs=None):
+    def ready_for_backup(self):
         """Whether a backup may hold the current weights now.
 
         Called by `keras_stability.distribute.BackupAndRestore` when a backup
@@ -57,7 +56,6 @@ class BackupStateMixin:
         detector's snapshots in the backup (`backup_arrays`) still hold the
         last good ones for the rare backup that does.
         """
-        del logs
         if self.model is None or self.stopped_reason is not None:
             return True
         if self._calls_unread:
@@ -77,7 +75,7 @@ class BackupStateMixin:
         best snapshot's, floored as a slow divergence's reference is
         (`rules.diverging`: a loss near zero is not "2x" anything)."""
         history = self._history
-        if not history.recent:
+        if not history.recent or not math.isfinite(self.best.score):
             return False
         floors = (
             self.best.score,
@@ -85,10 +83,8 @@ class BackupStateMixin:
             rules.NEAR_ZERO,
             self.best.typical if self.best.typical is not None else math.nan,
         )
-        finite = [v for v in floors if math.isfinite(v)]
-        if not math.isfinite(self.best.score):
-            return False
-        return float(np.mean(history.recent)) > SNAPSHOT_TOLERANCE * max(finite)
+        reference = max(v for v in floors if math.isfinite(v))
+        return float(np.mean(history.recent)) > SNAPSHOT_TOLERANCE * reference
 
     def _backup_key(self):
         return f"{type(self).__name__}:{getattr(self, '_log_prefix', '')}"
@@ -111,7 +107,7 @@ class BackupStateMixin:
         state = {name: getattr(self, name) for name in RESUMED_COUNTS}
         state.update(
             plateau_top=self._plateau_top,
-            plateau_losses=[json_float(v) for v in self._plateau_losses],
+            plateau_losses=list(self._plateau_losses),
             recovery_failed=self._recovery_failed,
             lowered_rate=None if lowered is None else [lowered.base, lowered.value],
             history=self._history.get_state(),

@@ -45,11 +45,6 @@ def _host_copies(model, variables):
     return [np.array(t, copy=True) for t in cached[1]()]
 
 
-def _json_float(value):
-    value = float(value)
-    return value if np.isfinite(value) else str(value)
-
-
 def optimizer_state_variables(optimizer):
     """The optimizer variables a rollback restores.
 
@@ -140,9 +135,9 @@ class Snapshot:
         arrays.update({f"o{i}": v for i, v in enumerate(self.optimizer_values)})
         info = {
             "step": self.step,
-            "score": _json_float(self.score),
-            "loss": _json_float(self.loss),
-            "typical": None if self.typical is None else _json_float(self.typical),
+            "score": self.score,
+            "loss": self.loss,
+            "typical": self.typical,
             "optimizer_paths": [[i, path] for i, path in self.optimizer_paths],
         }
         return info, arrays

@@ -87,6 +87,8 @@ class StepLogs:
         self.loss = RawLossTracker.shared(model)
         self._hooks = {}  # key(owner) -> hook, in attach order
         self._hook_owners = {}  # key(owner) -> weakref, of `_hooks`
+        # (params, states, arrays) of the backup restored last (`resume`).
+        self._resumed = None
         self._params = None
         self._calls = 0
         self.epoch = None
@@ -305,12 +307,12 @@ class StepLogs:
         if not self._hooks:
             _keras_internals.remove_train_function_hook(self.model, self._after_call)
 
-    def ready_for_backup(self, params, logs=None):
+    def ready_for_backup(self, params):
         """Whether the weights may be backed up now, by our callbacks in this `fit`.
 
         Asks each callback whose hook is attached in the `fit` of `params`
         (the `params` dict Keras gives every callback of one `fit`) and that
-        has a `ready_for_backup(logs)` method: a `GradientExplosionDetector`
+        has a `ready_for_backup()` method: a `GradientExplosionDetector`
         is not ready before its next look, nor at weights it could not take
         as a snapshot (see `keras_stability.distribute.BackupAndRestore`).
         """
@@ -318,7 +320,7 @@ class StepLogs:
             return True
         ready = True
         for owner in self._owners_with("ready_for_backup"):
-            ready = bool(owner.ready_for_backup(logs)) and ready
+            ready = bool(owner.ready_for_backup()) and ready
         return ready
 
     def _owners_with(self, method):
@@ -359,7 +361,7 @@ class StepLogs:
     def resumed_states(self, params):
         """`(states, arrays)` of the backup restored in the `fit` of
         `params`, or `None`."""
-        resumed = self.__dict__.get("_resumed")
+        resumed = self._resumed
         if resumed is None or params is None or resumed[0] is not params:
             return None
         return resumed[1], resumed[2]

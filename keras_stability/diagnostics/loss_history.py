@@ -107,8 +107,6 @@ class LossHistory:
     # -- kept in a backup -------------------------------------------------------
     _VALUES = (
         "start_loss",
-        "start_losses",
-        "start_norms",
         "start_norm",
         "start_calls",
         "call_samples",

@@ -296,9 +296,8 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         return self.model.__dict__.get(StepLogs._ATTRIBUTE)
 
     def _tell_resumed(self, metadata):
-        """Gives our callbacks in this `fit` the state they kept in the backup
-        (`StepLogs.resume`: a detector's counters, and the restored weights
-        as its snapshot)."""
+        """Gives our callbacks in this `fit` the state and arrays they kept in
+        the backup (`StepLogs.resume`: a detector's state and snapshots)."""
         arrays = files.read_arrays(self._shared_backup_dir, metadata.get("arrays"))
         self._step_logs(create=True).resume(
             self.params, metadata.get("callbacks") or {}, arrays
@@ -348,13 +347,13 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         due = self._waiting is not None or (
             self.save_freq != "epoch" and self._batches_since_save >= self.save_freq
         )
-        if due and self._may_save(logs):
+        if due and self._may_save():
             self._batches_since_save = 0
             self._save(self._epoch, done)
 
     def on_epoch_end(self, epoch, logs=None):
         if self.save_freq == "epoch":
-            if self._may_save(logs):
+            if self._may_save():
                 self._save(epoch + 1, 0)
         elif self._last_saved == (epoch, self._batches_done):
             # Saved after the epoch's last batch: say the epoch is done, so a
@@ -362,7 +361,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             self._commit(epoch + 1, 0, keep_previous=False)
         self._batches_done = 0
 
-    def _may_save(self, logs):
+    def _may_save(self):
         """Whether the backup that is due may be taken now.
 
         Not while a `GradientExplosionDetector` in this `fit` is deciding
@@ -370,7 +369,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         the first batch after it has decided, at most `MAX_WAIT` batches.
         """
         step_logs = self._step_logs()
-        if step_logs is None or step_logs.ready_for_backup(self.params, logs):
+        if step_logs is None or step_logs.ready_for_backup(self.params):
             self._waiting = None
             return True
         self._waiting = (self._waiting or 0) + 1
@@ -411,8 +410,11 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         self._weights_file = weights
         self._weights_bytes = files.size(temporary)
         previous_arrays = self._arrays_file
-        self._save_arrays(directory)
-        self._commit(epoch, batches_done, keep_previous=self.double_checkpoint)
+        states = self._callback_states()
+        self._save_arrays(directory, states)
+        self._commit(
+            epoch, batches_done, keep_previous=self.double_checkpoint, states=states
+        )
         files.finish_weights(directory, weights)
         if stale and stale not in (weights, self._previous_weights_file):
             files.remove(directory, stale)
@@ -422,18 +424,21 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                 files.remove(directory, name)
         self._save_index += 1
 
-    def _save_arrays(self, directory):
+    def _callback_states(self):
+        """Our callbacks' state for the metadata (`StepLogs.backup_states`)."""
+        step_logs = self._step_logs()
+        return {} if step_logs is None else step_logs.backup_states(self.params)
+
+    def _save_arrays(self, directory, states):
         """Writes our callbacks' arrays (a detector's snapshots) for this
-        backup, unless those of the last backup are still the same."""
+        backup, unless those of the last backup are still the same (the
+        snapshots `states` names)."""
         step_logs = self._step_logs()
         if step_logs is None:
             self._arrays_file = None
             return
         held = json.dumps(
-            {
-                key: state.get("snapshots")
-                for key, state in step_logs.backup_states(self.params).items()
-            },
+            {key: state.get("snapshots") for key, state in states.items()},
             sort_keys=True,
             default=str,
         )
@@ -447,9 +452,9 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         files.write_arrays(directory, name, arrays)
         self._arrays_file, self._arrays_held = name, held
 
-    def _commit(self, epoch, batches_done, keep_previous):
-        step_logs = self._step_logs()
-        states = {} if step_logs is None else step_logs.backup_states(self.params)
+    def _commit(self, epoch, batches_done, keep_previous, states=None):
+        if states is None:
+            states = self._callback_states()
         files.commit(
             self.backup_dir,
             {

@@ -197,8 +197,8 @@ def test_a_healthy_run_is_backed_up_on_time_and_resumes_exactly(data, tmp_path):
 
 def test_a_backup_waits_at_most_max_wait_batches(data, tmp_path, monkeypatch):
     class Undecided(GradientExplosionDetector):
-        def ready_for_backup(self, logs=None):
-            super().ready_for_backup(logs)
+        def ready_for_backup(self):
+            super().ready_for_backup()
             return False
 
     monkeypatch.setattr(backup_module, "MAX_WAIT", 3)
