@@ -80,3 +80,40 @@ def test_the_resume_benchmark_kills_and_resumes_a_run():
     assert result[7] == result["backup"]
     # A kill after the last batch (50 here) never happens: no resumed run.
     assert result[1000] is None
+
+
+def test_the_self_trained_teacher_reads_only_the_labeled_rows(monkeypatch):
+    import keras
+
+    from benchmarks import llm_compression as lc
+
+    monkeypatch.setitem(lc.SELF_TRAINING, "members", 2)
+    monkeypatch.setitem(lc.SELF_TRAINING, "rounds", 1)
+    monkeypatch.setitem(lc.SELF_TRAINING, "epochs", 1)
+    monkeypatch.setitem(lc.SELF_TRAINING, "threshold", 0.0)  # every input
+    rng = np.random.default_rng(0)
+    x = rng.random((60, 64)).astype("float32")
+    y = rng.integers(0, 10, 60)
+    labeled = np.zeros(60, bool)
+    labeled[:20] = True
+    teacher = lc.self_trained_teacher(x, y, labeled, seed=0)
+    # The other labels changed: the same teacher, to the last bit.
+    other = np.where(labeled, y, (y + 1) % 10)
+    again = lc.self_trained_teacher(x, other, labeled, seed=0)
+    logits = teacher.predict(x, verbose=0)
+    np.testing.assert_array_equal(logits, again.predict(x, verbose=0))
+    # Its logits are the log of the members' mean probabilities.
+    members = [layer for layer in teacher.layers if isinstance(layer, keras.Model)]
+    assert len(members) == 2
+    probs = np.mean(
+        [
+            keras.ops.convert_to_numpy(keras.ops.softmax(m(x, training=False)))
+            for m in members
+        ],
+        0,
+    )
+    np.testing.assert_allclose(logits, np.log(probs + 1e-8), rtol=1e-5, atol=1e-5)
+    # The labels it did read changed: another teacher.
+    flipped = np.where(labeled, (y + 1) % 10, y)
+    other_teacher = lc.self_trained_teacher(x, flipped, labeled, seed=0)
+    assert not np.array_equal(logits, other_teacher.predict(x, verbose=0))
