@@ -161,11 +161,11 @@ class BackupStateMixin:
         snapshots from `arrays` (`backup_arrays`): it goes on as the killed
         run's would have, rolling back, if it must, to the weights that run
         would have restored. Without them (a backup made without the
-        detector), the restored weights are its snapshot: the snapshot taken
-        when `fit` began may hold the weights from before the restore.
+        detector), the restored weights are its snapshot.
         """
         state = (states or {}).get(self._backup_key())
         restored = None
+        self._first_snapshot_due = False
         if state:
             for name in RESUMED_COUNTS:
                 setattr(self, name, int(state.get(name, 0)))

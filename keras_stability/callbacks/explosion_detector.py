@@ -223,6 +223,7 @@ class GradientExplosionDetector(
         skip_spikes=True,
     ):
         super().__init__()
+        self._first_snapshot_due = False  # see `on_train_begin`
         self.action = check_choice("action", action, ACTIONS)
         self.snapshot_freq = check_positive_int("snapshot_freq", snapshot_freq)
         self.lr_factor = check_number(
@@ -486,17 +487,11 @@ class GradientExplosionDetector(
         self.diagnostic = None
         # `snapshot` is the last confirmed healthy one; `_pending` waits for
         # `confirm_steps` healthy steps after it (their mean raw loss is its
-        # score) before it replaces `snapshot`.
-        self.snapshot = Snapshot(model, step=0)
-        self.best = self.snapshot
-        if not self.snapshot.finite:
-            warnings.warn(
-                "GradientExplosionDetector: the model's weights are non-finite "
-                "before training starts; there is no healthy state to roll back "
-                "to (a rollback will stop training instead).",
-                stacklevel=2,
-            )
-        self._pending = self.snapshot
+        # score) before it replaces `snapshot`. The first is taken at the
+        # first batch: a callback listed after this one may still restore
+        # weights in its `on_train_begin` (Keras' `BackupAndRestore`).
+        self.snapshot = self.best = self._pending = None
+        self._first_snapshot_due = True
         self._pending_losses = []
         self._last_snapshot_at = 0
         # After a rollback: the restored weights' losses (skipped updates) and
@@ -507,6 +502,17 @@ class GradientExplosionDetector(
         resumed = self._step_logs.resumed_states(self.params)
         if resumed is not None:
             self.resumed(*resumed)
+
+    def _take_first_snapshot(self):
+        self._first_snapshot_due = False
+        self.snapshot = self.best = self._pending = Snapshot(self.model, step=0)
+        if not self.snapshot.finite:
+            warnings.warn(
+                "GradientExplosionDetector: the model's weights are non-finite "
+                "before training starts; there is no healthy state to roll back "
+                "to (a rollback will stop training instead).",
+                stacklevel=3,
+            )
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
@@ -993,6 +999,8 @@ class GradientExplosionDetector(
             )
 
     def on_train_end(self, logs=None):
+        if self._first_snapshot_due:  # a fit of no batch
+            self._take_first_snapshot()
         if self._calls_unread:
             self._look(None)
         if self._trial is not None:  # decided on the batches compared so far
@@ -1138,6 +1146,8 @@ class GradientExplosionDetector(
             )
 
     def on_train_batch_begin(self, batch, logs=None):
+        if self._first_snapshot_due:
+            self._take_first_snapshot()
         if batch == 0:
             self._follow_learning_rate()
         # A batch listed in `exclude_batches_path` is drawn without training.

@@ -277,3 +277,47 @@ def test_an_unreadable_snapshots_file_resumes_without_it(data, tmp_path):
     model = _fit(data, [BackupAndRestore(folder, save_freq=SAVE_FREQ), detector])
     # Its snapshot is then the restored weights; the run goes on.
     assert np.isfinite(_loss(model, data))
+
+
+class _WeightsAtFirstBatch(keras.callbacks.Callback):
+    def on_train_batch_begin(self, batch, logs=None):
+        if not hasattr(self, "weights"):
+            self.weights = [np.array(w) for w in self.model.get_weights()]
+
+
+def test_keras_backup_listed_after_the_detector_restores_before_its_first_snapshot(
+    tmp_path,
+):
+    # Keras' own BackupAndRestore restores in its `on_train_begin`; listed
+    # after the detector, that runs after the detector's. The detector's
+    # first snapshot (what a rollback in the first steps restores) must be
+    # the restored weights, not the fresh model's.
+    x, y = np.random.default_rng(0).normal(size=(64, 10)), np.arange(64) % 10
+    backup_dir = str(tmp_path / "keras_backup")
+
+    def fit(callbacks, epochs):
+        keras.utils.set_random_seed(0)
+        model = compile_example_model(build_example_model(), keras.optimizers.SGD(0.1))
+        detector = GradientExplosionDetector()
+        seen = _WeightsAtFirstBatch()
+        backup = keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch")
+        try:
+            model.fit(
+                x,
+                y,
+                batch_size=16,
+                epochs=epochs,
+                verbose=0,
+                callbacks=[detector, backup, seen, *callbacks],
+            )
+        except KeyboardInterrupt:
+            pass
+        return model, detector, seen
+
+    fresh = [np.array(w) for w in fit([], 0)[0].get_weights()]
+    fit([_KillAtBatch(4 * 3)], 4)  # killed after 2 epochs saved
+    _, detector, seen = fit([], 3)
+    assert not np.allclose(seen.weights[0], fresh[0])  # Keras restored
+    assert detector.snapshot.step == 0  # no later snapshot in 4 steps
+    for kept, restored in zip(detector.snapshot.weights, seen.weights, strict=True):
+        np.testing.assert_array_equal(kept, restored)
