@@ -123,6 +123,28 @@ def cnn_teacher(name="cnn_teacher"):
 SELF_TRAINING = dict(members=3, rounds=3, threshold=0.9, labeled_repeats=3, epochs=40)
 
 
+def fit_teacher(build, xs, ys, epochs, seed):
+    """`build()` fit from `seed` with Adam(1e-3), batch 64 (every teacher here)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    teacher = build()
+    teacher.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    teacher.fit(xs, ys, epochs=epochs, batch_size=64, verbose=0)
+    return teacher
+
+
+def repeat_labeled(x, y, labeled, repeats=None):
+    """The labeled rows, repeated `repeats` times (default: to about `len(y)`
+    rows, so that a fit on them takes as many steps as one on all rows)."""
+    if repeats is None:
+        repeats = int(round(len(y) / labeled.sum()))
+    return np.tile(x[labeled], (repeats, 1)), np.tile(y[labeled], repeats)
+
+
 def ensemble(models, name="ensemble"):
     """One model whose logits are the log of its members' mean probabilities."""
     import keras
@@ -146,30 +168,29 @@ def self_trained_teacher(x, y, labeled, seed):
     import keras
 
     cfg = SELF_TRAINING
-    ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
     def fit_members(xs, ys, round_):
-        members = []
-        for k in range(cfg["members"]):
-            keras.utils.set_random_seed(seed + 17 * k + 100 * round_)
-            member = cnn_teacher(name=f"cnn_teacher_{round_}_{k}")
-            member.compile(optimizer=keras.optimizers.Adam(1e-3), loss=ce)
-            member.fit(xs, ys, epochs=cfg["epochs"], batch_size=64, verbose=0)
-            members.append(member)
+        members = [
+            fit_teacher(
+                lambda k=k: cnn_teacher(name=f"cnn_teacher_{round_}_{k}"),
+                xs,
+                ys,
+                cfg["epochs"],
+                seed + 17 * k + 100 * round_,
+            )
+            for k in range(cfg["members"])
+        ]
         return ensemble(members, name=f"self_trained_{round_}")
 
-    repeats = int(round(len(y) / labeled.sum()))
-    teacher = fit_members(
-        np.tile(x[labeled], (repeats, 1)), np.tile(y[labeled], repeats), 0
-    )
+    teacher = fit_members(*repeat_labeled(x, y, labeled), 0)
     for round_ in range(1, cfg["rounds"] + 1):
         logits = teacher.predict(x, verbose=0, batch_size=512)
         probs = keras.ops.convert_to_numpy(keras.ops.softmax(logits))
         keep = labeled | (probs.max(-1) >= cfg["threshold"])
         targets = np.where(labeled, y, probs.argmax(-1))
-        extra = cfg["labeled_repeats"]
-        xs = np.concatenate([x[keep], np.tile(x[labeled], (extra, 1))])
-        ys = np.concatenate([targets[keep], np.tile(y[labeled], extra)])
+        x_rep, y_rep = repeat_labeled(x, y, labeled, cfg["labeled_repeats"])
+        xs = np.concatenate([x[keep], x_rep])
+        ys = np.concatenate([targets[keep], y_rep])
         teacher = fit_members(xs, ys, round_)
     return teacher
 
@@ -193,16 +214,13 @@ def digits_few_labels(seed, data, fraction, epochs, alpha, temperature):
     y_partial = np.where(labeled, y, -1).astype("int32")
     # The labeled rows repeated to about the size of the whole training set,
     # so that every fit below takes the same number of optimizer steps.
-    repeats = int(round(len(y) / labeled.sum()))
-    x_few, y_few = np.tile(x[labeled], (repeats, 1)), np.tile(y[labeled], repeats)
+    x_few, y_few = repeat_labeled(x, y, labeled)
     ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
     def train_teacher(xs, ys, build=None):
-        keras.utils.set_random_seed(seed)
-        teacher = build() if build else mlp(TEACHER_UNITS, "teacher", dropout=0.3)
-        teacher.compile(optimizer=keras.optimizers.Adam(1e-3), loss=ce)
-        teacher.fit(xs, ys, epochs=epochs, batch_size=64, verbose=0)
-        return teacher
+        if build is None:
+            build = lambda: mlp(TEACHER_UNITS, "teacher", dropout=0.3)  # noqa: E731
+        return fit_teacher(build, xs, ys, epochs, seed)
 
     def student():
         keras.utils.set_random_seed(seed + 1000)  # same initial weights
