@@ -42,6 +42,9 @@ from benchmarks.common import environment
 from benchmarks.common import summarize
 
 GUARD_ZCLIP = "GuardedOptimizer(ZClip()) alone (no callback)"
+# The guard with the detector's in-graph spike rule at its defaults: what
+# the rule costs beside the guard's exact skip.
+GUARD_SPIKES = "GuardedOptimizer(skip_spikes=RobustSpikeSkipping()) alone (no callback)"
 # A reference, not a mode of the library: the guard's measurements and
 # statistics with the update always applied (no skip `cond`), so the table
 # shows what the exact skip itself costs.
@@ -170,6 +173,7 @@ def fitted_variants(workload, only=None):
 
     from keras_stability.callbacks import GradientExplosionDetector
     from keras_stability.callbacks import GradientMonitor
+    from keras_stability.clipping import RobustSpikeSkipping
     from keras_stability.clipping import ZClip
     from keras_stability.models import build_example_model
     from keras_stability.models import compile_example_model
@@ -206,6 +210,7 @@ def fitted_variants(workload, only=None):
         "plain fit": lambda: [],
         "GuardedOptimizer alone (no callback)": lambda: [],
         GUARD_ZCLIP: lambda: [],
+        GUARD_SPIKES: lambda: [],
         NO_COND: lambda: [],
         "Keras LossScaleOptimizer (for reference)": lambda: [],
         "Keras global_clipnorm=1.0 (for reference)": lambda: [],
@@ -243,6 +248,8 @@ def fitted_variants(workload, only=None):
             optimizer = _guard_without_cond(optimizer)
         elif name == GUARD_ZCLIP:
             optimizer = GuardedOptimizer(optimizer, clipping=ZClip())
+        elif name == GUARD_SPIKES:
+            optimizer = GuardedOptimizer(optimizer, skip_spikes=RobustSpikeSkipping())
         elif name.startswith("GuardedOptimizer"):
             optimizer = GuardedOptimizer(optimizer)
         elif name.startswith("Keras LossScale"):

@@ -274,45 +274,53 @@ def robust_spike_step(
     window = history.shape[0]
     count = ops.cast(count, "int32")
     n = ops.minimum(count, window)
-    positions = np.arange(window, dtype="int32")
     positive = ops.greater(norm, 0.0)
     log_norm = ops.log(ops.where(positive, norm, 1.0))
-    # Quartiles of the recorded logs by nearest rank below: one sort, the
-    # unrecorded slots sorted to the end.
-    ordered = ops.sort(ops.where(ops.less(positions, n), history, np.float32(1e30)))
-    ranks = ops.floor_divide(
-        ops.maximum(n - 1, 0) * np.array([1, 2, 3], "int32"), np.int32(4)
-    )
-    low, center, high = ops.unstack(ops.take(ordered, ranks), 3)
-    threshold = ops.maximum(
-        np.float32(z_threshold / IQR_SCALE) * (high - low),
-        np.float32(math.log(min_ratio)),
-    )
-    excess = ops.where(positive, log_norm - center, np.float32(-1.0))
-    outlier = ops.logical_and(
-        ops.greater_equal(n, min_samples), ops.greater(excess, threshold)
-    )
-    if early_ratio is not None:
-        early = ops.logical_and(
-            ops.logical_and(
-                ops.greater_equal(n, EARLY_SAMPLES), ops.less(n, min_samples)
-            ),
-            # Also against the first norm: at batch size 1 the median of a
-            # few per-sample norms may be ~0 (well-fit samples), and an
-            # ordinary misfit sample is then "100x" it.
-            ops.greater(
-                excess - ops.maximum(history[0] - center, 0.0),
-                np.float32(math.log(early_ratio)),
-            ),
+
+    def robust_outlier():
+        # Quartiles of the recorded logs by nearest rank below: one sort,
+        # the unrecorded slots sorted to the end.
+        positions = np.arange(window, dtype="int32")
+        ordered = ops.sort(ops.where(ops.less(positions, n), history, np.float32(1e30)))
+        ranks = ops.floor_divide(
+            ops.maximum(n - 1, 0) * np.array([1, 2, 3], "int32"), np.int32(4)
         )
-        outlier = ops.logical_or(outlier, early)
-    if peak_ratio is not None:
+        low, center, high = ops.unstack(ops.take(ordered, ranks), 3)
+        threshold = ops.maximum(
+            np.float32(z_threshold / IQR_SCALE) * (high - low),
+            np.float32(math.log(min_ratio)),
+        )
+        excess = ops.where(positive, log_norm - center, np.float32(-1.0))
         outlier = ops.logical_and(
-            outlier,
-            ops.greater(
-                log_norm - ops.cast(peak, "float32"), np.float32(math.log(peak_ratio))
-            ),
+            ops.greater_equal(n, min_samples), ops.greater(excess, threshold)
         )
+        if early_ratio is not None:
+            early = ops.logical_and(
+                ops.logical_and(
+                    ops.greater_equal(n, EARLY_SAMPLES), ops.less(n, min_samples)
+                ),
+                # Also against the first norm: at batch size 1 the median of
+                # a few per-sample norms may be ~0 (well-fit samples), and an
+                # ordinary misfit sample is then "100x" it.
+                ops.greater(
+                    excess - ops.maximum(history[0] - center, 0.0),
+                    np.float32(math.log(early_ratio)),
+                ),
+            )
+            outlier = ops.logical_or(outlier, early)
+        return outlier
+
+    if peak_ratio is None:
+        outlier = robust_outlier()
+    else:
+        # A spike is `peak_ratio` times the largest recorded norm: a
+        # necessary condition of two ops. The window's quartiles (a sort and
+        # some 40 ops) are computed only when it holds, in a `cond`; the
+        # result is the same, and on most steps they are not computed.
+        above_peak = ops.greater(
+            log_norm - ops.cast(peak, "float32"), np.float32(math.log(peak_ratio))
+        )
+        outlier = ops.cond(above_peak, robust_outlier, lambda: ops.zeros((), "bool"))
     spike = ops.logical_and(outlier, ops.less(consecutive, max_consecutive))
     record = ops.logical_and(ops.logical_not(spike), positive)
     state = _advance(spike, record, log_norm, history, count, consecutive)

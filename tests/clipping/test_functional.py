@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -345,6 +346,49 @@ def test_robust_spike_step_peak_ratio_applies_rare_genuine_norms():
     assert flags == _robust_reference(norms, 64, 6.0, 20, 3, 10.0, 100.0, 10.0)
     assert [n for n, f in zip(norms, flags, strict=True) if f] == [2000.0]
     assert peak == pytest.approx(np.log(6.0), rel=1e-6)  # the rare ones recorded
+
+
+@pytest.mark.parametrize("compiled", [None, "graph", "xla"])
+def test_robust_spike_step_peak_condition_gates_the_quartiles(compiled):
+    """With `peak_ratio` the window's quartiles are computed only in a
+    `cond` on the two-op condition "`peak_ratio` times the peak"; the flags
+    are the reference's whichever side it takes, eagerly, in a graph and
+    under XLA (a low `peak_ratio`, so that both sides are taken often)."""
+    rng = np.random.default_rng(7)
+    norms = list(np.exp(1.2 * rng.normal(size=80)))
+    for at in (25, 40, 41, 60, 75):
+        norms[at] = float(norms[at] * 10.0 ** rng.uniform(1.0, 4.0))
+    norms[50] = 0.0
+
+    def step(n, history, count, consecutive, peak):
+        return clipping.robust_spike_step(
+            n, history, count, consecutive, 6.0, 20, 3, 10.0, 100.0, peak, 2.0
+        )
+
+    if compiled is not None:
+        step = tf.function(step, jit_compile=compiled == "xla")
+    history = np.zeros(32, "float32")
+    count, consecutive = np.int32(0), np.int32(0)
+    peak = np.float32(clipping.spike.PEAK_NONE)
+    flags, gated = [], 0
+    for n in norms:
+        above_peak = np.log(max(n, 1e-30)) - peak > np.log(2.0)
+        if peak > clipping.spike.PEAK_NONE and not above_peak:
+            gated += 1  # the quartiles are not computed at this step
+        spike, (history, count, consecutive, peak) = step(
+            np.float32(n), history, count, consecutive, peak
+        )
+        flags.append(bool(spike))
+        history, count, consecutive, peak = (
+            np.asarray(history),
+            np.asarray(count),
+            np.asarray(consecutive),
+            np.asarray(peak),
+        )
+    assert flags == _robust_reference(norms, 32, 6.0, 20, 3, 10.0, 100.0, 2.0)
+    assert sum(flags) >= 3
+    # Both sides of the `cond` are taken: most steps skip the quartiles.
+    assert len(norms) // 2 < gated <= len(norms) - sum(flags)
 
 
 def test_robust_spike_step_peak_needs_peak_ratio_state():
