@@ -417,6 +417,8 @@ class LossHistory:
             or not self.start_loss > 0
         ):
             return None
+        if rules.all_below(self.recent, self.regress_factor * self.start_loss):
+            return None  # the usual case: no median needed
         recent = np.asarray(self.recent, dtype=np.float64)
         median = float(np.median(recent))
         if not median > self.regress_factor * self.start_loss:

@@ -1,7 +1,11 @@
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 from keras_stability.diagnostics import rules
 
@@ -210,3 +214,45 @@ def test_bad_steps_are_a_rise_when_the_loss_climbs_not_when_they_recur():
     assert rules.rising(recurring[:-1] + [(inf, True)], 1.2e-3)
     assert not rules.rising(_steps(1.0, 2.0, 3.0), 1.0)
     assert rules.rising(_steps([0.3], 0.5, 0.6), math.inf)
+
+
+_LOSSES = st.lists(
+    st.one_of(
+        st.floats(0.0, 10.0),
+        st.sampled_from([0.001, 0.5, 1.0, 2.0, 2.5, 4.0, math.nan, math.inf]),
+    ),
+    min_size=1,
+    max_size=24,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    losses=_LOSSES,
+    before=_LOSSES,
+    start=st.sampled_from([0.0, 0.001, 0.5, 1.0, 2.0, math.nan]),
+    best=st.sampled_from([0.001, 0.3, 1.0, 2.0]),
+)
+def test_the_rules_skip_the_median_only_where_it_cannot_decide(
+    losses, before, start, best
+):
+    """`all_below` spares the median of a window every value of which is
+    below the rule's bound (the median is then below it too): each rule
+    gives what it gives when the median is always computed, NaN and inf
+    included."""
+    norms = [1.0] * len(losses)
+    spikes = [None, 30.0] * (len(losses) // 2) + [None] * (len(losses) % 2)
+
+    def every_rule():
+        return (
+            rules.regressing(losses, start, 1.5),
+            rules.diverging(losses, best, start, 3.0, 0.1, typical=0.2),
+            rules.exploded(losses, start, norms=norms, start_norm=0.5, spikes=spikes),
+            rules.exploded(losses, start, before=before),
+            rules.stalled(losses, start, max_jitter=None),
+        )
+
+    gated = every_rule()
+    with mock.patch.object(rules, "all_below", return_value=False):
+        always = every_rule()
+    assert repr(gated) == repr(always)  # repr: NaN equal to NaN
