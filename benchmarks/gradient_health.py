@@ -20,7 +20,9 @@ healthy, diverging and plateau runs with the detector at its defaults.
    `GradientMonitor()` + `GradientExplosionDetector()` at their defaults
    (the cost goal of issue #16), with `GradientMonitor(check_freq=1)` +
    detector, with the monitor every 10 steps + detector, with the
-   detector alone and with the monitor alone (every step and every 10)
+   detector alone and with the monitor alone (every step and every 10);
+   and the references of the exact gates of 2026-12-04 beside what they
+   became (the guard with the spike rule, the stack at its defaults)
    (fit's inner loop in interleaved bursts, paired per-round ratios). `--variants` measures a subset (plain fit always).
 2. Rescue rate: a small transformer language model at learning rates where
    plain `fit` diverges, several seeds: diverged runs and final held-out loss
@@ -31,10 +33,12 @@ healthy, diverging and plateau runs with the detector at its defaults.
 """
 
 import argparse
+import contextlib
 import math
 import sys
 import time
 import warnings
+from unittest import mock
 
 import numpy as np
 
@@ -45,6 +49,19 @@ GUARD_ZCLIP = "GuardedOptimizer(ZClip()) alone (no callback)"
 # The guard with the detector's in-graph spike rule at its defaults: what
 # the rule costs beside the guard's exact skip.
 GUARD_SPIKES = "GuardedOptimizer(skip_spikes=RobustSpikeSkipping()) alone (no callback)"
+# References for the exact gates of 2026-12-04, each measured beside what it
+# became: the spike rule taking the window's quartiles at every step (not
+# only when the norm is `peak_ratio` times the peak), and the detector's
+# host rules taking the median of every window (not only of one with a
+# value above the rule's bound). Same decisions; only the cost differs.
+UNGATED_SPIKES = (
+    "GuardedOptimizer(skip_spikes=RobustSpikeSkipping()), quartiles at every step "
+    "(before 2026-12-04; reference)"
+)
+EVERY_MEDIAN = (
+    "monitor + detector at their defaults, every median taken on the host "
+    "(before 2026-12-04; reference)"
+)
 # A reference, not a mode of the library: the guard's measurements and
 # statistics with the update always applied (no skip `cond`), so the table
 # shows what the exact skip itself costs.
@@ -108,11 +125,12 @@ def overhead(rounds, workload, burst=None, only=None):
 
     def run(name, steps):
         model, callback_list, iterator, step = loops[name]
-        for _ in range(steps):
-            callback_list.on_train_batch_begin(step[0])
-            logs = model.train_function(iterator)
-            callback_list.on_train_batch_end(step[0], logs)
-            step[0] += 1
+        with _burst_context(name):
+            for _ in range(steps):
+                callback_list.on_train_batch_begin(step[0])
+                logs = model.train_function(iterator)
+                callback_list.on_train_batch_end(step[0], logs)
+                step[0] += 1
 
     names = list(loops)
     for name in names:
@@ -211,6 +229,7 @@ def fitted_variants(workload, only=None):
         "GuardedOptimizer alone (no callback)": lambda: [],
         GUARD_ZCLIP: lambda: [],
         GUARD_SPIKES: lambda: [],
+        UNGATED_SPIKES: lambda: [],
         NO_COND: lambda: [],
         "Keras LossScaleOptimizer (for reference)": lambda: [],
         "Keras global_clipnorm=1.0 (for reference)": lambda: [],
@@ -225,6 +244,7 @@ def fitted_variants(workload, only=None):
             GradientMonitor(check_freq=10, verbose=0),
             GradientExplosionDetector(verbose=0),
         ],
+        EVERY_MEDIAN: lambda: [GradientMonitor(), GradientExplosionDetector()],
         "detector only": lambda: [GradientExplosionDetector(verbose=0)],
         "monitor only (defaults)": lambda: [GradientMonitor()],
         "monitor(every 10) only": lambda: [GradientMonitor(check_freq=10, verbose=0)],
@@ -250,6 +270,8 @@ def fitted_variants(workload, only=None):
             optimizer = GuardedOptimizer(optimizer, clipping=ZClip())
         elif name == GUARD_SPIKES:
             optimizer = GuardedOptimizer(optimizer, skip_spikes=RobustSpikeSkipping())
+        elif name == UNGATED_SPIKES:
+            optimizer = GuardedOptimizer(optimizer, skip_spikes=_ungated_spikes())
         elif name.startswith("GuardedOptimizer"):
             optimizer = GuardedOptimizer(optimizer)
         elif name.startswith("Keras LossScale"):
@@ -262,6 +284,41 @@ def fitted_variants(workload, only=None):
             warnings.simplefilter("ignore")
             model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=callbacks)
         yield name, model, callbacks
+
+
+def _burst_context(name):
+    """What a variant's bursts run under: `EVERY_MEDIAN`'s with the host
+    rules' `all_below` gate off (every median taken), others as they are."""
+    if name != EVERY_MEDIAN:
+        return contextlib.nullcontext()
+    from keras_stability.diagnostics import rules
+
+    return mock.patch.object(rules, "all_below", return_value=False)
+
+
+def _ungated_spikes():
+    """`RobustSpikeSkipping()` whose step takes the window's quartiles at
+    every step (reference only; `UNGATED_SPIKES`): its `cond` on the
+    peak condition traced as `peak condition and the rule`, both computed."""
+    from keras import ops
+
+    from keras_stability.clipping import RobustSpikeSkipping
+    from keras_stability.clipping import spike
+
+    class Ops:
+        def __getattr__(self, name):
+            return getattr(ops, name)
+
+        @staticmethod
+        def cond(pred, true_fn, false_fn):
+            return ops.logical_and(pred, true_fn())
+
+    class UngatedRobustSpikeSkipping(RobustSpikeSkipping):
+        def detect(self, norm):
+            with mock.patch.object(spike, "ops", Ops()):
+                return super().detect(norm)
+
+    return UngatedRobustSpikeSkipping()
 
 
 def _guard_without_cond(inner):

@@ -7,8 +7,12 @@ the suite otherwise.
 
 import numpy as np
 
+from benchmarks import gradient_health
 from benchmarks import graph_ops
+from benchmarks.gradient_health import EVERY_MEDIAN
+from benchmarks.gradient_health import GUARD_SPIKES
 from benchmarks.gradient_health import NO_COND
+from benchmarks.gradient_health import UNGATED_SPIKES
 
 
 def test_every_overhead_variant_of_the_example_trains_and_counts_its_ops():
@@ -29,6 +33,24 @@ def test_every_overhead_variant_of_the_example_trains_and_counts_its_ops():
     detector = len(counts["detector only"])
     monitor = len(counts["monitor only (defaults)"])
     assert guard < monitor < stack and guard < detector < stack
+    # The spike rule's reference takes the quartiles at every step: no `cond`
+    # of its own, and the quartiles' sort among its ops; the rule has both.
+    ungated = [op for _, op in counts[UNGATED_SPIKES]]
+    gated = [op for _, op in counts[GUARD_SPIKES]]
+    assert "StatelessIf" in gated and "StatelessIf" not in ungated
+    assert ungated.count("If") == gated.count("If")
+    assert "TopKV2" in ungated and "TopKV2" in gated
+
+
+def test_the_every_median_reference_turns_the_host_gate_off():
+    from keras_stability.diagnostics import rules
+
+    assert rules.all_below([1.0, 2.0], 3.0)
+    with gradient_health._burst_context(EVERY_MEDIAN):
+        assert not rules.all_below([1.0, 2.0], 3.0)
+    with gradient_health._burst_context(GUARD_SPIKES):
+        assert rules.all_below([1.0, 2.0], 3.0)
+    assert rules.all_below([1.0, 2.0], 3.0)
 
 
 def test_the_guard_without_its_cond_applies_a_non_finite_step():
