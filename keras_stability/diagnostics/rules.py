@@ -179,7 +179,7 @@ def per_unit_weight(loss, mean_weight):
 
 
 def all_below(values, bound, strict=False):
-    """Whether every value is below `bound` (`<=`, or `<` if `strict`; a NaN
+    """Whether every value is at most `bound` (below it if `strict`; a NaN
     never is): then so is their median, which need not be computed. A NumPy
     median of a short window costs about 9 µs, and the rules run at every
     judged step; a healthy run's losses are far below every bound."""
