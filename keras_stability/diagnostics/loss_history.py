@@ -414,17 +414,10 @@ class LossHistory:
             self.regress_factor is None
             or len(self.recent) < self.recent.maxlen
             or len(self.start_losses) < (self.start_calls or 1)
-            or not self.start_loss > 0
+            or not rules.regressing(self.recent, self.start_loss, self.regress_factor)
         ):
             return None
-        if rules.all_below(self.recent, self.regress_factor * self.start_loss):
-            return None  # the usual case: no median needed
-        recent = np.asarray(self.recent, dtype=np.float64)
-        median = float(np.median(recent))
-        if not median > self.regress_factor * self.start_loss:
-            return None  # the usual case: no spread needed
-        if not self.start_loss < float(recent.mean() - 2.0 * recent.std(ddof=1)):
-            return None
+        median = float(np.median(np.asarray(self.recent, dtype=np.float64)))
         return (
             "regressing",
             f"loss regressing: median raw loss {median:.4g} over the last "
